@@ -1,0 +1,77 @@
+"""What a base model offers LoRA: its language model's linear layers, with their shapes.
+
+Derived from the model's own config by instantiating it on the meta device (no weights, no memory),
+so the same code works for a tiny local model and for a hub id (only its config.json is fetched).
+vLLM applies LoRA to the language model only; a tensor aimed anywhere else is refused at upload.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+__all__ = ["BaseModelSpec", "load_base_spec"]
+
+
+@dataclass(frozen=True)
+class BaseModelSpec:
+    """Module paths (transformers names) of a base model, split by what vLLM does with a LoRA on them."""
+
+    name: str
+    language_model_prefix: str  # e.g. "model.language_model"
+    lora_modules: dict[str, tuple[int, int]]  # path -> (in_features, out_features), LoRA-able
+    other_linear: dict[str, str]  # path -> the part it belongs to ("vision tower", "output head", ...)
+    legacy_prefixes: tuple[tuple[str, str], ...] = ()  # (old, new) key renames, e.g. transformers 4 names
+
+    def resolve(self, path: str) -> str:
+        """Map a module path from an adapter to this model's naming (legacy renames applied)."""
+        if path in self.lora_modules or path in self.other_linear:
+            return path
+        for old, new in self.legacy_prefixes:
+            if re.match(old, path):
+                return re.sub(old, new, path, count=1)
+        return path
+
+    def lora_target_regex(self) -> str:
+        """A PEFT `target_modules` regex that hits every LoRA-able layer and nothing else."""
+        names = sorted({p.rsplit(".", 1)[-1] for p in self.lora_modules})
+        return rf".*{re.escape(self.language_model_prefix)}\..*\.({'|'.join(names)})"
+
+
+def _part_of(path: str, lm_prefix: str) -> str:
+    if path.startswith(lm_prefix + "."):
+        return "language model"
+    if any(k in path for k in ("visual", "vision", "image", "merger", "projector")):
+        return "vision tower"
+    if path.endswith("lm_head"):
+        return "output head"
+    return "outside the language model"
+
+
+@lru_cache(maxsize=8)
+def load_base_spec(base: str) -> BaseModelSpec:
+    """Read the base model's config (local path or hub id) and list its linear layers."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(base)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    decoder = model.get_decoder()
+    lm_prefix = next(name for name, module in model.named_modules() if module is decoder)
+    lora: dict[str, tuple[int, int]] = {}
+    other: dict[str, str] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            part = _part_of(path, lm_prefix)
+            if part == "language model":
+                lora[path] = (module.in_features, module.out_features)
+            else:
+                other[path] = part
+    # transformers 4 saved VLMs as model.layers / visual.*; vLLM maps both namings.
+    outer = lm_prefix.rsplit(".", 1)[0] if "." in lm_prefix else ""
+    legacy = ((rf"^{outer}\.(?!language_model\.|visual\.)", f"{lm_prefix}."), (r"^visual\.", f"{outer}.visual.")) \
+        if outer else ()
+    return BaseModelSpec(name=base, language_model_prefix=lm_prefix, lora_modules=lora, other_linear=other,
+                         legacy_prefixes=legacy)

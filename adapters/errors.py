@@ -1,0 +1,67 @@
+"""lorafleet's error tree. Each error knows its HTTP status and OpenAI error `type`/`code`;
+the gateway renders every one of them in exactly one place (serve/errors.py).
+
+LorafleetError
+ ├── Unauthorized            401  missing or wrong key
+ ├── NotFound                404  anything another tenant owns looks exactly like this
+ ├── Conflict                409  e.g. deleting a deployed version, duplicate tenant name
+ ├── InvalidRequest          400  malformed input
+ │    └── InvalidAdapter     400  an upload that must not be served (names the field and reason)
+ ├── PayloadTooLarge         413
+ └── ServiceUnavailable      503  carries Retry-After (serve/: EngineUnavailable, AdapterLoadFailed)
+"""
+
+from __future__ import annotations
+
+__all__ = ["LorafleetError", "Unauthorized", "NotFound", "Conflict", "InvalidRequest", "InvalidAdapter",
+           "PayloadTooLarge", "ServiceUnavailable"]
+
+
+class LorafleetError(Exception):
+    """Base of every error lorafleet raises on purpose."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class Unauthorized(LorafleetError):
+    status, type, code = 401, "authentication_error", "invalid_api_key"
+
+
+class NotFound(LorafleetError):
+    status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class Conflict(LorafleetError):
+    status, type, code = 409, "invalid_request_error", "conflict"
+
+
+class InvalidRequest(LorafleetError):
+    status, type, code = 400, "invalid_request_error", "invalid_request"
+
+
+class InvalidAdapter(InvalidRequest):
+    """An uploaded adapter that would fail, or silently do nothing, in the engine."""
+
+    code = "invalid_adapter"
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"invalid adapter ({field}): {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class PayloadTooLarge(LorafleetError):
+    status, type, code = 413, "invalid_request_error", "payload_too_large"
+
+
+class ServiceUnavailable(LorafleetError):
+    status, type, code = 503, "server_error", "service_unavailable"
+    retry_after_s: int = 5

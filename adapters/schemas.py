@@ -1,0 +1,73 @@
+"""API schemas, split by direction: `...Create`/`...Put` come in, `...Public` go out. ORM rows never leave."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict
+
+__all__ = ["NAME_PATTERN", "Name", "check_name", "TenantCreate", "TenantCreated", "AdapterVersionPublic",
+           "AdapterPublic", "DeploymentPut", "DeploymentPublic", "ModelPublic", "ModelList"]
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def check_name(value: str) -> str:
+    """Names of tenants, adapters and deployments: 1-63 of letters, digits, '.', '_', '-'."""
+    if not NAME_PATTERN.match(value):
+        raise ValueError(f"invalid name {value!r}: use 1-63 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    return value
+
+
+Name = Annotated[str, AfterValidator(check_name)]
+
+
+class TenantCreate(BaseModel):
+    name: Name
+
+
+class TenantCreated(BaseModel):
+    name: str
+    api_key: str  # shown once; only its hash is stored
+
+
+class AdapterVersionPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    name: str
+    version: int
+    digest: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    size_bytes: int
+    created_at: datetime
+
+
+class AdapterPublic(BaseModel):
+    name: str
+    versions: list[AdapterVersionPublic]
+
+
+class DeploymentPut(BaseModel):
+    adapter: str  # "NAME" (latest), "NAME@N", or a digest
+
+
+class DeploymentPublic(BaseModel):
+    name: str
+    adapter: AdapterVersionPublic
+    updated_at: datetime
+
+
+class ModelPublic(BaseModel):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelPublic]

@@ -1,0 +1,66 @@
+"""Content-addressed adapter store: one folder per digest, written atomically (temp + rename)."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+from .validate import CONFIG_FILE, WEIGHTS_FILE, ValidatedAdapter
+
+__all__ = ["AdapterStore", "LocalStore", "open_store"]
+
+
+class AdapterStore(Protocol):
+    def put(self, adapter: ValidatedAdapter) -> bool: ...
+    def local_path(self, digest: str) -> Path: ...
+    def exists(self, digest: str) -> bool: ...
+    def delete(self, digest: str) -> None: ...
+
+
+class LocalStore:
+    """Adapters under `root/<digest>/`; the engine reads them from there directly."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def local_path(self, digest: str) -> Path:
+        return self.root / digest
+
+    def exists(self, digest: str) -> bool:
+        return (self.local_path(digest) / WEIGHTS_FILE).is_file()
+
+    def put(self, adapter: ValidatedAdapter) -> bool:
+        """Store the canonical files; return False if that digest was already stored."""
+        if self.exists(adapter.digest):
+            return False
+        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            for name in (CONFIG_FILE, WEIGHTS_FILE):
+                shutil.copyfile(adapter.path / name, tmp / name)
+            tmp.rename(self.local_path(adapter.digest))  # atomic: readers see all or nothing
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if self.exists(adapter.digest):  # a concurrent upload of the same content won the race
+                return False
+            raise
+        return True
+
+    def delete(self, digest: str) -> None:
+        path = self.local_path(digest)
+        if path.exists():
+            trash = self.root / f".del-{uuid.uuid4().hex}"
+            path.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+
+def open_store(url: str) -> AdapterStore:
+    """`file:///path` (default). Object stores need the engine to read adapters locally: not yet supported."""
+    parsed = urlparse(url)
+    if parsed.scheme in ("", "file"):
+        return LocalStore(Path(parsed.path if parsed.scheme else url).expanduser())
+    raise ValueError(f"adapter store {url!r}: only file:// stores are supported in this release")

@@ -1,0 +1,120 @@
+"""The OpenAI-compatible surface: `/v1/chat/completions` and a per-tenant `/v1/models`.
+
+A chat request reads as its steps: authenticate -> resolve the deployment -> ensure the adapter is
+loaded -> forward -> record.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
+
+from adapters.catalog import Tenant
+from adapters.errors import InvalidRequest, LorafleetError
+from adapters.registry import get_deployment, list_deployments
+from adapters.schemas import ModelList, ModelPublic
+
+from .deps import CurrentTenant, Gateway, GatewayDep, SessionDep
+from .forward import Route, Usage, forward_chat
+
+__all__ = ["router", "read_chat_body", "check_image_urls"]
+
+router = APIRouter(prefix="/v1")
+
+
+async def read_chat_body(request: Request) -> dict[str, Any]:
+    """Parse the JSON body; only the fields the gateway needs are checked, the engine checks the rest."""
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise InvalidRequest("'model' is required: the name of one of your deployments", code="model_required")
+    if not isinstance(body.get("messages"), list):
+        raise InvalidRequest("'messages' must be a list")
+    return body
+
+
+def check_image_urls(body: dict[str, Any], allow_remote: bool) -> None:
+    """Images come as data URLs; http(s) URLs only where the operator allowed the engine to fetch them."""
+    for message in body["messages"]:
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else []:
+            if not isinstance(part, dict) or part.get("type") != "image_url":
+                continue
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str):
+                raise InvalidRequest("image_url.url must be a string")
+            if url.startswith("data:"):
+                continue
+            if not url.startswith(("http://", "https://")):
+                raise InvalidRequest(f"unsupported image URL scheme in {url[:40]!r}: use a data URL")
+            if not allow_remote:
+                raise InvalidRequest("remote image URLs are disabled on this server: send the image as a data URL",
+                                     code="remote_images_disabled")
+
+
+def _resolve(session: Session, tenant: Tenant, model: str) -> Route:
+    deployment = get_deployment(session, tenant, model)
+    digest = deployment.stable.digest
+    return Route(deployment=deployment.name, digest=digest,
+                 headers={"x-lorafleet-deployment": deployment.name, "x-lorafleet-adapter": digest})
+
+
+def _record(gateway: Gateway, tenant: str, route: Route, usage: Usage, t0: float) -> None:
+    m = gateway.metrics
+    labels = m.labels(tenant, route.deployment, route.digest)
+    m.requests.labels(*labels, str(usage.status)).inc()
+    m.latency.labels(*labels).observe(time.perf_counter() - t0)
+    if usage.error_code:
+        m.errors.labels(*labels, usage.error_code).inc()
+    if usage.first_chunk_s is not None:
+        m.ttft.labels(*labels).observe(usage.first_chunk_s)
+    m.tokens.labels(*labels, "prompt").inc(usage.prompt_tokens)
+    m.tokens.labels(*labels, "completion").inc(usage.completion_tokens)
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request, gateway: GatewayDep, session: SessionDep,
+                           tenant: CurrentTenant) -> Response:
+    t0 = time.perf_counter()
+    body = await read_chat_body(request)
+    check_image_urls(body, gateway.settings.allow_remote_images)
+    route = await run_in_threadpool(_resolve, session, tenant, body["model"])
+    usage = Usage()
+    try:
+        gateway.engine.require_up()
+        await gateway.engine.ensure_loaded(route.digest, gateway.store.local_path(route.digest))
+        response = await forward_chat(gateway.engine, body, route, usage)
+    except LorafleetError as exc:
+        usage.status, usage.error_code = exc.status, str(exc.code)
+        _record(gateway, tenant.name, route, usage, t0)
+        raise
+    response.background = BackgroundTask(_record, gateway, tenant.name, route, usage, t0)
+    return response
+
+
+def _model(name: str, created: float, owner: str) -> ModelPublic:
+    return ModelPublic(id=name, created=int(created), owned_by=owner)
+
+
+@router.get("/models")
+def get_models(session: SessionDep, tenant: CurrentTenant) -> ModelList:
+    """The tenant's deployments, in OpenAI's shape (never the engine's list of every adapter)."""
+    return ModelList(data=[_model(d.name, d.updated_at.timestamp(), tenant.name)
+                           for d in list_deployments(session, tenant)])
+
+
+@router.get("/models/{model}")
+def get_model(model: str, session: SessionDep, tenant: CurrentTenant) -> ModelPublic:
+    deployment = get_deployment(session, tenant, model)
+    return _model(deployment.name, deployment.updated_at.timestamp(), tenant.name)

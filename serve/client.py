@@ -1,0 +1,116 @@
+"""A small HTTP client of the lorafleet API, used by the CLI and the demo."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import httpx
+
+from adapters.errors import LorafleetError
+
+__all__ = ["ApiError", "ServerUnreachable", "LorafleetClient", "pack_adapter"]
+
+
+class ApiError(LorafleetError):
+    """The server answered with an error; carries its status and OpenAI-shaped message."""
+
+    def __init__(self, status: int, message: str, code: str | None) -> None:
+        super().__init__(f"{message} (HTTP {status})", code=code)
+        self.status = status
+
+
+class ServerUnreachable(LorafleetError):
+    pass
+
+
+def pack_adapter(folder: Path) -> Path:
+    """A PEFT adapter folder as a .tar.gz in a temporary file (the caller deletes it)."""
+    folder = Path(folder)
+    if not (folder / "adapter_config.json").is_file():
+        raise LorafleetError(f"{folder} is not a PEFT adapter folder (no adapter_config.json)")
+    handle, name = tempfile.mkstemp(suffix=".tar.gz")
+    with open(handle, "wb") as out, tarfile.open(fileobj=out, mode="w:gz") as tar:
+        for path in sorted(folder.iterdir()):
+            if path.is_file():
+                tar.add(path, arcname=path.name)
+    return Path(name)
+
+
+class _ProgressReader(io.RawIOBase):
+    """A file whose reads report how many bytes went out."""
+
+    def __init__(self, raw: BinaryIO, advance: Callable[[int], None]) -> None:
+        self.raw, self.advance = raw, advance
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.raw.read(size)
+        self.advance(len(chunk))
+        return chunk
+
+
+class LorafleetClient:
+    """Thin calls to the gateway; every non-2xx answer raises ApiError."""
+
+    def __init__(self, url: str, key: str | None, timeout: float = 600.0) -> None:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"cannot reach {self.http.base_url}: {exc}") from exc
+        if response.is_error:
+            try:
+                error = response.json()["error"]
+                raise ApiError(response.status_code, error["message"], error.get("code"))
+            except (ValueError, KeyError, TypeError):
+                raise ApiError(response.status_code, response.text[:300], None) from None
+        return response.json()
+
+    def create_tenant(self, name: str) -> dict:
+        return self._call("POST", "/admin/tenants", json={"name": name})
+
+    def list_tenants(self) -> list[str]:
+        return self._call("GET", "/admin/tenants")
+
+    def push_adapter(self, name: str, folder: Path, progress: Callable[[int, int], None] | None = None) -> dict:
+        """Pack and upload an adapter folder; `progress(sent, total)` is called as bytes go out."""
+        archive = pack_adapter(folder)
+        try:
+            total, sent = archive.stat().st_size, 0
+
+            def advance(n: int) -> None:
+                nonlocal sent
+                sent += n
+                if progress:
+                    progress(sent, total)
+
+            with open(archive, "rb") as raw:
+                files = {"file": (f"{name}.tar.gz", _ProgressReader(raw, advance), "application/gzip")}
+                return self._call("POST", "/v1/adapters", data={"name": name}, files=files)
+        finally:
+            archive.unlink(missing_ok=True)
+
+    def list_adapters(self) -> list[dict]:
+        return self._call("GET", "/v1/adapters")
+
+    def get_adapter(self, name: str) -> dict:
+        return self._call("GET", f"/v1/adapters/{name}")
+
+    def delete_version(self, name: str, version: int) -> dict:
+        return self._call("DELETE", f"/v1/adapters/{name}/versions/{version}")
+
+    def deploy(self, deployment: str, adapter: str) -> dict:
+        return self._call("PUT", f"/v1/deployments/{deployment}", json={"adapter": adapter})
+
+    def list_deployments(self) -> list[dict]:
+        return self._call("GET", "/v1/deployments")

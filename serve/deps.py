@@ -1,0 +1,76 @@
+"""Request-scoped dependencies, declared once as named aliases; routes never re-do auth."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+from sqlalchemy.orm import Session, sessionmaker
+
+from adapters.base_model import BaseModelSpec
+from adapters.catalog import Tenant
+from adapters.errors import Unauthorized
+from adapters.registry import authenticate
+from adapters.store import AdapterStore
+
+from .engine import Engine
+from .metrics import Metrics
+from .settings import Settings
+
+__all__ = ["Gateway", "GatewayDep", "SessionDep", "CurrentTenant", "AdminKey"]
+
+
+@dataclass
+class Gateway:
+    """App-wide state, created in the lifespan."""
+
+    settings: Settings
+    sessions: sessionmaker
+    store: AdapterStore
+    spec: BaseModelSpec
+    engine: Engine
+    metrics: Metrics
+    tmp_dir: Path
+
+
+def _gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(_gateway)]
+
+
+def _session(gateway: GatewayDep) -> Iterator[Session]:
+    with gateway.sessions() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(_session)]
+
+
+def _bearer(authorization: Annotated[str | None, Header()] = None) -> str | None:
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return None
+
+
+def _current_tenant(session: SessionDep, key: Annotated[str | None, Depends(_bearer)]) -> Tenant:
+    return authenticate(session, key)
+
+
+CurrentTenant = Annotated[Tenant, Depends(_current_tenant)]
+
+
+def _admin(gateway: GatewayDep, key: Annotated[str | None, Depends(_bearer)]) -> None:
+    expected = gateway.settings.admin_key
+    if expected is None:
+        raise Unauthorized("the admin API is disabled: LORAFLEET_ADMIN_KEY is not set")
+    if not key or not secrets.compare_digest(key, expected.get_secret_value()):
+        raise Unauthorized("invalid admin key")
+
+
+AdminKey = Depends(_admin)

@@ -1,0 +1,68 @@
+"""Gateway errors, and the one place where every error becomes OpenAI's `{"error": {...}}` shape.
+
+LorafleetError (adapters/errors.py)
+ └── ServiceUnavailable           503 + Retry-After
+      ├── EngineUnavailable       the engine is starting, restarting, or did not answer
+      └── AdapterLoadFailed       the engine refused or failed to load an adapter
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from adapters.errors import LorafleetError, ServiceUnavailable
+
+__all__ = ["EngineUnavailable", "AdapterLoadFailed", "error_response", "install_error_handlers"]
+
+log = logging.getLogger("lorafleet.gateway")
+
+
+class EngineUnavailable(ServiceUnavailable):
+    code = "engine_unavailable"
+
+
+class AdapterLoadFailed(ServiceUnavailable):
+    code = "adapter_load_failed"
+
+
+def error_response(status: int, message: str, type_: str, code: str | int | None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": code}},
+                        status_code=status, headers=headers)
+
+
+async def _lorafleet_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, LorafleetError)
+    headers = None
+    if isinstance(exc, ServiceUnavailable):
+        gateway = getattr(request.app.state, "gateway", None)
+        headers = {"Retry-After": str(gateway.settings.retry_after_s if gateway else exc.retry_after_s)}
+    return error_response(exc.status, exc.message, exc.type, exc.code, headers)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+    return error_response(400, f"invalid request: {problems}", "invalid_request_error", "invalid_request")
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    return error_response(exc.status_code, str(exc.detail), "invalid_request_error", None, exc.headers)
+
+
+async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(500, "internal error; see the gateway log", "server_error", None)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(LorafleetError, _lorafleet_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

@@ -1,0 +1,50 @@
+"""Prometheus metrics of the gateway, with bounded label sets (tenant, deployment, adapter digest)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics", "OTHER"]
+
+OTHER = "_other"
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    """All gateway metrics in one registry. Past `max_series` (tenant, deployment, adapter) label
+    sets, new ones are counted under `_other`, so a tenant with thousands of names cannot blow up Prometheus."""
+
+    def __init__(self, max_series: int = 1000) -> None:
+        self.registry = CollectorRegistry()
+        self.max_series = max_series
+        self._seen: set[tuple[str, str, str]] = set()
+        labels = ["tenant", "deployment", "adapter"]
+        self.requests = Counter("lorafleet_requests", "Chat requests by outcome", [*labels, "status"],
+                                registry=self.registry)
+        self.errors = Counter("lorafleet_request_errors", "Failed chat requests by error code", [*labels, "code"],
+                              registry=self.registry)
+        self.latency = Histogram("lorafleet_request_latency_seconds", "Chat request latency", labels,
+                                 buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.ttft = Histogram("lorafleet_time_to_first_token_seconds", "Streaming time to first chunk", labels,
+                              buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.tokens = Counter("lorafleet_tokens", "Tokens processed", [*labels, "kind"], registry=self.registry)
+        self.engine_up = Gauge("lorafleet_engine_up", "1 while the engine answers", registry=self.registry)
+        self.engine_restarts = Counter("lorafleet_engine_restarts", "Engine (re)starts after a failure",
+                                       registry=self.registry)
+        self.engine_start_seconds = Gauge("lorafleet_engine_start_seconds", "Duration of the last engine start",
+                                          registry=self.registry)
+        self.adapter_loads = Counter("lorafleet_adapter_loads", "Adapter registrations on the engine",
+                                     ["outcome"], registry=self.registry)
+        self.adapter_load_seconds = Histogram("lorafleet_adapter_load_seconds", "Adapter registration time",
+                                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30),
+                                              registry=self.registry)
+
+    def labels(self, tenant: str, deployment: str, digest: str) -> tuple[str, str, str]:
+        """Label values for one request, or `_other` once the series budget is spent."""
+        key = (tenant, deployment, digest[:12])
+        if key in self._seen:
+            return key
+        if len(self._seen) < self.max_series:
+            self._seen.add(key)
+            return key
+        return (OTHER, OTHER, OTHER)

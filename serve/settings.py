@@ -1,0 +1,65 @@
+"""The one settings object. Every value can be set as `LORAFLEET_<NAME>` in the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """lorafleet configuration; defaults run on a laptop (SQLite, local adapter store, one CPU engine)."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAFLEET_", extra="ignore")
+
+    home: Path = Path("~/.lorafleet")
+    database_url: str = ""  # default: sqlite:///<home>/catalog.db
+    store_url: str = ""  # default: file://<home>/adapters
+    admin_key: SecretStr | None = None
+    development: bool = False  # allows serving without an admin key
+
+    # gateway
+    host: str = "127.0.0.1"
+    port: int = 8000
+    allow_remote_images: bool = False  # http(s) image URLs are fetched by the engine only if True
+    max_upload_bytes: int = 512 * 1024 * 1024
+    retry_after_s: int = 5
+
+    # engine (vLLM OpenAI server on a private loopback port)
+    base: str = ""  # hub id or local path of the base model
+    engine_port: int = 0  # 0: pick a free port
+    engine_python: str = ""  # default: the gateway's own interpreter
+    max_lora_rank: int = 64
+    max_loras: int = 8  # adapters in one batch
+    max_cpu_loras: int = 64  # adapters kept warm (vLLM's LRU)
+    max_model_len: int = 2048
+    max_num_seqs: int = 32
+    dtype: str = "auto"
+    cpu_kvcache_gib: int = 1
+    cpu_memory_fraction: float = 0.2  # vLLM's --gpu-memory-utilization means RAM share on CPU
+    engine_start_timeout_s: float = 600.0
+    engine_extra_args: list[str] = Field(default_factory=list)
+
+    @field_validator("home")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> "Settings":
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.home / 'catalog.db'}"
+        if not self.store_url:
+            self.store_url = f"file://{self.home / 'adapters'}"
+        return self
+
+    def require_admin_key(self) -> None:
+        """Refuse to serve an admin API that anyone could call, outside development."""
+        if self.admin_key is None and not self.development:
+            raise ValueError(
+                "LORAFLEET_ADMIN_KEY is not set: set it (any long random string), "
+                "or set LORAFLEET_DEVELOPMENT=1 to serve without an admin API"
+            )
