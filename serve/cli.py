@@ -159,3 +159,7 @@ def tiny_adapter(base: Path, out: Path, seed: int = 1, rank: int = 8) -> None:
     from train.random_adapter import make_random_adapter
 
     console.print(f"adapter written to {make_random_adapter(base, out, seed, rank)}")
+
+
+if __name__ == "__main__":
+    app()

@@ -12,6 +12,7 @@ __all__ = ["build_tiny_model", "TINY_MIN_PIXELS", "TINY_MAX_PIXELS"]
 
 TINY_MIN_PIXELS = 56 * 56
 TINY_MAX_PIXELS = 112 * 112
+_LOGIT_SCALE = 25.0
 _SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
             "<|image_pad|>", "<|video_pad|>"]
 # Qwen's own template, reduced to text and images: the same rendering in training and serving.
@@ -77,6 +78,8 @@ def build_tiny_model(out: Path, seed: int = 0) -> Path:
     tokenizer = _tokenizer()
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(_config(tokenizer))
+    with torch.no_grad():  # random weights give near-uniform next-token odds, whose greedy ties any
+        model.lm_head.weight.mul_(_LOGIT_SCALE)  # kernel's rounding flips; peaked logits decide clearly
     model.save_pretrained(out)
     pixels = dict(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
     processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tokenizer,

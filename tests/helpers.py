@@ -1,0 +1,46 @@
+"""Small helpers shared by the integration tests."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+from serve.client import pack_adapter
+
+
+def image_data_url(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (64, 64)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def image_messages(text: str = "What is in the image?", color: tuple[int, int, int] = (200, 30, 30)) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_data_url(color)}},
+                                         {"type": "text", "text": text}]}]
+
+
+def upload_archive(http: httpx.Client, name: str, archive: Path) -> httpx.Response:
+    with open(archive, "rb") as f:
+        return http.post("/v1/adapters", data={"name": name}, files={"file": ("a.tar.gz", f, "application/gzip")})
+
+
+def upload_folder(http: httpx.Client, name: str, folder: Path) -> dict:
+    archive = pack_adapter(folder)
+    try:
+        response = upload_archive(http, name, archive)
+    finally:
+        archive.unlink()
+    assert response.status_code in (200, 201), response.text
+    return response.json()
+
+
+def assert_openai_error(response: httpx.Response, status: int, phrase: str = "") -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "code"}
+    assert phrase in error["message"], error["message"]
+    return error

@@ -1,0 +1,147 @@
+"""Chat completions through the real gateway and engine, with the unmodified `openai` SDK."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.helpers import assert_openai_error, image_messages, upload_folder
+
+MAX_TOKENS = 8
+
+
+def _deploy(tenant, adapter: Path, deployment: str, name: str = "ext") -> dict:
+    with tenant.http() as http:
+        version = upload_folder(http, name, adapter)
+        response = http.put(f"/v1/deployments/{deployment}", json={"adapter": f"{name}@{version['version']}"})
+    assert response.status_code == 200, response.text
+    return version
+
+
+def _greedy(client, deployment: str, messages: list[dict]) -> str:
+    reply = client.chat.completions.create(model=deployment, messages=messages, max_tokens=MAX_TOKENS,
+                                           temperature=0)
+    return reply.choices[0].message.content
+
+
+@pytest.fixture(scope="module")
+def two_tenants(server, make_adapter, tiny_model):
+    """Tenants A and B, each with its own adapter deployed as `assistant`."""
+    from tests.conftest import TenantHandle
+    import uuid
+
+    handles = []
+    with server.admin() as admin:
+        for seed in (1, 2):
+            created = admin.post("/admin/tenants", json={"name": f"chat-{seed}-{uuid.uuid4().hex[:6]}"}).json()
+            handle = TenantHandle(name=created["name"], api_key=created["api_key"], url=server.url)
+            _deploy(handle, make_adapter(seed), "assistant")
+            handles.append(handle)
+    return handles
+
+
+def test_each_tenant_gets_exactly_what_vllm_gives_for_its_adapter(two_tenants, make_adapter, tiny_model, tmp_path):
+    messages = image_messages()
+    served = [_greedy(t.openai(), "assistant", messages) for t in two_tenants]
+    request = {"messages": messages, "max_tokens": MAX_TOKENS,
+               "adapters": {"base": None, "a": str(make_adapter(1)), "b": str(make_adapter(2))}}
+    (tmp_path / "request.json").write_text(json.dumps(request))
+    run = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "direct_vllm.py"), str(tiny_model),
+                          str(tmp_path / "request.json")], capture_output=True, text=True, timeout=900)
+    result_line = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result_line, run.stderr[-3000:]
+    direct = json.loads(result_line[0][7:])
+    assert served == [direct["a"], direct["b"]]  # the gateway serves each tenant's adapter, exactly
+    assert len({direct["base"], direct["a"], direct["b"]}) == 3  # and the adapters really change outputs
+
+
+def test_streaming_and_non_streaming_agree(two_tenants):
+    client = two_tenants[0].openai()
+    messages = image_messages(color=(20, 200, 40))
+    whole = _greedy(client, "assistant", messages)
+    stream = client.chat.completions.create(model="assistant", messages=messages, max_tokens=MAX_TOKENS,
+                                            temperature=0, stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+    assert {c.model for c in chunks} == {"assistant"}
+    assert all(c.usage is None for c in chunks)  # usage is only sent when the client asks for it
+
+
+def test_streaming_usage_is_returned_when_asked(two_tenants):
+    stream = two_tenants[0].openai().chat.completions.create(
+        model="assistant", messages=image_messages(), max_tokens=4, temperature=0, stream=True,
+        stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+
+
+def test_response_names_the_deployment_and_adapter_never_the_digest_as_model(two_tenants):
+    with two_tenants[0].http() as http:
+        deployment = http.get("/v1/deployments").json()[0]
+        response = http.post("/v1/chat/completions", json={"model": "assistant", "messages": image_messages(),
+                                                           "max_tokens": 2})
+    assert response.status_code == 200
+    assert response.json()["model"] == "assistant"
+    assert response.headers["x-lorafleet-deployment"] == "assistant"
+    assert response.headers["x-lorafleet-adapter"] == deployment["adapter"]["digest"]
+
+
+def test_models_lists_only_the_tenants_deployments(two_tenants):
+    ids = [m.id for m in two_tenants[0].openai().models.list()]
+    assert ids == ["assistant"]
+    assert two_tenants[0].openai().models.retrieve("assistant").id == "assistant"
+
+
+def test_unknown_model_is_404_in_openai_shape(two_tenants):
+    with pytest.raises(openai.NotFoundError):
+        two_tenants[0].openai().chat.completions.create(model="nope", messages=image_messages(), max_tokens=2)
+
+
+def test_engine_validation_errors_pass_through(two_tenants):
+    with two_tenants[0].http() as http:
+        response = http.post("/v1/chat/completions", json={"model": "assistant", "messages": image_messages(),
+                                                           "max_tokens": -1})
+    assert_openai_error(response, 400, "max_tokens")
+    assert response.headers["x-lorafleet-deployment"] == "assistant"
+
+
+def test_remote_image_urls_are_refused_by_default(two_tenants):
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:1/x.png"}},
+                                             {"type": "text", "text": "hi"}]}]
+    with two_tenants[0].http() as http:
+        response = http.post("/v1/chat/completions", json={"model": "assistant", "messages": messages})
+    assert_openai_error(response, 400, "remote image URLs are disabled")
+
+
+@pytest.mark.parametrize("body, phrase", [(b"{not json", "not valid JSON"), (b"[]", "JSON object"),
+                                          (b'{"messages": []}', "'model' is required")])
+def test_malformed_chat_bodies_get_400(two_tenants, body, phrase):
+    with two_tenants[0].http() as http:
+        response = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert_openai_error(response, 400, phrase)
+
+
+def test_missing_or_wrong_key_is_401(server):
+    for headers in ({}, {"Authorization": "Bearer lf-wrong"}):
+        response = httpx.post(server.url + "/v1/chat/completions", headers=headers,
+                              json={"model": "assistant", "messages": image_messages()})
+        assert_openai_error(response, 401)
+
+
+def test_metrics_count_requests_and_tokens_by_tenant_deployment_adapter(server, two_tenants):
+    _greedy(two_tenants[1].openai(), "assistant", image_messages())
+    text = httpx.get(server.url + "/metrics").text
+    tenant = two_tenants[1].name
+    lines = [l for l in text.splitlines() if l.startswith("lorafleet_requests_total") and f'tenant="{tenant}"' in l]
+    assert lines and 'deployment="assistant"' in lines[0] and 'status="200"' in lines[0]
+    assert any(l.startswith("lorafleet_tokens_total") and f'tenant="{tenant}"' in l and 'kind="completion"' in l
+               for l in text.splitlines())
+    assert "lorafleet_engine_up 1.0" in text
+    assert 'lorafleet_adapter_loads_total{outcome="ok"}' in text
+    assert httpx.get(server.url + "/healthz").status_code == 200

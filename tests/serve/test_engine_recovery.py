@@ -1,0 +1,38 @@
+"""The engine dies: requests get 503 + Retry-After, the supervisor restarts it, adapters serve again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.helpers import assert_openai_error, image_messages, upload_folder
+
+
+@pytest.mark.engine_restart
+def test_killed_engine_gives_503_then_recovers_with_adapters(server, new_tenant, make_adapter):
+    tenant = new_tenant()
+    body = {"model": "survivor", "messages": image_messages(), "max_tokens": 6, "temperature": 0}
+    with tenant.http() as http:
+        upload_folder(http, "ext", make_adapter(11))
+        http.put("/v1/deployments/survivor", json={"adapter": "ext"}).raise_for_status()
+        before = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+
+        with server.admin() as admin:
+            engine = admin.get("/admin/engine").json()
+        os.kill(engine["pid"], signal.SIGKILL)
+        time.sleep(0.5)
+        down = http.post("/v1/chat/completions", json=body)
+        assert_openai_error(down, 503)
+        assert down.headers["retry-after"] == "3"
+        assert httpx.get(server.url + "/readyz").status_code == 503
+
+        server.wait_ready(timeout=600)
+        after = http.post("/v1/chat/completions", json=body)
+    assert after.status_code == 200, after.text
+    assert after.json()["choices"][0]["message"]["content"] == before
+    with server.admin() as admin:
+        assert admin.get("/admin/engine").json()["starts"] == engine["starts"] + 1

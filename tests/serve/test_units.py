@@ -1,0 +1,66 @@
+"""Pure gateway logic: image URL policy, bounded metric labels, engine command line, settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from adapters.errors import InvalidRequest
+from serve.api_openai import check_image_urls
+from serve.engine import engine_command
+from serve.metrics import OTHER, Metrics
+from serve.settings import Settings
+
+
+def _body(url: str) -> dict:
+    return {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                                    {"type": "text", "text": "hi"}]}]}
+
+
+def test_data_url_images_are_accepted():
+    check_image_urls(_body("data:image/png;base64,AAAA"), allow_remote=False)
+
+
+def test_remote_images_are_refused_unless_allowed():
+    with pytest.raises(InvalidRequest, match="remote image URLs are disabled"):
+        check_image_urls(_body("https://example.com/cat.png"), allow_remote=False)
+    check_image_urls(_body("https://example.com/cat.png"), allow_remote=True)
+
+
+def test_local_file_urls_are_always_refused():
+    with pytest.raises(InvalidRequest, match="unsupported image URL scheme"):
+        check_image_urls(_body("file:///etc/passwd"), allow_remote=True)
+
+
+def test_metric_labels_fold_into_other_past_the_budget():
+    metrics = Metrics(max_series=2)
+    assert metrics.labels("a", "d1", "x" * 64) == ("a", "d1", "x" * 12)
+    assert metrics.labels("a", "d2", "y" * 64) == ("a", "d2", "y" * 12)
+    assert metrics.labels("b", "d3", "z" * 64) == (OTHER, OTHER, OTHER)
+    assert metrics.labels("a", "d1", "x" * 64) == ("a", "d1", "x" * 12)
+
+
+def test_engine_command_uses_cpu_settings_without_cuda():
+    settings = Settings(base="/m", max_lora_rank=16, cpu_kvcache_gib=2)
+    cmd, env = engine_command(settings, 9000, "tok", cuda=False)
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "16" and "--enable-lora" in cmd
+    assert "--enforce-eager" in cmd and env["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"  # the engine is never reachable from outside
+
+
+def test_engine_command_leaves_gpu_defaults_with_cuda():
+    cmd, env = engine_command(Settings(base="/m"), 9000, "tok", cuda=True)
+    assert "--enforce-eager" not in cmd
+    assert "--gpu-memory-utilization" not in cmd
+
+
+def test_settings_default_to_sqlite_and_local_store_under_home(tmp_path):
+    settings = Settings(home=tmp_path)
+    assert settings.database_url == f"sqlite:///{tmp_path / 'catalog.db'}"
+    assert settings.store_url == f"file://{tmp_path / 'adapters'}"
+
+
+def test_serving_without_admin_key_needs_development_mode():
+    with pytest.raises(ValueError, match="LORAFLEET_ADMIN_KEY"):
+        Settings().require_admin_key()
+    Settings(development=True).require_admin_key()
