@@ -1,0 +1,58 @@
+"""The `lorafleet` CLI against the real server: exit codes and printed lines."""
+
+from __future__ import annotations
+
+import uuid
+
+from typer.testing import CliRunner
+
+from serve.cli import app
+
+runner = CliRunner()
+
+
+def test_tenant_push_deploy_list_round_trip(server, make_adapter):
+    env = {"LORAFLEET_URL": server.url, "LORAFLEET_ADMIN_KEY": server.admin_key}
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    created = runner.invoke(app, ["tenants", "create", name], env=env)
+    assert created.exit_code == 0, created.output
+    api_key = created.output.strip().splitlines()[-1]
+    assert api_key.startswith("lf-")
+
+    env = {"LORAFLEET_URL": server.url, "LORAFLEET_API_KEY": api_key}
+    pushed = runner.invoke(app, ["adapters", "push", "ext", str(make_adapter(1))], env=env)
+    assert pushed.exit_code == 0, pushed.output
+    assert "ext@1" in pushed.output and "rank 8" in pushed.output
+    deployed = runner.invoke(app, ["deployments", "set", "invoice", "ext@1"], env=env)
+    assert deployed.exit_code == 0 and "invoice -> ext@1" in deployed.output
+    listed = runner.invoke(app, ["deployments", "list"], env=env)
+    assert "invoice" in listed.output and "ext@1" in listed.output
+    refused = runner.invoke(app, ["adapters", "delete", "ext", "1"], env=env)
+    assert refused.exit_code == 1 and "deployed by invoice" in refused.output
+
+
+def test_flags_override_environment(server):
+    result = runner.invoke(app, ["tenants", "list", "--url", server.url, "--admin-key", "wrong"],
+                           env={"LORAFLEET_ADMIN_KEY": server.admin_key})
+    assert result.exit_code == 1 and "ApiError: invalid admin key (HTTP 401)" in result.output
+
+
+def test_unreachable_server_is_one_red_line_and_exit_1():
+    result = runner.invoke(app, ["adapters", "list", "--url", "http://127.0.0.1:9", "--api-key", "k"])
+    assert result.exit_code == 1 and "ServerUnreachable: cannot reach http://127.0.0.1:9" in result.output
+
+
+def test_push_of_a_folder_without_adapter_config_is_refused(tmp_path):
+    result = runner.invoke(app, ["adapters", "push", "ext", str(tmp_path), "--url", "http://127.0.0.1:9",
+                                 "--api-key", "k"])
+    assert result.exit_code == 1 and "not a PEFT adapter folder" in result.output
+
+
+def test_serve_refuses_to_start_without_an_admin_key(tmp_path):
+    result = runner.invoke(app, ["serve", "--base", "x", "--home", str(tmp_path)])
+    assert result.exit_code == 1 and "LORAFLEET_ADMIN_KEY is not set" in result.output
+
+
+def test_serve_names_a_missing_base_model(tmp_path):
+    result = runner.invoke(app, ["serve", "--home", str(tmp_path)], env={"LORAFLEET_ADMIN_KEY": "k"})
+    assert result.exit_code == 1 and "no base model" in result.output
