@@ -13,14 +13,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
-from sqlalchemy.orm import Session
 
-from adapters.catalog import Tenant
-from adapters.errors import InvalidRequest, LorafleetError
-from adapters.registry import get_deployment, list_deployments
+from adapters.errors import InvalidRequest, LorafleetError, Unauthorized
+from adapters.registry import authenticate, get_deployment, list_deployments
 from adapters.schemas import ModelList, ModelPublic
 
-from .deps import CurrentTenant, Gateway, GatewayDep, SessionDep
+from .deps import BearerKey, CurrentTenant, Gateway, GatewayDep, SessionDep
 from .forward import Route, Usage, forward_chat
 
 __all__ = ["router", "read_chat_body", "check_image_urls"]
@@ -63,14 +61,17 @@ def check_image_urls(body: dict[str, Any], allow_remote: bool) -> None:
                                      code="remote_images_disabled")
 
 
-def _resolve(session: Session, tenant: Tenant, model: str) -> Route:
-    deployment = get_deployment(session, tenant, model)
-    digest = deployment.stable.digest
-    return Route(deployment=deployment.name, digest=digest,
-                 headers={"x-lorafleet-deployment": deployment.name, "x-lorafleet-adapter": digest})
+def _authorize_and_resolve(gateway: Gateway, key: str, model: str) -> tuple[str, Route]:
+    """Tenant of the key, and where its deployment `model` goes: one DB session, one thread hop."""
+    with gateway.sessions() as session:
+        tenant = authenticate(session, key)
+        deployment = get_deployment(session, tenant, model)
+        digest = deployment.stable.digest
+        return tenant.name, Route(deployment=deployment.name, digest=digest,
+                                  headers={"x-lorafleet-deployment": deployment.name, "x-lorafleet-adapter": digest})
 
 
-def _record(gateway: Gateway, tenant: str, route: Route, usage: Usage, t0: float) -> None:
+async def _record(gateway: Gateway, tenant: str, route: Route, usage: Usage, t0: float) -> None:
     m = gateway.metrics
     labels = m.labels(tenant, route.deployment, route.digest)
     m.requests.labels(*labels, str(usage.status)).inc()
@@ -84,12 +85,14 @@ def _record(gateway: Gateway, tenant: str, route: Route, usage: Usage, t0: float
 
 
 @router.post("/chat/completions")
-async def chat_completions(request: Request, gateway: GatewayDep, session: SessionDep,
-                           tenant: CurrentTenant) -> Response:
+async def chat_completions(request: Request, gateway: GatewayDep, key: BearerKey) -> Response:
+    # The hot path: thread-pool hand-offs cost more than the SQLite reads, so there is exactly one.
     t0 = time.perf_counter()
+    if not key:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     body = await read_chat_body(request)
     check_image_urls(body, gateway.settings.allow_remote_images)
-    route = await run_in_threadpool(_resolve, session, tenant, body["model"])
+    tenant, route = await run_in_threadpool(_authorize_and_resolve, gateway, key, body["model"])
     usage = Usage()
     try:
         gateway.engine.require_up()
@@ -97,9 +100,9 @@ async def chat_completions(request: Request, gateway: GatewayDep, session: Sessi
         response = await forward_chat(gateway.engine, body, route, usage)
     except LorafleetError as exc:
         usage.status, usage.error_code = exc.status, str(exc.code)
-        _record(gateway, tenant.name, route, usage, t0)
+        await _record(gateway, tenant, route, usage, t0)
         raise
-    response.background = BackgroundTask(_record, gateway, tenant.name, route, usage, t0)
+    response.background = BackgroundTask(_record, gateway, tenant, route, usage, t0)
     return response
 
 

@@ -21,7 +21,7 @@ from .engine import Engine
 from .metrics import Metrics
 from .settings import Settings
 
-__all__ = ["Gateway", "GatewayDep", "SessionDep", "CurrentTenant", "AdminKey"]
+__all__ = ["Gateway", "GatewayDep", "SessionDep", "BearerKey", "CurrentTenant", "AdminKey"]
 
 
 @dataclass
@@ -52,20 +52,23 @@ def _session(gateway: GatewayDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(_session)]
 
 
-def _bearer(authorization: Annotated[str | None, Header()] = None) -> str | None:
+async def _bearer(authorization: Annotated[str | None, Header()] = None) -> str | None:
     if authorization and authorization.lower().startswith("bearer "):
         return authorization[7:].strip()
     return None
 
 
-def _current_tenant(session: SessionDep, key: Annotated[str | None, Depends(_bearer)]) -> Tenant:
+BearerKey = Annotated[str | None, Depends(_bearer)]
+
+
+def _current_tenant(session: SessionDep, key: BearerKey) -> Tenant:
     return authenticate(session, key)
 
 
 CurrentTenant = Annotated[Tenant, Depends(_current_tenant)]
 
 
-def _admin(gateway: GatewayDep, key: Annotated[str | None, Depends(_bearer)]) -> None:
+def _admin(gateway: GatewayDep, key: BearerKey) -> None:
     expected = gateway.settings.admin_key
     if expected is None:
         raise Unauthorized("the admin API is disabled: LORAFLEET_ADMIN_KEY is not set")
