@@ -13,11 +13,8 @@ import argparse
 import asyncio
 import base64
 import io
-import os
 import random
 import secrets
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,16 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from serve.client import LorafleetClient  # noqa: E402
-from serve.engine import engine_command  # noqa: E402
+from serve.engine import engine_command, free_port  # noqa: E402
+from serve.local_server import LocalServer  # noqa: E402
 from serve.settings import Settings  # noqa: E402
 
 console = Console()
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _image() -> str:
@@ -52,17 +44,15 @@ def _image() -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _wait(url: str, process: subprocess.Popen, path: str) -> float:
+def _wait_healthy(url: str, process: subprocess.Popen) -> float:
     t0 = time.perf_counter()
-    while True:
-        if process.poll() is not None:
-            raise SystemExit(f"{url} exited with {process.returncode}")
+    while process.poll() is None:
         try:
-            if httpx.get(url + path, timeout=2).status_code == 200:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return time.perf_counter() - t0
         except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
+            time.sleep(0.25)
+    raise SystemExit(f"vLLM exited with {process.returncode}")
 
 
 async def _scenario(url: str, key: str, models: list[str], n: int, concurrency: int, seed: int) -> dict:
@@ -102,27 +92,21 @@ def main() -> None:
         base = build_tiny_model(work / "tiny")
         adapter_dirs = [make_random_adapter(base, work / f"a{i}", seed=i) for i in range(args.adapters)]
 
-    admin_key, gw_port, vllm_port, token = secrets.token_urlsafe(16), _port(), _port(), secrets.token_urlsafe(16)
-    env = {**os.environ, "LORAFLEET_HOME": str(work / "home"), "LORAFLEET_ADMIN_KEY": admin_key,
-           "LORAFLEET_PORT": str(gw_port), "LORAFLEET_MAX_MODEL_LEN": "512", "LORAFLEET_DTYPE": "float32",
-           "LORAFLEET_MAX_LORA_RANK": "16"}
+    vllm_port, token = free_port(), secrets.token_urlsafe(16)
     settings = Settings(base=str(base), max_model_len=512, dtype="float32", max_lora_rank=16)
-    processes = []
+    gateway = direct = None
     try:
         with console.status("starting lorafleet serve"):
-            gateway = subprocess.Popen([sys.executable, "-m", "serve.cli", "serve", "--base", str(base)], env=env,
-                                       stdout=open(work / "gateway.log", "wb"), stderr=subprocess.STDOUT, cwd=ROOT)
-            processes.append(gateway)
-            gw_url = f"http://127.0.0.1:{gw_port}"
-            gateway_ready_s = _wait(gw_url, gateway, "/readyz")
+            gateway = LocalServer.start(base, work / "home", max_model_len="512", dtype="float32", max_lora_rank="16")
+            gateway_ready_s = gateway.wait_ready()
+            gw_url = gateway.url
         with console.status("starting vLLM alone"):
             cmd, vllm_env = engine_command(settings, vllm_port, token, cuda=False)
             direct = subprocess.Popen(cmd, env=vllm_env, stdout=open(work / "vllm.log", "wb"), stderr=subprocess.STDOUT)
-            processes.append(direct)
             vllm_url = f"http://127.0.0.1:{vllm_port}"
-            vllm_ready_s = _wait(vllm_url, direct, "/health")
+            vllm_ready_s = _wait_healthy(vllm_url, direct)
 
-        admin = LorafleetClient(gw_url, admin_key)
+        admin = LorafleetClient(gw_url, gateway.admin_key)
         key = admin.create_tenant("bench")["api_key"]
         tenant = LorafleetClient(gw_url, key)
         upload_s, digests, deploy_s = [], [], []
@@ -171,14 +155,11 @@ def main() -> None:
                 table.add_row(f"{label}: {field} ({unit})", f"{g * scale:.1f}", f"{v * scale:.1f}", f"{g / v:.2f}")
         console.print(table)
     finally:
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
+        if gateway:
+            gateway.stop()
+        if direct:
+            direct.terminate()
+            direct.wait(60)
 
 if __name__ == "__main__":
     main()

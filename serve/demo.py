@@ -10,23 +10,19 @@ from __future__ import annotations
 import base64
 import io
 import os
-import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.table import Table
 
 from .client import LorafleetClient
+from .local_server import LocalServer
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 110)
 
 
 def _circle_image() -> str:
@@ -35,12 +31,6 @@ def _circle_image() -> str:
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _prepare(work: Path) -> tuple[Path, list[Path]]:
@@ -56,25 +46,12 @@ def _prepare(work: Path) -> tuple[Path, list[Path]]:
     return base, adapters
 
 
-def _start_server(base: Path, home: Path, port: int, admin_key: str) -> subprocess.Popen:
-    env = {**os.environ, "LORAFLEET_HOME": str(home), "LORAFLEET_ADMIN_KEY": admin_key,
-           "LORAFLEET_PORT": str(port), "LORAFLEET_MAX_MODEL_LEN": "512"}
-    log = open(home / "gateway.log", "wb")
-    process = subprocess.Popen([sys.executable, "-m", "serve.cli", "serve", "--base", str(base)], env=env,
-                               stdout=log, stderr=subprocess.STDOUT)
-    t0 = time.perf_counter()
+def _start_server(base: Path, home: Path) -> LocalServer:
+    server = LocalServer.start(base, home, max_model_len="512")
     with console.status("starting the gateway and its vLLM engine (about a minute on CPU)"):
-        while True:
-            if process.poll() is not None:
-                raise SystemExit(f"the server exited; see {home / 'gateway.log'}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-    console.print(f"server ready in {time.perf_counter() - t0:.0f} s on http://127.0.0.1:{port}")
-    return process
+        seconds = server.wait_ready()
+    console.print(f"server ready in {seconds:.0f} s on {server.url}")
+    return server
 
 
 def _ask(url: str, api_key: str, image: str) -> tuple[str, str, float]:
@@ -95,11 +72,10 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     (work / "home").mkdir(parents=True)
     base, adapters = _prepare(work)
-    port, admin_key = _free_port(), secrets.token_urlsafe(16)
-    url = f"http://127.0.0.1:{port}"
-    process = _start_server(base, work / "home", port, admin_key)
+    server = _start_server(base, work / "home")
+    url = server.url
     try:
-        admin = LorafleetClient(url, admin_key)
+        admin = LorafleetClient(url, server.admin_key)
         image = _circle_image()
         table = Table("tenant", "model=assistant serves", "digest", "reply (random weights)", "latency")
         keys = {}
@@ -120,8 +96,7 @@ def main() -> None:
         console.print(table)
         console.print(f"state and logs: {work}")
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(60)
+        server.stop()
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from .errors import AdapterLoadFailed, EngineUnavailable
 from .metrics import Metrics
 from .settings import Settings
 
-__all__ = ["Engine", "engine_command", "has_cuda", "map_engine_errors"]
+__all__ = ["Engine", "engine_command", "free_port", "has_cuda", "map_engine_errors"]
 
 log = logging.getLogger("lorafleet.engine")
 _HEALTH_INTERVAL_S = 5.0
@@ -56,7 +56,8 @@ def engine_command(settings: Settings, port: int, token: str, cuda: bool) -> tup
     return cmd + list(settings.engine_extra_args), env
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port that is free right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -88,7 +89,7 @@ class Engine:
         self.metrics = metrics
         self.log_path = log_path
         self.on_ready = on_ready
-        self.port = settings.engine_port or _free_port()
+        self.port = settings.engine_port or free_port()
         self._token = secrets.token_urlsafe(32)
         self.client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}",
                                         headers={"Authorization": f"Bearer {self._token}"},

@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
-import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,7 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from serve.local_server import LocalServer
+
 MAX_RANK = 16
 MAX_UPLOAD = 2_000_000
 
@@ -67,63 +62,26 @@ def vision_adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    url: str
-    admin_key: str
-    home: Path
-    process: subprocess.Popen
-
+class Server(LocalServer):
     def admin(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.admin_key}"}, timeout=60)
 
     def stored_digests(self) -> set[str]:
         return {p.name for p in (self.home / "adapters").iterdir() if not p.name.startswith(".")}
 
-    def wait_ready(self, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gateway exited with {self.process.returncode}; see {self.home}/gateway.log")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"gateway not ready after {timeout} s; see {self.home}/gateway.log")
-
 
 @pytest.fixture(scope="session")
 def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """`lorafleet serve` as a real subprocess: gateway + supervised vLLM engine, SQLite, local store."""
-    home = tmp_path_factory.mktemp("lorafleet-home")
-    port, admin_key = _free_port(), secrets.token_urlsafe(16)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
-    env.update(LORAFLEET_HOME=str(home), LORAFLEET_ADMIN_KEY=admin_key, LORAFLEET_PORT=str(port),
-               LORAFLEET_MAX_MODEL_LEN="512", LORAFLEET_MAX_NUM_SEQS="16", LORAFLEET_MAX_LORA_RANK=str(MAX_RANK),
-               LORAFLEET_MAX_UPLOAD_BYTES=str(MAX_UPLOAD), LORAFLEET_RETRY_AFTER_S="3",
-               LORAFLEET_DTYPE="float32")  # as tests/direct_vllm.py: vLLM would downcast "auto" to bf16 on CPU
-    log = open(home / "gateway.log", "wb")
-    process = subprocess.Popen([sys.executable, "-m", "serve.cli", "serve", "--base", str(tiny_model)],
-                               env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    srv = Server(url=f"http://127.0.0.1:{port}", admin_key=admin_key, home=home, process=process)
+    srv = Server.start(tiny_model, tmp_path_factory.mktemp("lorafleet-home"), max_model_len="512",
+                       max_num_seqs="16", max_lora_rank=str(MAX_RANK), max_upload_bytes=str(MAX_UPLOAD),
+                       retry_after_s="3",
+                       dtype="float32")  # as tests/direct_vllm.py: vLLM would downcast "auto" to bf16 on CPU
     try:
         srv.wait_ready()
         yield srv
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+        srv.stop()
 
 
 @dataclass

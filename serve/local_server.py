@@ -1,0 +1,64 @@
+"""`lorafleet serve` as a child process on loopback: used by the demo, the benchmarks and the tests."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from .engine import free_port
+
+__all__ = ["LocalServer"]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class LocalServer:
+    """A gateway (+ its engine) started with `LORAFLEET_*` settings given as keyword arguments."""
+
+    url: str
+    admin_key: str
+    home: Path
+    process: subprocess.Popen
+
+    @classmethod
+    def start(cls, base: Path | str, home: Path, **settings: str) -> "LocalServer":
+        home.mkdir(parents=True, exist_ok=True)
+        port, admin_key = free_port(), secrets.token_urlsafe(16)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
+        env.update(LORAFLEET_HOME=str(home), LORAFLEET_ADMIN_KEY=admin_key, LORAFLEET_PORT=str(port),
+                   **{f"LORAFLEET_{k.upper()}": str(v) for k, v in settings.items()})
+        with open(home / "gateway.log", "ab") as log:
+            process = subprocess.Popen([sys.executable, "-m", "serve.cli", "serve", "--base", str(base)], env=env,
+                                       stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        return cls(url=f"http://127.0.0.1:{port}", admin_key=admin_key, home=home, process=process)
+
+    def wait_ready(self, timeout: float = 600) -> float:
+        """Block until `/readyz` answers 200 (engine up); return the seconds waited."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the gateway exited with {self.process.returncode}; see {self.home}/gateway.log")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return time.monotonic() - t0
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"the gateway was not ready after {timeout:.0f} s; see {self.home}/gateway.log")
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
