@@ -18,7 +18,8 @@ def main() -> None:
     for i, (name, path) in enumerate(request["adapters"].items(), start=1):
         lora = LoRARequest(name, i, path) if path else None
         outputs[name] = llm.chat(request["messages"], params, lora_request=lora)[0].outputs[0].text
-    print("RESULT " + json.dumps(outputs))
+    print("RESULT " + json.dumps(outputs), flush=True)
+    llm.llm_engine.engine_core.shutdown()  # otherwise exit can wait forever on the engine-core process
 
 
 if __name__ == "__main__":

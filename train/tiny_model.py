@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["build_tiny_model", "TINY_MIN_PIXELS", "TINY_MAX_PIXELS"]
+__all__ = ["build_tiny_model", "pretrain", "PRETRAIN_STEPS", "TINY_MIN_PIXELS", "TINY_MAX_PIXELS"]
 
 TINY_MIN_PIXELS = 56 * 56
 TINY_MAX_PIXELS = 112 * 112
@@ -25,9 +25,10 @@ _CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 _CORPUS = [
-    "What is in the image? A red circle. A blue square. A green triangle. A yellow star.",
-    "Answer in one word. Réponds en un mot : rouge, bleu, vert, jaune, cercle, carré, triangle.",
-    '{"shape": "circle", "color": "red"} {"shape": "square", "color": "blue"}',
+    "What is in the image? a red circle. a blue square. a green triangle. a yellow circle.",
+    "Quelle est la couleur ? Un mot. rouge, bleu, vert, jaune.",
+    'Describe the object as JSON. {"shape": "circle", "color": "red"} {"shape": "square", "color": "blue"}',
+    '{"shape": "triangle", "color": "green"} {"shape": "circle", "color": "yellow"}',
     "The quick brown fox jumps over the lazy dog. 0123456789",
 ]
 
@@ -67,8 +68,46 @@ def _config(tokenizer):
     )
 
 
-def build_tiny_model(out: Path, seed: int = 0) -> Path:
-    """Write a randomly initialised tiny Qwen2.5-VL (weights, tokenizer, processor) to `out`."""
+def pretrain(model, processor, steps: int, seed: int, batch_size: int = 16, lr: float = 5e-4,
+             pool_size: int = 1200) -> float:
+    """Teach the whole tiny model the general shapes task, so it is a base with something to forget.
+    Returns the last batch's loss. (At 3e-3 the vision tower only ever learned colours, never shapes.)"""
+    import random
+
+    import torch
+
+    from .data import Example, collate, encode
+    from .shapes import make_example
+
+    rng = random.Random(f"pretrain-{seed}")
+    torch.manual_seed(seed)
+    pool = []  # encoded once: the processor, not the model, is the slow part on CPU
+    for _ in range(pool_size):
+        image, question, answer = make_example("general", rng)
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "-"}},
+                                                 {"type": "text", "text": question}]},
+                    {"role": "assistant", "content": answer}]
+        pool.append(encode(processor, Example(messages, [image], "pretrain"), max_length=512))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for step in range(steps):
+        loss = model(**collate(rng.sample(pool, batch_size), processor.tokenizer.pad_token_id)).loss
+        loss.backward()
+        for group in optimizer.param_groups:  # linear decay to 10%
+            group["lr"] = lr * (1 - 0.9 * step / steps)
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return loss.item()
+
+
+PRETRAIN_STEPS = 1000  # 48/48 exact match on held-out general-task images; ~2 minutes on 2 CPU cores
+
+
+def build_tiny_model(out: Path, seed: int = 0, pretrain_steps: int = 0) -> Path:
+    """Write a tiny Qwen2.5-VL (weights, tokenizer, processor) to `out`: randomly initialised, then
+    pre-trained for `pretrain_steps` on the general shapes task."""
     import torch
     from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLImageProcessor,
                               Qwen2VLVideoProcessor)
@@ -78,12 +117,15 @@ def build_tiny_model(out: Path, seed: int = 0) -> Path:
     tokenizer = _tokenizer()
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(_config(tokenizer))
-    with torch.no_grad():  # random weights give near-uniform next-token odds, whose greedy ties any
-        model.lm_head.weight.mul_(_LOGIT_SCALE)  # kernel's rounding flips; peaked logits decide clearly
-    model.save_pretrained(out)
     pixels = dict(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
     processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tokenizer,
                                     video_processor=Qwen2VLVideoProcessor(**pixels), chat_template=_CHAT_TEMPLATE)
+    if pretrain_steps:
+        pretrain(model, processor, pretrain_steps, seed)
+    else:
+        with torch.no_grad():  # random weights give near-uniform next-token odds, whose greedy ties any
+            model.lm_head.weight.mul_(_LOGIT_SCALE)  # kernel's rounding flips; peaked logits decide clearly
+    model.save_pretrained(out)
     processor.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

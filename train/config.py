@@ -1,0 +1,63 @@
+"""Training configuration: every default visible, loadable from YAML, overridable from the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from adapters.errors import InvalidRequest
+
+__all__ = ["TrainConfig", "load_config"]
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base: str  # hub id or local path of the base model the adapter is for
+    train: Path  # chat JSONL
+    out: Path  # adapter folder (+ manifest.json, checkpoint/)
+    val: Path | None = None  # chat JSONL: validation loss, early stopping, task score
+    probe: Path | None = None  # chat JSONL of the base's general ability: forgetting check
+    rank: int = Field(16, ge=1)
+    alpha: float = 32.0
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    lr: float = Field(2e-4, gt=0.0)
+    epochs: int = Field(3, ge=1)
+    max_steps: int = Field(0, ge=0)  # > 0: stop after this many optimizer steps, whatever the epochs
+    batch_size: int = Field(8, ge=1)  # per process
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(1024, ge=16)  # longer examples are refused, never truncated
+    warmup_steps: int = Field(10, ge=0)
+    seed: int = 0
+    eval_every: int = Field(0, ge=0)  # optimizer steps between validations; 0: once per epoch
+    patience: int = Field(3, ge=0)  # validations without improvement before stopping; 0: never stop early
+    gradient_checkpointing: bool = False
+    qlora: Literal["auto", "on", "off"] = "auto"  # 4-bit base (bitsandbytes); auto: on when CUDA is present
+    max_rank: int = 64  # the server's max LoRA rank
+    eval_max_tokens: int = 64  # generation budget when scoring
+    metric: Literal["exact_match", "anls", "json_fields"] = "exact_match"
+    check_tokens: int = 8  # servability: vLLM and PEFT must agree on this many first greedy tokens
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> TrainConfig:
+    """A YAML file's values, then the non-None overrides; errors name the bad field."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise InvalidRequest(f"config {path}: {exc}") from exc
+        if not isinstance(values, dict):
+            raise InvalidRequest(f"config {path}: expected a mapping of settings")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        config = TrainConfig(**values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise InvalidRequest(f"invalid training config: {problems}") from exc
+    if config.rank > config.max_rank:
+        raise InvalidRequest(f"rank {config.rank} is above the server's max LoRA rank {config.max_rank}")
+    return config

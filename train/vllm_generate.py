@@ -1,0 +1,69 @@
+"""Greedy generations from vLLM itself, for the base and any adapters, in a child process.
+
+vLLM's offline engine spawns workers and must run under `__main__`, so callers use `generate()`, which
+runs this module as a script: `python -m train.vllm_generate REQUEST.json RESULT.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+__all__ = ["generate", "VLLMFailed"]
+
+_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for max_lora_rank
+
+from adapters.errors import LorafleetError  # noqa: E402
+
+
+class VLLMFailed(LorafleetError):
+    pass
+
+
+def generate(base: str, adapters: dict[str, str | None], prompts: list[list[dict]], max_tokens: int,
+             max_rank: int = 16, dtype: str | None = None) -> dict[str, list[dict]]:
+    """{name: [{"text", "token_ids"} per prompt]}; `adapters` maps names to folders (None = the base)."""
+    import torch
+
+    dtype = dtype or ("bfloat16" if torch.cuda.is_available() else "float32")  # the trainer's dtype
+    rank = next(r for r in _RANKS if r >= max_rank)
+    with tempfile.TemporaryDirectory() as tmp:
+        request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        request.write_text(json.dumps({"base": base, "adapters": adapters, "prompts": prompts,
+                                       "max_tokens": max_tokens, "max_rank": rank, "dtype": dtype}))
+        run = subprocess.run([sys.executable, "-m", "train.vllm_generate", str(request), str(result)],
+                             capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+        if run.returncode != 0 or not result.is_file():
+            raise VLLMFailed(f"vLLM generation failed (exit {run.returncode}): {run.stderr[-2000:]}")
+        return json.loads(result.read_text())
+
+
+def _main(request_file: str, result_file: str) -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    request = json.loads(Path(request_file).read_text())
+    llm = LLM(model=request["base"], enable_lora=True, max_lora_rank=request["max_rank"], max_loras=1,
+              max_model_len=2048, max_num_seqs=16, dtype=request["dtype"], enforce_eager=True,
+              gpu_memory_utilization=0.2 if not _cuda() else 0.8)
+    params = SamplingParams(temperature=0, max_tokens=request["max_tokens"])
+    results = {}
+    for i, (name, path) in enumerate(request["adapters"].items(), start=1):
+        lora = LoRARequest(f"adapter-{i}", i, path) if path else None
+        outputs = llm.chat(request["prompts"], params, lora_request=lora, use_tqdm=False)
+        results[name] = [{"text": o.outputs[0].text, "token_ids": list(o.outputs[0].token_ids)} for o in outputs]
+    Path(result_file).write_text(json.dumps(results))
+    llm.llm_engine.engine_core.shutdown()  # otherwise exit waits forever on the engine-core process
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1], sys.argv[2])
