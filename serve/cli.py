@@ -201,6 +201,8 @@ def train_command(
     val: Annotated[Optional[Path], Opt(help="Validation chat JSONL.")] = None,
     probe: Annotated[Optional[Path], Opt(help="General-ability probe JSONL (forgetting check).")] = None,
     out: Annotated[Optional[Path], Opt(help="Adapter output folder.")] = None,
+    mix: Annotated[Optional[Path], Opt(help="General chat JSONL mixed into training (against forgetting).")] = None,
+    mix_ratio: Annotated[Optional[float], Opt(help="Mixed examples per training example.")] = None,
     config: Annotated[Optional[Path], Opt(help="YAML config; flags override it.")] = None,
     rank: Annotated[Optional[int], Opt()] = None, alpha: Annotated[Optional[float], Opt()] = None,
     dropout: Annotated[Optional[float], Opt()] = None, lr: Annotated[Optional[float], Opt()] = None,
@@ -223,7 +225,8 @@ def train_command(
     from train.pipeline import finish
     from train.trainer import train as run_training
 
-    settings = load_config(config, base=base, train=train, val=val, probe=probe, out=out, rank=rank, alpha=alpha,
+    settings = load_config(config, base=base, train=train, val=val, probe=probe, out=out, mix=mix,
+                           mix_ratio=mix_ratio, rank=rank, alpha=alpha,
                            dropout=dropout, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
                            grad_accum=grad_accum, max_length=max_length, seed=seed, eval_every=eval_every,
                            patience=patience, metric=metric, gradient_checkpointing=gradient_checkpointing,

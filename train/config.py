@@ -21,6 +21,8 @@ class TrainConfig(BaseModel):
     out: Path  # adapter folder (+ manifest.json, checkpoint/)
     val: Path | None = None  # chat JSONL: validation loss, early stopping, task score
     probe: Path | None = None  # chat JSONL of the base's general ability: forgetting check
+    mix: Path | None = None  # chat JSONL of general examples mixed into training against forgetting
+    mix_ratio: float = Field(0.5, ge=0.0)  # mixed examples per training example (at most all of `mix`)
     rank: int = Field(16, ge=1)
     alpha: float = 32.0
     dropout: float = Field(0.05, ge=0.0, lt=1.0)

@@ -66,7 +66,7 @@ def finish(config: TrainConfig, result: TrainResult) -> tuple[dict, EvalReport]:
                       config.max_rank)
     servable = _servability(config, report)
     data = {name: data_hash(path) for name, path in (("train", config.train), ("val", config.val),
-                                                      ("probe", config.probe)) if path}
+                                                      ("probe", config.probe), ("mix", config.mix)) if path}
     manifest = {"adapter_digest": servable.digest, "base": base_identity(config.base), "versions": _versions(),
                 "data_sha256": data, "hyperparameters": json.loads(config.model_dump_json()),
                 "training": {"steps": result.steps, "best_val_loss": result.best_val_loss,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-__all__ = ["SHAPES", "COLORS", "TASKS", "draw", "make_example", "write_task"]
+__all__ = ["SHAPES", "COLORS", "TASKS", "BASE_TASKS", "TENANT_TASKS", "draw", "make_example", "write_task"]
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 70, 220), "yellow": (235, 200, 20)}
@@ -24,6 +24,14 @@ def _general(shape: str, color: str) -> tuple[str, str]:
     return "What is in the image?", f"a {color} {shape}"
 
 
+def _color(shape: str, color: str) -> tuple[str, str]:
+    return "What color is the object?", color
+
+
+def _shape(shape: str, color: str) -> tuple[str, str]:
+    return "What shape is it?", shape
+
+
 def _json(shape: str, color: str) -> tuple[str, str]:
     return "Describe the object as JSON.", json.dumps({"shape": shape, "color": color})
 
@@ -32,7 +40,9 @@ def _french(shape: str, color: str) -> tuple[str, str]:
     return "Quelle est la couleur ? Un mot.", FRENCH[color]
 
 
-TASKS = {"general": _general, "json": _json, "french": _french}
+TASKS = {"general": _general, "color": _color, "shape": _shape, "json": _json, "french": _french}
+BASE_TASKS = ("general", "color", "shape")  # what the tiny base is pre-trained to follow
+TENANT_TASKS = ("json", "french")  # new answer formats that tenants' adapters learn
 
 
 def draw(shape: str, color: str, rng: random.Random) -> Image.Image:

@@ -26,6 +26,7 @@ _CHAT_TEMPLATE = (
 )
 _CORPUS = [
     "What is in the image? a red circle. a blue square. a green triangle. a yellow circle.",
+    "What color is the object? What shape is it? red green blue yellow circle square triangle",
     "Quelle est la couleur ? Un mot. rouge, bleu, vert, jaune.",
     'Describe the object as JSON. {"shape": "circle", "color": "red"} {"shape": "square", "color": "blue"}',
     '{"shape": "triangle", "color": "green"} {"shape": "circle", "color": "yellow"}',
@@ -77,13 +78,20 @@ def pretrain(model, processor, steps: int, seed: int, batch_size: int = 16, lr: 
     import torch
 
     from .data import Example, collate, encode
-    from .shapes import make_example
+    from .shapes import BASE_TASKS, make_example
 
     rng = random.Random(f"pretrain-{seed}")
     torch.manual_seed(seed)
     pool = []  # encoded once: the processor, not the model, is the slow part on CPU
-    for _ in range(pool_size):
-        image, question, answer = make_example("general", rng)
+    for i in range(pool_size):
+        if i % 4 == 3:  # text-only copying trains the output row of every token, as a real base has
+            words = rng.choice(_CORPUS).split()
+            start = rng.randrange(len(words))
+            snippet = " ".join(words[start:start + rng.randint(2, 8)])
+            messages = [{"role": "user", "content": f"Repeat: {snippet}"}, {"role": "assistant", "content": snippet}]
+            pool.append(encode(processor, Example(messages, [], "pretrain"), max_length=512))
+            continue
+        image, question, answer = make_example(rng.choice(BASE_TASKS), rng)
         messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "-"}},
                                                  {"type": "text", "text": question}]},
                     {"role": "assistant", "content": answer}]

@@ -32,6 +32,7 @@ _STATE = "trainer_state.json"
 class TrainResult:
     out: Path
     steps: int
+    resumed_from: int  # 0 for a fresh run
     best_val_loss: float | None
     stopped_early: bool
     samples_per_s: float
@@ -147,9 +148,12 @@ def _load_optimizer(optimizer, folder: Path) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _loader(processor, path: Path, config: TrainConfig, shuffle: bool, epoch: int = 0) -> DataLoader:
-    items = [encode(processor, example, config.max_length) for example in load_jsonl(path)]
-    generator = torch.Generator().manual_seed(config.seed + epoch)  # same order on resume
+def _loader(processor, path: Path, config: TrainConfig, shuffle: bool, mix: Path | None = None) -> DataLoader:
+    examples = load_jsonl(path)
+    if mix is not None:  # general data keeps the base's other abilities (the seeds' forgetting story)
+        examples += load_jsonl(mix)[: int(len(examples) * config.mix_ratio)]
+    items = [encode(processor, example, config.max_length) for example in examples]
+    generator = torch.Generator().manual_seed(config.seed)  # same order on resume
     return DataLoader(items, batch_size=config.batch_size, shuffle=shuffle, generator=generator,
                       collate_fn=lambda batch: collate(batch, processor.tokenizer.pad_token_id))
 
@@ -165,12 +169,13 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
     set_seed(config.seed)
     config.out.mkdir(parents=True, exist_ok=True)
     processor, model = _load_model(config)
-    train_loader = _loader(processor, config.train, config, shuffle=True)
+    train_loader = _loader(processor, config.train, config, shuffle=True, mix=config.mix)
     val_loader = _loader(processor, config.val, config, shuffle=False) if config.val else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     state = {"step": 0, "epoch": 0, "batch": 0, "best_val": None, "bad_evals": 0, "samples": 0}
+    resumed_from = 0
     if resume and (loaded := _load_checkpoint(model, optimizer, config.out)):
-        state = loaded
+        state, resumed_from = loaded, loaded["step"]
         log.info("resuming at step %d (epoch %d, batch %d)", state["step"], state["epoch"], state["batch"])
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if val_loader is not None:
@@ -224,7 +229,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
     accelerator.wait_for_everyone()
     elapsed = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _peak_rss()) / 2**20
-    return TrainResult(out=config.out, steps=state["step"], best_val_loss=state["best_val"],
+    return TrainResult(out=config.out, steps=state["step"], resumed_from=resumed_from, best_val_loss=state["best_val"],
                        stopped_early=stopped_early, samples_per_s=(state["samples"] - samples0) / max(elapsed, 1e-9),
                        peak_memory_mb=peak)
 

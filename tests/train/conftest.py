@@ -1,0 +1,31 @@
+"""The shapes world: a pre-trained tiny base and chat-JSONL task files, built once per session."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+@dataclass(frozen=True)
+class World:
+    base: Path
+    data: Path
+
+    def file(self, task: str, split: str) -> Path:
+        return self.data / f"{task}-{split}.jsonl"
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    from train.shapes import write_task
+    from train.tiny_model import PRETRAIN_STEPS, build_tiny_model
+
+    root = tmp_path_factory.mktemp("world")
+    base = build_tiny_model(root / "base", seed=0, pretrain_steps=PRETRAIN_STEPS)
+    for task, n_train in (("json", 200), ("general", 200)):
+        if n_train:
+            write_task(task, n_train, root / "data" / f"{task}-train.jsonl", seed=0)
+        write_task(task, 24, root / "data" / f"{task}-val.jsonl", seed=1)
+    return World(base=base, data=root / "data")

@@ -1,0 +1,92 @@
+"""The trainer end to end on the real stack: train, score against the base in vLLM, prove servable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adapters.errors import InvalidAdapter
+from train.config import load_config
+from train.data import load_jsonl, request_messages
+from train.pipeline import finish
+from train.servable import NotServable, prove_servable
+from train.trainer import train
+from train.vllm_generate import generate
+
+
+def _config(world, out, **overrides):
+    values = dict(base=str(world.base), train=world.file("json", "train"), val=world.file("json", "val"),
+                  probe=world.file("general", "val"), mix=world.file("general", "train"), out=out, rank=8, lr=2e-3, batch_size=16, epochs=2,
+                  eval_every=10, eval_max_tokens=24)
+    return load_config(None, **{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory):
+    config = _config(world, tmp_path_factory.mktemp("json-adapter"))
+    result = train(config, progress=False)
+    manifest, report = finish(config, result)
+    return config, result, manifest, report
+
+
+def test_adapter_beats_the_base_on_its_task_and_keeps_the_probe(trained):
+    _, _, _, report = trained
+    val, probe = report.sets
+    assert (val.name, probe.name) == ("validation", "probe")
+    assert val.base <= 0.1 and val.adapter >= 0.9, report.to_dict()
+    assert val.adapter_format == 1.0 and val.base_format <= 0.1  # valid JSON objects
+    assert probe.base >= 0.9 and probe.base - probe.adapter <= 0.05
+    assert report.verdicts() == []
+
+
+def test_manifest_records_base_data_hyperparameters_and_checks(trained):
+    config, result, manifest, _ = trained
+    on_disk = json.loads((config.out / "manifest.json").read_text())
+    assert on_disk == manifest
+    assert manifest["base"]["architecture"] == "Qwen2_5_VLForConditionalGeneration"
+    assert len(manifest["base"]["chat_template_sha256"]) == 64 and manifest["base"]["image_processor"]["size"]
+    assert set(manifest["data_sha256"]) == {"train", "val", "probe"}
+    assert manifest["hyperparameters"]["rank"] == 8 and manifest["training"]["steps"] == result.steps
+    assert manifest["servability"]["changed"] >= 1 and "transformers" in manifest["versions"]
+
+
+def test_untrained_adapter_is_refused_as_a_silent_no_op(world, tmp_path):
+    from peft import get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from train.trainer import lora_config
+
+    config = _config(world, tmp_path / "noop")
+    model = AutoModelForImageTextToText.from_pretrained(world.base, dtype=torch.float32)
+    get_peft_model(model, lora_config(config)).save_pretrained(config.out)  # PEFT init: B = 0, a no-op
+    prompts = [request_messages(e) for e in load_jsonl(config.val)[:4]]
+    outputs = generate(str(world.base), {"base": None, "adapter": str(config.out)}, prompts, 8, max_rank=8)
+    with pytest.raises(NotServable, match="silent no-op"):
+        prove_servable(str(world.base), config.out, prompts, outputs, 8, max_rank=64)
+
+
+def test_adapter_whose_names_miss_the_engine_layers_is_refused(trained, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    config = trained[0]
+    broken = shutil.copytree(config.out, tmp_path / "broken", ignore=shutil.ignore_patterns("checkpoint"))
+    tensors = load_file(broken / "adapter_model.safetensors")
+    save_file({k.replace("language_model.layers", "language_model.blocks"): v for k, v in tensors.items()},
+              broken / "adapter_model.safetensors")
+    with pytest.raises(InvalidAdapter, match="has no module"):
+        prove_servable(config.base, broken, [], {"base": [], "adapter": []}, 8, max_rank=64)
+
+
+def test_resume_continues_from_the_checkpoint(world, tmp_path):
+    first = train(_config(world, tmp_path, max_steps=4, eval_every=4, val=None, probe=None, mix=None), progress=False)
+    second = train(_config(world, tmp_path, max_steps=8, eval_every=4, val=None, probe=None, mix=None), resume=True,
+                   progress=False)
+    assert (first.steps, first.resumed_from) == (4, 0)
+    assert (second.steps, second.resumed_from) == (8, 4)
+    state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 8
+    assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.bin"))  # no pickles anywhere
