@@ -1,8 +1,10 @@
-"""`make demo`: the whole path on the embedded defaults, on this machine, with no download.
+"""`make demo`: the whole product on the embedded defaults, on this machine, with no download.
 
-Builds the tiny Qwen2.5-VL, makes two LoRA adapters, starts `lorafleet serve`, creates two tenants,
-uploads and deploys one adapter each, chats with an image through the `openai` SDK, hot-swaps a
-version, and prints what each tenant got back.
+1. builds the tiny Qwen2.5-VL and pre-trains it on the shapes world (the base);
+2. trains two tenants' adapters on CPU: acme wants JSON, globex wants the colour as one French word;
+   each is scored against the base in vLLM (task + forgetting probe) and proven servable;
+3. starts `lorafleet serve`, creates the tenants, uploads and deploys each adapter, and asks both tenants'
+   deployments about the same picture through the `openai` SDK.
 """
 
 from __future__ import annotations
@@ -22,81 +24,108 @@ from rich.table import Table
 from .client import LorafleetClient
 from .local_server import LocalServer
 
-console = Console(width=None if sys.stdout.isatty() else 110)
+console = Console(width=None if sys.stdout.isatty() else 120)
+TENANTS = {"acme": "json", "globex": "french"}
 
 
-def _circle_image() -> str:
+def _picture() -> str:
     image = Image.new("RGB", (112, 112), "white")
-    ImageDraw.Draw(image).ellipse((20, 20, 92, 92), fill="red")
+    ImageDraw.Draw(image).ellipse((16, 16, 96, 96), fill=(220, 30, 30))
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _prepare(work: Path) -> tuple[Path, list[Path]]:
-    from train.random_adapter import make_random_adapter
-    from train.tiny_model import build_tiny_model
-
+def _build_world(work: Path) -> Path:
     from transformers.utils import logging as hf_logging
 
+    from train.shapes import TASKS, write_task
+    from train.tiny_model import PRETRAIN_STEPS, build_tiny_model
+
     hf_logging.disable_progress_bar()
-    with console.status("building the tiny Qwen2.5-VL and three LoRA adapters"):
-        base = build_tiny_model(work / "tiny-model")
-        adapters = [make_random_adapter(base, work / f"adapter-{seed}", seed=seed) for seed in (1, 2, 3)]
-    return base, adapters
+    with console.status(f"building the tiny Qwen2.5-VL and pre-training it ({PRETRAIN_STEPS} steps, ~2 min)"):
+        base = build_tiny_model(work / "base", seed=0, pretrain_steps=PRETRAIN_STEPS)
+        for task in TASKS:
+            write_task(task, 400, work / "data" / f"{task}-train.jsonl", seed=0)
+            write_task(task, 60, work / "data" / f"{task}-val.jsonl", seed=1)
+    return base
 
 
-def _start_server(base: Path, home: Path) -> LocalServer:
-    server = LocalServer.start(base, home, max_model_len="512")
-    with console.status("starting the gateway and its vLLM engine (about a minute on CPU)"):
-        seconds = server.wait_ready()
-    console.print(f"server ready in {seconds:.0f} s on {server.url}")
-    return server
+def _train_adapters(base: Path, work: Path) -> dict[str, Path]:
+    from train.config import load_config
+    from train.pipeline import finish
+    from train.trainer import train
+
+    table = Table("tenant", "task", "val base", "val adapter", "format base → adapter", "probe base",
+                  "probe adapter", "servable", title="adapters trained on CPU, scored in vLLM against the base")
+    adapters = {}
+    for tenant, task in TENANTS.items():
+        data = work / "data"
+        config = load_config(None, base=str(base), train=data / f"{task}-train.jsonl", val=data / f"{task}-val.jsonl",
+                             probe=data / "general-val.jsonl", mix=data / "general-train.jsonl",
+                             out=work / f"adapter-{tenant}", rank=16, lr=2e-3, epochs=2, batch_size=16,
+                             eval_every=25)
+        with console.status(f"training {tenant}'s {task} adapter, then evaluating and proving it in vLLM"):
+            t0 = time.perf_counter()
+            result = train(config, progress=False)
+            manifest, report = finish(config, result)
+        val, probe = report.sets
+        fmt = f"{val.base_format:.0%} → {val.adapter_format:.0%}" if val.format_name else "-"
+        table.add_row(tenant, task, f"{val.base:.0%}", f"{val.adapter:.0%}", fmt, f"{probe.base:.0%}",
+                      f"{probe.adapter:.0%}", f"yes ({manifest['adapter_digest'][:12]})")
+        console.print(f"{tenant}: {result.steps} steps at {result.samples_per_s:.0f} samples/s, "
+                      f"{time.perf_counter() - t0:.0f} s with evaluation")
+        for line in report.verdicts():
+            console.print(f"[yellow]{line}[/yellow]")
+        adapters[tenant] = config.out
+    console.print(table)
+    return adapters
 
 
-def _ask(url: str, api_key: str, image: str) -> tuple[str, str, float]:
+def _ask(url: str, api_key: str, question: str) -> tuple[str, str, float]:
     from openai import OpenAI
 
     client = OpenAI(base_url=url + "/v1", api_key=api_key)
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
-                                             {"type": "text", "text": "What is in the image?"}]}]
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _picture()}},
+                                             {"type": "text", "text": question}]}]
     t0 = time.perf_counter()
-    raw = client.chat.completions.with_raw_response.create(model="assistant", messages=messages, max_tokens=12,
+    raw = client.chat.completions.with_raw_response.create(model="assistant", messages=messages, max_tokens=24,
                                                            temperature=0)
-    reply = raw.parse().choices[0].message.content or ""
-    return reply, raw.headers["x-lorafleet-adapter"], time.perf_counter() - t0
+    return raw.parse().choices[0].message.content or "", raw.headers["x-lorafleet-adapter"], time.perf_counter() - t0
+
+
+def _serve(base: Path, work: Path, adapters: dict[str, Path]) -> None:
+    from train.shapes import TASKS
+
+    server = LocalServer.start(base, work / "home", max_model_len="512")
+    with console.status("starting the gateway and its vLLM engine (about a minute on CPU)"):
+        console.print(f"server ready in {server.wait_ready():.0f} s on {server.url}")
+    try:
+        admin = LorafleetClient(server.url, server.admin_key)
+        table = Table("tenant", "asks (picture of a red circle)", "deployment 'assistant' answers", "adapter",
+                      "latency", title="one base, hot-swapped per-tenant adapters, through the openai SDK")
+        for tenant, task in TENANTS.items():
+            key = admin.create_tenant(tenant)["api_key"]
+            client = LorafleetClient(server.url, key)
+            version = client.push_adapter(task, adapters[tenant])
+            client.deploy("assistant", f"{task}@{version['version']}")
+            question = TASKS[task]("circle", "red")[0]
+            answer, digest, seconds = _ask(server.url, key, question)
+            table.add_row(tenant, question, answer, f"{task}@{version['version']} {digest[:12]}",
+                          f"{seconds * 1000:.0f} ms")
+        console.print(table)
+    finally:
+        server.stop()
 
 
 def main() -> None:
     work = Path(os.environ.get("LORAFLEET_DEMO_DIR", Path.home() / ".lorafleet" / "demo")).expanduser()
     shutil.rmtree(work, ignore_errors=True)
-    (work / "home").mkdir(parents=True)
-    base, adapters = _prepare(work)
-    server = _start_server(base, work / "home")
-    url = server.url
-    try:
-        admin = LorafleetClient(url, server.admin_key)
-        image = _circle_image()
-        table = Table("tenant", "model=assistant serves", "digest", "reply (random weights)", "latency")
-        keys = {}
-        for tenant, adapter in (("acme", adapters[0]), ("globex", adapters[1])):
-            keys[tenant] = admin.create_tenant(tenant)["api_key"]
-            client = LorafleetClient(url, keys[tenant])
-            version = client.push_adapter("captioner", adapter)
-            client.deploy("assistant", "captioner")
-            reply, digest, seconds = _ask(url, keys[tenant], image)
-            table.add_row(tenant, f"captioner@{version['version']}", digest[:12], repr(reply)[:28],
-                          f"{seconds * 1000:.0f} ms")
-        acme = LorafleetClient(url, keys["acme"])  # hot swap: a new version, served on the next request
-        version = acme.push_adapter("captioner", adapters[2])
-        acme.deploy("assistant", f"captioner@{version['version']}")
-        reply, digest, seconds = _ask(url, keys["acme"], image)
-        table.add_row("acme, swapped", f"captioner@{version['version']}", digest[:12], repr(reply)[:28],
-                      f"{seconds * 1000:.0f} ms")
-        console.print(table)
-        console.print(f"state and logs: {work}")
-    finally:
-        server.stop()
+    work.mkdir(parents=True)
+    base = _build_world(work)
+    adapters = _train_adapters(base, work)
+    _serve(base, work, adapters)
+    console.print(f"state, adapters, manifests and logs: {work}")
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def finish(config: TrainConfig, result: TrainResult) -> tuple[dict, EvalReport]:
                 "training": {"steps": result.steps, "best_val_loss": result.best_val_loss,
                              "stopped_early": result.stopped_early,
                              "samples_per_s": round(result.samples_per_s, 2),
-                             "peak_memory_mb": round(result.peak_memory_mb, 1)},
+                             "peak_memory_mb": round(result.peak_memory_mb, 1), "processes": result.processes},
                 "evaluation": report.to_dict(), "servability": servable.to_dict()}
     (Path(config.out) / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest, report

@@ -1,6 +1,7 @@
 """LoRA training of the language model of a VLM, top to bottom: setup -> get_lr -> evaluate -> loop -> save.
 
-Runs as one process or under `accelerate launch` (DDP; DeepSpeed/FSDP configs in deploy/accelerate/).
+Runs as one process, under `accelerate launch` on GPUs (DDP; DeepSpeed/FSDP configs in deploy/accelerate/),
+or under `torchrun --nproc_per_node N` for DDP over CPU cores.
 The vision tower stays frozen and untouched: vLLM applies LoRA to the language model only.
 """
 
@@ -37,6 +38,7 @@ class TrainResult:
     stopped_early: bool
     samples_per_s: float
     peak_memory_mb: float
+    processes: int  # data-parallel workers (accelerate launch --num_processes)
 
 
 def lora_config(config: TrainConfig):
@@ -165,7 +167,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     # 1) setup
-    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum)
+    # cpu=True without CUDA: under torchrun this is DDP over CPU cores (gloo), alone a plain CPU run
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=not torch.cuda.is_available())
     set_seed(config.seed)
     config.out.mkdir(parents=True, exist_ok=True)
     processor, model = _load_model(config)
@@ -231,7 +234,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _peak_rss()) / 2**20
     return TrainResult(out=config.out, steps=state["step"], resumed_from=resumed_from, best_val_loss=state["best_val"],
                        stopped_early=stopped_early, samples_per_s=(state["samples"] - samples0) / max(elapsed, 1e-9),
-                       peak_memory_mb=peak)
+                       peak_memory_mb=peak, processes=accelerator.num_processes)
 
 
 def _validate_and_keep_best(model, val_loader, accelerator, config: TrainConfig, state: dict) -> bool:

@@ -24,8 +24,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
 
     root = tmp_path_factory.mktemp("world")
     base = build_tiny_model(root / "base", seed=0, pretrain_steps=PRETRAIN_STEPS)
-    for task, n_train in (("json", 200), ("general", 200)):
+    for task, n_train in (("json", 400), ("general", 400)):
         if n_train:
             write_task(task, n_train, root / "data" / f"{task}-train.jsonl", seed=0)
-        write_task(task, 24, root / "data" / f"{task}-val.jsonl", seed=1)
+        write_task(task, 40, root / "data" / f"{task}-val.jsonl", seed=1)
     return World(base=base, data=root / "data")

@@ -18,7 +18,7 @@ from train.vllm_generate import generate
 
 def _config(world, out, **overrides):
     values = dict(base=str(world.base), train=world.file("json", "train"), val=world.file("json", "val"),
-                  probe=world.file("general", "val"), mix=world.file("general", "train"), out=out, rank=8, lr=2e-3, batch_size=16, epochs=2,
+                  probe=world.file("general", "val"), mix=world.file("general", "train"), out=out, rank=16, lr=2e-3, batch_size=16, epochs=2,
                   eval_every=10, eval_max_tokens=24)
     return load_config(None, **{**values, **overrides})
 
@@ -47,8 +47,8 @@ def test_manifest_records_base_data_hyperparameters_and_checks(trained):
     assert on_disk == manifest
     assert manifest["base"]["architecture"] == "Qwen2_5_VLForConditionalGeneration"
     assert len(manifest["base"]["chat_template_sha256"]) == 64 and manifest["base"]["image_processor"]["size"]
-    assert set(manifest["data_sha256"]) == {"train", "val", "probe"}
-    assert manifest["hyperparameters"]["rank"] == 8 and manifest["training"]["steps"] == result.steps
+    assert set(manifest["data_sha256"]) == {"train", "val", "probe", "mix"}
+    assert manifest["hyperparameters"]["rank"] == 16 and manifest["training"]["steps"] == result.steps
     assert manifest["servability"]["changed"] >= 1 and "transformers" in manifest["versions"]
 
 
@@ -62,7 +62,7 @@ def test_untrained_adapter_is_refused_as_a_silent_no_op(world, tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(world.base, dtype=torch.float32)
     get_peft_model(model, lora_config(config)).save_pretrained(config.out)  # PEFT init: B = 0, a no-op
     prompts = [request_messages(e) for e in load_jsonl(config.val)[:4]]
-    outputs = generate(str(world.base), {"base": None, "adapter": str(config.out)}, prompts, 8, max_rank=8)
+    outputs = generate(str(world.base), {"base": None, "adapter": str(config.out)}, prompts, 8, max_rank=16)
     with pytest.raises(NotServable, match="silent no-op"):
         prove_servable(str(world.base), config.out, prompts, outputs, 8, max_rank=64)
 
