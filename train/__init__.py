@@ -1,1 +1,2 @@
-"""Everything offline: the tiny model factory and adapters for the demo and tests (the trainer comes next)."""
+"""Everything offline: data pipeline, LoRA trainer, baseline-first evaluation, servability proof, and the
+tiny shapes world used by the demo and the tests."""
