@@ -76,7 +76,7 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     srv = Server.start(tiny_model, tmp_path_factory.mktemp("lorafleet-home"), max_model_len="512",
                        max_num_seqs="16", max_lora_rank=str(MAX_RANK), max_upload_bytes=str(MAX_UPLOAD),
                        retry_after_s="3",
-                       dtype="float32")  # as tests/direct_vllm.py: vLLM would downcast "auto" to bf16 on CPU
+                       dtype="float32")  # as the direct-vLLM reference: "auto" would downcast to bf16 on CPU
     try:
         srv.wait_ready()
         yield srv
