@@ -192,13 +192,14 @@ def collate(items: list[dict], pad_id: int) -> dict:
 
 
 def data_hash(path: Path) -> str:
-    """sha256 of a data file and of the image files it references (what the manifest records)."""
+    """sha256 of a data file and of the image files it references (what the manifest records).
+    Call it on files `load_jsonl` accepted; images are hashed as bytes, not decoded."""
     path = Path(path)
     digest = hashlib.sha256(path.read_bytes())
-    for example in load_jsonl(path):
-        for message in example.messages:
+    for line in path.read_text(encoding="utf-8").splitlines():
+        for message in json.loads(line)["messages"] if line.strip() else []:
             for part in message["content"] if isinstance(message["content"], list) else []:
-                url = part.get("image_url", {}).get("url", "") if part["type"] == "image_url" else ""
-                if url and not url.startswith("data:"):
-                    digest.update((path.parent / url).read_bytes())
+                url = part["image_url"]["url"] if part["type"] == "image_url" else "data:"
+                if not url.startswith("data:"):
+                    digest.update((path.parent / url.removeprefix("file://")).read_bytes())
     return digest.hexdigest()
