@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
 import random
 import secrets
 import statistics
@@ -33,15 +31,14 @@ sys.path.insert(0, str(ROOT))
 from serve.client import LorafleetClient  # noqa: E402
 from serve.engine import engine_command, free_port  # noqa: E402
 from serve.local_server import LocalServer  # noqa: E402
+from train.data import image_data_url  # noqa: E402
 from serve.settings import Settings  # noqa: E402
 
 console = Console()
 
 
 def _image() -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return image_data_url(Image.new("RGB", (64, 64), (200, 30, 30)))
 
 
 def _wait_healthy(url: str, process: subprocess.Popen) -> float:

@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import os
 import shutil
 import sys
@@ -29,11 +27,11 @@ TENANTS = {"acme": "json", "globex": "french"}
 
 
 def _picture() -> str:
+    from train.data import image_data_url
+
     image = Image.new("RGB", (112, 112), "white")
     ImageDraw.Draw(image).ellipse((16, 16, 96, 96), fill=(220, 30, 30))
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return image_data_url(image)
 
 
 def _build_world(work: Path) -> Path:

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import base64
-import io
 from pathlib import Path
 
 import httpx
 from PIL import Image
 
 from serve.client import pack_adapter
+from train.data import image_data_url as data_url
 
 
 def image_data_url(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (64, 64)) -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return data_url(Image.new("RGB", size, color))
 
 
 def image_messages(text: str = "What is in the image?", color: tuple[int, int, int] = (200, 30, 30)) -> list[dict]:

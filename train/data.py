@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from adapters.errors import InvalidRequest
 
 __all__ = ["DataError", "Example", "load_jsonl", "encode", "collate", "data_hash", "prompt_of", "answer_of",
-           "request_messages"]
+           "request_messages", "image_data_url"]
 
 IGNORE = -100
 _ROLES = {"system", "user", "assistant"}
@@ -119,6 +119,13 @@ def prompt_of(example: Example) -> list[dict[str, Any]]:
     return example.messages[:-1]
 
 
+def image_data_url(image: Image.Image) -> str:
+    """An image as a PNG data URL, the way clients send images to the server."""
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
 def request_messages(example: Example) -> list[dict[str, Any]]:
     """The prompt as a client would send it to the server: images inlined as PNG data URLs."""
     images = iter(example.images)
@@ -126,9 +133,7 @@ def request_messages(example: Example) -> list[dict[str, Any]]:
     for message in messages:
         for part in message["content"] if isinstance(message["content"], list) else []:
             if part["type"] == "image_url":
-                buffer = io.BytesIO()
-                next(images).save(buffer, "PNG")
-                part["image_url"] = {"url": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()}
+                part["image_url"] = {"url": image_data_url(next(images))}
     return messages
 
 
