@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, ForeignKey, String, UniqueConstraint, create_engine, event
+from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint, create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
-__all__ = ["Base", "Tenant", "Adapter", "AdapterVersion", "Deployment", "open_catalog"]
+__all__ = ["Base", "Tenant", "Adapter", "AdapterVersion", "ValidationSet", "Deployment", "Rollout", "Decision",
+           "RolloutSample", "open_catalog"]
 
 
 def _now() -> datetime:
@@ -54,6 +55,20 @@ class AdapterVersion(Base):
     adapter: Mapped[Adapter] = relationship(back_populates="versions")
 
 
+class ValidationSet(Base):
+    """A tenant's fixed validation set: chat JSONL with images inlined, stored content-addressed."""
+
+    __tablename__ = "validation_sets"
+    __table_args__ = (UniqueConstraint("tenant_id", "digest", "metric"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    digest: Mapped[str] = mapped_column(String(64))  # sha256 of the canonical JSONL
+    metric: Mapped[str] = mapped_column(String(32))
+    items: Mapped[int]
+    size_bytes: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+
 class Deployment(Base):
     __tablename__ = "deployments"
     __table_args__ = (UniqueConstraint("tenant_id", "name"),)
@@ -61,8 +76,80 @@ class Deployment(Base):
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
     name: Mapped[str] = mapped_column(String(64))
     stable_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id"))
+    previous_stable_id: Mapped[int | None] = mapped_column(ForeignKey("adapter_versions.id"))  # for `undo`
+    rollout_id: Mapped[int | None]  # the active rollout or A/B test; set and cleared by conditional updates
+    answer_format: Mapped[dict | None] = mapped_column(JSON)  # {"json_schema": {...}} or {"regex": "..."}
+    validation_set_id: Mapped[int | None] = mapped_column(ForeignKey("validation_sets.id"))
     updated_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)
-    stable: Mapped[AdapterVersion] = relationship()
+    stable: Mapped[AdapterVersion] = relationship(foreign_keys=[stable_id])
+    previous_stable: Mapped[AdapterVersion | None] = relationship(foreign_keys=[previous_stable_id])
+    validation_set: Mapped[ValidationSet | None] = relationship()
+
+
+class Rollout(Base):
+    """A canary rollout or an A/B test of one deployment. `variants` is the routing table:
+    [{"label", "version_id", "digest", "ref", "weight"}] with weights in percent, in bucket order."""
+
+    __tablename__ = "rollouts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "canary" | "ab"
+    phase: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(String(64), default="")
+    message: Mapped[str] = mapped_column(Text, default="")
+    salt: Mapped[str] = mapped_column(String(32))  # per-rollout: a new rollout reshuffles units
+    variants: Mapped[list[dict]] = mapped_column(JSON)
+    steps: Mapped[list[float]] = mapped_column(JSON, default=list)  # canary weights in percent
+    step_index: Mapped[int] = mapped_column(default=-1)  # -1 while gating
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    gate: Mapped[dict | None] = mapped_column(JSON)  # the validation-set evidence
+    looks: Mapped[int] = mapped_column(default=0)  # analysis looks so far (alpha spending counts them)
+    step_started_at: Mapped[float] = mapped_column(default=0.0)  # epoch seconds
+    last_look_at: Mapped[float] = mapped_column(default=0.0)
+    last_look_requests: Mapped[int] = mapped_column(default=0)  # canary requests of this step at that look
+    created_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float]
+    finished_at: Mapped[float | None]
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires: Mapped[float] = mapped_column(default=0.0)
+    revision: Mapped[int] = mapped_column(default=1)  # optimistic lock: a stale write raises
+    deployment: Mapped[Deployment] = relationship()
+    decisions: Mapped[list["Decision"]] = relationship(back_populates="rollout", order_by="Decision.id")
+    __mapper_args__ = {"version_id_col": revision}
+
+
+class Decision(Base):
+    """One recorded transition of a rollout, with the reason and the numbers that decided it."""
+
+    __tablename__ = "decisions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id"), index=True)
+    rollout_id: Mapped[int | None] = mapped_column(ForeignKey("rollouts.id"), index=True)  # None: e.g. `undo`
+    at: Mapped[float]
+    action: Mapped[str] = mapped_column(String(16))  # start, gate, advance, extend, rollback, promote, ...
+    reason: Mapped[str] = mapped_column(String(64))  # CamelCase constant
+    message: Mapped[str] = mapped_column(Text)
+    step_index: Mapped[int]
+    actor: Mapped[str] = mapped_column(String(80))  # "controller:<gateway id>" or "tenant:<name>"
+    numbers: Mapped[list[dict]] = mapped_column(JSON, default=list)  # one entry per statistical test
+    rollout: Mapped[Rollout | None] = relationship(back_populates="decisions")
+
+
+class RolloutSample(Base):
+    """One request served during a rollout: what the analysis compares, per variant and step."""
+
+    __tablename__ = "rollout_samples"
+    __table_args__ = (Index("ix_samples_rollout_step", "rollout_id", "step_index"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    rollout_id: Mapped[int]
+    step_index: Mapped[int]
+    variant: Mapped[str] = mapped_column(String(80))
+    unit: Mapped[str] = mapped_column(String(16))  # hash of the assignment unit, for the sample-ratio check
+    ok: Mapped[bool]
+    latency_s: Mapped[float]
+    output_tokens: Mapped[int]
+    format_valid: Mapped[bool | None]
+    at: Mapped[float]
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

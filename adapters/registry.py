@@ -11,7 +11,7 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from .catalog import Adapter, AdapterVersion, Deployment, Tenant
+from .catalog import Adapter, AdapterVersion, Deployment, Rollout, Tenant
 from .errors import Conflict, InvalidRequest, NotFound, Unauthorized
 from .schemas import check_name
 from .validate import ValidatedAdapter
@@ -128,12 +128,21 @@ def digest_in_use(session: Session, digest: str) -> bool:
     return session.scalar(select(func.count()).where(AdapterVersion.digest == digest)) > 0
 
 
+def _in_active_rollouts(session: Session, tenant: Tenant) -> list[tuple[str, set[int]]]:
+    rows = session.execute(select(Deployment.name, Rollout.variants).join(Rollout, Rollout.id == Deployment.rollout_id)
+                           .where(Deployment.tenant_id == tenant.id))
+    return [(name, {v["version_id"] for v in variants}) for name, variants in rows]
+
+
 def delete_version(session: Session, tenant: Tenant, version: AdapterVersion) -> None:
     """Delete a version that `resolve_version` found for this tenant, unless a deployment serves it."""
-    users = session.scalars(_readable_deployments(tenant).where(Deployment.stable_id == version.id)).all()
+    users = [d.name for d in session.scalars(_readable_deployments(tenant).where(Deployment.stable_id == version.id))]
+    users += [name for name, ids in _in_active_rollouts(session, tenant) if version.id in ids and name not in users]
     if users:
         raise Conflict(f"{version.adapter.name}@{version.version} is deployed by "
-                       f"{', '.join(d.name for d in users)}; deploy another version first", code="version_deployed")
+                       f"{', '.join(users)}; deploy another version first", code="version_deployed")
+    for deployment in session.scalars(_readable_deployments(tenant).where(Deployment.previous_stable_id == version.id)):
+        deployment.previous_stable = None  # `undo` can no longer go back to it
     session.delete(version)
     session.commit()
 
@@ -145,8 +154,10 @@ def set_deployment(session: Session, tenant: Tenant, name: str, version: Adapter
     if deployment is None:
         deployment = Deployment(tenant_id=tenant.id, name=name, stable=version)
         session.add(deployment)
-    else:
-        deployment.stable = version
+    elif deployment.rollout_id is not None:
+        raise Conflict(f"a rollout or A/B test is running on {name!r}: abort or stop it first", code="rollout_running")
+    elif deployment.stable_id != version.id:
+        deployment.previous_stable, deployment.stable = deployment.stable, version
     session.commit()
     return deployment
 
@@ -163,5 +174,7 @@ def list_deployments(session: Session, tenant: Tenant) -> list[Deployment]:
 
 
 def deployed_digests(session: Session) -> set[str]:
-    """Every digest some deployment serves: what a restarted engine must have registered."""
-    return set(session.scalars(select(AdapterVersion.digest).join(Deployment, Deployment.stable_id == AdapterVersion.id)))
+    """Every digest some deployment or active rollout serves: what a restarted engine must have registered."""
+    stable = set(session.scalars(select(AdapterVersion.digest).join(Deployment, Deployment.stable_id == AdapterVersion.id)))
+    variants = session.scalars(select(Rollout.variants).join(Deployment, Deployment.rollout_id == Rollout.id))
+    return stable | {v["digest"] for table in variants for v in table}

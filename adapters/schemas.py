@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
 __all__ = ["NAME_PATTERN", "Name", "check_name", "TenantCreate", "TenantCreated", "AdapterVersionPublic",
-           "AdapterPublic", "DeploymentPut", "DeploymentPublic", "ModelPublic", "ModelList"]
+           "AdapterPublic", "DeploymentPut", "DeploymentPublic", "ModelPublic", "ModelList", "ValidationSetPublic",
+           "VariantPublic", "DecisionPublic", "RolloutPublic"]
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
@@ -55,10 +56,61 @@ class DeploymentPut(BaseModel):
     adapter: str  # "NAME" (latest), "NAME@N", or a digest
 
 
+class ValidationSetPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    digest: str
+    metric: str
+    items: int
+    size_bytes: int
+    created_at: datetime
+
+
 class DeploymentPublic(BaseModel):
     name: str
     adapter: AdapterVersionPublic
     updated_at: datetime
+    previous_adapter: str | None = None  # NAME@N that `undo` goes back to
+    answer_format: dict | None = None
+    validation_set: ValidationSetPublic | None = None
+    rollout_id: int | None = None
+
+
+class VariantPublic(BaseModel):
+    label: str
+    ref: str
+    digest: str
+    weight: float
+
+
+class DecisionPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    at: float
+    action: str
+    reason: str
+    message: str
+    step_index: int
+    actor: str
+    numbers: list[dict[str, Any]]
+
+
+class RolloutPublic(BaseModel):
+    id: int
+    deployment: str
+    kind: str
+    phase: str
+    reason: str
+    message: str
+    variants: list[VariantPublic]
+    steps: list[float]
+    step_index: int
+    params: dict[str, Any]
+    gate: dict[str, Any] | None
+    looks: int
+    created_by: str
+    created_at: float
+    finished_at: float | None
+    lease_owner: str | None
+    decisions: list[DecisionPublic]
 
 
 class ModelPublic(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import uuid
 from pathlib import Path
@@ -10,7 +11,7 @@ from urllib.parse import urlparse
 
 from .validate import CONFIG_FILE, WEIGHTS_FILE, ValidatedAdapter
 
-__all__ = ["AdapterStore", "LocalStore", "open_store"]
+__all__ = ["AdapterStore", "LocalStore", "BlobStore", "open_store"]
 
 
 class AdapterStore(Protocol):
@@ -64,3 +65,22 @@ def open_store(url: str) -> AdapterStore:
     if parsed.scheme in ("", "file"):
         return LocalStore(Path(parsed.path if parsed.scheme else url).expanduser())
     raise ValueError(f"adapter store {url!r}: only file:// stores are supported in this release")
+
+
+class BlobStore:
+    """Content-addressed files (validation sets) under `root/<sha256><suffix>`, written temp + rename."""
+
+    def __init__(self, root: Path, suffix: str) -> None:
+        self.root, self.suffix = root, suffix
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: str) -> Path:
+        return self.root / f"{digest}{self.suffix}"
+
+    def put(self, data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        if not self.path(digest).is_file():
+            tmp = self.root / f".tmp-{uuid.uuid4().hex}"
+            tmp.write_bytes(data)
+            tmp.rename(self.path(digest))
+        return digest

@@ -6,6 +6,7 @@ loaded -> forward -> record.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any
 
@@ -14,12 +15,16 @@ from fastapi.responses import Response
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
+from adapters.catalog import Rollout
 from adapters.errors import InvalidRequest, LorafleetError, Unauthorized
 from adapters.registry import authenticate, get_deployment, list_deployments
 from adapters.schemas import ModelList, ModelPublic
 
+from .answer_format import format_checker
 from .deps import BearerKey, CurrentTenant, Gateway, GatewayDep, SessionDep
 from .forward import Route, Usage, forward_chat
+from .rollouts import SERVING, routing_table
+from .routing import bucket_of, choose, unit_of
 
 __all__ = ["router", "read_chat_body", "check_image_urls"]
 
@@ -61,27 +66,46 @@ def check_image_urls(body: dict[str, Any], allow_remote: bool) -> None:
                                      code="remote_images_disabled")
 
 
-def _authorize_and_resolve(gateway: Gateway, key: str, model: str) -> tuple[str, Route]:
-    """Tenant of the key, and where its deployment `model` goes: one DB session, one thread hop."""
+def _authorize_and_resolve(gateway: Gateway, key: str, body: dict, headers: dict[str, str]) -> tuple[str, Route]:
+    """Tenant of the key, and which adapter serves this request of its deployment `model` (the stable one,
+    or the variant the request's unit is assigned to while a rollout runs): one DB session, one thread hop."""
     with gateway.sessions() as session:
         tenant = authenticate(session, key)
-        deployment = get_deployment(session, tenant, model)
-        digest = deployment.stable.digest
-        return tenant.name, Route(deployment=deployment.name, digest=digest,
-                                  headers={"x-lorafleet-deployment": deployment.name, "x-lorafleet-adapter": digest})
+        deployment = get_deployment(session, tenant, body["model"])
+        digest, variant, sample = deployment.stable.digest, "stable", None
+        rollout = session.get(Rollout, deployment.rollout_id) if deployment.rollout_id is not None else None
+        if rollout is not None and rollout.phase in SERVING:
+            unit = unit_of(body, headers)
+            chosen = choose(routing_table(rollout), bucket_of(rollout.salt, tenant.name, deployment.name, unit))
+            digest, variant = chosen.digest, chosen.label
+            sample = {"rollout_id": rollout.id, "step_index": rollout.step_index, "variant": chosen.label,
+                      "unit": hashlib.sha256(unit.encode()).hexdigest()[:16]}
+        return tenant.name, Route(deployment=deployment.name, digest=digest, variant=variant, sample=sample,
+                                  answer_format=deployment.answer_format if sample else None,
+                                  headers={"x-lorafleet-deployment": deployment.name, "x-lorafleet-adapter": digest,
+                                           "x-lorafleet-variant": variant})
 
 
 async def _record(gateway: Gateway, tenant: str, route: Route, usage: Usage, t0: float) -> None:
     m = gateway.metrics
-    labels = m.labels(tenant, route.deployment, route.digest)
+    latency = time.perf_counter() - t0
+    labels = m.labels(tenant, route.deployment, route.digest, route.variant)
     m.requests.labels(*labels, str(usage.status)).inc()
-    m.latency.labels(*labels).observe(time.perf_counter() - t0)
+    m.latency.labels(*labels).observe(latency)
     if usage.error_code:
         m.errors.labels(*labels, usage.error_code).inc()
     if usage.first_chunk_s is not None:
         m.ttft.labels(*labels).observe(usage.first_chunk_s)
     m.tokens.labels(*labels, "prompt").inc(usage.prompt_tokens)
     m.tokens.labels(*labels, "completion").inc(usage.completion_tokens)
+    # The rollout's analysis compares these, variant against variant. An engine outage hits every variant
+    # alike and says nothing about the adapter; a 4xx is the client's; a 5xx (e.g. a failed load) counts.
+    if route.sample is not None and usage.error_code != "engine_unavailable":
+        answered = usage.status == 200
+        valid = format_checker(route.answer_format)("".join(usage.text)) if answered and usage.text is not None else None
+        gateway.controller.samples.add({**route.sample, "ok": usage.status < 500, "latency_s": latency,
+                                        "output_tokens": usage.completion_tokens, "format_valid": valid,
+                                        "at": time.time()})
 
 
 @router.post("/chat/completions")
@@ -92,8 +116,8 @@ async def chat_completions(request: Request, gateway: GatewayDep, key: BearerKey
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     body = await read_chat_body(request)
     check_image_urls(body, gateway.settings.allow_remote_images)
-    tenant, route = await run_in_threadpool(_authorize_and_resolve, gateway, key, body["model"])
-    usage = Usage()
+    tenant, route = await run_in_threadpool(_authorize_and_resolve, gateway, key, body, request.headers)
+    usage = Usage(text=[] if route.answer_format is not None else None)
     try:
         gateway.engine.require_up()
         await gateway.engine.ensure_loaded(route.digest, gateway.store.local_path(route.digest))

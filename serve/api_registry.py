@@ -14,12 +14,12 @@ from starlette.concurrency import run_in_threadpool
 from adapters.catalog import Adapter, AdapterVersion, Deployment
 from adapters.registry import (delete_version, digest_in_use, get_adapter, list_adapters, list_deployments,
                                register_version, resolve_version, set_deployment)
-from adapters.schemas import AdapterPublic, AdapterVersionPublic, DeploymentPublic, DeploymentPut
+from adapters.schemas import AdapterPublic, AdapterVersionPublic, DeploymentPublic, DeploymentPut, ValidationSetPublic
 from adapters.validate import ValidatedAdapter, validate_upload
 
 from .deps import CurrentTenant, Gateway, GatewayDep, SessionDep
 
-__all__ = ["router", "version_public"]
+__all__ = ["router", "version_public", "deployment_public"]
 
 router = APIRouter(prefix="/v1")
 
@@ -32,9 +32,14 @@ def _adapter_public(adapter: Adapter) -> AdapterPublic:
     return AdapterPublic(name=adapter.name, versions=[version_public(v) for v in adapter.versions])
 
 
-def _deployment_public(deployment: Deployment) -> DeploymentPublic:
+def deployment_public(deployment: Deployment) -> DeploymentPublic:
+    previous = deployment.previous_stable
+    validation = deployment.validation_set
     return DeploymentPublic(name=deployment.name, adapter=version_public(deployment.stable),
-                            updated_at=deployment.updated_at)
+                            updated_at=deployment.updated_at, answer_format=deployment.answer_format,
+                            previous_adapter=f"{previous.adapter.name}@{previous.version}" if previous else None,
+                            validation_set=ValidationSetPublic.model_validate(validation) if validation else None,
+                            rollout_id=deployment.rollout_id)
 
 
 def _validate_and_store(gateway: Gateway, upload: UploadFile) -> tuple[ValidatedAdapter, bool]:
@@ -96,9 +101,9 @@ async def put_deployment(deployment: str, body: DeploymentPut, gateway: GatewayD
     if gateway.engine.up:  # a failed load leaves the deployment as it was
         await gateway.engine.ensure_loaded(version.digest, gateway.store.local_path(version.digest))
     result = await run_in_threadpool(set_deployment, session, tenant, deployment, version)
-    return _deployment_public(result)
+    return deployment_public(result)
 
 
 @router.get("/deployments")
 def get_deployments(session: SessionDep, tenant: CurrentTenant) -> list[DeploymentPublic]:
-    return [_deployment_public(d) for d in list_deployments(session, tenant)]
+    return [deployment_public(d) for d in list_deployments(session, tenant)]

@@ -114,3 +114,51 @@ class LorafleetClient:
 
     def list_deployments(self) -> list[dict]:
         return self._call("GET", "/v1/deployments")
+
+    # --- traffic control ---
+
+    def push_validation(self, deployment: str, path: Path, metric: str) -> dict:
+        """Upload a chat JSONL validation set; local image paths are inlined as data URLs first."""
+        import json
+
+        from train.data import answer_of, load_jsonl, request_messages
+
+        lines = [json.dumps({"messages": [*request_messages(e), {"role": "assistant", "content": answer_of(e)}]})
+                 for e in load_jsonl(path)]
+        files = {"file": (Path(path).name, ("\n".join(lines) + "\n").encode(), "application/jsonl")}
+        return self._call("PUT", f"/v1/deployments/{deployment}/validation", data={"metric": metric}, files=files)
+
+    def get_validation(self, deployment: str) -> dict:
+        return self._call("GET", f"/v1/deployments/{deployment}/validation")
+
+    def set_answer_format(self, deployment: str, spec: dict) -> dict:
+        return self._call("PUT", f"/v1/deployments/{deployment}/answer-format", json=spec)
+
+    def start_rollout(self, deployment: str, **params: Any) -> dict:
+        return self._call("POST", f"/v1/deployments/{deployment}/rollout", json=params)
+
+    def rollout(self, deployment: str) -> dict:
+        return self._call("GET", f"/v1/deployments/{deployment}/rollout")
+
+    def rollouts(self) -> list[dict]:
+        return self._call("GET", "/v1/rollouts")
+
+    def rollout_action(self, deployment: str, action: str, **body: Any) -> dict:
+        """pause | resume | abort | promote (full=True for straight to 100 %)."""
+        return self._call("POST", f"/v1/deployments/{deployment}/rollout/{action}", json=body or None)
+
+    def undo(self, deployment: str) -> dict:
+        return self._call("POST", f"/v1/deployments/{deployment}/undo")
+
+    def start_ab(self, deployment: str, variants: list[tuple[str, float]]) -> dict:
+        body = {"variants": [{"adapter": ref, "weight": weight} for ref, weight in variants]}
+        return self._call("POST", f"/v1/deployments/{deployment}/ab", json=body)
+
+    def ab_status(self, deployment: str) -> dict:
+        return self._call("GET", f"/v1/deployments/{deployment}/ab")
+
+    def ab_evaluate(self, deployment: str) -> dict:
+        return self._call("POST", f"/v1/deployments/{deployment}/ab/evaluate")
+
+    def stop_ab(self, deployment: str, keep: str | None) -> dict:
+        return self._call("POST", f"/v1/deployments/{deployment}/ab/stop", json={"keep": keep})

@@ -6,7 +6,7 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session, sessionmaker
@@ -15,11 +15,14 @@ from adapters.base_model import BaseModelSpec
 from adapters.catalog import Tenant
 from adapters.errors import Unauthorized
 from adapters.registry import authenticate
-from adapters.store import AdapterStore
+from adapters.store import AdapterStore, BlobStore
 
 from .engine import Engine
 from .metrics import Metrics
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .controller import RolloutController
 
 __all__ = ["Gateway", "GatewayDep", "SessionDep", "BearerKey", "CurrentTenant", "AdminKey"]
 
@@ -35,6 +38,8 @@ class Gateway:
     engine: Engine
     metrics: Metrics
     tmp_dir: Path
+    validation_store: BlobStore
+    controller: "RolloutController" = None  # type: ignore[assignment]  # set right after construction
 
 
 def _gateway(request: Request) -> Gateway:

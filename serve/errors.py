@@ -13,6 +13,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.orm.exc import StaleDataError
 from starlette.exceptions import HTTPException
 
 from adapters.errors import LorafleetError, ServiceUnavailable
@@ -56,6 +57,11 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, str(exc.detail), "invalid_request_error", None, exc.headers)
 
 
+async def _stale_write(_: Request, exc: Exception) -> JSONResponse:
+    return error_response(409, "the rollout changed while this request was applied (the controller or another "
+                          "user acted); read its status and retry", "invalid_request_error", "concurrent_update")
+
+
 async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return error_response(500, "internal error; see the gateway log", "server_error", None)
@@ -65,4 +71,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(LorafleetError, _lorafleet_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(StaleDataError, _stale_write)
     app.add_exception_handler(Exception, _unexpected_error)

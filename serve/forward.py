@@ -29,6 +29,7 @@ class Usage:
     completion_tokens: int = 0
     first_chunk_s: float | None = None
     error_code: str | None = None
+    text: list[str] | None = None  # the answer's text, collected only when someone checks its format
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class Route:
     deployment: str
     digest: str
     headers: dict[str, str] = field(default_factory=dict)
+    variant: str = "stable"
+    sample: dict | None = None  # rollout_id, step_index, variant, unit: set when a rollout measures this request
+    answer_format: dict | None = None
 
 
 def _public(raw: bytes, route: Route) -> bytes:
@@ -74,6 +78,8 @@ async def forward_chat(engine: Engine, body: dict, route: Route, usage: Usage) -
                         headers=route.headers)
     payload = json.loads(content)
     _read_usage(payload, usage)
+    if usage.text is not None:
+        usage.text.append(((payload.get("choices") or [{}])[0].get("message") or {}).get("content") or "")
     return JSONResponse(payload, headers=route.headers)
 
 
@@ -104,6 +110,9 @@ async def _relay(response: httpx.Response, route: Route, usage: Usage, client_wa
                 _read_usage(json.loads(line[6:]), usage)  # the usage-only chunk that closes the stream
                 if not client_wants_usage:
                     continue
+            elif usage.text is not None and line.startswith("data: {"):
+                for choice in json.loads(line[6:]).get("choices") or []:
+                    usage.text.append((choice.get("delta") or {}).get("content") or "")
             yield _public(line.encode(), route) + b"\n"
     except httpx.HTTPError as exc:  # the engine died mid-stream: tell the client in-band
         usage.status, usage.error_code = 503, "engine_unavailable"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -15,10 +16,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from adapters.base_model import load_base_spec
 from adapters.catalog import open_catalog
 from adapters.registry import deployed_digests
-from adapters.store import open_store
+from adapters.store import BlobStore, open_store
 
-from . import api_admin, api_openai, api_registry
+from . import api_admin, api_openai, api_registry, api_rollouts
 from .deps import Gateway
+from .controller import RolloutController, new_gateway_id
 from .engine import Engine
 from .errors import error_response, install_error_handlers
 from .metrics import Metrics
@@ -55,7 +57,10 @@ def _build_gateway(settings: Settings) -> Gateway:
     metrics = Metrics()
     engine = Engine(settings, metrics, settings.home / "logs" / "engine.log")
     gateway = Gateway(settings=settings, sessions=sessions, store=open_store(settings.store_url),
-                      spec=load_base_spec(settings.base), engine=engine, metrics=metrics, tmp_dir=tmp_dir)
+                      spec=load_base_spec(settings.base), engine=engine, metrics=metrics, tmp_dir=tmp_dir,
+                      validation_store=BlobStore(settings.home / "validation", ".jsonl"))
+    gateway.controller = RolloutController(gateway, settings.gateway_id or new_gateway_id(), settings.rollout_tick_s,
+                                           settings.rollout_lease_s)
     engine.on_ready = lambda: _register_deployed(gateway)
     return gateway
 
@@ -78,9 +83,12 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.gateway = gateway
         await gateway.engine.start()
+        controller = asyncio.create_task(gateway.controller.run())
         try:
             yield
         finally:
+            controller.cancel()
+            await run_in_threadpool(gateway.controller.release)
             await gateway.engine.stop()
 
     app = FastAPI(title="lorafleet", lifespan=lifespan)
@@ -88,6 +96,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(api_openai.router)
     app.include_router(api_registry.router)
+    app.include_router(api_rollouts.router)
     app.include_router(api_admin.router)
 
     @app.get("/healthz")

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the gateway, with bounded label sets (tenant, deployment, adapter digest)."""
+"""Prometheus metrics of the gateway, with bounded label sets (tenant, deployment, adapter digest, variant)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 12
 
 class Metrics:
     """All gateway metrics in one registry. Past `max_series` (tenant, deployment, adapter) label
-    sets, new ones are counted under `_other`, so a tenant with thousands of names cannot blow up Prometheus."""
+    sets, new ones are counted under `_other`, so a tenant with thousands of names cannot blow up Prometheus.
+    Variants are "stable", "canary" or an A/B test's versions, a handful per deployment."""
 
     def __init__(self, max_series: int = 1000) -> None:
         self.registry = CollectorRegistry()
         self.max_series = max_series
-        self._seen: set[tuple[str, str, str]] = set()
-        labels = ["tenant", "deployment", "adapter"]
+        self._seen: set[tuple[str, str, str, str]] = set()
+        labels = ["tenant", "deployment", "adapter", "variant"]
         self.requests = Counter("lorafleet_requests", "Chat requests by outcome", [*labels, "status"],
                                 registry=self.registry)
         self.errors = Counter("lorafleet_request_errors", "Failed chat requests by error code", [*labels, "code"],
@@ -38,13 +39,24 @@ class Metrics:
         self.adapter_load_seconds = Histogram("lorafleet_adapter_load_seconds", "Adapter registration time",
                                               buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30),
                                               registry=self.registry)
+        rollout = ["tenant", "deployment"]
+        self.rollout_phase = Gauge("lorafleet_rollout_phase", "1 for the current phase of the deployment's rollout",
+                                   [*rollout, "phase"], registry=self.registry)
+        self.rollout_step = Gauge("lorafleet_rollout_step", "Index of the current canary step", rollout,
+                                  registry=self.registry)
+        self.rollout_weight = Gauge("lorafleet_rollout_canary_weight_percent", "Canary traffic share", rollout,
+                                    registry=self.registry)
+        self.rollout_srm_p = Gauge("lorafleet_rollout_srm_pvalue", "Sample-ratio-mismatch p-value at the last look",
+                                   rollout, registry=self.registry)
+        self.rollout_decisions = Counter("lorafleet_rollout_decisions", "Recorded rollout decisions",
+                                         [*rollout, "action", "reason"], registry=self.registry)
 
-    def labels(self, tenant: str, deployment: str, digest: str) -> tuple[str, str, str]:
+    def labels(self, tenant: str, deployment: str, digest: str, variant: str) -> tuple[str, str, str, str]:
         """Label values for one request, or `_other` once the series budget is spent."""
-        key = (tenant, deployment, digest[:12])
+        key = (tenant, deployment, digest[:12], variant)
         if key in self._seen:
             return key
         if len(self._seen) < self.max_series:
             self._seen.add(key)
             return key
-        return (OTHER, OTHER, OTHER)
+        return (OTHER, OTHER, OTHER, OTHER)

@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 512 * 1024 * 1024
     retry_after_s: int = 5
 
+    # rollouts
+    gateway_id: str = ""  # default: hostname + random suffix; names this process in leases and decisions
+    rollout_tick_s: float = 5.0  # how often the controller reconciles active rollouts
+    rollout_lease_s: float = 30.0  # a gateway that stops renewing loses its rollouts to another after this
+
     # engine (vLLM OpenAI server on a private loopback port)
     base: str = ""  # hub id or local path of the base model
     engine_port: int = 0  # 0: pick a free port

@@ -33,10 +33,10 @@ def test_local_file_urls_are_always_refused():
 
 def test_metric_labels_fold_into_other_past_the_budget():
     metrics = Metrics(max_series=2)
-    assert metrics.labels("a", "d1", "x" * 64) == ("a", "d1", "x" * 12)
-    assert metrics.labels("a", "d2", "y" * 64) == ("a", "d2", "y" * 12)
-    assert metrics.labels("b", "d3", "z" * 64) == (OTHER, OTHER, OTHER)
-    assert metrics.labels("a", "d1", "x" * 64) == ("a", "d1", "x" * 12)
+    assert metrics.labels("a", "d1", "x" * 64, "stable") == ("a", "d1", "x" * 12, "stable")
+    assert metrics.labels("a", "d2", "y" * 64, "canary") == ("a", "d2", "y" * 12, "canary")
+    assert metrics.labels("b", "d3", "z" * 64, "stable") == (OTHER, OTHER, OTHER, OTHER)
+    assert metrics.labels("a", "d1", "x" * 64, "stable") == ("a", "d1", "x" * 12, "stable")
 
 
 def test_engine_command_uses_cpu_settings_without_cuda():

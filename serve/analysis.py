@@ -1,0 +1,268 @@
+"""Statistics that decide rollouts. Pure: no DB, no HTTP, no clock; samples and limits are arguments.
+
+- Validation gate (paired, same items): McNemar's exact test when every item scores 0 or 1, else a paired
+  bootstrap of the mean difference; the candidate passes when the one-sided lower confidence bound of
+  (candidate - stable) is above -margin (non-inferiority).
+- Live analysis (candidate vs stable on concurrent traffic, one step): error rate and format-validity rate
+  by a one-sided two-proportion test against a margin (Agresti-Caffo adjusted), latency by Mann-Whitney U
+  with a relative tolerance on the medians (Kayenta-style), and a sample-ratio-mismatch chi-square on units.
+- Repeated looks: alpha spending. Look k of a rollout may spend alpha * 6 / (pi^2 k^2); the series sums to
+  alpha, so however many looks a rollout takes, the chance of any false rollback stays below alpha. Alpha is
+  split evenly over the harm tests of a look (Bonferroni).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from enum import IntEnum
+
+import numpy as np
+from scipy import stats
+
+__all__ = ["Status", "worst", "Measurement", "Limits", "VariantSamples", "Assessment", "look_alpha",
+           "proportion_harm", "latency_harm", "sample_ratio", "assess_step", "paired_gate", "difference_ci",
+           "EMPTY", "compare_variants"]
+
+# reasons (CamelCase constants, recorded with every decision)
+SAMPLE_TOO_SMALL = "SampleTooSmall"
+NO_HARM = "NoHarmDetected"
+ERROR_RATE_REGRESSED = "ErrorRateRegressed"
+FORMAT_REGRESSED = "FormatValidityRegressed"
+LATENCY_REGRESSED = "LatencyRegressed"
+SAMPLE_RATIO_MISMATCH = "SampleRatioMismatch"
+VALIDATION_NON_INFERIOR = "ValidationNonInferior"
+VALIDATION_REGRESSED = "ValidationRegressed"
+
+
+class Status(IntEnum):
+    """Outcome of one measurement, best to worst. Inconclusive means hold; Failed means roll back."""
+
+    SUCCESSFUL = 0
+    RUNNING = 1
+    PENDING = 2
+    INCONCLUSIVE = 3
+    ERROR = 4
+    FAILED = 5
+
+
+def worst(statuses: Sequence[Status]) -> Status:
+    return max(statuses, default=Status.SUCCESSFUL)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One statistical test and what it concluded, with the numbers a reviewer needs."""
+
+    metric: str  # error_rate, format_validity, latency, sample_ratio, validation
+    test: str
+    status: Status
+    reason: str
+    message: str
+    n_candidate: int = 0
+    n_stable: int = 0
+    effect: float | None = None  # candidate - stable (rates), or median ratio (latency)
+    interval: tuple[float, float] | None = None
+    p: float | None = None
+    alpha: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "status": self.status.name.lower()}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Named limits of a canary analysis; every number in the decision code comes from here."""
+
+    min_requests: int = 100  # per variant and step, before a step may advance
+    min_rollback_requests: int = 10  # candidate requests before a harm test may roll back
+    error_margin: float = 0.01  # tolerated extra error rate (absolute)
+    format_margin: float = 0.01  # tolerated extra format-invalid rate (absolute)
+    latency_tolerance: float = 0.25  # tolerated relative increase of the median latency
+    alpha: float = 0.05  # total false-rollback probability over all looks of a rollout
+    srm_p: float = 0.001  # sample-ratio mismatch threshold
+    min_srm_expected: int = 5  # chi-square needs this many expected units per variant
+
+
+@dataclass(frozen=True)
+class VariantSamples:
+    """What one variant served during one step."""
+
+    requests: int
+    errors: int
+    units: int  # distinct assignment units
+    latencies_s: Sequence[float]
+    format_checked: int = 0
+    format_invalid: int = 0
+    output_tokens: Sequence[int] = ()
+
+
+EMPTY = VariantSamples(requests=0, errors=0, units=0, latencies_s=())
+
+
+@dataclass(frozen=True)
+class Assessment:
+    outcome: str  # "advance" | "extend" | "rollback"
+    status: Status
+    reason: str
+    message: str
+    measurements: list[Measurement]
+
+
+def look_alpha(alpha: float, look: int) -> float:
+    """Alpha spent at look k >= 1: sum over all k of alpha * 6 / (pi^2 k^2) is alpha."""
+    return alpha * 6 / (math.pi ** 2 * look ** 2)
+
+
+def difference_ci(x_c: int, n_c: int, x_s: int, n_s: int) -> tuple[float, float]:
+    """Agresti-Caffo: (difference, standard error) of rate_candidate - rate_stable, with one success and
+    one failure added to each group, which keeps 0/n and n/n well behaved."""
+    pc, ps = (x_c + 1) / (n_c + 2), (x_s + 1) / (n_s + 2)
+    return pc - ps, math.sqrt(pc * (1 - pc) / (n_c + 2) + ps * (1 - ps) / (n_s + 2))
+
+
+def proportion_harm(metric: str, bad_c: int, n_c: int, bad_s: int, n_s: int, margin: float, alpha: float,
+                    limits: Limits, regressed: str) -> Measurement:
+    """One-sided test of H0: rate_c - rate_s <= margin against H1: the candidate is worse by more."""
+    test = "two-proportion z (Agresti-Caffo)"
+    if n_c < limits.min_rollback_requests or n_s < limits.min_rollback_requests:
+        return Measurement(metric, test, Status.PENDING, SAMPLE_TOO_SMALL,
+                           f"{metric}: n={n_c} vs {n_s}, need {limits.min_rollback_requests}", n_c, n_s)
+    diff, se = difference_ci(bad_c, n_c, bad_s, n_s)
+    z = float(stats.norm.ppf(1 - alpha))
+    low, high = diff - z * se, diff + z * se
+    p = float(stats.norm.sf((diff - margin) / se))
+    rates = f"{bad_c}/{n_c} vs {bad_s}/{n_s}"
+    numbers = (f"diff {diff:+.3f}, {1 - 2 * alpha:.4g} CI [{low:+.3f}, {high:+.3f}], margin {margin}, "
+               f"p={p:.2g}, alpha={alpha:.2g}")
+    if p < alpha:
+        return Measurement(metric, test, Status.FAILED, regressed, f"{metric} worse: {rates}; {numbers}",
+                           n_c, n_s, diff, (low, high), p, alpha)
+    return Measurement(metric, test, Status.SUCCESSFUL, NO_HARM, f"{metric}: {rates}; {numbers}",
+                       n_c, n_s, diff, (low, high), p, alpha)
+
+
+def latency_harm(candidate: Sequence[float], stable: Sequence[float], alpha: float, limits: Limits) -> Measurement:
+    """Mann-Whitney U (candidate slower?) and a median ratio above 1 + tolerance: both must hold to fail."""
+    n_c, n_s = len(candidate), len(stable)
+    if n_c < limits.min_rollback_requests or n_s < limits.min_rollback_requests:
+        return Measurement("latency", "Mann-Whitney U", Status.PENDING, SAMPLE_TOO_SMALL,
+                           f"latency: n={n_c} vs {n_s}, need {limits.min_rollback_requests}", n_c, n_s)
+    p = float(stats.mannwhitneyu(candidate, stable, alternative="greater").pvalue)
+    median_c, median_s = float(np.median(candidate)), float(np.median(stable))
+    ratio = median_c / median_s if median_s > 0 else math.inf
+    numbers = (f"median {median_c * 1000:.0f} vs {median_s * 1000:.0f} ms (x{ratio:.2f}, tolerance "
+               f"x{1 + limits.latency_tolerance:.2f}), p={p:.2g}, alpha={alpha:.2g}")
+    if p < alpha and ratio > 1 + limits.latency_tolerance:
+        return Measurement("latency", "Mann-Whitney U", Status.FAILED, LATENCY_REGRESSED,
+                           f"latency worse: {numbers}", n_c, n_s, ratio, None, p, alpha)
+    return Measurement("latency", "Mann-Whitney U", Status.SUCCESSFUL, NO_HARM, f"latency: {numbers}",
+                       n_c, n_s, ratio, None, p, alpha)
+
+
+def sample_ratio(units: dict[str, int], weights: dict[str, float], limits: Limits) -> Measurement:
+    """Chi-square of the units each variant received against its weight (GrowthBook: p < 0.001 is a bug)."""
+    labels = [label for label in weights if weights[label] > 0]
+    observed = [units.get(label, 0) for label in labels]
+    total = sum(observed)
+    expected = [total * weights[label] / sum(weights[v] for v in labels) for label in labels]
+    shares = ", ".join(f"{label} {o}/{e:.0f}" for label, o, e in zip(labels, observed, expected))
+    if len(labels) < 2 or min(expected) < limits.min_srm_expected:
+        return Measurement("sample_ratio", "chi-square", Status.PENDING, SAMPLE_TOO_SMALL,
+                           f"sample ratio: too few units ({shares})")
+    p = float(stats.chisquare(observed, expected).pvalue)
+    status, reason = (Status.FAILED, SAMPLE_RATIO_MISMATCH) if p < limits.srm_p else (Status.SUCCESSFUL, NO_HARM)
+    return Measurement("sample_ratio", "chi-square", status, reason,
+                       f"sample ratio (observed/expected units): {shares}, p={p:.2g}, threshold {limits.srm_p}",
+                       observed[0], sum(observed[1:]), p=p, alpha=limits.srm_p)
+
+
+def assess_step(candidate: VariantSamples, stable: VariantSamples, weights: dict[str, float], look: int,
+                limits: Limits, may_advance: bool) -> Assessment:
+    """One look at a canary step: roll back on any proven harm, extend until enough data, else advance.
+
+    `weights` maps "canary"/"stable" to percents; `may_advance` is False until the step's dwell time passed."""
+    tests = 3 if candidate.format_checked else 2
+    alpha = look_alpha(limits.alpha, look) / tests
+    measurements = [
+        proportion_harm("error_rate", candidate.errors, candidate.requests, stable.errors, stable.requests,
+                        limits.error_margin, alpha, limits, ERROR_RATE_REGRESSED),
+        latency_harm(candidate.latencies_s, stable.latencies_s, alpha, limits),
+    ]
+    if candidate.format_checked:
+        measurements.append(proportion_harm("format_validity", candidate.format_invalid, candidate.format_checked,
+                                            stable.format_invalid, stable.format_checked, limits.format_margin,
+                                            alpha, limits, FORMAT_REGRESSED))
+    measurements.append(sample_ratio({"canary": candidate.units, "stable": stable.units}, weights, limits))
+    failed = [m for m in measurements if m.status is Status.FAILED]
+    if failed:
+        return Assessment("rollback", Status.FAILED, failed[0].reason, "; ".join(m.message for m in failed),
+                          measurements)
+    short = min(candidate.requests, stable.requests)
+    if short < limits.min_requests or not may_advance:
+        why = (f"canary {candidate.requests}, stable {stable.requests} requests this step; need "
+               f"{limits.min_requests} each" if short < limits.min_requests else "the step's interval has not passed")
+        return Assessment("extend", Status.INCONCLUSIVE, SAMPLE_TOO_SMALL, why, measurements)
+    return Assessment("advance", Status.SUCCESSFUL, NO_HARM,
+                      f"no harm detected at look {look} (alpha {look_alpha(limits.alpha, look):.2g}); "
+                      f"canary {candidate.requests}, stable {stable.requests} requests", measurements)
+
+
+def paired_gate(stable: Sequence[float], candidate: Sequence[float], margin: float, alpha: float = 0.05,
+                resamples: int = 4000, seed: int = 0) -> Measurement:
+    """Non-inferiority of the candidate on the same validation items (scores in [0, 1], paired by index)."""
+    if len(stable) != len(candidate) or not stable:
+        raise ValueError("paired scores need the same, non-zero number of items")
+    s, c = np.asarray(stable, dtype=float), np.asarray(candidate, dtype=float)
+    n, effect = len(s), float(c.mean() - s.mean())
+    if np.isin(s, (0.0, 1.0)).all() and np.isin(c, (0.0, 1.0)).all():
+        b, k = int(((s == 1) & (c == 0)).sum()), int(((s == 0) & (c == 1)).sum())  # discordant pairs
+        if b + k == 0:
+            low, high, p = 0.0, 0.0, 1.0
+        else:
+            test = stats.binomtest(k, b + k, 0.5)
+            ci = test.proportion_ci(confidence_level=1 - 2 * alpha, method="exact")
+            # conditional on the discordant pairs, candidate - stable = (2 pi - 1) (b + k) / n
+            low, high, p = (2 * ci.low - 1) * (b + k) / n, (2 * ci.high - 1) * (b + k) / n, float(test.pvalue)
+        name, extra = "McNemar exact", {"stable_only": b, "candidate_only": k}
+        detail = f"stable-only passes {b}, candidate-only passes {k}, McNemar p={p:.2g}"
+    else:
+        rng = np.random.default_rng(seed)
+        diffs = (c - s)[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
+        low, high = (float(x) for x in np.quantile(diffs, [alpha, 1 - alpha]))
+        p = float(min(1.0, 2 * min((diffs <= 0).mean(), (diffs >= 0).mean())))
+        name, extra = f"paired bootstrap ({resamples} resamples)", {}
+        detail = f"bootstrap p={p:.2g}"
+    numbers = (f"candidate {c.mean():.3f} vs stable {s.mean():.3f} (diff {effect:+.3f}, {1 - 2 * alpha:.0%} CI "
+               f"[{low:+.3f}, {high:+.3f}], margin {margin}), {detail}, n={n}")
+    if low > -margin:
+        return Measurement("validation", name, Status.SUCCESSFUL, VALIDATION_NON_INFERIOR,
+                           f"non-inferior: {numbers}", n, n, effect, (low, high), p, alpha, extra)
+    return Measurement("validation", name, Status.FAILED, VALIDATION_REGRESSED,
+                       f"not shown non-inferior: {numbers}", n, n, effect, (low, high), p, alpha, extra)
+
+
+def compare_variants(control: VariantSamples, other: VariantSamples, confidence: float = 0.95) -> dict:
+    """A/B differences of `other` vs `control` with two-sided intervals: error rate and format validity
+    (Agresti-Caffo), output length (Welch t), latency (Mann-Whitney p, median ratio)."""
+    z = float(stats.norm.ppf(0.5 + confidence / 2))
+    out: dict = {"confidence": confidence}
+    if control.requests and other.requests:
+        diff, se = difference_ci(other.errors, other.requests, control.errors, control.requests)
+        out["error_rate"] = {"diff": diff, "interval": [diff - z * se, diff + z * se]}
+    if control.format_checked and other.format_checked:
+        valid_o, valid_c = other.format_checked - other.format_invalid, control.format_checked - control.format_invalid
+        diff, se = difference_ci(valid_o, other.format_checked, valid_c, control.format_checked)
+        out["format_validity"] = {"diff": diff, "interval": [diff - z * se, diff + z * se]}
+    if len(control.output_tokens) > 1 and len(other.output_tokens) > 1:
+        test = stats.ttest_ind(other.output_tokens, control.output_tokens, equal_var=False)
+        ci = test.confidence_interval(confidence)
+        diff = float(np.mean(other.output_tokens) - np.mean(control.output_tokens))
+        out["output_tokens"] = {"diff": diff, "interval": [float(ci.low), float(ci.high)], "p": float(test.pvalue)}
+    if len(control.latencies_s) and len(other.latencies_s):
+        p = float(stats.mannwhitneyu(other.latencies_s, control.latencies_s, alternative="two-sided").pvalue)
+        ratio = float(np.median(other.latencies_s) / np.median(control.latencies_s))
+        out["latency"] = {"median_ratio": ratio, "p": p}
+    return out

@@ -1,0 +1,94 @@
+"""A deployment's fixed validation set: checked, stored content-addressed, and replayed through the engine.
+
+The file is the training format (chat JSONL, last message = the reference answer) with images as data URLs;
+`lorafleet validation push` inlines local image paths before uploading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from adapters.catalog import Deployment, Tenant, ValidationSet
+from adapters.errors import InvalidRequest
+from train.data import DataError, answer_of, load_jsonl
+from train.metrics import METRICS
+
+from .engine import Engine, map_engine_errors
+
+__all__ = ["MAX_ITEMS", "ValidationItem", "canonical_validation", "attach_validation", "read_items", "replay",
+           "score"]
+
+MAX_ITEMS = 5000
+
+
+@dataclass(frozen=True)
+class ValidationItem:
+    messages: list[dict[str, Any]]  # the request, as a client sends it
+    answer: str  # the reference
+
+
+def canonical_validation(path: Path, metric: str) -> tuple[bytes, int]:
+    """Check every line (as the trainer does) and the metric; return the canonical JSONL and its item count."""
+    if metric not in METRICS:
+        raise InvalidRequest(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}", code="invalid_metric")
+    examples = load_jsonl(path)
+    if len(examples) > MAX_ITEMS:
+        raise InvalidRequest(f"the validation set has {len(examples)} items; the limit is {MAX_ITEMS}")
+    lines = []
+    for example in examples:
+        try:
+            METRICS[metric](answer_of(example), answer_of(example))
+        except ValueError as exc:
+            raise DataError(example.source, f"metric {metric}: {exc}") from exc
+        lines.append(json.dumps({"messages": example.messages}, sort_keys=True, separators=(",", ":")))
+    return ("\n".join(lines) + "\n").encode(), len(examples)
+
+
+def attach_validation(session: Session, tenant: Tenant, deployment: Deployment, digest: str, metric: str,
+                      items: int, size_bytes: int) -> ValidationSet:
+    """Record the stored set (once per content and metric) and make it the deployment's validation set."""
+    found = session.scalar(select(ValidationSet).where(ValidationSet.tenant_id == tenant.id,
+                                                       ValidationSet.digest == digest, ValidationSet.metric == metric))
+    if found is None:
+        found = ValidationSet(tenant_id=tenant.id, digest=digest, metric=metric, items=items, size_bytes=size_bytes)
+        session.add(found)
+    deployment.validation_set = found
+    session.commit()
+    return found
+
+
+def read_items(path: Path) -> list[ValidationItem]:
+    """The stored canonical file (already checked at upload): requests and reference answers."""
+    items = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        messages = json.loads(line)["messages"]
+        items.append(ValidationItem(messages=messages[:-1], answer=messages[-1]["content"]))
+    return items
+
+
+async def replay(engine: Engine, digest: str, items: list[ValidationItem], max_tokens: int,
+                 concurrency: int = 8) -> list[str]:
+    """Greedy answers of adapter `digest` to every item, through the engine (the same path as live traffic)."""
+    limit = asyncio.Semaphore(concurrency)
+
+    async def one(item: ValidationItem) -> str:
+        body = {"model": digest, "messages": item.messages, "temperature": 0, "max_tokens": max_tokens}
+        async with limit:
+            with map_engine_errors():
+                response = await engine.client.post("/v1/chat/completions", json=body)
+        response.raise_for_status()
+        return response.json()["choices"][0]["message"]["content"] or ""
+
+    return list(await asyncio.gather(*(one(item) for item in items)))
+
+
+def score(outputs: list[str], items: list[ValidationItem], metric: str) -> list[float]:
+    return [METRICS[metric](text, item.answer) for text, item in zip(outputs, items)]
+
