@@ -23,9 +23,10 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 from starlette.concurrency import run_in_threadpool
 
-from adapters.catalog import Deployment, Rollout, RolloutSample, Tenant
+from adapters.catalog import Rollout, RolloutSample, Tenant
+from adapters.errors import ServiceUnavailable
 
-from .analysis import Measurement, VariantSamples, paired_gate
+from .analysis import Measurement, Status, VariantSamples, paired_gate
 from .deps import Gateway
 from .rollouts import ACTIVE, CanaryView, Phase, RolloutStart, Tick, apply_gate, apply_tick, plan, step_samples
 from .validation import read_items, replay, score
@@ -33,6 +34,8 @@ from .validation import read_items, replay, score
 __all__ = ["SampleBuffer", "RolloutController", "new_gateway_id"]
 
 log = logging.getLogger("lorafleet.rollouts")
+
+GATE_ERROR = "GateError"
 
 
 def new_gateway_id() -> str:
@@ -104,8 +107,17 @@ class RolloutController:
             if not self.gateway.engine.up:
                 log.info("rollout %s: waiting for the engine before the gate", rollout_id)
                 return
-            async with self._holding(rollout_id):
-                measurement, evidence = await self._gate(snap)
+            try:
+                async with self._holding(rollout_id):
+                    measurement, evidence = await self._gate(snap)
+            except ServiceUnavailable as exc:  # the engine is restarting: try again next tick
+                log.info("rollout %s: gate postponed: %s", rollout_id, exc.message)
+                return
+            except Exception as exc:  # noqa: BLE001 - a gate that cannot run refuses, with the reason
+                log.exception("rollout %s: the gate failed", rollout_id)
+                measurement = Measurement("validation", "gate", Status.ERROR, GATE_ERROR,
+                                          f"the gate could not run: {type(exc).__name__}: {exc}")
+                evidence = {}
             await self._write(snap, lambda s, r: apply_gate(s, r, measurement, evidence, self.actor, time.time()))
             self._count(snap, "gate", measurement.reason)
         elif snap.phase == Phase.PROGRESSING:

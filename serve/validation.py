@@ -67,7 +67,7 @@ def attach_validation(session: Session, tenant: Tenant, deployment: Deployment, 
 def read_items(path: Path) -> list[ValidationItem]:
     """The stored canonical file (already checked at upload): requests and reference answers."""
     items = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
         messages = json.loads(line)["messages"]
         items.append(ValidationItem(messages=messages[:-1], answer=messages[-1]["content"]))
     return items
