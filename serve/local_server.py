@@ -28,18 +28,30 @@ class LocalServer:
     admin_key: str
     home: Path
     process: subprocess.Popen
+    env: dict[str, str]
+    base: str
 
     @classmethod
     def start(cls, base: Path | str, home: Path, **settings: str) -> "LocalServer":
+        """Start on a free port; `settings` may pin e.g. `port` or `admin_key` (a second gateway on one home)."""
         home.mkdir(parents=True, exist_ok=True)
-        port, admin_key = free_port(), secrets.token_urlsafe(16)
         env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
-        env.update(LORAFLEET_HOME=str(home), LORAFLEET_ADMIN_KEY=admin_key, LORAFLEET_PORT=str(port),
-                   **{f"LORAFLEET_{k.upper()}": str(v) for k, v in settings.items()})
-        with open(home / "gateway.log", "ab") as log:
-            process = subprocess.Popen([sys.executable, "-m", "serve.cli", "serve", "--base", str(base)], env=env,
-                                       stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        return cls(url=f"http://127.0.0.1:{port}", admin_key=admin_key, home=home, process=process)
+        env.update(LORAFLEET_HOME=str(home), LORAFLEET_ADMIN_KEY=secrets.token_urlsafe(16),
+                   LORAFLEET_PORT=str(free_port()), **{f"LORAFLEET_{k.upper()}": str(v) for k, v in settings.items()})
+        server = cls(url=f"http://127.0.0.1:{env['LORAFLEET_PORT']}", admin_key=env["LORAFLEET_ADMIN_KEY"], home=home,
+                     process=None, env=env, base=str(base))  # type: ignore[arg-type]
+        server.process = server._spawn()
+        return server
+
+    def _spawn(self) -> subprocess.Popen:
+        with open(self.home / "gateway.log", "ab") as log:
+            return subprocess.Popen([sys.executable, "-m", "serve.cli", "serve", "--base", self.base], env=self.env,
+                                    stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def restart(self) -> None:
+        """Stop the gateway (and its engine) and start it again with the same settings, port and state."""
+        self.stop()
+        self.process = self._spawn()
 
     def wait_ready(self, timeout: float = 600) -> float:
         """Block until `/readyz` answers 200 (engine up); return the seconds waited."""

@@ -143,12 +143,14 @@ def _entry(label: str, version: AdapterVersion, weight: float) -> dict:
 
 
 def record(session: Session, rollout: Rollout | None, deployment: Deployment, action: str, reason: str,
-           message: str, actor: str, now: float, measurements: list[Measurement] = ()) -> Decision:
+           message: str, actor: str, now: float, measurements: list[Measurement] = (),
+           describe: bool = True) -> Decision:
+    """Write a decision; it also becomes the rollout's current reason and message unless `describe` is False."""
     decision = Decision(deployment_id=deployment.id, rollout=rollout, at=now, action=action, reason=reason,
                         message=message, step_index=rollout.step_index if rollout else -1, actor=actor,
                         numbers=[m.to_dict() for m in measurements])
     session.add(decision)
-    if rollout is not None:
+    if rollout is not None and describe:
         rollout.reason, rollout.message = reason, message
     return decision
 
@@ -296,13 +298,15 @@ def promote(session: Session, deployment: Deployment, rollout: Rollout | None, f
 
 
 def undo(session: Session, deployment: Deployment, actor: str, now: float) -> Deployment:
-    """Serve the previous stable version again (twice = redo)."""
+    """Serve the previous stable version again (twice = redo). The decision joins the latest rollout's history."""
     _require_idle(deployment)
     if deployment.previous_stable_id is None:
         raise Conflict(f"deployment {deployment.name!r} has no previous stable version", code="nothing_to_undo")
     old = deployment.stable
     _make_stable(session, deployment, deployment.previous_stable_id)
-    record(session, None, deployment, "undo", UNDONE, f"stable {_ref(old)} -> {_ref(deployment.stable)}", actor, now)
+    latest = session.scalar(select(Rollout).where(Rollout.deployment_id == deployment.id).order_by(Rollout.id.desc()))
+    record(session, latest, deployment, "undo", UNDONE, f"stable {_ref(old)} -> {_ref(deployment.stable)}", actor, now,
+           describe=False)
     session.commit()
     return deployment
 

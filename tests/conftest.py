@@ -39,11 +39,12 @@ def make_adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
     cache: dict[tuple, Path] = {}
 
-    def make(seed: int, rank: int = 8) -> Path:
-        if (seed, rank) not in cache:
+    def make(seed: int, rank: int = 8, std: float = 0.5) -> Path:
+        """std=0 gives an adapter that changes nothing (B = 0): it answers exactly like the base."""
+        if (seed, rank, std) not in cache:
             out = tmp_path_factory.mktemp(f"adapter-s{seed}-r{rank}")
-            cache[(seed, rank)] = make_random_adapter(tiny_model, out, seed=seed, rank=rank)
-        return cache[(seed, rank)]
+            cache[(seed, rank, std)] = make_random_adapter(tiny_model, out, seed=seed, rank=rank, std=std)
+        return cache[(seed, rank, std)]
 
     return make
 
@@ -62,6 +63,22 @@ def vision_adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -
     return out
 
 
+@pytest.fixture(scope="session")
+def general_val(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 items of the task the tiny base was pre-trained on ("What is in the image?" -> "a red circle")."""
+    from train.shapes import write_task
+
+    return write_task("general", 40, tmp_path_factory.mktemp("data") / "general-val.jsonl", seed=1)
+
+
+@pytest.fixture(scope="session")
+def general_requests(general_val: Path) -> list[list[dict]]:
+    """The same items as clients send them (images as data URLs)."""
+    from train.data import load_jsonl, request_messages
+
+    return [request_messages(e) for e in load_jsonl(general_val)]
+
+
 class Server(LocalServer):
     def admin(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.admin_key}"}, timeout=60)
@@ -75,7 +92,7 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """`lorafleet serve` as a real subprocess: gateway + supervised vLLM engine, SQLite, local store."""
     srv = Server.start(tiny_model, tmp_path_factory.mktemp("lorafleet-home"), max_model_len="512",
                        max_num_seqs="16", max_lora_rank=str(MAX_RANK), max_upload_bytes=str(MAX_UPLOAD),
-                       retry_after_s="3",
+                       retry_after_s="3", rollout_tick_s="0.5",
                        dtype="float32")  # as the direct-vLLM reference: "auto" would downcast to bf16 on CPU
     try:
         srv.wait_ready()

@@ -1,0 +1,270 @@
+"""NOT YET COLLECTED (file name): canary rollouts and A/B tests on the real engine; to be run and finished
+before issue 4 is resolved (see the issue note). Rename to test_rollouts.py once green."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import assert_openai_error, upload_folder
+
+FORMAT = {"regex": "a (red|green|blue|yellow) (circle|square|triangle)"}
+
+
+@pytest.fixture
+def shapes(new_tenant, make_adapter, general_val) -> Callable[..., httpx.Client]:
+    """A tenant whose deployment `shapes` serves m@1 (= the base); m@2 answers the same (another rank of a
+    no-op adapter: equal quality, different digest); m@3 is a random adapter that breaks every answer."""
+    def create(validation: bool = True, answer_format: bool = True) -> httpx.Client:
+        http = new_tenant().http()
+        for folder in (make_adapter(0, 8, std=0.0), make_adapter(0, 4, std=0.0), make_adapter(21)):
+            upload_folder(http, "m", folder)
+        http.put("/v1/deployments/shapes", json={"adapter": "m@1"}).raise_for_status()
+        if validation:
+            pushed = http.put("/v1/deployments/shapes/validation", files={"file": ("v.jsonl", _inline(general_val))})
+            assert pushed.status_code == 200, pushed.text
+        if answer_format:
+            http.put("/v1/deployments/shapes/answer-format", json=FORMAT).raise_for_status()
+        return http
+
+    return create
+
+
+def _inline(path: Path) -> bytes:
+    """The validation file with its images as data URLs, as `lorafleet validation push` sends it."""
+    from train.data import answer_of, load_jsonl, request_messages
+
+    return "\n".join(json.dumps({"messages": [*request_messages(e), {"role": "assistant", "content": answer_of(e)}]})
+                     for e in load_jsonl(path)).encode()
+
+
+def _chat(http: httpx.Client, messages: list[dict], user: str | None = None, max_tokens: int = 8) -> httpx.Response:
+    body = {"model": "shapes", "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+    if user:
+        body["user"] = user
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def _variants(http: httpx.Client, requests: list[list[dict]], users: list[str], max_tokens: int = 1) -> dict[str, str]:
+    """user -> the variant that served them, 8 requests at a time."""
+    with ThreadPoolExecutor(8) as pool:
+        responses = pool.map(lambda i: _chat(http, requests[i % len(requests)], users[i], max_tokens),
+                             range(len(users)))
+        return {user: r.headers["x-lorafleet-variant"] for user, r in zip(users, responses)}
+
+
+def _wait(http: httpx.Client, done: Callable[[dict], bool], timeout: float = 120,
+          traffic: Callable[[], None] | None = None) -> dict:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        rollout = http.get("/v1/deployments/shapes/rollout").json()
+        if done(rollout):
+            return rollout
+        if traffic:
+            traffic()
+        else:
+            time.sleep(0.5)
+    raise AssertionError(f"rollout did not get there in {timeout} s: {rollout['phase']} {rollout['message']}")
+
+
+def _start(http: httpx.Client, **params) -> dict:
+    response = http.post("/v1/deployments/shapes/rollout", json={"to": "m@2", "gate": False, **params})
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def test_gate_refuses_a_worse_adapter_and_admits_an_equal_one(shapes):
+    http = shapes()
+    _start(http, to="m@3", gate=True)
+    refused = _wait(http, lambda r: r["phase"] != "Gating")
+    assert refused["phase"] == "GateRefused" and refused["reason"] == "ValidationRegressed"
+    gate = refused["gate"]
+    assert gate["items"] == 40 and len(gate["candidate_scores"]) == 40
+    assert gate["measurement"]["test"] == "McNemar exact" and gate["measurement"]["p"] < 0.001
+    assert sum(gate["stable_scores"]) >= 30 > sum(gate["candidate_scores"])  # the base knows this task
+    assert http.get("/v1/deployments").json()[0]["adapter"]["version"] == 1  # nothing changed
+
+    _start(http, to="m@2", gate=True, interval_s=3600)
+    admitted = _wait(http, lambda r: r["phase"] != "Gating")
+    assert admitted["phase"] == "Progressing" and admitted["reason"] == "ValidationNonInferior"
+    assert admitted["gate"]["measurement"]["interval"] == [0.0, 0.0]  # the same answers on every item
+    assert [v["weight"] for v in admitted["variants"]] == [10, 90]
+    assert http.post("/v1/deployments/shapes/rollout/abort").json()["phase"] == "Aborted"
+
+
+def test_bad_canary_is_rolled_back_automatically(shapes, general_requests):
+    http = shapes(validation=False)
+    _start(http, to="m@3", steps=[10, 50], min_requests=100, interval_s=3600)
+    sent = iter(range(10**6))
+
+    def traffic() -> None:
+        _variants(http, general_requests, [f"u{next(sent)}" for _ in range(40)], max_tokens=8)
+
+    rolled_back = _wait(http, lambda r: r["phase"] == "RolledBack", timeout=180, traffic=traffic)
+    decision = rolled_back["decisions"][-1]
+    assert (decision["action"], decision["reason"]) == ("rollback", "FormatValidityRegressed")
+    assert decision["actor"].startswith("controller:")
+    test = next(n for n in decision["numbers"] if n["metric"] == "format_validity")
+    assert test["status"] == "failed" and test["p"] < test["alpha"] and test["effect"] > 0.5
+    assert test["n_candidate"] <= 200
+    # traffic is back on stable at once
+    assert set(_variants(http, general_requests, [f"after{i}" for i in range(16)]).values()) == {"stable"}
+
+
+def test_weights_are_sticky_monotone_and_observed(shapes, general_requests):
+    http = shapes(validation=False, answer_format=False)
+    _start(http, steps=[25, 50], min_requests=10**6, interval_s=3600)
+    users = [f"user-{i}" for i in range(300)]
+    first = _variants(http, general_requests, users)
+    canary = {u for u, v in first.items() if v == "canary"}
+    assert abs(len(canary) - 75) <= 30  # 25 % of 300, +-4 standard deviations
+    assert _variants(http, general_requests, users[:60]) == {u: first[u] for u in users[:60]}  # sticky
+
+    promoted = http.post("/v1/deployments/shapes/rollout/promote", json={}).json()
+    assert [v["weight"] for v in promoted["variants"]] == [50, 50]
+    second = _variants(http, general_requests, users)
+    assert all(second[u] == "canary" for u in canary)  # nobody goes back to stable
+    assert abs(sum(v == "canary" for v in second.values()) - 150) <= 35
+
+    response = _chat(http, general_requests[0], "user-0")
+    assert response.headers["x-lorafleet-adapter"] in {v["digest"] for v in promoted["variants"]}
+    metrics = httpx.get(http.base_url.join("/metrics")).text
+    assert 'variant="canary"' in metrics
+
+    http.post("/v1/deployments/shapes/rollout/abort").raise_for_status()
+    assert set(_variants(http, general_requests, users[:40]).values()) == {"stable"}
+
+
+def test_promote_full_then_undo_and_redo(shapes, general_requests):
+    http = shapes(validation=False)
+    _start(http, interval_s=3600)
+    promoted = http.post("/v1/deployments/shapes/rollout/promote", json={"full": True}).json()
+    assert promoted["phase"] == "Promoted" and promoted["decisions"][-1]["reason"] == "ManualPromote"
+    deployment = http.get("/v1/deployments").json()[0]
+    assert (deployment["adapter"]["version"], deployment["previous_adapter"]) == (2, "m@1")
+    assert _chat(http, general_requests[0]).headers["x-lorafleet-variant"] == "stable"
+
+    undone = http.post("/v1/deployments/shapes/undo").json()
+    assert (undone["adapter"]["version"], undone["previous_adapter"]) == (1, "m@2")
+    assert http.get("/v1/deployments/shapes/rollout").json()["decisions"][-1]["reason"] == "UndoToPreviousStable"
+    redone = http.post("/v1/deployments/shapes/undo").json()
+    assert redone["adapter"]["version"] == 2
+
+
+def test_pause_holds_and_resume_continues(shapes):
+    http = shapes(validation=False)
+    _start(http, interval_s=3600)
+    paused = http.post("/v1/deployments/shapes/rollout/pause").json()
+    assert paused["phase"] == "Paused"
+    assert_openai_error(http.post("/v1/deployments/shapes/rollout/pause"), 409, "Paused")
+    assert http.post("/v1/deployments/shapes/rollout/resume").json()["phase"] == "Progressing"
+    assert http.post("/v1/deployments/shapes/rollout/abort").json()["phase"] == "Aborted"
+    assert [d["action"] for d in http.get("/v1/deployments/shapes/rollout").json()["decisions"]] == [
+        "start", "gate", "pause", "resume", "abort"]
+
+
+def test_bad_rollout_commands_get_clear_errors(shapes):
+    http = shapes(validation=False)
+    assert_openai_error(http.post("/v1/deployments/shapes/rollout", json={"to": "m@99"}), 404, "no version 99")
+    assert_openai_error(http.post("/v1/deployments/shapes/rollout", json={"to": "m@2"}), 400, "no validation set")
+    assert_openai_error(http.post("/v1/deployments/shapes/rollout", json={"to": "m@1", "gate": False}), 400,
+                        "already the stable")
+    assert_openai_error(http.post("/v1/deployments/shapes/rollout", json={"to": "m@2", "steps": [50, 10]}), 400,
+                        "increasing")
+    assert_openai_error(http.post("/v1/deployments/shapes/rollout/pause"), 409, "no canary rollout")
+    assert_openai_error(http.post("/v1/deployments/shapes/undo"), 409, "no previous stable")
+    ab = {"variants": [{"adapter": "m@1", "weight": 50}, {"adapter": "m@2", "weight": 40}]}
+    assert_openai_error(http.post("/v1/deployments/shapes/ab", json=ab), 400, "sum to 100")
+    assert_openai_error(http.put("/v1/deployments/shapes/answer-format", json={"regex": "("}), 400, "invalid regex")
+    assert_openai_error(http.put("/v1/deployments/shapes/answer-format", json={"json_schema": {"type": 5}}), 400,
+                        "invalid JSON schema")
+
+    _start(http, interval_s=3600)
+    assert_openai_error(http.post("/v1/deployments/shapes/rollout", json={"to": "m@3", "gate": False}), 409,
+                        "already running")
+    assert_openai_error(http.post("/v1/deployments/shapes/ab", json={"variants": [
+        {"adapter": "m@1", "weight": 50}, {"adapter": "m@2", "weight": 50}]}), 409, "already running")
+    assert_openai_error(http.put("/v1/deployments/shapes", json={"adapter": "m@3"}), 409, "abort or stop it first")
+    assert_openai_error(http.delete("/v1/adapters/m/versions/2"), 409, "deployed by shapes")
+
+
+def test_bad_validation_file_is_refused_and_nothing_stored(shapes, server):
+    http = shapes(validation=False)
+    before = set((server.home / "validation").glob("*"))
+    bad = b'{"messages": [{"role": "user", "content": "hi"}]}\n'
+    error = assert_openai_error(http.put("/v1/deployments/shapes/validation", files={"file": ("v.jsonl", bad)}), 400,
+                                "v.jsonl:1: the last message must be the assistant's answer")
+    assert error["code"] == "invalid_data"
+    assert_openai_error(http.put("/v1/deployments/shapes/validation", files={"file": ("v.jsonl", b"{}")},
+                                 data={"metric": "bleu"}), 400, "unknown metric")
+    assert set((server.home / "validation").glob("*")) == before
+    assert_openai_error(http.get("/v1/deployments/shapes/validation"), 404)
+
+
+def test_every_rollout_operation_on_another_tenants_deployment_is_not_found(shapes, new_tenant):
+    shapes(validation=False)
+    with new_tenant().http() as other:
+        calls = [("POST", "/rollout", {"to": "m@2"}), ("GET", "/rollout", None), ("POST", "/rollout/pause", None),
+                 ("POST", "/rollout/resume", None), ("POST", "/rollout/abort", None),
+                 ("POST", "/rollout/promote", {}), ("POST", "/undo", None),
+                 ("POST", "/ab", {"variants": [{"adapter": "m@1", "weight": 100}]}), ("GET", "/ab", None),
+                 ("POST", "/ab/stop", {}), ("POST", "/ab/evaluate", None), ("GET", "/validation", None),
+                 ("PUT", "/answer-format", {})]
+        for method, path, body in calls:
+            response = other.request(method, f"/v1/deployments/shapes{path}", json=body)
+            assert_openai_error(response, 404)
+        assert other.get("/v1/rollouts").json() == []
+
+
+def test_ab_test_reports_differences_and_keeps_the_winner(shapes, general_requests):
+    http = shapes()
+    started = http.post("/v1/deployments/shapes/ab", json={"variants": [
+        {"adapter": "m@1", "weight": 50}, {"adapter": "m@2", "weight": 30}, {"adapter": "m@3", "weight": 20}]})
+    assert started.status_code == 201, started.text
+    served = _variants(http, general_requests, [f"ab-{i}" for i in range(150)], max_tokens=8)
+    assert set(served.values()) == {"m@1", "m@2", "m@3"}
+
+    time.sleep(1.5)  # the controller flushes request samples every tick
+    status = http.get("/v1/deployments/shapes/ab").json()
+    by_variant = {v["variant"]: v for v in status["variants"]}
+    assert sum(v["requests"] for v in by_variant.values()) == 150
+    assert by_variant["m@1"]["format_validity"] > 0.8 > by_variant["m@3"]["format_validity"]
+    worse = next(c for c in status["comparisons"] if c["variant"] == "m@3")
+    low, high = worse["format_validity"]["interval"]
+    assert high < 0 and worse["against"] == "m@1"  # clearly worse, with an interval that says so
+
+    scores = http.post("/v1/deployments/shapes/ab/evaluate").json()
+    assert scores["scores"]["m@1"] == scores["scores"]["m@2"] > scores["scores"]["m@3"]
+    assert {d["variant"]: d["status"] for d in scores["differences"]} == {"m@2": "successful", "m@3": "failed"}
+
+    stopped = http.post("/v1/deployments/shapes/ab/stop", json={"keep": "m@2"}).json()
+    assert stopped["phase"] == "Stopped"
+    assert http.get("/v1/deployments").json()[0]["adapter"]["version"] == 2
+    assert set(_variants(http, general_requests, [f"ab-{i}" for i in range(10)]).values()) == {"stable"}
+
+
+@pytest.mark.engine_restart
+def test_restarted_gateway_resumes_the_rollout_where_it_was(server, shapes, general_requests):
+    http = shapes(validation=False)
+    _start(http, steps=[20, 50], min_requests=10**6, interval_s=3600)
+    http.post("/v1/deployments/shapes/rollout/promote", json={}).raise_for_status()
+    users = [f"r{i}" for i in range(40)]
+    before = _variants(http, general_requests, users)
+    owner = _wait(http, lambda r: r["lease_owner"] is not None)["lease_owner"]
+
+    server.restart()
+    server.wait_ready()
+    after = http.get("/v1/deployments/shapes/rollout").json()
+    assert (after["phase"], after["step_index"]) == ("Progressing", 1)
+    assert _variants(http, general_requests, users) == before  # same salt, same buckets
+    resumed = _wait(http, lambda r: r["lease_owner"] not in (None, owner))
+    assert resumed["step_index"] == 1
+    assert http.post("/v1/deployments/shapes/rollout/promote", json={"full": True}).json()["phase"] == "Promoted"
