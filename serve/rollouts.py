@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from adapters.catalog import AdapterVersion, Decision, Deployment, Rollout, RolloutSample
 from adapters.errors import Conflict, InvalidRequest
 
-from .analysis import EMPTY, Limits, Measurement, VariantSamples, assess_step
+from .analysis import EMPTY, Limits, Measurement, Status, VariantSamples, assess_step
 from .routing import Variant, check_weights
 
 __all__ = ["Phase", "ACTIVE", "SERVING", "RolloutStart", "AbStart", "CanaryView", "Tick", "plan", "routing_table",
@@ -164,15 +164,18 @@ def _claim(session: Session, deployment: Deployment, rollout: Rollout) -> None:
                               .values(rollout_id=rollout.id).execution_options(synchronize_session=False))
     if claimed.rowcount != 1:
         session.rollback()
-        raise Conflict(f"a rollout or A/B test is already running on {deployment.name!r}; "
-                       "see `lorafleet rollout status`", code="rollout_running")
+        raise _running(deployment)
     session.refresh(deployment)
+
+
+def _running(deployment: Deployment) -> Conflict:
+    return Conflict(f"a rollout or A/B test is already running on {deployment.name!r}; "
+                    "see `lorafleet rollout status`", code="rollout_running")
 
 
 def _require_idle(deployment: Deployment) -> None:
     if deployment.rollout_id is not None:
-        raise Conflict(f"a rollout or A/B test is already running on {deployment.name!r}; "
-                       "see `lorafleet rollout status`", code="rollout_running")
+        raise _running(deployment)
 
 
 def start_canary(session: Session, deployment: Deployment, candidate: AdapterVersion, spec: RolloutStart,
@@ -328,14 +331,12 @@ def stop_ab(session: Session, deployment: Deployment, rollout: Rollout | None, k
 def apply_gate(session: Session, rollout: Rollout, measurement: Measurement, evidence: dict, actor: str,
                now: float) -> None:
     rollout.gate = {**evidence, "measurement": measurement.to_dict()}
-    if measurement.status.name == "SUCCESSFUL":
+    if measurement.status is Status.SUCCESSFUL:
         _set_step(rollout, 0, now)
-        record(session, rollout, rollout.deployment, "gate", measurement.reason, measurement.message, actor, now,
-               [measurement])
     else:
         _finish(session, rollout, Phase.GATE_REFUSED, now)
-        record(session, rollout, rollout.deployment, "gate", measurement.reason, measurement.message, actor, now,
-               [measurement])
+    record(session, rollout, rollout.deployment, "gate", measurement.reason, measurement.message, actor, now,
+           [measurement])
     session.commit()
 
 
