@@ -69,7 +69,18 @@ class Measurement:
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "status": self.status.name.lower()}
+        return _finite({**asdict(self), "status": self.status.name.lower()})
+
+
+def _finite(value):
+    """JSON has no NaN or infinity: such numbers (zero-variance tests, zero medians) become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -186,15 +197,14 @@ def assess_step(candidate: VariantSamples, stable: VariantSamples, weights: dict
     `weights` maps "canary"/"stable" to percents; `may_advance` is False until the step's dwell time passed."""
     tests = 3 if candidate.format_checked else 2
     alpha = look_alpha(limits.alpha, look) / tests
-    measurements = [
-        proportion_harm("error_rate", candidate.errors, candidate.requests, stable.errors, stable.requests,
-                        limits.error_margin, alpha, limits, ERROR_RATE_REGRESSED),
-        latency_harm(candidate.latencies_s, stable.latencies_s, alpha, limits),
-    ]
+    # in order of what a failure says about the candidate: the first failed test names the rollback
+    measurements = [proportion_harm("error_rate", candidate.errors, candidate.requests, stable.errors,
+                                    stable.requests, limits.error_margin, alpha, limits, ERROR_RATE_REGRESSED)]
     if candidate.format_checked:
         measurements.append(proportion_harm("format_validity", candidate.format_invalid, candidate.format_checked,
                                             stable.format_invalid, stable.format_checked, limits.format_margin,
                                             alpha, limits, FORMAT_REGRESSED))
+    measurements.append(latency_harm(candidate.latencies_s, stable.latencies_s, alpha, limits))
     measurements.append(sample_ratio({"canary": candidate.units, "stable": stable.units}, weights, limits))
     failed = [m for m in measurements if m.status is Status.FAILED]
     if failed:
@@ -237,7 +247,7 @@ def paired_gate(stable: Sequence[float], candidate: Sequence[float], margin: flo
         detail = f"bootstrap p={p:.2g}"
     numbers = (f"candidate {c.mean():.3f} vs stable {s.mean():.3f} (diff {effect:+.3f}, {1 - 2 * alpha:.0%} CI "
                f"[{low:+.3f}, {high:+.3f}], margin {margin}), {detail}, n={n}")
-    if low > -margin:
+    if low >= -margin:  # an identical candidate (interval [0, 0]) passes even a zero margin
         return Measurement("validation", name, Status.SUCCESSFUL, VALIDATION_NON_INFERIOR,
                            f"non-inferior: {numbers}", n, n, effect, (low, high), p, alpha, extra)
     return Measurement("validation", name, Status.FAILED, VALIDATION_REGRESSED,
@@ -257,12 +267,16 @@ def compare_variants(control: VariantSamples, other: VariantSamples, confidence:
         diff, se = difference_ci(valid_o, other.format_checked, valid_c, control.format_checked)
         out["format_validity"] = {"diff": diff, "interval": [diff - z * se, diff + z * se]}
     if len(control.output_tokens) > 1 and len(other.output_tokens) > 1:
-        test = stats.ttest_ind(other.output_tokens, control.output_tokens, equal_var=False)
-        ci = test.confidence_interval(confidence)
         diff = float(np.mean(other.output_tokens) - np.mean(control.output_tokens))
-        out["output_tokens"] = {"diff": diff, "interval": [float(ci.low), float(ci.high)], "p": float(test.pvalue)}
+        if np.ptp(other.output_tokens) == np.ptp(control.output_tokens) == 0:  # both constant: exact
+            out["output_tokens"] = {"diff": diff, "interval": [diff, diff], "p": float(diff == 0)}
+        else:
+            test = stats.ttest_ind(other.output_tokens, control.output_tokens, equal_var=False)
+            ci = test.confidence_interval(confidence)
+            out["output_tokens"] = {"diff": diff, "interval": [float(ci.low), float(ci.high)],
+                                    "p": float(test.pvalue)}
     if len(control.latencies_s) and len(other.latencies_s):
         p = float(stats.mannwhitneyu(other.latencies_s, control.latencies_s, alternative="two-sided").pvalue)
         ratio = float(np.median(other.latencies_s) / np.median(control.latencies_s))
         out["latency"] = {"median_ratio": ratio, "p": p}
-    return out
+    return _finite(out)

@@ -24,7 +24,7 @@ from adapters.registry import get_deployment, resolve_version
 from adapters.schemas import DecisionPublic, DeploymentPublic, RolloutPublic, ValidationSetPublic, VariantPublic
 
 from . import rollouts
-from .analysis import Limits, compare_variants, paired_gate, sample_ratio
+from .analysis import Limits, Measurement, compare_variants, paired_gate, sample_ratio
 from .answer_format import check_format_spec
 from .api_registry import deployment_public
 from .deps import CurrentTenant, Gateway, GatewayDep, SessionDep
@@ -232,6 +232,15 @@ def _ab_status(session: Session, rollout: Rollout) -> dict:
             "comparisons": comparisons, "sample_ratio": srm.to_dict()}
 
 
+def _difference(label: str, control: str, measurement: Measurement) -> dict:
+    """A paired difference with its two-sided 95% interval and what the interval says."""
+    low, high = measurement.interval
+    verdict = "worse" if high < 0 else "better" if low > 0 else "no difference shown"
+    numbers = measurement.to_dict()
+    return {"variant": label, "against": control, "verdict": verdict,
+            **{k: numbers[k] for k in ("test", "effect", "interval", "p", "n_candidate", "extra")}}
+
+
 @router.get("/deployments/{deployment}/ab")
 def get_ab(deployment: str, session: SessionDep, tenant: CurrentTenant) -> JSONResponse:
     """Per-variant live metrics, and each variant's differences from the first one with 95% intervals."""
@@ -267,8 +276,7 @@ async def evaluate_ab(deployment: str, gateway: GatewayDep, session: SessionDep,
         outputs = await replay(gateway.engine, variant["digest"], items, max_tokens)
         scores[variant["label"]] = score(outputs, items, validation.metric)
     labels = list(scores)
-    differences = [{"variant": label, "against": labels[0],
-                    **paired_gate(scores[labels[0]], scores[label], margin=0.0, alpha=0.025).to_dict()}
+    differences = [_difference(label, labels[0], paired_gate(scores[labels[0]], scores[label], 0.0, alpha=0.025))
                    for label in labels[1:]]
     return JSONResponse({"metric": validation.metric, "items": len(items),
                          "scores": {label: sum(s) / len(s) for label, s in scores.items()},

@@ -27,9 +27,10 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from train.tiny_model import build_tiny_model
+    """The tiny Qwen2.5-VL pre-trained on the shapes world: it answers the general task ("a red circle")."""
+    from train.tiny_model import PRETRAIN_STEPS, build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0, pretrain_steps=PRETRAIN_STEPS)
 
 
 @pytest.fixture(scope="session")

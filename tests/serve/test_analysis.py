@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 
-from serve.analysis import (Limits, Status, VariantSamples, assess_step, look_alpha, paired_gate, proportion_harm,
-                            sample_ratio, worst)
+from serve.analysis import (Limits, Status, VariantSamples, assess_step, compare_variants, look_alpha, paired_gate,
+                            proportion_harm, sample_ratio, worst)
 from serve.rollouts import CanaryView, RolloutStart, plan
 
 LIMITS = Limits(min_requests=50)
@@ -136,3 +137,20 @@ def test_rollout_steps_must_increase_and_end_at_100():
     assert RolloutStart(to="m", steps=[5, 20]).steps == [5, 20, 100]
     with pytest.raises(ValueError, match="increasing"):
         RolloutStart(to="m", steps=[50, 10])
+
+
+def test_ab_comparison_of_identical_constant_samples_is_valid_json():
+    a, b = _samples(40), _samples(40)
+    compared = compare_variants(a, b)
+    assert compared["output_tokens"] == {"diff": 0.0, "interval": [0.0, 0.0], "p": 1.0}
+    json.dumps(compared, allow_nan=False)
+    zero = VariantSamples(requests=20, errors=0, units=20, latencies_s=[0.0] * 20)
+    json.dumps(assess_step(_samples(20), zero, {"canary": 50, "stable": 50}, 1, LIMITS, True).measurements[2]
+               .to_dict(), allow_nan=False)  # an infinite median ratio is written as null
+
+
+def test_a_format_failure_names_the_rollback_even_when_the_candidate_is_also_slower():
+    slow_broken = _samples(60, invalid=60, latency=1.0)
+    assessment = assess_step(slow_broken, _samples(600, seed=1), {"canary": 10, "stable": 90}, 1, LIMITS, True)
+    assert (assessment.outcome, assessment.reason) == ("rollback", "FormatValidityRegressed")
+    assert [m.metric for m in assessment.measurements if m.status is Status.FAILED] == ["format_validity", "latency"]

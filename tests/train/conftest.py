@@ -18,14 +18,12 @@ class World:
 
 
 @pytest.fixture(scope="session")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+def world(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> World:
     from train.shapes import write_task
-    from train.tiny_model import PRETRAIN_STEPS, build_tiny_model
 
     root = tmp_path_factory.mktemp("world")
-    base = build_tiny_model(root / "base", seed=0, pretrain_steps=PRETRAIN_STEPS)
     for task, n_train in (("json", 400), ("general", 400)):
         if n_train:
             write_task(task, n_train, root / "data" / f"{task}-train.jsonl", seed=0)
         write_task(task, 40, root / "data" / f"{task}-val.jsonl", seed=1)
-    return World(base=base, data=root / "data")
+    return World(base=tiny_model, data=root / "data")
