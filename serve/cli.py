@@ -361,14 +361,14 @@ def ab_status(deployment: str,
     if validation_scores:
         with console.status("every variant answers the validation set"):
             result = client.ab_evaluate(deployment)
-        scores = Table("variant", f"{result['metric']} (n={result['items']})", "diff vs first [95% CI]", "test", "p",
-                       title="validation set")
+        scores = Table("variant", f"{result['metric']} (n={result['items']})", "diff vs first [95% CI]", "verdict",
+                       "test", "p", title="validation set")
         first = next(iter(result["scores"]))
-        scores.add_row(first, f"{result['scores'][first]:.3f}", "-", "-", "-")
+        scores.add_row(first, f"{result['scores'][first]:.3f}", "-", "-", "-", "-")
         for d in result["differences"]:
             low, high = d["interval"]
             scores.add_row(d["variant"], f"{result['scores'][d['variant']]:.3f}",
-                           f"{d['effect']:+.3f} [{low:+.3f}, {high:+.3f}]", d["test"], f"{d['p']:.2g}")
+                           f"{d['effect']:+.3f} [{low:+.3f}, {high:+.3f}]", d["verdict"], d["test"], f"{d['p']:.2g}")
         console.print(scores)
 
 

@@ -13,7 +13,7 @@ import httpx
 
 from adapters.errors import LorafleetError
 
-__all__ = ["ApiError", "ServerUnreachable", "LorafleetClient", "pack_adapter"]
+__all__ = ["ApiError", "ServerUnreachable", "LorafleetClient", "pack_adapter", "inline_images"]
 
 
 class ApiError(LorafleetError):
@@ -26,6 +26,17 @@ class ApiError(LorafleetError):
 
 class ServerUnreachable(LorafleetError):
     pass
+
+
+def inline_images(path: Path) -> bytes:
+    """A chat JSONL file (the training format) with its local image paths replaced by data URLs."""
+    import json
+
+    from train.data import answer_of, load_jsonl, request_messages
+
+    lines = [json.dumps({"messages": [*request_messages(e), {"role": "assistant", "content": answer_of(e)}]})
+             for e in load_jsonl(path)]
+    return ("\n".join(lines) + "\n").encode()
 
 
 def pack_adapter(folder: Path) -> Path:
@@ -119,13 +130,7 @@ class LorafleetClient:
 
     def push_validation(self, deployment: str, path: Path, metric: str) -> dict:
         """Upload a chat JSONL validation set; local image paths are inlined as data URLs first."""
-        import json
-
-        from train.data import answer_of, load_jsonl, request_messages
-
-        lines = [json.dumps({"messages": [*request_messages(e), {"role": "assistant", "content": answer_of(e)}]})
-                 for e in load_jsonl(path)]
-        files = {"file": (Path(path).name, ("\n".join(lines) + "\n").encode(), "application/jsonl")}
+        files = {"file": (Path(path).name, inline_images(path), "application/jsonl")}
         return self._call("PUT", f"/v1/deployments/{deployment}/validation", data={"metric": metric}, files=files)
 
     def get_validation(self, deployment: str) -> dict:

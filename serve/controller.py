@@ -18,12 +18,12 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 from starlette.concurrency import run_in_threadpool
 
-from adapters.catalog import Rollout, RolloutSample, Tenant
+from adapters.catalog import Decision, Deployment, Rollout, RolloutSample, Tenant
 from adapters.errors import ServiceUnavailable
 
 from .analysis import Measurement, Status, VariantSamples, paired_gate
@@ -79,6 +79,7 @@ class RolloutController:
     def __init__(self, gateway: Gateway, owner: str, tick_s: float, lease_s: float) -> None:
         self.gateway, self.owner, self.tick_s, self.lease_s = gateway, owner, tick_s, lease_s
         self.samples = SampleBuffer()
+        self._last_decision: int | None = None  # the last decision exported to the metrics
 
     @property
     def actor(self) -> str:
@@ -97,6 +98,7 @@ class RolloutController:
         for rollout_id in await run_in_threadpool(self._active_ids):
             if await run_in_threadpool(self._lease, rollout_id):
                 await self.reconcile(rollout_id)
+        await run_in_threadpool(self._export_decisions)
 
     async def reconcile(self, rollout_id: int) -> None:
         snap = await run_in_threadpool(self._snapshot, rollout_id)
@@ -119,14 +121,12 @@ class RolloutController:
                                           f"the gate could not run: {type(exc).__name__}: {exc}")
                 evidence = {}
             await self._write(snap, lambda s, r: apply_gate(s, r, measurement, evidence, self.actor, time.time()))
-            self._count(snap, "gate", measurement.reason)
         elif snap.phase == Phase.PROGRESSING:
             tick = plan(snap.view, snap.samples, time.time())
             if tick is None:
                 return
             canary_requests = snap.samples["canary"].requests if "canary" in snap.samples else 0
             if await self._write(snap, lambda s, r: apply_tick(s, r, tick, canary_requests, self.actor, time.time())):
-                self._count(snap, tick.action, tick.reason)
                 self._export_tick(snap, tick)
                 log.info("rollout %s (%s/%s): %s %s: %s", rollout_id, snap.tenant, snap.deployment, tick.action,
                          tick.reason, tick.message)
@@ -250,11 +250,23 @@ class RolloutController:
         for measurement in tick.measurements:
             if measurement.metric == "sample_ratio" and measurement.p is not None:
                 self.gateway.metrics.rollout_srm_p.labels(snap.tenant, snap.deployment).set(measurement.p)
-        if tick.action in ("promote", "rollback"):
-            final = Phase.PROMOTED if tick.action == "promote" else Phase.ROLLED_BACK
-            for phase in Phase:
-                self.gateway.metrics.rollout_phase.labels(snap.tenant, snap.deployment, phase.value).set(
-                    float(phase == final))
 
-    def _count(self, snap: _Snapshot, action: str, reason: str) -> None:
-        self.gateway.metrics.rollout_decisions.labels(snap.tenant, snap.deployment, action, reason).inc()
+    def _export_decisions(self) -> None:
+        """Count every decision recorded since the last tick (the controller's and users' commands alike) and
+        set the phase gauge of its rollout, so that aborts and rollbacks reach the alert rules."""
+        m = self.gateway.metrics
+        with self.gateway.sessions() as session:
+            if self._last_decision is None:  # at start: count from now on, not the catalog's history
+                self._last_decision = session.scalar(select(func.max(Decision.id))) or 0
+                return
+            query = (select(Decision, Deployment.name, Tenant.name).join(Deployment, Deployment.id ==
+                                                                         Decision.deployment_id)
+                     .join(Tenant, Tenant.id == Deployment.tenant_id).where(Decision.id > self._last_decision)
+                     .order_by(Decision.id))
+            for decision, deployment, tenant in session.execute(query):
+                m.rollout_decisions.labels(tenant, deployment, decision.action, decision.reason).inc()
+                if decision.rollout is not None:
+                    for phase in Phase:
+                        m.rollout_phase.labels(tenant, deployment, phase.value).set(
+                            float(phase == decision.rollout.phase))
+                self._last_decision = decision.id

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from serve.cli import app
+from serve.client import inline_images
 from tests.helpers import assert_openai_error, upload_folder
 
 FORMAT = {"regex": "a (red|green|blue|yellow) (circle|square|triangle)"}
@@ -26,21 +28,13 @@ def shapes(new_tenant, make_adapter, general_val) -> Callable[..., httpx.Client]
             upload_folder(http, "m", folder)
         http.put("/v1/deployments/shapes", json={"adapter": "m@1"}).raise_for_status()
         if validation:
-            pushed = http.put("/v1/deployments/shapes/validation", files={"file": ("v.jsonl", _inline(general_val))})
+            pushed = http.put("/v1/deployments/shapes/validation", files={"file": ("v.jsonl", inline_images(general_val))})
             assert pushed.status_code == 200, pushed.text
         if answer_format:
             http.put("/v1/deployments/shapes/answer-format", json=FORMAT).raise_for_status()
         return http
 
     return create
-
-
-def _inline(path: Path) -> bytes:
-    """The validation file with its images as data URLs, as `lorafleet validation push` sends it."""
-    from train.data import answer_of, load_jsonl, request_messages
-
-    return "\n".join(json.dumps({"messages": [*request_messages(e), {"role": "assistant", "content": answer_of(e)}]})
-                     for e in load_jsonl(path)).encode()
 
 
 def _chat(http: httpx.Client, messages: list[dict], user: str | None = None, max_tokens: int = 8) -> httpx.Response:
@@ -116,6 +110,11 @@ def test_bad_canary_is_rolled_back_automatically(shapes, general_requests):
     assert test["n_candidate"] <= 200
     # traffic is back on stable at once
     assert set(_variants(http, general_requests, [f"after{i}" for i in range(16)]).values()) == {"stable"}
+    time.sleep(1.5)  # the next controller tick exports the decision
+    metrics = httpx.get(http.base_url.join("/metrics")).text
+    assert re.search(r'lorafleet_rollout_phase\{deployment="shapes",phase="RolledBack",tenant="t-\w+"\} 1\.0', metrics)
+    assert re.search(r'lorafleet_rollout_decisions_total\{action="rollback",deployment="shapes",'
+                     r'reason="FormatValidityRegressed",tenant="t-\w+"\} 1\.0', metrics)
 
 
 def test_weights_are_sticky_monotone_and_observed(shapes, general_requests):
@@ -269,3 +268,27 @@ def test_restarted_gateway_resumes_the_rollout_where_it_was(server, shapes, gene
     resumed = _wait(http, lambda r: r["lease_owner"] not in (None, owner))
     assert resumed["step_index"] == 1
     assert http.post("/v1/deployments/shapes/rollout/promote", json={"full": True}).json()["phase"] == "Promoted"
+
+
+def test_cli_drives_a_rollout_and_reports_the_gate(shapes, server, general_val):
+    from typer.testing import CliRunner
+
+    http = shapes(validation=False)
+    runner = CliRunner()
+    env = {"LORAFLEET_URL": server.url, "LORAFLEET_API_KEY": http.headers["authorization"].removeprefix("Bearer ")}
+    pushed = runner.invoke(app, ["validation", "push", "shapes", str(general_val)], env=env)
+    assert pushed.exit_code == 0 and "40 items, metric exact_match" in pushed.output, pushed.output
+    refused = runner.invoke(app, ["rollout", "start", "shapes", "--to", "m@3"], env=env)
+    assert refused.exit_code == 1 and "GateRefused" in refused.output and "ValidationRegressed" in refused.output
+    bad = runner.invoke(app, ["rollout", "start", "shapes", "--to", "m@2", "--interval", "soon"], env=env)
+    assert bad.exit_code == 2 and "not a duration" in bad.output
+    started = runner.invoke(app, ["rollout", "start", "shapes", "--to", "m@2", "--no-gate", "--steps", "20,50",
+                                  "--interval", "1h"], env=env)
+    assert started.exit_code == 0 and "Progressing" in started.output and "GateSkipped" in started.output
+    listed = runner.invoke(app, ["rollout", "status"], env=env)
+    assert listed.exit_code == 0 and "shapes" in listed.output and "Progressing" in listed.output
+    again = runner.invoke(app, ["rollout", "start", "shapes", "--to", "m@3", "--no-gate"], env=env)
+    assert again.exit_code == 1 and "already running" in again.output
+    aborted = runner.invoke(app, ["rollout", "abort", "shapes"], env=env)
+    assert aborted.exit_code == 0 and "Aborted" in aborted.output
+    assert http.get("/v1/deployments").json()[0]["adapter"]["version"] == 1

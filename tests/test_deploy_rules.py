@@ -1,0 +1,44 @@
+"""The shipped alert rules only use metrics the gateway exports, with labels it sets."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+from prometheus_client import generate_latest
+
+from serve.metrics import Metrics
+
+RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "alerts.yml"
+
+
+def _exported() -> dict[str, set[str]]:
+    """Every sample name the gateway exports, with its label names (one series of each metric)."""
+    metrics = Metrics()
+    for metric in metrics.registry._names_to_collectors.values():
+        if metric._labelnames:
+            metric.labels(*["x"] * len(metric._labelnames))
+    samples: dict[str, set[str]] = {}
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            samples.setdefault(sample.name, set()).update(sample.labels)
+    assert generate_latest(metrics.registry)  # and the registry renders
+    return samples
+
+
+def test_alert_rules_reference_exported_metrics_and_labels():
+    exported = _exported()
+    rules = [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
+    assert {r["alert"] for r in rules} >= {"LorafleetRolloutRolledBack", "LorafleetRolloutAborted",
+                                           "LorafleetRolloutSampleRatioMismatch"}
+    for rule in rules:
+        used = re.findall(r"(lorafleet_[a-z_]+)(?:\{([^}]*)\})?", rule["expr"])
+        assert used, rule["alert"]
+        for name, selector in used:
+            assert name in exported, f"{rule['alert']}: {name} is not exported"
+            for label in re.findall(r"(\w+)\s*[=!]~?", selector):
+                assert label in exported[name], f"{rule['alert']}: {name} has no label {label}"
+        for label in re.findall(r"by \(([^)]*)\)", rule["expr"]):
+            for name in (n.strip() for n in label.split(",")):
+                assert any(name in labels for labels in exported.values()), f"{rule['alert']}: label {name}"
