@@ -9,7 +9,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 __all__ = ["Base", "Tenant", "Adapter", "AdapterVersion", "ValidationSet", "Deployment", "Rollout", "Decision",
-           "RolloutSample", "open_catalog"]
+           "RolloutSample", "ValidationRun", "InputSample", "DriftCheck", "open_catalog"]
 
 
 def _now() -> datetime:
@@ -25,6 +25,7 @@ class Tenant(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of a 256-bit random key
+    sample_inputs: Mapped[bool] = mapped_column(default=True)  # False: no live request features are kept
     created_at: Mapped[datetime] = mapped_column(default=_now)
 
 
@@ -80,6 +81,8 @@ class Deployment(Base):
     rollout_id: Mapped[int | None]  # the active rollout or A/B test; set and cleared by conditional updates
     answer_format: Mapped[dict | None] = mapped_column(JSON)  # {"json_schema": {...}} or {"regex": "..."}
     validation_set_id: Mapped[int | None] = mapped_column(ForeignKey("validation_sets.id"))
+    drift_replay_at: Mapped[float] = mapped_column(default=0.0)  # next scheduled replay (claimed by UPDATE)
+    drift_look_at: Mapped[float] = mapped_column(default=0.0)  # next input/output drift look (claimed alike)
     updated_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)
     stable: Mapped[AdapterVersion] = relationship(foreign_keys=[stable_id])
     previous_stable: Mapped[AdapterVersion | None] = relationship(foreign_keys=[previous_stable_id])
@@ -150,6 +153,65 @@ class RolloutSample(Base):
     output_tokens: Mapped[int]
     format_valid: Mapped[bool | None]
     at: Mapped[float]
+
+
+class ValidationRun(Base):
+    """One replay of a deployment's validation set by one adapter version, greedy, through the engine. The
+    first run of a (version, validation set) is its baseline; later runs are compared with it."""
+
+    __tablename__ = "validation_runs"
+    __table_args__ = (Index("ix_runs_deployment_version", "deployment_id", "version_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id"))
+    version_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id"))
+    validation_set_id: Mapped[int] = mapped_column(ForeignKey("validation_sets.id"))
+    variant: Mapped[str] = mapped_column(String(80))
+    kind: Mapped[str] = mapped_column(String(16))  # "baseline" | "check"
+    at: Mapped[float]
+    engine: Mapped[str] = mapped_column(Text)  # base, dtype, quantization, vLLM version: what served it
+    score: Mapped[float]
+    scores: Mapped[list[float]] = mapped_column(JSON)
+    outputs: Mapped[list[str]] = mapped_column(JSON)
+    output_tokens: Mapped[list[int]] = mapped_column(JSON)
+    exact_match_rate: Mapped[float]  # share of items answered exactly as in the baseline (1.0 for a baseline)
+    changed: Mapped[bool] = mapped_column(default=False)
+    numbers: Mapped[dict] = mapped_column(JSON, default=dict)  # the paired test against the baseline
+    message: Mapped[str] = mapped_column(Text, default="")
+
+
+class InputSample(Base):
+    """Features of one sampled live request and of its answer (never the request itself)."""
+
+    __tablename__ = "input_samples"
+    __table_args__ = (Index("ix_input_samples_deployment", "deployment_id", "id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id"))
+    variant: Mapped[str] = mapped_column(String(80))
+    at: Mapped[float]
+    features: Mapped[dict] = mapped_column(JSON)
+    ok: Mapped[bool]
+    output_tokens: Mapped[int] = mapped_column(default=0)
+    empty: Mapped[bool] = mapped_column(default=False)  # empty or a refusal
+    format_valid: Mapped[bool | None]
+
+
+class DriftCheck(Base):
+    """One input- or output-drift look of a deployment (or variant), with its numbers."""
+
+    __tablename__ = "drift_checks"
+    __table_args__ = (Index("ix_drift_checks_deployment", "deployment_id", "kind"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id"))
+    version_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id"))
+    variant: Mapped[str] = mapped_column(String(80))
+    kind: Mapped[str] = mapped_column(String(16))  # "input" | "output"
+    at: Mapped[float]
+    look: Mapped[int]
+    p: Mapped[float]
+    q: Mapped[float]  # after spending and Benjamini-Hochberg across deployments
+    drifted: Mapped[bool]
+    numbers: Mapped[dict] = mapped_column(JSON, default=dict)
+    message: Mapped[str] = mapped_column(Text, default="")
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

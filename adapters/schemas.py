@@ -10,7 +10,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict
 
 __all__ = ["NAME_PATTERN", "Name", "check_name", "TenantCreate", "TenantCreated", "AdapterVersionPublic",
            "AdapterPublic", "DeploymentPut", "DeploymentPublic", "ModelPublic", "ModelList", "ValidationSetPublic",
-           "VariantPublic", "DecisionPublic", "RolloutPublic"]
+           "VariantPublic", "DecisionPublic", "RolloutPublic", "ValidationRunPublic", "DriftCheckPublic", "DriftStatus",
+           "DriftHistory", "DriftSampling"]
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
@@ -123,3 +124,53 @@ class ModelPublic(BaseModel):
 class ModelList(BaseModel):
     object: str = "list"
     data: list[ModelPublic]
+
+
+class ValidationRunPublic(BaseModel):
+    """One validation replay of a live version (the outputs themselves stay in the catalog)."""
+
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    variant: str
+    version: str = ""  # NAME@N
+    kind: str
+    at: float
+    engine: str
+    score: float
+    exact_match_rate: float
+    changed: bool
+    numbers: dict[str, Any]
+    message: str
+
+
+class DriftCheckPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    variant: str
+    kind: str
+    at: float
+    look: int
+    p: float
+    q: float
+    drifted: bool
+    numbers: dict[str, Any]
+    message: str
+
+
+class DriftStatus(BaseModel):
+    deployment: str
+    sample_inputs: bool
+    samples: int
+    validation_set: str | None
+    runs: list[ValidationRunPublic]  # the latest per live variant
+    input: DriftCheckPublic | None
+    output: list[DriftCheckPublic]  # the latest per variant
+
+
+class DriftHistory(BaseModel):
+    deployment: str
+    runs: list[ValidationRunPublic]
+    checks: list[DriftCheckPublic]
+
+
+class DriftSampling(BaseModel):
+    sample_inputs: bool

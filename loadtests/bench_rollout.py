@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +46,7 @@ from serve.local_server import LocalServer  # noqa: E402
 from serve.routing import BUCKETS, bucket_of  # noqa: E402
 from serve.rollouts import CanaryView, RolloutStart, plan  # noqa: E402
 
-console = Console()
+console = Console(width=160)
 JSON_FORMAT = {"json_schema": {"type": "object", "required": ["shape", "color"], "additionalProperties": False,
                                "properties": {"shape": {"type": "string"}, "color": {"type": "string"}}}}
 STEPS = [10, 25, 50, 100]
@@ -130,6 +131,7 @@ class RealTrial:
     canary_requests: int  # canary requests in the step where the decision was taken
     total_requests: int
     seconds: float
+    step_index: int  # the step at which the decision was taken
 
 
 async def real_trial(server: LocalServer, key: str, versions: dict[str, str], candidate: str, prompts, seed: int,
@@ -153,7 +155,8 @@ async def real_trial(server: LocalServer, key: str, versions: dict[str, str], ca
     canary_n = max((n["n_candidate"] for n in decision["numbers"] if n["metric"] != "sample_ratio"), default=0)
     if rollout["phase"] not in ("Promoted", "RolledBack"):
         admin.rollout_action("answers", "abort")
-    return RealTrial(candidate, rollout["phase"], decision["reason"], canary_n, sent, time.monotonic() - t0)
+    return RealTrial(candidate, rollout["phase"], decision["reason"], canary_n, sent, time.monotonic() - t0,
+                     rollout["step_index"])
 
 
 async def record(server: LocalServer, key: str, prompts, per_version: int) -> dict[str, list[Outcome]]:
@@ -200,8 +203,8 @@ class _Step:
 
 
 def simulate(stable: list[Outcome], canary: list[Outcome], params: RolloutStart, rate: float, seed: int,
-             max_requests: int = 100_000) -> tuple[str, int, int]:
-    """One rollout on a simulated clock: (outcome, canary requests of the deciding step, step index)."""
+             max_requests: int = 100_000) -> tuple[str, str, int, int]:
+    """One rollout on a simulated clock: (outcome, reason, canary requests of the deciding step, step index)."""
     rng = random.Random(seed)
     salt = f"{seed:x}"
     step_index, looks, started, last_look, last_look_requests = 0, 0, 0.0, 0.0, 0
@@ -221,10 +224,10 @@ def simulate(stable: list[Outcome], canary: list[Outcome], params: RolloutStart,
             continue
         looks, last_look, last_look_requests = looks + 1, now, samples["canary"].requests
         if tick.action in ("rollback", "promote"):
-            return tick.action, samples["canary"].requests, step_index
+            return tick.action, tick.reason, samples["canary"].requests, step_index
         if tick.action == "advance":
             step_index, started, last_look, last_look_requests, step = step_index + 1, now, now, 0, _Step()
-    return "undecided", step.requests["canary"], step_index
+    return "undecided", "", step.requests["canary"], step_index
 
 
 def _subtle(good: list[Outcome], bad: list[Outcome], broken: float, seed: int) -> list[Outcome]:
@@ -235,8 +238,12 @@ def _subtle(good: list[Outcome], bad: list[Outcome], broken: float, seed: int) -
 def _summary(values: list[int]) -> str:
     if not values:
         return "-"
-    q = statistics.quantiles(values, n=20) if len(values) > 1 else [values[0]] * 19
-    return f"{statistics.median(values):.0f} (p95 {q[18]:.0f}, max {max(values)})"
+    q = statistics.quantiles(values, n=20, method="inclusive") if len(values) > 1 else [values[0]] * 19
+    return f"{statistics.median(values):.0f} / {q[18]:.0f} / {max(values)}"
+
+
+def _reasons(reasons: list[str]) -> str:
+    return ", ".join(f"{reason} x{n}" for reason, n in Counter(r for r in reasons if r).most_common())
 
 
 async def main() -> None:
@@ -251,6 +258,7 @@ async def main() -> None:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="lorafleet-bench-rollout-"))
     base, adapters = build_world(work)
+    shutil.rmtree(work / "home", ignore_errors=True)  # a fresh catalog each run
     server = LocalServer.start(base, work / "home", max_model_len="512", rollout_tick_s=str(TICK_S),
                                dtype="float32")
     try:
@@ -305,22 +313,24 @@ async def main() -> None:
     params = RolloutStart(to="x", steps=STEPS, min_requests=args.min_requests, interval_s=args.interval)
     canaries = {"bad": pools["bad"], "good": pools["good"], "subtle (20% broken)":
                 _subtle(pools["good"], pools["bad"], 0.2, seed=1)}
-    table = Table("canary", "trials", "rolled back", "promoted", "canary requests to rollback (median, p95, max)",
-                  "rolled back at the 10% step", title="decision quality (steps 10,25,50,100; "
+    table = Table("canary", "trials", "rolled back", "promoted", "canary requests at rollback (median / p95 / max)",
+                  "rolled back at the 10% step", "decisions", title="decision quality (steps 10,25,50,100; "
                   f"min-requests {args.min_requests}; interval {args.interval:g} s; tick {TICK_S:g} s)")
     for name, canary in canaries.items():
         with console.status(f"{args.trials} resampled trials of the {name} canary"):
             runs = [simulate(pools["stable"], canary, params, rate, seed) for seed in range(args.trials)]
-        back = [n for outcome, n, _ in runs if outcome == "rollback"]
+        back = [n for outcome, _, n, _ in runs if outcome == "rollback"]
         table.add_row(f"{name} (resampled)", str(len(runs)), f"{len(back)} ({len(back) / len(runs):.1%})",
-                      str(sum(outcome == "promote" for outcome, _, _ in runs)), _summary(back),
-                      str(sum(outcome == "rollback" and step == 0 for outcome, _, step in runs)))
+                      str(sum(outcome == "promote" for outcome, *_ in runs)), _summary(back),
+                      str(sum(outcome == "rollback" and step == 0 for outcome, _, _, step in runs)),
+                      _reasons([reason for outcome, reason, _, _ in runs if outcome == "rollback"]))
     for name in ("bad", "good"):
         runs = [t for t in real if t.candidate == name]
         back = [t.canary_requests for t in runs if t.outcome == "RolledBack"]
+        seconds = statistics.median(t.seconds for t in runs) if runs else 0
         table.add_row(f"{name} (end to end)", str(len(runs)), str(len(back)),
                       str(sum(t.outcome == "Promoted" for t in runs)), _summary(back),
-                      ", ".join(f"{t.reason} after {t.total_requests} requests, {t.seconds:.0f} s" for t in runs))
+                      str(sum(t.outcome == "RolledBack" and t.step_index == 0 for t in runs)), f"{_reasons([t.reason for t in runs])}; median {seconds:.0f} s per trial")
     console.print(table)
     console.print(json.dumps({"rate_rps": rate, "real": [t.__dict__ for t in real]}))
 

@@ -5,7 +5,8 @@
   (candidate - stable) is above -margin (non-inferiority).
 - Live analysis (candidate vs stable on concurrent traffic, one step): error rate and format-validity rate
   by a one-sided two-proportion test against a margin (Agresti-Caffo adjusted), latency by Mann-Whitney U
-  with a relative tolerance on the medians (Kayenta-style), and a sample-ratio-mismatch chi-square on units.
+  with a relative tolerance on the medians (Kayenta-style), and a sample-ratio-mismatch chi-square on units
+  (threshold 0.001, spent over looks like alpha).
 - Repeated looks: alpha spending. Look k of a rollout may spend alpha * 6 / (pi^2 k^2); the series sums to
   alpha, so however many looks a rollout takes, the chance of any false rollback stays below alpha. Alpha is
   split evenly over the harm tests of a look (Bonferroni).
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import IntEnum
 
 import numpy as np
@@ -205,7 +206,9 @@ def assess_step(candidate: VariantSamples, stable: VariantSamples, weights: dict
                                             stable.format_invalid, stable.format_checked, limits.format_margin,
                                             alpha, limits, FORMAT_REGRESSED))
     measurements.append(latency_harm(candidate.latencies_s, stable.latencies_s, alpha, limits))
-    measurements.append(sample_ratio({"canary": candidate.units, "stable": stable.units}, weights, limits))
+    # the SRM threshold is spent over looks too, so repeated looks keep its false alarms below srm_p
+    srm = replace(limits, srm_p=look_alpha(limits.srm_p, look))
+    measurements.append(sample_ratio({"canary": candidate.units, "stable": stable.units}, weights, srm))
     failed = [m for m in measurements if m.status is Status.FAILED]
     if failed:
         return Assessment("rollback", Status.FAILED, failed[0].reason, "; ".join(m.message for m in failed),

@@ -80,13 +80,15 @@ def _authorize_and_resolve(gateway: Gateway, key: str, body: dict, headers: dict
             digest, variant = chosen.digest, chosen.label
             sample = {"rollout_id": rollout.id, "step_index": rollout.step_index, "variant": chosen.label,
                       "unit": hashlib.sha256(unit.encode()).hexdigest()[:16]}
+        sample_inputs = tenant.sample_inputs and deployment.validation_set_id is not None
         return tenant.name, Route(deployment=deployment.name, digest=digest, variant=variant, sample=sample,
-                                  answer_format=deployment.answer_format if sample else None,
+                                  answer_format=deployment.answer_format, deployment_id=deployment.id,
+                                  sample_inputs=sample_inputs,
                                   headers={"x-lorafleet-deployment": deployment.name, "x-lorafleet-adapter": digest,
                                            "x-lorafleet-variant": variant})
 
 
-async def _record(gateway: Gateway, tenant: str, route: Route, usage: Usage, t0: float) -> None:
+async def _record(gateway: Gateway, tenant: str, route: Route, usage: Usage, t0: float, messages: list) -> None:
     m = gateway.metrics
     latency = time.perf_counter() - t0
     labels = m.labels(tenant, route.deployment, route.digest, route.variant)
@@ -100,9 +102,13 @@ async def _record(gateway: Gateway, tenant: str, route: Route, usage: Usage, t0:
     m.tokens.labels(*labels, "completion").inc(usage.completion_tokens)
     # The rollout's analysis compares these, variant against variant. An engine outage hits every variant
     # alike and says nothing about the adapter; a 4xx is the client's; a 5xx (e.g. a failed load) counts.
+    answered = usage.status == 200
+    text = "".join(usage.text) if usage.text is not None else None
+    if route.sample_inputs and usage.status < 500:
+        gateway.drift.offer(route.deployment_id, route.variant, messages, answered, text, usage.completion_tokens,
+                            route.answer_format)
     if route.sample is not None and usage.error_code != "engine_unavailable":
-        answered = usage.status == 200
-        valid = format_checker(route.answer_format)("".join(usage.text)) if answered and usage.text is not None else None
+        valid = format_checker(route.answer_format)(text) if answered and text is not None and route.answer_format else None
         gateway.controller.samples.add({**route.sample, "ok": usage.status < 500, "latency_s": latency,
                                         "output_tokens": usage.completion_tokens, "format_valid": valid,
                                         "at": time.time()})
@@ -117,16 +123,16 @@ async def chat_completions(request: Request, gateway: GatewayDep, key: BearerKey
     body = await read_chat_body(request)
     check_image_urls(body, gateway.settings.allow_remote_images)
     tenant, route = await run_in_threadpool(_authorize_and_resolve, gateway, key, body, request.headers)
-    usage = Usage(text=[] if route.answer_format is not None else None)
+    usage = Usage(text=[] if route.answer_format is not None or route.sample_inputs else None)
     try:
         gateway.engine.require_up()
         await gateway.engine.ensure_loaded(route.digest, gateway.store.local_path(route.digest))
         response = await forward_chat(gateway.engine, body, route, usage)
     except LorafleetError as exc:
         usage.status, usage.error_code = exc.status, str(exc.code)
-        await _record(gateway, tenant, route, usage, t0)
+        await _record(gateway, tenant, route, usage, t0, body.get("messages") or [])
         raise
-    response.background = BackgroundTask(_record, gateway, tenant, route, usage, t0)
+    response.background = BackgroundTask(_record, gateway, tenant, route, usage, t0, body.get("messages") or [])
     return response
 
 

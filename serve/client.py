@@ -167,3 +167,20 @@ class LorafleetClient:
 
     def stop_ab(self, deployment: str, keep: str | None) -> dict:
         return self._call("POST", f"/v1/deployments/{deployment}/ab/stop", json={"keep": keep})
+
+    def drift_check(self, deployment: str) -> list[dict]:
+        return self._call("POST", f"/v1/deployments/{deployment}/drift/check")
+
+    def drift_look(self, deployment: str) -> dict:
+        return self._call("POST", f"/v1/deployments/{deployment}/drift/look")
+
+    def drift_status(self, deployment: str | None = None) -> list[dict]:
+        if deployment:
+            return [self._call("GET", f"/v1/deployments/{deployment}/drift")]
+        return self._call("GET", "/v1/drift")
+
+    def drift_history(self, deployment: str) -> dict:
+        return self._call("GET", f"/v1/deployments/{deployment}/drift/history")
+
+    def drift_sampling(self, enabled: bool) -> dict:
+        return self._call("PUT", "/v1/drift/sampling", json={"sample_inputs": enabled})

@@ -23,6 +23,7 @@ from .settings import Settings
 
 if TYPE_CHECKING:
     from .controller import RolloutController
+    from .drift_monitor import DriftMonitor
 
 __all__ = ["Gateway", "GatewayDep", "SessionDep", "BearerKey", "CurrentTenant", "AdminKey"]
 
@@ -40,6 +41,7 @@ class Gateway:
     tmp_dir: Path
     validation_store: BlobStore
     controller: "RolloutController" = None  # type: ignore[assignment]  # set right after construction
+    drift: "DriftMonitor" = None  # type: ignore[assignment]  # likewise
 
 
 def _gateway(request: Request) -> Gateway:

@@ -42,6 +42,8 @@ class Route:
     variant: str = "stable"
     sample: dict | None = None  # rollout_id, step_index, variant, unit: set when a rollout measures this request
     answer_format: dict | None = None
+    deployment_id: int = 0
+    sample_inputs: bool = False  # the drift monitor may keep this request's features
 
 
 def _public(raw: bytes, route: Route) -> bytes:

@@ -18,9 +18,10 @@ from adapters.catalog import open_catalog
 from adapters.registry import deployed_digests
 from adapters.store import BlobStore, open_store
 
-from . import api_admin, api_openai, api_registry, api_rollouts
+from . import api_admin, api_drift, api_openai, api_registry, api_rollouts
 from .deps import Gateway
 from .controller import RolloutController, new_gateway_id
+from .drift_monitor import DriftMonitor
 from .engine import Engine
 from .errors import error_response, install_error_handlers
 from .metrics import Metrics
@@ -61,6 +62,7 @@ def _build_gateway(settings: Settings) -> Gateway:
                       validation_store=BlobStore(settings.home / "validation", ".jsonl"))
     gateway.controller = RolloutController(gateway, settings.gateway_id or new_gateway_id(), settings.rollout_tick_s,
                                            settings.rollout_lease_s)
+    gateway.drift = DriftMonitor(gateway)
     engine.on_ready = lambda: _register_deployed(gateway)
     return gateway
 
@@ -83,12 +85,14 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.gateway = gateway
         await gateway.engine.start()
-        controller = asyncio.create_task(gateway.controller.run())
+        tasks = [asyncio.create_task(gateway.controller.run()), asyncio.create_task(gateway.drift.run())]
         try:
             yield
         finally:
-            controller.cancel()
+            for task in tasks:
+                task.cancel()
             await run_in_threadpool(gateway.controller.release)
+            await run_in_threadpool(gateway.drift.save_samples)
             await gateway.engine.stop()
 
     app = FastAPI(title="lorafleet", lifespan=lifespan)
@@ -97,6 +101,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(api_openai.router)
     app.include_router(api_registry.router)
     app.include_router(api_rollouts.router)
+    app.include_router(api_drift.router)
     app.include_router(api_admin.router)
 
     @app.get("/healthz")

@@ -51,6 +51,28 @@ class Metrics:
         self.rollout_decisions = Counter("lorafleet_rollout_decisions", "Recorded rollout decisions",
                                          [*rollout, "action", "reason"], registry=self.registry)
 
+        drift, by_variant = ["tenant", "deployment"], ["tenant", "deployment", "variant"]
+        self.validation_score = Gauge("lorafleet_validation_score", "Mean task score of the last validation replay",
+                                      by_variant, registry=self.registry)
+        self.validation_exact_match = Gauge("lorafleet_validation_exact_match_rate",
+                                            "Share of validation answers equal to the version's baseline",
+                                            by_variant, registry=self.registry)
+        self.input_drift_p = Gauge("lorafleet_input_drift_pvalue", "p-value of the last input-drift look", drift,
+                                   registry=self.registry)
+        self.input_drift_alarm = Gauge("lorafleet_input_drift_alarm", "1 when the last input look is an alarm "
+                                       "(after alpha spending and Benjamini-Hochberg)", drift, registry=self.registry)
+        self.output_drift_p = Gauge("lorafleet_output_drift_pvalue", "p-value of the last output-drift look",
+                                    by_variant, registry=self.registry)
+        self.output_drift_alarm = Gauge("lorafleet_output_drift_alarm", "1 when the last output look is an alarm",
+                                        by_variant, registry=self.registry)
+        self.output_tokens_mean = Gauge("lorafleet_output_drift_tokens_mean", "Mean answer length in the last "
+                                        "drift window", by_variant, registry=self.registry)
+        self.output_empty_rate = Gauge("lorafleet_output_drift_empty_rate", "Empty or refusing answers in the last "
+                                       "drift window", by_variant, registry=self.registry)
+        self.output_format_validity = Gauge("lorafleet_output_drift_format_validity", "Answers valid against the "
+                                            "deployment's format in the last drift window", by_variant,
+                                            registry=self.registry)
+
     def labels(self, tenant: str, deployment: str, digest: str, variant: str) -> tuple[str, str, str, str]:
         """Label values for one request, or `_other` once the series budget is spent."""
         key = (tenant, deployment, digest[:12], variant)

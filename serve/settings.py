@@ -33,6 +33,15 @@ class Settings(BaseSettings):
     rollout_tick_s: float = 5.0  # how often the controller reconciles active rollouts
     rollout_lease_s: float = 30.0  # a gateway that stops renewing loses its rollouts to another after this
 
+    # drift monitoring
+    drift_look_s: float = 60.0  # how often sampled requests are saved and input/output drift is tested
+    drift_reservoir: int = 32  # live requests sampled per deployment per look period (a uniform reservoir)
+    drift_window: int = 100  # sampled requests per drift look (a tumbling window)
+    drift_max_samples: int = 1000  # sampled requests kept per deployment; the oldest are deleted
+    drift_replay_s: float = 86400.0  # scheduled validation replay of every live version; 0 turns it off
+    drift_alpha: float = 0.05  # false-alarm budget per monitored version over all its looks
+    drift_permutations: int = 200  # MMD permutation test
+
     # engine (vLLM OpenAI server on a private loopback port)
     base: str = ""  # hub id or local path of the base model
     engine_port: int = 0  # 0: pick a free port

@@ -23,7 +23,7 @@ from train.metrics import METRICS
 from .engine import Engine, map_engine_errors
 
 __all__ = ["MAX_ITEMS", "ValidationItem", "canonical_validation", "attach_validation", "read_items", "replay",
-           "score"]
+           "replay_with_tokens", "score"]
 
 MAX_ITEMS = 5000
 
@@ -73,20 +73,27 @@ def read_items(path: Path) -> list[ValidationItem]:
     return items
 
 
-async def replay(engine: Engine, digest: str, items: list[ValidationItem], max_tokens: int,
-                 concurrency: int = 8) -> list[str]:
+async def replay(engine: Engine, digest: str, items: list[ValidationItem], max_tokens: int) -> list[str]:
     """Greedy answers of adapter `digest` to every item, through the engine (the same path as live traffic)."""
+    return (await replay_with_tokens(engine, digest, items, max_tokens))[0]
+
+
+async def replay_with_tokens(engine: Engine, digest: str, items: list[ValidationItem], max_tokens: int,
+                             concurrency: int = 8) -> tuple[list[str], list[int]]:
+    """The greedy answers and their lengths in tokens."""
     limit = asyncio.Semaphore(concurrency)
 
-    async def one(item: ValidationItem) -> str:
+    async def one(item: ValidationItem) -> tuple[str, int]:
         body = {"model": digest, "messages": item.messages, "temperature": 0, "max_tokens": max_tokens}
         async with limit:
             with map_engine_errors():
                 response = await engine.client.post("/v1/chat/completions", json=body)
         response.raise_for_status()
-        return response.json()["choices"][0]["message"]["content"] or ""
+        payload = response.json()
+        return payload["choices"][0]["message"]["content"] or "", payload["usage"]["completion_tokens"]
 
-    return list(await asyncio.gather(*(one(item) for item in items)))
+    answers = await asyncio.gather(*(one(item) for item in items))
+    return [text for text, _ in answers], [tokens for _, tokens in answers]
 
 
 def score(outputs: list[str], items: list[ValidationItem], metric: str) -> list[float]:

@@ -93,7 +93,8 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """`lorafleet serve` as a real subprocess: gateway + supervised vLLM engine, SQLite, local store."""
     srv = Server.start(tiny_model, tmp_path_factory.mktemp("lorafleet-home"), max_model_len="512",
                        max_num_seqs="16", max_lora_rank=str(MAX_RANK), max_upload_bytes=str(MAX_UPLOAD),
-                       retry_after_s="3", rollout_tick_s="0.5",
+                       retry_after_s="3", rollout_tick_s="0.5", drift_look_s="1", drift_window="40",
+                       drift_max_samples="60", drift_reservoir="64", drift_replay_s="0",
                        dtype="float32")  # as the direct-vLLM reference: "auto" would downcast to bf16 on CPU
     try:
         srv.wait_ready()

@@ -1,0 +1,374 @@
+"""The drift monitor: validation replay against each version's baseline, and input/output drift of live traffic.
+
+- Replay: every live version of a deployment (stable, and canary or A/B variants) answers the deployment's
+  validation set through the engine, greedy. The first replay of a (version, validation set) is its baseline;
+  later ones are compared with it item by item: exact-output match rate, and the task score by the paired
+  test of the rollout gate. A frozen adapter on a frozen base must not move; when it does, the run says
+  whether the engine's identity (base files, dtype, engine arguments, vLLM version) changed too.
+- Sampling: after each answered request, a per-deployment reservoir may keep the features of the request
+  and of its answer (`serve.drift.request_features`), at most `drift_reservoir` per look period; the catalog
+  keeps at most `drift_max_samples` per deployment. Tenants can opt out; their samples are then deleted.
+- Looks: every `drift_look_s`, each deployment with a validation set and `drift_window` new samples gets an
+  input look (the window against the validation set's requests) and, per variant, an output look (length,
+  empty/refusal rate, format validity against the variant's baseline replay). p-values are spent per
+  (deployment, version) as in rollouts and adjusted across all deployments of the tick with Benjamini-Hochberg.
+
+Scheduled work is claimed with a conditional UPDATE of the deployment row, so gateways sharing a catalog
+do not both do it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from scipy import stats
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from adapters.catalog import AdapterVersion, Deployment, DriftCheck, InputSample, Rollout, Tenant, ValidationRun
+
+from .analysis import paired_gate
+from .answer_format import format_checker
+from .deps import Gateway
+from .drift import Reservoir, benjamini_hochberg, input_drift, proportion_p, request_features, spent_p
+from .rollouts import SERVING
+from .validation import ValidationItem, read_items, replay_with_tokens, score
+
+__all__ = ["DriftMonitor", "is_empty_or_refusal", "live_versions"]
+
+log = logging.getLogger("lorafleet.drift")
+
+_REFUSAL = re.compile(r"^\s*$|\b(I can(?:no|')t|I'm sorry|I am sorry|I'm unable|I am unable|as an AI)\b",
+                      re.IGNORECASE)
+MIN_OUTPUT_SAMPLES = 20  # a variant's output look needs this many answered samples in the window
+
+
+def is_empty_or_refusal(text: str) -> bool:
+    return bool(_REFUSAL.search(text[:200]))
+
+
+def live_versions(session: Session, deployment: Deployment) -> list[tuple[str, AdapterVersion]]:
+    """(variant, version) of everything the deployment serves right now."""
+    rollout = session.get(Rollout, deployment.rollout_id) if deployment.rollout_id is not None else None
+    if rollout is None or rollout.phase not in SERVING:
+        return [("stable", deployment.stable)]
+    return [(v["label"], session.get(AdapterVersion, v["version_id"])) for v in rollout.variants if v["weight"] > 0]
+
+
+def _base_fingerprint(base: str) -> str:
+    """Names, sizes and modification times of a local base's files (cheap; a replaced file changes it)."""
+    folder = Path(base)
+    if not folder.is_dir():
+        return base  # a hub id: the engine resolves it
+    listing = sorted(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in folder.iterdir() if p.is_file())
+    return f"{base}#{hashlib.sha256('|'.join(listing).encode()).hexdigest()[:12]}"
+
+
+@dataclass(frozen=True)
+class _Due:
+    deployment_id: int
+    tenant: str
+    deployment: str
+    answer_format: dict | None
+    validation_path: str
+    validation_digest: str
+
+
+class DriftMonitor:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.settings = gateway.settings
+        self._reservoirs: dict[int, Reservoir] = {}
+        self._references: dict[str, list[dict[str, float]]] = {}  # validation digest -> request features
+        self._identity: tuple[int, str] | None = None  # (engine starts, identity)
+
+    # --- the hot path: called after each answered request ---
+
+    def offer(self, deployment_id: int, variant: str, messages: list, ok: bool, text: str | None,
+              output_tokens: int, answer_format: dict | None) -> None:
+        reservoir = self._reservoirs.setdefault(deployment_id, Reservoir(self.settings.drift_reservoir))
+        slot = reservoir.wants()
+        if slot is None:
+            return
+        reservoir.put(slot, {
+            "deployment_id": deployment_id, "variant": variant, "at": time.time(),
+            "features": request_features(messages), "ok": ok, "output_tokens": output_tokens,
+            "empty": ok and text is not None and is_empty_or_refusal(text),
+            "format_valid": format_checker(answer_format)(text) if ok and answer_format and text is not None else None})
+
+    # --- the schedule ---
+
+    async def run(self) -> None:
+        import asyncio
+
+        while True:
+            await asyncio.sleep(self.settings.drift_look_s)
+            try:
+                await self.tick()
+            except Exception:  # noqa: BLE001 - one bad tick must not stop the monitor
+                log.exception("drift monitor tick failed")
+
+    async def tick(self) -> None:
+        await run_in_threadpool(self.save_samples)
+        if self.settings.drift_replay_s > 0 and self.gateway.engine.up:
+            for deployment_id in await run_in_threadpool(self._claim, "drift_replay_at", self.settings.drift_replay_s):
+                await self.replay_deployment(deployment_id)
+        await run_in_threadpool(self.look)
+
+    def save_samples(self) -> None:
+        rows = [row for reservoir in self._reservoirs.values() for row in reservoir.drain()]
+        if not rows:
+            return
+        with self.gateway.sessions() as session:
+            session.add_all(InputSample(**row) for row in rows)
+            session.flush()
+            for deployment_id in {row["deployment_id"] for row in rows}:
+                keep_from = session.scalar(select(InputSample.id).where(InputSample.deployment_id == deployment_id)
+                                           .order_by(InputSample.id.desc()).offset(self.settings.drift_max_samples)
+                                           .limit(1))
+                if keep_from is not None:
+                    session.execute(delete(InputSample).where(InputSample.deployment_id == deployment_id,
+                                                              InputSample.id <= keep_from))
+            session.commit()
+
+    def _claim(self, column: str, period: float) -> list[int]:
+        """Deployments with a validation set whose `column` time has come, claimed for this gateway."""
+        now = time.time()
+        claimed = []
+        with self.gateway.sessions() as session:
+            due = session.scalars(select(Deployment.id).where(Deployment.validation_set_id.is_not(None),
+                                                              getattr(Deployment, column) <= now)).all()
+            for deployment_id in due:
+                result = session.execute(update(Deployment).where(Deployment.id == deployment_id,
+                                                                  getattr(Deployment, column) <= now)
+                                         .values({column: now + period}).execution_options(synchronize_session=False))
+                if result.rowcount == 1:
+                    claimed.append(deployment_id)
+            session.commit()
+        return claimed
+
+    # --- validation replay ---
+
+    async def identity(self) -> str:
+        """What serves the replays: base files, dtype, engine arguments, vLLM version."""
+        engine = self.gateway.engine
+        if self._identity is None or self._identity[0] != engine.starts:
+            try:
+                version = (await engine.client.get("/version")).json().get("version", "?")
+            except Exception:  # noqa: BLE001 - an older engine without /version
+                version = "?"
+            s = self.settings
+            value = (f"base={_base_fingerprint(s.base)} dtype={s.dtype} vllm={version} "
+                     f"args={' '.join(s.engine_extra_args) or '-'}")
+            self._identity = (engine.starts, value)
+        return self._identity[1]
+
+    async def replay_deployment(self, deployment_id: int, max_tokens: int = 128) -> list[ValidationRun]:
+        """Replay every live version of the deployment; record baselines or compare with them."""
+        plan = await run_in_threadpool(self._replay_plan, deployment_id)
+        if plan is None:
+            return []
+        items, metric, answer_format, versions, tenant, name = plan
+        identity = await self.identity()
+        runs = []
+        for variant, version_id, digest in versions:
+            await self.gateway.engine.ensure_loaded(digest, self.gateway.store.local_path(digest))
+            outputs, tokens = await replay_with_tokens(self.gateway.engine, digest, items, max_tokens)
+            run = await run_in_threadpool(self._record_run, deployment_id, variant, version_id, items, metric,
+                                          outputs, tokens, identity)
+            self._export_run(tenant, name, run)
+            log.info("drift replay %s/%s %s: %s", tenant, name, variant, run.message)
+            runs.append(run)
+        return runs
+
+    def _replay_plan(self, deployment_id: int):
+        with self.gateway.sessions() as session:
+            deployment = session.get(Deployment, deployment_id)
+            if deployment is None or deployment.validation_set is None:
+                return None
+            validation = deployment.validation_set
+            items = read_items(self.gateway.validation_store.path(validation.digest))
+            versions = [(variant, v.id, v.digest) for variant, v in live_versions(session, deployment)]
+            tenant = session.get(Tenant, deployment.tenant_id).name
+            return items, validation.metric, deployment.answer_format, versions, tenant, deployment.name
+
+    def _record_run(self, deployment_id: int, variant: str, version_id: int, items: list[ValidationItem],
+                    metric: str, outputs: list[str], tokens: list[int], identity: str) -> ValidationRun:
+        scores = score(outputs, items, metric)
+        mean = sum(scores) / len(scores)
+        with self.gateway.sessions() as session:
+            deployment = session.get(Deployment, deployment_id)
+            baseline = session.scalar(select(ValidationRun).where(
+                ValidationRun.version_id == version_id, ValidationRun.validation_set_id == deployment.validation_set_id,
+                ValidationRun.kind == "baseline").order_by(ValidationRun.id).limit(1))
+            run = ValidationRun(deployment_id=deployment_id, version_id=version_id,
+                                validation_set_id=deployment.validation_set_id, variant=variant, at=time.time(),
+                                engine=identity, score=mean, scores=scores, outputs=outputs, output_tokens=tokens,
+                                exact_match_rate=1.0)
+            if baseline is None:
+                run.kind, run.message = "baseline", f"baseline recorded: score {mean:.3f} on {len(items)} items"
+            else:
+                run.kind = "check"
+                same = [a == b for a, b in zip(outputs, baseline.outputs)]
+                run.exact_match_rate = sum(same) / len(same)
+                run.changed = not all(same)
+                test = paired_gate(baseline.scores, scores, margin=0.0, alpha=0.025)
+                run.numbers = test.to_dict()
+                if run.changed:
+                    cause = (f"the engine changed: was {baseline.engine!r}, now {identity!r}" if baseline.engine != identity
+                             else "the engine looks the same, so the adapter or base weights changed on disk")
+                    run.message = (f"{len(same) - sum(same)}/{len(same)} answers differ from the baseline; score "
+                                   f"{mean:.3f} vs {baseline.score:.3f} ({test.test} p={test.p:.2g}); {cause}")
+                else:
+                    run.message = f"unchanged: every answer equals the baseline (score {mean:.3f})"
+            session.add(run)
+            session.commit()
+            return run
+
+    def _export_run(self, tenant: str, deployment: str, run: ValidationRun) -> None:
+        m = self.gateway.metrics
+        m.validation_score.labels(tenant, deployment, run.variant).set(run.score)
+        m.validation_exact_match.labels(tenant, deployment, run.variant).set(run.exact_match_rate)
+
+    # --- input and output drift looks ---
+
+    def _reference(self, digest: str) -> list[dict[str, float]]:
+        if digest not in self._references:
+            items = read_items(self.gateway.validation_store.path(digest))
+            self._references[digest] = [request_features(item.messages) for item in items]
+        return self._references[digest]
+
+    def look(self, only: int | None = None) -> list[DriftCheck]:
+        """One round of drift looks over every due deployment with a window of new samples; `only` looks at
+        that deployment now, over whatever it has sampled."""
+        pending: list[tuple[DriftCheck, str, str]] = []
+        with self.gateway.sessions() as session:
+            if only is None:
+                due = self._claim("drift_look_at", self.settings.drift_look_s / 2)
+            else:
+                due = [only]
+            for deployment in session.scalars(select(Deployment).where(Deployment.id.in_(due))):
+                if deployment.validation_set is not None:
+                    pending += self._looks_of(session, deployment, force=only is not None)
+            if not pending:
+                return []
+            q = benjamini_hochberg({i: spent_p(c.p, c.look, self.settings.drift_alpha)
+                                    for i, (c, _, _) in enumerate(pending)})
+            for i, (check, tenant, name) in enumerate(pending):
+                check.q, check.drifted = q[i], q[i] < self.settings.drift_alpha
+                check.message = ("DRIFT " if check.drifted else "no drift: ") + check.message
+                session.add(check)
+                self._export_check(tenant, name, check)
+            session.commit()
+            return [c for c, _, _ in pending]
+
+    def _looks_of(self, session: Session, deployment: Deployment, force: bool) -> list:
+        tenant = session.get(Tenant, deployment.tenant_id).name
+        last = session.scalar(select(DriftCheck).where(DriftCheck.deployment_id == deployment.id,
+                                                       DriftCheck.kind == "input").order_by(DriftCheck.id.desc())
+                              .limit(1))
+        since = last.numbers.get("last_sample_id", 0) if last else 0
+        window_n = self.settings.drift_window
+        new = session.scalar(select(func.count()).where(InputSample.deployment_id == deployment.id,
+                                                        InputSample.id > since))
+        if new < (2 if force else window_n):
+            return []
+        samples = list(session.scalars(select(InputSample).where(InputSample.deployment_id == deployment.id)
+                                       .order_by(InputSample.id.desc()).limit(window_n)))
+        stable = deployment.stable_id
+        looks = session.scalar(select(func.count()).where(DriftCheck.deployment_id == deployment.id,
+                                                          DriftCheck.kind == "input",
+                                                          DriftCheck.version_id == stable)) + 1
+        out = []
+        reference = self._reference(deployment.validation_set.digest)
+        window = [s.features for s in samples]
+        try:
+            result = input_drift(reference, window, looks, self.settings.drift_alpha,
+                                 self.settings.drift_permutations)
+        except ValueError as exc:
+            log.info("drift %s/%s: no input look: %s", tenant, deployment.name, exc)
+        else:
+            out.append((DriftCheck(deployment_id=deployment.id, version_id=stable, variant="all", kind="input",
+                                   at=time.time(), look=looks, p=result.p, q=1.0, drifted=False,
+                                   numbers={"p_values": result.p_values, "n_window": result.n_window,
+                                            "n_reference": result.n_reference, "top": result.top,
+                                            "last_sample_id": samples[0].id},
+                                   message=result.message()), tenant, deployment.name))
+        out += self._output_looks(session, deployment, samples, tenant)
+        return out
+
+    def _output_looks(self, session: Session, deployment: Deployment, samples: list[InputSample],
+                      tenant: str) -> list:
+        out = []
+        check = format_checker(deployment.answer_format) if deployment.answer_format else None
+        for variant, version in live_versions(session, deployment):
+            answered = [s for s in samples if s.variant == variant and s.ok]
+            baseline = session.scalar(select(ValidationRun).where(
+                ValidationRun.version_id == version.id, ValidationRun.validation_set_id == deployment.validation_set_id,
+                ValidationRun.kind == "baseline").order_by(ValidationRun.id).limit(1))
+            if baseline is None or len(answered) < MIN_OUTPUT_SAMPLES:
+                continue
+            p_values = {"ks:output_tokens": float(stats.ks_2samp([s.output_tokens for s in answered],
+                                                                 baseline.output_tokens).pvalue)}
+            empty = sum(s.empty for s in answered)
+            base_empty = sum(is_empty_or_refusal(o) for o in baseline.outputs)
+            p_values["empty_rate"] = proportion_p(empty, len(answered), base_empty, len(baseline.outputs))
+            numbers = {"output_tokens_mean": sum(s.output_tokens for s in answered) / len(answered),
+                       "baseline_output_tokens_mean": sum(baseline.output_tokens) / len(baseline.output_tokens),
+                       "empty_rate": empty / len(answered), "baseline_empty_rate": base_empty / len(baseline.outputs),
+                       "n": len(answered)}
+            checked = [s for s in answered if s.format_valid is not None]
+            if check is not None and checked:
+                invalid = sum(not s.format_valid for s in checked)
+                base_invalid = sum(not check(o) for o in baseline.outputs)
+                p_values["format_validity"] = proportion_p(invalid, len(checked), base_invalid, len(baseline.outputs))
+                numbers.update(format_validity=1 - invalid / len(checked),
+                               baseline_format_validity=1 - base_invalid / len(baseline.outputs))
+            p = min(1.0, min(p_values.values()) * len(p_values))
+            looks = session.scalar(select(func.count()).where(DriftCheck.deployment_id == deployment.id,
+                                                              DriftCheck.kind == "output",
+                                                              DriftCheck.version_id == version.id)) + 1
+            top = min(p_values, key=p_values.get)
+            message = (f"output of {variant}: p={p:.2g} (look {looks}); smallest {top} p={p_values[top]:.2g}; "
+                       f"mean tokens {numbers['output_tokens_mean']:.1f} vs {numbers['baseline_output_tokens_mean']:.1f}"
+                       f", empty/refusal {numbers['empty_rate']:.2f} vs {numbers['baseline_empty_rate']:.2f}")
+            if "format_validity" in numbers:
+                message += f", format valid {numbers['format_validity']:.2f} vs {numbers['baseline_format_validity']:.2f}"
+            out.append((DriftCheck(deployment_id=deployment.id, version_id=version.id, variant=variant, kind="output",
+                                   at=time.time(), look=looks, p=p, q=1.0, drifted=False,
+                                   numbers={**numbers, "p_values": p_values}, message=message),
+                        tenant, deployment.name))
+        return out
+
+    def _export_check(self, tenant: str, deployment: str, check: DriftCheck) -> None:
+        m = self.gateway.metrics
+        if check.kind == "input":
+            m.input_drift_p.labels(tenant, deployment).set(check.p)
+            m.input_drift_alarm.labels(tenant, deployment).set(float(check.drifted))
+            return
+        labels = (tenant, deployment, check.variant)
+        m.output_drift_p.labels(*labels).set(check.p)
+        m.output_drift_alarm.labels(*labels).set(float(check.drifted))
+        m.output_tokens_mean.labels(*labels).set(check.numbers["output_tokens_mean"])
+        m.output_empty_rate.labels(*labels).set(check.numbers["empty_rate"])
+        if "format_validity" in check.numbers:
+            m.output_format_validity.labels(*labels).set(check.numbers["format_validity"])
+
+    # --- opt-out ---
+
+    def forget(self, tenant_id: int) -> int:
+        """Delete every stored sample of the tenant's deployments and drop its pending ones."""
+        with self.gateway.sessions() as session:
+            ids = list(session.scalars(select(Deployment.id).where(Deployment.tenant_id == tenant_id)))
+            for deployment_id in ids:
+                self._reservoirs.pop(deployment_id, None)
+            deleted = session.execute(delete(InputSample).where(InputSample.deployment_id.in_(ids))).rowcount
+            session.commit()
+            return deleted
+

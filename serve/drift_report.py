@@ -1,0 +1,119 @@
+"""`lorafleet drift report`: one self-contained HTML file with plots of a deployment's drift history."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+from collections import defaultdict
+
+__all__ = ["render_report"]
+
+
+def _when(epoch: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(epoch)
+
+
+def _png(figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def _plots(history: dict) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = []
+    runs = history["runs"]
+    if runs:
+        figure, (score, exact) = plt.subplots(1, 2, figsize=(11, 3.2))
+        by_version = defaultdict(list)
+        for run in runs:
+            by_version[run["version"]].append(run)
+        for version, rs in by_version.items():
+            times = [_when(r["at"]) for r in rs]
+            score.plot(times, [r["score"] for r in rs], marker="o", label=version)
+            exact.plot(times, [r["exact_match_rate"] for r in rs], marker="o", label=version)
+            changed = [r for r in rs if r["changed"]]
+            exact.scatter([_when(r["at"]) for r in changed], [r["exact_match_rate"] for r in changed], color="red",
+                          zorder=3, s=60, label=f"{version}: changed")
+        score.set(title="validation score", ylim=(-0.02, 1.02))
+        exact.set(title="answers equal to the baseline", ylim=(-0.02, 1.02))
+        for axis in (score, exact):
+            axis.legend(fontsize=8)
+            axis.tick_params(axis="x", labelrotation=30, labelsize=8)
+        plots.append(("Validation replay", _png(figure)))
+        plt.close(figure)
+    checks = history["checks"]
+    for kind, title in (("input", "Input drift (live requests vs the validation set)"),
+                        ("output", "Output drift (live answers vs the baseline replay)")):
+        rows = [c for c in checks if c["kind"] == kind]
+        if not rows:
+            continue
+        figure, (pvalue, detail) = plt.subplots(1, 2, figsize=(11, 3.2))
+        by_variant = defaultdict(list)
+        for c in rows:
+            by_variant[c["variant"]].append(c)
+        for variant, cs in by_variant.items():
+            times = [_when(c["at"]) for c in cs]
+            pvalue.semilogy(times, [max(c["p"], 1e-300) for c in cs], marker="o", label=f"{variant} p")
+            alarms = [c for c in cs if c["drifted"]]
+            pvalue.scatter([_when(c["at"]) for c in alarms], [max(c["p"], 1e-300) for c in alarms], color="red",
+                           zorder=3, s=60, label=f"{variant} alarm")
+            if kind == "input":
+                names = sorted({k for c in cs for k in c["numbers"].get("p_values", {})})
+                for name in names:
+                    detail.semilogy(times, [max(c["numbers"]["p_values"].get(name, 1.0), 1e-300) for c in cs],
+                                    label=name, alpha=0.8)
+                detail.set(title="p-value per test")
+            else:
+                detail.plot(times, [c["numbers"]["output_tokens_mean"] for c in cs], marker="o",
+                            label=f"{variant} mean tokens")
+                detail.plot(times, [c["numbers"]["baseline_output_tokens_mean"] for c in cs], linestyle="--",
+                            label=f"{variant} baseline")
+                detail.set(title="answer length (tokens)")
+        pvalue.set(title="look p-value (red: alarm after spending and BH)")
+        for axis in (pvalue, detail):
+            axis.legend(fontsize=7)
+            axis.tick_params(axis="x", labelrotation=30, labelsize=8)
+        plots.append((title, _png(figure)))
+        plt.close(figure)
+    return plots
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render_report(history: dict, status: dict) -> str:
+    """The HTML page: current status, plots over time, and the latest events with their messages."""
+    now = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    sections = [f"<h1>Drift report: {html.escape(history['deployment'])}</h1>",
+                f"<p>Generated {now}. Live-request sampling: {'on' if status['sample_inputs'] else 'off (opted out)'};"
+                f" {status['samples']} sampled requests kept; validation set {status['validation_set'] or 'none'}.</p>"]
+    for title, image in _plots(history):
+        sections.append(f"<h2>{html.escape(title)}</h2>{image}")
+    if not history["runs"] and not history["checks"]:
+        sections.append("<p>Nothing measured yet: run <code>lorafleet drift check</code>, or wait for traffic.</p>")
+    runs = [[_when(r["at"]).strftime("%m-%d %H:%M"), r["variant"], r["version"], r["kind"], f"{r['score']:.3f}",
+             f"{r['exact_match_rate']:.3f}", r["message"]] for r in history["runs"][-20:]]
+    if runs:
+        sections.append("<h2>Validation replays</h2>" + _table(
+            runs, ["time", "variant", "version", "kind", "score", "equal to baseline", "message"]))
+    checks = [[_when(c["at"]).strftime("%m-%d %H:%M"), c["kind"], c["variant"], str(c["look"]), f"{c['p']:.2g}",
+               f"{c['q']:.2g}", "ALARM" if c["drifted"] else "", c["message"]] for c in history["checks"][-30:]]
+    if checks:
+        sections.append("<h2>Drift looks</h2>" + _table(
+            checks, ["time", "kind", "variant", "look", "p", "q (spent, BH)", "", "message"]))
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;"
+             "text-align:left;vertical-align:top}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>lorafleet drift: "
+            f"{html.escape(history['deployment'])}</title><style>{style}</style></head><body>"
+            + "".join(sections) + "</body></html>")

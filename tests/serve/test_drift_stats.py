@@ -1,0 +1,60 @@
+"""Drift statistics (pure): features, the bounded reservoir, the two-sample look, false-alarm control."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from PIL import Image
+
+from serve.drift import Reservoir, benjamini_hochberg, input_drift, request_features, spent_p
+from train.data import image_data_url
+
+
+def _request(brightness: int, size: int = 64, text: str = "What is in the image?") -> list[dict]:
+    image = Image.new("RGB", (size, size // 2), (brightness,) * 3)
+    return [{"role": "system", "content": "ignored"},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_data_url(image)}},
+                                         {"type": "text", "text": text}]}]
+
+
+def test_request_features_describe_the_image_and_the_prompt():
+    features = request_features(_request(255, text="Quelle est la couleur ? 1 mot"))
+    assert features["brightness"] == pytest.approx(1.0) and features["contrast"] == pytest.approx(0.0)
+    assert (features["width"], features["height"], features["aspect"]) == (64, 32, 2.0)
+    assert features["prompt_words"] == 7 and features["digits"] == pytest.approx(1 / 29)
+    text_only = request_features([{"role": "user", "content": "héllo"}])
+    assert "brightness" not in text_only and text_only["non_ascii"] == pytest.approx(0.2)
+
+
+def test_reservoir_holds_at_most_its_size_and_samples_uniformly():
+    reservoir, kept = Reservoir(50, random.Random(0)), []
+    for _ in range(20):
+        for i in range(2000):
+            if (slot := reservoir.wants()) is not None:
+                reservoir.put(slot, i)
+            assert len(reservoir.items) <= 50
+        kept += reservoir.drain()
+    assert len(kept) == 20 * 50
+    assert abs(sum(kept) / len(kept) - 1000) < 60  # uniform over 0..1999: mean 1000, se ~13
+
+
+def _features(rng: random.Random, n: int, darken: float = 1.0) -> list[dict[str, float]]:
+    return [request_features(_request(int(rng.randint(60, 200) * darken), size=rng.choice([48, 64, 80])))
+            for _ in range(n)]
+
+
+def test_same_distribution_rarely_alarms_and_a_darkened_stream_does():
+    rng = random.Random(1)
+    reference = _features(rng, 40)
+    alarms = [input_drift(reference, _features(rng, 60), look=1, permutations=100, seed=s).drifted for s in range(10)]
+    assert sum(alarms) <= 1
+    dark = input_drift(reference, _features(rng, 60, darken=0.5), look=3, permutations=100)
+    assert dark.drifted and dark.top in ("ks:brightness", "mmd") and dark.p < dark.alpha
+
+
+def test_alarm_control_over_looks_and_deployments():
+    assert spent_p(0.001, 1) == pytest.approx(0.001 * 3.14159 ** 2 / 6, rel=1e-4)
+    assert spent_p(0.001, 10) > spent_p(0.001, 2)  # a late look needs a smaller p for the same alarm
+    q = benjamini_hochberg({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.5})
+    assert q == pytest.approx({"a": 0.04, "b": 0.04 * 4 / 3, "c": 0.04 * 4 / 3, "d": 0.5})
