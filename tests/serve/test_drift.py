@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,11 +22,11 @@ from train.data import image_data_url, load_jsonl
 
 
 @pytest.fixture
-def watched(new_tenant, make_adapter, general_val) -> Callable[[], httpx.Client]:
+def watched(new_tenant, make_adapter, general_val) -> Callable[..., httpx.Client]:
     """A tenant whose deployment `watch` serves a no-op adapter (answers like the base), with a validation set."""
-    def create() -> httpx.Client:
+    def create(rank: int = 8) -> httpx.Client:
         http = new_tenant().http()
-        upload_folder(http, "m", make_adapter(0, 8, std=0.0))
+        upload_folder(http, "m", make_adapter(0, rank, std=0.0))
         http.put("/v1/deployments/watch", json={"adapter": "m@1"}).raise_for_status()
         pushed = http.put("/v1/deployments/watch/validation", files={"file": ("v.jsonl", inline_images(general_val))})
         assert pushed.status_code == 200, pushed.text
@@ -59,15 +60,19 @@ def _send(http: httpx.Client, requests: list[list[dict]]) -> None:
         list(pool.map(one, requests))
 
 
+def _check(http: httpx.Client) -> list[dict]:
+    response = http.post("/v1/deployments/watch/drift/check")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
 def test_replay_records_a_baseline_then_sees_no_change(watched, server):
     http = watched()
-    first = http.post("/v1/deployments/watch/drift/check")
-    assert first.status_code == 200, first.text
-    [baseline] = first.json()
+    [baseline] = _check(http)
     assert (baseline["kind"], baseline["variant"], baseline["version"]) == ("baseline", "stable", "m@1")
     assert baseline["score"] >= 0.9 and "base=" in baseline["engine"]
 
-    [check] = http.post("/v1/deployments/watch/drift/check").json()
+    [check] = _check(http)
     assert (check["kind"], check["exact_match_rate"], check["changed"]) == ("check", 1.0, False)
     assert check["numbers"]["test"] == "McNemar exact" and "unchanged" in check["message"]
     metrics = httpx.get(server.url + "/metrics").text
@@ -81,7 +86,7 @@ def test_replay_records_a_baseline_then_sees_no_change(watched, server):
 
 def test_shifted_inputs_trip_input_drift_and_unshifted_ones_do_not(watched, server, tmp_path):
     http = watched()
-    http.post("/v1/deployments/watch/drift/check").raise_for_status()  # the output baseline
+    _check(http)  # the output baseline
     _send(http, _traffic(tmp_path, 40, seed=11))
     calm = http.post("/v1/deployments/watch/drift/look").json()
     assert calm["input"]["numbers"]["n_window"] == 40 and not calm["input"]["drifted"], calm["input"]["message"]
@@ -131,22 +136,26 @@ def test_drift_commands_need_a_validation_set_and_are_scoped_to_the_tenant(watch
 def test_a_changed_adapter_and_a_replaced_base_trip_the_replay(server, watched, make_adapter, tmp_path):
     from train.tiny_model import build_tiny_model
 
-    tampered, steady = watched(), watched()
+    tampered, steady = watched(8), watched(2)  # two versions, two blobs in the content-addressed store
     for http in (tampered, steady):
-        [baseline] = http.post("/v1/deployments/watch/drift/check").json()
+        [baseline] = _check(http)
         assert baseline["kind"] == "baseline"
 
     # the stored weights of tampered's version are overwritten; the engine reloads them after a crash
     digest = tampered.get("/v1/deployments").json()[0]["adapter"]["digest"]
     weights = server.home / "adapters" / digest / "adapter_model.safetensors"
+    genuine = weights.read_bytes()
     weights.write_bytes((make_adapter(21) / "adapter_model.safetensors").read_bytes())
     with server.admin() as admin:
         os.kill(admin.get("/admin/engine").json()["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while httpx.get(server.url + "/readyz").status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.1)  # until the supervisor has seen the engine die
     server.wait_ready(timeout=600)
-    [changed] = tampered.post("/v1/deployments/watch/drift/check").json()
+    [changed] = _check(tampered)
     assert changed["changed"] and changed["exact_match_rate"] < 0.5
     assert "adapter or base weights changed on disk" in changed["message"]
-    [same] = steady.post("/v1/deployments/watch/drift/check").json()
+    [same] = _check(steady)
     assert not same["changed"]
 
     original = server.base
@@ -154,12 +163,13 @@ def test_a_changed_adapter_and_a_replaced_base_trip_the_replay(server, watched, 
     try:
         server.restart()
         server.wait_ready(timeout=600)
-        [moved] = steady.post("/v1/deployments/watch/drift/check").json()
+        [moved] = _check(steady)
         assert moved["changed"] and "the engine changed" in moved["message"] and "other-base" in moved["message"]
         metrics = httpx.get(server.url + "/metrics").text
         assert re.search(r'lorafleet_validation_exact_match_rate\{deployment="watch",tenant="t-\w+",'
                          r'variant="stable"\} 0\.\d+', metrics)
-    finally:
+    finally:  # the store is shared by the session's tests
+        weights.write_bytes(genuine)
         server.base = original
         server.restart()
         server.wait_ready(timeout=600)
