@@ -117,8 +117,12 @@ class DriftMonitor:
     async def tick(self) -> None:
         await run_in_threadpool(self.save_samples)
         if self.settings.drift_replay_s > 0 and self.gateway.engine.up:
-            for deployment_id in await run_in_threadpool(self._claim, "drift_replay_at", self.settings.drift_replay_s):
-                await self.replay_deployment(deployment_id)
+            due = await run_in_threadpool(self._claim, "drift_replay_at", self.settings.drift_replay_s)
+            for deployment_id in sorted(set(due) | set(await run_in_threadpool(self._without_baseline))):
+                try:
+                    await self.replay_deployment(deployment_id)
+                except Exception:  # noqa: BLE001 - the next deployment's replay still runs
+                    log.exception("drift replay of deployment %s failed", deployment_id)
         await run_in_threadpool(self.look)
 
     def save_samples(self) -> None:
@@ -136,6 +140,20 @@ class DriftMonitor:
                     session.execute(delete(InputSample).where(InputSample.deployment_id == deployment_id,
                                                               InputSample.id <= keep_from))
             session.commit()
+
+    def _without_baseline(self) -> list[int]:
+        """Deployments serving a version that has no baseline on the current validation set (just promoted,
+        deployed, or given a new validation set): their baseline is recorded at the next tick."""
+        with self.gateway.sessions() as session:
+            missing = []
+            for deployment in session.scalars(select(Deployment).where(Deployment.validation_set_id.is_not(None))):
+                for _, version in live_versions(session, deployment):
+                    if session.scalar(select(ValidationRun.id).where(
+                            ValidationRun.version_id == version.id, ValidationRun.kind == "baseline",
+                            ValidationRun.validation_set_id == deployment.validation_set_id).limit(1)) is None:
+                        missing.append(deployment.id)
+                        break
+            return missing
 
     def _claim(self, column: str, period: float) -> list[int]:
         """Deployments with a validation set whose `column` time has come, claimed for this gateway."""

@@ -71,6 +71,11 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
 @contextlib.contextmanager
 def map_engine_errors() -> Iterator[None]:
     """Turn transport failures talking to the engine into EngineUnavailable (503 + Retry-After)."""
@@ -145,9 +150,10 @@ class Engine:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         with open(self.log_path, "ab") as logfile:
+            # its own process group: vLLM's engine-core and worker processes go with it (see _terminate)
             self.process = await asyncio.create_subprocess_exec(*cmd, env=env, stdout=logfile, stderr=logfile,
                                                                 stdin=asyncio.subprocess.DEVNULL,
-                                                                preexec_fn=_die_with_parent)
+                                                                preexec_fn=_die_with_parent, start_new_session=True)
         self.starts += 1
         log.info("engine pid %d starting on 127.0.0.1:%d (log: %s)", self.process.pid, self.port, self.log_path)
         deadline = t0 + self.settings.engine_start_timeout_s
@@ -197,14 +203,19 @@ class Engine:
         self.metrics.engine_up.set(0)
 
     async def _terminate(self) -> None:
+        """Stop the engine and every process it started. A crashed API server leaves vLLM's engine-core and
+        worker processes running (holding the model's memory), so the whole group is always killed."""
         process, self.process = self.process, None
-        if process is None or process.returncode is not None:
+        if process is None:
             return
-        process.terminate()
-        try:
-            await asyncio.wait_for(process.wait(), 20)
-        except asyncio.TimeoutError:
-            process.kill()
+        if process.returncode is None:
+            _signal_group(process.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 20)
+            except asyncio.TimeoutError:
+                pass
+        _signal_group(process.pid, signal.SIGKILL)
+        if process.returncode is None:
             await process.wait()
 
     async def ensure_loaded(self, digest: str, path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The shipped alert rules only use metrics the gateway exports, with labels it sets."""
+"""The shipped alert rules and dashboard only use metrics the gateway exports, with labels it sets."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def test_alert_rules_reference_exported_metrics_and_labels():
     exported = _exported()
     rules = [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
     assert {r["alert"] for r in rules} >= {"LorafleetRolloutRolledBack", "LorafleetRolloutAborted",
-                                           "LorafleetRolloutSampleRatioMismatch"}
+                                           "LorafleetRolloutSampleRatioMismatch", "LorafleetValidationReplayChanged",
+                                           "LorafleetInputDrift", "LorafleetOutputDrift"}
     for rule in rules:
         used = re.findall(r"(lorafleet_[a-z_]+)(?:\{([^}]*)\})?", rule["expr"])
         assert used, rule["alert"]
@@ -42,3 +43,15 @@ def test_alert_rules_reference_exported_metrics_and_labels():
         for label in re.findall(r"by \(([^)]*)\)", rule["expr"]):
             for name in (n.strip() for n in label.split(",")):
                 assert any(name in labels for labels in exported.values()), f"{rule['alert']}: label {name}"
+
+
+def test_dashboard_panels_query_exported_metrics():
+    import json
+
+    exported = _exported()
+    dashboard = json.loads((RULES.parent.parent / "grafana" / "lorafleet.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert any("lorafleet_validation_exact_match_rate" in e for e in exprs)
+    for expr in exprs:
+        for name in re.findall(r"lorafleet_[a-z_]+", expr):
+            assert name in exported, f"{name} in {expr!r} is not exported"

@@ -7,6 +7,7 @@ import signal
 import time
 
 import httpx
+import psutil
 import pytest
 
 from tests.helpers import assert_openai_error, image_messages, upload_folder
@@ -23,6 +24,7 @@ def test_killed_engine_gives_503_then_recovers_with_adapters(server, new_tenant,
 
         with server.admin() as admin:
             engine = admin.get("/admin/engine").json()
+        children = psutil.Process(engine["pid"]).children(recursive=True)
         os.kill(engine["pid"], signal.SIGKILL)
         time.sleep(0.5)
         down = http.post("/v1/chat/completions", json=body)
@@ -36,3 +38,5 @@ def test_killed_engine_gives_503_then_recovers_with_adapters(server, new_tenant,
     assert after.json()["choices"][0]["message"]["content"] == before
     with server.admin() as admin:
         assert admin.get("/admin/engine").json()["starts"] == engine["starts"] + 1
+    # vLLM's engine-core and worker processes of the killed server went with it (their memory is freed)
+    assert children and not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
