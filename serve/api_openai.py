@@ -108,7 +108,8 @@ async def _record(gateway: Gateway, tenant: str, route: Route, usage: Usage, t0:
         gateway.drift.offer(route.deployment_id, route.variant, messages, answered, text, usage.completion_tokens,
                             route.answer_format)
     if route.sample is not None and usage.error_code != "engine_unavailable":
-        valid = format_checker(route.answer_format)(text) if answered and text is not None and route.answer_format else None
+        checkable = answered and text is not None and route.answer_format is not None
+        valid = format_checker(route.answer_format)(text) if checkable else None
         gateway.controller.samples.add({**route.sample, "ok": usage.status < 500, "latency_s": latency,
                                         "output_tokens": usage.completion_tokens, "format_valid": valid,
                                         "at": time.time()})

@@ -96,11 +96,12 @@ class DriftMonitor:
         slot = reservoir.wants()
         if slot is None:
             return
+        checkable = ok and answer_format is not None and text is not None
         reservoir.put(slot, {
             "deployment_id": deployment_id, "variant": variant, "at": time.time(),
             "features": request_features(messages), "ok": ok, "output_tokens": output_tokens,
             "empty": ok and text is not None and is_empty_or_refusal(text),
-            "format_valid": format_checker(answer_format)(text) if ok and answer_format and text is not None else None})
+            "format_valid": format_checker(answer_format)(text) if checkable else None})
 
     # --- the schedule ---
 
@@ -239,7 +240,8 @@ class DriftMonitor:
                 test = paired_gate(baseline.scores, scores, margin=0.0, alpha=0.025)
                 run.numbers = test.to_dict()
                 if run.changed:
-                    cause = (f"the engine changed: was {baseline.engine!r}, now {identity!r}" if baseline.engine != identity
+                    cause = (f"the engine changed: was {baseline.engine!r}, now {identity!r}"
+                             if baseline.engine != identity
                              else "the engine looks the same, so the adapter or base weights changed on disk")
                     run.message = (f"{len(same) - sum(same)}/{len(same)} answers differ from the baseline; score "
                                    f"{mean:.3f} vs {baseline.score:.3f} ({test.test} p={test.p:.2g}); {cause}")
@@ -353,11 +355,12 @@ class DriftMonitor:
                                                               DriftCheck.kind == "output",
                                                               DriftCheck.version_id == version.id)) + 1
             top = min(p_values, key=p_values.get)
+            n = numbers
             message = (f"output of {variant}: p={p:.2g} (look {looks}); smallest {top} p={p_values[top]:.2g}; "
-                       f"mean tokens {numbers['output_tokens_mean']:.1f} vs {numbers['baseline_output_tokens_mean']:.1f}"
-                       f", empty/refusal {numbers['empty_rate']:.2f} vs {numbers['baseline_empty_rate']:.2f}")
-            if "format_validity" in numbers:
-                message += f", format valid {numbers['format_validity']:.2f} vs {numbers['baseline_format_validity']:.2f}"
+                       f"mean tokens {n['output_tokens_mean']:.1f} vs {n['baseline_output_tokens_mean']:.1f}, "
+                       f"empty/refusal {n['empty_rate']:.2f} vs {n['baseline_empty_rate']:.2f}")
+            if "format_validity" in n:
+                message += f", format valid {n['format_validity']:.2f} vs {n['baseline_format_validity']:.2f}"
             out.append((DriftCheck(deployment_id=deployment.id, version_id=version.id, variant=variant, kind="output",
                                    at=time.time(), look=looks, p=p, q=1.0, drifted=False,
                                    numbers={**numbers, "p_values": p_values}, message=message),
