@@ -187,8 +187,10 @@ def main() -> None:
                 console.print(real)
             finally:
                 server.stop()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        console.print(f"[red]failed; the work folder (server logs) is kept: {work}[/red]")
+        raise
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
