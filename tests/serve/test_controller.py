@@ -71,3 +71,30 @@ def test_a_decision_made_on_a_stale_snapshot_is_not_written(tmp_path):
     assert asyncio.run(a._write(snapshot, advance)) is False
     with sessions() as session:
         assert session.get(Rollout, rollout_id).step_index == 0
+
+
+def test_drift_monitor_finds_versions_without_a_baseline_and_claims_replays_once(tmp_path):
+    from adapters.catalog import ValidationRun, ValidationSet
+    from serve.drift_monitor import DriftMonitor
+    from serve.settings import Settings
+
+    sessions, rollout_id = _catalog(tmp_path)
+    with sessions() as session:
+        session.get(Rollout, rollout_id).phase = Phase.PROMOTED  # nothing but the stable version is live
+        deployment = session.get(Deployment, 1)
+        deployment.validation_set = ValidationSet(tenant_id=deployment.tenant_id, digest="v" * 64,
+                                                  metric="exact_match", items=1, size_bytes=1)
+        session.commit()
+    settings = Settings(base="x", drift_replay_s=3600)
+    monitors = [DriftMonitor(SimpleNamespace(sessions=sessions, settings=settings)) for _ in range(2)]
+    assert monitors[0]._without_baseline() == [1]  # a new stable version: baseline at the next tick
+    assert monitors[0]._claim("drift_replay_at", 3600) == [1]
+    assert monitors[1]._claim("drift_replay_at", 3600) == []  # the other gateway does not replay it too
+    with sessions() as session:
+        deployment = session.get(Deployment, 1)
+        session.add(ValidationRun(deployment_id=1, version_id=deployment.stable_id,
+                                  validation_set_id=deployment.validation_set_id, variant="stable", kind="baseline",
+                                  at=time.time(), engine="e", score=1.0, scores=[1.0], outputs=["a"],
+                                  output_tokens=[1], exact_match_rate=1.0))
+        session.commit()
+    assert monitors[1]._without_baseline() == []
