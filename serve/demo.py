@@ -4,7 +4,8 @@
 2. trains two tenants' adapters on CPU: acme wants JSON, globex wants the colour as one French word;
    each is scored against the base in vLLM (task + forgetting probe) and proven servable;
 3. starts `lorafleet serve`, creates the tenants, uploads and deploys each adapter, and asks both tenants'
-   deployments about the same picture through the `openai` SDK.
+   deployments about the same picture through the `openai` SDK;
+4. acme starts a canary rollout of the wrong adapter, and the validation gate refuses it before any traffic.
 """
 
 from __future__ import annotations
@@ -102,9 +103,10 @@ def _serve(base: Path, work: Path, adapters: dict[str, Path]) -> None:
         admin = LorafleetClient(server.url, server.admin_key)
         table = Table("tenant", "asks (picture of a red circle)", "deployment 'assistant' answers", "adapter",
                       "latency", title="one base, hot-swapped per-tenant adapters, through the openai SDK")
+        clients = {}
         for tenant, task in TENANTS.items():
             key = admin.create_tenant(tenant)["api_key"]
-            client = LorafleetClient(server.url, key)
+            client = clients[tenant] = LorafleetClient(server.url, key)
             version = client.push_adapter(task, adapters[tenant])
             client.deploy("assistant", f"{task}@{version['version']}")
             question = TASKS[task]("circle", "red")[0]
@@ -112,8 +114,23 @@ def _serve(base: Path, work: Path, adapters: dict[str, Path]) -> None:
             table.add_row(tenant, question, answer, f"{task}@{version['version']} {digest[:12]}",
                           f"{seconds * 1000:.0f} ms")
         console.print(table)
+        _gate(clients["acme"], work, adapters["globex"])
     finally:
         server.stop()
+
+
+def _gate(client: LorafleetClient, work: Path, wrong: Path) -> None:
+    """acme starts a canary rollout of the wrong adapter: the validation gate refuses it before any traffic."""
+    client.push_validation("assistant", work / "data" / "json-val.jsonl", "exact_match")
+    version = client.push_adapter("json", wrong)["version"]  # globex's French adapter, uploaded by mistake
+    rollout = client.start_rollout("assistant", to=f"json@{version}")
+    with console.status("canary json@2: stable and candidate answer acme's 60-item validation set"):
+        while rollout["phase"] == "Gating":
+            time.sleep(0.5)
+            rollout = client.rollout("assistant")
+    table = Table("canary", "phase", "decided by", "evidence", title="a canary rollout meets the validation gate")
+    table.add_row(f"json@{version}", rollout["phase"], rollout["reason"], rollout["message"])
+    console.print(table)
 
 
 def main() -> None:
