@@ -61,6 +61,13 @@ def live_versions(session: Session, deployment: Deployment) -> list[tuple[str, A
     return [(v["label"], session.get(AdapterVersion, v["version_id"])) for v in rollout.variants if v["weight"] > 0]
 
 
+def _baseline(session: Session, version_id: int, validation_set_id: int) -> ValidationRun | None:
+    """The version's first replay on this validation set (two gateways may both record one: the first wins)."""
+    return session.scalar(select(ValidationRun).where(
+        ValidationRun.version_id == version_id, ValidationRun.validation_set_id == validation_set_id,
+        ValidationRun.kind == "baseline").order_by(ValidationRun.id).limit(1))
+
+
 def _base_fingerprint(base: str) -> str:
     """Names, sizes and modification times of a local base's files (cheap; a replaced file changes it)."""
     folder = Path(base)
@@ -149,9 +156,7 @@ class DriftMonitor:
             missing = []
             for deployment in session.scalars(select(Deployment).where(Deployment.validation_set_id.is_not(None))):
                 for _, version in live_versions(session, deployment):
-                    if session.scalar(select(ValidationRun.id).where(
-                            ValidationRun.version_id == version.id, ValidationRun.kind == "baseline",
-                            ValidationRun.validation_set_id == deployment.validation_set_id).limit(1)) is None:
+                    if _baseline(session, version.id, deployment.validation_set_id) is None:
                         missing.append(deployment.id)
                         break
             return missing
@@ -223,9 +228,7 @@ class DriftMonitor:
         mean = sum(scores) / len(scores)
         with self.gateway.sessions() as session:
             deployment = session.get(Deployment, deployment_id)
-            baseline = session.scalar(select(ValidationRun).where(
-                ValidationRun.version_id == version_id, ValidationRun.validation_set_id == deployment.validation_set_id,
-                ValidationRun.kind == "baseline").order_by(ValidationRun.id).limit(1))
+            baseline = _baseline(session, version_id, deployment.validation_set_id)
             run = ValidationRun(deployment_id=deployment_id, version_id=version_id,
                                 validation_set_id=deployment.validation_set_id, variant=variant, at=time.time(),
                                 engine=identity, score=mean, scores=scores, outputs=outputs, output_tokens=tokens,
@@ -329,9 +332,7 @@ class DriftMonitor:
         check = format_checker(deployment.answer_format) if deployment.answer_format else None
         for variant, version in live_versions(session, deployment):
             answered = [s for s in samples if s.variant == variant and s.ok]
-            baseline = session.scalar(select(ValidationRun).where(
-                ValidationRun.version_id == version.id, ValidationRun.validation_set_id == deployment.validation_set_id,
-                ValidationRun.kind == "baseline").order_by(ValidationRun.id).limit(1))
+            baseline = _baseline(session, version.id, deployment.validation_set_id)
             if baseline is None or len(answered) < MIN_OUTPUT_SAMPLES:
                 continue
             p_values = {"ks:output_tokens": float(stats.ks_2samp([s.output_tokens for s in answered],

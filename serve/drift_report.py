@@ -21,6 +21,22 @@ def _png(figure) -> str:
     return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
+def _grouped(rows: list[dict], key: str) -> dict[str, list[dict]]:
+    groups = defaultdict(list)
+    for row in rows:
+        groups[row[key]].append(row)
+    return groups
+
+
+def _finish(plt, figure, axes, legend_size: int) -> str:
+    for axis in axes:
+        axis.legend(fontsize=legend_size)
+        axis.tick_params(axis="x", labelrotation=30, labelsize=8)
+    image = _png(figure)
+    plt.close(figure)
+    return image
+
+
 def _plots(history: dict) -> list[tuple[str, str]]:
     import matplotlib
 
@@ -31,10 +47,7 @@ def _plots(history: dict) -> list[tuple[str, str]]:
     runs = history["runs"]
     if runs:
         figure, (score, exact) = plt.subplots(1, 2, figsize=(11, 3.2))
-        by_version = defaultdict(list)
-        for run in runs:
-            by_version[run["version"]].append(run)
-        for version, rs in by_version.items():
+        for version, rs in _grouped(runs, "version").items():
             times = [_when(r["at"]) for r in rs]
             score.plot(times, [r["score"] for r in rs], marker="o", label=version)
             exact.plot(times, [r["exact_match_rate"] for r in rs], marker="o", label=version)
@@ -43,11 +56,7 @@ def _plots(history: dict) -> list[tuple[str, str]]:
                           zorder=3, s=60, label=f"{version}: changed")
         score.set(title="validation score", ylim=(-0.02, 1.02))
         exact.set(title="answers equal to the baseline", ylim=(-0.02, 1.02))
-        for axis in (score, exact):
-            axis.legend(fontsize=8)
-            axis.tick_params(axis="x", labelrotation=30, labelsize=8)
-        plots.append(("Validation replay", _png(figure)))
-        plt.close(figure)
+        plots.append(("Validation replay", _finish(plt, figure, (score, exact), 8)))
     checks = history["checks"]
     for kind, title in (("input", "Input drift (live requests vs the validation set)"),
                         ("output", "Output drift (live answers vs the baseline replay)")):
@@ -55,10 +64,7 @@ def _plots(history: dict) -> list[tuple[str, str]]:
         if not rows:
             continue
         figure, (pvalue, detail) = plt.subplots(1, 2, figsize=(11, 3.2))
-        by_variant = defaultdict(list)
-        for c in rows:
-            by_variant[c["variant"]].append(c)
-        for variant, cs in by_variant.items():
+        for variant, cs in _grouped(rows, "variant").items():
             times = [_when(c["at"]) for c in cs]
             pvalue.semilogy(times, [max(c["p"], 1e-300) for c in cs], marker="o", label=f"{variant} p")
             alarms = [c for c in cs if c["drifted"]]
@@ -77,11 +83,7 @@ def _plots(history: dict) -> list[tuple[str, str]]:
                             label=f"{variant} baseline")
                 detail.set(title="answer length (tokens)")
         pvalue.set(title="look p-value (red: alarm after spending and BH)")
-        for axis in (pvalue, detail):
-            axis.legend(fontsize=7)
-            axis.tick_params(axis="x", labelrotation=30, labelsize=8)
-        plots.append((title, _png(figure)))
-        plt.close(figure)
+        plots.append((title, _finish(plt, figure, (pvalue, detail), 7)))
     return plots
 
 
