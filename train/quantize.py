@@ -1,0 +1,106 @@
+"""`lorafleet quantize`: write a torchao weight-only checkpoint of a base model that vLLM loads as it is.
+
+1. load the full-precision base (its own dtype), 2. quantize the language model's linear layers in place
+(vision tower and output head stay as they are), 3. write the weights as safetensors with torchao's metadata,
+4. config.json carries the `quantization_config` vLLM and transformers read, plus the processor files.
+
+The weights are written here rather than by `save_pretrained`, which renames Qwen2.5-VL's keys to the old layout
+on save but leaves torchao's metadata on the new names: vLLM then finds no quantized weights and answers "".
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from adapters.base_model import load_base_spec
+from adapters.errors import InvalidRequest
+from adapters.quantization import SCHEMES, checkpoint_quantization, describe_checkpoint, torchao_config, \
+    unquantized_modules
+
+__all__ = ["QuantizeReport", "quantize"]
+
+MANIFEST = "lorafleet-quantization.json"
+
+
+@dataclass(frozen=True)
+class QuantizeReport:
+    """What was written; also saved beside the weights as lorafleet-quantization.json."""
+
+    base: str
+    out: str
+    scheme: str
+    group_size: int | None  # int4 only; int8 has one scale per row
+    quantized_layers: int
+    kept_full_precision: list[str]
+    weights_bytes_before: int  # the quantized layers' weights, in the base's dtype
+    weights_bytes_after: int  # the same layers: integer values + scales + zero points
+    checkpoint_bytes: int
+    seconds: float
+
+
+def quantize(base: str, out: Path, scheme: str = "int4", group_size: int = 32) -> QuantizeReport:
+    """Quantize `base` (hub id or folder) into `out`, which must not exist yet; nothing is left on failure."""
+    import torch
+    from huggingface_hub import save_torch_state_dict
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+    from torchao.quantization import quantize_
+    from transformers import AutoModelForImageTextToText, AutoProcessor, TorchAoConfig
+
+    if scheme not in SCHEMES:
+        raise InvalidRequest(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    if out.exists():
+        raise InvalidRequest(f"{out} already exists; choose a new folder")
+    existing = checkpoint_quantization(base)
+    if existing is not None:
+        raise InvalidRequest(f"{base} is already quantized ({describe_checkpoint(existing)}); serve it as it is")
+    spec = load_base_spec(base)
+    config = torchao_config(scheme, group_size, spec)  # refuses shapes the scheme cannot take, before loading
+
+    t0 = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForImageTextToText.from_pretrained(base, dtype="auto", device_map=device)
+    decoder = model.get_decoder()  # the language model: the only part LoRA adapters touch
+    layers = [m for m in decoder.modules() if isinstance(m, torch.nn.Linear)]
+    before = sum(m.weight.numel() * m.weight.element_size() for m in layers)
+    quantize_(decoder, config)
+    after = sum(_stored_bytes(m.weight) for m in layers)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent if out.parent.exists() else None))
+    try:
+        state = {name: tensor.detach().to("cpu") for name, tensor in model.state_dict().items()}
+        tensors, metadata = flatten_tensor_state_dict(state)
+        save_torch_state_dict(tensors, tmp, metadata=metadata, max_shard_size="5GB")
+        model.config.quantization_config = TorchAoConfig(quant_type=config,
+                                                         modules_to_not_convert=unquantized_modules(spec))
+        model.config.save_pretrained(tmp)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        AutoProcessor.from_pretrained(base).save_pretrained(tmp)
+        report = QuantizeReport(base=str(base), out=str(out), scheme=scheme,
+                                group_size=group_size if scheme == "int4" else None, quantized_layers=len(layers),
+                                kept_full_precision=unquantized_modules(spec), weights_bytes_before=before,
+                                weights_bytes_after=after,
+                                checkpoint_bytes=sum(p.stat().st_size for p in tmp.iterdir() if p.is_file()),
+                                seconds=round(time.perf_counter() - t0, 2))
+        (tmp / MANIFEST).write_text(json.dumps(asdict(report), indent=2) + "\n")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out)  # one step: a failed run leaves no half-written checkpoint at `out`
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _stored_bytes(weight) -> int:
+    """Bytes a (possibly torchao) weight holds: the sum of the plain tensors it is made of. torchao's portable int4
+    layout keeps one value per byte, so on this path int4 saves memory like int8 (plus its finer scales)."""
+    names = list(getattr(weight, "tensor_data_names", None) or [])
+    if not names:
+        return weight.numel() * weight.element_size()
+    parts = [getattr(weight, n, None) for n in names + list(getattr(weight, "optional_tensor_data_names", []))]
+    return sum(p.numel() * p.element_size() for p in parts if p is not None)
