@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from .errors import InvalidRequest
+
 __all__ = ["BaseModelSpec", "load_base_spec"]
 
 
@@ -56,8 +58,13 @@ def load_base_spec(base: str) -> BaseModelSpec:
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(base)
-    with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(config)
+    except ValueError:  # transformers lists every VLM config class it knows; name what was given instead
+        architecture = ", ".join(getattr(config, "architectures", None) or [config.model_type])
+        raise InvalidRequest(f"{base} is a {architecture} model, not a vision-language model: lorafleet serves one "
+                             "image-text-to-text base (e.g. Qwen2.5-VL)") from None
     decoder = model.get_decoder()
     lm_prefix = next(name for name, module in model.named_modules() if module is decoder)
     lora: dict[str, tuple[int, int]] = {}

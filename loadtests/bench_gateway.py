@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from serve.client import LorafleetClient  # noqa: E402
 from serve.engine import engine_command, free_port  # noqa: E402
+from serve.hardware import quantization_for  # noqa: E402
 from serve.local_server import LocalServer  # noqa: E402
 from train.data import image_data_url  # noqa: E402
 from serve.settings import Settings  # noqa: E402
@@ -98,7 +99,7 @@ def main() -> None:
             gateway_ready_s = gateway.wait_ready()
             gw_url = gateway.url
         with console.status("starting vLLM alone"):
-            cmd, vllm_env = engine_command(settings, vllm_port, token, cuda=False)
+            cmd, vllm_env = engine_command(settings, vllm_port, token, False, quantization_for(settings)[1])
             direct = subprocess.Popen(cmd, env=vllm_env, stdout=open(work / "vllm.log", "wb"), stderr=subprocess.STDOUT)
             vllm_url = f"http://127.0.0.1:{vllm_port}"
             vllm_ready_s = _wait_healthy(vllm_url, direct)

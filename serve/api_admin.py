@@ -31,4 +31,5 @@ def get_tenants(session: SessionDep) -> list[str]:
 def get_engine(gateway: GatewayDep) -> dict:
     engine = gateway.engine
     return {"up": engine.up, "pid": engine.process.pid if engine.process else None, "starts": engine.starts,
-            "last_start_s": engine.last_start_s, "base": gateway.settings.base}
+            "last_start_s": engine.last_start_s, "base": gateway.settings.base,
+            "quantization": engine.quantization.label, "hardware": engine.hardware.describe()}

@@ -57,7 +57,10 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 
 @app.command()
 def serve(
-    base: Annotated[Optional[str], typer.Option(help="Base model: hub id or local path.")] = None,
+    base: Annotated[Optional[str], typer.Option(help="Base model: hub id or local path (quantized or not).")] = None,
+    quantize: Annotated[Optional[str], typer.Option(
+        help="auto (the checkpoint's own quantization, else int4) | none | int4 | int8 | fp8 (GPU).")] = None,
+    group_size: Annotated[Optional[int], typer.Option(help="int4: weights per scale.")] = None,
     host: Annotated[Optional[str], typer.Option()] = None,
     port: Annotated[Optional[int], typer.Option()] = None,
     home: Annotated[Optional[Path], typer.Option(help="State folder (catalog, adapters, logs).")] = None,
@@ -68,7 +71,8 @@ def serve(
     from .gateway import create_app
     from .settings import Settings
 
-    overrides = {k: v for k, v in dict(base=base, host=host, port=port, home=home).items() if v is not None}
+    overrides = {k: v for k, v in dict(base=base, quantize=quantize, quantize_group_size=group_size, host=host,
+                                       port=port, home=home).items() if v is not None}
     settings = Settings(**overrides)
     try:
         settings.require_admin_key()
@@ -77,8 +81,10 @@ def serve(
         raise LorafleetError(str(exc)) from exc
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the engine health checks every few seconds
+    engine = application.state.gateway.engine
     console.print(f"lorafleet gateway on http://{settings.host}:{settings.port}, base {settings.base}, "
-                  f"state in {settings.home}")
+                  f"state in {settings.home}\nhardware: {engine.hardware.describe()}; "
+                  f"quantization: {engine.quantization.label}", highlight=False)
     uvicorn.run(application, host=settings.host, port=settings.port, log_level="info")
 
 
@@ -555,6 +561,26 @@ def train_command(
         version = client.push_adapter(name or settings.out.name, settings.out)
         client.deploy(push, f"{version['name']}@{version['version']}")
         console.print(f"pushed {version['name']}@{version['version']} and deployed it as {push}")
+
+
+@app.command("quantize")
+def quantize_command(
+    base: Annotated[str, Opt(help="Full-precision base: hub id or local path.")],
+    out: Annotated[Path, Opt(help="New folder for the quantized checkpoint.")],
+    scheme: Annotated[str, Opt(help="int4 (per-group scales) | int8 (per-row scales); torchao weight-only.")] = "int4",
+    group_size: Annotated[int, Opt(help="int4: weights per scale.")] = 32,
+) -> None:
+    """Write a quantized checkpoint of BASE that `lorafleet serve --base OUT` serves as it is."""
+    from train.quantize import quantize
+
+    with console.status(f"quantizing {base} to {scheme}"):
+        report = quantize(base, out, scheme, group_size)
+    mib = 1024 * 1024
+    console.print(f"{report.quantized_layers} language-model layers quantized to {scheme} in {report.seconds:.1f} s: "
+                  f"their weights {report.weights_bytes_before / mib:.1f} MiB -> {report.weights_bytes_after / mib:.1f}"
+                  f" MiB; kept in full precision: {', '.join(report.kept_full_precision)}\n"
+                  f"checkpoint: {report.out} ({report.checkpoint_bytes / mib:.1f} MiB); serve it with "
+                  f"`lorafleet serve --base {report.out}`", highlight=False)
 
 
 @app.command("eval")

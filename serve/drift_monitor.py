@@ -180,7 +180,7 @@ class DriftMonitor:
     # --- validation replay ---
 
     async def identity(self) -> str:
-        """What serves the replays: base files, dtype, engine arguments, vLLM version."""
+        """What serves the replays: base files, quantization, dtype, engine arguments, vLLM version."""
         engine = self.gateway.engine
         if self._identity is None or self._identity[0] != engine.starts:
             try:
@@ -188,7 +188,8 @@ class DriftMonitor:
             except Exception:  # noqa: BLE001 - an older engine without /version
                 version = "?"
             s = self.settings
-            value = (f"base={_base_fingerprint(s.base)} dtype={s.dtype} vllm={version} "
+            value = (f"base={_base_fingerprint(s.base)} quantization={engine.quantization.label} "
+                     f"dtype={s.dtype} vllm={version} "
                      f"args={' '.join(s.engine_extra_args) or '-'}")
             self._identity = (engine.starts, value)
         return self._identity[1]

@@ -23,10 +23,11 @@ from pathlib import Path
 import httpx
 
 from .errors import AdapterLoadFailed, EngineUnavailable
+from .hardware import Hardware, Quantization
 from .metrics import Metrics
 from .settings import Settings
 
-__all__ = ["Engine", "engine_command", "free_port", "has_cuda", "map_engine_errors"]
+__all__ = ["Engine", "engine_command", "free_port", "map_engine_errors"]
 
 log = logging.getLogger("lorafleet.engine")
 _HEALTH_INTERVAL_S = 5.0
@@ -34,21 +35,17 @@ _HEALTH_FAILURES_BEFORE_RESTART = 3
 _RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 
-def has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def engine_command(settings: Settings, port: int, token: str, cuda: bool) -> tuple[list[str], dict[str, str]]:
-    """The vLLM server command line and environment for these settings and this hardware."""
+def engine_command(settings: Settings, port: int, token: str, cuda: bool,
+                   quantization: Quantization) -> tuple[list[str], dict[str, str]]:
+    """The vLLM server command line and environment for these settings, this hardware and quantization."""
     python = settings.engine_python or sys.executable
+    # "--api-key=…": a random token may start with "-", which argparse would read as an option
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", settings.base,
-           "--served-model-name", "lorafleet-base", "--host", "127.0.0.1", "--port", str(port), "--api-key", token,
+           "--served-model-name", "lorafleet-base", "--host", "127.0.0.1", "--port", str(port), f"--api-key={token}",
            "--enable-lora", "--max-lora-rank", str(settings.max_lora_rank), "--max-loras", str(settings.max_loras),
            "--max-cpu-loras", str(settings.max_cpu_loras), "--max-model-len", str(settings.max_model_len),
            "--max-num-seqs", str(settings.max_num_seqs), "--dtype", settings.dtype,
-           "--disable-uvicorn-access-log"]
+           "--disable-uvicorn-access-log", *quantization.engine_args]
     env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
     if not cuda:  # CPU settings measured in shared/env-notes.md
         cmd += ["--enforce-eager", "--gpu-memory-utilization", str(settings.cpu_memory_fraction)]
@@ -88,9 +85,11 @@ def map_engine_errors() -> Iterator[None]:
 class Engine:
     """A supervised vLLM server plus the set of adapter digests registered on it."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, log_path: Path,
-                 on_ready: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, log_path: Path, hardware: Hardware,
+                 quantization: Quantization, on_ready: Callable[[], Awaitable[None]] | None = None) -> None:
         self.settings = settings
+        self.hardware = hardware
+        self.quantization = quantization
         self.metrics = metrics
         self.log_path = log_path
         self.on_ready = on_ready
@@ -146,7 +145,8 @@ class Engine:
             await asyncio.sleep(delay)
 
     async def _launch(self) -> bool:
-        cmd, env = engine_command(self.settings, self.port, self._token, has_cuda())
+        cmd, env = engine_command(self.settings, self.port, self._token, self.hardware.gpu is not None,
+                                  self.quantization)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         with open(self.log_path, "ab") as logfile:

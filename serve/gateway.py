@@ -24,6 +24,7 @@ from .controller import RolloutController, new_gateway_id
 from .drift_monitor import DriftMonitor
 from .engine import Engine
 from .errors import error_response, install_error_handlers
+from .hardware import quantization_for
 from .metrics import Metrics
 from .settings import Settings
 
@@ -56,7 +57,8 @@ def _build_gateway(settings: Settings) -> Gateway:
     tmp_dir = settings.home / "tmp"
     tmp_dir.mkdir(parents=True, exist_ok=True)
     metrics = Metrics()
-    engine = Engine(settings, metrics, settings.home / "logs" / "engine.log")
+    hardware, quantization = quantization_for(settings)
+    engine = Engine(settings, metrics, settings.home / "logs" / "engine.log", hardware, quantization)
     gateway = Gateway(settings=settings, sessions=sessions, store=open_store(settings.store_url),
                       spec=load_base_spec(settings.base), engine=engine, metrics=metrics, tmp_dir=tmp_dir,
                       validation_store=BlobStore(settings.home / "validation", ".jsonl"))
@@ -83,7 +85,6 @@ def create_app(settings: Settings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.gateway = gateway
         await gateway.engine.start()
         tasks = [asyncio.create_task(gateway.controller.run()), asyncio.create_task(gateway.drift.run())]
         try:
@@ -96,6 +97,7 @@ def create_app(settings: Settings) -> FastAPI:
             await gateway.engine.stop()
 
     app = FastAPI(title="lorafleet", lifespan=lifespan)
+    app.state.gateway = gateway
     app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes + 1024 * 1024)  # + multipart framing
     install_error_handlers(app)
     app.include_router(api_openai.router)

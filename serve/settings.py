@@ -44,6 +44,8 @@ class Settings(BaseSettings):
 
     # engine (vLLM OpenAI server on a private loopback port)
     base: str = ""  # hub id or local path of the base model
+    quantize: str = "auto"  # auto (the checkpoint's own, else int4) | none | int4 | int8 (torchao, at load) | fp8 (GPU)
+    quantize_group_size: int = 32  # int4: one scale per this many input weights
     engine_port: int = 0  # 0: pick a free port
     engine_python: str = ""  # default: the gateway's own interpreter
     max_lora_rank: int = 64

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from adapters.base_model import load_base_spec
 from adapters.errors import InvalidRequest
-from adapters.quantization import SCHEMES, checkpoint_quantization, describe_checkpoint, torchao_config, \
-    unquantized_modules
+from adapters.quantization import SCHEMES, checkpoint_quantization, describe_checkpoint, full_precision_parts, \
+    torchao_config, unquantized_modules
 
 __all__ = ["QuantizeReport", "quantize"]
 
@@ -83,7 +83,7 @@ def quantize(base: str, out: Path, scheme: str = "int4", group_size: int = 32) -
         AutoProcessor.from_pretrained(base).save_pretrained(tmp)
         report = QuantizeReport(base=str(base), out=str(out), scheme=scheme,
                                 group_size=group_size if scheme == "int4" else None, quantized_layers=len(layers),
-                                kept_full_precision=unquantized_modules(spec), weights_bytes_before=before,
+                                kept_full_precision=[*full_precision_parts(spec), "lm_head"], weights_bytes_before=before,
                                 weights_bytes_after=after,
                                 checkpoint_bytes=sum(p.stat().st_size for p in tmp.iterdir() if p.is_file()),
                                 seconds=round(time.perf_counter() - t0, 2))

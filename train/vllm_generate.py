@@ -24,8 +24,11 @@ class VLLMFailed(LorafleetError):
 
 
 def generate(base: str, adapters: dict[str, str | None], prompts: list[list[dict]], max_tokens: int,
-             max_rank: int = 16, dtype: str | None = None) -> dict[str, list[dict]]:
-    """{name: [{"text", "token_ids"} per prompt]}; `adapters` maps names to folders (None = the base)."""
+             max_rank: int = 16, dtype: str | None = None,
+             llm_kwargs: dict | None = None) -> dict[str, list[dict]]:
+    """{name: [{"text", "token_ids"} per prompt]}; `adapters` maps names to folders (None = the base).
+
+    `llm_kwargs` go to vLLM's `LLM(...)` as they are, e.g. a quantization planned by `serve.hardware`."""
     import torch
 
     dtype = dtype or ("bfloat16" if torch.cuda.is_available() else "float32")  # the trainer's dtype
@@ -33,7 +36,8 @@ def generate(base: str, adapters: dict[str, str | None], prompts: list[list[dict
     with tempfile.TemporaryDirectory() as tmp:
         request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
         request.write_text(json.dumps({"base": base, "adapters": adapters, "prompts": prompts,
-                                       "max_tokens": max_tokens, "max_rank": rank, "dtype": dtype}))
+                                       "max_tokens": max_tokens, "max_rank": rank, "dtype": dtype,
+                                       "llm_kwargs": llm_kwargs or {}}))
         run = subprocess.run([sys.executable, "-m", "train.vllm_generate", str(request), str(result)],
                              capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
         if run.returncode != 0 or not result.is_file():
@@ -48,7 +52,7 @@ def _main(request_file: str, result_file: str) -> None:
     request = json.loads(Path(request_file).read_text())
     llm = LLM(model=request["base"], enable_lora=True, max_lora_rank=request["max_rank"], max_loras=1,
               max_model_len=2048, max_num_seqs=16, dtype=request["dtype"], enforce_eager=True,
-              gpu_memory_utilization=0.2 if not _cuda() else 0.8)
+              gpu_memory_utilization=0.2 if not _cuda() else 0.8, **request["llm_kwargs"])
     params = SamplingParams(temperature=0, max_tokens=request["max_tokens"])
     results = {}
     for i, (name, path) in enumerate(request["adapters"].items(), start=1):

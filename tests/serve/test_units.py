@@ -7,6 +7,7 @@ import pytest
 from adapters.errors import InvalidRequest
 from serve.api_openai import check_image_urls
 from serve.engine import engine_command
+from serve.hardware import Quantization
 from serve.metrics import OTHER, Metrics
 from serve.settings import Settings
 
@@ -41,17 +42,19 @@ def test_metric_labels_fold_into_other_past_the_budget():
 
 def test_engine_command_uses_cpu_settings_without_cuda():
     settings = Settings(base="/m", max_lora_rank=16, cpu_kvcache_gib=2)
-    cmd, env = engine_command(settings, 9000, "tok", cuda=False)
+    cmd, env = engine_command(settings, 9000, "tok", False, Quantization("none"))
     assert cmd[cmd.index("--max-lora-rank") + 1] == "16" and "--enable-lora" in cmd
     assert "--enforce-eager" in cmd and env["VLLM_CPU_KVCACHE_SPACE"] == "2"
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"  # the engine is never reachable from outside
+    assert "--api-key=tok" in cmd  # one argument: a token starting with "-" is not read as an option
 
 
 def test_engine_command_leaves_gpu_defaults_with_cuda():
-    cmd, env = engine_command(Settings(base="/m"), 9000, "tok", cuda=True)
+    cmd, env = engine_command(Settings(base="/m"), 9000, "tok", True, Quantization("int8", ("--quantization", "x")))
     assert "--enforce-eager" not in cmd
     assert "--gpu-memory-utilization" not in cmd
+    assert cmd[cmd.index("--quantization") + 1] == "x"
 
 
 def test_settings_default_to_sqlite_and_local_store_under_home(tmp_path):
