@@ -74,7 +74,8 @@ class Quantization:
     llm_kwargs: dict[str, Any] = field(default_factory=dict)  # the same, for vLLM's offline `LLM(...)`
 
 
-def plan_quantization(requested: str, group_size: int, base: str, spec: BaseModelSpec, hw: Hardware) -> Quantization:
+def plan_quantization(requested: str, group_size: int, base: str, spec: BaseModelSpec, hw: Hardware,
+                      dtype: str = "auto") -> Quantization:
     """The quantization to serve `base` with on `hw`, or UnsupportedQuantization saying why not.
 
     requested: "auto" (the checkpoint's own quantization, else int4), "none", "int4", "int8" (torchao weight-only,
@@ -88,7 +89,7 @@ def plan_quantization(requested: str, group_size: int, base: str, spec: BaseMode
         if requested not in ("auto", "none"):
             raise UnsupportedQuantization(f"{base} is already quantized ({describe_checkpoint(existing)}); serve it "
                                           f"with --quantize auto, or quantize its full-precision original instead")
-        _require_checkpoint_support(existing, hw)
+        _require_checkpoint_support(existing, hw, dtype)
         return Quantization(f"{describe_checkpoint(existing)} (from the checkpoint)")
     if requested == "none":
         return Quantization("none (full precision)")
@@ -115,10 +116,11 @@ def quantization_for(settings: Settings) -> tuple[Hardware, Quantization]:
     """This machine, and the quantization `settings` ask for on it (what `lorafleet serve` runs)."""
     hardware = detect_hardware()
     spec = load_base_spec(settings.base)
-    return hardware, plan_quantization(settings.quantize, settings.quantize_group_size, settings.base, spec, hardware)
+    return hardware, plan_quantization(settings.quantize, settings.quantize_group_size, settings.base, spec, hardware,
+                                       settings.dtype)
 
 
-def _require_checkpoint_support(quantization: dict[str, Any], hw: Hardware) -> None:
+def _require_checkpoint_support(quantization: dict[str, Any], hw: Hardware, dtype: str) -> None:
     method = str(quantization.get("quant_method", "")).lower()
     name = describe_checkpoint(quantization)
     if method == "torchao":
@@ -143,6 +145,9 @@ def _require_checkpoint_support(quantization: dict[str, Any], hw: Hardware) -> N
             raise UnsupportedQuantization(f"{name} (4-bit weights) needs vLLM's cpu_gemm_wna16 kernel, built only for "
                                           f"CPUs with AVX-512; this one has {_what(hw)}. Serve the full-precision "
                                           "base with --quantize int4 (torchao) instead")
+        elif dtype == "float32":  # measured: the kernel takes bfloat16 activations only
+            raise UnsupportedQuantization(f"{name} (4-bit weights) runs on vLLM's CPU engine in bfloat16 only "
+                                          "(cpu_gemm_wna16 has no float32 path); set LORAFLEET_DTYPE=auto or bfloat16")
         return
     if not hw.gpu:  # W8A8 and FP8 on the CPU engine
         raise UnsupportedQuantization(

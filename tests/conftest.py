@@ -89,8 +89,18 @@ class Server(LocalServer):
 
 
 @pytest.fixture(scope="session")
+def served_quantization(tiny_model: Path):
+    """What the shared server quantizes the tiny base with on this machine (the default: int4 at load)."""
+    from serve.hardware import quantization_for
+    from serve.settings import Settings
+
+    return quantization_for(Settings(base=str(tiny_model), dtype="float32"))[1]
+
+
+@pytest.fixture(scope="session")
 def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """`lorafleet serve` as a real subprocess: gateway + supervised vLLM engine, SQLite, local store."""
+    """`lorafleet serve` as a real subprocess: gateway + supervised vLLM engine, SQLite, local store, and the
+    default quantization (the tiny base quantized to int4 at load), as users get it."""
     srv = Server.start(tiny_model, tmp_path_factory.mktemp("lorafleet-home"), max_model_len="512",
                        max_num_seqs="16", max_lora_rank=str(MAX_RANK), max_upload_bytes=str(MAX_UPLOAD),
                        retry_after_s="3", rollout_tick_s="0.5", drift_look_s="1", drift_window="40",

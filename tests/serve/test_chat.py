@@ -43,16 +43,19 @@ def two_tenants(server, make_adapter, tiny_model):
     return handles
 
 
-def test_each_tenant_gets_exactly_what_vllm_gives_for_its_adapter(two_tenants, make_adapter, tiny_model):
+def test_each_tenant_gets_exactly_what_vllm_gives_for_its_adapter(two_tenants, make_adapter, tiny_model,
+                                                                  served_quantization):
     from train.vllm_generate import generate  # offline vLLM + LoRARequest on the folders: no gateway at all
 
     messages = image_messages()
     served = [_greedy(t.openai(), "assistant", messages) for t in two_tenants]
     direct = generate(str(tiny_model), {"base": None, "a": str(make_adapter(1)), "b": str(make_adapter(2))},
-                      [messages], MAX_TOKENS, max_rank=16, dtype="float32")
+                      [messages], MAX_TOKENS, max_rank=16, dtype="float32",
+                      llm_kwargs=served_quantization.llm_kwargs)  # the same int4 base the server quantized
     texts = {name: outputs[0]["text"] for name, outputs in direct.items()}
     assert served == [texts["a"], texts["b"]]  # the gateway serves each tenant's adapter, exactly
     assert len(set(texts.values())) == 3  # and the adapters really change outputs
+    assert served_quantization.label.startswith("int4 (torchao")  # the suite serves the quantized base
 
 
 def test_streaming_and_non_streaming_agree(two_tenants):
