@@ -16,10 +16,11 @@ from typing import Any
 from .base_model import BaseModelSpec
 from .errors import InvalidRequest
 
-__all__ = ["SCHEMES", "checkpoint_quantization", "describe_checkpoint", "full_precision_parts",
+__all__ = ["SCHEMES", "CHECKPOINT_SCHEMES", "check_group_size", "checkpoint_quantization", "describe_checkpoint", "full_precision_parts",
            "online_overrides", "torchao_config", "unquantized_modules"]
 
-SCHEMES = ("int4", "int8")  # what `lorafleet quantize` writes and `--quantize` applies at load
+SCHEMES = ("int4", "int8")  # torchao weight-only: what `--quantize` applies at load, and `lorafleet quantize` writes
+CHECKPOINT_SCHEMES = (*SCHEMES, "w4a16")  # + compressed-tensors W4A16 (packed 4-bit; AVX-512 CPUs and CUDA GPUs)
 
 
 def full_precision_parts(spec: BaseModelSpec) -> list[str]:
@@ -42,22 +43,29 @@ def unquantized_modules(spec: BaseModelSpec) -> list[str]:
     return sorted({name for part in full_precision_parts(spec) for name in (outer + part, part)} | {"lm_head"})
 
 
+def check_group_size(scheme: str, group_size: int, spec: BaseModelSpec) -> None:
+    """Per-group schemes need every language-model layer's input size to be a multiple of the group size."""
+    if scheme == "int8":
+        return  # one scale per output row: no shape constraint
+    if group_size <= 0 or group_size % 8:
+        raise InvalidRequest(f"group size must be a positive multiple of 8, not {group_size}")
+    odd = _not_divisible((fan_in for fan_in, _ in spec.lora_modules.values()), group_size)
+    if odd:
+        raise InvalidRequest(f"{scheme} with group size {group_size} needs every language-model layer's input size "
+                             f"to be a multiple of it; {spec.name} has input sizes {odd}. Use --group-size "
+                             f"{_gcd_hint(spec)} or --scheme int8")
+
+
 def torchao_config(scheme: str, group_size: int, spec: BaseModelSpec):
     """The torchao weight-only config for `scheme`, checked against the language model's layer shapes."""
     import torch
     from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, PerGroup
 
+    if scheme not in SCHEMES:
+        raise InvalidRequest(f"unknown quantization scheme {scheme!r}; torchao applies {', '.join(SCHEMES)}")
+    check_group_size(scheme, group_size, spec)
     if scheme == "int8":
-        return Int8WeightOnlyConfig()  # one scale per output row: no shape constraint
-    if scheme != "int4":
-        raise InvalidRequest(f"unknown quantization scheme {scheme!r}; lorafleet writes {', '.join(SCHEMES)}")
-    if group_size <= 0 or group_size % 8:
-        raise InvalidRequest(f"group size must be a positive multiple of 8, not {group_size}")
-    odd = _not_divisible((fan_in for fan_in, _ in spec.lora_modules.values()), group_size)
-    if odd:
-        raise InvalidRequest(f"int4 with group size {group_size} needs every language-model layer's input size to be "
-                             f"a multiple of it; {spec.name} has input sizes {odd}. Use --group-size {_gcd_hint(spec)}"
-                             " or --scheme int8")
+        return Int8WeightOnlyConfig()
     # int4 values kept one per int8 byte ("unpacked"): the layout vLLM can slice across GPUs and CPU threads
     return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size))
 

@@ -53,7 +53,7 @@ def _wait_healthy(url: str, process: subprocess.Popen) -> float:
     raise SystemExit(f"vLLM exited with {process.returncode}")
 
 
-async def _scenario(url: str, key: str, models: list[str], n: int, concurrency: int, seed: int) -> dict:
+async def scenario(url: str, key: str, models: list[str], n: int, concurrency: int, seed: int) -> dict:
     body = {"max_tokens": 16, "temperature": 0, "ignore_eos": True,
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _image()}},
                                                       {"type": "text", "text": "What is this?"}]}]}
@@ -131,7 +131,7 @@ def main() -> None:
                                    (f"{args.concurrency} clients", args.concurrency, args.requests)):
                 for side, url, auth, models in (("gateway", gw_url, key, deployments),
                                                 ("vllm", vllm_url, token, digests)):
-                    result = asyncio.run(_scenario(url, auth, models, n, conc, seed=r))
+                    result = asyncio.run(scenario(url, auth, models, n, conc, seed=r))
                     if r:
                         runs.setdefault((label, side), []).append(result)
 

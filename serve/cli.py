@@ -567,8 +567,9 @@ def train_command(
 def quantize_command(
     base: Annotated[str, Opt(help="Full-precision base: hub id or local path.")],
     out: Annotated[Path, Opt(help="New folder for the quantized checkpoint.")],
-    scheme: Annotated[str, Opt(help="int4 (per-group scales) | int8 (per-row scales); torchao weight-only.")] = "int4",
-    group_size: Annotated[int, Opt(help="int4: weights per scale.")] = 32,
+    scheme: Annotated[str, Opt(help="int4 | int8 (torchao weight-only: any CPU, GPUs) | w4a16 (compressed-tensors, "
+                                    "packed 4-bit: AVX-512 CPUs in bfloat16, CUDA GPUs with Marlin).")] = "int4",
+    group_size: Annotated[int, Opt(help="int4, w4a16: weights per scale.")] = 32,
 ) -> None:
     """Write a quantized checkpoint of BASE that `lorafleet serve --base OUT` serves as it is."""
     from train.quantize import quantize

@@ -3,8 +3,10 @@
 1. builds the tiny Qwen2.5-VL and pre-trains it on the shapes world (the base);
 2. trains two tenants' adapters on CPU: acme wants JSON, globex wants the colour as one French word;
    each is scored against the base in vLLM (task + forgetting probe) and proven servable;
-3. starts `lorafleet serve`, creates the tenants, uploads and deploys each adapter, and asks both tenants'
-   deployments about the same picture through the `openai` SDK;
+3. quantizes the base to int4 (`lorafleet quantize`) and serves that 4-bit checkpoint with `lorafleet serve`;
+   creates the tenants, uploads and deploys each adapter (trained on the full-precision base), asks both
+   tenants' deployments about the same picture through the `openai` SDK, and scores each adapter's validation
+   set on the 4-bit base beside its full-precision score;
 4. acme starts a canary rollout of the wrong adapter, and the validation gate refuses it before any traffic.
 """
 
@@ -50,7 +52,7 @@ def _build_world(work: Path) -> Path:
     return base
 
 
-def _train_adapters(base: Path, work: Path) -> dict[str, Path]:
+def _train_adapters(base: Path, work: Path) -> dict[str, tuple[Path, float]]:
     from train.config import load_config
     from train.pipeline import finish
     from train.trainer import train
@@ -76,7 +78,7 @@ def _train_adapters(base: Path, work: Path) -> dict[str, Path]:
                       f"{time.perf_counter() - t0:.0f} s with evaluation")
         for line in report.verdicts():
             console.print(f"[yellow]{line}[/yellow]")
-        adapters[tenant] = config.out
+        adapters[tenant] = (config.out, val.adapter)
     console.print(table)
     return adapters
 
@@ -93,7 +95,18 @@ def _ask(url: str, api_key: str, question: str) -> tuple[str, str, float]:
     return raw.parse().choices[0].message.content or "", raw.headers["x-lorafleet-adapter"], time.perf_counter() - t0
 
 
-def _serve(base: Path, work: Path, adapters: dict[str, Path]) -> None:
+def _quantize(base: Path, work: Path) -> Path:
+    from train.quantize import quantize
+
+    with console.status("quantizing the base to int4 (lorafleet quantize)"):
+        report = quantize(str(base), work / "base-int4", "int4", 32)
+    console.print(f"lorafleet quantize: {report.quantized_layers} language-model layers to int4 (groups of "
+                  f"{report.group_size}), their weights {report.weights_bytes_before / 1024:.0f} KiB -> "
+                  f"{report.weights_bytes_after / 1024:.0f} KiB; vision tower kept in full precision")
+    return Path(report.out)
+
+
+def _serve(base: Path, work: Path, adapters: dict[str, tuple[Path, float]]) -> None:
     from train.shapes import TASKS
 
     server = LocalServer.start(base, work / "home", max_model_len="512")
@@ -107,21 +120,35 @@ def _serve(base: Path, work: Path, adapters: dict[str, Path]) -> None:
         for tenant, task in TENANTS.items():
             key = admin.create_tenant(tenant)["api_key"]
             client = clients[tenant] = LorafleetClient(server.url, key)
-            version = client.push_adapter(task, adapters[tenant])
+            version = client.push_adapter(task, adapters[tenant][0])
             client.deploy("assistant", f"{task}@{version['version']}")
             question = TASKS[task]("circle", "red")[0]
             answer, digest, seconds = _ask(server.url, key, question)
             table.add_row(tenant, question, answer, f"{task}@{version['version']} {digest[:12]}",
                           f"{seconds * 1000:.0f} ms")
         console.print(table)
-        _gate(clients["acme"], work, adapters["globex"])
+        _score_on_quantized_base(clients, work, adapters)
+        _gate(clients["acme"], work, adapters["globex"][0])
     finally:
         server.stop()
 
 
+def _score_on_quantized_base(clients: dict[str, LorafleetClient], work: Path,
+                             adapters: dict[str, tuple[Path, float]]) -> None:
+    """Each tenant's validation set replayed through the gateway on the 4-bit base (the drift monitor's baseline)."""
+    table = Table("tenant", "validation items", "full-precision base (training eval)", "int4 base (served)",
+                  title="the same adapters on the full-precision and the quantized base")
+    for tenant, task in TENANTS.items():
+        client = clients[tenant]
+        stored = client.push_validation("assistant", work / "data" / f"{task}-val.jsonl", "exact_match")
+        with console.status(f"{tenant}'s validation set on the int4 base"):
+            (run,) = client.drift_check("assistant")
+        table.add_row(tenant, str(stored["items"]), f"{adapters[tenant][1]:.1%}", f"{run['score']:.1%}")
+    console.print(table)
+
+
 def _gate(client: LorafleetClient, work: Path, wrong: Path) -> None:
     """acme starts a canary rollout of the wrong adapter: the validation gate refuses it before any traffic."""
-    client.push_validation("assistant", work / "data" / "json-val.jsonl", "exact_match")
     version = client.push_adapter("json", wrong)["version"]  # globex's French adapter, uploaded by mistake
     rollout = client.start_rollout("assistant", to=f"json@{version}")
     with console.status("canary json@2: stable and candidate answer acme's 60-item validation set"):
@@ -139,7 +166,7 @@ def main() -> None:
     work.mkdir(parents=True)
     base = _build_world(work)
     adapters = _train_adapters(base, work)
-    _serve(base, work, adapters)
+    _serve(_quantize(base, work), work, adapters)
     console.print(f"state, adapters, manifests and logs: {work}")
 
 

@@ -80,6 +80,9 @@ def plan_quantization(requested: str, group_size: int, base: str, spec: BaseMode
 
     requested: "auto" (the checkpoint's own quantization, else int4), "none", "int4", "int8" (torchao weight-only,
     applied at load) or "fp8" (vLLM's online FP8, GPUs only)."""
+    if requested == "w4a16":
+        raise UnsupportedQuantization("w4a16 is a checkpoint format, not applied at load: write one with "
+                                      "`lorafleet quantize --scheme w4a16` and serve that folder")
     if requested not in QUANTIZE_CHOICES:
         raise UnsupportedQuantization(f"unknown quantization {requested!r}; choose one of {', '.join(QUANTIZE_CHOICES)}")
     if hw.gpu is None and hw.arch in ("x86_64", "AMD64") and "avx2" not in hw.cpu_flags:

@@ -37,7 +37,8 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(0, ge=0)  # optimizer steps between validations; 0: once per epoch
     patience: int = Field(3, ge=0)  # validations without improvement before stopping; 0: never stop early
     gradient_checkpointing: bool = False
-    qlora: Literal["auto", "on", "off"] = "auto"  # 4-bit base (bitsandbytes); auto: on when CUDA is present
+    qlora: Literal["auto", "on", "off"] = "auto"  # full-precision base in 4-bit NF4 (bitsandbytes, CUDA); auto: on with
+    # CUDA. A base already quantized (`lorafleet quantize`) is always trained as it is, the weights vLLM serves
     max_rank: int = 64  # the server's max LoRA rank
     eval_max_tokens: int = 64  # generation budget when scoring
     metric: Literal["exact_match", "anls", "json_fields"] = "exact_match"

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from adapters.base_model import load_base_spec
 from adapters.errors import InvalidRequest
-from adapters.quantization import SCHEMES, checkpoint_quantization, describe_checkpoint, full_precision_parts, \
-    torchao_config, unquantized_modules
+from adapters.quantization import CHECKPOINT_SCHEMES, check_group_size, checkpoint_quantization, \
+    describe_checkpoint, full_precision_parts, torchao_config, unquantized_modules
 
 __all__ = ["QuantizeReport", "quantize"]
 
@@ -46,54 +46,99 @@ class QuantizeReport:
 def quantize(base: str, out: Path, scheme: str = "int4", group_size: int = 32) -> QuantizeReport:
     """Quantize `base` (hub id or folder) into `out`, which must not exist yet; nothing is left on failure."""
     import torch
-    from huggingface_hub import save_torch_state_dict
-    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
-    from torchao.quantization import quantize_
-    from transformers import AutoModelForImageTextToText, AutoProcessor, TorchAoConfig
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    if scheme not in SCHEMES:
-        raise InvalidRequest(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    if scheme not in CHECKPOINT_SCHEMES:
+        raise InvalidRequest(f"unknown scheme {scheme!r}; choose one of {', '.join(CHECKPOINT_SCHEMES)}")
     if out.exists():
         raise InvalidRequest(f"{out} already exists; choose a new folder")
     existing = checkpoint_quantization(base)
     if existing is not None:
         raise InvalidRequest(f"{base} is already quantized ({describe_checkpoint(existing)}); serve it as it is")
     spec = load_base_spec(base)
-    config = torchao_config(scheme, group_size, spec)  # refuses shapes the scheme cannot take, before loading
+    check_group_size(scheme, group_size, spec)  # refuses shapes the scheme cannot take, before loading anything
 
     t0 = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForImageTextToText.from_pretrained(base, dtype="auto", device_map=device)
+    # W4A16 kernels (Marlin, cpu_gemm_wna16) take 16-bit activations: its scales are written in bfloat16
+    dtype = torch.bfloat16 if scheme == "w4a16" else "auto"
+    model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype, device_map=device)
     decoder = model.get_decoder()  # the language model: the only part LoRA adapters touch
-    layers = [m for m in decoder.modules() if isinstance(m, torch.nn.Linear)]
-    before = sum(m.weight.numel() * m.weight.element_size() for m in layers)
-    quantize_(decoder, config)
-    after = sum(_stored_bytes(m.weight) for m in layers)
+    layers = {name: m for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and name.startswith(spec.language_model_prefix + ".")}
+    before = sum(m.weight.numel() * m.weight.element_size() for m in layers.values())
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        state = {name: tensor.detach().to("cpu") for name, tensor in model.state_dict().items()}
-        tensors, metadata = flatten_tensor_state_dict(state)
-        save_torch_state_dict(tensors, tmp, metadata=metadata, max_shard_size="5GB")
-        model.config.quantization_config = TorchAoConfig(quant_type=config,
-                                                         modules_to_not_convert=unquantized_modules(spec))
-        model.config.save_pretrained(tmp)
+        if scheme == "w4a16":
+            after = _write_w4a16(model, list(layers), group_size, tmp)
+        else:
+            after = _write_torchao(model, decoder, layers.values(), torchao_config(scheme, group_size, spec),
+                                   unquantized_modules(spec), tmp)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
         AutoProcessor.from_pretrained(base).save_pretrained(tmp)
         report = QuantizeReport(base=str(base), out=str(out), scheme=scheme,
-                                group_size=group_size if scheme == "int4" else None, quantized_layers=len(layers),
-                                kept_full_precision=[*full_precision_parts(spec), "lm_head"], weights_bytes_before=before,
-                                weights_bytes_after=after,
+                                group_size=None if scheme == "int8" else group_size, quantized_layers=len(layers),
+                                kept_full_precision=[*full_precision_parts(spec), "lm_head"],
+                                weights_bytes_before=before, weights_bytes_after=after,
                                 checkpoint_bytes=sum(p.stat().st_size for p in tmp.iterdir() if p.is_file()),
                                 seconds=round(time.perf_counter() - t0, 2))
         (tmp / MANIFEST).write_text(json.dumps(asdict(report), indent=2) + "\n")
-        out.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(out)  # one step: a failed run leaves no half-written checkpoint at `out`
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
+
+
+def _write_torchao(model, decoder, layers, config, keep: list[str], folder: Path) -> int:
+    """torchao weight-only: quantize in place, write flattened tensor subclasses with their metadata."""
+    from huggingface_hub import save_torch_state_dict
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+    from torchao.quantization import quantize_
+    from transformers import TorchAoConfig
+
+    quantize_(decoder, config)
+    state = {name: tensor.detach().to("cpu") for name, tensor in model.state_dict().items()}
+    tensors, metadata = flatten_tensor_state_dict(state)
+    save_torch_state_dict(tensors, folder, metadata=metadata, max_shard_size="5GB")
+    model.config.quantization_config = TorchAoConfig(quant_type=config, modules_to_not_convert=keep)
+    model.config.save_pretrained(folder)
+    return sum(_stored_bytes(m.weight) for m in layers)
+
+
+def _write_w4a16(model, layers: list[str], group_size: int, folder: Path) -> int:
+    """compressed-tensors W4A16: symmetric int4 per group, scales from each group's range (round to nearest, no
+    calibration data), packed eight values per int32 — the format vLLM's Marlin (CUDA) and cpu_gemm_wna16
+    (AVX-512) kernels read. AWQ/GPTQ calibration (llm-compressor) is more accurate but cannot share vLLM's env."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationConfig, QuantizationStatus, apply_quantization_config,
+                                                 preset_name_to_scheme)
+    from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
+
+    scheme = preset_name_to_scheme("W4A16", targets=["Linear"])
+    scheme.weights.group_size = group_size
+    ignore = [name for name, m in model.named_modules() if type(m).__name__ == "Linear" and name not in layers]
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore,
+                                                        quantization_status=QuantizationStatus.INITIALIZED))
+    for name, module in model.named_modules():
+        if getattr(module, "quantization_scheme", None) is None:
+            continue
+        scale, zero_point = compute_dynamic_scales_and_zp(module.weight.data, module.quantization_scheme.weights,
+                                                          module)
+        module.weight_scale.data.copy_(scale.to(module.weight_scale.dtype))
+        if hasattr(module, "weight_zero_point"):
+            module.weight_zero_point.data.copy_(zero_point.to(module.weight_zero_point.dtype))
+        module.quantization_status = QuantizationStatus.FROZEN
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(folder)
+    compressor.update_config(folder)
+    state = model.state_dict()
+    return sum(t.numel() * t.element_size() for key, t in state.items()
+               if key.rsplit(".", 1)[0] in layers and not key.endswith(".bias"))
 
 
 def _stored_bytes(weight) -> int:

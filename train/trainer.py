@@ -18,6 +18,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from adapters.base_model import load_base_spec
+from adapters.errors import InvalidRequest
+from adapters.quantization import checkpoint_quantization
 
 from .config import TrainConfig
 from .data import collate, encode, load_jsonl
@@ -50,10 +52,17 @@ def lora_config(config: TrainConfig):
 
 
 def _use_qlora(config: TrainConfig) -> bool:
+    """bitsandbytes 4-bit for a full-precision base; a checkpoint that is already quantized is trained as it is."""
+    if checkpoint_quantization(config.base) is not None:
+        return False
+    if config.qlora == "on" and not torch.cuda.is_available():
+        raise InvalidRequest("qlora=on needs a CUDA GPU (bitsandbytes 4-bit); on this machine, train on the "
+                             "checkpoint `lorafleet quantize` writes, which is the base the server serves")
     return config.qlora == "on" or (config.qlora == "auto" and torch.cuda.is_available())
 
 
 def _load_model(config: TrainConfig):
+    """The base (a torchao checkpoint loads quantized, as vLLM serves it: training sees the served weights) + LoRA."""
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 

@@ -123,6 +123,31 @@ def test_quantized_checkpoint_serves_hot_swapped_adapters_like_vllm(quantized: P
     assert len(set(texts.values())) == 3  # base, adapter 1 and adapter 2 all answer differently
 
 
+def test_w4a16_checkpoint_serves_adapters_where_the_cpu_has_the_kernel(tiny_model: Path, tmp_path: Path,
+                                                                        make_adapter):
+    """compressed-tensors W4A16 (packed 4-bit): served with LoRA on an AVX-512 CPU in bfloat16, refused elsewhere."""
+    from serve.hardware import detect_hardware
+    from train.quantize import quantize
+    from train.vllm_generate import generate
+
+    out = Path(quantize(str(tiny_model), tmp_path / "w4a16", "w4a16", 32).out)
+    manifest = json.loads((out / "lorafleet-quantization.json").read_text())
+    assert manifest["weights_bytes_before"] / manifest["weights_bytes_after"] > 3.0  # bf16 -> 4 bits + scales
+    hw = detect_hardware()
+    if "avx512f" not in hw.cpu_flags:
+        with pytest.raises(UnsupportedQuantization, match="AVX-512"):
+            plan(out, hw)
+        return
+    assert plan(out, hw).label == "compressed-tensors (from the checkpoint)"
+    with pytest.raises(UnsupportedQuantization, match="bfloat16 only"):
+        plan(out, hw, dtype="float32")
+    messages = image_messages()
+    texts = {name: outputs[0]["text"] for name, outputs in generate(
+        str(out), {"base": None, "a": str(make_adapter(1)), "b": str(make_adapter(2))}, [messages], 8,
+        max_rank=16, dtype="bfloat16").items()}
+    assert len(set(texts.values())) == 3 and all(texts.values()), texts
+
+
 def test_serve_refuses_what_this_machine_cannot_run_before_starting_an_engine(tiny_model: Path, quantized: Path,
                                                                               tmp_path: Path):
     w8a8 = checkpoint_with(tiny_model, tmp_path / "w8a8", W8A8)
@@ -135,7 +160,8 @@ def test_serve_refuses_what_this_machine_cannot_run_before_starting_an_engine(ti
              ((quantized, "--quantize", "int8"), "is already quantized"),
              ((w8a8, "--quantize", "auto"), "cannot serve LoRA adapters on vLLM's CPU engine"),
              ((text_only, "--quantize", "auto"), "Qwen2ForCausalLM model, not a vision-language model"),
-             ((tiny_model, "--quantize", "int3"), "unknown quantization 'int3'")]
+             ((tiny_model, "--quantize", "int3"), "unknown quantization 'int3'"),
+             ((tiny_model, "--quantize", "w4a16"), "lorafleet quantize --scheme w4a16")]
     for i, ((base, *flags), message) in enumerate(cases):
         home = tmp_path / f"home{i}"
         run = lorafleet("serve", "--base", base, *flags, "--home", home, timeout=120, development="1")

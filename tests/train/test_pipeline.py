@@ -90,3 +90,24 @@ def test_resume_continues_from_the_checkpoint(world, tmp_path):
     state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 8
     assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.bin"))  # no pickles anywhere
+
+
+def test_training_on_the_quantized_checkpoint_sees_the_weights_vllm_serves(world, tmp_path):
+    """QLoRA on any machine: the trainer loads the int4 checkpoint as it is (torchao), trains LoRA on top, and the
+    adapter is scored and proven servable in vLLM on that same checkpoint (PEFT and vLLM agree on it)."""
+    from train.quantize import quantize
+
+    quantized = quantize(str(world.base), tmp_path / "base-int4", "int4", 32).out
+    config = _config(world, tmp_path / "adapter", base=quantized)
+    result = train(config, progress=False)
+    manifest, report = finish(config, result)
+    val, _ = report.sets
+    assert val.base <= 0.1 and val.adapter >= 0.9, report.to_dict()
+    assert manifest["servability"]["changed"] >= 1  # vLLM on the int4 base = PEFT on the int4 base, and it changes
+
+
+def test_bitsandbytes_qlora_without_cuda_is_refused_with_the_way_out(world, tmp_path):
+    from adapters.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="lorafleet quantize"):
+        train(_config(world, tmp_path / "adapter", qlora="on"), progress=False)
