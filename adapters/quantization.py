@@ -16,8 +16,8 @@ from typing import Any
 from .base_model import BaseModelSpec
 from .errors import InvalidRequest
 
-__all__ = ["SCHEMES", "CHECKPOINT_SCHEMES", "check_group_size", "checkpoint_quantization", "describe_checkpoint", "full_precision_parts",
-           "online_overrides", "torchao_config", "unquantized_modules"]
+__all__ = ["SCHEMES", "CHECKPOINT_SCHEMES", "check_group_size", "checkpoint_quantization", "describe_checkpoint",
+           "full_precision_parts", "online_overrides", "torchao_config", "unquantized_modules"]
 
 SCHEMES = ("int4", "int8")  # torchao weight-only: what `--quantize` applies at load, and `lorafleet quantize` writes
 CHECKPOINT_SCHEMES = (*SCHEMES, "w4a16")  # + compressed-tensors W4A16 (packed 4-bit; AVX-512 CPUs and CUDA GPUs)
@@ -75,7 +75,8 @@ def online_overrides(scheme: str, group_size: int, spec: BaseModelSpec) -> dict[
     from torchao.core.config import config_to_dict
     from torchao.quantization import ModuleFqnToConfig
 
-    by_module = {part: None for part in full_precision_parts(spec)} | {"re:.*": torchao_config(scheme, group_size, spec)}
+    weights = torchao_config(scheme, group_size, spec)
+    by_module = {part: None for part in full_precision_parts(spec)} | {"re:.*": weights}
     return {"quantization_config_dict_json": json.dumps(config_to_dict(ModuleFqnToConfig(by_module)))}
 
 

@@ -84,7 +84,8 @@ def plan_quantization(requested: str, group_size: int, base: str, spec: BaseMode
         raise UnsupportedQuantization("w4a16 is a checkpoint format, not applied at load: write one with "
                                       "`lorafleet quantize --scheme w4a16` and serve that folder")
     if requested not in QUANTIZE_CHOICES:
-        raise UnsupportedQuantization(f"unknown quantization {requested!r}; choose one of {', '.join(QUANTIZE_CHOICES)}")
+        raise UnsupportedQuantization(f"unknown quantization {requested!r}; choose one of "
+                                      f"{', '.join(QUANTIZE_CHOICES)}")
     if hw.gpu is None and hw.arch in ("x86_64", "AMD64") and "avx2" not in hw.cpu_flags:
         raise UnsupportedQuantization(f"vLLM's CPU engine needs a CPU with AVX2; this one ({hw.describe()}) has none")
     existing = checkpoint_quantization(base)
@@ -98,8 +99,8 @@ def plan_quantization(requested: str, group_size: int, base: str, spec: BaseMode
         return Quantization("none (full precision)")
     if requested == "fp8":
         if not hw.gpu_at_least(8, 9):
-            raise UnsupportedQuantization(f"fp8 needs an NVIDIA GPU with compute capability 8.9 or newer (Ada, Hopper); "
-                                          f"this machine has {_what(hw)}. Use --quantize int4 or int8")
+            raise UnsupportedQuantization(f"fp8 needs an NVIDIA GPU with compute capability 8.9 or newer (Ada, "
+                                          f"Hopper); this machine has {_what(hw)}. Use --quantize int4 or int8")
         return Quantization("fp8 (vLLM online, weights and activations)", ("--quantization", "fp8"),
                             {"quantization": "fp8"})
     scheme = "int4" if requested == "auto" else requested
@@ -142,8 +143,9 @@ def _require_checkpoint_support(quantization: dict[str, Any], hw: Hardware, dtyp
     if kind == "w4a16":
         if hw.gpu:
             if not hw.gpu_at_least(8, 0):
-                raise UnsupportedQuantization(f"{name} (4-bit weights) is served with vLLM's Marlin kernels, which need "
-                                              f"compute capability 8.0 or newer (Ampere+); this machine has {_what(hw)}")
+                raise UnsupportedQuantization(f"{name} (4-bit weights) is served with vLLM's Marlin kernels, which "
+                                              f"need compute capability 8.0 or newer (Ampere+); this machine has "
+                                              f"{_what(hw)}")
         elif "avx512f" not in hw.cpu_flags:
             raise UnsupportedQuantization(f"{name} (4-bit weights) needs vLLM's cpu_gemm_wna16 kernel, built only for "
                                           f"CPUs with AVX-512; this one has {_what(hw)}. Serve the full-precision "
