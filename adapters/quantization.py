@@ -16,7 +16,8 @@ from typing import Any
 from .base_model import BaseModelSpec
 from .errors import InvalidRequest
 
-__all__ = ["SCHEMES", "CHECKPOINT_SCHEMES", "check_group_size", "checkpoint_quantization", "describe_checkpoint",
+__all__ = ["SCHEMES", "CHECKPOINT_SCHEMES", "check_group_size", "checkpoint_dtype", "checkpoint_quantization",
+           "describe_checkpoint",
            "full_precision_parts", "online_overrides", "torchao_config", "unquantized_modules"]
 
 SCHEMES = ("int4", "int8")  # torchao weight-only: what `--quantize` applies at load, and `lorafleet quantize` writes
@@ -91,6 +92,14 @@ def checkpoint_quantization(base: str | Path) -> dict[str, Any] | None:
     if found is not None and not isinstance(found, dict):
         found = found.to_dict()
     return found
+
+
+def checkpoint_dtype(base: str | Path) -> str | None:
+    """The dtype a checkpoint was written in ("bfloat16", "float32", …), as its config.json says."""
+    from transformers import AutoConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(str(base)), "dtype", None)
+    return str(dtype).removeprefix("torch.") if dtype is not None else None
 
 
 def describe_checkpoint(quantization: dict[str, Any]) -> str:

@@ -91,7 +91,7 @@ def main() -> None:
                 home = work / f"home-{label.split()[0]}"
                 shutil.rmtree(home, ignore_errors=True)
                 servers[label] = LocalServer.start(base, home, max_model_len="512", max_lora_rank="16",
-                                                   drift_replay_s="0", quantize="auto")
+                                                   drift_replay_s="0", quantize="auto", dtype="float32")
             ready = {label: server.wait_ready(900) for label, server in servers.items()}
         keys, scores, memory, engine = {}, {}, {}, {}
         for label, server in servers.items():
@@ -124,7 +124,8 @@ def main() -> None:
 
     labels = list(servers)
     table = Table(title=f"tiny Qwen2.5-VL on this CPU: the same adapters on three bases (validation: {args.items} "
-                        f"items each; load: median of {args.rounds} alternating rounds, 16 tokens per answer)")
+                        f"items each; load: median of {args.rounds} alternating rounds, 16 tokens per answer; float32 activations, "
+                        f"the tiny checkpoint's dtype)")
     table.add_column("measure")
     for label in labels:
         table.add_column(label, justify="right")

@@ -44,7 +44,7 @@ def engine_command(settings: Settings, port: int, token: str, cuda: bool,
            "--served-model-name", "lorafleet-base", "--host", "127.0.0.1", "--port", str(port), f"--api-key={token}",
            "--enable-lora", "--max-lora-rank", str(settings.max_lora_rank), "--max-loras", str(settings.max_loras),
            "--max-cpu-loras", str(settings.max_cpu_loras), "--max-model-len", str(settings.max_model_len),
-           "--max-num-seqs", str(settings.max_num_seqs), "--dtype", settings.dtype,
+           "--max-num-seqs", str(settings.max_num_seqs), "--dtype", quantization.dtype or settings.dtype,
            "--disable-uvicorn-access-log", *quantization.engine_args]
     env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
     if not cuda:  # CPU settings measured in shared/env-notes.md

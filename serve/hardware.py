@@ -15,7 +15,8 @@ from typing import Any
 
 from adapters.base_model import BaseModelSpec, load_base_spec
 from adapters.errors import LorafleetError
-from adapters.quantization import SCHEMES, checkpoint_quantization, describe_checkpoint, online_overrides
+from adapters.quantization import SCHEMES, checkpoint_dtype, checkpoint_quantization, describe_checkpoint, \
+    online_overrides
 
 from .settings import Settings
 
@@ -71,6 +72,7 @@ class Quantization:
 
     label: str
     engine_args: tuple[str, ...] = ()  # for `vllm serve`
+    dtype: str | None = None  # the engine must run in this dtype (a torchao checkpoint's own); None: settings
     llm_kwargs: dict[str, Any] = field(default_factory=dict)  # the same, for vLLM's offline `LLM(...)`
 
 
@@ -94,7 +96,17 @@ def plan_quantization(requested: str, group_size: int, base: str, spec: BaseMode
             raise UnsupportedQuantization(f"{base} is already quantized ({describe_checkpoint(existing)}); serve it "
                                           f"with --quantize auto, or quantize its full-precision original instead")
         _require_checkpoint_support(existing, hw, dtype)
-        return Quantization(f"{describe_checkpoint(existing)} (from the checkpoint)")
+        label = f"{describe_checkpoint(existing)} (from the checkpoint)"
+        if existing.get("quant_method") != "torchao":
+            return Quantization(label)
+        # torchao's tensors carry their dtype: vLLM cannot load them into an engine of another dtype (measured:
+        # "metadata mismatch" on a float32 checkpoint under --dtype auto, which is bfloat16 on CPU)
+        written = checkpoint_dtype(base)
+        if dtype not in ("auto", written):
+            raise UnsupportedQuantization(f"{base} was quantized in {written} and is served in {written} only; "
+                                          f"LORAFLEET_DTYPE={dtype} asks otherwise: set it to auto or {written}, or "
+                                          f"quantize a {dtype} copy of the base")
+        return Quantization(label, dtype=written)
     if requested == "none":
         return Quantization("none (full precision)")
     if requested == "fp8":

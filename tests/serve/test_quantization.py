@@ -97,8 +97,12 @@ def test_quantized_checkpoint_serves_hot_swapped_adapters_like_vllm(quantized: P
     answers like vLLM with that adapter on the same checkpoint, and differs from the base and from the other."""
     from train.vllm_generate import generate
 
+    # served in the dtype it was written in (float32 here) even when the engine's dtype is left to vLLM
+    assert plan(quantized, AVX2).dtype == "float32"
+    with pytest.raises(UnsupportedQuantization, match="quantized in float32 and is served in float32 only"):
+        plan(quantized, AVX2, dtype="bfloat16")
     server = LocalServer.start(quantized, tmp_path / "home", max_model_len="512", max_lora_rank="16",
-                               dtype="float32", drift_replay_s="0")
+                               drift_replay_s="0")  # dtype auto: the checkpoint's own
     try:
         server.wait_ready()
         admin = LorafleetClient(server.url, server.admin_key)
