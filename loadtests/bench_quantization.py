@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -51,6 +53,16 @@ def engine_memory_mib(pid: int) -> float:
     return total / 2**20
 
 
+def _weights_bytes(base: Path) -> int:
+    """The language model's linear weights as stored: from `lorafleet quantize`'s manifest, else counted."""
+    manifest = base / "lorafleet-quantization.json"
+    if manifest.exists():
+        return json.loads(manifest.read_text())["weights_bytes_after"]
+    from adapters.base_model import load_base_spec
+
+    return sum(fan_in * fan_out * 4 for fan_in, fan_out in load_base_spec(str(base)).lora_modules.values())
+
+
 def prepare(work: Path, items: int) -> tuple[dict[str, Path], dict[str, Path], dict[str, Path]]:
     """Bases (full, int8, int4), adapters per deployment, validation sets per deployment."""
     from train.quantize import quantize
@@ -81,6 +93,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the three servers on `kill` too
     work = args.work or Path(tempfile.mkdtemp(prefix="lorafleet-bench-quant-"))
     work.mkdir(parents=True, exist_ok=True)
     bases, adapters, sets = prepare(work, args.items)
@@ -91,8 +104,10 @@ def main() -> None:
                 home = work / f"home-{label.split()[0]}"
                 shutil.rmtree(home, ignore_errors=True)
                 servers[label] = LocalServer.start(base, home, max_model_len="512", max_lora_rank="16",
-                                                   drift_replay_s="0", quantize="auto", dtype="float32")
-            ready = {label: server.wait_ready(900) for label, server in servers.items()}
+                                                   drift_replay_s="0", dtype="float32",
+                                                   quantize="none" if base == bases["full precision"] else "auto")
+            for server in servers.values():
+                server.wait_ready(900)
         keys, scores, memory, engine = {}, {}, {}, {}
         for label, server in servers.items():
             admin = LorafleetClient(server.url, server.admin_key)
@@ -123,22 +138,24 @@ def main() -> None:
             server.stop()
 
     labels = list(servers)
+    weights = {label: _weights_bytes(base) for label, base in bases.items()}
     table = Table(title=f"tiny Qwen2.5-VL on this CPU: the same adapters on three bases (validation: {args.items} "
-                        f"items each; load: median of {args.rounds} alternating rounds, 16 tokens per answer; float32 activations, "
-                        f"the tiny checkpoint's dtype)")
+                        f"items each; load: median of {args.rounds} alternating rounds, 16 tokens per answer; "
+                        "float32, the tiny checkpoint's dtype)")
     table.add_column("measure")
     for label in labels:
         table.add_column(label, justify="right")
     table.add_row("quantization (as the server reports it)", *(engine[b]["quantization"] for b in labels))
     for name, (task, _) in DEPLOYMENTS.items():
         table.add_row(f"{name}: {task} validation exact match", *(f"{scores[b][name]:.3f}" for b in labels))
+    table.add_row("language-model weights (KiB)", *(f"{weights[b] / 1024:.0f}" for b in labels))
     table.add_row("engine memory, PSS of its processes (MiB)", *(f"{memory[b]:.0f}" for b in labels))
-    table.add_row("ready after start (s, three starting at once)", *(f"{ready[b]:.0f}" for b in labels))
+    table.add_row("engine start (s, three starting at once)", *(f"{engine[b]['last_start_s']:.0f}" for b in labels))
     for load, _, _ in loads:
         for field, unit, scale in (("p50", "ms", 1000), ("p99", "ms", 1000), ("rps", "req/s", 1)):
             values = [statistics.median(x[field] for x in runs[(load, b)]) for b in labels]
-            ratios = "; ".join(f"{v / values[0]:.2f}x" for v in values[1:])
-            table.add_row(f"{load}: {field} ({unit}) [vs full: {ratios}]", *(f"{v * scale:.1f}" for v in values))
+            table.add_row(f"{load}: {field} ({unit})", f"{values[0] * scale:.1f}",
+                          *(f"{v * scale:.1f} ({v / values[0]:.2f}x)" for v in values[1:]))
     console.print(table)
     console.print(f"world and logs: {work}")
 
