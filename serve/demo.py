@@ -115,7 +115,7 @@ def _serve(base: Path, work: Path, adapters: dict[str, tuple[Path, float]]) -> N
     try:
         admin = LorafleetClient(server.url, server.admin_key)
         table = Table("tenant", "asks (picture of a red circle)", "deployment 'assistant' answers", "adapter",
-                      "latency", title="one base, hot-swapped per-tenant adapters, through the openai SDK")
+                      "latency", title="one int4 base, hot-swapped per-tenant adapters, through the openai SDK")
         clients = {}
         for tenant, task in TENANTS.items():
             key = admin.create_tenant(tenant)["api_key"]
