@@ -72,8 +72,8 @@ class Quantization:
 
     label: str
     engine_args: tuple[str, ...] = ()  # for `vllm serve`
-    dtype: str | None = None  # the engine must run in this dtype (a torchao checkpoint's own); None: settings
     llm_kwargs: dict[str, Any] = field(default_factory=dict)  # the same, for vLLM's offline `LLM(...)`
+    dtype: str | None = None  # the engine must run in this dtype (a torchao checkpoint's own); None: settings
 
 
 def plan_quantization(requested: str, group_size: int, base: str, spec: BaseModelSpec, hw: Hardware,

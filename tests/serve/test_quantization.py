@@ -16,7 +16,9 @@ from openai import OpenAI
 from adapters.base_model import load_base_spec
 from adapters.errors import InvalidRequest
 from serve.client import LorafleetClient
+from serve.engine import engine_command
 from serve.hardware import Hardware, UnsupportedQuantization, plan_quantization
+from serve.settings import Settings
 from serve.local_server import ROOT, LocalServer
 from tests.helpers import image_messages
 
@@ -182,6 +184,8 @@ def test_auto_quantizes_a_full_precision_base_to_int4_at_load_leaving_the_vision
     assert chosen.engine_args[:2] == ("--quantization", "torchao")
     overrides = json.loads(chosen.llm_kwargs["hf_overrides"]["quantization_config_dict_json"])
     assert overrides["_data"]["module_fqn_to_config"]["visual"] is None
+    cmd, _ = engine_command(Settings(base=str(tiny_model)), 9000, "token", False, chosen)
+    assert all(isinstance(arg, str) for arg in cmd) and cmd[cmd.index("--dtype") + 1] == "auto"
     assert plan(tiny_model, AVX2, "int8").label == "int8 (torchao weight-only, per row, quantized at load)"
     assert plan(tiny_model, AVX2, "none").engine_args == ()
     assert plan(tiny_model, H100, "fp8").engine_args == ("--quantization", "fp8")
