@@ -26,6 +26,11 @@ class BaseModelSpec:
     other_linear: dict[str, str]  # path -> the part it belongs to ("vision tower", "output head", ...)
     legacy_prefixes: tuple[tuple[str, str], ...] = ()  # (old, new) key renames, e.g. transformers 4 names
 
+    @property
+    def outer_prefix(self) -> str:
+        """The path prefix the language model shares with the vision tower ("model." for Qwen2.5-VL), or ""."""
+        return _outer(self.language_model_prefix) + "." if "." in self.language_model_prefix else ""
+
     def resolve(self, path: str) -> str:
         """Map a module path from an adapter to this model's naming (legacy renames applied)."""
         if path in self.lora_modules or path in self.other_linear:
@@ -39,6 +44,10 @@ class BaseModelSpec:
         """A PEFT `target_modules` regex that hits every LoRA-able layer and nothing else."""
         names = sorted({p.rsplit(".", 1)[-1] for p in self.lora_modules})
         return rf".*{re.escape(self.language_model_prefix)}\..*\.({'|'.join(names)})"
+
+
+def _outer(lm_prefix: str) -> str:
+    return lm_prefix.rsplit(".", 1)[0] if "." in lm_prefix else ""
 
 
 def _part_of(path: str, lm_prefix: str) -> str:
@@ -77,7 +86,7 @@ def load_base_spec(base: str) -> BaseModelSpec:
             else:
                 other[path] = part
     # transformers 4 saved VLMs as model.layers / visual.*; vLLM maps both namings.
-    outer = lm_prefix.rsplit(".", 1)[0] if "." in lm_prefix else ""
+    outer = _outer(lm_prefix)
     legacy = ((rf"^{outer}\.(?!language_model\.|visual\.)", f"{lm_prefix}."), (r"^visual\.", f"{outer}.visual.")) \
         if outer else ()
     return BaseModelSpec(name=base, language_model_prefix=lm_prefix, lora_modules=lora, other_linear=other,

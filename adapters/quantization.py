@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,7 @@ from .base_model import BaseModelSpec
 from .errors import InvalidRequest
 
 __all__ = ["SCHEMES", "CHECKPOINT_SCHEMES", "check_group_size", "checkpoint_dtype", "checkpoint_quantization",
-           "describe_checkpoint",
-           "full_precision_parts", "online_overrides", "torchao_config", "unquantized_modules"]
+           "describe_checkpoint", "full_precision_parts", "online_overrides", "torchao_config", "unquantized_modules"]
 
 SCHEMES = ("int4", "int8")  # torchao weight-only: what `--quantize` applies at load, and `lorafleet quantize` writes
 CHECKPOINT_SCHEMES = (*SCHEMES, "w4a16")  # + compressed-tensors W4A16 (packed 4-bit; AVX-512 CPUs and CUDA GPUs)
@@ -29,19 +29,18 @@ def full_precision_parts(spec: BaseModelSpec) -> list[str]:
 
     The names match both transformers' paths (model.visual.…) and vLLM's (visual.…): vLLM skips a layer when
     one of these is a whole component of its path."""
-    outer = spec.language_model_prefix.rsplit(".", 1)[0] + "." if "." in spec.language_model_prefix else ""
     parts = set()
     for path, part in spec.other_linear.items():
         if part != "output head":  # vLLM's output head is not a linear layer it quantizes
-            parts.add(path.removeprefix(outer).split(".", 1)[0])
+            parts.add(path.removeprefix(spec.outer_prefix).split(".", 1)[0])
     return sorted(parts)
 
 
 def unquantized_modules(spec: BaseModelSpec) -> list[str]:
     """`modules_to_not_convert` for a checkpoint: each full-precision part under both namings (transformers
     matches path prefixes, "model.visual"; vLLM matches path components, "visual"), and the output head."""
-    outer = spec.language_model_prefix.rsplit(".", 1)[0] + "." if "." in spec.language_model_prefix else ""
-    return sorted({name for part in full_precision_parts(spec) for name in (outer + part, part)} | {"lm_head"})
+    return sorted({name for part in full_precision_parts(spec) for name in (spec.outer_prefix + part, part)}
+                  | {"lm_head"})
 
 
 def check_group_size(scheme: str, group_size: int, spec: BaseModelSpec) -> None:
@@ -81,11 +80,16 @@ def online_overrides(scheme: str, group_size: int, spec: BaseModelSpec) -> dict[
     return {"quantization_config_dict_json": json.dumps(config_to_dict(ModuleFqnToConfig(by_module)))}
 
 
-def checkpoint_quantization(base: str | Path) -> dict[str, Any] | None:
-    """The `quantization_config` a checkpoint ships in its config.json (None: full precision)."""
+@lru_cache(maxsize=8)
+def _config(base: str):
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(base))
+    return AutoConfig.from_pretrained(base)
+
+
+def checkpoint_quantization(base: str | Path) -> dict[str, Any] | None:
+    """The `quantization_config` a checkpoint ships in its config.json (None: full precision)."""
+    config = _config(str(base))
     found = getattr(config, "quantization_config", None)
     if found is None and getattr(config, "text_config", None) is not None:
         found = getattr(config.text_config, "quantization_config", None)
@@ -96,9 +100,7 @@ def checkpoint_quantization(base: str | Path) -> dict[str, Any] | None:
 
 def checkpoint_dtype(base: str | Path) -> str | None:
     """The dtype a checkpoint was written in ("bfloat16", "float32", …), as its config.json says."""
-    from transformers import AutoConfig
-
-    dtype = getattr(AutoConfig.from_pretrained(str(base)), "dtype", None)
+    dtype = getattr(_config(str(base)), "dtype", None)
     return str(dtype).removeprefix("torch.") if dtype is not None else None
 
 
@@ -106,11 +108,7 @@ def describe_checkpoint(quantization: dict[str, Any]) -> str:
     """A short human name for a checkpoint's quantization: "awq 4-bit", "torchao IntxWeightOnlyConfig", …"""
     method = str(quantization.get("quant_method", "unknown"))
     if method == "torchao":
-        default = quantization.get("quant_type", {}).get("default", {})
-        name = default.get("_type", "?")
-        if name == "ModuleFqnToConfig":
-            name = default.get("_data", {}).get("module_fqn_to_config", {}).get("_default", {}).get("_type", name)
-        return f"torchao {name}"
+        return f"torchao {quantization.get('quant_type', {}).get('default', {}).get('_type', '?')}"
     bits = quantization.get("bits") or quantization.get("w_bit")
     return f"{method} {bits}-bit" if bits else method
 

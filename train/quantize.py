@@ -1,11 +1,11 @@
-"""`lorafleet quantize`: write a torchao weight-only checkpoint of a base model that vLLM loads as it is.
+"""`lorafleet quantize`: write a quantized checkpoint of a base model that vLLM loads as it is.
 
-1. load the full-precision base (its own dtype), 2. quantize the language model's linear layers in place
-(vision tower and output head stay as they are), 3. write the weights as safetensors with torchao's metadata,
-4. config.json carries the `quantization_config` vLLM and transformers read, plus the processor files.
+1. load the full-precision base, 2. quantize the language model's linear layers (vision tower and output head
+stay as they are): torchao weight-only int4/int8, or compressed-tensors W4A16, 3. write the weights and the
+`quantization_config` vLLM and transformers read, plus the processor files, into a folder renamed into place.
 
-The weights are written here rather than by `save_pretrained`, which renames Qwen2.5-VL's keys to the old layout
-on save but leaves torchao's metadata on the new names: vLLM then finds no quantized weights and answers "".
+torchao weights are written here rather than by `save_pretrained`, which renames Qwen2.5-VL's keys to the old
+layout on save but leaves torchao's metadata on the new names: vLLM then finds no quantized weights and answers "".
 """
 
 from __future__ import annotations
