@@ -9,13 +9,14 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable
 
 from fastapi import APIRouter, Body, File, Form, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
 from starlette.concurrency import run_in_threadpool
 
 from adapters.catalog import Deployment, Rollout, Tenant
@@ -77,6 +78,24 @@ def _latest(session: Session, deployment: Deployment, kind: str | None = None) -
 
 def _active(session: Session, deployment: Deployment) -> Rollout | None:
     return session.get(Rollout, deployment.rollout_id) if deployment.rollout_id is not None else None
+
+
+COMMAND_ATTEMPTS = 3
+
+
+def _command(session: Session, tenant: Tenant, deployment: str,
+             act: Callable[[Deployment, Rollout | None], Rollout]) -> RolloutPublic:
+    """Apply a user's command to the rollout as it is now. The controller writes the rollout at every look, so
+    a command that loses that race is judged again on the fresh row (where it may still be refused with 409
+    because the controller finished the rollout) rather than failing because of the timing alone."""
+    for _ in range(COMMAND_ATTEMPTS - 1):
+        target = get_deployment(session, tenant, deployment)
+        try:
+            return rollout_public(act(target, _active(session, target)))
+        except StaleDataError:
+            session.rollback()
+    target = get_deployment(session, tenant, deployment)
+    return rollout_public(act(target, _active(session, target)))  # the last attempt's 409 reaches the user
 
 
 async def _load(gateway: Gateway, digests: list[str]) -> None:
@@ -158,31 +177,30 @@ def list_rollouts(session: SessionDep, tenant: CurrentTenant) -> list[RolloutPub
 
 @router.post("/deployments/{deployment}/rollout/pause")
 def pause_rollout(deployment: str, session: SessionDep, tenant: CurrentTenant) -> RolloutPublic:
-    target = get_deployment(session, tenant, deployment)
-    return rollout_public(rollouts.pause(session, target, _active(session, target), _actor(tenant), time.time()))
+    return _command(session, tenant, deployment,
+                    lambda target, rollout: rollouts.pause(session, target, rollout, _actor(tenant), time.time()))
 
 
 @router.post("/deployments/{deployment}/rollout/resume")
 def resume_rollout(deployment: str, session: SessionDep, tenant: CurrentTenant) -> RolloutPublic:
-    target = get_deployment(session, tenant, deployment)
-    return rollout_public(rollouts.resume(session, target, _active(session, target), _actor(tenant), time.time()))
+    return _command(session, tenant, deployment,
+                    lambda target, rollout: rollouts.resume(session, target, rollout, _actor(tenant), time.time()))
 
 
 @router.post("/deployments/{deployment}/rollout/abort")
 def abort_rollout(deployment: str, session: SessionDep, tenant: CurrentTenant) -> RolloutPublic:
     """All traffic back to the stable version, at once."""
-    target = get_deployment(session, tenant, deployment)
-    return rollout_public(rollouts.abort(session, target, _active(session, target), _actor(tenant), time.time()))
+    return _command(session, tenant, deployment,
+                    lambda target, rollout: rollouts.abort(session, target, rollout, _actor(tenant), time.time()))
 
 
 @router.post("/deployments/{deployment}/rollout/promote")
 def promote_rollout(deployment: str, session: SessionDep, tenant: CurrentTenant,
                     body: PromoteBody | None = None) -> RolloutPublic:
     """One step forward without waiting for the analysis, or (`full`) straight to 100 %."""
-    target = get_deployment(session, tenant, deployment)
     full = body.full if body else False
-    return rollout_public(rollouts.promote(session, target, _active(session, target), full, _actor(tenant),
-                                           time.time()))
+    return _command(session, tenant, deployment, lambda target, rollout: rollouts.promote(
+        session, target, rollout, full, _actor(tenant), time.time()))
 
 
 @router.post("/deployments/{deployment}/undo")
@@ -249,13 +267,14 @@ def get_ab(deployment: str, session: SessionDep, tenant: CurrentTenant) -> JSONR
 
 
 @router.post("/deployments/{deployment}/ab/stop")
-async def stop_ab(deployment: str, gateway: GatewayDep, session: SessionDep, tenant: CurrentTenant,
-                  body: StopBody | None = None) -> RolloutPublic:
-    target = await run_in_threadpool(get_deployment, session, tenant, deployment)
-    keep = await run_in_threadpool(resolve_version, session, tenant, body.keep) if body and body.keep else None
-    rollout = await run_in_threadpool(rollouts.stop_ab, session, target, _active(session, target), keep,
-                                      _actor(tenant), time.time())
-    return rollout_public(rollout)
+async def stop_ab(deployment: str, session: SessionDep, tenant: CurrentTenant, body: StopBody | None = None) -> RolloutPublic:
+    keep_ref = body.keep if body else None
+
+    def stop(target: Deployment, rollout: Rollout | None) -> Rollout:
+        keep = resolve_version(session, tenant, keep_ref) if keep_ref else None
+        return rollouts.stop_ab(session, target, rollout, keep, _actor(tenant), time.time())
+
+    return await run_in_threadpool(_command, session, tenant, deployment, stop)
 
 
 @router.post("/deployments/{deployment}/ab/evaluate")

@@ -6,9 +6,14 @@ import asyncio
 import time
 from types import SimpleNamespace
 
+import pytest
+
 from adapters.catalog import Adapter, AdapterVersion, Deployment, Rollout, Tenant, open_catalog
+from adapters.errors import Conflict
+from serve import rollouts
+from serve.api_rollouts import _command
 from serve.controller import RolloutController
-from serve.rollouts import Phase
+from serve.rollouts import Phase, Tick, apply_tick
 
 
 def _catalog(tmp_path):
@@ -71,6 +76,38 @@ def test_a_decision_made_on_a_stale_snapshot_is_not_written(tmp_path):
     assert asyncio.run(a._write(snapshot, advance)) is False
     with sessions() as session:
         assert session.get(Rollout, rollout_id).step_index == 0
+
+
+@pytest.mark.parametrize(("look", "expected"), [("extend", Phase.ABORTED), ("rollback", Phase.ROLLED_BACK)])
+def test_a_user_command_that_races_a_look_is_judged_on_the_fresh_rollout(tmp_path, look, expected):
+    sessions, rollout_id = _catalog(tmp_path)
+    with sessions() as session:
+        session.get(Deployment, 1).rollout_id = rollout_id
+        session.get(Rollout, rollout_id).variants = [
+            {"label": label, "version_id": v, "digest": str(v) * 64, "ref": f"m@{v}", "weight": weight}
+            for label, v, weight in (("canary", 2, 10.0), ("stable", 1, 90.0))]
+        session.commit()
+    looked = []
+
+    def abort_after_a_look(target: Deployment, rollout: Rollout | None) -> Rollout:
+        if not looked:  # the controller writes its look between the user's read and the user's write
+            with sessions() as controller:
+                apply_tick(controller, controller.get(Rollout, rollout_id), Tick(look, "R", "a look", []), 0,
+                           "controller:a", time.time())
+            looked.append(look)
+        return rollouts.abort(session, target, rollout, "tenant:acme", time.time())
+
+    with sessions() as session:
+        tenant = session.get(Tenant, 1)
+        if expected is Phase.ABORTED:  # the look changed nothing the abort depends on: it is applied
+            assert _command(session, tenant, "d", abort_after_a_look).phase == Phase.ABORTED
+        else:  # the controller finished the rollout first: the abort is refused for that, not for the timing
+            with pytest.raises(Conflict, match="cannot abort on 'd': there is no canary rollout"):
+                _command(session, tenant, "d", abort_after_a_look)
+    with sessions() as session:
+        rollout = session.get(Rollout, rollout_id)
+        assert (rollout.phase, rollout.looks, [d.action for d in rollout.decisions]) == (
+            expected, 1, [look, "abort"] if expected is Phase.ABORTED else [look])
 
 
 def test_drift_monitor_finds_versions_without_a_baseline_and_claims_replays_once(tmp_path):

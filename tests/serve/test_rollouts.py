@@ -68,6 +68,16 @@ def _wait(http: httpx.Client, done: Callable[[dict], bool], timeout: float = 120
     raise AssertionError(f"rollout did not get there in {timeout} s: {rollout['phase']} {rollout['message']}")
 
 
+def _command(http: httpx.Client, action: str, body: dict | None = None) -> dict:
+    """pause/resume/abort/promote; a refusal shows the rollout's phase and its last decisions."""
+    response = http.post(f"/v1/deployments/shapes/rollout/{action}", json=body)
+    if response.status_code != 200:
+        rollout = http.get("/v1/deployments/shapes/rollout").json()
+        raise AssertionError(f"{action}: {response.status_code} {response.text}; rollout {rollout['phase']}, "
+                             f"decisions {[(d['action'], d['reason'], d['message']) for d in rollout['decisions']]}")
+    return response.json()
+
+
 def _start(http: httpx.Client, **params) -> dict:
     response = http.post("/v1/deployments/shapes/rollout", json={"to": "m@2", "gate": False, **params})
     assert response.status_code == 202, response.text
@@ -90,7 +100,7 @@ def test_gate_refuses_a_worse_adapter_and_admits_an_equal_one(shapes):
     assert admitted["phase"] == "Progressing" and admitted["reason"] == "ValidationNonInferior"
     assert admitted["gate"]["measurement"]["interval"] == [0.0, 0.0]  # the same answers on every item
     assert [v["weight"] for v in admitted["variants"]] == [10, 90]
-    assert http.post("/v1/deployments/shapes/rollout/abort").json()["phase"] == "Aborted"
+    assert _command(http, "abort")["phase"] == "Aborted"
 
 
 def test_bad_canary_is_rolled_back_automatically(shapes, general_requests):
@@ -126,7 +136,7 @@ def test_weights_are_sticky_monotone_and_observed(shapes, general_requests):
     assert abs(len(canary) - 75) <= 30  # 25 % of 300, +-4 standard deviations
     assert _variants(http, general_requests, users[:60]) == {u: first[u] for u in users[:60]}  # sticky
 
-    promoted = http.post("/v1/deployments/shapes/rollout/promote", json={}).json()
+    promoted = _command(http, "promote", {})
     assert [v["weight"] for v in promoted["variants"]] == [50, 50]
     second = _variants(http, general_requests, users)
     assert all(second[u] == "canary" for u in canary)  # nobody goes back to stable
@@ -137,14 +147,14 @@ def test_weights_are_sticky_monotone_and_observed(shapes, general_requests):
     metrics = httpx.get(http.base_url.join("/metrics")).text
     assert 'variant="canary"' in metrics
 
-    http.post("/v1/deployments/shapes/rollout/abort").raise_for_status()
+    _command(http, "abort")
     assert set(_variants(http, general_requests, users[:40]).values()) == {"stable"}
 
 
 def test_promote_full_then_undo_and_redo(shapes, general_requests):
     http = shapes(validation=False)
     _start(http, interval_s=3600)
-    promoted = http.post("/v1/deployments/shapes/rollout/promote", json={"full": True}).json()
+    promoted = _command(http, "promote", {"full": True})
     assert promoted["phase"] == "Promoted" and promoted["decisions"][-1]["reason"] == "ManualPromote"
     deployment = http.get("/v1/deployments").json()[0]
     assert (deployment["adapter"]["version"], deployment["previous_adapter"]) == (2, "m@1")
@@ -160,11 +170,11 @@ def test_promote_full_then_undo_and_redo(shapes, general_requests):
 def test_pause_holds_and_resume_continues(shapes):
     http = shapes(validation=False)
     _start(http, interval_s=3600)
-    paused = http.post("/v1/deployments/shapes/rollout/pause").json()
+    paused = _command(http, "pause")
     assert paused["phase"] == "Paused"
     assert_openai_error(http.post("/v1/deployments/shapes/rollout/pause"), 409, "Paused")
-    assert http.post("/v1/deployments/shapes/rollout/resume").json()["phase"] == "Progressing"
-    assert http.post("/v1/deployments/shapes/rollout/abort").json()["phase"] == "Aborted"
+    assert _command(http, "resume")["phase"] == "Progressing"
+    assert _command(http, "abort")["phase"] == "Aborted"
     assert [d["action"] for d in http.get("/v1/deployments/shapes/rollout").json()["decisions"]] == [
         "start", "gate", "pause", "resume", "abort"]
 
@@ -255,7 +265,7 @@ def test_ab_test_reports_differences_and_keeps_the_winner(shapes, general_reques
 def test_restarted_gateway_resumes_the_rollout_where_it_was(server, shapes, general_requests):
     http = shapes(validation=False)
     _start(http, steps=[20, 50], min_requests=10**6, interval_s=3600)
-    http.post("/v1/deployments/shapes/rollout/promote", json={}).raise_for_status()
+    _command(http, "promote", {})
     users = [f"r{i}" for i in range(40)]
     before = _variants(http, general_requests, users)
     owner = _wait(http, lambda r: r["lease_owner"] is not None)["lease_owner"]
@@ -267,7 +277,7 @@ def test_restarted_gateway_resumes_the_rollout_where_it_was(server, shapes, gene
     assert _variants(http, general_requests, users) == before  # same salt, same buckets
     resumed = _wait(http, lambda r: r["lease_owner"] not in (None, owner))
     assert resumed["step_index"] == 1
-    assert http.post("/v1/deployments/shapes/rollout/promote", json={"full": True}).json()["phase"] == "Promoted"
+    assert _command(http, "promote", {"full": True})["phase"] == "Promoted"
 
 
 def test_cli_drives_a_rollout_and_reports_the_gate(shapes, server, general_val):
