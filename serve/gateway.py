@@ -58,6 +58,7 @@ def _build_gateway(settings: Settings) -> Gateway:
     tmp_dir.mkdir(parents=True, exist_ok=True)
     metrics = Metrics()
     hardware, quantization = quantization_for(settings)
+    metrics.engine.info({"base": settings.base, "quantization": quantization.label, "hardware": hardware.describe()})
     engine = Engine(settings, metrics, settings.home / "logs" / "engine.log", hardware, quantization)
     gateway = Gateway(settings=settings, sessions=sessions, store=open_store(settings.store_url),
                       spec=load_base_spec(settings.base), engine=engine, metrics=metrics, tmp_dir=tmp_dir,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 __all__ = ["Metrics", "OTHER"]
 
@@ -30,6 +30,8 @@ class Metrics:
                               buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.tokens = Counter("lorafleet_tokens", "Tokens processed", [*labels, "kind"], registry=self.registry)
         self.engine_up = Gauge("lorafleet_engine_up", "1 while the engine answers", registry=self.registry)
+        self.engine = Info("lorafleet_engine", "The served base model, its quantization and the hardware",
+                           registry=self.registry)
         self.engine_restarts = Counter("lorafleet_engine_restarts", "Engine (re)starts after a failure",
                                        registry=self.registry)
         self.engine_start_seconds = Gauge("lorafleet_engine_start_seconds", "Duration of the last engine start",

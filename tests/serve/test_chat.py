@@ -131,7 +131,7 @@ def test_missing_or_wrong_key_is_401(server):
         assert_openai_error(response, 401)
 
 
-def test_metrics_count_requests_and_tokens_by_tenant_deployment_adapter(server, two_tenants):
+def test_metrics_count_requests_and_tokens_by_tenant_deployment_adapter(server, two_tenants, served_quantization):
     _greedy(two_tenants[1].openai(), "assistant", image_messages())
     text = httpx.get(server.url + "/metrics").text
     tenant = two_tenants[1].name
@@ -140,5 +140,7 @@ def test_metrics_count_requests_and_tokens_by_tenant_deployment_adapter(server, 
     assert any(l.startswith("lorafleet_tokens_total") and f'tenant="{tenant}"' in l and 'kind="completion"' in l
                for l in text.splitlines())
     assert "lorafleet_engine_up 1.0" in text
+    assert f'quantization="{served_quantization.label}"' in next(l for l in text.splitlines()
+                                                               if l.startswith("lorafleet_engine_info{"))
     assert 'lorafleet_adapter_loads_total{outcome="ok"}' in text
     assert httpx.get(server.url + "/healthz").status_code == 200
