@@ -18,9 +18,6 @@ from .client import LorafleetClient
 __all__ = ["app"]
 
 console = Console()
-# torchao 0.18 registers Enum types that torch 2.13 already handles; torch warns twice at every import of torchao
-# (quantize, train, the tiny model). Nothing a user can act on.
-logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 class _Commands(typer.core.TyperGroup):
