@@ -13,7 +13,7 @@ from functools import lru_cache
 
 from .errors import InvalidRequest
 
-__all__ = ["BaseModelSpec", "load_base_spec"]
+__all__ = ["BaseModelSpec", "base_config", "load_base_spec"]
 
 
 @dataclass(frozen=True)
@@ -61,12 +61,20 @@ def _part_of(path: str, lm_prefix: str) -> str:
 
 
 @lru_cache(maxsize=8)
-def load_base_spec(base: str) -> BaseModelSpec:
-    """Read the base model's config (local path or hub id) and list its linear layers."""
-    import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText
+def base_config(base: str):
+    """The base model's config (local path or hub id), read once per base."""
+    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(base)
+    return AutoConfig.from_pretrained(base)
+
+
+@lru_cache(maxsize=8)
+def load_base_spec(base: str) -> BaseModelSpec:
+    """Read the base model's config and list its linear layers."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    config = base_config(base)
     try:
         with torch.device("meta"):
             model = AutoModelForImageTextToText.from_config(config)

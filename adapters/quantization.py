@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .base_model import BaseModelSpec
+from .base_model import BaseModelSpec, base_config
 from .errors import InvalidRequest
 
 __all__ = ["SCHEMES", "CHECKPOINT_SCHEMES", "check_group_size", "checkpoint_dtype", "checkpoint_quantization",
@@ -80,16 +79,9 @@ def online_overrides(scheme: str, group_size: int, spec: BaseModelSpec) -> dict[
     return {"quantization_config_dict_json": json.dumps(config_to_dict(ModuleFqnToConfig(by_module)))}
 
 
-@lru_cache(maxsize=8)
-def _config(base: str):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(base)
-
-
 def checkpoint_quantization(base: str | Path) -> dict[str, Any] | None:
     """The `quantization_config` a checkpoint ships in its config.json (None: full precision)."""
-    config = _config(str(base))
+    config = base_config(str(base))
     found = getattr(config, "quantization_config", None)
     if found is None and getattr(config, "text_config", None) is not None:
         found = getattr(config.text_config, "quantization_config", None)
@@ -100,7 +92,7 @@ def checkpoint_quantization(base: str | Path) -> dict[str, Any] | None:
 
 def checkpoint_dtype(base: str | Path) -> str | None:
     """The dtype a checkpoint was written in ("bfloat16", "float32", …), as its config.json says."""
-    dtype = getattr(_config(str(base)), "dtype", None)
+    dtype = getattr(base_config(str(base)), "dtype", None)
     return str(dtype).removeprefix("torch.") if dtype is not None else None
 
 
