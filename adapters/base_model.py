@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .errors import InvalidRequest
+from lorafleet.adapters.errors import InvalidRequest
 
 __all__ = ["BaseModelSpec", "base_config", "load_base_spec"]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint, create_engine, event
 from sqlalchemy.engine import Engine
@@ -13,7 +13,7 @@ __all__ = ["Base", "Tenant", "Adapter", "AdapterVersion", "ValidationSet", "Depl
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Base(DeclarativeBase):
@@ -37,7 +37,7 @@ class Adapter(Base):
     name: Mapped[str] = mapped_column(String(64))
     next_version: Mapped[int] = mapped_column(default=1)  # version numbers are never reused
     created_at: Mapped[datetime] = mapped_column(default=_now)
-    versions: Mapped[list["AdapterVersion"]] = relationship(back_populates="adapter",
+    versions: Mapped[list[AdapterVersion]] = relationship(back_populates="adapter",
                                                             order_by="AdapterVersion.version")
 
 
@@ -117,7 +117,7 @@ class Rollout(Base):
     lease_expires: Mapped[float] = mapped_column(default=0.0)
     revision: Mapped[int] = mapped_column(default=1)  # optimistic lock: a stale write raises
     deployment: Mapped[Deployment] = relationship()
-    decisions: Mapped[list["Decision"]] = relationship(back_populates="rollout", order_by="Decision.id")
+    decisions: Mapped[list[Decision]] = relationship(back_populates="rollout", order_by="Decision.id")
     __mapper_args__ = {"version_id_col": revision}
 
 

@@ -1,5 +1,5 @@
 """lorafleet's error tree. Each error knows its HTTP status and OpenAI error `type`/`code`;
-the gateway renders every one of them in exactly one place (serve/errors.py).
+the gateway renders every one of them in exactly one place (`lorafleet.serve.api.errors`).
 
 LorafleetError
  ├── Unauthorized            401  missing or wrong key
@@ -8,7 +8,7 @@ LorafleetError
  ├── InvalidRequest          400  malformed input
  │    └── InvalidAdapter     400  an upload that must not be served (names the field and reason)
  ├── PayloadTooLarge         413
- └── ServiceUnavailable      503  carries Retry-After (serve/: EngineUnavailable, AdapterLoadFailed)
+ └── ServiceUnavailable      503  carries Retry-After (`lorafleet.serve.engine.client`: EngineUnavailable, AdapterLoadFailed)
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .base_model import BaseModelSpec, base_config
-from .errors import InvalidRequest
+from lorafleet.adapters.base_model import BaseModelSpec, base_config
+from lorafleet.adapters.errors import InvalidRequest
 
 __all__ = ["SCHEMES", "CHECKPOINT_SCHEMES", "check_group_size", "checkpoint_dtype", "checkpoint_quantization",
            "describe_checkpoint", "full_precision_parts", "online_overrides", "torchao_config", "unquantized_modules"]

@@ -11,10 +11,10 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from .catalog import Adapter, AdapterVersion, Deployment, Rollout, Tenant
-from .errors import Conflict, InvalidRequest, NotFound, Unauthorized
-from .schemas import check_name
-from .validate import ValidatedAdapter
+from lorafleet.adapters.catalog import Adapter, AdapterVersion, Deployment, Rollout, Tenant
+from lorafleet.adapters.errors import Conflict, InvalidRequest, NotFound, Unauthorized
+from lorafleet.adapters.schemas import check_name
+from lorafleet.adapters.validate import ValidatedAdapter
 
 __all__ = ["hash_key", "create_tenant", "authenticate", "readable_adapters", "get_adapter", "list_adapters",
            "register_version", "resolve_version", "delete_version", "set_deployment", "get_deployment",

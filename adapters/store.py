@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
 
-from .validate import CONFIG_FILE, WEIGHTS_FILE, ValidatedAdapter
+from lorafleet.adapters.validate import CONFIG_FILE, WEIGHTS_FILE, ValidatedAdapter
 
 __all__ = ["AdapterStore", "LocalStore", "BlobStore", "open_store"]
 

@@ -15,8 +15,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .base_model import BaseModelSpec
-from .errors import InvalidAdapter, PayloadTooLarge
+from lorafleet.adapters.base_model import BaseModelSpec
+from lorafleet.adapters.errors import InvalidAdapter, PayloadTooLarge
 
 __all__ = ["ValidatedAdapter", "extract_archive", "validate_adapter_dir", "validate_upload",
            "CONFIG_FILE", "WEIGHTS_FILE"]
@@ -129,7 +129,7 @@ def _check_target_modules(config: dict, spec: BaseModelSpec) -> None:
         raise InvalidAdapter("target_modules", "missing or empty")
 
 
-def _check_weights(folder: Path, config: dict, spec: BaseModelSpec, max_rank: int) -> tuple["hashlib._Hash", int, tuple[str, ...]]:
+def _check_weights(folder: Path, config: dict, spec: BaseModelSpec, max_rank: int) -> tuple[hashlib._Hash, int, tuple[str, ...]]:
     """Check every tensor against the base; return a running hash of the tensors, the rank and targets."""
     import torch
     from safetensors import SafetensorError, safe_open

@@ -10,7 +10,7 @@ statistics), images twice as large, and longer prompts.
    The delay is counted in shifted requests sent before the alarm was seen (an upper bound: the client polls
    after each batch of 10).
 2. Resampled: the monitor's features are functions of the requests alone, so many more trials run through the
-   same code (`serve.drift.input_drift`, the same window, look counter and alpha spending): false alarms over
+   same code (`lorafleet.serve.drift.statistics.input_drift`, the same window, look counter and alpha spending): false alarms over
    1,000 calm samples (20 looks) and the exact delay per shift.
 
     .venv/bin/python loadtests/bench_drift.py [--real-trials 2] [--trials 200] [--base DIR]
@@ -22,7 +22,6 @@ import argparse
 import random
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,14 +33,11 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from serve.client import LorafleetClient  # noqa: E402
-from serve.drift import input_drift, request_features  # noqa: E402
-from serve.local_server import LocalServer  # noqa: E402
-from train.data import image_data_url  # noqa: E402
-from train.shapes import make_example, write_task  # noqa: E402
+from lorafleet.chat import image_data_url  # noqa: E402
+from lorafleet.serve.client import LorafleetClient  # noqa: E402
+from lorafleet.serve.dev.local_server import LocalServer  # noqa: E402
+from lorafleet.serve.drift.statistics import input_drift, request_features  # noqa: E402
+from lorafleet.train.shapes import make_example, write_task  # noqa: E402
 
 console = Console(width=150)
 WINDOW = 50
@@ -133,7 +129,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="lorafleet-bench-drift-"))
     try:
         validation = write_task("general", 100, work / "val.jsonl", seed=1)
-        from train.data import load_jsonl, request_messages
+        from lorafleet.chat import load_jsonl, request_messages
 
         reference = _features([request_messages(e) for e in load_jsonl(validation)])
         pool_rng = random.Random(7)
@@ -157,8 +153,8 @@ def main() -> None:
         console.print(table)
 
         if args.real_trials:
-            from train.tiny_model import PRETRAIN_STEPS, build_tiny_model
-            from train.random_adapter import make_random_adapter
+            from lorafleet.train.random_adapter import make_random_adapter
+            from lorafleet.train.tiny_model import PRETRAIN_STEPS, build_tiny_model
 
             with console.status("building the tiny base and starting lorafleet serve"):
                 base = args.base or build_tiny_model(work / "base", seed=0, pretrain_steps=PRETRAIN_STEPS)

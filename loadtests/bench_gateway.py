@@ -1,7 +1,7 @@
 """What the gateway costs over vLLM alone, measured side by side in one run.
 
 Starts `lorafleet serve` (gateway + engine) and, beside it, a second vLLM server started with the same
-command line (`serve.engine.engine_command`) and the same adapters registered directly. Rounds alternate
+command line (`lorafleet.serve.engine.command.engine_command`) and the same adapters registered directly. Rounds alternate
 between the two so that machine noise hits both alike; the table reports each and their ratio.
 
     .venv/bin/python loadtests/bench_gateway.py [--adapters 8] [--rounds 3] [--requests 96] [--concurrency 16]
@@ -15,7 +15,6 @@ import random
 import secrets
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,15 +24,12 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from serve.client import LorafleetClient  # noqa: E402
-from serve.engine import engine_command, free_port  # noqa: E402
-from serve.hardware import quantization_for  # noqa: E402
-from serve.local_server import LocalServer  # noqa: E402
-from train.data import image_data_url  # noqa: E402
-from serve.settings import Settings  # noqa: E402
+from lorafleet.chat import image_data_url  # noqa: E402
+from lorafleet.serve.client import LorafleetClient  # noqa: E402
+from lorafleet.serve.dev.local_server import LocalServer  # noqa: E402
+from lorafleet.serve.engine.command import engine_command, free_port  # noqa: E402
+from lorafleet.serve.engine.hardware import quantization_for  # noqa: E402
+from lorafleet.serve.settings import Settings  # noqa: E402
 
 console = Console()
 
@@ -82,8 +78,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
 
-    from train.random_adapter import make_random_adapter
-    from train.tiny_model import build_tiny_model
+    from lorafleet.train.random_adapter import make_random_adapter
+    from lorafleet.train.tiny_model import build_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="lorafleet-bench-"))
     with console.status("building the tiny model and adapters"):

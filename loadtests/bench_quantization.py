@@ -25,17 +25,13 @@ import tempfile
 from pathlib import Path
 
 import psutil
+from bench_gateway import scenario  # noqa: E402
+from bench_rollout import build_world  # noqa: E402
 from rich.console import Console
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "loadtests"))
-
-from bench_gateway import scenario  # noqa: E402
-from bench_rollout import build_world  # noqa: E402
-from serve.client import LorafleetClient  # noqa: E402
-from serve.local_server import LocalServer  # noqa: E402
+from lorafleet.serve.client import LorafleetClient  # noqa: E402
+from lorafleet.serve.dev.local_server import LocalServer  # noqa: E402
 
 console = Console(width=160)
 DEPLOYMENTS = {"acme": ("json", "stable"), "globex": ("french", "bad"), "base": ("general", None)}
@@ -58,16 +54,16 @@ def _weights_bytes(base: Path) -> int:
     manifest = base / "lorafleet-quantization.json"
     if manifest.exists():
         return json.loads(manifest.read_text())["weights_bytes_after"]
-    from adapters.base_model import load_base_spec
+    from lorafleet.adapters.base_model import load_base_spec
 
     return sum(fan_in * fan_out * 4 for fan_in, fan_out in load_base_spec(str(base)).lora_modules.values())
 
 
 def prepare(work: Path, items: int) -> tuple[dict[str, Path], dict[str, Path], dict[str, Path]]:
     """Bases (full, int8, int4), adapters per deployment, validation sets per deployment."""
-    from train.quantize import quantize
-    from train.random_adapter import make_random_adapter
-    from train.shapes import write_task
+    from lorafleet.train.quantize import quantize
+    from lorafleet.train.random_adapter import make_random_adapter
+    from lorafleet.train.shapes import write_task
 
     base, trained = build_world(work)
     bases = {"full precision": base}

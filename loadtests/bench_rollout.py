@@ -10,7 +10,7 @@ breaks the JSON format.
    from distinct users until the controller decides.
 2. Resampled: per-request outcomes (status, latency, format validity) recorded from the same engine,
    interleaved across the three versions, then many more trials than real time allows through the same pure
-   code the controller runs each tick (`serve.rollouts.plan`), on a simulated clock with the measured
+   code the controller runs each tick (`lorafleet.serve.rollouts.state.plan_tick`), on a simulated clock with the measured
    request rate and the server's tick. A "subtle" canary (20 % of its answers broken) shows the power limit.
 
     .venv/bin/python loadtests/bench_rollout.py [--real-trials 3] [--trials 1000] [--record 300]
@@ -24,7 +24,6 @@ import json
 import random
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -36,15 +35,12 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from serve.analysis import VariantSamples  # noqa: E402
-from serve.answer_format import format_checker  # noqa: E402
-from serve.client import LorafleetClient  # noqa: E402
-from serve.local_server import LocalServer  # noqa: E402
-from serve.routing import BUCKETS, bucket_of  # noqa: E402
-from serve.rollouts import CanaryView, RolloutStart, plan  # noqa: E402
+from lorafleet.serve.answer_format import answer_checker  # noqa: E402
+from lorafleet.serve.client import LorafleetClient  # noqa: E402
+from lorafleet.serve.dev.local_server import LocalServer  # noqa: E402
+from lorafleet.serve.rollouts.routing import BUCKETS, bucket_of  # noqa: E402
+from lorafleet.serve.rollouts.state import CanaryView, RolloutStart, plan_tick  # noqa: E402
+from lorafleet.serve.rollouts.statistics import VariantSamples  # noqa: E402
 
 console = Console(width=160)
 JSON_FORMAT = {"json_schema": {"type": "object", "required": ["shape", "color"], "additionalProperties": False,
@@ -60,10 +56,10 @@ GATE_ITEMS = 200  # 60 items cannot show non-inferiority at a 0.05 margin with a
 def build_world(work: Path) -> tuple[Path, dict[str, Path]]:
     from transformers.utils import logging as hf_logging
 
-    from train.config import load_config
-    from train.shapes import write_task
-    from train.tiny_model import PRETRAIN_STEPS, build_tiny_model
-    from train.trainer import train
+    from lorafleet.train.config import load_config
+    from lorafleet.train.shapes import write_task
+    from lorafleet.train.tiny_model import PRETRAIN_STEPS, build_tiny_model
+    from lorafleet.train.trainer import train
 
     hf_logging.disable_progress_bar()
     names = {"stable": ("json", 0), "good": ("json", 1), "bad": ("french", 0)}
@@ -88,8 +84,8 @@ def build_world(work: Path) -> tuple[Path, dict[str, Path]]:
 
 def _requests(n: int, seed: int) -> list[list[dict]]:
     """JSON-task prompts about fresh pictures, as clients send them."""
-    from train.data import image_data_url
-    from train.shapes import make_example
+    from lorafleet.chat import image_data_url
+    from lorafleet.train.shapes import make_example
 
     rng = random.Random(seed)
     out = []
@@ -140,7 +136,7 @@ async def real_trial(server: LocalServer, key: str, versions: dict[str, str], ca
     admin.deploy("answers", versions["stable"])  # every trial starts from the same stable
     admin.start_rollout("answers", to=versions[candidate], gate=False, steps=STEPS, min_requests=min_requests,
                         interval_s=interval_s)
-    check = format_checker(JSON_FORMAT)
+    check = answer_checker(JSON_FORMAT)
     sent, t0, rng = 0, time.monotonic(), random.Random(seed)
     async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {key}"},
                                  timeout=120) as http:
@@ -161,7 +157,7 @@ async def real_trial(server: LocalServer, key: str, versions: dict[str, str], ca
 
 async def record(server: LocalServer, key: str, prompts, per_version: int) -> dict[str, list[Outcome]]:
     """Per-request outcomes of each version, interleaved so machine noise hits all alike."""
-    check = format_checker(JSON_FORMAT)
+    check = answer_checker(JSON_FORMAT)
     pools: dict[str, list[Outcome]] = {name: [] for name in ("stable", "good", "bad")}
     jobs = [(name, i) for i in range(per_version) for name in pools]
     gate = asyncio.Semaphore(CONCURRENCY)
@@ -219,7 +215,7 @@ def simulate(stable: list[Outcome], canary: list[Outcome], params: RolloutStart,
         next_tick += TICK_S
         view = CanaryView(step_index, params.steps, looks, started, last_look, last_look_requests, params)
         samples = step.samples()
-        tick = plan(view, samples, now)
+        tick = plan_tick(view, samples, now)
         if tick is None:
             continue
         looks, last_look, last_look_requests = looks + 1, now, samples["canary"].requests

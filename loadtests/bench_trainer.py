@@ -19,9 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 VARIANTS = {  # name -> (loop, batch size, rank, gradient checkpointing)
     "lorafleet b8 r16": ("lorafleet", 8, 16, False),
     "plain PEFT b8 r16": ("plain", 8, 16, False),
@@ -43,20 +40,21 @@ def _peak_mb() -> float:
 
 def _run_variant(name: str, base: str, data: str, steps: int, out: str) -> dict:
     loop, batch, rank, ckpt = VARIANTS[name]
-    from train.config import load_config
+    from lorafleet.train.config import load_config
 
     config = load_config(None, base=base, train=data, out=out, rank=rank, batch_size=batch, max_steps=steps,
                          gradient_checkpointing=ckpt, eval_every=10**6, qlora="off")
     if loop == "lorafleet":
-        from train.trainer import train
+        from lorafleet.train.trainer import train
 
         result = train(config, progress=False)
         return {"samples_per_s": result.samples_per_s, "peak_mb": _peak_mb()}
     import torch
     from torch.utils.data import DataLoader
 
-    from train.data import collate, encode, load_jsonl
-    from train.trainer import _load_model
+    from lorafleet.chat import load_jsonl
+    from lorafleet.train.data import collate, encode
+    from lorafleet.train.trainer import _load_model
 
     processor, model = _load_model(config)
     items = [encode(processor, e, config.max_length) for e in load_jsonl(config.train)]
@@ -94,8 +92,8 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from train.shapes import write_task
-    from train.tiny_model import build_tiny_model
+    from lorafleet.train.shapes import write_task
+    from lorafleet.train.tiny_model import build_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="lorafleet-trainbench-"))
     base = args.base or str(build_tiny_model(work / "base"))
@@ -105,7 +103,7 @@ def main() -> None:
         for name in VARIANTS:
             run = subprocess.run([sys.executable, __file__, "--variant", name, "--base", base, "--data", str(data),
                                   "--steps", str(args.steps), "--out", str(work / f"out-{round_}-{len(results)}")],
-                                 capture_output=True, text=True, cwd=ROOT)
+                                 capture_output=True, text=True)
             line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:
                 raise SystemExit(f"{name} failed:\n{run.stderr[-2000:]}")

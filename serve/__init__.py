@@ -1,1 +1,12 @@
-"""The gateway and everything at request time: OpenAI API, registry API, engine supervisor, metrics, CLI."""
+"""The gateway and everything at request time or on a timer.
+
+- `api/`         the HTTP API (FastAPI app, dependencies, error mapping, one module of routes per resource)
+- `engine/`      the vLLM engine: supervisor, command line, hardware and quantization planning, client
+- `rollouts/`    canary rollouts and A/B tests: routing, state machine, statistics, gate, controller
+- `drift/`       drift statistics, the monitor, the HTML report
+- `cli/`         the `lorafleet` command, one module per command group
+- `dev/`         the demo and a local test server (development only)
+- `gateway`      `build_gateway`: every long-lived part, wired once; `settings` the one settings object;
+  `metrics` Prometheus; `validation` validation sets and the one replay-and-score path; `answer_format`
+  declared answer formats; `client` the HTTP client of this API (CLI, demo, tests)
+"""

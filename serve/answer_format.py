@@ -1,17 +1,25 @@
-"""A deployment's declared answer format (a JSON schema or a regex) and the check of one answer against it."""
+"""A deployment's declared answer format (a JSON schema or a regex) and the check of one answer against it.
+
+Checks are CPU work: callers run them off the event loop. A tenant's regex is matched with a time bound
+(`regex`'s timeout), so a pathological pattern marks the answer invalid instead of hanging a worker.
+"""
 
 from __future__ import annotations
 
 import json
-import re
+import logging
 from collections.abc import Callable
 from functools import lru_cache
 
 import jsonschema
+import regex
 
-from adapters.errors import InvalidRequest
+from lorafleet.adapters.errors import InvalidRequest
 
-__all__ = ["check_format_spec", "format_checker"]
+__all__ = ["check_format_spec", "answer_checker", "REGEX_TIMEOUT_S"]
+
+log = logging.getLogger("lorafleet.answer_format")
+REGEX_TIMEOUT_S = 0.5  # longest a regex may take on one answer
 
 
 def check_format_spec(spec: dict) -> dict | None:
@@ -26,8 +34,8 @@ def check_format_spec(spec: dict) -> dict | None:
         if not isinstance(spec["regex"], str):
             raise InvalidRequest("'regex' must be a string", code="invalid_answer_format")
         try:
-            re.compile(spec["regex"])
-        except re.error as exc:
+            regex.compile(spec["regex"])
+        except regex.error as exc:
             raise InvalidRequest(f"invalid regex {spec['regex']!r}: {exc}", code="invalid_answer_format") from exc
         return spec
     schema = spec["json_schema"]
@@ -44,8 +52,17 @@ def check_format_spec(spec: dict) -> dict | None:
 def _compiled(spec_json: str) -> Callable[[str], bool]:
     spec = json.loads(spec_json)
     if "regex" in spec:
-        pattern = re.compile(spec["regex"])
-        return lambda text: pattern.fullmatch(text.strip()) is not None
+        pattern = regex.compile(spec["regex"])
+
+        def matches(text: str) -> bool:
+            try:
+                return pattern.fullmatch(text.strip(), timeout=REGEX_TIMEOUT_S) is not None
+            except TimeoutError:
+                log.warning("answer-format regex %r took over %.1f s on one answer: counted invalid",
+                            spec["regex"][:60], REGEX_TIMEOUT_S)
+                return False
+
+        return matches
     validator = jsonschema.validators.validator_for(spec["json_schema"])(spec["json_schema"])
 
     def valid_json(text: str) -> bool:
@@ -57,6 +74,6 @@ def _compiled(spec_json: str) -> Callable[[str], bool]:
     return valid_json
 
 
-def format_checker(spec: dict) -> Callable[[str], bool]:
+def answer_checker(spec: dict) -> Callable[[str], bool]:
     """Whether an answer (the assistant's text, stripped for regexes) has the declared format."""
     return _compiled(json.dumps(spec, sort_keys=True))

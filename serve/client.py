@@ -11,7 +11,7 @@ from typing import Any, BinaryIO
 
 import httpx
 
-from adapters.errors import LorafleetError
+from lorafleet.adapters.errors import LorafleetError
 
 __all__ = ["ApiError", "ServerUnreachable", "LorafleetClient", "pack_adapter", "inline_images"]
 
@@ -32,7 +32,7 @@ def inline_images(path: Path) -> bytes:
     """A chat JSONL file (the training format) with its local image paths replaced by data URLs."""
     import json
 
-    from train.data import answer_of, load_jsonl, request_messages
+    from lorafleet.chat import answer_of, load_jsonl, request_messages
 
     lines = [json.dumps({"messages": [*request_messages(e), {"role": "assistant", "content": answer_of(e)}]})
              for e in load_jsonl(path)]

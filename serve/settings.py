@@ -62,10 +62,16 @@ class Settings(BaseSettings):
     @field_validator("home")
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
-        return value.expanduser()
+        return value.expanduser().resolve()  # the engine and the store get absolute paths
+
+    @field_validator("base")
+    @classmethod
+    def _local_base_absolute(cls, base: str) -> str:
+        local = Path(base).expanduser()
+        return str(local.resolve()) if base and local.exists() else base  # else a hub id
 
     @model_validator(mode="after")
-    def _fill_defaults(self) -> "Settings":
+    def _fill_defaults(self) -> Settings:
         if not self.database_url:
             self.database_url = f"sqlite:///{self.home / 'catalog.db'}"
         if not self.store_url:

@@ -14,16 +14,17 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from adapters.catalog import Deployment, Tenant, ValidationSet
-from adapters.errors import InvalidRequest
-from train.data import DataError, answer_of, load_jsonl
-from train.metrics import METRICS
+from lorafleet.adapters.catalog import Deployment, Tenant, ValidationSet
+from lorafleet.adapters.errors import InvalidRequest
+from lorafleet.chat import DataError, answer_of, load_jsonl
+from lorafleet.scoring import METRICS
+from lorafleet.serve.engine.client import EngineClient, map_engine_errors
+from lorafleet.serve.rollouts.statistics import Measurement, paired_gate
 
-from .engine import Engine, map_engine_errors
-
-__all__ = ["MAX_ITEMS", "ValidationItem", "canonical_validation", "attach_validation", "read_items", "replay",
-           "replay_with_tokens", "score"]
+__all__ = ["MAX_ITEMS", "ValidationItem", "Replay", "canonical_validation", "attach_validation", "read_items",
+           "replay_and_score", "paired_test", "score"]
 
 MAX_ITEMS = 5000
 
@@ -73,29 +74,48 @@ def read_items(path: Path) -> list[ValidationItem]:
     return items
 
 
-async def replay(engine: Engine, digest: str, items: list[ValidationItem], max_tokens: int) -> list[str]:
-    """Greedy answers of adapter `digest` to every item, through the engine (the same path as live traffic)."""
-    return (await replay_with_tokens(engine, digest, items, max_tokens))[0]
+@dataclass(frozen=True)
+class Replay:
+    """One adapter's greedy answers to a validation set, their lengths in tokens and their task scores."""
+
+    digest: str
+    outputs: list[str]
+    tokens: list[int]
+    scores: list[float]
+
+    @property
+    def mean(self) -> float:
+        return sum(self.scores) / len(self.scores)
 
 
-async def replay_with_tokens(engine: Engine, digest: str, items: list[ValidationItem], max_tokens: int,
-                             concurrency: int = 8) -> tuple[list[str], list[int]]:
-    """The greedy answers and their lengths in tokens."""
+async def replay_and_score(engine: EngineClient, digest: str, items: list[ValidationItem], metric: str,
+                           max_tokens: int, concurrency: int = 8) -> Replay:
+    """The one replay path of the gate, A/B evaluation and drift replay: register adapter `digest`, let it
+    answer every item through the engine (greedy, the same path as live traffic), score the answers."""
+    await engine.ensure_loaded(digest)
     limit = asyncio.Semaphore(concurrency)
 
     async def one(item: ValidationItem) -> tuple[str, int]:
         body = {"model": digest, "messages": item.messages, "temperature": 0, "max_tokens": max_tokens}
         async with limit:
             with map_engine_errors():
-                response = await engine.client.post("/v1/chat/completions", json=body)
+                response = await engine.http.post("/v1/chat/completions", json=body)
         response.raise_for_status()
         payload = response.json()
         return payload["choices"][0]["message"]["content"] or "", payload["usage"]["completion_tokens"]
 
     answers = await asyncio.gather(*(one(item) for item in items))
-    return [text for text, _ in answers], [tokens for _, tokens in answers]
+    outputs, tokens = [text for text, _ in answers], [n for _, n in answers]
+    scores = await run_in_threadpool(score, outputs, items, metric)  # metrics such as ANLS are CPU work
+    return Replay(digest, outputs, tokens, scores)
+
+
+async def paired_test(reference: list[float], candidate: list[float], margin: float, alpha: float) -> Measurement:
+    """`paired_gate` off the event loop (the bootstrap resamples thousands of times)."""
+    return await run_in_threadpool(paired_gate, reference, candidate, margin, alpha)
 
 
 def score(outputs: list[str], items: list[ValidationItem], metric: str) -> list[float]:
+    """Each answer's task score against its item's reference."""
     return [METRICS[metric](text, item.answer) for text, item in zip(outputs, items)]
 

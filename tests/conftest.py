@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve.local_server import LocalServer
+from lorafleet.serve.dev.local_server import LocalServer
 
 MAX_RANK = 16
 MAX_UPLOAD = 2_000_000
@@ -28,7 +28,7 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Qwen2.5-VL pre-trained on the shapes world: it answers the general task ("a red circle")."""
-    from train.tiny_model import PRETRAIN_STEPS, build_tiny_model
+    from lorafleet.train.tiny_model import PRETRAIN_STEPS, build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0, pretrain_steps=PRETRAIN_STEPS)
 
@@ -36,7 +36,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def make_adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """Factory of real PEFT adapters (seeded random LoRA weights), cached per arguments."""
-    from train.random_adapter import make_random_adapter
+    from lorafleet.train.random_adapter import make_random_adapter
 
     cache: dict[tuple, Path] = {}
 
@@ -67,7 +67,7 @@ def vision_adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(scope="session")
 def general_val(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """40 items of the task the tiny base was pre-trained on ("What is in the image?" -> "a red circle")."""
-    from train.shapes import write_task
+    from lorafleet.train.shapes import write_task
 
     return write_task("general", 40, tmp_path_factory.mktemp("data") / "general-val.jsonl", seed=1)
 
@@ -75,7 +75,7 @@ def general_val(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def general_requests(general_val: Path) -> list[list[dict]]:
     """The same items as clients send them (images as data URLs)."""
-    from train.data import load_jsonl, request_messages
+    from lorafleet.chat import load_jsonl, request_messages
 
     return [request_messages(e) for e in load_jsonl(general_val)]
 
@@ -91,8 +91,8 @@ class Server(LocalServer):
 @pytest.fixture(scope="session")
 def served_quantization(tiny_model: Path):
     """What the shared server quantizes the tiny base with on this machine (the default: int4 at load)."""
-    from serve.hardware import quantization_for
-    from serve.settings import Settings
+    from lorafleet.serve.engine.hardware import quantization_for
+    from lorafleet.serve.settings import Settings
 
     return quantization_for(Settings(base=str(tiny_model), dtype="float32"))[1]
 
@@ -141,10 +141,18 @@ def new_tenant(server: Server) -> Callable[[], TenantHandle]:
     return create
 
 
+# Fixtures that mean a test needs what `make unit` leaves out: the real engine, or training on the tiny model.
+ENGINE_FIXTURES = {"server", "new_tenant"}
+TRAINING_FIXTURES = {"tiny_model", "make_adapter", "vision_adapter", "world", "trained"}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that kill the engine run last, so the rest share one warm engine."""
+    """Mark tests by the fixtures they use (`make unit` deselects both marks); tests that kill the engine run
+    last, so the rest share one warm engine."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & ENGINE_FIXTURES or item.get_closest_marker("engine_restart"):
+            item.add_marker(pytest.mark.engine)
+        if fixtures & TRAINING_FIXTURES:
+            item.add_marker(pytest.mark.training)
     items.sort(key=lambda item: item.get_closest_marker("engine_restart") is not None)
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "engine_restart: kills the shared engine; runs at the end")

@@ -7,8 +7,8 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from serve.client import pack_adapter
-from train.data import image_data_url as data_url
+from lorafleet.chat import image_data_url as data_url
+from lorafleet.serve.client import pack_adapter
 
 
 def image_data_url(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (64, 64)) -> str:

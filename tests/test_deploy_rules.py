@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from prometheus_client import generate_latest
 
-from serve.metrics import Metrics
+from lorafleet.serve.metrics import Metrics
 
 RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "alerts.yml"
 

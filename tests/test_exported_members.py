@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import importlib
-import pkgutil
 
 import pytest
 
-PACKAGES = ["adapters", "serve", "train"]
+from tests.modules import lorafleet_modules
+
+MODULES = sorted(name for name in lorafleet_modules() if not name.endswith("__main__"))
 
 
-def _modules() -> list[str]:
-    names = []
-    for package in PACKAGES:
-        names.append(package)
-        module = importlib.import_module(package)
-        names += [f"{package}.{m.name}" for m in pkgutil.iter_modules(module.__path__) if m.name not in ("demo",)]
-    return names
+def test_every_folder_of_the_product_is_in_the_namespace():
+    for package in ("lorafleet.adapters", "lorafleet.serve", "lorafleet.train", "lorafleet.serve.api",
+                    "lorafleet.serve.engine", "lorafleet.serve.rollouts", "lorafleet.serve.drift",
+                    "lorafleet.serve.cli", "lorafleet.serve.dev"):
+        assert package in MODULES
 
 
-@pytest.mark.parametrize("name", _modules())
+@pytest.mark.parametrize("name", MODULES)
 def test_all_names_exist(name):
     module = importlib.import_module(name)
     for exported in getattr(module, "__all__", []):

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from adapters.errors import InvalidRequest
+from lorafleet.adapters.errors import InvalidRequest
 
 __all__ = ["TrainConfig", "load_config"]
 
@@ -43,6 +43,18 @@ class TrainConfig(BaseModel):
     eval_max_tokens: int = 64  # generation budget when scoring
     metric: Literal["exact_match", "anls", "json_fields"] = "exact_match"
     check_tokens: int = 8  # servability: vLLM and PEFT must agree on this many first greedy tokens
+
+    @field_validator("train", "out", "val", "probe", "mix")
+    @classmethod
+    def _absolute(cls, path: Path | None) -> Path | None:
+        """Relative paths mean the working directory of the command; child processes get absolute ones."""
+        return None if path is None else path.expanduser().resolve()
+
+    @field_validator("base")
+    @classmethod
+    def _local_base_absolute(cls, base: str) -> str:
+        local = Path(base).expanduser()
+        return str(local.resolve()) if local.exists() else base  # else a hub id
 
 
 def load_config(path: Path | None = None, **overrides: Any) -> TrainConfig:

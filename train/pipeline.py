@@ -7,12 +7,12 @@ import json
 from importlib import metadata
 from pathlib import Path
 
-from .config import TrainConfig
-from .data import data_hash, load_jsonl, request_messages
-from .evaluate import EvalReport, evaluate
-from .servable import Servability, prove_servable
-from .trainer import TrainResult
-from .vllm_generate import generate
+from lorafleet.chat import data_hash, load_jsonl, request_messages
+from lorafleet.train.compare import EvalReport, compare_to_base
+from lorafleet.train.config import TrainConfig
+from lorafleet.train.servable import Servability, prove_servable
+from lorafleet.train.trainer import TrainResult
+from lorafleet.train.vllm_generate import generate
 
 __all__ = ["finish", "base_identity", "CHECK_PROMPTS"]
 
@@ -62,7 +62,7 @@ def _servability(config: TrainConfig, report: EvalReport) -> Servability:
 
 def finish(config: TrainConfig, result: TrainResult) -> tuple[dict, EvalReport]:
     """Evaluate, prove servable (raises NotServable), and write `manifest.json` beside the adapter."""
-    report = evaluate(config.base, config.out, config.val, config.probe, config.metric, config.eval_max_tokens,
+    report = compare_to_base(config.base, config.out, config.val, config.probe, config.metric, config.eval_max_tokens,
                       config.max_rank)
     servable = _servability(config, report)
     data = {name: data_hash(path) for name, path in (("train", config.train), ("val", config.val),

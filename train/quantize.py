@@ -17,10 +17,17 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from adapters.base_model import load_base_spec
-from adapters.errors import InvalidRequest
-from adapters.quantization import CHECKPOINT_SCHEMES, check_group_size, checkpoint_quantization, \
-    describe_checkpoint, full_precision_parts, torchao_config, unquantized_modules
+from lorafleet.adapters.base_model import load_base_spec
+from lorafleet.adapters.errors import InvalidRequest
+from lorafleet.adapters.quantization import (
+    CHECKPOINT_SCHEMES,
+    check_group_size,
+    checkpoint_quantization,
+    describe_checkpoint,
+    full_precision_parts,
+    torchao_config,
+    unquantized_modules,
+)
 
 __all__ = ["QuantizeReport", "quantize"]
 
@@ -114,8 +121,12 @@ def _write_w4a16(model, layers: list[str], group_size: int, folder: Path) -> int
     calibration data), packed eight values per int32 — the format vLLM's Marlin (CUDA) and cpu_gemm_wna16
     (AVX-512) kernels read. AWQ/GPTQ calibration (llm-compressor) is more accurate but cannot share vLLM's env."""
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (QuantizationConfig, QuantizationStatus, apply_quantization_config,
-                                                 preset_name_to_scheme)
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        QuantizationStatus,
+        apply_quantization_config,
+        preset_name_to_scheme,
+    )
     from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
 
     scheme = preset_name_to_scheme("W4A16", targets=["Linear"])

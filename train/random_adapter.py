@@ -13,7 +13,7 @@ def make_random_adapter(base: str | Path, out: Path, seed: int, rank: int = 8, s
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
-    from adapters.base_model import load_base_spec
+    from lorafleet.adapters.base_model import load_base_spec
 
     spec = load_base_spec(str(base))
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from adapters.base_model import load_base_spec
-from adapters.errors import LorafleetError
-from adapters.validate import validate_adapter_dir
+from lorafleet.adapters.base_model import load_base_spec
+from lorafleet.adapters.errors import LorafleetError
+from lorafleet.adapters.validate import validate_adapter_dir
 
 __all__ = ["NotServable", "Servability", "prove_servable", "peft_greedy", "NEAR_TIE_LOGITS"]
 

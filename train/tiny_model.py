@@ -77,8 +77,9 @@ def pretrain(model, processor, steps: int, seed: int, batch_size: int = 16, lr: 
 
     import torch
 
-    from .data import Example, collate, encode
-    from .shapes import BASE_TASKS, make_example
+    from lorafleet.chat import Example
+    from lorafleet.train.data import collate, encode
+    from lorafleet.train.shapes import BASE_TASKS, make_example
 
     rng = random.Random(f"pretrain-{seed}")
     torch.manual_seed(seed)
@@ -117,8 +118,12 @@ def build_tiny_model(out: Path, seed: int = 0, pretrain_steps: int = 0) -> Path:
     """Write a tiny Qwen2.5-VL (weights, tokenizer, processor) to `out`: randomly initialised, then
     pre-trained for `pretrain_steps` on the general shapes task."""
     import torch
-    from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLImageProcessor,
-                              Qwen2VLVideoProcessor)
+    from transformers import (
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

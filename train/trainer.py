@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from adapters.base_model import load_base_spec
-from adapters.errors import InvalidRequest
-from adapters.quantization import checkpoint_quantization
-
-from .config import TrainConfig
-from .data import collate, encode, load_jsonl
+from lorafleet.adapters.base_model import load_base_spec
+from lorafleet.adapters.errors import InvalidRequest
+from lorafleet.adapters.quantization import checkpoint_quantization
+from lorafleet.chat import load_jsonl
+from lorafleet.train.config import TrainConfig
+from lorafleet.train.data import collate, encode
 
 __all__ = ["train", "TrainResult", "lora_config", "CHECKPOINT"]
 

@@ -12,15 +12,21 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lorafleet.adapters.errors import LorafleetError
+
 __all__ = ["generate", "VLLMFailed"]
 
 _RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for max_lora_rank
 
-from adapters.errors import LorafleetError  # noqa: E402
-
 
 class VLLMFailed(LorafleetError):
     pass
+
+
+def _absolute(name_or_path: str) -> str:
+    """A local folder as an absolute path (vLLM takes a relative name it cannot find for a hub id)."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
 
 
 def generate(base: str, adapters: dict[str, str | None], prompts: list[list[dict]], max_tokens: int,
@@ -28,18 +34,19 @@ def generate(base: str, adapters: dict[str, str | None], prompts: list[list[dict
              llm_kwargs: dict | None = None) -> dict[str, list[dict]]:
     """{name: [{"text", "token_ids"} per prompt]}; `adapters` maps names to folders (None = the base).
 
-    `llm_kwargs` go to vLLM's `LLM(...)` as they are, e.g. a quantization planned by `serve.hardware`."""
+    `llm_kwargs` go to vLLM's `LLM(...)` as they are, e.g. a quantization planned by `lorafleet.serve.engine.hardware`."""
     import torch
 
     dtype = dtype or ("bfloat16" if torch.cuda.is_available() else "float32")  # the trainer's dtype
     rank = next(r for r in _RANKS if r >= max_rank)
     with tempfile.TemporaryDirectory() as tmp:
         request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
-        request.write_text(json.dumps({"base": base, "adapters": adapters, "prompts": prompts,
+        adapters = {name: _absolute(path) if path else None for name, path in adapters.items()}
+        request.write_text(json.dumps({"base": _absolute(base), "adapters": adapters, "prompts": prompts,
                                        "max_tokens": max_tokens, "max_rank": rank, "dtype": dtype,
                                        "llm_kwargs": llm_kwargs or {}}))
-        run = subprocess.run([sys.executable, "-m", "train.vllm_generate", str(request), str(result)],
-                             capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+        run = subprocess.run([sys.executable, "-m", "lorafleet.train.vllm_generate", str(request), str(result)],
+                             capture_output=True, text=True)
         if run.returncode != 0 or not result.is_file():
             raise VLLMFailed(f"vLLM generation failed (exit {run.returncode}): {run.stderr[-2000:]}")
         return json.loads(result.read_text())

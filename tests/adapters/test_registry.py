@@ -6,11 +6,20 @@ from pathlib import Path
 
 import pytest
 
-from adapters.catalog import open_catalog
-from adapters.errors import Conflict, InvalidRequest, NotFound, Unauthorized
-from adapters.registry import (authenticate, create_tenant, delete_version, deployed_digests, get_deployment,
-                               list_adapters, register_version, resolve_version, set_deployment)
-from adapters.validate import ValidatedAdapter
+from lorafleet.adapters.catalog import open_catalog
+from lorafleet.adapters.errors import Conflict, InvalidRequest, NotFound, Unauthorized
+from lorafleet.adapters.registry import (
+    authenticate,
+    create_tenant,
+    delete_version,
+    deployed_digests,
+    get_deployment,
+    list_adapters,
+    register_version,
+    resolve_version,
+    set_deployment,
+)
+from lorafleet.adapters.validate import ValidatedAdapter
 
 
 def _validated(digest_char: str) -> ValidatedAdapter:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from adapters.base_model import load_base_spec
-from adapters.errors import InvalidAdapter, PayloadTooLarge
-from adapters.validate import validate_adapter_dir, validate_upload
+from lorafleet.adapters.base_model import load_base_spec
+from lorafleet.adapters.errors import InvalidAdapter, PayloadTooLarge
+from lorafleet.adapters.validate import validate_adapter_dir, validate_upload
 from tests.conftest import MAX_RANK, MAX_UPLOAD
 from tests.factories import REJECTIONS, bad_archive, copy_adapter, edit_tensors, rename_module, tar_gz, zip_dir
 

@@ -30,8 +30,9 @@ def _greedy(client, deployment: str, messages: list[dict]) -> str:
 @pytest.fixture(scope="module")
 def two_tenants(server, make_adapter, tiny_model):
     """Tenants A and B, each with its own adapter deployed as `assistant`."""
-    from tests.conftest import TenantHandle
     import uuid
+
+    from tests.conftest import TenantHandle
 
     handles = []
     with server.admin() as admin:
@@ -45,7 +46,7 @@ def two_tenants(server, make_adapter, tiny_model):
 
 def test_each_tenant_gets_exactly_what_vllm_gives_for_its_adapter(two_tenants, make_adapter, tiny_model,
                                                                   served_quantization):
-    from train.vllm_generate import generate  # offline vLLM + LoRARequest on the folders: no gateway at all
+    from lorafleet.train.vllm_generate import generate  # offline vLLM + LoRARequest on the folders: no gateway at all
 
     messages = image_messages()
     served = [_greedy(t.openai(), "assistant", messages) for t in two_tenants]

@@ -6,7 +6,7 @@ import uuid
 
 from typer.testing import CliRunner
 
-from serve.cli import app
+from lorafleet.serve.cli import app
 
 runner = CliRunner()
 

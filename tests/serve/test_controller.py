@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from adapters.catalog import Adapter, AdapterVersion, Deployment, Rollout, Tenant, open_catalog
-from adapters.errors import Conflict
-from serve import rollouts
-from serve.api_rollouts import _command
-from serve.controller import RolloutController
-from serve.rollouts import Phase, Tick, apply_tick
+from lorafleet.adapters.catalog import Adapter, AdapterVersion, Deployment, Rollout, Tenant, open_catalog
+from lorafleet.adapters.errors import Conflict
+from lorafleet.adapters.store import BlobStore, LocalStore
+from lorafleet.serve.api.rollouts import _command
+from lorafleet.serve.engine.client import EngineClient
+from lorafleet.serve.metrics import Metrics
+from lorafleet.serve.rollouts import state as rollouts
+from lorafleet.serve.rollouts.reconciler import RolloutController
+from lorafleet.serve.rollouts.state import Phase, Tick, apply_tick
 
 
 def _catalog(tmp_path):
@@ -37,8 +42,14 @@ def _catalog(tmp_path):
         return sessions, rollout.id
 
 
+def _parts() -> tuple[EngineClient, BlobStore, Metrics]:
+    """Real collaborators; the engine is never started (nothing here needs it)."""
+    store, metrics = LocalStore(Path(tempfile.mkdtemp())), Metrics()
+    return EngineClient(store, metrics), BlobStore(store.root / "validation", ".jsonl"), metrics
+
+
 def _controller(sessions, owner: str, lease_s: float = 30) -> RolloutController:
-    return RolloutController(SimpleNamespace(sessions=sessions), owner, tick_s=1, lease_s=lease_s)
+    return RolloutController(sessions, *_parts(), owner, tick_s=1, lease_s=lease_s)
 
 
 def test_only_one_gateway_holds_a_rollout_until_its_lease_expires(tmp_path):
@@ -111,9 +122,9 @@ def test_a_user_command_that_races_a_look_is_judged_on_the_fresh_rollout(tmp_pat
 
 
 def test_drift_monitor_finds_versions_without_a_baseline_and_claims_replays_once(tmp_path):
-    from adapters.catalog import ValidationRun, ValidationSet
-    from serve.drift_monitor import DriftMonitor
-    from serve.settings import Settings
+    from lorafleet.adapters.catalog import ValidationRun, ValidationSet
+    from lorafleet.serve.drift.monitor import DriftMonitor
+    from lorafleet.serve.settings import Settings
 
     sessions, rollout_id = _catalog(tmp_path)
     with sessions() as session:
@@ -123,7 +134,10 @@ def test_drift_monitor_finds_versions_without_a_baseline_and_claims_replays_once
                                                   metric="exact_match", items=1, size_bytes=1)
         session.commit()
     settings = Settings(base="x", drift_replay_s=3600)
-    monitors = [DriftMonitor(SimpleNamespace(sessions=sessions, settings=settings)) for _ in range(2)]
+    monitors = []
+    for _ in range(2):
+        engine, validation_store, metrics = _parts()
+        monitors.append(DriftMonitor(sessions, engine, validation_store, metrics, settings, "none"))
     assert monitors[0]._without_baseline() == [1]  # a new stable version: baseline at the next tick
     assert monitors[0]._claim("drift_replay_at", 3600) == [1]
     assert monitors[1]._claim("drift_replay_at", 3600) == []  # the other gateway does not replay it too

@@ -15,10 +15,10 @@ import pytest
 from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
-from serve.cli import app
-from serve.client import inline_images
+from lorafleet.chat import image_data_url, load_jsonl
+from lorafleet.serve.cli import app
+from lorafleet.serve.client import inline_images
 from tests.helpers import assert_openai_error, upload_folder
-from train.data import image_data_url, load_jsonl
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def watched(new_tenant, make_adapter, general_val) -> Callable[..., httpx.Client
 def _traffic(tmp: Path, n: int, seed: int, shift: Callable[[Image.Image], Image.Image] | None = None,
              prompt: str | None = None) -> list[list[dict]]:
     """General-task requests about fresh pictures, optionally shifted (as a drifted client would send them)."""
-    from train.shapes import write_task
+    from lorafleet.train.shapes import write_task
 
     requests = []
     for example in load_jsonl(write_task("general", n, tmp / f"traffic-{seed}.jsonl", seed=seed)):
@@ -134,7 +134,7 @@ def test_drift_commands_need_a_validation_set_and_are_scoped_to_the_tenant(watch
 
 @pytest.mark.engine_restart
 def test_a_changed_adapter_and_a_replaced_base_trip_the_replay(server, watched, make_adapter, tmp_path):
-    from train.tiny_model import build_tiny_model
+    from lorafleet.train.tiny_model import build_tiny_model
 
     tampered, steady = watched(8), watched(2)  # two versions, two blobs in the content-addressed store
     for http in (tampered, steady):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import random
+import threading
 
 import pytest
 from PIL import Image
 
-from serve.drift import Reservoir, benjamini_hochberg, input_drift, request_features, spent_p
-from train.data import image_data_url
+from lorafleet.chat import image_data_url
+from lorafleet.serve.drift.statistics import Reservoir, benjamini_hochberg, input_drift, request_features, spent_p
 
 
 def _request(brightness: int, size: int = 64, text: str = "What is in the image?") -> list[dict]:
@@ -33,10 +34,44 @@ def test_reservoir_holds_at_most_its_size_and_samples_uniformly():
         for i in range(2000):
             if (slot := reservoir.wants()) is not None:
                 reservoir.put(slot, i)
-            assert len(reservoir.items) <= 50
+            assert len(reservoir) <= 50
         kept += reservoir.drain()
     assert len(kept) == 20 * 50
     assert abs(sum(kept) / len(kept) - 1000) < 60  # uniform over 0..1999: mean 1000, se ~13
+
+
+def test_reservoir_slots_drawn_before_their_items_are_filled_do_not_collide():
+    reservoir = Reservoir(3, random.Random(0))
+    tickets = [reservoir.wants() for _ in range(3)]  # three requests sampled, their features not computed yet
+    for i, ticket in enumerate(reversed(tickets)):
+        reservoir.put(ticket, i)
+    assert sorted(reservoir.drain()) == [0, 1, 2]
+
+
+def test_a_ticket_drawn_before_a_drain_is_void_after_it():
+    reservoir = Reservoir(3, random.Random(0))
+    ticket = reservoir.wants()
+    assert reservoir.drain() == []
+    reservoir.put(ticket, "late")  # its look period is over: it must not leak into the next one
+    assert reservoir.drain() == []
+
+
+def test_reservoir_is_safe_to_fill_from_threads_while_it_is_drained():
+    reservoir, drained = Reservoir(64, random.Random(0)), []
+
+    def offer() -> None:
+        for i in range(20_000):
+            if (ticket := reservoir.wants()) is not None:
+                reservoir.put(ticket, i)
+
+    workers = [threading.Thread(target=offer) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    while any(worker.is_alive() for worker in workers):
+        drained.append(reservoir.drain())
+    drained.append(reservoir.drain())
+    assert all(len(batch) <= 64 for batch in drained)
+    assert sum(map(len, drained)) >= 64
 
 
 def _features(rng: random.Random, n: int, darken: float = 1.0) -> list[dict[str, float]]:

@@ -8,18 +8,19 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 from openai import OpenAI
 
-from adapters.base_model import load_base_spec
-from adapters.errors import InvalidRequest
-from serve.client import LorafleetClient
-from serve.engine import engine_command
-from serve.hardware import Hardware, UnsupportedQuantization, plan_quantization
-from serve.settings import Settings
-from serve.local_server import ROOT, LocalServer
+from lorafleet.adapters.base_model import load_base_spec
+from lorafleet.adapters.errors import InvalidRequest
+from lorafleet.serve.client import LorafleetClient
+from lorafleet.serve.dev.local_server import LocalServer
+from lorafleet.serve.engine.command import engine_command
+from lorafleet.serve.engine.hardware import Hardware, UnsupportedQuantization, plan_quantization
+from lorafleet.serve.settings import Settings
 from tests.helpers import image_messages
 
 AVX2 = Hardware("x86_64", frozenset({"avx", "avx2", "fma"}))
@@ -40,8 +41,8 @@ def lorafleet(*args: str | Path, timeout: float = 300, **settings: str) -> subpr
     """The CLI as users run it, without the developer's LORAFLEET_* settings, on wide lines (no wrapping)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")} | {"COLUMNS": "400"}
     env.update({f"LORAFLEET_{k.upper()}": v for k, v in settings.items()})
-    return subprocess.run([sys.executable, "-m", "serve.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout, env=env)
+    return subprocess.run([sys.executable, "-m", "lorafleet.serve.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=tempfile.gettempdir(), timeout=timeout, env=env)
 
 
 def checkpoint_with(tiny_model: Path, folder: Path, quantization: dict) -> Path:
@@ -94,10 +95,11 @@ def test_quantize_refuses_bad_requests_and_leaves_nothing(quantized: Path, tiny_
 
 # --- serving the quantized checkpoint ---
 
+@pytest.mark.engine
 def test_quantized_checkpoint_serves_hot_swapped_adapters_like_vllm(quantized: Path, make_adapter, tmp_path: Path):
     """`lorafleet serve --base DIR` on the quantized checkpoint: two tenants' adapters swap per request, each
     answers like vLLM with that adapter on the same checkpoint, and differs from the base and from the other."""
-    from train.vllm_generate import generate
+    from lorafleet.train.vllm_generate import generate
 
     # served in the dtype it was written in (float32 here) even when the engine's dtype is left to vLLM
     assert plan(quantized, AVX2).dtype == "float32"
@@ -129,12 +131,13 @@ def test_quantized_checkpoint_serves_hot_swapped_adapters_like_vllm(quantized: P
     assert len(set(texts.values())) == 3  # base, adapter 1 and adapter 2 all answer differently
 
 
+@pytest.mark.engine
 def test_w4a16_checkpoint_serves_adapters_where_the_cpu_has_the_kernel(tiny_model: Path, tmp_path: Path,
                                                                         make_adapter):
     """compressed-tensors W4A16 (packed 4-bit): served with LoRA on an AVX-512 CPU in bfloat16, refused elsewhere."""
-    from serve.hardware import detect_hardware
-    from train.quantize import quantize
-    from train.vllm_generate import generate
+    from lorafleet.serve.engine.hardware import detect_hardware
+    from lorafleet.train.quantize import quantize
+    from lorafleet.train.vllm_generate import generate
 
     out = Path(quantize(str(tiny_model), tmp_path / "w4a16", "w4a16", 32).out)
     manifest = json.loads((out / "lorafleet-quantization.json").read_text())

@@ -6,13 +6,12 @@ import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
 
-from serve.cli import app
-from serve.client import inline_images
+from lorafleet.serve.cli import app
+from lorafleet.serve.client import inline_images
 from tests.helpers import assert_openai_error, upload_folder
 
 FORMAT = {"regex": "a (red|green|blue|yellow) (circle|square|triangle)"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serve.routing import BUCKETS, Variant, bucket_of, check_weights, choose, unit_of
+from lorafleet.serve.rollouts.routing import BUCKETS, Variant, bucket_of, check_weights, choose, unit_of
 
 
 def _table(canary_weight: float) -> list[Variant]:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from adapters.errors import InvalidRequest
-from serve.api_openai import check_image_urls
-from serve.engine import engine_command
-from serve.hardware import Quantization
-from serve.metrics import OTHER, Metrics
-from serve.settings import Settings
+from lorafleet.adapters.errors import InvalidRequest
+from lorafleet.serve.api.chat import check_image_urls
+from lorafleet.serve.engine.command import engine_command
+from lorafleet.serve.engine.hardware import Quantization
+from lorafleet.serve.metrics import OTHER, Metrics
+from lorafleet.serve.settings import Settings
 
 
 def _body(url: str) -> dict:

@@ -47,7 +47,7 @@ def test_upload_without_file_is_400(new_tenant):
 
 
 def test_invalid_adapter_name_is_400(new_tenant, make_adapter):
-    from serve.client import pack_adapter
+    from lorafleet.serve.client import pack_adapter
 
     archive = pack_adapter(make_adapter(1))
     with new_tenant().http() as http:

@@ -19,7 +19,7 @@ class World:
 
 @pytest.fixture(scope="session")
 def world(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> World:
-    from train.shapes import write_task
+    from lorafleet.train.shapes import write_task
 
     root = tmp_path_factory.mktemp("world")
     for task, n_train in (("json", 400), ("general", 400)):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from adapters.errors import InvalidRequest
-from train.config import load_config
+from lorafleet.adapters.errors import InvalidRequest
+from lorafleet.train.config import load_config
 
 
 def test_yaml_values_then_flag_overrides(tmp_path):

@@ -7,8 +7,9 @@ import json
 import pytest
 from transformers import AutoProcessor
 
+from lorafleet.chat import DataError, Example, load_jsonl, request_messages
+from lorafleet.train.data import encode
 from tests.helpers import image_data_url
-from train.data import DataError, Example, encode, load_jsonl, request_messages
 
 
 def _user(url: str = "", text: str = "What is in the image?") -> dict:
@@ -64,7 +65,7 @@ def test_labels_cover_only_the_assistant_turns(tiny_model):
 
 
 def load_images(messages):
-    from train.data import _load_image
+    from lorafleet.chat import _load_image
 
     return [_load_image(p["image_url"]["url"], None, "x") for m in messages if isinstance(m["content"], list)
             for p in m["content"] if p["type"] == "image_url"]

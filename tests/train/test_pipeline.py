@@ -7,13 +7,15 @@ import json
 import pytest
 import torch
 
-from adapters.errors import InvalidAdapter
-from train.config import load_config
-from train.data import load_jsonl, request_messages
-from train.pipeline import finish
-from train.servable import NotServable, prove_servable
-from train.trainer import train
-from train.vllm_generate import generate
+from lorafleet.adapters.errors import InvalidAdapter
+from lorafleet.chat import load_jsonl, request_messages
+from lorafleet.train.config import load_config
+from lorafleet.train.pipeline import finish
+from lorafleet.train.servable import NotServable, prove_servable
+from lorafleet.train.trainer import train
+from lorafleet.train.vllm_generate import generate
+
+pytestmark = pytest.mark.engine  # every test here also proves its adapter servable in vLLM
 
 
 def _config(world, out, **overrides):
@@ -56,7 +58,7 @@ def test_untrained_adapter_is_refused_as_a_silent_no_op(world, tmp_path):
     from peft import get_peft_model
     from transformers import AutoModelForImageTextToText
 
-    from train.trainer import lora_config
+    from lorafleet.train.trainer import lora_config
 
     config = _config(world, tmp_path / "noop")
     model = AutoModelForImageTextToText.from_pretrained(world.base, dtype=torch.float32)
@@ -95,7 +97,7 @@ def test_resume_continues_from_the_checkpoint(world, tmp_path):
 def test_training_on_the_quantized_checkpoint_sees_the_weights_vllm_serves(world, tmp_path):
     """QLoRA on any machine: the trainer loads the int4 checkpoint as it is (torchao), trains LoRA on top, and the
     adapter is scored and proven servable in vLLM on that same checkpoint (PEFT and vLLM agree on it)."""
-    from train.quantize import quantize
+    from lorafleet.train.quantize import quantize
 
     quantized = quantize(str(world.base), tmp_path / "base-int4", "int4", 32).out
     config = _config(world, tmp_path / "adapter", base=quantized)
@@ -107,7 +109,7 @@ def test_training_on_the_quantized_checkpoint_sees_the_weights_vllm_serves(world
 
 
 def test_bitsandbytes_qlora_without_cuda_is_refused_with_the_way_out(world, tmp_path):
-    from adapters.errors import InvalidRequest
+    from lorafleet.adapters.errors import InvalidRequest
 
     with pytest.raises(InvalidRequest, match="lorafleet quantize"):
         train(_config(world, tmp_path / "adapter", qlora="on"), progress=False)

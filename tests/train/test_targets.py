@@ -8,9 +8,9 @@ import torch
 from peft import get_peft_model
 from transformers import AutoModelForImageTextToText
 
-from adapters.base_model import load_base_spec
-from train.config import load_config
-from train.trainer import lora_config
+from lorafleet.adapters.base_model import load_base_spec
+from lorafleet.train.config import load_config
+from lorafleet.train.trainer import lora_config
 
 
 def test_target_regex_hits_exactly_the_language_model_linears(tiny_model):

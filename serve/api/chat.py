@@ -1,0 +1,164 @@
+"""The OpenAI-compatible surface: `/v1/chat/completions` and a per-tenant `/v1/models`.
+
+A chat request reads as its steps: authenticate -> resolve the deployment -> ensure the adapter is
+loaded -> forward -> record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+
+from lorafleet.adapters.errors import InvalidRequest, LorafleetError, Unauthorized
+from lorafleet.adapters.registry import authenticate, get_deployment, list_deployments
+from lorafleet.adapters.schemas import ModelList, ModelPublic
+from lorafleet.chat import content_parts
+from lorafleet.serve.answer_format import answer_checker
+from lorafleet.serve.api.dependencies import BearerKey, CurrentTenant, Gateway, GatewayDep, SessionDep
+from lorafleet.serve.api.forward import Route, Usage, forward_chat
+from lorafleet.serve.drift.monitor import SampleTicket
+from lorafleet.serve.rollouts.routing import bucket_of, choose, unit_of
+from lorafleet.serve.rollouts.state import routing_table, serving_rollout
+
+__all__ = ["router", "read_chat_body", "check_image_urls"]
+
+router = APIRouter(prefix="/v1")
+
+
+async def read_chat_body(request: Request) -> dict[str, Any]:
+    """Parse the JSON body; only the fields the gateway needs are checked, the engine checks the rest."""
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise InvalidRequest("'model' is required: the name of one of your deployments", code="model_required")
+    if not isinstance(body.get("messages"), list):
+        raise InvalidRequest("'messages' must be a list")
+    return body
+
+
+def check_image_urls(body: dict[str, Any], allow_remote: bool) -> None:
+    """Images come as data URLs; http(s) URLs only where the operator allowed the engine to fetch them."""
+    for message in body["messages"]:
+        for part in content_parts(message):
+            if not isinstance(part, dict) or part.get("type") != "image_url":
+                continue
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str):
+                raise InvalidRequest("image_url.url must be a string")
+            if url.startswith("data:"):
+                continue
+            if not url.startswith(("http://", "https://")):
+                raise InvalidRequest(f"unsupported image URL scheme in {url[:40]!r}: use a data URL")
+            if not allow_remote:
+                raise InvalidRequest("remote image URLs are disabled on this server: send the image as a data URL",
+                                     code="remote_images_disabled")
+
+
+def _authorize_and_resolve(gateway: Gateway, key: str, body: dict, headers: dict[str, str]) -> tuple[str, Route]:
+    """Tenant of the key, and which adapter serves this request of its deployment `model` (the stable one,
+    or the variant the request's unit is assigned to while a rollout runs): one DB session, one thread hop."""
+    with gateway.sessions() as session:
+        tenant = authenticate(session, key)
+        deployment = get_deployment(session, tenant, body["model"])
+        digest, variant, sample = deployment.stable.digest, "stable", None
+        rollout = serving_rollout(session, deployment)
+        if rollout is not None:
+            unit = unit_of(body, headers)
+            chosen = choose(routing_table(rollout), bucket_of(rollout.salt, tenant.name, deployment.name, unit))
+            digest, variant = chosen.digest, chosen.label
+            sample = {"rollout_id": rollout.id, "step_index": rollout.step_index, "variant": chosen.label,
+                      "unit": hashlib.sha256(unit.encode()).hexdigest()[:16]}
+        sample_inputs = tenant.sample_inputs and deployment.validation_set_id is not None
+        return tenant.name, Route(deployment=deployment.name, digest=digest, variant=variant, sample=sample,
+                                  answer_format=deployment.answer_format, deployment_id=deployment.id,
+                                  sample_inputs=sample_inputs,
+                                  headers={"x-lorafleet-deployment": deployment.name, "x-lorafleet-adapter": digest,
+                                           "x-lorafleet-variant": variant})
+
+
+def _inspect(route: Route, messages: list, text: str | None, answered: bool,
+             ticket: SampleTicket | None, gateway: Gateway, usage: Usage) -> bool | None:
+    """CPU work on a worker thread: the answer's format check, and the drift sample's features."""
+    checkable = answered and text is not None and route.answer_format is not None
+    valid = answer_checker(route.answer_format)(text) if checkable else None  # type: ignore[arg-type]
+    if ticket is not None:
+        gateway.drift.keep(ticket, route.variant, messages, answered, text, usage.completion_tokens, valid)
+    return valid
+
+
+async def _record(gateway: Gateway, tenant: str, route: Route, usage: Usage, t0: float, messages: list) -> None:
+    m = gateway.metrics
+    latency = time.perf_counter() - t0
+    labels = m.labels(tenant, route.deployment, route.digest, route.variant)
+    m.requests.labels(*labels, str(usage.status)).inc()
+    m.latency.labels(*labels).observe(latency)
+    if usage.error_code:
+        m.errors.labels(*labels, usage.error_code).inc()
+    if usage.first_chunk_s is not None:
+        m.ttft.labels(*labels).observe(usage.first_chunk_s)
+    m.tokens.labels(*labels, "prompt").inc(usage.prompt_tokens)
+    m.tokens.labels(*labels, "completion").inc(usage.completion_tokens)
+    # The rollout's analysis compares these, variant against variant. An engine outage hits every variant
+    # alike and says nothing about the adapter; a 4xx is the client's; a 5xx (e.g. a failed load) counts.
+    answered = usage.status == 200
+    text = "".join(usage.text) if usage.text is not None else None
+    ticket = gateway.drift.wants_sample(route.deployment_id) if route.sample_inputs and usage.status < 500 else None
+    measured = route.sample is not None and usage.error_code != "engine_unavailable"
+    checkable = answered and text is not None and route.answer_format is not None
+    valid = None
+    if ticket is not None or (measured and checkable):  # only then is there CPU work for a thread
+        valid = await run_in_threadpool(_inspect, route, messages, text, answered, ticket, gateway, usage)
+    if measured:
+        gateway.controller.samples.add({**(route.sample or {}), "ok": usage.status < 500, "latency_s": latency,
+                                        "output_tokens": usage.completion_tokens, "format_valid": valid,
+                                        "at": time.time()})
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request, gateway: GatewayDep, key: BearerKey) -> Response:
+    # The hot path: thread-pool hand-offs cost more than the SQLite reads, so there is exactly one.
+    t0 = time.perf_counter()
+    if not key:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    body = await read_chat_body(request)
+    check_image_urls(body, gateway.settings.allow_remote_images)
+    tenant, route = await run_in_threadpool(_authorize_and_resolve, gateway, key, body, request.headers)
+    usage = Usage(text=[] if route.answer_format is not None or route.sample_inputs else None)
+    try:
+        gateway.engine.require_up()
+        await gateway.engine.ensure_loaded(route.digest)
+        response = await forward_chat(gateway.engine, body, route, usage)
+    except LorafleetError as exc:
+        usage.status, usage.error_code = exc.status, str(exc.code)
+        await _record(gateway, tenant, route, usage, t0, body.get("messages") or [])
+        raise
+    response.background = BackgroundTask(_record, gateway, tenant, route, usage, t0, body.get("messages") or [])
+    return response
+
+
+def _model(name: str, created: float, owner: str) -> ModelPublic:
+    return ModelPublic(id=name, created=int(created), owned_by=owner)
+
+
+@router.get("/models")
+def get_models(session: SessionDep, tenant: CurrentTenant) -> ModelList:
+    """The tenant's deployments, in OpenAI's shape (never the engine's list of every adapter)."""
+    return ModelList(data=[_model(d.name, d.updated_at.timestamp(), tenant.name)
+                           for d in list_deployments(session, tenant)])
+
+
+@router.get("/models/{model}")
+def get_model(model: str, session: SessionDep, tenant: CurrentTenant) -> ModelPublic:
+    deployment = get_deployment(session, tenant, model)
+    return _model(deployment.name, deployment.updated_at.timestamp(), tenant.name)

@@ -1,0 +1,104 @@
+"""Tenant API for drift monitoring: replay on demand, status, history, and the input-sampling opt-out.
+
+Scoped like every tenant route: another tenant's deployment is 404.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from lorafleet.adapters.catalog import AdapterVersion, Deployment, DriftCheck, InputSample, ValidationRun
+from lorafleet.adapters.errors import InvalidRequest
+from lorafleet.adapters.registry import get_deployment, list_deployments
+from lorafleet.adapters.schemas import DriftCheckPublic, DriftHistory, DriftSampling, DriftStatus, ValidationRunPublic
+from lorafleet.serve.api.dependencies import CurrentTenant, GatewayDep, SessionDep
+from lorafleet.serve.drift.monitor import live_versions
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1")
+
+
+def _run_public(session: Session, run: ValidationRun) -> ValidationRunPublic:
+    version = session.get(AdapterVersion, run.version_id)
+    return ValidationRunPublic.model_validate(run).model_copy(
+        update={"version": f"{version.adapter.name}@{version.version}"})
+
+
+def _status(session: Session, deployment: Deployment, sample_inputs: bool) -> DriftStatus:
+    runs = []
+    for variant, version in live_versions(session, deployment):
+        run = session.scalar(select(ValidationRun).where(ValidationRun.deployment_id == deployment.id,
+                                                         ValidationRun.version_id == version.id)
+                             .order_by(ValidationRun.id.desc()).limit(1))
+        if run is not None:
+            runs.append(_run_public(session, run).model_copy(update={"variant": variant}))
+    latest = select(DriftCheck).where(DriftCheck.deployment_id == deployment.id).order_by(DriftCheck.id.desc())
+    input_check = session.scalar(latest.where(DriftCheck.kind == "input").limit(1))
+    outputs: dict[str, DriftCheck] = {}
+    for check in session.scalars(latest.where(DriftCheck.kind == "output").limit(20)):
+        outputs.setdefault(check.variant, check)
+    samples = session.scalar(select(func.count()).where(InputSample.deployment_id == deployment.id))
+    validation = deployment.validation_set
+    return DriftStatus(deployment=deployment.name, sample_inputs=sample_inputs, samples=samples,
+                       validation_set=validation.digest if validation else None, runs=runs,
+                       input=DriftCheckPublic.model_validate(input_check) if input_check else None,
+                       output=[DriftCheckPublic.model_validate(c) for c in outputs.values()])
+
+
+@router.post("/deployments/{deployment}/drift/check")
+async def drift_check(deployment: str, gateway: GatewayDep, session: SessionDep,
+                      tenant: CurrentTenant) -> list[ValidationRunPublic]:
+    """Every live version answers the validation set now: a baseline the first time, else a comparison."""
+    target = await run_in_threadpool(get_deployment, session, tenant, deployment)
+    if target.validation_set is None:
+        raise InvalidRequest(f"deployment {deployment!r} has no validation set: push one with "
+                             "`lorafleet validation push`", code="no_validation_set")
+    gateway.engine.require_up()
+    runs = await gateway.drift.replay_deployment(target.id)
+    return [await run_in_threadpool(_run_public, session, run) for run in runs]
+
+
+@router.post("/deployments/{deployment}/drift/look")
+async def drift_look(deployment: str, gateway: GatewayDep, session: SessionDep,
+                     tenant: CurrentTenant) -> DriftStatus:
+    """Save the sampled requests and look for input and output drift now (over whatever has been sampled)."""
+    target = await run_in_threadpool(get_deployment, session, tenant, deployment)
+    await run_in_threadpool(gateway.drift.save_samples)
+    await run_in_threadpool(gateway.drift.look, target.id)
+    session.expire_all()
+    return await run_in_threadpool(_status, session, target, tenant.sample_inputs)
+
+
+@router.get("/deployments/{deployment}/drift")
+def drift_status(deployment: str, session: SessionDep, tenant: CurrentTenant) -> DriftStatus:
+    return _status(session, get_deployment(session, tenant, deployment), tenant.sample_inputs)
+
+
+@router.get("/drift")
+def drift_overview(session: SessionDep, tenant: CurrentTenant) -> list[DriftStatus]:
+    return [_status(session, d, tenant.sample_inputs) for d in list_deployments(session, tenant)]
+
+
+@router.get("/deployments/{deployment}/drift/history")
+def drift_history(deployment: str, session: SessionDep, tenant: CurrentTenant) -> DriftHistory:
+    """Every replay and every drift look of the deployment, oldest first (what `drift report` plots)."""
+    target = get_deployment(session, tenant, deployment)
+    runs = session.scalars(select(ValidationRun).where(ValidationRun.deployment_id == target.id)
+                           .order_by(ValidationRun.id))
+    checks = session.scalars(select(DriftCheck).where(DriftCheck.deployment_id == target.id).order_by(DriftCheck.id))
+    return DriftHistory(deployment=target.name, runs=[_run_public(session, r) for r in runs],
+                        checks=[DriftCheckPublic.model_validate(c) for c in checks])
+
+
+@router.put("/drift/sampling")
+async def drift_sampling(body: DriftSampling, gateway: GatewayDep, session: SessionDep,
+                         tenant: CurrentTenant) -> dict:
+    """Opt this tenant in or out of live-request sampling; opting out deletes what was kept."""
+    tenant.sample_inputs = body.sample_inputs
+    await run_in_threadpool(session.commit)
+    deleted = 0 if body.sample_inputs else await run_in_threadpool(gateway.drift.forget, tenant.id)
+    return {"sample_inputs": body.sample_inputs, "deleted_samples": deleted}

@@ -1,0 +1,66 @@
+"""The one place where every error becomes OpenAI's `{"error": {...}}` shape with its status.
+
+Our errors are `LorafleetError`s (the tree is drawn in `lorafleet.adapters.errors`; the engine's own are in
+`lorafleet.serve.engine.client`); request validation, HTTP and stale-write errors are mapped here too, and
+anything else is a 500 that names no server internals.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.orm.exc import StaleDataError
+from starlette.exceptions import HTTPException
+
+from lorafleet.adapters.errors import LorafleetError, ServiceUnavailable
+
+__all__ = ["error_response", "install_error_handlers"]
+
+log = logging.getLogger("lorafleet.gateway")
+
+
+def error_response(status: int, message: str, type_: str, code: str | int | None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": code}},
+                        status_code=status, headers=headers)
+
+
+async def _lorafleet_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, LorafleetError)
+    headers = None
+    if isinstance(exc, ServiceUnavailable):
+        gateway = getattr(request.app.state, "gateway", None)
+        headers = {"Retry-After": str(gateway.settings.retry_after_s if gateway else exc.retry_after_s)}
+    return error_response(exc.status, exc.message, exc.type, exc.code, headers)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+    return error_response(400, f"invalid request: {problems}", "invalid_request_error", "invalid_request")
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    return error_response(exc.status_code, str(exc.detail), "invalid_request_error", None, exc.headers)
+
+
+async def _stale_write(_: Request, exc: Exception) -> JSONResponse:
+    return error_response(409, "the rollout changed while this request was applied (the controller or another "
+                          "user acted); read its status and retry", "invalid_request_error", "concurrent_update")
+
+
+async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(500, "internal error; see the gateway log", "server_error", None)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(LorafleetError, _lorafleet_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(StaleDataError, _stale_write)
+    app.add_exception_handler(Exception, _unexpected_error)

@@ -1,0 +1,125 @@
+"""Forward one chat completion to the engine and back, without re-modelling the request.
+
+Only `model` (rewritten to the adapter digest) and `stream_options` (usage is always requested, for
+metrics, and hidden again if the client did not ask) are touched; vLLM validates everything else and
+its OpenAI-shaped errors pass through with their status. The digest never reaches the client.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import httpx
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from lorafleet.serve.engine.client import EngineClient, map_engine_errors
+
+__all__ = ["Usage", "Route", "forward_chat"]
+
+
+@dataclass
+class Usage:
+    """What one forwarded request cost; filled in while the response passes through."""
+
+    status: int = 200
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_chunk_s: float | None = None
+    error_code: str | None = None
+    text: list[str] | None = None  # the answer's text, collected only when someone checks its format
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a request goes: the public name the client used and the adapter that serves it."""
+
+    deployment: str
+    digest: str
+    headers: dict[str, str] = field(default_factory=dict)
+    variant: str = "stable"
+    sample: dict | None = None  # rollout_id, step_index, variant, unit: set when a rollout measures this request
+    answer_format: dict | None = None
+    deployment_id: int = 0
+    sample_inputs: bool = False  # the drift monitor may keep this request's features
+
+
+def _public(raw: bytes, route: Route) -> bytes:
+    # Deployment names are [A-Za-z0-9._-]: safe to splice into JSON without escaping.
+    return raw.replace(route.digest.encode(), route.deployment.encode())
+
+
+def _read_usage(payload: dict, usage: Usage) -> None:
+    counts = payload.get("usage") or {}
+    usage.prompt_tokens = counts.get("prompt_tokens", 0) or 0
+    usage.completion_tokens = counts.get("completion_tokens", 0) or 0
+
+
+def _error_code(raw: bytes) -> str:
+    try:
+        error = json.loads(raw).get("error", {})
+        return str(error.get("code") or error.get("type") or "engine_error")
+    except (ValueError, AttributeError):
+        return "engine_error"
+
+
+async def forward_chat(engine: EngineClient, body: dict, route: Route, usage: Usage) -> Response:
+    """Send `body` to the engine as adapter `route.digest`; answer as `route.deployment`."""
+    body = {**body, "model": route.digest}
+    if body.get("stream"):
+        return await _forward_stream(engine, body, route, usage)
+    with map_engine_errors():
+        response = await engine.http.post("/v1/chat/completions", json=body)
+    usage.status = response.status_code
+    content = _public(response.content, route)
+    if response.status_code != 200:
+        usage.error_code = _error_code(content)
+        return Response(content, status_code=response.status_code, media_type="application/json",
+                        headers=route.headers)
+    payload = json.loads(content)
+    _read_usage(payload, usage)
+    if usage.text is not None:
+        usage.text.append(((payload.get("choices") or [{}])[0].get("message") or {}).get("content") or "")
+    return JSONResponse(payload, headers=route.headers)
+
+
+async def _forward_stream(engine: EngineClient, body: dict, route: Route, usage: Usage) -> Response:
+    client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    request = engine.http.build_request("POST", "/v1/chat/completions", json=body)
+    with map_engine_errors():
+        response = await engine.http.send(request, stream=True)
+    usage.status = response.status_code
+    if response.status_code != 200:
+        content = _public(await response.aread(), route)
+        await response.aclose()
+        usage.error_code = _error_code(content)
+        return Response(content, status_code=response.status_code, media_type="application/json",
+                        headers=route.headers)
+    return StreamingResponse(_relay(response, route, usage, client_wants_usage), media_type="text/event-stream",
+                             headers=route.headers)
+
+
+async def _relay(response: httpx.Response, route: Route, usage: Usage, client_wants_usage: bool) -> AsyncIterator[bytes]:
+    t0 = time.perf_counter()
+    try:
+        async for line in response.aiter_lines():
+            if usage.first_chunk_s is None and line.startswith("data:"):
+                usage.first_chunk_s = time.perf_counter() - t0
+            if line.startswith('data: {') and '"choices":[]' in line and '"usage":' in line:
+                _read_usage(json.loads(line[6:]), usage)  # the usage-only chunk that closes the stream
+                if not client_wants_usage:
+                    continue
+            elif usage.text is not None and line.startswith("data: {"):
+                for choice in json.loads(line[6:]).get("choices") or []:
+                    usage.text.append((choice.get("delta") or {}).get("content") or "")
+            yield _public(line.encode(), route) + b"\n"
+    except httpx.HTTPError as exc:  # the engine died mid-stream: tell the client in-band
+        usage.status, usage.error_code = 503, "engine_unavailable"
+        error = {"error": {"message": f"the engine stopped mid-stream ({type(exc).__name__}); retry",
+                           "type": "server_error", "code": "engine_unavailable"}}
+        yield f"data: {json.dumps(error)}\n\n".encode()
+    finally:
+        await response.aclose()

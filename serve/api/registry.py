@@ -1,0 +1,121 @@
+"""Tenant API for adapters and deployments (bearer tenant API key)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from lorafleet.adapters.catalog import Adapter, AdapterVersion, Deployment
+from lorafleet.adapters.registry import (
+    delete_version,
+    digest_in_use,
+    get_adapter,
+    list_adapters,
+    list_deployments,
+    register_version,
+    resolve_version,
+    set_deployment,
+)
+from lorafleet.adapters.schemas import (
+    AdapterPublic,
+    AdapterVersionPublic,
+    DeploymentPublic,
+    DeploymentPut,
+    ValidationSetPublic,
+)
+from lorafleet.adapters.validate import ValidatedAdapter, validate_upload
+from lorafleet.serve.api.dependencies import CurrentTenant, Gateway, GatewayDep, SessionDep
+
+__all__ = ["router", "version_public", "deployment_public"]
+
+router = APIRouter(prefix="/v1")
+
+
+def version_public(version: AdapterVersion) -> AdapterVersionPublic:
+    return AdapterVersionPublic.model_validate({**version.__dict__, "name": version.adapter.name})
+
+
+def _adapter_public(adapter: Adapter) -> AdapterPublic:
+    return AdapterPublic(name=adapter.name, versions=[version_public(v) for v in adapter.versions])
+
+
+def deployment_public(deployment: Deployment) -> DeploymentPublic:
+    previous = deployment.previous_stable
+    validation = deployment.validation_set
+    return DeploymentPublic(name=deployment.name, adapter=version_public(deployment.stable),
+                            updated_at=deployment.updated_at, answer_format=deployment.answer_format,
+                            previous_adapter=f"{previous.adapter.name}@{previous.version}" if previous else None,
+                            validation_set=ValidationSetPublic.model_validate(validation) if validation else None,
+                            rollout_id=deployment.rollout_id)
+
+
+def _validate_and_store(gateway: Gateway, upload: UploadFile) -> tuple[ValidatedAdapter, bool]:
+    """Validate in a scratch folder, then move the canonical files into the store (atomic)."""
+    settings = gateway.settings
+    with tempfile.TemporaryDirectory(dir=gateway.tmp_dir) as scratch:
+        archive = Path(scratch) / "upload"
+        with open(archive, "wb") as out:
+            shutil.copyfileobj(upload.file, out, 1024 * 1024)
+        validated = validate_upload(archive, Path(scratch) / "unpacked", gateway.spec,
+                                    max_rank=settings.max_lora_rank, max_bytes=settings.max_upload_bytes)
+        return validated, gateway.store.put(validated)
+
+
+@router.post("/adapters", status_code=201)
+async def post_adapter(gateway: GatewayDep, session: SessionDep, tenant: CurrentTenant,
+                       name: Annotated[str, Form()], file: Annotated[UploadFile, File()]) -> JSONResponse:
+    """Upload a PEFT LoRA folder as .tar.gz or .zip; the same content twice returns the existing version."""
+    validated, stored_now = await run_in_threadpool(_validate_and_store, gateway, file)
+    try:
+        version, created = await run_in_threadpool(register_version, session, tenant, name, validated)
+    except BaseException:
+        session.rollback()
+        if stored_now and not digest_in_use(session, validated.digest):
+            gateway.store.delete(validated.digest)  # nothing half-registered is left behind
+        raise
+    body = version_public(version).model_dump(mode="json")
+    return JSONResponse(body, status_code=201 if created else 200)
+
+
+@router.get("/adapters")
+def get_adapters(session: SessionDep, tenant: CurrentTenant) -> list[AdapterPublic]:
+    return [_adapter_public(a) for a in list_adapters(session, tenant)]
+
+
+@router.get("/adapters/{name}")
+def get_one_adapter(name: str, session: SessionDep, tenant: CurrentTenant) -> AdapterPublic:
+    return _adapter_public(get_adapter(session, tenant, name))
+
+
+@router.delete("/adapters/{name}/versions/{number}")
+async def delete_adapter_version(name: str, number: int, gateway: GatewayDep, session: SessionDep,
+                                 tenant: CurrentTenant) -> AdapterVersionPublic:
+    """Delete a version (refused while a deployment serves it); its blob goes when no tenant uses it."""
+    version = await run_in_threadpool(resolve_version, session, tenant, f"{name}@{number}")
+    public = version_public(version)
+    await run_in_threadpool(delete_version, session, tenant, version)
+    if not digest_in_use(session, version.digest):
+        await gateway.engine.unload(version.digest)
+        gateway.store.delete(version.digest)
+    return public
+
+
+@router.put("/deployments/{deployment}")
+async def put_deployment(deployment: str, body: DeploymentPut, gateway: GatewayDep, session: SessionDep,
+                         tenant: CurrentTenant) -> DeploymentPublic:
+    """Serve `adapter` (NAME, NAME@N or a digest) from now on; it is loaded before the switch."""
+    version = await run_in_threadpool(resolve_version, session, tenant, body.adapter)
+    await gateway.engine.preload([version.digest])  # a failed load leaves the deployment as it was
+    result = await run_in_threadpool(set_deployment, session, tenant, deployment, version)
+    return deployment_public(result)
+
+
+@router.get("/deployments")
+def get_deployments(session: SessionDep, tenant: CurrentTenant) -> list[DeploymentPublic]:
+    return [deployment_public(d) for d in list_deployments(session, tenant)]

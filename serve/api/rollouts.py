@@ -1,0 +1,302 @@
+"""Tenant API for traffic control: validation sets, answer formats, canary rollouts and A/B tests.
+
+Everything is scoped to the caller's deployments: another tenant's deployment is 404 for every operation.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, File, Form, UploadFile
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
+from starlette.concurrency import run_in_threadpool
+
+from lorafleet.adapters.catalog import Deployment, Rollout, Tenant
+from lorafleet.adapters.errors import InvalidRequest, NotFound
+from lorafleet.adapters.registry import get_deployment, resolve_version
+from lorafleet.adapters.schemas import (
+    DecisionPublic,
+    DeploymentPublic,
+    RolloutPublic,
+    ValidationSetPublic,
+    VariantPublic,
+)
+from lorafleet.serve.answer_format import check_format_spec
+from lorafleet.serve.api.dependencies import CurrentTenant, Gateway, GatewayDep, SessionDep
+from lorafleet.serve.api.registry import deployment_public
+from lorafleet.serve.rollouts import state as rollouts
+from lorafleet.serve.rollouts.state import AbStart, RolloutStart, active_rollout
+from lorafleet.serve.rollouts.statistics import Limits, Measurement, compare_variants, sample_ratio
+from lorafleet.serve.validation import (
+    attach_validation,
+    canonical_validation,
+    paired_test,
+    read_items,
+    replay_and_score,
+)
+
+__all__ = ["router", "rollout_public"]
+
+router = APIRouter(prefix="/v1")
+
+
+class PromoteBody(BaseModel):
+    full: bool = False
+
+
+class StopBody(BaseModel):
+    keep: str | None = None  # NAME@N of the variant that becomes stable; None keeps the current stable
+
+
+def rollout_public(rollout: Rollout) -> RolloutPublic:
+    return RolloutPublic(
+        id=rollout.id, deployment=rollout.deployment.name, kind=rollout.kind, phase=rollout.phase,
+        reason=rollout.reason, message=rollout.message,
+        variants=[VariantPublic(**{k: v[k] for k in ("label", "ref", "digest", "weight")}) for v in rollout.variants],
+        steps=rollout.steps, step_index=rollout.step_index, params=rollout.params, gate=rollout.gate,
+        looks=rollout.looks, created_by=rollout.created_by, created_at=rollout.created_at,
+        finished_at=rollout.finished_at, lease_owner=rollout.lease_owner,
+        decisions=[DecisionPublic.model_validate(d) for d in rollout.decisions])
+
+
+def _actor(tenant: Tenant) -> str:
+    return f"tenant:{tenant.name}"
+
+
+def _latest(session: Session, deployment: Deployment, kind: str | None = None) -> Rollout:
+    """The deployment's active rollout, else its most recent one."""
+    rollout = active_rollout(session, deployment)
+    if rollout is not None and (kind is None or rollout.kind == kind):
+        return rollout
+    query = select(Rollout).where(Rollout.deployment_id == deployment.id)
+    if kind:
+        query = query.where(Rollout.kind == kind)
+    rollout = session.scalar(query.order_by(Rollout.id.desc()).limit(1))
+    if rollout is None:
+        what = {"canary": "rollout", "ab": "A/B test"}.get(kind or "", "rollout or A/B test")
+        raise NotFound(f"deployment {deployment.name!r} has no {what}", code="rollout_not_found")
+    return rollout
+
+
+COMMAND_ATTEMPTS = 3
+
+
+def _command(session: Session, tenant: Tenant, deployment: str,
+             act: Callable[[Deployment, Rollout | None], Rollout]) -> RolloutPublic:
+    """Apply a user's command to the rollout as it is now. The controller writes the rollout at every look, so
+    a command that loses that race is judged again on the fresh row (where it may still be refused with 409
+    because the controller finished the rollout) rather than failing because of the timing alone."""
+    for _ in range(COMMAND_ATTEMPTS - 1):
+        target = get_deployment(session, tenant, deployment)
+        try:
+            return rollout_public(act(target, active_rollout(session, target)))
+        except StaleDataError:
+            session.rollback()
+    target = get_deployment(session, tenant, deployment)
+    return rollout_public(act(target, active_rollout(session, target)))  # the last attempt's 409 reaches the user
+
+
+# --- validation sets and answer formats ---
+
+def _store_validation(gateway: Gateway, upload: UploadFile, metric: str) -> tuple[str, int, int]:
+    with tempfile.TemporaryDirectory(dir=gateway.tmp_dir) as scratch:
+        path = Path(scratch) / (upload.filename or "validation.jsonl").rsplit("/", 1)[-1]
+        with open(path, "wb") as out:
+            shutil.copyfileobj(upload.file, out, 1024 * 1024)
+        data, items = canonical_validation(path, metric)  # checks everything before anything is stored
+    return gateway.validation_store.put(data), items, len(data)
+
+
+@router.put("/deployments/{deployment}/validation")
+async def put_validation(deployment: str, gateway: GatewayDep, session: SessionDep, tenant: CurrentTenant,
+                         file: Annotated[UploadFile, File()],
+                         metric: Annotated[str, Form()] = "exact_match") -> ValidationSetPublic:
+    """The deployment's fixed validation set (chat JSONL, images as data URLs): the rollout gate replays it."""
+    target = await run_in_threadpool(get_deployment, session, tenant, deployment)
+    digest, items, size = await run_in_threadpool(_store_validation, gateway, file, metric)
+    stored = await run_in_threadpool(attach_validation, session, tenant, target, digest, metric, items, size)
+    return ValidationSetPublic.model_validate(stored)
+
+
+@router.get("/deployments/{deployment}/validation")
+def get_validation(deployment: str, session: SessionDep, tenant: CurrentTenant) -> ValidationSetPublic:
+    target = get_deployment(session, tenant, deployment)
+    if target.validation_set is None:
+        raise NotFound(f"deployment {deployment!r} has no validation set", code="validation_set_not_found")
+    return ValidationSetPublic.model_validate(target.validation_set)
+
+
+@router.put("/deployments/{deployment}/answer-format")
+def put_answer_format(deployment: str, session: SessionDep, tenant: CurrentTenant,
+                      spec: Annotated[dict[str, Any], Body()]) -> DeploymentPublic:
+    """`{"json_schema": {...}}`, `{"regex": "..."}`, or `{}` to clear: rollouts and A/B tests measure it."""
+    target = get_deployment(session, tenant, deployment)
+    target.answer_format = check_format_spec(spec)
+    session.commit()
+    return deployment_public(target)
+
+
+# --- canary rollouts ---
+
+@router.post("/deployments/{deployment}/rollout", status_code=202)
+async def start_rollout(deployment: str, body: RolloutStart, gateway: GatewayDep, session: SessionDep,
+                        tenant: CurrentTenant) -> RolloutPublic:
+    """Start a canary rollout. It first runs the validation gate (phase Gating), then takes traffic."""
+    target = await run_in_threadpool(get_deployment, session, tenant, deployment)
+    candidate = await run_in_threadpool(resolve_version, session, tenant, body.to)
+    await gateway.engine.preload([candidate.digest])
+    rollout = await run_in_threadpool(rollouts.start_canary, session, target, candidate, body, _actor(tenant),
+                                      time.time())
+    return rollout_public(rollout)
+
+
+@router.get("/deployments/{deployment}/rollout")
+def get_rollout(deployment: str, session: SessionDep, tenant: CurrentTenant) -> RolloutPublic:
+    return rollout_public(_latest(session, get_deployment(session, tenant, deployment), "canary"))
+
+
+@router.get("/rollouts")
+def list_rollouts(session: SessionDep, tenant: CurrentTenant) -> list[RolloutPublic]:
+    """The latest rollout or A/B test of each of the tenant's deployments."""
+    query = (select(Rollout).join(Deployment, Deployment.id == Rollout.deployment_id)
+             .where(Deployment.tenant_id == tenant.id).order_by(Rollout.id.desc()))
+    latest: dict[int, Rollout] = {}
+    for rollout in session.scalars(query):
+        latest.setdefault(rollout.deployment_id, rollout)
+    return [rollout_public(r) for r in sorted(latest.values(), key=lambda r: r.deployment.name)]
+
+
+@router.post("/deployments/{deployment}/rollout/pause")
+def pause_rollout(deployment: str, session: SessionDep, tenant: CurrentTenant) -> RolloutPublic:
+    return _command(session, tenant, deployment,
+                    lambda target, rollout: rollouts.pause(session, target, rollout, _actor(tenant), time.time()))
+
+
+@router.post("/deployments/{deployment}/rollout/resume")
+def resume_rollout(deployment: str, session: SessionDep, tenant: CurrentTenant) -> RolloutPublic:
+    return _command(session, tenant, deployment,
+                    lambda target, rollout: rollouts.resume(session, target, rollout, _actor(tenant), time.time()))
+
+
+@router.post("/deployments/{deployment}/rollout/abort")
+def abort_rollout(deployment: str, session: SessionDep, tenant: CurrentTenant) -> RolloutPublic:
+    """All traffic back to the stable version, at once."""
+    return _command(session, tenant, deployment,
+                    lambda target, rollout: rollouts.abort(session, target, rollout, _actor(tenant), time.time()))
+
+
+@router.post("/deployments/{deployment}/rollout/promote")
+def promote_rollout(deployment: str, session: SessionDep, tenant: CurrentTenant,
+                    body: PromoteBody | None = None) -> RolloutPublic:
+    """One step forward without waiting for the analysis, or (`full`) straight to 100 %."""
+    full = body.full if body else False
+    return _command(session, tenant, deployment, lambda target, rollout: rollouts.promote(
+        session, target, rollout, full, _actor(tenant), time.time()))
+
+
+@router.post("/deployments/{deployment}/undo")
+async def undo_deployment(deployment: str, gateway: GatewayDep, session: SessionDep,
+                          tenant: CurrentTenant) -> DeploymentPublic:
+    """Serve the previous stable version again."""
+    target = await run_in_threadpool(get_deployment, session, tenant, deployment)
+    if target.previous_stable is not None:
+        await gateway.engine.preload([target.previous_stable.digest])
+    result = await run_in_threadpool(rollouts.undo, session, target, _actor(tenant), time.time())
+    return deployment_public(result)
+
+
+# --- A/B tests ---
+
+@router.post("/deployments/{deployment}/ab", status_code=201)
+async def start_ab(deployment: str, body: AbStart, gateway: GatewayDep, session: SessionDep,
+                   tenant: CurrentTenant) -> RolloutPublic:
+    target = await run_in_threadpool(get_deployment, session, tenant, deployment)
+    versions = [(await run_in_threadpool(resolve_version, session, tenant, v.adapter), v.weight)
+                for v in body.variants]
+    await gateway.engine.preload([v.digest for v, _ in versions])
+    rollout = await run_in_threadpool(rollouts.start_ab, session, target, versions, _actor(tenant), time.time())
+    return rollout_public(rollout)
+
+
+def _ab_status(session: Session, rollout: Rollout) -> dict:
+    samples = rollouts.step_samples(session, rollout.id, None)
+    labels = [v["label"] for v in rollout.variants]
+    summary = []
+    for label in labels:
+        s = samples.get(label)
+        latencies = sorted(s.latencies_s) if s else []
+        summary.append({
+            "variant": label, "requests": s.requests if s else 0, "units": s.units if s else 0,
+            "error_rate": s.errors / s.requests if s and s.requests else None,
+            "latency_p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
+            "latency_p95_ms": 1000 * latencies[int(len(latencies) * 0.95)] if latencies else None,
+            "output_tokens_mean": sum(s.output_tokens) / len(s.output_tokens) if s and s.output_tokens else None,
+            "format_validity": 1 - s.format_invalid / s.format_checked if s and s.format_checked else None})
+    control = samples.get(labels[0])
+    comparisons = [{"variant": label, "against": labels[0], **compare_variants(control, samples[label])}
+                   for label in labels[1:] if control and label in samples]
+    srm = sample_ratio({k: v.units for k, v in samples.items()}, {v["label"]: v["weight"] for v in rollout.variants},
+                       Limits())
+    return {"rollout": rollout_public(rollout).model_dump(mode="json"), "variants": summary,
+            "comparisons": comparisons, "sample_ratio": srm.to_dict()}
+
+
+def _difference(label: str, control: str, measurement: Measurement) -> dict:
+    """A paired difference with its two-sided 95% interval and what the interval says."""
+    low, high = measurement.interval
+    verdict = "worse" if high < 0 else "better" if low > 0 else "no difference shown"
+    numbers = measurement.to_dict()
+    return {"variant": label, "against": control, "verdict": verdict,
+            **{k: numbers[k] for k in ("test", "effect", "interval", "p", "n_candidate", "extra")}}
+
+
+@router.get("/deployments/{deployment}/ab")
+def get_ab(deployment: str, session: SessionDep, tenant: CurrentTenant) -> JSONResponse:
+    """Per-variant live metrics, and each variant's differences from the first one with 95% intervals."""
+    rollout = _latest(session, get_deployment(session, tenant, deployment), "ab")
+    return JSONResponse(_ab_status(session, rollout))
+
+
+@router.post("/deployments/{deployment}/ab/stop")
+async def stop_ab(deployment: str, session: SessionDep, tenant: CurrentTenant, body: StopBody | None = None) -> RolloutPublic:
+    keep_ref = body.keep if body else None
+
+    def stop(target: Deployment, rollout: Rollout | None) -> Rollout:
+        keep = resolve_version(session, tenant, keep_ref) if keep_ref else None
+        return rollouts.stop_ab(session, target, rollout, keep, _actor(tenant), time.time())
+
+    return await run_in_threadpool(_command, session, tenant, deployment, stop)
+
+
+@router.post("/deployments/{deployment}/ab/evaluate")
+async def evaluate_ab(deployment: str, gateway: GatewayDep, session: SessionDep, tenant: CurrentTenant,
+                      max_tokens: int = 128) -> JSONResponse:
+    """Every variant answers the validation set (greedy, through the engine); paired differences from the
+    first variant with 95% intervals (McNemar exact or paired bootstrap)."""
+    target = await run_in_threadpool(get_deployment, session, tenant, deployment)
+    rollout = await run_in_threadpool(_latest, session, target, "ab")
+    validation = target.validation_set
+    if validation is None:
+        raise InvalidRequest(f"deployment {deployment!r} has no validation set: push one with "
+                             "`lorafleet validation push`", code="no_validation_set")
+    gateway.engine.require_up()
+    items = await run_in_threadpool(read_items, gateway.validation_store.path(validation.digest))
+    scores = {}
+    for variant in rollout.variants:
+        replayed = await replay_and_score(gateway.engine, variant["digest"], items, validation.metric, max_tokens)
+        scores[variant["label"]] = replayed.scores
+    labels = list(scores)
+    differences = [_difference(label, labels[0], await paired_test(scores[labels[0]], scores[label], 0.0, 0.025))
+                   for label in labels[1:]]
+    return JSONResponse({"metric": validation.metric, "items": len(items),
+                         "scores": {label: sum(s) / len(s) for label, s in scores.items()},
+                         "differences": differences})

@@ -1,0 +1,29 @@
+"""`lorafleet`: one CLI, one module per command group. Each command parses, calls one library function, and prints.
+
+- `server`    serve                      - `registry`  tenants, adapters, deployments, validation
+- `rollouts`  rollout, ab                - `drift`     drift
+- `training`  train, eval, quantize, tiny-model
+"""
+
+from __future__ import annotations
+
+import typer
+
+from lorafleet.serve.cli import drift, registry, rollouts, server, training
+from lorafleet.serve.cli.common import Commands
+
+__all__ = ["app"]
+
+app = typer.Typer(cls=Commands, no_args_is_help=True, help="Serve many tenants' LoRA adapters on one base VLM.")
+app.command()(server.serve)
+app.command("train")(training.train_command)
+app.command("eval")(training.eval_command)
+app.command("quantize")(training.quantize_command)
+app.add_typer(registry.tenants, name="tenants")
+app.add_typer(registry.adapters, name="adapters")
+app.add_typer(registry.deployments, name="deployments")
+app.add_typer(training.tiny, name="tiny-model")
+app.add_typer(registry.validation, name="validation")
+app.add_typer(rollouts.rollout, name="rollout")
+app.add_typer(rollouts.ab, name="ab")
+app.add_typer(drift.drift, name="drift")

@@ -1,0 +1,46 @@
+"""`lorafleet serve`: the gateway and its supervised engine."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lorafleet.adapters.errors import LorafleetError
+from lorafleet.serve.cli.common import console
+
+__all__ = ['serve']
+
+
+def serve(
+    base: Annotated[Optional[str], typer.Option(help="Base model: hub id or local path (quantized or not).")] = None,
+    quantize: Annotated[Optional[str], typer.Option(
+        help="auto (the checkpoint's own quantization, else int4) | none | int4 | int8 | fp8 (GPU).")] = None,
+    group_size: Annotated[Optional[int], typer.Option(help="int4: weights per scale.")] = None,
+    host: Annotated[Optional[str], typer.Option()] = None,
+    port: Annotated[Optional[int], typer.Option()] = None,
+    home: Annotated[Optional[Path], typer.Option(help="State folder (catalog, adapters, logs).")] = None,
+) -> None:
+    """Run the gateway and its supervised vLLM engine."""
+    import uvicorn
+
+    from lorafleet.serve.api.app import create_app
+    from lorafleet.serve.settings import Settings
+
+    overrides = {k: v for k, v in dict(base=base, quantize=quantize, quantize_group_size=group_size, host=host,
+                                       port=port, home=home).items() if v is not None}
+    settings = Settings(**overrides)
+    try:
+        settings.require_admin_key()
+        application = create_app(settings)
+    except (ValueError, OSError) as exc:
+        raise LorafleetError(str(exc)) from exc
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the engine health checks every few seconds
+    engine = application.state.gateway.supervisor
+    console.print(f"lorafleet gateway on http://{settings.host}:{settings.port}, base {settings.base}, "
+                  f"state in {settings.home}\nhardware: {engine.hardware.describe()}; "
+                  f"quantization: {engine.quantization.label}", highlight=False)
+    uvicorn.run(application, host=settings.host, port=settings.port, log_level="info")

@@ -1,0 +1,6 @@
+"""Drift monitoring of every live adapter version.
+
+- `statistics`  pure: request features, reservoir sampling, KS / MMD tests, alpha spending, Benjamini-Hochberg
+- `monitor`     `DriftMonitor`: live sampling, scheduled validation replay against baselines, drift looks
+- `report`      the self-contained HTML report (`lorafleet drift report`)
+"""

@@ -1,0 +1,8 @@
+"""The engine: one vLLM OpenAI server on a private loopback port.
+
+- `client`      the gateway's side: `EngineClient` (private HTTP client, registered adapters, `ensure_loaded`,
+                `preload`), the unavailable-engine policy and its errors (`EngineUnavailable`, `AdapterLoadFailed`)
+- `supervisor`  `EngineSupervisor`: starts, health-checks and restarts the process (and its whole group)
+- `command`     `engine_command`: the vLLM command line and environment for the settings and hardware
+- `hardware`    `detect_hardware`, `plan_quantization`: what this machine can serve, refused before any start
+"""

@@ -1,0 +1,142 @@
+"""The gateway's side of the engine: its private HTTP client, the adapters registered on it, and what happens
+when it is not there.
+
+Errors (each a ServiceUnavailable, so a client gets 503 + Retry-After):
+
+    ServiceUnavailable (lorafleet.adapters.errors)
+     ├── EngineUnavailable    the engine is starting, restarting, or did not answer
+     └── AdapterLoadFailed    the engine refused or failed to load an adapter
+
+One policy for an engine that is down: work that needs an answer now (a chat request, `drift check`,
+`ab evaluate`) raises EngineUnavailable; catalog changes that will need an adapter (deploy, rollout and A/B
+starts, undo) call `preload`, which registers it now when the engine is up and otherwise leaves it to the
+registration that follows every engine start; scheduled work (the rollout gate, validation replays) waits for
+the next tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+
+import httpx
+
+from lorafleet.adapters.errors import ServiceUnavailable
+from lorafleet.adapters.store import AdapterStore
+from lorafleet.serve.engine.command import free_port
+from lorafleet.serve.metrics import Metrics
+
+__all__ = ["EngineClient", "EngineUnavailable", "AdapterLoadFailed", "map_engine_errors"]
+
+
+class EngineUnavailable(ServiceUnavailable):
+    code = "engine_unavailable"
+
+
+class AdapterLoadFailed(ServiceUnavailable):
+    code = "adapter_load_failed"
+
+
+@contextlib.contextmanager
+def map_engine_errors() -> Iterator[None]:
+    """Turn transport failures talking to the engine into EngineUnavailable (503 + Retry-After)."""
+    try:
+        yield
+    except httpx.TransportError as exc:
+        raise EngineUnavailable(f"the engine did not answer ({type(exc).__name__}); retry shortly") from exc
+
+
+class EngineClient:
+    """The engine's private address and bearer token, whether it is up, and the adapter digests it knows."""
+
+    def __init__(self, store: AdapterStore, metrics: Metrics, port: int = 0) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.port = port or free_port()
+        self.token = secrets.token_urlsafe(32)
+        self.http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}",
+                                      headers={"Authorization": f"Bearer {self.token}"},
+                                      timeout=httpx.Timeout(600.0, connect=5.0),
+                                      limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100))
+        self.generation = 0  # engine processes that became ready: a new one may serve a changed base
+        self._up = asyncio.Event()
+        self._loaded: set[str] = set()
+        self._load_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    @property
+    def up(self) -> bool:
+        return self._up.is_set()
+
+    def require_up(self) -> None:
+        if not self.up:
+            raise EngineUnavailable("the engine is starting or restarting; retry shortly")
+
+    async def wait_up(self, timeout: float) -> None:
+        await asyncio.wait_for(self._up.wait(), timeout)
+
+    def mark_up(self) -> None:
+        """A new engine process answers: it knows no adapters yet."""
+        self._loaded.clear()
+        self.generation += 1
+        self._up.set()
+        self.metrics.engine_up.set(1)
+
+    def mark_down(self) -> None:
+        self._up.clear()
+        self._loaded.clear()
+        self.metrics.engine_up.set(0)
+
+    async def healthy(self) -> bool:
+        try:
+            return (await self.http.get("/health", timeout=5.0)).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def version(self) -> str:
+        """vLLM's version as the engine reports it, "?" when it cannot say."""
+        try:
+            return str((await self.http.get("/version")).json().get("version", "?"))
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return "?"
+
+    async def ensure_loaded(self, digest: str) -> None:
+        """Register an adapter on the engine under its digest; one load in flight per digest."""
+        if digest in self._loaded:
+            return
+        async with self._load_locks[digest]:
+            if digest in self._loaded:
+                return
+            self.require_up()
+            t0 = time.perf_counter()
+            with map_engine_errors():
+                response = await self.http.post("/v1/load_lora_adapter",
+                                                json={"lora_name": digest, "lora_path": str(self.store.local_path(digest))})
+            if response.status_code != 200 and "already been loaded" not in response.text:
+                self.metrics.adapter_loads.labels("failed").inc()
+                raise AdapterLoadFailed(f"the engine could not load adapter {digest[:12]}: {response.text[:300]}")
+            self.metrics.adapter_loads.labels("ok").inc()
+            self.metrics.adapter_load_seconds.observe(time.perf_counter() - t0)
+            self._loaded.add(digest)
+
+    async def preload(self, digests: Iterable[str]) -> None:
+        """Register adapters a catalog change is about to use, before it commits (a failed load changes
+        nothing). With the engine down they are registered after its next start instead."""
+        if self.up:
+            for digest in digests:
+                await self.ensure_loaded(digest)
+
+    async def unload(self, digest: str) -> None:
+        """Best effort: forget an adapter (it is only ever unloaded once nothing uses it)."""
+        if digest not in self._loaded or not self.up:
+            self._loaded.discard(digest)
+            return
+        with contextlib.suppress(httpx.HTTPError):
+            await self.http.post("/v1/unload_lora_adapter", json={"lora_name": digest})
+        self._loaded.discard(digest)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
