@@ -8,7 +8,8 @@ LorafleetError
  ├── InvalidRequest          400  malformed input
  │    └── InvalidAdapter     400  an upload that must not be served (names the field and reason)
  ├── PayloadTooLarge         413
- └── ServiceUnavailable      503  carries Retry-After (`lorafleet.serve.engine.client`: EngineUnavailable, AdapterLoadFailed)
+ └── ServiceUnavailable      503  carries Retry-After
+      (`lorafleet.serve.engine.client`: EngineUnavailable, AdapterLoadFailed)
 """
 
 from __future__ import annotations

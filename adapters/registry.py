@@ -175,6 +175,7 @@ def list_deployments(session: Session, tenant: Tenant) -> list[Deployment]:
 
 def deployed_digests(session: Session) -> set[str]:
     """Every digest some deployment or active rollout serves: what a restarted engine must have registered."""
-    stable = set(session.scalars(select(AdapterVersion.digest).join(Deployment, Deployment.stable_id == AdapterVersion.id)))
+    stable = set(session.scalars(select(AdapterVersion.digest)
+                                 .join(Deployment, Deployment.stable_id == AdapterVersion.id)))
     variants = session.scalars(select(Rollout.variants).join(Deployment, Deployment.rollout_id == Rollout.id))
     return stable | {v["digest"] for table in variants for v in table}

@@ -129,7 +129,8 @@ def _check_target_modules(config: dict, spec: BaseModelSpec) -> None:
         raise InvalidAdapter("target_modules", "missing or empty")
 
 
-def _check_weights(folder: Path, config: dict, spec: BaseModelSpec, max_rank: int) -> tuple[hashlib._Hash, int, tuple[str, ...]]:
+def _check_weights(folder: Path, config: dict, spec: BaseModelSpec,
+                   max_rank: int) -> tuple[hashlib._Hash, int, tuple[str, ...]]:
     """Check every tensor against the base; return a running hash of the tensors, the rank and targets."""
     import torch
     from safetensors import SafetensorError, safe_open

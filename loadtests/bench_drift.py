@@ -10,8 +10,8 @@ statistics), images twice as large, and longer prompts.
    The delay is counted in shifted requests sent before the alarm was seen (an upper bound: the client polls
    after each batch of 10).
 2. Resampled: the monitor's features are functions of the requests alone, so many more trials run through the
-   same code (`lorafleet.serve.drift.statistics.input_drift`, the same window, look counter and alpha spending): false alarms over
-   1,000 calm samples (20 looks) and the exact delay per shift.
+   same code (`lorafleet.serve.drift.statistics.input_drift`, the same window, look counter and alpha
+   spending): false alarms over 1,000 calm samples (20 looks) and the exact delay per shift.
 
     .venv/bin/python loadtests/bench_drift.py [--real-trials 2] [--trials 200] [--base DIR]
 """
@@ -135,7 +135,8 @@ def main() -> None:
         pool_rng = random.Random(7)
         pools = {name: _features(requests(600, pool_rng, shift)) for name, shift in SHIFTS.items()}
 
-        table = Table("shift", "trials", "false alarms (calm phase)", "detected", "delay in samples (median / p95 / max)",
+        table = Table("shift", "trials", "false alarms (calm phase)", "detected",
+                      "delay in samples (median / p95 / max)",
                       title=f"input drift, resampled (window {WINDOW}, alpha {ALPHA} spent over looks, "
                             f"{args.permutations} permutations)")
         rng = random.Random(0)

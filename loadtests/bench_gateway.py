@@ -1,8 +1,8 @@
 """What the gateway costs over vLLM alone, measured side by side in one run.
 
 Starts `lorafleet serve` (gateway + engine) and, beside it, a second vLLM server started with the same
-command line (`lorafleet.serve.engine.command.engine_command`) and the same adapters registered directly. Rounds alternate
-between the two so that machine noise hits both alike; the table reports each and their ratio.
+command line (`lorafleet.serve.engine.command.engine_command`) and the same adapters registered directly.
+Rounds alternate between the two so that machine noise hits both alike; the table reports each and their ratio.
 
     .venv/bin/python loadtests/bench_gateway.py [--adapters 8] [--rounds 3] [--requests 96] [--concurrency 16]
 """

@@ -10,8 +10,9 @@ breaks the JSON format.
    from distinct users until the controller decides.
 2. Resampled: per-request outcomes (status, latency, format validity) recorded from the same engine,
    interleaved across the three versions, then many more trials than real time allows through the same pure
-   code the controller runs each tick (`lorafleet.serve.rollouts.state.plan_tick`), on a simulated clock with the measured
-   request rate and the server's tick. A "subtle" canary (20 % of its answers broken) shows the power limit.
+   code the controller runs each tick (`lorafleet.serve.rollouts.state.plan_tick`), on a simulated clock with
+   the measured request rate and the server's tick. A "subtle" canary (20 % of its answers broken) shows the
+   power limit.
 
     .venv/bin/python loadtests/bench_rollout.py [--real-trials 3] [--trials 1000] [--record 300]
 """
@@ -326,7 +327,8 @@ async def main() -> None:
         seconds = statistics.median(t.seconds for t in runs) if runs else 0
         table.add_row(f"{name} (end to end)", str(len(runs)), str(len(back)),
                       str(sum(t.outcome == "Promoted" for t in runs)), _summary(back),
-                      str(sum(t.outcome == "RolledBack" and t.step_index == 0 for t in runs)), f"{_reasons([t.reason for t in runs])}; median {seconds:.0f} s per trial")
+                      str(sum(t.outcome == "RolledBack" and t.step_index == 0 for t in runs)),
+                      f"{_reasons([t.reason for t in runs])}; median {seconds:.0f} s per trial")
     console.print(table)
     console.print(json.dumps({"rate_rps": rate, "real": [t.__dict__ for t in real]}))
 

@@ -104,7 +104,7 @@ def main() -> None:
             run = subprocess.run([sys.executable, __file__, "--variant", name, "--base", base, "--data", str(data),
                                   "--steps", str(args.steps), "--out", str(work / f"out-{round_}-{len(results)}")],
                                  capture_output=True, text=True)
-            line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT ")), None)
+            line = next((out for out in run.stdout.splitlines() if out.startswith("RESULT ")), None)
             if line is None:
                 raise SystemExit(f"{name} failed:\n{run.stderr[-2000:]}")
             results.setdefault(name, []).append(json.loads(line[7:]))
@@ -113,7 +113,8 @@ def main() -> None:
                   title=f"LoRA training, {base}, {args.steps} steps, median of {args.rounds} rounds")
     for name, runs in results.items():
         rate = statistics.median(r["samples_per_s"] for r in runs)
-        table.add_row(name, f"{rate:.1f}", f"{rate / reference:.2f}", f"{statistics.median(r['peak_mb'] for r in runs):.0f}")
+        peak = statistics.median(r["peak_mb"] for r in runs)
+        table.add_row(name, f"{rate:.1f}", f"{rate / reference:.2f}", f"{peak:.0f}")
     Console(width=120).print(table)
 
 

@@ -77,7 +77,8 @@ def bad_archive(case: str, good: Path, work: Path, vision_adapter: Path, rank32_
         case "path_traversal":
             return tar_gz(folder, archive, lambda t: _member(t, "../../evil.txt"))
         case "symlink":
-            return tar_gz(folder, archive, lambda t: _member(t, "adapter/link", kind=tarfile.SYMTYPE, link="/etc/passwd"))
+            return tar_gz(folder, archive,
+                          lambda t: _member(t, "adapter/link", kind=tarfile.SYMTYPE, link="/etc/passwd"))
         case "no_config":
             (folder / CONFIG).unlink()
         case "not_lora":
@@ -104,7 +105,8 @@ def bad_archive(case: str, good: Path, work: Path, vision_adapter: Path, rank32_
         case "shape_mismatch":
             edit_tensors(folder, widen_first_lora_a)
         case "too_large":
-            (folder / "padding.safetensors.txt").write_bytes(torch.randint(0, 255, (3_000_000,), dtype=torch.uint8).numpy().tobytes())
+            padding = torch.randint(0, 255, (3_000_000,), dtype=torch.uint8).numpy().tobytes()
+            (folder / "padding.safetensors.txt").write_bytes(padding)
         case _:
             raise ValueError(case)
     return tar_gz(folder, archive)

@@ -26,5 +26,6 @@ def lorafleet_modules() -> dict[str, Path]:
             if module.name.split(".")[1] in ("adapters", "serve", "train") and package == "lorafleet":
                 continue  # listed under its own top package
             relative = Path(*module.name.split(".")[package.count(".") + 1:])
-            found[module.name] = folder / relative / "__init__.py" if module.ispkg else folder / relative.with_suffix(".py")
+            found[module.name] = (folder / relative / "__init__.py" if module.ispkg
+                                  else folder / relative.with_suffix(".py"))
     return found

@@ -34,8 +34,9 @@ def encode(processor, example: Example, max_length: int) -> dict:
         if message["role"] != "assistant":
             continue
         seen = count_images(example.messages[:i])
-        start = _ids(processor, example.messages[:i], example.images[:seen], generation_prompt=True)["input_ids"].shape[1]
-        end = _ids(processor, example.messages[: i + 1], example.images[:seen], generation_prompt=False)["input_ids"].shape[1]
+        prompt = _ids(processor, example.messages[:i], example.images[:seen], generation_prompt=True)
+        answered = _ids(processor, example.messages[: i + 1], example.images[:seen], generation_prompt=False)
+        start, end = prompt["input_ids"].shape[1], answered["input_ids"].shape[1]
         labels[start:end] = input_ids[start:end]  # the answer and its end-of-turn token
     item = {"input_ids": input_ids, "labels": labels, "mm_token_type_ids": full["mm_token_type_ids"][0]}
     if example.images:

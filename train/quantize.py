@@ -134,7 +134,7 @@ def _write_w4a16(model, layers: list[str], group_size: int, folder: Path) -> int
     ignore = [name for name, m in model.named_modules() if type(m).__name__ == "Linear" and name not in layers]
     apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore,
                                                         quantization_status=QuantizationStatus.INITIALIZED))
-    for name, module in model.named_modules():
+    for module in model.modules():
         if getattr(module, "quantization_scheme", None) is None:
             continue
         scale, zero_point = compute_dynamic_scales_and_zp(module.weight.data, module.quantization_scheme.weights,

@@ -34,7 +34,8 @@ def generate(base: str, adapters: dict[str, str | None], prompts: list[list[dict
              llm_kwargs: dict | None = None) -> dict[str, list[dict]]:
     """{name: [{"text", "token_ids"} per prompt]}; `adapters` maps names to folders (None = the base).
 
-    `llm_kwargs` go to vLLM's `LLM(...)` as they are, e.g. a quantization planned by `lorafleet.serve.engine.hardware`."""
+    `llm_kwargs` go to vLLM's `LLM(...)` as they are, e.g. a quantization planned by
+    `lorafleet.serve.engine.hardware`."""
     import torch
 
     dtype = dtype or ("bfloat16" if torch.cuda.is_available() else "float32")  # the trainer's dtype

@@ -102,7 +102,8 @@ async def _forward_stream(engine: EngineClient, body: dict, route: Route, usage:
                              headers=route.headers)
 
 
-async def _relay(response: httpx.Response, route: Route, usage: Usage, client_wants_usage: bool) -> AsyncIterator[bytes]:
+async def _relay(response: httpx.Response, route: Route, usage: Usage,
+                 client_wants_usage: bool) -> AsyncIterator[bytes]:
     t0 = time.perf_counter()
     try:
         async for line in response.aiter_lines():

@@ -267,7 +267,8 @@ def get_ab(deployment: str, session: SessionDep, tenant: CurrentTenant) -> JSONR
 
 
 @router.post("/deployments/{deployment}/ab/stop")
-async def stop_ab(deployment: str, session: SessionDep, tenant: CurrentTenant, body: StopBody | None = None) -> RolloutPublic:
+async def stop_ab(deployment: str, session: SessionDep, tenant: CurrentTenant,
+                  body: StopBody | None = None) -> RolloutPublic:
     keep_ref = body.keep if body else None
 
     def stop(target: Deployment, rollout: Rollout | None) -> Rollout:

@@ -104,7 +104,8 @@ def deployments_format(
     if sum(x is not None and x is not False for x in (json_schema, regex, clear or None)) != 1:
         raise typer.BadParameter("give exactly one of --json-schema, --regex or --clear")
     try:
-        spec = {"json_schema": json.loads(json_schema.read_text())} if json_schema else {"regex": regex} if regex else {}
+        spec = ({"json_schema": json.loads(json_schema.read_text())} if json_schema
+                else {"regex": regex} if regex else {})
     except ValueError as exc:
         raise typer.BadParameter(f"{json_schema} is not valid JSON: {exc}") from exc
     result = LorafleetClient(url, api_key).set_answer_format(deployment, spec)

@@ -43,7 +43,8 @@ def _when(epoch: float | None) -> str:
 
 
 def _print_rollout(r: dict, decisions: int = 8) -> None:
-    color = {"Promoted": "green", "RolledBack": "red", "GateRefused": "red", "Aborted": "yellow"}.get(r["phase"], "cyan")
+    colors = {"Promoted": "green", "RolledBack": "red", "GateRefused": "red", "Aborted": "yellow"}
+    color = colors.get(r["phase"], "cyan")
     step = (f"step {r['step_index'] + 1}/{len(r['steps'])}" if r["kind"] == "canary" and r["step_index"] >= 0
             else r["kind"])
     console.print(f"[bold]{r['deployment']}[/bold] {r['kind']} #{r['id']}: [{color}]{r['phase']}[/{color}] ({step}) "
@@ -95,7 +96,8 @@ def rollout_status(deployment: Annotated[Optional[str], typer.Argument()] = None
         return
     table = Table("deployment", "kind", "phase", "step", "variants", "reason")
     for r in client.rollouts():
-        table.add_row(r["deployment"], r["kind"], r["phase"], str(r["step_index"] + 1) if r["kind"] == "canary" else "-",
+        step = str(r["step_index"] + 1) if r["kind"] == "canary" else "-"
+        table.add_row(r["deployment"], r["kind"], r["phase"], step,
                       ", ".join(f"{v['label']} {v['ref']} {v['weight']:g}%" for v in r["variants"]), r["reason"])
     console.print(table)
 
@@ -161,7 +163,8 @@ def _interval(entry: dict | None, spec: str = "+.3f") -> str:
 
 @ab.command("status")
 def ab_status(deployment: str,
-              validation_scores: Annotated[bool, typer.Option("--validation", help="Also replay the validation set.")] = False,
+              validation_scores: Annotated[bool, typer.Option(
+                  "--validation", help="Also replay the validation set.")] = False,
               url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
     """Per-variant live metrics and differences from the first variant, with 95% intervals."""
     client = LorafleetClient(url, api_key)

@@ -19,7 +19,8 @@ tiny = group("The tiny local Qwen2.5-VL used by the demo and the tests.")
 
 @tiny.command("build")
 def tiny_build(out: Path, seed: int = 0,
-               pretrain_steps: Annotated[Optional[int], typer.Option(help="General-task pre-training steps.")] = None) -> None:
+               pretrain_steps: Annotated[Optional[int], typer.Option(
+                   help="General-task pre-training steps.")] = None) -> None:
     """Build the tiny Qwen2.5-VL in OUT and pre-train it on the shapes world (a base with something to forget)."""
     from lorafleet.train.tiny_model import PRETRAIN_STEPS, build_tiny_model
 

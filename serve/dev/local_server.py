@@ -44,8 +44,8 @@ class LocalServer:
 
     def _spawn(self) -> subprocess.Popen:
         with open(self.home / "gateway.log", "ab") as log:
-            return subprocess.Popen([sys.executable, "-m", "lorafleet.serve.cli", "serve", "--base", self.base], env=self.env,
-                                    stdout=log, stderr=subprocess.STDOUT)
+            return subprocess.Popen([sys.executable, "-m", "lorafleet.serve.cli", "serve", "--base", self.base],
+                                    env=self.env, stdout=log, stderr=subprocess.STDOUT)
 
     def restart(self) -> None:
         """Stop the gateway (and its engine) and start it again with the same settings, port and state."""

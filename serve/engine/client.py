@@ -113,8 +113,8 @@ class EngineClient:
             self.require_up()
             t0 = time.perf_counter()
             with map_engine_errors():
-                response = await self.http.post("/v1/load_lora_adapter",
-                                                json={"lora_name": digest, "lora_path": str(self.store.local_path(digest))})
+                path = str(self.store.local_path(digest))
+                response = await self.http.post("/v1/load_lora_adapter", json={"lora_name": digest, "lora_path": path})
             if response.status_code != 200 and "already been loaded" not in response.text:
                 self.metrics.adapter_loads.labels("failed").inc()
                 raise AdapterLoadFailed(f"the engine could not load adapter {digest[:12]}: {response.text[:300]}")

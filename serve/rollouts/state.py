@@ -369,7 +369,8 @@ def apply_tick(session: Session, rollout: Rollout, tick: Tick, canary_requests: 
 def step_samples(session: Session, rollout_id: int, step_index: int | None) -> dict[str, VariantSamples]:
     """Per-variant samples of one step (or of the whole rollout when `step_index` is None)."""
     query = select(RolloutSample.variant, RolloutSample.ok, RolloutSample.latency_s, RolloutSample.unit,
-                   RolloutSample.format_valid, RolloutSample.output_tokens).where(RolloutSample.rollout_id == rollout_id)
+                   RolloutSample.format_valid, RolloutSample.output_tokens
+                   ).where(RolloutSample.rollout_id == rollout_id)
     if step_index is not None:
         query = query.where(RolloutSample.step_index == step_index)
     rows: dict[str, list] = defaultdict(list)

@@ -136,12 +136,13 @@ def test_metrics_count_requests_and_tokens_by_tenant_deployment_adapter(server, 
     _greedy(two_tenants[1].openai(), "assistant", image_messages())
     text = httpx.get(server.url + "/metrics").text
     tenant = two_tenants[1].name
-    lines = [l for l in text.splitlines() if l.startswith("lorafleet_requests_total") and f'tenant="{tenant}"' in l]
+    lines = [line for line in text.splitlines()
+             if line.startswith("lorafleet_requests_total") and f'tenant="{tenant}"' in line]
     assert lines and 'deployment="assistant"' in lines[0] and 'status="200"' in lines[0]
-    assert any(l.startswith("lorafleet_tokens_total") and f'tenant="{tenant}"' in l and 'kind="completion"' in l
-               for l in text.splitlines())
+    assert any(line.startswith("lorafleet_tokens_total") and f'tenant="{tenant}"' in line
+               and 'kind="completion"' in line for line in text.splitlines())
     assert "lorafleet_engine_up 1.0" in text
-    assert f'quantization="{served_quantization.label}"' in next(l for l in text.splitlines()
-                                                               if l.startswith("lorafleet_engine_info{"))
+    assert f'quantization="{served_quantization.label}"' in next(line for line in text.splitlines()
+                                                               if line.startswith("lorafleet_engine_info{"))
     assert 'lorafleet_adapter_loads_total{outcome="ok"}' in text
     assert httpx.get(server.url + "/healthz").status_code == 200

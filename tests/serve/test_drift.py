@@ -45,8 +45,8 @@ def _traffic(tmp: Path, n: int, seed: int, shift: Callable[[Image.Image], Image.
         image = example.images[0].convert("RGB")
         image = shift(image) if shift else image
         text = prompt or example.messages[0]["content"][-1]["text"]
-        requests.append([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_data_url(image)}},
-                                                      {"type": "text", "text": text}]}])
+        image_part = {"type": "image_url", "image_url": {"url": image_data_url(image)}}
+        requests.append([{"role": "user", "content": [image_part, {"type": "text", "text": text}]}])
     return requests
 
 
@@ -76,8 +76,8 @@ def test_replay_records_a_baseline_then_sees_no_change(watched, server):
     assert (check["kind"], check["exact_match_rate"], check["changed"]) == ("check", 1.0, False)
     assert check["numbers"]["test"] == "McNemar exact" and "unchanged" in check["message"]
     metrics = httpx.get(server.url + "/metrics").text
-    assert re.search(r'lorafleet_validation_exact_match_rate\{deployment="watch",tenant="t-\w+",variant="stable"\} 1\.0',
-                     metrics)
+    assert re.search(r'lorafleet_validation_exact_match_rate\{deployment="watch",tenant="t-\w+",'
+                     r'variant="stable"\} 1\.0', metrics)
 
     env = {"LORAFLEET_URL": server.url, "LORAFLEET_API_KEY": http.headers["authorization"].removeprefix("Bearer ")}
     status = CliRunner().invoke(app, ["drift", "status"], env=env)

@@ -41,8 +41,8 @@ def lorafleet(*args: str | Path, timeout: float = 300, **settings: str) -> subpr
     """The CLI as users run it, without the developer's LORAFLEET_* settings, on wide lines (no wrapping)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")} | {"COLUMNS": "400"}
     env.update({f"LORAFLEET_{k.upper()}": v for k, v in settings.items()})
-    return subprocess.run([sys.executable, "-m", "lorafleet.serve.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=tempfile.gettempdir(), timeout=timeout, env=env)
+    return subprocess.run([sys.executable, "-m", "lorafleet.serve.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=tempfile.gettempdir(), timeout=timeout, env=env)
 
 
 def checkpoint_with(tiny_model: Path, folder: Path, quantization: dict) -> Path:

@@ -27,7 +27,8 @@ def shapes(new_tenant, make_adapter, general_val) -> Callable[..., httpx.Client]
             upload_folder(http, "m", folder)
         http.put("/v1/deployments/shapes", json={"adapter": "m@1"}).raise_for_status()
         if validation:
-            pushed = http.put("/v1/deployments/shapes/validation", files={"file": ("v.jsonl", inline_images(general_val))})
+            pushed = http.put("/v1/deployments/shapes/validation",
+                              files={"file": ("v.jsonl", inline_images(general_val))})
             assert pushed.status_code == 200, pushed.text
         if answer_format:
             http.put("/v1/deployments/shapes/answer-format", json=FORMAT).raise_for_status()

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.engine  # every test here also proves its adapter serva
 
 def test_ddp_with_two_cpu_processes_trains_a_servable_adapter(world, tmp_path):
     out = tmp_path / "ddp-adapter"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lorafleet.serve.cli", "train",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lorafleet.serve.cli",
+               "train",
                "--base", str(world.base), "--train", str(world.file("json", "train")),
                "--val", str(world.file("json", "val")), "--out", str(out), "--rank", "8", "--lr", "2e-3",
                "--batch-size", "8", "--max-steps", "16", "--eval-every", "8"]

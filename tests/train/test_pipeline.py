@@ -20,7 +20,8 @@ pytestmark = pytest.mark.engine  # every test here also proves its adapter serva
 
 def _config(world, out, **overrides):
     values = dict(base=str(world.base), train=world.file("json", "train"), val=world.file("json", "val"),
-                  probe=world.file("general", "val"), mix=world.file("general", "train"), out=out, rank=16, lr=2e-3, batch_size=16, epochs=2,
+                  probe=world.file("general", "val"), mix=world.file("general", "train"), out=out, rank=16, lr=2e-3,
+                  batch_size=16, epochs=2,
                   eval_every=10, eval_max_tokens=24)
     return load_config(None, **{**values, **overrides})
 
