@@ -66,7 +66,8 @@ def torchao_config(scheme: str, group_size: int, spec: BaseModelSpec):
     if scheme == "int8":
         return Int8WeightOnlyConfig()
     # int4 values kept one per int8 byte ("unpacked"): the layout vLLM can slice across GPUs and CPU threads
-    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size))
+    return IntxWeightOnlyConfig(weight_dtype=torch.int4,  # type: ignore[attr-defined]  # torch's stubs lack int4
+                                granularity=PerGroup(group_size))
 
 
 def online_overrides(scheme: str, group_size: int, spec: BaseModelSpec) -> dict[str, str]:

@@ -58,15 +58,15 @@ def authenticate(session: Session, api_key: str | None) -> Tenant:
     return tenant
 
 
-def readable_adapters(tenant: Tenant) -> Select[tuple[Adapter]]:
+def readable_adapters(tenant: Tenant) -> Select[Adapter]:
     return select(Adapter).where(Adapter.tenant_id == tenant.id)
 
 
-def _readable_versions(tenant: Tenant) -> Select[tuple[AdapterVersion]]:
+def _readable_versions(tenant: Tenant) -> Select[AdapterVersion]:
     return select(AdapterVersion).join(Adapter).where(Adapter.tenant_id == tenant.id)
 
 
-def _readable_deployments(tenant: Tenant) -> Select[tuple[Deployment]]:
+def _readable_deployments(tenant: Tenant) -> Select[Deployment]:
     return select(Deployment).where(Deployment.tenant_id == tenant.id)
 
 
@@ -125,7 +125,7 @@ def resolve_version(session: Session, tenant: Tenant, ref: str) -> AdapterVersio
 
 def digest_in_use(session: Session, digest: str) -> bool:
     """Whether any tenant still has a version with this content (the blob is shared)."""
-    return session.scalar(select(func.count()).where(AdapterVersion.digest == digest)) > 0
+    return (session.scalar(select(func.count()).where(AdapterVersion.digest == digest)) or 0) > 0
 
 
 def _in_active_rollouts(session: Session, tenant: Tenant) -> list[tuple[str, set[int]]]:

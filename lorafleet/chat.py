@@ -53,7 +53,7 @@ def content_parts(message: Any) -> list[Any]:
     return content if isinstance(content, list) else []
 
 
-def _load_image(url: str, folder: Path | None, source: str) -> Image.Image:
+def _load_image(url: str, folder: Path, source: str) -> Image.Image:
     try:
         if url.startswith("data:"):
             header, _, payload = url.partition(",")

@@ -51,6 +51,7 @@ def _versions() -> dict[str, str]:
 def _servability(config: TrainConfig, report: EvalReport) -> Servability:
     if "validation" in report.outputs:
         outputs = {m: gens[:CHECK_PROMPTS] for m, gens in report.outputs["validation"].items()}
+        assert config.val is not None  # a report with validation outputs had a validation set
         examples = load_jsonl(config.val)[:CHECK_PROMPTS]
     else:
         examples = load_jsonl(config.train)[:CHECK_PROMPTS]

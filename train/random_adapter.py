@@ -24,5 +24,5 @@ def make_random_adapter(base: str | Path, out: Path, seed: int, rank: int = 8, s
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:  # PEFT starts B at zero (a no-op adapter); make it do something
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
-    peft_model.save_pretrained(out)
+    peft_model.save_pretrained(str(out))
     return Path(out)

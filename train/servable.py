@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from lorafleet.adapters.base_model import load_base_spec
 from lorafleet.adapters.errors import LorafleetError
@@ -46,8 +47,8 @@ def peft_greedy(base: str, adapter: Path, prompts: list[list[dict]], max_tokens:
 
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     processor = AutoProcessor.from_pretrained(base)
-    model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype)
-    model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    base_model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype)
+    model: Any = PeftModel.from_pretrained(base_model, str(adapter)).eval()
     if torch.cuda.is_available():
         model = model.cuda()
     results = []

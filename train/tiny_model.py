@@ -7,6 +7,7 @@ head_dim/2, an image AND a video processor, and the Qwen special tokens in the c
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 __all__ = ["build_tiny_model", "pretrain", "PRETRAIN_STEPS", "TINY_MIN_PIXELS", "TINY_MAX_PIXELS"]
 
@@ -89,7 +90,8 @@ def pretrain(model, processor, steps: int, seed: int, batch_size: int = 16, lr: 
             words = rng.choice(_CORPUS).split()
             start = rng.randrange(len(words))
             snippet = " ".join(words[start:start + rng.randint(2, 8)])
-            messages = [{"role": "user", "content": f"Repeat: {snippet}"}, {"role": "assistant", "content": snippet}]
+            messages: list[dict[str, Any]] = [{"role": "user", "content": f"Repeat: {snippet}"},
+                                              {"role": "assistant", "content": snippet}]
             pool.append(encode(processor, Example(messages, [], "pretrain"), max_length=512))
             continue
         image, question, answer = make_example(rng.choice(BASE_TASKS), rng)

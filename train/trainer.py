@@ -13,6 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -47,7 +48,8 @@ def lora_config(config: TrainConfig):
     """LoRA on every linear layer of the language model, nothing else (no bias, no modules_to_save, no DoRA)."""
     from peft import LoraConfig
 
-    return LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, bias="none",
+    return LoraConfig(r=config.rank, lora_alpha=config.alpha,  # type: ignore[arg-type]  # PEFT scales by a float
+                      lora_dropout=config.dropout, bias="none",
                       target_modules=load_base_spec(config.base).lora_target_regex())
 
 
@@ -165,7 +167,8 @@ def _loader(processor, path: Path, config: TrainConfig, shuffle: bool, mix: Path
         examples += load_jsonl(mix)[: int(len(examples) * config.mix_ratio)]
     items = [encode(processor, example, config.max_length) for example in examples]
     generator = torch.Generator().manual_seed(config.seed)  # same order on resume
-    return DataLoader(items, batch_size=config.batch_size, shuffle=shuffle, generator=generator,
+    dataset: Any = items  # a list is a map-style dataset
+    return DataLoader(dataset, batch_size=config.batch_size, shuffle=shuffle, generator=generator,
                       collate_fn=lambda batch: collate(batch, processor.tokenizer.pad_token_id))
 
 
@@ -184,7 +187,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
     train_loader = _loader(processor, config.train, config, shuffle=True, mix=config.mix)
     val_loader = _loader(processor, config.val, config, shuffle=False) if config.val else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
-    state = {"step": 0, "epoch": 0, "batch": 0, "best_val": None, "bad_evals": 0, "samples": 0}
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best_val": None, "bad_evals": 0, "samples": 0}
     resumed_from = 0
     if resume and (loaded := _load_checkpoint(model, optimizer, config.out)):
         state, resumed_from = loaded, loaded["step"]

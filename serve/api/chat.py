@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -65,7 +66,8 @@ def check_image_urls(body: dict[str, Any], allow_remote: bool) -> None:
                                      code="remote_images_disabled")
 
 
-def _authorize_and_resolve(gateway: Gateway, key: str, body: dict, headers: dict[str, str]) -> tuple[str, Route]:
+def _authorize_and_resolve(gateway: Gateway, key: str, body: dict,
+                           headers: Mapping[str, str]) -> tuple[str, Route]:
     """Tenant of the key, and which adapter serves this request of its deployment `model` (the stable one,
     or the variant the request's unit is assigned to while a rollout runs): one DB session, one thread hop."""
     with gateway.sessions() as session:

@@ -23,7 +23,7 @@ router = APIRouter(prefix="/v1")
 
 
 def _run_public(session: Session, run: ValidationRun) -> ValidationRunPublic:
-    version = session.get(AdapterVersion, run.version_id)
+    version = session.get_one(AdapterVersion, run.version_id)
     return ValidationRunPublic.model_validate(run).model_copy(
         update={"version": f"{version.adapter.name}@{version.version}"})
 
@@ -41,7 +41,7 @@ def _status(session: Session, deployment: Deployment, sample_inputs: bool) -> Dr
     outputs: dict[str, DriftCheck] = {}
     for check in session.scalars(latest.where(DriftCheck.kind == "output").limit(20)):
         outputs.setdefault(check.variant, check)
-    samples = session.scalar(select(func.count()).where(InputSample.deployment_id == deployment.id))
+    samples = session.scalar(select(func.count()).where(InputSample.deployment_id == deployment.id)) or 0
     validation = deployment.validation_set
     return DriftStatus(deployment=deployment.name, sample_inputs=sample_inputs, samples=samples,
                        validation_set=validation.digest if validation else None, runs=runs,

@@ -45,7 +45,8 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    return error_response(exc.status_code, str(exc.detail), "invalid_request_error", None, exc.headers)
+    return error_response(exc.status_code, str(exc.detail), "invalid_request_error", None,
+                          dict(exc.headers) if exc.headers else None)
 
 
 async def _stale_write(_: Request, exc: Exception) -> JSONResponse:

@@ -252,7 +252,7 @@ def _ab_status(session: Session, rollout: Rollout) -> dict:
 
 def _difference(label: str, control: str, measurement: Measurement) -> dict:
     """A paired difference with its two-sided 95% interval and what the interval says."""
-    low, high = measurement.interval
+    low, high = measurement.interval or (0.0, 0.0)
     verdict = "worse" if high < 0 else "better" if low > 0 else "no difference shown"
     numbers = measurement.to_dict()
     return {"variant": label, "against": control, "verdict": verdict,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -29,7 +29,7 @@ def serve(
     from lorafleet.serve.api.app import create_app
     from lorafleet.serve.settings import Settings
 
-    overrides = {k: v for k, v in dict(base=base, quantize=quantize, quantize_group_size=group_size, host=host,
+    overrides: dict[str, Any] = {k: v for k, v in dict(base=base, quantize=quantize, quantize_group_size=group_size, host=host,
                                        port=port, home=home).items() if v is not None}
     settings = Settings(**overrides)
     try:

@@ -17,6 +17,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw
 from rich.console import Console
@@ -87,7 +88,7 @@ def _ask(url: str, api_key: str, question: str) -> tuple[str, str, float]:
     from openai import OpenAI
 
     client = OpenAI(base_url=url + "/v1", api_key=api_key)
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _picture()}},
+    messages: Any = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _picture()}},
                                              {"type": "text", "text": question}]}]
     t0 = time.perf_counter()
     raw = client.chat.completions.with_raw_response.create(model="assistant", messages=messages, max_tokens=24,

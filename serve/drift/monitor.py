@@ -27,6 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from scipy import stats
 from sqlalchemy import delete, func, select, update
@@ -69,7 +70,8 @@ def live_versions(session: Session, deployment: Deployment) -> list[tuple[str, A
     rollout = serving_rollout(session, deployment)
     if rollout is None:
         return [("stable", deployment.stable)]
-    return [(v["label"], session.get(AdapterVersion, v["version_id"])) for v in rollout.variants if v["weight"] > 0]
+    return [(v["label"], session.get_one(AdapterVersion, v["version_id"])) for v in rollout.variants
+            if v["weight"] > 0]
 
 
 def _baseline(session: Session, version_id: int, validation_set_id: int) -> ValidationRun | None:
@@ -77,6 +79,10 @@ def _baseline(session: Session, version_id: int, validation_set_id: int) -> Vali
     return session.scalar(select(ValidationRun).where(
         ValidationRun.version_id == version_id, ValidationRun.validation_set_id == validation_set_id,
         ValidationRun.kind == "baseline").order_by(ValidationRun.id).limit(1))
+
+
+def _count(session: Session, *where: Any) -> int:
+    return session.scalar(select(func.count()).where(*where)) or 0
 
 
 def _base_fingerprint(base: str) -> str:
@@ -247,7 +253,7 @@ class DriftMonitor:
             validation = deployment.validation_set
             items = read_items(self.validation_store.path(validation.digest))
             versions = [(variant, v.id, v.digest) for variant, v in live_versions(session, deployment)]
-            tenant = session.get(Tenant, deployment.tenant_id).name
+            tenant = session.get_one(Tenant, deployment.tenant_id).name
             return _ReplayPlan(items, validation.metric, versions, tenant, deployment.name)
 
     def _baseline_of(self, deployment_id: int, version_id: int) -> ValidationRun | None:
@@ -322,22 +328,21 @@ class DriftMonitor:
             return [c for c, _, _ in pending]
 
     def _looks_of(self, session: Session, deployment: Deployment, force: bool) -> list:
-        tenant = session.get(Tenant, deployment.tenant_id).name
+        assert deployment.validation_set is not None and deployment.validation_set_id is not None
+        tenant = session.get_one(Tenant, deployment.tenant_id).name
         last = session.scalar(select(DriftCheck).where(DriftCheck.deployment_id == deployment.id,
                                                        DriftCheck.kind == "input").order_by(DriftCheck.id.desc())
                               .limit(1))
         since = last.numbers.get("last_sample_id", 0) if last else 0
         window_n = self.settings.drift_window
-        new = session.scalar(select(func.count()).where(InputSample.deployment_id == deployment.id,
-                                                        InputSample.id > since))
+        new = _count(session, InputSample.deployment_id == deployment.id, InputSample.id > since)
         if new < (2 if force else window_n):
             return []
         samples = list(session.scalars(select(InputSample).where(InputSample.deployment_id == deployment.id)
                                        .order_by(InputSample.id.desc()).limit(window_n)))
         stable = deployment.stable_id
-        looks = session.scalar(select(func.count()).where(DriftCheck.deployment_id == deployment.id,
-                                                          DriftCheck.kind == "input",
-                                                          DriftCheck.version_id == stable)) + 1
+        looks = _count(session, DriftCheck.deployment_id == deployment.id, DriftCheck.kind == "input",
+                       DriftCheck.version_id == stable) + 1
         out = []
         reference = self._reference(deployment.validation_set.digest)
         window = [s.features for s in samples]
@@ -358,6 +363,7 @@ class DriftMonitor:
 
     def _output_looks(self, session: Session, deployment: Deployment, samples: list[InputSample],
                       tenant: str) -> list:
+        assert deployment.validation_set_id is not None
         out = []
         check = answer_checker(deployment.answer_format) if deployment.answer_format else None
         for variant, version in live_versions(session, deployment):
@@ -382,10 +388,9 @@ class DriftMonitor:
                 numbers.update(format_validity=1 - invalid / len(checked),
                                baseline_format_validity=1 - base_invalid / len(baseline.outputs))
             p = min(1.0, min(p_values.values()) * len(p_values))
-            looks = session.scalar(select(func.count()).where(DriftCheck.deployment_id == deployment.id,
-                                                              DriftCheck.kind == "output",
-                                                              DriftCheck.version_id == version.id)) + 1
-            top = min(p_values, key=p_values.get)
+            looks = _count(session, DriftCheck.deployment_id == deployment.id, DriftCheck.kind == "output",
+                           DriftCheck.version_id == version.id) + 1
+            top = min(p_values, key=lambda name: p_values[name])
             n = numbers
             message = (f"output of {variant}: p={p:.2g} (look {looks}); smallest {top} p={p_values[top]:.2g}; "
                        f"mean tokens {n['output_tokens_mean']:.1f} vs {n['baseline_output_tokens_mean']:.1f}, "

@@ -20,7 +20,7 @@ import random
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -31,6 +31,8 @@ from lorafleet.serve.rollouts.statistics import difference_ci, look_alpha
 
 __all__ = ["IMAGE_FEATURES", "PROMPT_FEATURES", "FEATURES", "request_features", "Reservoir", "DriftLook",
            "input_drift", "spent_p", "benjamini_hochberg", "mmd_permutation", "proportion_p"]
+
+K = TypeVar("K")
 
 IMAGE_FEATURES = ("brightness", "contrast", "width", "height", "aspect")
 PROMPT_FEATURES = ("prompt_chars", "prompt_words", "non_ascii", "digits")
@@ -168,7 +170,7 @@ def input_drift(reference: Sequence[Mapping[str, float]], window: Sequence[Mappi
     p = min(1.0, min(p_values.values()) * len(p_values))
     spend = look_alpha(alpha, look)
     return DriftLook(len(reference), len(window), p_values, p, look, spend, p < spend,
-                     min(p_values, key=p_values.get))
+                     min(p_values, key=lambda name: p_values[name]))
 
 
 def spent_p(p: float, look: int, alpha: float = 0.05) -> float:
@@ -177,10 +179,11 @@ def spent_p(p: float, look: int, alpha: float = 0.05) -> float:
     return min(1.0, p * alpha / look_alpha(alpha, look))
 
 
-def benjamini_hochberg(p_values: Mapping[str, float]) -> dict[str, float]:
+def benjamini_hochberg(p_values: Mapping[K, float]) -> dict[K, float]:
     """BH-adjusted q-values (alarms where q < alpha keep the false discovery rate below alpha)."""
     ordered = sorted(p_values.items(), key=lambda kv: kv[1])
-    m, q, running = len(ordered), {}, 1.0
+    m, running = len(ordered), 1.0
+    q: dict[K, float] = {}
     for rank in range(m, 0, -1):
         key, p = ordered[rank - 1]
         running = min(running, p * m / rank)

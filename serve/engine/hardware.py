@@ -44,7 +44,8 @@ class Hardware:
 
     def describe(self) -> str:
         if self.gpu:
-            return f"{self.gpu} (compute capability {self.capability[0]}.{self.capability[1]})"
+            major, minor = self.capability or (0, 0)
+            return f"{self.gpu} (compute capability {major}.{minor})"
         isa = ["AVX-512" if "avx512f" in self.cpu_flags else "AVX2" if "avx2" in self.cpu_flags else "no AVX2"]
         if "avx512_bf16" in self.cpu_flags:
             isa.append("AVX512-BF16")

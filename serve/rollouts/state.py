@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import secrets
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import cast
 
 from pydantic import BaseModel, Field, field_validator
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
 from lorafleet.adapters.catalog import AdapterVersion, Decision, Deployment, Rollout, RolloutSample
@@ -54,7 +56,7 @@ class RolloutStart(BaseModel):
     """`POST /v1/deployments/{name}/rollout`: the candidate and how to roll it out."""
 
     to: str  # NAME, NAME@N or a digest
-    steps: list[float] = Field(default_factory=lambda: [10, 25, 50, 100])  # canary weight per step (percent)
+    steps: list[float] = Field(default_factory=lambda: [10.0, 25.0, 50.0, 100.0])  # canary weight per step (percent)
     min_requests: int = Field(100, ge=1)  # per variant and step before it may advance
     interval_s: float = Field(60, gt=0)  # minimum time at each step, and the longest time between looks
     look_requests: int = Field(25, ge=1)  # a look also happens after this many new canary requests
@@ -154,7 +156,7 @@ def _entry(label: str, version: AdapterVersion, weight: float) -> dict:
 
 
 def record(session: Session, rollout: Rollout | None, deployment: Deployment, action: str, reason: str,
-           message: str, actor: str, now: float, measurements: list[Measurement] = (),
+           message: str, actor: str, now: float, measurements: Sequence[Measurement] = (),
            describe: bool = True) -> Decision:
     """Write a decision; it also becomes the rollout's current reason and message unless `describe` is False."""
     decision = Decision(deployment_id=deployment.id, rollout=rollout, at=now, action=action, reason=reason,
@@ -170,9 +172,9 @@ def _claim(session: Session, deployment: Deployment, rollout: Rollout) -> None:
     """Point the deployment at `rollout`, unless another rollout got there first (atomic on any database)."""
     session.add(rollout)
     session.flush()
-    claimed = session.execute(update(Deployment).where(Deployment.id == deployment.id,
+    claimed = cast(CursorResult, session.execute(update(Deployment).where(Deployment.id == deployment.id,
                                                        Deployment.rollout_id.is_(None))
-                              .values(rollout_id=rollout.id).execution_options(synchronize_session=False))
+                              .values(rollout_id=rollout.id).execution_options(synchronize_session=False)))
     if claimed.rowcount != 1:
         session.rollback()
         raise _running(deployment)
@@ -250,7 +252,7 @@ def _finish(session: Session, rollout: Rollout, phase: Phase, now: float) -> Non
 
 def _make_stable(session: Session, deployment: Deployment, version_id: int) -> None:
     if version_id != deployment.stable_id:
-        deployment.previous_stable, deployment.stable = deployment.stable, session.get(AdapterVersion, version_id)
+        deployment.previous_stable, deployment.stable = deployment.stable, session.get_one(AdapterVersion, version_id)
 
 
 def _promote(session: Session, rollout: Rollout, now: float) -> None:
