@@ -29,8 +29,8 @@ def serve(
     from lorafleet.serve.api.app import create_app
     from lorafleet.serve.settings import Settings
 
-    overrides: dict[str, Any] = {k: v for k, v in dict(base=base, quantize=quantize, quantize_group_size=group_size, host=host,
-                                       port=port, home=home).items() if v is not None}
+    given = dict(base=base, quantize=quantize, quantize_group_size=group_size, host=host, port=port, home=home)
+    overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     settings = Settings(**overrides)
     try:
         settings.require_admin_key()
