@@ -63,15 +63,16 @@ def _servability(config: TrainConfig, report: EvalReport) -> Servability:
 
 def finish(config: TrainConfig, result: TrainResult) -> tuple[dict, EvalReport]:
     """Evaluate, prove servable (raises NotServable), and write `manifest.json` beside the adapter."""
-    report = compare_to_base(config.base, config.out, config.val, config.probe, config.metric, config.eval_max_tokens,
-                      config.max_rank)
+    report = compare_to_base(config.base, config.out, config.val, config.probe, config.metric,
+                             config.eval_max_tokens, config.max_rank)
     servable = _servability(config, report)
     data = {name: data_hash(path) for name, path in (("train", config.train), ("val", config.val),
                                                       ("probe", config.probe), ("mix", config.mix)) if path}
     manifest = {"adapter_digest": servable.digest, "base": base_identity(config.base), "versions": _versions(),
                 "data_sha256": data, "hyperparameters": json.loads(config.model_dump_json()),
                 "training": {"steps": result.steps, "best_val_loss": result.best_val_loss,
-                             "stopped_early": result.stopped_early,
+                             "stopped_early": result.stopped_early, "converged": result.converged,
+                             "val_losses": list(result.val_losses), "advice": result.advice(config),
                              "samples_per_s": round(result.samples_per_s, 2),
                              "peak_memory_mb": round(result.peak_memory_mb, 1), "processes": result.processes},
                 "evaluation": report.to_dict(), "servability": servable.to_dict()}

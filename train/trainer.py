@@ -25,11 +25,21 @@ from lorafleet.chat import load_jsonl
 from lorafleet.train.config import TrainConfig
 from lorafleet.train.data import collate, encode
 
-__all__ = ["train", "TrainResult", "lora_config", "CHECKPOINT"]
+__all__ = ["train", "TrainResult", "lora_config", "CHECKPOINT", "still_improving", "STILL_IMPROVING"]
 
 log = logging.getLogger("lorafleet.train")
 CHECKPOINT = "checkpoint"
 _STATE = "trainer_state.json"
+STILL_IMPROVING = 0.02  # a last validation this much (relative) below the one before: the loss was still falling
+
+
+def still_improving(val_losses: list[float], tolerance: float = STILL_IMPROVING) -> bool | None:
+    """Whether validation loss was still falling when training ended: the last validation is the best one and
+    improved on the one before by more than `tolerance`. None when fewer than two validations say nothing."""
+    if len(val_losses) < 2:
+        return None
+    *earlier, last = val_losses
+    return last <= min(earlier) and (earlier[-1] - last) > tolerance * abs(earlier[-1])
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,24 @@ class TrainResult:
     samples_per_s: float
     peak_memory_mb: float
     processes: int  # data-parallel workers (accelerate launch --num_processes)
+    val_losses: tuple[float, ...] = ()  # every validation of the run, in order
+
+    @property
+    def converged(self) -> bool | None:
+        """False when the validation loss was still falling at the end (more training would likely help)."""
+        if self.stopped_early:  # patience ran out: the loss stopped improving
+            return True
+        improving = still_improving(list(self.val_losses))
+        return None if improving is None else not improving
+
+    def advice(self, config: TrainConfig) -> str | None:
+        """What to try when the run ended before its validation loss stopped falling."""
+        if self.converged is not False:
+            return None
+        before, last = self.val_losses[-2], self.val_losses[-1]
+        return (f"not converged: the validation loss was still falling at the end ({before:.4f} -> {last:.4f}, "
+                f"{(last - before) / before:+.0%}); try more epochs (e.g. --epochs {config.epochs * 2}) or a "
+                f"higher learning rate (e.g. --lr {config.lr * 5:g})")
 
 
 def lora_config(config: TrainConfig):
@@ -187,7 +215,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
     train_loader = _loader(processor, config.train, config, shuffle=True, mix=config.mix)
     val_loader = _loader(processor, config.val, config, shuffle=False) if config.val else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best_val": None, "bad_evals": 0, "samples": 0}
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best_val": None, "bad_evals": 0, "samples": 0,
+                             "val_losses": []}
     resumed_from = 0
     if resume and (loaded := _load_checkpoint(model, optimizer, config.out)):
         state, resumed_from = loaded, loaded["step"]
@@ -245,6 +274,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
     elapsed = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _peak_rss()) / 2**20
     return TrainResult(out=config.out, steps=state["step"], resumed_from=resumed_from, best_val_loss=state["best_val"],
+                       val_losses=tuple(state.get("val_losses", [])),
                        stopped_early=stopped_early, samples_per_s=(state["samples"] - samples0) / max(elapsed, 1e-9),
                        peak_memory_mb=peak, processes=accelerator.num_processes)
 
@@ -255,6 +285,7 @@ def _validate_and_keep_best(model, val_loader, accelerator, config: TrainConfig,
         return False
     val_loss = evaluate(model, val_loader, accelerator)
     log.info("step %d: validation loss %.4f (best %s)", state["step"], val_loss, state["best_val"])
+    state.setdefault("val_losses", []).append(val_loss)  # a checkpoint of an older run may not have it
     if state["best_val"] is None or val_loss < state["best_val"] - 1e-4:
         state["best_val"], state["bad_evals"] = val_loss, 0
         _save_adapter(model, accelerator, config.out)

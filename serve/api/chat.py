@@ -93,9 +93,12 @@ def _inspect(route: Route, messages: list, text: str | None, answered: bool,
              ticket: SampleTicket | None, gateway: Gateway, usage: Usage) -> bool | None:
     """CPU work on a worker thread: the answer's format check, and the drift sample's features."""
     checkable = answered and text is not None and route.answer_format is not None
-    valid = answer_checker(route.answer_format)(text) if checkable else None  # type: ignore[arg-type]
-    if ticket is not None:
-        gateway.drift.keep(ticket, route.variant, messages, answered, text, usage.completion_tokens, valid)
+    valid = None
+    try:
+        valid = answer_checker(route.answer_format)(text) if checkable else None  # type: ignore[arg-type]
+    finally:  # a drawn sample is always settled
+        if ticket is not None:
+            gateway.drift.keep(ticket, route.variant, messages, answered, text, usage.completion_tokens, valid)
     return valid
 
 

@@ -110,6 +110,8 @@ def train_command(
         return
     console.print(f"trained {result.steps} steps, {result.samples_per_s:.1f} samples/s, peak memory "
                   f"{result.peak_memory_mb:.0f} MB, best validation loss {result.best_val_loss}")
+    if advice := result.advice(settings):
+        console.print(f"[yellow]{advice}[/yellow]", highlight=False)
     with console.status("evaluating base vs adapter and proving the adapter servable in vLLM"):
         manifest, report = finish(settings, result)
     _print_report(report)

@@ -59,6 +59,7 @@ log = logging.getLogger("lorafleet.drift")
 _REFUSAL = re.compile(r"^\s*$|\b(I can(?:no|')t|I'm sorry|I am sorry|I'm unable|I am unable|as an AI)\b",
                       re.IGNORECASE)
 MIN_OUTPUT_SAMPLES = 20  # a variant's output look needs this many answered samples in the window
+SETTLE_S = 2.0  # longest a save waits for the samples already drawn to have their features computed
 
 
 def is_empty_or_refusal(text: str) -> bool:
@@ -122,6 +123,8 @@ class DriftMonitor:
         self.metrics, self.settings, self.quantization_label = metrics, settings, quantization_label
         self._reservoirs: dict[int, Reservoir] = {}
         self._reservoirs_lock = threading.Lock()  # requests add reservoirs on the loop; the flush reads in a thread
+        self._tickets = threading.Condition()  # samples drawn on the loop, settled when their features are kept
+        self._issued = self._settled = 0
         self._references: dict[str, list[dict[str, float]]] = {}  # validation digest -> request features
         self._identity: tuple[int, str] | None = None  # (engine generation, identity)
 
@@ -134,19 +137,29 @@ class DriftMonitor:
             if reservoir is None:
                 reservoir = self._reservoirs[deployment_id] = Reservoir(self.settings.drift_reservoir)
         slot = reservoir.wants()
-        return SampleTicket(deployment_id, slot) if slot is not None else None
+        if slot is None:
+            return None
+        with self._tickets:
+            self._issued += 1
+        return SampleTicket(deployment_id, slot)
 
     def keep(self, ticket: SampleTicket, variant: str, messages: list, ok: bool, text: str | None,
              output_tokens: int, format_valid: bool | None) -> None:
-        """CPU work, in a worker thread: the request's features (its image decoded) go into the reservoir."""
-        with self._reservoirs_lock:
-            reservoir = self._reservoirs.get(ticket.deployment_id)
-        if reservoir is None:  # the tenant opted out meanwhile
-            return
-        reservoir.put(ticket.slot, {
-            "deployment_id": ticket.deployment_id, "variant": variant, "at": time.time(),
-            "features": request_features(messages), "ok": ok, "output_tokens": output_tokens,
-            "empty": ok and text is not None and is_empty_or_refusal(text), "format_valid": format_valid})
+        """CPU work, in a worker thread: the request's features (its image decoded) go into the reservoir.
+        Called exactly once per ticket."""
+        try:
+            with self._reservoirs_lock:
+                reservoir = self._reservoirs.get(ticket.deployment_id)
+            if reservoir is None:  # the tenant opted out meanwhile
+                return
+            reservoir.put(ticket.slot, {
+                "deployment_id": ticket.deployment_id, "variant": variant, "at": time.time(),
+                "features": request_features(messages), "ok": ok, "output_tokens": output_tokens,
+                "empty": ok and text is not None and is_empty_or_refusal(text), "format_valid": format_valid})
+        finally:
+            with self._tickets:
+                self._settled += 1
+                self._tickets.notify_all()
 
     # --- the schedule ---
 
@@ -170,6 +183,11 @@ class DriftMonitor:
         await run_in_threadpool(self.look)
 
     def save_samples(self) -> None:
+        """Write the reservoirs' samples to the catalog, those drawn before this call included (their features
+        may still be computing in another thread), and keep at most `drift_max_samples` per deployment."""
+        with self._tickets:
+            drawn = self._issued
+            self._tickets.wait_for(lambda: self._settled >= drawn, timeout=SETTLE_S)
         with self._reservoirs_lock:
             reservoirs = list(self._reservoirs.values())
         rows = [row for reservoir in reservoirs for row in reservoir.drain()]
