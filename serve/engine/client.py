@@ -75,9 +75,6 @@ class EngineClient:
         if not self.up:
             raise EngineUnavailable("the engine is starting or restarting; retry shortly")
 
-    async def wait_up(self, timeout: float) -> None:
-        await asyncio.wait_for(self._up.wait(), timeout)
-
     def mark_up(self) -> None:
         """A new engine process answers: it knows no adapters yet."""
         self._loaded.clear()

@@ -65,13 +65,11 @@ class SampleBuffer:
         self.max_pending = max_pending
         self._pending: deque[dict] = deque()
         self._lock = threading.Lock()  # requests add on the event loop, the flush drains in a worker thread
-        self.dropped = 0
 
     def add(self, row: dict) -> None:
         with self._lock:
             if len(self._pending) >= self.max_pending:
                 self._pending.popleft()
-                self.dropped += 1
             self._pending.append(row)
 
     def drain(self) -> list[dict]:
@@ -154,20 +152,21 @@ class RolloutController:
 
     async def _gate(self, snap: _Snapshot) -> None:
         try:
-            async with self._holding(snap.id):
-                measurement, evidence = await self._measure_gate(snap)
-        except ServiceUnavailable as exc:  # the engine is restarting: try again next tick
-            log.info("rollout %s: gate postponed: %s", snap.id, exc.message)
-            return
-        except Exception as exc:  # noqa: BLE001 - a gate that cannot run refuses, with the reason
-            log.exception("rollout %s: the gate failed", snap.id)
-            measurement = Measurement("validation", "gate", Status.ERROR, GATE_ERROR,
-                                      f"the gate could not run: {type(exc).__name__}: {exc}")
-            evidence = {}
-        finally:
+            try:
+                async with self._holding(snap.id):
+                    measurement, evidence = await self._measure_gate(snap)
+            except ServiceUnavailable as exc:  # the engine is restarting: try again next tick
+                log.info("rollout %s: gate postponed: %s", snap.id, exc.message)
+                return
+            except Exception as exc:  # noqa: BLE001 - a gate that cannot run refuses, with the reason
+                log.exception("rollout %s: the gate failed", snap.id)
+                measurement = Measurement("validation", "gate", Status.ERROR, GATE_ERROR,
+                                          f"the gate could not run: {type(exc).__name__}: {exc}")
+                evidence = {}
+            log.info("rollout %s gate: %s", snap.id, measurement.message)
+            await self._write(snap, lambda s, r: apply_gate(s, r, measurement, evidence, self.actor, time.time()))
+        finally:  # only now may a tick start another gate of this rollout (if this one did not decide)
             self._gates.pop(snap.id, None)
-        log.info("rollout %s gate: %s", snap.id, measurement.message)
-        await self._write(snap, lambda s, r: apply_gate(s, r, measurement, evidence, self.actor, time.time()))
 
     async def _measure_gate(self, snap: _Snapshot) -> tuple[Measurement, dict]:
         assert snap.view is not None and snap.validation_path is not None and snap.metric is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -149,3 +150,43 @@ def test_drift_monitor_finds_versions_without_a_baseline_and_claims_replays_once
                                   output_tokens=[1], exact_match_rate=1.0))
         session.commit()
     assert monitors[1]._without_baseline() == []
+
+
+async def test_a_slow_validation_gate_does_not_hold_up_the_other_rollouts(tmp_path):
+    """The gate of one rollout waits on an engine that accepts but never answers; in the same tick the other
+    rollout's look is still decided and written, and the gate keeps running in its own task."""
+    from lorafleet.adapters.catalog import ValidationSet
+
+    silent: list[asyncio.StreamWriter] = []
+    engine_port = await asyncio.start_server(lambda _, writer: silent.append(writer), "127.0.0.1", 0)
+    sessions, progressing = _catalog(tmp_path)
+    engine, validation_store, metrics = _parts()
+    engine = EngineClient(engine.store, metrics, port=engine_port.sockets[0].getsockname()[1])
+    engine.mark_up()
+    item = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    digest = validation_store.put((json.dumps(item) + "\n").encode())
+    variants = [{"label": label, "version_id": v, "digest": str(v) * 64, "ref": f"m@{v}", "weight": weight}
+                for label, v, weight in (("canary", 2, 10.0), ("stable", 1, 90.0))]
+    with sessions() as session:
+        session.get_one(Rollout, progressing).variants = variants
+        session.get_one(Rollout, progressing).last_look_at = 0.0  # a look is due
+        gated = Deployment(tenant_id=1, name="g", stable_id=1, validation_set=ValidationSet(
+            tenant_id=1, digest=digest, metric="exact_match", items=1, size_bytes=1))
+        gating = Rollout(deployment=gated, kind="canary", phase=Phase.GATING, salt="t", variants=variants,
+                         steps=[10, 100], step_index=-1, params={"to": "m@2"}, created_by="t", created_at=time.time())
+        session.add_all([gated, gating])
+        session.commit()
+        gating_id = gating.id
+    controller = RolloutController(sessions, engine, validation_store, metrics, "a", tick_s=1, lease_s=30)
+    try:
+        await asyncio.wait_for(controller.tick(), 10)
+        with sessions() as session:
+            assert session.get_one(Rollout, progressing).looks == 1  # decided while the gate waits
+            assert session.get_one(Rollout, gating_id).phase == Phase.GATING
+        assert not controller._gates[gating_id].done()
+        await asyncio.wait_for(controller.tick(), 10)  # the next tick does not start a second gate
+        assert len(controller._gates) == 1
+    finally:
+        await controller.stop()
+        engine_port.close()
+    assert controller._gates == {}

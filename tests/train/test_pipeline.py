@@ -53,6 +53,9 @@ def test_manifest_records_base_data_hyperparameters_and_checks(trained):
     assert set(manifest["data_sha256"]) == {"train", "val", "probe", "mix"}
     assert manifest["hyperparameters"]["rank"] == 16 and manifest["training"]["steps"] == result.steps
     assert manifest["servability"]["changed"] >= 1 and "transformers" in manifest["versions"]
+    training = manifest["training"]  # every validation of the run, and whether the loss had stopped falling
+    assert len(training["val_losses"]) >= 2 and training["converged"] == result.converged
+    assert (training["advice"] is None) == (result.converged is not False)
 
 
 def test_untrained_adapter_is_refused_as_a_silent_no_op(world, tmp_path):
