@@ -55,3 +55,6 @@ def test_the_installed_wheel_gives_a_working_command_outside_the_checkout(wheel:
     assert run.returncode == 0, run.stderr
     for command in ("serve", "train", "quantize", "rollout", "drift", "tiny-model"):
         assert command in run.stdout
+    version = subprocess.run([str(target / "bin" / "lorafleet"), "--version"], capture_output=True, text=True,
+                             cwd=tmp_path, env=env)
+    assert version.stdout.strip() == f"lorafleet {metadata.version('lorafleet')}"

@@ -89,13 +89,13 @@ def _authorize_and_resolve(gateway: Gateway, key: str, body: dict,
                                            "x-lorafleet-variant": variant})
 
 
-def _inspect(route: Route, messages: list, text: str | None, answered: bool,
+def _inspect(route: Route, messages: list, text: str | None, answered: bool, checkable: bool,
              ticket: SampleTicket | None, gateway: Gateway, usage: Usage) -> bool | None:
     """CPU work on a worker thread: the answer's format check, and the drift sample's features."""
-    checkable = answered and text is not None and route.answer_format is not None
     valid = None
     try:
-        valid = answer_checker(route.answer_format)(text) if checkable else None  # type: ignore[arg-type]
+        if checkable and text is not None and route.answer_format is not None:
+            valid = answer_checker(route.answer_format)(text)
     finally:  # a drawn sample is always settled
         if ticket is not None:
             gateway.drift.keep(ticket, route.variant, messages, answered, text, usage.completion_tokens, valid)
@@ -123,7 +123,7 @@ async def _record(gateway: Gateway, tenant: str, route: Route, usage: Usage, t0:
     checkable = answered and text is not None and route.answer_format is not None
     valid = None
     if ticket is not None or (measured and checkable):  # only then is there CPU work for a thread
-        valid = await run_in_threadpool(_inspect, route, messages, text, answered, ticket, gateway, usage)
+        valid = await run_in_threadpool(_inspect, route, messages, text, answered, checkable, ticket, gateway, usage)
     if measured:
         gateway.controller.samples.add({**(route.sample or {}), "ok": usage.status < 500, "latency_s": latency,
                                         "output_tokens": usage.completion_tokens, "format_valid": valid,

@@ -7,14 +7,30 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
+from lorafleet import __version__
 from lorafleet.serve.cli import drift, registry, rollouts, server, training
 from lorafleet.serve.cli.common import Commands
 
 __all__ = ["app"]
 
 app = typer.Typer(cls=Commands, no_args_is_help=True, help="Serve many tenants' LoRA adapters on one base VLM.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"lorafleet {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                   help="Print lorafleet's version and exit.")] = False) -> None:
+    """Serve many tenants' LoRA adapters on one base VLM."""
+
 app.command()(server.serve)
 app.command("train")(training.train_command)
 app.command("eval")(training.eval_command)
