@@ -33,11 +33,11 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from lorafleet.chat import image_data_url  # noqa: E402
-from lorafleet.serve.client import LorafleetClient  # noqa: E402
-from lorafleet.serve.dev.local_server import LocalServer  # noqa: E402
-from lorafleet.serve.drift.statistics import input_drift, request_features  # noqa: E402
-from lorafleet.train.shapes import make_example, write_task  # noqa: E402
+from lorafleet.chat import image_data_url
+from lorafleet.serve.client import LorafleetClient
+from lorafleet.serve.dev.local_server import LocalServer
+from lorafleet.serve.drift.statistics import input_drift, request_features
+from lorafleet.train.shapes import make_example, write_task
 
 console = Console(width=150)
 WINDOW = 50

@@ -24,12 +24,12 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from lorafleet.chat import image_data_url  # noqa: E402
-from lorafleet.serve.client import LorafleetClient  # noqa: E402
-from lorafleet.serve.dev.local_server import LocalServer  # noqa: E402
-from lorafleet.serve.engine.command import engine_command, free_port  # noqa: E402
-from lorafleet.serve.engine.hardware import quantization_for  # noqa: E402
-from lorafleet.serve.settings import Settings  # noqa: E402
+from lorafleet.chat import image_data_url
+from lorafleet.serve.client import LorafleetClient
+from lorafleet.serve.dev.local_server import LocalServer
+from lorafleet.serve.engine.command import engine_command, free_port
+from lorafleet.serve.engine.hardware import quantization_for
+from lorafleet.serve.settings import Settings
 
 console = Console()
 

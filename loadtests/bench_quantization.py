@@ -25,13 +25,13 @@ import tempfile
 from pathlib import Path
 
 import psutil
-from bench_gateway import scenario  # noqa: E402
-from bench_rollout import build_world  # noqa: E402
+from bench_gateway import scenario
+from bench_rollout import build_world
 from rich.console import Console
 from rich.table import Table
 
-from lorafleet.serve.client import LorafleetClient  # noqa: E402
-from lorafleet.serve.dev.local_server import LocalServer  # noqa: E402
+from lorafleet.serve.client import LorafleetClient
+from lorafleet.serve.dev.local_server import LocalServer
 
 console = Console(width=160)
 DEPLOYMENTS = {"acme": ("json", "stable"), "globex": ("french", "bad"), "base": ("general", None)}

@@ -36,12 +36,12 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from lorafleet.serve.answer_format import answer_checker  # noqa: E402
-from lorafleet.serve.client import LorafleetClient  # noqa: E402
-from lorafleet.serve.dev.local_server import LocalServer  # noqa: E402
-from lorafleet.serve.rollouts.routing import BUCKETS, bucket_of  # noqa: E402
-from lorafleet.serve.rollouts.state import CanaryView, RolloutStart, plan_tick  # noqa: E402
-from lorafleet.serve.rollouts.statistics import VariantSamples  # noqa: E402
+from lorafleet.serve.answer_format import answer_checker
+from lorafleet.serve.client import LorafleetClient
+from lorafleet.serve.dev.local_server import LocalServer
+from lorafleet.serve.rollouts.routing import BUCKETS, bucket_of
+from lorafleet.serve.rollouts.state import CanaryView, RolloutStart, plan_tick
+from lorafleet.serve.rollouts.statistics import VariantSamples
 
 console = Console(width=160)
 JSON_FORMAT = {"json_schema": {"type": "object", "required": ["shape", "color"], "additionalProperties": False,
