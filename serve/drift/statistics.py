@@ -77,13 +77,14 @@ class Reservoir:
     (Vitter's algorithm R): memory is bounded however much traffic there is.
 
     Thread-safe, and in two steps: `wants` decides (cheaply, on the event loop) whether an offer is kept and
-    returns a ticket for its slot; `put` fills the slot later (its item is computed in a worker thread). A
-    ticket drawn before a `drain` is void after it."""
+    returns a ticket for its slot; `put` fills the slot later (its item is computed in a worker thread). An item
+    whose ticket was drawn before a `drain` is kept for the next one (at most one per request then in flight)."""
 
     def __init__(self, size: int, rng: random.Random | None = None) -> None:
         self.size, self.rng = size, rng or random.Random()
         self.offered = 0
         self._items: dict[int, Any] = {}
+        self._late: list[Any] = []  # put after the drain of the period their ticket was drawn in
         self._reserved = 0
         self._period = 0
         self._lock = threading.Lock()
@@ -100,18 +101,20 @@ class Reservoir:
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._items)
+            return len(self._items) + len(self._late)
 
     def put(self, ticket: tuple[int, int], item: Any) -> None:
         period, slot = ticket
         with self._lock:
             if period == self._period:
                 self._items[slot] = item
+            else:
+                self._late.append(item)
 
     def drain(self) -> list:
         with self._lock:
-            items = [self._items[slot] for slot in sorted(self._items)]
-            self._items, self._reserved, self.offered = {}, 0, 0
+            items = self._late + [self._items[slot] for slot in sorted(self._items)]
+            self._items, self._late, self._reserved, self.offered = {}, [], 0, 0
             self._period += 1
         return items
 
