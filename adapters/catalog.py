@@ -38,7 +38,7 @@ class Adapter(Base):
     next_version: Mapped[int] = mapped_column(default=1)  # version numbers are never reused
     created_at: Mapped[datetime] = mapped_column(default=_now)
     versions: Mapped[list[AdapterVersion]] = relationship(back_populates="adapter",
-                                                            order_by="AdapterVersion.version")
+                                                          order_by="AdapterVersion.version")
 
 
 class AdapterVersion(Base):
