@@ -24,7 +24,7 @@ from lorafleet.serve.engine.client import EngineClient, map_engine_errors
 from lorafleet.serve.rollouts.statistics import Measurement, paired_gate
 
 __all__ = ["MAX_ITEMS", "ValidationItem", "Replay", "canonical_validation", "attach_validation", "read_items",
-           "replay_and_score", "paired_test", "score"]
+           "replay_and_score", "paired_test", "score", "require_validation_set"]
 
 MAX_ITEMS = 5000
 
@@ -63,6 +63,14 @@ def attach_validation(session: Session, tenant: Tenant, deployment: Deployment, 
     deployment.validation_set = found
     session.commit()
     return found
+
+
+def require_validation_set(deployment: Deployment) -> ValidationSet:
+    """The deployment's validation set, or the 400 that says how to give it one."""
+    if deployment.validation_set is None:
+        raise InvalidRequest(f"deployment {deployment.name!r} has no validation set: push one with "
+                             "`lorafleet validation push`", code="no_validation_set")
+    return deployment.validation_set
 
 
 def read_items(path: Path) -> list[ValidationItem]:

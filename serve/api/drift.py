@@ -11,11 +11,11 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from lorafleet.adapters.catalog import AdapterVersion, Deployment, DriftCheck, InputSample, ValidationRun
-from lorafleet.adapters.errors import InvalidRequest
 from lorafleet.adapters.registry import get_deployment, list_deployments
 from lorafleet.adapters.schemas import DriftCheckPublic, DriftHistory, DriftSampling, DriftStatus, ValidationRunPublic
 from lorafleet.serve.api.dependencies import CurrentTenant, GatewayDep, SessionDep
 from lorafleet.serve.drift.monitor import live_versions
+from lorafleet.serve.validation import require_validation_set
 
 __all__ = ["router"]
 
@@ -54,9 +54,7 @@ async def drift_check(deployment: str, gateway: GatewayDep, session: SessionDep,
                       tenant: CurrentTenant) -> list[ValidationRunPublic]:
     """Every live version answers the validation set now: a baseline the first time, else a comparison."""
     target = await run_in_threadpool(get_deployment, session, tenant, deployment)
-    if target.validation_set is None:
-        raise InvalidRequest(f"deployment {deployment!r} has no validation set: push one with "
-                             "`lorafleet validation push`", code="no_validation_set")
+    require_validation_set(target)
     gateway.engine.require_up()
     runs = await gateway.drift.replay_deployment(target.id)
     return [await run_in_threadpool(_run_public, session, run) for run in runs]

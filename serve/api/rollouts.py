@@ -21,7 +21,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from starlette.concurrency import run_in_threadpool
 
 from lorafleet.adapters.catalog import Deployment, Rollout, Tenant
-from lorafleet.adapters.errors import InvalidRequest, NotFound
+from lorafleet.adapters.errors import NotFound
 from lorafleet.adapters.registry import get_deployment, resolve_version
 from lorafleet.adapters.schemas import (
     DecisionPublic,
@@ -42,6 +42,7 @@ from lorafleet.serve.validation import (
     paired_test,
     read_items,
     replay_and_score,
+    require_validation_set,
 )
 
 __all__ = ["router", "rollout_public"]
@@ -285,10 +286,7 @@ async def evaluate_ab(deployment: str, gateway: GatewayDep, session: SessionDep,
     first variant with 95% intervals (McNemar exact or paired bootstrap)."""
     target = await run_in_threadpool(get_deployment, session, tenant, deployment)
     rollout = await run_in_threadpool(_latest, session, target, "ab")
-    validation = target.validation_set
-    if validation is None:
-        raise InvalidRequest(f"deployment {deployment!r} has no validation set: push one with "
-                             "`lorafleet validation push`", code="no_validation_set")
+    validation = require_validation_set(target)
     gateway.engine.require_up()
     items = await run_in_threadpool(read_items, gateway.validation_store.path(validation.digest))
     scores = {}
