@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from collections.abc import Iterable
 
 from sqlalchemy import Select, func, select
 from sqlalchemy.exc import IntegrityError
@@ -18,7 +19,7 @@ from lorafleet.adapters.validate import ValidatedAdapter
 
 __all__ = ["hash_key", "create_tenant", "authenticate", "readable_adapters", "get_adapter", "list_adapters",
            "register_version", "resolve_version", "delete_version", "set_deployment", "get_deployment",
-           "list_deployments", "deployed_digests", "digest_in_use"]
+           "list_deployments", "deployed_digests", "deployed_workload", "digest_in_use"]
 
 _DIGEST = re.compile(r"^(?:sha256:)?([0-9a-f]{64})$")
 
@@ -179,3 +180,11 @@ def deployed_digests(session: Session) -> set[str]:
                                  .join(Deployment, Deployment.stable_id == AdapterVersion.id)))
     variants = session.scalars(select(Rollout.variants).join(Deployment, Deployment.rollout_id == Rollout.id))
     return stable | {v["digest"] for table in variants for v in table}
+
+
+def deployed_workload(session: Session, adding: Iterable[AdapterVersion] = ()) -> tuple[int, int]:
+    """(distinct adapters that deployments and active rollouts serve, with `adding`; their largest rank, 0 if
+    none): what the engine is sized for."""
+    digests = deployed_digests(session) | {v.digest for v in adding}
+    largest = session.scalar(select(func.max(AdapterVersion.rank)).where(AdapterVersion.digest.in_(digests)))
+    return len(digests), largest or 0

@@ -18,11 +18,13 @@ from pathlib import Path, PurePosixPath
 from lorafleet.adapters.base_model import BaseModelSpec
 from lorafleet.adapters.errors import InvalidAdapter, PayloadTooLarge
 
-__all__ = ["ValidatedAdapter", "extract_archive", "validate_adapter_dir", "validate_upload",
-           "CONFIG_FILE", "WEIGHTS_FILE"]
+__all__ = ["ValidatedAdapter", "extract_archive", "validate_adapter_dir", "validate_upload", "engine_lora_rank",
+           "CONFIG_FILE", "WEIGHTS_FILE", "ENGINE_LORA_RANKS"]
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+ENGINE_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the only values vLLM takes as --max-lora-rank
+# (`MaxLoRARanks` in vllm/config/lora.py, vLLM 0.32); the gateway does not import vLLM, so they are copied here
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 # PEFT key: base_model.model.<module path>.lora_A.weight (older PEFT: .lora_A.<adapter name>.weight)
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
@@ -185,6 +187,14 @@ def _check_shapes(module: str, pair: dict[str, tuple[int, int]], spec: BaseModel
     if rank_a > max_rank:
         raise InvalidAdapter("r", f"{module}: rank {rank_a} is above this server's max LoRA rank {max_rank}")
     return rank_a
+
+
+def engine_lora_rank(rank: int) -> int:
+    """The smallest max LoRA rank vLLM takes that holds adapters of rank `rank`."""
+    for allowed in ENGINE_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ValueError(f"rank {rank} is above the largest max LoRA rank vLLM takes ({ENGINE_LORA_RANKS[-1]})")
 
 
 def validate_adapter_dir(folder: Path, spec: BaseModelSpec, max_rank: int) -> ValidatedAdapter:

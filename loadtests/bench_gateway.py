@@ -1,18 +1,22 @@
 """What the gateway costs over vLLM alone, measured side by side in one run.
 
-Starts `lorafleet serve` (gateway + engine) and, beside it, a second vLLM server started with the same
-command line (`lorafleet.serve.engine.command.engine_command`) and the same adapters registered directly.
-Rounds alternate between the two so that machine noise hits both alike; the table reports each and their ratio.
+Starts `lorafleet serve` (gateway + engine) and, beside it, a plain vLLM server started exactly like lorafleet's
+engine: the engine's own command line and environment (read from the running engine process, only port and
+token changed) and the same process placement (`engine_process_options`), with the same adapters registered
+directly. Each round runs every client count against both sides, alternating which goes first; before each phase
+both sides must have gone idle. The table reports medians with [min–max] over rounds, and the median of the
+per-round ratios (gateway ÷ vLLM alone), plus each side's CPU per request and the gateway process's own share.
 
-    .venv/bin/python loadtests/bench_gateway.py [--adapters 8] [--rounds 3] [--requests 96] [--concurrency 16]
+    .venv/bin/python loadtests/bench_gateway.py [--adapters 8] [--rounds 5] [--requests 128] [--clients 1,16,64]
+        [--client-session same|own] [--external] [--quick] [--check]
+
+`--external` adds rounds driven by vLLM's own benchmark client (`vllm bench serve`) instead of ours. `--quick`
+is the regression guard `.ci/run` affords (a few minutes); `--check` exits 1 when a goal is missed.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import random
-import secrets
 import statistics
 import subprocess
 import tempfile
@@ -20,63 +24,54 @@ import time
 from pathlib import Path
 
 import httpx
-from PIL import Image
+import psutil
+from harness import engine_child, run_load, spread, tree_cpu_s, vllm_bench_serve, wait_healthy, wait_idle
 from rich.console import Console
 from rich.table import Table
 
-from lorafleet.chat import image_data_url
 from lorafleet.serve.client import LorafleetClient
 from lorafleet.serve.dev.local_server import LocalServer
-from lorafleet.serve.engine.command import engine_command, free_port
-from lorafleet.serve.engine.hardware import quantization_for
-from lorafleet.serve.settings import Settings
+from lorafleet.serve.engine.command import engine_process_options, free_port
 
-console = Console()
+console = Console(width=160)
 
 
-def _image() -> str:
-    return image_data_url(Image.new("RGB", (64, 64), (200, 30, 30)))
+def _plain_vllm_like(engine: psutil.Process, port: int, token: str, log: Path) -> subprocess.Popen:
+    """A second vLLM server with the engine's exact command line and environment, on another port."""
+    cmd = []
+    for arg in engine.cmdline():
+        if arg.startswith("--api-key="):
+            arg = f"--api-key={token}"
+        cmd.append(arg)
+    cmd[cmd.index("--port") + 1] = str(port)
+    return subprocess.Popen(cmd, env=engine.environ(), stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, **engine_process_options())
 
 
-def _wait_healthy(url: str, process: subprocess.Popen) -> float:
-    t0 = time.perf_counter()
-    while process.poll() is None:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return time.perf_counter() - t0
-        except httpx.HTTPError:
-            time.sleep(0.25)
-    raise SystemExit(f"vLLM exited with {process.returncode}")
-
-
-async def scenario(url: str, key: str, models: list[str], n: int, concurrency: int, seed: int) -> dict:
-    body = {"max_tokens": 16, "temperature": 0, "ignore_eos": True,
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _image()}},
-                                                      {"type": "text", "text": "What is this?"}]}]}
-    rng, gate = random.Random(seed), asyncio.Semaphore(concurrency)
-    latencies: list[float] = []
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300) as client:
-        async def one(model: str) -> None:
-            async with gate:
-                t0 = time.perf_counter()
-                response = await client.post("/v1/chat/completions", json={**body, "model": model})
-                response.raise_for_status()
-                latencies.append(time.perf_counter() - t0)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(rng.choice(models)) for _ in range(n)))
-        elapsed = time.perf_counter() - t0
-    latencies.sort()
-    return {"rps": n / elapsed, "p50": latencies[len(latencies) // 2], "p99": latencies[int(len(latencies) * 0.99)]}
+def _cpu(pid: int, own: bool = False) -> float:
+    if own:
+        times = psutil.Process(pid).cpu_times()
+        return times.user + times.system
+    return tree_cpu_s(pid)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapters", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=96)
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=128, help="per phase at 16+ clients (a quarter at 1)")
+    parser.add_argument("--clients", default="1,16,64")
+    parser.add_argument("--client-session", choices=("same", "own"), default="same",
+                        help="own: the load generator in a session of its own, as from another terminal")
+    parser.add_argument("--external", action="store_true", help="also drive both with vLLM's benchmark client")
+    parser.add_argument("--quick", action="store_true", help="CI's regression guard: 3 rounds, 16 clients")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a goal below is missed")
+    parser.add_argument("--min-ratio", type=float, default=0.97, help="goal: gateway ÷ vLLM alone throughput")
+    parser.add_argument("--max-p50-ms", type=float, default=2.0, help="goal: extra p50 at 1 client (ms)")
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.requests, args.clients = 3, 96, "1,16"
+    clients = [int(c) for c in args.clients.split(",")]
 
     from lorafleet.train.random_adapter import make_random_adapter
     from lorafleet.train.tiny_model import build_tiny_model
@@ -86,74 +81,128 @@ def main() -> None:
         base = build_tiny_model(work / "tiny")
         adapter_dirs = [make_random_adapter(base, work / f"a{i}", seed=i) for i in range(args.adapters)]
 
-    vllm_port, token = free_port(), secrets.token_urlsafe(16)
-    settings = Settings(base=str(base), max_model_len=512, dtype="float32", max_lora_rank=16)
     gateway = direct = None
     try:
         with console.status("starting lorafleet serve"):
-            gateway = LocalServer.start(base, work / "home", max_model_len="512", dtype="float32", max_lora_rank="16")
+            gateway = LocalServer.start(base, work / "home", max_model_len="512", dtype="float32")
             gateway_ready_s = gateway.wait_ready()
-            gw_url = gateway.url
-        with console.status("starting vLLM alone"):
-            cmd, vllm_env = engine_command(settings, vllm_port, token, False, quantization_for(settings)[1])
-            direct = subprocess.Popen(cmd, env=vllm_env, stdout=open(work / "vllm.log", "wb"), stderr=subprocess.STDOUT)
+            engine = engine_child(gateway.process.pid)
+        with console.status("starting vLLM alone, like lorafleet's engine"):
+            vllm_port, token = free_port(), "bench-token"
+            direct = _plain_vllm_like(engine, vllm_port, token, work / "vllm.log")
             vllm_url = f"http://127.0.0.1:{vllm_port}"
-            vllm_ready_s = _wait_healthy(vllm_url, direct)
+            vllm_ready_s = wait_healthy(vllm_url, direct)
 
-        admin = LorafleetClient(gw_url, gateway.admin_key)
+        admin = LorafleetClient(gateway.url, gateway.admin_key)
         key = admin.create_tenant("bench")["api_key"]
-        tenant = LorafleetClient(gw_url, key)
-        upload_s, digests, deploy_s = [], [], []
-        for i, folder in enumerate(adapter_dirs):
-            t0 = time.perf_counter()
-            digests.append(tenant.push_adapter(f"a{i}", folder)["digest"])
-            upload_s.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            tenant.deploy(f"d{i}", f"a{i}")  # includes registering the adapter on the engine
-            deploy_s.append(time.perf_counter() - t0)
-        direct_load_s = []
+        tenant = LorafleetClient(gateway.url, key)
+        upload_s, digests, deploy_s, direct_load_s = [], [], [], []
         with httpx.Client(base_url=vllm_url, headers={"Authorization": f"Bearer {token}"}) as http:
-            for digest in digests:
+            for i, folder in enumerate(adapter_dirs):
                 t0 = time.perf_counter()
-                http.post("/v1/load_lora_adapter", json={"lora_name": digest,
-                                                         "lora_path": str(work / "home" / "adapters" / digest)}
+                digests.append(tenant.push_adapter(f"a{i}", folder)["digest"])
+                upload_s.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                tenant.deploy(f"d{i}", f"a{i}")  # includes registering the adapter on the engine
+                deploy_s.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                http.post("/v1/load_lora_adapter", json={"lora_name": digests[-1],
+                                                         "lora_path": str(gateway.home / "adapters" / digests[-1])}
                           ).raise_for_status()
                 direct_load_s.append(time.perf_counter() - t0)
 
-        deployments = [f"d{i}" for i in range(args.adapters)]
-        runs: dict[tuple[str, str], list[dict]] = {}
+        sides = {"gateway": (gateway.url, key, [f"d{i}" for i in range(args.adapters)], gateway.process.pid),
+                 "vllm": (vllm_url, token, digests, direct.pid)}
+        pids = [pid for *_, pid in sides.values()]
+        own_session = args.client_session == "own"
+        runs: dict[tuple[int, str], list[dict]] = {}
         for r in range(args.rounds + 1):  # round 0 warms both up and is not counted
-            for label, conc, n in (("1 client", 1, max(16, args.requests // 4)),
-                                   (f"{args.concurrency} clients", args.concurrency, args.requests)):
-                for side, url, auth, models in (("gateway", gw_url, key, deployments),
-                                                ("vllm", vllm_url, token, digests)):
-                    result = asyncio.run(scenario(url, auth, models, n, conc, seed=r))
+            for conc in clients:
+                n = max(16, args.requests // 4) if conc == 1 else max(args.requests, 2 * conc)
+                order = list(sides) if (r + conc) % 2 else list(sides)[::-1]
+                for side in order:
+                    url, auth, models, pid = sides[side]
+                    wait_idle(pids)
+                    cpu0, own0 = _cpu(pid), _cpu(pid, own=True)
+                    phase = run_load(url, auth, models, n, conc, seed=r, own_session=own_session)
+                    cpu1, own1 = _cpu(pid), _cpu(pid, own=True)
                     if r:
-                        runs.setdefault((label, side), []).append(result)
-
-        def med(label: str, side: str, field: str) -> float:
-            return statistics.median(x[field] for x in runs[(label, side)])
-
-        table = Table(title=f"tiny Qwen2.5-VL, {args.adapters} adapters, CPU, median of {args.rounds} rounds")
-        for column in ("measure", "lorafleet gateway", "vLLM alone", "ratio"):
-            table.add_column(column, justify="right")
-        table.add_row("ready after start (s)", f"{gateway_ready_s:.1f}", f"{vllm_ready_s:.1f}",
-                      f"{gateway_ready_s / vllm_ready_s:.2f}")
-        table.add_row("adapter upload: validate + store (ms)", f"{statistics.median(upload_s) * 1000:.0f}", "-", "-")
-        table.add_row("deploy incl. engine registration (ms)", f"{statistics.median(deploy_s) * 1000:.0f}",
-                      f"{statistics.median(direct_load_s) * 1000:.0f}",
-                      f"{statistics.median(deploy_s) / statistics.median(direct_load_s):.2f}")
-        for label in ("1 client", f"{args.concurrency} clients"):
-            for field, unit, scale in (("p50", "ms", 1000), ("p99", "ms", 1000), ("rps", "req/s", 1)):
-                g, v = med(label, "gateway", field), med(label, "vllm", field)
-                table.add_row(f"{label}: {field} ({unit})", f"{g * scale:.1f}", f"{v * scale:.1f}", f"{g / v:.2f}")
-        console.print(table)
+                        runs.setdefault((conc, side), []).append(
+                            {**phase.__dict__, "cpu_ms": (cpu1 - cpu0) / n * 1000,
+                             "own_cpu_ms": (own1 - own0) / n * 1000})
+        external: dict[str, list[float]] = {}
+        if args.external:
+            conc = max(clients)
+            for r in range(args.rounds):
+                for side in (list(sides) if r % 2 else list(sides)[::-1]):
+                    url, auth, models, _ = sides[side]
+                    wait_idle(pids)
+                    result = vllm_bench_serve(url, auth, models[0], str(base), max(args.requests, 2 * conc), conc,
+                                              work / f"vllm-bench-{side}-{r}.json")
+                    external.setdefault(side, []).append(result["request_throughput"])
     finally:
         if gateway:
             gateway.stop()
         if direct:
             direct.terminate()
             direct.wait(60)
+
+    misses = report(args, clients, runs, external, gateway_ready_s, vllm_ready_s, upload_s, deploy_s, direct_load_s)
+    if args.check and misses:
+        console.print("[red]goals missed:[/red] " + "; ".join(misses))
+        raise SystemExit(1)
+
+
+def report(args: argparse.Namespace, clients: list[int], runs: dict, external: dict, gateway_ready_s: float,
+           vllm_ready_s: float, upload_s: list, deploy_s: list, direct_load_s: list) -> list[str]:
+    """Print the table; return the goals missed."""
+    def values(conc: int, side: str, field: str) -> list[float]:
+        return [x[field] for x in runs[(conc, side)]]
+
+    def ratios(conc: int, field: str) -> list[float]:
+        return [g / v for g, v in zip(values(conc, "gateway", field), values(conc, "vllm", field))]
+
+    table = Table(title=f"tiny Qwen2.5-VL, {args.adapters} adapters, CPU, {args.rounds} rounds, client session: "
+                        f"{args.client_session} — median [min–max]")
+    for column in ("measure", "lorafleet gateway", "vLLM alone", "gateway ÷ vLLM"):
+        table.add_column(column, justify="right")
+    table.add_row("ready after start (s)", f"{gateway_ready_s:.1f}", f"{vllm_ready_s:.1f}", "-")
+    table.add_row("adapter upload: validate + store (ms)", spread(upload_s, 1000, 0), "-", "-")
+    table.add_row("deploy incl. engine registration (ms)", spread(deploy_s, 1000, 0), spread(direct_load_s, 1000, 0),
+                  "-")
+    misses = []
+    for conc in clients:
+        label = f"{conc} client{'s' if conc > 1 else ''}"
+        table.add_row(f"{label}: req/s", spread(values(conc, "gateway", "rps")), spread(values(conc, "vllm", "rps")),
+                      spread(ratios(conc, "rps"), digits=3))
+        for field in ("p50", "p99"):
+            table.add_row(f"{label}: {field} (ms)", spread(values(conc, "gateway", field), 1000),
+                          spread(values(conc, "vllm", field), 1000), spread(ratios(conc, field), digits=2))
+        table.add_row(f"{label}: CPU per request, all processes (ms)", spread(values(conc, "gateway", "cpu_ms")),
+                      spread(values(conc, "vllm", "cpu_ms")), spread(ratios(conc, "cpu_ms"), digits=2))
+        table.add_row(f"{label}: of which the gateway process (ms)", spread(values(conc, "gateway", "own_cpu_ms"),
+                                                                            digits=2), "-", "-")
+        failed = sum(values(conc, "gateway", "failed")) + sum(values(conc, "vllm", "failed"))
+        if failed:
+            misses.append(f"{failed} failed requests at {label}")
+        ratio = statistics.median(ratios(conc, "rps"))
+        if ratio < args.min_ratio:
+            misses.append(f"{label}: throughput ratio {ratio:.3f} < {args.min_ratio}")
+        if conc == 1:
+            extra = statistics.median(g - v for g, v in zip(values(1, "gateway", "p50"), values(1, "vllm", "p50")))
+            table.add_row("1 client: extra p50 (ms)", f"{extra * 1000:+.1f}", "-", "-")
+            if extra * 1000 > args.max_p50_ms:
+                misses.append(f"1 client: extra p50 {extra * 1000:.1f} ms > {args.max_p50_ms} ms")
+    if external:
+        conc = max(clients)
+        ext = [g / v for g, v in zip(external["gateway"], external["vllm"])]
+        table.add_row(f"vllm bench serve, {conc} clients: req/s", spread(external["gateway"]),
+                      spread(external["vllm"]), spread(ext, digits=3))
+        if statistics.median(ext) < args.min_ratio:
+            misses.append(f"vllm bench serve: throughput ratio {statistics.median(ext):.3f} < {args.min_ratio}")
+    console.print(table)
+    return misses
+
 
 if __name__ == "__main__":
     main()

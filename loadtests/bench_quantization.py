@@ -25,8 +25,8 @@ import tempfile
 from pathlib import Path
 
 import psutil
-from bench_gateway import scenario
 from bench_rollout import build_world
+from harness import scenario
 from rich.console import Console
 from rich.table import Table
 

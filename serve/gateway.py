@@ -10,14 +10,16 @@ from starlette.concurrency import run_in_threadpool
 
 from lorafleet.adapters.base_model import BaseModelSpec, load_base_spec
 from lorafleet.adapters.catalog import open_catalog
-from lorafleet.adapters.registry import deployed_digests
+from lorafleet.adapters.registry import deployed_digests, deployed_workload
 from lorafleet.adapters.store import AdapterStore, BlobStore, open_store
 from lorafleet.serve.drift.monitor import DriftMonitor
 from lorafleet.serve.engine.client import EngineClient
 from lorafleet.serve.engine.hardware import quantization_for
+from lorafleet.serve.engine.sizing import Workload, sizing_for
 from lorafleet.serve.engine.supervisor import EngineSupervisor
 from lorafleet.serve.metrics import Metrics
 from lorafleet.serve.rollouts.reconciler import RolloutController, new_gateway_id
+from lorafleet.serve.route_cache import RouteCache
 from lorafleet.serve.settings import Settings
 
 __all__ = ["Gateway", "build_gateway"]
@@ -37,6 +39,7 @@ class Gateway:
     supervisor: EngineSupervisor
     controller: RolloutController
     drift: DriftMonitor
+    routes: RouteCache
     tmp_dir: Path
 
 
@@ -65,13 +68,18 @@ def build_gateway(settings: Settings) -> Gateway:
     metrics.engine.info({"base": settings.base, "quantization": quantization.label, "hardware": hardware.describe()})
     store = open_store(settings.store_url)
     validation_store = BlobStore(settings.home / "validation", ".jsonl")
-    engine = EngineClient(store, metrics, settings.engine_port)
+    engine = EngineClient(store, metrics, settings.engine_port, settings.engine_url,
+                          settings.engine_api_key.get_secret_value() if settings.engine_api_key else "")
+    with sessions() as session:  # the engine is sized for what the catalog serves
+        workload = Workload(*deployed_workload(session))
+    sizing = sizing_for(settings, hardware.gpu is not None, quantization.dtype or settings.dtype, workload)
     supervisor = EngineSupervisor(settings, engine, metrics, settings.home / "logs" / "engine.log", hardware,
-                                  quantization, on_ready=_registration(sessions, engine))
+                                  quantization, sizing, on_ready=_registration(sessions, engine))
     controller = RolloutController(sessions, engine, validation_store, metrics,
                                    settings.gateway_id or new_gateway_id(), settings.rollout_tick_s,
                                    settings.rollout_lease_s)
     drift = DriftMonitor(sessions, engine, validation_store, metrics, settings, quantization.label)
     return Gateway(settings=settings, sessions=sessions, store=store, validation_store=validation_store,
                    spec=load_base_spec(settings.base), metrics=metrics, engine=engine, supervisor=supervisor,
-                   controller=controller, drift=drift, tmp_dir=tmp_dir)
+                   controller=controller, drift=drift,
+                   routes=RouteCache(sessions, settings.catalog_cache_s), tmp_dir=tmp_dir)

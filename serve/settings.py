@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,6 +28,7 @@ class Settings(BaseSettings):
     allow_remote_images: bool = False  # http(s) image URLs are fetched by the engine only if True
     max_upload_bytes: int = 512 * 1024 * 1024
     retry_after_s: int = 5
+    catalog_cache_s: float = 1.0  # the chat path's key/deployment snapshots: another gateway's changes show after this
 
     # rollouts
     gateway_id: str = ""  # default: hostname + random suffix; names this process in leases and decisions
@@ -47,14 +49,18 @@ class Settings(BaseSettings):
     quantize: str = "auto"  # auto (the checkpoint's own, else int4) | none | int4 | int8 (torchao, at load) | fp8 (GPU)
     quantize_group_size: int = 32  # int4: one scale per this many input weights
     engine_port: int = 0  # 0: pick a free port
+    engine_url: str = ""  # an engine already running (vLLM's OpenAI server with LoRA): attach to it, start none
+    engine_api_key: SecretStr | None = None  # its bearer token (vLLM's --api-key)
     engine_python: str = ""  # default: the gateway's own interpreter
-    max_lora_rank: int = 64
-    max_loras: int = 8  # adapters in one batch
-    max_cpu_loras: int = 64  # adapters kept warm (vLLM's LRU)
+    # 0 below: derived at start from this machine and the deployed adapters (lorafleet.serve.engine.sizing)
+    max_lora_rank: int = 0  # highest adapter rank accepted and the engine's; 0: the largest deployed, rounded up
+    UPLOAD_RANK_LIMIT: ClassVar[int] = 64  # uploads accepted up to this rank while max_lora_rank is derived
+    max_loras: int = 0  # adapters in one batch; 0: as many as a batch can use, within a memory share
+    max_cpu_loras: int = 0  # adapters kept warm (vLLM's LRU); 0: every deployed adapter, with headroom
     max_model_len: int = 2048
-    max_num_seqs: int = 32
+    max_num_seqs: int = 0  # sequences in one batch; 0: per device, within the KV cache
     dtype: str = "auto"
-    cpu_kvcache_gib: int = 1
+    cpu_kvcache_gib: int = 0  # CPU engine's KV cache; 0: max_num_seqs full sequences, within a RAM share
     cpu_memory_fraction: float = 0.2  # vLLM's --gpu-memory-utilization means RAM share on CPU
     engine_start_timeout_s: float = 600.0
     engine_extra_args: list[str] = Field(default_factory=list)
@@ -77,6 +83,12 @@ class Settings(BaseSettings):
         if not self.store_url:
             self.store_url = f"file://{self.home / 'adapters'}"
         return self
+
+    @property
+    def accepted_lora_rank(self) -> int:
+        """The highest adapter rank an upload may have: max_lora_rank when set, else UPLOAD_RANK_LIMIT (a derived
+        engine rank grows to what a deployment needs)."""
+        return self.max_lora_rank or self.UPLOAD_RANK_LIMIT
 
     def require_admin_key(self) -> None:
         """Refuse to serve an admin API that anyone could call, outside development."""

@@ -13,11 +13,9 @@ import tempfile
 from pathlib import Path
 
 from lorafleet.adapters.errors import LorafleetError
+from lorafleet.adapters.validate import engine_lora_rank
 
 __all__ = ["generate", "VLLMFailed"]
-
-_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for max_lora_rank
-
 
 class VLLMFailed(LorafleetError):
     pass
@@ -39,7 +37,7 @@ def generate(base: str, adapters: dict[str, str | None], prompts: list[list[dict
     import torch
 
     dtype = dtype or ("bfloat16" if torch.cuda.is_available() else "float32")  # the trainer's dtype
-    rank = next(r for r in _RANKS if r >= max_rank)
+    rank = engine_lora_rank(max_rank)
     with tempfile.TemporaryDirectory() as tmp:
         request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
         adapters = {name: _absolute(path) if path else None for name, path in adapters.items()}

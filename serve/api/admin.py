@@ -31,4 +31,5 @@ def get_engine(gateway: GatewayDep) -> dict:
     supervisor = gateway.supervisor
     return {"up": gateway.engine.up, "pid": supervisor.process.pid if supervisor.process else None,
             "starts": supervisor.starts, "last_start_s": supervisor.last_start_s, "base": gateway.settings.base,
-            "quantization": supervisor.quantization.label, "hardware": supervisor.hardware.describe()}
+            "quantization": supervisor.quantization.label, "hardware": supervisor.hardware.describe(),
+            "sizing": supervisor.sizing.as_dict()}

@@ -12,8 +12,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import httpx
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+import aiohttp
+from fastapi.responses import Response, StreamingResponse
 
 from lorafleet.serve.engine.client import EngineClient, map_engine_errors
 
@@ -68,59 +68,50 @@ def _error_code(raw: bytes) -> str:
 async def forward_chat(engine: EngineClient, body: dict, route: Route, usage: Usage) -> Response:
     """Send `body` to the engine as adapter `route.digest`; answer as `route.deployment`."""
     body = {**body, "model": route.digest}
-    if body.get("stream"):
-        return await _forward_stream(engine, body, route, usage)
+    stream = bool(body.get("stream"))
+    client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    if stream:
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
     with map_engine_errors():
-        response = await engine.http.post("/v1/chat/completions", json=body)
-    usage.status = response.status_code
-    content = _public(response.content, route)
-    if response.status_code != 200:
+        response = await engine.post_chat(json.dumps(body).encode())
+    usage.status = response.status
+    if stream and response.status == 200:
+        return StreamingResponse(_relay(response, route, usage, client_wants_usage), media_type="text/event-stream",
+                                 headers=route.headers)
+    try:
+        with map_engine_errors():
+            content = _public(await response.read(), route)
+    finally:
+        response.release()
+    if response.status != 200:
         usage.error_code = _error_code(content)
-        return Response(content, status_code=response.status_code, media_type="application/json",
-                        headers=route.headers)
+        return Response(content, status_code=response.status, media_type="application/json", headers=route.headers)
     payload = json.loads(content)
     _read_usage(payload, usage)
     if usage.text is not None:
         usage.text.append(((payload.get("choices") or [{}])[0].get("message") or {}).get("content") or "")
-    return JSONResponse(payload, headers=route.headers)
+    return Response(content, media_type="application/json", headers=route.headers)  # the engine's bytes
 
 
-async def _forward_stream(engine: EngineClient, body: dict, route: Route, usage: Usage) -> Response:
-    client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-    request = engine.http.build_request("POST", "/v1/chat/completions", json=body)
-    with map_engine_errors():
-        response = await engine.http.send(request, stream=True)
-    usage.status = response.status_code
-    if response.status_code != 200:
-        content = _public(await response.aread(), route)
-        await response.aclose()
-        usage.error_code = _error_code(content)
-        return Response(content, status_code=response.status_code, media_type="application/json",
-                        headers=route.headers)
-    return StreamingResponse(_relay(response, route, usage, client_wants_usage), media_type="text/event-stream",
-                             headers=route.headers)
-
-
-async def _relay(response: httpx.Response, route: Route, usage: Usage,
+async def _relay(response: aiohttp.ClientResponse, route: Route, usage: Usage,
                  client_wants_usage: bool) -> AsyncIterator[bytes]:
     t0 = time.perf_counter()
     try:
-        async for line in response.aiter_lines():
-            if usage.first_chunk_s is None and line.startswith("data:"):
+        async for line in response.content:  # one SSE line at a time, b"\n" included
+            if usage.first_chunk_s is None and line.startswith(b"data:"):
                 usage.first_chunk_s = time.perf_counter() - t0
-            if line.startswith('data: {') and '"choices":[]' in line and '"usage":' in line:
+            if line.startswith(b"data: {") and b'"choices":[]' in line and b'"usage":' in line:
                 _read_usage(json.loads(line[6:]), usage)  # the usage-only chunk that closes the stream
                 if not client_wants_usage:
                     continue
-            elif usage.text is not None and line.startswith("data: {"):
+            elif usage.text is not None and line.startswith(b"data: {"):
                 for choice in json.loads(line[6:]).get("choices") or []:
                     usage.text.append((choice.get("delta") or {}).get("content") or "")
-            yield _public(line.encode(), route) + b"\n"
-    except httpx.HTTPError as exc:  # the engine died mid-stream: tell the client in-band
+            yield _public(line, route)
+    except (aiohttp.ClientError, TimeoutError) as exc:  # the engine died mid-stream: tell the client in-band
         usage.status, usage.error_code = 503, "engine_unavailable"
         error = {"error": {"message": f"the engine stopped mid-stream ({type(exc).__name__}); retry",
                            "type": "server_error", "code": "engine_unavailable"}}
         yield f"data: {json.dumps(error)}\n\n".encode()
     finally:
-        await response.aclose()
+        response.release()

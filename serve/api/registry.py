@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from lorafleet.adapters.catalog import Adapter, AdapterVersion, Deployment
 from lorafleet.adapters.registry import (
     delete_version,
+    deployed_workload,
     digest_in_use,
     get_adapter,
     list_adapters,
@@ -31,8 +34,9 @@ from lorafleet.adapters.schemas import (
 )
 from lorafleet.adapters.validate import ValidatedAdapter, validate_upload
 from lorafleet.serve.api.dependencies import CurrentTenant, Gateway, GatewayDep, SessionDep
+from lorafleet.serve.engine.sizing import Workload
 
-__all__ = ["router", "version_public", "deployment_public"]
+__all__ = ["router", "version_public", "deployment_public", "prepare_engine"]
 
 router = APIRouter(prefix="/v1")
 
@@ -55,6 +59,16 @@ def deployment_public(deployment: Deployment) -> DeploymentPublic:
                             rollout_id=deployment.rollout_id)
 
 
+async def prepare_engine(gateway: Gateway, session: Session, versions: Sequence[AdapterVersion]) -> None:
+    """Before a catalog change serves `versions`: an engine whose max LoRA rank is below theirs restarts with a
+    larger one (409 when LORAFLEET_MAX_LORA_RANK fixes it); then they are registered, or, with the engine down,
+    left to the registration that follows its next start. A failure here leaves the catalog as it was."""
+    if not gateway.supervisor.serves_rank(max((v.rank for v in versions), default=0)):
+        workload = Workload(*await run_in_threadpool(deployed_workload, session, versions))
+        await gateway.supervisor.fit(workload)
+    await gateway.engine.preload([v.digest for v in versions])
+
+
 def _validate_and_store(gateway: Gateway, upload: UploadFile) -> tuple[ValidatedAdapter, bool]:
     """Validate in a scratch folder, then move the canonical files into the store (atomic)."""
     settings = gateway.settings
@@ -63,7 +77,7 @@ def _validate_and_store(gateway: Gateway, upload: UploadFile) -> tuple[Validated
         with open(archive, "wb") as out:
             shutil.copyfileobj(upload.file, out, 1024 * 1024)
         validated = validate_upload(archive, Path(scratch) / "unpacked", gateway.spec,
-                                    max_rank=settings.max_lora_rank, max_bytes=settings.max_upload_bytes)
+                                    max_rank=settings.accepted_lora_rank, max_bytes=settings.max_upload_bytes)
         return validated, gateway.store.put(validated)
 
 
@@ -111,7 +125,7 @@ async def put_deployment(deployment: str, body: DeploymentPut, gateway: GatewayD
                          tenant: CurrentTenant) -> DeploymentPublic:
     """Serve `adapter` (NAME, NAME@N or a digest) from now on; it is loaded before the switch."""
     version = await run_in_threadpool(resolve_version, session, tenant, body.adapter)
-    await gateway.engine.preload([version.digest])  # a failed load leaves the deployment as it was
+    await prepare_engine(gateway, session, [version])  # a failed load leaves the deployment as it was
     result = await run_in_threadpool(set_deployment, session, tenant, deployment, version)
     return deployment_public(result)
 

@@ -32,7 +32,7 @@ from lorafleet.adapters.schemas import (
 )
 from lorafleet.serve.answer_format import check_format_spec
 from lorafleet.serve.api.dependencies import CurrentTenant, Gateway, GatewayDep, SessionDep
-from lorafleet.serve.api.registry import deployment_public
+from lorafleet.serve.api.registry import deployment_public, prepare_engine
 from lorafleet.serve.rollouts import state as rollouts
 from lorafleet.serve.rollouts.state import AbStart, RolloutStart, active_rollout
 from lorafleet.serve.rollouts.statistics import Limits, Measurement, compare_variants, sample_ratio
@@ -154,7 +154,7 @@ async def start_rollout(deployment: str, body: RolloutStart, gateway: GatewayDep
     """Start a canary rollout. It first runs the validation gate (phase Gating), then takes traffic."""
     target = await run_in_threadpool(get_deployment, session, tenant, deployment)
     candidate = await run_in_threadpool(resolve_version, session, tenant, body.to)
-    await gateway.engine.preload([candidate.digest])
+    await prepare_engine(gateway, session, [candidate])
     rollout = await run_in_threadpool(rollouts.start_canary, session, target, candidate, body, _actor(tenant),
                                       time.time())
     return rollout_public(rollout)
@@ -210,7 +210,7 @@ async def undo_deployment(deployment: str, gateway: GatewayDep, session: Session
     """Serve the previous stable version again."""
     target = await run_in_threadpool(get_deployment, session, tenant, deployment)
     if target.previous_stable is not None:
-        await gateway.engine.preload([target.previous_stable.digest])
+        await prepare_engine(gateway, session, [target.previous_stable])
     result = await run_in_threadpool(rollouts.undo, session, target, _actor(tenant), time.time())
     return deployment_public(result)
 
@@ -223,7 +223,7 @@ async def start_ab(deployment: str, body: AbStart, gateway: GatewayDep, session:
     target = await run_in_threadpool(get_deployment, session, tenant, deployment)
     versions = [(await run_in_threadpool(resolve_version, session, tenant, v.adapter), v.weight)
                 for v in body.variants]
-    await gateway.engine.preload([v.digest for v, _ in versions])
+    await prepare_engine(gateway, session, [v for v, _ in versions])
     rollout = await run_in_threadpool(rollouts.start_ab, session, target, versions, _actor(tenant), time.time())
     return rollout_public(rollout)
 

@@ -40,7 +40,9 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the engine health checks every few seconds
     engine = application.state.gateway.supervisor
+    sizing = f"attached at {settings.engine_url}, as it was started" if settings.engine_url else \
+        engine.sizing.describe()
     console.print(f"lorafleet gateway on http://{settings.host}:{settings.port}, base {settings.base}, "
                   f"state in {settings.home}\nhardware: {engine.hardware.describe()}; "
-                  f"quantization: {engine.quantization.label}", highlight=False)
+                  f"quantization: {engine.quantization.label}\nengine: {sizing}", highlight=False, soft_wrap=True)
     uvicorn.run(application, host=settings.host, port=settings.port, log_level="info")

@@ -4,5 +4,6 @@
                 `preload`), the unavailable-engine policy and its errors (`EngineUnavailable`, `AdapterLoadFailed`)
 - `supervisor`  `EngineSupervisor`: starts, health-checks and restarts the process (and its whole group)
 - `command`     `engine_command`: the vLLM command line and environment for the settings and hardware
+- `sizing`      `derive_sizing`: max LoRA rank, adapter slots, batch and KV cache from the machine and the catalog
 - `hardware`    `detect_hardware`, `plan_quantization`: what this machine can serve, refused before any start
 """

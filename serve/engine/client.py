@@ -23,6 +23,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 
+import aiohttp
 import httpx
 
 from lorafleet.adapters.errors import ServiceUnavailable
@@ -46,22 +47,25 @@ def map_engine_errors() -> Iterator[None]:
     """Turn transport failures talking to the engine into EngineUnavailable (503 + Retry-After)."""
     try:
         yield
-    except httpx.TransportError as exc:
+    except (httpx.TransportError, aiohttp.ClientError, TimeoutError) as exc:
         raise EngineUnavailable(f"the engine did not answer ({type(exc).__name__}); retry shortly") from exc
 
 
 class EngineClient:
     """The engine's private address and bearer token, whether it is up, and the adapter digests it knows."""
 
-    def __init__(self, store: AdapterStore, metrics: Metrics, port: int = 0) -> None:
+    def __init__(self, store: AdapterStore, metrics: Metrics, port: int = 0, url: str = "", token: str = "") -> None:
+        """A supervised engine on a private loopback `port`, or one already running at `url` with its `token`."""
         self.store = store
         self.metrics = metrics
         self.port = port or free_port()
-        self.token = secrets.token_urlsafe(32)
-        self.http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}",
+        self.url = url.rstrip("/") or f"http://127.0.0.1:{self.port}"
+        self.token = token or secrets.token_urlsafe(32)
+        self.http = httpx.AsyncClient(base_url=self.url,
                                       headers={"Authorization": f"Bearer {self.token}"},
                                       timeout=httpx.Timeout(600.0, connect=5.0),
                                       limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100))
+        self._chat: aiohttp.ClientSession | None = None
         self.generation = 0  # engine processes that became ready: a new one may serve a changed base
         self._up = asyncio.Event()
         self._loaded: set[str] = set()
@@ -86,6 +90,19 @@ class EngineClient:
         self._up.clear()
         self._loaded.clear()
         self.metrics.engine_up.set(0)
+
+    async def post_chat(self, body: bytes) -> aiohttp.ClientResponse:
+        """POST a chat completion (JSON bytes); the caller reads and releases the response.
+
+        The chat path alone goes through aiohttp: per request its pool and C parser cost a fraction of the CPU
+        of httpx's (loadtests/bench_gateway_overhead.py), which is the gateway's largest own cost."""
+        if self._chat is None:  # created on first use: it belongs to the running event loop
+            self._chat = aiohttp.ClientSession(
+                self.url, headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=600.0),
+                auto_decompress=False, read_bufsize=2**20)  # an SSE line may be long (logprobs)
+        return await self._chat.post("/v1/chat/completions", data=body)
 
     async def healthy(self) -> bool:
         try:
@@ -137,3 +154,5 @@ class EngineClient:
 
     async def aclose(self) -> None:
         await self.http.aclose()
+        if self._chat is not None:
+            await self._chat.close()

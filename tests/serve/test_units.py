@@ -8,6 +8,7 @@ from lorafleet.adapters.errors import InvalidRequest
 from lorafleet.serve.api.chat import check_image_urls
 from lorafleet.serve.engine.command import engine_command
 from lorafleet.serve.engine.hardware import Quantization
+from lorafleet.serve.engine.sizing import GIB, EngineSizing, Machine, ModelShape, Workload, derive_sizing
 from lorafleet.serve.metrics import OTHER, Metrics
 from lorafleet.serve.settings import Settings
 
@@ -40,9 +41,15 @@ def test_metric_labels_fold_into_other_past_the_budget():
     assert metrics.labels("a", "d1", "x" * 64, "stable") == ("a", "d1", "x" * 12, "stable")
 
 
+def _sizing(settings: Settings, gpu: bool = False, workload: Workload = Workload()) -> EngineSizing:
+    machine = Machine(ram_bytes=24 * GIB, cpus=2, gpu_memory_bytes=80 * GIB if gpu else None)
+    return derive_sizing(settings, workload, machine, ModelShape(lora_features=4096, kv_bytes_per_token=1024,
+                                                                 dtype_bytes=4))
+
+
 def test_engine_command_uses_cpu_settings_without_cuda():
     settings = Settings(base="/m", max_lora_rank=16, cpu_kvcache_gib=2)
-    cmd, env = engine_command(settings, 9000, "tok", False, Quantization("none"))
+    cmd, env = engine_command(settings, 9000, "tok", False, Quantization("none"), _sizing(settings))
     assert cmd[cmd.index("--max-lora-rank") + 1] == "16" and "--enable-lora" in cmd
     assert "--enforce-eager" in cmd and env["VLLM_CPU_KVCACHE_SPACE"] == "2"
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
@@ -51,10 +58,27 @@ def test_engine_command_uses_cpu_settings_without_cuda():
 
 
 def test_engine_command_leaves_gpu_defaults_with_cuda():
-    cmd, env = engine_command(Settings(base="/m"), 9000, "tok", True, Quantization("int8", ("--quantization", "x")))
+    settings = Settings(base="/m")
+    cmd, env = engine_command(settings, 9000, "tok", True, Quantization("int8", ("--quantization", "x")),
+                              _sizing(settings, gpu=True))
     assert "--enforce-eager" not in cmd
-    assert "--gpu-memory-utilization" not in cmd
+    assert "--gpu-memory-utilization" not in cmd and "VLLM_CPU_KVCACHE_SPACE" not in env
     assert cmd[cmd.index("--quantization") + 1] == "x"
+
+
+def test_engine_command_passes_the_derived_sizing():
+    settings = Settings(base="/m")
+    sizing = _sizing(settings, workload=Workload(adapters=64, max_rank=24))
+    cmd, env = engine_command(settings, 9000, "tok", False, Quantization("none"), sizing)
+    assert [cmd[cmd.index(flag) + 1] for flag in ("--max-lora-rank", "--max-loras", "--max-cpu-loras",
+                                                   "--max-num-seqs")] == ["32", "64", "128", "64"]
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+
+
+def test_uploads_accept_rank_64_while_the_engine_rank_is_derived():
+    assert Settings().accepted_lora_rank == 64
+    assert Settings(max_lora_rank=16).accepted_lora_rank == 16
+    assert Settings(max_lora_rank=128).accepted_lora_rank == 128
 
 
 def test_settings_default_to_sqlite_and_local_store_under_home(tmp_path):

@@ -1,0 +1,128 @@
+"""The gateway's own cost: `lorafleet serve` attached to an instant upstream (`stub_engine.py`), so that every
+CPU cycle it spends is visible. Reports requests per second, the gateway process's CPU per request and the
+requests per second one core of it would serve, at 1 / 16 / 64 clients, streamed and not; the load generator
+straight against the stub is the reference of what the client and the stub themselves allow.
+
+    .venv/bin/python loadtests/bench_gateway_overhead.py [--rounds 3] [--requests 2000] [--clients 1,16,64]
+        [--check-cpu-ms 1.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+from harness import run_load, spread, wait_healthy
+from rich.console import Console
+from rich.table import Table
+
+from lorafleet.serve.client import LorafleetClient
+from lorafleet.serve.dev.local_server import LocalServer
+from lorafleet.serve.engine.command import free_port
+
+console = Console(width=160)
+HERE = Path(__file__).parent
+
+
+def _own_cpu(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--clients", default="1,16,64")
+    parser.add_argument("--deployments", type=int, default=8)
+    parser.add_argument("--profile", type=Path, help="write py-spy's collapsed stacks of the gateway during the "
+                        "last 16-client phase here (needs `pip install py-spy`)")
+    parser.add_argument("--check-cpu-ms", type=float, default=0.0,
+                        help="exit 1 when the gateway's CPU per request at 16 clients exceeds this (0: no check)")
+    args = parser.parse_args()
+    clients = [int(c) for c in args.clients.split(",")]
+
+    from lorafleet.train.random_adapter import make_random_adapter
+    from lorafleet.train.tiny_model import build_tiny_model
+
+    work = Path(tempfile.mkdtemp(prefix="lorafleet-overhead-"))
+    with console.status("building the tiny model's config and an adapter"):
+        base = build_tiny_model(work / "tiny")
+        adapter = make_random_adapter(base, work / "a0", seed=0)
+    stub_port = free_port()
+    stub = subprocess.Popen([sys.executable, str(HERE / "stub_engine.py"), "--port", str(stub_port)])
+    stub_url = f"http://127.0.0.1:{stub_port}"
+    gateway = None
+    try:
+        wait_healthy(stub_url, stub)
+        gateway = LocalServer.start(base, work / "home", engine_url=stub_url, engine_api_key="stub")
+        gateway.wait_ready()
+        key = LorafleetClient(gateway.url, gateway.admin_key).create_tenant("bench")["api_key"]
+        tenant = LorafleetClient(gateway.url, key)
+        tenant.push_adapter("a", adapter)
+        deployments = [f"d{i}" for i in range(args.deployments)]
+        for name in deployments:
+            tenant.deploy(name, "a")
+        pid = gateway.process.pid
+        runs: dict[tuple[str, int], list[dict]] = {}
+        for r in range(args.rounds + 1):  # round 0 warms up
+            for stream in (False, True):
+                for conc in clients:
+                    n = args.requests // 4 if conc == 1 else args.requests
+                    for side, url, auth, models in (("gateway", gateway.url, key, deployments),
+                                                    ("stub", stub_url, "stub", deployments)):
+                        spy = None
+                        if args.profile and side == "gateway" and conc == 16 and not stream and r == args.rounds:
+                            spy = subprocess.Popen(["py-spy", "record", "--format", "raw", "--rate", "500", "--pid",
+                                                    str(pid), "--output", str(args.profile)],
+                                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        cpu0 = _own_cpu(pid)
+                        phase = run_load(url, auth, models, n, conc, seed=r, stream=stream)
+                        if spy:
+                            spy.send_signal(signal.SIGINT)
+                            spy.wait(30)
+                        cpu_s = _own_cpu(pid) - cpu0
+                        if r:
+                            label = f"{side}{' stream' if stream else ''}"
+                            runs.setdefault((label, conc), []).append(
+                                {"rps": phase.rps, "p50": phase.p50, "failed": phase.failed,
+                                 "cpu_ms": cpu_s / n * 1000, "per_core": n / cpu_s if cpu_s else float("nan")})
+    finally:
+        if gateway:
+            gateway.stop()
+        stub.terminate()
+
+    table = Table(title=f"the gateway against an instant upstream, {args.rounds} rounds — median [min–max]")
+    for column in ("load", "req/s", "p50 (ms)", "gateway CPU per request (ms)", "gateway req/s per core",
+                   "client → stub alone, req/s"):
+        table.add_column(column, justify="right")
+    failed = 0
+    for stream in (False, True):
+        for conc in clients:
+            label = f"gateway{' stream' if stream else ''}"
+            rows, reference = runs[(label, conc)], runs[(f"stub{' stream' if stream else ''}", conc)]
+            failed += sum(x["failed"] for x in rows)
+            table.add_row(f"{conc} client{'s' if conc > 1 else ''}{', streamed' if stream else ''}",
+                          spread([x["rps"] for x in rows], digits=0), spread([x["p50"] for x in rows], 1000, 2),
+                          spread([x["cpu_ms"] for x in rows], digits=3),
+                          spread([x["per_core"] for x in rows], digits=0),
+                          spread([x["rps"] for x in reference], digits=0))
+    console.print(table)
+    misses = [f"{failed} failed requests"] if failed else []
+    if args.check_cpu_ms and 16 in clients:
+        cpu = statistics.median(x["cpu_ms"] for x in runs[("gateway", 16)])
+        if cpu > args.check_cpu_ms:
+            misses.append(f"gateway CPU per request at 16 clients {cpu:.3f} ms > {args.check_cpu_ms} ms")
+    if misses:
+        console.print("[red]goals missed:[/red] " + "; ".join(misses))
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
