@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH := "torch==2.13.0,!=2.13.0+cpu" torchvision==0.28.0
 
-.PHONY: setup demo unit test lint clean
+.PHONY: setup demo unit test lint bench-quick clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,12 @@ lint: setup
 
 test: setup
 	$(BIN)/pytest -q
+
+# The benchmarks' regression guard (a few minutes): each checks its own thresholds and exits 1 on a miss.
+bench-quick: setup
+	$(BIN)/python loadtests/bench_gateway_overhead.py --quick --check-cpu-ms 1.5
+	$(BIN)/python loadtests/bench_gateway.py --quick --check
+	$(BIN)/python loadtests/bench_adapters.py --quick --check
 
 clean:
 	rm -rf $(VENV)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint, create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 __all__ = ["Base", "Tenant", "Adapter", "AdapterVersion", "ValidationSet", "Deployment", "Rollout", "Decision",
@@ -214,6 +214,9 @@ class DriftCheck(Base):
     message: Mapped[str] = mapped_column(Text, default="")
 
 
+POOL_SIZE = 40
+
+
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
@@ -228,7 +231,10 @@ def open_catalog(url: str) -> tuple[Engine, sessionmaker]:
         from pathlib import Path
 
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url)
+    # As many pooled connections as threads that run the routes' catalog work (anyio's default pool: 40), so
+    # that none waits for, or opens, a connection beyond the pool under load.
+    in_memory = make_url(url).database in (None, "", ":memory:")  # one connection, no pool to size
+    engine = create_engine(url) if in_memory else create_engine(url, pool_size=POOL_SIZE, max_overflow=10)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     Base.metadata.create_all(engine)

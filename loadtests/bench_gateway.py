@@ -32,12 +32,13 @@ from rich.table import Table
 from lorafleet.serve.client import LorafleetClient
 from lorafleet.serve.dev.local_server import LocalServer
 from lorafleet.serve.engine.command import engine_process_options, free_port
+from lorafleet.serve.settings import Settings
 
 console = Console(width=160)
 
 
 def _plain_vllm_like(engine: psutil.Process, port: int, token: str, log: Path) -> subprocess.Popen:
-    """A second vLLM server with the engine's exact command line and environment, on another port."""
+    """A second vLLM server with the engine's exact command line, environment and placement, on another port."""
     cmd = []
     for arg in engine.cmdline():
         if arg.startswith("--api-key="):
@@ -45,7 +46,7 @@ def _plain_vllm_like(engine: psutil.Process, port: int, token: str, log: Path) -
         cmd.append(arg)
     cmd[cmd.index("--port") + 1] = str(port)
     return subprocess.Popen(cmd, env=engine.environ(), stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, **engine_process_options())
+                            stdin=subprocess.DEVNULL, **engine_process_options(Settings()))
 
 
 def _cpu(pid: int, own: bool = False) -> float:
@@ -69,8 +70,9 @@ def main() -> None:
     parser.add_argument("--min-ratio", type=float, default=0.97, help="goal: gateway ÷ vLLM alone throughput")
     parser.add_argument("--max-p50-ms", type=float, default=2.0, help="goal: extra p50 at 1 client (ms)")
     args = parser.parse_args()
-    if args.quick:
+    if args.quick:  # looser bounds than the goals: a noisy CI machine, yet a regression like 0.3x fails them
         args.rounds, args.requests, args.clients = 3, 96, "1,16"
+        args.min_ratio, args.max_p50_ms = min(args.min_ratio, 0.85), max(args.max_p50_ms, 15.0)
     clients = [int(c) for c in args.clients.split(",")]
 
     from lorafleet.train.random_adapter import make_random_adapter

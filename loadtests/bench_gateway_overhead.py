@@ -4,7 +4,7 @@ requests per second one core of it would serve, at 1 / 16 / 64 clients, streamed
 straight against the stub is the reference of what the client and the stub themselves allow.
 
     .venv/bin/python loadtests/bench_gateway_overhead.py [--rounds 3] [--requests 2000] [--clients 1,16,64]
-        [--check-cpu-ms 1.0]
+        [--check-cpu-ms 1.0] [--quick]
 """
 
 from __future__ import annotations
@@ -45,7 +45,10 @@ def main() -> None:
                         "last 16-client phase here (needs `pip install py-spy`)")
     parser.add_argument("--check-cpu-ms", type=float, default=0.0,
                         help="exit 1 when the gateway's CPU per request at 16 clients exceeds this (0: no check)")
+    parser.add_argument("--quick", action="store_true", help="CI's regression guard: 1 round, 16 clients")
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.requests, args.clients = 2, 1000, "16"
     clients = [int(c) for c in args.clients.split(",")]
 
     from lorafleet.train.random_adapter import make_random_adapter

@@ -51,6 +51,7 @@ class Phase:
     p99: float
     ttft_p50: float | None = None
     failed: int = 0
+    ok: int = 0
 
 
 async def scenario(url: str, key: str, models: list[str], n: int, concurrency: int, seed: int,
@@ -94,10 +95,10 @@ async def scenario(url: str, key: str, models: list[str], n: int, concurrency: i
         elapsed = time.perf_counter() - t0
     latencies.sort()
     if not latencies:
-        return asdict(Phase(0.0, float("nan"), float("nan"), None, failed))
+        return asdict(Phase(0.0, float("nan"), float("nan"), None, failed, 0))
     return asdict(Phase(rps=len(latencies) / elapsed, p50=latencies[len(latencies) // 2],
                         p99=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
-                        ttft_p50=statistics.median(ttfts) if ttfts else None, failed=failed))
+                        ttft_p50=statistics.median(ttfts) if ttfts else None, failed=failed, ok=len(latencies)))
 
 
 def run_load(url: str, key: str, models: list[str], n: int, concurrency: int, seed: int, *,

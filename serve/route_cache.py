@@ -9,12 +9,14 @@ Failed lookups (unknown key or deployment) are never kept.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from dataclasses import dataclass
 
 from sqlalchemy import event
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from lorafleet.adapters.registry import authenticate, get_deployment, hash_key
 from lorafleet.serve.rollouts.routing import Variant
@@ -61,6 +63,7 @@ class RouteCache:
         self._entries: dict[tuple[str, str], tuple[float, TenantEntry, DeploymentEntry]] = {}
         self._generation = 0  # bumped by every invalidation: a read that raced one is not kept
         self._lock = threading.Lock()
+        self._in_flight: dict[tuple[str, str], asyncio.Future] = {}
         event.listen(sessions, "after_flush", _mark_changed)
         event.listen(sessions, "do_orm_execute", _mark_bulk_change)
         event.listen(sessions, "after_commit", self._after_commit)
@@ -71,6 +74,18 @@ class RouteCache:
         if hit is None or time.monotonic() - hit[0] > self.ttl_s:
             return None
         return hit[1], hit[2]
+
+    async def fetch(self, key: str, model: str) -> tuple[TenantEntry, DeploymentEntry]:
+        """On the event loop: the snapshot, read in a worker thread on a miss; concurrent misses of one (key,
+        deployment) share a single read (an expiry under load would otherwise send every client to the catalog)."""
+        hit = self.get(key, model)
+        if hit is not None:
+            return hit
+        flight = (hash_key(key), model)
+        if (pending := self._in_flight.get(flight)) is None:
+            pending = self._in_flight[flight] = asyncio.ensure_future(run_in_threadpool(self.load, key, model))
+            pending.add_done_callback(lambda _: self._in_flight.pop(flight, None))
+        return await asyncio.shield(pending)
 
     def load(self, key: str, model: str) -> tuple[TenantEntry, DeploymentEntry]:
         """Read and keep the snapshot; raises Unauthorized / NotFound as the catalog lookups do."""

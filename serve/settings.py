@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     allow_remote_images: bool = False  # http(s) image URLs are fetched by the engine only if True
     max_upload_bytes: int = 512 * 1024 * 1024
     retry_after_s: int = 5
+    access_log: bool = False  # uvicorn's line per request: a tenth of the gateway's CPU per request (metrics count all)
     catalog_cache_s: float = 1.0  # the chat path's key/deployment snapshots: another gateway's changes show after this
 
     # rollouts
@@ -52,6 +53,7 @@ class Settings(BaseSettings):
     engine_url: str = ""  # an engine already running (vLLM's OpenAI server with LoRA): attach to it, start none
     engine_api_key: SecretStr | None = None  # its bearer token (vLLM's --api-key)
     engine_python: str = ""  # default: the gateway's own interpreter
+    engine_nice: int = 10  # the engine's CPU priority below the gateway's (its idle busy-polling; see command.py)
     # 0 below: derived at start from this machine and the deployed adapters (lorafleet.serve.engine.sizing)
     max_lora_rank: int = 0  # highest adapter rank accepted and the engine's; 0: the largest deployed, rounded up
     UPLOAD_RANK_LIMIT: ClassVar[int] = 64  # uploads accepted up to this rank while max_lora_rank is derived

@@ -14,7 +14,7 @@ from lorafleet.adapters.errors import Unauthorized
 from lorafleet.adapters.registry import authenticate
 from lorafleet.serve.gateway import Gateway
 
-__all__ = ["Gateway", "GatewayDep", "SessionDep", "BearerKey", "CurrentTenant", "AdminKey"]
+__all__ = ["Gateway", "GatewayDep", "SessionDep", "BearerKey", "CurrentTenant", "AdminKey", "bearer_token"]
 
 
 def _gateway(request: Request) -> Gateway:
@@ -32,10 +32,15 @@ def _session(gateway: GatewayDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(_session)]
 
 
-async def _bearer(authorization: Annotated[str | None, Header()] = None) -> str | None:
+def bearer_token(authorization: str | None) -> str | None:
+    """The key in an `Authorization: Bearer <key>` header."""
     if authorization and authorization.lower().startswith("bearer "):
         return authorization[7:].strip()
     return None
+
+
+async def _bearer(authorization: Annotated[str | None, Header()] = None) -> str | None:
+    return bearer_token(authorization)
 
 
 BearerKey = Annotated[str | None, Depends(_bearer)]

@@ -93,21 +93,36 @@ async def forward_chat(engine: EngineClient, body: dict, route: Route, usage: Us
     return Response(content, media_type="application/json", headers=route.headers)  # the engine's bytes
 
 
+def _inspect(line: bytes, usage: Usage, client_wants_usage: bool) -> bytes:
+    """One SSE line: usage and text recorded; the usage-only chunk dropped unless the client asked for it."""
+    if line.startswith(b"data: {") and b'"choices":[]' in line and b'"usage":' in line:
+        _read_usage(json.loads(line[6:]), usage)  # the usage-only chunk that closes the stream
+        return line if client_wants_usage else b""
+    if usage.text is not None and line.startswith(b"data: {"):
+        for choice in json.loads(line[6:]).get("choices") or []:
+            usage.text.append((choice.get("delta") or {}).get("content") or "")
+    return line
+
+
 async def _relay(response: aiohttp.ClientResponse, route: Route, usage: Usage,
                  client_wants_usage: bool) -> AsyncIterator[bytes]:
+    """The engine's bytes as they come, whole lines only; lines are looked at one by one only where something
+    reads them (the answer's text, the usage chunk), so most chunks pass through untouched."""
     t0 = time.perf_counter()
+    pending = b""
     try:
-        async for line in response.content:  # one SSE line at a time, b"\n" included
-            if usage.first_chunk_s is None and line.startswith(b"data:"):
+        async for chunk in response.content.iter_any():
+            if usage.first_chunk_s is None:
                 usage.first_chunk_s = time.perf_counter() - t0
-            if line.startswith(b"data: {") and b'"choices":[]' in line and b'"usage":' in line:
-                _read_usage(json.loads(line[6:]), usage)  # the usage-only chunk that closes the stream
-                if not client_wants_usage:
-                    continue
-            elif usage.text is not None and line.startswith(b"data: {"):
-                for choice in json.loads(line[6:]).get("choices") or []:
-                    usage.text.append((choice.get("delta") or {}).get("content") or "")
-            yield _public(line, route)
+            data = pending + chunk
+            cut = data.rfind(b"\n") + 1
+            lines, pending = data[:cut], data[cut:]
+            if usage.text is not None or b'"usage":' in lines:
+                lines = b"".join(_inspect(line, usage, client_wants_usage) for line in lines.splitlines(keepends=True))
+            if lines:
+                yield _public(lines, route)
+        if pending:
+            yield _public(pending, route)
     except (aiohttp.ClientError, TimeoutError) as exc:  # the engine died mid-stream: tell the client in-band
         usage.status, usage.error_code = 503, "engine_unavailable"
         error = {"error": {"message": f"the engine stopped mid-stream ({type(exc).__name__}); retry",

@@ -45,4 +45,4 @@ def serve(
     console.print(f"lorafleet gateway on http://{settings.host}:{settings.port}, base {settings.base}, "
                   f"state in {settings.home}\nhardware: {engine.hardware.describe()}; "
                   f"quantization: {engine.quantization.label}\nengine: {sizing}", highlight=False, soft_wrap=True)
-    uvicorn.run(application, host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(application, host=settings.host, port=settings.port, log_level="info", access_log=settings.access_log)

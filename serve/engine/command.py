@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -38,20 +39,30 @@ def engine_command(settings: Settings, port: int, token: str, cuda: bool, quanti
     return cmd + list(settings.engine_extra_args), env
 
 
-def _die_with_parent() -> None:
-    """Linux: the engine gets SIGTERM if the gateway dies without cleaning up."""
-    with contextlib.suppress(Exception):
+def _in_the_child(nice: int) -> None:
+    os.setsid()  # its own session: its own process group (killpg stops vLLM's every process) and autogroup
+    if nice:
+        with contextlib.suppress(OSError):  # only where the kernel groups sessions (autogroups)
+            with open("/proc/self/autogroup", "w") as autogroup:
+                autogroup.write(str(nice))
+        os.nice(nice)  # where it does not
+    with contextlib.suppress(Exception):  # Linux: SIGTERM when the gateway dies without cleaning up
         import ctypes
 
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def engine_process_options() -> dict[str, Any]:
-    """How the engine process is placed (keyword arguments for subprocess / asyncio's subprocess functions).
+def engine_process_options(settings: Settings) -> dict[str, Any]:
+    """Where the engine runs (keyword arguments for subprocess / asyncio's subprocess functions).
 
-    Its own process group, so that vLLM's engine-core and worker processes are stopped with it (killpg).
+    In a session of its own, at a lower CPU priority (`engine_nice`). vLLM's scheduler and worker busy-poll
+    (`sched_yield`) for about a second after every batch; with scheduler autogroups (on in most desktop and VM
+    kernels) `sched_yield` gives way only within the caller's own session, so a poller sharing the CPU with the
+    gateway or a client in another session held on to it. At a lower priority the pollers only take CPU time that
+    nothing else wants, wherever the gateway and its clients were started (loadtests/bench_gateway.py measures
+    both arrangements). uvloop's subprocess_exec has no `process_group`, hence the function run in the child.
     """
-    return {"preexec_fn": _die_with_parent, "start_new_session": True}
+    return {"preexec_fn": functools.partial(_in_the_child, settings.engine_nice)}
 
 
 def free_port() -> int:

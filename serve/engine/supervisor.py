@@ -124,7 +124,7 @@ class EngineSupervisor:
         with open(self.log_path, "ab") as logfile:
             self.process = await asyncio.create_subprocess_exec(*cmd, env=env, stdout=logfile, stderr=logfile,
                                                                 stdin=asyncio.subprocess.DEVNULL,
-                                                                **engine_process_options())
+                                                                **engine_process_options(self.settings))
         self.starts += 1
         log.info("engine pid %d starting on 127.0.0.1:%d (log: %s)", self.process.pid, self.client.port,
                  self.log_path)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from lorafleet.adapters.errors import InvalidRequest
 from lorafleet.serve.api.chat import check_image_urls
-from lorafleet.serve.engine.command import engine_command
+from lorafleet.serve.engine.command import engine_command, engine_process_options
 from lorafleet.serve.engine.hardware import Quantization
 from lorafleet.serve.engine.sizing import GIB, EngineSizing, Machine, ModelShape, Workload, derive_sizing
 from lorafleet.serve.metrics import OTHER, Metrics
@@ -91,3 +95,13 @@ def test_serving_without_admin_key_needs_development_mode():
     with pytest.raises(ValueError, match="LORAFLEET_ADMIN_KEY"):
         Settings().require_admin_key()
     Settings(development=True).require_admin_key()
+
+
+@pytest.mark.parametrize("nice", [10, 0])
+def test_the_engine_runs_in_its_own_session_at_the_configured_priority(nice):
+    probe = "import os; print(os.getsid(0), os.getpgid(0), os.getpid(), os.getpriority(os.PRIO_PROCESS, 0))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                          **engine_process_options(Settings(engine_nice=nice)))
+    sid, pgid, pid, priority = map(int, done.stdout.split())
+    assert sid == pgid == pid != os.getsid(0)  # a session and process group of its own
+    assert priority == os.getpriority(os.PRIO_PROCESS, 0) + nice
