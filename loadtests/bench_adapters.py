@@ -50,14 +50,14 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--swaps", type=int, default=100)
     parser.add_argument("--cold", type=int, default=5, help="cold adapters measured")
-    parser.add_argument("--quick", action="store_true", help="CI's regression guard: 16 adapters, 2 rounds")
+    parser.add_argument("--quick", action="store_true", help="CI's regression guard: 16 adapters, 3 rounds")
     parser.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")
     parser.add_argument("--min-ratio", type=float, default=0.95, help="goal: many ÷ one adapter throughput")
     parser.add_argument("--max-cold-s", type=float, default=1.0, help="goal: upload → first token (s)")
     args = parser.parse_args()
     if args.quick:
-        args.adapters, args.rounds, args.requests, args.swaps, args.cold = 16, 2, 128, 50, 3
-        args.min_ratio, args.max_cold_s = min(args.min_ratio, 0.85), max(args.max_cold_s, 2.0)  # a noisy machine
+        args.adapters, args.rounds, args.requests, args.swaps, args.cold = 16, 3, 128, 50, 3
+        args.min_ratio, args.max_cold_s = min(args.min_ratio, 0.80), max(args.max_cold_s, 2.0)  # a noisy machine
 
     from lorafleet.train.random_adapter import make_random_adapter
     from lorafleet.train.tiny_model import build_tiny_model

@@ -65,14 +65,14 @@ def main() -> None:
     parser.add_argument("--client-session", choices=("same", "own"), default="same",
                         help="own: the load generator in a session of its own, as from another terminal")
     parser.add_argument("--external", action="store_true", help="also drive both with vLLM's benchmark client")
-    parser.add_argument("--quick", action="store_true", help="CI's regression guard: 3 rounds, 16 clients")
+    parser.add_argument("--quick", action="store_true", help="CI's regression guard: 5 short rounds, 1 and 16 clients")
     parser.add_argument("--check", action="store_true", help="exit 1 when a goal below is missed")
     parser.add_argument("--min-ratio", type=float, default=0.97, help="goal: gateway ÷ vLLM alone throughput")
     parser.add_argument("--max-p50-ms", type=float, default=2.0, help="goal: extra p50 at 1 client (ms)")
     args = parser.parse_args()
     if args.quick:  # looser bounds than the goals: a noisy CI machine, yet a regression like 0.3x fails them
-        args.rounds, args.requests, args.clients = 3, 96, "1,16"
-        args.min_ratio, args.max_p50_ms = min(args.min_ratio, 0.85), max(args.max_p50_ms, 15.0)
+        args.rounds, args.requests, args.clients = 5, 96, "1,16"
+        args.min_ratio, args.max_p50_ms = min(args.min_ratio, 0.80), max(args.max_p50_ms, 20.0)
     clients = [int(c) for c in args.clients.split(",")]
 
     from lorafleet.train.random_adapter import make_random_adapter
