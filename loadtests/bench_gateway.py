@@ -8,7 +8,7 @@ both sides must have gone idle. The table reports medians with [min–max] over 
 per-round ratios (gateway ÷ vLLM alone), plus each side's CPU per request and the gateway process's own share.
 
     .venv/bin/python loadtests/bench_gateway.py [--adapters 8] [--rounds 5] [--requests 128] [--clients 1,16,64]
-        [--client-session same|own] [--external] [--quick] [--check]
+        [--client-session same|own] [--engine-nice 10] [--external] [--quick] [--check]
 
 `--external` adds rounds driven by vLLM's own benchmark client (`vllm bench serve`) instead of ours. `--quick`
 is the regression guard `.ci/run` affords (a few minutes); `--check` exits 1 when a goal is missed.
@@ -37,7 +37,7 @@ from lorafleet.serve.settings import Settings
 console = Console(width=160)
 
 
-def _plain_vllm_like(engine: psutil.Process, port: int, token: str, log: Path) -> subprocess.Popen:
+def _plain_vllm_like(engine: psutil.Process, port: int, token: str, log: Path, settings: Settings) -> subprocess.Popen:
     """A second vLLM server with the engine's exact command line, environment and placement, on another port."""
     cmd = []
     for arg in engine.cmdline():
@@ -46,7 +46,7 @@ def _plain_vllm_like(engine: psutil.Process, port: int, token: str, log: Path) -
         cmd.append(arg)
     cmd[cmd.index("--port") + 1] = str(port)
     return subprocess.Popen(cmd, env=engine.environ(), stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, **engine_process_options(Settings()))
+                            stdin=subprocess.DEVNULL, **engine_process_options(settings))
 
 
 def _cpu(pid: int, own: bool = False) -> float:
@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--clients", default="1,16,64")
     parser.add_argument("--client-session", choices=("same", "own"), default="same",
                         help="own: the load generator in a session of its own, as from another terminal")
+    parser.add_argument("--engine-nice", type=int, default=Settings().engine_nice,
+                        help="LORAFLEET_ENGINE_NICE for both sides (placement experiments)")
     parser.add_argument("--external", action="store_true", help="also drive both with vLLM's benchmark client")
     parser.add_argument("--quick", action="store_true", help="CI's regression guard: 5 short rounds, 1 and 16 clients")
     parser.add_argument("--check", action="store_true", help="exit 1 when a goal below is missed")
@@ -86,12 +88,14 @@ def main() -> None:
     gateway = direct = None
     try:
         with console.status("starting lorafleet serve"):
-            gateway = LocalServer.start(base, work / "home", max_model_len="512", dtype="float32")
+            gateway = LocalServer.start(base, work / "home", max_model_len="512", dtype="float32",
+                                        engine_nice=str(args.engine_nice))
             gateway_ready_s = gateway.wait_ready()
             engine = engine_child(gateway.process.pid)
         with console.status("starting vLLM alone, like lorafleet's engine"):
             vllm_port, token = free_port(), "bench-token"
-            direct = _plain_vllm_like(engine, vllm_port, token, work / "vllm.log")
+            direct = _plain_vllm_like(engine, vllm_port, token, work / "vllm.log",
+                                      Settings(engine_nice=args.engine_nice))
             vllm_url = f"http://127.0.0.1:{vllm_port}"
             vllm_ready_s = wait_healthy(vllm_url, direct)
 
@@ -165,7 +169,7 @@ def report(args: argparse.Namespace, clients: list[int], runs: dict, external: d
         return [g / v for g, v in zip(values(conc, "gateway", field), values(conc, "vllm", field))]
 
     table = Table(title=f"tiny Qwen2.5-VL, {args.adapters} adapters, CPU, {args.rounds} rounds, client session: "
-                        f"{args.client_session} — median [min–max]")
+                        f"{args.client_session}, engine nice {args.engine_nice} — median [min–max]")
     for column in ("measure", "lorafleet gateway", "vLLM alone", "gateway ÷ vLLM"):
         table.add_column(column, justify="right")
     table.add_row("ready after start (s)", f"{gateway_ready_s:.1f}", f"{vllm_ready_s:.1f}", "-")
