@@ -34,6 +34,9 @@ from lorafleet.serve.metrics import Metrics
 __all__ = ["EngineClient", "EngineUnavailable", "AdapterLoadFailed", "map_engine_errors"]
 
 
+_KEEPALIVE_S = 3.0
+
+
 class EngineUnavailable(ServiceUnavailable):
     code = "engine_unavailable"
 
@@ -99,10 +102,15 @@ class EngineClient:
         if self._chat is None:  # created on first use: it belongs to the running event loop
             self._chat = aiohttp.ClientSession(
                 self.url, headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+                # idle connections are dropped before vLLM's uvicorn closes them (VLLM_HTTP_TIMEOUT_KEEP_ALIVE,
+                # 5 s): a request sent on a connection the server is closing fails without an answer
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=_KEEPALIVE_S),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=600.0),
                 auto_decompress=False, read_bufsize=2**20)  # an SSE line may be long (logprobs)
-        return await self._chat.post("/v1/chat/completions", data=body)
+        try:
+            return await self._chat.post("/v1/chat/completions", data=body)
+        except aiohttp.ServerDisconnectedError:  # closed under us before any answer: not processed, send it again
+            return await self._chat.post("/v1/chat/completions", data=body)
 
     async def healthy(self) -> bool:
         try:
