@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 import psutil
-from harness import engine_child, run_load, spread, tree_cpu_s, vllm_bench_serve, wait_healthy, wait_idle
+from harness import engine_child, own_cpu_s, run_load, spread, tree_cpu_s, vllm_bench_serve, wait_healthy, wait_idle
 from rich.console import Console
 from rich.table import Table
 
@@ -47,13 +47,6 @@ def _plain_vllm_like(engine: psutil.Process, port: int, token: str, log: Path, s
     cmd[cmd.index("--port") + 1] = str(port)
     return subprocess.Popen(cmd, env=engine.environ(), stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, **engine_process_options(settings))
-
-
-def _cpu(pid: int, own: bool = False) -> float:
-    if own:
-        times = psutil.Process(pid).cpu_times()
-        return times.user + times.system
-    return tree_cpu_s(pid)
 
 
 def main() -> None:
@@ -129,9 +122,9 @@ def main() -> None:
                 for side in order:
                     url, auth, models, pid = sides[side]
                     wait_idle(pids)
-                    cpu0, own0 = _cpu(pid), _cpu(pid, own=True)
+                    cpu0, own0 = tree_cpu_s(pid), own_cpu_s(pid)
                     phase = run_load(url, auth, models, n, conc, seed=r, own_session=own_session)
-                    cpu1, own1 = _cpu(pid), _cpu(pid, own=True)
+                    cpu1, own1 = tree_cpu_s(pid), own_cpu_s(pid)
                     if r:
                         runs.setdefault((conc, side), []).append(
                             {**phase.__dict__, "cpu_ms": (cpu1 - cpu0) / n * 1000,

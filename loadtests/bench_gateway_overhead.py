@@ -17,8 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import psutil
-from harness import run_load, spread, wait_healthy
+from harness import own_cpu_s, run_load, spread, wait_healthy
 from rich.console import Console
 from rich.table import Table
 
@@ -28,11 +27,6 @@ from lorafleet.serve.engine.command import free_port
 
 console = Console(width=160)
 HERE = Path(__file__).parent
-
-
-def _own_cpu(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
-    return times.user + times.system
 
 
 def main() -> None:
@@ -85,12 +79,12 @@ def main() -> None:
                             spy = subprocess.Popen(["py-spy", "record", "--format", "raw", "--rate", "500", "--pid",
                                                     str(pid), "--output", str(args.profile)],
                                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                        cpu0 = _own_cpu(pid)
+                        cpu0 = own_cpu_s(pid)
                         phase = run_load(url, auth, models, n, conc, seed=r, stream=stream)
                         if spy:
                             spy.send_signal(signal.SIGINT)
                             spy.wait(30)
-                        cpu_s = _own_cpu(pid) - cpu0
+                        cpu_s = own_cpu_s(pid) - cpu0
                         if r:
                             label = f"{side}{' stream' if stream else ''}"
                             runs.setdefault((label, conc), []).append(

@@ -29,8 +29,8 @@ from PIL import Image
 
 from lorafleet.chat import image_data_url
 
-__all__ = ["Phase", "scenario", "run_load", "wait_idle", "tree_cpu_s", "spread", "chat_body", "wait_healthy",
-           "engine_child", "vllm_bench_serve"]
+__all__ = ["Phase", "scenario", "run_load", "wait_idle", "own_cpu_s", "tree_cpu_s", "spread", "chat_body",
+           "wait_healthy", "engine_child", "vllm_bench_serve"]
 
 
 def chat_body(max_tokens: int = 16, stream: bool = False) -> dict:
@@ -112,6 +112,12 @@ def run_load(url: str, key: str, models: list[str], n: int, concurrency: int, se
     if done.returncode != 0:
         raise RuntimeError(f"the load generator failed:\n{done.stderr[-2000:]}")
     return Phase(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def own_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by one process alone."""
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def tree_cpu_s(pid: int) -> float:
