@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint, create_engine, event
+from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint, create_engine, event, select
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 __all__ = ["Base", "Tenant", "Adapter", "AdapterVersion", "ValidationSet", "Deployment", "Rollout", "Decision",
-           "RolloutSample", "ValidationRun", "InputSample", "DriftCheck", "open_catalog"]
+           "RolloutSample", "ValidationRun", "InputSample", "DriftCheck", "ApiKey", "TenantPolicy", "AuditEvent",
+           "open_catalog"]
 
 
 def _now() -> datetime:
@@ -24,7 +25,7 @@ class Tenant(Base):
     __tablename__ = "tenants"
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
-    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of a 256-bit random key
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # the first key's sha256 (keys: `ApiKey`)
     sample_inputs: Mapped[bool] = mapped_column(default=True)  # False: no live request features are kept
     created_at: Mapped[datetime] = mapped_column(default=_now)
 
@@ -214,6 +215,47 @@ class DriftCheck(Base):
     message: Mapped[str] = mapped_column(Text, default="")
 
 
+class ApiKey(Base):
+    """One of a tenant's API keys (only its sha256 is kept). A key authenticates while it is neither revoked nor
+    expired; rotation gives the old key an expiry (the grace period) and creates a new one."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))  # the first characters, to tell keys apart in listings
+    label: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[float]
+    expires_at: Mapped[float | None]
+    revoked_at: Mapped[float | None]
+    last_used_at: Mapped[float | None]  # written by the gateway about once a minute, not per request
+
+
+class TenantPolicy(Base):
+    """What the admin set for a tenant beyond its name: limits that differ from the defaults, and whether it is
+    disabled. A tenant without a row has the default limits and is enabled."""
+
+    __tablename__ = "tenant_policies"
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    limits: Mapped[dict] = mapped_column(JSON, default=dict)  # only the limits set for this tenant
+    disabled_at: Mapped[float | None]
+    disabled_reason: Mapped[str] = mapped_column(Text, default="")
+    updated_at: Mapped[float]
+
+
+class AuditEvent(Base):
+    """One admin operation: who (the admin key, from which address), what, on which tenant, when."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_tenant", "tenant", "id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[float] = mapped_column(index=True)
+    actor: Mapped[str] = mapped_column(String(80))
+    action: Mapped[str] = mapped_column(String(32))
+    tenant: Mapped[str] = mapped_column(String(64), default="")  # a name: the tenant may be deleted since
+    details: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
 POOL_SIZE = 40
 
 
@@ -237,5 +279,21 @@ def open_catalog(url: str) -> tuple[Engine, sessionmaker]:
     engine = create_engine(url) if in_memory else create_engine(url, pool_size=POOL_SIZE, max_overflow=10)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
-    Base.metadata.create_all(engine)
-    return engine, sessionmaker(engine, expire_on_commit=False)
+    Base.metadata.create_all(engine)  # new tables of this release are created in existing catalogs too
+    sessions = sessionmaker(engine, expire_on_commit=False)
+    _adopt_first_keys(sessions)
+    return engine, sessions
+
+
+def _adopt_first_keys(sessions: sessionmaker) -> None:
+    """Catalogs from before `api_keys` kept one key per tenant in `tenants.key_hash`: give each such tenant that
+    key as its first `ApiKey`, so that it keeps authenticating (idempotent; a no-op once adopted)."""
+
+    with sessions() as session:
+        keyed = select(ApiKey.tenant_id)
+        for tenant in session.scalars(select(Tenant).where(Tenant.id.not_in(keyed))):
+            session.add(ApiKey(tenant_id=tenant.id, key_hash=tenant.key_hash, prefix="lf-", label="first",
+                               created_at=tenant.created_at.replace(tzinfo=tenant.created_at.tzinfo or UTC).timestamp(),
+                               expires_at=None, revoked_at=None,
+                               last_used_at=None))
+        session.commit()

@@ -8,6 +8,7 @@ LorafleetError
  ├── InvalidRequest          400  malformed input
  │    └── InvalidAdapter     400  an upload that must not be served (names the field and reason)
  ├── PayloadTooLarge         413
+ ├── (429s: `lorafleet.serve.limits`: RateLimited with Retry-After, QuotaExceeded)
  └── ServiceUnavailable      503  carries Retry-After
       (`lorafleet.serve.engine.client`: EngineUnavailable, AdapterLoadFailed)
 """
@@ -24,6 +25,7 @@ class LorafleetError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str | None = None
+    headers: dict[str, str] | None = None  # sent with the error (e.g. Retry-After, x-ratelimit-*)
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)

@@ -3,18 +3,17 @@ adapter or deployment is simply not found (404), never forbidden (403): names do
 
 from __future__ import annotations
 
-import hashlib
 import re
-import secrets
 from collections.abc import Iterable
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from lorafleet.adapters.catalog import Adapter, AdapterVersion, Deployment, Rollout, Tenant
-from lorafleet.adapters.errors import Conflict, InvalidRequest, NotFound, Unauthorized
+from lorafleet.adapters.catalog import Adapter, AdapterVersion, Deployment, DriftCheck, Rollout, Tenant, ValidationRun
+from lorafleet.adapters.errors import Conflict, InvalidRequest, NotFound
 from lorafleet.adapters.schemas import check_name
+from lorafleet.adapters.tenants import authenticate, create_tenant, hash_key
 from lorafleet.adapters.validate import ValidatedAdapter
 
 __all__ = ["hash_key", "create_tenant", "authenticate", "readable_adapters", "get_adapter", "list_adapters",
@@ -24,39 +23,11 @@ __all__ = ["hash_key", "create_tenant", "authenticate", "readable_adapters", "ge
 _DIGEST = re.compile(r"^(?:sha256:)?([0-9a-f]{64})$")
 
 
-def hash_key(api_key: str) -> str:
-    """Keys are 256-bit random tokens, so a plain sha256 is a safe, fast, indexable hash."""
-    return hashlib.sha256(api_key.encode()).hexdigest()
-
-
 def _valid_name(name: str) -> str:
     try:
         return check_name(name)
     except ValueError as exc:
         raise InvalidRequest(str(exc), code="invalid_name") from exc
-
-
-def create_tenant(session: Session, name: str) -> tuple[Tenant, str]:
-    """Create a tenant; return it with its API key (the only time the key exists in clear)."""
-    _valid_name(name)
-    api_key = "lf-" + secrets.token_urlsafe(32)
-    tenant = Tenant(name=name, key_hash=hash_key(api_key))
-    session.add(tenant)
-    try:
-        session.commit()
-    except IntegrityError as exc:
-        session.rollback()
-        raise Conflict(f"tenant {name!r} already exists", code="tenant_exists") from exc
-    return tenant, api_key
-
-
-def authenticate(session: Session, api_key: str | None) -> Tenant:
-    if not api_key:
-        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    tenant = session.scalar(select(Tenant).where(Tenant.key_hash == hash_key(api_key)))
-    if tenant is None:
-        raise Unauthorized("invalid API key")
-    return tenant
 
 
 def readable_adapters(tenant: Tenant) -> Select[Adapter]:
@@ -82,22 +53,58 @@ def get_adapter(session: Session, tenant: Tenant, name: str) -> Adapter:
     return adapter
 
 
+REGISTER_ATTEMPTS = 3  # concurrent uploads to one new name: the loser of the insert looks again
+
+
 def register_version(session: Session, tenant: Tenant, name: str,
                      validated: ValidatedAdapter) -> tuple[AdapterVersion, bool]:
-    """Add a version under `name`; same content as an existing version of this tenant returns that one."""
+    """Add a version under `name`; same content as an existing version of this tenant returns that one.
+    Concurrent uploads are safe: identical ones get one version (one creates it, the others find it), different
+    ones get distinct numbers."""
     _valid_name(name)
-    existing = session.scalar(_readable_versions(tenant).where(AdapterVersion.digest == validated.digest))
-    if existing is not None:
+    for attempt in range(REGISTER_ATTEMPTS):
+        try:
+            return _register_once(session, tenant, name, validated)
+        except IntegrityError as exc:  # another upload created the adapter or took the number first
+            session.rollback()
+            if attempt == REGISTER_ATTEMPTS - 1:
+                raise Conflict(f"adapter {name!r} changed during {REGISTER_ATTEMPTS} attempts to add this version; "
+                               "retry the upload", code="concurrent_update") from exc
+    raise AssertionError("unreachable")
+
+
+def _version_with_digest(session: Session, tenant: Tenant, digest: str) -> AdapterVersion | None:
+    return session.scalar(_readable_versions(tenant).where(AdapterVersion.digest == digest).limit(1))
+
+
+def _claim_number(session: Session, adapter: Adapter) -> int:
+    """The adapter's next version number, taken by one UPDATE: it holds the write lock (SQLite) or the row lock
+    (Postgres) until commit, so concurrent uploads to one name take their numbers one after the other."""
+    claimed = session.execute(update(Adapter).where(Adapter.id == adapter.id)
+                              .values(next_version=Adapter.next_version + 1).returning(Adapter.next_version))
+    return claimed.scalar_one() - 1
+
+
+def _register_once(session: Session, tenant: Tenant, name: str,
+                   validated: ValidatedAdapter) -> tuple[AdapterVersion, bool]:
+    if (existing := _version_with_digest(session, tenant, validated.digest)) is not None:
         return existing, False
-    adapter = session.scalar(readable_adapters(tenant).where(Adapter.name == name).with_for_update())
+    # Postgres: one tenant's uploads take turns, so the second look for the same content below sees the others'
+    # (SQLite has one writer at a time anyway).
+    session.execute(select(Tenant.id).where(Tenant.id == tenant.id).with_for_update())
+    adapter = session.scalar(readable_adapters(tenant).where(Adapter.name == name))
     if adapter is None:
         adapter = Adapter(tenant_id=tenant.id, name=name)
         session.add(adapter)
-        session.flush()
-    version = AdapterVersion(adapter=adapter, version=adapter.next_version, digest=validated.digest,
+        session.flush()  # IntegrityError when another upload created it meanwhile
+    number = _claim_number(session, adapter)
+    if (existing := _version_with_digest(session, tenant, validated.digest)) is not None:
+        session.rollback()  # the same content was committed while this upload waited for the lock
+        session.refresh(existing)  # rollback expired it
+        return existing, False
+    version = AdapterVersion(adapter=adapter, version=number, digest=validated.digest,
                              rank=validated.rank, alpha=validated.alpha,
                              target_modules=list(validated.target_modules), size_bytes=validated.size_bytes)
-    adapter.next_version += 1
     session.add(version)
     session.commit()
     return version, True
@@ -125,8 +132,8 @@ def resolve_version(session: Session, tenant: Tenant, ref: str) -> AdapterVersio
 
 
 def digest_in_use(session: Session, digest: str) -> bool:
-    """Whether any tenant still has a version with this content (the blob is shared)."""
-    return (session.scalar(select(func.count()).where(AdapterVersion.digest == digest)) or 0) > 0
+    """Whether any tenant has a version with this content (the blob is shared)."""
+    return session.scalar(select(AdapterVersion.id).where(AdapterVersion.digest == digest).limit(1)) is not None
 
 
 def _in_active_rollouts(session: Session, tenant: Tenant) -> list[tuple[str, set[int]]]:
@@ -135,17 +142,42 @@ def _in_active_rollouts(session: Session, tenant: Tenant) -> list[tuple[str, set
     return [(name, {v["version_id"] for v in variants}) for name, variants in rows]
 
 
-def delete_version(session: Session, tenant: Tenant, version: AdapterVersion) -> None:
-    """Delete a version that `resolve_version` found for this tenant, unless a deployment serves it."""
+def _refuse_referenced(session: Session, tenant: Tenant, version: AdapterVersion) -> None:
+    """409 naming what still refers to the version: deployments that serve it, then recorded history."""
+    ref = f"{version.adapter.name}@{version.version}"
     users = [d.name for d in session.scalars(_readable_deployments(tenant).where(Deployment.stable_id == version.id))]
     users += [name for name, ids in _in_active_rollouts(session, tenant) if version.id in ids and name not in users]
     if users:
-        raise Conflict(f"{version.adapter.name}@{version.version} is deployed by "
-                       f"{', '.join(users)}; deploy another version first", code="version_deployed")
+        raise Conflict(f"{ref} is deployed by {', '.join(users)}; deploy another version first",
+                       code="version_deployed")
+    # Validation runs and drift checks hold a foreign key to the version (not nullable): deleting it would delete
+    # what they measured. Finished rollouts name versions only inside their JSON and do not hold them.
+    runs = session.scalar(select(func.count()).where(ValidationRun.version_id == version.id)) or 0
+    checks = session.scalar(select(func.count()).where(DriftCheck.version_id == version.id)) or 0
+    if runs or checks:
+        raise Conflict(f"{ref} is referred to by its recorded history ({runs} validation runs, {checks} drift "
+                       "checks), which the catalog keeps; the version stays", code="version_has_history")
+
+
+def delete_version(session: Session, tenant: Tenant, version: AdapterVersion) -> None:
+    """Delete a version that `resolve_version` found for this tenant, unless a deployment serves it or recorded
+    history refers to it (409 naming which)."""
+    name, number = version.adapter.name, version.version
+    _refuse_referenced(session, tenant, version)
     for deployment in session.scalars(_readable_deployments(tenant).where(Deployment.previous_stable_id == version.id)):
         deployment.previous_stable = None  # `undo` can no longer go back to it
-    session.delete(version)
-    session.commit()
+    try:
+        deleted = session.execute(delete(AdapterVersion).where(AdapterVersion.id == version.id)).rowcount
+        if not deleted:  # a concurrent delete of the same version won
+            session.rollback()
+            raise NotFound(f"adapter {name!r} has no version {number}", code="adapter_not_found")
+        session.commit()
+        session.expunge(version)
+    except IntegrityError as exc:  # something came to refer to it between the check and the delete
+        session.rollback()
+        _refuse_referenced(session, tenant, version)
+        raise Conflict(f"{name}@{number} is referred to by another catalog row; retry",
+                       code="version_referenced") from exc
 
 
 def set_deployment(session: Session, tenant: Tenant, name: str, version: AdapterVersion) -> Deployment:

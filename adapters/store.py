@@ -1,10 +1,17 @@
-"""Content-addressed adapter store: one folder per digest, written atomically (temp + rename)."""
+"""Content-addressed adapter store: one folder per digest, written atomically (temp + rename).
+
+A blob is shared by every version with its digest, in any tenant, so deleting one races with an upload of the
+same content. Two rules close that race without a lock: an upload puts its blob again once its version is
+committed (a no-op while the blob is there), and a delete moves the blob out of sight before its last look at
+the catalog, putting it back if a version appeared meanwhile (`LocalStore.delete`'s `keep`).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
@@ -18,7 +25,7 @@ class AdapterStore(Protocol):
     def put(self, adapter: ValidatedAdapter) -> bool: ...
     def local_path(self, digest: str) -> Path: ...
     def exists(self, digest: str) -> bool: ...
-    def delete(self, digest: str) -> None: ...
+    def delete(self, digest: str, keep: Callable[[], bool] = ...) -> bool: ...
 
 
 class LocalStore:
@@ -51,12 +58,32 @@ class LocalStore:
             raise
         return True
 
-    def delete(self, digest: str) -> None:
+    def delete(self, digest: str, keep: Callable[[], bool] = lambda: False) -> bool:
+        """Remove the blob unless `keep()`, asked once the blob is out of sight, says a version now uses it;
+        return whether it went. A concurrent upload either committed before that look (the blob comes back)
+        or puts the blob again after its commit (it sees none)."""
         path = self.local_path(digest)
-        if path.exists():
-            trash = self.root / f".del-{uuid.uuid4().hex}"
+        trash = self.root / f".del-{uuid.uuid4().hex}"
+        try:
             path.rename(trash)
+        except FileNotFoundError:
+            return False
+        needed = True  # until the catalog says otherwise: an error there keeps the blob
+        try:
+            needed = keep()
+        finally:
+            if needed:
+                _restore(trash, path)
+        if not needed:
             shutil.rmtree(trash, ignore_errors=True)
+        return not needed
+
+
+def _restore(trash: Path, path: Path) -> None:
+    try:
+        trash.rename(path)
+    except OSError:  # an upload put the same content back first
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def open_store(url: str) -> AdapterStore:
@@ -84,3 +111,6 @@ class BlobStore:
             tmp.write_bytes(data)
             tmp.rename(self.path(digest))
         return digest
+
+    def delete(self, digest: str) -> None:
+        self.path(digest).unlink(missing_ok=True)

@@ -9,19 +9,18 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import stat
-import tarfile
-import zipfile
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
 
+from lorafleet.adapters.adapter_config import CONFIG_FILE, check_target_modules, configured_ranks, read_config
+from lorafleet.adapters.archive import unpack_archive
 from lorafleet.adapters.base_model import BaseModelSpec
 from lorafleet.adapters.errors import InvalidAdapter, PayloadTooLarge
 
 __all__ = ["ValidatedAdapter", "extract_archive", "validate_adapter_dir", "validate_upload", "engine_lora_rank",
            "CONFIG_FILE", "WEIGHTS_FILE", "ENGINE_LORA_RANKS"]
 
-CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 ENGINE_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the only values vLLM takes as --max-lora-rank
 # (`MaxLoRARanks` in vllm/config/lora.py, vLLM 0.32); the gateway does not import vLLM, so they are copied here
@@ -42,49 +41,9 @@ class ValidatedAdapter:
     size_bytes: int
 
 
-def _safe_member_name(name: str) -> None:
-    parts = PurePosixPath(name.replace("\\", "/")).parts
-    if name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
-        raise InvalidAdapter("file", f"unsafe path in archive: {name!r}")
-
-
-def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> None:
-    with zipfile.ZipFile(archive) as zf:
-        infos = zf.infolist()
-        for info in infos:
-            _safe_member_name(info.filename)
-            if stat.S_ISLNK(info.external_attr >> 16):
-                raise InvalidAdapter("file", f"links are not allowed in the archive: {info.filename!r}")
-        if sum(i.file_size for i in infos) > max_bytes:
-            raise PayloadTooLarge(f"archive unpacks to more than {max_bytes} bytes")
-        zf.extractall(dest)
-
-
-def _extract_tar(archive: Path, dest: Path, max_bytes: int) -> None:
-    with tarfile.open(archive) as tf:
-        members = tf.getmembers()
-        for m in members:
-            _safe_member_name(m.name)
-            if m.issym() or m.islnk():
-                raise InvalidAdapter("file", f"links are not allowed in the archive: {m.name!r}")
-            if not (m.isfile() or m.isdir()):
-                raise InvalidAdapter("file", f"special file in archive: {m.name!r}")
-        if sum(m.size for m in members) > max_bytes:
-            raise PayloadTooLarge(f"archive unpacks to more than {max_bytes} bytes")
-        tf.extractall(dest, filter="data")
-
-
 def extract_archive(archive: Path, dest: Path, max_bytes: int) -> Path:
     """Unpack a .zip or .tar(.gz) safely into `dest`; return the folder holding adapter_config.json."""
-    try:
-        if zipfile.is_zipfile(archive):
-            _extract_zip(archive, dest, max_bytes)
-        elif tarfile.is_tarfile(archive):
-            _extract_tar(archive, dest, max_bytes)
-        else:
-            raise InvalidAdapter("file", "not a .tar.gz or .zip archive")
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
-        raise InvalidAdapter("file", f"unreadable archive: {exc}") from exc
+    unpack_archive(archive, dest, max_bytes)
     configs = sorted(dest.rglob(CONFIG_FILE))
     if not configs:
         raise InvalidAdapter(CONFIG_FILE, f"the archive has no {CONFIG_FILE}")
@@ -93,76 +52,57 @@ def extract_archive(archive: Path, dest: Path, max_bytes: int) -> Path:
     return configs[0].parent
 
 
-def _read_config(folder: Path, max_rank: int) -> dict:
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidAdapter(CONFIG_FILE, f"not valid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise InvalidAdapter(CONFIG_FILE, "must be a JSON object")
-    if str(config.get("peft_type", "")).upper() != "LORA":
-        raise InvalidAdapter("peft_type", f"only LORA adapters are served, got {config.get('peft_type')!r}")
-    if config.get("use_dora"):
-        raise InvalidAdapter("use_dora", "DoRA adapters cannot be hot-loaded by the engine")
-    if config.get("bias", "none") != "none":
-        raise InvalidAdapter("bias", f"bias must be 'none' (trained biases are not served), got {config['bias']!r}")
-    if config.get("modules_to_save"):
-        raise InvalidAdapter("modules_to_save", f"full copies of {config['modules_to_save']} cannot be hot-loaded; "
-                             "train LoRA layers only")
-    ranks = [config.get("r", 0), *(config.get("rank_pattern") or {}).values()]
-    if not all(isinstance(r, int) and r > 0 for r in ranks):
-        raise InvalidAdapter("r", f"rank must be a positive integer, got {config.get('r')!r}")
-    if max(ranks) > max_rank:
-        raise InvalidAdapter("r", f"rank {max(ranks)} is above this server's max LoRA rank {max_rank}")
-    return config
+@dataclass
+class _LoraLayer:
+    """What the tensors say about one LoRA layer, filled in tensor by tensor."""
 
-
-def _check_target_modules(config: dict, spec: BaseModelSpec) -> None:
-    targets = config.get("target_modules")
-    paths = [*spec.lora_modules, *spec.other_linear]
-    if isinstance(targets, str):
-        if not any(re.fullmatch(targets, p) for p in spec.lora_modules):
-            raise InvalidAdapter("target_modules", f"{targets!r} matches no layer of the base's language model")
-    elif isinstance(targets, list) and targets:
-        for name in targets:
-            if not any(p == name or p.endswith("." + name) for p in paths):
-                raise InvalidAdapter("target_modules", f"the base model has no module {name!r}")
-    else:
-        raise InvalidAdapter("target_modules", "missing or empty")
+    module: str  # the base's module path (legacy names mapped)
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # "lora_A" -> [r, in], "lora_B" -> [out, r]
+    nonzero: dict[str, bool] = field(default_factory=dict)
 
 
 def _check_weights(folder: Path, config: dict, spec: BaseModelSpec,
                    max_rank: int) -> tuple[hashlib._Hash, int, tuple[str, ...]]:
     """Check every tensor against the base; return a running hash of the tensors, the rank and targets."""
-    import torch
     from safetensors import SafetensorError, safe_open
 
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise InvalidAdapter("weights", f"no {WEIGHTS_FILE} in the adapter folder")
-    shapes: dict[str, dict[str, tuple[int, int]]] = {}
+    layers: dict[str, _LoraLayer] = {}  # by checkpoint name, which vLLM matches rank_pattern against
     digest = hashlib.sha256()
     try:
         with safe_open(weights, framework="pt") as f:
             for key in sorted(f.keys()):
-                tensor = f.get_tensor(key)
-                module, kind = _classify_key(key, spec)
-                if tensor.ndim != 2 or not tensor.is_floating_point():
-                    raise InvalidAdapter("weights", f"{key}: expected a 2-D float tensor, got {tuple(tensor.shape)}")
-                if not torch.isfinite(tensor).all():
-                    raise InvalidAdapter("weights", f"{key}: holds NaN or infinite values")
-                shapes.setdefault(module, {})[kind] = tuple(tensor.shape)
-                digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-                digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+                name, module, kind = _classify_key(key, spec)
+                layer = layers.setdefault(name, _LoraLayer(module))
+                layer.shapes[kind], layer.nonzero[kind] = _read_tensor(f, key, digest)
     except SafetensorError as exc:
         raise InvalidAdapter("weights", f"corrupt safetensors file: {exc}") from exc
-    if not shapes:
+    if not layers:
         raise InvalidAdapter("weights", "the adapter holds no LoRA tensors")
-    ranks = {_check_shapes(module, pair, spec, max_rank) for module, pair in shapes.items()}
-    return digest, max(ranks), tuple(sorted({m.rsplit(".", 1)[-1] for m in shapes}))
+    expected = configured_ranks(config, list(layers))
+    ranks = {_check_shapes(layer, expected[name], spec, max_rank) for name, layer in layers.items()}
+    _check_changes_output(layers.values())
+    return digest, max(ranks), tuple(sorted({layer.module.rsplit(".", 1)[-1] for layer in layers.values()}))
 
 
-def _classify_key(key: str, spec: BaseModelSpec) -> tuple[str, str]:
+def _read_tensor(f, key: str, digest: hashlib._Hash) -> tuple[tuple[int, int], bool]:
+    """Check one tensor and add it to the digest; return its shape and whether any weight is nonzero."""
+    import torch
+
+    tensor = f.get_tensor(key)
+    if tensor.ndim != 2 or not tensor.is_floating_point():
+        raise InvalidAdapter("weights", f"{key}: expected a 2-D float tensor, got {tuple(tensor.shape)}")
+    if not torch.isfinite(tensor).all():
+        raise InvalidAdapter("weights", f"{key}: holds NaN or infinite values")
+    digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return tuple(tensor.shape), bool(tensor.any())
+
+
+def _classify_key(key: str, spec: BaseModelSpec) -> tuple[str, str, str]:
+    """(checkpoint module name, the base's module path, "lora_A" | "lora_B") of one tensor key."""
     match = _KEY.match(key)
     if not match:
         raise InvalidAdapter("weights", f"unexpected tensor {key!r}: only LoRA A/B weights can be hot-loaded")
@@ -173,10 +113,12 @@ def _classify_key(key: str, spec: BaseModelSpec) -> tuple[str, str]:
                              "the language model only and would silently ignore it")
     if module not in spec.lora_modules:
         raise InvalidAdapter("target_modules", f"the base model's language model has no module {match['module']!r}")
-    return module, match["kind"]
+    return match["module"], module, match["kind"]
 
 
-def _check_shapes(module: str, pair: dict[str, tuple[int, int]], spec: BaseModelSpec, max_rank: int) -> int:
+def _check_shapes(layer: _LoraLayer, expected: tuple[int, str], spec: BaseModelSpec, max_rank: int) -> int:
+    """lora_A [r, in] and lora_B [out, r] must fit the base layer, with the rank the config gives it."""
+    module, pair = layer.module, layer.shapes
     if set(pair) != {"lora_A", "lora_B"}:
         raise InvalidAdapter("weights", f"{module}: needs both lora_A and lora_B, found {sorted(pair)}")
     in_features, out_features = spec.lora_modules[module]
@@ -186,7 +128,23 @@ def _check_shapes(module: str, pair: dict[str, tuple[int, int]], spec: BaseModel
                              f"the base layer ({in_features} -> {out_features})")
     if rank_a > max_rank:
         raise InvalidAdapter("r", f"{module}: rank {rank_a} is above this server's max LoRA rank {max_rank}")
+    rank, field_name = expected
+    if rank_a != rank:  # the engine scales by alpha / r from the config: a wrong r serves a wrong adapter
+        raise InvalidAdapter(field_name, f"{module}: its tensors have rank {rank_a}, but {CONFIG_FILE} gives it "
+                             f"rank {rank}")
     return rank_a
+
+
+def _check_changes_output(layers: Iterable[_LoraLayer]) -> None:
+    """Refuse an adapter whose every update B @ A is zero: it loads fine and serves the base's answers."""
+    layers = list(layers)
+    for kind in ("lora_B", "lora_A"):  # B first: PEFT starts B at zero, so an untrained adapter has B = 0
+        if not any(layer.nonzero[kind] for layer in layers):
+            raise InvalidAdapter("weights", f"all {kind} weights are zero: this adapter would serve the base "
+                                 "model's output (untrained?)")
+    if not any(layer.nonzero["lora_A"] and layer.nonzero["lora_B"] for layer in layers):
+        raise InvalidAdapter("weights", "every layer has an all-zero lora_A or lora_B: this adapter would serve "
+                             "the base model's output")
 
 
 def engine_lora_rank(rank: int) -> int:
@@ -202,13 +160,13 @@ def validate_adapter_dir(folder: Path, spec: BaseModelSpec, max_rank: int) -> Va
     for path in folder.rglob("*"):
         if path.suffix.lower() in _PICKLE_SUFFIXES:
             raise InvalidAdapter("weights", f"{path.name}: pickle files are refused, save with safetensors")
-    config = _read_config(folder, max_rank)
-    _check_target_modules(config, spec)
+    config = read_config(folder, max_rank)
+    check_target_modules(config, spec)
     digest, rank, targets = _check_weights(folder, config, spec, max_rank)
     digest.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
     size = (folder / CONFIG_FILE).stat().st_size + (folder / WEIGHTS_FILE).stat().st_size
     return ValidatedAdapter(path=folder, digest=digest.hexdigest(), rank=rank,
-                            alpha=float(config.get("lora_alpha", rank)), target_modules=targets, size_bytes=size)
+                            alpha=float(config["lora_alpha"]), target_modules=targets, size_bytes=size)
 
 
 def validate_upload(archive: Path, workdir: Path, spec: BaseModelSpec, *, max_rank: int,

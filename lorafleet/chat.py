@@ -2,8 +2,10 @@
 
 One line = one request: `{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url":
 {"url": ...}}, {"type": "text", "text": ...}]}, {"role": "assistant", "content": "..."}]}`.
-Image URLs are data URLs or paths relative to the JSONL file. The gateway (validation sets) and the trainer
-both parse it here, and every walk over a message's content goes through `content_parts`.
+Image URLs are data URLs or paths relative to the JSONL file; a file from a client (a validation set uploaded
+to the gateway) may hold data URLs only (`local_images=False`), so it can never name a server file or a URL
+the gateway would fetch. The gateway and the trainer both parse it here, and every walk over a message's
+content goes through `content_parts`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import copy
 import hashlib
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +25,12 @@ from PIL import Image, UnidentifiedImageError
 
 from lorafleet.adapters.errors import InvalidRequest
 
-__all__ = ["DataError", "Example", "load_jsonl", "data_hash", "prompt_of", "answer_of", "request_messages",
-           "image_data_url", "content_parts", "count_images"]
+__all__ = ["DataError", "Example", "MAX_LINE_BYTES", "MAX_JSON_DEPTH", "load_jsonl", "data_hash", "prompt_of",
+           "answer_of", "request_messages", "image_data_url", "content_parts", "count_images"]
 
 _ROLES = {"system", "user", "assistant"}
+MAX_LINE_BYTES = 32 * 1024 * 1024  # one example, its images inlined
+MAX_JSON_DEPTH = 64  # a chat line nests about 6 deep; deeper input only overflows recursion downstream
 
 
 class DataError(InvalidRequest):
@@ -53,7 +58,10 @@ def content_parts(message: Any) -> list[Any]:
     return content if isinstance(content, list) else []
 
 
-def _load_image(url: str, folder: Path, source: str) -> Image.Image:
+def _load_image(url: str, folder: Path, source: str, local_images: bool) -> Image.Image:
+    if not local_images and not url.startswith("data:"):
+        raise DataError(source, f"image {url[:60]!r}: images must be data URLs (data:image/png;base64,...); "
+                        "file paths and http(s) or file: URLs are refused")
     try:
         if url.startswith("data:"):
             header, _, payload = url.partition(",")
@@ -70,15 +78,38 @@ def _load_image(url: str, folder: Path, source: str) -> Image.Image:
         image = Image.open(raw)
         image.load()
         return image.convert("RGB")
-    except (binascii.Error, UnidentifiedImageError, OSError) as exc:
+    except (binascii.Error, UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise DataError(source, f"unreadable image: {exc}") from exc
 
 
-def _parse_line(line: str, folder: Path, source: str) -> Example:
+def _depth(value: Any) -> int:
+    """How deep a parsed JSON value nests (iteratively: it checks values too deep to recurse over)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth <= MAX_JSON_DEPTH:
+            members = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+            stack.extend((member, depth + 1) for member in members)
+    return deepest
+
+
+def _parse_json(line: str, source: str) -> Any:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise DataError(source, f"not valid JSON ({exc.msg})") from exc
+    except RecursionError as exc:
+        raise DataError(source, "not valid JSON (nested too deeply)") from exc
+    except ValueError as exc:  # e.g. an integer past Python's digit limit
+        raise DataError(source, f"not valid JSON ({exc})") from exc
+    if _depth(record) > MAX_JSON_DEPTH:
+        raise DataError(source, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return record
+
+
+def _parse_line(line: str, folder: Path, source: str, local_images: bool = True) -> Example:
+    record = _parse_json(line, source)
     messages = record.get("messages") if isinstance(record, dict) else None
     if not isinstance(messages, list) or not messages:
         raise DataError(source, "expected an object with a non-empty 'messages' list")
@@ -101,7 +132,7 @@ def _parse_line(line: str, folder: Path, source: str) -> Example:
                     raise DataError(source, f"message {i}: image_url.url must be a string")
                 if message["role"] != "user":
                     raise DataError(source, f"message {i}: images belong in user messages")
-                images.append(_load_image(url, folder, source))
+                images.append(_load_image(url, folder, source, local_images))
                 continue
             raise DataError(source, f"message {i}: unsupported content part {part!r:.60}")
     if messages[-1]["role"] != "assistant" or not isinstance(messages[-1]["content"], str):
@@ -109,15 +140,28 @@ def _parse_line(line: str, folder: Path, source: str) -> Example:
     return Example(messages=messages, images=images, source=source)
 
 
-def load_jsonl(path: Path) -> list[Example]:
-    """Parse and check every line; the first bad one raises DataError naming file and line."""
+def _lines(path: Path) -> Iterator[tuple[str, str]]:
+    """(source, text) of each non-blank line, refusing one that is too long or not UTF-8."""
+    with open(path, "rb") as file:
+        for number, raw in enumerate(iter(lambda: file.readline(MAX_LINE_BYTES + 1), b""), start=1):
+            source = f"{path.name}:{number}"
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(source, f"line of {len(raw)} bytes; the limit is {MAX_LINE_BYTES}")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(source, f"not UTF-8 text (byte {exc.start} of the line)") from exc
+            if line.strip():
+                yield source, line
+
+
+def load_jsonl(path: Path, local_images: bool = True) -> list[Example]:
+    """Parse and check every line; the first bad one raises DataError naming file and line. With
+    `local_images=False` (a file a client sent) images must be data URLs."""
     path = Path(path)
     if not path.is_file():
         raise DataError(str(path), "file not found")
-    examples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            examples.append(_parse_line(line, path.parent, f"{path.name}:{number}"))
+    examples = [_parse_line(line, path.parent, source, local_images) for source, line in _lines(path)]
     if not examples:
         raise DataError(str(path), "no examples")
     return examples

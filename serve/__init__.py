@@ -8,6 +8,7 @@
 - `dev/`         the demo and a local test server (development only)
 - `gateway`      `build_gateway`: every long-lived part, wired once; `settings` the one settings object;
   `metrics` Prometheus; `route_cache` the chat path's catalog snapshots; `validation` validation sets and the
-  one replay-and-score path; `answer_format` declared answer formats; `client` the HTTP client of this API
+  one replay-and-score path; `answer_format` declared answer formats; `images` a chat request's images,
+  found, limited and inlined; `client` the HTTP client of this API
   (CLI, demo, tests)
 """

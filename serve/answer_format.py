@@ -1,25 +1,257 @@
 """A deployment's declared answer format (a JSON schema or a regex) and the check of one answer against it.
 
-Checks are CPU work: callers run them off the event loop. A tenant's regex is matched with a time bound
-(`regex`'s timeout), so a pathological pattern marks the answer invalid instead of hanging a worker.
+Checks are CPU work on a worker thread, which cannot be interrupted, so every check is bounded from inside:
+- a regex runs on `regex` with a timeout; its compile cost (nested counted repeats are expanded: `(?:a{3000}){1000}`
+  takes 800 MB) and nesting (deep groups overflow the parser's recursion) are refused at declaration;
+- a JSON schema runs on a `jsonschema` validator whose every keyword first checks one deadline per answer, whose
+  `pattern`, `patternProperties` and `additionalProperties` use those bounded regexes instead of Python's `re`,
+  and whose `$ref`s resolve only inside the schema (never over the network); its size and depth are limited.
+A check that runs out of time counts the answer invalid.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from functools import lru_cache
+from typing import Any
 
 import jsonschema
+import referencing
 import regex
+from jsonschema.exceptions import ValidationError
+from referencing.exceptions import Unresolvable
 
 from lorafleet.adapters.errors import InvalidRequest
 
-__all__ = ["check_format_spec", "answer_checker", "REGEX_TIMEOUT_S"]
+__all__ = ["check_format_spec", "answer_checker", "REGEX_TIMEOUT_S", "MAX_SPEC_BYTES", "MAX_SPEC_DEPTH",
+           "MAX_REGEX_CHARS", "MAX_REGEX_DEPTH", "MAX_REGEX_REPEAT"]
 
 log = logging.getLogger("lorafleet.answer_format")
-REGEX_TIMEOUT_S = 0.5  # longest a regex may take on one answer
+REGEX_TIMEOUT_S = 0.5  # longest one answer's check may take (a regex, or every keyword of a schema together)
+MAX_SPEC_BYTES = 64 * 1024  # the declared format, as JSON
+MAX_SPEC_DEPTH = 32  # nesting of the declared JSON schema
+MAX_REGEX_CHARS = 2000
+MAX_REGEX_DEPTH = 32  # nested groups
+MAX_REGEX_REPEAT = 10_000  # sum over counted repeats of the product of the counts they are nested in
+_INLINE_FLAGS = regex.compile(r"\(\?[a-zA-Z^-]*(?:V1|x)")  # nested sets and verbose comments defeat the scan below
+_COUNT = regex.compile(r"\{(\d*)(?:,(\d*))?\}")
+_NO_RETRIEVAL = referencing.Registry()  # unknown URIs are unresolvable: jsonschema's default registry fetches them
+_REF_KEYS = ("$ref", "$dynamicRef", "$recursiveRef")
+
+
+def _refuse(reason: str) -> InvalidRequest:
+    return InvalidRequest(f"invalid answer format: {reason}", code="invalid_answer_format")
+
+
+# --- regexes ---
+
+def _skip_class(pattern: str, i: int) -> int:
+    """The index after the character class that starts at `pattern[i] == "["`."""
+    i += 1
+    if i < len(pattern) and pattern[i] == "^":
+        i += 1
+    if i < len(pattern) and pattern[i] == "]":
+        i += 1  # a leading "]" is a member
+    while i < len(pattern) and pattern[i] != "]":
+        i += 2 if pattern[i] == "\\" else 1
+    return i + 1
+
+
+def _repeat_cost(pattern: str) -> tuple[int, int]:
+    """(expansion cost, deepest group nesting) of a pattern: each counted repeat costs its largest count times
+    the counts of the groups around it."""
+    stack, i, deepest = [0], 0, 0
+    while i < len(pattern):
+        char, weight = pattern[i], 1
+        if char == "(":
+            stack.append(0)
+            deepest = max(deepest, len(stack) - 1)
+            i += 1
+            continue
+        if char == ")" and len(stack) > 1:
+            weight = max(stack.pop(), 1)
+            i += 1
+        elif char == "[":
+            i = _skip_class(pattern, i)
+        else:
+            i += 2 if char == "\\" else 1
+        count = _COUNT.match(pattern, i)
+        if count:
+            stack[-1] += weight * max(int(n or 0) for n in count.groups())
+            i = count.end()
+        elif weight > 1:
+            stack[-1] += weight  # an uncounted group costs what it holds
+    return sum(stack), deepest
+
+
+def _check_pattern(pattern: Any, where: str) -> str:
+    """A pattern that compiles within the limits, or the 400 that says which limit it passes."""
+    if not isinstance(pattern, str):
+        raise _refuse(f"{where} must be a string")
+    if len(pattern) > MAX_REGEX_CHARS:
+        raise _refuse(f"{where} has {len(pattern)} characters; the limit is {MAX_REGEX_CHARS}")
+    if _INLINE_FLAGS.search(pattern):
+        raise _refuse(f"{where}: the inline flags V1 and x are not supported")
+    cost, depth = _repeat_cost(pattern)
+    if depth > MAX_REGEX_DEPTH:
+        raise _refuse(f"{where} nests groups {depth} deep; the limit is {MAX_REGEX_DEPTH}")
+    if cost > MAX_REGEX_REPEAT:
+        raise _refuse(f"{where} repeats {cost} times when counted repeats are expanded; "
+                      f"the limit is {MAX_REGEX_REPEAT}")
+    try:
+        _compile(pattern)
+    except (regex.error, RecursionError, OverflowError) as exc:
+        raise _refuse(f"invalid regex {pattern[:80]!r} in {where}: {exc}") from exc
+    return pattern
+
+
+@lru_cache(maxsize=4096)
+def _compile(pattern: str) -> regex.Pattern:
+    return regex.compile(pattern)
+
+
+# --- the time bound of one check (thread-local: each worker thread checks one answer at a time) ---
+
+class _OutOfTime(Exception):
+    pass
+
+
+_budget = threading.local()
+
+
+def _remaining() -> float:
+    left = getattr(_budget, "deadline", 0.0) - time.monotonic()
+    if left <= 0:
+        raise _OutOfTime
+    return left
+
+
+def _search(pattern: str, text: str) -> bool:
+    try:
+        return _compile(pattern).search(text, timeout=_remaining()) is not None
+    except TimeoutError as exc:
+        raise _OutOfTime from exc
+
+
+def _within_budget(check: Callable[[], bool], seconds: float) -> bool | None:
+    """`check()` with `seconds` for the regexes and keywords it runs; None when it ran out of them."""
+    _budget.deadline = time.monotonic() + seconds
+    try:
+        return check()
+    except (_OutOfTime, RecursionError):  # a deep answer or a recursive schema is out of budget too
+        return None
+
+
+# --- JSON schemas ---
+
+def _pattern(validator: Any, pattern: str, instance: Any, schema: dict) -> Iterator[ValidationError]:
+    if validator.is_type(instance, "string") and not _search(pattern, instance):
+        yield ValidationError(f"{instance!r:.60} does not match {pattern!r:.60}")
+
+
+def _pattern_properties(validator: Any, patterns: dict, instance: Any, schema: dict) -> Iterator[ValidationError]:
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in patterns.items():
+        for key, value in instance.items():
+            if _search(pattern, key):
+                yield from validator.descend(value, subschema, path=key, schema_path=pattern)
+
+
+def _additional_properties(validator: Any, extra: Any, instance: Any, schema: dict) -> Iterator[ValidationError]:
+    if not validator.is_type(instance, "object"):
+        return
+    patterns = schema.get("patternProperties", {})
+    extras = [key for key in instance if key not in schema.get("properties", {})
+              and not any(_search(p, key) for p in patterns)]
+    if validator.is_type(extra, "object"):
+        for key in extras:
+            yield from validator.descend(instance[key], extra, path=key)
+    elif extra is False and extras:
+        yield ValidationError(f"additional properties are not allowed ({', '.join(map(repr, extras))[:80]})")
+
+
+def _spending(keyword: Callable) -> Callable:
+    """A keyword that first checks the answer's deadline, so no schema loops past it."""
+    def bounded(validator: Any, value: Any, instance: Any, schema: dict) -> Iterator[ValidationError]:
+        _remaining()
+        errors = keyword(validator, value, instance, schema)
+        if errors is not None:
+            yield from errors
+    return bounded
+
+
+@lru_cache(maxsize=16)
+def _bounded_validator(base: type) -> type:
+    own = {"pattern": _pattern, "patternProperties": _pattern_properties,
+           "additionalProperties": _additional_properties}
+    keywords = {name: _spending(own.get(name, keyword)) for name, keyword in base.VALIDATORS.items()}
+    return jsonschema.validators.extend(base, keywords)
+
+
+def _check_depth(value: Any, depth: int = 0) -> None:
+    if depth > MAX_SPEC_DEPTH:
+        raise _refuse(f"the declared format nests deeper than {MAX_SPEC_DEPTH} levels")
+    for member in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
+        _check_depth(member, depth + 1)
+
+
+def _walk(schema: Any) -> Iterator[tuple[str, Any]]:
+    """(keyword, value) of every object member of a schema (`_check_depth` bounds the recursion)."""
+    members = schema.items() if isinstance(schema, dict) else enumerate(schema) if isinstance(schema, list) else ()
+    for key, value in members:
+        if isinstance(schema, dict):
+            yield str(key), value
+        yield from _walk(value)
+
+
+def _check_schema_members(schema: dict) -> None:
+    """Refuse the members that could escape the bounds: remote or dangling references, unbounded regexes."""
+    for key, value in _walk(schema):
+        if key in _REF_KEYS:
+            if not isinstance(value, str) or not value.startswith("#"):
+                raise _refuse(f"{key} {value!r:.80}: only references inside the schema (#/...) are allowed")
+        elif key == "pattern" and isinstance(value, str):
+            _check_pattern(value, f"pattern {value[:40]!r}")
+        elif key == "patternProperties" and isinstance(value, dict):
+            for pattern in value:
+                _check_pattern(pattern, f"patternProperties key {pattern[:40]!r}")
+        elif key == "unevaluatedProperties" and _mentions(schema, "patternProperties"):
+            raise _refuse("unevaluatedProperties cannot be combined with patternProperties")  # jsonschema's `re`
+
+
+def _mentions(schema: Any, keyword: str) -> bool:
+    return any(key == keyword for key, _ in _walk(schema))
+
+
+_PROBES: tuple[Any, ...] = (None, True, 0, 1.5, "", "a", [], [0], {}, {"a": 0}, [[[[[[[[]]]]]]]])
+
+
+def _check_json_schema(schema: Any) -> None:
+    if not isinstance(schema, dict):
+        raise _refuse("'json_schema' must be a JSON object")
+    _check_schema_members(schema)
+    declared = schema.get("$schema")
+    if declared is not None and (not isinstance(declared, str)
+                                 or jsonschema.validators.validator_for(schema, default=None) is None):
+        raise _refuse(f"unknown $schema {declared!r:.80}")
+    base = jsonschema.validators.validator_for(schema)
+    try:
+        base.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise _refuse(f"invalid JSON schema: {exc.message}") from exc
+    validator = _bounded_validator(base)(schema, registry=_NO_RETRIEVAL)
+    for probe in _PROBES:  # a reference cycle or a dangling reference shows on the simplest answers
+        try:
+            if _within_budget(lambda probe=probe: validator.is_valid(probe), REGEX_TIMEOUT_S) is None:
+                raise _refuse(f"checking the answer {json.dumps(probe)} recursed without end or took over "
+                              f"{REGEX_TIMEOUT_S} s (a $ref cycle, or a schema that multiplies its own work?)")
+        except Unresolvable as exc:
+            raise _refuse(f"unresolvable reference: {exc}") from exc
 
 
 def check_format_spec(spec: dict) -> dict | None:
@@ -30,48 +262,60 @@ def check_format_spec(spec: dict) -> dict | None:
     if len(spec) != 1 or next(iter(spec)) not in ("json_schema", "regex"):
         raise InvalidRequest("declare exactly one of 'json_schema' (an object) or 'regex' (a string)",
                              code="invalid_answer_format")
+    _check_depth(spec)  # first: encoding a deep value would overflow the recursion
+    size = len(json.dumps(spec))
+    if size > MAX_SPEC_BYTES:
+        raise _refuse(f"{size} bytes as JSON; the limit is {MAX_SPEC_BYTES}")
     if "regex" in spec:
-        if not isinstance(spec["regex"], str):
-            raise InvalidRequest("'regex' must be a string", code="invalid_answer_format")
-        try:
-            regex.compile(spec["regex"])
-        except regex.error as exc:
-            raise InvalidRequest(f"invalid regex {spec['regex']!r}: {exc}", code="invalid_answer_format") from exc
-        return spec
-    schema = spec["json_schema"]
-    if not isinstance(schema, dict):
-        raise InvalidRequest("'json_schema' must be a JSON object", code="invalid_answer_format")
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        raise InvalidRequest(f"invalid JSON schema: {exc.message}", code="invalid_answer_format") from exc
+        _check_pattern(spec["regex"], "'regex'")
+    else:
+        _check_json_schema(spec["json_schema"])
     return spec
+
+
+# --- checking answers ---
+
+def _regex_checker(pattern: str) -> Callable[[str], bool]:
+    compiled = _compile(pattern)
+
+    def matches(text: str) -> bool:
+        try:
+            return compiled.fullmatch(text.strip(), timeout=REGEX_TIMEOUT_S) is not None
+        except TimeoutError:
+            log.warning("answer-format regex %r took over %.1f s on one answer: counted invalid",
+                        pattern[:60], REGEX_TIMEOUT_S)
+            return False
+
+    return matches
+
+
+def _schema_checker(schema: dict) -> Callable[[str], bool]:
+    base = jsonschema.validators.validator_for(schema)
+    validator = _bounded_validator(base)(schema, registry=_NO_RETRIEVAL)
+
+    def valid_json(text: str) -> bool:
+        def check() -> bool:
+            return validator.is_valid(json.loads(text))
+        try:
+            valid = _within_budget(check, REGEX_TIMEOUT_S)
+        except (ValueError, Unresolvable):  # not JSON (or numbers past int's digit limit); a dangling $ref
+            return False
+        if valid is None:
+            log.warning("answer-format JSON schema took over %.1f s on one answer: counted invalid", REGEX_TIMEOUT_S)
+        return bool(valid)
+
+    return valid_json
 
 
 @lru_cache(maxsize=1024)
 def _compiled(spec_json: str) -> Callable[[str], bool]:
     spec = json.loads(spec_json)
-    if "regex" in spec:
-        pattern = regex.compile(spec["regex"])
-
-        def matches(text: str) -> bool:
-            try:
-                return pattern.fullmatch(text.strip(), timeout=REGEX_TIMEOUT_S) is not None
-            except TimeoutError:
-                log.warning("answer-format regex %r took over %.1f s on one answer: counted invalid",
-                            spec["regex"][:60], REGEX_TIMEOUT_S)
-                return False
-
-        return matches
-    validator = jsonschema.validators.validator_for(spec["json_schema"])(spec["json_schema"])
-
-    def valid_json(text: str) -> bool:
-        try:
-            return validator.is_valid(json.loads(text))
-        except ValueError:
-            return False
-
-    return valid_json
+    try:
+        check_format_spec(spec)  # a format stored before today's limits is held to them too
+    except InvalidRequest as exc:
+        log.warning("stored answer format refused (%s): every answer counts invalid", exc.message)
+        return lambda text: False
+    return _regex_checker(spec["regex"]) if "regex" in spec else _schema_checker(spec["json_schema"])
 
 
 def answer_checker(spec: dict) -> Callable[[str], bool]:

@@ -93,6 +93,40 @@ class LorafleetClient:
     def list_tenants(self) -> list[str]:
         return self._call("GET", "/admin/tenants")
 
+    def get_tenant(self, name: str) -> dict:
+        return self._call("GET", f"/admin/tenants/{name}")
+
+    def set_limits(self, name: str, changes: dict[str, int | None]) -> dict:
+        return self._call("PUT", f"/admin/tenants/{name}/limits", json=changes)
+
+    def get_limits(self, name: str) -> dict:
+        return self._call("GET", f"/admin/tenants/{name}/limits")
+
+    def list_keys(self, name: str) -> list[dict]:
+        return self._call("GET", f"/admin/tenants/{name}/keys")
+
+    def create_key(self, name: str, label: str = "", expires_in_s: float | None = None) -> dict:
+        return self._call("POST", f"/admin/tenants/{name}/keys", json={"label": label, "expires_in_s": expires_in_s})
+
+    def revoke_key(self, name: str, key_id: int) -> dict:
+        return self._call("DELETE", f"/admin/tenants/{name}/keys/{key_id}")
+
+    def rotate_key(self, name: str, key_id: int, grace_s: float) -> dict:
+        return self._call("POST", f"/admin/tenants/{name}/keys/{key_id}/rotate", json={"grace_s": grace_s})
+
+    def disable_tenant(self, name: str, reason: str) -> dict:
+        return self._call("POST", f"/admin/tenants/{name}/disable", json={"reason": reason})
+
+    def enable_tenant(self, name: str) -> dict:
+        return self._call("POST", f"/admin/tenants/{name}/enable")
+
+    def delete_tenant(self, name: str, force: bool) -> dict:
+        return self._call("DELETE", f"/admin/tenants/{name}", params={"force": str(force).lower()})
+
+    def audit(self, tenant: str | None = None, limit: int = 100, before: int | None = None) -> list[dict]:
+        params = {k: v for k, v in {"tenant": tenant, "limit": limit, "before": before}.items() if v is not None}
+        return self._call("GET", "/admin/audit", params=params)
+
     def push_adapter(self, name: str, folder: Path, progress: Callable[[int, int], None] | None = None) -> dict:
         """Pack and upload an adapter folder; `progress(sent, total)` is called as bytes go out."""
         archive = pack_adapter(folder)

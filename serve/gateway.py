@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy import event
 from sqlalchemy.orm import sessionmaker
 from starlette.concurrency import run_in_threadpool
 
@@ -12,11 +13,14 @@ from lorafleet.adapters.base_model import BaseModelSpec, load_base_spec
 from lorafleet.adapters.catalog import open_catalog
 from lorafleet.adapters.registry import deployed_digests, deployed_workload
 from lorafleet.adapters.store import AdapterStore, BlobStore, open_store
+from lorafleet.serve.admission import FairQueue
 from lorafleet.serve.drift.monitor import DriftMonitor
 from lorafleet.serve.engine.client import EngineClient
 from lorafleet.serve.engine.hardware import quantization_for
 from lorafleet.serve.engine.sizing import Workload, sizing_for
 from lorafleet.serve.engine.supervisor import EngineSupervisor
+from lorafleet.serve.images import ImageLimits, RemoteImages
+from lorafleet.serve.limits import Limits, TenantLimiter
 from lorafleet.serve.metrics import Metrics
 from lorafleet.serve.rollouts.reconciler import RolloutController, new_gateway_id
 from lorafleet.serve.route_cache import RouteCache
@@ -40,6 +44,10 @@ class Gateway:
     controller: RolloutController
     drift: DriftMonitor
     routes: RouteCache
+    limiter: TenantLimiter
+    fair_queue: FairQueue
+    image_limits: ImageLimits  # the chat path's, until a tenant has its own
+    remote_images: RemoteImages | None  # None: http(s) images are refused
     tmp_dir: Path
 
 
@@ -60,16 +68,20 @@ def build_gateway(settings: Settings) -> Gateway:
     """Every long-lived object of a gateway for these settings (the engine is started by the app's lifespan)."""
     if not settings.base:
         raise ValueError("no base model: pass --base (hub id or local path) or set LORAFLEET_BASE")
-    _, sessions = open_catalog(settings.database_url)
+    _private(settings.home)
+    db, sessions = open_catalog(settings.database_url)
     tmp_dir = settings.home / "tmp"
     tmp_dir.mkdir(parents=True, exist_ok=True)
     metrics = Metrics()
+    event.listen(db, "checkout", lambda *_: metrics.catalog_connections.inc())
+    event.listen(db, "checkin", lambda *_: metrics.catalog_connections.dec())
     hardware, quantization = quantization_for(settings)
     metrics.engine.info({"base": settings.base, "quantization": quantization.label, "hardware": hardware.describe()})
     store = open_store(settings.store_url)
     validation_store = BlobStore(settings.home / "validation", ".jsonl")
     engine = EngineClient(store, metrics, settings.engine_port, settings.engine_url,
-                          settings.engine_api_key.get_secret_value() if settings.engine_api_key else "")
+                          settings.engine_api_key.get_secret_value() if settings.engine_api_key else "",
+                          private_paths=(settings.home, settings.base))
     with sessions() as session:  # the engine is sized for what the catalog serves
         workload = Workload(*deployed_workload(session))
     sizing = sizing_for(settings, hardware.gpu is not None, quantization.dtype or settings.dtype, workload)
@@ -79,7 +91,21 @@ def build_gateway(settings: Settings) -> Gateway:
                                    settings.gateway_id or new_gateway_id(), settings.rollout_tick_s,
                                    settings.rollout_lease_s)
     drift = DriftMonitor(sessions, engine, validation_store, metrics, settings, quantization.label)
+    fair_queue = FairQueue(lambda: settings.engine_slots or supervisor.sizing.max_num_seqs,
+                           settings.fair_queue_timeout_s)
+    metrics.fair_queue_waiting.set_function(lambda: fair_queue.waiting)
     return Gateway(settings=settings, sessions=sessions, store=store, validation_store=validation_store,
                    spec=load_base_spec(settings.base), metrics=metrics, engine=engine, supervisor=supervisor,
                    controller=controller, drift=drift,
-                   routes=RouteCache(sessions, settings.catalog_cache_s), tmp_dir=tmp_dir)
+                   routes=RouteCache(sessions, settings.catalog_cache_s, Limits.defaults(settings)),
+                   limiter=TenantLimiter(settings.limits_url),
+                   fair_queue=fair_queue,
+                   image_limits=ImageLimits.from_settings(settings),
+                   remote_images=RemoteImages.from_settings(settings), tmp_dir=tmp_dir)
+
+
+def _private(home: Path) -> None:
+    """The state folder (catalog, adapters, logs, keys' hashes) is its owner's alone; files made in it by this
+    process are too (`lorafleet serve` sets the umask)."""
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    home.chmod(0o700)

@@ -36,11 +36,26 @@ class Metrics:
                                        registry=self.registry)
         self.engine_start_seconds = Gauge("lorafleet_engine_start_seconds", "Duration of the last engine start",
                                           registry=self.registry)
+        self.engine_state = Gauge("lorafleet_engine_state", "1 for the engine's current state (starting, up, "
+                                  "restarting, crash_loop, unreachable, stopped)", ["state"], registry=self.registry)
+        self.engine_failed_starts = Gauge("lorafleet_engine_failed_starts", "Engine starts in a row that failed",
+                                          registry=self.registry)
+        self.engine_last_exit_code = Gauge("lorafleet_engine_last_exit_code", "Exit code of the last engine process "
+                                           "that exited by itself (negative: the signal that ended it)",
+                                           registry=self.registry)
+        self.engine_supervision_errors = Counter("lorafleet_engine_supervision_errors", "Unexpected errors in engine "
+                                                 "supervision (logged with their traceback)", registry=self.registry)
         self.adapter_loads = Counter("lorafleet_adapter_loads", "Adapter registrations on the engine",
                                      ["outcome"], registry=self.registry)
         self.adapter_load_seconds = Histogram("lorafleet_adapter_load_seconds", "Adapter registration time",
                                               buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30),
                                               registry=self.registry)
+        self.rate_limited = Counter("lorafleet_rate_limited", "Chat requests refused by a tenant limit (429)",
+                                    ["tenant", "limit"], registry=self.registry)
+        self.fair_queue_waiting = Gauge("lorafleet_fair_queue_waiting", "Chat requests waiting for an engine slot",
+                                        registry=self.registry)
+        self.catalog_connections = Gauge("lorafleet_catalog_connections_in_use", "Catalog connections checked out "
+                                         "of the pool now", registry=self.registry)
         rollout = ["tenant", "deployment"]
         self.rollout_phase = Gauge("lorafleet_rollout_phase", "1 for the current phase of the deployment's rollout",
                                    [*rollout, "phase"], registry=self.registry)

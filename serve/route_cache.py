@@ -18,13 +18,18 @@ from sqlalchemy import event
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from lorafleet.adapters.registry import authenticate, get_deployment, hash_key
+from lorafleet.adapters.catalog import Tenant
+from lorafleet.adapters.errors import Unauthorized
+from lorafleet.adapters.registry import get_deployment, hash_key
+from lorafleet.adapters.tenants import authenticate_key
+from lorafleet.serve.limits import Limits
 from lorafleet.serve.rollouts.routing import Variant
 from lorafleet.serve.rollouts.state import routing_table, serving_rollout
 
-__all__ = ["RouteCache", "TenantEntry", "DeploymentEntry", "RolloutEntry"]
+__all__ = ["RouteCache", "TenantEntry", "DeploymentEntry", "RolloutEntry", "ROUTE_NEUTRAL"]
 
 _MAX_ENTRIES = 10_000  # (key, deployment) pairs; past this the cache starts over
+ROUTE_NEUTRAL = "lorafleet_route_neutral"  # session.info flag: this session's commits change no route (key usage)
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,15 @@ class TenantEntry:
     id: int
     name: str
     sample_inputs: bool
+    key_id: int = 0
+    key_expires_at: float | None = None
+    limits: Limits | None = None  # effective: the defaults with the tenant's own values
+
+    def check_live(self, now: float) -> None:
+        """A snapshot outlives its key's expiry only until that moment."""
+        if self.key_expires_at is not None and self.key_expires_at <= now:
+            expired = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.key_expires_at))
+            raise Unauthorized(f"this API key expired at {expired}", code="api_key_expired")
 
 
 @dataclass(frozen=True)
@@ -57,10 +71,13 @@ class DeploymentEntry:
 class RouteCache:
     """Snapshots of (tenant, deployment) per (key, deployment name), invalidated when the catalog changes."""
 
-    def __init__(self, sessions: sessionmaker, ttl_s: float) -> None:
+    def __init__(self, sessions: sessionmaker, ttl_s: float, defaults: Limits | None = None) -> None:
         self.sessions = sessions
         self.ttl_s = ttl_s
+        self.defaults = defaults
+        self.used: dict[int, float] = {}  # key id -> when it last authenticated (written to the catalog in batches)
         self._entries: dict[tuple[str, str], tuple[float, TenantEntry, DeploymentEntry]] = {}
+        self._tenants: dict[str, tuple[float, TenantEntry]] = {}
         self._generation = 0  # bumped by every invalidation: a read that raced one is not kept
         self._lock = threading.Lock()
         self._in_flight: dict[tuple[str, str], asyncio.Future] = {}
@@ -73,7 +90,35 @@ class RouteCache:
         hit = self._entries.get((hash_key(key), model))
         if hit is None or time.monotonic() - hit[0] > self.ttl_s:
             return None
+        hit[1].check_live(time.time())
         return hit[1], hit[2]
+
+    async def tenant(self, key: str) -> TenantEntry:
+        """On the event loop: the tenant of a live key (read in a worker thread on a miss), or Unauthorized."""
+        now = time.time()
+        hit = self._tenants.get(hash_key(key))
+        entry = hit[1] if hit is not None and time.monotonic() - hit[0] <= self.ttl_s else None
+        if entry is None:
+            entry = await run_in_threadpool(self.load_tenant, key)
+        entry.check_live(now)
+        self.used[entry.key_id] = now
+        return entry
+
+    def load_tenant(self, key: str) -> TenantEntry:
+        generation, read_at = self._generation, time.monotonic()
+        with self.sessions() as session:
+            entry = self._tenant_entry(session, key)
+        with self._lock:
+            if generation == self._generation:
+                if len(self._tenants) >= _MAX_ENTRIES:
+                    self._tenants.clear()
+                self._tenants[hash_key(key)] = (read_at, entry)
+        return entry
+
+    def _tenant_entry(self, session: Session, key: str) -> TenantEntry:
+        tenant, api_key, policy = authenticate_key(session, key)
+        limits = self.defaults.overridden(policy.limits if policy else None) if self.defaults else None
+        return TenantEntry(tenant.id, tenant.name, tenant.sample_inputs, api_key.id, api_key.expires_at, limits)
 
     async def fetch(self, key: str, model: str) -> tuple[TenantEntry, DeploymentEntry]:
         """On the event loop: the snapshot, read in a worker thread on a miss; concurrent misses of one (key,
@@ -91,10 +136,10 @@ class RouteCache:
         """Read and keep the snapshot; raises Unauthorized / NotFound as the catalog lookups do."""
         generation, read_at = self._generation, time.monotonic()
         with self.sessions() as session:
-            tenant = authenticate(session, key)
-            deployment = get_deployment(session, tenant, model)
+            tenant_entry = self._tenant_entry(session, key)
+            deployment = get_deployment(session, session.get_one(Tenant, tenant_entry.id), model)
             rollout = serving_rollout(session, deployment)
-            entry = (TenantEntry(tenant.id, tenant.name, tenant.sample_inputs),
+            entry = (tenant_entry,
                      DeploymentEntry(deployment.id, deployment.name, deployment.stable.digest,
                                      deployment.answer_format, deployment.validation_set_id,
                                      None if rollout is None else RolloutEntry(
@@ -110,9 +155,10 @@ class RouteCache:
         with self._lock:
             self._generation += 1
             self._entries.clear()
+            self._tenants.clear()
 
     def _after_commit(self, session: Session) -> None:
-        if session.info.pop("lorafleet_changed", False):
+        if session.info.pop("lorafleet_changed", False) and not session.info.get(ROUTE_NEUTRAL):
             self.invalidate()
 
 

@@ -25,11 +25,32 @@ class Settings(BaseSettings):
     # gateway
     host: str = "127.0.0.1"
     port: int = 8000
-    allow_remote_images: bool = False  # http(s) image URLs are fetched by the engine only if True
+    allow_remote_images: bool = False  # http(s) image URLs are accepted only if True (the gateway fetches them)
+    # where remote images may come from: exact host names, "*.example.com" (its subdomains), "*" (any host);
+    # whatever the list, a fetch only ever goes to public addresses (never loopback, private, link-local...)
+    remote_image_hosts: list[str] = Field(default_factory=lambda: ["*"])
+    remote_image_timeout_s: float = 10.0  # one remote image's whole fetch, redirects included
     max_upload_bytes: int = 512 * 1024 * 1024
     retry_after_s: int = 5
     access_log: bool = False  # uvicorn's line per request: a tenth of the gateway's CPU per request (metrics count all)
     catalog_cache_s: float = 1.0  # the chat path's key/deployment snapshots: another gateway's changes show after this
+    max_request_bytes: int = 64 * 1024 * 1024  # any other request body (chat: JSON with data-URL images)
+    metrics_port: int = 0  # /metrics on its own listener at metrics_host:metrics_port; 0: on the API port, admin key
+    metrics_host: str = "127.0.0.1"
+    metrics_token: SecretStr | None = None  # a read-only bearer token for /metrics on the API port (for Prometheus)
+
+    # per-tenant limits: these defaults, changed per tenant by `PUT /admin/tenants/{name}/limits`; 0: unlimited
+    tenant_rpm: int = 6000  # chat requests per minute
+    tenant_tpm: int = 2_000_000  # prompt + completion tokens per minute
+    tenant_concurrency: int = 64  # chat requests in flight
+    max_images_per_request: int = 8
+    max_image_bytes: int = 10 * 1024 * 1024  # one image, decoded
+    max_image_pixels: int = 16_000_000  # one image, width x height (Qwen2.5-VL resizes above ~12.8 M anyway)
+    tenant_max_adapters: int = 200  # adapter versions stored
+    tenant_max_adapter_bytes: int = 20 * 1024**3  # their total size
+    limits_url: str = "memory://"  # where rate counters live: memory:// (this process) | redis://host:6379/0 (shared)
+    engine_slots: int = 0  # chat requests in the engine at once, shared fairly between tenants; 0: its batch size
+    fair_queue_timeout_s: float = 60.0  # longest a request waits for an engine slot before a 503
 
     # rollouts
     gateway_id: str = ""  # default: hostname + random suffix; names this process in leases and decisions

@@ -1,7 +1,8 @@
 """A deployment's fixed validation set: checked, stored content-addressed, and replayed through the engine.
 
-The file is the training format (chat JSONL, last message = the reference answer) with images as data URLs;
-`lorafleet validation push` inlines local image paths before uploading.
+The file is the training format (chat JSONL, last message = the reference answer) with images as data URLs
+only (a path or URL is refused: it would name a server file or make the gateway fetch); `lorafleet validation
+push` inlines local image paths before uploading.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def canonical_validation(path: Path, metric: str) -> tuple[bytes, int]:
     """Check every line (as the trainer does) and the metric; return the canonical JSONL and its item count."""
     if metric not in METRICS:
         raise InvalidRequest(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}", code="invalid_metric")
-    examples = load_jsonl(path)
+    examples = load_jsonl(path, local_images=False)  # a client's file: no server paths, no URLs to fetch
     if len(examples) > MAX_ITEMS:
         raise InvalidRequest(f"the validation set has {len(examples)} items; the limit is {MAX_ITEMS}")
     lines = []

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
+import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -12,6 +16,7 @@ import httpx
 import pytest
 
 from lorafleet.serve.dev.local_server import LocalServer
+from lorafleet.serve.engine.command import free_port
 
 MAX_RANK = 16
 MAX_UPLOAD = 2_000_000
@@ -81,6 +86,14 @@ def general_requests(general_val: Path) -> list[list[dict]]:
 
 
 class Server(LocalServer):
+    @property
+    def engine_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['LORAFLEET_ENGINE_PORT']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['LORAFLEET_METRICS_PORT']}/metrics"
+
     def admin(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.admin_key}"}, timeout=60)
 
@@ -102,6 +115,8 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """`lorafleet serve` as a real subprocess: gateway + supervised vLLM engine, SQLite, local store, and the
     default quantization (the tiny base quantized to int4 at load), as users get it."""
     srv = Server.start(tiny_model, tmp_path_factory.mktemp("lorafleet-home"), max_model_len="512",
+                       engine_port=str(free_port()), engine_api_key=secrets.token_urlsafe(16),  # a 2nd gateway attaches
+                       metrics_port=str(free_port()),
                        max_num_seqs="16", max_lora_rank=str(MAX_RANK), max_upload_bytes=str(MAX_UPLOAD),
                        retry_after_s="3", rollout_tick_s="0.5", drift_look_s="1", drift_window="40",
                        drift_max_samples="60", drift_reservoir="64", drift_replay_s="0",
@@ -111,6 +126,34 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Redis server on loopback (where several gateways keep their rate counters)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed: `apt-get install redis-server` (.ci/run installs it)")
+    port = free_port()
+    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                "--dir", str(tmp_path_factory.mktemp("redis"))], stdout=subprocess.DEVNULL)
+    try:
+        import redis
+
+        client = redis.Redis(port=port)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
 @dataclass

@@ -1,14 +1,49 @@
-"""Admin API (bearer LORAFLEET_ADMIN_KEY): tenants and engine status."""
+"""Admin API (bearer LORAFLEET_ADMIN_KEY): tenants (keys, limits, disabling, deletion), the audit trail of these
+operations, and engine status."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from sqlalchemy import select
+import time
+from dataclasses import asdict
+from typing import Annotated
 
-from lorafleet.adapters.catalog import Tenant
-from lorafleet.adapters.registry import create_tenant
-from lorafleet.adapters.schemas import TenantCreate, TenantCreated
-from lorafleet.serve.api.dependencies import AdminKey, GatewayDep, SessionDep
+from fastapi import APIRouter, Query
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from lorafleet.adapters.catalog import ApiKey, Tenant, TenantPolicy, ValidationSet
+from lorafleet.adapters.registry import digest_in_use, list_deployments
+from lorafleet.adapters.schemas import (
+    ApiKeyCreate,
+    ApiKeyCreated,
+    ApiKeyPublic,
+    ApiKeyRotate,
+    AuditEventPublic,
+    KeyRotated,
+    TenantCreate,
+    TenantCreated,
+    TenantDeletedPublic,
+    TenantDisable,
+    TenantLimitsPublic,
+    TenantLimitsPut,
+    TenantPublic,
+)
+from lorafleet.adapters.tenants import (
+    create_tenant,
+    delete_tenant,
+    get_tenant,
+    list_audit,
+    list_keys,
+    new_key,
+    record_audit,
+    revoke_key,
+    rotate_key,
+    set_disabled,
+    set_limits,
+    stored_usage,
+)
+from lorafleet.serve.api.dependencies import Actor, AdminKey, Gateway, GatewayDep, SessionDep, release_connection
+from lorafleet.serve.limits import Limits
 
 __all__ = ["router"]
 
@@ -16,14 +51,146 @@ router = APIRouter(prefix="/admin", dependencies=[AdminKey])
 
 
 @router.post("/tenants", status_code=201)
-def post_tenant(body: TenantCreate, session: SessionDep) -> TenantCreated:
+def post_tenant(body: TenantCreate, session: SessionDep, actor: Actor) -> TenantCreated:
     tenant, api_key = create_tenant(session, body.name)
-    return TenantCreated(name=tenant.name, api_key=api_key)
+    key = list_keys(session, tenant)[0]
+    record_audit(session, actor, "tenant.create", tenant.name, key_id=key.id)
+    return TenantCreated(name=tenant.name, api_key=api_key, key_id=key.id)
 
 
 @router.get("/tenants")
 def get_tenants(session: SessionDep) -> list[str]:
     return list(session.scalars(select(Tenant.name).order_by(Tenant.name)))
+
+
+def _limits(gateway: Gateway, overrides: dict | None) -> dict[str, int]:
+    return asdict(Limits.defaults(gateway.settings).overridden(overrides))
+
+
+@router.get("/tenants/{name}")
+def get_one_tenant(name: str, gateway: GatewayDep, session: SessionDep) -> TenantPublic:
+    tenant = get_tenant(session, name)
+    policy = session.get(TenantPolicy, tenant.id)
+    stored, size = stored_usage(session, tenant)
+    now = time.time()
+    return TenantPublic(name=tenant.name, created_at=tenant.created_at, disabled=bool(policy and policy.disabled_at),
+                        disabled_reason=policy.disabled_reason if policy else "",
+                        keys=sum(_live(k, now) for k in list_keys(session, tenant)), adapters=stored,
+                        adapter_bytes=size, deployments=len(list_deployments(session, tenant)),
+                        limits=_limits(gateway, policy.limits if policy else None))
+
+
+@router.get("/tenants/{name}/limits")
+def get_limits(name: str, gateway: GatewayDep, session: SessionDep) -> TenantLimitsPublic:
+    tenant = get_tenant(session, name)
+    policy = session.get(TenantPolicy, tenant.id)
+    return _limits_public(gateway, tenant, policy.limits if policy else {})
+
+
+def _limits_public(gateway: Gateway, tenant: Tenant, overrides: dict) -> TenantLimitsPublic:
+    return TenantLimitsPublic(tenant=tenant.name, limits=_limits(gateway, overrides), overrides=overrides,
+                              defaults=_limits(gateway, None))
+
+
+@router.put("/tenants/{name}/limits")
+def put_limits(name: str, body: TenantLimitsPut, gateway: GatewayDep, session: SessionDep,
+               actor: Actor) -> TenantLimitsPublic:
+    """Set some limits (0: unlimited), or return them to the default with null; the others are unchanged."""
+    tenant = get_tenant(session, name)
+    changes = body.model_dump(exclude_unset=True)
+    policy = set_limits(session, tenant, changes)
+    record_audit(session, actor, "tenant.limits", tenant.name, changes=changes)
+    return _limits_public(gateway, tenant, policy.limits)
+
+
+def _live(key: ApiKey, now: float) -> bool:
+    return key.revoked_at is None and (key.expires_at is None or key.expires_at > now)
+
+
+def _key_public(key: ApiKey) -> ApiKeyPublic:
+    return ApiKeyPublic.model_validate({**key.__dict__, "live": _live(key, time.time())})
+
+
+@router.get("/tenants/{name}/keys")
+def get_keys(name: str, session: SessionDep) -> list[ApiKeyPublic]:
+    return [_key_public(k) for k in list_keys(session, get_tenant(session, name))]
+
+
+@router.post("/tenants/{name}/keys", status_code=201)
+def post_key(name: str, body: ApiKeyCreate, session: SessionDep, actor: Actor) -> ApiKeyCreated:
+    """Another key for the tenant (shown once), optionally expiring."""
+    tenant = get_tenant(session, name)
+    expires = time.time() + body.expires_in_s if body.expires_in_s else None
+    key, secret = new_key(session, tenant, body.label, expires)
+    record_audit(session, actor, "key.create", tenant.name, key_id=key.id, expires_at=expires)
+    return ApiKeyCreated(**_key_public(key).model_dump(), api_key=secret)
+
+
+@router.delete("/tenants/{name}/keys/{key_id}")
+def delete_key(name: str, key_id: int, session: SessionDep, actor: Actor) -> ApiKeyPublic:
+    """Revoke a key: it stops authenticating at once (on other gateways within LORAFLEET_CATALOG_CACHE_S)."""
+    tenant = get_tenant(session, name)
+    key = revoke_key(session, tenant, key_id)
+    record_audit(session, actor, "key.revoke", tenant.name, key_id=key.id)
+    return _key_public(key)
+
+
+@router.post("/tenants/{name}/keys/{key_id}/rotate", status_code=201)
+def post_rotate(name: str, key_id: int, body: ApiKeyRotate, session: SessionDep, actor: Actor) -> KeyRotated:
+    """A new key; the old one keeps working for `grace_s` seconds, then expires."""
+    tenant = get_tenant(session, name)
+    old, key, secret = rotate_key(session, tenant, key_id, body.grace_s)
+    record_audit(session, actor, "key.rotate", tenant.name, key_id=old.id, new_key_id=key.id, grace_s=body.grace_s)
+    return KeyRotated(old=_key_public(old), new=ApiKeyCreated(**_key_public(key).model_dump(), api_key=secret))
+
+
+@router.post("/tenants/{name}/disable")
+def post_disable(name: str, body: TenantDisable, gateway: GatewayDep, session: SessionDep,
+                 actor: Actor) -> TenantPublic:
+    """Every key of the tenant answers 401 with the reason, until it is enabled again; nothing is deleted."""
+    tenant = get_tenant(session, name)
+    set_disabled(session, tenant, True, body.reason)
+    record_audit(session, actor, "tenant.disable", tenant.name, reason=body.reason)
+    return get_one_tenant(name, gateway, session)
+
+
+@router.post("/tenants/{name}/enable")
+def post_enable(name: str, gateway: GatewayDep, session: SessionDep, actor: Actor) -> TenantPublic:
+    tenant = get_tenant(session, name)
+    set_disabled(session, tenant, False)
+    record_audit(session, actor, "tenant.enable", tenant.name)
+    return get_one_tenant(name, gateway, session)
+
+
+@router.delete("/tenants/{name}")
+async def delete_one_tenant(name: str, gateway: GatewayDep, session: SessionDep, actor: Actor,
+                            force: bool = False) -> TenantDeletedPublic:
+    """Delete the tenant with its adapters, deployments, validation sets, samples and stored files; refused (409)
+    while one of its rollouts or A/B tests runs, unless `force=true`."""
+    tenant = await run_in_threadpool(get_tenant, session, name)
+    await run_in_threadpool(gateway.drift.forget, tenant.id)  # the samples waiting in memory too
+    deleted = await run_in_threadpool(delete_tenant, session, tenant, force)
+    blobs = 0
+    for digest in sorted(deleted.adapter_digests):
+        if not await run_in_threadpool(digest_in_use, session, digest):
+            release_connection(session)
+            await gateway.engine.unload(digest)
+            gateway.store.delete(digest)
+            blobs += 1
+    for digest in sorted(deleted.validation_digests):
+        if not session.scalar(select(ValidationSet.id).where(ValidationSet.digest == digest).limit(1)):
+            gateway.validation_store.delete(digest)
+            blobs += 1
+    await run_in_threadpool(record_audit, session, actor, "tenant.delete", name, force=force, rows=deleted.counts,
+                            blobs=blobs)
+    return TenantDeletedPublic(name=name, deleted=deleted.counts, blobs_deleted=blobs)
+
+
+@router.get("/audit")
+def get_audit(session: SessionDep, tenant: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+              before: int | None = None) -> list[AuditEventPublic]:
+    """Admin operations, newest first; `before` (an event id) pages back."""
+    return [AuditEventPublic.model_validate(e) for e in list_audit(session, tenant, limit, before)]
 
 
 @router.get("/engine")
@@ -32,4 +199,6 @@ def get_engine(gateway: GatewayDep) -> dict:
     return {"up": gateway.engine.up, "pid": supervisor.process.pid if supervisor.process else None,
             "starts": supervisor.starts, "last_start_s": supervisor.last_start_s, "base": gateway.settings.base,
             "quantization": supervisor.quantization.label, "hardware": supervisor.hardware.describe(),
-            "sizing": supervisor.sizing.as_dict()}
+            "sizing": supervisor.sizing.as_dict(), **supervisor.status(),
+            "admission": {"slots": gateway.fair_queue.slots(), "in_engine": gateway.fair_queue.in_engine,
+                          "waiting": gateway.fair_queue.waiting}}

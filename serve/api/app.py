@@ -12,33 +12,51 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp, Receive, Scope, Send
 
+from lorafleet.adapters.tenants import touch_keys
 from lorafleet.serve.api import admin, chat, drift, registry, rollouts
-from lorafleet.serve.api.errors import error_response, install_error_handlers
-from lorafleet.serve.gateway import build_gateway
+from lorafleet.serve.api.errors import install_error_handlers
+from lorafleet.serve.api.guard import Authenticate, BodyLimit
+from lorafleet.serve.api.openapi import gateway_openapi
+from lorafleet.serve.gateway import Gateway, build_gateway
+from lorafleet.serve.route_cache import ROUTE_NEUTRAL
 from lorafleet.serve.settings import Settings
 
-__all__ = ["create_app", "UploadLimit"]
+__all__ = ["create_app"]
 
 log = logging.getLogger("lorafleet.gateway")
 
 
-class UploadLimit:
-    """Refuse a body over the upload limit from its Content-Length, before reading any of it."""
+KEY_USE_FLUSH_S = 60.0  # keys' last_used_at is this coarse: one catalog write per minute, not one per request
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length", b"0")
-            if length.isdigit() and int(length) > self.max_bytes:
-                response = error_response(413, f"request body is larger than the limit of {self.max_bytes} bytes",
-                                          "invalid_request_error", "payload_too_large")
-                return await response(scope, receive, send)
-        await self.app(scope, receive, send)
+def _save_key_use(gateway: Gateway) -> None:
+    used, gateway.routes.used = gateway.routes.used, {}
+    if used:
+        with gateway.sessions() as session:
+            session.info[ROUTE_NEUTRAL] = True
+            touch_keys(session, used)
+
+
+async def _record_key_use(gateway: Gateway) -> None:
+    while True:
+        await asyncio.sleep(KEY_USE_FLUSH_S)
+        try:
+            await run_in_threadpool(_save_key_use, gateway)
+        except Exception:  # the catalog may be briefly unavailable; the next round writes it
+            log.exception("recording when keys were last used failed")
+
+
+def _metrics_listener(gateway: Gateway):
+    """`/metrics` on its own loopback listener (no key: reachable only from where it listens), when configured."""
+    settings = gateway.settings
+    if not settings.metrics_port:
+        return None
+    from prometheus_client import start_http_server
+
+    server, _ = start_http_server(settings.metrics_port, settings.metrics_host, registry=gateway.metrics.registry)
+    log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
+    return server
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -49,7 +67,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gateway.supervisor.start()
         tasks = [asyncio.create_task(gateway.controller.run(), name="rollout-controller"),
-                 asyncio.create_task(gateway.drift.run(), name="drift-monitor")]
+                 asyncio.create_task(gateway.drift.run(), name="drift-monitor"),
+                 asyncio.create_task(_record_key_use(gateway), name="key-use")]
+        metrics_server = _metrics_listener(gateway)
         try:
             yield
         finally:
@@ -58,11 +78,20 @@ def create_app(settings: Settings) -> FastAPI:
             await asyncio.gather(*tasks, return_exceptions=True)
             await gateway.controller.stop()
             await run_in_threadpool(gateway.drift.save_samples)
+            await run_in_threadpool(_save_key_use, gateway)
+            await gateway.limiter.aclose()
+            if gateway.remote_images is not None:
+                await gateway.remote_images.aclose()
             await gateway.supervisor.stop()
+            if metrics_server is not None:
+                metrics_server.shutdown()
 
     app = FastAPI(title="lorafleet", lifespan=lifespan)
     app.state.gateway = gateway
-    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes + 1024 * 1024)  # + multipart framing
+    app.openapi = lambda: gateway_openapi(app)  # type: ignore[method-assign]  # what the routes really take
+    app.add_middleware(BodyLimit, max_upload_bytes=settings.max_upload_bytes,  # the inner one: after authentication
+                       max_request_bytes=settings.max_request_bytes)
+    app.add_middleware(Authenticate, gateway=gateway)
     install_error_handlers(app)
     for routes in (chat, registry, rollouts, drift, admin):
         app.include_router(routes.router)
@@ -73,8 +102,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/readyz")
     def readyz(request: Request) -> JSONResponse:
-        up = request.app.state.gateway.engine.up
-        return JSONResponse({"status": "ready" if up else "engine starting", "engine_up": up},
+        up, state = request.app.state.gateway.engine.up, request.app.state.gateway.supervisor.state
+        return JSONResponse({"status": "ready" if up else "engine starting", "engine_up": up, "engine_state": state},
                             status_code=200 if up else 503)
 
     @app.get("/metrics")

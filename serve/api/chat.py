@@ -6,6 +6,7 @@ loaded -> forward -> record.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import Mapping
@@ -16,20 +17,37 @@ from fastapi.responses import Response
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from lorafleet.adapters.errors import InvalidRequest, LorafleetError, Unauthorized
+from lorafleet.adapters.errors import InvalidRequest, LorafleetError
 from lorafleet.adapters.registry import get_deployment, list_deployments
 from lorafleet.adapters.schemas import ModelList, ModelPublic
-from lorafleet.chat import content_parts
 from lorafleet.serve.answer_format import answer_checker
 from lorafleet.serve.api.dependencies import CurrentTenant, Gateway, SessionDep, bearer_token
 from lorafleet.serve.api.forward import Route, Usage, forward_chat
 from lorafleet.serve.drift.monitor import SampleTicket
+from lorafleet.serve.images import admit_images
+from lorafleet.serve.limits import Admitted, RateLimited
 from lorafleet.serve.rollouts.routing import bucket_of, choose, unit_of
 from lorafleet.serve.route_cache import DeploymentEntry, TenantEntry
 
-__all__ = ["router", "read_chat_body", "check_image_urls"]
+__all__ = ["router", "read_chat_body"]
 
 router = APIRouter(prefix="/v1")
+
+
+MAX_JSON_DEPTH = 64  # OpenAI's chat bodies nest about 6 deep (tool schemas more); the engine re-encodes the body
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, (dict, list)))
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item if isinstance(v, (dict, list)))
+    return False
 
 
 async def read_chat_body(request: Request) -> dict[str, Any]:
@@ -38,32 +56,17 @@ async def read_chat_body(request: Request) -> dict[str, Any]:
         body = await request.json()
     except ValueError as exc:
         raise InvalidRequest(f"the body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidRequest("the body is nested too deeply", code="json_too_deep") from exc
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")
+    if _depth_exceeds(body, MAX_JSON_DEPTH):
+        raise InvalidRequest(f"the body is nested deeper than {MAX_JSON_DEPTH} levels", code="json_too_deep")
     if not isinstance(body.get("model"), str) or not body["model"]:
         raise InvalidRequest("'model' is required: the name of one of your deployments", code="model_required")
     if not isinstance(body.get("messages"), list):
         raise InvalidRequest("'messages' must be a list")
     return body
-
-
-def check_image_urls(body: dict[str, Any], allow_remote: bool) -> None:
-    """Images come as data URLs; http(s) URLs only where the operator allowed the engine to fetch them."""
-    for message in body["messages"]:
-        for part in content_parts(message):
-            if not isinstance(part, dict) or part.get("type") != "image_url":
-                continue
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else image
-            if not isinstance(url, str):
-                raise InvalidRequest("image_url.url must be a string")
-            if url.startswith("data:"):
-                continue
-            if not url.startswith(("http://", "https://")):
-                raise InvalidRequest(f"unsupported image URL scheme in {url[:40]!r}: use a data URL")
-            if not allow_remote:
-                raise InvalidRequest("remote image URLs are disabled on this server: send the image as a data URL",
-                                     code="remote_images_disabled")
 
 
 def _route(tenant: TenantEntry, deployment: DeploymentEntry, body: dict, headers: Mapping[str, str]) -> Route:
@@ -96,7 +99,11 @@ def _inspect(route: Route, messages: list, text: str | None, answered: bool, che
     return valid
 
 
-async def _record(gateway: Gateway, tenant: str, route: Route, usage: Usage, t0: float, messages: list) -> None:
+async def _record(gateway: Gateway, tenant: str, route: Route, usage: Usage, t0: float, messages: list,
+                  admitted: Admitted | None = None) -> None:
+    if admitted is not None:  # first: the slots and the token count do not wait for the bookkeeping below
+        gateway.fair_queue.release(tenant)
+        await gateway.limiter.release(admitted, usage.prompt_tokens + usage.completion_tokens)
     m = gateway.metrics
     latency = time.perf_counter() - t0
     labels = m.labels(tenant, route.deployment, route.digest, route.variant)
@@ -127,26 +134,55 @@ async def _record(gateway: Gateway, tenant: str, route: Route, usage: Usage, t0:
 async def chat_completions(request: Request) -> Response:
     # The hot path: the catalog is read through the route cache, only a miss costs a thread hand-off; a plain
     # Starlette route (see below), since FastAPI's per-request dependency resolution cost more than its work.
+    # The `Authenticate` middleware has checked the key already (request.state.tenant).
     t0 = time.perf_counter()
     gateway: Gateway = request.app.state.gateway
     key = bearer_token(request.headers.get("authorization"))
-    if not key:
-        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    body = await read_chat_body(request)
-    check_image_urls(body, gateway.settings.allow_remote_images)
-    entry = await gateway.routes.fetch(key, body["model"])
-    tenant, route = entry[0].name, _route(*entry, body, request.headers)
+    tenant: TenantEntry = request.state.tenant
+    try:
+        admitted = await gateway.limiter.admit(tenant.name, tenant.limits or gateway.routes.defaults)
+    except RateLimited as exc:
+        gateway.metrics.rate_limited.labels(tenant.name, str(exc.code)).inc()
+        raise
+    try:
+        body = await read_chat_body(request)
+        await admit_images(body, gateway.image_limits, gateway.remote_images)
+        entry = await gateway.routes.fetch(key or "", body["model"])
+    except BaseException as exc:
+        await gateway.limiter.release(admitted, 0)
+        _add_headers(exc, admitted.headers)
+        raise
+    route = _route(*entry, body, request.headers)
     usage = Usage(text=[] if route.answer_format is not None or route.sample_inputs else None)
+    messages = body.get("messages") or []
+    try:
+        await gateway.fair_queue.acquire(tenant.name)
+    except BaseException as exc:
+        await gateway.limiter.release(admitted, 0)
+        _add_headers(exc, admitted.headers)
+        raise
     try:
         gateway.engine.require_up()
         await gateway.engine.ensure_loaded(route.digest)
         response = await forward_chat(gateway.engine, body, route, usage)
-    except LorafleetError as exc:
-        usage.status, usage.error_code = exc.status, str(exc.code)
-        await _record(gateway, tenant, route, usage, t0, body.get("messages") or [])
+    except BaseException as exc:
+        if isinstance(exc, LorafleetError):
+            usage.status, usage.error_code = exc.status, str(exc.code)
+        else:  # the client went away (cancelled), or a bug
+            usage.status, usage.error_code = (499, "client_closed") if isinstance(exc, asyncio.CancelledError) \
+                else (500, "internal_error")
+        await _record(gateway, tenant.name, route, usage, t0, messages, admitted)
+        _add_headers(exc, admitted.headers)
         raise
-    response.background = BackgroundTask(_record, gateway, tenant, route, usage, t0, body.get("messages") or [])
+    response.headers.update(admitted.headers)
+    response.background = BackgroundTask(_record, gateway, tenant.name, route, usage, t0, messages, admitted)
     return response
+
+
+def _add_headers(exc: BaseException, headers: dict[str, str]) -> None:
+    """Errors after admission carry the rate-limit headers too (every response does)."""
+    if isinstance(exc, LorafleetError) and headers:
+        exc.headers = {**headers, **(exc.headers or {})}
 
 
 router.add_route(f"{router.prefix}/chat/completions", chat_completions, methods=["POST"])

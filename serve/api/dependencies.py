@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -11,10 +10,10 @@ from sqlalchemy.orm import Session
 
 from lorafleet.adapters.catalog import Tenant
 from lorafleet.adapters.errors import Unauthorized
-from lorafleet.adapters.registry import authenticate
 from lorafleet.serve.gateway import Gateway
 
-__all__ = ["Gateway", "GatewayDep", "SessionDep", "BearerKey", "CurrentTenant", "AdminKey", "bearer_token"]
+__all__ = ["Gateway", "GatewayDep", "SessionDep", "BearerKey", "CurrentTenant", "AdminKey", "Actor", "bearer_token",
+           "release_connection"]
 
 
 def _gateway(request: Request) -> Gateway:
@@ -46,19 +45,33 @@ async def _bearer(authorization: Annotated[str | None, Header()] = None) -> str 
 BearerKey = Annotated[str | None, Depends(_bearer)]
 
 
-def _current_tenant(session: SessionDep, key: BearerKey) -> Tenant:
-    return authenticate(session, key)
+def _current_tenant(request: Request, session: SessionDep) -> Tenant:
+    """The tenant the `Authenticate` middleware found for this request's key, read in this request's session."""
+    entry = getattr(request.state, "tenant", None)
+    tenant = session.get(Tenant, entry.id) if entry is not None else None
+    if tenant is None:  # deleted since its key was checked
+        raise Unauthorized("invalid API key")
+    release_connection(session)  # the route may await long work (an upload, the engine) next
+    return tenant
 
 
 CurrentTenant = Annotated[Tenant, Depends(_current_tenant)]
 
 
-def _admin(gateway: GatewayDep, key: BearerKey) -> None:
-    expected = gateway.settings.admin_key
-    if expected is None:
-        raise Unauthorized("the admin API is disabled: LORAFLEET_ADMIN_KEY is not set")
-    if not key or not secrets.compare_digest(key, expected.get_secret_value()):
+def _admin(request: Request) -> str:
+    """The admin actor the `Authenticate` middleware let through (it refuses every other key)."""
+    actor = getattr(request.state, "actor", None)
+    if actor is None:
         raise Unauthorized("invalid admin key")
+    return actor
 
 
 AdminKey = Depends(_admin)
+Actor = Annotated[str, Depends(_admin)]
+
+
+def release_connection(session: Session) -> None:
+    """End the session's read transaction, so its connection goes back to the pool while the request waits on
+    something else (an upload, the engine); the rows it loaded stay usable (expire_on_commit is off)."""
+    if not session.new and not session.dirty and not session.deleted:
+        session.commit()

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from lorafleet.adapters.catalog import AdapterVersion, Deployment, DriftCheck, InputSample, ValidationRun
 from lorafleet.adapters.registry import get_deployment, list_deployments
 from lorafleet.adapters.schemas import DriftCheckPublic, DriftHistory, DriftSampling, DriftStatus, ValidationRunPublic
-from lorafleet.serve.api.dependencies import CurrentTenant, GatewayDep, SessionDep
+from lorafleet.serve.api.dependencies import CurrentTenant, GatewayDep, SessionDep, release_connection
 from lorafleet.serve.drift.monitor import live_versions
 from lorafleet.serve.validation import require_validation_set
 
@@ -56,6 +56,7 @@ async def drift_check(deployment: str, gateway: GatewayDep, session: SessionDep,
     target = await run_in_threadpool(get_deployment, session, tenant, deployment)
     require_validation_set(target)
     gateway.engine.require_up()
+    release_connection(session)  # the replay takes a while: no connection held meanwhile
     runs = await gateway.drift.replay_deployment(target.id)
     return [await run_in_threadpool(_run_public, session, run) for run in runs]
 

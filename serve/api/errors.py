@@ -30,11 +30,11 @@ def error_response(status: int, message: str, type_: str, code: str | int | None
 
 async def _lorafleet_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, LorafleetError)
-    headers = None
+    headers = dict(exc.headers or {})
     if isinstance(exc, ServiceUnavailable):
         gateway = getattr(request.app.state, "gateway", None)
-        headers = {"Retry-After": str(gateway.settings.retry_after_s if gateway else exc.retry_after_s)}
-    return error_response(exc.status, exc.message, exc.type, exc.code, headers)
+        headers["Retry-After"] = str(gateway.settings.retry_after_s if gateway else exc.retry_after_s)
+    return error_response(exc.status, exc.message, exc.type, exc.code, headers or None)
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
@@ -45,7 +45,8 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    return error_response(exc.status_code, str(exc.detail), "invalid_request_error", None,
+    code = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+    return error_response(exc.status_code, str(exc.detail), "invalid_request_error", code.get(exc.status_code),
                           dict(exc.headers) if exc.headers else None)
 
 

@@ -84,6 +84,7 @@ async def forward_chat(engine: EngineClient, body: dict, route: Route, usage: Us
     finally:
         response.release()
     if response.status != 200:
+        content = engine.public_error(content)  # vLLM's messages may name server paths
         usage.error_code = _error_code(content)
         return Response(content, status_code=response.status, media_type="application/json", headers=route.headers)
     payload = json.loads(content)

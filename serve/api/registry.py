@@ -10,10 +10,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import JSONResponse
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from lorafleet.adapters.catalog import Adapter, AdapterVersion, Deployment
+from lorafleet.adapters.catalog import Adapter, AdapterVersion, Deployment, Tenant, TenantPolicy
 from lorafleet.adapters.registry import (
     delete_version,
     deployed_workload,
@@ -32,9 +33,11 @@ from lorafleet.adapters.schemas import (
     DeploymentPut,
     ValidationSetPublic,
 )
+from lorafleet.adapters.tenants import stored_usage
 from lorafleet.adapters.validate import ValidatedAdapter, validate_upload
-from lorafleet.serve.api.dependencies import CurrentTenant, Gateway, GatewayDep, SessionDep
+from lorafleet.serve.api.dependencies import CurrentTenant, Gateway, GatewayDep, SessionDep, release_connection
 from lorafleet.serve.engine.sizing import Workload
+from lorafleet.serve.limits import Limits, QuotaExceeded
 
 __all__ = ["router", "version_public", "deployment_public", "prepare_engine"]
 
@@ -66,33 +69,81 @@ async def prepare_engine(gateway: Gateway, session: Session, versions: Sequence[
     if not gateway.supervisor.serves_rank(max((v.rank for v in versions), default=0)):
         workload = Workload(*await run_in_threadpool(deployed_workload, session, versions))
         await gateway.supervisor.fit(workload)
+    release_connection(session)  # never held across the engine's work
     await gateway.engine.preload([v.digest for v in versions])
 
 
-def _validate_and_store(gateway: Gateway, upload: UploadFile) -> tuple[ValidatedAdapter, bool]:
+def _validate_and_store(gateway: Gateway, upload: UploadFile, scratch: Path) -> tuple[ValidatedAdapter, bool]:
     """Validate in a scratch folder, then move the canonical files into the store (atomic)."""
     settings = gateway.settings
-    with tempfile.TemporaryDirectory(dir=gateway.tmp_dir) as scratch:
-        archive = Path(scratch) / "upload"
-        with open(archive, "wb") as out:
-            shutil.copyfileobj(upload.file, out, 1024 * 1024)
-        validated = validate_upload(archive, Path(scratch) / "unpacked", gateway.spec,
-                                    max_rank=settings.accepted_lora_rank, max_bytes=settings.max_upload_bytes)
-        return validated, gateway.store.put(validated)
+    archive = scratch / "upload"
+    with open(archive, "wb") as out:
+        shutil.copyfileobj(upload.file, out, 1024 * 1024)
+    validated = validate_upload(archive, scratch / "unpacked", gateway.spec,
+                                max_rank=settings.accepted_lora_rank, max_bytes=settings.max_upload_bytes)
+    return validated, gateway.store.put(validated)
+
+
+def _drop_blob_if_unused(gateway: Gateway, session: Session, digest: str) -> bool:
+    """Remove the digest's blob if no version of any tenant uses it; whether it went. The last look happens
+    with the blob out of sight (see `lorafleet.adapters.store`), so a concurrent upload never loses it."""
+    if digest_in_use(session, digest):
+        return False
+    return gateway.store.delete(digest, keep=lambda: digest_in_use(session, digest))
+
+
+def _register_stored(gateway: Gateway, session: Session, tenant: Tenant, name: str, validated: ValidatedAdapter,
+                     stored_now: bool) -> tuple[AdapterVersion, bool]:
+    """Register an upload whose blob is stored; on failure, a blob stored for it alone goes again."""
+    try:
+        version, created = register_version(session, tenant, name, validated)
+    except BaseException:
+        session.rollback()
+        if stored_now:
+            _drop_blob_if_unused(gateway, session, validated.digest)  # nothing half-registered is left behind
+        raise
+    # Put again now that the version is committed: a delete of the digest's last other version may have removed
+    # the blob since the first put (a no-op when the blob is there).
+    gateway.store.put(validated)
+    return version, created
+
+
+def _check_storage_limits(gateway: Gateway, session: Session, tenant: Tenant, validated: ValidatedAdapter,
+                          stored_now: bool) -> None:
+    """429 (not to be retried) when one more version, or its bytes, would pass the tenant's storage limits; the
+    blob stored for this upload alone goes again. Content the tenant has already is not counted twice."""
+    policy = session.get(TenantPolicy, tenant.id)
+    limits = Limits.defaults(gateway.settings).overridden(policy.limits if policy else None)
+    count, size = stored_usage(session, tenant)
+    over = None
+    if limits.adapters and count >= limits.adapters:
+        over = f"tenant {tenant.name!r} stores {count} adapter versions, its limit of {limits.adapters}"
+    elif limits.adapter_bytes and size + validated.size_bytes > limits.adapter_bytes:
+        over = (f"this upload ({validated.size_bytes} bytes) would take tenant {tenant.name!r} past its limit of "
+                f"{limits.adapter_bytes} bytes of adapters stored ({size} used)")
+    have_it = select(AdapterVersion.id).join(Adapter).where(Adapter.tenant_id == tenant.id,
+                                                            AdapterVersion.digest == validated.digest)
+    if over is None or session.scalar(have_it) is not None:
+        release_connection(session)
+        return
+    if stored_now:
+        _drop_blob_if_unused(gateway, session, validated.digest)
+    raise QuotaExceeded(f"{over}: delete versions first, or ask the operator to raise it",
+                        code="storage_limit_exceeded")
 
 
 @router.post("/adapters", status_code=201)
 async def post_adapter(gateway: GatewayDep, session: SessionDep, tenant: CurrentTenant,
                        name: Annotated[str, Form()], file: Annotated[UploadFile, File()]) -> JSONResponse:
     """Upload a PEFT LoRA folder as .tar.gz or .zip; the same content twice returns the existing version."""
-    validated, stored_now = await run_in_threadpool(_validate_and_store, gateway, file)
+    scratch = Path(await run_in_threadpool(tempfile.mkdtemp, dir=gateway.tmp_dir))
     try:
-        version, created = await run_in_threadpool(register_version, session, tenant, name, validated)
-    except BaseException:
-        session.rollback()
-        if stored_now and not digest_in_use(session, validated.digest):
-            gateway.store.delete(validated.digest)  # nothing half-registered is left behind
-        raise
+        validated, stored_now = await run_in_threadpool(_validate_and_store, gateway, file, scratch)
+        await run_in_threadpool(_check_storage_limits, gateway, session, tenant, validated, stored_now)
+        version, created = await run_in_threadpool(_register_stored, gateway, session, tenant, name, validated,
+                                                   stored_now)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     body = version_public(version).model_dump(mode="json")
     return JSONResponse(body, status_code=201 if created else 200)
 
@@ -114,9 +165,8 @@ async def delete_adapter_version(name: str, number: int, gateway: GatewayDep, se
     version = await run_in_threadpool(resolve_version, session, tenant, f"{name}@{number}")
     public = version_public(version)
     await run_in_threadpool(delete_version, session, tenant, version)
-    if not digest_in_use(session, version.digest):
-        await gateway.engine.unload(version.digest)
-        gateway.store.delete(version.digest)
+    if await run_in_threadpool(_drop_blob_if_unused, gateway, session, version.digest):
+        await gateway.engine.unload(version.digest)  # a version uploaded since would only be loaded again
     return public
 
 

@@ -5,6 +5,7 @@ Everything is scoped to the caller's deployments: another tenant's deployment is
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import time
@@ -31,7 +32,7 @@ from lorafleet.adapters.schemas import (
     VariantPublic,
 )
 from lorafleet.serve.answer_format import check_format_spec
-from lorafleet.serve.api.dependencies import CurrentTenant, Gateway, GatewayDep, SessionDep
+from lorafleet.serve.api.dependencies import CurrentTenant, Gateway, GatewayDep, SessionDep, release_connection
 from lorafleet.serve.api.registry import deployment_public, prepare_engine
 from lorafleet.serve.rollouts import state as rollouts
 from lorafleet.serve.rollouts.state import AbStart, RolloutStart, active_rollout
@@ -108,9 +109,13 @@ def _command(session: Session, tenant: Tenant, deployment: str,
 
 # --- validation sets and answer formats ---
 
+_FILE_NAME = re.compile(r"[\w-][\w.-]{0,99}")  # the client's name, kept for the line numbers in errors
+
+
 def _store_validation(gateway: Gateway, upload: UploadFile, metric: str) -> tuple[str, int, int]:
     with tempfile.TemporaryDirectory(dir=gateway.tmp_dir) as scratch:
-        path = Path(scratch) / (upload.filename or "validation.jsonl").rsplit("/", 1)[-1]
+        name = (upload.filename or "").rsplit("/", 1)[-1]
+        path = Path(scratch) / (name if _FILE_NAME.fullmatch(name) else "validation.jsonl")  # never "..", "."
         with open(path, "wb") as out:
             shutil.copyfileobj(upload.file, out, 1024 * 1024)
         data, items = canonical_validation(path, metric)  # checks everything before anything is stored
@@ -288,6 +293,7 @@ async def evaluate_ab(deployment: str, gateway: GatewayDep, session: SessionDep,
     rollout = await run_in_threadpool(_latest, session, target, "ab")
     validation = require_validation_set(target)
     gateway.engine.require_up()
+    release_connection(session)  # the replays take a while: no connection held meanwhile
     items = await run_in_threadpool(read_items, gateway.validation_store.path(validation.digest))
     scores = {}
     for variant in rollout.variants:

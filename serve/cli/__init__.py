@@ -1,6 +1,7 @@
 """`lorafleet`: one CLI, one module per command group. Each command parses, calls one library function, and prints.
 
-- `server`    serve                      - `registry`  tenants, adapters, deployments, validation
+- `server`    serve                      - `registry`  adapters, deployments, validation
+- `tenants`   tenants (keys, limits), audit
 - `rollouts`  rollout, ab                - `drift`     drift
 - `training`  train, eval, quantize, tiny-model
 """
@@ -12,7 +13,7 @@ from typing import Annotated
 import typer
 
 from lorafleet import __version__
-from lorafleet.serve.cli import drift, registry, rollouts, server, training
+from lorafleet.serve.cli import drift, registry, rollouts, server, tenants, training
 from lorafleet.serve.cli.common import Commands
 
 __all__ = ["app"]
@@ -35,7 +36,8 @@ app.command()(server.serve)
 app.command("train")(training.train_command)
 app.command("eval")(training.eval_command)
 app.command("quantize")(training.quantize_command)
-app.add_typer(registry.tenants, name="tenants")
+app.add_typer(tenants.tenants, name="tenants")
+app.command("audit")(tenants.audit)
 app.add_typer(registry.adapters, name="adapters")
 app.add_typer(registry.deployments, name="deployments")
 app.add_typer(training.tiny, name="tiny-model")

@@ -1,4 +1,4 @@
-"""Tenants, adapters, deployments and validation sets: thin calls to the gateway's API."""
+"""Adapters, deployments and validation sets: thin calls to the gateway's API."""
 
 from __future__ import annotations
 
@@ -10,29 +10,14 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
-from lorafleet.serve.cli.common import DEFAULT_URL, AdminKey, ApiKey, Url, console, group
+from lorafleet.serve.cli.common import DEFAULT_URL, ApiKey, Url, console, group
 from lorafleet.serve.client import LorafleetClient
 
-__all__ = ['tenants', 'adapters', 'deployments', 'validation']
+__all__ = ['adapters', 'deployments', 'validation']
 
-tenants = group("Tenants (admin key).")
 adapters = group("Adapter versions (tenant key).")
 deployments = group("Deployments (tenant key).")
 validation = group("A deployment's fixed validation set (tenant key).")
-
-
-@tenants.command("create")
-def tenants_create(name: str, url: Url = DEFAULT_URL, admin_key: AdminKey = None) -> None:
-    """Create a tenant and print its API key (shown only once)."""
-    created = LorafleetClient(url, admin_key).create_tenant(name)
-    console.print(f"tenant [bold]{created['name']}[/bold] created; API key (store it now, it is not shown again):")
-    print(created["api_key"])
-
-
-@tenants.command("list")
-def tenants_list(url: Url = DEFAULT_URL, admin_key: AdminKey = None) -> None:
-    for name in LorafleetClient(url, admin_key).list_tenants():
-        print(name)
 
 
 @adapters.command("push")

@@ -24,6 +24,8 @@ def serve(
     home: Annotated[Optional[Path], typer.Option(help="State folder (catalog, adapters, logs).")] = None,
 ) -> None:
     """Run the gateway and its supervised vLLM engine."""
+    import os
+
     import uvicorn
 
     from lorafleet.serve.api.app import create_app
@@ -32,6 +34,7 @@ def serve(
     given = dict(base=base, quantize=quantize, quantize_group_size=group_size, host=host, port=port, home=home)
     overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     settings = Settings(**overrides)
+    os.umask(0o077)  # the state folder's files (catalog, adapters, logs) readable by their owner only
     try:
         settings.require_admin_key()
         application = create_app(settings)

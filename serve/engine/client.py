@@ -12,16 +12,25 @@ One policy for an engine that is down: work that needs an answer now (a chat req
 starts, undo) call `preload`, which registers it now when the engine is up and otherwise leaves it to the
 registration that follows every engine start; scheduled work (the rollout gate, validation replays) waits for
 the next tick.
+
+What the engine says goes to tenants without the server's paths: `public_engine_message` replaces every absolute
+path in an engine error text (vLLM names the adapter's folder when a load fails, and its tracebacks name its
+files) with `<path>`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
+import re
 import secrets
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import httpx
@@ -31,10 +40,15 @@ from lorafleet.adapters.store import AdapterStore
 from lorafleet.serve.engine.command import free_port
 from lorafleet.serve.metrics import Metrics
 
-__all__ = ["EngineClient", "EngineUnavailable", "AdapterLoadFailed", "map_engine_errors"]
+__all__ = ["EngineClient", "EngineUnavailable", "AdapterLoadFailed", "map_engine_errors", "public_engine_message"]
 
 
 _KEEPALIVE_S = 3.0
+_PLACEHOLDER = "<path>"
+# /a/b or deeper, but not a URL's path (after a host name or "//") unless a file URL; Windows: C:\a or C:/a
+_POSIX_PATH = r"(?:file://|(?<![\w.~/-]))(?:/[\w.~+@%-]+){2,}/?"
+_WINDOWS_PATH = r"(?<!\w)[A-Za-z]:(?:[\\/]+[^\\/\s\"'<>|:*?,;]+)+"
+_REST_OF_PATH = r"[^\s\"'`,;()\[\]<>]*"  # after a known folder: up to the end of its path
 
 
 class EngineUnavailable(ServiceUnavailable):
@@ -43,6 +57,37 @@ class EngineUnavailable(ServiceUnavailable):
 
 class AdapterLoadFailed(ServiceUnavailable):
     code = "adapter_load_failed"
+
+
+@functools.lru_cache(maxsize=8)
+def _path_pattern(private: tuple[str, ...]) -> re.Pattern[str]:
+    known = [re.escape(root) + _REST_OF_PATH for root in sorted(private, key=len, reverse=True)]
+    return re.compile("|".join([*known, _POSIX_PATH, _WINDOWS_PATH]))
+
+
+def public_engine_message(text: str, private: Iterable[str] = ()) -> str:
+    """`text` with every absolute filesystem path replaced by `<path>`; paths under the `private` folders (home,
+    store, base model) are found by those folders' names, so even with a space in them."""
+    return _path_pattern(tuple(private)).sub(_PLACEHOLDER, text)
+
+
+def _scrubbed(value: Any, private: tuple[str, ...]) -> Any:
+    if isinstance(value, str):
+        return public_engine_message(value, private)
+    if isinstance(value, list):
+        return [_scrubbed(item, private) for item in value]
+    if isinstance(value, dict):
+        return {key: _scrubbed(item, private) for key, item in value.items()}
+    return value
+
+
+def _local_folders(paths: Iterable[str | Path]) -> tuple[str, ...]:
+    """The absolute forms, as given and resolved, of those `paths` that are folders here (a hub id is not)."""
+    folders: set[str] = set()
+    for path in map(Path, paths):
+        if path.is_dir():
+            folders |= {str(p) for p in (path, path.resolve()) if p.is_absolute() and p != Path(p.anchor)}
+    return tuple(sorted(folders))
 
 
 @contextlib.contextmanager
@@ -57,9 +102,12 @@ def map_engine_errors() -> Iterator[None]:
 class EngineClient:
     """The engine's private address and bearer token, whether it is up, and the adapter digests it knows."""
 
-    def __init__(self, store: AdapterStore, metrics: Metrics, port: int = 0, url: str = "", token: str = "") -> None:
-        """A supervised engine on a private loopback `port`, or one already running at `url` with its `token`."""
+    def __init__(self, store: AdapterStore, metrics: Metrics, port: int = 0, url: str = "", token: str = "",
+                 private_paths: Iterable[str | Path] = ()) -> None:
+        """A supervised engine on a private loopback `port`, or one already running at `url` with its `token`;
+        `private_paths` (the gateway's home, the base model) never appear in what tenants are told."""
         self.store = store
+        self.private_paths = _local_folders([*private_paths, store.local_path("_").parent])
         self.metrics = metrics
         self.port = port or free_port()
         self.url = url.rstrip("/") or f"http://127.0.0.1:{self.port}"
@@ -93,6 +141,22 @@ class EngineClient:
         self._up.clear()
         self._loaded.clear()
         self.metrics.engine_up.set(0)
+
+    def public_error(self, raw: bytes) -> bytes:
+        """An engine error body (OpenAI-shaped JSON, else text) without server paths, for a tenant."""
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            return public_engine_message(raw.decode(errors="replace"), self.private_paths).encode()
+        return json.dumps(_scrubbed(payload, self.private_paths)).encode()
+
+    def _error_text(self, response: httpx.Response) -> str:
+        """The message of an engine error answer (its text when it is not OpenAI-shaped), without paths."""
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text
+        return public_engine_message(str(message), self.private_paths)[:300]
 
     async def post_chat(self, body: bytes) -> aiohttp.ClientResponse:
         """POST a chat completion (JSON bytes); the caller reads and releases the response.
@@ -139,7 +203,8 @@ class EngineClient:
                 response = await self.http.post("/v1/load_lora_adapter", json={"lora_name": digest, "lora_path": path})
             if response.status_code != 200 and "already been loaded" not in response.text:
                 self.metrics.adapter_loads.labels("failed").inc()
-                raise AdapterLoadFailed(f"the engine could not load adapter {digest[:12]}: {response.text[:300]}")
+                raise AdapterLoadFailed(f"the engine could not load adapter {digest[:12]}: "
+                                        f"{self._error_text(response)}")
             self.metrics.adapter_loads.labels("ok").inc()
             self.metrics.adapter_load_seconds.observe(time.perf_counter() - t0)
             self._loaded.add(digest)

@@ -25,14 +25,15 @@ def engine_command(settings: Settings, port: int, token: str, cuda: bool, quanti
     (default: derived for this machine with nothing deployed, values that `settings` fix kept)."""
     sizing = sizing or sizing_for(settings, cuda, quantization.dtype or settings.dtype)
     python = settings.engine_python or sys.executable
-    # "--api-key=…": a random token may start with "-", which argparse would read as an option
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", settings.base,
-           "--served-model-name", SERVED_BASE_NAME, "--host", "127.0.0.1", "--port", str(port), f"--api-key={token}",
-           "--enable-lora", "--max-lora-rank", str(sizing.max_lora_rank), "--max-loras", str(sizing.max_loras),
+           "--served-model-name", SERVED_BASE_NAME, "--host", "127.0.0.1", "--port", str(port), "--enable-lora",
+           "--max-lora-rank", str(sizing.max_lora_rank), "--max-loras", str(sizing.max_loras),
            "--max-cpu-loras", str(sizing.max_cpu_loras), "--max-model-len", str(settings.max_model_len),
            "--max-num-seqs", str(sizing.max_num_seqs), "--dtype", quantization.dtype or settings.dtype,
            "--disable-uvicorn-access-log", *quantization.engine_args]
-    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    # the token goes in the environment, which only its owner (and root) can read, not in argv, which every
+    # local user can (/proc/<pid>/cmdline, ps); vLLM reads VLLM_API_KEY when --api-key is not given
+    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_API_KEY": token}
     if not cuda:  # CPU settings measured in shared/env-notes.md
         cmd += ["--enforce-eager", "--gpu-memory-utilization", str(settings.cpu_memory_fraction)]
         env["VLLM_CPU_KVCACHE_SPACE"] = str(sizing.kvcache_gib)

@@ -4,6 +4,20 @@ Only the gateway talks to it (it holds a random bearer token), so vLLM's runtime
 reachable by clients. The supervisor restarts it when it exits or stops answering, or with a new sizing when
 deployments need a larger max LoRA rank (`fit`); after each start its `on_ready` hook (given at construction)
 re-registers the adapters that deployments need.
+
+The engine's state (`EngineSupervisor.state`; in /readyz, /admin/engine and `lorafleet_engine_state`):
+
+    starting     the first engine process (or one with a new sizing) is launched and not answering yet
+    up           the engine answers; requests are served
+    restarting   the engine went down or a start failed; the next start follows a growing back-off
+    crash_loop   `_CRASH_LOOP_AFTER` starts in a row failed; starts go on, at the longest back-offs
+    unreachable  an engine this gateway did not start (`engine_url`) does not answer
+    stopped      the gateway is shutting down
+
+A start fails when the process cannot be run, exits or does not answer within `engine_start_timeout_s`, or
+goes down within `_STABLE_UP_S` of answering. An unexpected error inside supervision is logged with its
+traceback, counted (`lorafleet_engine_supervision_errors`) and taken as the engine going down: supervision only
+ends when the gateway stops it.
 """
 
 from __future__ import annotations
@@ -25,12 +39,15 @@ from lorafleet.serve.engine.sizing import EngineSizing, Workload, derive_sizing
 from lorafleet.serve.metrics import Metrics
 from lorafleet.serve.settings import Settings
 
-__all__ = ["EngineSupervisor"]
+__all__ = ["EngineSupervisor", "ENGINE_STATES"]
 
 log = logging.getLogger("lorafleet.engine")
 _HEALTH_INTERVAL_S = 5.0
 _HEALTH_FAILURES_BEFORE_RESTART = 3
 _RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+_CRASH_LOOP_AFTER = 3  # failed starts in a row
+_STABLE_UP_S = 60.0  # an engine that goes down sooner after answering has not really started
+ENGINE_STATES = ("starting", "up", "restarting", "crash_loop", "unreachable", "stopped")
 
 
 def _signal_group(pgid: int, signum: int) -> None:
@@ -53,15 +70,26 @@ class EngineSupervisor:
         self.quantization = quantization
         self.on_ready = on_ready
         self.process: asyncio.subprocess.Process | None = None
-        self.starts = 0
+        self.starts = 0  # engine processes launched
         self.last_start_s: float | None = None
+        self.state = "starting"
+        self.failed_starts = 0  # in a row; back to 0 once an engine stays up `_STABLE_UP_S`
+        self.last_exit_code: int | None = None  # of the last engine process that exited by itself
+        self.last_error: str | None = None  # why the engine last went down or failed to start
+        self._up_since: float | None = None  # monotonic time the running engine started answering
         self._task: asyncio.Task | None = None
         self._resized = asyncio.Event()  # set by `resize`: the running process is replaced
+        self._set_state("starting")
 
     async def start(self) -> None:
         if not self.settings.engine_url:
             log.info("engine: %s", self.sizing.describe())
         self._task = asyncio.create_task(self._supervise(), name="engine-supervisor")
+
+    def status(self) -> dict[str, str | int | None]:
+        """The engine's state, failed starts in a row, and why it last went down (for /admin/engine)."""
+        return {"engine_state": self.state, "failed_starts": self.failed_starts,
+                "last_exit_code": self.last_exit_code, "last_error": self.last_error}
 
     def serves_rank(self, rank: int) -> bool:
         """Whether adapters of this rank load on the engine as sized (an attached engine is taken as it is)."""
@@ -94,44 +122,80 @@ class EngineSupervisor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self._terminate()
+        self._set_state("stopped")
         await self.client.aclose()
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        for name in ENGINE_STATES:  # every state has a series: 1 for the current one
+            self.metrics.engine_state.labels(name).set(1 if name == state else 0)
+
+    def _supervision_failed(self, doing: str, exc: Exception) -> None:
+        """A bug or an unforeseen failure: say so loudly, and carry on as if the engine went down."""
+        self.metrics.engine_supervision_errors.inc()
+        self.last_error = f"{doing}: {type(exc).__name__}: {exc}"
+        log.error("engine supervision failed while %s; the engine counts as down", doing, exc_info=exc)
 
     async def _supervise(self) -> None:
         if self.settings.engine_url:
             return await self._attach()
-        failures = 0
         while True:
             self._resized.clear()  # this launch uses the sizing as it is now
-            started = await self._launch()
-            if started:
-                failures = 0
-                await self._watch()
+            self._up_since = None
+            try:
+                await self._run_once()
+            except Exception as exc:
+                self._supervision_failed("running the engine", exc)
             self.client.mark_down()
-            await self._terminate()
+            try:
+                await self._terminate()
+            except Exception as exc:
+                self._supervision_failed("stopping the engine", exc)
             if self._resized.is_set():  # asked for, not a failure: start the new one now
+                self._set_state("starting")
                 continue
-            delay = _RESTART_BACKOFF_S[min(failures, len(_RESTART_BACKOFF_S) - 1)]
-            failures += 1
-            self.metrics.engine_restarts.inc()
-            log.warning("engine down; restarting in %.0f s (see %s)", delay, self.log_path)
-            await asyncio.sleep(delay)
+            await self._back_off()
+
+    async def _run_once(self) -> None:
+        """Launch one engine process and watch it until it goes down."""
+        if await self._launch():
+            self._up_since = time.monotonic()
+            await self._watch()
+
+    async def _back_off(self) -> None:
+        """Count the failed start (if it was one), show the state, and wait before the next start."""
+        if self._up_since is None or time.monotonic() - self._up_since < _STABLE_UP_S:
+            self.failed_starts += 1
+            self.metrics.engine_failed_starts.set(self.failed_starts)
+        self._set_state("crash_loop" if self.failed_starts >= _CRASH_LOOP_AFTER else "restarting")
+        delay = _RESTART_BACKOFF_S[min(max(self.failed_starts - 1, 0), len(_RESTART_BACKOFF_S) - 1)]
+        self.metrics.engine_restarts.inc()
+        log.warning("engine down (%s, %d failed starts in a row); restarting in %.0f s (see %s)",
+                    self.last_error, self.failed_starts, delay, self.log_path)
+        await asyncio.sleep(delay)
 
     async def _launch(self) -> bool:
+        """Start an engine process and wait until it answers; False when it cannot run, exits or times out."""
         cmd, env = engine_command(self.settings, self.client.port, self.client.token, self.hardware.gpu is not None,
                                   self.quantization, self.sizing)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        with open(self.log_path, "ab") as logfile:
-            self.process = await asyncio.create_subprocess_exec(*cmd, env=env, stdout=logfile, stderr=logfile,
-                                                                stdin=asyncio.subprocess.DEVNULL,
-                                                                **engine_process_options(self.settings))
+        try:
+            with open(self.log_path, "ab") as logfile:
+                self.process = await asyncio.create_subprocess_exec(*cmd, env=env, stdout=logfile, stderr=logfile,
+                                                                    stdin=asyncio.subprocess.DEVNULL,
+                                                                    **engine_process_options(self.settings))
+        except OSError as exc:  # e.g. LORAFLEET_ENGINE_PYTHON names no executable
+            self.last_error = f"cannot run {cmd[0]}: {exc}"
+            log.error("engine could not be started: %s", self.last_error)
+            return False
         self.starts += 1
         log.info("engine pid %d starting on 127.0.0.1:%d (log: %s)", self.process.pid, self.client.port,
                  self.log_path)
         deadline = t0 + self.settings.engine_start_timeout_s
         while time.perf_counter() < deadline:
             if self.process.returncode is not None:
-                log.error("engine exited with %s during start (see %s)", self.process.returncode, self.log_path)
+                self._exited(f"exited with {self.process.returncode} during start")
                 return False
             if await self.client.healthy():
                 self.last_start_s = time.perf_counter() - t0
@@ -140,11 +204,21 @@ class EngineSupervisor:
                 await self._became_ready()
                 return True
             await asyncio.sleep(0.5)
-        log.error("engine not ready after %.0f s", self.settings.engine_start_timeout_s)
+        self.last_error = f"not ready after {self.settings.engine_start_timeout_s:.0f} s"
+        log.error("engine %s", self.last_error)
         return False
+
+    def _exited(self, what: str) -> None:
+        """The engine process ended by itself: keep its exit code."""
+        assert self.process is not None
+        self.last_exit_code = code = self.process.returncode
+        self.metrics.engine_last_exit_code.set(code if code is not None else 0)
+        self.last_error = what
+        log.error("engine %s (see %s)", what, self.log_path)
 
     async def _became_ready(self) -> None:
         self.client.mark_up()
+        self._set_state("up")
         if self.on_ready:
             try:
                 await self.on_ready()
@@ -156,14 +230,26 @@ class EngineSupervisor:
         comes (back) up."""
         log.info("attached to the engine at %s", self.client.url)
         while True:
-            healthy = await self.client.healthy()
-            if healthy and not self.client.up:
-                log.info("engine at %s is up", self.client.url)
-                await self._became_ready()
-            elif not healthy and self.client.up:
+            try:
+                delay = _HEALTH_INTERVAL_S if await self._follow_attached() else 0.5
+            except Exception as exc:
+                self._supervision_failed("checking the attached engine", exc)
                 self.client.mark_down()
-                log.warning("engine at %s stopped answering", self.client.url)
-            await asyncio.sleep(_HEALTH_INTERVAL_S if healthy else 0.5)
+                self._set_state("unreachable")
+                delay = _HEALTH_INTERVAL_S  # not every half second: the same error would flood the log
+            await asyncio.sleep(delay)
+
+    async def _follow_attached(self) -> bool:
+        """One health check of the attached engine; True when it answers."""
+        healthy = await self.client.healthy()
+        if healthy and not self.client.up:
+            log.info("engine at %s is up", self.client.url)
+            await self._became_ready()
+        elif not healthy and self.state != "unreachable":
+            self.client.mark_down()
+            self._set_state("unreachable")
+            log.warning("engine at %s does not answer", self.client.url)
+        return healthy
 
     async def _watch(self) -> None:
         """Return when the process exits, stops answering health checks, or `resize` replaces it."""
@@ -178,13 +264,21 @@ class EngineSupervisor:
                     log.info("stopping engine pid %d for its new sizing", self.process.pid)
                     return
                 if exited.done():
-                    log.error("engine exited with code %s", self.process.returncode)
+                    self._exited(f"exited with code {self.process.returncode}")
                     return
                 misses = 0 if await self.client.healthy() else misses + 1
-            log.error("engine failed %d health checks in a row", misses)
+                self._note_stable()
+            self.last_error = f"failed {misses} health checks in a row"
+            log.error("engine %s", self.last_error)
         finally:
             exited.cancel()
             resized.cancel()
+
+    def _note_stable(self) -> None:
+        """An engine up for `_STABLE_UP_S` ends the run of failed starts."""
+        if self.failed_starts and self._up_since is not None and time.monotonic() - self._up_since >= _STABLE_UP_S:
+            self.failed_starts = 0
+            self.metrics.engine_failed_starts.set(0)
 
     async def _terminate(self) -> None:
         """Stop the engine and every process it started. A crashed API server leaves vLLM's engine-core and

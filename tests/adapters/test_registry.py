@@ -2,24 +2,38 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from sqlalchemy import func, select
 
-from lorafleet.adapters.catalog import open_catalog
+from lorafleet.adapters.catalog import (
+    AdapterVersion,
+    DriftCheck,
+    Rollout,
+    Tenant,
+    ValidationRun,
+    ValidationSet,
+    open_catalog,
+)
 from lorafleet.adapters.errors import Conflict, InvalidRequest, NotFound, Unauthorized
 from lorafleet.adapters.registry import (
     authenticate,
     create_tenant,
     delete_version,
     deployed_digests,
+    digest_in_use,
     get_deployment,
     list_adapters,
     register_version,
     resolve_version,
     set_deployment,
 )
-from lorafleet.adapters.validate import ValidatedAdapter
+from lorafleet.adapters.store import open_store
+from lorafleet.adapters.validate import CONFIG_FILE, WEIGHTS_FILE, ValidatedAdapter
+from lorafleet.serve.api.registry import _drop_blob_if_unused, _register_stored
 
 
 def _validated(digest_char: str) -> ValidatedAdapter:
@@ -114,3 +128,177 @@ def test_deployment_is_scoped_to_its_tenant(session):
     assert get_deployment(session, acme, "invoice").stable.digest == "a" * 64
     with pytest.raises(NotFound):
         get_deployment(session, globex, "invoice")
+
+
+# --- concurrent uploads and deletes: real SQLite file, real threads, each with its own session ---
+
+def _in_threads(sessions, *work) -> list:
+    """Run each `work(session)` in its own thread, all released at once; return results (or exceptions)."""
+    start = threading.Barrier(len(work))
+    results: list = [None] * len(work)
+
+    def run(i: int) -> None:
+        with sessions() as s:
+            start.wait()
+            try:
+                results[i] = work[i](s)
+            except Exception as exc:  # noqa: BLE001 (the test asserts on it)
+                results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(work))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return results
+
+
+@pytest.fixture
+def sessions(tmp_path):
+    return open_catalog(f"sqlite:///{tmp_path / 'catalog.db'}")[1]
+
+
+def _tenant(sessions, name: str = "acme") -> Tenant:
+    with sessions() as s:
+        return create_tenant(s, name)[0]
+
+
+@pytest.mark.parametrize("existing_adapter", [False, True])
+def test_concurrent_identical_uploads_give_one_version(sessions, existing_adapter):
+    tenant = _tenant(sessions)
+    if existing_adapter:
+        with sessions() as s:
+            register_version(s, tenant, "ext", _validated("0"))
+    for round_ in range(5):
+        digest = "abcdef"[round_]
+        results = _in_threads(sessions, *[lambda s, d=digest: register_version(s, tenant, "ext", _validated(d))] * 4)
+        assert not [r for r in results if isinstance(r, Exception)], results
+        assert sorted(created for _, created in results) == [False, False, False, True]
+        assert len({version.id for version, _ in results}) == 1
+    with sessions() as s:
+        numbers = [v.version for v in resolve_version(s, tenant, "ext").adapter.versions]
+    assert numbers == list(range(1, 6 + existing_adapter))
+
+
+@pytest.mark.parametrize("existing_adapter", [False, True])
+def test_concurrent_different_uploads_get_distinct_numbers(sessions, existing_adapter):
+    tenant = _tenant(sessions)
+    if existing_adapter:
+        with sessions() as s:
+            register_version(s, tenant, "ext", _validated("0"))
+    results = _in_threads(sessions, *[lambda s, d=d: register_version(s, tenant, "ext", _validated(d))
+                                      for d in "abc"])
+    assert not [r for r in results if isinstance(r, Exception)], results
+    assert all(created for _, created in results)
+    assert sorted(v.version for v, _ in results) == [1 + existing_adapter, 2 + existing_adapter, 3 + existing_adapter]
+
+
+def _history(session, version, deployment) -> None:
+    session.add(ValidationRun(deployment_id=deployment.id, version_id=version.id,
+                              validation_set_id=deployment.validation_set_id, variant="stable", kind="baseline",
+                              at=0.0, engine="test", score=1.0, scores=[1.0], outputs=["x"], output_tokens=[1],
+                              exact_match_rate=1.0))
+    session.add(DriftCheck(deployment_id=deployment.id, version_id=version.id, variant="all", kind="input", at=0.0,
+                           look=1, p=0.5, q=0.5, drifted=False))
+    session.commit()
+
+
+def test_version_with_recorded_history_is_kept_with_a_409_naming_it(session):
+    tenant, _ = create_tenant(session, "acme")
+    v1, _ = register_version(session, tenant, "ext", _validated("a"))
+    v2, _ = register_version(session, tenant, "ext", _validated("b"))
+    deployment = set_deployment(session, tenant, "invoice", v1)
+    deployment.validation_set = ValidationSet(tenant_id=tenant.id, digest="f" * 64, metric="exact_match", items=1,
+                                              size_bytes=1)
+    session.commit()
+    _history(session, v1, deployment)
+    set_deployment(session, tenant, "invoice", v2)  # v1 is no longer served, only remembered
+    with pytest.raises(Conflict, match=r"ext@1 is referred to by its recorded history \(1 validation runs, "
+                                       r"1 drift checks\)") as refused:
+        delete_version(session, tenant, v1)
+    assert refused.value.code == "version_has_history"
+    assert resolve_version(session, tenant, "ext@1").id == v1.id  # nothing changed
+    assert session.scalar(select(func.count()).select_from(ValidationRun)) == 1
+
+
+def test_version_named_only_by_a_finished_rollout_can_be_deleted(session):
+    tenant, _ = create_tenant(session, "acme")
+    v1, _ = register_version(session, tenant, "ext", _validated("a"))
+    v2, _ = register_version(session, tenant, "ext", _validated("b"))
+    deployment = set_deployment(session, tenant, "invoice", v2)
+    session.add(Rollout(deployment_id=deployment.id, kind="canary", phase="Aborted", salt="s", created_by="t",
+                        created_at=0.0, finished_at=1.0,
+                        variants=[{"label": "stable", "version_id": v2.id, "digest": v2.digest, "ref": "ext@2",
+                                   "weight": 100}, {"label": "candidate", "version_id": v1.id,
+                                                    "digest": v1.digest, "ref": "ext@1", "weight": 0}]))
+    session.commit()
+    delete_version(session, tenant, v1)
+    with pytest.raises(NotFound):
+        resolve_version(session, tenant, "ext@1")
+
+
+def test_concurrent_deletes_of_one_version_are_one_200_and_one_404(sessions):
+    tenant = _tenant(sessions)
+    with sessions() as s:
+        register_version(s, tenant, "ext", _validated("a"))
+
+    def delete(s) -> str:
+        delete_version(s, tenant, resolve_version(s, tenant, "ext@1"))
+        return "deleted"
+
+    results = _in_threads(sessions, delete, delete)
+    assert results.count("deleted") == 1
+    assert all(r == "deleted" or isinstance(r, NotFound) for r in results), results
+
+
+def _stored(tmp_path: Path, digest_char: str) -> ValidatedAdapter:
+    folder = tmp_path / f"upload-{digest_char}"
+    folder.mkdir(exist_ok=True)
+    (folder / CONFIG_FILE).write_text("{}")
+    (folder / WEIGHTS_FILE).write_bytes(b"weights")
+    return ValidatedAdapter(path=folder, digest=digest_char * 64, rank=8, alpha=16.0, target_modules=("q_proj",),
+                            size_bytes=7)
+
+
+def test_blob_survives_a_delete_racing_an_identical_upload_of_another_tenant(sessions, tmp_path):
+    store = open_store(f"file://{tmp_path / 'adapters'}")
+    gateway = SimpleNamespace(store=store)
+    acme, globex = _tenant(sessions, "acme"), _tenant(sessions, "globex")
+    for round_, char in enumerate("0123456789abcdef" * 2):
+        upload = _stored(tmp_path, char)
+        with sessions() as s:  # acme's version of D, about to be deleted
+            store.put(upload)
+            register_version(s, acme, f"a{round_}", upload)
+
+        def delete(s, name=f"a{round_}") -> bool:
+            version = resolve_version(s, acme, name)
+            delete_version(s, acme, version)
+            return _drop_blob_if_unused(gateway, s, version.digest)
+
+        def upload_same(s, upload=upload, name=f"g{round_}") -> AdapterVersion:  # the route's steps, in order
+            return _register_stored(gateway, s, globex, name, upload, store.put(upload))[0]
+
+        removed, version = _in_threads(sessions, delete, upload_same)
+        assert not isinstance(removed, Exception) and not isinstance(version, Exception), (removed, version)
+        assert store.exists(version.digest), f"round {round_}: globex's version has no blob"
+        with sessions() as s:
+            delete_version(s, globex, resolve_version(s, globex, f"g{round_}"))
+            assert _drop_blob_if_unused(gateway, s, upload.digest) is True
+        assert not store.exists(upload.digest)
+        assert [p.name for p in store.root.iterdir() if p.name.startswith(".")] == []  # no trash left
+
+
+def test_blob_comes_back_when_a_version_appears_while_it_is_out_of_sight(sessions, tmp_path):
+    store = open_store(f"file://{tmp_path / 'adapters'}")
+    upload = _stored(tmp_path, "a")
+    store.put(upload)
+    tenant = _tenant(sessions)
+
+    def version_appears() -> bool:  # another tenant's upload commits between the two looks
+        with sessions() as s:
+            register_version(s, tenant, "ext", upload)
+            return digest_in_use(s, upload.digest)
+
+    assert store.delete(upload.digest, keep=version_appears) is False
+    assert store.exists(upload.digest)
+    assert store.delete(upload.digest) is True and not store.exists(upload.digest)

@@ -1,4 +1,4 @@
-"""Pure gateway logic: image URL policy, bounded metric labels, engine command line, settings."""
+"""Pure gateway logic: bounded metric labels, engine command line, settings."""
 
 from __future__ import annotations
 
@@ -8,33 +8,11 @@ import sys
 
 import pytest
 
-from lorafleet.adapters.errors import InvalidRequest
-from lorafleet.serve.api.chat import check_image_urls
 from lorafleet.serve.engine.command import engine_command, engine_process_options
 from lorafleet.serve.engine.hardware import Quantization
 from lorafleet.serve.engine.sizing import GIB, EngineSizing, Machine, ModelShape, Workload, derive_sizing
 from lorafleet.serve.metrics import OTHER, Metrics
 from lorafleet.serve.settings import Settings
-
-
-def _body(url: str) -> dict:
-    return {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                                    {"type": "text", "text": "hi"}]}]}
-
-
-def test_data_url_images_are_accepted():
-    check_image_urls(_body("data:image/png;base64,AAAA"), allow_remote=False)
-
-
-def test_remote_images_are_refused_unless_allowed():
-    with pytest.raises(InvalidRequest, match="remote image URLs are disabled"):
-        check_image_urls(_body("https://example.com/cat.png"), allow_remote=False)
-    check_image_urls(_body("https://example.com/cat.png"), allow_remote=True)
-
-
-def test_local_file_urls_are_always_refused():
-    with pytest.raises(InvalidRequest, match="unsupported image URL scheme"):
-        check_image_urls(_body("file:///etc/passwd"), allow_remote=True)
 
 
 def test_metric_labels_fold_into_other_past_the_budget():
@@ -53,12 +31,13 @@ def _sizing(settings: Settings, gpu: bool = False, workload: Workload = Workload
 
 def test_engine_command_uses_cpu_settings_without_cuda():
     settings = Settings(base="/m", max_lora_rank=16, cpu_kvcache_gib=2)
-    cmd, env = engine_command(settings, 9000, "tok", False, Quantization("none"), _sizing(settings))
+    cmd, env = engine_command(settings, 9000, "-s3cret", False, Quantization("none"), _sizing(settings))
     assert cmd[cmd.index("--max-lora-rank") + 1] == "16" and "--enable-lora" in cmd
     assert "--enforce-eager" in cmd and env["VLLM_CPU_KVCACHE_SPACE"] == "2"
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"  # the engine is never reachable from outside
-    assert "--api-key=tok" in cmd  # one argument: a token starting with "-" is not read as an option
+    # the token is in the environment (readable by the owner only), not in argv (readable by every local user)
+    assert env["VLLM_API_KEY"] == "-s3cret" and not any("s3cret" in arg or "api-key" in arg for arg in cmd)
 
 
 def test_engine_command_leaves_gpu_defaults_with_cuda():

@@ -117,6 +117,28 @@ def test_remote_image_urls_are_refused_by_default(two_tenants):
     assert_openai_error(response, 400, "remote image URLs are disabled")
 
 
+def test_over_limit_images_and_other_media_get_400_and_the_server_still_answers(two_tenants):
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("1", (5000, 5000)).save(buffer, "PNG")  # 25 MP in a few KB: over the default 16 MP
+    bomb_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    bomb = {"type": "image_url", "image_url": {"url": bomb_url}}
+    image = image_messages()[0]["content"][0]
+    video = {"type": "video_url", "video_url": {"url": "http://127.0.0.1:1/v.mp4"}}
+    with two_tenants[0].http() as http:
+        for parts, code in (([bomb], "image_too_many_pixels"), ([image] * 9, "too_many_images"),
+                            ([video], "unsupported_content_part")):
+            response = http.post("/v1/chat/completions", json={"model": "assistant", "max_tokens": 2, "messages": [
+                {"role": "user", "content": [*parts, {"type": "text", "text": "hi"}]}]})
+            assert assert_openai_error(response, 400)["code"] == code
+    # refused before the engine saw them: it answers the next request as ever
+    assert _greedy(two_tenants[0].openai(), "assistant", image_messages()) is not None
+
+
 @pytest.mark.parametrize("body, phrase", [(b"{not json", "not valid JSON"), (b"[]", "JSON object"),
                                           (b'{"messages": []}', "'model' is required")])
 def test_malformed_chat_bodies_get_400(two_tenants, body, phrase):

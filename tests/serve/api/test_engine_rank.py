@@ -14,7 +14,9 @@ from lorafleet.adapters.registry import create_tenant, register_version
 from lorafleet.adapters.validate import ValidatedAdapter
 from lorafleet.serve.api import registry, rollouts
 from lorafleet.serve.api.errors import install_error_handlers
+from lorafleet.serve.api.guard import Authenticate
 from lorafleet.serve.engine.sizing import Workload
+from lorafleet.serve.route_cache import RouteCache
 from tests.helpers import assert_openai_error
 from tests.serve.engine.test_resize import supervisor_for
 
@@ -31,7 +33,8 @@ def _app(tmp_path: Path, **settings) -> tuple[FastAPI, str]:
     supervisor = supervisor_for(tmp_path, Workload(), **settings)  # its engine is not running
     app = FastAPI()
     app.state.gateway = SimpleNamespace(settings=supervisor.settings, sessions=sessions, supervisor=supervisor,
-                                        engine=supervisor.client)
+                                        engine=supervisor.client, routes=RouteCache(sessions, 0.0))
+    app.add_middleware(Authenticate, gateway=app.state.gateway)
     install_error_handlers(app)
     app.include_router(registry.router)
     app.include_router(rollouts.router)

@@ -1,0 +1,124 @@
+"""What every request passes before any route sees it: authentication from its headers alone, then a bound on its
+body, both as ASGI middleware, so nothing of an unauthenticated or oversized body is read, parsed or stored.
+
+- `/v1/...` needs a live tenant key (the tenant's snapshot is put in `request.state.tenant`), `/admin/...` the
+  admin key (its actor name in `request.state.actor`); `/metrics` the admin or the metrics token (or its own
+  listener). A malformed `Authorization` header (another scheme, empty, non-ASCII) is a 401 like a wrong key.
+- Bodies are bounded by their `Content-Length` and, for chunked bodies, by counting as they arrive.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lorafleet.adapters.errors import LorafleetError, Unauthorized
+from lorafleet.serve.api.errors import error_response
+from lorafleet.serve.gateway import Gateway
+
+__all__ = ["Authenticate", "BodyLimit", "bearer_from_headers", "admin_actor", "UPLOAD_PATHS"]
+
+# The routes whose bodies are uploads (adapter archives, validation sets): bounded by max_upload_bytes.
+UPLOAD_PATHS = re.compile(r"^/v1/(adapters|deployments/[^/]+/validation)/?$")
+_PRINTABLE_ASCII = re.compile(rb"^[\x21-\x7e]+$")
+
+
+def bearer_from_headers(headers: list[tuple[bytes, bytes]]) -> str:
+    """The key of an `Authorization: Bearer <key>` header; Unauthorized for anything else."""
+    values = [v for k, v in headers if k == b"authorization"]
+    if not values or not values[0].strip():
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    scheme, _, token = values[0].strip().partition(b" ")
+    if scheme.lower() != b"bearer":
+        raise Unauthorized("use 'Authorization: Bearer <key>'; other schemes are not accepted")
+    token = token.strip()
+    if not _PRINTABLE_ASCII.match(token):
+        raise Unauthorized("invalid API key" if token else "missing API key: send 'Authorization: Bearer <key>'")
+    return token.decode("ascii")
+
+
+def admin_actor(scope: Scope) -> str:
+    client = scope.get("client")
+    return f"admin@{client[0]}" if client else "admin"
+
+
+def _matches(token: str, secret: str | None) -> bool:
+    return secret is not None and hmac.compare_digest(token.encode(), secret.encode())
+
+
+class Authenticate:
+    """401 before the route runs (and before its body is read) unless the request carries the right key."""
+
+    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
+        self.app = app
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path: str = scope["path"]
+        try:
+            if path.startswith("/v1/"):
+                key = bearer_from_headers(scope["headers"])
+                scope.setdefault("state", {})["tenant"] = await self.gateway.routes.tenant(key)
+            elif path == "/admin" or path.startswith("/admin/"):
+                self._admin(bearer_from_headers(scope["headers"]))
+                scope.setdefault("state", {})["actor"] = admin_actor(scope)
+            elif path == "/metrics":
+                self._metrics(bearer_from_headers(scope["headers"]))
+        except LorafleetError as exc:
+            response = error_response(exc.status, exc.message, exc.type, exc.code,
+                                      {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _admin(self, token: str) -> None:
+        expected = self.gateway.settings.admin_key
+        if expected is None:
+            raise Unauthorized("the admin API is disabled: LORAFLEET_ADMIN_KEY is not set")
+        if not _matches(token, expected.get_secret_value()):
+            raise Unauthorized("invalid admin key")
+
+    def _metrics(self, token: str) -> None:
+        settings = self.gateway.settings
+        secrets = [s.get_secret_value() for s in (settings.admin_key, settings.metrics_token) if s is not None]
+        if not any(_matches(token, secret) for secret in secrets):
+            raise Unauthorized("/metrics needs the metrics token (LORAFLEET_METRICS_TOKEN) or the admin key")
+
+
+class BodyLimit:
+    """413 for a body over its route's limit: from Content-Length before reading, or while a chunked body arrives."""
+
+    def __init__(self, app: ASGIApp, max_upload_bytes: int, max_request_bytes: int) -> None:
+        self.app = app
+        self.max_upload_bytes = max_upload_bytes + 1024 * 1024  # + multipart framing
+        self.max_request_bytes = max_request_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.max_upload_bytes if UPLOAD_PATHS.match(scope["path"]) else self.max_request_bytes
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit():
+            response = error_response(400, "invalid Content-Length header", "invalid_request_error", "invalid_request")
+            return await response(scope, receive, send)
+        if int(length) > limit:
+            response = error_response(413, f"request body is larger than the limit of {limit} bytes",
+                                      "invalid_request_error", "payload_too_large")
+            return await response(scope, receive, send)
+        received = 0
+
+        async def bounded_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:  # a chunked body (no Content-Length) that keeps coming; an HTTPException, as
+                    # FastAPI turns any other error while reading a body into a 400
+                    raise HTTPException(413, f"request body is larger than the limit of {limit} bytes")
+            return message
+
+        await self.app(scope, bounded_receive, send)

@@ -1,0 +1,85 @@
+"""What the engine says reaches tenants without the server's paths (messages shaped as vLLM 0.32 writes them)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from lorafleet.adapters.store import LocalStore
+from lorafleet.serve.engine.client import AdapterLoadFailed, EngineClient, public_engine_message
+from lorafleet.serve.metrics import Metrics
+
+DIGEST = "3f2a9c" * 10 + "abcd"
+STORE = f"/data/lorafleet/adapters/{DIGEST}"
+
+
+@pytest.mark.parametrize("message, public", [
+    # vllm/exceptions.py LoRAAdapterNotFoundError
+    (f"Loading lora {DIGEST} failed: No adapter found for {STORE}",
+     f"Loading lora {DIGEST} failed: No adapter found for <path>"),
+    # vllm/lora/lora_model.py, wrapped by the engine core's utility call (vllm/v1/engine/core.py)
+    (f"Call to add_lora method failed: While loading {STORE}, expected target modules in ['q_proj', 'v_proj'] but "
+     "received ['model.visual.blocks.0.mlp.up_proj']. Please verify that the loaded LoRA module is correct",
+     "Call to add_lora method failed: While loading <path>, expected target modules in ['q_proj', 'v_proj'] but "
+     "received ['model.visual.blocks.0.mlp.up_proj']. Please verify that the loaded LoRA module is correct"),
+    (f"{STORE}/ doesn't contain tensors", "<path> doesn't contain tensors"),
+    ('Traceback (most recent call last):\n  File "/opt/venv/lib/python3.11/site-packages/vllm/lora/'
+     'worker_manager.py", line 168, in _load_adapter',
+     'Traceback (most recent call last):\n  File "<path>", line 168, in _load_adapter'),
+    ("The model `/models/Qwen2.5-VL-3B-Instruct` does not exist.", "The model `<path>` does not exist."),
+    (r"No adapter found for C:\lorafleet\adapters\abc, or file:///etc/passwd",
+     "No adapter found for <path>, or <path>"),
+])
+def test_engine_messages_lose_their_absolute_paths(message, public):
+    assert public_engine_message(message) == public
+
+
+@pytest.mark.parametrize("message", [
+    "This model's maximum context length is 512 tokens. However, you requested 600 tokens (88 in the messages, "
+    "512 in the completion). Please reduce the length of the messages or completion.",
+    "Failed to fetch https://example.com/images/cat.png from http://127.0.0.1:8000/v1/models",
+    "temperature must be in [0, 2], got 3/4 and/or -1",
+])
+def test_messages_without_filesystem_paths_are_unchanged(message):
+    assert public_engine_message(message) == message
+
+
+def test_paths_under_a_private_folder_go_whole_even_with_a_space():
+    home = "/srv/lora fleet/home"
+    message = f"No adapter found for {home}/adapters/{DIGEST}, retry"
+    assert public_engine_message(message, [home]) == "No adapter found for <path>, retry"
+    assert "fleet/home" in public_engine_message(message)  # why the gateway names its folders
+
+
+def test_an_engine_error_body_keeps_its_shape_without_paths(tmp_path):
+    client = EngineClient(LocalStore(tmp_path / "adapters"), Metrics())
+    body = {"error": {"message": f"While loading {tmp_path}/adapters/x, expected target modules", "type":
+                      "BadRequestError", "param": None, "code": 400}}
+    public = json.loads(client.public_error(json.dumps(body).encode()))
+    assert public == {"error": {**body["error"], "message": "While loading <path>, expected target modules"}}
+    assert client.public_error(b"Internal Server Error at /opt/vllm/x.py") == b"Internal Server Error at <path>"
+
+
+async def test_a_failed_load_tells_the_tenant_why_without_the_store_path(tmp_path):
+    home = tmp_path / "lora fleet"
+    store = LocalStore(home / "adapters")
+    client = EngineClient(store, Metrics(), private_paths=(home,))
+    lora_path = str(store.local_path(DIGEST))
+
+    def vllm(request: httpx.Request) -> httpx.Response:
+        """vLLM's answer for an adapter folder that is gone (serving.py load_lora_adapter)."""
+        assert json.loads(request.content)["lora_path"] == lora_path
+        message = f"Loading lora {DIGEST} failed: No adapter found for {lora_path}"
+        return httpx.Response(404, json={"error": {"message": message, "type": "NotFoundError", "param": None,
+                                                   "code": 404}})
+
+    client.http = httpx.AsyncClient(base_url=client.url, transport=httpx.MockTransport(vllm))
+    client.mark_up()
+    with pytest.raises(AdapterLoadFailed) as failed:
+        await client.ensure_loaded(DIGEST)
+    assert failed.value.status == 503
+    assert failed.value.message.endswith("failed: No adapter found for <path>")
+    assert str(tmp_path) not in failed.value.message and "lora fleet" not in failed.value.message
+    await client.aclose()
