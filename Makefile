@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH := "torch==2.13.0,!=2.13.0+cpu" torchvision==0.28.0
 
-.PHONY: setup demo unit test lint bench-quick clean
+.PHONY: setup services demo unit test lint bench-quick clean
 
 setup: $(VENV)/.installed
 
@@ -36,7 +36,14 @@ lint: setup
 	for d in adapters serve train; do ln -s ../../../$$d build/typecheck/lorafleet/$$d; done
 	$(BIN)/mypy
 
-test: setup
+# What the tests run beside the engine: a Redis server (several gateways sharing rate counters), from the OS.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+services:
+	@command -v redis-server >/dev/null || { echo "installing redis-server (apt)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server \
+	  >/dev/null; } || { echo "redis-server is needed by the tests: apt-get install redis-server"; exit 1; }
+
+test: setup services
 	$(BIN)/pytest -q
 
 # The benchmarks' regression guard (a few minutes): each checks its own thresholds and exits 1 on a miss.

@@ -1,6 +1,8 @@
 """The adapter registry.
 
 - `validate`      `validate_upload`: an uploaded archive becomes a `ValidatedAdapter` or a typed refusal
+- `archive`       `unpack_archive`: bounded, streaming unpacking that refuses bombs and special members
+- `adapter_config` `read_config`: every adapter_config.json field checked, regexes run under a CPU limit
 - `store`         the content-addressed adapter store (`open_store`) and `BlobStore` for validation sets
 - `catalog`       the SQLAlchemy tables: tenants, adapters, versions, deployments, rollouts, drift (`open_catalog`)
 - `registry`      tenant-scoped catalog queries and writes (`authenticate`, `resolve_version`, `set_deployment`)

@@ -4,7 +4,7 @@ Each check raises `InvalidAdapter(field, reason)`. Three fields are regexes that
 Python's `re`: PEFT fullmatches a string `target_modules` against the model's module names, and vLLM
 matches every `rank_pattern` / `alpha_pattern` key against each module it loads. `re` cannot be stopped
 once it backtracks (and the `regex` package finishes in microseconds patterns that hang `re`), so the
-patterns run here in a short-lived child process with a time limit, on the very names they will meet.
+patterns run here in a short-lived child process with a CPU-time limit, on the very names they will meet.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -20,22 +21,27 @@ from pathlib import Path
 from lorafleet.adapters.base_model import BaseModelSpec
 from lorafleet.adapters.errors import InvalidAdapter
 
-__all__ = ["CONFIG_FILE", "MAX_CONFIG_BYTES", "MAX_PATTERN_CHARS", "REGEX_TIMEOUT_S", "read_config",
+__all__ = ["CONFIG_FILE", "MAX_CONFIG_BYTES", "MAX_PATTERN_CHARS", "REGEX_CPU_S", "read_config",
            "check_target_modules", "configured_ranks"]
 
 CONFIG_FILE = "adapter_config.json"
 MAX_CONFIG_BYTES = 1 << 20  # PEFT writes about 1 KB
 MAX_PATTERN_CHARS = 1000  # one regex in target_modules, rank_pattern or alpha_pattern
-REGEX_TIMEOUT_S = 2.0  # one field's regexes on every name they meet, child-process start (~30 ms) included
+REGEX_CPU_S = 1.0  # CPU time one field's regexes may take on every name they meet (fine ones take microseconds)
+_CHILD_WALL_S = 30.0  # backstop only: CPU time, not a busy machine's wall clock, decides a regex is too slow
 # init_lora_weights strings that only set the starting weights (vLLM's PEFTHelper refuses every other string)
 _PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
 # PEFT features vLLM does not implement (PEFTHelper._validate_features): config key -> what it is
 _UNSERVED_FEATURES = {"use_dora": "DoRA adapters", "lora_bias": "LoRA bias", "layer_replication": "layer replication",
                       "alora_invocation_tokens": "Activated LoRA (aLoRA)", "use_bdlora": "block-diagonal LoRA",
                       "use_qalora": "QALoRA"}
-_MATCHER = ("import json, re, sys\n"
+# SIGPROF's default action ends the process: the only way to stop `re` in the middle of a match
+_MATCHER = ("import json, re, signal, sys\n"
             "jobs = json.load(sys.stdin)\n"
-            "json.dump([[getattr(re, how)(p, n) is not None for n in names] for p, names, how in jobs], sys.stdout)")
+            "signal.setitimer(signal.ITIMER_PROF, float(sys.argv[1]))\n"
+            "hits = [[getattr(re, how)(p, n) is not None for n in names] for p, names, how in jobs]\n"
+            "signal.setitimer(signal.ITIMER_PROF, 0)\n"
+            "json.dump(hits, sys.stdout)")
 
 
 def _load(path: Path) -> dict:
@@ -136,20 +142,23 @@ def read_config(folder: Path, max_rank: int) -> dict:
 
 
 def _run_patterns(field: str, jobs: list[tuple[str, Sequence[str], str]]) -> list[list[bool]]:
-    """`re.<how>(pattern, name)` for each job's names, in a child process that is killed after REGEX_TIMEOUT_S."""
+    """`re.<how>(pattern, name)` for each job's names, in a child process stopped after REGEX_CPU_S of CPU."""
     for pattern, _, _ in jobs:
         try:
             re.compile(pattern)
         except (re.error, RecursionError, OverflowError) as exc:
             raise InvalidAdapter(field, f"invalid regex {pattern!r}: {exc}") from exc
+    too_slow = InvalidAdapter(field, f"a regex takes more than {REGEX_CPU_S}s on the model's module names "
+                              "(nested quantifiers such as (a+)+ backtrack without end); simplify it")
     try:
-        done = subprocess.run([sys.executable, "-I", "-S", "-c", _MATCHER], input=json.dumps(jobs),
-                              capture_output=True, text=True, timeout=REGEX_TIMEOUT_S, check=True)
+        done = subprocess.run([sys.executable, "-I", "-S", "-c", _MATCHER, str(REGEX_CPU_S)], input=json.dumps(jobs),
+                              capture_output=True, text=True, timeout=_CHILD_WALL_S)
     except subprocess.TimeoutExpired as exc:
-        raise InvalidAdapter(field, f"a regex takes more than {REGEX_TIMEOUT_S}s on the model's module names "
-                             "(nested quantifiers such as (a+)+ backtrack without end); simplify it") from exc
-    except subprocess.CalledProcessError as exc:
-        raise InvalidAdapter(field, f"a regex could not be matched: {exc.stderr.strip()[-200:]}") from exc
+        raise too_slow from exc
+    if done.returncode == -signal.SIGPROF:
+        raise too_slow
+    if done.returncode != 0:
+        raise InvalidAdapter(field, f"a regex could not be matched: {done.stderr.strip()[-200:]}")
     return json.loads(done.stdout)
 
 

@@ -71,7 +71,7 @@ class _Members:
     def __init__(self, budget: _Budget) -> None:
         self._budget = budget
         self._names: set[str] = set()
-        self._declared = 0
+        self._count = self._declared = 0
 
     def admit(self, name: str, kind: str, size: int) -> PurePosixPath | None:
         """Return where the member goes under the destination (None: the archive's root folder)."""
@@ -79,7 +79,8 @@ class _Members:
             raise InvalidAdapter("file", f"links are not allowed in the archive: {name!r}")
         if kind not in ("file", "folder"):
             raise InvalidAdapter("file", f"special file in archive ({kind}): {name!r}; only files and folders")
-        if len(self._names) >= MAX_MEMBERS:
+        self._count += 1
+        if self._count > MAX_MEMBERS:
             raise InvalidAdapter("file", f"the archive holds more than {MAX_MEMBERS} files and folders")
         path = _safe_path(name)
         if path is None and kind == "folder":

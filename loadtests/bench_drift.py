@@ -159,7 +159,7 @@ def main() -> None:
 
             with console.status("building the tiny base and starting lorafleet serve"):
                 base = args.base or build_tiny_model(work / "base", seed=0, pretrain_steps=PRETRAIN_STEPS)
-                adapter = make_random_adapter(base, work / "adapter", seed=0, rank=8, std=0.0)
+                adapter = make_random_adapter(base, work / "adapter", seed=0, rank=8, std=1e-6)  # ~ base; B = 0 refused
                 server = LocalServer.start(base, work / "home", max_model_len="512", drift_look_s="1",
                                            drift_window=str(WINDOW), drift_reservoir="64", drift_replay_s="0",
                                            dtype="float32")

@@ -74,7 +74,7 @@ def prepare(work: Path, items: int) -> tuple[dict[str, Path], dict[str, Path], d
         bases[scheme] = out
     identity = work / "adapter-identity"
     if not identity.exists():
-        make_random_adapter(base, identity, seed=0, std=0.0)  # B = 0: answers exactly like the base
+        make_random_adapter(base, identity, seed=0, std=1e-6)  # answers like the base (B = 0 is refused at upload)
     adapters = {name: trained[which] if which else identity for name, (_, which) in DEPLOYMENTS.items()}
     sets = {name: write_task(task, items, work / "data" / f"{task}-bench-{items}.jsonl", seed=3)
             for name, (task, _) in DEPLOYMENTS.items()}

@@ -19,7 +19,7 @@ from lorafleet.serve.engine.client import EngineClient
 from lorafleet.serve.engine.hardware import quantization_for
 from lorafleet.serve.engine.sizing import Workload, sizing_for
 from lorafleet.serve.engine.supervisor import EngineSupervisor
-from lorafleet.serve.images import ImageLimits, RemoteImages
+from lorafleet.serve.images import RemoteImages
 from lorafleet.serve.limits import Limits, TenantLimiter
 from lorafleet.serve.metrics import Metrics
 from lorafleet.serve.rollouts.reconciler import RolloutController, new_gateway_id
@@ -46,7 +46,6 @@ class Gateway:
     routes: RouteCache
     limiter: TenantLimiter
     fair_queue: FairQueue
-    image_limits: ImageLimits  # the chat path's, until a tenant has its own
     remote_images: RemoteImages | None  # None: http(s) images are refused
     tmp_dir: Path
 
@@ -100,7 +99,6 @@ def build_gateway(settings: Settings) -> Gateway:
                    routes=RouteCache(sessions, settings.catalog_cache_s, Limits.defaults(settings)),
                    limiter=TenantLimiter(settings.limits_url),
                    fair_queue=fair_queue,
-                   image_limits=ImageLimits.from_settings(settings),
                    remote_images=RemoteImages.from_settings(settings), tmp_dir=tmp_dir)
 
 

@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     access_log: bool = False  # uvicorn's line per request: a tenth of the gateway's CPU per request (metrics count all)
     catalog_cache_s: float = 1.0  # the chat path's key/deployment snapshots: another gateway's changes show after this
     max_request_bytes: int = 64 * 1024 * 1024  # any other request body (chat: JSON with data-URL images)
-    metrics_port: int = 0  # /metrics on its own listener at metrics_host:metrics_port; 0: on the API port, admin key
+    metrics_port: int = 0  # also serve /metrics, keyless, on metrics_host:metrics_port (the API port's needs a token)
     metrics_host: str = "127.0.0.1"
     metrics_token: SecretStr | None = None  # a read-only bearer token for /metrics on the API port (for Prometheus)
 

@@ -21,7 +21,7 @@ from lorafleet.adapters.catalog import Deployment, Tenant, ValidationSet
 from lorafleet.adapters.errors import InvalidRequest
 from lorafleet.chat import DataError, answer_of, load_jsonl
 from lorafleet.scoring import METRICS
-from lorafleet.serve.engine.client import EngineClient, map_engine_errors
+from lorafleet.serve.engine.client import EngineClient, map_engine_errors, public_engine_message
 from lorafleet.serve.rollouts.statistics import Measurement, paired_gate
 
 __all__ = ["MAX_ITEMS", "ValidationItem", "Replay", "canonical_validation", "attach_validation", "read_items",
@@ -109,7 +109,10 @@ async def replay_and_score(engine: EngineClient, digest: str, items: list[Valida
         async with limit:
             with map_engine_errors():
                 response = await engine.http.post("/v1/chat/completions", json=body)
-        response.raise_for_status()
+        if response.status_code != 200:  # e.g. an item the engine refuses (too long for max_model_len)
+            refusal = public_engine_message(response.text, engine.private_paths)[:300]
+            raise InvalidRequest(f"the engine refused a validation item ({response.status_code}): {refusal}",
+                                 code="validation_replay_failed")
         payload = response.json()
         return payload["choices"][0]["message"]["content"] or "", payload["usage"]["completion_tokens"]
 

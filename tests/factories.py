@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import shutil
@@ -129,4 +130,115 @@ REJECTIONS: dict[str, tuple[int, str]] = {
     "vision_tower": (400, "vision tower"),
     "shape_mismatch": (400, "do not fit the base layer"),
     "too_large": (413, "larger than the limit"),
+}
+
+
+# Hostile uploads: archive bombs, special members, and adapters that cannot change the output.
+GIB = 1 << 30
+
+
+def _tar_header(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.type, info.size = kind, size
+    return info.tobuf(format=tarfile.GNU_FORMAT)  # GNU: sizes above 8 GiB fit (base-256)
+
+
+def gzip_bomb(out: Path, declared: int, zeros: int, kind: bytes = tarfile.REGTYPE) -> Path:
+    """A tar.gz whose first header declares `declared` bytes, followed by `zeros` real zero bytes (streamed)."""
+    chunk = bytes(1 << 20)
+    with gzip.open(out, "wb") as gz:
+        gz.write(_tar_header("adapter/adapter_model.safetensors", declared, kind))
+        for start in range(0, zeros, len(chunk)):
+            gz.write(chunk[: min(len(chunk), zeros - start)])
+    return out
+
+
+def zip_members(out: Path, members: dict[str, bytes], attrs: dict[str, int] | None = None) -> Path:
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            info = zipfile.ZipInfo(name)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = (attrs or {}).get(name, 0o100644) << 16
+            zf.writestr(info, data)
+    return out
+
+
+def _adapter_files(folder: Path) -> dict[str, bytes]:
+    return {f"adapter/{p.name}": p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def zero_lora(kind: str) -> Callable[[dict], dict]:
+    return lambda tensors: {k: torch.zeros_like(v) if kind in k else v for k, v in tensors.items()}
+
+
+def hostile_archive(case: str, good: Path, work: Path) -> Path:
+    """An upload built to hurt the gateway or to be served as a silent no-op; `case` names it."""
+    archive = work / "hostile.tar.gz"
+    folder = copy_adapter(good, work / "adapter")
+    match case:
+        case "gzip_bomb":  # 10 GiB declared in the first header, ~20 KB on disk
+            return gzip_bomb(archive, 10 * GIB, 20 << 20)
+        case "pax_bomb":  # a PAX header record tarfile would read into memory whole
+            return gzip_bomb(archive, 10 * GIB, 4 << 20, kind=tarfile.XHDTYPE)
+        case "tar_ratio":  # alone: beside a real adapter's incompressible weights the ratio would be fine
+            (work / "empty").mkdir()
+            return tar_gz(work / "empty", archive, lambda t: _member(t, "adapter/zeros.txt", bytes(1_500_000)))
+        case "zip_bomb":
+            return zip_members(work / "hostile.zip", {"adapter/zeros.txt": bytes(1_500_000)})
+        case "too_many_members":
+            return tar_gz(folder, archive, lambda t: [_member(t, f"adapter/{i}.txt") for i in range(64)])
+        case "zip_too_many_members":
+            return zip_members(work / "hostile.zip", {**_adapter_files(folder),
+                                                      **{f"adapter/{i}.txt": b"x" for i in range(64)}})
+        case "too_deep":
+            return tar_gz(folder, archive, lambda t: _member(t, "adapter/a/b/c/d.txt"))
+        case "hard_link":
+            return tar_gz(folder, archive, lambda t: _member(t, "adapter/link", kind=tarfile.LNKTYPE,
+                                                            link="adapter/adapter_config.json"))
+        case "fifo":
+            return tar_gz(folder, archive, lambda t: _member(t, "adapter/pipe", b"", kind=tarfile.FIFOTYPE))
+        case "char_device":
+            return tar_gz(folder, archive, lambda t: _member(t, "adapter/null", b"", kind=tarfile.CHRTYPE))
+        case "zip_symlink":
+            return zip_members(work / "hostile.zip", {**_adapter_files(folder), "adapter/link": b"/etc/passwd"},
+                               {"adapter/link": 0o120777})
+        case "zip_fifo":
+            return zip_members(work / "hostile.zip", {**_adapter_files(folder), "adapter/pipe": b""},
+                               {"adapter/pipe": 0o010644})
+        case "nested_archive":
+            inner = tar_gz(good, work / "inner.tar.gz")
+            return tar_gz(folder, archive, lambda t: t.add(inner, arcname="adapter/inner.tar.gz"))
+        case "duplicate_member":
+            return tar_gz(folder, archive, lambda t: t.add(folder / CONFIG, arcname=f"adapter/{CONFIG}"))
+        case "config_is_a_folder":
+            (folder / CONFIG).unlink()
+            (folder / CONFIG).mkdir()
+        case "catastrophic_target_regex":
+            edit_config(folder, target_modules=r"((\w|\.)+)+Z")
+        case "zero_lora_B":
+            edit_tensors(folder, zero_lora("lora_B"))
+        case _:
+            raise ValueError(case)
+    return tar_gz(folder, archive)
+
+
+# case -> (HTTP status, the field InvalidAdapter names (None for 413), a phrase the message must contain)
+HOSTILE: dict[str, tuple[int, str | None, str]] = {
+    "gzip_bomb": (413, None, "unpacks to more than"),
+    "pax_bomb": (400, "file", "possible archive bomb"),
+    "tar_ratio": (400, "file", "possible archive bomb"),
+    "zip_bomb": (400, "file", "possible archive bomb"),
+    "too_many_members": (400, "file", "more than 64 files"),
+    "zip_too_many_members": (400, "file", "more than 64 files"),
+    "too_deep": (400, "file", "levels deep"),
+    "hard_link": (400, "file", "links are not allowed"),
+    "fifo": (400, "file", "special file"),
+    "char_device": (400, "file", "special file"),
+    "zip_symlink": (400, "file", "links are not allowed"),
+    "zip_fifo": (400, "file", "special file"),
+    "nested_archive": (400, "file", "nested archive"),
+    "duplicate_member": (400, "file", "duplicate member"),
+    "config_is_a_folder": (400, CONFIG, "is a folder"),
+    "catastrophic_target_regex": (400, "target_modules", "takes more than"),
+    "zero_lora_B": (400, "weights", "all lora_B weights are zero"),
 }

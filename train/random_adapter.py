@@ -8,7 +8,9 @@ __all__ = ["make_random_adapter"]
 
 
 def make_random_adapter(base: str | Path, out: Path, seed: int, rank: int = 8, std: float = 0.5) -> Path:
-    """Save a PEFT LoRA adapter for `base` whose B matrices are random, so it visibly changes outputs."""
+    """Save a PEFT LoRA adapter for `base` whose B matrices are random, so it visibly changes outputs.
+
+    A tiny `std` (1e-6) answers like the base; std=0 leaves B = 0, which upload validation refuses as a no-op."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText

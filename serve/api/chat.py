@@ -24,8 +24,8 @@ from lorafleet.serve.answer_format import answer_checker
 from lorafleet.serve.api.dependencies import CurrentTenant, Gateway, SessionDep, bearer_token
 from lorafleet.serve.api.forward import Route, Usage, forward_chat
 from lorafleet.serve.drift.monitor import SampleTicket
-from lorafleet.serve.images import admit_images
-from lorafleet.serve.limits import Admitted, RateLimited
+from lorafleet.serve.images import ImageLimits, admit_images
+from lorafleet.serve.limits import Admitted, Limits, RateLimited
 from lorafleet.serve.rollouts.routing import bucket_of, choose, unit_of
 from lorafleet.serve.route_cache import DeploymentEntry, TenantEntry
 
@@ -131,52 +131,61 @@ async def _record(gateway: Gateway, tenant: str, route: Route, usage: Usage, t0:
                                         "at": time.time()})
 
 
+async def _admit(gateway: Gateway, tenant: TenantEntry) -> Admitted:
+    """The tenant's rate and concurrency limits, before anything of the request is read."""
+    try:
+        return await gateway.limiter.admit(tenant.name, tenant.limits or gateway.routes.defaults)
+    except RateLimited as exc:
+        gateway.metrics.rate_limited.labels(tenant.name, str(exc.code)).inc()
+        raise
+
+
+async def _resolve(gateway: Gateway, request: Request, tenant: TenantEntry,
+                   limits: Limits) -> tuple[dict[str, Any], Route]:
+    """The checked body (its images admitted) and where it goes."""
+    body = await read_chat_body(request)
+    await admit_images(body, ImageLimits(limits.images_per_request, limits.image_bytes, limits.image_pixels),
+                       gateway.remote_images)
+    key = bearer_token(request.headers.get("authorization")) or ""
+    _, deployment = await gateway.routes.fetch(key, body["model"])
+    return body, _route(tenant, deployment, body, request.headers)
+
+
 async def chat_completions(request: Request) -> Response:
     # The hot path: the catalog is read through the route cache, only a miss costs a thread hand-off; a plain
     # Starlette route (see below), since FastAPI's per-request dependency resolution cost more than its work.
     # The `Authenticate` middleware has checked the key already (request.state.tenant).
     t0 = time.perf_counter()
     gateway: Gateway = request.app.state.gateway
-    key = bearer_token(request.headers.get("authorization"))
     tenant: TenantEntry = request.state.tenant
+    admitted = await _admit(gateway, tenant)
     try:
-        admitted = await gateway.limiter.admit(tenant.name, tenant.limits or gateway.routes.defaults)
-    except RateLimited as exc:
-        gateway.metrics.rate_limited.labels(tenant.name, str(exc.code)).inc()
-        raise
-    try:
-        body = await read_chat_body(request)
-        await admit_images(body, gateway.image_limits, gateway.remote_images)
-        entry = await gateway.routes.fetch(key or "", body["model"])
+        body, route = await _resolve(gateway, request, tenant, admitted.limits)
+        await gateway.fair_queue.acquire(tenant.name)  # may wait for an engine slot: fairly between tenants
     except BaseException as exc:
         await gateway.limiter.release(admitted, 0)
         _add_headers(exc, admitted.headers)
         raise
-    route = _route(*entry, body, request.headers)
     usage = Usage(text=[] if route.answer_format is not None or route.sample_inputs else None)
     messages = body.get("messages") or []
-    try:
-        await gateway.fair_queue.acquire(tenant.name)
-    except BaseException as exc:
-        await gateway.limiter.release(admitted, 0)
-        _add_headers(exc, admitted.headers)
-        raise
     try:
         gateway.engine.require_up()
         await gateway.engine.ensure_loaded(route.digest)
         response = await forward_chat(gateway.engine, body, route, usage)
     except BaseException as exc:
-        if isinstance(exc, LorafleetError):
-            usage.status, usage.error_code = exc.status, str(exc.code)
-        else:  # the client went away (cancelled), or a bug
-            usage.status, usage.error_code = (499, "client_closed") if isinstance(exc, asyncio.CancelledError) \
-                else (500, "internal_error")
+        usage.status, usage.error_code = _outcome(exc)
         await _record(gateway, tenant.name, route, usage, t0, messages, admitted)
         _add_headers(exc, admitted.headers)
         raise
     response.headers.update(admitted.headers)
     response.background = BackgroundTask(_record, gateway, tenant.name, route, usage, t0, messages, admitted)
     return response
+
+
+def _outcome(exc: BaseException) -> tuple[int, str]:
+    if isinstance(exc, LorafleetError):
+        return exc.status, str(exc.code)
+    return (499, "client_closed") if isinstance(exc, asyncio.CancelledError) else (500, "internal_error")
 
 
 def _add_headers(exc: BaseException, headers: dict[str, str]) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, File, Form, UploadFile
+from fastapi import APIRouter, Body, File, Form, Query, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import select
@@ -286,7 +286,7 @@ async def stop_ab(deployment: str, session: SessionDep, tenant: CurrentTenant,
 
 @router.post("/deployments/{deployment}/ab/evaluate")
 async def evaluate_ab(deployment: str, gateway: GatewayDep, session: SessionDep, tenant: CurrentTenant,
-                      max_tokens: int = 128) -> JSONResponse:
+                      max_tokens: Annotated[int, Query(ge=1, le=4096)] = 128) -> JSONResponse:
     """Every variant answers the validation set (greedy, through the engine); paired differences from the
     first variant with 95% intervals (McNemar exact or paired bootstrap)."""
     target = await run_in_threadpool(get_deployment, session, tenant, deployment)

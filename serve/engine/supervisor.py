@@ -7,10 +7,10 @@ re-registers the adapters that deployments need.
 
 The engine's state (`EngineSupervisor.state`; in /readyz, /admin/engine and `lorafleet_engine_state`):
 
-    starting     the first engine process (or one with a new sizing) is launched and not answering yet
+    starting     the first engine process (or one with a new sizing) does not answer yet (attached: not asked yet)
     up           the engine answers; requests are served
     restarting   the engine went down or a start failed; the next start follows a growing back-off
-    crash_loop   `_CRASH_LOOP_AFTER` starts in a row failed; starts go on, at the longest back-offs
+    crash_loop   `_CRASH_LOOP_AFTER` starts in a row failed; starts go on, with back-offs growing to 30 s
     unreachable  an engine this gateway did not start (`engine_url`) does not answer
     stopped      the gateway is shutting down
 

@@ -58,7 +58,7 @@ def test_manifest_records_base_data_hyperparameters_and_checks(trained):
     assert (training["advice"] is None) == (result.converged is not False)
 
 
-def test_untrained_adapter_is_refused_as_a_silent_no_op(world, tmp_path):
+def test_untrained_adapter_is_refused_before_any_generation(world, tmp_path):
     from peft import get_peft_model
     from transformers import AutoModelForImageTextToText
 
@@ -67,6 +67,15 @@ def test_untrained_adapter_is_refused_as_a_silent_no_op(world, tmp_path):
     config = _config(world, tmp_path / "noop")
     model = AutoModelForImageTextToText.from_pretrained(world.base, dtype=torch.float32)
     get_peft_model(model, lora_config(config)).save_pretrained(config.out)  # PEFT init: B = 0, a no-op
+    with pytest.raises(InvalidAdapter, match="all lora_B weights are zero"):  # (a), the upload check, sees it
+        prove_servable(str(world.base), config.out, [], {"base": [], "adapter": []}, 8, max_rank=64)
+
+
+def test_adapter_too_weak_to_change_an_answer_is_refused_as_a_silent_no_op(world, tmp_path):
+    from lorafleet.train.random_adapter import make_random_adapter
+
+    config = _config(world, tmp_path / "weak")
+    make_random_adapter(world.base, config.out, seed=0, rank=8, std=1e-6)  # nonzero, yet answers like the base
     prompts = [request_messages(e) for e in load_jsonl(config.val)[:4]]
     outputs = generate(str(world.base), {"base": None, "adapter": str(config.out)}, prompts, 8, max_rank=16)
     with pytest.raises(NotServable, match="silent no-op"):

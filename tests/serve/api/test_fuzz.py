@@ -31,6 +31,7 @@ from schemathesis.specs.openapi.checks import (
 
 from lorafleet.serve.api.openapi import EXAMPLE_ADAPTER, EXAMPLE_DEPLOYMENT, EXAMPLE_REFS
 from lorafleet.serve.client import inline_images
+from tests.conftest import NEAR_BASE_STD
 from tests.helpers import upload_folder
 
 MAX_EXAMPLES = 10  # generated cases per operation and key (examples from the document come on top)
@@ -75,13 +76,13 @@ def _create_tenant(server, name_prefix: str) -> dict:
 
 @pytest.fixture(scope="module")
 def seeded(server, make_adapter, general_val) -> Seeded:
-    """Two versions of EXAMPLE_ADAPTER (no-op adapters: answers stay the base's), EXAMPLE_DEPLOYMENT serving
+    """Two versions of EXAMPLE_ADAPTER (near-no-op adapters: answers stay the base's), EXAMPLE_DEPLOYMENT serving
     its first, and a four-item validation set, so replays and gates stay short on the CPU engine."""
     tenant = _create_tenant(server, "fuzz")
     auth = {"Authorization": f"Bearer {tenant['api_key']}"}
     with httpx.Client(base_url=server.url, headers=auth, timeout=120) as http:
         for rank in (8, 4):
-            upload_folder(http, EXAMPLE_ADAPTER, make_adapter(0, rank, std=0.0))
+            upload_folder(http, EXAMPLE_ADAPTER, make_adapter(0, rank, std=NEAR_BASE_STD))
         http.put(f"/v1/deployments/{EXAMPLE_DEPLOYMENT}", json={"adapter": EXAMPLE_REFS[0]}).raise_for_status()
         items = b"\n".join(inline_images(general_val).splitlines()[:4]) + b"\n"
         http.put(f"/v1/deployments/{EXAMPLE_DEPLOYMENT}/validation",

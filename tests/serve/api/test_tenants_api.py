@@ -11,6 +11,7 @@ import httpx
 from typer.testing import CliRunner
 
 from lorafleet.serve.cli import app as cli
+from lorafleet.serve.cli.common import console
 from tests.helpers import assert_openai_error, upload_folder
 
 runner = CliRunner()
@@ -95,7 +96,8 @@ def test_deleting_a_tenant_removes_its_things_and_files_refused_during_a_rollout
         assert [v["digest"] for v in http.get("/v1/adapters/same").json()["versions"]] == [theirs["digest"]]
 
 
-def test_admin_operations_are_audited_and_listed_by_the_cli(server, new_tenant):
+def test_admin_operations_are_audited_and_listed_by_the_cli(server, new_tenant, monkeypatch):
+    monkeypatch.setattr(console, "_width", 200)  # the tables' cells unwrapped
     tenant = new_tenant()
     with server.admin() as admin:
         admin.put(f"/admin/tenants/{tenant.name}/limits", json={"rpm": 77}).raise_for_status()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.factories import REJECTIONS, bad_archive
+from tests.factories import HOSTILE, REJECTIONS, bad_archive, hostile_archive
 from tests.helpers import assert_openai_error, upload_archive, upload_folder
 
 
@@ -21,6 +21,18 @@ def test_bad_upload_is_refused_and_nothing_is_stored(case, server, new_tenant, m
         assert http.get("/v1/adapters").json() == []
     assert server.stored_digests() == before
     assert not list((server.home / "tmp").iterdir())  # scratch space is cleaned up too
+
+
+@pytest.mark.parametrize("case", ["gzip_bomb", "zip_bomb", "hard_link", "catastrophic_target_regex", "zero_lora_B"])
+def test_hostile_upload_is_refused_and_nothing_is_stored(case, server, new_tenant, make_adapter, tmp_path):
+    status, _, phrase = HOSTILE[case]
+    before = server.stored_digests()
+    with new_tenant().http() as http:
+        assert_openai_error(upload_archive(http, "ext", hostile_archive(case, make_adapter(1), tmp_path)), status,
+                            phrase)
+        assert http.get("/v1/adapters").json() == []
+    assert server.stored_digests() == before
+    assert not list((server.home / "tmp").iterdir())
 
 
 def test_same_content_returns_the_existing_version(new_tenant, make_adapter):

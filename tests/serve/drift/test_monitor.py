@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from lorafleet.chat import image_data_url, load_jsonl
 from lorafleet.serve.cli import app
 from lorafleet.serve.client import inline_images
+from tests.conftest import NEAR_BASE_STD
 from tests.helpers import assert_openai_error, upload_folder
 
 
@@ -26,7 +27,7 @@ def watched(new_tenant, make_adapter, general_val) -> Callable[..., httpx.Client
     """A tenant whose deployment `watch` serves a no-op adapter (answers like the base), with a validation set."""
     def create(rank: int = 8) -> httpx.Client:
         http = new_tenant().http()
-        upload_folder(http, "m", make_adapter(0, rank, std=0.0))
+        upload_folder(http, "m", make_adapter(0, rank, std=NEAR_BASE_STD))
         http.put("/v1/deployments/watch", json={"adapter": "m@1"}).raise_for_status()
         pushed = http.put("/v1/deployments/watch/validation", files={"file": ("v.jsonl", inline_images(general_val))})
         assert pushed.status_code == 200, pushed.text
@@ -123,7 +124,7 @@ def test_sampling_keeps_at_most_the_configured_number_and_honours_the_opt_out(wa
 
 def test_drift_commands_need_a_validation_set_and_are_scoped_to_the_tenant(watched, new_tenant, make_adapter):
     http = watched()
-    upload_folder(http, "m", make_adapter(0, 4, std=0.0))
+    upload_folder(http, "m", make_adapter(0, 4, std=NEAR_BASE_STD))
     http.put("/v1/deployments/bare", json={"adapter": "m@2"}).raise_for_status()
     assert_openai_error(http.post("/v1/deployments/bare/drift/check"), 400, "no validation set")
     with new_tenant().http() as other:

@@ -12,7 +12,7 @@ def test_the_engine_takes_its_token_from_the_environment_and_refuses_requests_wi
         pid = admin.get("/admin/engine").json()["pid"]
     engine = psutil.Process(pid)
     token = engine.environ()["VLLM_API_KEY"]
-    assert len(token) >= 32
+    assert token
     for process in [engine, *engine.children(recursive=True)]:  # vLLM's engine core and workers too
         assert not any(token in arg or "api-key" in arg for arg in process.cmdline())
     cmdline = engine.cmdline()

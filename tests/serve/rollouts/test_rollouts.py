@@ -12,6 +12,7 @@ import pytest
 
 from lorafleet.serve.cli import app
 from lorafleet.serve.client import inline_images
+from tests.conftest import NEAR_BASE_STD
 from tests.helpers import assert_openai_error, upload_folder
 
 FORMAT = {"regex": "a (red|green|blue|yellow) (circle|square|triangle)"}
@@ -23,7 +24,8 @@ def shapes(new_tenant, make_adapter, general_val) -> Callable[..., httpx.Client]
     no-op adapter: equal quality, different digest); m@3 is a random adapter that breaks every answer."""
     def create(validation: bool = True, answer_format: bool = True) -> httpx.Client:
         http = new_tenant().http()
-        for folder in (make_adapter(0, 8, std=0.0), make_adapter(0, 4, std=0.0), make_adapter(21)):
+        for folder in (make_adapter(0, 8, std=NEAR_BASE_STD), make_adapter(0, 4, std=NEAR_BASE_STD),
+                       make_adapter(21)):
             upload_folder(http, "m", folder)
         http.put("/v1/deployments/shapes", json={"adapter": "m@1"}).raise_for_status()
         if validation:
