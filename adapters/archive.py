@@ -15,7 +15,7 @@ import stat
 import tarfile
 import zipfile
 from pathlib import Path, PurePosixPath
-from typing import IO, BinaryIO
+from typing import IO, BinaryIO, cast
 
 from lorafleet.adapters.errors import InvalidAdapter, PayloadTooLarge
 
@@ -139,14 +139,14 @@ def _is_gzip(archive: Path) -> bool:
 
 def _unpack_tar(archive: Path, dest: Path, budget: _Budget) -> None:
     with open(archive, "rb") as raw:
-        source: IO[bytes] = gzip.GzipFile(fileobj=raw) if _is_gzip(archive) else raw
+        source = cast(IO[bytes], gzip.GzipFile(fileobj=raw) if _is_gzip(archive) else raw)
         # "r|": a stream, read once front to back, so nothing is decompressed ahead of the checks
-        with tarfile.open(fileobj=_CountedStream(source, budget), mode="r|") as tar:  # type: ignore[arg-type]
+        with tarfile.open(fileobj=cast(IO[bytes], _CountedStream(source, budget)), mode="r|") as tar:
             members = _Members(budget)
             for member in tar:
                 path = members.admit(member.name, _tar_kind(member), member.size)
                 if path is not None and member.isfile():
-                    _write(tar.extractfile(member), dest / path)  # type: ignore[arg-type]
+                    _write(cast(IO[bytes], tar.extractfile(member)), dest / path)
                 elif path is not None:
                     (dest / path).mkdir(parents=True, exist_ok=True)
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import cast
 
-from sqlalchemy import Select, delete, func, select, update
+from sqlalchemy import CursorResult, Select, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -167,7 +168,8 @@ def delete_version(session: Session, tenant: Tenant, version: AdapterVersion) ->
     for deployment in session.scalars(_readable_deployments(tenant).where(Deployment.previous_stable_id == version.id)):
         deployment.previous_stable = None  # `undo` can no longer go back to it
     try:
-        deleted = session.execute(delete(AdapterVersion).where(AdapterVersion.id == version.id)).rowcount
+        result = session.execute(delete(AdapterVersion).where(AdapterVersion.id == version.id))
+        deleted = cast(CursorResult, result).rowcount
         if not deleted:  # a concurrent delete of the same version won
             session.rollback()
             raise NotFound(f"adapter {name!r} has no version {number}", code="adapter_not_found")

@@ -7,8 +7,9 @@ import hashlib
 import secrets
 import time
 from dataclasses import dataclass
+from typing import cast
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import CursorResult, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -242,7 +243,8 @@ def delete_tenant(session: Session, tenant: Tenant, force: bool = False) -> Dele
     counts = {}
     try:
         for name, statement in steps:
-            counts[name] = session.execute(statement.execution_options(synchronize_session=False)).rowcount
+            result = session.execute(statement.execution_options(synchronize_session=False))
+            counts[name] = cast(CursorResult, result).rowcount
         session.execute(delete(Tenant).where(Tenant.id == tenant.id))
         session.commit()
     except BaseException:

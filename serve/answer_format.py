@@ -11,6 +11,7 @@ A check that runs out of time counts the answer invalid.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -189,7 +190,7 @@ def _spending(keyword: Callable) -> Callable:
 def _bounded_validator(base: type) -> type:
     own = {"pattern": _pattern, "patternProperties": _pattern_properties,
            "additionalProperties": _additional_properties}
-    keywords = {name: _spending(own.get(name, keyword)) for name, keyword in base.VALIDATORS.items()}
+    keywords = {name: _spending(own.get(name, keyword)) for name, keyword in base.VALIDATORS.items()}  # type: ignore[attr-defined]
     return jsonschema.validators.extend(base, keywords)
 
 
@@ -237,7 +238,7 @@ def _check_json_schema(schema: Any) -> None:
     _check_schema_members(schema)
     declared = schema.get("$schema")
     if declared is not None and (not isinstance(declared, str)
-                                 or jsonschema.validators.validator_for(schema, default=None) is None):
+                                 or jsonschema.validators.validator_for(schema, default=None) is None):  # type: ignore[arg-type]
         raise _refuse(f"unknown $schema {declared!r:.80}")
     base = jsonschema.validators.validator_for(schema)
     try:
@@ -247,7 +248,7 @@ def _check_json_schema(schema: Any) -> None:
     validator = _bounded_validator(base)(schema, registry=_NO_RETRIEVAL)
     for probe in _PROBES:  # a reference cycle or a dangling reference shows on the simplest answers
         try:
-            if _within_budget(lambda probe=probe: validator.is_valid(probe), REGEX_TIMEOUT_S) is None:
+            if _within_budget(functools.partial(validator.is_valid, probe), REGEX_TIMEOUT_S) is None:
                 raise _refuse(f"checking the answer {json.dumps(probe)} recursed without end or took over "
                               f"{REGEX_TIMEOUT_S} s (a $ref cycle, or a schema that multiplies its own work?)")
         except Unresolvable as exc:

@@ -422,6 +422,6 @@ async def admit_images(body: dict[str, Any], limits: ImageLimits, remote: Remote
     if fetched and remote is None:
         raise InvalidRequest("remote image URLs are disabled on this server: send the image as a data URL",
                              code="remote_images_disabled")
-    if fetched:
+    if fetched and remote is not None:
         await _admit_all_remote(fetched, limits, remote)
     return len(images)

@@ -113,7 +113,9 @@ class _Concurrency:
             return True
         key = f"lorafleet:inflight:{tenant}"
         async with self._redis.pipeline(transaction=True) as pipe:
-            count, _ = await pipe.incr(key).expire(key, self._KEY_TTL_S).execute()
+            pipe.incr(key)
+            pipe.expire(key, self._KEY_TTL_S)
+            count, _ = await pipe.execute()
         if count > limit:
             await self._redis.decr(key)
             return False

@@ -134,7 +134,7 @@ async def _record(gateway: Gateway, tenant: str, route: Route, usage: Usage, t0:
 async def _admit(gateway: Gateway, tenant: TenantEntry) -> Admitted:
     """The tenant's rate and concurrency limits, before anything of the request is read."""
     try:
-        return await gateway.limiter.admit(tenant.name, tenant.limits or gateway.routes.defaults)
+        return await gateway.limiter.admit(tenant.name, tenant.limits or Limits.defaults(gateway.settings))
     except RateLimited as exc:
         gateway.metrics.rate_limited.labels(tenant.name, str(exc.code)).inc()
         raise

@@ -55,9 +55,8 @@ def _limits_table(columns: dict[str, dict[str, int]]) -> Table:
     return table
 
 
-def _limit(value: Optional[str]) -> int | None | str:
-    if value is None:
-        return "unset"
+def _limit(value: str) -> int | None:
+    """A number, or None: back to the default."""
     if value == "default":
         return None
     if not value.isdigit():
@@ -82,7 +81,7 @@ def tenants_limits(
     given = {"rpm": rpm, "tpm": tpm, "concurrency": concurrency, "images_per_request": images,
              "image_bytes": image_bytes, "image_pixels": image_pixels, "adapters": adapters,
              "adapter_bytes": adapter_bytes}
-    changes = {k: v for k, v in ((k, _limit(v)) for k, v in given.items()) if v != "unset"}
+    changes = {k: _limit(v) for k, v in given.items() if v is not None}
     client = LorafleetClient(url, admin_key)
     result = client.set_limits(name, changes) if changes else client.get_limits(name)
     console.print(_limits_table({"in effect": result["limits"], "default": result["defaults"]}))
