@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from harness import Phase, chat_body, run_load, spread, wait_idle
+from harness import BENCH_LIMITS, Phase, chat_body, run_load, spread, wait_idle
 from rich.console import Console
 from rich.table import Table
 
@@ -67,7 +67,7 @@ def main() -> None:
     with console.status(f"building the tiny model and {args.adapters + extra} adapters"):
         base = build_tiny_model(work / "tiny")
         folders = [make_random_adapter(base, work / f"a{i}", seed=i) for i in range(args.adapters + extra)]
-    server = LocalServer.start(base, work / "home", max_model_len="512", dtype="float32")
+    server = LocalServer.start(base, work / "home", max_model_len="512", dtype="float32", **BENCH_LIMITS)
     try:
         server.wait_ready()
         key = LorafleetClient(server.url, server.admin_key).create_tenant("bench")["api_key"]

@@ -25,7 +25,17 @@ from pathlib import Path
 
 import httpx
 import psutil
-from harness import engine_child, own_cpu_s, run_load, spread, tree_cpu_s, vllm_bench_serve, wait_healthy, wait_idle
+from harness import (
+    BENCH_LIMITS,
+    engine_child,
+    own_cpu_s,
+    run_load,
+    spread,
+    tree_cpu_s,
+    vllm_bench_serve,
+    wait_healthy,
+    wait_idle,
+)
 from rich.console import Console
 from rich.table import Table
 
@@ -39,13 +49,10 @@ console = Console(width=160)
 
 def _plain_vllm_like(engine: psutil.Process, port: int, token: str, log: Path, settings: Settings) -> subprocess.Popen:
     """A second vLLM server with the engine's exact command line, environment and placement, on another port."""
-    cmd = []
-    for arg in engine.cmdline():
-        if arg.startswith("--api-key="):
-            arg = f"--api-key={token}"
-        cmd.append(arg)
+    cmd = engine.cmdline()
     cmd[cmd.index("--port") + 1] = str(port)
-    return subprocess.Popen(cmd, env=engine.environ(), stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+    env = {**engine.environ(), "VLLM_API_KEY": token}  # the engine's token is in its environment, not its argv
+    return subprocess.Popen(cmd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, **engine_process_options(settings))
 
 
@@ -82,7 +89,7 @@ def main() -> None:
     try:
         with console.status("starting lorafleet serve"):
             gateway = LocalServer.start(base, work / "home", max_model_len="512", dtype="float32",
-                                        engine_nice=str(args.engine_nice))
+                                        engine_nice=str(args.engine_nice), **BENCH_LIMITS)
             gateway_ready_s = gateway.wait_ready()
             engine = engine_child(gateway.process.pid)
         with console.status("starting vLLM alone, like lorafleet's engine"):

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness import own_cpu_s, run_load, spread, wait_healthy
+from harness import BENCH_LIMITS, own_cpu_s, run_load, spread, wait_healthy
 from rich.console import Console
 from rich.table import Table
 
@@ -58,7 +58,7 @@ def main() -> None:
     gateway = None
     try:
         wait_healthy(stub_url, stub)
-        gateway = LocalServer.start(base, work / "home", engine_url=stub_url, engine_api_key="stub")
+        gateway = LocalServer.start(base, work / "home", engine_url=stub_url, engine_api_key="stub", **BENCH_LIMITS)
         gateway.wait_ready()
         key = LorafleetClient(gateway.url, gateway.admin_key).create_tenant("bench")["api_key"]
         tenant = LorafleetClient(gateway.url, key)

@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     quantize_group_size: int = 32  # int4: one scale per this many input weights
     engine_port: int = 0  # 0: pick a free port
     engine_url: str = ""  # an engine already running (vLLM's OpenAI server with LoRA): attach to it, start none
-    engine_api_key: SecretStr | None = None  # its bearer token (vLLM's --api-key)
+    engine_api_key: SecretStr | None = None  # its bearer token (VLLM_API_KEY); if set, the supervised engine's too
     engine_python: str = ""  # default: the gateway's own interpreter
     engine_nice: int = 10  # the engine's CPU priority below the gateway's (its idle busy-polling; see command.py)
     # 0 below: derived at start from this machine and the deployed adapters (lorafleet.serve.engine.sizing)

@@ -36,7 +36,8 @@ class LocalServer:
         home.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
         env.update(LORAFLEET_HOME=str(home), LORAFLEET_ADMIN_KEY=secrets.token_urlsafe(16),
-                   LORAFLEET_PORT=str(free_port()), **{f"LORAFLEET_{k.upper()}": str(v) for k, v in settings.items()})
+                   LORAFLEET_PORT=str(free_port()))
+        env.update({f"LORAFLEET_{k.upper()}": str(v) for k, v in settings.items()})
         server = cls(url=f"http://127.0.0.1:{env['LORAFLEET_PORT']}", admin_key=env["LORAFLEET_ADMIN_KEY"], home=home,
                      process=None, env=env, base=str(base))  # type: ignore[arg-type]
         server.process = server._spawn()

@@ -65,9 +65,10 @@ def test_an_error_after_admission_carries_the_headers_too(server, deployed):
 def test_tokens_per_minute_count_the_engines_usage(server, deployed):
     with deployed.http() as http:
         used = _chat(http).json()["usage"]["total_tokens"]
-        _limit(server, deployed.name, tpm=used + 1)  # room for one more answer, not two
+        _limit(server, deployed.name, tpm=used)  # room for one more answer, not two
         first = _chat(http)
-        assert first.status_code == 200 and first.headers["x-ratelimit-limit-tokens"] == str(used + 1)
+        assert first.status_code == 200 and first.headers["x-ratelimit-limit-tokens"] == str(used)
+        assert first.headers["x-ratelimit-remaining-tokens"] == str(used)  # counted when it ends
         second = _chat(http)
         error = assert_openai_error(second, 429, "tokens per minute")
         assert error["code"] == "tokens_per_minute_exceeded"
