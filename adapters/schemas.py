@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -29,6 +29,14 @@ def check_name(value: str) -> str:
 Name = Annotated[str, AfterValidator(check_name)]
 
 
+def _as_utc(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+# The catalog stores UTC; SQLite gives it back without a zone. Answers always say it (RFC 3339's date-time).
+UtcDateTime = Annotated[datetime, AfterValidator(_as_utc)]
+
+
 class TenantCreate(BaseModel):
     name: Name
 
@@ -48,7 +56,7 @@ class AdapterVersionPublic(BaseModel):
     alpha: float
     target_modules: list[str]
     size_bytes: int
-    created_at: datetime
+    created_at: UtcDateTime
 
 
 class AdapterPublic(BaseModel):
@@ -66,13 +74,13 @@ class ValidationSetPublic(BaseModel):
     metric: str
     items: int
     size_bytes: int
-    created_at: datetime
+    created_at: UtcDateTime
 
 
 class DeploymentPublic(BaseModel):
     name: str
     adapter: AdapterVersionPublic
-    updated_at: datetime
+    updated_at: UtcDateTime
     previous_adapter: str | None = None  # NAME@N that `undo` goes back to
     answer_format: dict | None = None
     validation_set: ValidationSetPublic | None = None
@@ -242,7 +250,7 @@ class TenantDisable(BaseModel):
 
 class TenantPublic(BaseModel):
     name: str
-    created_at: datetime
+    created_at: UtcDateTime
     disabled: bool
     disabled_reason: str
     keys: int  # live keys

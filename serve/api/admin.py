@@ -188,7 +188,7 @@ async def delete_one_tenant(name: str, gateway: GatewayDep, session: SessionDep,
 
 @router.get("/audit")
 def get_audit(session: SessionDep, tenant: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-              before: int | None = None) -> list[AuditEventPublic]:
+              before: Annotated[int | None, Query(ge=1, le=2**62)] = None) -> list[AuditEventPublic]:
     """Admin operations, newest first; `before` (an event id) pages back."""
     return [AuditEventPublic.model_validate(e) for e in list_audit(session, tenant, limit, before)]
 

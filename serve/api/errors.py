@@ -55,6 +55,11 @@ async def _stale_write(_: Request, exc: Exception) -> JSONResponse:
                           "user acted); read its status and retry", "invalid_request_error", "concurrent_update")
 
 
+async def _out_of_range(_: Request, exc: Exception) -> JSONResponse:
+    # e.g. an id past the database's 64-bit integers, in a path or a query
+    return error_response(400, "a number in the request is out of range", "invalid_request_error", "invalid_request")
+
+
 async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return error_response(500, "internal error; see the gateway log", "server_error", None)
@@ -65,4 +70,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(StaleDataError, _stale_write)
+    app.add_exception_handler(OverflowError, _out_of_range)
     app.add_exception_handler(Exception, _unexpected_error)

@@ -156,7 +156,7 @@ def test_missing_or_wrong_key_is_401(server):
 
 def test_metrics_count_requests_and_tokens_by_tenant_deployment_adapter(server, two_tenants, served_quantization):
     _greedy(two_tenants[1].openai(), "assistant", image_messages())
-    text = httpx.get(server.url + "/metrics").text
+    text = httpx.get(server.metrics_url).text
     tenant = two_tenants[1].name
     lines = [line for line in text.splitlines()
              if line.startswith("lorafleet_requests_total") and f'tenant="{tenant}"' in line]

@@ -76,7 +76,7 @@ def test_replay_records_a_baseline_then_sees_no_change(watched, server):
     [check] = _check(http)
     assert (check["kind"], check["exact_match_rate"], check["changed"]) == ("check", 1.0, False)
     assert check["numbers"]["test"] == "McNemar exact" and "unchanged" in check["message"]
-    metrics = httpx.get(server.url + "/metrics").text
+    metrics = httpx.get(server.metrics_url).text
     assert re.search(r'lorafleet_validation_exact_match_rate\{deployment="watch",tenant="t-\w+",'
                      r'variant="stable"\} 1\.0', metrics)
 
@@ -166,7 +166,7 @@ def test_a_changed_adapter_and_a_replaced_base_trip_the_replay(server, watched, 
         server.wait_ready(timeout=600)
         [moved] = _check(steady)
         assert moved["changed"] and "the engine changed" in moved["message"] and "other-base" in moved["message"]
-        metrics = httpx.get(server.url + "/metrics").text
+        metrics = httpx.get(server.metrics_url).text
         assert re.search(r'lorafleet_validation_exact_match_rate\{deployment="watch",tenant="t-\w+",'
                          r'variant="stable"\} 0\.\d+', metrics)
     finally:  # the store is shared by the session's tests

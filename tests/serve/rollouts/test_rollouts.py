@@ -105,7 +105,7 @@ def test_gate_refuses_a_worse_adapter_and_admits_an_equal_one(shapes):
     assert _command(http, "abort")["phase"] == "Aborted"
 
 
-def test_bad_canary_is_rolled_back_automatically(shapes, general_requests):
+def test_bad_canary_is_rolled_back_automatically(shapes, general_requests, server):
     http = shapes(validation=False)
     _start(http, to="m@3", steps=[10, 50], min_requests=100, interval_s=3600)
     sent = iter(range(10**6))
@@ -123,13 +123,13 @@ def test_bad_canary_is_rolled_back_automatically(shapes, general_requests):
     # traffic is back on stable at once
     assert set(_variants(http, general_requests, [f"after{i}" for i in range(16)]).values()) == {"stable"}
     time.sleep(1.5)  # the next controller tick exports the decision
-    metrics = httpx.get(http.base_url.join("/metrics")).text
+    metrics = httpx.get(server.metrics_url).text
     assert re.search(r'lorafleet_rollout_phase\{deployment="shapes",phase="RolledBack",tenant="t-\w+"\} 1\.0', metrics)
     assert re.search(r'lorafleet_rollout_decisions_total\{action="rollback",deployment="shapes",'
                      r'reason="FormatValidityRegressed",tenant="t-\w+"\} 1\.0', metrics)
 
 
-def test_weights_are_sticky_monotone_and_observed(shapes, general_requests):
+def test_weights_are_sticky_monotone_and_observed(shapes, general_requests, server):
     http = shapes(validation=False, answer_format=False)
     _start(http, steps=[25, 50], min_requests=10**6, interval_s=3600)
     users = [f"user-{i}" for i in range(300)]
@@ -146,7 +146,7 @@ def test_weights_are_sticky_monotone_and_observed(shapes, general_requests):
 
     response = _chat(http, general_requests[0], "user-0")
     assert response.headers["x-lorafleet-adapter"] in {v["digest"] for v in promoted["variants"]}
-    metrics = httpx.get(http.base_url.join("/metrics")).text
+    metrics = httpx.get(server.metrics_url).text
     assert 'variant="canary"' in metrics
 
     _command(http, "abort")
