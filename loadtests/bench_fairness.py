@@ -7,7 +7,7 @@ alone ≤ 1.5, and the engine's throughput together ÷ A alone ≥ 0.95. Each A 
 fair queue (`LORAFLEET_ENGINE_SLOTS` = 0, the engine's batch size) and without it (slots far above what the
 engine takes, so vLLM's first-come-first-served queue decides), side by side on the same engine.
 
-    .venv/bin/python loadtests/bench_fairness.py [--rounds 3] [--flood 64 256] [--b-requests 24]
+    .venv/bin/python loadtests/bench_fairness.py [--rounds 3] [--flood 64 256] [--b-requests 12]
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def together(server: LocalServer, a: str, b: str, flood: int, a_requests: int, b
 
 def measure(server: LocalServer, keys: dict[str, str], flood: int, rounds: int, b_requests: int) -> dict:
     pids = [server.process.pid]
-    a_requests = flood * 24
+    a_requests = flood * 16  # A outlasts B's requests, with or without the fair queue
     runs: dict[str, list] = {"b_alone": [], "a_alone": [], "a_with": [], "b_with": []}
     for r in range(rounds + 1):  # round 0 warms up
         wait_idle(pids)
@@ -78,7 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--flood", type=int, nargs="+", default=[64, 256], help="tenant A's concurrent requests")
-    parser.add_argument("--b-requests", type=int, default=24)
+    parser.add_argument("--b-requests", type=int, default=12)
     args = parser.parse_args()
 
     from lorafleet.train.random_adapter import make_random_adapter
