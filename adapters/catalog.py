@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from datetime import UTC, datetime
 
 from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint, create_engine, event, select
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 __all__ = ["Base", "Tenant", "Adapter", "AdapterVersion", "ValidationSet", "Deployment", "Rollout", "Decision",
@@ -261,10 +264,25 @@ POOL_SIZE = 40
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
     cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    _use_wal(cursor)
     cursor.close()
+
+
+def _use_wal(cursor) -> None:
+    """Write-ahead logging: readers do not block the writer. Switching a new file to it needs a moment alone with
+    it, which SQLite does not wait for (no busy handler): gateways opening one new catalog at once take turns."""
+    for attempt in range(100):
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                return
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == 99:
+                raise
+            time.sleep(0.05)
 
 
 def open_catalog(url: str) -> tuple[Engine, sessionmaker]:
@@ -279,21 +297,35 @@ def open_catalog(url: str) -> tuple[Engine, sessionmaker]:
     engine = create_engine(url) if in_memory else create_engine(url, pool_size=POOL_SIZE, max_overflow=10)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
-    Base.metadata.create_all(engine)  # new tables of this release are created in existing catalogs too
+    _create_tables(engine)
     sessions = sessionmaker(engine, expire_on_commit=False)
     _adopt_first_keys(sessions)
     return engine, sessions
 
 
+def _create_tables(engine: Engine) -> None:
+    """Create what is missing (new tables of this release in existing catalogs too). Gateways starting at once on a
+    new catalog race to create the same tables, one by one: whoever finds one made meanwhile looks again (each
+    look skips what exists, so it ends)."""
+    for attempt in range(len(Base.metadata.tables) + 1):
+        try:
+            return Base.metadata.create_all(engine)
+        except (OperationalError, ProgrammingError) as exc:
+            if "already exists" not in str(exc) or attempt == len(Base.metadata.tables):
+                raise
+
+
 def _adopt_first_keys(sessions: sessionmaker) -> None:
     """Catalogs from before `api_keys` kept one key per tenant in `tenants.key_hash`: give each such tenant that
-    key as its first `ApiKey`, so that it keeps authenticating (idempotent; a no-op once adopted)."""
-
+    key as its first `ApiKey`, so that it keeps authenticating (idempotent; a no-op once adopted; a gateway
+    starting at the same time may adopt them first)."""
     with sessions() as session:
         keyed = select(ApiKey.tenant_id)
         for tenant in session.scalars(select(Tenant).where(Tenant.id.not_in(keyed))):
+            created = tenant.created_at.replace(tzinfo=tenant.created_at.tzinfo or UTC).timestamp()
             session.add(ApiKey(tenant_id=tenant.id, key_hash=tenant.key_hash, prefix="lf-", label="first",
-                               created_at=tenant.created_at.replace(tzinfo=tenant.created_at.tzinfo or UTC).timestamp(),
-                               expires_at=None, revoked_at=None,
-                               last_used_at=None))
-        session.commit()
+                               created_at=created, expires_at=None, revoked_at=None, last_used_at=None))
+        try:
+            session.commit()
+        except IntegrityError:
+            session.rollback()

@@ -76,5 +76,8 @@ def chat_operation(example_model: str) -> Spec:
             "schema": _ref("ChatCompletionRequest"), "example": example}}},
         "responses": {"200": {"description": "The completion, or its chunks when `stream` is true", "content": {
             "application/json": {"schema": _ref("ChatCompletion")},
-            "text/event-stream": {"schema": {"type": "string"}}}}},
+            # Server-sent events: each `data:` a chat.completion.chunk as JSON, the last `data: [DONE]`. Typed as
+            # the text and as one event (data, event), the two ways tools read a stream's schema.
+            "text/event-stream": {"schema": {"type": ["string", "object"], "properties": {
+                "data": {"type": "string"}, "event": {"type": "string"}}}}}}},
     }

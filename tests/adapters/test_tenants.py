@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -194,3 +195,24 @@ def test_a_catalog_from_before_api_keys_keeps_its_keys(tmp_path):
     _, sessions = open_catalog(url)  # and again: adopted once only
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(ApiKey)) == 1
+
+
+def test_gateways_opening_one_new_catalog_at_once_all_start(tmp_path):
+    """Two gateways started together on a new catalog used to race to create its tables (one exited)."""
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    errors: list[Exception] = []
+
+    def start() -> None:
+        try:
+            open_catalog(url)
+        except Exception as exc:  # the failure under test
+            errors.append(exc)
+
+    for _ in range(3):  # the race is timing-dependent: a few tries, each on a new file
+        url = f"sqlite:///{tmp_path / f'catalog-{len(errors)}-{time.monotonic_ns()}.db'}"
+        threads = [threading.Thread(target=start) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []

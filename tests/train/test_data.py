@@ -67,7 +67,7 @@ def test_labels_cover_only_the_assistant_turns(tiny_model):
 def load_images(messages):
     from lorafleet.chat import _load_image
 
-    return [_load_image(p["image_url"]["url"], None, "x") for m in messages if isinstance(m["content"], list)
+    return [_load_image(p["image_url"]["url"], None, "x", True) for m in messages if isinstance(m["content"], list)
             for p in m["content"] if p["type"] == "image_url"]
 
 
