@@ -297,6 +297,8 @@ def open_catalog(url: str) -> tuple[Engine, sessionmaker]:
     engine = create_engine(url) if in_memory else create_engine(url, pool_size=POOL_SIZE, max_overflow=10)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+    # The in-place upgrade of an existing catalog: this release only adds tables (created here) and moves each
+    # tenant's key into one of them (adopted here); both are no-ops on a current catalog.
     _create_tables(engine)
     sessions = sessionmaker(engine, expire_on_commit=False)
     _adopt_first_keys(sessions)

@@ -32,9 +32,9 @@ from lorafleet.adapters.catalog import (
 from lorafleet.adapters.errors import Conflict, InvalidRequest, NotFound, Unauthorized
 from lorafleet.adapters.schemas import check_name
 
-__all__ = ["hash_key", "create_tenant", "authenticate", "authenticate_key", "get_tenant", "tenant_policy",
-           "new_key", "list_keys", "revoke_key", "rotate_key", "touch_keys", "set_limits", "set_disabled",
-           "delete_tenant", "DeletedTenant", "record_audit", "list_audit", "stored_usage"]
+__all__ = ["hash_key", "create_tenant", "authenticate", "authenticate_key", "check_not_expired", "get_tenant",
+           "tenant_policy", "new_key", "list_keys", "revoke_key", "rotate_key", "touch_keys", "set_limits",
+           "set_disabled", "delete_tenant", "DeletedTenant", "record_audit", "list_audit", "stored_usage"]
 
 
 def hash_key(api_key: str) -> str:
@@ -83,15 +83,20 @@ def authenticate_key(session: Session, api_key: str | None,
     now = time.time() if now is None else now
     if key.revoked_at is not None:
         raise Unauthorized("this API key was revoked; use another key of the tenant", code="api_key_revoked")
-    if key.expires_at is not None and key.expires_at <= now:
-        expired = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(key.expires_at))
-        raise Unauthorized(f"this API key expired at {expired}", code="api_key_expired")
+    check_not_expired(key.expires_at, now)
     policy = session.get(TenantPolicy, tenant.id)
     if policy is not None and policy.disabled_at is not None:
         reason = f": {policy.disabled_reason}" if policy.disabled_reason else ""
         raise Unauthorized(f"tenant {tenant.name!r} is disabled{reason}; ask the operator to enable it",
                            code="tenant_disabled")
     return tenant, key, policy
+
+
+def check_not_expired(expires_at: float | None, now: float) -> None:
+    """401 `api_key_expired` once a key's expiry has passed."""
+    if expires_at is not None and expires_at <= now:
+        expired = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires_at))
+        raise Unauthorized(f"this API key expired at {expired}", code="api_key_expired")
 
 
 def authenticate(session: Session, api_key: str | None) -> Tenant:

@@ -19,9 +19,8 @@ from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from lorafleet.adapters.catalog import Tenant
-from lorafleet.adapters.errors import Unauthorized
 from lorafleet.adapters.registry import get_deployment, hash_key
-from lorafleet.adapters.tenants import authenticate_key
+from lorafleet.adapters.tenants import authenticate_key, check_not_expired
 from lorafleet.serve.limits import Limits
 from lorafleet.serve.rollouts.routing import Variant
 from lorafleet.serve.rollouts.state import routing_table, serving_rollout
@@ -43,9 +42,7 @@ class TenantEntry:
 
     def check_live(self, now: float) -> None:
         """A snapshot outlives its key's expiry only until that moment."""
-        if self.key_expires_at is not None and self.key_expires_at <= now:
-            expired = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.key_expires_at))
-            raise Unauthorized(f"this API key expired at {expired}", code="api_key_expired")
+        check_not_expired(self.key_expires_at, now)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from lorafleet.adapters.errors import InvalidRequest, LorafleetError
 from lorafleet.adapters.registry import get_deployment, list_deployments
 from lorafleet.adapters.schemas import ModelList, ModelPublic
 from lorafleet.serve.answer_format import answer_checker
-from lorafleet.serve.api.dependencies import CurrentTenant, Gateway, SessionDep, bearer_token
+from lorafleet.serve.api.dependencies import CurrentTenant, Gateway, SessionDep
 from lorafleet.serve.api.forward import Route, Usage, forward_chat
 from lorafleet.serve.drift.monitor import SampleTicket
 from lorafleet.serve.images import ImageLimits, admit_images
@@ -146,8 +146,7 @@ async def _resolve(gateway: Gateway, request: Request, tenant: TenantEntry,
     body = await read_chat_body(request)
     await admit_images(body, ImageLimits(limits.images_per_request, limits.image_bytes, limits.image_pixels),
                        gateway.remote_images)
-    key = bearer_token(request.headers.get("authorization")) or ""
-    _, deployment = await gateway.routes.fetch(key, body["model"])
+    _, deployment = await gateway.routes.fetch(request.state.api_key, body["model"])
     return body, _route(tenant, deployment, body, request.headers)
 
 

@@ -5,15 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from lorafleet.adapters.catalog import Tenant
 from lorafleet.adapters.errors import Unauthorized
 from lorafleet.serve.gateway import Gateway
 
-__all__ = ["Gateway", "GatewayDep", "SessionDep", "BearerKey", "CurrentTenant", "AdminKey", "Actor", "bearer_token",
-           "release_connection"]
+__all__ = ["Gateway", "GatewayDep", "SessionDep", "CurrentTenant", "AdminKey", "Actor", "release_connection"]
 
 
 def _gateway(request: Request) -> Gateway:
@@ -29,20 +28,6 @@ def _session(gateway: GatewayDep) -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(_session)]
-
-
-def bearer_token(authorization: str | None) -> str | None:
-    """The key in an `Authorization: Bearer <key>` header."""
-    if authorization and authorization.lower().startswith("bearer "):
-        return authorization[7:].strip()
-    return None
-
-
-async def _bearer(authorization: Annotated[str | None, Header()] = None) -> str | None:
-    return bearer_token(authorization)
-
-
-BearerKey = Annotated[str | None, Depends(_bearer)]
 
 
 def _current_tenant(request: Request, session: SessionDep) -> Tenant:

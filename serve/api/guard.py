@@ -1,7 +1,7 @@
 """What every request passes before any route sees it: authentication from its headers alone, then a bound on its
 body, both as ASGI middleware, so nothing of an unauthenticated or oversized body is read, parsed or stored.
 
-- `/v1/...` needs a live tenant key (the tenant's snapshot is put in `request.state.tenant`), `/admin/...` the
+- `/v1/...` needs a live tenant key (it and the tenant's snapshot are put in `request.state`), `/admin/...` the
   admin key (its actor name in `request.state.actor`); `/metrics` the admin or the metrics token (or its own
   listener). A malformed `Authorization` header (another scheme, empty, non-ASCII) is a 401 like a wrong key.
 - Bodies are bounded by their `Content-Length` and, for chunked bodies, by counting as they arrive.
@@ -63,7 +63,8 @@ class Authenticate:
         try:
             if path.startswith("/v1/"):
                 key = bearer_from_headers(scope["headers"])
-                scope.setdefault("state", {})["tenant"] = await self.gateway.routes.tenant(key)
+                state = scope.setdefault("state", {})
+                state["tenant"], state["api_key"] = await self.gateway.routes.tenant(key), key
             elif path == "/admin" or path.startswith("/admin/"):
                 self._admin(bearer_from_headers(scope["headers"]))
                 scope.setdefault("state", {})["actor"] = admin_actor(scope)
