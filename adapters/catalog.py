@@ -13,7 +13,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship,
 
 __all__ = ["Base", "Tenant", "Adapter", "AdapterVersion", "ValidationSet", "Deployment", "Rollout", "Decision",
            "RolloutSample", "ValidationRun", "InputSample", "DriftCheck", "ApiKey", "TenantPolicy", "AuditEvent",
-           "open_catalog"]
+           "Lease", "open_catalog"]
 
 
 def _now() -> datetime:
@@ -257,6 +257,16 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(32))
     tenant: Mapped[str] = mapped_column(String(64), default="")  # a name: the tenant may be deleted since
     details: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+class Lease(Base):
+    """A job that runs once per fleet at a time (e.g. `gc`): whoever holds the unexpired lease runs it."""
+
+    __tablename__ = "leases"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[float]
+    last_run_at: Mapped[float] = mapped_column(default=0.0)  # when the job last finished a run
 
 
 POOL_SIZE = 40
