@@ -24,7 +24,7 @@ demo: setup
 	$(BIN)/python -m lorafleet.serve.dev.demo
 
 # Everything that needs neither the engine nor training: seconds.
-unit: setup
+unit: setup services
 	$(BIN)/pytest -q -m "not engine and not training and not packaging"
 
 # mypy reads the code under its installed names through a tree of links (it cannot follow setuptools'
@@ -36,12 +36,9 @@ lint: setup
 	for d in adapters serve train; do ln -s ../../../$$d build/typecheck/lorafleet/$$d; done
 	$(BIN)/mypy
 
-# What the tests run beside the engine: a Redis server (several gateways sharing rate counters), from the OS.
-SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# What the tests run beside the engine, from the OS: Redis and PostgreSQL (deploy/local/services.sh says why).
 services:
-	@command -v redis-server >/dev/null || { echo "installing redis-server (apt)"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server \
-	  >/dev/null; } || { echo "redis-server is needed by the tests: apt-get install redis-server"; exit 1; }
+	@deploy/local/services.sh
 
 test: setup services
 	$(BIN)/pytest -q

@@ -8,12 +8,12 @@ from datetime import UTC, datetime
 
 from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint, create_engine, event, select
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 __all__ = ["Base", "Tenant", "Adapter", "AdapterVersion", "ValidationSet", "Deployment", "Rollout", "Decision",
            "RolloutSample", "ValidationRun", "InputSample", "DriftCheck", "ApiKey", "TenantPolicy", "AuditEvent",
-           "Lease", "open_catalog"]
+           "Lease", "open_catalog", "is_transient"]
 
 
 def _now() -> datetime:
@@ -203,7 +203,7 @@ class DriftCheck(Base):
     """One input- or output-drift look of a deployment (or variant), with its numbers."""
 
     __tablename__ = "drift_checks"
-    __table_args__ = (Index("ix_drift_checks_deployment", "deployment_id", "kind"),)
+    __table_args__ = (Index("ix_drift_checks_deployment", "deployment_id", "kind"), Index("ix_drift_checks_at", "at"))
     id: Mapped[int] = mapped_column(primary_key=True)
     deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id"))
     version_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id"))
@@ -303,8 +303,7 @@ def open_catalog(url: str) -> tuple[Engine, sessionmaker]:
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     # As many pooled connections as threads that run the routes' catalog work (anyio's default pool: 40), so
     # that none waits for, or opens, a connection beyond the pool under load.
-    in_memory = make_url(url).database in (None, "", ":memory:")  # one connection, no pool to size
-    engine = create_engine(url) if in_memory else create_engine(url, pool_size=POOL_SIZE, max_overflow=10)
+    engine = _create_engine(url)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     # The in-place upgrade of an existing catalog: this release only adds tables (created here) and moves each
@@ -313,6 +312,33 @@ def open_catalog(url: str) -> tuple[Engine, sessionmaker]:
     sessions = sessionmaker(engine, expire_on_commit=False)
     _adopt_first_keys(sessions)
     return engine, sessions
+
+
+# PostgreSQL's serialization failure and deadlock (the transaction may simply be run again); SQLite's writer lock
+# held past busy_timeout
+_TRANSIENT_SQLSTATES = {"40001", "40P01"}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a database error goes away when the same unit of work runs again."""
+    if not isinstance(exc, (OperationalError, DBAPIError)):
+        return False
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None) in _TRANSIENT_SQLSTATES or "database is locked" in str(orig)
+
+
+def _create_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):  # a bare URL, as PostgreSQL services hand them out
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        return create_engine(parsed)  # one connection, no pool to size
+    options: dict = {"pool_size": POOL_SIZE, "max_overflow": 10}
+    if parsed.get_backend_name() == "postgresql":
+        # Timestamps are written and read in UTC whatever the server's zone; a connection the server dropped
+        # (restart, failover, idle timeout) is replaced before use instead of failing a request.
+        options |= {"pool_pre_ping": True, "connect_args": {"options": "-c timezone=UTC"}}
+    return create_engine(parsed, **options)
 
 
 def _create_tables(engine: Engine) -> None:

@@ -8,10 +8,19 @@ from collections.abc import Iterable
 from typing import cast
 
 from sqlalchemy import CursorResult, Select, delete, func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
-from lorafleet.adapters.catalog import Adapter, AdapterVersion, Deployment, DriftCheck, Rollout, Tenant, ValidationRun
+from lorafleet.adapters.catalog import (
+    Adapter,
+    AdapterVersion,
+    Deployment,
+    DriftCheck,
+    Rollout,
+    Tenant,
+    ValidationRun,
+    is_transient,
+)
 from lorafleet.adapters.errors import Conflict, InvalidRequest, NotFound
 from lorafleet.adapters.schemas import check_name
 from lorafleet.adapters.tenants import authenticate, create_tenant, hash_key
@@ -66,7 +75,9 @@ def register_version(session: Session, tenant: Tenant, name: str,
     for attempt in range(REGISTER_ATTEMPTS):
         try:
             return _register_once(session, tenant, name, validated)
-        except IntegrityError as exc:  # another upload created the adapter or took the number first
+        except (IntegrityError, DBAPIError) as exc:  # another upload created the adapter or took the number first
+            if not isinstance(exc, IntegrityError) and not is_transient(exc):
+                raise
             session.rollback()
             if attempt == REGISTER_ATTEMPTS - 1:
                 raise Conflict(f"adapter {name!r} changed during {REGISTER_ATTEMPTS} attempts to add this version; "

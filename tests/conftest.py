@@ -17,6 +17,7 @@ import pytest
 
 from lorafleet.serve.dev.local_server import LocalServer
 from lorafleet.serve.engine.command import free_port
+from tests.postgres import postgres_database
 
 MAX_RANK = 16
 MAX_UPLOAD = 2_000_000
@@ -30,6 +31,16 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("LORAFLEET_"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A new, empty catalog database: each catalog-level test runs on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'catalog.db'}"
+        return
+    with postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,11 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.orm.exc import StaleDataError
 from starlette.exceptions import HTTPException
 
+from lorafleet.adapters.catalog import is_transient
 from lorafleet.adapters.errors import LorafleetError, ServiceUnavailable
 
 __all__ = ["error_response", "install_error_handlers"]
@@ -60,6 +62,20 @@ async def _out_of_range(_: Request, exc: Exception) -> JSONResponse:
     return error_response(400, "a number in the request is out of range", "invalid_request_error", "invalid_request")
 
 
+async def _unstorable(_: Request, exc: Exception) -> JSONResponse:
+    # PostgreSQL refuses what SQLite keeps, e.g. a NUL character in a text field
+    return error_response(400, "a value in the request cannot be stored (a NUL character, or a number out of "
+                          "range)", "invalid_request_error", "invalid_request")
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    if is_transient(exc):  # a deadlock or a lock held too long: the same request succeeds when sent again
+        gateway = getattr(request.app.state, "gateway", None)
+        retry = str(gateway.settings.retry_after_s if gateway else 1)
+        return error_response(503, "the catalog is busy; retry", "server_error", "catalog_busy", {"Retry-After": retry})
+    return await _unexpected_error(request, exc)
+
+
 async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return error_response(500, "internal error; see the gateway log", "server_error", None)
@@ -71,4 +87,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(StaleDataError, _stale_write)
     app.add_exception_handler(OverflowError, _out_of_range)
+    app.add_exception_handler(DataError, _unstorable)
+    app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(Exception, _unexpected_error)

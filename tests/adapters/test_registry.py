@@ -42,8 +42,8 @@ def _validated(digest_char: str) -> ValidatedAdapter:
 
 
 @pytest.fixture
-def session(tmp_path):
-    _, sessions = open_catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+def session(catalog_url):
+    _, sessions = open_catalog(catalog_url)
     with sessions() as s:
         yield s
 
@@ -154,8 +154,8 @@ def _in_threads(sessions, *work) -> list:
 
 
 @pytest.fixture
-def sessions(tmp_path):
-    return open_catalog(f"sqlite:///{tmp_path / 'catalog.db'}")[1]
+def sessions(catalog_url):
+    return open_catalog(catalog_url)[1]
 
 
 def _tenant(sessions, name: str = "acme") -> Tenant:

@@ -48,8 +48,8 @@ def _validated(char: str, size: int = 10) -> ValidatedAdapter:
 
 
 @pytest.fixture
-def sessions(tmp_path):
-    return open_catalog(f"sqlite:///{tmp_path / 'catalog.db'}")[1]
+def sessions(catalog_url):
+    return open_catalog(catalog_url)[1]
 
 
 def test_a_tenant_has_several_keys_each_revocable_alone(sessions):

@@ -19,8 +19,8 @@ def _validated(char: str) -> ValidatedAdapter:
 
 
 @pytest.fixture
-def catalog(tmp_path):
-    _, sessions = open_catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+def catalog(catalog_url):
+    _, sessions = open_catalog(catalog_url)
     with sessions() as session:
         tenant, key = create_tenant(session, "acme")
         version, _ = register_version(session, tenant, "ext", _validated("a"))
@@ -65,10 +65,10 @@ def test_a_commit_that_changed_nothing_keeps_them(catalog):
     assert cache.get(key, "prod") is not None
 
 
-def test_another_gateways_change_shows_after_the_ttl(catalog, tmp_path):
+def test_another_gateways_change_shows_after_the_ttl(catalog, catalog_url):
     sessions, key = catalog
     cache = RouteCache(sessions, ttl_s=0.0)  # the other gateway's writes do not reach this process's events
-    _, other = open_catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    _, other = open_catalog(catalog_url)
     cache.load(key, "prod")
     _redeploy(other, "c")
     assert cache.get(key, "prod") is None  # expired at once with ttl 0

@@ -22,8 +22,8 @@ from lorafleet.serve.rollouts.reconciler import RolloutController
 from lorafleet.serve.rollouts.state import Phase, Tick, apply_tick
 
 
-def _catalog(tmp_path):
-    _, sessions = open_catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+def _catalog(url: str):
+    _, sessions = open_catalog(url)
     with sessions() as session:
         tenant = Tenant(name="acme", key_hash="k")
         session.add(tenant)
@@ -53,8 +53,8 @@ def _controller(sessions, owner: str, lease_s: float = 30) -> RolloutController:
     return RolloutController(sessions, *_parts(), owner, tick_s=1, lease_s=lease_s)
 
 
-def test_only_one_gateway_holds_a_rollout_until_its_lease_expires(tmp_path):
-    sessions, rollout_id = _catalog(tmp_path)
+def test_only_one_gateway_holds_a_rollout_until_its_lease_expires(catalog_url):
+    sessions, rollout_id = _catalog(catalog_url)
     a, b = _controller(sessions, "a", lease_s=0.5), _controller(sessions, "b")
     assert a._lease(rollout_id)
     assert not b._lease(rollout_id)  # a second gateway does not act while the lease is alive
@@ -64,16 +64,16 @@ def test_only_one_gateway_holds_a_rollout_until_its_lease_expires(tmp_path):
     assert not a._lease(rollout_id)
 
 
-def test_released_lease_is_taken_over_at_once(tmp_path):
-    sessions, rollout_id = _catalog(tmp_path)
+def test_released_lease_is_taken_over_at_once(catalog_url):
+    sessions, rollout_id = _catalog(catalog_url)
     a, b = _controller(sessions, "a"), _controller(sessions, "b")
     assert a._lease(rollout_id)
     a.release()
     assert b._lease(rollout_id)
 
 
-def test_a_decision_made_on_a_stale_snapshot_is_not_written(tmp_path):
-    sessions, rollout_id = _catalog(tmp_path)
+def test_a_decision_made_on_a_stale_snapshot_is_not_written(catalog_url):
+    sessions, rollout_id = _catalog(catalog_url)
     a = _controller(sessions, "a")
     assert a._lease(rollout_id)
     snapshot = SimpleNamespace(id=rollout_id, revision=1)
@@ -91,8 +91,8 @@ def test_a_decision_made_on_a_stale_snapshot_is_not_written(tmp_path):
 
 
 @pytest.mark.parametrize(("look", "expected"), [("extend", Phase.ABORTED), ("rollback", Phase.ROLLED_BACK)])
-def test_a_user_command_that_races_a_look_is_judged_on_the_fresh_rollout(tmp_path, look, expected):
-    sessions, rollout_id = _catalog(tmp_path)
+def test_a_user_command_that_races_a_look_is_judged_on_the_fresh_rollout(catalog_url, look, expected):
+    sessions, rollout_id = _catalog(catalog_url)
     with sessions() as session:
         session.get(Deployment, 1).rollout_id = rollout_id
         session.get(Rollout, rollout_id).variants = [
@@ -122,12 +122,12 @@ def test_a_user_command_that_races_a_look_is_judged_on_the_fresh_rollout(tmp_pat
             expected, 1, [look, "abort"] if expected is Phase.ABORTED else [look])
 
 
-def test_drift_monitor_finds_versions_without_a_baseline_and_claims_replays_once(tmp_path):
+def test_drift_monitor_finds_versions_without_a_baseline_and_claims_replays_once(catalog_url):
     from lorafleet.adapters.catalog import ValidationRun, ValidationSet
     from lorafleet.serve.drift.monitor import DriftMonitor
     from lorafleet.serve.settings import Settings
 
-    sessions, rollout_id = _catalog(tmp_path)
+    sessions, rollout_id = _catalog(catalog_url)
     with sessions() as session:
         session.get(Rollout, rollout_id).phase = Phase.PROMOTED  # nothing but the stable version is live
         deployment = session.get(Deployment, 1)
@@ -152,14 +152,14 @@ def test_drift_monitor_finds_versions_without_a_baseline_and_claims_replays_once
     assert monitors[1]._without_baseline() == []
 
 
-async def test_a_slow_validation_gate_does_not_hold_up_the_other_rollouts(tmp_path):
+async def test_a_slow_validation_gate_does_not_hold_up_the_other_rollouts(catalog_url):
     """The gate of one rollout waits on an engine that accepts but never answers; in the same tick the other
     rollout's look is still decided and written, and the gate keeps running in its own task."""
     from lorafleet.adapters.catalog import ValidationSet
 
     silent: list[asyncio.StreamWriter] = []
     engine_port = await asyncio.start_server(lambda _, writer: silent.append(writer), "127.0.0.1", 0)
-    sessions, progressing = _catalog(tmp_path)
+    sessions, progressing = _catalog(catalog_url)
     engine, validation_store, metrics = _parts()
     engine = EngineClient(engine.store, metrics, port=engine_port.sockets[0].getsockname()[1])
     engine.mark_up()

@@ -1,0 +1,38 @@
+"""Throwaway PostgreSQL databases for the tests, on the server `make services` starts (or
+LORAFLEET_TEST_POSTGRES_URL: a role that may create databases, on any server)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+
+# Read at import: the autouse fixture `clean_environ` hides LORAFLEET_* settings from the tests themselves.
+ADMIN_URL = os.environ.get("LORAFLEET_TEST_POSTGRES_URL",
+                           "postgresql+psycopg://lorafleet:lorafleet@127.0.0.1:5432/postgres")
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A new, empty database; dropped afterwards (with any connection a test left open)."""
+    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT", pool_size=1)
+    name = f"lf_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    except OperationalError as exc:
+        admin.dispose()
+        pytest.fail(f"PostgreSQL is not reachable at {make_url(ADMIN_URL).render_as_string()}: `make services` "
+                    f"starts it ({exc.orig})")
+    try:
+        yield make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
