@@ -6,14 +6,16 @@ import sqlite3
 import time
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint, create_engine, event, select
+from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint, create_engine, event
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+
+from lorafleet.adapters.migrate import bring_to_head
 
 __all__ = ["Base", "Tenant", "Adapter", "AdapterVersion", "ValidationSet", "Deployment", "Rollout", "Decision",
            "RolloutSample", "ValidationRun", "InputSample", "DriftCheck", "ApiKey", "TenantPolicy", "AuditEvent",
-           "Lease", "open_catalog", "is_transient"]
+           "Lease", "open_catalog", "connect_catalog", "is_transient"]
 
 
 def _now() -> datetime:
@@ -295,8 +297,20 @@ def _use_wal(cursor) -> None:
             time.sleep(0.05)
 
 
-def open_catalog(url: str) -> tuple[Engine, sessionmaker]:
-    """Connect to the catalog database and create missing tables."""
+def open_catalog(url: str, upgrade: bool = False) -> tuple[Engine, sessionmaker]:
+    """Connect to the catalog and bring it to this release's schema revision: a new one is created; one that is
+    behind is upgraded only if `upgrade` (else `CatalogBehind`), a SQLite file after a backup copy next to it."""
+    engine = connect_catalog(url)
+    try:
+        bring_to_head(engine, upgrade)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine, sessionmaker(engine, expire_on_commit=False)
+
+
+def connect_catalog(url: str) -> Engine:
+    """An engine on the catalog database as it is, at whatever revision (what `lorafleet db` looks at)."""
     if url.startswith("sqlite:///"):
         from pathlib import Path
 
@@ -306,12 +320,7 @@ def open_catalog(url: str) -> tuple[Engine, sessionmaker]:
     engine = _create_engine(url)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
-    # The in-place upgrade of an existing catalog: this release only adds tables (created here) and moves each
-    # tenant's key into one of them (adopted here); both are no-ops on a current catalog.
-    _create_tables(engine)
-    sessions = sessionmaker(engine, expire_on_commit=False)
-    _adopt_first_keys(sessions)
-    return engine, sessions
+    return engine
 
 
 # PostgreSQL's serialization failure and deadlock (the transaction may simply be run again); SQLite's writer lock
@@ -339,31 +348,3 @@ def _create_engine(url: str) -> Engine:
         # (restart, failover, idle timeout) is replaced before use instead of failing a request.
         options |= {"pool_pre_ping": True, "connect_args": {"options": "-c timezone=UTC"}}
     return create_engine(parsed, **options)
-
-
-def _create_tables(engine: Engine) -> None:
-    """Create what is missing (new tables of this release in existing catalogs too). Gateways starting at once on a
-    new catalog race to create the same tables, one by one: whoever finds one made meanwhile looks again (each
-    look skips what exists, so it ends)."""
-    for attempt in range(len(Base.metadata.tables) + 1):
-        try:
-            return Base.metadata.create_all(engine)
-        except (OperationalError, ProgrammingError) as exc:
-            if "already exists" not in str(exc) or attempt == len(Base.metadata.tables):
-                raise
-
-
-def _adopt_first_keys(sessions: sessionmaker) -> None:
-    """Catalogs from before `api_keys` kept one key per tenant in `tenants.key_hash`: give each such tenant that
-    key as its first `ApiKey`, so that it keeps authenticating (idempotent; a no-op once adopted; a gateway
-    starting at the same time may adopt them first)."""
-    with sessions() as session:
-        keyed = select(ApiKey.tenant_id)
-        for tenant in session.scalars(select(Tenant).where(Tenant.id.not_in(keyed))):
-            created = tenant.created_at.replace(tzinfo=tenant.created_at.tzinfo or UTC).timestamp()
-            session.add(ApiKey(tenant_id=tenant.id, key_hash=tenant.key_hash, prefix="lf-", label="first",
-                               created_at=created, expires_at=None, revoked_at=None, last_used_at=None))
-        try:
-            session.commit()
-        except IntegrityError:
-            session.rollback()

@@ -19,7 +19,7 @@ from lorafleet.adapters.base_model import BaseModelSpec
 from lorafleet.adapters.errors import InvalidAdapter, PayloadTooLarge
 
 __all__ = ["ValidatedAdapter", "extract_archive", "validate_adapter_dir", "validate_upload", "engine_lora_rank",
-           "CONFIG_FILE", "WEIGHTS_FILE", "ENGINE_LORA_RANKS"]
+           "content_digest", "CONFIG_FILE", "WEIGHTS_FILE", "ENGINE_LORA_RANKS"]
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 ENGINE_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the only values vLLM takes as --max-lora-rank
@@ -96,9 +96,32 @@ def _read_tensor(f, key: str, digest: hashlib._Hash) -> tuple[tuple[int, int], b
         raise InvalidAdapter("weights", f"{key}: expected a 2-D float tensor, got {tuple(tensor.shape)}")
     if not torch.isfinite(tensor).all():
         raise InvalidAdapter("weights", f"{key}: holds NaN or infinite values")
+    _hash_tensor(digest, key, tensor)
+    return tuple(tensor.shape), bool(tensor.any())
+
+
+def _hash_tensor(digest: hashlib._Hash, key: str, tensor) -> None:
+    import torch
+
     digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
     digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
-    return tuple(tensor.shape), bool(tensor.any())
+
+
+def _hash_config(digest: hashlib._Hash, config: dict) -> None:
+    digest.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
+
+
+def content_digest(folder: Path) -> str:
+    """The digest `validate_adapter_dir` gives a folder (tensors in key order, then the canonical config), without
+    its checks: what a copy fetched from a store is verified against."""
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    with safe_open(folder / WEIGHTS_FILE, framework="pt") as f:
+        for key in sorted(f.keys()):
+            _hash_tensor(digest, key, f.get_tensor(key))
+    _hash_config(digest, json.loads((folder / CONFIG_FILE).read_bytes()))
+    return digest.hexdigest()
 
 
 def _classify_key(key: str, spec: BaseModelSpec) -> tuple[str, str, str]:
@@ -163,7 +186,7 @@ def validate_adapter_dir(folder: Path, spec: BaseModelSpec, max_rank: int) -> Va
     config = read_config(folder, max_rank)
     check_target_modules(config, spec)
     digest, rank, targets = _check_weights(folder, config, spec, max_rank)
-    digest.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
+    _hash_config(digest, config)
     size = (folder / CONFIG_FILE).stat().st_size + (folder / WEIGHTS_FILE).stat().st_size
     return ValidatedAdapter(path=folder, digest=digest.hexdigest(), rank=rank,
                             alpha=float(config["lora_alpha"]), target_modules=targets, size_bytes=size)

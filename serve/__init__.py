@@ -9,6 +9,6 @@
 - `gateway`      `build_gateway`: every long-lived part, wired once; `settings` the one settings object;
   `metrics` Prometheus; `route_cache` the chat path's catalog snapshots; `validation` validation sets and the
   one replay-and-score path; `answer_format` declared answer formats; `images` a chat request's images,
-  found, limited and inlined; `client` the HTTP client of this API
+  found, limited and inlined; `housekeeping` the periodic garbage collector; `client` the HTTP client of this API
   (CLI, demo, tests)
 """

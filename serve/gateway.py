@@ -12,13 +12,14 @@ from starlette.concurrency import run_in_threadpool
 from lorafleet.adapters.base_model import BaseModelSpec, load_base_spec
 from lorafleet.adapters.catalog import open_catalog
 from lorafleet.adapters.registry import deployed_digests, deployed_workload
-from lorafleet.adapters.store import AdapterStore, BlobStore, open_store
+from lorafleet.adapters.store import AdapterStore, BlobStorage, open_blob_store, open_store
 from lorafleet.serve.admission import FairQueue
 from lorafleet.serve.drift.monitor import DriftMonitor
 from lorafleet.serve.engine.client import EngineClient
 from lorafleet.serve.engine.hardware import quantization_for
 from lorafleet.serve.engine.sizing import Workload, sizing_for
 from lorafleet.serve.engine.supervisor import EngineSupervisor
+from lorafleet.serve.housekeeping import GarbageCollector
 from lorafleet.serve.images import RemoteImages
 from lorafleet.serve.limits import Limits, TenantLimiter
 from lorafleet.serve.metrics import Metrics
@@ -26,7 +27,7 @@ from lorafleet.serve.rollouts.reconciler import RolloutController, new_gateway_i
 from lorafleet.serve.route_cache import RouteCache
 from lorafleet.serve.settings import Settings
 
-__all__ = ["Gateway", "build_gateway"]
+__all__ = ["Gateway", "build_gateway", "open_stores", "scratch_dir"]
 
 
 @dataclass(frozen=True)
@@ -36,13 +37,14 @@ class Gateway:
     settings: Settings
     sessions: sessionmaker
     store: AdapterStore
-    validation_store: BlobStore
+    validation_store: BlobStorage
     spec: BaseModelSpec
     metrics: Metrics
     engine: EngineClient
     supervisor: EngineSupervisor
     controller: RolloutController
     drift: DriftMonitor
+    gc: GarbageCollector
     routes: RouteCache
     limiter: TenantLimiter
     fair_queue: FairQueue
@@ -63,21 +65,33 @@ def _registration(sessions: sessionmaker, engine: EngineClient):
     return register_deployed
 
 
+def open_stores(settings: Settings) -> tuple[AdapterStore, BlobStorage]:
+    """The adapter store and the validation-set store these settings name (one file:// folder or S3 prefix)."""
+    store = open_store(settings.store_url, settings.store_cache_dir or settings.home / "cache" / "adapters",
+                       settings.store_cache_bytes)
+    return store, open_blob_store(settings.store_url, "validation", settings.home / "validation", ".jsonl")
+
+
+def scratch_dir(settings: Settings) -> Path:
+    """Where uploads are written and checked before they are stored (the garbage collector clears what is left)."""
+    path = settings.home / "tmp"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def build_gateway(settings: Settings) -> Gateway:
     """Every long-lived object of a gateway for these settings (the engine is started by the app's lifespan)."""
     if not settings.base:
         raise ValueError("no base model: pass --base (hub id or local path) or set LORAFLEET_BASE")
     _private(settings.home)
-    db, sessions = open_catalog(settings.database_url)
-    tmp_dir = settings.home / "tmp"
-    tmp_dir.mkdir(parents=True, exist_ok=True)
+    db, sessions = open_catalog(settings.database_url, upgrade=settings.catalog_auto_upgrade)
+    tmp_dir = scratch_dir(settings)
     metrics = Metrics()
     event.listen(db, "checkout", lambda *_: metrics.catalog_connections.inc())
     event.listen(db, "checkin", lambda *_: metrics.catalog_connections.dec())
     hardware, quantization = quantization_for(settings)
     metrics.engine.info({"base": settings.base, "quantization": quantization.label, "hardware": hardware.describe()})
-    store = open_store(settings.store_url)
-    validation_store = BlobStore(settings.home / "validation", ".jsonl")
+    store, validation_store = open_stores(settings)
     engine = EngineClient(store, metrics, settings.engine_port, settings.engine_url,
                           settings.engine_api_key.get_secret_value() if settings.engine_api_key else "",
                           private_paths=(settings.home, settings.base))
@@ -86,8 +100,8 @@ def build_gateway(settings: Settings) -> Gateway:
     sizing = sizing_for(settings, hardware.gpu is not None, quantization.dtype or settings.dtype, workload)
     supervisor = EngineSupervisor(settings, engine, metrics, settings.home / "logs" / "engine.log", hardware,
                                   quantization, sizing, on_ready=_registration(sessions, engine))
-    controller = RolloutController(sessions, engine, validation_store, metrics,
-                                   settings.gateway_id or new_gateway_id(), settings.rollout_tick_s,
+    owner = settings.gateway_id or new_gateway_id()  # in rollout leases, decisions and the "gc" lease
+    controller = RolloutController(sessions, engine, validation_store, metrics, owner, settings.rollout_tick_s,
                                    settings.rollout_lease_s)
     drift = DriftMonitor(sessions, engine, validation_store, metrics, settings, quantization.label)
     fair_queue = FairQueue(lambda: settings.engine_slots or supervisor.sizing.max_num_seqs,
@@ -96,6 +110,7 @@ def build_gateway(settings: Settings) -> Gateway:
     return Gateway(settings=settings, sessions=sessions, store=store, validation_store=validation_store,
                    spec=load_base_spec(settings.base), metrics=metrics, engine=engine, supervisor=supervisor,
                    controller=controller, drift=drift,
+                   gc=GarbageCollector(sessions, store, validation_store, [tmp_dir], settings, owner, metrics),
                    routes=RouteCache(sessions, settings.catalog_cache_s, Limits.defaults(settings)),
                    limiter=TenantLimiter(settings.limits_url),
                    fair_queue=fair_queue,

@@ -89,6 +89,9 @@ class Metrics:
         self.output_format_validity = Gauge("lorafleet_output_drift_format_validity", "Answers valid against the "
                                             "deployment's format in the last drift window", by_variant,
                                             registry=self.registry)
+        self.gc_deleted = Counter("lorafleet_gc_deleted", "Garbage collected by this gateway: orphan blobs, temporary "
+                                  "and scratch entries, and catalog rows past retention", ["kind"],
+                                  registry=self.registry)
 
     def labels(self, tenant: str, deployment: str, digest: str, variant: str) -> tuple[str, str, str, str]:
         """Label values for one request, or `_other` once the series budget is spent."""

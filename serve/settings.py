@@ -18,7 +18,10 @@ class Settings(BaseSettings):
 
     home: Path = Path("~/.lorafleet")
     database_url: str = ""  # default: sqlite:///<home>/catalog.db
+    catalog_auto_upgrade: bool = False  # `serve` upgrades a catalog that is behind (SQLite: after a backup copy)
     store_url: str = ""  # default: file://<home>/adapters
+    store_cache_dir: Path | None = None  # an S3 store's local copies for the engine; default: <home>/cache/adapters
+    store_cache_bytes: int = 20 * 1024**3  # their bound (least recently used go first)
     admin_key: SecretStr | None = None
     development: bool = False  # allows serving without an admin key
 
@@ -65,6 +68,15 @@ class Settings(BaseSettings):
     drift_replay_s: float = 86400.0  # scheduled validation replay of every live version; 0 turns it off
     drift_alpha: float = 0.05  # false-alarm budget per monitored version over all its looks
     drift_permutations: int = 200  # MMD permutation test
+
+    # housekeeping (`lorafleet gc`, and periodically): retention in days, 0 keeps forever (so an upgrade deletes
+    # nothing on its own)
+    retention_rollout_samples_days: float = 0.0  # samples of rollouts finished longer ago (never an active one's)
+    retention_decisions_days: float = 0.0  # decisions of rollouts finished longer ago, and older `undo`-like ones
+    retention_drift_checks_days: float = 0.0  # older drift looks (each series keeps its newest, for its look count)
+    retention_validation_runs_days: float = 0.0  # older replays of kind "check" (never a baseline)
+    gc_interval_s: float = 3600.0  # how often the fleet collects garbage (one gateway per period); 0: never
+    gc_temp_age_s: float = 86400.0  # orphan blobs, temporary and scratch entries go once this old (uploads in flight)
 
     # engine (vLLM OpenAI server on a private loopback port)
     base: str = ""  # hub id or local path of the base model

@@ -74,10 +74,10 @@ def require_validation_set(deployment: Deployment) -> ValidationSet:
     return deployment.validation_set
 
 
-def read_items(path: Path) -> list[ValidationItem]:
-    """The stored canonical file (already checked at upload): requests and reference answers."""
+def read_items(data: bytes) -> list[ValidationItem]:
+    """The stored canonical file's bytes (already checked at upload): requests and reference answers."""
     items = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in data.decode("utf-8").splitlines():
         messages = json.loads(line)["messages"]
         items.append(ValidationItem(messages=messages[:-1], answer=messages[-1]["content"]))
     return items

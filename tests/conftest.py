@@ -126,9 +126,16 @@ def served_quantization(tiny_model: Path):
 
 @pytest.fixture(scope="session")
 def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """`lorafleet serve` as a real subprocess: gateway + supervised vLLM engine, SQLite, local store, and the
-    default quantization (the tiny base quantized to int4 at load), as users get it."""
-    srv = Server.start(tiny_model, tmp_path_factory.mktemp("lorafleet-home"), max_model_len="512",
+    """`lorafleet serve` as a real subprocess: gateway + supervised vLLM engine, the catalog in PostgreSQL (the
+    production backend; SQLite is the catalog of the other gateways the tests start, and of the demo), local store,
+    and the default quantization (the tiny base quantized to int4 at load), as users get it."""
+    with postgres_database() as database_url:
+        yield from _session_server(tiny_model, tmp_path_factory, database_url)
+
+
+def _session_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterator[Server]:
+    srv = Server.start(tiny_model, tmp_path_factory.mktemp("lorafleet-home"), database_url=database_url,
+                       max_model_len="512",
                        engine_port=str(free_port()), engine_api_key=secrets.token_urlsafe(16),  # a 2nd gateway attaches
                        metrics_port=str(free_port()),
                        max_num_seqs="16", max_lora_rank=str(MAX_RANK), max_upload_bytes=str(MAX_UPLOAD),
@@ -213,3 +220,46 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if fixtures & TRAINING_FIXTURES:
             item.add_marker(pytest.mark.training)
     items.sort(key=lambda item: item.get_closest_marker("engine_restart") is not None)
+
+
+def s3_environ(endpoint: str, home: Path) -> dict[str, str]:
+    """The AWS settings boto3 reads itself, pointing it at a loopback S3 server (no profile or config file of the
+    developer's applies)."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": str(home / "config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(home / "credentials")}
+
+
+@pytest.fixture(scope="session")
+def s3_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real S3-API server (moto's) on loopback with one bucket; yields `s3://lorafleet-test/<run>`. The AWS
+    variables pointing boto3 at it are set for the whole process and its children (`clean_environ` strips only
+    LORAFLEET_*; `LocalServer` passes the rest on)."""
+    import sys
+
+    import boto3
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(endpoint, timeout=2)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise
+                time.sleep(0.05)
+        with pytest.MonkeyPatch.context() as patch:
+            for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):  # would override ours
+                patch.delenv(name, raising=False)
+            for name, value in s3_environ(endpoint, tmp_path_factory.mktemp("aws")).items():
+                patch.setenv(name, value)
+            boto3.client("s3").create_bucket(Bucket="lorafleet-test")
+            yield f"s3://lorafleet-test/run-{uuid.uuid4().hex[:8]}"
+    finally:
+        process.terminate()
+        process.wait(10)

@@ -242,3 +242,22 @@ HOSTILE: dict[str, tuple[int, str | None, str]] = {
     "catastrophic_target_regex": (400, "target_modules", "takes more than"),
     "zero_lora_B": (400, "weights", "all lora_B weights are zero"),
 }
+
+
+SMALL_LORA = "base_model.model.model.language_model.layers.0.self_attn.q_proj"  # the one layer of `small_adapter`
+
+
+def small_adapter(folder: Path, seed: int, indent: int | None = None):
+    """A PEFT-shaped LoRA folder (one q_proj layer, rank 4, no base model needed) as a `ValidatedAdapter` with its
+    content digest; `indent` changes the config's bytes, not its digest."""
+    from lorafleet.adapters.validate import ValidatedAdapter, content_digest
+
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(seed)
+    save_file({f"{SMALL_LORA}.lora_A.weight": torch.randn(4, 16, generator=generator),
+               f"{SMALL_LORA}.lora_B.weight": torch.randn(16, 4, generator=generator)}, folder / WEIGHTS)
+    (folder / CONFIG).write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                             "target_modules": ["q_proj"]}, indent=indent))
+    size = sum(p.stat().st_size for p in folder.iterdir())
+    return ValidatedAdapter(path=folder, digest=content_digest(folder), rank=4, alpha=8.0, target_modules=("q_proj",),
+                            size_bytes=size)

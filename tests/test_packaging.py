@@ -29,7 +29,9 @@ def test_the_wheel_holds_one_namespace_and_declares_its_dependencies(wheel: Path
     names = zipfile.ZipFile(wheel).namelist()
     code = {n for n in names if n.endswith(".py")}
     assert {"lorafleet/__init__.py", "lorafleet/serve/api/app.py", "lorafleet/train/trainer.py",
-            "lorafleet/adapters/validate.py", "lorafleet/serve/cli/__main__.py"} <= code
+            "lorafleet/adapters/validate.py", "lorafleet/serve/cli/__main__.py", "lorafleet/adapters/migrations/env.py",
+            "lorafleet/adapters/migrations/versions/0001_0_1_0_schema.py"} <= code  # the catalog's migrations too
+    assert "lorafleet/adapters/migrations/script.py.mako" in names
     assert all(n.startswith("lorafleet/") for n in code), sorted(n for n in code if not n.startswith("lorafleet/"))
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     requires = [Requirement(line.split(":", 1)[1].strip()) for line in meta.splitlines()

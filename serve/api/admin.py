@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Query
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from lorafleet.adapters.catalog import ApiKey, Tenant, TenantPolicy, ValidationSet
@@ -167,6 +169,7 @@ async def delete_one_tenant(name: str, gateway: GatewayDep, session: SessionDep,
                             force: bool = False) -> TenantDeletedPublic:
     """Delete the tenant with its adapters, deployments, validation sets, samples and stored files; refused (409)
     while one of its rollouts or A/B tests runs, unless `force=true`."""
+    started = time.time()
     tenant = await run_in_threadpool(get_tenant, session, name)
     await run_in_threadpool(gateway.drift.forget, tenant.id)  # the samples waiting in memory too
     deleted = await run_in_threadpool(delete_tenant, session, tenant, force)
@@ -175,15 +178,19 @@ async def delete_one_tenant(name: str, gateway: GatewayDep, session: SessionDep,
         if not await run_in_threadpool(digest_in_use, session, digest):
             release_connection(session)
             await gateway.engine.unload(digest)
-            gateway.store.delete(digest)
-            blobs += 1
+            # the last look with the blob out of sight (an object store's calls block: a worker thread)
+            blobs += await run_in_threadpool(gateway.store.delete, digest, partial(digest_in_use, session, digest))
     for digest in sorted(deleted.validation_digests):
-        if not session.scalar(select(ValidationSet.id).where(ValidationSet.digest == digest).limit(1)):
-            gateway.validation_store.delete(digest)
-            blobs += 1
+        # a validation upload puts its blob (or renews its time) before its row commits: kept if put since
+        blobs += await run_in_threadpool(gateway.validation_store.delete, digest,
+                                         partial(_validation_in_use, session, digest), started)
     await run_in_threadpool(record_audit, session, actor, "tenant.delete", name, force=force, rows=deleted.counts,
                             blobs=blobs)
     return TenantDeletedPublic(name=name, deleted=deleted.counts, blobs_deleted=blobs)
+
+
+def _validation_in_use(session: Session, digest: str) -> bool:
+    return session.scalar(select(ValidationSet.id).where(ValidationSet.digest == digest).limit(1)) is not None
 
 
 @router.get("/audit")

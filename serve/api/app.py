@@ -68,6 +68,7 @@ def create_app(settings: Settings) -> FastAPI:
         await gateway.supervisor.start()
         tasks = [asyncio.create_task(gateway.controller.run(), name="rollout-controller"),
                  asyncio.create_task(gateway.drift.run(), name="drift-monitor"),
+                 asyncio.create_task(gateway.gc.run(), name="garbage-collector"),
                  asyncio.create_task(_record_key_use(gateway), name="key-use")]
         metrics_server = _metrics_listener(gateway)
         try:

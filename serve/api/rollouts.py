@@ -294,7 +294,7 @@ async def evaluate_ab(deployment: str, gateway: GatewayDep, session: SessionDep,
     validation = require_validation_set(target)
     gateway.engine.require_up()
     release_connection(session)  # the replays take a while: no connection held meanwhile
-    items = await run_in_threadpool(read_items, gateway.validation_store.path(validation.digest))
+    items = read_items(await run_in_threadpool(gateway.validation_store.read, validation.digest))
     scores = {}
     for variant in rollout.variants:
         replayed = await replay_and_score(gateway.engine, variant["digest"], items, validation.metric, max_tokens)

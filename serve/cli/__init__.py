@@ -4,6 +4,8 @@
 - `tenants`   tenants (keys, limits), audit
 - `rollouts`  rollout, ab                - `drift`     drift
 - `training`  train, eval, quantize, tiny-model
+- `db`        db current, upgrade, backup (the catalog database itself)
+- `housekeeping` gc
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Annotated
 import typer
 
 from lorafleet import __version__
-from lorafleet.serve.cli import drift, registry, rollouts, server, tenants, training
+from lorafleet.serve.cli import db, drift, housekeeping, registry, rollouts, server, tenants, training
 from lorafleet.serve.cli.common import Commands
 
 __all__ = ["app"]
@@ -45,3 +47,5 @@ app.add_typer(registry.validation, name="validation")
 app.add_typer(rollouts.rollout, name="rollout")
 app.add_typer(rollouts.ab, name="ab")
 app.add_typer(drift.drift, name="drift")
+app.add_typer(db.db, name="db")
+app.command("gc")(housekeeping.gc)

@@ -21,7 +21,9 @@ class Commands(typer.core.TyperGroup):
         try:
             return super().invoke(ctx)
         except LorafleetError as exc:
-            Console(stderr=True).print(f"[red]{type(exc).__name__}: {exc.message}[/red]", highlight=False)
+            # one line whatever the terminal's width (a refusal to start names its command in it)
+            Console(stderr=True).print(f"[red]{type(exc).__name__}: {exc.message}[/red]", highlight=False,
+                                       soft_wrap=True)
             raise typer.Exit(1) from None
 
 

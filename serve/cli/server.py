@@ -22,6 +22,9 @@ def serve(
     host: Annotated[Optional[str], typer.Option()] = None,
     port: Annotated[Optional[int], typer.Option()] = None,
     home: Annotated[Optional[Path], typer.Option(help="State folder (catalog, adapters, logs).")] = None,
+    upgrade: Annotated[bool, typer.Option(
+        "--upgrade", help="Upgrade a catalog that is behind this release first (SQLite: after a backup copy next "
+                          "to it; LORAFLEET_CATALOG_AUTO_UPGRADE).")] = False,
 ) -> None:
     """Run the gateway and its supervised vLLM engine."""
     import os
@@ -31,16 +34,18 @@ def serve(
     from lorafleet.serve.api.app import create_app
     from lorafleet.serve.settings import Settings
 
-    given = dict(base=base, quantize=quantize, quantize_group_size=group_size, host=host, port=port, home=home)
+    given = dict(base=base, quantize=quantize, quantize_group_size=group_size, host=host, port=port, home=home,
+                 catalog_auto_upgrade=True if upgrade else None)  # no flag: the setting decides
     overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     settings = Settings(**overrides)
     os.umask(0o077)  # the state folder's files (catalog, adapters, logs) readable by their owner only
+    # before the app is built: a catalog upgrade at start logs where its backup copy went
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         settings.require_admin_key()
         application = create_app(settings)
     except (ValueError, OSError) as exc:
         raise LorafleetError(str(exc)) from exc
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the engine health checks every few seconds
     engine = application.state.gateway.supervisor
     sizing = f"attached at {settings.engine_url}, as it was started" if settings.engine_url else \

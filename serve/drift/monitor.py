@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from lorafleet.adapters.catalog import AdapterVersion, Deployment, DriftCheck, InputSample, Tenant, ValidationRun
-from lorafleet.adapters.store import BlobStore
+from lorafleet.adapters.store import BlobStorage
 from lorafleet.serve.answer_format import answer_checker
 from lorafleet.serve.drift.statistics import (
     Reservoir,
@@ -86,6 +86,12 @@ def _count(session: Session, *where: Any) -> int:
     return session.scalar(select(func.count()).where(*where)) or 0
 
 
+def _last_look(session: Session, *where: Any) -> int:
+    """The number of a series' last drift look (0 before its first): counted from it, not from the rows, since
+    retention deletes old looks (`lorafleet.adapters.housekeeping` keeps each series' newest)."""
+    return session.scalar(select(func.max(DriftCheck.look)).where(*where)) or 0
+
+
 def _base_fingerprint(base: str) -> str:
     """Names, sizes and modification times of a local base's files (cheap; a replaced file changes it)."""
     folder = Path(base)
@@ -117,7 +123,7 @@ class SampleTicket:
 class DriftMonitor:
     """Samples live requests, replays validation sets, and runs the drift looks, on the schedule of `settings`."""
 
-    def __init__(self, sessions: sessionmaker, engine: EngineClient, validation_store: BlobStore, metrics: Metrics,
+    def __init__(self, sessions: sessionmaker, engine: EngineClient, validation_store: BlobStorage, metrics: Metrics,
                  settings: Settings, quantization_label: str) -> None:
         self.sessions, self.engine, self.validation_store = sessions, engine, validation_store
         self.metrics, self.settings, self.quantization_label = metrics, settings, quantization_label
@@ -269,7 +275,7 @@ class DriftMonitor:
             if deployment is None or deployment.validation_set is None:
                 return None
             validation = deployment.validation_set
-            items = read_items(self.validation_store.path(validation.digest))
+            items = read_items(self.validation_store.read(validation.digest))
             versions = [(variant, v.id, v.digest) for variant, v in live_versions(session, deployment)]
             tenant = session.get_one(Tenant, deployment.tenant_id).name
             return _ReplayPlan(items, validation.metric, versions, tenant, deployment.name)
@@ -317,7 +323,7 @@ class DriftMonitor:
 
     def _reference(self, digest: str) -> list[dict[str, float]]:
         if digest not in self._references:
-            items = read_items(self.validation_store.path(digest))
+            items = read_items(self.validation_store.read(digest))
             self._references[digest] = [request_features(item.messages) for item in items]
         return self._references[digest]
 
@@ -359,8 +365,8 @@ class DriftMonitor:
         samples = list(session.scalars(select(InputSample).where(InputSample.deployment_id == deployment.id)
                                        .order_by(InputSample.id.desc()).limit(window_n)))
         stable = deployment.stable_id
-        looks = _count(session, DriftCheck.deployment_id == deployment.id, DriftCheck.kind == "input",
-                       DriftCheck.version_id == stable) + 1
+        looks = _last_look(session, DriftCheck.deployment_id == deployment.id, DriftCheck.kind == "input",
+                           DriftCheck.version_id == stable) + 1
         out = []
         reference = self._reference(deployment.validation_set.digest)
         window = [s.features for s in samples]
@@ -406,8 +412,8 @@ class DriftMonitor:
                 numbers.update(format_validity=1 - invalid / len(checked),
                                baseline_format_validity=1 - base_invalid / len(baseline.outputs))
             p = min(1.0, min(p_values.values()) * len(p_values))
-            looks = _count(session, DriftCheck.deployment_id == deployment.id, DriftCheck.kind == "output",
-                           DriftCheck.version_id == version.id) + 1
+            looks = _last_look(session, DriftCheck.deployment_id == deployment.id, DriftCheck.kind == "output",
+                               DriftCheck.version_id == version.id) + 1
             top = min(p_values, key=lambda name: p_values[name])
             n = numbers
             message = (f"output of {variant}: p={p:.2g} (look {looks}); smallest {top} p={p_values[top]:.2g}; "

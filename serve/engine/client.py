@@ -34,8 +34,9 @@ from typing import Any
 
 import aiohttp
 import httpx
+from starlette.concurrency import run_in_threadpool
 
-from lorafleet.adapters.errors import ServiceUnavailable
+from lorafleet.adapters.errors import LorafleetError, ServiceUnavailable
 from lorafleet.adapters.store import AdapterStore
 from lorafleet.serve.engine.command import free_port
 from lorafleet.serve.metrics import Metrics
@@ -121,6 +122,9 @@ class EngineClient:
         self._up = asyncio.Event()
         self._loaded: set[str] = set()
         self._load_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._loop: asyncio.AbstractEventLoop | None = None  # where evictions (told in worker threads) are handled
+        self._unloads: set[asyncio.Task] = set()  # referenced until done (the loop keeps only weak references)
+        store.on_evict(self._evicted)
 
     @property
     def up(self) -> bool:
@@ -190,17 +194,26 @@ class EngineClient:
             return "?"
 
     async def ensure_loaded(self, digest: str) -> None:
-        """Register an adapter on the engine under its digest; one load in flight per digest."""
+        """Register an adapter on the engine under its digest (fetched from the store first, off the event loop);
+        one load in flight per digest."""
         if digest in self._loaded:
+            self.store.touch(digest)
             return
         async with self._load_locks[digest]:
             if digest in self._loaded:
                 return
             self.require_up()
+            self._loop = asyncio.get_running_loop()
             t0 = time.perf_counter()
-            with map_engine_errors():
-                path = str(self.store.local_path(digest))
-                response = await self.http.post("/v1/load_lora_adapter", json={"lora_name": digest, "lora_path": path})
+            with self.store.pinned(digest):  # the local copy stays until the engine has read it
+                try:
+                    path = str(await run_in_threadpool(self.store.fetch, digest))
+                except LorafleetError:  # the store is unreachable, or its copy is corrupt (discarded)
+                    self.metrics.adapter_loads.labels("failed").inc()
+                    raise
+                with map_engine_errors():
+                    response = await self.http.post("/v1/load_lora_adapter",
+                                                    json={"lora_name": digest, "lora_path": path})
             if response.status_code != 200 and "already been loaded" not in response.text:
                 self.metrics.adapter_loads.labels("failed").inc()
                 raise AdapterLoadFailed(f"the engine could not load adapter {digest[:12]}: "
@@ -208,6 +221,27 @@ class EngineClient:
             self.metrics.adapter_loads.labels("ok").inc()
             self.metrics.adapter_load_seconds.observe(time.perf_counter() - t0)
             self._loaded.add(digest)
+
+    def _evicted(self, digest: str) -> None:
+        """The store's local cache removed the adapter's files (in a worker thread): the engine may read them again,
+        so forget the digest; the next request fetches and registers it afresh."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._forget, digest)
+
+    def _forget(self, digest: str) -> None:
+        self._loaded.discard(digest)
+        task = asyncio.get_running_loop().create_task(self._unload_evicted(digest))
+        self._unloads.add(task)
+        task.add_done_callback(self._unloads.discard)
+
+    async def _unload_evicted(self, digest: str) -> None:
+        """Best effort: the engine drops the name of an adapter whose files are gone, unless it was loaded again."""
+        async with self._load_locks[digest]:
+            if digest in self._loaded or not self.up:
+                return
+            with contextlib.suppress(httpx.HTTPError):
+                await self.http.post("/v1/unload_lora_adapter", json={"lora_name": digest})
 
     async def preload(self, digests: Iterable[str]) -> None:
         """Register adapters a catalog change is about to use, before it commits (a failed load changes

@@ -20,7 +20,6 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -29,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from lorafleet.adapters.catalog import Decision, Deployment, Rollout, RolloutSample, Tenant
 from lorafleet.adapters.errors import ServiceUnavailable
-from lorafleet.adapters.store import BlobStore
+from lorafleet.adapters.store import BlobStorage
 from lorafleet.serve.engine.client import EngineClient
 from lorafleet.serve.metrics import Metrics
 from lorafleet.serve.rollouts.gate import run_gate
@@ -88,14 +87,14 @@ class _Snapshot:
     view: CanaryView | None
     samples: dict[str, VariantSamples]
     variants: list[dict]
-    validation_path: str | None
+    validation_digest: str | None
     metric: str | None
 
 
 class RolloutController:
     """Reconciles every active rollout of the catalog that this gateway holds the lease of."""
 
-    def __init__(self, sessions: sessionmaker, engine: EngineClient, validation_store: BlobStore, metrics: Metrics,
+    def __init__(self, sessions: sessionmaker, engine: EngineClient, validation_store: BlobStorage, metrics: Metrics,
                  owner: str, tick_s: float, lease_s: float) -> None:
         self.sessions, self.engine, self.validation_store, self.metrics = sessions, engine, validation_store, metrics
         self.owner, self.tick_s, self.lease_s = owner, tick_s, lease_s
@@ -169,8 +168,8 @@ class RolloutController:
             self._gates.pop(snap.id, None)
 
     async def _measure_gate(self, snap: _Snapshot) -> tuple[Measurement, dict]:
-        assert snap.view is not None and snap.validation_path is not None and snap.metric is not None
-        items = await run_in_threadpool(read_items, Path(snap.validation_path))
+        assert snap.view is not None and snap.validation_digest is not None and snap.metric is not None
+        items = read_items(await run_in_threadpool(self.validation_store.read, snap.validation_digest))
         canary, stable = snap.variants
         return await run_gate(self.engine, items, snap.metric, stable["digest"], canary["digest"], snap.view.params)
 
@@ -228,9 +227,9 @@ class RolloutController:
                 if rollout.phase == Phase.PROGRESSING:
                     samples = step_samples(session, rollout.id, rollout.step_index)
             validation = deployment.validation_set
-            path = str(self.validation_store.path(validation.digest)) if validation else None
             return _Snapshot(rollout.id, rollout.revision, rollout.phase, tenant, deployment.name, view, samples,
-                             rollout.variants, path, validation.metric if validation else None)
+                             rollout.variants, validation.digest if validation else None,
+                             validation.metric if validation else None)
 
     async def _write(self, snap: _Snapshot, change: Callable[[Session, Rollout], None]) -> bool:
         """Apply `change` once, only if the rollout is still the one the decision was made on."""

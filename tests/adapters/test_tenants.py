@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import create_engine, func, select, text
 
 from lorafleet.adapters.catalog import (
     AdapterVersion,
@@ -19,7 +19,7 @@ from lorafleet.adapters.catalog import (
     ValidationSet,
     open_catalog,
 )
-from lorafleet.adapters.errors import Conflict, NotFound, Unauthorized
+from lorafleet.adapters.errors import CatalogBehind, Conflict, NotFound, Unauthorized
 from lorafleet.adapters.registry import register_version, set_deployment
 from lorafleet.adapters.tenants import (
     authenticate,
@@ -40,6 +40,9 @@ from lorafleet.adapters.tenants import (
     touch_keys,
 )
 from lorafleet.adapters.validate import ValidatedAdapter
+from tests.old_catalog import schema_statements
+
+PRE_0_1_0_MISSING = ("api_keys", "tenant_policies", "audit_events")  # tables 0.1.0 added
 
 
 def _validated(char: str, size: int = 10) -> ValidatedAdapter:
@@ -180,19 +183,25 @@ def test_key_use_is_recorded_and_never_moves_back(sessions):
         assert key.last_used_at == 200.0
 
 
-def test_a_catalog_from_before_api_keys_keeps_its_keys(tmp_path):
-    """An install made before keys were a table: one key per tenant in tenants.key_hash, no api_keys rows."""
+def test_a_catalog_from_before_api_keys_is_upgraded_when_asked_and_keeps_its_keys(tmp_path):
+    """An install made before keys were a table (and before revisions): one key per tenant in tenants.key_hash, no
+    api_keys, tenant_policies or audit_events. This release serves it only once asked to upgrade it."""
     url = f"sqlite:///{tmp_path / 'catalog.db'}"
-    db, sessions = open_catalog(url)
+    old = [s for s in schema_statements("sqlite") if not any(t in s for t in PRE_0_1_0_MISSING)]
+    db = create_engine(url)
     with db.begin() as connection:
-        connection.execute(text("DROP TABLE api_keys"))
+        for statement in old:
+            connection.exec_driver_sql(statement)
         connection.execute(text("INSERT INTO tenants (name, key_hash, sample_inputs, created_at) "
                                 "VALUES ('old', :h, 1, '2026-01-01 00:00:00')"), {"h": hash_key("lf-old-key")})
-    _, sessions = open_catalog(url)  # the upgraded gateway starts
+    db.dispose()
+    with pytest.raises(CatalogBehind, match="run `lorafleet db upgrade`"):
+        open_catalog(url)  # the new release starts on it, not asked to upgrade
+    _, sessions = open_catalog(url, upgrade=True)
     with sessions() as session:
         assert authenticate(session, "lf-old-key").name == "old"
         assert len(list_keys(session, session.scalars(select(Tenant)).one())) == 1
-    _, sessions = open_catalog(url)  # and again: adopted once only
+    _, sessions = open_catalog(url)  # and again: at this release's revision, nothing to do
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(ApiKey)) == 1
 

@@ -55,7 +55,7 @@ def test_data_url_set_is_stored_and_replays_its_items(gateway):
     good = _line(DATA_URL)
     digest, items, size = _push(gateway, _jsonl(good, good))
     assert items == 2 and gateway.validation_store.path(digest).stat().st_size == size
-    replayed = read_items(gateway.validation_store.path(digest))
+    replayed = read_items(gateway.validation_store.read(digest))
     assert replayed[0].answer == "a red circle" and replayed[0].messages == good["messages"][:-1]
 
 

@@ -3,6 +3,7 @@ from the engine's usage, storage quotas, and counters shared by two gateway proc
 
 from __future__ import annotations
 
+import stat
 import threading
 import time
 from pathlib import Path
@@ -161,6 +162,7 @@ def test_two_gateways_share_the_counters_through_redis(server, redis_url, tmp_pa
                     time.sleep(0.2)
                 statuses.append(http.post("/v1/chat/completions", json={"model": "none", "messages": []}).status_code)
         assert statuses == [404, 404, 404, 404, 429, 429]  # 4 admitted in all (no deployment: 404), then refused
+        assert stat.S_IMODE((home / "catalog.db").stat().st_mode) & 0o077 == 0  # the SQLite catalog: owner only
     finally:
         a.stop()
         b.stop()

@@ -83,3 +83,44 @@ async def test_a_failed_load_tells_the_tenant_why_without_the_store_path(tmp_pat
     assert failed.value.message.endswith("failed: No adapter found for <path>")
     assert str(tmp_path) not in failed.value.message and "lora fleet" not in failed.value.message
     await client.aclose()
+
+
+async def test_an_evicted_adapter_is_forgotten_unloaded_and_fetched_again(s3_url, tmp_path):
+    """An S3 store's cache holds one adapter here: loading the second evicts the first, so the engine drops it
+    and the next request fetches and loads it again (the engine never reads a folder that is gone)."""
+    import asyncio
+    import time
+    import uuid
+    from pathlib import Path
+
+    from lorafleet.adapters.adapter_cache import AdapterCache
+    from lorafleet.adapters.s3_store import S3AdapterStore, parse_s3_url
+    from tests.factories import WEIGHTS, small_adapter
+
+    a, b = small_adapter(tmp_path / "a", seed=1), small_adapter(tmp_path / "b", seed=2)
+    store = S3AdapterStore(parse_s3_url(f"{s3_url}/{uuid.uuid4().hex[:8]}"),
+                           AdapterCache(tmp_path / "cache", max_bytes=a.size_bytes))
+    store.put(a), store.put(b)
+    calls: list[tuple[str, str]] = []
+
+    def vllm(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        calls.append((request.url.path.rsplit("/", 1)[-1], body["lora_name"]))
+        if "lora_path" in body:
+            assert (Path(body["lora_path"]) / WEIGHTS).is_file()  # fetched before the engine reads it
+        return httpx.Response(200, text="ok")
+
+    client = EngineClient(store, Metrics())
+    client.http = httpx.AsyncClient(base_url=client.url, transport=httpx.MockTransport(vllm))
+    client.mark_up()
+    await client.ensure_loaded(a.digest)
+    await client.ensure_loaded(b.digest)
+    deadline = time.monotonic() + 10
+    while ("unload_lora_adapter", a.digest) not in calls and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert ("unload_lora_adapter", a.digest) in calls and a.digest not in store.cache
+    await client.ensure_loaded(a.digest)
+    assert [c for c in calls if c[0] == "load_lora_adapter"] == [("load_lora_adapter", d)
+                                                                 for d in (a.digest, b.digest, a.digest)]
+    assert a.digest in store.cache and b.digest not in store.cache
+    await client.aclose()

@@ -1,0 +1,227 @@
+"""Catalog migrations on real SQLite files and PostgreSQL databases: the models and the revisions agree, revision
+0001 is 0.1.0's schema, a 0.1.0 catalog is refused until asked, then upgraded with every row still served, and
+gateways starting together on one catalog all start."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, inspect, text
+
+from lorafleet.adapters.catalog import Base, open_catalog
+from lorafleet.adapters.errors import CatalogBehind, CatalogUnknownRevision
+from lorafleet.adapters.leases import take_lease
+from lorafleet.adapters.migrate import alembic_config, catalog_revision, head_revision
+from lorafleet.adapters.registry import get_deployment, register_version, resolve_version
+from lorafleet.adapters.tenants import authenticate, list_keys
+from lorafleet.adapters.validate import ValidatedAdapter
+from lorafleet.serve.api.drift import drift_history
+from lorafleet.serve.api.rollouts import get_rollout
+from tests.old_catalog import create_schema, insert_rows
+from tests.postgres import postgres_database
+
+
+@pytest.fixture
+def new_database(tmp_path: Path) -> Iterator[Callable[[str], str]]:
+    """Factory: another new, empty database on "sqlite" or "postgresql" (dropped afterwards)."""
+    made = iter(range(100))
+    with contextlib.ExitStack() as stack:
+        def make(dialect: str) -> str:
+            if dialect == "sqlite":
+                return f"sqlite:///{tmp_path / f'db-{next(made)}.db'}"
+            return stack.enter_context(postgres_database())
+
+        yield make
+
+
+def _dialect(url: str) -> str:
+    return "sqlite" if url.startswith("sqlite") else "postgresql"
+
+
+def _upgrade_to(url: str, revision: str) -> None:
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), revision)
+    engine.dispose()
+
+
+def _schema(url: str) -> dict[str, dict]:
+    """Every table as the database describes it (alembic_version aside)."""
+    engine = create_engine(url)
+    described = inspect(engine)
+    tables = {}
+    for name in sorted(set(described.get_table_names()) - {"alembic_version"}):
+        tables[name] = {
+            "columns": [(c["name"], str(c["type"]), c["nullable"], c.get("default"))
+                        for c in described.get_columns(name)],
+            "primary key": described.get_pk_constraint(name),
+            "foreign keys": sorted(map(repr, described.get_foreign_keys(name))),
+            "indexes": sorted(map(repr, described.get_indexes(name))),
+            "unique": sorted(map(repr, described.get_unique_constraints(name))),
+        }
+    engine.dispose()
+    return tables
+
+
+def _sqlite_ddl(url: str) -> set[tuple]:
+    with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as connection:
+        return set(connection.execute("SELECT type, name, tbl_name, sql FROM sqlite_master "
+                                      "WHERE tbl_name != 'alembic_version'"))
+
+
+def _versions(url: str) -> list[str]:
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        found = list(connection.scalars(text("SELECT version_num FROM alembic_version")))
+    engine.dispose()
+    return found
+
+
+def test_the_models_and_the_migrations_agree(catalog_url):
+    db, _ = open_catalog(catalog_url)
+    with db.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    assert catalog_revision(db).at_head
+    db.dispose()
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_revision_0001_makes_the_catalog_0_1_0_made(dialect, new_database):
+    made_by_010, made_by_0001 = new_database(dialect), new_database(dialect)
+    create_schema(made_by_010)
+    _upgrade_to(made_by_0001, "0001")
+    assert _schema(made_by_0001) == _schema(made_by_010)
+    assert len(_schema(made_by_0001)) == 14
+    if dialect == "sqlite":  # the very same statements
+        assert _sqlite_ddl(made_by_0001) == _sqlite_ddl(made_by_010)
+
+
+def test_a_0_1_0_catalog_is_refused_then_upgraded_and_every_row_still_serves(catalog_url, tmp_path):
+    create_schema(catalog_url)
+    rows = insert_rows(catalog_url)
+    with pytest.raises(CatalogBehind) as refused:
+        open_catalog(catalog_url)
+    message = refused.value.message
+    assert "lorafleet db upgrade" in message and f"needs {head_revision()}" in message and "\n" not in message
+    assert ":lorafleet@" not in message  # the URL is named without its password
+    assert _schema(catalog_url).keys() == {t for t in Base.metadata.tables} - {"leases"}  # refused: untouched
+
+    db, sessions = open_catalog(catalog_url, upgrade=True)
+    assert catalog_revision(db).at_head and _versions(catalog_url) == [head_revision()]
+    with sessions() as session:
+        tenant = authenticate(session, rows.key)
+        assert tenant.name == rows.tenant and len(list_keys(session, tenant)) == 1
+        deployment = get_deployment(session, tenant, rows.deployment)
+        assert (deployment.stable.digest, deployment.previous_stable.digest) == (rows.digests[1], rows.digests[0])
+        assert deployment.validation_set.items == 40
+        assert resolve_version(session, tenant, f"{rows.adapter}@1").digest == rows.digests[0]
+        history = get_rollout(rows.deployment, session, tenant)
+        assert history.phase == "Promoted" and tuple(d.action for d in history.decisions) == rows.decisions
+        drift = drift_history(rows.deployment, session, tenant)
+        assert (len(drift.checks), len(drift.runs)) == (rows.drift_checks, rows.validation_runs)
+        new, _ = register_version(session, tenant, rows.adapter, ValidatedAdapter(
+            path=Path("."), digest="d" * 64, rank=8, alpha=16.0, target_modules=("q_proj",), size_bytes=10))
+        assert new.version == 3  # numbering goes on where 0.1.0 left it
+    assert take_lease(sessions, "gc", "gw-1", ttl_s=60)  # the table this release added
+    db.dispose()
+
+
+def test_a_sqlite_catalog_is_copied_before_its_upgrade(tmp_path):
+    database = tmp_path / "catalog.db"
+    create_schema(f"sqlite:///{database}")
+    rows = insert_rows(f"sqlite:///{database}")
+    db, _ = open_catalog(f"sqlite:///{database}", upgrade=True)
+    db.dispose()
+    [copy] = tmp_path.glob("catalog.db.before-unversioned-*")
+    with contextlib.closing(sqlite3.connect(copy)) as old:
+        assert old.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert old.execute("SELECT name, key_hash FROM tenants").fetchall() == [
+            (rows.tenant, old.execute("SELECT key_hash FROM api_keys").fetchone()[0])]
+        assert old.execute("SELECT count(*) FROM decisions").fetchone() == (len(rows.decisions),)
+        assert not old.execute("SELECT name FROM sqlite_master WHERE name = 'alembic_version'").fetchall()
+
+
+def test_a_catalog_at_an_older_revision_is_upgraded_when_asked(catalog_url):
+    _upgrade_to(catalog_url, "0001")
+    with pytest.raises(CatalogBehind, match="is at revision 0001, this release needs"):
+        open_catalog(catalog_url)
+    db, sessions = open_catalog(catalog_url, upgrade=True)
+    assert take_lease(sessions, "gc", "gw-1", ttl_s=60)
+    db.dispose()
+
+
+def test_a_catalog_made_after_0_1_0_by_create_all_is_adopted(catalog_url):
+    """Unreleased main between 0.1.0 and revisions created today's tables at start, with no revision."""
+    engine = create_engine(catalog_url)
+    Base.metadata.create_all(engine)
+    engine.dispose()
+    db, _ = open_catalog(catalog_url, upgrade=True)
+    with db.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    db.dispose()
+
+
+def test_a_revision_from_a_newer_release_is_refused_even_with_upgrade(catalog_url):
+    db, _ = open_catalog(catalog_url)
+    with db.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    db.dispose()
+    with pytest.raises(CatalogUnknownRevision, match="revision 9999, which this release does not know"):
+        open_catalog(catalog_url, upgrade=True)
+
+
+def _all_at_once(count: int, start: Callable[[], None], stagger_s: float = 0.01) -> list[BaseException]:
+    """Run `start` in `count` threads, begun a few milliseconds apart: the later ones look at the catalog while the
+    first is making or upgrading it (the window where a half-made catalog looked like an old one)."""
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(count)
+
+    def run(index: int) -> None:
+        barrier.wait()
+        time.sleep(index * stagger_s)
+        try:
+            start()
+        except BaseException as exc:  # the failure under test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
+def _open_and_close(url: str, upgrade: bool = False) -> None:
+    db, _ = open_catalog(url, upgrade=upgrade)
+    db.dispose()
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_gateways_opening_one_new_catalog_at_once_all_start_at_head(dialect, new_database):
+    for _ in range(3):  # the race is timing-dependent: a few tries, each on a new database
+        url = new_database(dialect)
+        assert _all_at_once(6, functools.partial(_open_and_close, url)) == []
+        assert _versions(url) == [head_revision()]
+
+
+def test_gateways_upgrading_one_old_catalog_at_once_all_start_and_one_upgrades(catalog_url, tmp_path):
+    create_schema(catalog_url)
+    rows = insert_rows(catalog_url)
+    assert _all_at_once(4, lambda: _open_and_close(catalog_url, upgrade=True)) == []
+    assert _versions(catalog_url) == [head_revision()]
+    if _dialect(catalog_url) == "sqlite":
+        assert len(list(tmp_path.glob("catalog.db.before-*"))) == 1
+    _, sessions = open_catalog(catalog_url)
+    with sessions() as session:
+        assert len(list_keys(session, authenticate(session, rows.key))) == 1
