@@ -101,12 +101,11 @@ def test_an_adapter_uploaded_through_one_gateway_is_served_by_the_other(fleet, t
     assert f"{prefix}/adapters/{version['digest']}/manifest.json" in keys
 
 
-def test_drift_looks_and_scheduled_replays_run_once_for_the_fleet(fleet, tenant, make_adapter, tmp_path):
+def test_drift_looks_and_scheduled_replays_run_once_for_the_fleet(fleet, tenant, tmp_path):
     from lorafleet.train.shapes import write_task
 
     http = tenant["a"]
-    upload_folder(http, "w", make_adapter(0, 8, std=NEAR_BASE_STD))
-    http.put("/v1/deployments/watched", json={"adapter": "w@1"}).raise_for_status()
+    http.put("/v1/deployments/watched", json={"adapter": "m@1"}).raise_for_status()  # the first test's upload
     validation = write_task("general", 8, tmp_path / "val.jsonl", seed=1)
     pushed = http.put("/v1/deployments/watched/validation", files={"file": ("v.jsonl", inline_images(validation))})
     assert pushed.status_code == 200, pushed.text
@@ -138,10 +137,9 @@ def test_drift_looks_and_scheduled_replays_run_once_for_the_fleet(fleet, tenant,
 
 def test_a_rollout_has_one_controller_and_the_other_takes_over_when_it_dies(fleet, tenant, make_adapter):
     http = tenant["b"]
-    upload_folder(http, "r", make_adapter(0, 8, std=NEAR_BASE_STD))
-    upload_folder(http, "r", make_adapter(0, 4, std=NEAR_BASE_STD))
-    http.put("/v1/deployments/rolled", json={"adapter": "r@1"}).raise_for_status()
-    started = http.post("/v1/deployments/rolled/rollout", json={"to": "r@2", "gate": False, "steps": [20, 50],
+    upload_folder(http, "m", make_adapter(0, 4, std=NEAR_BASE_STD))  # m@2 beside the first test's m@1
+    http.put("/v1/deployments/rolled", json={"adapter": "m@1"}).raise_for_status()
+    started = http.post("/v1/deployments/rolled/rollout", json={"to": "m@2", "gate": False, "steps": [20, 50],
                                                                "min_requests": 10**6, "interval_s": 3600})
     assert started.status_code == 202, started.text
 
