@@ -102,7 +102,7 @@ def main() -> None:
                         if r:
                             runs.setdefault((database, ttl, conc), []).append(
                                 {"rps": phase.rps, "p50": phase.p50, "failed": phase.failed,
-                                 "cpu_ms": cpu_s / args.requests * 1000})
+                                 "errors": phase.errors, "cpu_ms": cpu_s / args.requests * 1000})
             for gateway in gateways.values():
                 gateway.stop()
             gateways.clear()
@@ -118,12 +118,15 @@ def report(runs: dict[tuple[str, str, int], list[dict]], clients: list[int], rou
     for column in ("load", "snapshot cache", "catalog", "req/s", "p50 (ms)", "gateway CPU per request (ms)",
                    "PostgreSQL ÷ SQLite req/s", "PostgreSQL ÷ SQLite CPU"):
         table.add_column(column, justify="right")
-    failed = 0
+    failed: dict[str, int] = {}
     for conc in clients:
         for ttl, cache in (("1", "1 s (default)"), ("0", "off")):
             sqlite, postgres = runs[("SQLite", ttl, conc)], runs[("PostgreSQL", ttl, conc)]
             for database, rows in (("SQLite", sqlite), ("PostgreSQL", postgres)):
-                failed += sum(x["failed"] for x in rows)
+                for x in rows:
+                    for error, count in x["errors"].items():
+                        key = f"{database}, cache {cache}, {conc} clients: {error}"
+                        failed[key] = failed.get(key, 0) + count
                 ratios = ("", "")
                 if database == "PostgreSQL":  # per round: both measured back to back
                     ratios = (spread([p["rps"] / s["rps"] for p, s in zip(postgres, sqlite)], digits=3),
@@ -133,7 +136,7 @@ def report(runs: dict[tuple[str, str, int], list[dict]], clients: list[int], rou
                               *ratios)
     console.print(table)
     if failed:
-        console.print(f"[red]{failed} failed requests[/red]")
+        console.print("[red]failed requests:[/red] " + "; ".join(f"{k} ×{n}" for k, n in failed.items()))
         raise SystemExit(1)
     medians = {k: statistics.median(x["rps"] for x in v) for k, v in runs.items()}
     console.print("default cache, PostgreSQL ÷ SQLite req/s: " + ", ".join(

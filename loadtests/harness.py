@@ -20,7 +20,8 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
@@ -57,6 +58,7 @@ class Phase:
     ttft_p50: float | None = None
     failed: int = 0
     ok: int = 0
+    errors: dict[str, int] = field(default_factory=dict)  # what failed requests got: a status, or an error's name
 
 
 async def scenario(url: str, key: str, models: list[str], n: int, concurrency: int, seed: int,
@@ -67,6 +69,7 @@ async def scenario(url: str, key: str, models: list[str], n: int, concurrency: i
     latencies: list[float] = []
     ttfts: list[float] = []
     failed = 0
+    errors: Counter[str] = Counter()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300,
                                  limits=limits) as client:
@@ -88,22 +91,25 @@ async def scenario(url: str, key: str, models: list[str], n: int, concurrency: i
                     else:
                         response = await client.post("/v1/chat/completions", json={**body, "model": model})
                         ok = response.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
+                    error = str(response.status_code)
+                except httpx.HTTPError as exc:
+                    ok, error = False, type(exc).__name__
                 if ok:
                     latencies.append(time.perf_counter() - t0)
                 else:
                     failed += 1
+                    errors[error] += 1
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one(rng.choice(models)) for _ in range(n)))
         elapsed = time.perf_counter() - t0
     latencies.sort()
     if not latencies:
-        return asdict(Phase(0.0, float("nan"), float("nan"), None, failed, 0))
+        return asdict(Phase(0.0, float("nan"), float("nan"), None, failed, 0, dict(errors)))
     return asdict(Phase(rps=len(latencies) / elapsed, p50=latencies[len(latencies) // 2],
                         p99=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
-                        ttft_p50=statistics.median(ttfts) if ttfts else None, failed=failed, ok=len(latencies)))
+                        ttft_p50=statistics.median(ttfts) if ttfts else None, failed=failed, ok=len(latencies),
+                        errors=dict(errors)))
 
 
 def run_load(url: str, key: str, models: list[str], n: int, concurrency: int, seed: int, *,
