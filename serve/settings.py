@@ -85,6 +85,7 @@ class Settings(BaseSettings):
     engine_port: int = 0  # 0: pick a free port
     engine_url: str = ""  # an engine already running (vLLM's OpenAI server with LoRA): attach to it, start none
     engine_api_key: SecretStr | None = None  # its bearer token (VLLM_API_KEY); if set, the supervised engine's too
+    engine_resolver: bool = False  # this vLLM process finds adapters by digest in the store (an engine node)
     engine_python: str = ""  # default: the gateway's own interpreter
     engine_nice: int = 10  # the engine's CPU priority below the gateway's (its idle busy-polling; see command.py)
     # 0 below: derived at start from this machine and the deployed adapters (lorafleet.serve.engine.sizing)
