@@ -31,11 +31,11 @@ Calibration, `--profile cpu-measured` (README "Measured", tiny Qwen2.5-VL on thi
 base_s 25 ms, per_seq_s 0.08 ms (decode bound by memory bandwidth), per_adapter 0.03 (multi-LoRA kernels),
 load_s 30 ms (host-to-GPU copy of a rank-16 adapter), tokens 64, max_num_seqs 256.
 
-    .venv/bin/python loadtests/sim_fleet.py [--replicas 8,64,256] [--max-loras 8,16,32] [--duration-s 40]
+    .venv/bin/python loadtests/sim_fleet.py [--replicas 8,64,256] [--max-loras 8,16,32] [--duration-s 60]
         [--seed 0] [--profile cpu-measured|gpu-assumed] [--load 0.75] [--policies ...] [--quick] [--markdown]
 
 `--duration-s` is simulated seconds for 8 replicas; a fleet of n runs `duration * 8 / n`, at least
-`--min-duration-s` (4 s), so every run handles a similar number of requests.
+`--min-duration-s` (5 s), so every run handles a similar number of requests.
 """
 
 from __future__ import annotations
@@ -162,7 +162,8 @@ class Result:
     policy: str
     replicas: int
     max_loras: int
-    offered_rps: float
+    offered_rps: float   # the mean rate asked for
+    arrived_rps: float   # what arrived in the measured window (bursts make it differ on short runs)
     rps: float
     p50_s: float
     p99_s: float
@@ -299,7 +300,7 @@ class FleetSim:
         c = self.counters
         return Result(
             policy=self.policy.name, replicas=len(self.replicas), max_loras=self.replicas[0].max_loras,
-            offered_rps=offered_rps, rps=completed_in_window / window,
+            offered_rps=offered_rps, arrived_rps=int(measured.sum()) / window, rps=completed_in_window / window,
             p50_s=float(np.percentile(latency, 50)) if latency.size else float("nan"),
             p99_s=float(np.percentile(latency, 99)) if latency.size else float("nan"),
             loads_per_s=c.loads / window, hit_rate=c.hits / c.admitted if c.admitted else float("nan"),
@@ -316,10 +317,13 @@ def simulate(policy: str, n_replicas: int, max_loras: int, profile: Profile, dur
     return sim.run().result(offered)
 
 
+HEADER = ("replicas", "max_loras", "policy", "arrived req/s", "served req/s", "p50", "p99", "loads/s", "slot hit rate",
+          "spill rate", "in flight at end")
+
+
 def _table(results: list[Result], title: str) -> Table:
     table = Table(title=title)
-    for column in ("replicas", "max_loras", "policy", "offered req/s", "req/s", "p50", "p99", "loads/s",
-                   "slot hit rate", "spill rate"):
+    for column in HEADER:
         table.add_column(column, justify="right")
     for r in results:
         table.add_row(*_cells(r))
@@ -327,15 +331,13 @@ def _table(results: list[Result], title: str) -> Table:
 
 
 def _cells(r: Result) -> list[str]:
-    return [str(r.replicas), str(r.max_loras), r.policy, f"{r.offered_rps:,.0f}", f"{r.rps:,.0f}",
+    return [str(r.replicas), str(r.max_loras), r.policy, f"{r.arrived_rps:,.0f}", f"{r.rps:,.0f}",
             f"{r.p50_s * 1000:,.0f} ms", f"{r.p99_s * 1000:,.0f} ms", f"{r.loads_per_s:,.0f}",
-            f"{r.hit_rate:.1%}", f"{r.spill_rate:.1%}"]
+            f"{r.hit_rate:.1%}", f"{r.spill_rate:.1%}", f"{r.in_flight:,}"]
 
 
 def _markdown(results: list[Result]) -> str:
-    header = ["replicas", "max_loras", "policy", "offered req/s", "req/s", "p50", "p99", "loads/s",
-              "slot hit rate", "spill rate"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in results]
     return "\n".join(lines)
 
@@ -345,8 +347,8 @@ def main() -> None:
     parser.add_argument("--replicas", default="8,64,256")
     parser.add_argument("--max-loras", default="8,16,32")
     parser.add_argument("--policies", default=",".join(POLICIES))
-    parser.add_argument("--duration-s", type=float, default=40.0, help="simulated seconds at 8 replicas")
-    parser.add_argument("--min-duration-s", type=float, default=4.0)
+    parser.add_argument("--duration-s", type=float, default=60.0, help="simulated seconds at 8 replicas")
+    parser.add_argument("--min-duration-s", type=float, default=5.0)
     parser.add_argument("--load", type=float, default=0.75, help="offered load ÷ the fleet's estimated capacity")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu-measured")

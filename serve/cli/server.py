@@ -11,7 +11,7 @@ import typer
 from lorafleet.adapters.errors import LorafleetError
 from lorafleet.serve.cli.common import console
 
-__all__ = ['serve']
+__all__ = ['serve', 'engine']
 
 
 def serve(
@@ -54,3 +54,29 @@ def serve(
                   f"state in {settings.home}\nhardware: {engine.hardware.describe()}; "
                   f"quantization: {engine.quantization.label}\nengine: {sizing}", highlight=False, soft_wrap=True)
     uvicorn.run(application, host=settings.host, port=settings.port, log_level="info", access_log=settings.access_log)
+
+
+def engine(
+    base: Annotated[Optional[str], typer.Option(help="Base model: hub id or local path (quantized or not).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (a pod's: all of them).")] = "0.0.0.0",
+    port: Annotated[int, typer.Option()] = 8100,
+    quantize: Annotated[Optional[str], typer.Option(help="As for `serve`.")] = None,
+    print_command: Annotated[bool, typer.Option("--print-command", help="Print vLLM's command line and exit.")] = False,
+) -> None:
+    """Run one engine node (a pod or host of its own): vLLM's OpenAI server with LoRA, which fetches adapters by
+    digest from the store (LORAFLEET_STORE_URL) into a local cache, behind LORAFLEET_ENGINE_API_KEY."""
+    import os
+    import shlex
+
+    from lorafleet.serve.engine.command import node_command
+    from lorafleet.serve.settings import Settings
+
+    overrides: dict[str, Any] = {k: v for k, v in dict(base=base, quantize=quantize).items() if v is not None}
+    try:
+        cmd, env = node_command(Settings(**overrides), host, port)
+    except (ValueError, OSError) as exc:
+        raise LorafleetError(str(exc)) from exc
+    if print_command:
+        print(shlex.join(cmd))
+        return
+    os.execvpe(cmd[0], cmd, env)  # vLLM in this process's place: a container's signals go to it directly

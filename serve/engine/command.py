@@ -10,11 +10,11 @@ import socket
 import sys
 from typing import Any
 
-from lorafleet.serve.engine.hardware import Quantization
+from lorafleet.serve.engine.hardware import Quantization, quantization_for
 from lorafleet.serve.engine.sizing import EngineSizing, sizing_for
 from lorafleet.serve.settings import Settings
 
-__all__ = ["engine_command", "engine_process_options", "free_port", "SERVED_BASE_NAME"]
+__all__ = ["engine_command", "node_command", "engine_process_options", "free_port", "SERVED_BASE_NAME"]
 
 SERVED_BASE_NAME = "lorafleet-base"
 
@@ -38,6 +38,23 @@ def engine_command(settings: Settings, port: int, token: str, cuda: bool, quanti
         cmd += ["--enforce-eager", "--gpu-memory-utilization", str(settings.cpu_memory_fraction)]
         env["VLLM_CPU_KVCACHE_SPACE"] = str(sizing.kvcache_gib)
     return cmd + list(settings.engine_extra_args), env
+
+
+def node_command(settings: Settings, host: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """An engine node's vLLM command line and environment (`lorafleet engine`): reachable on `host`, guarded by
+    `LORAFLEET_ENGINE_API_KEY`, finding adapters by digest in the store (`lorafleet.serve.engine.resolver`), and
+    accepting every rank an upload may have (no gateway beside it to derive one from what is deployed)."""
+    if settings.engine_api_key is None and not settings.development:
+        raise ValueError("LORAFLEET_ENGINE_API_KEY is not set: an engine node needs the secret its gateways send "
+                         "(or LORAFLEET_DEVELOPMENT=1 to run one without)")
+    settings = settings.model_copy(update={"max_lora_rank": settings.accepted_lora_rank})
+    hardware, quantization = quantization_for(settings)
+    token = settings.engine_api_key.get_secret_value() if settings.engine_api_key else ""
+    cmd, env = engine_command(settings, port, token, hardware.gpu is not None, quantization)
+    cmd[cmd.index("--host") + 1] = host
+    if not token:
+        del env["VLLM_API_KEY"]
+    return cmd, env | {"LORAFLEET_ENGINE_RESOLVER": "1"}
 
 
 def _in_the_child(nice: int) -> None:

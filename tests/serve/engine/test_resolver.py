@@ -1,5 +1,5 @@
-"""An engine node finds adapters by digest in the store itself (the vLLM LoRA resolver plugin), on the real engine
-and a real S3 server: nothing is loaded into it by path beforehand."""
+"""`lorafleet engine`: an engine node finds adapters by digest in the store itself (the vLLM LoRA resolver plugin),
+on the real engine and a real S3 server: nothing is loaded into it by path beforehand."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,9 +16,7 @@ import pytest
 
 from lorafleet.adapters.store import open_store
 from lorafleet.adapters.validate import ValidatedAdapter, content_digest
-from lorafleet.serve.engine.command import engine_command, free_port
-from lorafleet.serve.engine.hardware import quantization_for
-from lorafleet.serve.settings import Settings
+from lorafleet.serve.engine.command import free_port
 
 pytestmark = pytest.mark.engine
 
@@ -35,15 +34,16 @@ def test_an_engine_node_fetches_an_adapter_by_digest_from_the_store(tiny_model, 
     store_url = f"{s3_url}/node"
     digest = _stored(make_adapter(3), store_url, tmp_path / "uploader-cache")
     node = tmp_path / "node"
-    settings = Settings(base=str(tiny_model), max_model_len=512, dtype="float32", max_lora_rank=16,
-                        max_num_seqs=4, cpu_kvcache_gib=1, home=node)
-    token, port = secrets.token_urlsafe(12), free_port()
-    cmd, env = engine_command(settings, port, token, False, quantization_for(settings)[1])
-    env |= {"LORAFLEET_ENGINE_RESOLVER": "1", "LORAFLEET_STORE_URL": store_url, "LORAFLEET_HOME": str(node),
-            "LORAFLEET_STORE_CACHE_DIR": str(node / "cache")}
     node.mkdir()
-    with open(node / "engine.log", "wb") as log:
-        engine = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    token, port = secrets.token_urlsafe(12), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
+    env |= {"LORAFLEET_ENGINE_API_KEY": token, "LORAFLEET_STORE_URL": store_url, "LORAFLEET_HOME": str(node),
+            "LORAFLEET_STORE_CACHE_DIR": str(node / "cache"), "LORAFLEET_MAX_MODEL_LEN": "512",
+            "LORAFLEET_DTYPE": "float32", "LORAFLEET_MAX_NUM_SEQS": "4", "LORAFLEET_CPU_KVCACHE_GIB": "1"}
+    with open(node / "engine.log", "wb") as log:  # `lorafleet engine` becomes vLLM (exec): one process to stop
+        engine = subprocess.Popen([sys.executable, "-m", "lorafleet.serve.cli", "engine", "--base", str(tiny_model),
+                                   "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"},
                         timeout=120)
     try:
@@ -69,6 +69,9 @@ def test_an_engine_node_fetches_an_adapter_by_digest_from_the_store(tiny_model, 
         assert digest in {m["id"] for m in http.get("/v1/models").json()["data"]}
         assert chat("0" * 64).status_code == 404  # a digest the store does not have
         assert chat("not-a-digest").status_code == 404  # names are never looked up in the store
+        unguarded = httpx.post(f"http://127.0.0.1:{port}/v1/load_lora_adapter",
+                               json={"lora_name": "x", "lora_path": "/etc"})
+        assert unguarded.status_code == 401  # the node's admin surface needs the gateways' secret
     finally:
         http.close()
         os.killpg(engine.pid, signal.SIGTERM)
