@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from typing import cast
 
 from lorafleet.adapters.store import AdapterStore, open_store
 from lorafleet.serve.settings import Settings
@@ -54,4 +55,4 @@ def register() -> None:
     store = open_store(settings.store_url, settings.store_cache_dir or settings.home / "cache" / "adapters",
                        settings.store_cache_bytes)
     LoRAResolver.register(StoreResolver)  # a virtual subclass: vLLM's ABC, without importing vLLM at our import
-    LoRAResolverRegistry.register_resolver("lorafleet store", StoreResolver(store))
+    LoRAResolverRegistry.register_resolver("lorafleet store", cast(LoRAResolver, StoreResolver(store)))
