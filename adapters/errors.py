@@ -12,7 +12,7 @@ LorafleetError
  ├── (429s: `lorafleet.serve.limits`: RateLimited with Retry-After, QuotaExceeded)
  ├── ServiceUnavailable      503  carries Retry-After
  │    ├── StoreUnavailable   503  the object store did not answer, or does not hold the blob (now)
- │    (`lorafleet.serve.engine.client`: EngineUnavailable, AdapterLoadFailed)
+ │    (`lorafleet.serve.engine.client`: EngineUnavailable, AdapterLoadFailed; `lorafleet.serve.fleet`: NoReplicaUp)
  └── CatalogRevisionError    503  the catalog's schema is not this release's (raised at start, by `open_catalog`)
       ├── CatalogBehind           older: `lorafleet db upgrade` brings it to this release's revision
       └── CatalogUnknownRevision  made by a newer lorafleet: this release cannot serve it

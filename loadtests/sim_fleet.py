@@ -35,7 +35,8 @@ load_s 30 ms (host-to-GPU copy of a rank-16 adapter), tokens 64, max_num_seqs 25
         [--seed 0] [--profile cpu-measured|gpu-assumed] [--load 0.75] [--policies ...] [--quick] [--markdown]
 
 `--duration-s` is simulated seconds for 8 replicas; a fleet of n runs `duration * 8 / n`, at least
-`--min-duration-s` (5 s), so every run handles a similar number of requests.
+`--min-duration-s` (5 s) and four request lifetimes at a full batch, so every run handles a similar number of
+requests and sees requests finish.
 """
 
 from __future__ import annotations
@@ -361,7 +362,8 @@ def main() -> None:
     results = []
     t0 = time.perf_counter()
     for n in (int(x) for x in args.replicas.split(",")):
-        duration = max(args.duration_s * 8 / n, args.min_duration_s)
+        lifetime_s = profile.tokens * profile.step_s(profile.max_num_seqs, 1)  # one request at a full batch
+        duration = max(args.duration_s * 8 / n, args.min_duration_s, 4 * lifetime_s)
         for max_loras in (int(x) for x in args.max_loras.split(",")):
             for policy in args.policies.split(","):
                 results.append(simulate(policy, n, max_loras, profile, duration, args.seed, args.load))

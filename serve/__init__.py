@@ -3,6 +3,7 @@
 - `api/`         the HTTP API (FastAPI app, dependencies, error mapping, one module of routes per resource)
 - `engine/`      the vLLM engine: supervisor, command line and placement, sizing, hardware and quantization, client
 - `rollouts/`    canary rollouts and A/B tests: routing, state machine, statistics, gate, controller
+- `fleet/`       placement of requests on engine replicas (adapter affinity with bounded loads)
 - `drift/`       drift statistics, the monitor, the HTML report
 - `cli/`         the `lorafleet` command, one module per command group
 - `dev/`         the demo and a local test server (development only)
