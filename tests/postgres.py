@@ -19,13 +19,14 @@ ADMIN_URL = os.environ.get("LORAFLEET_TEST_POSTGRES_URL",
 
 
 @contextlib.contextmanager
-def postgres_database() -> Iterator[str]:
-    """A new, empty database; dropped afterwards (with any connection a test left open)."""
+def postgres_database(template: str = "") -> Iterator[str]:
+    """A new database, empty or a copy of `template` (a database nobody is connected to); dropped afterwards
+    (with any connection a test left open)."""
     admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT", pool_size=1)
     name = f"lf_test_{uuid.uuid4().hex[:12]}"
     try:
         with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
+            connection.execute(text(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else "")))
     except OperationalError as exc:
         admin.dispose()
         pytest.fail(f"PostgreSQL is not reachable at {make_url(ADMIN_URL).render_as_string()}: `make services` "
@@ -36,3 +37,7 @@ def postgres_database() -> Iterator[str]:
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def database_name(url: str) -> str:
+    return make_url(url).database or ""

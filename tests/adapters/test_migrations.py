@@ -87,8 +87,8 @@ def _versions(url: str) -> list[str]:
     return found
 
 
-def test_the_models_and_the_migrations_agree(catalog_url):
-    db, _ = open_catalog(catalog_url)
+def test_the_models_and_the_migrations_agree(empty_catalog_url):
+    db, _ = open_catalog(empty_catalog_url)
     with db.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
     assert catalog_revision(db).at_head
@@ -106,18 +106,18 @@ def test_revision_0001_makes_the_catalog_0_1_0_made(dialect, new_database):
         assert _sqlite_ddl(made_by_0001) == _sqlite_ddl(made_by_010)
 
 
-def test_a_0_1_0_catalog_is_refused_then_upgraded_and_every_row_still_serves(catalog_url, tmp_path):
-    create_schema(catalog_url)
-    rows = insert_rows(catalog_url)
+def test_a_0_1_0_catalog_is_refused_then_upgraded_and_every_row_still_serves(empty_catalog_url, tmp_path):
+    create_schema(empty_catalog_url)
+    rows = insert_rows(empty_catalog_url)
     with pytest.raises(CatalogBehind) as refused:
-        open_catalog(catalog_url)
+        open_catalog(empty_catalog_url)
     message = refused.value.message
     assert "lorafleet db upgrade" in message and f"needs {head_revision()}" in message and "\n" not in message
     assert ":lorafleet@" not in message  # the URL is named without its password
-    assert _schema(catalog_url).keys() == {t for t in Base.metadata.tables} - {"leases"}  # refused: untouched
+    assert _schema(empty_catalog_url).keys() == {t for t in Base.metadata.tables} - {"leases"}  # refused: untouched
 
-    db, sessions = open_catalog(catalog_url, upgrade=True)
-    assert catalog_revision(db).at_head and _versions(catalog_url) == [head_revision()]
+    db, sessions = open_catalog(empty_catalog_url, upgrade=True)
+    assert catalog_revision(db).at_head and _versions(empty_catalog_url) == [head_revision()]
     with sessions() as session:
         tenant = authenticate(session, rows.key)
         assert tenant.name == rows.tenant and len(list_keys(session, tenant)) == 1
@@ -151,33 +151,33 @@ def test_a_sqlite_catalog_is_copied_before_its_upgrade(tmp_path):
         assert not old.execute("SELECT name FROM sqlite_master WHERE name = 'alembic_version'").fetchall()
 
 
-def test_a_catalog_at_an_older_revision_is_upgraded_when_asked(catalog_url):
-    _upgrade_to(catalog_url, "0001")
+def test_a_catalog_at_an_older_revision_is_upgraded_when_asked(empty_catalog_url):
+    _upgrade_to(empty_catalog_url, "0001")
     with pytest.raises(CatalogBehind, match="is at revision 0001, this release needs"):
-        open_catalog(catalog_url)
-    db, sessions = open_catalog(catalog_url, upgrade=True)
+        open_catalog(empty_catalog_url)
+    db, sessions = open_catalog(empty_catalog_url, upgrade=True)
     assert take_lease(sessions, "gc", "gw-1", ttl_s=60)
     db.dispose()
 
 
-def test_a_catalog_made_after_0_1_0_by_create_all_is_adopted(catalog_url):
+def test_a_catalog_made_after_0_1_0_by_create_all_is_adopted(empty_catalog_url):
     """Unreleased main between 0.1.0 and revisions created today's tables at start, with no revision."""
-    engine = create_engine(catalog_url)
+    engine = create_engine(empty_catalog_url)
     Base.metadata.create_all(engine)
     engine.dispose()
-    db, _ = open_catalog(catalog_url, upgrade=True)
+    db, _ = open_catalog(empty_catalog_url, upgrade=True)
     with db.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
     db.dispose()
 
 
-def test_a_revision_from_a_newer_release_is_refused_even_with_upgrade(catalog_url):
-    db, _ = open_catalog(catalog_url)
+def test_a_revision_from_a_newer_release_is_refused_even_with_upgrade(empty_catalog_url):
+    db, _ = open_catalog(empty_catalog_url)
     with db.begin() as connection:
         connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
     db.dispose()
     with pytest.raises(CatalogUnknownRevision, match="revision 9999, which this release does not know"):
-        open_catalog(catalog_url, upgrade=True)
+        open_catalog(empty_catalog_url, upgrade=True)
 
 
 def _all_at_once(count: int, start: Callable[[], None], stagger_s: float = 0.01) -> list[BaseException]:
@@ -215,13 +215,13 @@ def test_gateways_opening_one_new_catalog_at_once_all_start_at_head(dialect, new
         assert _versions(url) == [head_revision()]
 
 
-def test_gateways_upgrading_one_old_catalog_at_once_all_start_and_one_upgrades(catalog_url, tmp_path):
-    create_schema(catalog_url)
-    rows = insert_rows(catalog_url)
-    assert _all_at_once(4, lambda: _open_and_close(catalog_url, upgrade=True)) == []
-    assert _versions(catalog_url) == [head_revision()]
-    if _dialect(catalog_url) == "sqlite":
+def test_gateways_upgrading_one_old_catalog_at_once_all_start_and_one_upgrades(empty_catalog_url, tmp_path):
+    create_schema(empty_catalog_url)
+    rows = insert_rows(empty_catalog_url)
+    assert _all_at_once(4, lambda: _open_and_close(empty_catalog_url, upgrade=True)) == []
+    assert _versions(empty_catalog_url) == [head_revision()]
+    if _dialect(empty_catalog_url) == "sqlite":
         assert len(list(tmp_path.glob("catalog.db.before-*"))) == 1
-    _, sessions = open_catalog(catalog_url)
+    _, sessions = open_catalog(empty_catalog_url)
     with sessions() as session:
         assert len(list_keys(session, authenticate(session, rows.key))) == 1
