@@ -15,10 +15,9 @@ from lorafleet.adapters.registry import deployed_digests, deployed_workload
 from lorafleet.adapters.store import AdapterStore, BlobStorage, open_blob_store, open_store
 from lorafleet.serve.admission import FairQueue
 from lorafleet.serve.drift.monitor import DriftMonitor
-from lorafleet.serve.engine.client import EngineClient
 from lorafleet.serve.engine.hardware import quantization_for
 from lorafleet.serve.engine.sizing import Workload, sizing_for
-from lorafleet.serve.engine.supervisor import EngineSupervisor
+from lorafleet.serve.fleet.fleet import Fleet, open_fleet
 from lorafleet.serve.housekeeping import GarbageCollector
 from lorafleet.serve.images import RemoteImages
 from lorafleet.serve.limits import Limits, TenantLimiter
@@ -40,8 +39,7 @@ class Gateway:
     validation_store: BlobStorage
     spec: BaseModelSpec
     metrics: Metrics
-    engine: EngineClient
-    supervisor: EngineSupervisor
+    fleet: Fleet  # the engine replicas (one by default), their supervision and placement
     controller: RolloutController
     drift: DriftMonitor
     gc: GarbageCollector
@@ -52,17 +50,16 @@ class Gateway:
     tmp_dir: Path
 
 
-def _registration(sessions: sessionmaker, engine: EngineClient):
-    async def register_deployed() -> None:
-        """After every engine start: register every adapter some deployment serves."""
+def _deployed(sessions: sessionmaker):
+    async def deployed() -> set[str]:
+        """Every adapter some deployment serves (registered on its replica after every engine start)."""
         def digests() -> set[str]:
             with sessions() as session:
                 return deployed_digests(session)
 
-        for digest in sorted(await run_in_threadpool(digests)):
-            await engine.ensure_loaded(digest)
+        return await run_in_threadpool(digests)
 
-    return register_deployed
+    return deployed
 
 
 def open_stores(settings: Settings) -> tuple[AdapterStore, BlobStorage]:
@@ -92,23 +89,18 @@ def build_gateway(settings: Settings) -> Gateway:
     hardware, quantization = quantization_for(settings)
     metrics.engine.info({"base": settings.base, "quantization": quantization.label, "hardware": hardware.describe()})
     store, validation_store = open_stores(settings)
-    engine = EngineClient(store, metrics, settings.engine_port, settings.engine_url,
-                          settings.engine_api_key.get_secret_value() if settings.engine_api_key else "",
-                          private_paths=(settings.home, settings.base))
     with sessions() as session:  # the engine is sized for what the catalog serves
         workload = Workload(*deployed_workload(session))
     sizing = sizing_for(settings, hardware.gpu is not None, quantization.dtype or settings.dtype, workload)
-    supervisor = EngineSupervisor(settings, engine, metrics, settings.home / "logs" / "engine.log", hardware,
-                                  quantization, sizing, on_ready=_registration(sessions, engine))
+    fleet = open_fleet(settings, store, metrics, hardware, quantization, sizing, _deployed(sessions))
     owner = settings.gateway_id or new_gateway_id()  # in rollout leases, decisions and the "gc" lease
-    controller = RolloutController(sessions, engine, validation_store, metrics, owner, settings.rollout_tick_s,
+    controller = RolloutController(sessions, fleet, validation_store, metrics, owner, settings.rollout_tick_s,
                                    settings.rollout_lease_s)
-    drift = DriftMonitor(sessions, engine, validation_store, metrics, settings, quantization.label)
-    fair_queue = FairQueue(lambda: settings.engine_slots or supervisor.sizing.max_num_seqs,
-                           settings.fair_queue_timeout_s)
+    drift = DriftMonitor(sessions, fleet, validation_store, metrics, settings, quantization.label)
+    fair_queue = FairQueue(lambda: settings.engine_slots or fleet.slots(), settings.fair_queue_timeout_s)
     metrics.fair_queue_waiting.set_function(lambda: fair_queue.waiting)
     return Gateway(settings=settings, sessions=sessions, store=store, validation_store=validation_store,
-                   spec=load_base_spec(settings.base), metrics=metrics, engine=engine, supervisor=supervisor,
+                   spec=load_base_spec(settings.base), metrics=metrics, fleet=fleet,
                    controller=controller, drift=drift,
                    gc=GarbageCollector(sessions, store, validation_store, [tmp_dir], settings, owner, metrics),
                    routes=RouteCache(sessions, settings.catalog_cache_s, Limits.defaults(settings)),

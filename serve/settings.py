@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["Settings"]
 
@@ -101,6 +101,46 @@ class Settings(BaseSettings):
     engine_start_timeout_s: float = 600.0
     engine_extra_args: list[str] = Field(default_factory=list)
 
+    # fleet: several engines behind the gateway (README "Running a fleet"); the default is one supervised engine
+    replicas: int = Field(default=1, ge=1, le=64)  # engines this gateway starts and supervises (one per GPU)
+    # engine nodes (`lorafleet engine`) to attach to instead: URLs, comma-separated; each host name is resolved
+    # again every fleet_discovery_s and every address it has is a replica (a headless Service names every pod)
+    engines: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    placement_policy: str = "bounded_affinity"  # | affinity | least_loaded | random (lorafleet.serve.fleet.placement)
+    placement_load_factor: float = Field(default=1.25, ge=1.0)  # a replica takes requests below this x mean load
+    fleet_scrape_s: float = Field(default=1.0, gt=0)  # how often each replica's queue and adapters are read
+    fleet_discovery_s: float = Field(default=10.0, gt=0)  # how often the `engines` host names are resolved again
+
+    @field_validator("engines", mode="before")
+    @classmethod
+    def _split_engines(cls, value: object) -> object:
+        if isinstance(value, str):  # the environment's form: comma-separated (or a JSON list)
+            if value.lstrip().startswith("["):
+                import json
+
+                return json.loads(value)
+            return [url.strip() for url in value.split(",") if url.strip()]
+        return value
+
+    @field_validator("engines")
+    @classmethod
+    def _engine_urls(cls, urls: list[str]) -> list[str]:
+        from urllib.parse import urlsplit
+
+        for url in urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"an engine is an http(s) URL such as http://engine-0:8100, not {url!r}")
+        return [url.rstrip("/") for url in urls]
+
+    @field_validator("placement_policy")
+    @classmethod
+    def _known_policy(cls, name: str) -> str:
+        policies = ("random", "least_loaded", "affinity", "bounded_affinity")  # fleet.placement.POLICIES
+        if name not in policies:
+            raise ValueError(f"unknown placement policy {name!r}; one of {', '.join(policies)}")
+        return name
+
     @field_validator("home")
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
@@ -118,6 +158,9 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.home / 'catalog.db'}"
         if not self.store_url:
             self.store_url = f"file://{self.home / 'adapters'}"
+        if sum((self.replicas > 1, bool(self.engines), bool(self.engine_url))) > 1:
+            raise ValueError("choose one of replicas (engines this gateway starts), engines (engine nodes) and "
+                             "engine_url (one engine beside the gateway)")
         return self
 
     @property

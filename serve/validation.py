@@ -21,7 +21,7 @@ from lorafleet.adapters.catalog import Deployment, Tenant, ValidationSet
 from lorafleet.adapters.errors import InvalidRequest
 from lorafleet.chat import DataError, answer_of, load_jsonl
 from lorafleet.scoring import METRICS
-from lorafleet.serve.engine.client import EngineClient, map_engine_errors, public_engine_message
+from lorafleet.serve.engine.client import Engines, map_engine_errors, public_engine_message
 from lorafleet.serve.rollouts.statistics import Measurement, paired_gate
 
 __all__ = ["MAX_ITEMS", "ValidationItem", "Replay", "canonical_validation", "attach_validation", "read_items",
@@ -97,10 +97,11 @@ class Replay:
         return sum(self.scores) / len(self.scores)
 
 
-async def replay_and_score(engine: EngineClient, digest: str, items: list[ValidationItem], metric: str,
+async def replay_and_score(engines: Engines, digest: str, items: list[ValidationItem], metric: str,
                            max_tokens: int, concurrency: int = 8) -> Replay:
     """The one replay path of the gate, A/B evaluation and drift replay: register adapter `digest`, let it
     answer every item through the engine (greedy, the same path as live traffic), score the answers."""
+    engine = engines.client_for(digest)  # in a fleet: the replica that serves the adapter
     await engine.ensure_loaded(digest)
     limit = asyncio.Semaphore(concurrency)
 

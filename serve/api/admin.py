@@ -177,7 +177,7 @@ async def delete_one_tenant(name: str, gateway: GatewayDep, session: SessionDep,
     for digest in sorted(deleted.adapter_digests):
         if not await run_in_threadpool(digest_in_use, session, digest):
             release_connection(session)
-            await gateway.engine.unload(digest)
+            await gateway.fleet.unload(digest)
             # the last look with the blob out of sight (an object store's calls block: a worker thread)
             blobs += await run_in_threadpool(gateway.store.delete, digest, partial(digest_in_use, session, digest))
     for digest in sorted(deleted.validation_digests):
@@ -202,10 +202,20 @@ def get_audit(session: SessionDep, tenant: str | None = None, limit: Annotated[i
 
 @router.get("/engine")
 def get_engine(gateway: GatewayDep) -> dict:
-    supervisor = gateway.supervisor
-    return {"up": gateway.engine.up, "pid": supervisor.process.pid if supervisor.process else None,
-            "starts": supervisor.starts, "last_start_s": supervisor.last_start_s, "base": gateway.settings.base,
-            "quantization": supervisor.quantization.label, "hardware": supervisor.hardware.describe(),
-            "sizing": supervisor.sizing.as_dict(), **supervisor.status(),
+    """The engine (in a fleet: the first replica's supervision, and how many replicas are up)."""
+    supervisor = gateway.fleet.replicas[0].supervisor if gateway.fleet.replicas else None
+    first = {} if supervisor is None else {
+        "pid": supervisor.process.pid if supervisor.process else None, "starts": supervisor.starts,
+        "last_start_s": supervisor.last_start_s, "quantization": supervisor.quantization.label,
+        "hardware": supervisor.hardware.describe(), "sizing": supervisor.sizing.as_dict()}
+    return {"up": gateway.fleet.up, "base": gateway.settings.base, **first, **gateway.fleet.status(),
             "admission": {"slots": gateway.fair_queue.slots(), "in_engine": gateway.fair_queue.in_engine,
                           "waiting": gateway.fair_queue.waiting}}
+
+
+@router.get("/engines")
+def get_engines(gateway: GatewayDep) -> dict:
+    """Every replica: address, state, queue (running, waiting), adapters registered on it, hardware."""
+    fleet = gateway.fleet
+    return {"policy": fleet.policy.name, "replicas": fleet.describe(), "placed": fleet.placed,
+            "spills": fleet.spills, "failovers": fleet.failovers}

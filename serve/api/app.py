@@ -65,7 +65,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await gateway.supervisor.start()
+        await gateway.fleet.start()
         tasks = [asyncio.create_task(gateway.controller.run(), name="rollout-controller"),
                  asyncio.create_task(gateway.drift.run(), name="drift-monitor"),
                  asyncio.create_task(gateway.gc.run(), name="garbage-collector"),
@@ -83,7 +83,7 @@ def create_app(settings: Settings) -> FastAPI:
             await gateway.limiter.aclose()
             if gateway.remote_images is not None:
                 await gateway.remote_images.aclose()
-            await gateway.supervisor.stop()
+            await gateway.fleet.stop()
             if metrics_server is not None:
                 metrics_server.shutdown()
 
@@ -103,7 +103,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/readyz")
     def readyz(request: Request) -> JSONResponse:
-        up, state = request.app.state.gateway.engine.up, request.app.state.gateway.supervisor.state
+        fleet = request.app.state.gateway.fleet
+        up, state = fleet.up, fleet.state
         return JSONResponse({"status": "ready" if up else "engine starting", "engine_up": up, "engine_state": state},
                             status_code=200 if up else 503)
 

@@ -24,6 +24,8 @@ from lorafleet.serve.answer_format import answer_checker
 from lorafleet.serve.api.dependencies import CurrentTenant, Gateway, SessionDep
 from lorafleet.serve.api.forward import Route, Usage, forward_chat
 from lorafleet.serve.drift.monitor import SampleTicket
+from lorafleet.serve.engine.client import EngineUnavailable
+from lorafleet.serve.fleet.fleet import Fleet
 from lorafleet.serve.images import ImageLimits, admit_images
 from lorafleet.serve.limits import Admitted, Limits, RateLimited
 from lorafleet.serve.rollouts.routing import bucket_of, choose, unit_of
@@ -168,9 +170,7 @@ async def chat_completions(request: Request) -> Response:
     usage = Usage(text=[] if route.answer_format is not None or route.sample_inputs else None)
     messages = body.get("messages") or []
     try:
-        gateway.engine.require_up()
-        await gateway.engine.ensure_loaded(route.digest)
-        response = await forward_chat(gateway.engine, body, route, usage)
+        response = await _forward(gateway.fleet, body, route, usage)
     except BaseException as exc:
         usage.status, usage.error_code = _outcome(exc)
         await _record(gateway, tenant.name, route, usage, t0, messages, admitted)
@@ -179,6 +179,23 @@ async def chat_completions(request: Request) -> Response:
     response.headers.update(admitted.headers)
     response.background = BackgroundTask(_record, gateway, tenant.name, route, usage, t0, messages, admitted)
     return response
+
+
+async def _forward(fleet: Fleet, body: dict[str, Any], route: Route, usage: Usage) -> Response:
+    """Place the request on a replica, register its adapter there, forward it. A replica that does not answer
+    (it died, or is gone) leaves placement, and the request goes once more to another one: nothing of it has
+    reached the client yet (a stream that already started ends with an in-band error instead, in `forward_chat`)."""
+    tried: list[str] = []
+    while True:
+        replica = fleet.place(route.digest, exclude=tried)
+        try:
+            await replica.client.ensure_loaded(route.digest)
+            return await forward_chat(replica.client, body, route, usage)
+        except EngineUnavailable:
+            fleet.lost(replica)
+            tried.append(replica.name)
+            if len(tried) > 1 or not fleet.fail_over(tried):
+                raise
 
 
 def _outcome(exc: BaseException) -> tuple[int, str]:

@@ -55,7 +55,7 @@ async def drift_check(deployment: str, gateway: GatewayDep, session: SessionDep,
     """Every live version answers the validation set now: a baseline the first time, else a comparison."""
     target = await run_in_threadpool(get_deployment, session, tenant, deployment)
     require_validation_set(target)
-    gateway.engine.require_up()
+    gateway.fleet.require_up()
     release_connection(session)  # the replay takes a while: no connection held meanwhile
     runs = await gateway.drift.replay_deployment(target.id)
     return [await run_in_threadpool(_run_public, session, run) for run in runs]

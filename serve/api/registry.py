@@ -66,11 +66,11 @@ async def prepare_engine(gateway: Gateway, session: Session, versions: Sequence[
     """Before a catalog change serves `versions`: an engine whose max LoRA rank is below theirs restarts with a
     larger one (409 when LORAFLEET_MAX_LORA_RANK fixes it); then they are registered, or, with the engine down,
     left to the registration that follows its next start. A failure here leaves the catalog as it was."""
-    if not gateway.supervisor.serves_rank(max((v.rank for v in versions), default=0)):
+    if not gateway.fleet.serves_rank(max((v.rank for v in versions), default=0)):
         workload = Workload(*await run_in_threadpool(deployed_workload, session, versions))
-        await gateway.supervisor.fit(workload)
+        await gateway.fleet.fit(workload)
     release_connection(session)  # never held across the engine's work
-    await gateway.engine.preload([v.digest for v in versions])
+    await gateway.fleet.preload([v.digest for v in versions])
 
 
 def _validate_and_store(gateway: Gateway, upload: UploadFile, scratch: Path) -> tuple[ValidatedAdapter, bool]:
@@ -166,7 +166,7 @@ async def delete_adapter_version(name: str, number: int, gateway: GatewayDep, se
     public = version_public(version)
     await run_in_threadpool(delete_version, session, tenant, version)
     if await run_in_threadpool(_drop_blob_if_unused, gateway, session, version.digest):
-        await gateway.engine.unload(version.digest)  # a version uploaded since would only be loaded again
+        await gateway.fleet.unload(version.digest)  # a version uploaded since would only be loaded again
     return public
 
 

@@ -292,12 +292,12 @@ async def evaluate_ab(deployment: str, gateway: GatewayDep, session: SessionDep,
     target = await run_in_threadpool(get_deployment, session, tenant, deployment)
     rollout = await run_in_threadpool(_latest, session, target, "ab")
     validation = require_validation_set(target)
-    gateway.engine.require_up()
+    gateway.fleet.require_up()
     release_connection(session)  # the replays take a while: no connection held meanwhile
     items = read_items(await run_in_threadpool(gateway.validation_store.read, validation.digest))
     scores = {}
     for variant in rollout.variants:
-        replayed = await replay_and_score(gateway.engine, variant["digest"], items, validation.metric, max_tokens)
+        replayed = await replay_and_score(gateway.fleet, variant["digest"], items, validation.metric, max_tokens)
         scores[variant["label"]] = replayed.scores
     labels = list(scores)
     differences = [_difference(label, labels[0], await paired_test(scores[labels[0]], scores[label], 0.0, 0.025))

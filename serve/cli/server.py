@@ -47,12 +47,16 @@ def serve(
     except (ValueError, OSError) as exc:
         raise LorafleetError(str(exc)) from exc
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the engine health checks every few seconds
-    engine = application.state.gateway.supervisor
-    sizing = f"attached at {settings.engine_url}, as it was started" if settings.engine_url else \
-        engine.sizing.describe()
+    fleet = application.state.gateway.fleet
+    if settings.engines:  # found at start (DNS)
+        engines = f"engine nodes at {', '.join(settings.engines)} ({settings.placement_policy} placement)"
+    else:
+        engine = fleet.replicas[0].supervisor
+        engines = f"hardware: {engine.hardware.describe()}; quantization: {engine.quantization.label}\nengine: " + (
+            f"attached at {settings.engine_url}, as it was started" if settings.engine_url else
+            engine.sizing.describe() + (f"; {settings.replicas} replicas" if settings.replicas > 1 else ""))
     console.print(f"lorafleet gateway on http://{settings.host}:{settings.port}, base {settings.base}, "
-                  f"state in {settings.home}\nhardware: {engine.hardware.describe()}; "
-                  f"quantization: {engine.quantization.label}\nengine: {sizing}", highlight=False, soft_wrap=True)
+                  f"state in {settings.home}\n{engines}", highlight=False, soft_wrap=True)
     uvicorn.run(application, host=settings.host, port=settings.port, log_level="info", access_log=settings.access_log)
 
 

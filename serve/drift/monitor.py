@@ -45,7 +45,7 @@ from lorafleet.serve.drift.statistics import (
     request_features,
     spent_p,
 )
-from lorafleet.serve.engine.client import EngineClient
+from lorafleet.serve.engine.client import Engines
 from lorafleet.serve.metrics import Metrics
 from lorafleet.serve.rollouts.state import serving_rollout
 from lorafleet.serve.rollouts.statistics import Measurement
@@ -123,7 +123,7 @@ class SampleTicket:
 class DriftMonitor:
     """Samples live requests, replays validation sets, and runs the drift looks, on the schedule of `settings`."""
 
-    def __init__(self, sessions: sessionmaker, engine: EngineClient, validation_store: BlobStorage, metrics: Metrics,
+    def __init__(self, sessions: sessionmaker, engine: Engines, validation_store: BlobStorage, metrics: Metrics,
                  settings: Settings, quantization_label: str) -> None:
         self.sessions, self.engine, self.validation_store = sessions, engine, validation_store
         self.metrics, self.settings, self.quantization_label = metrics, settings, quantization_label

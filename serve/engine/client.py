@@ -30,7 +30,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import httpx
@@ -41,7 +41,8 @@ from lorafleet.adapters.store import AdapterStore
 from lorafleet.serve.engine.command import free_port
 from lorafleet.serve.metrics import Metrics
 
-__all__ = ["EngineClient", "EngineUnavailable", "AdapterLoadFailed", "map_engine_errors", "public_engine_message"]
+__all__ = ["EngineClient", "Engines", "EngineUnavailable", "AdapterLoadFailed", "map_engine_errors",
+           "public_engine_message"]
 
 
 _KEEPALIVE_S = 3.0
@@ -100,14 +101,33 @@ def map_engine_errors() -> Iterator[None]:
         raise EngineUnavailable(f"the engine did not answer ({type(exc).__name__}); retry shortly") from exc
 
 
+class Engines(Protocol):
+    """What replays and scheduled work need of the engines: one `EngineClient`, or a `lorafleet.serve.fleet.Fleet`."""
+
+    @property
+    def up(self) -> bool: ...
+
+    @property
+    def generation(self) -> int: ...
+
+    def require_up(self) -> None: ...
+
+    async def version(self) -> str: ...
+
+    def client_for(self, digest: str) -> EngineClient: ...
+
+
 class EngineClient:
     """The engine's private address and bearer token, whether it is up, and the adapter digests it knows."""
 
     def __init__(self, store: AdapterStore, metrics: Metrics, port: int = 0, url: str = "", token: str = "",
-                 private_paths: Iterable[str | Path] = ()) -> None:
+                 private_paths: Iterable[str | Path] = (), by_digest: bool = False) -> None:
         """A supervised engine on a private loopback `port`, or one already running at `url` with its `token`;
-        `private_paths` (the gateway's home, the base model) never appear in what tenants are told."""
+        `private_paths` (the gateway's home, the base model) never appear in what tenants are told. `by_digest`:
+        an engine node (`lorafleet engine`), which finds adapters in the store itself (its resolver) and cannot
+        read this gateway's folders, so it is asked for a digest and never handed a path."""
         self.store = store
+        self.by_digest = by_digest
         self.private_paths = _local_folders([*private_paths, store.local_path("_").parent])
         self.metrics = metrics
         self.port = port or free_port()
@@ -124,11 +144,21 @@ class EngineClient:
         self._load_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._loop: asyncio.AbstractEventLoop | None = None  # where evictions (told in worker threads) are handled
         self._unloads: set[asyncio.Task] = set()  # referenced until done (the loop keeps only weak references)
-        store.on_evict(self._evicted)
+        if not by_digest:  # a node's copies are its own cache's
+            store.on_evict(self._evicted)
 
     @property
     def up(self) -> bool:
         return self._up.is_set()
+
+    @property
+    def loaded(self) -> frozenset[str]:
+        """The digests this gateway registered on the engine since it (re)started."""
+        return frozenset(self._loaded)
+
+    def client_for(self, digest: str) -> EngineClient:
+        """The engine that replays adapter `digest` (as `Fleet.client_for`; one engine is a fleet of one)."""
+        return self
 
     def require_up(self) -> None:
         if not self.up:
@@ -194,10 +224,11 @@ class EngineClient:
             return "?"
 
     async def ensure_loaded(self, digest: str) -> None:
-        """Register an adapter on the engine under its digest (fetched from the store first, off the event loop);
-        one load in flight per digest."""
+        """Register an adapter on the engine under its digest (by path from the store's local copy, or by digest
+        on a node); one load in flight per digest."""
         if digest in self._loaded:
-            self.store.touch(digest)
+            if not self.by_digest:
+                self.store.touch(digest)
             return
         async with self._load_locks[digest]:
             if digest in self._loaded:
@@ -205,15 +236,10 @@ class EngineClient:
             self.require_up()
             self._loop = asyncio.get_running_loop()
             t0 = time.perf_counter()
-            with self.store.pinned(digest):  # the local copy stays until the engine has read it
-                try:
-                    path = str(await run_in_threadpool(self.store.fetch, digest))
-                except LorafleetError:  # the store is unreachable, or its copy is corrupt (discarded)
-                    self.metrics.adapter_loads.labels("failed").inc()
-                    raise
-                with map_engine_errors():
-                    response = await self.http.post("/v1/load_lora_adapter",
-                                                    json={"lora_name": digest, "lora_path": path})
+            if self.by_digest:
+                response = await self._resolve_on_node(digest)
+            else:
+                response = await self._load_by_path(digest)
             if response.status_code != 200 and "already been loaded" not in response.text:
                 self.metrics.adapter_loads.labels("failed").inc()
                 raise AdapterLoadFailed(f"the engine could not load adapter {digest[:12]}: "
@@ -221,6 +247,24 @@ class EngineClient:
             self.metrics.adapter_loads.labels("ok").inc()
             self.metrics.adapter_load_seconds.observe(time.perf_counter() - t0)
             self._loaded.add(digest)
+
+    async def _load_by_path(self, digest: str) -> httpx.Response:
+        """vLLM's runtime load of the store's local copy (fetched first, off the event loop)."""
+        with self.store.pinned(digest):  # the local copy stays until the engine has read it
+            try:
+                path = str(await run_in_threadpool(self.store.fetch, digest))
+            except LorafleetError:  # the store is unreachable, or its copy is corrupt (discarded)
+                self.metrics.adapter_loads.labels("failed").inc()
+                raise
+            with map_engine_errors():
+                return await self.http.post("/v1/load_lora_adapter", json={"lora_name": digest, "lora_path": path})
+
+    async def _resolve_on_node(self, digest: str) -> httpx.Response:
+        """A node loads an adapter the first time a request names it (its resolver fetches it from the store);
+        `/tokenize` names it without generating anything: 404 when the store has no such digest, 400 when its
+        files do not load."""
+        with map_engine_errors():
+            return await self.http.post("/tokenize", json={"model": digest, "prompt": "."})
 
     def _evicted(self, digest: str) -> None:
         """The store's local cache removed the adapter's files (in a worker thread): the engine may read them again,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ from lorafleet.serve.settings import Settings
 __all__ = ["engine_command", "node_command", "engine_process_options", "free_port", "SERVED_BASE_NAME"]
 
 SERVED_BASE_NAME = "lorafleet-base"
+NODE_INFO_ENV = "LORAFLEET_NODE_INFO"
 
 
 def engine_command(settings: Settings, port: int, token: str, cuda: bool, quantization: Quantization,
@@ -50,11 +52,16 @@ def node_command(settings: Settings, host: str, port: int) -> tuple[list[str], d
     settings = settings.model_copy(update={"max_lora_rank": settings.accepted_lora_rank})
     hardware, quantization = quantization_for(settings)
     token = settings.engine_api_key.get_secret_value() if settings.engine_api_key else ""
-    cmd, env = engine_command(settings, port, token, hardware.gpu is not None, quantization)
+    sizing = sizing_for(settings, hardware.gpu is not None, quantization.dtype or settings.dtype)
+    cmd, env = engine_command(settings, port, token, hardware.gpu is not None, quantization, sizing)
     cmd[cmd.index("--host") + 1] = host
     if not token:
         del env["VLLM_API_KEY"]
-    return cmd, env | {"LORAFLEET_ENGINE_RESOLVER": "1"}
+    # what the node says of itself on its /metrics (`lorafleet_node_info`, published by the resolver plugin)
+    info = {"hardware": hardware.describe(), "quantization": quantization.label,
+            "max_num_seqs": str(sizing.max_num_seqs), "max_loras": str(sizing.max_loras),
+            "max_lora_rank": str(sizing.max_lora_rank)}
+    return cmd, env | {"LORAFLEET_ENGINE_RESOLVER": "1", NODE_INFO_ENV: json.dumps(info)}
 
 
 def _in_the_child(nice: int) -> None:

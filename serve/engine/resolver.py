@@ -13,11 +13,15 @@ pod. vLLM loads it as a general plugin (entry point `vllm.general_plugins`); it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
+import os
 import re
 from typing import cast
 
 from lorafleet.adapters.store import AdapterStore, open_store
+from lorafleet.serve.engine.command import NODE_INFO_ENV
 from lorafleet.serve.settings import Settings
 
 __all__ = ["StoreResolver", "register"]
@@ -46,13 +50,28 @@ class StoreResolver:
 
 
 def register() -> None:
-    """vLLM's plugin hook (run in each vLLM process): register the store resolver where this node asks for it."""
+    """vLLM's plugin hook (run in each vLLM process): register the store resolver where this node asks for it, and
+    publish what the node is (`lorafleet_node_info` on vLLM's /metrics: hardware, quantization, sizing), which
+    gateways read to describe and size it."""
     settings = Settings()
     if not settings.engine_resolver:
         return
+    _publish_node_info(os.environ.get(NODE_INFO_ENV, ""))
     from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
     store = open_store(settings.store_url, settings.store_cache_dir or settings.home / "cache" / "adapters",
                        settings.store_cache_bytes)
     LoRAResolver.register(StoreResolver)  # a virtual subclass: vLLM's ABC, without importing vLLM at our import
     LoRAResolverRegistry.register_resolver("lorafleet store", cast(LoRAResolver, StoreResolver(store)))
+
+
+def _publish_node_info(raw: str) -> None:
+    from prometheus_client import Info
+
+    try:
+        info = {str(k): str(v) for k, v in json.loads(raw).items()} if raw else {}
+    except (ValueError, AttributeError):
+        log.warning("%s is not a JSON object; the node does not describe itself", NODE_INFO_ENV)
+        return
+    with contextlib.suppress(ValueError):  # registered already (the hook ran before in this process)
+        Info("lorafleet_node", "What this lorafleet engine node is: hardware, quantization, sizing").info(info)

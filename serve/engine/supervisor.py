@@ -11,7 +11,7 @@ The engine's state (`EngineSupervisor.state`; in /readyz, /admin/engine and `lor
     up           the engine answers; requests are served
     restarting   the engine went down or a start failed; the next start follows a growing back-off
     crash_loop   `_CRASH_LOOP_AFTER` starts in a row failed; starts go on, with back-offs growing to 30 s
-    unreachable  an engine this gateway did not start (`engine_url`) does not answer
+    unreachable  an engine this gateway did not start (`engine_url`, an engine node) does not answer
     stopped      the gateway is shutting down
 
 A start fails when the process cannot be run, exits or does not answer within `engine_start_timeout_s`, or
@@ -60,8 +60,12 @@ class EngineSupervisor:
 
     def __init__(self, settings: Settings, client: EngineClient, metrics: Metrics, log_path: Path,
                  hardware: Hardware, quantization: Quantization, sizing: EngineSizing,
-                 on_ready: Callable[[], Awaitable[None]] | None = None) -> None:
+                 on_ready: Callable[[], Awaitable[None]] | None = None, attached: bool | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        """`attached`: follow an engine this gateway did not start, at `client.url` (default: `engine_url` is
+        set); `env`: added to the engine process's environment (a GPU of its own)."""
         self.settings = settings  # as configured: 0 where an engine value is derived
+        self.attached = bool(settings.engine_url) if attached is None else attached
         self.sizing = sizing  # what the next (or the running) engine process is started with
         self.client = client
         self.metrics = metrics
@@ -69,6 +73,7 @@ class EngineSupervisor:
         self.hardware = hardware
         self.quantization = quantization
         self.on_ready = on_ready
+        self.env = env or {}
         self.process: asyncio.subprocess.Process | None = None
         self.starts = 0  # engine processes launched
         self.last_start_s: float | None = None
@@ -82,7 +87,7 @@ class EngineSupervisor:
         self._set_state("starting")
 
     async def start(self) -> None:
-        if not self.settings.engine_url:
+        if not self.attached:
             log.info("engine: %s", self.sizing.describe())
         self._task = asyncio.create_task(self._supervise(), name="engine-supervisor")
 
@@ -93,7 +98,7 @@ class EngineSupervisor:
 
     def serves_rank(self, rank: int) -> bool:
         """Whether adapters of this rank load on the engine as sized (an attached engine is taken as it is)."""
-        return rank <= self.sizing.max_lora_rank or bool(self.settings.engine_url)
+        return rank <= self.sizing.max_lora_rank or self.attached
 
     async def fit(self, workload: Workload) -> None:
         """Make the engine take `workload`'s largest rank: restart it with a larger max LoRA rank when that is
@@ -137,7 +142,7 @@ class EngineSupervisor:
         log.error("engine supervision failed while %s; the engine counts as down", doing, exc_info=exc)
 
     async def _supervise(self) -> None:
-        if self.settings.engine_url:
+        if self.attached:
             return await self._attach()
         while True:
             self._resized.clear()  # this launch uses the sizing as it is now
@@ -178,6 +183,7 @@ class EngineSupervisor:
         """Start an engine process and wait until it answers; False when it cannot run, exits or times out."""
         cmd, env = engine_command(self.settings, self.client.port, self.client.token, self.hardware.gpu is not None,
                                   self.quantization, self.sizing)
+        env |= self.env
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         try:
@@ -226,8 +232,8 @@ class EngineSupervisor:
                 log.exception("registering adapters after the engine came up failed")
 
     async def _attach(self) -> None:
-        """An engine this gateway did not start (`engine_url`): follow its health, register adapters when it
-        comes (back) up."""
+        """An engine this gateway did not start (`engine_url`, an engine node): follow its health, register
+        adapters when it comes (back) up."""
         log.info("attached to the engine at %s", self.client.url)
         while True:
             try:

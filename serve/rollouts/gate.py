@@ -4,7 +4,7 @@ same items (`paired_gate`)."""
 
 from __future__ import annotations
 
-from lorafleet.serve.engine.client import EngineClient
+from lorafleet.serve.engine.client import Engines
 from lorafleet.serve.rollouts.state import RolloutStart
 from lorafleet.serve.rollouts.statistics import Measurement
 from lorafleet.serve.validation import ValidationItem, paired_test, replay_and_score
@@ -14,7 +14,7 @@ __all__ = ["run_gate", "MAX_DISAGREEMENTS"]
 MAX_DISAGREEMENTS = 20  # items where the two versions scored differently, kept as evidence
 
 
-async def run_gate(engine: EngineClient, items: list[ValidationItem], metric: str, stable_digest: str,
+async def run_gate(engine: Engines, items: list[ValidationItem], metric: str, stable_digest: str,
                    candidate_digest: str, params: RolloutStart) -> tuple[Measurement, dict]:
     """The gate's measurement and its evidence (per-item scores and the first disagreements)."""
     stable = await replay_and_score(engine, stable_digest, items, metric, params.gate_max_tokens)

@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from lorafleet.adapters.catalog import Decision, Deployment, Rollout, RolloutSample, Tenant
 from lorafleet.adapters.errors import ServiceUnavailable
 from lorafleet.adapters.store import BlobStorage
-from lorafleet.serve.engine.client import EngineClient
+from lorafleet.serve.engine.client import Engines
 from lorafleet.serve.metrics import Metrics
 from lorafleet.serve.rollouts.gate import run_gate
 from lorafleet.serve.rollouts.state import (
@@ -94,7 +94,7 @@ class _Snapshot:
 class RolloutController:
     """Reconciles every active rollout of the catalog that this gateway holds the lease of."""
 
-    def __init__(self, sessions: sessionmaker, engine: EngineClient, validation_store: BlobStorage, metrics: Metrics,
+    def __init__(self, sessions: sessionmaker, engine: Engines, validation_store: BlobStorage, metrics: Metrics,
                  owner: str, tick_s: float, lease_s: float) -> None:
         self.sessions, self.engine, self.validation_store, self.metrics = sessions, engine, validation_store, metrics
         self.owner, self.tick_s, self.lease_s = owner, tick_s, lease_s

@@ -16,6 +16,7 @@ from lorafleet.serve.api import registry, rollouts
 from lorafleet.serve.api.errors import install_error_handlers
 from lorafleet.serve.api.guard import Authenticate
 from lorafleet.serve.engine.sizing import Workload
+from lorafleet.serve.fleet.fleet import EngineReplica, Fleet
 from lorafleet.serve.route_cache import RouteCache
 from tests.helpers import assert_openai_error
 from tests.serve.engine.test_resize import supervisor_for
@@ -32,8 +33,10 @@ def _app(tmp_path: Path, **settings) -> tuple[FastAPI, str]:
                                                                       size_bytes=10))
     supervisor = supervisor_for(tmp_path, Workload(), **settings)  # its engine is not running
     app = FastAPI()
+    fleet = Fleet(supervisor.settings, supervisor.metrics,
+                  [EngineReplica("engine-0", "supervised", supervisor.client, supervisor)])
     app.state.gateway = SimpleNamespace(settings=supervisor.settings, sessions=sessions, supervisor=supervisor,
-                                        engine=supervisor.client, routes=RouteCache(sessions, 0.0))
+                                        fleet=fleet, routes=RouteCache(sessions, 0.0))
     app.add_middleware(Authenticate, gateway=app.state.gateway)
     install_error_handlers(app)
     app.include_router(registry.router)

@@ -1,0 +1,242 @@
+"""A gateway in front of two real engines: two it supervises (`replicas=2`), and two `lorafleet engine` nodes that
+fetch adapters from an S3 store themselves (`engines=URL,URL`). In both: while load is low each adapter is served
+by one replica only; killing a replica under load fails no non-streaming request; the replica comes back and is
+served again; `/admin/engines` says what each replica really has (from the engines' own /metrics and models)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lorafleet.serve.dev.local_server import LocalServer
+from lorafleet.serve.engine.command import free_port
+from tests.conftest import NEAR_BASE_STD
+from tests.helpers import image_messages, upload_folder
+
+pytestmark = pytest.mark.engine
+
+ENGINE = dict(max_model_len="512", dtype="float32", max_num_seqs="4", max_lora_rank="8", cpu_kvcache_gib="1",
+              max_loras="2", quantize="none")
+ADAPTERS = 4
+
+
+def _poll(check: Callable[[], object], timeout: float, what: str) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(0.25)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+class EngineNode:
+    """`lorafleet engine` as a process of its own (it becomes vLLM), restartable on its port."""
+
+    def __init__(self, base: Path, home: Path, port: int, env: dict[str, str]) -> None:
+        self.base, self.home, self.port, self.env = base, home, port, env
+        self.process = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen:
+        self.home.mkdir(parents=True, exist_ok=True)
+        with open(self.home / "engine.log", "ab") as log:
+            return subprocess.Popen([sys.executable, "-m", "lorafleet.serve.cli", "engine", "--base", str(self.base),
+                                     "--host", "127.0.0.1", "--port", str(self.port)], env=self.env, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill(self) -> None:
+        with_group(self.process.pid, signal.SIGKILL)
+        self.process.wait(60)
+
+    def restart(self) -> None:
+        self.process = self._spawn()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            with_group(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                with_group(self.process.pid, signal.SIGKILL)
+
+
+def with_group(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+class Setup:
+    """A gateway, its admin and tenant clients, the deployments d0..d3 with their digests, and how to kill and
+    bring back one replica."""
+
+    def __init__(self, gateway: LocalServer, kill: Callable[[dict], None], revive: Callable[[dict], None]) -> None:
+        self.gateway, self.kill, self.revive = gateway, kill, revive
+        self.admin = httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {gateway.admin_key}"},
+                                  timeout=60)
+        key = self.admin.post("/admin/tenants", json={"name": "fleet"}).json()["api_key"]
+        self.tenant = httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {key}"}, timeout=300)
+        self.digests: dict[str, str] = {}
+
+    def engines(self) -> dict:
+        response = self.admin.get("/admin/engines")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def replicas(self) -> dict[str, dict]:
+        return {replica["name"]: replica for replica in self.engines()["replicas"]}
+
+    def chat(self, deployment: str, timeout: float = 300) -> httpx.Response:
+        return self.tenant.post("/v1/chat/completions", timeout=timeout, json={
+            "model": deployment, "messages": image_messages(), "max_tokens": 4, "temperature": 0})
+
+
+@pytest.fixture(scope="module")
+def adapters(make_adapter) -> list[Path]:
+    return [make_adapter(40 + i, 8, std=NEAR_BASE_STD) for i in range(ADAPTERS)]
+
+
+@contextlib.contextmanager
+def _supervised(base: Path, tmp: pytest.TempPathFactory) -> Iterator[Setup]:
+    gateway = LocalServer.start(base, tmp.mktemp("fleet-replicas"), replicas="2", fleet_scrape_s="0.5", **ENGINE)
+
+    def kill(replica: dict) -> None:
+        with_group(replica["pid"], signal.SIGKILL)  # vLLM's whole process group, as a crash or OOM kill does
+
+    try:
+        gateway.wait_ready()
+        _poll(lambda: _all_up(gateway), 600, "both replicas up")
+        yield Setup(gateway, kill, lambda _: None)  # the gateway restarts its own engines
+    finally:
+        gateway.stop()
+
+
+@contextlib.contextmanager
+def _nodes(base: Path, tmp: pytest.TempPathFactory, s3_url: str) -> Iterator[Setup]:
+    store_url, token = f"{s3_url}/fleet-nodes", secrets.token_urlsafe(12)
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
+    engines: dict[str, EngineNode] = {}
+    for i in range(2):
+        home = tmp.mktemp(f"node-{i}")
+        env = base_env | {f"LORAFLEET_{k.upper()}": v for k, v in ENGINE.items()} | {
+            "LORAFLEET_ENGINE_API_KEY": token, "LORAFLEET_STORE_URL": store_url, "LORAFLEET_HOME": str(home),
+            "LORAFLEET_STORE_CACHE_DIR": str(home / "cache")}
+        port = free_port()
+        engines[f"127.0.0.1:{port}"] = EngineNode(base, home, port, env)
+    gateway = LocalServer.start(base, tmp.mktemp("fleet-gateway"), store_url=store_url, engine_api_key=token,
+                                fleet_scrape_s="0.5", engines=",".join(f"http://{name}" for name in engines),
+                                **ENGINE)
+    try:
+        gateway.wait_ready()
+        _poll(lambda: _all_up(gateway), 600, "both nodes up")
+        yield Setup(gateway, lambda replica: engines[replica["name"]].kill(),
+                    lambda replica: engines[replica["name"]].restart())
+    finally:
+        gateway.stop()
+        for node in engines.values():
+            node.stop()
+
+
+def _all_up(gateway: LocalServer) -> bool:
+    engines = httpx.get(gateway.url + "/admin/engines", headers={"Authorization": f"Bearer {gateway.admin_key}"})
+    return engines.status_code == 200 and len(engines.json()["replicas"]) == 2 and \
+        all(r["up"] for r in engines.json()["replicas"])
+
+
+@pytest.fixture(scope="module", params=["supervised", "nodes"])
+def setup(request, tiny_model: Path, adapters: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    """One fleet at a time (the second starts once the first is gone), with d0..d3 deployed."""
+    started = _supervised(tiny_model, tmp_path_factory) if request.param == "supervised" else \
+        _nodes(tiny_model, tmp_path_factory, request.getfixturevalue("s3_url"))
+    with started as fleet:
+        for i, folder in enumerate(adapters):
+            version = upload_folder(fleet.tenant, f"a{i}", folder)
+            deployed = fleet.tenant.put(f"/v1/deployments/d{i}", json={"adapter": f"a{i}@1"})
+            assert deployed.status_code == 200, deployed.text
+            fleet.digests[f"d{i}"] = version["digest"]
+        yield fleet
+
+
+def _holders(fleet: Setup) -> dict[str, list[str]]:
+    """Each deployment's adapter: the replicas that have it registered."""
+    replicas = fleet.replicas()
+    return {name: sorted(r for r, replica in replicas.items() if digest in replica["adapters"])
+            for name, digest in fleet.digests.items()}
+
+
+def test_under_low_load_each_adapter_is_served_by_one_replica_and_admin_engines_tells_the_truth(setup):
+    for _ in range(3):
+        for deployment in setup.digests:
+            answered = setup.chat(deployment)
+            assert answered.status_code == 200, answered.text
+    engines = setup.engines()
+    assert engines["policy"] == "bounded_affinity"
+    def scraped() -> dict[str, list[str]] | None:
+        holders = _holders(setup)
+        return holders if all(holders.values()) else None
+
+    holders = _poll(scraped, 10, "every adapter scraped")
+    assert all(len(replicas) == 1 for replicas in holders.values()), holders  # one replica each: affinity
+    assert len({replicas[0] for replicas in holders.values()}) == 2, holders  # and both replicas have some
+    for replica in engines["replicas"]:
+        assert replica["up"] and replica["state"] == "up"
+        assert replica["running"] == 0 and replica["waiting"] == 0  # idle now, as vLLM's /metrics says
+        assert "CPU" in replica["hardware"] and replica["max_num_seqs"] == 4, replica
+        assert replica["placed"] >= 3 * sum(replica["name"] in h for h in holders.values())
+    assert engines["spills"] == 0
+    metrics = setup.admin.get("/metrics").text
+    assert 'lorafleet_replica_up{replica="' in metrics and "lorafleet_placement_spills_total 0.0" in metrics
+
+
+def test_killing_a_replica_under_load_fails_no_request_and_it_rejoins(setup):
+    victim = setup.replicas()[sorted(setup.replicas())[1]]
+    homed = [d for d, replicas in _holders(setup).items() if replicas == [victim["name"]]]
+    assert homed, "the victim serves no adapter"
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def client(offset: int) -> None:
+        i = offset
+        while not stop.is_set():
+            response = setup.chat(f"d{i % ADAPTERS}")
+            statuses.append(response.status_code)
+            assert response.status_code == 200, response.text
+            i += 1
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        _poll(lambda: len(statuses) >= 8, 120, "requests under way")
+        failovers_before = setup.engines()["failovers"]
+        setup.kill(victim)
+        killed_at = len(statuses)
+        _poll(lambda: not setup.replicas()[victim["name"]]["up"], 30, "the victim out of placement")
+        _poll(lambda: len(statuses) >= killed_at + 12, 300, "requests served by the survivor")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(300)
+    assert statuses and set(statuses) == {200}, statuses  # not one request failed
+    assert setup.engines()["failovers"] > failovers_before  # some were in flight on the victim, and sent again
+
+    setup.revive(victim)
+    _poll(lambda: setup.replicas()[victim["name"]]["up"], 600, "the replica rejoins")
+    before = setup.replicas()[victim["name"]]["placed"]
+    for deployment in homed:
+        assert setup.chat(deployment).status_code == 200
+    back = setup.replicas()[victim["name"]]
+    assert back["placed"] >= before + len(homed)  # its adapters go home again
+    _poll(lambda: all(setup.digests[d] in setup.replicas()[victim["name"]]["adapters"] for d in homed), 10,
+          "its adapters registered on it again")
