@@ -127,6 +127,10 @@ class LorafleetClient:
         params = {k: v for k, v in {"tenant": tenant, "limit": limit, "before": before}.items() if v is not None}
         return self._call("GET", "/admin/audit", params=params)
 
+    def engines(self) -> dict:
+        """The fleet: placement policy, counts, and every engine replica with its state, queue and adapters."""
+        return self._call("GET", "/admin/engines")
+
     def push_adapter(self, name: str, folder: Path, progress: Callable[[int, int], None] | None = None) -> dict:
         """Pack and upload an adapter folder; `progress(sent, total)` is called as bytes go out."""
         archive = pack_adapter(folder)

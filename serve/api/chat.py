@@ -103,6 +103,8 @@ def _inspect(route: Route, messages: list, text: str | None, answered: bool, che
 
 async def _record(gateway: Gateway, tenant: str, route: Route, usage: Usage, t0: float, messages: list,
                   admitted: Admitted | None = None) -> None:
+    if usage.replica is not None:
+        gateway.fleet.done(usage.replica)
     if admitted is not None:  # first: the slots and the token count do not wait for the bookkeeping below
         gateway.fair_queue.release(tenant)
         await gateway.limiter.release(admitted, usage.prompt_tokens + usage.completion_tokens)
@@ -187,11 +189,13 @@ async def _forward(fleet: Fleet, body: dict[str, Any], route: Route, usage: Usag
     reached the client yet (a stream that already started ends with an in-band error instead, in `forward_chat`)."""
     tried: list[str] = []
     while True:
-        replica = fleet.place(route.digest, exclude=tried)
+        usage.replica = replica = fleet.place(route.digest, exclude=tried)  # in flight there until `_record`
         try:
             await replica.client.ensure_loaded(route.digest)
             return await forward_chat(replica.client, body, route, usage)
         except EngineUnavailable:
+            fleet.done(replica)
+            usage.replica = None
             fleet.lost(replica)
             tried.append(replica.name)
             if len(tried) > 1 or not fleet.fail_over(tried):

@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from fastapi.responses import Response, StreamingResponse
@@ -30,6 +31,7 @@ class Usage:
     first_chunk_s: float | None = None
     error_code: str | None = None
     text: list[str] | None = None  # the answer's text, collected only when someone checks its format
+    replica: Any = None  # the fleet's EngineReplica serving it, until the request is recorded
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """`lorafleet`: one CLI, one module per command group. Each command parses, calls one library function, and prints.
 
-- `server`    serve, engine              - `registry`  adapters, deployments, validation
+- `server`    serve, engine, engines     - `registry`  adapters, deployments, validation
 - `tenants`   tenants (keys, limits), audit
 - `rollouts`  rollout, ab                - `drift`     drift
 - `training`  train, eval, quantize, tiny-model
@@ -36,6 +36,7 @@ def _options(version: Annotated[bool, typer.Option("--version", callback=_print_
 
 app.command()(server.serve)
 app.command()(server.engine)
+app.command()(server.engines)
 app.command("train")(training.train_command)
 app.command("eval")(training.eval_command)
 app.command("quantize")(training.quantize_command)

@@ -9,9 +9,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from lorafleet.adapters.errors import LorafleetError
-from lorafleet.serve.cli.common import console
+from lorafleet.serve.cli.common import DEFAULT_URL, AdminKey, Url, console
 
-__all__ = ['serve', 'engine']
+__all__ = ['serve', 'engine', 'engines']
 
 
 def serve(
@@ -25,19 +25,31 @@ def serve(
     upgrade: Annotated[bool, typer.Option(
         "--upgrade", help="Upgrade a catalog that is behind this release first (SQLite: after a backup copy next "
                           "to it; LORAFLEET_CATALOG_AUTO_UPGRADE).")] = False,
+    replicas: Annotated[Optional[int], typer.Option(
+        min=1, max=64, help="Engines to start and supervise here (LORAFLEET_REPLICAS; a multi-GPU box: one each).")
+    ] = None,
+    engine: Annotated[Optional[list[str]], typer.Option(
+        "--engine", help="An engine node's URL (`lorafleet engine`), repeatable; a host name that resolves to "
+                         "several addresses (a headless Service) is every one of them (LORAFLEET_ENGINES).")] = None,
 ) -> None:
-    """Run the gateway and its supervised vLLM engine."""
+    """Run the gateway and its supervised vLLM engine (or engines, or in front of engine nodes)."""
     import os
 
     import uvicorn
+    from pydantic import ValidationError
 
     from lorafleet.serve.api.app import create_app
     from lorafleet.serve.settings import Settings
 
     given = dict(base=base, quantize=quantize, quantize_group_size=group_size, host=host, port=port, home=home,
-                 catalog_auto_upgrade=True if upgrade else None)  # no flag: the setting decides
+                 catalog_auto_upgrade=True if upgrade else None,  # no flag: the setting decides
+                 replicas=replicas, engines=engine or None)
     overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:  # e.g. --replicas with --engine: a line each, not a traceback
+        raise LorafleetError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
+                                       for e in exc.errors())) from exc
     os.umask(0o077)  # the state folder's files (catalog, adapters, logs) readable by their owner only
     # before the app is built: a catalog upgrade at start logs where its backup copy went
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -51,10 +63,10 @@ def serve(
     if settings.engines:  # found at start (DNS)
         engines = f"engine nodes at {', '.join(settings.engines)} ({settings.placement_policy} placement)"
     else:
-        engine = fleet.replicas[0].supervisor
-        engines = f"hardware: {engine.hardware.describe()}; quantization: {engine.quantization.label}\nengine: " + (
+        first = fleet.replicas[0].supervisor
+        engines = f"hardware: {first.hardware.describe()}; quantization: {first.quantization.label}\nengine: " + (
             f"attached at {settings.engine_url}, as it was started" if settings.engine_url else
-            engine.sizing.describe() + (f"; {settings.replicas} replicas" if settings.replicas > 1 else ""))
+            first.sizing.describe() + (f"; {settings.replicas} replicas" if settings.replicas > 1 else ""))
     console.print(f"lorafleet gateway on http://{settings.host}:{settings.port}, base {settings.base}, "
                   f"state in {settings.home}\n{engines}", highlight=False, soft_wrap=True)
     uvicorn.run(application, host=settings.host, port=settings.port, log_level="info", access_log=settings.access_log)
@@ -84,3 +96,20 @@ def engine(
         print(shlex.join(cmd))
         return
     os.execvpe(cmd[0], cmd, env)  # vLLM in this process's place: a container's signals go to it directly
+
+
+def engines(url: Url = DEFAULT_URL, admin_key: AdminKey = None) -> None:
+    """The gateway's engine replicas: address, state, queue, adapters registered, hardware (GET /admin/engines)."""
+    from rich.table import Table
+
+    from lorafleet.serve.client import LorafleetClient
+
+    fleet = LorafleetClient(url, admin_key).engines()
+    table = Table("replica", "address", "kind", "state", "running", "waiting", "adapters", "placed", "hardware",
+                  "quantization")
+    for r in fleet["replicas"]:
+        table.add_row(r["name"], r["url"], r["kind"], r["state"], str(r["running"]), str(r["waiting"]),
+                      str(len(r["adapters"])), str(r["placed"]), r["hardware"], r["quantization"])
+    console.print(table)
+    console.print(f"placement {fleet['policy']}: {fleet['placed']} requests placed, {fleet['spills']} spilled past "
+                  f"their home replica, {fleet['failovers']} sent again after a replica failed", highlight=False)

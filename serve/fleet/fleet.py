@@ -14,7 +14,7 @@ What the gateway knows of each replica comes from the replica: every `fleet_scra
 `/v1/models` (the adapters registered on it). A replica that refuses a connection (at a scrape or under a request)
 leaves placement at once and returns with its next answered scrape; its supervision restarts it (local) or follows
 its health and registers adapters when it is back (nodes). Placement (`lorafleet.serve.fleet.placement`) sees each
-replica's last scraped queue plus the requests this gateway has sent it since.
+replica's requests from this gateway now, plus the other gateways' as its last scrape showed them.
 """
 
 from __future__ import annotations
@@ -76,10 +76,11 @@ class EngineReplica:
     kind: str  # supervised (this gateway starts it) | node (`lorafleet engine`) | attached (`engine_url`)
     client: EngineClient
     supervisor: EngineSupervisor
-    running: int = 0
+    running: int = 0  # vLLM's numbers at the last scrape: every gateway's requests
     waiting: int = 0
     registered: frozenset[str] = frozenset()  # adapter digests the engine lists (/v1/models)
-    sent: int = 0  # requests placed here since the last scrape (not in its numbers yet)
+    in_flight: int = 0  # this gateway's requests on it now (exact, at once)
+    others: int = 0  # the other gateways' requests on it at the last scrape: its queue less ours then
     reachable: bool = True  # False from a refused connection until a scrape answers
     scraped_at: float | None = None  # wall-clock time of the last answered scrape
     node: dict[str, str] = field(default_factory=dict)  # an engine node's own description (lorafleet_node_info)
@@ -98,7 +99,9 @@ class EngineReplica:
         return self.supervisor.sizing.max_num_seqs
 
     def snapshot(self) -> Replica:
-        return Replica(self.name, self.running, self.waiting + self.sent, self.registered | self.client.loaded,
+        """For placement: our requests on it now, and the others' as last scraped (a scrape lags: requests
+        that ended since would count as load, and those placed since would not)."""
+        return Replica(self.name, self.in_flight, self.others, self.registered | self.client.loaded,
                        up=self.routable)
 
     def describe(self) -> dict[str, Any]:
@@ -187,7 +190,7 @@ class Fleet:
     def place(self, digest: str, exclude: Iterable[str] = ()) -> EngineReplica:
         """The replica a chat request for `digest` goes to (NoReplicaUp, 503, when none is up), counted."""
         replica, placement = self._choose(digest, exclude)
-        replica.sent += 1
+        replica.in_flight += 1
         replica.placed += 1
         self.placed += 1
         self.metrics.placements.labels(replica.name, placement.reason).inc()
@@ -202,6 +205,10 @@ class Fleet:
         self.require_up()
         placement = self.policy.place(digest, [replica.snapshot() for replica in candidates])
         return next(r for r in candidates if r.name == placement.replica), placement
+
+    def done(self, replica: EngineReplica) -> None:
+        """A request placed on `replica` has ended (answered, failed, or the client left)."""
+        replica.in_flight = max(0, replica.in_flight - 1)
 
     def lost(self, replica: EngineReplica) -> None:
         """A request to `replica` got no answer: no more requests go there until a scrape answers."""
@@ -292,6 +299,7 @@ class Fleet:
         """One read of the replica's queue and adapters. A refused connection takes it out of placement; a slow
         answer (a busy engine) changes nothing."""
         http = replica.client.http
+        ours = replica.in_flight  # when the engine's numbers are taken
         try:
             metrics = await http.get("/metrics", timeout=_SCRAPE_TIMEOUT_S)
             models = await http.get("/v1/models", timeout=_SCRAPE_TIMEOUT_S)
@@ -310,7 +318,7 @@ class Fleet:
             log.warning("replica %s: unreadable metrics (%s)", replica.name, exc)
             return
         replica.node = node or replica.node
-        replica.sent = 0
+        replica.others = max(0, replica.running + replica.waiting - ours)
         replica.scraped_at = time.time()
         if not replica.reachable:
             log.info("replica %s answers again", replica.name)

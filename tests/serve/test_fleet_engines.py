@@ -197,6 +197,12 @@ def test_under_low_load_each_adapter_is_served_by_one_replica_and_admin_engines_
     assert engines["spills"] == 0
     metrics = setup.admin.get("/metrics").text
     assert 'lorafleet_replica_up{replica="' in metrics and "lorafleet_placement_spills_total 0.0" in metrics
+    listed = subprocess.run([sys.executable, "-m", "lorafleet.serve.cli", "engines", "--url", setup.gateway.url],
+                            env={**os.environ, "LORAFLEET_ADMIN_KEY": setup.gateway.admin_key, "COLUMNS": "200"},
+                            capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert all(replica["name"] in listed.stdout for replica in engines["replicas"]), listed.stdout
+    assert "bounded_affinity" in listed.stdout
 
 
 def test_killing_a_replica_under_load_fails_no_request_and_it_rejoins(setup):
