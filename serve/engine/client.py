@@ -29,6 +29,7 @@ import secrets
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -152,9 +153,9 @@ class EngineClient:
         return self._up.is_set()
 
     @property
-    def loaded(self) -> frozenset[str]:
-        """The digests this gateway registered on the engine since it (re)started."""
-        return frozenset(self._loaded)
+    def loaded(self) -> AbstractSet[str]:
+        """The digests this gateway registered on the engine since it (re)started (read it, do not keep it)."""
+        return self._loaded
 
     def client_for(self, digest: str) -> EngineClient:
         """The engine that replays adapter `digest` (as `Fleet.client_for`; one engine is a fleet of one)."""

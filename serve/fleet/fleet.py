@@ -98,11 +98,15 @@ class EngineReplica:
             return int(self.node.get("max_num_seqs") or 0)
         return self.supervisor.sizing.max_num_seqs
 
-    def snapshot(self) -> Replica:
-        """For placement: our requests on it now, and the others' as last scraped (a scrape lags: requests
-        that ended since would count as load, and those placed since would not)."""
-        return Replica(self.name, self.in_flight, self.others, self.registered | self.client.loaded,
-                       up=self.routable)
+    def has(self, digest: str) -> bool:
+        return digest in self.registered or digest in self.client.loaded
+
+    def snapshot(self, digest: str) -> Replica:
+        """For placing a request for `digest`: our requests on it now, and the others' as last scraped (a scrape
+        lags: requests that ended since would count as load, and those placed since would not); of its adapters,
+        only whether it has this one (placement asks nothing else, and a replica may have hundreds)."""
+        return Replica(self.name, self.in_flight, self.others, frozenset((digest,)) if self.has(digest) else
+                       frozenset(), up=self.routable)
 
     def describe(self) -> dict[str, Any]:
         """What `/admin/engines` says of it."""
@@ -203,7 +207,7 @@ class Fleet:
         excluded = set(exclude)
         candidates = [replica for replica in self.replicas if replica.name not in excluded]
         self.require_up()
-        placement = self.policy.place(digest, [replica.snapshot() for replica in candidates])
+        placement = self.policy.place(digest, [replica.snapshot(digest) for replica in candidates])
         return next(r for r in candidates if r.name == placement.replica), placement
 
     def done(self, replica: EngineReplica) -> None:
@@ -326,7 +330,7 @@ class Fleet:
         self.metrics.replica_up.labels(replica.name).set(1 if replica.routable else 0)
         self.metrics.replica_requests.labels(replica.name, "running").set(replica.running)
         self.metrics.replica_requests.labels(replica.name, "waiting").set(replica.waiting)
-        self.metrics.replica_adapters.labels(replica.name).set(len(replica.snapshot().loaded))
+        self.metrics.replica_adapters.labels(replica.name).set(len(replica.registered | replica.client.loaded))
 
     async def _discover_forever(self) -> None:
         while True:
