@@ -2,6 +2,8 @@
 
 - `placement`  which replica serves a request for an adapter: routing policies over replica snapshots
   (random, least loaded, consistent hashing, consistent hashing with bounded loads), pure and clock-free
+- `fleet`      the gateway's replicas (supervised engines or engine nodes found by DNS), what their own /metrics
+  say, placement over them, and failover
 """
 
 from __future__ import annotations

@@ -261,11 +261,6 @@ class Fleet:
         """Chat requests the fleet's batches hold at once (the fair queue's size)."""
         return max(1, sum(replica.slots for replica in self.replicas))
 
-    @property
-    def sizing(self) -> EngineSizing:
-        """The first replica's sizing (every supervised replica has the same)."""
-        return self.replicas[0].supervisor.sizing
-
     def status(self) -> dict[str, Any]:
         """The fleet's state for /admin/engine: the first replica's supervision, and how many are up."""
         first = self.replicas[0].supervisor.status() if self.replicas else {}
