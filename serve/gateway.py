@@ -15,7 +15,13 @@ from lorafleet.adapters.registry import deployed_digests, deployed_workload
 from lorafleet.adapters.store import AdapterStore, BlobStorage, open_blob_store, open_store
 from lorafleet.serve.admission import FairQueue
 from lorafleet.serve.drift.monitor import DriftMonitor
-from lorafleet.serve.engine.hardware import quantization_for
+from lorafleet.serve.engine.hardware import (
+    Hardware,
+    Quantization,
+    UnsupportedQuantization,
+    detect_hardware,
+    quantization_for,
+)
 from lorafleet.serve.engine.sizing import Workload, sizing_for
 from lorafleet.serve.fleet.fleet import Fleet, open_fleet
 from lorafleet.serve.housekeeping import GarbageCollector
@@ -86,7 +92,7 @@ def build_gateway(settings: Settings) -> Gateway:
     metrics = Metrics()
     event.listen(db, "checkout", lambda *_: metrics.catalog_connections.inc())
     event.listen(db, "checkin", lambda *_: metrics.catalog_connections.dec())
-    hardware, quantization = quantization_for(settings)
+    hardware, quantization = _quantization(settings)
     metrics.engine.info({"base": settings.base, "quantization": quantization.label, "hardware": hardware.describe()})
     store, validation_store = open_stores(settings)
     with sessions() as session:  # the engine is sized for what the catalog serves
@@ -107,6 +113,17 @@ def build_gateway(settings: Settings) -> Gateway:
                    limiter=TenantLimiter(settings.limits_url),
                    fair_queue=fair_queue,
                    remote_images=RemoteImages.from_settings(settings), tmp_dir=tmp_dir)
+
+
+def _quantization(settings: Settings) -> tuple[Hardware, Quantization]:
+    """What the engine serves the base with. A gateway in front of engine nodes plans it on its own machine for
+    the record only, and one that could not run it (fp8 on a CPU-only gateway host) is no error: the nodes run it."""
+    try:
+        return quantization_for(settings)
+    except UnsupportedQuantization:
+        if not settings.engines:
+            raise
+        return detect_hardware(), Quantization(f"{settings.quantize} (planned on the engine nodes)")
 
 
 def _private(home: Path) -> None:

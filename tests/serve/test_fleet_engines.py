@@ -21,6 +21,7 @@ import pytest
 
 from lorafleet.serve.dev.local_server import LocalServer
 from lorafleet.serve.engine.command import free_port
+from lorafleet.serve.fleet.placement import HashRing
 from tests.conftest import NEAR_BASE_STD
 from tests.helpers import image_messages, upload_folder
 
@@ -102,11 +103,6 @@ class Setup:
             "model": deployment, "messages": image_messages(), "max_tokens": 4, "temperature": 0})
 
 
-@pytest.fixture(scope="module")
-def adapters(make_adapter) -> list[Path]:
-    return [make_adapter(40 + i, 8, std=NEAR_BASE_STD) for i in range(ADAPTERS)]
-
-
 @contextlib.contextmanager
 def _supervised(base: Path, tmp: pytest.TempPathFactory) -> Iterator[Setup]:
     gateway = LocalServer.start(base, tmp.mktemp("fleet-replicas"), replicas="2", fleet_scrape_s="0.5", **ENGINE)
@@ -155,16 +151,28 @@ def _all_up(gateway: LocalServer) -> bool:
 
 
 @pytest.fixture(scope="module", params=["supervised", "nodes"])
-def setup(request, tiny_model: Path, adapters: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    """One fleet at a time (the second starts once the first is gone), with d0..d3 deployed."""
+def setup(request, tiny_model: Path, make_adapter, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    """One fleet at a time (the second starts once the first is gone), with d0..d3 deployed: two adapters whose
+    home is one replica and two the other's (digests differ per test session, as the base's path is in each
+    adapter's config, so they are picked by the ring, as the gateway computes it)."""
     started = _supervised(tiny_model, tmp_path_factory) if request.param == "supervised" else \
         _nodes(tiny_model, tmp_path_factory, request.getfixturevalue("s3_url"))
     with started as fleet:
-        for i, folder in enumerate(adapters):
-            version = upload_folder(fleet.tenant, f"a{i}", folder)
-            deployed = fleet.tenant.put(f"/v1/deployments/d{i}", json={"adapter": f"a{i}@1"})
+        ring = HashRing(list(fleet.replicas()))
+        homes: dict[str, int] = {}
+        for seed in range(40, 72):
+            version = upload_folder(fleet.tenant, f"a{seed}", make_adapter(seed, 8, std=NEAR_BASE_STD))
+            home = ring.home(version["digest"])
+            if homes.get(home, 0) == ADAPTERS // 2:
+                continue
+            homes[home] = homes.get(home, 0) + 1
+            name = f"d{len(fleet.digests)}"
+            deployed = fleet.tenant.put(f"/v1/deployments/{name}", json={"adapter": f"a{seed}@1"})
             assert deployed.status_code == 200, deployed.text
-            fleet.digests[f"d{i}"] = version["digest"]
+            fleet.digests[name] = version["digest"]
+            if len(fleet.digests) == ADAPTERS:
+                break
+        assert len(fleet.digests) == ADAPTERS, homes
         yield fleet
 
 
