@@ -153,3 +153,21 @@ def test_settings_name_one_source_of_engines():
     with pytest.raises(ValueError, match="unknown placement policy"):
         Settings(placement_policy="nearest")
     assert Settings(engines='["http://a:1", "http://b:2/"]').engines == ["http://a:1", "http://b:2"]
+
+
+def test_a_gateway_in_front_of_nodes_records_a_quantization_only_the_nodes_can_run(tmp_path):
+    import json
+
+    from lorafleet.serve.engine.hardware import UnsupportedQuantization, detect_hardware
+    from lorafleet.serve.gateway import _quantization
+    from tests.test_kubernetes import TINY_BASE_CONFIG
+
+    if detect_hardware().gpu is not None:
+        pytest.skip("fp8 runs on this machine's GPU")
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(TINY_BASE_CONFIG))
+    with pytest.raises(UnsupportedQuantization):  # fp8 is for GPUs: a gateway that would run it refuses
+        _quantization(Settings(base=str(base), home=tmp_path, quantize="fp8"))
+    _, planned = _quantization(Settings(base=str(base), home=tmp_path, quantize="fp8", engines="http://e:8100"))
+    assert planned.label == "fp8 (planned on the engine nodes)" and not planned.engine_args
