@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -41,3 +43,13 @@ def assert_openai_error(response: httpx.Response, status: int, phrase: str = "")
     assert set(error) >= {"message", "type", "code"}
     assert phrase in error["message"], error["message"]
     return error
+
+
+def poll_until(check: Callable[[], object], timeout: float, what: str) -> object:
+    """`check()`'s first truthy result, asked every quarter second; AssertionError naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(0.25)
+    raise AssertionError(f"{what}: not within {timeout} s")

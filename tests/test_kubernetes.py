@@ -12,7 +12,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -271,7 +270,12 @@ def test_engines_are_a_statefulset_behind_the_headless_service_gateways_resolve(
     assert not [s for s in container.get("envFrom", []) if "secretRef" in s], "engines get single secret keys"
 
 
-def test_the_engine_args_start_vllm_through_lorafleet_engine(rendered: Rendered, tmp_path: Path):
+def test_the_engine_args_start_vllm_through_lorafleet_engine(rendered: Rendered, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch):
+    from typer.testing import CliRunner
+
+    from lorafleet.serve.cli import app
+
     container = _only_container(rendered.one("StatefulSet", "lorafleet-engine"))
     assert "command" not in container  # the args go to the image's entrypoint, `lorafleet`
     assert container["args"] == ["engine", "--host", "0.0.0.0", "--port", "8100"]
@@ -281,11 +285,13 @@ def test_the_engine_args_start_vllm_through_lorafleet_engine(rendered: Rendered,
     env = {**rendered.settings(), **{e["name"]: e["value"] for e in container.get("env", []) if "value" in e}}
     env |= {"LORAFLEET_BASE": str(base), "LORAFLEET_ENGINE_API_KEY": "test-engine-key",
             "LORAFLEET_HOME": str(tmp_path / "home"), "LORAFLEET_STORE_CACHE_DIR": str(tmp_path / "cache"),
-            "PATH": os.environ["PATH"], "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "lorafleet.serve.cli", *container["args"], "--print-command"],
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    command = result.stdout.strip().splitlines()[-1]
+            "HF_HUB_OFFLINE": "1"}
+    for name in [n for n in os.environ if n.startswith("LORAFLEET_")]:  # only what the pod would have
+        monkeypatch.delenv(name)
+    # the real CLI in this process (a subprocess would spend seconds importing torch again)
+    result = CliRunner().invoke(app, [*container["args"], "--print-command"], env=env)
+    assert result.exit_code == 0, result.output
+    command = result.output.strip().splitlines()[-1]
     cmd = shlex.split(command)
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"], command
     assert " --host 0.0.0.0 --port 8100 " in command

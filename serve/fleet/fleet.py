@@ -170,10 +170,6 @@ class Fleet:
         """Grows whenever any replica (re)starts (the drift monitor then asks the engine's identity again)."""
         return sum(replica.client.generation for replica in self.replicas)
 
-    @property
-    def private_paths(self) -> tuple[str, ...]:
-        return self.replicas[0].client.private_paths if self.replicas else ()
-
     async def version(self) -> str:
         for replica in self.replicas:
             if replica.routable:

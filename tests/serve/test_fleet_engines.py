@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,22 +22,13 @@ from lorafleet.serve.dev.local_server import LocalServer
 from lorafleet.serve.engine.command import free_port
 from lorafleet.serve.fleet.placement import HashRing
 from tests.conftest import NEAR_BASE_STD
-from tests.helpers import image_messages, upload_folder
+from tests.helpers import image_messages, poll_until, upload_folder
 
 pytestmark = pytest.mark.engine
 
 ENGINE = dict(max_model_len="512", dtype="float32", max_num_seqs="4", max_lora_rank="8", cpu_kvcache_gib="1",
               max_loras="2", quantize="none")
 ADAPTERS = 4
-
-
-def _poll(check: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.25)
-    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 class EngineNode:
@@ -112,7 +102,7 @@ def _supervised(base: Path, tmp: pytest.TempPathFactory) -> Iterator[Setup]:
 
     try:
         gateway.wait_ready()
-        _poll(lambda: _all_up(gateway), 600, "both replicas up")
+        poll_until(lambda: _all_up(gateway), 600, "both replicas up")
         yield Setup(gateway, kill, lambda _: None)  # the gateway restarts its own engines
     finally:
         gateway.stop()
@@ -135,7 +125,7 @@ def _nodes(base: Path, tmp: pytest.TempPathFactory, s3_url: str) -> Iterator[Set
                                 **ENGINE)
     try:
         gateway.wait_ready()
-        _poll(lambda: _all_up(gateway), 600, "both nodes up")
+        poll_until(lambda: _all_up(gateway), 600, "both nodes up")
         yield Setup(gateway, lambda replica: engines[replica["name"]].kill(),
                     lambda replica: engines[replica["name"]].restart())
     finally:
@@ -194,10 +184,10 @@ def test_under_low_load_each_adapter_is_served_by_one_replica_and_admin_engines_
         holders = _holders(setup)
         return holders if all(holders.values()) else None
 
-    holders = _poll(scraped, 10, "every adapter scraped")
+    holders = poll_until(scraped, 10, "every adapter scraped")
     assert all(len(replicas) == 1 for replicas in holders.values()), holders  # one replica each: affinity
     assert len({replicas[0] for replicas in holders.values()}) == 2, holders  # and both replicas have some
-    _poll(lambda: all(r["running"] == r["waiting"] == 0 for r in setup.engines()["replicas"]), 10,
+    poll_until(lambda: all(r["running"] == r["waiting"] == 0 for r in setup.engines()["replicas"]), 10,
           "idle, as vLLM's /metrics says")  # (the last scrape may have seen the last request running)
     for replica in engines["replicas"]:
         assert replica["up"] and replica["state"] == "up"
@@ -233,12 +223,12 @@ def test_killing_a_replica_under_load_fails_no_request_and_it_rejoins(setup):
     for thread in threads:
         thread.start()
     try:
-        _poll(lambda: len(statuses) >= 8, 120, "requests under way")
+        poll_until(lambda: len(statuses) >= 8, 120, "requests under way")
         failovers_before = setup.engines()["failovers"]
         setup.kill(victim)
         killed_at = len(statuses)
-        _poll(lambda: not setup.replicas()[victim["name"]]["up"], 30, "the victim out of placement")
-        _poll(lambda: len(statuses) >= killed_at + 12, 300, "requests served by the survivor")
+        poll_until(lambda: not setup.replicas()[victim["name"]]["up"], 30, "the victim out of placement")
+        poll_until(lambda: len(statuses) >= killed_at + 12, 300, "requests served by the survivor")
     finally:
         stop.set()
         for thread in threads:
@@ -247,11 +237,11 @@ def test_killing_a_replica_under_load_fails_no_request_and_it_rejoins(setup):
     assert setup.engines()["failovers"] > failovers_before  # some were in flight on the victim, and sent again
 
     setup.revive(victim)
-    _poll(lambda: setup.replicas()[victim["name"]]["up"], 600, "the replica rejoins")
+    poll_until(lambda: setup.replicas()[victim["name"]]["up"], 600, "the replica rejoins")
     before = setup.replicas()[victim["name"]]["placed"]
     for deployment in homed:
         assert setup.chat(deployment).status_code == 200
     back = setup.replicas()[victim["name"]]
     assert back["placed"] >= before + len(homed)  # its adapters go home again
-    _poll(lambda: all(setup.digests[d] in setup.replicas()[victim["name"]]["adapters"] for d in homed), 10,
+    poll_until(lambda: all(setup.digests[d] in setup.replicas()[victim["name"]]["adapters"] for d in homed), 10,
           "its adapters registered on it again")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from lorafleet.adapters.catalog import Decision, Deployment, DriftCheck, Rollout
 from lorafleet.serve.client import inline_images
 from lorafleet.serve.dev.local_server import LocalServer
 from tests.conftest import NEAR_BASE_STD
-from tests.helpers import image_messages, upload_folder
+from tests.helpers import image_messages, poll_until, upload_folder
 from tests.postgres import postgres_database
 
 pytestmark = pytest.mark.engine
@@ -72,15 +72,6 @@ def tenant(fleet: Fleet) -> dict[str, httpx.Client]:
             for name, g in (("a", fleet.a), ("b", fleet.b))}
 
 
-def _poll(check: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.25)
-    raise AssertionError(f"{what}: not within {timeout} s")
-
-
 def _chat(http: httpx.Client, model: str) -> httpx.Response:
     response = http.post("/v1/chat/completions", json={"model": model, "messages": image_messages(),
                                                        "max_tokens": 4, "temperature": 0})
@@ -123,7 +114,7 @@ def test_drift_looks_and_scheduled_replays_run_once_for_the_fleet(fleet, tenant,
                                      .order_by(DriftCheck.id)).all()
             return list(runs), list(checks)
 
-    _poll(lambda: len([r for r in history()[0] if r.kind == "check"]) >= 2, 6 * REPLAY_S,
+    poll_until(lambda: len([r for r in history()[0] if r.kind == "check"]) >= 2, 6 * REPLAY_S,
           "two scheduled replays")
     runs, checks = history()
     assert [r.kind for r in runs].count("baseline") == 1  # both gateways found the version without one
@@ -146,7 +137,7 @@ def test_a_rollout_has_one_controller_and_the_other_takes_over_when_it_dies(flee
     def owner() -> str | None:
         return http.get("/v1/deployments/rolled/rollout").json()["lease_owner"]
 
-    first = _poll(owner, 30, "a controller takes the rollout")
+    first = poll_until(owner, 30, "a controller takes the rollout")
     for _ in range(8):  # held by one gateway while it lives, tick after tick
         assert owner() == first
         time.sleep(0.5)
@@ -157,7 +148,7 @@ def test_a_rollout_has_one_controller_and_the_other_takes_over_when_it_dies(flee
 
     survivor_http = tenant["a" if survivor is fleet.a else "b"]
     survivor_http.get("/v1/deployments/rolled/rollout").raise_for_status()
-    _poll(lambda: survivor_http.get("/v1/deployments/rolled/rollout").json()["lease_owner"] not in (None, first),
+    poll_until(lambda: survivor_http.get("/v1/deployments/rolled/rollout").json()["lease_owner"] not in (None, first),
           LEASE_S + 10, "the other gateway takes the rollout over")
     assert time.monotonic() - killed < LEASE_S + 10
     promoted = survivor_http.post("/v1/deployments/rolled/rollout/promote", json={"full": True})
