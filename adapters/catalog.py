@@ -15,7 +15,7 @@ from lorafleet.adapters.migrate import bring_to_head
 
 __all__ = ["Base", "Tenant", "Adapter", "AdapterVersion", "ValidationSet", "Deployment", "Rollout", "Decision",
            "RolloutSample", "ValidationRun", "InputSample", "DriftCheck", "ApiKey", "TenantPolicy", "AuditEvent",
-           "Lease", "open_catalog", "connect_catalog", "is_transient"]
+           "Lease", "RequestRecord", "Feedback", "Capture", "open_catalog", "connect_catalog", "is_transient"]
 
 
 def _now() -> datetime:
@@ -87,6 +87,9 @@ class Deployment(Base):
     rollout_id: Mapped[int | None]  # the active rollout or A/B test; set and cleared by conditional updates
     answer_format: Mapped[dict | None] = mapped_column(JSON)  # {"json_schema": {...}} or {"regex": "..."}
     validation_set_id: Mapped[int | None] = mapped_column(ForeignKey("validation_sets.id"))
+    # capture of live requests for retraining, opted in by the tenant: {"sample_rate", "max_per_day",
+    # "retention_days"} (`lorafleet.serve.capture.CapturePolicy`); None: nothing is kept
+    capture: Mapped[dict | None] = mapped_column(JSON)
     drift_replay_at: Mapped[float] = mapped_column(default=0.0)  # next scheduled replay (claimed by UPDATE)
     drift_look_at: Mapped[float] = mapped_column(default=0.0)  # next input/output drift look (claimed alike)
     updated_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)
@@ -159,6 +162,7 @@ class RolloutSample(Base):
     output_tokens: Mapped[int]
     format_valid: Mapped[bool | None]
     at: Mapped[float]
+    confidence: Mapped[float | None]  # the answer's mean token log-probability
 
 
 class ValidationRun(Base):
@@ -179,6 +183,7 @@ class ValidationRun(Base):
     scores: Mapped[list[float]] = mapped_column(JSON)
     outputs: Mapped[list[str]] = mapped_column(JSON)
     output_tokens: Mapped[list[int]] = mapped_column(JSON)
+    confidences: Mapped[list[float | None] | None] = mapped_column(JSON)  # per item: mean token log-probability
     exact_match_rate: Mapped[float]  # share of items answered exactly as in the baseline (1.0 for a baseline)
     changed: Mapped[bool] = mapped_column(default=False)
     numbers: Mapped[dict] = mapped_column(JSON, default=dict)  # the paired test against the baseline
@@ -199,6 +204,7 @@ class InputSample(Base):
     output_tokens: Mapped[int] = mapped_column(default=0)
     empty: Mapped[bool] = mapped_column(default=False)  # empty or a refusal
     format_valid: Mapped[bool | None]
+    confidence: Mapped[float | None]  # the answer's mean token log-probability
 
 
 class DriftCheck(Base):
@@ -210,7 +216,7 @@ class DriftCheck(Base):
     deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id"))
     version_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id"))
     variant: Mapped[str] = mapped_column(String(80))
-    kind: Mapped[str] = mapped_column(String(16))  # "input" | "output"
+    kind: Mapped[str] = mapped_column(String(16))  # "input" | "output" | "confidence"
     at: Mapped[float]
     look: Mapped[int]
     p: Mapped[float]
@@ -269,6 +275,80 @@ class Lease(Base):
     owner: Mapped[str] = mapped_column(String(64))
     expires_at: Mapped[float]
     last_run_at: Mapped[float] = mapped_column(default=0.0)  # when the job last finished a run
+
+
+class RequestRecord(Base):
+    """One chat request of a tenant: the request log (what served it and how it went, never its content), and
+    what feedback and captures refer to by `request_id`. Deployments are kept by name as well: the log outlives
+    them."""
+
+    __tablename__ = "requests"
+    __table_args__ = (Index("ix_requests_tenant", "tenant_id", "id"), Index("ix_requests_at", "at"))
+    id: Mapped[int] = mapped_column(primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64), unique=True)  # the response's `id` and `x-request-id`
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    key_id: Mapped[int | None]
+    at: Mapped[float]
+    deployment_id: Mapped[int | None]
+    deployment: Mapped[str] = mapped_column(String(64), default="")
+    rollout_id: Mapped[int | None]
+    variant: Mapped[str] = mapped_column(String(80), default="")
+    digest: Mapped[str] = mapped_column(String(64), default="")
+    status: Mapped[int]
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    prompt_tokens: Mapped[int] = mapped_column(default=0)
+    completion_tokens: Mapped[int] = mapped_column(default=0)
+    latency_s: Mapped[float]
+    stream: Mapped[bool] = mapped_column(default=False)
+    confidence_mean: Mapped[float | None]  # mean token log-probability of the answer (choice 0)
+    confidence_min: Mapped[float | None]  # its least likely token's log-probability
+    captured: Mapped[bool] = mapped_column(default=False)
+
+
+class Feedback(Base):
+    """A user's judgement of one answer, one per request (a second post replaces the first). `value` is the
+    score on [0, 1] (thumbs: -1 -> 0, +1 -> 1); the request's deployment, variant and adapter are copied here."""
+
+    __tablename__ = "feedback"
+    __table_args__ = (UniqueConstraint("tenant_id", "request_id"), Index("ix_feedback_rollout", "rollout_id"),
+                      Index("ix_feedback_deployment", "deployment_id", "at"))
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    request_id: Mapped[str] = mapped_column(String(64))
+    key_id: Mapped[int | None]
+    deployment_id: Mapped[int | None]
+    deployment: Mapped[str] = mapped_column(String(64), default="")
+    rollout_id: Mapped[int | None]
+    variant: Mapped[str] = mapped_column(String(80), default="")
+    digest: Mapped[str] = mapped_column(String(64), default="")
+    score: Mapped[float]  # as given: -1 or 1 (thumbs), or a number in [0, 1]
+    value: Mapped[float]
+    correction: Mapped[str | None] = mapped_column(Text)  # the answer that should have been given
+    comment: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[float]  # of the request it judges
+    created_at: Mapped[float]
+    updated_at: Mapped[float]
+
+
+class Capture(Base):
+    """One live request kept in full for retraining (deployments that opted in): its messages with every image
+    replaced by a reference to the capture store (`lorafleet-capture:<sha256>`), and the answer served."""
+
+    __tablename__ = "captures"
+    __table_args__ = (Index("ix_captures_deployment", "deployment_id", "id"), Index("ix_captures_at", "at"))
+    id: Mapped[int] = mapped_column(primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64), unique=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    deployment_id: Mapped[int]
+    deployment: Mapped[str] = mapped_column(String(64))
+    variant: Mapped[str] = mapped_column(String(80))
+    digest: Mapped[str] = mapped_column(String(64))
+    at: Mapped[float]
+    messages: Mapped[list[dict]] = mapped_column(JSON)
+    answer: Mapped[str] = mapped_column(Text)
+    images: Mapped[list[str]] = mapped_column(JSON, default=list)  # the capture store's digests it references
+    confidence_mean: Mapped[float | None]
+    size_bytes: Mapped[int] = mapped_column(default=0)  # messages and answer, images not included
 
 
 POOL_SIZE = 40

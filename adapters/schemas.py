@@ -6,14 +6,15 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["NAME_PATTERN", "Name", "check_name", "TenantCreate", "TenantCreated", "AdapterVersionPublic",
            "AdapterPublic", "DeploymentPut", "DeploymentPublic", "ModelPublic", "ModelList", "ValidationSetPublic",
            "VariantPublic", "DecisionPublic", "RolloutPublic", "ValidationRunPublic", "DriftCheckPublic", "DriftStatus",
            "DriftHistory", "DriftSampling", "TenantLimitsPut", "TenantLimitsPublic", "ApiKeyCreate", "ApiKeyPublic",
            "ApiKeyCreated", "ApiKeyRotate", "KeyRotated", "TenantDisable", "TenantPublic", "TenantDeletedPublic",
-           "AuditEventPublic"]
+           "AuditEventPublic", "VariantFeedback", "VariantConfidence", "FeedbackCreate", "FeedbackPublic",
+           "RequestPublic", "RequestPage", "CapturePolicy", "CapturePublic", "CapturesDeleted"]
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
@@ -85,6 +86,7 @@ class DeploymentPublic(BaseModel):
     answer_format: dict | None = None
     validation_set: ValidationSetPublic | None = None
     rollout_id: int | None = None
+    capture: CapturePolicy | None = None  # None: no request of it is kept
 
 
 class VariantPublic(BaseModel):
@@ -123,6 +125,8 @@ class RolloutPublic(BaseModel):
     finished_at: float | None
     lease_owner: str | None
     decisions: list[DecisionPublic]
+    feedback: list[VariantFeedback] = Field(default_factory=list)  # per variant, the whole rollout so far
+    confidence: list[VariantConfidence] = Field(default_factory=list)  # informational: never decides
 
 
 class ModelPublic(BaseModel):
@@ -274,3 +278,120 @@ class AuditEventPublic(BaseModel):
     action: str
     tenant: str
     details: dict[str, Any]
+
+
+# --- the feedback loop: request log, feedback, confidence, capture ---
+
+class VariantFeedback(BaseModel):
+    """Users' feedback on one variant's answers: mean on [0, 1] with its 95 % interval, and the difference from
+    the reference variant (stable, or an A/B test's first) with its 95 % interval."""
+
+    variant: str
+    requests: int  # answered requests of the variant (the feedback rate's denominator)
+    count: int
+    rate: float | None  # feedback per request
+    mean: float | None
+    interval: list[float] | None = None
+    difference: float | None = None  # this variant - the reference
+    difference_interval: list[float] | None = None
+
+
+class VariantConfidence(BaseModel):
+    """The answers' mean token log-probability of one variant, and its difference from the reference variant."""
+
+    variant: str
+    count: int
+    mean: float | None
+    interval: list[float] | None = None
+    difference: float | None = None
+    difference_interval: list[float] | None = None
+
+
+class FeedbackCreate(BaseModel):
+    """`POST /v1/feedback`: a judgement of one answer, by the `id` its response carried."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: Annotated[str, Field(min_length=1, max_length=64)]
+    score: float  # -1 or 1 (thumbs down / up), or a number in [0, 1]
+    correction: Annotated[str, Field(max_length=65536)] | None = None  # the answer that should have been given
+    comment: Annotated[str, Field(max_length=4000)] = ""
+
+    @model_validator(mode="after")
+    def _score(self) -> FeedbackCreate:
+        if self.score not in (-1, 1) and not 0 <= self.score <= 1:
+            raise ValueError(f"score must be -1 or 1 (thumbs) or a number in [0, 1], not {self.score}")
+        return self
+
+    @property
+    def value(self) -> float:
+        """The score on [0, 1]: thumbs down 0, up 1."""
+        return 0.0 if self.score == -1 else float(self.score)
+
+
+class FeedbackPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: str = Field(validation_alias="request_id")
+    deployment: str
+    variant: str
+    adapter: str = Field(validation_alias="digest")
+    score: float
+    value: float
+    correction: str | None
+    comment: str
+    at: float  # of the request
+    created_at: float
+    updated_at: float
+
+
+class RequestPublic(BaseModel):
+    """One row of the request log."""
+
+    model_config = ConfigDict(from_attributes=True)
+    id: str = Field(validation_alias="request_id")
+    at: float
+    key_id: int | None
+    deployment: str
+    variant: str
+    adapter: str = Field(validation_alias="digest")
+    status: int
+    error_code: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    stream: bool
+    confidence_mean: float | None
+    confidence_min: float | None
+    captured: bool
+    feedback: float | None = None  # the feedback's score, if any
+
+
+class RequestPage(BaseModel):
+    data: list[RequestPublic]
+    next_cursor: str | None  # pass as `cursor` for the next (older) page; None: this was the last
+
+
+class CapturePolicy(BaseModel):
+    """`PUT /v1/deployments/{name}/capture`: keep a sampled, bounded share of the deployment's requests in full."""
+
+    model_config = ConfigDict(extra="forbid")
+    sample_rate: Annotated[float, Field(gt=0, le=1)] = 0.1  # share of answered requests kept
+    max_per_day: Annotated[int, Field(ge=1, le=1_000_000)] = 1000  # at most this many per UTC day
+    retention_days: Annotated[float, Field(gt=0, le=3660)] = 30.0  # then deleted by the garbage collector
+
+
+class CapturePublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: str = Field(validation_alias="request_id")
+    deployment: str
+    variant: str
+    adapter: str = Field(validation_alias="digest")
+    at: float
+    answer: str
+    images: list[str]
+    confidence_mean: float | None
+    size_bytes: int
+
+
+class CapturesDeleted(BaseModel):
+    captures: int
+    images: int  # image blobs no other capture referenced

@@ -18,10 +18,13 @@ from lorafleet.adapters.catalog import (
     AdapterVersion,
     ApiKey,
     AuditEvent,
+    Capture,
     Decision,
     Deployment,
     DriftCheck,
+    Feedback,
     InputSample,
+    RequestRecord,
     Rollout,
     RolloutSample,
     Tenant,
@@ -244,6 +247,9 @@ def delete_tenant(session: Session, tenant: Tenant, force: bool = False) -> Dele
         ("adapters", delete(Adapter).where(Adapter.tenant_id == tenant.id)),
         ("api_keys", delete(ApiKey).where(ApiKey.tenant_id == tenant.id)),
         ("tenant_policies", delete(TenantPolicy).where(TenantPolicy.tenant_id == tenant.id)),
+        ("requests", delete(RequestRecord).where(RequestRecord.tenant_id == tenant.id)),
+        ("feedback", delete(Feedback).where(Feedback.tenant_id == tenant.id)),
+        ("captures", delete(Capture).where(Capture.tenant_id == tenant.id)),  # their images: gc's orphans
     ]
     counts = {}
     try:

@@ -23,6 +23,8 @@ from lorafleet.serve.engine.hardware import (
     quantization_for,
 )
 from lorafleet.serve.engine.sizing import Workload, sizing_for
+from lorafleet.serve.feedback.capture import Capturer
+from lorafleet.serve.feedback.request_log import RequestLog
 from lorafleet.serve.fleet.fleet import Fleet, open_fleet
 from lorafleet.serve.housekeeping import GarbageCollector
 from lorafleet.serve.images import RemoteImages
@@ -32,7 +34,7 @@ from lorafleet.serve.rollouts.reconciler import RolloutController, new_gateway_i
 from lorafleet.serve.route_cache import RouteCache
 from lorafleet.serve.settings import Settings
 
-__all__ = ["Gateway", "build_gateway", "open_stores", "scratch_dir"]
+__all__ = ["Gateway", "build_gateway", "open_stores", "open_capture_store", "scratch_dir"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,9 @@ class Gateway:
     fair_queue: FairQueue
     remote_images: RemoteImages | None  # None: http(s) images are refused
     tmp_dir: Path
+    requests: RequestLog  # the request log's rows on their way to the catalog
+    capture: Capturer  # captured requests for retraining (deployments that opted in)
+    capture_store: BlobStorage  # their images, content-addressed
 
 
 def _deployed(sessions: sessionmaker):
@@ -73,6 +78,12 @@ def open_stores(settings: Settings) -> tuple[AdapterStore, BlobStorage]:
     store = open_store(settings.store_url, settings.store_cache_dir or settings.home / "cache" / "adapters",
                        settings.store_cache_bytes)
     return store, open_blob_store(settings.store_url, "validation", settings.home / "validation", ".jsonl")
+
+
+def open_capture_store(settings: Settings) -> BlobStorage:
+    """Where captured requests' images are kept: `<home>/captures` beside a file:// store, `<prefix>/captures/` in
+    an S3 one."""
+    return open_blob_store(settings.store_url, "captures", settings.home / "captures", "")
 
 
 def scratch_dir(settings: Settings) -> Path:
@@ -105,6 +116,7 @@ def build_gateway(settings: Settings) -> Gateway:
     drift = DriftMonitor(sessions, fleet, validation_store, metrics, settings, quantization.label)
     fair_queue = FairQueue(lambda: settings.engine_slots or fleet.slots(), settings.fair_queue_timeout_s)
     metrics.fair_queue_waiting.set_function(lambda: fair_queue.waiting)
+    capture_store = open_capture_store(settings)
     return Gateway(settings=settings, sessions=sessions, store=store, validation_store=validation_store,
                    spec=load_base_spec(settings.base), metrics=metrics, fleet=fleet,
                    controller=controller, drift=drift,
@@ -112,7 +124,10 @@ def build_gateway(settings: Settings) -> Gateway:
                    routes=RouteCache(sessions, settings.catalog_cache_s, Limits.defaults(settings)),
                    limiter=TenantLimiter(settings.limits_url),
                    fair_queue=fair_queue,
-                   remote_images=RemoteImages.from_settings(settings), tmp_dir=tmp_dir)
+                   remote_images=RemoteImages.from_settings(settings), tmp_dir=tmp_dir,
+                   requests=RequestLog(sessions, metrics, settings.request_log_flush_s),
+                   capture=Capturer(sessions, capture_store, metrics, settings.capture_max_request_bytes),
+                   capture_store=capture_store)
 
 
 def _quantization(settings: Settings) -> tuple[Hardware, Quantization]:

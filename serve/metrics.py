@@ -8,6 +8,7 @@ __all__ = ["Metrics", "OTHER"]
 
 OTHER = "_other"
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_CONFIDENCE_BUCKETS = (-5, -3, -2, -1.5, -1, -0.7, -0.5, -0.3, -0.2, -0.1, -0.05, -0.02, -0.01, -0.001, 0)
 
 
 class Metrics:
@@ -102,6 +103,26 @@ class Metrics:
         self.output_format_validity = Gauge("lorafleet_output_drift_format_validity", "Answers valid against the "
                                             "deployment's format in the last drift window", by_variant,
                                             registry=self.registry)
+        self.confidence_drift_p = Gauge("lorafleet_confidence_drift_pvalue", "p-value of the last output-confidence "
+                                        "look (answers' mean token log-probability against the baseline replay)",
+                                        by_variant, registry=self.registry)
+        self.confidence_drift_alarm = Gauge("lorafleet_confidence_drift_alarm", "1 when the last output-confidence "
+                                            "look is an alarm (after alpha spending and Benjamini-Hochberg)",
+                                            by_variant, registry=self.registry)
+        self.output_confidence_mean = Gauge("lorafleet_output_confidence_mean", "Mean of the answers' mean token "
+                                            "log-probability in the last drift window", by_variant,
+                                            registry=self.registry)
+
+        # the feedback loop: confidence of every answer, users' feedback, captured requests, the request log
+        self.confidence = Histogram("lorafleet_response_confidence", "Answers' mean token log-probability", labels,
+                                    buckets=_CONFIDENCE_BUCKETS, registry=self.registry)
+        self.feedback = Histogram("lorafleet_feedback_value", "Users' feedback on answers, on [0, 1] (thumbs down 0, "
+                                  "up 1)", ["tenant", "deployment", "variant"], buckets=(0.0, 0.25, 0.5, 0.75, 1.0),
+                                  registry=self.registry)
+        self.captures = Counter("lorafleet_captures", "Live requests kept in full for retraining",
+                                ["tenant", "deployment"], registry=self.registry)
+        self.request_log_dropped = Counter("lorafleet_request_log_dropped", "Request-log rows lost: the buffer was "
+                                           "full, or the catalog refused them", registry=self.registry)
         self.gc_deleted = Counter("lorafleet_gc_deleted", "Garbage collected by this gateway: orphan blobs, temporary "
                                   "and scratch entries, and catalog rows past retention", ["kind"],
                                   registry=self.registry)

@@ -63,6 +63,7 @@ class DeploymentEntry:
     answer_format: dict | None
     validation_set_id: int | None
     rollout: RolloutEntry | None
+    capture: dict | None = None  # the deployment's capture policy (None: off)
 
 
 class RouteCache:
@@ -140,7 +141,8 @@ class RouteCache:
                      DeploymentEntry(deployment.id, deployment.name, deployment.stable.digest,
                                      deployment.answer_format, deployment.validation_set_id,
                                      None if rollout is None else RolloutEntry(
-                                         rollout.id, rollout.salt, rollout.step_index, tuple(routing_table(rollout)))))
+                                         rollout.id, rollout.salt, rollout.step_index, tuple(routing_table(rollout))),
+                                     deployment.capture))
         with self._lock:
             if generation == self._generation:
                 if len(self._entries) >= _MAX_ENTRIES:

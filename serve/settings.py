@@ -69,12 +69,19 @@ class Settings(BaseSettings):
     drift_alpha: float = 0.05  # false-alarm budget per monitored version over all its looks
     drift_permutations: int = 200  # MMD permutation test
 
+    # the feedback loop (README "Feedback and retraining")
+    record_confidence: bool = True  # ask the engine for the answers' token log-probabilities (hidden unless asked)
+    request_log_flush_s: float = Field(default=1.0, gt=0)  # how often the request log is written to the catalog
+    capture_max_request_bytes: int = 16 * 1024 * 1024  # a larger request is never captured (its images included)
+
     # housekeeping (`lorafleet gc`, and periodically): retention in days, 0 keeps forever (so an upgrade deletes
     # nothing on its own)
     retention_rollout_samples_days: float = 0.0  # samples of rollouts finished longer ago (never an active one's)
     retention_decisions_days: float = 0.0  # decisions of rollouts finished longer ago, and older `undo`-like ones
     retention_drift_checks_days: float = 0.0  # older drift looks (each series keeps its newest, for its look count)
     retention_validation_runs_days: float = 0.0  # older replays of kind "check" (never a baseline)
+    retention_requests_days: float = 30.0  # the request log (a new table: no earlier data is affected)
+    retention_feedback_days: float = 0.0  # users' feedback (what retraining learns from); captures: per deployment
     gc_interval_s: float = 3600.0  # how often the fleet collects garbage (one gateway per period); 0: never
     gc_temp_age_s: float = 86400.0  # orphan blobs, temporary and scratch entries go once this old (uploads in flight)
 

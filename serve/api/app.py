@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from lorafleet.adapters.tenants import touch_keys
-from lorafleet.serve.api import admin, chat, drift, registry, rollouts
+from lorafleet.serve.api import admin, chat, drift, feedback, registry, rollouts
 from lorafleet.serve.api.errors import install_error_handlers
 from lorafleet.serve.api.guard import Authenticate, BodyLimit
 from lorafleet.serve.api.openapi import gateway_openapi
@@ -69,7 +69,8 @@ def create_app(settings: Settings) -> FastAPI:
         tasks = [asyncio.create_task(gateway.controller.run(), name="rollout-controller"),
                  asyncio.create_task(gateway.drift.run(), name="drift-monitor"),
                  asyncio.create_task(gateway.gc.run(), name="garbage-collector"),
-                 asyncio.create_task(_record_key_use(gateway), name="key-use")]
+                 asyncio.create_task(_record_key_use(gateway), name="key-use"),
+                 asyncio.create_task(gateway.requests.run(), name="request-log")]
         metrics_server = _metrics_listener(gateway)
         try:
             yield
@@ -78,6 +79,7 @@ def create_app(settings: Settings) -> FastAPI:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await gateway.controller.stop()
+            await gateway.requests.stop()
             await run_in_threadpool(gateway.drift.save_samples)
             await run_in_threadpool(_save_key_use, gateway)
             await gateway.limiter.aclose()
@@ -94,7 +96,7 @@ def create_app(settings: Settings) -> FastAPI:
                        max_request_bytes=settings.max_request_bytes)
     app.add_middleware(Authenticate, gateway=gateway)
     install_error_handlers(app)
-    for routes in (chat, registry, rollouts, drift, admin):
+    for routes in (chat, registry, rollouts, drift, feedback, admin):
         app.include_router(routes.router)
 
     @app.get("/healthz")

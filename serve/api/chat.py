@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -25,6 +26,8 @@ from lorafleet.serve.api.dependencies import CurrentTenant, Gateway, SessionDep
 from lorafleet.serve.api.forward import Route, Usage, forward_chat
 from lorafleet.serve.drift.monitor import SampleTicket
 from lorafleet.serve.engine.client import EngineUnavailable
+from lorafleet.serve.feedback.confidence import summarize
+from lorafleet.serve.feedback.request_log import new_request_id
 from lorafleet.serve.fleet.fleet import Fleet
 from lorafleet.serve.images import ImageLimits, admit_images
 from lorafleet.serve.limits import Admitted, Limits, RateLimited
@@ -34,6 +37,8 @@ from lorafleet.serve.route_cache import DeploymentEntry, TenantEntry
 __all__ = ["router", "read_chat_body"]
 
 router = APIRouter(prefix="/v1")
+
+log = logging.getLogger("lorafleet.gateway")
 
 
 MAX_JSON_DEPTH = 64  # OpenAI's chat bodies nest about 6 deep (tool schemas more); the engine re-encodes the body
@@ -71,7 +76,8 @@ async def read_chat_body(request: Request) -> dict[str, Any]:
     return body
 
 
-def _route(tenant: TenantEntry, deployment: DeploymentEntry, body: dict, headers: Mapping[str, str]) -> Route:
+def _route(tenant: TenantEntry, deployment: DeploymentEntry, body: dict, headers: Mapping[str, str],
+           request_id: str) -> Route:
     """Which adapter serves this request of the deployment: the stable one, or the variant the request's unit
     is assigned to while a rollout runs."""
     digest, variant, sample = deployment.stable_digest, "stable", None
@@ -84,33 +90,43 @@ def _route(tenant: TenantEntry, deployment: DeploymentEntry, body: dict, headers
     return Route(deployment=deployment.name, digest=digest, variant=variant, sample=sample,
                  answer_format=deployment.answer_format, deployment_id=deployment.id,
                  sample_inputs=tenant.sample_inputs and deployment.validation_set_id is not None,
-                 headers={"x-lorafleet-deployment": deployment.name, "x-lorafleet-adapter": digest,
-                          "x-lorafleet-variant": variant})
+                 request_id=request_id, capture=deployment.capture,
+                 headers={"x-request-id": request_id, "x-lorafleet-deployment": deployment.name,
+                          "x-lorafleet-adapter": digest, "x-lorafleet-variant": variant})
 
 
 def _inspect(route: Route, messages: list, text: str | None, answered: bool, checkable: bool,
-             ticket: SampleTicket | None, gateway: Gateway, usage: Usage) -> bool | None:
-    """CPU work on a worker thread: the answer's format check, and the drift sample's features."""
-    valid = None
+             ticket: SampleTicket | None, capture: tuple[int, float] | None, gateway: Gateway, usage: Usage,
+             confidence: float | None) -> tuple[bool | None, bool]:
+    """CPU work on a worker thread: the answer's format check, the drift sample's features, the capture."""
+    valid, captured = None, False
     try:
         if checkable and text is not None and route.answer_format is not None:
             valid = answer_checker(route.answer_format)(text)
     finally:  # a drawn sample is always settled
         if ticket is not None:
-            gateway.drift.keep(ticket, route.variant, messages, answered, text, usage.completion_tokens, valid)
-    return valid
+            gateway.drift.keep(ticket, route.variant, messages, answered, text, usage.completion_tokens, valid,
+                               confidence)
+    if capture is not None and text is not None:
+        tenant_id, now = capture
+        try:
+            captured = gateway.capture.keep(tenant_id, route, messages, text, confidence, now)
+        except Exception:  # noqa: BLE001 - the answer was served; a failed capture is only logged
+            log.exception("capturing request %s failed", route.request_id)
+    return valid, captured
 
 
-async def _record(gateway: Gateway, tenant: str, route: Route, usage: Usage, t0: float, messages: list,
+async def _record(gateway: Gateway, tenant: TenantEntry, route: Route, usage: Usage, t0: float, messages: list,
                   admitted: Admitted | None = None) -> None:
     if usage.replica is not None:
         gateway.fleet.done(usage.replica)
     if admitted is not None:  # first: the slots and the token count do not wait for the bookkeeping below
-        gateway.fair_queue.release(tenant)
+        gateway.fair_queue.release(tenant.name)
         await gateway.limiter.release(admitted, usage.prompt_tokens + usage.completion_tokens)
     m = gateway.metrics
     latency = time.perf_counter() - t0
-    labels = m.labels(tenant, route.deployment, route.digest, route.variant)
+    now = time.time()
+    labels = m.labels(tenant.name, route.deployment, route.digest, route.variant)
     m.requests.labels(*labels, str(usage.status)).inc()
     m.latency.labels(*labels).observe(latency)
     if usage.error_code:
@@ -123,16 +139,30 @@ async def _record(gateway: Gateway, tenant: str, route: Route, usage: Usage, t0:
     # alike and says nothing about the adapter; a 4xx is the client's; a 5xx (e.g. a failed load) counts.
     answered = usage.status == 200
     text = "".join(usage.text) if usage.text is not None else None
+    confidence, least = summarize(usage.logprobs) if answered else (None, None)
+    if confidence is not None:
+        m.confidence.labels(*labels).observe(confidence)
     ticket = gateway.drift.wants_sample(route.deployment_id) if route.sample_inputs and usage.status < 500 else None
+    capture = (tenant.id, now) if answered and text is not None and gateway.capture.wants(route, now) else None
     measured = route.sample is not None and usage.error_code != "engine_unavailable"
     checkable = answered and text is not None and route.answer_format is not None
-    valid = None
-    if ticket is not None or (measured and checkable):  # only then is there CPU work for a thread
-        valid = await run_in_threadpool(_inspect, route, messages, text, answered, checkable, ticket, gateway, usage)
+    valid, captured = None, False
+    if ticket is not None or capture is not None or (measured and checkable):  # only then is there thread work
+        valid, captured = await run_in_threadpool(_inspect, route, messages, text, answered, checkable, ticket,
+                                                  capture, gateway, usage, confidence)
+        if captured:
+            m.captures.labels(tenant.name, route.deployment).inc()
     if measured:
         gateway.controller.samples.add({**(route.sample or {}), "ok": usage.status < 500, "latency_s": latency,
                                         "output_tokens": usage.completion_tokens, "format_valid": valid,
-                                        "at": time.time()})
+                                        "confidence": confidence, "at": now})
+    gateway.requests.add({
+        "request_id": route.request_id, "tenant_id": tenant.id, "key_id": tenant.key_id or None, "at": now,
+        "deployment_id": route.deployment_id or None, "deployment": route.deployment,
+        "rollout_id": route.sample["rollout_id"] if route.sample else None, "variant": route.variant,
+        "digest": route.digest, "status": usage.status, "error_code": usage.error_code,
+        "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens, "latency_s": latency,
+        "stream": usage.stream, "confidence_mean": confidence, "confidence_min": least, "captured": captured})
 
 
 async def _admit(gateway: Gateway, tenant: TenantEntry) -> Admitted:
@@ -144,14 +174,14 @@ async def _admit(gateway: Gateway, tenant: TenantEntry) -> Admitted:
         raise
 
 
-async def _resolve(gateway: Gateway, request: Request, tenant: TenantEntry,
-                   limits: Limits) -> tuple[dict[str, Any], Route]:
+async def _resolve(gateway: Gateway, request: Request, tenant: TenantEntry, limits: Limits,
+                   request_id: str) -> tuple[dict[str, Any], Route]:
     """The checked body (its images admitted) and where it goes."""
     body = await read_chat_body(request)
     await admit_images(body, ImageLimits(limits.images_per_request, limits.image_bytes, limits.image_pixels),
                        gateway.remote_images)
     _, deployment = await gateway.routes.fetch(request.state.api_key, body["model"])
-    return body, _route(tenant, deployment, body, request.headers)
+    return body, _route(tenant, deployment, body, request.headers, request_id)
 
 
 async def chat_completions(request: Request) -> Response:
@@ -162,24 +192,27 @@ async def chat_completions(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
     tenant: TenantEntry = request.state.tenant
     admitted = await _admit(gateway, tenant)
+    request_id = new_request_id()
+    headers = {**admitted.headers, "x-request-id": request_id}
     try:
-        body, route = await _resolve(gateway, request, tenant, admitted.limits)
+        body, route = await _resolve(gateway, request, tenant, admitted.limits, request_id)
         await gateway.fair_queue.acquire(tenant.name)  # may wait for an engine slot: fairly between tenants
     except BaseException as exc:
         await gateway.limiter.release(admitted, 0)
-        _add_headers(exc, admitted.headers)
+        _add_headers(exc, headers)
         raise
-    usage = Usage(text=[] if route.answer_format is not None or route.sample_inputs else None)
+    usage = Usage(text=[] if route.answer_format is not None or route.sample_inputs or route.capture else None,
+                  logprobs=[] if gateway.settings.record_confidence else None, stream=bool(body.get("stream")))
     messages = body.get("messages") or []
     try:
         response = await _forward(gateway.fleet, body, route, usage)
     except BaseException as exc:
         usage.status, usage.error_code = _outcome(exc)
-        await _record(gateway, tenant.name, route, usage, t0, messages, admitted)
-        _add_headers(exc, admitted.headers)
+        await _record(gateway, tenant, route, usage, t0, messages, admitted)
+        _add_headers(exc, headers)
         raise
     response.headers.update(admitted.headers)
-    response.background = BackgroundTask(_record, gateway, tenant.name, route, usage, t0, messages, admitted)
+    response.background = BackgroundTask(_record, gateway, tenant, route, usage, t0, messages, admitted)
     return response
 
 

@@ -1,8 +1,10 @@
 """Forward one chat completion to the engine and back, without re-modelling the request.
 
-Only `model` (rewritten to the adapter digest) and `stream_options` (usage is always requested, for
-metrics, and hidden again if the client did not ask) are touched; vLLM validates everything else and
-its OpenAI-shaped errors pass through with their status. The digest never reaches the client.
+Only `model` (rewritten to the adapter digest), `stream_options` (usage is always requested, for metrics, and
+hidden again if the client did not ask) and `logprobs` (the chosen tokens' log-probabilities are requested for
+the answer's confidence, and hidden again if the client did not ask) are touched; vLLM validates everything
+else and its OpenAI-shaped errors pass through with their status. The digest never reaches the client. The
+request's id goes to vLLM as `X-Request-Id`, so the body's `id` is the gateway's.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import aiohttp
 from fastapi.responses import Response, StreamingResponse
 
 from lorafleet.serve.engine.client import EngineClient, map_engine_errors
+from lorafleet.serve.feedback.confidence import token_logprobs
+from lorafleet.serve.feedback.request_log import REQUEST_ID_PREFIX
 
 __all__ = ["Usage", "Route", "forward_chat"]
 
@@ -31,6 +35,9 @@ class Usage:
     first_chunk_s: float | None = None
     error_code: str | None = None
     text: list[str] | None = None  # the answer's text, collected only when someone checks its format
+    logprobs: list[float] | None = None  # the answer's token log-probabilities, collected when recorded
+    hide_logprobs: bool = False  # the gateway asked for them, the client did not
+    stream: bool = False
     replica: Any = None  # the fleet's EngineReplica serving it, until the request is recorded
 
 
@@ -46,6 +53,8 @@ class Route:
     answer_format: dict | None = None
     deployment_id: int = 0
     sample_inputs: bool = False  # the drift monitor may keep this request's features
+    request_id: str = ""  # the response's `id`
+    capture: dict | None = None  # the deployment's capture policy, when it keeps requests
 
 
 def _public(raw: bytes, route: Route) -> bytes:
@@ -74,8 +83,11 @@ async def forward_chat(engine: EngineClient, body: dict, route: Route, usage: Us
     client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     if stream:
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    # a client that set top_logprobs without logprobs gets vLLM's error, as it would without the gateway
+    if usage.logprobs is not None and not body.get("logprobs") and body.get("top_logprobs") is None:
+        body["logprobs"], usage.hide_logprobs = True, True
     with map_engine_errors():
-        response = await engine.post_chat(json.dumps(body).encode())
+        response = await engine.post_chat(json.dumps(body).encode(), route.request_id.removeprefix(REQUEST_ID_PREFIX))
     usage.status = response.status
     if stream and response.status == 200:
         return StreamingResponse(_relay(response, route, usage, client_wants_usage), media_type="text/event-stream",
@@ -91,9 +103,20 @@ async def forward_chat(engine: EngineClient, body: dict, route: Route, usage: Us
         return Response(content, status_code=response.status, media_type="application/json", headers=route.headers)
     payload = json.loads(content)
     _read_usage(payload, usage)
+    choices = payload.get("choices") or [{}]
     if usage.text is not None:
-        usage.text.append(((payload.get("choices") or [{}])[0].get("message") or {}).get("content") or "")
+        usage.text.append((choices[0].get("message") or {}).get("content") or "")
+    if usage.logprobs is not None:
+        usage.logprobs.extend(token_logprobs(choices[0]))
+        if usage.hide_logprobs:  # as vLLM answers without them
+            for choice in choices:
+                choice["logprobs"] = None
+            content = _dumps(payload)
     return Response(content, media_type="application/json", headers=route.headers)  # the engine's bytes
+
+
+def _dumps(payload: dict) -> bytes:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _inspect(line: bytes, usage: Usage, client_wants_usage: bool) -> bytes:
@@ -101,9 +124,19 @@ def _inspect(line: bytes, usage: Usage, client_wants_usage: bool) -> bytes:
     if line.startswith(b"data: {") and b'"choices":[]' in line and b'"usage":' in line:
         _read_usage(json.loads(line[6:]), usage)  # the usage-only chunk that closes the stream
         return line if client_wants_usage else b""
-    if usage.text is not None and line.startswith(b"data: {"):
-        for choice in json.loads(line[6:]).get("choices") or []:
-            usage.text.append((choice.get("delta") or {}).get("content") or "")
+    if (usage.text is not None or usage.logprobs is not None) and line.startswith(b"data: {"):
+        chunk = json.loads(line[6:])
+        hidden = False
+        for choice in chunk.get("choices") or []:
+            if usage.text is not None:
+                usage.text.append((choice.get("delta") or {}).get("content") or "")
+            if usage.logprobs is not None and choice.get("logprobs") is not None:
+                if choice.get("index", 0) == 0:
+                    usage.logprobs.extend(token_logprobs(choice))
+                if usage.hide_logprobs:
+                    choice["logprobs"], hidden = None, True
+        if hidden:
+            return b"data: " + _dumps(chunk) + line[len(line.rstrip(b"\r\n")):]
     return line
 
 
@@ -120,7 +153,7 @@ async def _relay(response: aiohttp.ClientResponse, route: Route, usage: Usage,
             data = pending + chunk
             cut = data.rfind(b"\n") + 1
             lines, pending = data[:cut], data[cut:]
-            if usage.text is not None or b'"usage":' in lines:
+            if usage.text is not None or usage.logprobs is not None or b'"usage":' in lines:
                 lines = b"".join(_inspect(line, usage, client_wants_usage) for line in lines.splitlines(keepends=True))
             if lines:
                 yield _public(lines, route)

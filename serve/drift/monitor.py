@@ -150,7 +150,7 @@ class DriftMonitor:
         return SampleTicket(deployment_id, slot)
 
     def keep(self, ticket: SampleTicket, variant: str, messages: list, ok: bool, text: str | None,
-             output_tokens: int, format_valid: bool | None) -> None:
+             output_tokens: int, format_valid: bool | None, confidence: float | None = None) -> None:
         """CPU work, in a worker thread: the request's features (its image decoded) go into the reservoir.
         Called exactly once per ticket."""
         try:
@@ -161,7 +161,8 @@ class DriftMonitor:
             reservoir.put(ticket.slot, {
                 "deployment_id": ticket.deployment_id, "variant": variant, "at": time.time(),
                 "features": request_features(messages), "ok": ok, "output_tokens": output_tokens,
-                "empty": ok and text is not None and is_empty_or_refusal(text), "format_valid": format_valid})
+                "empty": ok and text is not None and is_empty_or_refusal(text), "format_valid": format_valid,
+                "confidence": confidence})
         finally:
             with self._tickets:
                 self._settled += 1

@@ -193,8 +193,9 @@ class EngineClient:
             message = response.text
         return public_engine_message(str(message), self.private_paths)[:300]
 
-    async def post_chat(self, body: bytes) -> aiohttp.ClientResponse:
-        """POST a chat completion (JSON bytes); the caller reads and releases the response.
+    async def post_chat(self, body: bytes, request_id: str = "") -> aiohttp.ClientResponse:
+        """POST a chat completion (JSON bytes); the caller reads and releases the response. vLLM names the
+        completion `chatcmpl-<request_id>` when one is given.
 
         The chat path alone goes through aiohttp: per request its pool and C parser cost a fraction of the CPU
         of httpx's (loadtests/bench_gateway_overhead.py), which is the gateway's largest own cost."""
@@ -206,10 +207,11 @@ class EngineClient:
                 connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=_KEEPALIVE_S),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=600.0),
                 auto_decompress=False, read_bufsize=2**20)  # an SSE line may be long (logprobs)
+        headers = {"X-Request-Id": request_id} if request_id else None
         try:
-            return await self._chat.post("/v1/chat/completions", data=body)
+            return await self._chat.post("/v1/chat/completions", data=body, headers=headers)
         except aiohttp.ServerDisconnectedError:  # closed under us before any answer: not processed, send it again
-            return await self._chat.post("/v1/chat/completions", data=body)
+            return await self._chat.post("/v1/chat/completions", data=body, headers=headers)
 
     async def healthy(self) -> bool:
         try:

@@ -16,9 +16,9 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import create_engine, inspect, select, text
 
-from lorafleet.adapters.catalog import Base, open_catalog
+from lorafleet.adapters.catalog import Base, ValidationRun, open_catalog
 from lorafleet.adapters.errors import CatalogBehind, CatalogUnknownRevision
 from lorafleet.adapters.leases import take_lease
 from lorafleet.adapters.migrate import alembic_config, catalog_revision, head_revision
@@ -114,7 +114,8 @@ def test_a_0_1_0_catalog_is_refused_then_upgraded_and_every_row_still_serves(emp
     message = refused.value.message
     assert "lorafleet db upgrade" in message and f"needs {head_revision()}" in message and "\n" not in message
     assert ":lorafleet@" not in message  # the URL is named without its password
-    assert _schema(empty_catalog_url).keys() == {t for t in Base.metadata.tables} - {"leases"}  # refused: untouched
+    added_since = {"leases", "requests", "feedback", "captures"}  # by revisions 0002 and 0003
+    assert _schema(empty_catalog_url).keys() == {t for t in Base.metadata.tables} - added_since  # refused: untouched
 
     db, sessions = open_catalog(empty_catalog_url, upgrade=True)
     assert catalog_revision(db).at_head and _versions(empty_catalog_url) == [head_revision()]
@@ -132,6 +133,9 @@ def test_a_0_1_0_catalog_is_refused_then_upgraded_and_every_row_still_serves(emp
         new, _ = register_version(session, tenant, rows.adapter, ValidatedAdapter(
             path=Path("."), digest="d" * 64, rank=8, alpha=16.0, target_modules=("q_proj",), size_bytes=10))
         assert new.version == 3  # numbering goes on where 0.1.0 left it
+        assert deployment.capture is None  # 0003: nothing is captured until the tenant opts in
+        runs = session.scalars(select(ValidationRun)).all()
+        assert runs and all(run.confidences is None for run in runs)  # replays from before recorded none
     assert take_lease(sessions, "gc", "gw-1", ttl_s=60)  # the table this release added
     db.dispose()
 

@@ -1,0 +1,101 @@
+"""The request log: one row per chat request of a tenant, written to the catalog in batches.
+
+The chat path only appends a dict to a bounded buffer (no catalog work per request); a loop writes the buffer
+every `request_log_flush_s`. Feedback may name a request whose row is still in some gateway's buffer: it waits
+for the next write (`find_request`), this gateway's own buffer being written at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+import time
+import uuid
+from collections import deque
+
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+
+from lorafleet.adapters.catalog import RequestRecord
+from lorafleet.serve.metrics import Metrics
+from lorafleet.serve.route_cache import ROUTE_NEUTRAL
+
+__all__ = ["RequestLog", "new_request_id", "REQUEST_ID_PREFIX"]
+
+log = logging.getLogger("lorafleet.requests")
+
+REQUEST_ID_PREFIX = "chatcmpl-"  # OpenAI's prefix of a chat completion's id
+_REQUEST_ID = re.compile(r"chatcmpl-[0-9a-f]{32}")
+
+
+def new_request_id() -> str:
+    """A request's id, as its response's `id` and `x-request-id` carry it. The engine is given the part after the
+    prefix (vLLM's `X-Request-Id`), so the id it writes in the body is this one."""
+    return REQUEST_ID_PREFIX + uuid.uuid4().hex
+
+
+class RequestLog:
+    """This gateway's request-log rows not yet in the catalog (bounded: the oldest are dropped and counted)."""
+
+    def __init__(self, sessions: sessionmaker, metrics: Metrics, flush_s: float, max_pending: int = 100_000) -> None:
+        self.sessions, self.metrics, self.flush_s, self.max_pending = sessions, metrics, flush_s, max_pending
+        self._pending: deque[dict] = deque()
+        self._lock = threading.Lock()  # requests add on the event loop, the flush drains in a worker thread
+        self._flushing = threading.Lock()  # one write at a time: `find_request` may flush beside the loop
+
+    def add(self, row: dict) -> None:
+        with self._lock:
+            if len(self._pending) >= self.max_pending:
+                self._pending.popleft()
+                self.metrics.request_log_dropped.inc()
+            self._pending.append(row)
+
+    def flush(self) -> int:
+        """Write what is pending (blocking: a worker thread). Rows the catalog refuses are dropped and counted."""
+        with self._flushing:
+            with self._lock:
+                rows, self._pending = list(self._pending), deque()
+            if not rows:
+                return 0
+            try:
+                with self.sessions() as session:
+                    session.info[ROUTE_NEUTRAL] = True  # the log changes no route: keep the route cache
+                    session.execute(insert(RequestRecord), rows)
+                    session.commit()
+            except Exception:
+                self.metrics.request_log_dropped.inc(len(rows))
+                log.exception("writing %d request-log rows failed; they are lost", len(rows))
+                return 0
+            return len(rows)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_s)
+            await run_in_threadpool(self.flush)
+
+    async def stop(self) -> None:
+        await run_in_threadpool(self.flush)
+
+    def find_request(self, session: Session, tenant_id: int, request_id: str, wait_s: float) -> RequestRecord | None:
+        """The tenant's request of that id (blocking). A request served moments ago may still be in a gateway's
+        buffer: this gateway's is written now, another's within its flush period, which this waits for."""
+        query = select(RequestRecord).where(RequestRecord.tenant_id == tenant_id,
+                                            RequestRecord.request_id == request_id)
+        if not _REQUEST_ID.fullmatch(request_id):
+            return None  # not an id this gateway gives out
+        found = session.scalar(query)
+        if found is not None:
+            return found
+        if session.scalar(select(RequestRecord.id).where(RequestRecord.request_id == request_id)) is not None:
+            return None  # another tenant's: not found, at once
+        self.flush()
+        deadline = time.monotonic() + wait_s
+        while True:
+            session.rollback()  # a new snapshot: another transaction may have committed the row
+            found = session.scalar(query)
+            if found is not None or time.monotonic() >= deadline:
+                return found
+            time.sleep(min(0.1, self.flush_s / 4))
