@@ -4,7 +4,7 @@ requests per second one core of it would serve, at 1 / 16 / 64 clients, streamed
 straight against the stub is the reference of what the client and the stub themselves allow.
 
     .venv/bin/python loadtests/bench_gateway_overhead.py [--rounds 3] [--requests 2000] [--clients 1,16,64]
-        [--check-cpu-ms 1.0] [--quick]
+        [--check-cpu-ms 1.0] [--quick] [--compare-confidence]
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ def main() -> None:
     parser.add_argument("--check-cpu-ms", type=float, default=0.0,
                         help="exit 1 when the gateway's CPU per request at 16 clients exceeds this (0: no check)")
     parser.add_argument("--quick", action="store_true", help="CI's regression guard: 1 round, 16 clients")
+    parser.add_argument("--compare-confidence", action="store_true",
+                        help="also measure a second gateway with LORAFLEET_RECORD_CONFIDENCE=0, side by side, for the "
+                        "cost of recording every answer's confidence (the logprobs asked for, read and hidden)")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.requests, args.clients = 2, 1000, "16"
@@ -55,44 +58,49 @@ def main() -> None:
     stub_port = free_port()
     stub = subprocess.Popen([sys.executable, str(HERE / "stub_engine.py"), "--port", str(stub_port)])
     stub_url = f"http://127.0.0.1:{stub_port}"
-    gateway = None
+    gateway, others = None, []
     try:
         wait_healthy(stub_url, stub)
         gateway = LocalServer.start(base, work / "home", engine_url=stub_url, engine_api_key="stub", **BENCH_LIMITS)
         gateway.wait_ready()
-        key = LorafleetClient(gateway.url, gateway.admin_key).create_tenant("bench")["api_key"]
-        tenant = LorafleetClient(gateway.url, key)
-        tenant.push_adapter("a", adapter)
         deployments = [f"d{i}" for i in range(args.deployments)]
-        for name in deployments:
-            tenant.deploy(name, "a")
+        key = _deploy(gateway, adapter, deployments)
+        sides = [("gateway", gateway.url, key, deployments, gateway.process.pid)]
+        if args.compare_confidence:
+            plain = LocalServer.start(base, work / "home-plain", engine_url=stub_url, engine_api_key="stub",
+                                      record_confidence="0", **BENCH_LIMITS)
+            others.append(plain)
+            plain.wait_ready()
+            sides.append(("no confidence", plain.url, _deploy(plain, adapter, deployments), deployments,
+                          plain.process.pid))
+        sides.append(("stub", stub_url, "stub", deployments, 0))
         pid = gateway.process.pid
         runs: dict[tuple[str, int], list[dict]] = {}
         for r in range(args.rounds + 1):  # round 0 warms up
             for stream in (False, True):
                 for conc in clients:
                     n = args.requests // 4 if conc == 1 else args.requests
-                    for side, url, auth, models in (("gateway", gateway.url, key, deployments),
-                                                    ("stub", stub_url, "stub", deployments)):
+                    for side, url, auth, models, side_pid in sides:
                         spy = None
                         if args.profile and side == "gateway" and conc == 16 and not stream and r == args.rounds:
                             spy = subprocess.Popen(["py-spy", "record", "--format", "raw", "--rate", "500", "--pid",
                                                     str(pid), "--output", str(args.profile)],
                                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                        cpu0 = own_cpu_s(pid)
+                        cpu0 = own_cpu_s(side_pid or pid)
                         phase = run_load(url, auth, models, n, conc, seed=r, stream=stream)
                         if spy:
                             spy.send_signal(signal.SIGINT)
                             spy.wait(30)
-                        cpu_s = own_cpu_s(pid) - cpu0
+                        cpu_s = own_cpu_s(side_pid or pid) - cpu0
                         if r:
                             label = f"{side}{' stream' if stream else ''}"
                             runs.setdefault((label, conc), []).append(
                                 {"rps": phase.rps, "p50": phase.p50, "failed": phase.failed,
                                  "cpu_ms": cpu_s / n * 1000, "per_core": n / cpu_s if cpu_s else float("nan")})
     finally:
-        if gateway:
-            gateway.stop()
+        for server in [gateway, *others]:
+            if server:
+                server.stop()
         stub.terminate()
 
     table = Table(title=f"the gateway against an instant upstream, {args.rounds} rounds — median [min–max]")
@@ -111,6 +119,8 @@ def main() -> None:
                           spread([x["per_core"] for x in rows], digits=0),
                           spread([x["rps"] for x in reference], digits=0))
     console.print(table)
+    if args.compare_confidence:
+        _print_confidence_cost(runs, clients, args.rounds)
     misses = [f"{failed} failed requests"] if failed else []
     if args.check_cpu_ms and 16 in clients:
         cpu = statistics.median(x["cpu_ms"] for x in runs[("gateway", 16)])
@@ -119,6 +129,33 @@ def main() -> None:
     if misses:
         console.print("[red]goals missed:[/red] " + "; ".join(misses))
         raise SystemExit(1)
+
+
+def _deploy(gateway: LocalServer, adapter: Path, deployments: list[str]) -> str:
+    """A tenant with the adapter deployed under every name; its key."""
+    key = LorafleetClient(gateway.url, gateway.admin_key).create_tenant("bench")["api_key"]
+    tenant = LorafleetClient(gateway.url, key)
+    tenant.push_adapter("a", adapter)
+    for name in deployments:
+        tenant.deploy(name, "a")
+    return key
+
+
+def _print_confidence_cost(runs: dict[tuple[str, int], list[dict]], clients: list[int], rounds: int) -> None:
+    """Recording confidence against not recording it, measured in the same rounds: CPU and throughput ratios."""
+    table = Table(title=f"the cost of recording confidence (on ÷ off, same rounds), {rounds} rounds — median "
+                  "[min–max]")
+    for column in ("load", "CPU per request, on (ms)", "off (ms)", "CPU on ÷ off", "req/s on ÷ off"):
+        table.add_column(column, justify="right")
+    for stream in (False, True):
+        suffix = " stream" if stream else ""
+        for conc in clients:
+            on, off = runs[(f"gateway{suffix}", conc)], runs[(f"no confidence{suffix}", conc)]
+            table.add_row(f"{conc} client{'s' if conc > 1 else ''}{', streamed' if stream else ''}",
+                          spread([x["cpu_ms"] for x in on], digits=3), spread([x["cpu_ms"] for x in off], digits=3),
+                          spread([a["cpu_ms"] / b["cpu_ms"] for a, b in zip(on, off)], digits=3),
+                          spread([a["rps"] / b["rps"] for a, b in zip(on, off)], digits=3))
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """An instant OpenAI-shaped upstream for measuring the gateway alone (benchmarks only, never the product).
 
 Answers vLLM's routes the gateway uses (`/health`, `/version`, `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`,
-`/v1/chat/completions`, streamed or not) at once with a canned answer of `--tokens` tokens, over plain asyncio
+`/v1/chat/completions`, streamed or not, with the tokens' logprobs when asked) at once with a canned answer of
+`--tokens` tokens, over plain asyncio
 streams so that it costs as little CPU as possible; HTTP/1.1 keep-alive, Content-Length bodies only.
 
     .venv/bin/python loadtests/stub_engine.py --port 8100
@@ -14,18 +15,25 @@ import asyncio
 import json
 import time
 
+_TOKEN = {"token": "word ", "logprob": -0.0123, "bytes": [119, 111, 114, 100, 32], "top_logprobs": []}  # as vLLM's
 
-def _chat(model: str, tokens: int) -> bytes:
+
+def _logprobs(tokens: int, asked: bool) -> dict | None:
+    return {"content": [_TOKEN] * tokens} if asked else None
+
+
+def _chat(model: str, tokens: int, logprobs: bool) -> bytes:
     return json.dumps({
         "id": "chatcmpl-stub", "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "word " * tokens},
-                     "finish_reason": "length"}],
+                     "logprobs": _logprobs(tokens, logprobs), "finish_reason": "length"}],
         "usage": {"prompt_tokens": 40, "completion_tokens": tokens, "total_tokens": 40 + tokens}}).encode()
 
 
-def _stream(model: str, tokens: int) -> bytes:
+def _stream(model: str, tokens: int, logprobs: bool) -> bytes:
     chunks = [{"id": "chatcmpl-stub", "object": "chat.completion.chunk", "model": model,
-               "choices": [{"index": 0, "delta": {"content": "word "}, "finish_reason": None}]}
+               "choices": [{"index": 0, "delta": {"content": "word "}, "logprobs": _logprobs(1, logprobs),
+                            "finish_reason": None}]}
               for _ in range(tokens)]
     chunks.append({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "model": model, "choices": [],
                    "usage": {"prompt_tokens": 40, "completion_tokens": tokens, "total_tokens": 40 + tokens}})
@@ -49,10 +57,11 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tok
             body = await reader.readexactly(length) if length else b""
             if path == "/v1/chat/completions":
                 request = json.loads(body)
+                logprobs = bool(request.get("logprobs"))
                 if request.get("stream"):
-                    out = _response(200, _stream(request["model"], tokens), b"text/event-stream")
+                    out = _response(200, _stream(request["model"], tokens, logprobs), b"text/event-stream")
                 else:
-                    out = _response(200, _chat(request["model"], tokens))
+                    out = _response(200, _chat(request["model"], tokens, logprobs))
             elif path == "/version":
                 out = _response(200, b'{"version": "stub"}')
             else:  # /health, adapter loads and unloads

@@ -156,13 +156,19 @@ async def _record(gateway: Gateway, tenant: TenantEntry, route: Route, usage: Us
         gateway.controller.samples.add({**(route.sample or {}), "ok": usage.status < 500, "latency_s": latency,
                                         "output_tokens": usage.completion_tokens, "format_valid": valid,
                                         "confidence": confidence, "at": now})
-    gateway.requests.add({
-        "request_id": route.request_id, "tenant_id": tenant.id, "key_id": tenant.key_id or None, "at": now,
+    gateway.requests.add(_log_row(tenant, route.request_id, now, usage, latency) | {
         "deployment_id": route.deployment_id or None, "deployment": route.deployment,
         "rollout_id": route.sample["rollout_id"] if route.sample else None, "variant": route.variant,
-        "digest": route.digest, "status": usage.status, "error_code": usage.error_code,
-        "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens, "latency_s": latency,
-        "stream": usage.stream, "confidence_mean": confidence, "confidence_min": least, "captured": captured})
+        "digest": route.digest, "confidence_mean": confidence, "confidence_min": least, "captured": captured})
+
+
+def _log_row(tenant: TenantEntry, request_id: str, now: float, usage: Usage, latency: float) -> dict:
+    """A request-log row; one that never reached a deployment (a bad body, an unknown model) has no route."""
+    return {"request_id": request_id, "tenant_id": tenant.id, "key_id": tenant.key_id or None, "at": now,
+            "deployment_id": None, "deployment": "", "rollout_id": None, "variant": "", "digest": "",
+            "status": usage.status, "error_code": usage.error_code, "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens, "latency_s": latency, "stream": usage.stream,
+            "confidence_mean": None, "confidence_min": None, "captured": False}
 
 
 async def _admit(gateway: Gateway, tenant: TenantEntry) -> Admitted:
@@ -199,6 +205,9 @@ async def chat_completions(request: Request) -> Response:
         await gateway.fair_queue.acquire(tenant.name)  # may wait for an engine slot: fairly between tenants
     except BaseException as exc:
         await gateway.limiter.release(admitted, 0)
+        usage = Usage()
+        usage.status, usage.error_code = _outcome(exc)
+        gateway.requests.add(_log_row(tenant, request_id, time.time(), usage, time.perf_counter() - t0))
         _add_headers(exc, headers)
         raise
     usage = Usage(text=[] if route.answer_format is not None or route.sample_inputs or route.capture else None,
