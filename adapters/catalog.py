@@ -283,7 +283,8 @@ class RequestRecord(Base):
     them."""
 
     __tablename__ = "requests"
-    __table_args__ = (Index("ix_requests_tenant", "tenant_id", "id"), Index("ix_requests_at", "at"))
+    __table_args__ = (Index("ix_requests_tenant", "tenant_id", "id"), Index("ix_requests_at", "at"),
+                      Index("ix_requests_deployment", "deployment_id", "at"))
     id: Mapped[int] = mapped_column(primary_key=True)
     request_id: Mapped[str] = mapped_column(String(64), unique=True)  # the response's `id` and `x-request-id`
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))

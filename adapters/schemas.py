@@ -14,7 +14,9 @@ __all__ = ["NAME_PATTERN", "Name", "check_name", "TenantCreate", "TenantCreated"
            "DriftHistory", "DriftSampling", "TenantLimitsPut", "TenantLimitsPublic", "ApiKeyCreate", "ApiKeyPublic",
            "ApiKeyCreated", "ApiKeyRotate", "KeyRotated", "TenantDisable", "TenantPublic", "TenantDeletedPublic",
            "AuditEventPublic", "VariantFeedback", "VariantConfidence", "FeedbackCreate", "FeedbackPublic",
-           "RequestPublic", "RequestPage", "CapturePolicy", "CapturePublic", "CapturesDeleted"]
+           "RequestPublic", "RequestPage", "CapturePolicy", "CapturePublic", "CapturePage", "CaptureStatus",
+           "CapturesDeleted",
+           "FeedbackPeriod", "FeedbackTimeline"]
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
@@ -171,6 +173,26 @@ class DriftCheckPublic(BaseModel):
     message: str
 
 
+class FeedbackPeriod(BaseModel):
+    """One period of a live version's feedback timeline: [start, start + bucket_s)."""
+
+    start: float
+    requests: int  # answered requests (status 200) made in the period
+    feedback: int  # feedback on those requests (counted at the request's time)
+    rate: float | None  # feedback per request; None without requests
+    mean: float | None  # mean feedback value on [0, 1]; None without feedback
+
+
+class FeedbackTimeline(BaseModel):
+    """Users' feedback on one live version over the last periods, oldest first (the last one is still running)."""
+
+    variant: str
+    version: str  # NAME@N
+    adapter: str  # its digest
+    bucket_s: int
+    periods: list[FeedbackPeriod]
+
+
 class DriftStatus(BaseModel):
     deployment: str
     sample_inputs: bool
@@ -179,12 +201,14 @@ class DriftStatus(BaseModel):
     runs: list[ValidationRunPublic]  # the latest per live variant
     input: DriftCheckPublic | None
     output: list[DriftCheckPublic]  # the latest per variant
+    confidence: list[DriftCheckPublic] = Field(default_factory=list)  # the latest per variant
+    feedback: list[FeedbackTimeline] = Field(default_factory=list)  # per live version
 
 
 class DriftHistory(BaseModel):
     deployment: str
     runs: list[ValidationRunPublic]
-    checks: list[DriftCheckPublic]
+    checks: list[DriftCheckPublic]  # input, output and confidence looks
 
 
 class DriftSampling(BaseModel):
@@ -395,3 +419,19 @@ class CapturePublic(BaseModel):
 class CapturesDeleted(BaseModel):
     captures: int
     images: int  # image blobs no other capture referenced
+
+
+class CapturePage(BaseModel):
+    data: list[CapturePublic]
+    next_cursor: str | None  # pass as `cursor` for the next (older) page; None: this was the last
+
+
+class CaptureStatus(BaseModel):
+    """`GET /v1/deployments/{name}/capture`: the policy, and what is kept under it now."""
+
+    deployment: str
+    policy: CapturePolicy | None  # None: capture is off
+    captures: int
+    today: int  # kept since 00:00 UTC (what `max_per_day` bounds)
+    bytes: int  # the captures' messages and answers (images not included)
+    images: int  # distinct images the captures reference

@@ -22,6 +22,7 @@ from lorafleet.adapters.errors import InvalidRequest
 from lorafleet.chat import DataError, answer_of, load_jsonl
 from lorafleet.scoring import METRICS
 from lorafleet.serve.engine.client import Engines, map_engine_errors, public_engine_message
+from lorafleet.serve.feedback.confidence import summarize, token_logprobs
 from lorafleet.serve.rollouts.statistics import Measurement, paired_gate
 
 __all__ = ["MAX_ITEMS", "ValidationItem", "Replay", "canonical_validation", "attach_validation", "read_items",
@@ -85,12 +86,14 @@ def read_items(data: bytes) -> list[ValidationItem]:
 
 @dataclass(frozen=True)
 class Replay:
-    """One adapter's greedy answers to a validation set, their lengths in tokens and their task scores."""
+    """One adapter's greedy answers to a validation set, their lengths in tokens, their task scores and their
+    confidences (each answer's mean token log-probability; None where the engine returned none)."""
 
     digest: str
     outputs: list[str]
     tokens: list[int]
     scores: list[float]
+    confidences: list[float | None]
 
     @property
     def mean(self) -> float:
@@ -100,13 +103,15 @@ class Replay:
 async def replay_and_score(engines: Engines, digest: str, items: list[ValidationItem], metric: str,
                            max_tokens: int, concurrency: int = 8) -> Replay:
     """The one replay path of the gate, A/B evaluation and drift replay: register adapter `digest`, let it
-    answer every item through the engine (greedy, the same path as live traffic), score the answers."""
+    answer every item through the engine (greedy, the same path as live traffic), score the answers. The
+    chosen tokens' log-probabilities come along (`logprobs` changes no token): the baseline of confidence drift."""
     engine = engines.client_for(digest)  # in a fleet: the replica that serves the adapter
     await engine.ensure_loaded(digest)
     limit = asyncio.Semaphore(concurrency)
 
-    async def one(item: ValidationItem) -> tuple[str, int]:
-        body = {"model": digest, "messages": item.messages, "temperature": 0, "max_tokens": max_tokens}
+    async def one(item: ValidationItem) -> tuple[str, int, float | None]:
+        body = {"model": digest, "messages": item.messages, "temperature": 0, "max_tokens": max_tokens,
+                "logprobs": True}
         async with limit:
             with map_engine_errors():
                 response = await engine.http.post("/v1/chat/completions", json=body)
@@ -115,12 +120,14 @@ async def replay_and_score(engines: Engines, digest: str, items: list[Validation
             raise InvalidRequest(f"the engine refused a validation item ({response.status_code}): {refusal}",
                                  code="validation_replay_failed")
         payload = response.json()
-        return payload["choices"][0]["message"]["content"] or "", payload["usage"]["completion_tokens"]
+        choice = payload["choices"][0]
+        confidence, _ = summarize(list(token_logprobs(choice)))
+        return choice["message"]["content"] or "", payload["usage"]["completion_tokens"], confidence
 
     answers = await asyncio.gather(*(one(item) for item in items))
-    outputs, tokens = [text for text, _ in answers], [n for _, n in answers]
+    outputs, tokens, confidences = [a[0] for a in answers], [a[1] for a in answers], [a[2] for a in answers]
     scores = await run_in_threadpool(score, outputs, items, metric)  # metrics such as ANLS are CPU work
-    return Replay(digest, outputs, tokens, scores)
+    return Replay(digest, outputs, tokens, scores, confidences)
 
 
 async def paired_test(reference: list[float], candidate: list[float], margin: float, alpha: float) -> Measurement:

@@ -1,12 +1,16 @@
-"""Tenant API for drift monitoring: replay on demand, status, history, and the input-sampling opt-out.
+"""Tenant API for drift monitoring: replay on demand, status (with the feedback timeline), history, and the
+input-sampling opt-out.
 
 Scoped like every tenant route: another tenant's deployment is 404.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from sqlalchemy import func, select
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -15,11 +19,23 @@ from lorafleet.adapters.registry import get_deployment, list_deployments
 from lorafleet.adapters.schemas import DriftCheckPublic, DriftHistory, DriftSampling, DriftStatus, ValidationRunPublic
 from lorafleet.serve.api.dependencies import CurrentTenant, GatewayDep, SessionDep, release_connection
 from lorafleet.serve.drift.monitor import live_versions
+from lorafleet.serve.drift.timeline import (
+    DEFAULT_BUCKET_S,
+    DEFAULT_BUCKETS,
+    MAX_BUCKET_S,
+    MAX_BUCKETS,
+    MIN_BUCKET_S,
+    Window,
+    feedback_timeline,
+)
 from lorafleet.serve.validation import require_validation_set
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/v1")
+
+BucketS = Annotated[int, Query(ge=MIN_BUCKET_S, le=MAX_BUCKET_S, description="seconds per feedback period")]
+Buckets = Annotated[int, Query(ge=1, le=MAX_BUCKETS, description="feedback periods, the current one last")]
 
 
 def _run_public(session: Session, run: ValidationRun) -> ValidationRunPublic:
@@ -28,7 +44,15 @@ def _run_public(session: Session, run: ValidationRun) -> ValidationRunPublic:
         update={"version": f"{version.adapter.name}@{version.version}"})
 
 
-def _status(session: Session, deployment: Deployment, sample_inputs: bool) -> DriftStatus:
+def _latest_per_variant(session: Session, latest: Select, kind: str) -> list[DriftCheckPublic]:
+    checks: dict[str, DriftCheck] = {}
+    for check in session.scalars(latest.where(DriftCheck.kind == kind).limit(20)):
+        checks.setdefault(check.variant, check)
+    return [DriftCheckPublic.model_validate(c) for c in checks.values()]
+
+
+def _status(session: Session, deployment: Deployment, sample_inputs: bool, window: Window | None = None) -> DriftStatus:
+    window = window or Window.ending_at(time.time())
     runs = []
     for variant, version in live_versions(session, deployment):
         run = session.scalar(select(ValidationRun).where(ValidationRun.deployment_id == deployment.id,
@@ -38,15 +62,14 @@ def _status(session: Session, deployment: Deployment, sample_inputs: bool) -> Dr
             runs.append(_run_public(session, run).model_copy(update={"variant": variant}))
     latest = select(DriftCheck).where(DriftCheck.deployment_id == deployment.id).order_by(DriftCheck.id.desc())
     input_check = session.scalar(latest.where(DriftCheck.kind == "input").limit(1))
-    outputs: dict[str, DriftCheck] = {}
-    for check in session.scalars(latest.where(DriftCheck.kind == "output").limit(20)):
-        outputs.setdefault(check.variant, check)
     samples = session.scalar(select(func.count()).where(InputSample.deployment_id == deployment.id)) or 0
     validation = deployment.validation_set
     return DriftStatus(deployment=deployment.name, sample_inputs=sample_inputs, samples=samples,
                        validation_set=validation.digest if validation else None, runs=runs,
                        input=DriftCheckPublic.model_validate(input_check) if input_check else None,
-                       output=[DriftCheckPublic.model_validate(c) for c in outputs.values()])
+                       output=_latest_per_variant(session, latest, "output"),
+                       confidence=_latest_per_variant(session, latest, "confidence"),
+                       feedback=feedback_timeline(session, deployment, window))
 
 
 @router.post("/deployments/{deployment}/drift/check")
@@ -73,13 +96,18 @@ async def drift_look(deployment: str, gateway: GatewayDep, session: SessionDep,
 
 
 @router.get("/deployments/{deployment}/drift")
-def drift_status(deployment: str, session: SessionDep, tenant: CurrentTenant) -> DriftStatus:
-    return _status(session, get_deployment(session, tenant, deployment), tenant.sample_inputs)
+def drift_status(deployment: str, session: SessionDep, tenant: CurrentTenant, bucket_s: BucketS = DEFAULT_BUCKET_S,
+                 buckets: Buckets = DEFAULT_BUCKETS) -> DriftStatus:
+    """The latest replay and looks of every live version, and its feedback per period of `bucket_s` seconds."""
+    window = Window.ending_at(time.time(), bucket_s, buckets)
+    return _status(session, get_deployment(session, tenant, deployment), tenant.sample_inputs, window)
 
 
 @router.get("/drift")
-def drift_overview(session: SessionDep, tenant: CurrentTenant) -> list[DriftStatus]:
-    return [_status(session, d, tenant.sample_inputs) for d in list_deployments(session, tenant)]
+def drift_overview(session: SessionDep, tenant: CurrentTenant, bucket_s: BucketS = DEFAULT_BUCKET_S,
+                   buckets: Buckets = DEFAULT_BUCKETS) -> list[DriftStatus]:
+    window = Window.ending_at(time.time(), bucket_s, buckets)
+    return [_status(session, d, tenant.sample_inputs, window) for d in list_deployments(session, tenant)]
 
 
 @router.get("/deployments/{deployment}/drift/history")

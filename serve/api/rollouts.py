@@ -17,7 +17,7 @@ from fastapi import APIRouter, Body, File, Form, Query, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 from sqlalchemy.orm.exc import StaleDataError
 from starlette.concurrency import run_in_threadpool
 
@@ -29,14 +29,28 @@ from lorafleet.adapters.schemas import (
     DeploymentPublic,
     RolloutPublic,
     ValidationSetPublic,
+    VariantConfidence,
+    VariantFeedback,
     VariantPublic,
 )
 from lorafleet.serve.answer_format import check_format_spec
 from lorafleet.serve.api.dependencies import CurrentTenant, Gateway, GatewayDep, SessionDep, release_connection
 from lorafleet.serve.api.registry import deployment_public, prepare_engine
 from lorafleet.serve.rollouts import state as rollouts
-from lorafleet.serve.rollouts.state import AbStart, RolloutStart, active_rollout
-from lorafleet.serve.rollouts.statistics import Limits, Measurement, compare_variants, sample_ratio
+from lorafleet.serve.rollouts.state import AbStart, RolloutStart, VariantSignals, active_rollout
+from lorafleet.serve.rollouts.statistics import (
+    Estimate,
+    Limits,
+    Measurement,
+    Moments,
+    VariantSamples,
+    bounded_difference,
+    bounded_mean,
+    compare_variants,
+    sample_ratio,
+    welch_difference,
+    welch_mean,
+)
 from lorafleet.serve.validation import (
     attach_validation,
     canonical_validation,
@@ -59,7 +73,13 @@ class StopBody(BaseModel):
     keep: str | None = None  # NAME@N of the variant that becomes stable; None keeps the current stable
 
 
-def rollout_public(rollout: Rollout) -> RolloutPublic:
+def rollout_public(rollout: Rollout, session: Session | None = None) -> RolloutPublic:
+    """The rollout as the API shows it, with each variant's feedback and confidence over the whole rollout
+    (read through `session`, by default the rollout's own; none when the row is detached)."""
+    session = session if session is not None else object_session(rollout)
+    signals = rollouts.rollout_signals(session, rollout.id) if session is not None else {}
+    labels = [v["label"] for v in rollout.variants]
+    reference = "stable" if rollout.kind == "canary" else labels[0] if labels else ""
     return RolloutPublic(
         id=rollout.id, deployment=rollout.deployment.name, kind=rollout.kind, phase=rollout.phase,
         reason=rollout.reason, message=rollout.message,
@@ -67,7 +87,40 @@ def rollout_public(rollout: Rollout) -> RolloutPublic:
         steps=rollout.steps, step_index=rollout.step_index, params=rollout.params, gate=rollout.gate,
         looks=rollout.looks, created_by=rollout.created_by, created_at=rollout.created_at,
         finished_at=rollout.finished_at, lease_owner=rollout.lease_owner,
-        decisions=[DecisionPublic.model_validate(d) for d in rollout.decisions])
+        decisions=[DecisionPublic.model_validate(d) for d in rollout.decisions],
+        feedback=[_variant_feedback(label, signals, reference) for label in labels],
+        confidence=[_variant_confidence(label, signals, reference) for label in labels])
+
+
+_NOTHING = VariantSignals(0, Moments(), Moments())
+
+
+def _interval(estimate: Estimate | None) -> list[float] | None:
+    return estimate.interval if estimate is not None else None
+
+
+def _variant_feedback(label: str, signals: dict[str, VariantSignals], reference: str) -> VariantFeedback:
+    """Feedback of one variant: count, rate per answered request, mean with its 95 % interval, and the difference
+    from the reference variant (Agresti-Caffo on [0, 1])."""
+    own = signals.get(label, _NOTHING)
+    mean = bounded_mean(own.feedback)
+    difference = (bounded_difference(own.feedback, signals.get(reference, _NOTHING).feedback)
+                  if label != reference else None)
+    return VariantFeedback(variant=label, requests=own.answered, count=own.feedback.n,
+                           rate=own.feedback.n / own.answered if own.answered else None,
+                           mean=mean.value if mean else None, interval=_interval(mean),
+                           difference=difference.value if difference else None,
+                           difference_interval=_interval(difference))
+
+
+def _variant_confidence(label: str, signals: dict[str, VariantSignals], reference: str) -> VariantConfidence:
+    """The answers' mean token log-probability of one variant and its difference from the reference (Welch)."""
+    own = signals.get(label, _NOTHING).confidence
+    mean = welch_mean(own)
+    difference = welch_difference(own, signals.get(reference, _NOTHING).confidence) if label != reference else None
+    return VariantConfidence(variant=label, count=own.n, mean=own.mean if own.n else None, interval=_interval(mean),
+                             difference=difference.value if difference else None,
+                             difference_interval=_interval(difference))
 
 
 def _actor(tenant: Tenant) -> str:
@@ -162,7 +215,7 @@ async def start_rollout(deployment: str, body: RolloutStart, gateway: GatewayDep
     await prepare_engine(gateway, session, [candidate])
     rollout = await run_in_threadpool(rollouts.start_canary, session, target, candidate, body, _actor(tenant),
                                       time.time())
-    return rollout_public(rollout)
+    return await run_in_threadpool(rollout_public, rollout, session)
 
 
 @router.get("/deployments/{deployment}/rollout")
@@ -230,30 +283,38 @@ async def start_ab(deployment: str, body: AbStart, gateway: GatewayDep, session:
                 for v in body.variants]
     await prepare_engine(gateway, session, [v for v, _ in versions])
     rollout = await run_in_threadpool(rollouts.start_ab, session, target, versions, _actor(tenant), time.time())
-    return rollout_public(rollout)
+    return await run_in_threadpool(rollout_public, rollout, session)
 
 
 def _ab_status(session: Session, rollout: Rollout) -> dict:
-    samples = rollouts.step_samples(session, rollout.id, None)
+    samples = rollouts.with_feedback(rollouts.step_samples(session, rollout.id, None),
+                                     rollouts.rollout_feedback(session, rollout.id))
     labels = [v["label"] for v in rollout.variants]
-    summary = []
-    for label in labels:
-        s = samples.get(label)
-        latencies = sorted(s.latencies_s) if s else []
-        summary.append({
-            "variant": label, "requests": s.requests if s else 0, "units": s.units if s else 0,
-            "error_rate": s.errors / s.requests if s and s.requests else None,
-            "latency_p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
-            "latency_p95_ms": 1000 * latencies[int(len(latencies) * 0.95)] if latencies else None,
-            "output_tokens_mean": sum(s.output_tokens) / len(s.output_tokens) if s and s.output_tokens else None,
-            "format_validity": 1 - s.format_invalid / s.format_checked if s and s.format_checked else None})
+    summary = [_ab_summary(label, samples.get(label)) for label in labels]
     control = samples.get(labels[0])
     comparisons = [{"variant": label, "against": labels[0], **compare_variants(control, samples[label])}
                    for label in labels[1:] if control and label in samples]
     srm = sample_ratio({k: v.units for k, v in samples.items()}, {v["label"]: v["weight"] for v in rollout.variants},
                        Limits())
-    return {"rollout": rollout_public(rollout).model_dump(mode="json"), "variants": summary,
+    return {"rollout": rollout_public(rollout, session).model_dump(mode="json"), "variants": summary,
             "comparisons": comparisons, "sample_ratio": srm.to_dict()}
+
+
+def _ab_summary(label: str, s: VariantSamples | None) -> dict:
+    """One variant's live metrics over the whole A/B test."""
+    latencies = sorted(s.latencies_s) if s else []
+    answered = s.requests - s.errors if s else 0
+    return {
+        "variant": label, "requests": s.requests if s else 0, "units": s.units if s else 0,
+        "error_rate": s.errors / s.requests if s and s.requests else None,
+        "latency_p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
+        "latency_p95_ms": 1000 * latencies[int(len(latencies) * 0.95)] if latencies else None,
+        "output_tokens_mean": sum(s.output_tokens) / len(s.output_tokens) if s and s.output_tokens else None,
+        "format_validity": 1 - s.format_invalid / s.format_checked if s and s.format_checked else None,
+        "feedback_count": len(s.feedback) if s else 0,
+        "feedback_rate": len(s.feedback) / answered if s and answered else None,
+        "feedback_mean": sum(s.feedback) / len(s.feedback) if s and s.feedback else None,
+        "confidence_mean": sum(s.confidences) / len(s.confidences) if s and s.confidences else None}
 
 
 def _difference(label: str, control: str, measurement: Measurement) -> dict:

@@ -36,31 +36,70 @@ def drift_look(deployment: str, url: Url = DEFAULT_URL, api_key: ApiKey = None) 
     _print_drift([LorafleetClient(url, api_key).drift_look(deployment)])
 
 
+_SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def _confidence(check: dict | None) -> str:
+    if check is None:
+        return "-"
+    n = check["numbers"]
+    return f"{n['confidence_mean']:.2f} vs {n['baseline_confidence_mean']:.2f} ({check['p']:.2g})"
+
+
 def _print_drift(statuses: list[dict]) -> None:
     table = Table("deployment", "variant", "validation score", "equal to baseline", "input drift p (q)",
-                  "output drift p (q)", "samples", "status")
+                  "output drift p (q)", "confidence vs baseline (p)", "samples", "status")
     for s in statuses:
         outputs = {c["variant"]: c for c in s["output"]}
+        confidences = {c["variant"]: c for c in s.get("confidence", [])}
         variants = [r["variant"] for r in s["runs"]] or list(outputs) or ["-"]
         for variant in variants:
             run = next((r for r in s["runs"] if r["variant"] == variant), None)
-            out = outputs.get(variant)
+            out, confidence = outputs.get(variant), confidences.get(variant)
             alarms = [name for name, bad in (("replay changed", run and run["changed"]),
                                              ("input drift", s["input"] and s["input"]["drifted"]),
-                                             ("output drift", out and out["drifted"])) if bad]
+                                             ("output drift", out and out["drifted"]),
+                                             ("confidence drift", confidence and confidence["drifted"])) if bad]
             table.add_row(s["deployment"], variant, f"{run['score']:.3f}" if run else "-",
                           f"{run['exact_match_rate']:.3f}" if run else "-",
                           f"{s['input']['p']:.2g} ({s['input']['q']:.2g})" if s["input"] else "-",
-                          f"{out['p']:.2g} ({out['q']:.2g})" if out else "-",
+                          f"{out['p']:.2g} ({out['q']:.2g})" if out else "-", _confidence(confidence),
                           f"{s['samples']}{'' if s['sample_inputs'] else ' (opted out)'}",
                           "[red]" + ", ".join(alarms) + "[/red]" if alarms else "[green]ok[/green]")
+    console.print(table)
+    _print_feedback(statuses)
+
+
+def _sparkline(values: list[float | None]) -> str:
+    """One character per period: the value on [0, 1] as a bar, `·` where there is none."""
+    return "".join("·" if v is None else _SPARKS[min(int(v * len(_SPARKS)), len(_SPARKS) - 1)] for v in values)
+
+
+def _print_feedback(statuses: list[dict]) -> None:
+    """Per live version: answered requests and feedback over the timeline, and its mean value per period."""
+    timelines = [(s["deployment"], t) for s in statuses for t in s.get("feedback", [])
+                 if any(p["requests"] or p["feedback"] for p in t["periods"])]
+    if not timelines:
+        return
+    first = timelines[0][1]
+    period = f"{first['bucket_s'] // 3600} h" if first["bucket_s"] % 3600 == 0 else f"{first['bucket_s'] // 60} min"
+    title = f"Users' feedback over the last {len(first['periods'])} periods of {period}"
+    table = Table("deployment", "variant", "version", "answered", "feedback", "rate", "mean",
+                  f"mean per {period}, oldest first", title=title)
+    for deployment, t in timelines:
+        answered, judged = sum(p["requests"] for p in t["periods"]), sum(p["feedback"] for p in t["periods"])
+        total = sum(p["mean"] * p["feedback"] for p in t["periods"] if p["mean"] is not None)
+        table.add_row(deployment, t["variant"], t["version"], str(answered), str(judged),
+                      f"{judged / answered:.3f}" if answered else "-", f"{total / judged:.2f}" if judged else "-",
+                      _sparkline([p["mean"] for p in t["periods"]]))
     console.print(table)
 
 
 @drift.command("status")
 def drift_status(deployment: Annotated[Optional[str], typer.Argument()] = None,
                  url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
-    """Validation replay, input drift and output drift of every live version, one row each."""
+    """Validation replay, input, output and confidence drift of every live version, one row each, and the users'
+    feedback on each over the last 24 hours."""
     _print_drift(LorafleetClient(url, api_key).drift_status(deployment))
 
 

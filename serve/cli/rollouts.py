@@ -69,13 +69,20 @@ def rollout_start(
     interval: Annotated[str, typer.Option(help="Minimum time per step, and between looks (60s, 5m).")] = "60s",
     margin: Annotated[float, typer.Option(min=0, max=1, help="Validation-gate non-inferiority margin.")] = 0.05,
     gate: Annotated[bool, typer.Option(help="Run the validation-set gate before any traffic.")] = True,
+    feedback_rollback: Annotated[bool, typer.Option(
+        help="Roll back when users' feedback on the canary is worse than on stable by more than the margin.")] = False,
+    feedback_min: Annotated[int, typer.Option(min=1, help="Feedback per variant before it may roll back.")] = 30,
+    feedback_margin: Annotated[float, typer.Option(
+        min=0, max=1, help="Tolerated drop of the mean feedback (on [0, 1]).")] = 0.05,
     wait: Annotated[bool, typer.Option(help="Wait for the gate's verdict.")] = True,
     url: Url = DEFAULT_URL, api_key: ApiKey = None,
 ) -> None:
     """Start a staged canary rollout of DEPLOYMENT to a new adapter version."""
     client = LorafleetClient(url, api_key)
     r = client.start_rollout(deployment, to=to, steps=_steps(steps), min_requests=min_requests,
-                             interval_s=_seconds(interval), margin=margin, gate=gate)
+                             interval_s=_seconds(interval), margin=margin, gate=gate,
+                             feedback_rollback=feedback_rollback, feedback_min=feedback_min,
+                             feedback_margin=feedback_margin)
     if wait and r["phase"] == "Gating":
         with console.status("the candidate and the stable version answer the validation set"):
             while r["phase"] == "Gating":
@@ -92,7 +99,9 @@ def rollout_status(deployment: Annotated[Optional[str], typer.Argument()] = None
     """One deployment's rollout with its recent decisions, or every deployment's latest rollout."""
     client = LorafleetClient(url, api_key)
     if deployment:
-        _print_rollout(client.rollout(deployment))
+        r = client.rollout(deployment)
+        _print_rollout(r)
+        _print_signals(r)
         return
     table = Table("deployment", "kind", "phase", "step", "variants", "reason")
     for r in client.rollouts():
@@ -154,6 +163,29 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _estimate(value: float | None, interval: list[float] | None, spec: str = ".3f") -> str:
+    """0.812 [0.741, 0.870], or just the value where the interval is undefined."""
+    if value is None:
+        return "-"
+    return f"{value:{spec}} [{interval[0]:{spec}}, {interval[1]:{spec}}]" if interval else format(value, spec)
+
+
+def _print_signals(r: dict) -> None:
+    """Users' feedback per variant over the whole rollout, and the answers' confidence (informational)."""
+    reference = "stable" if r["kind"] == "canary" else r["variants"][0]["label"]
+    table = Table("variant", "requests", "feedback n", "rate", "mean [95% CI]", f"diff vs {reference} [95% CI]",
+                  title="feedback")
+    for f in r.get("feedback", []):
+        table.add_row(f["variant"], str(f["requests"]), str(f["count"]), _fmt(f["rate"]),
+                      _estimate(f["mean"], f["interval"]), _estimate(f["difference"], f["difference_interval"], "+.3f"))
+    console.print(table)
+    for c in r.get("confidence", []):
+        vs = (f"; diff vs {reference} {_estimate(c['difference'], c['difference_interval'], '+.3f')}"
+              if c["variant"] != reference else "")
+        console.print(f"confidence {c['variant']}: mean log-prob {_estimate(c['mean'], c['interval'])} "
+                      f"(n={c['count']}){vs} (informational)", highlight=False)
+
+
 def _interval(entry: dict | None, spec: str = "+.3f") -> str:
     if not entry:
         return "-"
@@ -185,6 +217,7 @@ def ab_status(deployment: str,
                       f"{latency['median_ratio']:.2f} (p={latency['p']:.2g})" if latency else "-")
     console.print(diffs)
     console.print(status["sample_ratio"]["message"], highlight=False)
+    _print_signals(status["rollout"])
     if validation_scores:
         with console.status("every variant answers the validation set"):
             result = client.ab_evaluate(deployment)

@@ -10,8 +10,10 @@
   keeps at most `drift_max_samples` per deployment. Tenants can opt out; their samples are then deleted.
 - Looks: every `drift_look_s`, each deployment with a validation set and `drift_window` new samples gets an
   input look (the window against the validation set's requests) and, per variant, an output look (length,
-  empty/refusal rate, format validity against the variant's baseline replay). p-values are spent per
-  (deployment, version) as in rollouts and adjusted across all deployments of the tick with Benjamini-Hochberg.
+  empty/refusal rate, format validity against the variant's baseline replay) and a confidence look (the
+  answers' mean token log-probability against the baseline replay's, when both recorded them). p-values are
+  spent per (deployment, version, kind) as in rollouts and adjusted across all looks of the tick with
+  Benjamini-Hochberg.
 
 Scheduled work is claimed with a conditional UPDATE of the deployment row, so gateways sharing a catalog
 do not both do it.
@@ -40,6 +42,7 @@ from lorafleet.serve.answer_format import answer_checker
 from lorafleet.serve.drift.statistics import (
     Reservoir,
     benjamini_hochberg,
+    confidence_drift,
     input_drift,
     proportion_p,
     request_features,
@@ -294,7 +297,8 @@ class DriftMonitor:
             run = ValidationRun(deployment_id=deployment_id, version_id=version_id,
                                 validation_set_id=deployment.validation_set_id, variant=variant, at=time.time(),
                                 engine=identity, score=mean, scores=replay.scores, outputs=replay.outputs,
-                                output_tokens=replay.tokens, exact_match_rate=1.0)
+                                output_tokens=replay.tokens, confidences=replay.confidences,
+                                exact_match_rate=1.0)
             if baseline is None or test is None:
                 run.kind, run.message = "baseline", f"baseline recorded: score {mean:.3f} on {n} items"
             else:
@@ -384,6 +388,7 @@ class DriftMonitor:
                                             "last_sample_id": samples[0].id},
                                    message=result.message()), tenant, deployment.name))
         out += self._output_looks(session, deployment, samples, tenant)
+        out += self._confidence_looks(session, deployment, samples, tenant)
         return out
 
     def _output_looks(self, session: Session, deployment: Deployment, samples: list[InputSample],
@@ -428,6 +433,29 @@ class DriftMonitor:
                         tenant, deployment.name))
         return out
 
+    def _confidence_looks(self, session: Session, deployment: Deployment, samples: list[InputSample],
+                          tenant: str) -> list:
+        """Per live variant: the window's answer confidences against its baseline replay's. Baselines recorded
+        before confidences were (their `confidences` is None) give no look."""
+        assert deployment.validation_set_id is not None
+        out = []
+        for variant, version in live_versions(session, deployment):
+            live = [s.confidence for s in samples if s.variant == variant and s.ok and s.confidence is not None]
+            baseline = _baseline(session, version.id, deployment.validation_set_id)
+            reference = [c for c in (baseline.confidences or []) if c is not None] if baseline else []
+            if not reference or len(live) < MIN_OUTPUT_SAMPLES:
+                continue
+            result = confidence_drift(live, reference)
+            looks = _last_look(session, DriftCheck.deployment_id == deployment.id, DriftCheck.kind == "confidence",
+                               DriftCheck.version_id == version.id) + 1
+            numbers = {"confidence_mean": result.mean, "baseline_confidence_mean": result.baseline_mean,
+                       "shift": result.shift, "ks_statistic": result.statistic, "n": result.n,
+                       "n_baseline": result.n_baseline}
+            out.append((DriftCheck(deployment_id=deployment.id, version_id=version.id, variant=variant,
+                                   kind="confidence", at=time.time(), look=looks, p=result.p, q=1.0, drifted=False,
+                                   numbers=numbers, message=result.message(variant, looks)), tenant, deployment.name))
+        return out
+
     def _export_check(self, tenant: str, deployment: str, check: DriftCheck) -> None:
         m = self.metrics
         if check.kind == "input":
@@ -435,6 +463,11 @@ class DriftMonitor:
             m.input_drift_alarm.labels(tenant, deployment).set(float(check.drifted))
             return
         labels = (tenant, deployment, check.variant)
+        if check.kind == "confidence":
+            m.confidence_drift_p.labels(*labels).set(check.p)
+            m.confidence_drift_alarm.labels(*labels).set(float(check.drifted))
+            m.output_confidence_mean.labels(*labels).set(check.numbers["confidence_mean"])
+            return
         m.output_drift_p.labels(*labels).set(check.p)
         m.output_drift_alarm.labels(*labels).set(float(check.drifted))
         m.output_tokens_mean.labels(*labels).set(check.numbers["output_tokens_mean"])

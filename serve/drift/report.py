@@ -37,12 +37,17 @@ def _finish(plt, figure, axes, legend_size: int) -> str:
     return image
 
 
-def _plots(history: dict) -> list[tuple[str, str]]:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _plots(history: dict) -> list[tuple[str, str]]:
+    plt = _pyplot()
     plots = []
     runs = history["runs"]
     if runs:
@@ -59,7 +64,9 @@ def _plots(history: dict) -> list[tuple[str, str]]:
         plots.append(("Validation replay", _finish(plt, figure, (score, exact), 8)))
     checks = history["checks"]
     for kind, title in (("input", "Input drift (live requests vs the validation set)"),
-                        ("output", "Output drift (live answers vs the baseline replay)")):
+                        ("output", "Output drift (live answers vs the baseline replay)"),
+                        ("confidence", "Output confidence (live answers' mean token log-probability vs the "
+                                       "baseline replay)")):
         rows = [c for c in checks if c["kind"] == kind]
         if not rows:
             continue
@@ -70,21 +77,48 @@ def _plots(history: dict) -> list[tuple[str, str]]:
             alarms = [c for c in cs if c["drifted"]]
             pvalue.scatter([_when(c["at"]) for c in alarms], [max(c["p"], 1e-300) for c in alarms], color="red",
                            zorder=3, s=60, label=f"{variant} alarm")
-            if kind == "input":
-                names = sorted({k for c in cs for k in c["numbers"].get("p_values", {})})
-                for name in names:
-                    detail.semilogy(times, [max(c["numbers"]["p_values"].get(name, 1.0), 1e-300) for c in cs],
-                                    label=name, alpha=0.8)
-                detail.set(title="p-value per test")
-            else:
-                detail.plot(times, [c["numbers"]["output_tokens_mean"] for c in cs], marker="o",
-                            label=f"{variant} mean tokens")
-                detail.plot(times, [c["numbers"]["baseline_output_tokens_mean"] for c in cs], linestyle="--",
-                            label=f"{variant} baseline")
-                detail.set(title="answer length (tokens)")
+            _detail(detail, kind, variant, cs)
         pvalue.set(title="look p-value (red: alarm after spending and BH)")
         plots.append((title, _finish(plt, figure, (pvalue, detail), 7)))
     return plots
+
+
+def _detail(axis, kind: str, variant: str, checks: list[dict]) -> None:
+    """The right-hand plot of a kind of look: what moved, live against the reference."""
+    times = [_when(c["at"]) for c in checks]
+    if kind == "input":
+        for name in sorted({k for c in checks for k in c["numbers"].get("p_values", {})}):
+            axis.semilogy(times, [max(c["numbers"]["p_values"].get(name, 1.0), 1e-300) for c in checks],
+                          label=name, alpha=0.8)
+        axis.set(title="p-value per test")
+        return
+    live, reference, label, title = {
+        "output": ("output_tokens_mean", "baseline_output_tokens_mean", "mean tokens", "answer length (tokens)"),
+        "confidence": ("confidence_mean", "baseline_confidence_mean", "mean log-prob",
+                       "mean token log-probability")}[kind]
+    [line] = axis.plot(times, [c["numbers"][live] for c in checks], marker="o", label=f"{variant} {label}")
+    axis.plot(times, [c["numbers"][reference] for c in checks], linestyle="--", color=line.get_color(),
+              label=f"{variant} baseline")
+    alarms = [c for c in checks if c["drifted"]]
+    axis.scatter([_when(c["at"]) for c in alarms], [c["numbers"][live] for c in alarms], color="red", zorder=3,
+                 s=60, label=f"{variant} alarm")
+    axis.set(title=title)
+
+
+def _feedback_plot(timelines: list[dict]) -> str | None:
+    """Feedback rate and mean value per period of each live version; None when no version got any feedback."""
+    if not any(p["feedback"] for t in timelines for p in t["periods"]):
+        return None
+    plt = _pyplot()
+    figure, (rate, mean) = plt.subplots(1, 2, figsize=(11, 3.2))
+    nan = float("nan")  # a period without requests (rate) or without feedback (mean) is a gap
+    for t in timelines:
+        starts, label = [_when(p["start"]) for p in t["periods"]], f"{t['variant']} ({t['version']})"
+        rate.plot(starts, [nan if p["rate"] is None else p["rate"] for p in t["periods"]], marker=".", label=label)
+        mean.plot(starts, [nan if p["mean"] is None else p["mean"] for p in t["periods"]], marker="o", label=label)
+    rate.set(title=f"feedback per answered request (periods of {timelines[0]['bucket_s'] // 60} min)")
+    mean.set(title="mean feedback (0: thumbs down, 1: up)", ylim=(-0.02, 1.02))
+    return _finish(plt, figure, (rate, mean), 7)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -101,6 +135,9 @@ def render_report(history: dict, status: dict) -> str:
                 f" {status['samples']} sampled requests kept; validation set {status['validation_set'] or 'none'}.</p>"]
     for title, image in _plots(history):
         sections.append(f"<h2>{html.escape(title)}</h2>{image}")
+    feedback = _feedback_plot(status.get("feedback", []))
+    if feedback is not None:
+        sections.append(f"<h2>Users' feedback per live version</h2>{feedback}")
     if not history["runs"] and not history["checks"]:
         sections.append("<p>Nothing measured yet: run <code>lorafleet drift check</code>, or wait for traffic.</p>")
     runs = [[_when(r["at"]).strftime("%m-%d %H:%M"), r["variant"], r["version"], r["kind"], f"{r['score']:.3f}",

@@ -6,6 +6,8 @@
 - A look compares a window of live requests with the reference (the deployment's validation set): a
   Kolmogorov-Smirnov test per feature, and an RBF-kernel MMD on all standardised features together with a
   permutation p-value. The look's p-value is the smallest of them times their number (Bonferroni).
+- A confidence look compares a variant's live answers' mean token log-probabilities with those of its baseline
+  replay: a two-sample KS test. A drop is the usual signal (a broken adapter or base is unsure of its tokens).
 - Repeated looks: alpha spending as in rollouts; look k of one monitored version may spend
   alpha * 6 / (pi^2 k^2), so the chance of any false alarm over all its looks stays below alpha.
 - Many deployments: at each check the spending-adjusted p-values of every deployment go through
@@ -30,7 +32,8 @@ from lorafleet.chat import content_parts
 from lorafleet.serve.rollouts.statistics import difference_ci, look_alpha
 
 __all__ = ["IMAGE_FEATURES", "PROMPT_FEATURES", "FEATURES", "request_features", "Reservoir", "DriftLook",
-           "input_drift", "spent_p", "benjamini_hochberg", "mmd_permutation", "proportion_p"]
+           "input_drift", "ConfidenceLook", "confidence_drift", "spent_p", "benjamini_hochberg", "mmd_permutation",
+           "proportion_p"]
 
 K = TypeVar("K")
 
@@ -174,6 +177,38 @@ def input_drift(reference: Sequence[Mapping[str, float]], window: Sequence[Mappi
     spend = look_alpha(alpha, look)
     return DriftLook(len(reference), len(window), p_values, p, look, spend, p < spend,
                      min(p_values, key=lambda name: p_values[name]))
+
+
+@dataclass(frozen=True)
+class ConfidenceLook:
+    """One output-confidence look: live answers' mean token log-probabilities against the baseline replay's."""
+
+    n: int
+    n_baseline: int
+    mean: float
+    baseline_mean: float
+    statistic: float  # the KS distance
+    p: float
+
+    @property
+    def shift(self) -> float:
+        """Live minus baseline mean: negative when the answers became less sure."""
+        return self.mean - self.baseline_mean
+
+    def message(self, variant: str, look: int) -> str:
+        direction = "lower (less sure)" if self.shift < 0 else "higher (surer)"
+        return (f"confidence of {variant}: p={self.p:.2g} (look {look}); mean token log-probability "
+                f"{self.mean:.3f} vs {self.baseline_mean:.3f}, {direction} by {abs(self.shift):.3f}; "
+                f"KS D={self.statistic:.2f}, n={self.n} vs baseline {self.n_baseline}")
+
+
+def confidence_drift(live: Sequence[float], baseline: Sequence[float]) -> ConfidenceLook:
+    """Test whether the live confidences come from the distribution of the baseline's (two-sided KS)."""
+    if not live or not baseline:
+        raise ValueError("a confidence look needs confidences on both sides")
+    result = stats.ks_2samp(live, baseline)
+    return ConfidenceLook(len(live), len(baseline), float(np.mean(live)), float(np.mean(baseline)),
+                          float(result.statistic), float(result.pvalue))
 
 
 def spent_p(p: float, look: int, alpha: float = 0.05) -> float:

@@ -41,7 +41,9 @@ from lorafleet.serve.rollouts.state import (
     apply_gate,
     apply_tick,
     plan_tick,
+    rollout_feedback,
     step_samples,
+    with_feedback,
 )
 from lorafleet.serve.rollouts.statistics import Measurement, Status, VariantSamples
 from lorafleet.serve.validation import read_items
@@ -224,8 +226,9 @@ class RolloutController:
                 view = CanaryView(rollout.step_index, rollout.steps, rollout.looks, rollout.step_started_at,
                                   rollout.last_look_at, rollout.last_look_requests,
                                   RolloutStart.model_validate(rollout.params))
-                if rollout.phase == Phase.PROGRESSING:
-                    samples = step_samples(session, rollout.id, rollout.step_index)
+                if rollout.phase == Phase.PROGRESSING:  # this step's requests, the whole rollout's feedback
+                    samples = with_feedback(step_samples(session, rollout.id, rollout.step_index),
+                                            rollout_feedback(session, rollout.id))
             validation = deployment.validation_set
             return _Snapshot(rollout.id, rollout.revision, rollout.phase, tenant, deployment.name, view, samples,
                              rollout.variants, validation.digest if validation else None,

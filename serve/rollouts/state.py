@@ -12,23 +12,32 @@ from __future__ import annotations
 import secrets
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import cast
 
 from pydantic import BaseModel, Field, field_validator
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.orm import Session
 
-from lorafleet.adapters.catalog import AdapterVersion, Decision, Deployment, Rollout, RolloutSample
+from lorafleet.adapters.catalog import AdapterVersion, Decision, Deployment, Feedback, Rollout, RolloutSample
 from lorafleet.adapters.errors import Conflict, InvalidRequest
 from lorafleet.serve.rollouts.routing import Variant, check_weights
-from lorafleet.serve.rollouts.statistics import EMPTY, Limits, Measurement, Status, VariantSamples, assess_step
+from lorafleet.serve.rollouts.statistics import (
+    EMPTY,
+    Limits,
+    Measurement,
+    Moments,
+    Status,
+    VariantSamples,
+    assess_step,
+)
 
 __all__ = ["Phase", "ACTIVE", "SERVING", "RolloutStart", "AbStart", "CanaryView", "Tick", "plan_tick", "routing_table",
            "active_rollout", "serving_rollout",
            "start_canary", "start_ab", "pause", "resume", "abort", "promote", "undo", "stop_ab", "apply_gate",
-           "apply_tick", "step_samples", "record"]
+           "apply_tick", "step_samples", "record", "rollout_feedback", "with_feedback", "VariantSignals",
+           "rollout_signals"]
 
 
 class Phase(StrEnum):
@@ -67,6 +76,11 @@ class RolloutStart(BaseModel):
     format_margin: float = Field(0.01, ge=0, le=1)
     latency_tolerance: float = Field(0.25, ge=0)
     alpha: float = Field(0.05, gt=0, lt=0.5)
+    # users' feedback over the whole rollout may roll the canary back (off by default: feedback is sparse and
+    # comes late); rollouts started before these existed validate to the defaults
+    feedback_rollback: bool = False
+    feedback_min: int = Field(30, ge=1)  # feedback values per variant before that test may fail
+    feedback_margin: float = Field(0.05, ge=0, le=1)  # tolerated drop of the mean feedback (on [0, 1])
 
     @field_validator("steps")
     @classmethod
@@ -79,7 +93,9 @@ class RolloutStart(BaseModel):
 
     def limits(self) -> Limits:
         return Limits(min_requests=self.min_requests, error_margin=self.error_margin,
-                      format_margin=self.format_margin, latency_tolerance=self.latency_tolerance, alpha=self.alpha)
+                      format_margin=self.format_margin, latency_tolerance=self.latency_tolerance, alpha=self.alpha,
+                      feedback_rollback=self.feedback_rollback, feedback_min=self.feedback_min,
+                      feedback_margin=self.feedback_margin)
 
 
 class AbVariant(BaseModel):
@@ -371,7 +387,7 @@ def apply_tick(session: Session, rollout: Rollout, tick: Tick, canary_requests: 
 def step_samples(session: Session, rollout_id: int, step_index: int | None) -> dict[str, VariantSamples]:
     """Per-variant samples of one step (or of the whole rollout when `step_index` is None)."""
     query = select(RolloutSample.variant, RolloutSample.ok, RolloutSample.latency_s, RolloutSample.unit,
-                   RolloutSample.format_valid, RolloutSample.output_tokens
+                   RolloutSample.format_valid, RolloutSample.output_tokens, RolloutSample.confidence
                    ).where(RolloutSample.rollout_id == rollout_id)
     if step_index is not None:
         query = query.where(RolloutSample.step_index == step_index)
@@ -381,5 +397,51 @@ def step_samples(session: Session, rollout_id: int, step_index: int | None) -> d
     return {variant: VariantSamples(
         requests=len(rs), errors=sum(not r.ok for r in rs), units=len({r.unit for r in rs}),
         latencies_s=[r.latency_s for r in rs if r.ok], format_checked=sum(r.format_valid is not None for r in rs),
-        format_invalid=sum(r.format_valid is False for r in rs), output_tokens=[r.output_tokens for r in rs if r.ok])
+        format_invalid=sum(r.format_valid is False for r in rs), output_tokens=[r.output_tokens for r in rs if r.ok],
+        confidences=[r.confidence for r in rs if r.confidence is not None])
         for variant, rs in rows.items()}
+
+
+def rollout_feedback(session: Session, rollout_id: int) -> dict[str, list[float]]:
+    """Users' feedback values (on [0, 1]) per variant over the whole rollout. Feedback comes after its request
+    and is sparse, and the variants serve side by side throughout, so it is judged over the rollout, not a step."""
+    feedback: dict[str, list[float]] = defaultdict(list)
+    for variant, value in session.execute(select(Feedback.variant, Feedback.value)
+                                          .where(Feedback.rollout_id == rollout_id).order_by(Feedback.id)):
+        feedback[variant].append(value)
+    return dict(feedback)
+
+
+def with_feedback(samples: dict[str, VariantSamples], feedback: dict[str, list[float]]) -> dict[str, VariantSamples]:
+    """The samples with each variant's feedback in (a variant may have feedback but no request this step)."""
+    variants = [*samples, *(v for v in feedback if v not in samples)]
+    return {v: replace(samples.get(v, EMPTY), feedback=feedback.get(v, ())) for v in variants}
+
+
+@dataclass(frozen=True)
+class VariantSignals:
+    """What one variant's answers earned over a whole rollout: the requests answered, the answers' mean token
+    log-probabilities and users' feedback values, as SQL aggregates."""
+
+    answered: int
+    confidence: Moments
+    feedback: Moments
+
+
+def rollout_signals(session: Session, rollout_id: int) -> dict[str, VariantSignals]:
+    """Per variant, aggregated in the database: a status needs no rows of a long rollout in memory."""
+    served = session.execute(
+        select(RolloutSample.variant, func.count().filter(RolloutSample.ok), func.count(RolloutSample.confidence),
+               func.sum(RolloutSample.confidence), func.sum(RolloutSample.confidence * RolloutSample.confidence))
+        .where(RolloutSample.rollout_id == rollout_id).group_by(RolloutSample.variant))
+    judged = session.execute(
+        select(Feedback.variant, func.count(), func.sum(Feedback.value), func.sum(Feedback.value * Feedback.value))
+        .where(Feedback.rollout_id == rollout_id).group_by(Feedback.variant))
+    answers = {variant: (answered, _moments(n, total, squares)) for variant, answered, n, total, squares in served}
+    feedback = {variant: _moments(n, total, squares) for variant, n, total, squares in judged}
+    return {variant: VariantSignals(*answers.get(variant, (0, Moments())), feedback.get(variant, Moments()))
+            for variant in answers.keys() | feedback.keys()}
+
+
+def _moments(n: int, total: float | None, squares: float | None) -> Moments:
+    return Moments(n, float(total or 0.0), float(squares or 0.0))

@@ -61,6 +61,7 @@ def _requests() -> None:
     )
     op.create_index("ix_requests_tenant", "requests", ["tenant_id", "id"])
     op.create_index("ix_requests_at", "requests", ["at"])
+    op.create_index("ix_requests_deployment", "requests", ["deployment_id", "at"])
 
 
 def _feedback() -> None:

@@ -1,10 +1,14 @@
-"""Drift monitoring on the real engine: validation replay against baselines, input and output drift, sampling."""
+"""Drift monitoring on the real engine: validation replay against baselines, input, output and confidence drift,
+sampling; and the confidence looks on a real catalog (no engine needed)."""
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import re
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +23,7 @@ from lorafleet.chat import image_data_url, load_jsonl
 from lorafleet.serve.cli import app
 from lorafleet.serve.client import inline_images
 from tests.conftest import NEAR_BASE_STD
-from tests.helpers import assert_openai_error, upload_folder
+from tests.helpers import assert_openai_error, poll_until, upload_folder
 
 
 @pytest.fixture
@@ -92,6 +96,17 @@ def test_shifted_inputs_trip_input_drift_and_unshifted_ones_do_not(watched, serv
     calm = http.post("/v1/deployments/watch/drift/look").json()
     assert calm["input"]["numbers"]["n_window"] == 40 and not calm["input"]["drifted"], calm["input"]["message"]
     assert [o["drifted"] for o in calm["output"]] == [False], calm["output"]
+    [confidence] = calm["confidence"]  # the replay and the live answers both recorded their log-probabilities
+    assert not confidence["drifted"] and confidence["numbers"]["n"] == 40, confidence["message"]
+    assert confidence["numbers"]["n_baseline"] == 40 and confidence["numbers"]["baseline_confidence_mean"] <= 0
+
+    def answered() -> list[dict] | None:  # the request log is written about once a second
+        [timeline] = http.get("/v1/deployments/watch/drift", params={"buckets": 2}).json()["feedback"]
+        return timeline["periods"] if sum(p["requests"] for p in timeline["periods"]) == 40 else None
+
+    periods = poll_until(answered, 15, "the 40 answered requests in the feedback timeline")
+    assert len(periods) == 2 and all(p["feedback"] == 0 and p["mean"] is None for p in periods)
+    assert_openai_error(http.get("/v1/deployments/watch/drift", params={"bucket_s": 1}), 400)
 
     darker = lambda image: ImageOps.autocontrast(image).point(lambda v: v // 3).resize((96, 64))  # noqa: E731
     _send(http, _traffic(tmp_path, 40, seed=12, shift=darker,
@@ -106,7 +121,8 @@ def test_shifted_inputs_trip_input_drift_and_unshifted_ones_do_not(watched, serv
     report = CliRunner().invoke(app, ["drift", "report", "watch", "--out", str(out)], env=env)
     assert report.exit_code == 0, report.output
     page = out.read_text()
-    assert page.count("data:image/png;base64,") == 3 and "ALARM" in page and "<script" not in page
+    assert page.count("data:image/png;base64,") == 4 and "ALARM" in page and "<script" not in page
+    assert "Output confidence" in page  # no feedback yet: no feedback plot
 
 
 def test_sampling_keeps_at_most_the_configured_number_and_honours_the_opt_out(watched, server, tmp_path):
@@ -174,3 +190,141 @@ def test_a_changed_adapter_and_a_replaced_base_trip_the_replay(server, watched, 
         server.base = original
         server.restart()
         server.wait_ready(timeout=600)
+
+
+# --- confidence looks on a real catalog: the monitor's own looks over hand-made samples, no engine ---
+
+ITEMS = 30  # validation items, and so baseline confidences
+
+
+def _world(catalog_url: str, baseline_confidences: list[float | None] | None):
+    """A deployment `d` of tenant `acme` serving m@1, a validation set of ITEMS text questions, and its baseline
+    replay with `baseline_confidences`; the monitor over it, with its real collaborators."""
+    from lorafleet.adapters.catalog import (
+        Adapter,
+        AdapterVersion,
+        Deployment,
+        Tenant,
+        ValidationRun,
+        ValidationSet,
+        open_catalog,
+    )
+    from lorafleet.adapters.store import BlobStore, LocalStore
+    from lorafleet.serve.drift.monitor import DriftMonitor
+    from lorafleet.serve.engine.client import EngineClient
+    from lorafleet.serve.metrics import Metrics
+    from lorafleet.serve.settings import Settings
+
+    _, sessions = open_catalog(catalog_url)
+    store, metrics = LocalStore(Path(tempfile.mkdtemp())), Metrics()
+    validation_store = BlobStore(store.root / "validation", ".jsonl")
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                                      {"role": "assistant", "content": str(2 * i)}]}) for i in range(ITEMS)]
+    digest = validation_store.put(("\n".join(lines) + "\n").encode())
+    with sessions() as session:
+        tenant = Tenant(name="acme", key_hash="k")
+        session.add(tenant)
+        session.flush()
+        version = AdapterVersion(adapter=Adapter(tenant_id=tenant.id, name="m"), version=1, digest="1" * 64, rank=8,
+                                 alpha=16, target_modules=["q_proj"], size_bytes=1)
+        validation = ValidationSet(tenant_id=tenant.id, digest=digest, metric="exact_match", items=ITEMS,
+                                   size_bytes=1)
+        deployment = Deployment(tenant_id=tenant.id, name="d", stable=version, validation_set=validation)
+        session.add(deployment)
+        session.flush()
+        session.add(ValidationRun(deployment_id=deployment.id, version_id=version.id,
+                                  validation_set_id=validation.id, variant="stable", kind="baseline", at=time.time(),
+                                  engine="e", score=1.0, scores=[1.0] * ITEMS,
+                                  outputs=[str(2 * i) for i in range(ITEMS)], output_tokens=[2] * ITEMS,
+                                  confidences=baseline_confidences, exact_match_rate=1.0))
+        session.commit()
+        ids = deployment.id, version.id
+    monitor = DriftMonitor(sessions, EngineClient(store, metrics), validation_store, metrics, Settings(base="x"),
+                           "none")
+    return monitor, sessions, ids
+
+
+def _sampled(sessions, deployment_id: int, confidences: list[float]) -> None:
+    """Answered live requests like the validation set's, one per confidence (as `DriftMonitor.keep` stores them)."""
+    from lorafleet.adapters.catalog import InputSample
+    from lorafleet.serve.drift.statistics import request_features
+
+    with sessions() as session:
+        session.add_all(InputSample(deployment_id=deployment_id, variant="stable", at=time.time(), ok=True,
+                                    features=request_features([{"role": "user", "content": f"What is {i} plus {i}?"}]),
+                                    output_tokens=2, empty=False, format_valid=None, confidence=c)
+                        for i, c in enumerate(confidences))
+        session.commit()
+
+
+def _logprobs(seed: int, n: int, mean: float, sd: float = 0.1) -> list[float]:
+    rng = random.Random(seed)
+    return [min(0.0, rng.gauss(mean, sd)) for _ in range(n)]
+
+
+def _gauge(monitor, name: str) -> float | None:
+    return monitor.metrics.registry.get_sample_value(name, {"tenant": "acme", "deployment": "d", "variant": "stable"})
+
+
+def test_answers_clearly_less_sure_than_the_baseline_trip_the_confidence_look(catalog_url):
+    from lorafleet.adapters.catalog import DriftCheck
+
+    monitor, sessions, (deployment_id, version_id) = _world(catalog_url, _logprobs(1, ITEMS, -0.3))
+    with sessions() as session:  # an older series of another kind: the confidence looks are numbered apart
+        session.add(DriftCheck(deployment_id=deployment_id, version_id=version_id, variant="stable", kind="output",
+                               at=time.time(), look=7, p=0.5, q=0.5, drifted=False))
+        session.commit()
+    _sampled(sessions, deployment_id, _logprobs(2, 40, -1.2, 0.2))
+    checks = {c.kind: c for c in monitor.look(only=deployment_id)}
+    assert set(checks) == {"input", "output", "confidence"}
+    low = checks["confidence"]
+    assert (low.drifted, low.look, low.variant, low.version_id) == (True, 1, "stable", version_id)
+    assert low.p < 1e-10 and low.q < 0.05 and not checks["output"].drifted and checks["output"].look == 8
+    n = low.numbers
+    assert (n["n"], n["n_baseline"]) == (40, ITEMS)
+    assert n["shift"] == pytest.approx(n["confidence_mean"] - n["baseline_confidence_mean"]) and n["shift"] < -0.7
+    assert low.message.startswith("DRIFT confidence of stable") and "lower (less sure)" in low.message
+    assert _gauge(monitor, "lorafleet_confidence_drift_alarm") == 1.0
+    assert _gauge(monitor, "lorafleet_confidence_drift_pvalue") == pytest.approx(low.p)
+    assert _gauge(monitor, "lorafleet_output_confidence_mean") == pytest.approx(low.numbers["confidence_mean"])
+
+    _sampled(sessions, deployment_id, _logprobs(3, 40, -1.2, 0.2))
+    [again] = [c for c in monitor.look(only=deployment_id) if c.kind == "confidence"]
+    assert again.look == 2 and again.drifted  # its own series: the second look spends less alpha
+
+
+def test_answers_as_sure_as_the_baseline_keep_the_confidence_look_quiet(catalog_url):
+    monitor, sessions, (deployment_id, _) = _world(catalog_url, _logprobs(1, ITEMS, -0.3))
+    _sampled(sessions, deployment_id, _logprobs(4, 40, -0.3))
+    [calm] = [c for c in monitor.look(only=deployment_id) if c.kind == "confidence"]
+    assert not calm.drifted and calm.p > 0.05 and calm.message.startswith("no drift: confidence of stable")
+    assert abs(calm.numbers["shift"]) < 0.1
+    assert _gauge(monitor, "lorafleet_confidence_drift_alarm") == 0.0
+
+
+@pytest.mark.parametrize("recorded", [None, [None] * ITEMS], ids=["before-confidences", "engine-gave-none"])
+def test_a_baseline_without_confidences_gives_no_confidence_look(catalog_url, recorded):
+    monitor, sessions, (deployment_id, _) = _world(catalog_url, recorded)
+    _sampled(sessions, deployment_id, _logprobs(2, 40, -1.2))
+    assert {c.kind for c in monitor.look(only=deployment_id)} == {"input", "output"}
+    assert _gauge(monitor, "lorafleet_confidence_drift_pvalue") is None
+
+
+def test_too_few_live_confidences_give_no_confidence_look(catalog_url):
+    from lorafleet.serve.drift.monitor import MIN_OUTPUT_SAMPLES
+
+    monitor, sessions, (deployment_id, _) = _world(catalog_url, _logprobs(1, ITEMS, -0.3))
+    _sampled(sessions, deployment_id, _logprobs(2, MIN_OUTPUT_SAMPLES - 1, -1.2))
+    _sampled(sessions, deployment_id, [None] * 10)  # answered, the engine gave no log-probabilities
+    assert "confidence" not in {c.kind for c in monitor.look(only=deployment_id)}
+
+
+def test_a_replay_records_each_items_confidence_on_its_run(catalog_url):
+    from lorafleet.adapters.catalog import ValidationRun
+    from lorafleet.serve.validation import Replay
+
+    monitor, sessions, (deployment_id, version_id) = _world(catalog_url, None)
+    replay = Replay("1" * 64, ["2", "4"], [2, 2], [1.0, 0.0], [-0.25, None])
+    run = monitor._record_run(deployment_id, "stable", version_id, replay, None, None, "e")
+    with sessions() as session:
+        assert session.get_one(ValidationRun, run.id).confidences == [-0.25, None]

@@ -9,7 +9,14 @@ import pytest
 from PIL import Image
 
 from lorafleet.chat import image_data_url
-from lorafleet.serve.drift.statistics import Reservoir, benjamini_hochberg, input_drift, request_features, spent_p
+from lorafleet.serve.drift.statistics import (
+    Reservoir,
+    benjamini_hochberg,
+    confidence_drift,
+    input_drift,
+    request_features,
+    spent_p,
+)
 
 
 def _request(brightness: int, size: int = 64, text: str = "What is in the image?") -> list[dict]:
@@ -96,3 +103,25 @@ def test_alarm_control_over_looks_and_deployments():
     assert spent_p(0.001, 10) > spent_p(0.001, 2)  # a late look needs a smaller p for the same alarm
     q = benjamini_hochberg({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.5})
     assert q == pytest.approx({"a": 0.04, "b": 0.04 * 4 / 3, "c": 0.04 * 4 / 3, "d": 0.5})
+
+
+def _logprobs(rng: random.Random, n: int, mean: float, sd: float = 0.1) -> list[float]:
+    return [min(0.0, rng.gauss(mean, sd)) for _ in range(n)]
+
+
+def test_a_confidence_drop_is_detected_and_named_as_a_drop():
+    rng = random.Random(2)
+    look = confidence_drift(_logprobs(rng, 40, -0.9, 0.2), _logprobs(rng, 30, -0.3))
+    assert look.p < 1e-6 and look.statistic > 0.9 and (look.n, look.n_baseline) == (40, 30)
+    assert look.shift == pytest.approx(look.mean - look.baseline_mean) and look.shift < -0.4
+    assert "lower (less sure) by 0.6" in look.message("canary", 3) and "(look 3)" in look.message("canary", 3)
+    assert "higher (surer)" in confidence_drift([-0.1] * 20, [-0.5, -0.6, -0.7]).message("stable", 1)
+
+
+def test_confidences_from_the_baseline_distribution_rarely_look_drifted():
+    rng = random.Random(3)
+    baseline = _logprobs(rng, 30, -0.3)
+    p_values = [confidence_drift(_logprobs(rng, 40, -0.3), baseline).p for _ in range(20)]
+    assert sum(p < 0.01 for p in p_values) <= 1
+    with pytest.raises(ValueError, match="both sides"):
+        confidence_drift([-0.2] * 20, [])

@@ -4,20 +4,32 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
+import numpy as np
 import pytest
+from scipy import stats
 
 from lorafleet.serve.rollouts.state import CanaryView, RolloutStart, plan_tick
 from lorafleet.serve.rollouts.statistics import (
     Limits,
+    Moments,
     Status,
     VariantSamples,
     assess_step,
+    bounded_difference,
+    bounded_difference_se,
+    bounded_mean,
     compare_variants,
+    confidence_difference,
+    difference_ci,
+    feedback_harm,
     look_alpha,
     paired_gate,
     proportion_harm,
     sample_ratio,
+    welch_difference,
+    welch_mean,
     worst,
 )
 
@@ -164,3 +176,134 @@ def test_a_format_failure_names_the_rollback_even_when_the_candidate_is_also_slo
     assessment = assess_step(slow_broken, _samples(600, seed=1), {"canary": 10, "stable": 90}, 1, LIMITS, True)
     assert (assessment.outcome, assessment.reason) == ("rollback", "FormatValidityRegressed")
     assert [m.metric for m in assessment.measurements if m.status is Status.FAILED] == ["format_validity", "latency"]
+
+
+# --- feedback (values on [0, 1]) and confidence (mean token log-probabilities) ---
+
+FEEDBACK = Limits(min_requests=50, feedback_rollback=True, feedback_min=30, feedback_margin=0.05)
+
+
+def _thumbs(n: int, up: float, seed: int = 0) -> list[float]:
+    """n thumbs (0 or 1) with exactly round(n * up) up."""
+    values = [1.0] * round(n * up) + [0.0] * (n - round(n * up))
+    random.Random(seed).shuffle(values)
+    return values
+
+
+@pytest.mark.parametrize(("x_c", "n_c", "x_s", "n_s"), [(1, 3, 2, 3), (0, 1, 1, 1), (7, 7, 0, 12), (30, 100, 45, 90)])
+def test_bounded_difference_of_thumbs_is_agresti_caffo(x_c, n_c, x_s, n_s):
+    candidate, stable = Moments.of(_thumbs(n_c, x_c / n_c)), Moments.of(_thumbs(n_s, x_s / n_s, seed=1))
+    assert bounded_difference_se(candidate, stable) == pytest.approx(difference_ci(x_c, n_c, x_s, n_s), abs=1e-12)
+
+
+def test_one_or_all_equal_feedback_values_keep_a_proper_interval():
+    one = bounded_mean(Moments.of([1.0]))
+    assert one.value == 1.0 and 0 < one.low < 0.5 and one.high == 1.0  # not [1, 1] from one vote
+    flat = bounded_mean(Moments.of([0.5] * 10))
+    assert flat.value == 0.5 and flat.low < 0.5 < flat.high
+    diff = bounded_difference(Moments.of([1.0]), Moments.of([1.0]))
+    assert diff.value == 0.0 and diff.low < 0 < diff.high and -1 <= diff.low and diff.high <= 1
+    assert bounded_mean(Moments()) is None and bounded_difference(Moments(), Moments.of([1.0])) is None
+
+
+def test_bounded_intervals_cover_the_true_mean_about_95_percent_of_the_time():
+    rng = np.random.default_rng(0)
+    means, diffs, runs = 0, 0, 2000
+    for _ in range(runs):
+        a, b = rng.beta(4, 2, size=25), rng.beta(2, 2, size=40)  # true means 2/3 and 1/2
+        mean, diff = bounded_mean(Moments.of(a)), bounded_difference(Moments.of(a), Moments.of(b))
+        means += mean.low <= 2 / 3 <= mean.high
+        diffs += diff.low <= 1 / 6 <= diff.high
+    assert 0.93 < means / runs < 0.985 and 0.93 < diffs / runs < 0.985
+
+
+def test_welch_intervals_match_scipy_and_need_two_values():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(-0.8, 0.3, size=12), rng.normal(-0.5, 0.1, size=30)
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    diff = welch_difference(Moments.of(a), Moments.of(b))
+    assert (diff.value, diff.low, diff.high) == pytest.approx((a.mean() - b.mean(), ci.low, ci.high), rel=1e-9)
+    mean = welch_mean(Moments.of(a))
+    low, high = stats.t.interval(0.95, len(a) - 1, loc=a.mean(), scale=stats.sem(a))
+    assert (mean.low, mean.high) == pytest.approx((low, high), rel=1e-9)
+    assert welch_mean(Moments.of([-1.0])) is None and welch_difference(Moments.of([-1.0]), Moments.of(a)) is None
+    constant = welch_difference(Moments.of([-0.5] * 3), Moments.of([-0.2] * 4))
+    assert (constant.low, constant.high) == pytest.approx((-0.3, -0.3))
+
+
+def test_clearly_worse_feedback_rolls_the_canary_back():
+    canary = replace(_samples(100), feedback=_thumbs(40, 0.3))
+    stable = replace(_samples(100, seed=1), feedback=_thumbs(200, 0.8, seed=1))
+    result = assess_step(canary, stable, {"canary": 50, "stable": 50}, 1, FEEDBACK, may_advance=True)
+    assert (result.outcome, result.reason) == ("rollback", "FeedbackRegressed")
+    failed = next(m for m in result.measurements if m.metric == "feedback")
+    assert (failed.n_candidate, failed.n_stable) == (40, 200) and failed.p < failed.alpha
+    assert failed.effect == pytest.approx(-0.5, abs=0.03) and failed.interval[1] < 0
+
+
+def test_feedback_below_its_minimum_neither_rolls_back_nor_holds_the_step():
+    canary = replace(_samples(100), feedback=_thumbs(29, 0.0))  # all thumbs down, but one short of feedback_min
+    stable = replace(_samples(100, seed=1), feedback=_thumbs(200, 0.9, seed=1))
+    result = assess_step(canary, stable, {"canary": 50, "stable": 50}, 1, FEEDBACK, may_advance=True)
+    assert result.outcome == "advance"
+    pending = next(m for m in result.measurements if m.metric == "feedback")
+    assert (pending.status, pending.reason) == (Status.PENDING, "SampleTooSmall")
+    no_feedback = assess_step(_samples(100), _samples(100, seed=1), {"canary": 50, "stable": 50}, 1, FEEDBACK, True)
+    assert no_feedback.outcome == "advance"  # a step never waits for feedback
+
+
+def test_slightly_worse_feedback_within_the_margin_is_not_harm():
+    m = feedback_harm(_thumbs(2000, 0.78), _thumbs(2000, 0.80, seed=1), 0.01, FEEDBACK)
+    assert (m.status, m.reason) == (Status.SUCCESSFUL, "NoHarmDetected")
+    assert m.effect == pytest.approx(-0.02, abs=1e-3)
+    beyond = feedback_harm(_thumbs(2000, 0.70), _thumbs(2000, 0.80, seed=1), 0.01, FEEDBACK)
+    assert beyond.status is Status.FAILED  # the same sample sizes detect a drop beyond the margin
+    graded = feedback_harm([0.6] * 500, [0.9] * 500, 0.01, FEEDBACK)  # scores on [0, 1], not only thumbs
+    assert graded.status is Status.FAILED
+
+
+def test_feedback_joins_the_alpha_split_only_when_enabled():
+    canary = replace(_samples(100), feedback=_thumbs(40, 0.8), confidences=[-0.2, -0.3])
+    stable = replace(_samples(100, seed=1), feedback=_thumbs(40, 0.8, seed=1), confidences=[-0.2, -0.25])
+    first_look = look_alpha(FEEDBACK.alpha, 1)
+    on = assess_step(canary, stable, {"canary": 50, "stable": 50}, 1, FEEDBACK, True)
+    off = assess_step(canary, stable, {"canary": 50, "stable": 50}, 1, replace(FEEDBACK, feedback_rollback=False), True)
+    # error rate, format validity, latency (+ feedback); never the informational confidence
+    assert {m.alpha for m in on.measurements if m.metric in ("error_rate", "latency", "feedback")} == {first_look / 4}
+    assert {m.alpha for m in off.measurements if m.metric in ("error_rate", "latency")} == {first_look / 3}
+    assert "feedback" in [m.metric for m in on.measurements]
+    assert "feedback" not in [m.metric for m in off.measurements]
+
+
+def test_much_lower_confidence_is_reported_but_never_fails_or_holds():
+    canary = replace(_samples(100), confidences=[-3.0 + 0.01 * i for i in range(100)])
+    stable = replace(_samples(100, seed=1), confidences=[-0.1 - 0.001 * i for i in range(100)])
+    result = assess_step(canary, stable, {"canary": 50, "stable": 50}, 1, LIMITS, may_advance=True)
+    assert result.outcome == "advance"
+    m = next(m for m in result.measurements if m.metric == "confidence")
+    assert (m.status, m.reason, m.extra) == (Status.SUCCESSFUL, "Informational", {"informational": True})
+    assert m.effect == pytest.approx(-2.3555) and m.interval[1] < 0 and m.p < 1e-10 and m.alpha is None
+    few = confidence_difference([-1.0], [-0.5, -0.6])
+    assert (few.status, few.effect, few.interval) == (Status.SUCCESSFUL, None, None)
+    json.dumps(few.to_dict(), allow_nan=False)
+
+
+def test_ab_comparison_reports_feedback_and_confidence_differences():
+    control = replace(_samples(40), feedback=_thumbs(50, 0.8), confidences=[-0.2, -0.4] * 20)
+    other = replace(_samples(40, seed=1), feedback=_thumbs(50, 0.4, seed=1), confidences=[-0.9, -1.1] * 20)
+    compared = compare_variants(control, other)
+    assert compared["confidence"] == 0.95  # the level, as before
+    low, high = compared["feedback"]["interval"]
+    assert compared["feedback"]["diff"] == pytest.approx(-0.4) and low < -0.4 < high < 0
+    assert compared["logprob"]["diff"] == pytest.approx(-0.7) and compared["logprob"]["interval"][1] < 0
+    assert "feedback" not in compare_variants(control, _samples(40))  # no feedback on one side: no difference
+
+
+def test_rollouts_started_before_feedback_existed_validate_to_the_defaults():
+    old = RolloutStart.model_validate({"to": "m@2", "steps": [10.0, 100.0], "min_requests": 100, "alpha": 0.05})
+    limits = old.limits()
+    assert (limits.feedback_rollback, limits.feedback_min, limits.feedback_margin) == (False, 30, 0.05)
+    new = RolloutStart(to="m@2", feedback_rollback=True, feedback_min=5, feedback_margin=0.1).limits()
+    assert (new.feedback_rollback, new.feedback_min, new.feedback_margin) == (True, 5, 0.1)
+    with pytest.raises(ValueError, match="feedback_min"):
+        RolloutStart(to="m@2", feedback_min=0)
