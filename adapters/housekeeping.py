@@ -1,5 +1,5 @@
 """Garbage collection: orphan blobs, temporary and scratch entries past an age bound, and catalog history past its
-retention.
+retention; captured requests past their deployment's retention, with the images only they referenced.
 
 A blob that a row references is never removed: the referenced digests are read first, and each delete takes its
 last look at the catalog with the blob out of sight (the race rules of `lorafleet.adapters.store`). The age bound
@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 from typing import cast
 
-from sqlalchemy import ColumnElement, CursorResult, and_, delete, func, or_, select
+from sqlalchemy import ColumnElement, CursorResult, Text, and_, delete, false, func, not_, or_, select
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.orm import aliased, sessionmaker
 
 from lorafleet.adapters.catalog import (
     AdapterVersion,
+    Capture,
     Decision,
     Deployment,
     DriftCheck,
+    Feedback,
+    RequestRecord,
     Rollout,
     RolloutSample,
     ValidationRun,
@@ -33,13 +38,15 @@ from lorafleet.adapters.catalog import (
 from lorafleet.adapters.registry import digest_in_use
 from lorafleet.adapters.store import AdapterStore, BlobStorage, BlobStore, LocalStore, last_changed
 
-__all__ = ["GC_LEASE", "BATCH_ROWS", "Retention", "Removed", "GcReport", "collect_garbage"]
+__all__ = ["GC_LEASE", "BATCH_ROWS", "Retention", "Removed", "GcReport", "collect_garbage", "delete_captures",
+           "capture_image_in_use"]
 
 GC_LEASE = "gc"  # the fleet-wide lease (`lorafleet.adapters.leases`) of whoever collects garbage now
 BATCH_ROWS = 10_000  # rows per delete statement: a big table never holds one long transaction
 DAY_S = 86400.0
 
-_History = type[RolloutSample] | type[Decision] | type[DriftCheck] | type[ValidationRun]
+_History = (type[RolloutSample] | type[Decision] | type[DriftCheck] | type[ValidationRun] | type[RequestRecord]
+            | type[Feedback])
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,8 @@ class Retention:
     decisions_days: float = 0.0
     drift_checks_days: float = 0.0
     validation_runs_days: float = 0.0
+    requests_days: float = 0.0  # the request log
+    feedback_days: float = 0.0
     temp_age_s: float = DAY_S
 
     def __post_init__(self) -> None:
@@ -79,27 +88,38 @@ class GcReport:
     temp_entries: Removed  # the stores' half-written puts and half-done deletes
     scratch_entries: Removed  # what uploads left in the scratch folders
     rows: Mapping[str, int]  # table name -> rows past retention
+    capture_images: Removed | None = None  # orphan images and those of expired captures; None: no capture store
 
     def kinds(self) -> dict[str, Removed]:
         """Every kind by name: files first, then each table's rows."""
         files = {"adapter_blobs": self.adapter_blobs, "validation_blobs": self.validation_blobs,
                  "temp_entries": self.temp_entries, "scratch_entries": self.scratch_entries}
+        if self.capture_images is not None:
+            files["capture_images"] = self.capture_images
         return files | {table: Removed(count) for table, count in self.rows.items()}
 
 
 def collect_garbage(sessions: sessionmaker, store: AdapterStore, validation_store: BlobStorage, tmp_dirs: list[Path],
-                    retention: Retention, now: float, dry_run: bool = False) -> GcReport:
+                    retention: Retention, now: float, dry_run: bool = False,
+                    capture_store: BlobStorage | None = None) -> GcReport:
     """Remove (in a dry run, only count) unreferenced blobs and temporary entries older than the age bound, and
-    catalog history older than its retention, as of `now` (epoch seconds)."""
+    catalog history older than its retention, as of `now` (epoch seconds); with the capture store, also captures
+    past their deployment's retention (or of a deployment that stopped capturing) and orphan capture images."""
     before = now - retention.temp_age_s
     rows = _apply_retention(sessions, retention, now, dry_run)
+    temp = _temp_entries(store, before, dry_run) + _temp_entries(validation_store, before, dry_run)
+    capture_images = None
+    if capture_store is not None:
+        rows["captures"], capture_images = delete_captures(sessions, capture_store, _expired_captures(sessions, now),
+                                                           dry_run)
+        capture_images += _orphan_capture_images(sessions, capture_store, before, dry_run)
+        temp += _temp_entries(capture_store, before, dry_run)
     return GcReport(dry_run=dry_run,
                     adapter_blobs=_orphan_adapter_blobs(sessions, store, before, dry_run),
                     validation_blobs=_orphan_validation_blobs(sessions, validation_store, before, dry_run),
-                    temp_entries=(_temp_entries(store, before, dry_run)
-                                  + _temp_entries(validation_store, before, dry_run)),
+                    temp_entries=temp,
                     scratch_entries=sum((_scratch_entries(d, before, dry_run) for d in tmp_dirs), Removed()),
-                    rows=rows)
+                    rows=rows, capture_images=capture_images)
 
 
 # --- files ---
@@ -140,6 +160,74 @@ def _orphan_validation_blobs(sessions: sessionmaker, store: BlobStorage, before:
                                    if_unmodified_since=changed):
             removed += Removed(1, size)
     return removed
+
+
+def capture_image_in_use(sessions: sessionmaker, digest: str) -> bool:
+    """Whether any capture references the image (its digest inside the JSON list: no portable JSON query)."""
+    with sessions() as session:
+        listed = sql_cast(Capture.images, Text)
+        return session.scalar(select(Capture.id).where(listed.contains(digest)).limit(1)) is not None
+
+
+def _delete_image(sessions: sessionmaker, images: BlobStorage, digest: str, put_since: float) -> Removed:
+    """Delete one capture image unless a capture references it at the last look, or it was put after `put_since`
+    (a capture whose row is not committed yet)."""
+    size = _tree_bytes(images.path(digest)) if isinstance(images, BlobStore) else 0
+    if images.delete(digest, keep=partial(capture_image_in_use, sessions, digest), if_unmodified_since=put_since):
+        return Removed(1, size)
+    return Removed()
+
+
+def _orphan_capture_images(sessions: sessionmaker, images: BlobStorage, before: float, dry_run: bool) -> Removed:
+    with sessions() as session:
+        referenced = {d for listed in session.scalars(select(Capture.images).execution_options(yield_per=1000))
+                      for d in listed}
+    removed = Removed()
+    for digest, changed in list(images.digests()):
+        if digest in referenced or changed >= before:
+            continue
+        if dry_run:
+            removed += Removed(1, _tree_bytes(images.path(digest)) if isinstance(images, BlobStore) else 0)
+        else:
+            removed += _delete_image(sessions, images, digest, changed)
+    return removed
+
+
+def delete_captures(sessions: sessionmaker, images: BlobStorage, where: ColumnElement[bool],
+                    dry_run: bool = False) -> tuple[int, Removed]:
+    """Delete the captures `where` selects, BATCH_ROWS per transaction, then the images that no remaining capture
+    references; (captures, images) removed. A dry run counts the captures only: their images are orphans then."""
+    if dry_run:
+        with sessions() as session:
+            return session.scalar(select(func.count()).select_from(Capture).where(where)) or 0, Removed()
+    started = time.time()  # an image put since may belong to a capture being written: it stays (gc's orphan later)
+    total, freed = 0, set()
+    while True:
+        with sessions() as session:
+            rows = session.execute(select(Capture.id, Capture.images).where(where).order_by(Capture.id)
+                                   .limit(BATCH_ROWS)).all()
+            if rows:
+                session.execute(delete(Capture).where(Capture.id.in_([row.id for row in rows]))
+                                .execution_options(synchronize_session=False))
+                session.commit()
+        total += len(rows)
+        freed |= {digest for row in rows for digest in row.images}
+        if len(rows) < BATCH_ROWS:
+            break
+    removed = sum((_delete_image(sessions, images, d, started) for d in sorted(freed)), Removed())
+    return total, removed
+
+
+def _expired_captures(sessions: sessionmaker, now: float) -> ColumnElement[bool]:
+    """Captures older than their deployment's `retention_days`, and every capture of a deployment that no longer
+    captures (opted out, or gone) made before this look at the policies."""
+    looked_at = time.time()  # a deployment that opts in after this look keeps what it captures from then on
+    with sessions() as session:
+        policies = {id_: policy for id_, policy in session.execute(select(Deployment.id, Deployment.capture))
+                    if policy}
+    kept = [and_(Capture.deployment_id == id_, Capture.at >= now - policy["retention_days"] * DAY_S)
+            for id_, policy in policies.items()]
+    return and_(Capture.at < looked_at, not_(or_(false(), *kept)))
 
 
 def _temp_entries(store: AdapterStore | BlobStorage, before: float, dry_run: bool) -> Removed:
@@ -200,6 +288,10 @@ def _apply_retention(sessions: sessionmaker, retention: Retention, now: float, d
         cutoff = now - retention.validation_runs_days * DAY_S
         rules.append((ValidationRun, and_(ValidationRun.kind == "check", ValidationRun.at < cutoff,
                                           ValidationRun.id.not_in(_newest_replays()))))
+    if retention.requests_days:
+        rules.append((RequestRecord, RequestRecord.at < now - retention.requests_days * DAY_S))
+    if retention.feedback_days:
+        rules.append((Feedback, Feedback.at < now - retention.feedback_days * DAY_S))
     return {table.__tablename__: _purge(sessions, table, where, dry_run) for table, where in rules}
 
 

@@ -67,6 +67,19 @@ class _ProgressReader(io.RawIOBase):
         return chunk
 
 
+def _raise_for_error(response: httpx.Response) -> None:
+    if response.is_error:
+        try:
+            error = response.json()["error"]
+            raise ApiError(response.status_code, error["message"], error.get("code"))
+        except (ValueError, KeyError, TypeError):
+            raise ApiError(response.status_code, response.text[:300], None) from None
+
+
+def _given(params: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in params.items() if value is not None}
+
+
 class LorafleetClient:
     """Thin calls to the gateway; every non-2xx answer raises ApiError."""
 
@@ -79,12 +92,7 @@ class LorafleetClient:
             response = self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise ServerUnreachable(f"cannot reach {self.http.base_url}: {exc}") from exc
-        if response.is_error:
-            try:
-                error = response.json()["error"]
-                raise ApiError(response.status_code, error["message"], error.get("code"))
-            except (ValueError, KeyError, TypeError):
-                raise ApiError(response.status_code, response.text[:300], None) from None
+        _raise_for_error(response)
         return response.json()
 
     def create_tenant(self, name: str) -> dict:
@@ -222,3 +230,53 @@ class LorafleetClient:
 
     def drift_sampling(self, enabled: bool) -> dict:
         return self._call("PUT", "/v1/drift/sampling", json={"sample_inputs": enabled})
+
+    # --- the feedback loop ---
+
+    def send_feedback(self, request_id: str, score: float, correction: str | None = None, comment: str = "") -> dict:
+        return self._call("POST", "/v1/feedback", json={"id": request_id, "score": score, "correction": correction,
+                                                         "comment": comment})
+
+    def feedback(self, **params: Any) -> dict:
+        """A page of feedback: deployment, since, until, cursor, limit."""
+        return self._call("GET", "/v1/feedback", params=_given(params))
+
+    def requests(self, **params: Any) -> dict:
+        """A page of the request log: deployment, since, until, cursor, limit."""
+        return self._call("GET", "/v1/requests", params=_given(params))
+
+    def set_capture(self, deployment: str, policy: dict) -> dict:
+        return self._call("PUT", f"/v1/deployments/{deployment}/capture", json=policy)
+
+    def capture_status(self, deployment: str) -> dict:
+        return self._call("GET", f"/v1/deployments/{deployment}/capture")
+
+    def capture_off(self, deployment: str) -> dict:
+        return self._call("DELETE", f"/v1/deployments/{deployment}/capture")
+
+    def captures(self, **params: Any) -> dict:
+        """A page of captures: deployment, since, until, cursor, limit."""
+        return self._call("GET", "/v1/captures", params=_given(params))
+
+    def delete_captures(self, **params: Any) -> dict:
+        """Delete captures: deployment, since, until (none: all of them)."""
+        return self._call("DELETE", "/v1/captures", params=_given(params))
+
+    def delete_capture(self, request_id: str) -> dict:
+        return self._call("DELETE", f"/v1/captures/{request_id}")
+
+    def export_captures(self, deployment: str, out: BinaryIO, **params: Any) -> tuple[int, httpx.Headers]:
+        """Stream a deployment's captures as chat JSONL into `out`: (lines written, the response's headers)."""
+        lines = 0
+        try:
+            with self.http.stream("GET", f"/v1/deployments/{deployment}/captures/export",
+                                  params=_given(params)) as response:
+                if response.is_error:
+                    response.read()
+                    _raise_for_error(response)
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+                    lines += chunk.count(b"\n")  # the server ends every line with one
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"cannot reach {self.http.base_url}: {exc}") from exc
+        return lines, response.headers

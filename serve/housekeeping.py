@@ -35,22 +35,26 @@ def retention_of(settings: Settings) -> Retention:
                      decisions_days=settings.retention_decisions_days,
                      drift_checks_days=settings.retention_drift_checks_days,
                      validation_runs_days=settings.retention_validation_runs_days,
+                     requests_days=settings.retention_requests_days, feedback_days=settings.retention_feedback_days,
                      temp_age_s=settings.gc_temp_age_s)
 
 
 class GarbageCollector:
-    """Collects garbage when it holds the "gc" lease: periodically in a gateway, or once from the CLI."""
+    """Collects garbage when it holds the "gc" lease: periodically in a gateway, or once from the CLI. Without a
+    capture store, captured requests and their images are left alone."""
 
     def __init__(self, sessions: sessionmaker, store: AdapterStore, validation_store: BlobStorage,
-                 tmp_dirs: list[Path], settings: Settings, owner: str, metrics: Metrics | None = None) -> None:
+                 tmp_dirs: list[Path], settings: Settings, owner: str, metrics: Metrics | None = None,
+                 capture_store: BlobStorage | None = None) -> None:
         self.sessions, self.store, self.validation_store = sessions, store, validation_store
         self.tmp_dirs, self.settings, self.owner, self.metrics = tmp_dirs, settings, owner, metrics
+        self.capture_store = capture_store
         self.retention = retention_of(settings)  # checked now: a negative setting fails at start, not at a run
 
     def collect(self, now: float | None = None, dry_run: bool = False) -> GcReport:
         """One collection, without the lease (a dry run needs none: it deletes nothing)."""
         return collect_garbage(self.sessions, self.store, self.validation_store, self.tmp_dirs, self.retention,
-                               time.time() if now is None else now, dry_run=dry_run)
+                               time.time() if now is None else now, dry_run=dry_run, capture_store=self.capture_store)
 
     def run_once(self, every_s: float = 0.0, now: float | None = None) -> GcReport | None:
         """One collection if this process gets the lease; None if another holds it, or the fleet's last run

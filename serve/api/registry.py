@@ -29,6 +29,7 @@ from lorafleet.adapters.registry import (
 from lorafleet.adapters.schemas import (
     AdapterPublic,
     AdapterVersionPublic,
+    CapturePolicy,
     DeploymentPublic,
     DeploymentPut,
     ValidationSetPublic,
@@ -59,7 +60,8 @@ def deployment_public(deployment: Deployment) -> DeploymentPublic:
                             updated_at=deployment.updated_at, answer_format=deployment.answer_format,
                             previous_adapter=f"{previous.adapter.name}@{previous.version}" if previous else None,
                             validation_set=ValidationSetPublic.model_validate(validation) if validation else None,
-                            rollout_id=deployment.rollout_id)
+                            rollout_id=deployment.rollout_id,
+                            capture=CapturePolicy.model_validate(deployment.capture) if deployment.capture else None)
 
 
 async def prepare_engine(gateway: Gateway, session: Session, versions: Sequence[AdapterVersion]) -> None:

@@ -6,6 +6,7 @@
 - `training`  train, eval, quantize, tiny-model
 - `db`        db current, upgrade, backup (the catalog database itself)
 - `housekeeping` gc
+- `feedback`  feedback, requests, capture (the feedback loop)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Annotated
 import typer
 
 from lorafleet import __version__
-from lorafleet.serve.cli import db, drift, housekeeping, registry, rollouts, server, tenants, training
+from lorafleet.serve.cli import db, drift, feedback, housekeeping, registry, rollouts, server, tenants, training
 from lorafleet.serve.cli.common import Commands
 
 __all__ = ["app"]
@@ -51,3 +52,6 @@ app.add_typer(rollouts.ab, name="ab")
 app.add_typer(drift.drift, name="drift")
 app.add_typer(db.db, name="db")
 app.command("gc")(housekeeping.gc)
+app.add_typer(feedback.feedback, name="feedback")
+app.command("requests")(feedback.requests)
+app.add_typer(feedback.capture, name="capture")

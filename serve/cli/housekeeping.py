@@ -16,16 +16,21 @@ from lorafleet.serve.cli.common import console
 __all__ = ["gc"]
 
 _NAMES = {"adapter_blobs": "orphan adapter blobs", "validation_blobs": "orphan validation sets",
-          "temp_entries": "temporary store entries", "scratch_entries": "scratch entries"}
+          "temp_entries": "temporary store entries", "scratch_entries": "scratch entries",
+          "capture_images": "capture images (orphans, and of expired captures)"}
+# the history that LORAFLEET_RETENTION_*_DAYS of 0 keeps (the request log has a default retention; captures have
+# their deployment's)
+_HISTORY = {"rollout_samples", "decisions", "drift_checks", "validation_runs"}
 
 
 def gc(dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would be removed.")] = False,
        home: Annotated[Optional[Path], typer.Option(help="State folder (catalog, adapters, logs).")] = None) -> None:
-    """Remove orphan blobs, old temporary and scratch entries, and catalog history past LORAFLEET_RETENTION_*."""
+    """Remove orphan blobs, old temporary and scratch entries, catalog history past LORAFLEET_RETENTION_*, and
+    captured requests past their deployment's retention."""
     from sqlalchemy.engine import make_url
 
     from lorafleet.adapters.catalog import open_catalog
-    from lorafleet.serve.gateway import open_stores, scratch_dir
+    from lorafleet.serve.gateway import open_capture_store, open_stores, scratch_dir
     from lorafleet.serve.housekeeping import GarbageCollector
     from lorafleet.serve.rollouts.reconciler import new_gateway_id
     from lorafleet.serve.settings import Settings
@@ -36,7 +41,7 @@ def gc(dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what w
         _, sessions = open_catalog(settings.database_url)
         store, validation_store = open_stores(settings)
         collector = GarbageCollector(sessions, store, validation_store, [scratch_dir(settings)], settings,
-                                     owner=f"cli:{new_gateway_id()}")
+                                     owner=f"cli:{new_gateway_id()}", capture_store=open_capture_store(settings))
         console.print(f"catalog {make_url(settings.database_url).render_as_string()}, store {settings.store_url}",
                       highlight=False, soft_wrap=True)
         report = collector.collect(dry_run=True) if dry_run else collector.run_once()
@@ -46,8 +51,9 @@ def gc(dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what w
         raise LorafleetError('another garbage collection is running (it holds the fleet\'s "gc" lease): '
                              "try again later")
     console.print(_table(report))
-    if not report.rows:
-        console.print("catalog history is kept: no LORAFLEET_RETENTION_*_DAYS is set")
+    if not _HISTORY & set(report.rows):
+        console.print("catalog history is kept (rollout samples, decisions, drift checks, validation runs): no "
+                      "LORAFLEET_RETENTION_*_DAYS is set for it")
 
 
 def _require_catalog(url: str) -> None:

@@ -80,7 +80,7 @@ def parse_time(value: str | None, name: str) -> float | None:
 def _cursor(value: str | None) -> int | None:
     if value is None or value == "":
         return None
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit() and len(value) <= 18):  # an id, as `next_cursor` gives it
         raise InvalidRequest(f"invalid cursor {value!r}: pass the next_cursor of the previous page",
                              code="invalid_cursor")
     return int(value)

@@ -138,6 +138,9 @@ def test_pages_go_from_newest_to_oldest_within_the_time_range(catalog):
         assert [r.id for r in second.data] == [ids[2], ids[1]] and second.next_cursor is None
         assert [r.id for r in request_page(session, tenant, TimeRange(until=101.0), None, None, 10).data] == ids[:1]
         assert request_page(session, tenant, TimeRange(), "other-deployment", None, 10).data == []
+        for bad in ("x", "²", "9" * 40, "-1"):
+            with pytest.raises(InvalidRequest, match="invalid cursor"):
+                request_page(session, tenant, TimeRange(), None, bad, 10)
         data, cursor = feedback_page(session, tenant, TimeRange(), "d", None, 10)
         assert [f.id for f in data] == [ids[3]] and cursor is None
 
