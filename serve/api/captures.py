@@ -106,7 +106,7 @@ def _summary(plan: ExportPlan) -> dict[str, str]:
                              "content": {EXPORT_MEDIA_TYPE: {"schema": {"type": "string"}}}}})
 def export_captures(deployment: str, gateway: GatewayDep, session: SessionDep, tenant: CurrentTenant,
                     with_feedback: bool = False, corrections_only: bool = False,
-                    lowest_confidence: Annotated[int | None, Query(ge=1)] = None,
+                    lowest_confidence: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
                     review: bool = False) -> StreamingResponse:
     """The deployment's captures as the trainer's chat JSONL: corrections replace answers, negative feedback
     without one is left out (or, with `review`, marked for review); `with_feedback`, `corrections_only` and
