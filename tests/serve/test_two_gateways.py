@@ -119,7 +119,9 @@ def test_drift_looks_and_scheduled_replays_run_once_for_the_fleet(fleet, tenant,
     runs, checks = history()
     assert [r.kind for r in runs].count("baseline") == 1  # both gateways found the version without one
     times = [r.at for r in runs if r.kind == "check"]
-    assert all(later - earlier >= 0.9 * REPLAY_S for earlier, later in zip(times, times[1:])), times
+    # a run's `at` is when its replay ended, which moves with each replay's own duration (seconds here, under
+    # load); two gateways replaying one period would record runs moments apart
+    assert all(later - earlier >= 0.5 * REPLAY_S for earlier, later in zip(times, times[1:])), times
     assert checks, "no drift look ran"
     for kind in ("input", "output"):
         looks = [c.look for c in checks if c.kind == kind and c.variant == checks[0].variant]
