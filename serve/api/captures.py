@@ -16,6 +16,7 @@ from lorafleet.adapters.errors import NotFound
 from lorafleet.adapters.registry import get_deployment
 from lorafleet.adapters.schemas import CapturePage, CapturePolicy, CapturesDeleted, CaptureStatus, DeploymentPublic
 from lorafleet.serve.api.dependencies import CurrentTenant, GatewayDep, SessionDep, release_connection
+from lorafleet.serve.api.feedback import Limit, Since, Until, time_range
 from lorafleet.serve.api.registry import deployment_public
 from lorafleet.serve.feedback.capture import (
     CaptureSelection,
@@ -26,7 +27,6 @@ from lorafleet.serve.feedback.capture import (
     set_policy,
 )
 from lorafleet.serve.feedback.export import LEFT_OUT, ExportOptions, ExportPlan, export_lines, plan_export
-from lorafleet.serve.feedback.records import MAX_PAGE, TimeRange, parse_time
 
 __all__ = ["router", "EXPORT_MEDIA_TYPE"]
 
@@ -34,13 +34,10 @@ router = APIRouter(prefix="/v1")
 
 EXPORT_MEDIA_TYPE = "application/x-ndjson"
 
-Since = Annotated[str | None, Query(description="from this time on: epoch seconds or ISO 8601")]
-Until = Annotated[str | None, Query(description="before this time: epoch seconds or ISO 8601")]
-Limit = Annotated[int, Query(ge=1, le=MAX_PAGE)]
 
 
 def _selection(deployment: str | None, since: str | None, until: str | None) -> CaptureSelection:
-    return CaptureSelection(deployment, TimeRange(parse_time(since, "since"), parse_time(until, "until")))
+    return CaptureSelection(deployment, time_range(since, until))
 
 
 @router.put("/deployments/{deployment}/capture")

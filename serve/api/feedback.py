@@ -24,7 +24,7 @@ from lorafleet.serve.feedback.records import (
     request_page,
 )
 
-__all__ = ["router"]
+__all__ = ["router", "Since", "Until", "Limit", "time_range"]
 
 router = APIRouter(prefix="/v1")
 
@@ -33,7 +33,8 @@ Until = Annotated[str | None, Query(description="before this time: epoch seconds
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE)]
 
 
-def _times(since: str | None, until: str | None) -> TimeRange:
+def time_range(since: str | None, until: str | None) -> TimeRange:
+    """The `since`/`until` query parameters of the listing routes (feedback, requests, captures)."""
     return TimeRange(parse_time(since, "since"), parse_time(until, "until"))
 
 
@@ -58,7 +59,7 @@ async def post_feedback(body: FeedbackCreate, request: Request, gateway: Gateway
 def list_feedback(session: SessionDep, tenant: CurrentTenant, since: Since = None, until: Until = None,
                   deployment: str | None = None, cursor: str | None = None, limit: Limit = 100) -> dict:
     """Your feedback, newest first; `next_cursor` pages on."""
-    data, next_cursor = feedback_page(session, tenant, _times(since, until), deployment, cursor, limit)
+    data, next_cursor = feedback_page(session, tenant, time_range(since, until), deployment, cursor, limit)
     return {"data": [row.model_dump(mode="json") for row in data], "next_cursor": next_cursor}
 
 
@@ -67,4 +68,4 @@ def list_requests(session: SessionDep, tenant: CurrentTenant, since: Since = Non
                   deployment: str | None = None, cursor: str | None = None, limit: Limit = 100) -> RequestPage:
     """Your request log, newest first: time, key id, deployment, variant, adapter, tokens, status, latency,
     confidence and feedback of every chat request; `next_cursor` pages on."""
-    return request_page(session, tenant, _times(since, until), deployment, cursor, limit)
+    return request_page(session, tenant, time_range(since, until), deployment, cursor, limit)
