@@ -7,8 +7,12 @@ directly. Each round runs every client count against both sides, alternating whi
 both sides must have gone idle. The table reports medians with [min–max] over rounds, and the median of the
 per-round ratios (gateway ÷ vLLM alone), plus each side's CPU per request and the gateway process's own share.
 
+The gateway asks the engine for the answers' token log-probabilities (`LORAFLEET_RECORD_CONFIDENCE`, on by
+default), so vLLM alone is asked for them too: both sides do the same engine work. `--logprobs-cost` adds a third
+side, vLLM alone without log-probabilities, and the ratio that is the engine's cost of recording confidence.
+
     .venv/bin/python loadtests/bench_gateway.py [--adapters 8] [--rounds 5] [--requests 128] [--clients 1,16,64]
-        [--client-session same|own] [--engine-nice 10] [--external] [--quick] [--check]
+        [--client-session same|own] [--engine-nice 10] [--external] [--logprobs-cost] [--quick] [--check]
 
 `--external` adds rounds driven by vLLM's own benchmark client (`vllm bench serve`) instead of ours. `--quick`
 is the regression guard `.ci/run` affords (a few minutes); `--check` exits 1 when a goal is missed.
@@ -67,6 +71,8 @@ def main() -> None:
     parser.add_argument("--engine-nice", type=int, default=Settings().engine_nice,
                         help="LORAFLEET_ENGINE_NICE for both sides (placement experiments)")
     parser.add_argument("--external", action="store_true", help="also drive both with vLLM's benchmark client")
+    parser.add_argument("--logprobs-cost", action="store_true",
+                        help="also drive vLLM alone without log-probabilities: the engine's cost of confidence")
     parser.add_argument("--quick", action="store_true", help="CI's regression guard: 5 short rounds, 1 and 16 clients")
     parser.add_argument("--check", action="store_true", help="exit 1 when a goal below is missed")
     parser.add_argument("--min-ratio", type=float, default=0.97, help="goal: gateway ÷ vLLM alone throughput")
@@ -117,9 +123,12 @@ def main() -> None:
                           ).raise_for_status()
                 direct_load_s.append(time.perf_counter() - t0)
 
-        sides = {"gateway": (gateway.url, key, [f"d{i}" for i in range(args.adapters)], gateway.process.pid),
-                 "vllm": (vllm_url, token, digests, direct.pid)}
-        pids = [pid for *_, pid in sides.values()]
+        logprobs = {"logprobs": True} if Settings().record_confidence else {}  # what the gateway asks the engine
+        sides = {"gateway": (gateway.url, key, [f"d{i}" for i in range(args.adapters)], gateway.process.pid, {}),
+                 "vllm": (vllm_url, token, digests, direct.pid, logprobs)}
+        if args.logprobs_cost:
+            sides["plain"] = (vllm_url, token, digests, direct.pid, {})
+        pids = [gateway.process.pid, direct.pid]
         own_session = args.client_session == "own"
         runs: dict[tuple[int, str], list[dict]] = {}
         for r in range(args.rounds + 1):  # round 0 warms both up and is not counted
@@ -127,10 +136,10 @@ def main() -> None:
                 n = max(16, args.requests // 4) if conc == 1 else max(args.requests, 2 * conc)
                 order = list(sides) if (r + conc) % 2 else list(sides)[::-1]
                 for side in order:
-                    url, auth, models, pid = sides[side]
+                    url, auth, models, pid, extra = sides[side]
                     wait_idle(pids)
                     cpu0, own0 = tree_cpu_s(pid), own_cpu_s(pid)
-                    phase = run_load(url, auth, models, n, conc, seed=r, own_session=own_session)
+                    phase = run_load(url, auth, models, n, conc, seed=r, own_session=own_session, extra=extra)
                     cpu1, own1 = tree_cpu_s(pid), own_cpu_s(pid)
                     if r:
                         runs.setdefault((conc, side), []).append(
@@ -140,8 +149,8 @@ def main() -> None:
         if args.external:
             conc = max(clients)
             for r in range(args.rounds):
-                for side in (list(sides) if r % 2 else list(sides)[::-1]):
-                    url, auth, models, _ = sides[side]
+                for side in (["gateway", "vllm"] if r % 2 else ["vllm", "gateway"]):
+                    url, auth, models, *_ = sides[side]
                     wait_idle(pids)
                     result = vllm_bench_serve(url, auth, models[0], str(base), max(args.requests, 2 * conc), conc,
                                               work / f"vllm-bench-{side}-{r}.json")
@@ -165,12 +174,12 @@ def report(args: argparse.Namespace, clients: list[int], runs: dict, external: d
     def values(conc: int, side: str, field: str) -> list[float]:
         return [x[field] for x in runs[(conc, side)]]
 
-    def ratios(conc: int, field: str) -> list[float]:
-        return [g / v for g, v in zip(values(conc, "gateway", field), values(conc, "vllm", field))]
+    def ratios(conc: int, field: str, over: str = "vllm", side: str = "gateway") -> list[float]:
+        return [g / v for g, v in zip(values(conc, side, field), values(conc, over, field))]
 
     table = Table(title=f"tiny Qwen2.5-VL, {args.adapters} adapters, CPU, {args.rounds} rounds, client session: "
                         f"{args.client_session}, engine nice {args.engine_nice} — median [min–max]")
-    for column in ("measure", "lorafleet gateway", "vLLM alone", "gateway ÷ vLLM"):
+    for column in ("measure", "lorafleet gateway", "vLLM alone, same logprobs", "gateway ÷ vLLM"):
         table.add_column(column, justify="right")
     table.add_row("ready after start (s)", f"{gateway_ready_s:.1f}", f"{vllm_ready_s:.1f}", "-")
     table.add_row("adapter upload: validate + store (ms)", spread(upload_s, 1000, 0), "-", "-")
@@ -190,6 +199,11 @@ def report(args: argparse.Namespace, clients: list[int], runs: dict, external: d
                                                                             digits=2), "-", "-")
         failed, failed_alone = sum(values(conc, "gateway", "failed")), sum(values(conc, "vllm", "failed"))
         table.add_row(f"{label}: failed requests", str(failed), str(failed_alone), "-")
+        if (conc, "plain") in runs:  # the engine's own cost of the log-probabilities the gateway asks for
+            for field, name in (("rps", "req/s"), ("p50", "p50"), ("cpu_ms", "CPU per request")):
+                table.add_row(f"{label}: vLLM alone, {name}, without logprobs",
+                              "-", spread(values(conc, "plain", field), 1000 if field == "p50" else 1),
+                              "with ÷ without " + spread(ratios(conc, field, "plain", "vllm"), digits=3))
         if failed:  # vLLM alone's own failures are shown, not held against the gateway
             misses.append(f"{failed} failed requests through the gateway at {label}")
         ratio = statistics.median(ratios(conc, "rps"))

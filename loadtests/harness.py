@@ -62,9 +62,10 @@ class Phase:
 
 
 async def scenario(url: str, key: str, models: list[str], n: int, concurrency: int, seed: int,
-                   stream: bool = False) -> dict:
-    """Drive the load in this process; models are drawn uniformly (seeded). Returns Phase's fields."""
-    body = chat_body(stream=stream)
+                   stream: bool = False, extra: dict | None = None) -> dict:
+    """Drive the load in this process; models are drawn uniformly (seeded); `extra` fields join every request's
+    body. Returns Phase's fields."""
+    body = {**chat_body(stream=stream), **(extra or {})}
     rng, gate = random.Random(seed), asyncio.Semaphore(concurrency)
     latencies: list[float] = []
     ttfts: list[float] = []
@@ -113,11 +114,11 @@ async def scenario(url: str, key: str, models: list[str], n: int, concurrency: i
 
 
 def run_load(url: str, key: str, models: list[str], n: int, concurrency: int, seed: int, *,
-             stream: bool = False, own_session: bool = False) -> Phase:
+             stream: bool = False, own_session: bool = False, extra: dict | None = None) -> Phase:
     """The same load from a child process of its own; `own_session` puts it in a session (and autogroup) of its
     own, as a client started from another terminal is."""
     spec = json.dumps({"url": url, "key": key, "models": models, "n": n, "concurrency": concurrency, "seed": seed,
-                       "stream": stream})
+                       "stream": stream, "extra": extra})
     done = subprocess.run([sys.executable, __file__, spec], capture_output=True, text=True,
                           start_new_session=own_session, check=False)
     if done.returncode != 0:
