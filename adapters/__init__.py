@@ -3,6 +3,7 @@
 - `validate`      `validate_upload`: an uploaded archive becomes a `ValidatedAdapter` or a typed refusal
 - `archive`       `unpack_archive`: bounded, streaming unpacking that refuses bombs and special members
 - `adapter_config` `read_config`: every adapter_config.json field checked, regexes run under a CPU limit
+- `manifest`      the trainer's manifest.json uploaded beside an adapter: bounded read, digest check, summary
 - `store`         the content-addressed adapter store (`open_store`) and `BlobStore` for validation sets
 - `s3_store`      the same two stores on S3-compatible storage (boto3), verified on fetch
 - `adapter_cache` an engine host's bounded, least-recently-used local copies of S3 adapters

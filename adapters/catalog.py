@@ -5,17 +5,21 @@ from __future__ import annotations
 import sqlite3
 import time
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint, create_engine, event
+from sqlalchemy import JSON, Float, ForeignKey, Index, String, Text, UniqueConstraint, create_engine, event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+from sqlalchemy.sql.functions import FunctionElement
 
 from lorafleet.adapters.migrate import bring_to_head
 
 __all__ = ["Base", "Tenant", "Adapter", "AdapterVersion", "ValidationSet", "Deployment", "Rollout", "Decision",
            "RolloutSample", "ValidationRun", "InputSample", "DriftCheck", "ApiKey", "TenantPolicy", "AuditEvent",
-           "Lease", "RequestRecord", "Feedback", "Capture", "open_catalog", "connect_catalog", "is_transient"]
+           "Lease", "RequestRecord", "Feedback", "Capture", "open_catalog", "connect_catalog", "is_transient",
+           "sql_floor"]
 
 
 def _now() -> datetime:
@@ -59,6 +63,9 @@ class AdapterVersion(Base):
     target_modules: Mapped[list[str]] = mapped_column(JSON)
     size_bytes: Mapped[int]
     created_at: Mapped[datetime] = mapped_column(default=_now)
+    # the trainer's manifest.json uploaded beside the adapter (informational: not part of the digest). SQL NULL
+    # when there is none, as on rows from before revision 0004; deferred: only the version's detail reads it
+    manifest: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), deferred=True)
     adapter: Mapped[Adapter] = relationship(back_populates="versions")
 
 
@@ -177,7 +184,8 @@ class ValidationRun(Base):
     validation_set_id: Mapped[int] = mapped_column(ForeignKey("validation_sets.id"))
     variant: Mapped[str] = mapped_column(String(80))
     kind: Mapped[str] = mapped_column(String(16))  # "baseline" | "check"
-    at: Mapped[float]
+    at: Mapped[float]  # when the replay ended
+    started_at: Mapped[float | None]  # when it began (None: recorded before revision 0004)
     engine: Mapped[str] = mapped_column(Text)  # base, dtype, quantization, vLLM version: what served it
     score: Mapped[float]
     scores: Mapped[list[float]] = mapped_column(JSON)
@@ -429,3 +437,22 @@ def _create_engine(url: str) -> Engine:
         # (restart, failover, idle timeout) is replaced before use instead of failing a request.
         options |= {"pool_pre_ping": True, "connect_args": {"options": "-c timezone=UTC"}}
     return create_engine(parsed, **options)
+
+
+class sql_floor(FunctionElement):
+    """floor() of a non-negative number on every catalog database (e.g. a time's period index in GROUP BY):
+    SQLite has floor() only when built with its math functions, and its CAST truncates, which is the same for
+    non-negative numbers."""
+
+    type = Float()
+    inherit_cache = True
+
+
+@compiles(sql_floor)
+def _floor_sql(element: sql_floor, compiler: Any, **kw: Any) -> str:
+    return f"floor({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(sql_floor, "sqlite")
+def _floor_sqlite(element: sql_floor, compiler: Any, **kw: Any) -> str:
+    return f"CAST({compiler.process(element.clauses, **kw)} AS INTEGER)"

@@ -68,9 +68,9 @@ REGISTER_ATTEMPTS = 3  # concurrent uploads to one new name: the loser of the in
 
 def register_version(session: Session, tenant: Tenant, name: str,
                      validated: ValidatedAdapter) -> tuple[AdapterVersion, bool]:
-    """Add a version under `name`; same content as an existing version of this tenant returns that one.
-    Concurrent uploads are safe: identical ones get one version (one creates it, the others find it), different
-    ones get distinct numbers."""
+    """Add a version under `name`, with the manifest uploaded beside it; same content as an existing version of
+    this tenant returns that one (its manifest as first uploaded). Concurrent uploads are safe: identical ones get
+    one version (one creates it, the others find it), different ones get distinct numbers."""
     _valid_name(name)
     for attempt in range(REGISTER_ATTEMPTS):
         try:
@@ -116,7 +116,8 @@ def _register_once(session: Session, tenant: Tenant, name: str,
         return existing, False
     version = AdapterVersion(adapter=adapter, version=number, digest=validated.digest,
                              rank=validated.rank, alpha=validated.alpha,
-                             target_modules=list(validated.target_modules), size_bytes=validated.size_bytes)
+                             target_modules=list(validated.target_modules), size_bytes=validated.size_bytes,
+                             manifest=validated.manifest)
     session.add(version)
     session.commit()
     return version, True

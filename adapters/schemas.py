@@ -8,15 +8,17 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["NAME_PATTERN", "Name", "check_name", "TenantCreate", "TenantCreated", "AdapterVersionPublic",
-           "AdapterPublic", "DeploymentPut", "DeploymentPublic", "ModelPublic", "ModelList", "ValidationSetPublic",
+__all__ = ["NAME_PATTERN", "Name", "check_name", "TenantCreate", "TenantSelf", "TenantCreated", "AdapterVersionPublic",
+           "AdapterVersionDetail", "AdapterPublic", "AdapterDetail", "DeploymentPut", "DeploymentPublic", "ModelPublic",
+           "ModelList", "ValidationSetPublic",
            "VariantPublic", "DecisionPublic", "RolloutPublic", "ValidationRunPublic", "DriftCheckPublic", "DriftStatus",
            "DriftHistory", "DriftSampling", "TenantLimitsPut", "TenantLimitsPublic", "ApiKeyCreate", "ApiKeyPublic",
            "ApiKeyCreated", "ApiKeyRotate", "KeyRotated", "TenantDisable", "TenantPublic", "TenantDeletedPublic",
            "AuditEventPublic", "VariantFeedback", "VariantConfidence", "FeedbackCreate", "FeedbackPublic",
            "RequestPublic", "RequestPage", "CapturePolicy", "CapturePublic", "CapturePage", "CaptureStatus",
            "CapturesDeleted",
-           "FeedbackPeriod", "FeedbackTimeline"]
+           "FeedbackPeriod", "FeedbackTimeline", "LatencySummary", "VariantTraffic", "DeploymentTraffic",
+           "SeriesBucket", "VariantSeries", "RolloutSeries"]
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
@@ -44,6 +46,13 @@ class TenantCreate(BaseModel):
     name: Name
 
 
+class TenantSelf(BaseModel):
+    """`GET /v1/tenant`: the tenant a key belongs to, and who acts ("tenant:NAME", or the admin acting for it)."""
+
+    name: str
+    acting_as: str
+
+
 class TenantCreated(BaseModel):
     name: str
     api_key: str  # shown once; only its hash is stored
@@ -62,9 +71,21 @@ class AdapterVersionPublic(BaseModel):
     created_at: UtcDateTime
 
 
+class AdapterVersionDetail(AdapterVersionPublic):
+    """A version as `GET /v1/adapters/{name}` shows it: with the trainer's manifest uploaded beside it."""
+
+    manifest: dict[str, Any] | None = None  # None: uploaded without one
+    # whether the adapter digest the manifest records is `digest`; None: no manifest, or it records none
+    manifest_matches: bool | None = None
+
+
 class AdapterPublic(BaseModel):
     name: str
     versions: list[AdapterVersionPublic]
+
+
+class AdapterDetail(AdapterPublic):
+    versions: list[AdapterVersionDetail]  # type: ignore[assignment]  # each version with its manifest
 
 
 class DeploymentPut(BaseModel):
@@ -151,7 +172,8 @@ class ValidationRunPublic(BaseModel):
     variant: str
     version: str = ""  # NAME@N
     kind: str
-    at: float
+    at: float  # when the replay ended
+    started_at: float | None = None  # when it began (None: recorded before this release)
     engine: str
     score: float
     exact_match_rate: float
@@ -435,3 +457,70 @@ class CaptureStatus(BaseModel):
     today: int  # kept since 00:00 UTC (what `max_per_day` bounds)
     bytes: int  # the captures' messages and answers (images not included)
     images: int  # distinct images the captures reference
+
+
+# --- live traffic of a deployment, and a rollout's time series ---
+
+class LatencySummary(BaseModel):
+    """Latency of answered requests (status 200), in milliseconds; None without any."""
+
+    p50: float | None
+    p95: float | None
+    mean: float | None
+
+
+class VariantTraffic(BaseModel):
+    """One (variant, adapter) of a deployment's recent traffic."""
+
+    variant: str
+    digest: str
+    requests: int
+    per_s: float  # requests per second over the window
+    errors: int  # status >= 500
+    client_errors: int  # status 400-499
+    error_rate: float | None  # errors per request; None without requests
+    latency_ms: LatencySummary
+
+
+class DeploymentTraffic(BaseModel):
+    """`GET /v1/deployments/{name}/traffic`: the request log of the last `window_s` seconds, in total and per
+    (variant, adapter)."""
+
+    deployment: str
+    window_s: float
+    requests: int
+    per_s: float
+    errors: int  # status >= 500
+    client_errors: int  # status 400-499
+    error_rate: float | None  # errors per request; None without requests
+    latency_ms: LatencySummary
+    variants: list[VariantTraffic]
+
+
+class SeriesBucket(BaseModel):
+    """One period [start, start + bucket_s) of one variant of a rollout; rates are None without a denominator."""
+
+    start: float
+    requests: int
+    errors: int
+    error_rate: float | None
+    latency_ms_mean: float | None  # of the answered requests
+    format_checked: int  # answers checked against the deployment's answer format
+    format_valid: int
+    format_validity: float | None
+    feedback_count: int  # feedback on the period's requests (counted at the request's time)
+    feedback_mean: float | None  # on [0, 1]
+
+
+class VariantSeries(BaseModel):
+    variant: str
+    buckets: list[SeriesBucket]  # only periods with requests or feedback, oldest first
+
+
+class RolloutSeries(BaseModel):
+    """`GET /v1/deployments/{name}/rollout/series`: the rollout's samples and feedback per variant and period."""
+
+    rollout_id: int
+    bucket_s: float
+    start: float  # the rollout's start: periods are counted from it
+    variants: list[VariantSeries]  # in the routing table's order

@@ -10,13 +10,15 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from lorafleet.adapters.adapter_config import CONFIG_FILE, check_target_modules, configured_ranks, read_config
 from lorafleet.adapters.archive import unpack_archive
 from lorafleet.adapters.base_model import BaseModelSpec
 from lorafleet.adapters.errors import InvalidAdapter, PayloadTooLarge
+from lorafleet.adapters.manifest import read_manifest
 
 __all__ = ["ValidatedAdapter", "extract_archive", "validate_adapter_dir", "validate_upload", "engine_lora_rank",
            "content_digest", "CONFIG_FILE", "WEIGHTS_FILE", "ENGINE_LORA_RANKS"]
@@ -39,6 +41,9 @@ class ValidatedAdapter:
     alpha: float
     target_modules: tuple[str, ...]  # short names, e.g. ("k_proj", "q_proj")
     size_bytes: int
+    # the trainer's manifest.json uploaded beside it (`lorafleet.adapters.manifest`): informational, so neither
+    # part of the digest nor of what makes two adapters equal
+    manifest: dict[str, Any] | None = field(default=None, compare=False)
 
 
 def extract_archive(archive: Path, dest: Path, max_bytes: int) -> Path:
@@ -194,7 +199,10 @@ def validate_adapter_dir(folder: Path, spec: BaseModelSpec, max_rank: int) -> Va
 
 def validate_upload(archive: Path, workdir: Path, spec: BaseModelSpec, *, max_rank: int,
                     max_bytes: int) -> ValidatedAdapter:
-    """Unpack an uploaded archive into `workdir` and validate the adapter inside."""
+    """Unpack an uploaded archive into `workdir` and validate the adapter inside, with the trainer's manifest.json
+    beside it if there is one."""
     if archive.stat().st_size > max_bytes:
         raise PayloadTooLarge(f"upload is larger than the limit of {max_bytes} bytes")
-    return validate_adapter_dir(extract_archive(archive, workdir, max_bytes), spec, max_rank)
+    folder = extract_archive(archive, workdir, max_bytes)
+    manifest = read_manifest(folder)  # cheap: refused before the tensors are read
+    return replace(validate_adapter_dir(folder, spec, max_rank), manifest=manifest)

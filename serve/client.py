@@ -40,7 +40,8 @@ def inline_images(path: Path) -> bytes:
 
 
 def pack_adapter(folder: Path) -> Path:
-    """A PEFT adapter folder as a .tar.gz in a temporary file (the caller deletes it)."""
+    """A PEFT adapter folder's files as a .tar.gz in a temporary file (the caller deletes it): the trainer's
+    manifest.json too, when the folder has one (the gateway keeps it on the version)."""
     folder = Path(folder)
     if not (folder / "adapter_config.json").is_file():
         raise LorafleetError(f"{folder} is not a PEFT adapter folder (no adapter_config.json)")
@@ -194,6 +195,10 @@ class LorafleetClient:
     def rollouts(self) -> list[dict]:
         return self._call("GET", "/v1/rollouts")
 
+    def rollout_series(self, deployment: str, bucket_s: float | None = None) -> dict:
+        """The rollout's per-variant periods (`bucket_s` seconds; None: the server picks at most ~60)."""
+        return self._call("GET", f"/v1/deployments/{deployment}/rollout/series", params=_given({"bucket_s": bucket_s}))
+
     def rollout_action(self, deployment: str, action: str, **body: Any) -> dict:
         """pause | resume | abort | promote (full=True for straight to 100 %)."""
         return self._call("POST", f"/v1/deployments/{deployment}/rollout/{action}", json=body or None)
@@ -244,6 +249,10 @@ class LorafleetClient:
     def requests(self, **params: Any) -> dict:
         """A page of the request log: deployment, since, until, cursor, limit."""
         return self._call("GET", "/v1/requests", params=_given(params))
+
+    def traffic(self, deployment: str, window_s: float | None = None) -> dict:
+        """The deployment's requests, errors and latency over the last `window_s` seconds (None: the default)."""
+        return self._call("GET", f"/v1/deployments/{deployment}/traffic", params=_given({"window_s": window_s}))
 
     def set_capture(self, deployment: str, policy: dict) -> dict:
         return self._call("PUT", f"/v1/deployments/{deployment}/capture", json=policy)

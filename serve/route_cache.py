@@ -14,11 +14,12 @@ import threading
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import event
+from sqlalchemy import event, select
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from lorafleet.adapters.catalog import Tenant
+from lorafleet.adapters.catalog import Tenant, TenantPolicy
+from lorafleet.adapters.errors import NotFound
 from lorafleet.adapters.registry import get_deployment, hash_key
 from lorafleet.adapters.tenants import authenticate_key, check_not_expired
 from lorafleet.serve.limits import Limits
@@ -112,6 +113,20 @@ class RouteCache:
                     self._tenants.clear()
                 self._tenants[hash_key(key)] = (read_at, entry)
         return entry
+
+    async def tenant_named(self, name: str) -> TenantEntry:
+        """The tenant the admin acts for (`X-Lorafleet-Tenant`), read from the catalog (admin reads are rare);
+        NotFound for an unknown name. A disabled tenant can still be looked at and acted for."""
+        return await run_in_threadpool(self._tenant_named, name)
+
+    def _tenant_named(self, name: str) -> TenantEntry:
+        with self.sessions() as session:
+            tenant = session.execute(select(Tenant).where(Tenant.name == name)).scalar_one_or_none()
+            if tenant is None:
+                raise NotFound(f"no tenant named {name!r}")
+            policy = session.get(TenantPolicy, tenant.id)
+            limits = self.defaults.overridden(policy.limits if policy else None) if self.defaults else None
+            return TenantEntry(tenant.id, tenant.name, tenant.sample_inputs, limits=limits)
 
     def _tenant_entry(self, session: Session, key: str) -> TenantEntry:
         tenant, api_key, policy = authenticate_key(session, key)

@@ -24,6 +24,10 @@ class Settings(BaseSettings):
     store_cache_bytes: int = 20 * 1024**3  # their bound (least recently used go first)
     admin_key: SecretStr | None = None
     development: bool = False  # allows serving without an admin key
+    # seals the web console's session cookies: gateways behind one address must share it; default: derived from
+    # the admin key (rotating that signs everyone out); with neither, a random one per process
+    console_secret: SecretStr | None = None
+    console_session_hours: float = Field(default=8.0, gt=0, le=24 * 30)  # a console sign-in lasts this long
 
     # gateway
     host: str = "127.0.0.1"

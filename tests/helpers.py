@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
+import uvicorn
+from fastapi import APIRouter, FastAPI
 from PIL import Image
+from sqlalchemy.orm import sessionmaker
 
 from lorafleet.chat import image_data_url as data_url
+from lorafleet.serve.api.errors import install_error_handlers
+from lorafleet.serve.api.guard import Authenticate
 from lorafleet.serve.client import pack_adapter
+from lorafleet.serve.feedback.request_log import RequestLog
+from lorafleet.serve.metrics import Metrics
+from lorafleet.serve.route_cache import RouteCache
 
 
 def image_data_url(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (64, 64)) -> str:
@@ -53,3 +65,33 @@ def poll_until(check: Callable[[], object], timeout: float, what: str) -> object
             return result
         time.sleep(0.25)
     raise AssertionError(f"{what}: not within {timeout} s")
+
+
+def catalog_app(sessions: sessionmaker, *routers: APIRouter) -> FastAPI:
+    """Tenant routes over a real catalog with the gateway's own key check, error handlers and request log (never
+    flushed by itself), and no engine: what the routes read from the catalog, through HTTP."""
+    app = FastAPI()
+    app.state.gateway = SimpleNamespace(sessions=sessions, routes=RouteCache(sessions, 0.0),
+                                        requests=RequestLog(sessions, Metrics(), flush_s=3600))
+    app.add_middleware(Authenticate, gateway=app.state.gateway)
+    install_error_handlers(app)
+    for router in routers:
+        app.include_router(router)
+    return app
+
+
+@contextlib.contextmanager
+def on_loopback(app: FastAPI) -> Iterator[str]:
+    """`app` served by uvicorn on a free loopback port for the block (what the CLI talks to); yields its URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    poll_until(lambda: server.started, 10, "the API on loopback")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

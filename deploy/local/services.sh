@@ -2,7 +2,8 @@
 # What the tests run beside the engine, from the OS (installed with apt where missing, then started):
 # - Redis: several gateways sharing rate counters;
 # - PostgreSQL: every catalog-level test runs on it as well as on SQLite, with a role that may create databases
-#   (LORAFLEET_TEST_POSTGRES_URL's default: postgresql+psycopg://lorafleet:lorafleet@127.0.0.1:5432/postgres).
+#   (LORAFLEET_TEST_POSTGRES_URL's default: postgresql+psycopg://lorafleet:lorafleet@127.0.0.1:5432/postgres);
+# - Chromium: the console's browser tests drive Debian's build headless (Playwright never downloads one).
 # Idempotent: a second run finds everything in place.
 set -euo pipefail
 SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
@@ -15,6 +16,7 @@ apt_install() {
 
 command -v redis-server >/dev/null || apt_install redis-server
 command -v pg_lsclusters >/dev/null || apt_install postgresql
+command -v chromium >/dev/null || apt_install chromium
 
 # The first cluster (Debian's package makes one, "main"); start it if it is down.
 read -r version cluster status < <(pg_lsclusters -h | awk '{print $1, $2, $4; exit}') || true

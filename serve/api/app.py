@@ -18,6 +18,7 @@ from lorafleet.serve.api import admin, captures, chat, drift, feedback, registry
 from lorafleet.serve.api.errors import install_error_handlers
 from lorafleet.serve.api.guard import Authenticate, BodyLimit
 from lorafleet.serve.api.openapi import gateway_openapi
+from lorafleet.serve.console import install_console
 from lorafleet.serve.gateway import Gateway, build_gateway
 from lorafleet.serve.route_cache import ROUTE_NEUTRAL
 from lorafleet.serve.settings import Settings
@@ -98,6 +99,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     for routes in (chat, registry, rollouts, drift, feedback, captures, admin):
         app.include_router(routes.router)
+    install_console(app)
 
     @app.get("/healthz")
     def healthz() -> dict:

@@ -20,9 +20,9 @@ from starlette.concurrency import run_in_threadpool
 
 from lorafleet.adapters.errors import InvalidRequest, LorafleetError
 from lorafleet.adapters.registry import get_deployment, list_deployments
-from lorafleet.adapters.schemas import ModelList, ModelPublic
+from lorafleet.adapters.schemas import ModelList, ModelPublic, TenantSelf
 from lorafleet.serve.answer_format import answer_checker
-from lorafleet.serve.api.dependencies import CurrentTenant, Gateway, SessionDep
+from lorafleet.serve.api.dependencies import ActingAs, CurrentTenant, Gateway, SessionDep
 from lorafleet.serve.api.forward import Route, Usage, forward_chat
 from lorafleet.serve.drift.monitor import SampleTicket
 from lorafleet.serve.engine.client import EngineUnavailable
@@ -268,6 +268,12 @@ def get_models(session: SessionDep, tenant: CurrentTenant) -> ModelList:
     """The tenant's deployments, in OpenAI's shape (never the engine's list of every adapter)."""
     return ModelList(data=[_model(d.name, d.updated_at.timestamp(), tenant.name)
                            for d in list_deployments(session, tenant)])
+
+
+@router.get("/tenant")
+def get_tenant(tenant: CurrentTenant, actor: ActingAs) -> TenantSelf:
+    """Whose key this is: the tenant's name (the console's sign-in asks this), and who acts for it."""
+    return TenantSelf(name=tenant.name, acting_as=actor)
 
 
 @router.get("/models/{model}")

@@ -12,7 +12,8 @@ from lorafleet.adapters.catalog import Tenant
 from lorafleet.adapters.errors import Unauthorized
 from lorafleet.serve.gateway import Gateway
 
-__all__ = ["Gateway", "GatewayDep", "SessionDep", "CurrentTenant", "AdminKey", "Actor", "release_connection"]
+__all__ = ["Gateway", "GatewayDep", "SessionDep", "CurrentTenant", "AdminKey", "Actor", "ActingAs",
+           "release_connection"]
 
 
 def _gateway(request: Request) -> Gateway:
@@ -50,6 +51,14 @@ def _admin(request: Request) -> str:
         raise Unauthorized("invalid admin key")
     return actor
 
+
+def _acting(request: Request, tenant: CurrentTenant) -> str:
+    """Who does what the request asks, as decisions and audit rows name them: the tenant, or the admin acting for
+    it (the `Authenticate` middleware set `request.state.actor`)."""
+    return getattr(request.state, "actor", None) or f"tenant:{tenant.name}"
+
+
+ActingAs = Annotated[str, Depends(_acting)]
 
 AdminKey = Depends(_admin)
 Actor = Annotated[str, Depends(_admin)]

@@ -1,8 +1,10 @@
 """What every request passes before any route sees it: authentication from its headers alone, then a bound on its
 body, both as ASGI middleware, so nothing of an unauthenticated or oversized body is read, parsed or stored.
 
-- `/v1/...` needs a live tenant key (it and the tenant's snapshot are put in `request.state`), `/admin/...` the
-  admin key (its actor name in `request.state.actor`); `/metrics` the admin or the metrics token (or its own
+- `/v1/...` needs a live tenant key (it and the tenant's snapshot are put in `request.state`), or the admin key
+  with `X-Lorafleet-Tenant: NAME` to act for that tenant (the console's admin view; its actor name in
+  `request.state.actor`, no `api_key`; it does not chat); `/admin/...` the admin key (its actor name in
+  `request.state.actor`); `/metrics` the admin or the metrics token (or its own
   listener). A malformed `Authorization` header (another scheme, empty, non-ASCII) is a 401 like a wrong key.
 - Bodies are bounded by their `Content-Length` and, for chunked bodies, by counting as they arrive.
 """
@@ -15,7 +17,7 @@ import re
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lorafleet.adapters.errors import LorafleetError, Unauthorized
+from lorafleet.adapters.errors import InvalidRequest, LorafleetError, Unauthorized
 from lorafleet.serve.api.errors import error_response
 from lorafleet.serve.gateway import Gateway
 
@@ -38,6 +40,11 @@ def bearer_from_headers(headers: list[tuple[bytes, bytes]]) -> str:
     if not _PRINTABLE_ASCII.match(token):
         raise Unauthorized("invalid API key" if token else "missing API key: send 'Authorization: Bearer <key>'")
     return token.decode("ascii")
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    value = next((v for k, v in headers if k == name), None)
+    return value.decode("latin-1").strip() if value is not None else None
 
 
 def admin_actor(scope: Scope) -> str:
@@ -64,7 +71,15 @@ class Authenticate:
             if path.startswith("/v1/"):
                 key = bearer_from_headers(scope["headers"])
                 state = scope.setdefault("state", {})
-                state["tenant"], state["api_key"] = await self.gateway.routes.tenant(key), key
+                acting_for = _header(scope["headers"], b"x-lorafleet-tenant")
+                if acting_for is None:
+                    state["tenant"], state["api_key"] = await self.gateway.routes.tenant(key), key
+                else:
+                    self._admin(key, "X-Lorafleet-Tenant needs the admin key")
+                    if path.startswith("/v1/chat/"):
+                        raise InvalidRequest("the admin key does not chat for a tenant; use one of its keys")
+                    state["tenant"] = await self.gateway.routes.tenant_named(acting_for)
+                    state["api_key"], state["actor"] = None, admin_actor(scope)
             elif path == "/admin" or path.startswith("/admin/"):
                 self._admin(bearer_from_headers(scope["headers"]))
                 scope.setdefault("state", {})["actor"] = admin_actor(scope)
@@ -76,12 +91,12 @@ class Authenticate:
             return await response(scope, receive, send)
         await self.app(scope, receive, send)
 
-    def _admin(self, token: str) -> None:
+    def _admin(self, token: str, refusal: str = "invalid admin key") -> None:
         expected = self.gateway.settings.admin_key
         if expected is None:
             raise Unauthorized("the admin API is disabled: LORAFLEET_ADMIN_KEY is not set")
         if not _matches(token, expected.get_secret_value()):
-            raise Unauthorized("invalid admin key")
+            raise Unauthorized(refusal)
 
     def _metrics(self, token: str) -> None:
         settings = self.gateway.settings

@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from lorafleet.adapters.catalog import Adapter, AdapterVersion, Deployment, Tenant, TenantPolicy
+from lorafleet.adapters.manifest import manifest_matches
 from lorafleet.adapters.registry import (
     delete_version,
     deployed_workload,
     digest_in_use,
     get_adapter,
+    get_deployment,
     list_adapters,
     list_deployments,
     register_version,
@@ -27,26 +30,36 @@ from lorafleet.adapters.registry import (
     set_deployment,
 )
 from lorafleet.adapters.schemas import (
+    AdapterDetail,
     AdapterPublic,
+    AdapterVersionDetail,
     AdapterVersionPublic,
     CapturePolicy,
     DeploymentPublic,
     DeploymentPut,
+    DeploymentTraffic,
     ValidationSetPublic,
 )
 from lorafleet.adapters.tenants import stored_usage
 from lorafleet.adapters.validate import ValidatedAdapter, validate_upload
 from lorafleet.serve.api.dependencies import CurrentTenant, Gateway, GatewayDep, SessionDep, release_connection
 from lorafleet.serve.engine.sizing import Workload
+from lorafleet.serve.feedback.traffic import DEFAULT_WINDOW_S, MAX_WINDOW_S, MIN_WINDOW_S, deployment_traffic
 from lorafleet.serve.limits import Limits, QuotaExceeded
 
-__all__ = ["router", "version_public", "deployment_public", "prepare_engine"]
+__all__ = ["router", "version_public", "version_detail", "deployment_public", "prepare_engine"]
 
 router = APIRouter(prefix="/v1")
 
 
 def version_public(version: AdapterVersion) -> AdapterVersionPublic:
     return AdapterVersionPublic.model_validate({**version.__dict__, "name": version.adapter.name})
+
+
+def version_detail(version: AdapterVersion) -> AdapterVersionDetail:
+    """The version with its manifest (a deferred column: read here, in the route's session)."""
+    return AdapterVersionDetail.model_validate({**version_public(version).model_dump(), "manifest": version.manifest,
+                                                "manifest_matches": manifest_matches(version.manifest, version.digest)})
 
 
 def _adapter_public(adapter: Adapter) -> AdapterPublic:
@@ -137,7 +150,8 @@ def _check_storage_limits(gateway: Gateway, session: Session, tenant: Tenant, va
 @router.post("/adapters", status_code=201)
 async def post_adapter(gateway: GatewayDep, session: SessionDep, tenant: CurrentTenant,
                        name: Annotated[str, Form()], file: Annotated[UploadFile, File()]) -> JSONResponse:
-    """Upload a PEFT LoRA folder as .tar.gz or .zip; the same content twice returns the existing version."""
+    """Upload a PEFT LoRA folder as .tar.gz or .zip (with the trainer's manifest.json beside adapter_config.json,
+    kept on the version); the same content twice returns the existing version."""
     scratch = Path(await run_in_threadpool(tempfile.mkdtemp, dir=gateway.tmp_dir))
     try:
         validated, stored_now = await run_in_threadpool(_validate_and_store, gateway, file, scratch)
@@ -156,8 +170,10 @@ def get_adapters(session: SessionDep, tenant: CurrentTenant) -> list[AdapterPubl
 
 
 @router.get("/adapters/{name}")
-def get_one_adapter(name: str, session: SessionDep, tenant: CurrentTenant) -> AdapterPublic:
-    return _adapter_public(get_adapter(session, tenant, name))
+def get_one_adapter(name: str, session: SessionDep, tenant: CurrentTenant) -> AdapterDetail:
+    """The adapter's versions, each with the trainer's manifest uploaded beside it and whether its digest matches."""
+    adapter = get_adapter(session, tenant, name)
+    return AdapterDetail(name=adapter.name, versions=[version_detail(v) for v in adapter.versions])
 
 
 @router.delete("/adapters/{name}/versions/{number}")
@@ -185,3 +201,16 @@ async def put_deployment(deployment: str, body: DeploymentPut, gateway: GatewayD
 @router.get("/deployments")
 def get_deployments(session: SessionDep, tenant: CurrentTenant) -> list[DeploymentPublic]:
     return [deployment_public(d) for d in list_deployments(session, tenant)]
+
+
+WindowS = Annotated[float, Query(ge=MIN_WINDOW_S, le=MAX_WINDOW_S, description="seconds back from now")]
+
+
+@router.get("/deployments/{deployment}/traffic")
+def get_traffic(deployment: str, gateway: GatewayDep, session: SessionDep, tenant: CurrentTenant,
+                window_s: WindowS = DEFAULT_WINDOW_S) -> DeploymentTraffic:
+    """The deployment's requests of the last `window_s` seconds: rate, errors (5xx) and client errors (4xx),
+    latency p50/p95/mean of the answered ones, in total and per (variant, adapter). This gateway's buffered
+    request-log rows are written first; another gateway's arrive within its flush period."""
+    gateway.requests.flush()  # before the read: what this gateway has just served counts
+    return deployment_traffic(session, get_deployment(session, tenant, deployment), window_s, time.time())

@@ -28,15 +28,24 @@ from lorafleet.adapters.schemas import (
     DecisionPublic,
     DeploymentPublic,
     RolloutPublic,
+    RolloutSeries,
     ValidationSetPublic,
     VariantConfidence,
     VariantFeedback,
     VariantPublic,
 )
 from lorafleet.serve.answer_format import check_format_spec
-from lorafleet.serve.api.dependencies import CurrentTenant, Gateway, GatewayDep, SessionDep, release_connection
+from lorafleet.serve.api.dependencies import (
+    ActingAs,
+    CurrentTenant,
+    Gateway,
+    GatewayDep,
+    SessionDep,
+    release_connection,
+)
 from lorafleet.serve.api.registry import deployment_public, prepare_engine
 from lorafleet.serve.rollouts import state as rollouts
+from lorafleet.serve.rollouts.series import MAX_BUCKET_S, MIN_BUCKET_S, rollout_series
 from lorafleet.serve.rollouts.state import AbStart, RolloutStart, VariantSignals, active_rollout
 from lorafleet.serve.rollouts.statistics import (
     Estimate,
@@ -123,10 +132,6 @@ def _variant_confidence(label: str, signals: dict[str, VariantSignals], referenc
                              difference_interval=_interval(difference))
 
 
-def _actor(tenant: Tenant) -> str:
-    return f"tenant:{tenant.name}"
-
-
 def _latest(session: Session, deployment: Deployment, kind: str | None = None) -> Rollout:
     """The deployment's active rollout, else its most recent one."""
     rollout = active_rollout(session, deployment)
@@ -208,12 +213,12 @@ def put_answer_format(deployment: str, session: SessionDep, tenant: CurrentTenan
 
 @router.post("/deployments/{deployment}/rollout", status_code=202)
 async def start_rollout(deployment: str, body: RolloutStart, gateway: GatewayDep, session: SessionDep,
-                        tenant: CurrentTenant) -> RolloutPublic:
+                        tenant: CurrentTenant, actor: ActingAs) -> RolloutPublic:
     """Start a canary rollout. It first runs the validation gate (phase Gating), then takes traffic."""
     target = await run_in_threadpool(get_deployment, session, tenant, deployment)
     candidate = await run_in_threadpool(resolve_version, session, tenant, body.to)
     await prepare_engine(gateway, session, [candidate])
-    rollout = await run_in_threadpool(rollouts.start_canary, session, target, candidate, body, _actor(tenant),
+    rollout = await run_in_threadpool(rollouts.start_canary, session, target, candidate, body, actor,
                                       time.time())
     return await run_in_threadpool(rollout_public, rollout, session)
 
@@ -221,6 +226,19 @@ async def start_rollout(deployment: str, body: RolloutStart, gateway: GatewayDep
 @router.get("/deployments/{deployment}/rollout")
 def get_rollout(deployment: str, session: SessionDep, tenant: CurrentTenant) -> RolloutPublic:
     return rollout_public(_latest(session, get_deployment(session, tenant, deployment), "canary"))
+
+
+BucketS = Annotated[float | None, Query(ge=MIN_BUCKET_S, le=MAX_BUCKET_S,
+                                        description="period length in seconds; default: at most ~60 periods")]
+
+
+@router.get("/deployments/{deployment}/rollout/series")
+def get_rollout_series(deployment: str, session: SessionDep, tenant: CurrentTenant,
+                       bucket_s: BucketS = None) -> RolloutSeries:
+    """The rollout's (as `GET .../rollout` shows it) requests, errors, mean latency, answer-format validity and
+    feedback per variant and period since its start: only periods with requests or feedback, oldest first."""
+    rollout = _latest(session, get_deployment(session, tenant, deployment), "canary")
+    return rollout_series(session, rollout, bucket_s, time.time())
 
 
 @router.get("/rollouts")
@@ -235,41 +253,41 @@ def list_rollouts(session: SessionDep, tenant: CurrentTenant) -> list[RolloutPub
 
 
 @router.post("/deployments/{deployment}/rollout/pause")
-def pause_rollout(deployment: str, session: SessionDep, tenant: CurrentTenant) -> RolloutPublic:
+def pause_rollout(deployment: str, session: SessionDep, tenant: CurrentTenant, actor: ActingAs) -> RolloutPublic:
     return _command(session, tenant, deployment,
-                    lambda target, rollout: rollouts.pause(session, target, rollout, _actor(tenant), time.time()))
+                    lambda target, rollout: rollouts.pause(session, target, rollout, actor, time.time()))
 
 
 @router.post("/deployments/{deployment}/rollout/resume")
-def resume_rollout(deployment: str, session: SessionDep, tenant: CurrentTenant) -> RolloutPublic:
+def resume_rollout(deployment: str, session: SessionDep, tenant: CurrentTenant, actor: ActingAs) -> RolloutPublic:
     return _command(session, tenant, deployment,
-                    lambda target, rollout: rollouts.resume(session, target, rollout, _actor(tenant), time.time()))
+                    lambda target, rollout: rollouts.resume(session, target, rollout, actor, time.time()))
 
 
 @router.post("/deployments/{deployment}/rollout/abort")
-def abort_rollout(deployment: str, session: SessionDep, tenant: CurrentTenant) -> RolloutPublic:
+def abort_rollout(deployment: str, session: SessionDep, tenant: CurrentTenant, actor: ActingAs) -> RolloutPublic:
     """All traffic back to the stable version, at once."""
     return _command(session, tenant, deployment,
-                    lambda target, rollout: rollouts.abort(session, target, rollout, _actor(tenant), time.time()))
+                    lambda target, rollout: rollouts.abort(session, target, rollout, actor, time.time()))
 
 
 @router.post("/deployments/{deployment}/rollout/promote")
-def promote_rollout(deployment: str, session: SessionDep, tenant: CurrentTenant,
+def promote_rollout(deployment: str, session: SessionDep, tenant: CurrentTenant, actor: ActingAs,
                     body: PromoteBody | None = None) -> RolloutPublic:
     """One step forward without waiting for the analysis, or (`full`) straight to 100 %."""
     full = body.full if body else False
     return _command(session, tenant, deployment, lambda target, rollout: rollouts.promote(
-        session, target, rollout, full, _actor(tenant), time.time()))
+        session, target, rollout, full, actor, time.time()))
 
 
 @router.post("/deployments/{deployment}/undo")
 async def undo_deployment(deployment: str, gateway: GatewayDep, session: SessionDep,
-                          tenant: CurrentTenant) -> DeploymentPublic:
+                          tenant: CurrentTenant, actor: ActingAs) -> DeploymentPublic:
     """Serve the previous stable version again."""
     target = await run_in_threadpool(get_deployment, session, tenant, deployment)
     if target.previous_stable is not None:
         await prepare_engine(gateway, session, [target.previous_stable])
-    result = await run_in_threadpool(rollouts.undo, session, target, _actor(tenant), time.time())
+    result = await run_in_threadpool(rollouts.undo, session, target, actor, time.time())
     return deployment_public(result)
 
 
@@ -277,12 +295,12 @@ async def undo_deployment(deployment: str, gateway: GatewayDep, session: Session
 
 @router.post("/deployments/{deployment}/ab", status_code=201)
 async def start_ab(deployment: str, body: AbStart, gateway: GatewayDep, session: SessionDep,
-                   tenant: CurrentTenant) -> RolloutPublic:
+                   tenant: CurrentTenant, actor: ActingAs) -> RolloutPublic:
     target = await run_in_threadpool(get_deployment, session, tenant, deployment)
     versions = [(await run_in_threadpool(resolve_version, session, tenant, v.adapter), v.weight)
                 for v in body.variants]
     await prepare_engine(gateway, session, [v for v, _ in versions])
-    rollout = await run_in_threadpool(rollouts.start_ab, session, target, versions, _actor(tenant), time.time())
+    rollout = await run_in_threadpool(rollouts.start_ab, session, target, versions, actor, time.time())
     return await run_in_threadpool(rollout_public, rollout, session)
 
 
@@ -334,13 +352,13 @@ def get_ab(deployment: str, session: SessionDep, tenant: CurrentTenant) -> JSONR
 
 
 @router.post("/deployments/{deployment}/ab/stop")
-async def stop_ab(deployment: str, session: SessionDep, tenant: CurrentTenant,
+async def stop_ab(deployment: str, session: SessionDep, tenant: CurrentTenant, actor: ActingAs,
                   body: StopBody | None = None) -> RolloutPublic:
     keep_ref = body.keep if body else None
 
     def stop(target: Deployment, rollout: Rollout | None) -> Rollout:
         keep = resolve_version(session, tenant, keep_ref) if keep_ref else None
-        return rollouts.stop_ab(session, target, rollout, keep, _actor(tenant), time.time())
+        return rollouts.stop_ab(session, target, rollout, keep, actor, time.time())
 
     return await run_in_threadpool(_command, session, tenant, deployment, stop)
 

@@ -6,7 +6,7 @@
 - `training`  train, eval, quantize, tiny-model
 - `db`        db current, upgrade, backup (the catalog database itself)
 - `housekeeping` gc
-- `feedback`  feedback, requests, capture (the feedback loop)
+- `feedback`  feedback, requests, traffic, capture (the feedback loop)
 """
 
 from __future__ import annotations
@@ -54,4 +54,5 @@ app.add_typer(db.db, name="db")
 app.command("gc")(housekeeping.gc)
 app.add_typer(feedback.feedback, name="feedback")
 app.command("requests")(feedback.requests)
+app.command("traffic")(feedback.traffic)
 app.add_typer(feedback.capture, name="capture")

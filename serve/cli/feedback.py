@@ -1,8 +1,9 @@
-"""The feedback loop from the command line (tenant key): feedback on answers, the request log, and captured
-requests (policy, listing, deletion, export as the trainer's chat JSONL).
+"""The feedback loop from the command line (tenant key): feedback on answers, the request log and the live
+traffic it sums up, and captured requests (policy, listing, deletion, export as the trainer's chat JSONL).
 
     lorafleet feedback [--deployment D] [--since T]       lorafleet feedback send ID up|down|0.7 [--correction T]
     lorafleet requests [--all] [--json]                   lorafleet capture on|off|status|list|delete|export
+    lorafleet traffic DEPLOYMENT [--window 300] [--json]
 
 Times are epoch seconds, ISO 8601, or how long ago: 15m, 2h, 7d.
 """
@@ -23,8 +24,9 @@ from rich.table import Table
 
 from lorafleet.serve.cli.common import DEFAULT_URL, ApiKey, Url, console, group
 from lorafleet.serve.client import LorafleetClient
+from lorafleet.serve.feedback.traffic import DEFAULT_WINDOW_S, MAX_WINDOW_S, MIN_WINDOW_S
 
-__all__ = ["feedback", "requests", "capture", "parse_when"]
+__all__ = ["feedback", "requests", "traffic", "capture", "parse_when"]
 
 feedback = typer.Typer(no_args_is_help=False, help="Users' feedback on answers (tenant key).")
 capture = group("Capture of live requests for retraining, and their export as chat JSONL (tenant key).")
@@ -158,6 +160,39 @@ def requests(deployment: Deployment = None, since: Since = None, until: Until = 
     console.print(table)
     if not every and cursor is not None:
         console.print(f"(more: --all, or --until {rows[-1]['at']:.3f})", highlight=False, soft_wrap=True)
+
+
+# --- live traffic ---
+
+def _traffic_row(table: Table, label: str, adapter: str, t: dict) -> None:
+    latency = t["latency_ms"]
+    table.add_row(label, adapter, str(t["requests"]), f"{t['per_s']:.3g}", str(t["errors"]), str(t["client_errors"]),
+                  _fmt(t["error_rate"]), _fmt(latency["p50"], ".0f"), _fmt(latency["p95"], ".0f"),
+                  _fmt(latency["mean"], ".0f"))
+
+
+def _window(value: float) -> float:
+    if not MIN_WINDOW_S <= value <= MAX_WINDOW_S:  # NaN too
+        raise typer.BadParameter(f"{value:g}: the window is {MIN_WINDOW_S:g} to {MAX_WINDOW_S:g} seconds")
+    return value
+
+
+def traffic(deployment: str,
+            window: Annotated[float, typer.Option(callback=_window, help="Seconds back from now.")] = DEFAULT_WINDOW_S,
+            as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
+            url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """DEPLOYMENT's requests of the last --window seconds: rate, errors (5xx), client errors (4xx) and latency of
+    the answered ones, in total and per variant."""
+    t = LorafleetClient(url, api_key).traffic(deployment, window)
+    if as_json:
+        typer.echo(json.dumps(t, indent=2))
+        return
+    table = Table("variant", "adapter", "requests", "per s", "errors", "4xx", "error rate", "p50 ms", "p95 ms",
+                  "mean ms", title=f"{t['deployment']}, the last {t['window_s']:g} s")
+    _traffic_row(table, "all", "", t)
+    for v in t["variants"]:
+        _traffic_row(table, v["variant"] or "-", v["digest"][:12] or "-", v)
+    console.print(table)
 
 
 # --- captured requests ---

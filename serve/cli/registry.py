@@ -10,6 +10,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
+from lorafleet.adapters.manifest import manifest_summary
 from lorafleet.serve.cli.common import DEFAULT_URL, ApiKey, Url, console, group
 from lorafleet.serve.client import LorafleetClient
 
@@ -47,9 +48,26 @@ def adapters_list(url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
     console.print(_versions_table([v for a in adapters for v in a["versions"]]))
 
 
+_MATCHES = {True: "the manifest's adapter digest matches", None: "the manifest records no adapter digest",
+            False: "[red]the manifest records another adapter digest: it came with other weights[/red]"}
+
+
+def _manifest_lines(version: dict) -> list[str]:
+    """A version's manifest in a few lines (its key numbers), or that it has none."""
+    ref = f"{version['name']}@{version['version']}"
+    if version.get("manifest") is None:
+        return [f"{ref}: no manifest"]
+    summary = [f"  {line}" for line in manifest_summary(version["manifest"])]
+    return [f"{ref} manifest ({_MATCHES[version.get('manifest_matches')]}):", *summary]
+
+
 @adapters.command("show")
 def adapters_show(name: str, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
-    console.print(_versions_table(LorafleetClient(url, api_key).get_adapter(name)["versions"]))
+    """NAME's versions, and a summary of the trainer's manifest each was uploaded with."""
+    versions = LorafleetClient(url, api_key).get_adapter(name)["versions"]
+    console.print(_versions_table(versions))
+    for version in versions:
+        console.print("\n".join(_manifest_lines(version)), highlight=False, soft_wrap=True)
 
 
 @adapters.command("delete")

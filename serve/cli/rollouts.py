@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 from typing import Annotated, Optional
 
@@ -11,6 +12,7 @@ from rich.table import Table
 
 from lorafleet.serve.cli.common import DEFAULT_URL, ApiKey, Url, console, group
 from lorafleet.serve.client import LorafleetClient
+from lorafleet.serve.rollouts.series import MAX_BUCKET_S, MIN_BUCKET_S
 
 __all__ = ['rollout', 'ab']
 
@@ -108,6 +110,35 @@ def rollout_status(deployment: Annotated[Optional[str], typer.Argument()] = None
         step = str(r["step_index"] + 1) if r["kind"] == "canary" else "-"
         table.add_row(r["deployment"], r["kind"], r["phase"], step,
                       ", ".join(f"{v['label']} {v['ref']} {v['weight']:g}%" for v in r["variants"]), r["reason"])
+    console.print(table)
+
+
+def _bucket(value: Optional[float]) -> Optional[float]:
+    if value is not None and not MIN_BUCKET_S <= value <= MAX_BUCKET_S:  # NaN too
+        raise typer.BadParameter(f"{value:g}: a period is {MIN_BUCKET_S:g} to {MAX_BUCKET_S:g} seconds")
+    return value
+
+
+@rollout.command("series")
+def rollout_series(deployment: str,
+                   bucket: Annotated[Optional[float], typer.Option(
+                       callback=_bucket, help="Seconds per period (default: at most ~60 periods).")] = None,
+                   as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
+                   url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """The rollout's requests, errors, latency, format validity and feedback per variant and period."""
+    series = LorafleetClient(url, api_key).rollout_series(deployment, bucket)
+    if as_json:
+        typer.echo(json.dumps(series, indent=2))
+        return
+    table = Table("variant", "from", "requests", "errors", "error rate", "mean ms", "format valid", "feedback n",
+                  "feedback mean", title=f"rollout #{series['rollout_id']} of {deployment}, periods of "
+                  f"{series['bucket_s']:g} s since {_when(series['start'])}")
+    for v in series["variants"]:
+        for b in v["buckets"]:
+            table.add_row(v["variant"], _when(b["start"]), str(b["requests"]), str(b["errors"]), _fmt(b["error_rate"]),
+                          _fmt(b["latency_ms_mean"], ".0f"),
+                          f"{b['format_valid']}/{b['format_checked']}" if b["format_checked"] else "-",
+                          str(b["feedback_count"]), _fmt(b["feedback_mean"]))
     console.print(table)
 
 

@@ -263,11 +263,13 @@ class DriftMonitor:
         identity = await self.identity()
         runs = []
         for variant, version_id, digest in plan.versions:
+            # scheduled replays start once per period; `at`, their end, moves with each replay's duration
+            started_at = time.time()
             replay = await replay_and_score(self.engine, digest, plan.items, plan.metric, max_tokens)
             baseline = await run_in_threadpool(self._baseline_of, deployment_id, version_id)
             test = None if baseline is None else await paired_test(baseline.scores, replay.scores, 0.0, 0.025)
             run = await run_in_threadpool(self._record_run, deployment_id, variant, version_id, replay, baseline,
-                                          test, identity)
+                                          test, identity, started_at)
             self._export_run(plan.tenant, plan.name, run)
             log.info("drift replay %s/%s %s: %s", plan.tenant, plan.name, variant, run.message)
             runs.append(run)
@@ -290,12 +292,14 @@ class DriftMonitor:
             return None if deployment is None else _baseline(session, version_id, deployment.validation_set_id)
 
     def _record_run(self, deployment_id: int, variant: str, version_id: int, replay: Replay,
-                    baseline: ValidationRun | None, test: Measurement | None, identity: str) -> ValidationRun:
+                    baseline: ValidationRun | None, test: Measurement | None, identity: str,
+                    started_at: float) -> ValidationRun:
         mean, n = replay.mean, len(replay.scores)
         with self.sessions() as session:
             deployment = session.get(Deployment, deployment_id)
             run = ValidationRun(deployment_id=deployment_id, version_id=version_id,
                                 validation_set_id=deployment.validation_set_id, variant=variant, at=time.time(),
+                                started_at=started_at,
                                 engine=identity, score=mean, scores=replay.scores, outputs=replay.outputs,
                                 output_tokens=replay.tokens, confidences=replay.confidences,
                                 exact_match_rate=1.0)

@@ -8,7 +8,7 @@ import html
 import io
 from collections import defaultdict
 
-__all__ = ["render_report"]
+__all__ = ["render_report", "figures"]
 
 
 def _when(epoch: float) -> dt.datetime:
@@ -16,9 +16,10 @@ def _when(epoch: float) -> dt.datetime:
 
 
 def _png(figure) -> str:
+    """The figure as base64 PNG."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def _grouped(rows: list[dict], key: str) -> dict[str, list[dict]]:
@@ -121,6 +122,16 @@ def _feedback_plot(timelines: list[dict]) -> str | None:
     return _finish(plt, figure, (rate, mean), 7)
 
 
+def figures(history: dict, status: dict) -> list[tuple[str, str]]:
+    """The report's plots as (title, base64 PNG), from the API's drift history and status (the console shows the
+    same ones)."""
+    plots = _plots(history)
+    feedback = _feedback_plot(status.get("feedback", []))
+    if feedback is not None:
+        plots.append(("Users' feedback per live version", feedback))
+    return plots
+
+
 def _table(rows: list[list[str]], header: list[str]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
@@ -133,11 +144,9 @@ def render_report(history: dict, status: dict) -> str:
     sections = [f"<h1>Drift report: {html.escape(history['deployment'])}</h1>",
                 f"<p>Generated {now}. Live-request sampling: {'on' if status['sample_inputs'] else 'off (opted out)'};"
                 f" {status['samples']} sampled requests kept; validation set {status['validation_set'] or 'none'}.</p>"]
-    for title, image in _plots(history):
-        sections.append(f"<h2>{html.escape(title)}</h2>{image}")
-    feedback = _feedback_plot(status.get("feedback", []))
-    if feedback is not None:
-        sections.append(f"<h2>Users' feedback per live version</h2>{feedback}")
+    for title, png in figures(history, status):
+        sections.append(f"<h2>{html.escape(title)}</h2><img alt=\"{html.escape(title)}\" "
+                        f"src=\"data:image/png;base64,{png}\">")
     if not history["runs"] and not history["checks"]:
         sections.append("<p>Nothing measured yet: run <code>lorafleet drift check</code>, or wait for traffic.</p>")
     runs = [[_when(r["at"]).strftime("%m-%d %H:%M"), r["variant"], r["version"], r["kind"], f"{r['score']:.3f}",

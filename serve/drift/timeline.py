@@ -13,11 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Float, cast, func, null, select
-from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.functions import FunctionElement
 
-from lorafleet.adapters.catalog import Deployment, Feedback, RequestRecord
+from lorafleet.adapters.catalog import Deployment, Feedback, RequestRecord, sql_floor
 from lorafleet.adapters.schemas import FeedbackPeriod, FeedbackTimeline
 from lorafleet.serve.drift.monitor import live_versions
 
@@ -27,24 +25,6 @@ __all__ = ["DEFAULT_BUCKET_S", "MIN_BUCKET_S", "MAX_BUCKET_S", "DEFAULT_BUCKETS"
 DEFAULT_BUCKET_S = 3600
 MIN_BUCKET_S, MAX_BUCKET_S = 60, 7 * 86400
 DEFAULT_BUCKETS, MAX_BUCKETS = 24, 168
-
-
-class _floor(FunctionElement):
-    """floor() of a non-negative number on every catalog database: SQLite has floor() only when built with its
-    math functions, and its CAST truncates, which is the same for non-negative numbers."""
-
-    type = Float()
-    inherit_cache = True
-
-
-@compiles(_floor)
-def _floor_sql(element: _floor, compiler: Any, **kw: Any) -> str:
-    return f"floor({compiler.process(element.clauses, **kw)})"
-
-
-@compiles(_floor, "sqlite")
-def _floor_sqlite(element: _floor, compiler: Any, **kw: Any) -> str:
-    return f"CAST({compiler.process(element.clauses, **kw)} AS INTEGER)"
 
 
 @dataclass(frozen=True)
@@ -71,7 +51,7 @@ def _per_period(session: Session, table: type[RequestRecord] | type[Feedback], w
                 value: Any = None) -> _Counts:
     """(digest, period index) -> (rows, mean of `value`) of `table` in the window. The period is computed in a
     subquery: PostgreSQL does not match a GROUP BY expression with bound parameters to the selected one."""
-    period = _floor((table.at - window.start) / float(window.bucket_s))
+    period = sql_floor((table.at - window.start) / float(window.bucket_s))
     rows = (select(table.digest.label("digest"), period.label("period"),
                    (cast(null(), Float) if value is None else value).label("value"))
             .where(table.at >= window.start, table.at < window.end, *where).subquery())

@@ -5,4 +5,5 @@
 - `records`      users' feedback on answers (by request id, per tenant, idempotent) and its summaries per variant
 - `capture`      opted-in capture of whole live requests (images in the store), bounded, with retention
 - `export`       captures (and their feedback) as the trainer's chat JSONL
+- `traffic`      a deployment's recent requests, errors and latency percentiles (`GET .../traffic`)
 """

@@ -5,4 +5,5 @@
 - `statistics`  pure decision statistics (`assess_step`, `paired_gate`, `compare_variants`)
 - `gate`        the validation gate: both versions answer the validation set, paired non-inferiority
 - `reconciler`  `RolloutController`: one reconcile per active rollout per tick, under a lease
+- `series`      a rollout's per-variant, per-period samples and feedback (`GET .../rollout/series`)
 """

@@ -140,6 +140,50 @@ def test_a_0_1_0_catalog_is_refused_then_upgraded_and_every_row_still_serves(emp
     db.dispose()
 
 
+def test_a_catalog_at_0003_is_upgraded_to_0004_and_its_rows_have_no_manifest_and_no_replay_start(empty_catalog_url):
+    _upgrade_to(empty_catalog_url, "0003")
+    rows = insert_rows(empty_catalog_url)  # every column 0.1.0 wrote is still there at 0003
+    before = _schema(empty_catalog_url)
+    _upgrade_to(empty_catalog_url, "0004")
+    after = _schema(empty_catalog_url)
+    added = {(table, column[0]) for table in after for column in after[table]["columns"]
+             if column not in before[table]["columns"]}
+    assert added == {("adapter_versions", "manifest"), ("validation_runs", "started_at")}
+    assert all(column[2] for table, name in added for column in after[table]["columns"] if column[0] == name)
+    engine = create_engine(empty_catalog_url)
+    with engine.connect() as connection:  # SQL NULL, as the rows were written: not JSON's null
+        versions = connection.execute(text("SELECT digest FROM adapter_versions WHERE manifest IS NULL "
+                                           "ORDER BY version")).scalars().all()
+        runs = connection.execute(text("SELECT kind FROM validation_runs WHERE started_at IS NULL")).scalars().all()
+    engine.dispose()
+    assert (tuple(versions), len(runs)) == (rows.digests, rows.validation_runs)
+
+    db, sessions = open_catalog(empty_catalog_url, upgrade=True)  # on to head, through the models
+    manifest = {"adapter_digest": "d" * 64, "training": {"steps": 3, "val_losses": [0.9, 0.5]}}
+    with sessions() as session:
+        tenant = authenticate(session, rows.key)
+        assert [resolve_version(session, tenant, f"{rows.adapter}@{n}").manifest for n in (1, 2)] == [None, None]
+        assert [run.started_at for run in session.scalars(select(ValidationRun))] == [None]
+        register_version(session, tenant, rows.adapter, ValidatedAdapter(
+            path=Path("."), digest="d" * 64, rank=8, alpha=16.0, target_modules=("q_proj",), size_bytes=10,
+            manifest=manifest))
+    with sessions() as session:
+        assert resolve_version(session, authenticate(session, rows.key), f"{rows.adapter}@3").manifest == manifest
+    db.dispose()
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_revision_0004_downgrades_to_the_schema_of_0003(dialect, new_database):
+    at_0003, down_from_0004 = new_database(dialect), new_database(dialect)
+    _upgrade_to(at_0003, "0003")
+    _upgrade_to(down_from_0004, "0004")
+    engine = create_engine(down_from_0004)
+    with engine.begin() as connection:
+        command.downgrade(alembic_config(connection), "0003")
+    engine.dispose()
+    assert _schema(down_from_0004) == _schema(at_0003)
+
+
 def test_a_sqlite_catalog_is_copied_before_its_upgrade(tmp_path):
     database = tmp_path / "catalog.db"
     create_schema(f"sqlite:///{database}")

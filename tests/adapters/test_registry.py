@@ -83,6 +83,23 @@ def test_versions_count_up_and_same_content_returns_the_existing_one(session):
     assert (created1, created2, created3) == (True, True, False)
 
 
+def test_a_version_keeps_the_manifest_of_its_first_upload(session):
+    """The manifest is informational: the same content with another manifest (or none) is the same version."""
+    from dataclasses import replace
+
+    tenant, _ = create_tenant(session, "acme")
+    manifest = {"adapter_digest": "a" * 64, "training": {"steps": 12, "best_val_loss": None}}
+    first, _ = register_version(session, tenant, "ext", replace(_validated("a"), manifest=manifest))
+    again, created = register_version(session, tenant, "ext", replace(_validated("a"), manifest={"other": 1}))
+    register_version(session, tenant, "ext", _validated("b"))
+    session.expunge_all()  # read back from the database
+    assert (again.id, created) == (first.id, False)
+    assert resolve_version(session, tenant, "ext@1").manifest == manifest
+    assert resolve_version(session, tenant, "ext@2").manifest is None
+    stored_null = select(func.count()).where(AdapterVersion.manifest.is_(None))
+    assert session.scalar(stored_null) == 1  # SQL NULL, as versions from before revision 0004
+
+
 def test_references_resolve_by_name_number_and_digest(session):
     tenant, _ = create_tenant(session, "acme")
     register_version(session, tenant, "ext", _validated("a"))

@@ -2,9 +2,38 @@
 
 from __future__ import annotations
 
-import pytest
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
 
-from tests.factories import HOSTILE, REJECTIONS, bad_archive, hostile_archive
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from lorafleet.adapters.base_model import BaseModelSpec
+from lorafleet.adapters.catalog import open_catalog
+from lorafleet.adapters.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES
+from lorafleet.adapters.registry import create_tenant
+from lorafleet.adapters.store import LocalStore
+from lorafleet.adapters.validate import ValidatedAdapter
+from lorafleet.serve.api import registry
+from lorafleet.serve.api.errors import install_error_handlers
+from lorafleet.serve.api.guard import Authenticate
+from lorafleet.serve.client import pack_adapter
+from lorafleet.serve.route_cache import RouteCache
+from lorafleet.serve.settings import Settings
+from tests.adapters.test_manifest import trainer_manifest
+from tests.factories import (
+    CONFIG,
+    HOSTILE,
+    REJECTIONS,
+    SMALL_LORA,
+    WEIGHTS,
+    bad_archive,
+    hostile_archive,
+    small_adapter,
+)
 from tests.helpers import assert_openai_error, upload_archive, upload_folder
 
 
@@ -59,8 +88,6 @@ def test_upload_without_file_is_400(new_tenant):
 
 
 def test_invalid_adapter_name_is_400(new_tenant, make_adapter):
-    from lorafleet.serve.client import pack_adapter
-
     archive = pack_adapter(make_adapter(1))
     with new_tenant().http() as http:
         assert_openai_error(upload_archive(http, "bad/name", archive), 400, "invalid name")
@@ -86,3 +113,94 @@ def test_unknown_version_reference_is_404(new_tenant, make_adapter):
         upload_folder(http, "ext", make_adapter(1))
         assert_openai_error(http.put("/v1/deployments/d", json={"adapter": "ext@7"}), 404, "no version 7")
         assert_openai_error(http.put("/v1/deployments/d", json={"adapter": "ext@x"}), 400, "invalid adapter reference")
+
+
+# --- the trainer's manifest.json, through the real routes, catalog and store, without an engine ---
+
+SMALL_BASE = BaseModelSpec(name="small", language_model_prefix="model.language_model",
+                           lora_modules={SMALL_LORA.removeprefix("base_model.model."): (16, 16)}, other_linear={})
+
+
+def manifest_app(tmp_path: Path) -> tuple[FastAPI, str]:
+    """The registry routes over a real SQLite catalog and local store, validating uploads against a base whose one
+    LoRA-able layer is `small_adapter`'s; returns the app and a tenant key."""
+    _, sessions = open_catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    with sessions() as session:
+        _, key = create_tenant(session, "acme")
+    (tmp_path / "tmp").mkdir()
+    app = FastAPI()
+    app.state.gateway = SimpleNamespace(settings=Settings(base="small", home=tmp_path), sessions=sessions,
+                                        routes=RouteCache(sessions, 0.0), store=LocalStore(tmp_path / "adapters"),
+                                        spec=SMALL_BASE, tmp_dir=tmp_path / "tmp")
+    app.add_middleware(Authenticate, gateway=app.state.gateway)
+    install_error_handlers(app)
+    app.include_router(registry.router)
+    return app, key
+
+
+def adapter_with_manifest(folder: Path, seed: int, manifest: dict | bytes | None) -> ValidatedAdapter:
+    """`small_adapter` with `manifest` as its manifest.json (JSON-encoded unless given as bytes)."""
+    adapter = small_adapter(folder, seed)
+    if manifest is not None:
+        content = manifest if isinstance(manifest, bytes) else json.dumps(manifest, indent=2).encode()
+        (folder / MANIFEST_FILE).write_bytes(content)
+    return adapter
+
+
+def _client(app: FastAPI, key: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway",
+                             headers={"Authorization": f"Bearer {key}"})
+
+
+async def _upload(http: httpx.AsyncClient, name: str, folder: Path) -> httpx.Response:
+    archive = pack_adapter(folder)  # what `lorafleet adapters push` sends: every file of the folder
+    try:
+        return await http.post("/v1/adapters", data={"name": name},
+                               files={"file": ("a.tar.gz", archive.read_bytes(), "application/gzip")})
+    finally:
+        archive.unlink()
+
+
+async def test_an_upload_keeps_the_trainers_manifest_on_its_version_outside_its_digest(tmp_path):
+    app, key = manifest_app(tmp_path)
+    adapter = adapter_with_manifest(tmp_path / "a", 1, None)
+    manifest = trainer_manifest(adapter.digest)
+    (tmp_path / "a" / MANIFEST_FILE).write_text(json.dumps(manifest))
+    async with _client(app, key) as http:
+        uploaded = await _upload(http, "ext", tmp_path / "a")
+        assert uploaded.status_code == 201, uploaded.text
+        assert uploaded.json()["digest"] == adapter.digest  # the digest of the adapter without its manifest
+        assert "manifest" not in uploaded.json()
+        [version] = (await http.get("/v1/adapters/ext")).json()["versions"]
+        listed = (await http.get("/v1/adapters")).json()
+    assert version["manifest"] == manifest and version["manifest_matches"] is True
+    assert set(listed[0]["versions"][0]) == set(version) - {"manifest", "manifest_matches"}  # the list's shape
+    stored = app.state.gateway.store.local_path(adapter.digest)
+    assert sorted(p.name for p in stored.iterdir()) == [CONFIG, WEIGHTS]  # the blob is the adapter alone
+
+
+@pytest.mark.parametrize(("recorded", "matches"), [("other", False), ("nothing", None), ("no manifest", None)])
+async def test_manifest_matches_says_whether_the_recorded_digest_is_the_versions(tmp_path, recorded, matches):
+    app, key = manifest_app(tmp_path)
+    manifest = {"other": trainer_manifest("0" * 64), "nothing": {"training": {"steps": 3}},
+                "no manifest": None}[recorded]
+    adapter_with_manifest(tmp_path / "a", 1, manifest)
+    async with _client(app, key) as http:
+        assert (await _upload(http, "ext", tmp_path / "a")).status_code == 201
+        [version] = (await http.get("/v1/adapters/ext")).json()["versions"]
+    assert version["manifest"] == manifest and version["manifest_matches"] is matches
+
+
+@pytest.mark.parametrize(("content", "phrase"), [
+    (json.dumps({"pad": os.urandom(MAX_MANIFEST_BYTES // 2 + 1).hex()}).encode(), "over the limit of 1048576 bytes"),
+    (b'["a", "list"]', "must be a JSON object"),
+    (b"{broken", "not valid JSON"),
+], ids=["too-large", "not-an-object", "not-json"])
+async def test_a_bad_manifest_refuses_the_upload_and_nothing_is_stored(tmp_path, content, phrase):
+    app, key = manifest_app(tmp_path)
+    adapter_with_manifest(tmp_path / "a", 1, content)
+    async with _client(app, key) as http:
+        error = assert_openai_error(await _upload(http, "ext", tmp_path / "a"), 400, phrase)
+        assert error["code"] == "invalid_adapter" and error["message"].startswith("invalid adapter (manifest)")
+        assert (await http.get("/v1/adapters")).json() == []
+    assert not any((tmp_path / "adapters").iterdir()) and not any((tmp_path / "tmp").iterdir())

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image, ImageOps
+from sqlalchemy import select
 from typer.testing import CliRunner
 
 from lorafleet.chat import image_data_url, load_jsonl
@@ -325,6 +326,36 @@ def test_a_replay_records_each_items_confidence_on_its_run(catalog_url):
 
     monitor, sessions, (deployment_id, version_id) = _world(catalog_url, None)
     replay = Replay("1" * 64, ["2", "4"], [2, 2], [1.0, 0.0], [-0.25, None])
-    run = monitor._record_run(deployment_id, "stable", version_id, replay, None, None, "e")
+    run = monitor._record_run(deployment_id, "stable", version_id, replay, None, None, "e", time.time() - 3)
     with sessions() as session:
         assert session.get_one(ValidationRun, run.id).confidences == [-0.25, None]
+
+
+async def test_a_replay_records_when_it_started_and_when_it_ended(catalog_url, monkeypatch):
+    """`started_at` is taken before the replay (what the schedule claims by), `at` once it is scored."""
+    import asyncio
+
+    from lorafleet.adapters.catalog import ValidationRun
+    from lorafleet.serve.drift import monitor as monitor_module
+    from lorafleet.serve.validation import Replay
+
+    monitor, sessions, (deployment_id, _) = _world(catalog_url, None)
+    replay_s = 0.3
+
+    async def slow_replay(engines, digest, items, metric, max_tokens) -> Replay:  # the engine's part, timed
+        await asyncio.sleep(replay_s)
+        return Replay(digest, [str(2 * i) for i in range(len(items))], [2] * len(items), [1.0] * len(items),
+                      [None] * len(items))
+
+    async def identity() -> str:
+        return "e"
+
+    monkeypatch.setattr(monitor_module, "replay_and_score", slow_replay)
+    monkeypatch.setattr(monitor, "identity", identity)
+    before = time.time()
+    [run] = await monitor.replay_deployment(deployment_id)
+    assert run.kind == "check" and before <= run.started_at <= run.at - replay_s
+    with sessions() as session:
+        assert session.get_one(ValidationRun, run.id).started_at == run.started_at
+        baseline = session.scalar(select(ValidationRun).where(ValidationRun.kind == "baseline"))
+        assert baseline.started_at is None  # written without one, as before revision 0004

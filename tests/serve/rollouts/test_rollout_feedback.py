@@ -4,9 +4,7 @@ reports both signals with their intervals."""
 
 from __future__ import annotations
 
-import socket
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,7 +12,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from sqlalchemy.orm import sessionmaker
 
@@ -37,7 +34,7 @@ from lorafleet.serve.metrics import Metrics
 from lorafleet.serve.rollouts.reconciler import RolloutController
 from lorafleet.serve.rollouts.state import Phase
 from lorafleet.serve.rollouts.statistics import Moments, bounded_difference, bounded_mean, welch_difference
-from tests.helpers import poll_until
+from tests.helpers import on_loopback
 
 VARIANTS = [{"label": label, "version_id": v, "digest": str(v) * 64, "ref": f"m@{v}", "weight": 50.0}
             for label, v in (("canary", 2), ("stable", 1))]
@@ -217,18 +214,8 @@ def rollouts_api(catalog_url) -> Iterator[tuple[str, sessionmaker, int]]:
         request.state.tenant = SimpleNamespace(id=1)
         return await call_next(request)
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    poll_until(lambda: server.started, 10, "the rollouts API")
-    try:
-        yield f"http://127.0.0.1:{port}", sessions, rollout_id
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with on_loopback(app) as url:
+        yield url, sessions, rollout_id
 
 
 def test_cli_rollout_status_prints_feedback_per_variant_and_the_confidence(rollouts_api):

@@ -1,0 +1,167 @@
+"""The console in a real browser: Debian's chromium driven headless by Playwright (no browser download), against
+the session's real gateway and engine. A tenant sees its running canary with its weights, aborts it and sees the
+phase change and the decision; another tenant does not see it; the admin sees both; no page logs an error.
+Screenshots of each page go to $LORAFLEET_SCREENSHOTS (default: build/screenshots)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lorafleet.serve.client import inline_images
+from tests.conftest import NEAR_BASE_STD
+from tests.helpers import upload_folder
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SHOTS = Path(os.environ.get("LORAFLEET_SCREENSHOTS", "build/screenshots"))
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is not installed: `apt-get install chromium` (deploy/local/services.sh installs it)")
+    with playwright.sync_playwright() as p:
+        instance = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"])
+        yield instance
+        instance.close()
+
+
+class Visit:
+    """One browser context (its own cookies) that fails the test on any console error or failed request."""
+
+    def __init__(self, browser, base: str) -> None:
+        self.context = browser.new_context(viewport={"width": 1366, "height": 900})
+        self.page = self.context.new_page()
+        self.base, self.problems = base, []
+        self.page.on("console", lambda m: self.problems.append(f"console {m.type}: {m.text}")
+                     if m.type in ("error", "warning") else None)
+        self.page.on("pageerror", lambda e: self.problems.append(f"page error: {e}"))
+        self.page.on("requestfailed", lambda r: self.problems.append(f"request failed: {r.url}"))
+
+    def sign_in(self, key: str) -> None:
+        self.page.goto(self.base + "/console/")
+        self.page.get_by_label("API key").fill(key)
+        self.page.get_by_role("button", name="Sign in").click()
+        self.page.wait_for_url("**/console/deployments")
+
+    def shot(self, name: str) -> None:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+    def close(self) -> None:
+        self.context.close()
+        assert not self.problems, self.problems
+
+
+def _two_versions(http: httpx.Client, make_adapter) -> None:
+    """Adapter m in two versions, deployment `shapes` on m@1."""
+    for folder in (make_adapter(0, 8, std=NEAR_BASE_STD), make_adapter(0, 4, std=NEAR_BASE_STD)):
+        upload_folder(http, "m", folder)
+    http.put("/v1/deployments/shapes", json={"adapter": "m@1"}).raise_for_status()
+
+
+def _traffic(http: httpx.Client, n: int = 12) -> None:
+    for i in range(n):
+        answered = http.post("/v1/chat/completions", json={
+            "model": "shapes", "max_tokens": 4, "messages": [{"role": "user", "content": f"Say {i}."}]})
+        assert answered.status_code == 200, answered.text
+
+
+def _canary(http: httpx.Client, make_adapter) -> None:
+    """Deployment `shapes` on m@1 with a canary to m@2 that stays at its first step until it is acted on."""
+    _two_versions(http, make_adapter)
+    started = http.post("/v1/deployments/shapes/rollout",
+                        json={"to": "m@2", "gate": False, "steps": [20, 100], "min_requests": 10**6})
+    assert started.status_code == 202, started.text
+    _traffic(http)
+
+
+def _ab_test(http: httpx.Client, make_adapter) -> None:
+    _two_versions(http, make_adapter)
+    started = http.post("/v1/deployments/shapes/ab", json={"variants": [{"adapter": "m@1", "weight": 50},
+                                                                        {"adapter": "m@2", "weight": 50}]})
+    assert started.status_code == 201, started.text
+    _traffic(http)
+
+
+def _replayed(http: httpx.Client, tmp_path: Path) -> None:
+    """A validation set and one replay of it (the baseline), so that the drift page has its figures."""
+    from lorafleet.train.shapes import write_task
+
+    validation = write_task("general", 8, tmp_path / "val.jsonl", seed=1)
+    pushed = http.put("/v1/deployments/shapes/validation", files={"file": ("v.jsonl", inline_images(validation))})
+    assert pushed.status_code == 200, pushed.text
+    checked = http.post("/v1/deployments/shapes/drift/check")
+    assert checked.status_code == 200, checked.text
+
+
+def test_a_tenant_aborts_its_canary_others_do_not_see_it_the_admin_sees_all(server, new_tenant, make_adapter,
+                                                                          browser, tmp_path):
+    owner, other = new_tenant(), new_tenant()
+    with owner.http() as http:
+        _canary(http, make_adapter)
+    with other.http() as http:
+        _ab_test(http, make_adapter)
+
+    visit = Visit(browser, server.url)
+    visit.sign_in(owner.api_key)
+    page = visit.page
+    row = page.get_by_role("row").filter(has_text="shapes")
+    assert "stable" in row.inner_text() and "80" in row.inner_text() and "20" in row.inner_text()
+    visit.shot("deployments")
+    page.get_by_role("link", name="Progressing").click()
+    page.wait_for_url("**/deployments/shapes/rollout")
+    assert page.locator("#phase").inner_text() == "Progressing"
+    weights = page.locator("#weights").inner_text()
+    assert "m@1" in weights and "80" in weights and "m@2" in weights and "20" in weights
+    visit.shot("rollout")
+    page.get_by_role("link", name="Abort…").click()
+    visit.shot("confirm-abort")
+    page.get_by_role("button", name="Yes, abort").click()
+    page.wait_for_url("**/rollout?done=abort")
+    assert page.locator("#phase").inner_text() == "Aborted"
+    decision = page.locator(".decision").first.inner_text()
+    assert "abort" in decision.lower() and f"tenant:{owner.name}" in decision
+    visit.shot("rollout-aborted")
+    with owner.http() as http:
+        _replayed(http, tmp_path)
+    mine = f"/console/t/{owner.name}"
+    for path, name in (("/console/rollouts", "rollouts"), ("/console/adapters", "adapters"),
+                       (f"{mine}/deployments/shapes", "deployment"), (f"{mine}/deployments/shapes/drift", "drift"),
+                       (f"{mine}/adapters/m", "adapter")):
+        response = page.goto(server.url + path)
+        assert response is not None and response.status == 200, path
+        visit.shot(name)
+    page.goto(server.url + f"{mine}/deployments/shapes/drift")
+    assert page.get_by_role("img", name="Validation replay").is_visible()  # the drift report's own figure
+    visit.close()
+
+    stranger = Visit(browser, server.url)
+    stranger.sign_in(other.api_key)
+    assert owner.name not in stranger.page.content()
+    stranger.page.get_by_role("link", name="Running").click()
+    stranger.page.wait_for_url("**/deployments/shapes/ab")
+    assert "m@1" in stranger.page.content() and "Differences from" in stranger.page.content()
+    stranger.shot("ab")
+    response = stranger.page.goto(server.url + f"/console/t/{owner.name}/deployments/shapes/rollout")
+    assert response is not None and response.status == 404
+    stranger.problems.clear()  # the 404 itself is logged by the browser as a failed resource
+    stranger.close()
+
+    admin = Visit(browser, server.url)
+    admin.sign_in(server.admin_key)
+    text = admin.page.content()
+    assert owner.name in text and other.name in text
+    admin.shot("deployments-admin")
+    for path in ("/console/engines", "/console/tenants", "/console/rollouts"):
+        response = admin.page.goto(server.url + path)
+        assert response is not None and response.status == 200, path
+        admin.shot(path.rsplit("/", 1)[-1] + "-admin")
+    admin.close()

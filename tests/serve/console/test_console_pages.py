@@ -1,0 +1,200 @@
+"""The console's pages, sessions and CSRF checks on a real gateway app (catalog and store real, no engine)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from lorafleet.serve.client import pack_adapter
+from lorafleet.serve.console.session import LOGIN_COOKIE, SESSION_COOKIE
+from tests.helpers import assert_openai_error
+from tests.serve.console.conftest import ADMIN_KEY, Console, csrf_of
+
+NEAR_BASE_STD = 1e-6
+
+
+@pytest.fixture(scope="session")
+def adapters(untrained_base: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    from lorafleet.train.random_adapter import make_random_adapter
+
+    return [make_random_adapter(untrained_base, tmp_path_factory.mktemp(f"console-adapter-{rank}"), seed=0,
+                                rank=rank, std=NEAR_BASE_STD) for rank in (8, 4)]
+
+
+async def _deployed_canary(console: Console, key: str, adapters: list[Path]) -> None:
+    """Deployment `shapes` on m@1, with a canary to m@2 at 20 % that waits for a million requests."""
+    async with console.api(key) as api:
+        for folder in adapters:
+            archive = pack_adapter(folder)
+            with open(archive, "rb") as f:
+                uploaded = await api.post("/v1/adapters", data={"name": "m"},
+                                          files={"file": ("a.tar.gz", f.read(), "application/gzip")})
+            archive.unlink()
+            assert uploaded.status_code in (200, 201), uploaded.text
+        (await api.put("/v1/deployments/shapes", json={"adapter": "m@1"})).raise_for_status()
+        started = await api.post("/v1/deployments/shapes/rollout",
+                                 json={"to": "m@2", "gate": False, "steps": [20, 100], "min_requests": 10**6})
+        assert started.status_code == 202, started.text
+        (await api.put("/v1/deployments/split", json={"adapter": "m@1"})).raise_for_status()
+        split = await api.post("/v1/deployments/split/ab", json={"variants": [{"adapter": "m@1", "weight": 50},
+                                                                              {"adapter": "m@2", "weight": 50}]})
+        assert split.status_code == 201, split.text
+
+
+async def test_sign_in_keeps_the_key_in_an_http_only_same_site_cookie_and_never_in_the_page(console,
+                                                                                            browser_session):
+    key = await console.tenant("acme")
+    browser = await browser_session(key)
+    cookie = next(c for c in browser.cookies.jar if c.name == SESSION_COOKIE)
+    assert key not in cookie.value  # sealed, not merely encoded
+    page = await browser.get("/console/deployments")
+    assert page.status_code == 200 and "tenant <strong>acme</strong>" in page.text
+    assert key not in page.text and key not in str(page.url)
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    login = await console.http.get("/console/login")
+    set_cookie = login.headers["set-cookie"].lower()
+    assert LOGIN_COOKIE in set_cookie and "httponly" in set_cookie and "samesite=strict" in set_cookie
+    signed = await browser.post("/console/login", data={"csrf": csrf_of(login.text), "key": key})
+    assert signed.status_code == 403  # the form's token is not this browser's login cookie
+
+
+async def test_the_session_cookie_is_http_only_and_strict(console):
+    key = await console.tenant("acme")
+    form = await console.http.get("/console/login")
+    signed = await console.http.post("/console/login", data={"csrf": csrf_of(form.text), "key": key})
+    assert signed.status_code == 303 and signed.headers["location"] == "/console/deployments"
+    cookie = next(h for h in signed.headers.get_list("set-cookie") if h.startswith(SESSION_COOKIE + "="))
+    assert "httponly" in cookie.lower() and "samesite=strict" in cookie.lower() and "path=/console" in cookie.lower()
+
+
+async def test_a_wrong_key_is_refused_with_a_message_and_no_session(console):
+    form = await console.http.get("/console/login")
+    refused = await console.http.post("/console/login", data={"csrf": csrf_of(form.text), "key": "not-a-key"})
+    assert refused.status_code == 401 and "Sign-in refused" in refused.text
+    assert not any(h.startswith(SESSION_COOKIE + "=") for h in refused.headers.get_list("set-cookie"))
+    assert (await console.http.get("/console/deployments")).status_code == 303
+
+
+async def test_a_page_without_a_session_sends_the_browser_to_sign_in(console):
+    page = await console.http.get("/console/rollouts")
+    assert page.status_code == 303 and page.headers["location"] == "/console/login?next=/console/rollouts"
+    live = await console.http.get("/console/t/x/deployments/y/rollout/live", headers={"HX-Request": "true"})
+    assert live.status_code == 204 and live.headers["hx-redirect"].startswith("/console/login")
+    forged = await console.http.get("/console/deployments", headers={"Cookie": f"{SESSION_COOKIE}=gAAAAAforged"})
+    assert forged.status_code == 303
+
+
+async def test_sign_in_only_redirects_within_the_console(console):
+    key = await console.tenant("acme")
+    form = await console.http.get("/console/login")
+    signed = await console.http.post("/console/login", data={"csrf": csrf_of(form.text), "key": key,
+                                                             "next": "//evil.example/console/"})
+    assert signed.headers["location"] == "/console/deployments"
+
+
+async def test_actions_need_the_session_token_and_the_same_origin(console, browser_session, adapters):
+    key = await console.tenant("acme")
+    await _deployed_canary(console, key, adapters)
+    browser = await browser_session(key)
+    action = "/console/t/acme/deployments/shapes/actions/abort"
+    assert (await browser.post(action, data={})).status_code == 403
+    assert (await browser.post(action, data={"csrf": "guess"})).status_code == 403
+    confirm = await browser.get("/console/t/acme/deployments/shapes/confirm/abort")
+    assert confirm.status_code == 200 and "Yes, abort" in confirm.text
+    token = csrf_of(confirm.text)
+    foreign = await browser.post(action, data={"csrf": token}, headers={"Origin": "https://evil.example"})
+    assert foreign.status_code == 403 and "another site" in foreign.text
+    async with console.api(key) as api:
+        assert (await api.get("/v1/deployments/shapes/rollout")).json()["phase"] == "Progressing"
+    done = await browser.post(action, data={"csrf": token}, headers={"Origin": "http://testserver"})
+    assert done.status_code == 303 and done.headers["location"].endswith("/rollout?done=abort")
+    page = await browser.get(done.headers["location"])
+    assert re.search(r'id="phase"><span class="phase phase-Aborted">Aborted', page.text)
+    assert "by tenant:acme" in page.text  # the decision names who acted, as the API records it
+
+
+async def test_every_page_renders_for_a_tenant_and_the_admin(console, browser_session, adapters):
+    key = await console.tenant("acme")
+    await _deployed_canary(console, key, adapters)
+    tenant = await browser_session(key)
+    base = "/console/t/acme"
+    for path in ("/console/deployments", "/console/rollouts", "/console/adapters", f"{base}/deployments/shapes",
+                 f"{base}/deployments/shapes/rollout", f"{base}/deployments/shapes/rollout/live",
+                 f"{base}/deployments/shapes/ab", f"{base}/deployments/split/ab", f"{base}/deployments/shapes/drift",
+                 f"{base}/adapters/m",
+                 f"{base}/deployments/shapes/confirm/pause", f"{base}/deployments/shapes/confirm/undo"):
+        page = await tenant.get(path)
+        assert page.status_code == 200, (path, page.text[-2000:])
+        assert key not in page.text
+    deployments = (await tenant.get("/console/deployments")).text
+    assert "m@1 — 80" in deployments and "m@2 — 20" in deployments  # the live routing the API answers
+    adapter = (await tenant.get(f"{base}/adapters/m")).text
+    assert "m@2" in adapter and "m@1" in adapter and "q_proj" in adapter
+    for path in ("/console/engines", "/console/tenants"):
+        assert (await tenant.get(path)).status_code == 404  # the admin's pages do not exist for a tenant
+
+    admin = await browser_session(ADMIN_KEY)
+    for path in ("/console/deployments", "/console/rollouts", "/console/adapters", "/console/tenants",
+                 "/console/engines", f"{base}/deployments/shapes/rollout", f"{base}/adapters/m"):
+        page = await admin.get(path)
+        assert page.status_code == 200, (path, page.text[-2000:])
+        assert ADMIN_KEY not in page.text
+    assert "acme" in (await admin.get("/console/tenants")).text
+    assert "admin (all tenants)" in (await admin.get("/console/deployments")).text
+
+
+async def test_a_tenant_never_sees_another_tenants_things(console, browser_session, adapters):
+    owner, other = await console.tenant("acme"), await console.tenant("globex")
+    await _deployed_canary(console, owner, adapters)
+    stranger = await browser_session(other)
+    for path in ("/console/t/acme/deployments/shapes", "/console/t/acme/deployments/shapes/rollout",
+                 "/console/t/acme/adapters/m", "/console/t/acme/deployments/shapes/confirm/abort"):
+        assert (await stranger.get(path)).status_code == 404, path
+    token = csrf_of((await stranger.get("/console/deployments")).text)
+    refused = await stranger.post("/console/t/acme/deployments/shapes/actions/abort", data={"csrf": token})
+    assert refused.status_code == 404
+    for path in ("/console/deployments", "/console/rollouts", "/console/adapters"):
+        assert "shapes" not in (await stranger.get(path)).text
+    async with console.api(owner) as api:
+        assert (await api.get("/v1/deployments/shapes/rollout")).json()["phase"] == "Progressing"
+
+
+async def test_sign_out_ends_the_session(console, browser_session):
+    key = await console.tenant("acme")
+    browser = await browser_session(key)
+    token = csrf_of((await browser.get("/console/deployments")).text)
+    assert (await browser.post("/console/logout", data={})).status_code == 403
+    out = await browser.post("/console/logout", data={"csrf": token})
+    assert out.status_code == 303 and 'lorafleet_console=""' in out.headers["set-cookie"]
+    assert (await browser.get("/console/deployments")).status_code == 303
+
+
+async def test_a_revoked_key_signs_the_console_out(console, browser_session):
+    key = await console.tenant("acme")
+    browser = await browser_session(key)
+    keys = (await console.admin.get("/admin/tenants/acme/keys")).json()
+    (await console.admin.delete(f"/admin/tenants/acme/keys/{keys[0]['id']}")).raise_for_status()
+    page = await browser.get("/console/deployments")
+    assert page.status_code == 303 and page.headers["location"].startswith("/console/login")
+
+
+# the admin acting for a tenant (what the console does for the admin's views)
+
+
+async def test_acting_for_a_tenant_needs_the_admin_key(console):
+    acme, globex = await console.tenant("acme"), await console.tenant("globex")
+    async with console.api(acme) as api:
+        mine = await api.get("/v1/tenant")
+        assert mine.json() == {"name": "acme", "acting_as": "tenant:acme"}
+        refused = await api.get("/v1/deployments", headers={"X-Lorafleet-Tenant": "globex"})
+        assert_openai_error(refused, 401, "X-Lorafleet-Tenant needs the admin key")
+    acting = await console.admin.get("/v1/tenant", headers={"X-Lorafleet-Tenant": "globex"})
+    assert acting.status_code == 200 and acting.json()["name"] == "globex"
+    assert acting.json()["acting_as"].startswith("admin@")
+    assert_openai_error(await console.admin.get("/v1/deployments", headers={"X-Lorafleet-Tenant": "nobody"}), 404)
+    chat = await console.admin.post("/v1/chat/completions", headers={"X-Lorafleet-Tenant": "acme"},
+                                    json={"model": "x", "messages": [{"role": "user", "content": "hi"}]})
+    assert_openai_error(chat, 400)
+    del globex
