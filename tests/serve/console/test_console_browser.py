@@ -91,13 +91,17 @@ def _ab_test(http: httpx.Client, make_adapter) -> None:
     _traffic(http)
 
 
-def _replayed(http: httpx.Client, tmp_path: Path) -> None:
-    """A validation set and one replay of it (the baseline), so that the drift page has its figures."""
+def _validation_set(http: httpx.Client, tmp_path: Path) -> None:
     from lorafleet.train.shapes import write_task
 
     validation = write_task("general", 8, tmp_path / "val.jsonl", seed=1)
     pushed = http.put("/v1/deployments/shapes/validation", files={"file": ("v.jsonl", inline_images(validation))})
     assert pushed.status_code == 200, pushed.text
+
+
+def _replayed(http: httpx.Client, tmp_path: Path) -> None:
+    """A validation set and one replay of it (the baseline), so that the drift page has its figures."""
+    _validation_set(http, tmp_path)
     checked = http.post("/v1/deployments/shapes/drift/check")
     assert checked.status_code == 200, checked.text
 
@@ -109,6 +113,7 @@ def test_a_tenant_aborts_its_canary_others_do_not_see_it_the_admin_sees_all(serv
         _canary(http, make_adapter)
     with other.http() as http:
         _ab_test(http, make_adapter)
+        _validation_set(http, tmp_path)
 
     visit = Visit(browser, server.url)
     visit.sign_in(owner.api_key)
@@ -122,9 +127,12 @@ def test_a_tenant_aborts_its_canary_others_do_not_see_it_the_admin_sees_all(serv
     weights = page.locator("#weights").inner_text()
     assert "m@1" in weights and "80" in weights and "m@2" in weights and "20" in weights
     visit.shot("rollout")
-    page.get_by_role("link", name="Abort…").click()
+    page.get_by_role("link", name="Abort…").focus()  # the actions work from the keyboard alone
+    page.keyboard.press("Enter")
+    page.wait_for_url("**/confirm/abort")
     visit.shot("confirm-abort")
-    page.get_by_role("button", name="Yes, abort").click()
+    page.get_by_role("button", name="Yes, abort").focus()
+    page.keyboard.press("Enter")
     page.wait_for_url("**/rollout?done=abort")
     assert page.locator("#phase").inner_text() == "Aborted"
     decision = page.locator(".decision").first.inner_text()
@@ -149,6 +157,10 @@ def test_a_tenant_aborts_its_canary_others_do_not_see_it_the_admin_sees_all(serv
     stranger.page.get_by_role("link", name="Running").click()
     stranger.page.wait_for_url("**/deployments/shapes/ab")
     assert "m@1" in stranger.page.content() and "Differences from" in stranger.page.content()
+    stranger.page.get_by_role("button", name="Evaluate on the validation set").click()  # replays, then compares
+    stranger.page.wait_for_url("**/ab/evaluate")
+    comparison = stranger.page.get_by_role("table", name="Paired differences (95 % intervals)").inner_text()
+    assert "m@2" in comparison and "m@1" in comparison
     stranger.shot("ab")
     response = stranger.page.goto(server.url + f"/console/t/{owner.name}/deployments/shapes/rollout")
     assert response is not None and response.status == 404

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -113,6 +114,7 @@ async def test_actions_need_the_session_token_and_the_same_origin(console, brows
     page = await browser.get(done.headers["location"])
     assert re.search(r'id="phase"><span class="phase phase-Aborted">Aborted', page.text)
     assert "by tenant:acme" in page.text  # the decision names who acted, as the API records it
+    assert 'hx-trigger="every 5s"' not in page.text  # a finished rollout is no longer polled
 
 
 async def test_every_page_renders_for_a_tenant_and_the_admin(console, browser_session, adapters):
@@ -128,6 +130,7 @@ async def test_every_page_renders_for_a_tenant_and_the_admin(console, browser_se
         page = await tenant.get(path)
         assert page.status_code == 200, (path, page.text[-2000:])
         assert key not in page.text
+    assert 'hx-trigger="every 5s"' in (await tenant.get(f"{base}/deployments/shapes/rollout")).text
     deployments = (await tenant.get("/console/deployments")).text
     assert "m@1 — 80" in deployments and "m@2 — 20" in deployments  # the live routing the API answers
     adapter = (await tenant.get(f"{base}/adapters/m")).text
@@ -143,6 +146,33 @@ async def test_every_page_renders_for_a_tenant_and_the_admin(console, browser_se
         assert ADMIN_KEY not in page.text
     assert "acme" in (await admin.get("/console/tenants")).text
     assert "admin (all tenants)" in (await admin.get("/console/deployments")).text
+
+
+async def test_an_adapter_page_shows_the_trainers_manifest(console, browser_session, adapters, tmp_path):
+    import shutil
+
+    from lorafleet.adapters.validate import content_digest
+
+    folder = shutil.copytree(adapters[0], tmp_path / "with-manifest")
+    manifest = {"adapter_digest": content_digest(folder),
+                "training": {"steps": 76, "best_val_loss": 0.0412, "stopped_early": True, "converged": True,
+                             "samples_per_s": 31.5, "peak_memory_mb": 812.0, "advice": []},
+                "evaluation": {"sets": [{"name": "validation", "metric": "json_fields", "n": 40, "base": 0.0,
+                                         "adapter": 0.975},
+                                        {"name": "probe", "metric": "exact", "n": 50, "base": 0.98, "adapter": 0.96}],
+                               "verdicts": []},
+                "servability": {"digest": "x", "prompts": 8, "changed": 8, "agreed_tokens": 4, "near_ties": 0}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    key = await console.tenant("acme")
+    async with console.api(key) as api:
+        archive = pack_adapter(folder)
+        uploaded = await api.post("/v1/adapters", data={"name": "m"},
+                                  files={"file": ("a.tar.gz", archive.read_bytes(), "application/gzip")})
+        archive.unlink()
+        assert uploaded.status_code == 201, uploaded.text
+    page = (await (await browser_session(key)).get("/console/t/acme/adapters/m")).text
+    assert "records this digest" in page  # manifest_matches, as the API answers it
+    assert "0.975" in page and "forgetting probe" in page and "76" in page and "0.0412" in page
 
 
 async def test_a_tenant_never_sees_another_tenants_things(console, browser_session, adapters):
