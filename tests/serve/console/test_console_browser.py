@@ -161,6 +161,7 @@ def test_a_tenant_aborts_its_canary_others_do_not_see_it_the_admin_sees_all(serv
     stranger.page.wait_for_url("**/ab/evaluate")
     comparison = stranger.page.get_by_role("table", name="Paired differences (95 % intervals)").inner_text()
     assert "m@2" in comparison and "m@1" in comparison
+    assert "answered the 8 items of the validation set" in stranger.page.content()
     stranger.shot("ab")
     response = stranger.page.goto(server.url + f"/console/t/{owner.name}/deployments/shapes/rollout")
     assert response is not None and response.status == 404

@@ -117,9 +117,16 @@ async def test_actions_need_the_session_token_and_the_same_origin(console, brows
     assert 'hx-trigger="every 5s"' not in page.text  # a finished rollout is no longer polled
 
 
-async def test_every_page_renders_for_a_tenant_and_the_admin(console, browser_session, adapters):
+async def test_every_page_renders_for_a_tenant_and_the_admin(console, browser_session, adapters, tmp_path):
+    from lorafleet.serve.client import inline_images
+    from lorafleet.train.shapes import write_task
+
     key = await console.tenant("acme")
     await _deployed_canary(console, key, adapters)
+    validation = inline_images(write_task("general", 6, tmp_path / "val.jsonl", seed=1))
+    async with console.api(key) as api:
+        pushed = await api.put("/v1/deployments/shapes/validation", files={"file": ("v.jsonl", validation)})
+        assert pushed.status_code == 200, pushed.text
     tenant = await browser_session(key)
     base = "/console/t/acme"
     for path in ("/console/deployments", "/console/rollouts", "/console/adapters", f"{base}/deployments/shapes",
@@ -133,6 +140,8 @@ async def test_every_page_renders_for_a_tenant_and_the_admin(console, browser_se
     assert 'hx-trigger="every 5s"' in (await tenant.get(f"{base}/deployments/shapes/rollout")).text
     deployments = (await tenant.get("/console/deployments")).text
     assert "m@1 — 80" in deployments and "m@2 — 20" in deployments  # the live routing the API answers
+    assert "6 items, exact_match" in deployments and "built-in method" not in deployments
+    assert "6 items, metric exact_match" in (await tenant.get(f"{base}/deployments/shapes")).text
     adapter = (await tenant.get(f"{base}/adapters/m")).text
     assert "m@2" in adapter and "m@1" in adapter and "q_proj" in adapter
     for path in ("/console/engines", "/console/tenants"):
@@ -144,7 +153,9 @@ async def test_every_page_renders_for_a_tenant_and_the_admin(console, browser_se
         page = await admin.get(path)
         assert page.status_code == 200, (path, page.text[-2000:])
         assert ADMIN_KEY not in page.text
-    assert "acme" in (await admin.get("/console/tenants")).text
+    tenants = (await admin.get("/console/tenants")).text
+    assert re.search(r'<th scope="row">acme</th>.*?<td class="num">1</td>', tenants, re.S)  # one live key
+    assert "built-in method" not in tenants
     assert "admin (all tenants)" in (await admin.get("/console/deployments")).text
 
 
