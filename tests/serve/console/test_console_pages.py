@@ -115,6 +115,7 @@ async def test_actions_need_the_session_token_and_the_same_origin(console, brows
     assert re.search(r'id="phase"><span class="phase phase-Aborted">Aborted', page.text)
     assert "by tenant:acme" in page.text  # the decision names who acted, as the API records it
     assert 'hx-trigger="every 5s"' not in page.text  # a finished rollout is no longer polled
+    assert "RolloutStarted</span> · before the first step" in page.text and "AbortedByUser</span> · step 1" in page.text
 
 
 async def test_every_page_renders_for_a_tenant_and_the_admin(console, browser_session, adapters, tmp_path):
