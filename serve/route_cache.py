@@ -14,14 +14,13 @@ import threading
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import event, select
+from sqlalchemy import event
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from lorafleet.adapters.catalog import Tenant, TenantPolicy
-from lorafleet.adapters.errors import NotFound
 from lorafleet.adapters.registry import get_deployment, hash_key
-from lorafleet.adapters.tenants import authenticate_key, check_not_expired
+from lorafleet.adapters.tenants import authenticate_key, check_not_expired, get_tenant
 from lorafleet.serve.limits import Limits
 from lorafleet.serve.rollouts.routing import Variant
 from lorafleet.serve.rollouts.state import routing_table, serving_rollout
@@ -121,17 +120,17 @@ class RouteCache:
 
     def _tenant_named(self, name: str) -> TenantEntry:
         with self.sessions() as session:
-            tenant = session.execute(select(Tenant).where(Tenant.name == name)).scalar_one_or_none()
-            if tenant is None:
-                raise NotFound(f"no tenant named {name!r}")
-            policy = session.get(TenantPolicy, tenant.id)
-            limits = self.defaults.overridden(policy.limits if policy else None) if self.defaults else None
-            return TenantEntry(tenant.id, tenant.name, tenant.sample_inputs, limits=limits)
+            tenant = get_tenant(session, name)
+            return TenantEntry(tenant.id, tenant.name, tenant.sample_inputs,
+                               limits=self._limits(session.get(TenantPolicy, tenant.id)))
 
     def _tenant_entry(self, session: Session, key: str) -> TenantEntry:
         tenant, api_key, policy = authenticate_key(session, key)
-        limits = self.defaults.overridden(policy.limits if policy else None) if self.defaults else None
-        return TenantEntry(tenant.id, tenant.name, tenant.sample_inputs, api_key.id, api_key.expires_at, limits)
+        return TenantEntry(tenant.id, tenant.name, tenant.sample_inputs, api_key.id, api_key.expires_at,
+                           self._limits(policy))
+
+    def _limits(self, policy: TenantPolicy | None) -> Limits | None:
+        return self.defaults.overridden(policy.limits if policy else None) if self.defaults else None
 
     async def fetch(self, key: str, model: str) -> tuple[TenantEntry, DeploymentEntry]:
         """On the event loop: the snapshot, read in a worker thread on a miss; concurrent misses of one (key,
