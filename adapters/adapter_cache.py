@@ -1,11 +1,13 @@
-"""An engine host's bounded local copy of adapters fetched from an object store: vLLM loads adapters from a path.
+"""An engine host's bounded local copy of adapters fetched from an object store: vLLM loads adapters
+from a path.
 
-Each adapter is one folder `root/<digest>/`, downloaded into `root/.tmp-*` and renamed into place once verified,
-so a reader sees all of it or nothing; concurrent fetches of one digest download it once. Past `max_bytes` the
-least recently used folders go, never one that is pinned (being fetched, or read by the engine's load call).
-A folder's mtime is its last use, so the order survives a restart. Listeners hear of each eviction: the engine
-registered that adapter under its digest and may read its files again, so it forgets the digest and the next
-request fetches and loads it afresh. One process uses a cache folder (its index and pins are in memory).
+Each adapter is one folder `root/<digest>/`, downloaded into `root/.tmp-*` and renamed into place
+once verified, so a reader sees all of it or nothing; concurrent fetches of one digest download it
+once. Past `max_bytes` the least recently used folders go, never one that is pinned (being fetched,
+or read by the engine's load call). A folder's mtime is its last use, so the order survives a
+restart. Listeners hear of each eviction: the engine registered that adapter under its digest and
+may read its files again, so it forgets the digest and the next request fetches and loads it afresh.
+One process uses a cache folder (its index and pins are in memory).
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from pathlib import Path
 __all__ = ["AdapterCache", "DEFAULT_CACHE_BYTES"]
 
 DEFAULT_CACHE_BYTES = 20 * 1024**3
-_TOUCH_PERSIST_S = 60.0  # a use reaches the folder's mtime at most this often (every request touches the cache)
+# a use reaches the folder's mtime at most this often (every request touches the cache)
+_TOUCH_PERSIST_S = 60.0
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _LEFTOVERS = (".tmp-", ".del-")
-_LEFTOVER_AGE_S = 3600.0  # a younger one may be another process's download in progress (a `lorafleet gc` on this host)
+# a younger one may be another process's download in progress (a `lorafleet gc` on this host)
+_LEFTOVER_AGE_S = 3600.0
 
 log = logging.getLogger("lorafleet.adapters.cache")
 
@@ -42,12 +46,14 @@ class _Entry:
 
 
 class AdapterCache:
-    """Verified adapter folders by digest under `root`, within `max_bytes` (least recently used evicted)."""
+    """Verified adapter folders by digest under `root`, within `max_bytes` (least recently used
+    evicted)."""
 
     def __init__(self, root: Path, max_bytes: int) -> None:
         self.root, self.max_bytes = root, max_bytes
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()  # guards the index and pins; held for in-memory work and renames only
+        # guards the index and pins; held for in-memory work and renames only
+        self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         self._pins: Counter[str] = Counter()
         self._fetch_locks: dict[str, threading.Lock] = {}
@@ -84,7 +90,8 @@ class AdapterCache:
                     del self._pins[digest]
 
     def touch(self, digest: str) -> None:
-        """Note a use of `digest`; its folder's mtime follows at most every _TOUCH_PERSIST_S (cheap)."""
+        """Note a use of `digest`; its folder's mtime follows at most every _TOUCH_PERSIST_S
+        (cheap)."""
         now = time.time()
         with self._lock:
             entry = self._entries.get(digest)
@@ -98,8 +105,9 @@ class AdapterCache:
             os.utime(self.path(digest))
 
     def fetch(self, digest: str, download: Callable[[Path], None]) -> Path:
-        """The local folder of `digest`, filled by `download(folder)` (which verifies, or raises) on a miss.
-        Blocking: call it in a worker thread, holding `pinned(digest)` while the folder is read."""
+        """The local folder of `digest`, filled by `download(folder)` (which verifies, or raises)
+        on a miss. Blocking: call it in a worker thread, holding `pinned(digest)` while the
+        folder is read."""
         if not _DIGEST.fullmatch(digest):
             raise ValueError(f"{digest!r} is not a sha256 hex digest")
         with self.pinned(digest), self._fetch_lock(digest):
@@ -129,7 +137,8 @@ class AdapterCache:
             download(tmp)
             size = _folder_bytes(tmp)
             os.utime(tmp)  # its mtime is its last use
-            shutil.rmtree(self.path(digest), ignore_errors=True)  # a stray unindexed copy: ours is verified
+            # a stray unindexed copy: ours is verified
+            shutil.rmtree(self.path(digest), ignore_errors=True)
             with self._lock:
                 tmp.rename(self.path(digest))  # atomic: the engine sees all of it or nothing
                 now = time.time()
@@ -139,7 +148,8 @@ class AdapterCache:
             raise
 
     def _evict(self) -> None:
-        """Remove least recently used, unpinned folders until the cache fits; then tell the listeners."""
+        """Remove least recently used, unpinned folders until the cache fits; then tell the
+        listeners."""
         gone: list[tuple[str, Path]] = []
         with self._lock:
             total = sum(entry.size for entry in self._entries.values())
@@ -150,23 +160,29 @@ class AdapterCache:
                     continue
                 trash = self.root / f".del-{uuid.uuid4().hex}"
                 with contextlib.suppress(FileNotFoundError):
-                    self.path(digest).rename(trash)  # out of sight at once; removed outside the lock
+                    # out of sight at once; removed outside the lock
+                    self.path(digest).rename(trash)
                 total -= self._entries.pop(digest).size
                 gone.append((digest, trash))
             if total > self.max_bytes:
-                log.warning("adapter cache holds %d bytes, above its bound of %d: the rest are in use", total,
-                            self.max_bytes)
+                log.warning(
+                    "adapter cache holds %d bytes, above its bound of %d: the rest are in use",
+                    total,
+                    self.max_bytes,
+                )
         for digest, trash in gone:
             shutil.rmtree(trash, ignore_errors=True)
             log.info("evicted adapter %s from the cache", digest[:12])
             for listener in self._listeners:
                 try:
                     listener(digest)
-                except Exception:  # a listener's failure must not stop the others, nor the fetch that evicted
+                # a listener's failure must not stop the others, nor the fetch that evicted
+                except Exception:
                     log.exception("an eviction listener failed for %s", digest[:12])
 
     def _scan(self) -> None:
-        """Index the folders a previous process left (verified before their rename); drop old half-done ones."""
+        """Index the folders a previous process left (verified before their rename); drop old
+        half-done ones."""
         for entry in self.root.iterdir():
             with contextlib.suppress(FileNotFoundError):  # removed meanwhile
                 if entry.name.startswith(_LEFTOVERS):

@@ -18,17 +18,21 @@ __all__ = ["BaseModelSpec", "base_config", "load_base_spec"]
 
 @dataclass(frozen=True)
 class BaseModelSpec:
-    """Module paths (transformers names) of a base model, split by what vLLM does with a LoRA on them."""
+    """Module paths (transformers names) of a base model, split by what vLLM does with a LoRA on
+    them."""
 
     name: str
     language_model_prefix: str  # e.g. "model.language_model"
     lora_modules: dict[str, tuple[int, int]]  # path -> (in_features, out_features), LoRA-able
-    other_linear: dict[str, str]  # path -> the part it belongs to ("vision tower", "output head", ...)
-    legacy_prefixes: tuple[tuple[str, str], ...] = ()  # (old, new) key renames, e.g. transformers 4 names
+    # path -> the part it belongs to ("vision tower", "output head", ...)
+    other_linear: dict[str, str]
+    # (old, new) key renames, e.g. transformers 4 names
+    legacy_prefixes: tuple[tuple[str, str], ...] = ()
 
     @property
     def outer_prefix(self) -> str:
-        """The path prefix the language model shares with the vision tower ("model." for Qwen2.5-VL), or ""."""
+        """The path prefix the language model shares with the vision tower ("model." for
+        Qwen2.5-VL), or ""."""
         return _outer(self.language_model_prefix) + "." if "." in self.language_model_prefix else ""
 
     def resolve(self, path: str) -> str:
@@ -78,10 +82,13 @@ def load_base_spec(base: str) -> BaseModelSpec:
     try:
         with torch.device("meta"):
             model = AutoModelForImageTextToText.from_config(config)
-    except ValueError:  # transformers lists every VLM config class it knows; name what was given instead
+    # transformers lists every VLM config class it knows; name what was given instead
+    except ValueError:
         architecture = ", ".join(getattr(config, "architectures", None) or [config.model_type])
-        raise InvalidRequest(f"{base} is a {architecture} model, not a vision-language model: lorafleet serves one "
-                             "image-text-to-text base (e.g. Qwen2.5-VL)") from None
+        raise InvalidRequest(
+            f"{base} is a {architecture} model, not a vision-language model: lorafleet serves one "
+            "image-text-to-text base (e.g. Qwen2.5-VL)"
+        ) from None
     decoder = model.get_decoder()
     lm_prefix = next(name for name, module in model.named_modules() if module is decoder)
     lora: dict[str, tuple[int, int]] = {}
@@ -95,7 +102,18 @@ def load_base_spec(base: str) -> BaseModelSpec:
                 other[path] = part
     # transformers 4 saved VLMs as model.layers / visual.*; vLLM maps both namings.
     outer = _outer(lm_prefix)
-    legacy = ((rf"^{outer}\.(?!language_model\.|visual\.)", f"{lm_prefix}."), (r"^visual\.", f"{outer}.visual.")) \
-        if outer else ()
-    return BaseModelSpec(name=base, language_model_prefix=lm_prefix, lora_modules=lora, other_linear=other,
-                         legacy_prefixes=legacy)
+    legacy = (
+        (
+            (rf"^{outer}\.(?!language_model\.|visual\.)", f"{lm_prefix}."),
+            (r"^visual\.", f"{outer}.visual."),
+        )
+        if outer
+        else ()
+    )
+    return BaseModelSpec(
+        name=base,
+        language_model_prefix=lm_prefix,
+        lora_modules=lora,
+        other_linear=other,
+        legacy_prefixes=legacy,
+    )

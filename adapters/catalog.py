@@ -1,4 +1,5 @@
-"""The catalog: tenants, adapters, versions and deployments, as SQLAlchemy rows (SQLite by default)."""
+"""The catalog: tenants, adapters, versions and deployments, as SQLAlchemy rows (SQLite by
+default)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,17 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Float, ForeignKey, Index, String, Text, UniqueConstraint, create_engine, event
+from sqlalchemy import (
+    JSON,
+    Float,
+    ForeignKey,
+    Index,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.compiler import compiles
@@ -16,10 +27,31 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from lorafleet.adapters.migrate import bring_to_head
 
-__all__ = ["Base", "Tenant", "Adapter", "AdapterVersion", "ValidationSet", "Deployment", "Rollout", "Decision",
-           "RolloutSample", "ValidationRun", "InputSample", "DriftCheck", "ApiKey", "TenantPolicy", "AuditEvent",
-           "Lease", "RequestRecord", "Feedback", "Capture", "open_catalog", "connect_catalog", "is_transient",
-           "sql_floor"]
+__all__ = [
+    "Base",
+    "Tenant",
+    "Adapter",
+    "AdapterVersion",
+    "ValidationSet",
+    "Deployment",
+    "Rollout",
+    "Decision",
+    "RolloutSample",
+    "ValidationRun",
+    "InputSample",
+    "DriftCheck",
+    "ApiKey",
+    "TenantPolicy",
+    "AuditEvent",
+    "Lease",
+    "RequestRecord",
+    "Feedback",
+    "Capture",
+    "open_catalog",
+    "connect_catalog",
+    "is_transient",
+    "sql_floor",
+]
 
 
 def _now() -> datetime:
@@ -34,8 +66,10 @@ class Tenant(Base):
     __tablename__ = "tenants"
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
-    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # the first key's sha256 (keys: `ApiKey`)
-    sample_inputs: Mapped[bool] = mapped_column(default=True)  # False: no live request features are kept
+    # the first key's sha256 (keys: `ApiKey`)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # False: no live request features are kept
+    sample_inputs: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[datetime] = mapped_column(default=_now)
 
 
@@ -47,8 +81,9 @@ class Adapter(Base):
     name: Mapped[str] = mapped_column(String(64))
     next_version: Mapped[int] = mapped_column(default=1)  # version numbers are never reused
     created_at: Mapped[datetime] = mapped_column(default=_now)
-    versions: Mapped[list[AdapterVersion]] = relationship(back_populates="adapter",
-                                                          order_by="AdapterVersion.version")
+    versions: Mapped[list[AdapterVersion]] = relationship(
+        back_populates="adapter", order_by="AdapterVersion.version"
+    )
 
 
 class AdapterVersion(Base):
@@ -63,8 +98,9 @@ class AdapterVersion(Base):
     target_modules: Mapped[list[str]] = mapped_column(JSON)
     size_bytes: Mapped[int]
     created_at: Mapped[datetime] = mapped_column(default=_now)
-    # the trainer's manifest.json uploaded beside the adapter (informational: not part of the digest). SQL NULL
-    # when there is none, as on rows from before revision 0004; deferred: only the version's detail reads it
+    # the trainer's manifest.json uploaded beside the adapter (informational: not part of the
+    # digest). SQL NULL when there is none, as on rows from before revision 0004; deferred: only the
+    # version's detail reads it
     manifest: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), deferred=True)
     adapter: Mapped[Adapter] = relationship(back_populates="versions")
 
@@ -90,15 +126,21 @@ class Deployment(Base):
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
     name: Mapped[str] = mapped_column(String(64))
     stable_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id"))
-    previous_stable_id: Mapped[int | None] = mapped_column(ForeignKey("adapter_versions.id"))  # for `undo`
-    rollout_id: Mapped[int | None]  # the active rollout or A/B test; set and cleared by conditional updates
-    answer_format: Mapped[dict | None] = mapped_column(JSON)  # {"json_schema": {...}} or {"regex": "..."}
+    # for `undo`
+    previous_stable_id: Mapped[int | None] = mapped_column(ForeignKey("adapter_versions.id"))
+    # the active rollout or A/B test; set and cleared by conditional updates
+    rollout_id: Mapped[int | None]
+    # {"json_schema": {...}} or {"regex": "..."}
+    answer_format: Mapped[dict | None] = mapped_column(JSON)
     validation_set_id: Mapped[int | None] = mapped_column(ForeignKey("validation_sets.id"))
-    # capture of live requests for retraining, opted in by the tenant: {"sample_rate", "max_per_day",
-    # "retention_days"} (`lorafleet.serve.capture.CapturePolicy`); None: nothing is kept
+    # capture of live requests for retraining, opted in by the tenant: {"sample_rate",
+    # "max_per_day", "retention_days"} (`lorafleet.serve.capture.CapturePolicy`); None: nothing is
+    # kept
     capture: Mapped[dict | None] = mapped_column(JSON)
-    drift_replay_at: Mapped[float] = mapped_column(default=0.0)  # next scheduled replay (claimed by UPDATE)
-    drift_look_at: Mapped[float] = mapped_column(default=0.0)  # next input/output drift look (claimed alike)
+    # next scheduled replay (claimed by UPDATE)
+    drift_replay_at: Mapped[float] = mapped_column(default=0.0)
+    # next input/output drift look (claimed alike)
+    drift_look_at: Mapped[float] = mapped_column(default=0.0)
     updated_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)
     stable: Mapped[AdapterVersion] = relationship(foreign_keys=[stable_id])
     previous_stable: Mapped[AdapterVersion | None] = relationship(foreign_keys=[previous_stable_id])
@@ -107,7 +149,8 @@ class Deployment(Base):
 
 class Rollout(Base):
     """A canary rollout or an A/B test of one deployment. `variants` is the routing table:
-    [{"label", "version_id", "digest", "ref", "weight"}] with weights in percent, in bucket order."""
+    [{"label", "version_id", "digest", "ref", "weight"}] with weights in percent, in bucket
+    order."""
 
     __tablename__ = "rollouts"
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -122,10 +165,12 @@ class Rollout(Base):
     step_index: Mapped[int] = mapped_column(default=-1)  # -1 while gating
     params: Mapped[dict] = mapped_column(JSON, default=dict)
     gate: Mapped[dict | None] = mapped_column(JSON)  # the validation-set evidence
-    looks: Mapped[int] = mapped_column(default=0)  # analysis looks so far (alpha spending counts them)
+    # analysis looks so far (alpha spending counts them)
+    looks: Mapped[int] = mapped_column(default=0)
     step_started_at: Mapped[float] = mapped_column(default=0.0)  # epoch seconds
     last_look_at: Mapped[float] = mapped_column(default=0.0)
-    last_look_requests: Mapped[int] = mapped_column(default=0)  # canary requests of this step at that look
+    # canary requests of this step at that look
+    last_look_requests: Mapped[int] = mapped_column(default=0)
     created_by: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[float]
     finished_at: Mapped[float | None]
@@ -133,7 +178,9 @@ class Rollout(Base):
     lease_expires: Mapped[float] = mapped_column(default=0.0)
     revision: Mapped[int] = mapped_column(default=1)  # optimistic lock: a stale write raises
     deployment: Mapped[Deployment] = relationship()
-    decisions: Mapped[list[Decision]] = relationship(back_populates="rollout", order_by="Decision.id")
+    decisions: Mapped[list[Decision]] = relationship(
+        back_populates="rollout", order_by="Decision.id"
+    )
     __mapper_args__ = {"version_id_col": revision}
 
 
@@ -143,14 +190,17 @@ class Decision(Base):
     __tablename__ = "decisions"
     id: Mapped[int] = mapped_column(primary_key=True)
     deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id"), index=True)
-    rollout_id: Mapped[int | None] = mapped_column(ForeignKey("rollouts.id"), index=True)  # None: e.g. `undo`
+    # None: e.g. `undo`
+    rollout_id: Mapped[int | None] = mapped_column(ForeignKey("rollouts.id"), index=True)
     at: Mapped[float]
-    action: Mapped[str] = mapped_column(String(16))  # start, gate, advance, extend, rollback, promote, ...
+    # start, gate, advance, extend, rollback, promote, ...
+    action: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(String(64))  # CamelCase constant
     message: Mapped[str] = mapped_column(Text)
     step_index: Mapped[int]
     actor: Mapped[str] = mapped_column(String(80))  # "controller:<gateway id>" or "tenant:<name>"
-    numbers: Mapped[list[dict]] = mapped_column(JSON, default=list)  # one entry per statistical test
+    # one entry per statistical test
+    numbers: Mapped[list[dict]] = mapped_column(JSON, default=list)
     rollout: Mapped[Rollout | None] = relationship(back_populates="decisions")
 
 
@@ -163,7 +213,8 @@ class RolloutSample(Base):
     rollout_id: Mapped[int]
     step_index: Mapped[int]
     variant: Mapped[str] = mapped_column(String(80))
-    unit: Mapped[str] = mapped_column(String(16))  # hash of the assignment unit, for the sample-ratio check
+    # hash of the assignment unit, for the sample-ratio check
+    unit: Mapped[str] = mapped_column(String(16))
     ok: Mapped[bool]
     latency_s: Mapped[float]
     output_tokens: Mapped[int]
@@ -173,8 +224,9 @@ class RolloutSample(Base):
 
 
 class ValidationRun(Base):
-    """One replay of a deployment's validation set by one adapter version, greedy, through the engine. The
-    first run of a (version, validation set) is its baseline; later runs are compared with it."""
+    """One replay of a deployment's validation set by one adapter version, greedy, through the
+    engine. The first run of a (version, validation set) is its baseline; later runs are compared
+    with it."""
 
     __tablename__ = "validation_runs"
     __table_args__ = (Index("ix_runs_deployment_version", "deployment_id", "version_id"),)
@@ -186,15 +238,19 @@ class ValidationRun(Base):
     kind: Mapped[str] = mapped_column(String(16))  # "baseline" | "check"
     at: Mapped[float]  # when the replay ended
     started_at: Mapped[float | None]  # when it began (None: recorded before revision 0004)
-    engine: Mapped[str] = mapped_column(Text)  # base, dtype, quantization, vLLM version: what served it
+    # base, dtype, quantization, vLLM version: what served it
+    engine: Mapped[str] = mapped_column(Text)
     score: Mapped[float]
     scores: Mapped[list[float]] = mapped_column(JSON)
     outputs: Mapped[list[str]] = mapped_column(JSON)
     output_tokens: Mapped[list[int]] = mapped_column(JSON)
-    confidences: Mapped[list[float | None] | None] = mapped_column(JSON)  # per item: mean token log-probability
-    exact_match_rate: Mapped[float]  # share of items answered exactly as in the baseline (1.0 for a baseline)
+    # per item: mean token log-probability
+    confidences: Mapped[list[float | None] | None] = mapped_column(JSON)
+    # share of items answered exactly as in the baseline (1.0 for a baseline)
+    exact_match_rate: Mapped[float]
     changed: Mapped[bool] = mapped_column(default=False)
-    numbers: Mapped[dict] = mapped_column(JSON, default=dict)  # the paired test against the baseline
+    # the paired test against the baseline
+    numbers: Mapped[dict] = mapped_column(JSON, default=dict)
     message: Mapped[str] = mapped_column(Text, default="")
 
 
@@ -219,7 +275,10 @@ class DriftCheck(Base):
     """One input- or output-drift look of a deployment (or variant), with its numbers."""
 
     __tablename__ = "drift_checks"
-    __table_args__ = (Index("ix_drift_checks_deployment", "deployment_id", "kind"), Index("ix_drift_checks_at", "at"))
+    __table_args__ = (
+        Index("ix_drift_checks_deployment", "deployment_id", "kind"),
+        Index("ix_drift_checks_at", "at"),
+    )
     id: Mapped[int] = mapped_column(primary_key=True)
     deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id"))
     version_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id"))
@@ -235,24 +294,27 @@ class DriftCheck(Base):
 
 
 class ApiKey(Base):
-    """One of a tenant's API keys (only its sha256 is kept). A key authenticates while it is neither revoked nor
-    expired; rotation gives the old key an expiry (the grace period) and creates a new one."""
+    """One of a tenant's API keys (only its sha256 is kept). A key authenticates while it is
+    neither revoked nor expired; rotation gives the old key an expiry (the grace period) and
+    creates a new one."""
 
     __tablename__ = "api_keys"
     id: Mapped[int] = mapped_column(primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    prefix: Mapped[str] = mapped_column(String(16))  # the first characters, to tell keys apart in listings
+    # the first characters, to tell keys apart in listings
+    prefix: Mapped[str] = mapped_column(String(16))
     label: Mapped[str] = mapped_column(String(64), default="")
     created_at: Mapped[float]
     expires_at: Mapped[float | None]
     revoked_at: Mapped[float | None]
-    last_used_at: Mapped[float | None]  # written by the gateway about once a minute, not per request
+    # written by the gateway about once a minute, not per request
+    last_used_at: Mapped[float | None]
 
 
 class TenantPolicy(Base):
-    """What the admin set for a tenant beyond its name: limits that differ from the defaults, and whether it is
-    disabled. A tenant without a row has the default limits and is enabled."""
+    """What the admin set for a tenant beyond its name: limits that differ from the defaults, and
+    whether it is disabled. A tenant without a row has the default limits and is enabled."""
 
     __tablename__ = "tenant_policies"
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
@@ -271,12 +333,14 @@ class AuditEvent(Base):
     at: Mapped[float] = mapped_column(index=True)
     actor: Mapped[str] = mapped_column(String(80))
     action: Mapped[str] = mapped_column(String(32))
-    tenant: Mapped[str] = mapped_column(String(64), default="")  # a name: the tenant may be deleted since
+    # a name: the tenant may be deleted since
+    tenant: Mapped[str] = mapped_column(String(64), default="")
     details: Mapped[dict] = mapped_column(JSON, default=dict)
 
 
 class Lease(Base):
-    """A job that runs once per fleet at a time (e.g. `gc`): whoever holds the unexpired lease runs it."""
+    """A job that runs once per fleet at a time (e.g. `gc`): whoever holds the unexpired lease
+    runs it."""
 
     __tablename__ = "leases"
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -286,15 +350,19 @@ class Lease(Base):
 
 
 class RequestRecord(Base):
-    """One chat request of a tenant: the request log (what served it and how it went, never its content), and
-    what feedback and captures refer to by `request_id`. Deployments are kept by name as well: the log outlives
-    them."""
+    """One chat request of a tenant: the request log (what served it and how it went, never its
+    content), and what feedback and captures refer to by `request_id`. Deployments are kept by
+    name as well: the log outlives them."""
 
     __tablename__ = "requests"
-    __table_args__ = (Index("ix_requests_tenant", "tenant_id", "id"), Index("ix_requests_at", "at"),
-                      Index("ix_requests_deployment", "deployment_id", "at"))
+    __table_args__ = (
+        Index("ix_requests_tenant", "tenant_id", "id"),
+        Index("ix_requests_at", "at"),
+        Index("ix_requests_deployment", "deployment_id", "at"),
+    )
     id: Mapped[int] = mapped_column(primary_key=True)
-    request_id: Mapped[str] = mapped_column(String(64), unique=True)  # the response's `id` and `x-request-id`
+    # the response's `id` and `x-request-id`
+    request_id: Mapped[str] = mapped_column(String(64), unique=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
     key_id: Mapped[int | None]
     at: Mapped[float]
@@ -315,12 +383,16 @@ class RequestRecord(Base):
 
 
 class Feedback(Base):
-    """A user's judgement of one answer, one per request (a second post replaces the first). `value` is the
-    score on [0, 1] (thumbs: -1 -> 0, +1 -> 1); the request's deployment, variant and adapter are copied here."""
+    """A user's judgement of one answer, one per request (a second post replaces the first).
+    `value` is the score on [0, 1] (thumbs: -1 -> 0, +1 -> 1); the request's deployment, variant
+    and adapter are copied here."""
 
     __tablename__ = "feedback"
-    __table_args__ = (UniqueConstraint("tenant_id", "request_id"), Index("ix_feedback_rollout", "rollout_id"),
-                      Index("ix_feedback_deployment", "deployment_id", "at"))
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "request_id"),
+        Index("ix_feedback_rollout", "rollout_id"),
+        Index("ix_feedback_deployment", "deployment_id", "at"),
+    )
     id: Mapped[int] = mapped_column(primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
     request_id: Mapped[str] = mapped_column(String(64))
@@ -340,11 +412,15 @@ class Feedback(Base):
 
 
 class Capture(Base):
-    """One live request kept in full for retraining (deployments that opted in): its messages with every image
-    replaced by a reference to the capture store (`lorafleet-capture:<sha256>`), and the answer served."""
+    """One live request kept in full for retraining (deployments that opted in): its messages
+    with every image replaced by a reference to the capture store (`lorafleet-capture:<sha256>`),
+    and the answer served."""
 
     __tablename__ = "captures"
-    __table_args__ = (Index("ix_captures_deployment", "deployment_id", "id"), Index("ix_captures_at", "at"))
+    __table_args__ = (
+        Index("ix_captures_deployment", "deployment_id", "id"),
+        Index("ix_captures_at", "at"),
+    )
     id: Mapped[int] = mapped_column(primary_key=True)
     request_id: Mapped[str] = mapped_column(String(64), unique=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
@@ -355,7 +431,8 @@ class Capture(Base):
     at: Mapped[float]
     messages: Mapped[list[dict]] = mapped_column(JSON)
     answer: Mapped[str] = mapped_column(Text)
-    images: Mapped[list[str]] = mapped_column(JSON, default=list)  # the capture store's digests it references
+    # the capture store's digests it references
+    images: Mapped[list[str]] = mapped_column(JSON, default=list)
     confidence_mean: Mapped[float | None]
     size_bytes: Mapped[int] = mapped_column(default=0)  # messages and answer, images not included
 
@@ -372,8 +449,9 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 
 def _use_wal(cursor) -> None:
-    """Write-ahead logging: readers do not block the writer. Switching a new file to it needs a moment alone with
-    it, which SQLite does not wait for (no busy handler): gateways opening one new catalog at once take turns."""
+    """Write-ahead logging: readers do not block the writer. Switching a new file to it needs a
+    moment alone with it, which SQLite does not wait for (no busy handler): gateways opening one
+    new catalog at once take turns."""
     for attempt in range(100):
         try:
             if cursor.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
@@ -387,8 +465,9 @@ def _use_wal(cursor) -> None:
 
 
 def open_catalog(url: str, upgrade: bool = False) -> tuple[Engine, sessionmaker]:
-    """Connect to the catalog and bring it to this release's schema revision: a new one is created; one that is
-    behind is upgraded only if `upgrade` (else `CatalogBehind`), a SQLite file after a backup copy next to it."""
+    """Connect to the catalog and bring it to this release's schema revision: a new one is
+    created; one that is behind is upgraded only if `upgrade` (else `CatalogBehind`), a SQLite
+    file after a backup copy next to it."""
     engine = connect_catalog(url)
     try:
         bring_to_head(engine, upgrade)
@@ -399,21 +478,22 @@ def open_catalog(url: str, upgrade: bool = False) -> tuple[Engine, sessionmaker]
 
 
 def connect_catalog(url: str) -> Engine:
-    """An engine on the catalog database as it is, at whatever revision (what `lorafleet db` looks at)."""
+    """An engine on the catalog database as it is, at whatever revision (what `lorafleet db`
+    looks at)."""
     if url.startswith("sqlite:///"):
         from pathlib import Path
 
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    # As many pooled connections as threads that run the routes' catalog work (anyio's default pool: 40), so
-    # that none waits for, or opens, a connection beyond the pool under load.
+    # As many pooled connections as threads that run the routes' catalog work (anyio's default pool:
+    # 40), so that none waits for, or opens, a connection beyond the pool under load.
     engine = _create_engine(url)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
 
 
-# PostgreSQL's serialization failure and deadlock (the transaction may simply be run again); SQLite's writer lock
-# held past busy_timeout
+# PostgreSQL's serialization failure and deadlock (the transaction may simply be run again);
+# SQLite's writer lock held past busy_timeout
 _TRANSIENT_SQLSTATES = {"40001", "40P01"}
 
 
@@ -422,27 +502,31 @@ def is_transient(exc: BaseException) -> bool:
     if not isinstance(exc, (OperationalError, DBAPIError)):
         return False
     orig = getattr(exc, "orig", None)
-    return getattr(orig, "sqlstate", None) in _TRANSIENT_SQLSTATES or "database is locked" in str(orig)
+    return getattr(orig, "sqlstate", None) in _TRANSIENT_SQLSTATES or "database is locked" in str(
+        orig
+    )
 
 
 def _create_engine(url: str) -> Engine:
     parsed = make_url(url)
-    if parsed.drivername in ("postgresql", "postgres"):  # a bare URL, as PostgreSQL services hand them out
+    # a bare URL, as PostgreSQL services hand them out
+    if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
         return create_engine(parsed)  # one connection, no pool to size
     options: dict = {"pool_size": POOL_SIZE, "max_overflow": 10}
     if parsed.get_backend_name() == "postgresql":
-        # Timestamps are written and read in UTC whatever the server's zone; a connection the server dropped
-        # (restart, failover, idle timeout) is replaced before use instead of failing a request.
+        # Timestamps are written and read in UTC whatever the server's zone; a connection the server
+        # dropped (restart, failover, idle timeout) is replaced before use instead of failing a
+        # request.
         options |= {"pool_pre_ping": True, "connect_args": {"options": "-c timezone=UTC"}}
     return create_engine(parsed, **options)
 
 
 class sql_floor(FunctionElement):
-    """floor() of a non-negative number on every catalog database (e.g. a time's period index in GROUP BY):
-    SQLite has floor() only when built with its math functions, and its CAST truncates, which is the same for
-    non-negative numbers."""
+    """floor() of a non-negative number on every catalog database (e.g. a time's period index in
+    GROUP BY): SQLite has floor() only when built with its math functions, and its CAST
+    truncates, which is the same for non-negative numbers."""
 
     type = Float()
     inherit_cache = True

@@ -8,21 +8,36 @@ LorafleetError
  ├── InvalidRequest          400  malformed input
  │    └── InvalidAdapter     400  an upload that must not be served (names the field and reason)
  ├── PayloadTooLarge         413
- ├── StoreCorrupt            500  a copy fetched from the store does not match its manifest or digest (discarded)
+ ├── StoreCorrupt            500  a copy fetched from the store does not match its manifest
+ │                                or digest (discarded)
  ├── (429s: `lorafleet.serve.limits`: RateLimited with Retry-After, QuotaExceeded)
  ├── ServiceUnavailable      503  carries Retry-After
  │    ├── StoreUnavailable   503  the object store did not answer, or does not hold the blob (now)
- │    (`lorafleet.serve.engine.client`: EngineUnavailable, AdapterLoadFailed; `lorafleet.serve.fleet`: NoReplicaUp)
- └── CatalogRevisionError    503  the catalog's schema is not this release's (raised at start, by `open_catalog`)
+ │    (`lorafleet.serve.engine.client`: EngineUnavailable, AdapterLoadFailed;
+ │     `lorafleet.serve.fleet`: NoReplicaUp)
+ └── CatalogRevisionError    503  the catalog's schema is not this release's
+      │                           (raised at start, by `open_catalog`)
       ├── CatalogBehind           older: `lorafleet db upgrade` brings it to this release's revision
       └── CatalogUnknownRevision  made by a newer lorafleet: this release cannot serve it
 """
 
 from __future__ import annotations
 
-__all__ = ["LorafleetError", "Unauthorized", "NotFound", "Conflict", "InvalidRequest", "InvalidAdapter",
-           "PayloadTooLarge", "StoreCorrupt", "ServiceUnavailable", "StoreUnavailable", "CatalogRevisionError",
-           "CatalogBehind", "CatalogUnknownRevision"]
+__all__ = [
+    "LorafleetError",
+    "Unauthorized",
+    "NotFound",
+    "Conflict",
+    "InvalidRequest",
+    "InvalidAdapter",
+    "PayloadTooLarge",
+    "StoreCorrupt",
+    "ServiceUnavailable",
+    "StoreUnavailable",
+    "CatalogRevisionError",
+    "CatalogBehind",
+    "CatalogUnknownRevision",
+]
 
 
 class LorafleetError(Exception):
@@ -88,26 +103,32 @@ class StoreCorrupt(LorafleetError):
 
 
 class StoreUnavailable(ServiceUnavailable):
-    """The store did not answer, or does not hold a blob now (it may be out of sight during a delete)."""
+    """The store did not answer, or does not hold a blob now (it may be out of sight during a
+    delete)."""
 
     code = "store_unavailable"
 
     def __init__(self, reason: str, *, digest: str | None = None) -> None:
-        super().__init__(f"stored blob {digest[:12]} is unavailable: {reason}" if digest
-                         else f"the store is unavailable: {reason}")
+        super().__init__(
+            f"stored blob {digest[:12]} is unavailable: {reason}"
+            if digest
+            else f"the store is unavailable: {reason}"
+        )
         self.digest = digest
         self.reason = reason
 
 
 class CatalogRevisionError(LorafleetError):
-    """The catalog's schema revision is not the one this release serves; names the catalog and both revisions."""
+    """The catalog's schema revision is not the one this release serves; names the catalog and
+    both revisions."""
 
     status, type, code = 503, "server_error", "catalog_revision"
 
     def __init__(self, message: str, *, catalog: str, revision: str | None, head: str) -> None:
         super().__init__(message)
         self.catalog = catalog  # its URL without the password
-        self.revision = revision  # None: a catalog made before revisions (lorafleet 0.1.0 or earlier)
+        # None: a catalog made before revisions (lorafleet 0.1.0 or earlier)
+        self.revision = revision
         self.head = head
 
 

@@ -1,9 +1,11 @@
-"""Quantized bases: the schemes lorafleet writes, and what a checkpoint says about its own quantization.
+"""Quantized bases: the schemes lorafleet writes, and what a checkpoint says about its own
+quantization.
 
-lorafleet quantizes with torchao, weight-only: the language model's linear layers get int4 (per group) or int8
-(per row) weights, the vision tower and the output head stay in full precision, as official 4-bit VLM releases do.
-vLLM serves these with LoRA on its CPU engine (measured in shared/env-notes.md) and on GPUs; the LoRA layers
-themselves always run in full precision on top of the quantized base layer.
+lorafleet quantizes with torchao, weight-only: the language model's linear layers get int4 (per
+group) or int8 (per row) weights, the vision tower and the output head stay in full precision, as
+official 4-bit VLM releases do. vLLM serves these with LoRA on its CPU engine (measured in
+shared/env-notes.md) and on GPUs; the LoRA layers themselves always run in full precision on top of
+the quantized base layer.
 """
 
 from __future__ import annotations
@@ -16,18 +18,30 @@ from typing import Any
 from lorafleet.adapters.base_model import BaseModelSpec, base_config
 from lorafleet.adapters.errors import InvalidRequest
 
-__all__ = ["SCHEMES", "CHECKPOINT_SCHEMES", "check_group_size", "checkpoint_dtype", "checkpoint_quantization",
-           "describe_checkpoint", "full_precision_parts", "online_overrides", "torchao_config", "unquantized_modules"]
+__all__ = [
+    "SCHEMES",
+    "CHECKPOINT_SCHEMES",
+    "check_group_size",
+    "checkpoint_dtype",
+    "checkpoint_quantization",
+    "describe_checkpoint",
+    "full_precision_parts",
+    "online_overrides",
+    "torchao_config",
+    "unquantized_modules",
+]
 
-SCHEMES = ("int4", "int8")  # torchao weight-only: what `--quantize` applies at load, and `lorafleet quantize` writes
-CHECKPOINT_SCHEMES = (*SCHEMES, "w4a16")  # + compressed-tensors W4A16 (packed 4-bit; AVX-512 CPUs and CUDA GPUs)
+# torchao weight-only: what `--quantize` applies at load, and `lorafleet quantize` writes
+SCHEMES = ("int4", "int8")
+# + compressed-tensors W4A16 (packed 4-bit; AVX-512 CPUs and CUDA GPUs)
+CHECKPOINT_SCHEMES = (*SCHEMES, "w4a16")
 
 
 def full_precision_parts(spec: BaseModelSpec) -> list[str]:
     """Top-level modules with linear layers outside the language model (Qwen2.5-VL: ["visual"]).
 
-    The names match both transformers' paths (model.visual.…) and vLLM's (visual.…): vLLM skips a layer when
-    one of these is a whole component of its path."""
+    The names match both transformers' paths (model.visual.…) and vLLM's (visual.…): vLLM skips a
+    layer when one of these is a whole component of its path."""
     parts = set()
     for path, part in spec.other_linear.items():
         if part != "output head":  # vLLM's output head is not a linear layer it quantizes
@@ -36,48 +50,63 @@ def full_precision_parts(spec: BaseModelSpec) -> list[str]:
 
 
 def unquantized_modules(spec: BaseModelSpec) -> list[str]:
-    """`modules_to_not_convert` for a checkpoint: each full-precision part under both namings (transformers
-    matches path prefixes, "model.visual"; vLLM matches path components, "visual"), and the output head."""
-    return sorted({name for part in full_precision_parts(spec) for name in (spec.outer_prefix + part, part)}
-                  | {"lm_head"})
+    """`modules_to_not_convert` for a checkpoint: each full-precision part under both namings
+    (transformers matches path prefixes, "model.visual"; vLLM matches path components, "visual"),
+    and the output head."""
+    return sorted(
+        {name for part in full_precision_parts(spec) for name in (spec.outer_prefix + part, part)}
+        | {"lm_head"}
+    )
 
 
 def check_group_size(scheme: str, group_size: int, spec: BaseModelSpec) -> None:
-    """Per-group schemes need every language-model layer's input size to be a multiple of the group size."""
+    """Per-group schemes need every language-model layer's input size to be a multiple of the
+    group size."""
     if scheme == "int8":
         return  # one scale per output row: no shape constraint
     if group_size <= 0 or group_size % 8:
         raise InvalidRequest(f"group size must be a positive multiple of 8, not {group_size}")
     odd = _not_divisible((fan_in for fan_in, _ in spec.lora_modules.values()), group_size)
     if odd:
-        raise InvalidRequest(f"{scheme} with group size {group_size} needs every language-model layer's input size "
-                             f"to be a multiple of it; {spec.name} has input sizes {odd}. Use --group-size "
-                             f"{_gcd_hint(spec)} or --scheme int8")
+        raise InvalidRequest(
+            f"{scheme} with group size {group_size} needs every language-model layer's input size "
+            f"to be a multiple of it; {spec.name} has input sizes {odd}. Use --group-size "
+            f"{_gcd_hint(spec)} or --scheme int8"
+        )
 
 
 def torchao_config(scheme: str, group_size: int, spec: BaseModelSpec):
-    """The torchao weight-only config for `scheme`, checked against the language model's layer shapes."""
+    """The torchao weight-only config for `scheme`, checked against the language model's layer
+    shapes."""
     import torch
     from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, PerGroup
 
     if scheme not in SCHEMES:
-        raise InvalidRequest(f"unknown quantization scheme {scheme!r}; torchao applies {', '.join(SCHEMES)}")
+        raise InvalidRequest(
+            f"unknown quantization scheme {scheme!r}; torchao applies {', '.join(SCHEMES)}"
+        )
     check_group_size(scheme, group_size, spec)
     if scheme == "int8":
         return Int8WeightOnlyConfig()
-    # int4 values kept one per int8 byte ("unpacked"): the layout vLLM can slice across GPUs and CPU threads
-    return IntxWeightOnlyConfig(weight_dtype=torch.int4,  # type: ignore[attr-defined]  # torch's stubs lack int4
-                                granularity=PerGroup(group_size))
+    # int4 values kept one per int8 byte ("unpacked"): the layout vLLM can slice across GPUs and CPU
+    # threads
+    return IntxWeightOnlyConfig(
+        weight_dtype=torch.int4,  # type: ignore[attr-defined]  # torch's stubs lack int4
+        granularity=PerGroup(group_size),
+    )
 
 
 def online_overrides(scheme: str, group_size: int, spec: BaseModelSpec) -> dict[str, str]:
-    """vLLM `--hf-overrides` that quantize a full-precision base at load, leaving the vision tower alone."""
+    """vLLM `--hf-overrides` that quantize a full-precision base at load, leaving the vision
+    tower alone."""
     from torchao.core.config import config_to_dict
     from torchao.quantization import ModuleFqnToConfig
 
     weights = torchao_config(scheme, group_size, spec)
     by_module = {part: None for part in full_precision_parts(spec)} | {"re:.*": weights}
-    return {"quantization_config_dict_json": json.dumps(config_to_dict(ModuleFqnToConfig(by_module)))}
+    return {
+        "quantization_config_dict_json": json.dumps(config_to_dict(ModuleFqnToConfig(by_module)))
+    }
 
 
 def checkpoint_quantization(base: str | Path) -> dict[str, Any] | None:
@@ -98,7 +127,8 @@ def checkpoint_dtype(base: str | Path) -> str | None:
 
 
 def describe_checkpoint(quantization: dict[str, Any]) -> str:
-    """A short human name for a checkpoint's quantization: "awq 4-bit", "torchao IntxWeightOnlyConfig", …"""
+    """A short human name for a checkpoint's quantization: "awq 4-bit", "torchao
+    IntxWeightOnlyConfig", …"""
     method = str(quantization.get("quant_method", "unknown"))
     if method == "torchao":
         return f"torchao {quantization.get('quant_type', {}).get('default', {}).get('_type', '?')}"

@@ -1,27 +1,31 @@
-"""The adapter and blob stores on S3-compatible object storage (`LORAFLEET_STORE_URL=s3://bucket/prefix`).
+"""The adapter and blob stores on S3-compatible object storage
+(`LORAFLEET_STORE_URL=s3://bucket/prefix`).
 
 boto3 rather than s3fs: it is the AWS SDK itself, with the standard credential and endpoint chain
-(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ~/.aws/config, instance roles), its retries (AWS_RETRY_MODE) and multipart
-transfers (`TransferConfig`), and it pins no asyncio event loop (s3fs pins aiobotocore versions). Every call
-blocks: callers run them in a worker thread.
+(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ~/.aws/config, instance roles), its retries (AWS_RETRY_MODE)
+and multipart transfers (`TransferConfig`), and it pins no asyncio event loop (s3fs pins aiobotocore
+versions). Every call blocks: callers run them in a worker thread.
 
 Keys, all content-addressed:
 
     <prefix>/adapters/<digest>/<upload>/adapter_config.json        one put's files, never rewritten
     <prefix>/adapters/<digest>/<upload>/adapter_model.safetensors
-    <prefix>/adapters/<digest>/manifest.json                       written LAST: the blob is visible from then on
+    <prefix>/adapters/<digest>/manifest.json                       written LAST: the blob is visible
+                                                                   from then on
     <prefix>/validation/<sha256>.jsonl
 
-The manifest names the upload folder, each file's size and sha256, and the digest. An engine host fetches a blob
-into its `AdapterCache` and checks the sha256s and the content digest (`content_digest`, as validation computed it)
-before the engine reads it. Each put writes its own upload folder, so two puts never write one object (their config
-files may differ in bytes with one digest), and the manifest is created conditionally: the loser stores nothing.
+The manifest names the upload folder, each file's size and sha256, and the digest. An engine host
+fetches a blob into its `AdapterCache` and checks the sha256s and the content digest
+(`content_digest`, as validation computed it) before the engine reads it. Each put writes its own
+upload folder, so two puts never write one object (their config files may differ in bytes with one
+digest), and the manifest is created conditionally: the loser stores nothing.
 
-The delete race (`lorafleet.adapters.store`) is closed as on a filesystem: the manifest goes first (the blob is out of
-sight), then `keep()` is asked; if kept, the manifest comes back (unless a put made a new one meanwhile), else the
-upload folder it named goes. A put racing the delete writes its own folder, which the delete never touches. A put
-also repairs a manifest whose folder is gone. Folders that no manifest names (a put or delete that died half way,
-a put that lost) are `temp_entries`, named `<digest>/<upload>`, for garbage collection past an age bound.
+The delete race (`lorafleet.adapters.store`) is closed as on a filesystem: the manifest goes first
+(the blob is out of sight), then `keep()` is asked; if kept, the manifest comes back (unless a put
+made a new one meanwhile), else the upload folder it named goes. A put racing the delete writes its
+own folder, which the delete never touches. A put also repairs a manifest whose folder is gone.
+Folders that no manifest names (a put or delete that died half way, a put that lost) are
+`temp_entries`, named `<digest>/<upload>`, for garbage collection past an age bound.
 """
 
 from __future__ import annotations
@@ -54,7 +58,9 @@ __all__ = ["S3Location", "S3AdapterStore", "S3BlobStore", "parse_s3_url"]
 MANIFEST = "manifest.json"
 _FILES = (CONFIG_FILE, WEIGHTS_FILE)
 # adapters are tens to hundreds of MB: 64 MiB parts keep a transfer to a few parallel requests
-_TRANSFER = TransferConfig(multipart_threshold=64 * 1024**2, multipart_chunksize=64 * 1024**2, max_concurrency=4)
+_TRANSFER = TransferConfig(
+    multipart_threshold=64 * 1024**2, multipart_chunksize=64 * 1024**2, max_concurrency=4
+)
 _HEX = re.compile(r"[0-9a-f]{64}")
 _UPLOAD = re.compile(r"[0-9a-f]{32}")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -84,12 +90,17 @@ def parse_s3_url(url: str) -> S3Location:
     """`s3://bucket/prefix` as a location; a ValueError naming LORAFLEET_STORE_URL otherwise."""
     parsed = urlparse(url)
     if parsed.scheme != "s3" or not parsed.netloc:
-        raise ValueError(f"LORAFLEET_STORE_URL={url!r}: an S3 store is s3://<bucket>/<prefix> (the bucket is missing)")
+        raise ValueError(
+            f"LORAFLEET_STORE_URL={url!r}: an S3 store is s3://<bucket>/<prefix> "
+            "(the bucket is missing)"
+        )
     if not _BUCKET.fullmatch(parsed.netloc):
         raise ValueError(f"LORAFLEET_STORE_URL={url!r}: {parsed.netloc!r} is not an S3 bucket name")
     if parsed.query or parsed.fragment:
-        raise ValueError(f"LORAFLEET_STORE_URL={url!r}: no query or fragment (the endpoint and credentials come "
-                         "from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID... or ~/.aws/config)")
+        raise ValueError(
+            f"LORAFLEET_STORE_URL={url!r}: no query or fragment (the endpoint and credentials come "
+            "from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID... or ~/.aws/config)"
+        )
     return S3Location(parsed.netloc, parsed.path.strip("/"))
 
 
@@ -98,7 +109,8 @@ class _Bucket:
 
     def __init__(self, bucket: str, client: Any = None) -> None:
         self.bucket = bucket
-        self.client = client or boto3.session.Session().client("s3")  # a client is thread-safe; a session is not
+        # a client is thread-safe; a session is not
+        self.client = client or boto3.session.Session().client("s3")
 
     def get(self, key: str) -> bytes | None:
         try:
@@ -120,12 +132,17 @@ class _Bucket:
     def put(self, key: str, data: bytes, create: bool = False) -> bool:
         """Write an object; with `create`, only if none is there (False when one was)."""
         try:
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **({"IfNoneMatch": "*"} if create else {}))
+            self.client.put_object(
+                Bucket=self.bucket, Key=key, Body=data, **({"IfNoneMatch": "*"} if create else {})
+            )
         except ClientError as exc:
-            if create and _status(exc) in (409, 412):  # 409: a conditional write raced another (AWS's answer)
+            # 409: a conditional write raced another (AWS's answer)
+            if create and _status(exc) in (409, 412):
                 return False
-            if create and _status(exc) == 501:  # a service without conditional writes: the last manifest wins,
-                return self.put(key, data)  # which is still a complete one (a lost put's folder waits for gc)
+            # a service without conditional writes: the last manifest wins,
+            if create and _status(exc) == 501:
+                # which is still a complete one (a lost put's folder waits for gc)
+                return self.put(key, data)
             raise
         return True
 
@@ -138,7 +155,9 @@ class _Bucket:
     def copy(self, source: str, key: str) -> bool:
         """Server-side copy; False if the source is not there."""
         try:
-            self.client.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": source})
+            self.client.copy_object(
+                Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": source}
+            )
         except ClientError as exc:
             if _status(exc) == 404:
                 return False
@@ -147,13 +166,16 @@ class _Bucket:
 
     def delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):  # DeleteObjects takes up to 1000 keys
-            chunk = keys[start:start + 1000]
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in chunk],
-                                                                    "Quiet": True})
+            chunk = keys[start : start + 1000]
+            self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True}
+            )
 
     def listing(self, prefix: str) -> Iterator[tuple[str, float]]:
         """(key, last-modified epoch seconds) of every object under `prefix`."""
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+        for page in self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        ):
             for item in page.get("Contents", []):
                 yield item["Key"], item["LastModified"].timestamp()
 
@@ -181,24 +203,40 @@ class _Manifest:
     files: dict[str, dict[str, Any]]  # name -> {"size": bytes, "sha256": hex}
 
     def encode(self) -> bytes:
-        return json.dumps({"digest": self.digest, "upload": self.upload, "files": self.files}, sort_keys=True).encode()
+        return json.dumps(
+            {"digest": self.digest, "upload": self.upload, "files": self.files}, sort_keys=True
+        ).encode()
 
     @classmethod
     def decode(cls, digest: str, data: bytes) -> _Manifest:
         try:
             raw = json.loads(data)
-            manifest = cls(raw["digest"], raw["upload"], {n: {"size": int(f["size"]), "sha256": str(f["sha256"])}
-                                                           for n, f in raw["files"].items()})
+            manifest = cls(
+                raw["digest"],
+                raw["upload"],
+                {
+                    n: {"size": int(f["size"]), "sha256": str(f["sha256"])}
+                    for n, f in raw["files"].items()
+                },
+            )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StoreCorrupt(digest, f"unreadable {MANIFEST}: {exc}") from exc
-        if manifest.digest != digest or not _UPLOAD.fullmatch(manifest.upload) or set(manifest.files) != set(_FILES):
-            raise StoreCorrupt(digest, f"{MANIFEST} names {manifest.digest[:12]}, upload {manifest.upload!r}, files "
-                               f"{sorted(manifest.files)}")
+        if (
+            manifest.digest != digest
+            or not _UPLOAD.fullmatch(manifest.upload)
+            or set(manifest.files) != set(_FILES)
+        ):
+            raise StoreCorrupt(
+                digest,
+                f"{MANIFEST} names {manifest.digest[:12]}, upload {manifest.upload!r}, files "
+                f"{sorted(manifest.files)}",
+            )
         return manifest
 
 
 class S3AdapterStore:
-    """Adapters in a bucket (see the module docstring), fetched and verified into a local `AdapterCache`."""
+    """Adapters in a bucket (see the module docstring), fetched and verified into a local
+    `AdapterCache`."""
 
     def __init__(self, location: S3Location, cache: AdapterCache, client: Any = None) -> None:
         self.location, self.cache = location.child("adapters"), cache
@@ -217,7 +255,8 @@ class S3AdapterStore:
             return self._s3.modified(self._key(digest, MANIFEST)) is not None
 
     def put(self, adapter: ValidatedAdapter) -> bool:
-        """Upload the canonical files into a new upload folder, then the manifest; False if already stored."""
+        """Upload the canonical files into a new upload folder, then the manifest; False if
+        already stored."""
         digest = adapter.digest
         with _answering(digest):
             current = self._manifest(digest)
@@ -228,16 +267,18 @@ class S3AdapterStore:
             for name in _FILES:
                 self._s3.upload(adapter.path / name, self._key(digest, upload, name))
             manifest = _Manifest(digest, upload, files).encode()
-            # create only if absent: else another put won (or the one there names a folder now gone: replace it)
+            # create only if absent: else another put won (or the one there names a folder now gone:
+            # replace it)
             if self._s3.put(self._key(digest, MANIFEST), manifest, create=current is None):
                 return True
             self._s3.delete([self._key(digest, upload, name) for name in _FILES])
             return False
 
     def delete(self, digest: str, keep: Callable[[], bool] = lambda: False) -> bool:
-        """Remove the blob unless `keep()`, asked once its manifest is gone, says a version now uses it; return
-        whether it went. A concurrent upload either committed before that look (the manifest comes back) or puts
-        the blob again after its commit (it sees none, and writes a folder of its own)."""
+        """Remove the blob unless `keep()`, asked once its manifest is gone, says a version now
+        uses it; return whether it went. A concurrent upload either committed before that look
+        (the manifest comes back) or puts the blob again after its commit (it sees none, and
+        writes a folder of its own)."""
         with _answering(digest):
             data = self._s3.get(self._key(digest, MANIFEST))
             if data is None:
@@ -258,12 +299,14 @@ class S3AdapterStore:
     def _restore(self, manifest: _Manifest, data: bytes) -> None:
         with _answering(manifest.digest):
             if not self._s3.put(self._key(manifest.digest, MANIFEST), data, create=True):
-                now = self._manifest(manifest.digest)  # a put stored it again meanwhile, in its own folder
+                # a put stored it again meanwhile, in its own folder
+                now = self._manifest(manifest.digest)
                 if now is not None and now.upload != manifest.upload:
                     self._s3.delete(self._folder_keys(manifest.digest, manifest.upload))
 
     def fetch(self, digest: str) -> Path:
-        """The blob's local folder, downloaded and verified on a cache miss (blocking: call in a worker thread)."""
+        """The blob's local folder, downloaded and verified on a cache miss (blocking: call in a
+        worker thread)."""
         return self.cache.fetch(digest, partial(self._download, digest))
 
     def pinned(self, digest: str) -> AbstractContextManager[None]:
@@ -307,7 +350,8 @@ class S3AdapterStore:
                 self._s3.delete(self._folder_keys(digest, upload))
 
     def _inventory(self) -> tuple[dict[str, dict[str, float]], set[str]]:
-        """Upload folders by digest (upload -> newest object time), and the digests with a manifest."""
+        """Upload folders by digest (upload -> newest object time), and the digests with a
+        manifest."""
         folders: dict[str, dict[str, float]] = {}
         manifests: set[str] = set()
         for key, modified in self._s3.listing(self.location.folder):
@@ -331,32 +375,43 @@ class S3AdapterStore:
         return None if data is None else _Manifest.decode(digest, data)
 
     def _complete(self, manifest: _Manifest) -> bool:
-        """Whether the folder the manifest names still holds its files (a racing delete may have removed it)."""
-        return all(self._s3.modified(self._key(manifest.digest, manifest.upload, name)) is not None
-                   for name in _FILES)
+        """Whether the folder the manifest names still holds its files (a racing delete may have
+        removed it)."""
+        return all(
+            self._s3.modified(self._key(manifest.digest, manifest.upload, name)) is not None
+            for name in _FILES
+        )
 
     def _folder_keys(self, digest: str, upload: str) -> list[str]:
         return [key for key, _ in self._s3.listing(self._key(digest, upload) + "/")]
 
     def _download(self, digest: str, folder: Path) -> None:
-        """Download the blob into `folder` and verify it, or raise (the cache then discards the folder)."""
+        """Download the blob into `folder` and verify it, or raise (the cache then discards the
+        folder)."""
         with _answering(digest):
             manifest = self._manifest(digest)
             if manifest is None:
-                raise StoreUnavailable("not in the store (or out of sight during a delete)", digest=digest)
+                raise StoreUnavailable(
+                    "not in the store (or out of sight during a delete)", digest=digest
+                )
             for name in _FILES:
                 try:
                     self._s3.download(self._key(digest, manifest.upload, name), folder / name)
                 except ClientError as exc:
                     if _status(exc) == 404:
-                        raise StoreUnavailable(f"{name} is gone from upload {manifest.upload}", digest=digest) from exc
+                        raise StoreUnavailable(
+                            f"{name} is gone from upload {manifest.upload}", digest=digest
+                        ) from exc
                     raise
         for name in _FILES:
             if _file_entry(folder / name) != manifest.files[name]:
-                raise StoreCorrupt(digest, f"{name} does not match the size and sha256 in its {MANIFEST}")
+                raise StoreCorrupt(
+                    digest, f"{name} does not match the size and sha256 in its {MANIFEST}"
+                )
         try:
             computed = content_digest(folder)
-        except (SafetensorError, ValueError, OSError, RuntimeError) as exc:  # bytes as stored, yet unreadable
+        # bytes as stored, yet unreadable
+        except (SafetensorError, ValueError, OSError, RuntimeError) as exc:
             raise StoreCorrupt(digest, f"unreadable adapter files: {exc}") from exc
         if computed != digest:
             raise StoreCorrupt(digest, f"its content digest is {computed[:12]}")
@@ -379,10 +434,12 @@ class S3BlobStore:
         return self.location.key(f"{digest}{self.suffix}")
 
     def put(self, data: bytes) -> str:
-        """Store the data (written again if already stored: its last-modified time renews); return its digest."""
+        """Store the data (written again if already stored: its last-modified time renews);
+        return its digest."""
         digest = hashlib.sha256(data).hexdigest()
         with _answering(digest):
-            # A set about to be referenced again must look new to a concurrent `delete(if_unmodified_since=...)`.
+            # A set about to be referenced again must look new to a concurrent
+            # `delete(if_unmodified_since=...)`.
             self._s3.put(self._key(digest), data)
         return digest
 
@@ -396,16 +453,26 @@ class S3BlobStore:
             raise StoreCorrupt(digest, "its bytes do not hash to its name")
         return data
 
-    def delete(self, digest: str, keep: Callable[[], bool] = lambda: False,
-               if_unmodified_since: float | None = None) -> bool:
-        """Remove the blob unless `keep()`, asked once it is out of sight, says a row now uses it, or it was put
-        again after `if_unmodified_since`; return whether it went. Out of sight = copied to a `.del-` object and
-        deleted (a put of the same content writes the same bytes, so putting it back is always right). S3 has no
-        rename: a put between the time check and the delete (milliseconds) is not seen."""
-        key, trash = self._key(digest), self.location.key(f"{_TRASH}{uuid.uuid4().hex}{self.suffix}")
+    def delete(
+        self,
+        digest: str,
+        keep: Callable[[], bool] = lambda: False,
+        if_unmodified_since: float | None = None,
+    ) -> bool:
+        """Remove the blob unless `keep()`, asked once it is out of sight, says a row now uses
+        it, or it was put again after `if_unmodified_since`; return whether it went. Out of sight
+        = copied to a `.del-` object and deleted (a put of the same content writes the same
+        bytes, so putting it back is always right). S3 has no rename: a put between the time
+        check and the delete (milliseconds) is not seen."""
+        key, trash = (
+            self._key(digest),
+            self.location.key(f"{_TRASH}{uuid.uuid4().hex}{self.suffix}"),
+        )
         with _answering(digest):
             modified = self._s3.modified(key)
-            if modified is None or (if_unmodified_since is not None and modified > if_unmodified_since):
+            if modified is None or (
+                if_unmodified_since is not None and modified > if_unmodified_since
+            ):
                 return False  # gone, or put again since the caller looked
             if not self._s3.copy(key, trash):
                 return False
@@ -429,7 +496,8 @@ class S3BlobStore:
                     yield name.removesuffix(self.suffix), modified
 
     def temp_entries(self) -> Iterator[tuple[str, float]]:
-        """(name, last-modified time) of half-done deletes (a put is one atomic write: it leaves nothing)."""
+        """(name, last-modified time) of half-done deletes (a put is one atomic write: it leaves
+        nothing)."""
         with _answering():
             for key, modified in list(self._s3.listing(self.location.folder + _TRASH)):
                 yield key.removeprefix(self.location.folder), modified

@@ -1,4 +1,5 @@
-"""API schemas, split by direction: `...Create`/`...Put` come in, `...Public` go out. ORM rows never leave."""
+"""API schemas, split by direction: `...Create`/`...Put` come in, `...Public` go out. ORM rows
+never leave."""
 
 from __future__ import annotations
 
@@ -8,17 +9,61 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["NAME_PATTERN", "Name", "check_name", "TenantCreate", "TenantSelf", "TenantCreated", "AdapterVersionPublic",
-           "AdapterVersionDetail", "AdapterPublic", "AdapterDetail", "DeploymentPut", "DeploymentPublic", "ModelPublic",
-           "ModelList", "ValidationSetPublic",
-           "VariantPublic", "DecisionPublic", "RolloutPublic", "ValidationRunPublic", "DriftCheckPublic", "DriftStatus",
-           "DriftHistory", "DriftSampling", "TenantLimitsPut", "TenantLimitsPublic", "ApiKeyCreate", "ApiKeyPublic",
-           "ApiKeyCreated", "ApiKeyRotate", "KeyRotated", "TenantDisable", "TenantPublic", "TenantDeletedPublic",
-           "AuditEventPublic", "VariantFeedback", "VariantConfidence", "FeedbackCreate", "FeedbackPublic",
-           "RequestPublic", "RequestPage", "CapturePolicy", "CapturePublic", "CapturePage", "CaptureStatus",
-           "CapturesDeleted",
-           "FeedbackPeriod", "FeedbackTimeline", "LatencySummary", "VariantTraffic", "DeploymentTraffic",
-           "SeriesBucket", "VariantSeries", "RolloutSeries"]
+__all__ = [
+    "NAME_PATTERN",
+    "Name",
+    "check_name",
+    "TenantCreate",
+    "TenantSelf",
+    "TenantCreated",
+    "AdapterVersionPublic",
+    "AdapterVersionDetail",
+    "AdapterPublic",
+    "AdapterDetail",
+    "DeploymentPut",
+    "DeploymentPublic",
+    "ModelPublic",
+    "ModelList",
+    "ValidationSetPublic",
+    "VariantPublic",
+    "DecisionPublic",
+    "RolloutPublic",
+    "ValidationRunPublic",
+    "DriftCheckPublic",
+    "DriftStatus",
+    "DriftHistory",
+    "DriftSampling",
+    "TenantLimitsPut",
+    "TenantLimitsPublic",
+    "ApiKeyCreate",
+    "ApiKeyPublic",
+    "ApiKeyCreated",
+    "ApiKeyRotate",
+    "KeyRotated",
+    "TenantDisable",
+    "TenantPublic",
+    "TenantDeletedPublic",
+    "AuditEventPublic",
+    "VariantFeedback",
+    "VariantConfidence",
+    "FeedbackCreate",
+    "FeedbackPublic",
+    "RequestPublic",
+    "RequestPage",
+    "CapturePolicy",
+    "CapturePublic",
+    "CapturePage",
+    "CaptureStatus",
+    "CapturesDeleted",
+    "FeedbackPeriod",
+    "FeedbackTimeline",
+    "LatencySummary",
+    "VariantTraffic",
+    "DeploymentTraffic",
+    "SeriesBucket",
+    "VariantSeries",
+    "RolloutSeries",
+]
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
@@ -26,8 +71,10 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 def check_name(value: str) -> str:
     """Names of tenants, adapters and deployments: 1-63 of letters, digits, '.', '_', '-'."""
     if not NAME_PATTERN.match(value):
-        raise ValueError(f"invalid name {value!r}: use 1-63 letters, digits, '.', '_' or '-', "
-                         "starting with a letter or digit")
+        raise ValueError(
+            f"invalid name {value!r}: use 1-63 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
     return value
 
 
@@ -38,7 +85,8 @@ def _as_utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-# The catalog stores UTC; SQLite gives it back without a zone. Answers always say it (RFC 3339's date-time).
+# The catalog stores UTC; SQLite gives it back without a zone. Answers always say it (RFC 3339's
+# date-time).
 UtcDateTime = Annotated[datetime, AfterValidator(_as_utc)]
 
 
@@ -47,7 +95,8 @@ class TenantCreate(BaseModel):
 
 
 class TenantSelf(BaseModel):
-    """`GET /v1/tenant`: the tenant a key belongs to, and who acts ("tenant:NAME", or the admin acting for it)."""
+    """`GET /v1/tenant`: the tenant a key belongs to, and who acts ("tenant:NAME", or the admin
+    acting for it)."""
 
     name: str
     acting_as: str
@@ -72,10 +121,12 @@ class AdapterVersionPublic(BaseModel):
 
 
 class AdapterVersionDetail(AdapterVersionPublic):
-    """A version as `GET /v1/adapters/{name}` shows it: with the trainer's manifest uploaded beside it."""
+    """A version as `GET /v1/adapters/{name}` shows it: with the trainer's manifest uploaded
+    beside it."""
 
     manifest: dict[str, Any] | None = None  # None: uploaded without one
-    # whether the adapter digest the manifest records is `digest`; None: no manifest, or it records none
+    # whether the adapter digest the manifest records is `digest`; None: no manifest, or it records
+    # none
     manifest_matches: bool | None = None
 
 
@@ -148,8 +199,10 @@ class RolloutPublic(BaseModel):
     finished_at: float | None
     lease_owner: str | None
     decisions: list[DecisionPublic]
-    feedback: list[VariantFeedback] = Field(default_factory=list)  # per variant, the whole rollout so far
-    confidence: list[VariantConfidence] = Field(default_factory=list)  # informational: never decides
+    # per variant, the whole rollout so far
+    feedback: list[VariantFeedback] = Field(default_factory=list)
+    # informational: never decides
+    confidence: list[VariantConfidence] = Field(default_factory=list)
 
 
 class ModelPublic(BaseModel):
@@ -206,7 +259,8 @@ class FeedbackPeriod(BaseModel):
 
 
 class FeedbackTimeline(BaseModel):
-    """Users' feedback on one live version over the last periods, oldest first (the last one is still running)."""
+    """Users' feedback on one live version over the last periods, oldest first (the last one is
+    still running)."""
 
     variant: str
     version: str  # NAME@N
@@ -328,9 +382,11 @@ class AuditEventPublic(BaseModel):
 
 # --- the feedback loop: request log, feedback, confidence, capture ---
 
+
 class VariantFeedback(BaseModel):
-    """Users' feedback on one variant's answers: mean on [0, 1] with its 95 % interval, and the difference from
-    the reference variant (stable, or an A/B test's first) with its 95 % interval."""
+    """Users' feedback on one variant's answers: mean on [0, 1] with its 95 % interval, and the
+    difference from the reference variant (stable, or an A/B test's first) with its 95 %
+    interval."""
 
     variant: str
     requests: int  # answered requests of the variant (the feedback rate's denominator)
@@ -343,7 +399,8 @@ class VariantFeedback(BaseModel):
 
 
 class VariantConfidence(BaseModel):
-    """The answers' mean token log-probability of one variant, and its difference from the reference variant."""
+    """The answers' mean token log-probability of one variant, and its difference from the
+    reference variant."""
 
     variant: str
     count: int
@@ -359,13 +416,16 @@ class FeedbackCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: Annotated[str, Field(min_length=1, max_length=64)]
     score: float  # -1 or 1 (thumbs down / up), or a number in [0, 1]
-    correction: Annotated[str, Field(max_length=65536)] | None = None  # the answer that should have been given
+    # the answer that should have been given
+    correction: Annotated[str, Field(max_length=65536)] | None = None
     comment: Annotated[str, Field(max_length=4000)] = ""
 
     @model_validator(mode="after")
     def _score(self) -> FeedbackCreate:
         if self.score not in (-1, 1) and not 0 <= self.score <= 1:
-            raise ValueError(f"score must be -1 or 1 (thumbs) or a number in [0, 1], not {self.score}")
+            raise ValueError(
+                f"score must be -1 or 1 (thumbs) or a number in [0, 1], not {self.score}"
+            )
         return self
 
     @property
@@ -417,12 +477,14 @@ class RequestPage(BaseModel):
 
 
 class CapturePolicy(BaseModel):
-    """`PUT /v1/deployments/{name}/capture`: keep a sampled, bounded share of the deployment's requests in full."""
+    """`PUT /v1/deployments/{name}/capture`: keep a sampled, bounded share of the deployment's
+    requests in full."""
 
     model_config = ConfigDict(extra="forbid")
     sample_rate: Annotated[float, Field(gt=0, le=1)] = 0.1  # share of answered requests kept
     max_per_day: Annotated[int, Field(ge=1, le=1_000_000)] = 1000  # at most this many per UTC day
-    retention_days: Annotated[float, Field(gt=0, le=3660)] = 30.0  # then deleted by the garbage collector
+    # then deleted by the garbage collector
+    retention_days: Annotated[float, Field(gt=0, le=3660)] = 30.0
 
 
 class CapturePublic(BaseModel):
@@ -461,6 +523,7 @@ class CaptureStatus(BaseModel):
 
 # --- live traffic of a deployment, and a rollout's time series ---
 
+
 class LatencySummary(BaseModel):
     """Latency of answered requests (status 200), in milliseconds; None without any."""
 
@@ -483,8 +546,8 @@ class VariantTraffic(BaseModel):
 
 
 class DeploymentTraffic(BaseModel):
-    """`GET /v1/deployments/{name}/traffic`: the request log of the last `window_s` seconds, in total and per
-    (variant, adapter)."""
+    """`GET /v1/deployments/{name}/traffic`: the request log of the last `window_s` seconds, in
+    total and per (variant, adapter)."""
 
     deployment: str
     window_s: float
@@ -498,7 +561,8 @@ class DeploymentTraffic(BaseModel):
 
 
 class SeriesBucket(BaseModel):
-    """One period [start, start + bucket_s) of one variant of a rollout; rates are None without a denominator."""
+    """One period [start, start + bucket_s) of one variant of a rollout; rates are None without a
+    denominator."""
 
     start: float
     requests: int
@@ -518,7 +582,8 @@ class VariantSeries(BaseModel):
 
 
 class RolloutSeries(BaseModel):
-    """`GET /v1/deployments/{name}/rollout/series`: the rollout's samples and feedback per variant and period."""
+    """`GET /v1/deployments/{name}/rollout/series`: the rollout's samples and feedback per
+    variant and period."""
 
     rollout_id: int
     bucket_s: float

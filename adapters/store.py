@@ -1,12 +1,13 @@
 """Content-addressed adapter store: one folder per digest, written atomically (temp + rename).
 
-A blob is shared by every version with its digest, in any tenant, so deleting one races with an upload of the
-same content. Two rules close that race without a lock: an upload puts its blob again once its version is
-committed (a no-op while the blob is there), and a delete moves the blob out of sight before its last look at
-the catalog, putting it back if a version appeared meanwhile (`LocalStore.delete`'s `keep`; on S3 the manifest
-is what goes out of sight and comes back, see `lorafleet.adapters.s3_store`). Validation sets
-(`BlobStore`) are not put again after their row commits: a put renews the blob's modification time instead,
-and a delete that judged an older one keeps it (`BlobStore.delete`'s `if_unmodified_since`).
+A blob is shared by every version with its digest, in any tenant, so deleting one races with an
+upload of the same content. Two rules close that race without a lock: an upload puts its blob again
+once its version is committed (a no-op while the blob is there), and a delete moves the blob out of
+sight before its last look at the catalog, putting it back if a version appeared meanwhile
+(`LocalStore.delete`'s `keep`; on S3 the manifest is what goes out of sight and comes back, see
+`lorafleet.adapters.s3_store`). Validation sets (`BlobStore`) are not put again after their row
+commits: a put renews the blob's modification time instead, and a delete that judged an older one
+keeps it (`BlobStore.delete`'s `if_unmodified_since`).
 """
 
 from __future__ import annotations
@@ -27,19 +28,29 @@ from lorafleet.adapters.errors import StoreUnavailable
 from lorafleet.adapters.s3_store import S3AdapterStore, S3BlobStore, parse_s3_url
 from lorafleet.adapters.validate import CONFIG_FILE, WEIGHTS_FILE, ValidatedAdapter
 
-__all__ = ["AdapterStore", "BlobStorage", "LocalStore", "BlobStore", "open_store", "open_blob_store",
-           "last_changed"]
+__all__ = [
+    "AdapterStore",
+    "BlobStorage",
+    "LocalStore",
+    "BlobStore",
+    "open_store",
+    "open_blob_store",
+    "last_changed",
+]
 
 
 class AdapterStore(Protocol):
-    """Adapter blobs by digest: `LocalStore`, or `S3AdapterStore` (fetched into a local cache for the engine)."""
+    """Adapter blobs by digest: `LocalStore`, or `S3AdapterStore` (fetched into a local cache for
+    the engine)."""
 
     def put(self, adapter: ValidatedAdapter) -> bool: ...
     def local_path(self, digest: str) -> Path: ...
     def exists(self, digest: str) -> bool: ...
     def delete(self, digest: str, keep: Callable[[], bool] = ...) -> bool: ...
-    def fetch(self, digest: str) -> Path: ...  # the folder the engine loads; blocking (a download on a miss)
-    def pinned(self, digest: str) -> AbstractContextManager[None]: ...  # not evicted while held; cheap
+    # the folder the engine loads; blocking (a download on a miss)
+    def fetch(self, digest: str) -> Path: ...
+    # not evicted while held; cheap
+    def pinned(self, digest: str) -> AbstractContextManager[None]: ...
     def touch(self, digest: str) -> None: ...  # a use, for the local cache's LRU order; cheap
     def on_evict(self, listener: Callable[[str], None]) -> None: ...  # told when a local copy goes
     def digests(self) -> Iterator[tuple[str, float]]: ...
@@ -48,11 +59,14 @@ class AdapterStore(Protocol):
 
 
 class BlobStorage(Protocol):
-    """Content-addressed blobs (validation sets) by sha256: `BlobStore` (a folder) or `S3BlobStore`."""
+    """Content-addressed blobs (validation sets) by sha256: `BlobStore` (a folder) or
+    `S3BlobStore`."""
 
     def put(self, data: bytes) -> str: ...
     def read(self, digest: str) -> bytes: ...
-    def delete(self, digest: str, keep: Callable[[], bool] = ..., if_unmodified_since: float | None = ...) -> bool: ...
+    def delete(
+        self, digest: str, keep: Callable[[], bool] = ..., if_unmodified_since: float | None = ...
+    ) -> bool: ...
     def digests(self) -> Iterator[tuple[str, float]]: ...
     def temp_entries(self) -> Iterator[tuple[str, float]]: ...
     def remove_temp(self, name: str) -> None: ...
@@ -89,9 +103,9 @@ class LocalStore:
         return True
 
     def delete(self, digest: str, keep: Callable[[], bool] = lambda: False) -> bool:
-        """Remove the blob unless `keep()`, asked once the blob is out of sight, says a version now uses it;
-        return whether it went. A concurrent upload either committed before that look (the blob comes back)
-        or puts the blob again after its commit (it sees none)."""
+        """Remove the blob unless `keep()`, asked once the blob is out of sight, says a version
+        now uses it; return whether it went. A concurrent upload either committed before that
+        look (the blob comes back) or puts the blob again after its commit (it sees none)."""
         path = self.local_path(digest)
         trash = self.root / f".del-{uuid.uuid4().hex}"
         try:
@@ -144,16 +158,23 @@ _TEMP_PREFIXES = (".tmp-", ".del-")
 
 
 def last_changed(path: Path) -> float:
-    """The latest modification or status change in a file or folder tree (links not followed): when it was last
-    written or moved (a rename changes the status time only, and a delete's `.del-` entry is a renamed blob)."""
+    """The latest modification or status change in a file or folder tree (links not followed):
+    when it was last written or moved (a rename changes the status time only, and a delete's
+    `.del-` entry is a renamed blob)."""
+
     def changed(stat: os.stat_result) -> float:
         return max(stat.st_mtime, stat.st_ctime)
 
     newest = changed(path.lstat())
     if path.is_dir() and not path.is_symlink():
         for folder, _, files in os.walk(path):
-            newest = max([newest, changed(os.lstat(folder)), *(changed(os.lstat(os.path.join(folder, name)))
-                                                               for name in files)])
+            newest = max(
+                [
+                    newest,
+                    changed(os.lstat(folder)),
+                    *(changed(os.lstat(os.path.join(folder, name))) for name in files),
+                ]
+            )
     return newest
 
 
@@ -187,31 +208,36 @@ def _restore(trash: Path, path: Path) -> None:
             trash.unlink(missing_ok=True)
 
 
-def open_store(url: str, cache_dir: Path | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES) -> AdapterStore:
-    """`file:///path` (the default; the engine reads the folder) or `s3://bucket/prefix` (fetched into a local
-    cache at `cache_dir`, at most `cache_bytes`)."""
+def open_store(
+    url: str, cache_dir: Path | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES
+) -> AdapterStore:
+    """`file:///path` (the default; the engine reads the folder) or `s3://bucket/prefix` (fetched
+    into a local cache at `cache_dir`, at most `cache_bytes`)."""
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
         return LocalStore(Path(parsed.path if parsed.scheme else url).expanduser())
     if parsed.scheme == "s3":
         location = parse_s3_url(url)
         if cache_dir is None:
-            raise ValueError(f"LORAFLEET_STORE_URL={url!r}: an S3 store needs a local cache folder "
-                             "(LORAFLEET_STORE_CACHE_DIR)")
+            raise ValueError(
+                f"LORAFLEET_STORE_URL={url!r}: an S3 store needs a local cache folder "
+                "(LORAFLEET_STORE_CACHE_DIR)"
+            )
         return S3AdapterStore(location, AdapterCache(cache_dir, cache_bytes))
     raise ValueError(f"LORAFLEET_STORE_URL={url!r}: use file:///path or s3://bucket/prefix")
 
 
 def open_blob_store(url: str, folder: str, local_root: Path, suffix: str) -> BlobStorage:
-    """The blob store beside the adapter store at `url`: `local_root` for a file:// store (validation sets stay
-    where they always were), `<prefix>/<folder>/` in an S3 store."""
+    """The blob store beside the adapter store at `url`: `local_root` for a file:// store
+    (validation sets stay where they always were), `<prefix>/<folder>/` in an S3 store."""
     if urlparse(url).scheme == "s3":
         return S3BlobStore(parse_s3_url(url).child(folder), suffix)
     return BlobStore(local_root, suffix)
 
 
 class BlobStore:
-    """Content-addressed files (validation sets) under `root/<sha256><suffix>`, written temp + rename."""
+    """Content-addressed files (validation sets) under `root/<sha256><suffix>`, written temp +
+    rename."""
 
     def __init__(self, root: Path, suffix: str) -> None:
         self.root, self.suffix = root, suffix
@@ -231,7 +257,8 @@ class BlobStore:
         """Store the data (its modification time renewed if already stored); return its digest."""
         digest = hashlib.sha256(data).hexdigest()
         try:
-            # A set about to be referenced again must look new to a concurrent `delete(if_unmodified_since=...)`.
+            # A set about to be referenced again must look new to a concurrent
+            # `delete(if_unmodified_since=...)`.
             os.utime(self.path(digest))
         except FileNotFoundError:
             tmp = self.root / f".tmp-{uuid.uuid4().hex}"
@@ -239,10 +266,15 @@ class BlobStore:
             tmp.rename(self.path(digest))
         return digest
 
-    def delete(self, digest: str, keep: Callable[[], bool] = lambda: False,
-               if_unmodified_since: float | None = None) -> bool:
-        """Remove the blob unless `keep()`, asked once it is out of sight, says a row now uses it, or it was put
-        again after `if_unmodified_since` (an upload whose row commits later); return whether it went."""
+    def delete(
+        self,
+        digest: str,
+        keep: Callable[[], bool] = lambda: False,
+        if_unmodified_since: float | None = None,
+    ) -> bool:
+        """Remove the blob unless `keep()`, asked once it is out of sight, says a row now uses
+        it, or it was put again after `if_unmodified_since` (an upload whose row commits later);
+        return whether it went."""
         path = self.path(digest)
         trash = self.root / f".del-{uuid.uuid4().hex}"
         try:
@@ -251,7 +283,9 @@ class BlobStore:
             return False
         needed = True  # until the catalog says otherwise: an error there keeps the blob
         try:
-            touched = if_unmodified_since is not None and trash.stat().st_mtime > if_unmodified_since
+            touched = (
+                if_unmodified_since is not None and trash.stat().st_mtime > if_unmodified_since
+            )
             needed = touched or keep()
         finally:
             if needed:

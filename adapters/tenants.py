@@ -1,5 +1,6 @@
-"""Tenants' lifecycle in the catalog: API keys (several per tenant, rotated with a grace period, revoked, expiring),
-limits set by the admin, disabling, deletion, and the audit trail of admin operations."""
+"""Tenants' lifecycle in the catalog: API keys (several per tenant, rotated with a grace period,
+revoked, expiring), limits set by the admin, disabling, deletion, and the audit trail of admin
+operations."""
 
 from __future__ import annotations
 
@@ -35,9 +36,27 @@ from lorafleet.adapters.catalog import (
 from lorafleet.adapters.errors import Conflict, InvalidRequest, NotFound, Unauthorized
 from lorafleet.adapters.schemas import check_name
 
-__all__ = ["hash_key", "create_tenant", "authenticate", "authenticate_key", "check_not_expired", "get_tenant",
-           "tenant_policy", "new_key", "list_keys", "revoke_key", "rotate_key", "touch_keys", "set_limits",
-           "set_disabled", "delete_tenant", "DeletedTenant", "record_audit", "list_audit", "stored_usage"]
+__all__ = [
+    "hash_key",
+    "create_tenant",
+    "authenticate",
+    "authenticate_key",
+    "check_not_expired",
+    "get_tenant",
+    "tenant_policy",
+    "new_key",
+    "list_keys",
+    "revoke_key",
+    "rotate_key",
+    "touch_keys",
+    "set_limits",
+    "set_disabled",
+    "delete_tenant",
+    "DeletedTenant",
+    "record_audit",
+    "list_audit",
+    "stored_usage",
+]
 
 
 def hash_key(api_key: str) -> str:
@@ -50,7 +69,8 @@ def _new_secret() -> str:
 
 
 def create_tenant(session: Session, name: str) -> tuple[Tenant, str]:
-    """Create a tenant with its first API key; return both (the only time the key exists in clear)."""
+    """Create a tenant with its first API key; return both (the only time the key exists in
+    clear)."""
     try:
         check_name(name)
     except ValueError as exc:
@@ -69,29 +89,45 @@ def create_tenant(session: Session, name: str) -> tuple[Tenant, str]:
 
 
 def _key_row(tenant: Tenant, api_key: str, label: str, expires_at: float | None) -> ApiKey:
-    return ApiKey(tenant_id=tenant.id, key_hash=hash_key(api_key), prefix=api_key[:8], label=label,
-                  created_at=time.time(), expires_at=expires_at, revoked_at=None, last_used_at=None)
+    return ApiKey(
+        tenant_id=tenant.id,
+        key_hash=hash_key(api_key),
+        prefix=api_key[:8],
+        label=label,
+        created_at=time.time(),
+        expires_at=expires_at,
+        revoked_at=None,
+        last_used_at=None,
+    )
 
 
-def authenticate_key(session: Session, api_key: str | None,
-                     now: float | None = None) -> tuple[Tenant, ApiKey, TenantPolicy | None]:
+def authenticate_key(
+    session: Session, api_key: str | None, now: float | None = None
+) -> tuple[Tenant, ApiKey, TenantPolicy | None]:
     """The tenant, key and policy a live key belongs to; 401 with the reason for anything else."""
     if not api_key:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    found = session.execute(select(Tenant, ApiKey).join(ApiKey, ApiKey.tenant_id == Tenant.id)
-                            .where(ApiKey.key_hash == hash_key(api_key))).first()
+    found = session.execute(
+        select(Tenant, ApiKey)
+        .join(ApiKey, ApiKey.tenant_id == Tenant.id)
+        .where(ApiKey.key_hash == hash_key(api_key))
+    ).first()
     if found is None:
         raise Unauthorized("invalid API key")
     tenant, key = found
     now = time.time() if now is None else now
     if key.revoked_at is not None:
-        raise Unauthorized("this API key was revoked; use another key of the tenant", code="api_key_revoked")
+        raise Unauthorized(
+            "this API key was revoked; use another key of the tenant", code="api_key_revoked"
+        )
     check_not_expired(key.expires_at, now)
     policy = session.get(TenantPolicy, tenant.id)
     if policy is not None and policy.disabled_at is not None:
         reason = f": {policy.disabled_reason}" if policy.disabled_reason else ""
-        raise Unauthorized(f"tenant {tenant.name!r} is disabled{reason}; ask the operator to enable it",
-                           code="tenant_disabled")
+        raise Unauthorized(
+            f"tenant {tenant.name!r} is disabled{reason}; ask the operator to enable it",
+            code="tenant_disabled",
+        )
     return tenant, key, policy
 
 
@@ -118,13 +154,20 @@ def tenant_policy(session: Session, tenant: Tenant) -> TenantPolicy:
     """The tenant's policy row, created (unsaved) with the defaults when it has none."""
     policy = session.get(TenantPolicy, tenant.id)
     if policy is None:
-        policy = TenantPolicy(tenant_id=tenant.id, limits={}, disabled_at=None, disabled_reason="",
-                              updated_at=time.time())
+        policy = TenantPolicy(
+            tenant_id=tenant.id,
+            limits={},
+            disabled_at=None,
+            disabled_reason="",
+            updated_at=time.time(),
+        )
         session.add(policy)
     return policy
 
 
-def new_key(session: Session, tenant: Tenant, label: str = "", expires_at: float | None = None) -> tuple[ApiKey, str]:
+def new_key(
+    session: Session, tenant: Tenant, label: str = "", expires_at: float | None = None
+) -> tuple[ApiKey, str]:
     """Another key for the tenant; returned in clear only now."""
     if expires_at is not None and expires_at <= time.time():
         raise InvalidRequest("the key's expiry is in the past", code="invalid_expiry")
@@ -136,7 +179,9 @@ def new_key(session: Session, tenant: Tenant, label: str = "", expires_at: float
 
 
 def list_keys(session: Session, tenant: Tenant) -> list[ApiKey]:
-    return list(session.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant.id).order_by(ApiKey.id)))
+    return list(
+        session.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant.id).order_by(ApiKey.id))
+    )
 
 
 def _key(session: Session, tenant: Tenant, key_id: int) -> ApiKey:
@@ -154,13 +199,18 @@ def revoke_key(session: Session, tenant: Tenant, key_id: int) -> ApiKey:
     return key
 
 
-def rotate_key(session: Session, tenant: Tenant, key_id: int, grace_s: float) -> tuple[ApiKey, ApiKey, str]:
-    """A new key replacing `key_id`, which keeps working for `grace_s` more seconds (0: stops now)."""
+def rotate_key(
+    session: Session, tenant: Tenant, key_id: int, grace_s: float
+) -> tuple[ApiKey, ApiKey, str]:
+    """A new key replacing `key_id`, which keeps working for `grace_s` more seconds (0: stops
+    now)."""
     if grace_s < 0:
         raise InvalidRequest("grace_s must be 0 or more", code="invalid_grace")
     old = _key(session, tenant, key_id)
     if old.revoked_at is not None or (old.expires_at is not None and old.expires_at <= time.time()):
-        raise Conflict(f"key {key_id} is no longer valid: create a new key instead", code="api_key_not_live")
+        raise Conflict(
+            f"key {key_id} is no longer valid: create a new key instead", code="api_key_not_live"
+        )
     ends = time.time() + grace_s
     old.expires_at = min(old.expires_at, ends) if old.expires_at is not None else ends
     api_key = _new_secret()
@@ -193,7 +243,9 @@ def set_limits(session: Session, tenant: Tenant, changes: dict[str, int | None])
     return policy
 
 
-def set_disabled(session: Session, tenant: Tenant, disabled: bool, reason: str = "") -> TenantPolicy:
+def set_disabled(
+    session: Session, tenant: Tenant, disabled: bool, reason: str = ""
+) -> TenantPolicy:
     """Disable (every key answers 401 with the reason) or enable the tenant."""
     policy = tenant_policy(session, tenant)
     policy.disabled_at = (policy.disabled_at or time.time()) if disabled else None
@@ -205,14 +257,17 @@ def set_disabled(session: Session, tenant: Tenant, disabled: bool, reason: str =
 
 def stored_usage(session: Session, tenant: Tenant) -> tuple[int, int]:
     """(adapter versions the tenant stores, their bytes)."""
-    totals = select(func.count(AdapterVersion.id), func.coalesce(func.sum(AdapterVersion.size_bytes), 0))
+    totals = select(
+        func.count(AdapterVersion.id), func.coalesce(func.sum(AdapterVersion.size_bytes), 0)
+    )
     count, size = session.execute(totals.join(Adapter).where(Adapter.tenant_id == tenant.id)).one()
     return int(count), int(size)
 
 
 @dataclass(frozen=True)
 class DeletedTenant:
-    """What deleting a tenant removed: the blobs it referenced, for the caller to delete where no one else uses them."""
+    """What deleting a tenant removed: the blobs it referenced, for the caller to delete where no
+    one else uses them."""
 
     name: str
     adapter_digests: frozenset[str]
@@ -221,23 +276,37 @@ class DeletedTenant:
 
 
 def delete_tenant(session: Session, tenant: Tenant, force: bool = False) -> DeletedTenant:
-    """Remove the tenant and everything it owns in one transaction; refused while one of its rollouts or A/B tests
-    runs, unless `force` (which ends them with the tenant)."""
+    """Remove the tenant and everything it owns in one transaction; refused while one of its
+    rollouts or A/B tests runs, unless `force` (which ends them with the tenant)."""
     deployments = select(Deployment.id).where(Deployment.tenant_id == tenant.id)
-    running = list(session.scalars(select(Deployment.name).where(Deployment.tenant_id == tenant.id,
-                                                                 Deployment.rollout_id.is_not(None))))
+    running = list(
+        session.scalars(
+            select(Deployment.name).where(
+                Deployment.tenant_id == tenant.id, Deployment.rollout_id.is_not(None)
+            )
+        )
+    )
     if running and not force:
-        raise Conflict(f"tenant {tenant.name!r} has a rollout or A/B test running on {', '.join(running)}: abort "
-                       "it first, or delete with force", code="rollout_running")
+        raise Conflict(
+            f"tenant {tenant.name!r} has a rollout or A/B test running on "
+            f"{', '.join(running)}: abort it first, or delete with force",
+            code="rollout_running",
+        )
     versions = select(AdapterVersion.id).join(Adapter).where(Adapter.tenant_id == tenant.id)
-    adapter_digests = frozenset(session.scalars(select(AdapterVersion.digest).where(AdapterVersion.id.in_(versions))))
-    validation_digests = frozenset(session.scalars(select(ValidationSet.digest)
-                                                   .where(ValidationSet.tenant_id == tenant.id)))
+    adapter_digests = frozenset(
+        session.scalars(select(AdapterVersion.digest).where(AdapterVersion.id.in_(versions)))
+    )
+    validation_digests = frozenset(
+        session.scalars(select(ValidationSet.digest).where(ValidationSet.tenant_id == tenant.id))
+    )
     rollouts = select(Rollout.id).where(Rollout.deployment_id.in_(deployments))
     steps = [  # children first: the foreign keys hold at every statement
         ("rollout_samples", delete(RolloutSample).where(RolloutSample.rollout_id.in_(rollouts))),
         ("decisions", delete(Decision).where(Decision.deployment_id.in_(deployments))),
-        ("validation_runs", delete(ValidationRun).where(ValidationRun.deployment_id.in_(deployments))),
+        (
+            "validation_runs",
+            delete(ValidationRun).where(ValidationRun.deployment_id.in_(deployments)),
+        ),
         ("input_samples", delete(InputSample).where(InputSample.deployment_id.in_(deployments))),
         ("drift_checks", delete(DriftCheck).where(DriftCheck.deployment_id.in_(deployments))),
         ("rollouts", delete(Rollout).where(Rollout.deployment_id.in_(deployments))),
@@ -249,7 +318,8 @@ def delete_tenant(session: Session, tenant: Tenant, force: bool = False) -> Dele
         ("tenant_policies", delete(TenantPolicy).where(TenantPolicy.tenant_id == tenant.id)),
         ("requests", delete(RequestRecord).where(RequestRecord.tenant_id == tenant.id)),
         ("feedback", delete(Feedback).where(Feedback.tenant_id == tenant.id)),
-        ("captures", delete(Capture).where(Capture.tenant_id == tenant.id)),  # their images: gc's orphans
+        # their images: gc's orphans
+        ("captures", delete(Capture).where(Capture.tenant_id == tenant.id)),
     ]
     counts = {}
     try:
@@ -264,7 +334,9 @@ def delete_tenant(session: Session, tenant: Tenant, force: bool = False) -> Dele
     return DeletedTenant(tenant.name, adapter_digests, validation_digests, counts)
 
 
-def record_audit(session: Session, actor: str, action: str, tenant: str = "", **details: object) -> AuditEvent:
+def record_audit(
+    session: Session, actor: str, action: str, tenant: str = "", **details: object
+) -> AuditEvent:
     """Append one admin operation to the audit trail."""
     event = AuditEvent(at=time.time(), actor=actor, action=action, tenant=tenant, details=details)
     session.add(event)
@@ -272,8 +344,9 @@ def record_audit(session: Session, actor: str, action: str, tenant: str = "", **
     return event
 
 
-def list_audit(session: Session, tenant: str | None = None, limit: int = 100,
-               before: int | None = None) -> list[AuditEvent]:
+def list_audit(
+    session: Session, tenant: str | None = None, limit: int = 100, before: int | None = None
+) -> list[AuditEvent]:
     """The newest events first (`before`: an event id, for the next page)."""
     query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
     if tenant:

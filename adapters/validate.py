@@ -1,4 +1,5 @@
-"""Turn an uploaded archive into a `ValidatedAdapter`, or raise one `InvalidAdapter` naming field and reason.
+"""Turn an uploaded archive into a `ValidatedAdapter`, or raise one `InvalidAdapter` naming field
+and reason.
 
 Everything that would make vLLM refuse an adapter, or load it and silently serve base-model output
 (shared/pitfalls.md), is checked here, before anything is stored.
@@ -14,21 +15,39 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from lorafleet.adapters.adapter_config import CONFIG_FILE, check_target_modules, configured_ranks, read_config
+from lorafleet.adapters.adapter_config import (
+    CONFIG_FILE,
+    check_target_modules,
+    configured_ranks,
+    read_config,
+)
 from lorafleet.adapters.archive import unpack_archive
 from lorafleet.adapters.base_model import BaseModelSpec
 from lorafleet.adapters.errors import InvalidAdapter, PayloadTooLarge
 from lorafleet.adapters.manifest import read_manifest
 
-__all__ = ["ValidatedAdapter", "extract_archive", "validate_adapter_dir", "validate_upload", "engine_lora_rank",
-           "content_digest", "CONFIG_FILE", "WEIGHTS_FILE", "ENGINE_LORA_RANKS"]
+__all__ = [
+    "ValidatedAdapter",
+    "extract_archive",
+    "validate_adapter_dir",
+    "validate_upload",
+    "engine_lora_rank",
+    "content_digest",
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "ENGINE_LORA_RANKS",
+]
 
 WEIGHTS_FILE = "adapter_model.safetensors"
-ENGINE_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the only values vLLM takes as --max-lora-rank
-# (`MaxLoRARanks` in vllm/config/lora.py, vLLM 0.32); the gateway does not import vLLM, so they are copied here
+# the only values vLLM takes as --max-lora-rank
+ENGINE_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# (`MaxLoRARanks` in vllm/config/lora.py, vLLM 0.32); the gateway does not import vLLM, so they are
+# copied here
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 # PEFT key: base_model.model.<module path>.lora_A.weight (older PEFT: .lora_A.<adapter name>.weight)
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
+_KEY = re.compile(
+    r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.weight$"
+)
 
 
 @dataclass(frozen=True)
@@ -41,19 +60,22 @@ class ValidatedAdapter:
     alpha: float
     target_modules: tuple[str, ...]  # short names, e.g. ("k_proj", "q_proj")
     size_bytes: int
-    # the trainer's manifest.json uploaded beside it (`lorafleet.adapters.manifest`): informational, so neither
-    # part of the digest nor of what makes two adapters equal
+    # the trainer's manifest.json uploaded beside it (`lorafleet.adapters.manifest`): informational,
+    # so neither part of the digest nor of what makes two adapters equal
     manifest: dict[str, Any] | None = field(default=None, compare=False)
 
 
 def extract_archive(archive: Path, dest: Path, max_bytes: int) -> Path:
-    """Unpack a .zip or .tar(.gz) safely into `dest`; return the folder holding adapter_config.json."""
+    """Unpack a .zip or .tar(.gz) safely into `dest`; return the folder holding
+    adapter_config.json."""
     unpack_archive(archive, dest, max_bytes)
     configs = sorted(dest.rglob(CONFIG_FILE))
     if not configs:
         raise InvalidAdapter(CONFIG_FILE, f"the archive has no {CONFIG_FILE}")
     if len(configs) > 1:
-        raise InvalidAdapter(CONFIG_FILE, f"the archive holds {len(configs)} adapters; upload one at a time")
+        raise InvalidAdapter(
+            CONFIG_FILE, f"the archive holds {len(configs)} adapters; upload one at a time"
+        )
     return configs[0].parent
 
 
@@ -62,19 +84,23 @@ class _LoraLayer:
     """What the tensors say about one LoRA layer, filled in tensor by tensor."""
 
     module: str  # the base's module path (legacy names mapped)
-    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # "lora_A" -> [r, in], "lora_B" -> [out, r]
+    # "lora_A" -> [r, in], "lora_B" -> [out, r]
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
     nonzero: dict[str, bool] = field(default_factory=dict)
 
 
-def _check_weights(folder: Path, config: dict, spec: BaseModelSpec,
-                   max_rank: int) -> tuple[hashlib._Hash, int, tuple[str, ...]]:
-    """Check every tensor against the base; return a running hash of the tensors, the rank and targets."""
+def _check_weights(
+    folder: Path, config: dict, spec: BaseModelSpec, max_rank: int
+) -> tuple[hashlib._Hash, int, tuple[str, ...]]:
+    """Check every tensor against the base; return a running hash of the tensors, the rank and
+    targets."""
     from safetensors import SafetensorError, safe_open
 
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise InvalidAdapter("weights", f"no {WEIGHTS_FILE} in the adapter folder")
-    layers: dict[str, _LoraLayer] = {}  # by checkpoint name, which vLLM matches rank_pattern against
+    # by checkpoint name, which vLLM matches rank_pattern against
+    layers: dict[str, _LoraLayer] = {}
     digest = hashlib.sha256()
     try:
         with safe_open(weights, framework="pt") as f:
@@ -89,16 +115,23 @@ def _check_weights(folder: Path, config: dict, spec: BaseModelSpec,
     expected = configured_ranks(config, list(layers))
     ranks = {_check_shapes(layer, expected[name], spec, max_rank) for name, layer in layers.items()}
     _check_changes_output(layers.values())
-    return digest, max(ranks), tuple(sorted({layer.module.rsplit(".", 1)[-1] for layer in layers.values()}))
+    return (
+        digest,
+        max(ranks),
+        tuple(sorted({layer.module.rsplit(".", 1)[-1] for layer in layers.values()})),
+    )
 
 
 def _read_tensor(f, key: str, digest: hashlib._Hash) -> tuple[tuple[int, int], bool]:
-    """Check one tensor and add it to the digest; return its shape and whether any weight is nonzero."""
+    """Check one tensor and add it to the digest; return its shape and whether any weight is
+    nonzero."""
     import torch
 
     tensor = f.get_tensor(key)
     if tensor.ndim != 2 or not tensor.is_floating_point():
-        raise InvalidAdapter("weights", f"{key}: expected a 2-D float tensor, got {tuple(tensor.shape)}")
+        raise InvalidAdapter(
+            "weights", f"{key}: expected a 2-D float tensor, got {tuple(tensor.shape)}"
+        )
     if not torch.isfinite(tensor).all():
         raise InvalidAdapter("weights", f"{key}: holds NaN or infinite values")
     _hash_tensor(digest, key, tensor)
@@ -117,8 +150,8 @@ def _hash_config(digest: hashlib._Hash, config: dict) -> None:
 
 
 def content_digest(folder: Path) -> str:
-    """The digest `validate_adapter_dir` gives a folder (tensors in key order, then the canonical config), without
-    its checks: what a copy fetched from a store is verified against."""
+    """The digest `validate_adapter_dir` gives a folder (tensors in key order, then the canonical
+    config), without its checks: what a copy fetched from a store is verified against."""
     from safetensors import safe_open
 
     digest = hashlib.sha256()
@@ -133,46 +166,74 @@ def _classify_key(key: str, spec: BaseModelSpec) -> tuple[str, str, str]:
     """(checkpoint module name, the base's module path, "lora_A" | "lora_B") of one tensor key."""
     match = _KEY.match(key)
     if not match:
-        raise InvalidAdapter("weights", f"unexpected tensor {key!r}: only LoRA A/B weights can be hot-loaded")
+        raise InvalidAdapter(
+            "weights", f"unexpected tensor {key!r}: only LoRA A/B weights can be hot-loaded"
+        )
     module = spec.resolve(match["module"])
     if module in spec.other_linear:
         part = spec.other_linear[module]
-        raise InvalidAdapter("target_modules", f"{match['module']} is in the {part}: the engine applies LoRA to "
-                             "the language model only and would silently ignore it")
+        raise InvalidAdapter(
+            "target_modules",
+            f"{match['module']} is in the {part}: the engine applies LoRA to "
+            "the language model only and would silently ignore it",
+        )
     if module not in spec.lora_modules:
-        raise InvalidAdapter("target_modules", f"the base model's language model has no module {match['module']!r}")
+        raise InvalidAdapter(
+            "target_modules", f"the base model's language model has no module {match['module']!r}"
+        )
     return match["module"], module, match["kind"]
 
 
-def _check_shapes(layer: _LoraLayer, expected: tuple[int, str], spec: BaseModelSpec, max_rank: int) -> int:
-    """lora_A [r, in] and lora_B [out, r] must fit the base layer, with the rank the config gives it."""
+def _check_shapes(
+    layer: _LoraLayer, expected: tuple[int, str], spec: BaseModelSpec, max_rank: int
+) -> int:
+    """lora_A [r, in] and lora_B [out, r] must fit the base layer, with the rank the config gives
+    it."""
     module, pair = layer.module, layer.shapes
     if set(pair) != {"lora_A", "lora_B"}:
-        raise InvalidAdapter("weights", f"{module}: needs both lora_A and lora_B, found {sorted(pair)}")
+        raise InvalidAdapter(
+            "weights", f"{module}: needs both lora_A and lora_B, found {sorted(pair)}"
+        )
     in_features, out_features = spec.lora_modules[module]
     (rank_a, a_in), (b_out, rank_b) = pair["lora_A"], pair["lora_B"]
     if (a_in, b_out) != (in_features, out_features) or rank_a != rank_b:
-        raise InvalidAdapter("weights", f"{module}: lora_A {pair['lora_A']} / lora_B {pair['lora_B']} do not fit "
-                             f"the base layer ({in_features} -> {out_features})")
+        raise InvalidAdapter(
+            "weights",
+            f"{module}: lora_A {pair['lora_A']} / lora_B {pair['lora_B']} do not fit "
+            f"the base layer ({in_features} -> {out_features})",
+        )
     if rank_a > max_rank:
-        raise InvalidAdapter("r", f"{module}: rank {rank_a} is above this server's max LoRA rank {max_rank}")
+        raise InvalidAdapter(
+            "r", f"{module}: rank {rank_a} is above this server's max LoRA rank {max_rank}"
+        )
     rank, field_name = expected
-    if rank_a != rank:  # the engine scales by alpha / r from the config: a wrong r serves a wrong adapter
-        raise InvalidAdapter(field_name, f"{module}: its tensors have rank {rank_a}, but {CONFIG_FILE} gives it "
-                             f"rank {rank}")
+    # the engine scales by alpha / r from the config: a wrong r serves a wrong adapter
+    if rank_a != rank:
+        raise InvalidAdapter(
+            field_name,
+            f"{module}: its tensors have rank {rank_a}, but {CONFIG_FILE} gives it rank {rank}",
+        )
     return rank_a
 
 
 def _check_changes_output(layers: Iterable[_LoraLayer]) -> None:
-    """Refuse an adapter whose every update B @ A is zero: it loads fine and serves the base's answers."""
+    """Refuse an adapter whose every update B @ A is zero: it loads fine and serves the base's
+    answers."""
     layers = list(layers)
-    for kind in ("lora_B", "lora_A"):  # B first: PEFT starts B at zero, so an untrained adapter has B = 0
+    # B first: PEFT starts B at zero, so an untrained adapter has B = 0
+    for kind in ("lora_B", "lora_A"):
         if not any(layer.nonzero[kind] for layer in layers):
-            raise InvalidAdapter("weights", f"all {kind} weights are zero: this adapter would serve the base "
-                                 "model's output (untrained?)")
+            raise InvalidAdapter(
+                "weights",
+                f"all {kind} weights are zero: this adapter would serve the base "
+                "model's output (untrained?)",
+            )
     if not any(layer.nonzero["lora_A"] and layer.nonzero["lora_B"] for layer in layers):
-        raise InvalidAdapter("weights", "every layer has an all-zero lora_A or lora_B: this adapter would serve "
-                             "the base model's output")
+        raise InvalidAdapter(
+            "weights",
+            "every layer has an all-zero lora_A or lora_B: this adapter would serve "
+            "the base model's output",
+        )
 
 
 def engine_lora_rank(rank: int) -> int:
@@ -180,27 +241,38 @@ def engine_lora_rank(rank: int) -> int:
     for allowed in ENGINE_LORA_RANKS:
         if allowed >= rank:
             return allowed
-    raise ValueError(f"rank {rank} is above the largest max LoRA rank vLLM takes ({ENGINE_LORA_RANKS[-1]})")
+    raise ValueError(
+        f"rank {rank} is above the largest max LoRA rank vLLM takes ({ENGINE_LORA_RANKS[-1]})"
+    )
 
 
 def validate_adapter_dir(folder: Path, spec: BaseModelSpec, max_rank: int) -> ValidatedAdapter:
     """Check a PEFT LoRA folder against the base model; compute its content digest."""
     for path in folder.rglob("*"):
         if path.suffix.lower() in _PICKLE_SUFFIXES:
-            raise InvalidAdapter("weights", f"{path.name}: pickle files are refused, save with safetensors")
+            raise InvalidAdapter(
+                "weights", f"{path.name}: pickle files are refused, save with safetensors"
+            )
     config = read_config(folder, max_rank)
     check_target_modules(config, spec)
     digest, rank, targets = _check_weights(folder, config, spec, max_rank)
     _hash_config(digest, config)
     size = (folder / CONFIG_FILE).stat().st_size + (folder / WEIGHTS_FILE).stat().st_size
-    return ValidatedAdapter(path=folder, digest=digest.hexdigest(), rank=rank,
-                            alpha=float(config["lora_alpha"]), target_modules=targets, size_bytes=size)
+    return ValidatedAdapter(
+        path=folder,
+        digest=digest.hexdigest(),
+        rank=rank,
+        alpha=float(config["lora_alpha"]),
+        target_modules=targets,
+        size_bytes=size,
+    )
 
 
-def validate_upload(archive: Path, workdir: Path, spec: BaseModelSpec, *, max_rank: int,
-                    max_bytes: int) -> ValidatedAdapter:
-    """Unpack an uploaded archive into `workdir` and validate the adapter inside, with the trainer's manifest.json
-    beside it if there is one."""
+def validate_upload(
+    archive: Path, workdir: Path, spec: BaseModelSpec, *, max_rank: int, max_bytes: int
+) -> ValidatedAdapter:
+    """Unpack an uploaded archive into `workdir` and validate the adapter inside, with the
+    trainer's manifest.json beside it if there is one."""
     if archive.stat().st_size > max_bytes:
         raise PayloadTooLarge(f"upload is larger than the limit of {max_bytes} bytes")
     folder = extract_archive(archive, workdir, max_bytes)

@@ -1,13 +1,14 @@
-"""The catalog's cost on the chat hot path: PostgreSQL against SQLite, side by side in one run. Gateways attached to
-one instant upstream (`stub_engine.py`), so that the catalog is the only difference between them: one per
-database, each with the default snapshot cache (`LORAFLEET_CATALOG_CACHE_S=1`) and without it (`0`: every request
-reads its key and deployment from the catalog). The phases alternate gateway by gateway, round after round.
+"""The catalog's cost on the chat hot path: PostgreSQL against SQLite, side by side in one run.
+Gateways attached to one instant upstream (`stub_engine.py`), so that the catalog is the only
+difference between them: one per database, each with the default snapshot cache
+(`LORAFLEET_CATALOG_CACHE_S=1`) and without it (`0`: every request reads its key and deployment from
+the catalog). The phases alternate gateway by gateway, round after round.
 
     .venv/bin/python loadtests/bench_catalog.py [--rounds 3] [--requests 2000] [--clients 16,64]
         [--postgres-url postgresql+psycopg://lorafleet:lorafleet@127.0.0.1:5432/postgres]
 
-The PostgreSQL role must be allowed to create databases (`make services` starts such a server): the benchmark
-creates one of its own and drops it afterwards.
+The PostgreSQL role must be allowed to create databases (`make services` starts such a server): the
+benchmark creates one of its own and drops it afterwards.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--clients", default="16,64")
     parser.add_argument("--deployments", type=int, default=8)
-    parser.add_argument("--postgres-url", default="postgresql+psycopg://lorafleet:lorafleet@127.0.0.1:5432/postgres")
+    parser.add_argument(
+        "--postgres-url", default="postgresql+psycopg://lorafleet:lorafleet@127.0.0.1:5432/postgres"
+    )
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
 
@@ -69,23 +72,40 @@ def main() -> None:
         base = build_tiny_model(work / "tiny")
         adapter = make_random_adapter(base, work / "a0", seed=0)
     stub_port = free_port()
-    stub = subprocess.Popen([sys.executable, str(HERE / "stub_engine.py"), "--port", str(stub_port)])
+    stub = subprocess.Popen(
+        [sys.executable, str(HERE / "stub_engine.py"), "--port", str(stub_port)]
+    )
     stub_url = f"http://127.0.0.1:{stub_port}"
     gateways: dict[tuple[str, str], LocalServer] = {}
     runs: dict[tuple[str, str, int], list[dict]] = {}
     try:
         wait_healthy(stub_url, stub)
-        with postgres_database(args.postgres_url) as pg_cached, postgres_database(args.postgres_url) as pg_uncached:
-            catalogs = {("SQLite", "1"): f"sqlite:///{work / 'cached.db'}", ("PostgreSQL", "1"): pg_cached,
-                        ("SQLite", "0"): f"sqlite:///{work / 'uncached.db'}", ("PostgreSQL", "0"): pg_uncached}
+        with (
+            postgres_database(args.postgres_url) as pg_cached,
+            postgres_database(args.postgres_url) as pg_uncached,
+        ):
+            catalogs = {
+                ("SQLite", "1"): f"sqlite:///{work / 'cached.db'}",
+                ("PostgreSQL", "1"): pg_cached,
+                ("SQLite", "0"): f"sqlite:///{work / 'uncached.db'}",
+                ("PostgreSQL", "0"): pg_uncached,
+            }
             for (database, ttl), url in catalogs.items():
                 gateways[(database, ttl)] = LocalServer.start(
-                    base, work / f"home-{database}-{ttl}", engine_url=stub_url, engine_api_key="stub",
-                    database_url=url, catalog_cache_s=ttl, **BENCH_LIMITS)
+                    base,
+                    work / f"home-{database}-{ttl}",
+                    engine_url=stub_url,
+                    engine_api_key="stub",
+                    database_url=url,
+                    catalog_cache_s=ttl,
+                    **BENCH_LIMITS,
+                )
             targets = {}
             for name, gateway in gateways.items():
                 gateway.wait_ready()
-                key = LorafleetClient(gateway.url, gateway.admin_key).create_tenant("bench")["api_key"]
+                key = LorafleetClient(gateway.url, gateway.admin_key).create_tenant("bench")[
+                    "api_key"
+                ]
                 tenant = LorafleetClient(gateway.url, key)
                 tenant.push_adapter("a", adapter)
                 for i in range(args.deployments):
@@ -97,12 +117,25 @@ def main() -> None:
                     for (database, ttl), gateway in gateways.items():
                         pid = gateway.process.pid
                         cpu0 = own_cpu_s(pid)
-                        phase = run_load(gateway.url, targets[(database, ttl)], models, args.requests, conc, seed=r)
+                        phase = run_load(
+                            gateway.url,
+                            targets[(database, ttl)],
+                            models,
+                            args.requests,
+                            conc,
+                            seed=r,
+                        )
                         cpu_s = own_cpu_s(pid) - cpu0
                         if r:
                             runs.setdefault((database, ttl, conc), []).append(
-                                {"rps": phase.rps, "p50": phase.p50, "failed": phase.failed,
-                                 "errors": phase.errors, "cpu_ms": cpu_s / args.requests * 1000})
+                                {
+                                    "rps": phase.rps,
+                                    "p50": phase.p50,
+                                    "failed": phase.failed,
+                                    "errors": phase.errors,
+                                    "cpu_ms": cpu_s / args.requests * 1000,
+                                }
+                            )
             for gateway in gateways.values():
                 gateway.stop()
             gateways.clear()
@@ -115,8 +148,16 @@ def main() -> None:
 
 def report(runs: dict[tuple[str, str, int], list[dict]], clients: list[int], rounds: int) -> None:
     table = Table(title=f"the catalog on the chat hot path, {rounds} rounds — median [min–max]")
-    for column in ("load", "snapshot cache", "catalog", "req/s", "p50 (ms)", "gateway CPU per request (ms)",
-                   "PostgreSQL ÷ SQLite req/s", "PostgreSQL ÷ SQLite CPU"):
+    for column in (
+        "load",
+        "snapshot cache",
+        "catalog",
+        "req/s",
+        "p50 (ms)",
+        "gateway CPU per request (ms)",
+        "PostgreSQL ÷ SQLite req/s",
+        "PostgreSQL ÷ SQLite CPU",
+    ):
         table.add_column(column, justify="right")
     failed: dict[str, int] = {}
     for conc in clients:
@@ -129,18 +170,35 @@ def report(runs: dict[tuple[str, str, int], list[dict]], clients: list[int], rou
                         failed[key] = failed.get(key, 0) + count
                 ratios = ("", "")
                 if database == "PostgreSQL":  # per round: both measured back to back
-                    ratios = (spread([p["rps"] / s["rps"] for p, s in zip(postgres, sqlite)], digits=3),
-                              spread([p["cpu_ms"] / s["cpu_ms"] for p, s in zip(postgres, sqlite)], digits=3))
-                table.add_row(f"{conc} clients", cache, database, spread([x["rps"] for x in rows], digits=0),
-                              spread([x["p50"] for x in rows], 1000, 2), spread([x["cpu_ms"] for x in rows], digits=3),
-                              *ratios)
+                    ratios = (
+                        spread([p["rps"] / s["rps"] for p, s in zip(postgres, sqlite)], digits=3),
+                        spread(
+                            [p["cpu_ms"] / s["cpu_ms"] for p, s in zip(postgres, sqlite)], digits=3
+                        ),
+                    )
+                table.add_row(
+                    f"{conc} clients",
+                    cache,
+                    database,
+                    spread([x["rps"] for x in rows], digits=0),
+                    spread([x["p50"] for x in rows], 1000, 2),
+                    spread([x["cpu_ms"] for x in rows], digits=3),
+                    *ratios,
+                )
     console.print(table)
     if failed:
-        console.print("[red]failed requests:[/red] " + "; ".join(f"{k} ×{n}" for k, n in failed.items()))
+        console.print(
+            "[red]failed requests:[/red] " + "; ".join(f"{k} ×{n}" for k, n in failed.items())
+        )
         raise SystemExit(1)
     medians = {k: statistics.median(x["rps"] for x in v) for k, v in runs.items()}
-    console.print("default cache, PostgreSQL ÷ SQLite req/s: " + ", ".join(
-        f"{c} clients {medians[('PostgreSQL', '1', c)] / medians[('SQLite', '1', c)]:.3f}" for c in clients))
+    console.print(
+        "default cache, PostgreSQL ÷ SQLite req/s: "
+        + ", ".join(
+            f"{c} clients {medians[('PostgreSQL', '1', c)] / medians[('SQLite', '1', c)]:.3f}"
+            for c in clients
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Fair share under saturation: tenant A floods the engine, tenant B sends one request at a time.
 
-One `lorafleet serve` (tiny Qwen2.5-VL on CPU, engine sizing derived), two tenants with a deployment each, their
-rate and concurrency limits lifted so that only the fair queue stands between them. Per round, alternating:
-B alone (its p50 latency), A alone (the engine's throughput), then A and B together. Goals: B's p50 together ÷
-alone ≤ 1.5, and the engine's throughput together ÷ A alone ≥ 0.95. Each A concurrency runs twice: with the
-fair queue (`LORAFLEET_ENGINE_SLOTS` = 0, the engine's batch size) and without it (slots far above what the
-engine takes, so vLLM's first-come-first-served queue decides), side by side on the same engine.
+One `lorafleet serve` (tiny Qwen2.5-VL on CPU, engine sizing derived), two tenants with a deployment
+each, their rate and concurrency limits lifted so that only the fair queue stands between them. Per
+round, alternating: B alone (its p50 latency), A alone (the engine's throughput), then A and B
+together. Goals: B's p50 together ÷ alone ≤ 1.5, and the engine's throughput together ÷ A alone ≥
+0.95. Each A concurrency runs twice: with the fair queue (`LORAFLEET_ENGINE_SLOTS` = 0, the engine's
+batch size) and without it (slots far above what the engine takes, so vLLM's first-come-first-served
+queue decides), side by side on the same engine.
 
     .venv/bin/python loadtests/bench_fairness.py [--rounds 3] [--flood 64 256] [--b-requests 12]
 """
@@ -35,12 +36,17 @@ def in_flight(admin: LorafleetClient) -> int:
     return admission["in_engine"] + admission["waiting"]
 
 
-def together(server: LocalServer, a: str, b: str, flood: int, a_requests: int, b_requests: int,
-             seed: int) -> tuple[Phase, Phase]:
-    """A's flood and B's one-at-a-time requests at once; B starts once all of A's clients are in flight."""
+def together(
+    server: LocalServer, a: str, b: str, flood: int, a_requests: int, b_requests: int, seed: int
+) -> tuple[Phase, Phase]:
+    """A's flood and B's one-at-a-time requests at once; B starts once all of A's clients are in
+    flight."""
     result: dict[str, Phase] = {}
-    flood_thread = threading.Thread(target=lambda: result.__setitem__(
-        "a", run_load(server.url, a, ["a"], a_requests, flood, seed)))
+    flood_thread = threading.Thread(
+        target=lambda: result.__setitem__(
+            "a", run_load(server.url, a, ["a"], a_requests, flood, seed)
+        )
+    )
     flood_thread.start()
     admin, deadline = LorafleetClient(server.url, server.admin_key), time.monotonic() + 60
     while in_flight(admin) < flood and time.monotonic() < deadline:
@@ -50,7 +56,9 @@ def together(server: LocalServer, a: str, b: str, flood: int, a_requests: int, b
     return result["a"], result["b"]
 
 
-def measure(server: LocalServer, keys: dict[str, str], flood: int, rounds: int, b_requests: int) -> dict:
+def measure(
+    server: LocalServer, keys: dict[str, str], flood: int, rounds: int, b_requests: int
+) -> dict:
     pids = [server.process.pid]
     a_requests = flood * 16  # A outlasts B's requests, with or without the fair queue
     runs: dict[str, list] = {"b_alone": [], "a_alone": [], "a_with": [], "b_with": []}
@@ -60,15 +68,24 @@ def measure(server: LocalServer, keys: dict[str, str], flood: int, rounds: int, 
         wait_idle(pids)
         a_alone = run_load(server.url, keys["a"], ["a"], a_requests, flood, seed=r)
         wait_idle(pids)
-        a_with, b_with = together(server, keys["a"], keys["b"], flood, a_requests, b_requests, seed=r)
+        a_with, b_with = together(
+            server, keys["a"], keys["b"], flood, a_requests, b_requests, seed=r
+        )
         if r:
-            for name, phase in (("b_alone", b_alone), ("a_alone", a_alone), ("a_with", a_with), ("b_with", b_with)):
+            for name, phase in (
+                ("b_alone", b_alone),
+                ("a_alone", a_alone),
+                ("a_with", a_with),
+                ("b_with", b_with),
+            ):
                 runs[name].append(phase)
     return runs
 
 
 def start(base: Path, home: Path, slots: int) -> tuple[LocalServer, dict[str, str]]:
-    server = LocalServer.start(base, home, max_model_len="512", dtype="float32", engine_slots=str(slots))
+    server = LocalServer.start(
+        base, home, max_model_len="512", dtype="float32", engine_slots=str(slots)
+    )
     server.wait_ready()
     admin = LorafleetClient(server.url, server.admin_key)
     return server, {name: admin.create_tenant(name)["api_key"] for name in ("a", "b")}
@@ -77,7 +94,9 @@ def start(base: Path, home: Path, slots: int) -> tuple[LocalServer, dict[str, st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--flood", type=int, nargs="+", default=[64, 256], help="tenant A's concurrent requests")
+    parser.add_argument(
+        "--flood", type=int, nargs="+", default=[64, 256], help="tenant A's concurrent requests"
+    )
     parser.add_argument("--b-requests", type=int, default=12)
     args = parser.parse_args()
 
@@ -87,7 +106,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="lorafleet-fairness-"))
     with console.status("building the tiny model and two adapters"):
         base = build_tiny_model(work / "tiny")
-        folders = {name: make_random_adapter(base, work / name, seed=seed) for seed, name in enumerate("ab")}
+        folders = {
+            name: make_random_adapter(base, work / name, seed=seed)
+            for seed, name in enumerate("ab")
+        }
     results = {}
     for fair, slots in (("fair queue", 0), ("no fair queue", 100_000)):
         server, keys = start(base, work / f"home-{slots}", slots)
@@ -103,23 +125,49 @@ def main() -> None:
         finally:
             server.stop()
 
-    table = Table(title=f"tiny Qwen2.5-VL on CPU; A floods, B one at a time; {args.rounds} rounds — median [min–max]")
-    for column in ("A clients", "gateway", "B p50 alone (ms)", "B p50 with A (ms)", "B p50 ratio (goal ≤ 1.5)",
-                   "A alone req/s", "A + B req/s", "throughput ratio (goal ≥ 0.95)", "failed"):
+    table = Table(
+        title=f"tiny Qwen2.5-VL on CPU; A floods, B one at a time; {args.rounds} rounds "
+        "— median [min–max]"
+    )
+    for column in (
+        "A clients",
+        "gateway",
+        "B p50 alone (ms)",
+        "B p50 with A (ms)",
+        "B p50 ratio (goal ≤ 1.5)",
+        "A alone req/s",
+        "A + B req/s",
+        "throughput ratio (goal ≥ 0.95)",
+        "failed",
+    ):
         table.add_column(column, justify="right")
     for (fair, flood), runs in results.items():
         b_ratio = [w.p50 / a.p50 for w, a in zip(runs["b_with"], runs["b_alone"])]
-        kept = [(aw.rps + bw.rps) / aa.rps for aw, bw, aa in zip(runs["a_with"], runs["b_with"], runs["a_alone"])]
+        kept = [
+            (aw.rps + bw.rps) / aa.rps
+            for aw, bw, aa in zip(runs["a_with"], runs["b_with"], runs["a_alone"])
+        ]
         failed = sum(p.failed for side in runs.values() for p in side)
-        table.add_row(str(flood), fair, spread([p.p50 for p in runs["b_alone"]], 1000, 0),
-                      spread([p.p50 for p in runs["b_with"]], 1000, 0), spread(b_ratio, digits=2),
-                      spread([p.rps for p in runs["a_alone"]]),
-                      spread([aw.rps + bw.rps for aw, bw in zip(runs["a_with"], runs["b_with"])]),
-                      spread(kept, digits=3), str(failed))
+        table.add_row(
+            str(flood),
+            fair,
+            spread([p.p50 for p in runs["b_alone"]], 1000, 0),
+            spread([p.p50 for p in runs["b_with"]], 1000, 0),
+            spread(b_ratio, digits=2),
+            spread([p.rps for p in runs["a_alone"]]),
+            spread([aw.rps + bw.rps for aw, bw in zip(runs["a_with"], runs["b_with"])]),
+            spread(kept, digits=3),
+            str(failed),
+        )
     console.print(table)
-    ratios = {key: statistics.median(w.p50 / a.p50 for w, a in zip(r["b_with"], r["b_alone"]))
-              for key, r in results.items()}
-    console.print("B p50 ratio by arrangement: " + ", ".join(f"{k[0]} @{k[1]}: {v:.2f}" for k, v in ratios.items()))
+    ratios = {
+        key: statistics.median(w.p50 / a.p50 for w, a in zip(r["b_with"], r["b_alone"]))
+        for key, r in results.items()
+    }
+    console.print(
+        "B p50 ratio by arrangement: "
+        + ", ".join(f"{k[0]} @{k[1]}: {v:.2f}" for k, v in ratios.items())
+    )
 
 
 if __name__ == "__main__":

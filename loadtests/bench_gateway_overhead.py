@@ -1,10 +1,11 @@
-"""The gateway's own cost: `lorafleet serve` attached to an instant upstream (`stub_engine.py`), so that every
-CPU cycle it spends is visible. Reports requests per second, the gateway process's CPU per request and the
-requests per second one core of it would serve, at 1 / 16 / 64 clients, streamed and not; the load generator
-straight against the stub is the reference of what the client and the stub themselves allow.
+"""The gateway's own cost: `lorafleet serve` attached to an instant upstream (`stub_engine.py`), so
+that every CPU cycle it spends is visible. Reports requests per second, the gateway process's CPU
+per request and the requests per second one core of it would serve, at 1 / 16 / 64 clients, streamed
+and not; the load generator straight against the stub is the reference of what the client and the
+stub themselves allow.
 
-    .venv/bin/python loadtests/bench_gateway_overhead.py [--rounds 3] [--requests 2000] [--clients 1,16,64]
-        [--check-cpu-ms 1.0] [--quick] [--compare-confidence]
+    .venv/bin/python loadtests/bench_gateway_overhead.py [--rounds 3] [--requests 2000]
+        [--clients 1,16,64] [--check-cpu-ms 1.0] [--quick] [--compare-confidence]
 """
 
 from __future__ import annotations
@@ -35,14 +36,28 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--clients", default="1,16,64")
     parser.add_argument("--deployments", type=int, default=8)
-    parser.add_argument("--profile", type=Path, help="write py-spy's collapsed stacks of the gateway during the "
-                        "last 16-client phase here (needs `pip install py-spy`)")
-    parser.add_argument("--check-cpu-ms", type=float, default=0.0,
-                        help="exit 1 when the gateway's CPU per request at 16 clients exceeds this (0: no check)")
-    parser.add_argument("--quick", action="store_true", help="CI's regression guard: 1 round, 16 clients")
-    parser.add_argument("--compare-confidence", action="store_true",
-                        help="also measure a second gateway with LORAFLEET_RECORD_CONFIDENCE=0, side by side, for the "
-                        "cost of recording every answer's confidence (the logprobs asked for, read and hidden)")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="write py-spy's collapsed stacks of the gateway during the "
+        "last 16-client phase here (needs `pip install py-spy`)",
+    )
+    parser.add_argument(
+        "--check-cpu-ms",
+        type=float,
+        default=0.0,
+        help="exit 1 when the gateway's CPU per request at 16 clients exceeds this (0: no check)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="CI's regression guard: 1 round, 16 clients"
+    )
+    parser.add_argument(
+        "--compare-confidence",
+        action="store_true",
+        help="also measure a second gateway with LORAFLEET_RECORD_CONFIDENCE=0, side by side, "
+        "for the cost of recording every answer's confidence (the logprobs asked for, read and "
+        "hidden)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.requests, args.clients = 2, 1000, "16"
@@ -56,23 +71,40 @@ def main() -> None:
         base = build_tiny_model(work / "tiny")
         adapter = make_random_adapter(base, work / "a0", seed=0)
     stub_port = free_port()
-    stub = subprocess.Popen([sys.executable, str(HERE / "stub_engine.py"), "--port", str(stub_port)])
+    stub = subprocess.Popen(
+        [sys.executable, str(HERE / "stub_engine.py"), "--port", str(stub_port)]
+    )
     stub_url = f"http://127.0.0.1:{stub_port}"
     gateway, others = None, []
     try:
         wait_healthy(stub_url, stub)
-        gateway = LocalServer.start(base, work / "home", engine_url=stub_url, engine_api_key="stub", **BENCH_LIMITS)
+        gateway = LocalServer.start(
+            base, work / "home", engine_url=stub_url, engine_api_key="stub", **BENCH_LIMITS
+        )
         gateway.wait_ready()
         deployments = [f"d{i}" for i in range(args.deployments)]
         key = _deploy(gateway, adapter, deployments)
         sides = [("gateway", gateway.url, key, deployments, gateway.process.pid)]
         if args.compare_confidence:
-            plain = LocalServer.start(base, work / "home-plain", engine_url=stub_url, engine_api_key="stub",
-                                      record_confidence="0", **BENCH_LIMITS)
+            plain = LocalServer.start(
+                base,
+                work / "home-plain",
+                engine_url=stub_url,
+                engine_api_key="stub",
+                record_confidence="0",
+                **BENCH_LIMITS,
+            )
             others.append(plain)
             plain.wait_ready()
-            sides.append(("no confidence", plain.url, _deploy(plain, adapter, deployments), deployments,
-                          plain.process.pid))
+            sides.append(
+                (
+                    "no confidence",
+                    plain.url,
+                    _deploy(plain, adapter, deployments),
+                    deployments,
+                    plain.process.pid,
+                )
+            )
         sides.append(("stub", stub_url, "stub", deployments, 0))
         pid = gateway.process.pid
         runs: dict[tuple[str, int], list[dict]] = {}
@@ -82,10 +114,29 @@ def main() -> None:
                     n = args.requests // 4 if conc == 1 else args.requests
                     for side, url, auth, models, side_pid in sides:
                         spy = None
-                        if args.profile and side == "gateway" and conc == 16 and not stream and r == args.rounds:
-                            spy = subprocess.Popen(["py-spy", "record", "--format", "raw", "--rate", "500", "--pid",
-                                                    str(pid), "--output", str(args.profile)],
-                                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        if (
+                            args.profile
+                            and side == "gateway"
+                            and conc == 16
+                            and not stream
+                            and r == args.rounds
+                        ):
+                            spy = subprocess.Popen(
+                                [
+                                    "py-spy",
+                                    "record",
+                                    "--format",
+                                    "raw",
+                                    "--rate",
+                                    "500",
+                                    "--pid",
+                                    str(pid),
+                                    "--output",
+                                    str(args.profile),
+                                ],
+                                stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL,
+                            )
                         cpu0 = own_cpu_s(side_pid or pid)
                         phase = run_load(url, auth, models, n, conc, seed=r, stream=stream)
                         if spy:
@@ -95,29 +146,49 @@ def main() -> None:
                         if r:
                             label = f"{side}{' stream' if stream else ''}"
                             runs.setdefault((label, conc), []).append(
-                                {"rps": phase.rps, "p50": phase.p50, "failed": phase.failed,
-                                 "cpu_ms": cpu_s / n * 1000, "per_core": n / cpu_s if cpu_s else float("nan")})
+                                {
+                                    "rps": phase.rps,
+                                    "p50": phase.p50,
+                                    "failed": phase.failed,
+                                    "cpu_ms": cpu_s / n * 1000,
+                                    "per_core": n / cpu_s if cpu_s else float("nan"),
+                                }
+                            )
     finally:
         for server in [gateway, *others]:
             if server:
                 server.stop()
         stub.terminate()
 
-    table = Table(title=f"the gateway against an instant upstream, {args.rounds} rounds — median [min–max]")
-    for column in ("load", "req/s", "p50 (ms)", "gateway CPU per request (ms)", "gateway req/s per core",
-                   "client → stub alone, req/s"):
+    table = Table(
+        title=f"the gateway against an instant upstream, {args.rounds} rounds — median [min–max]"
+    )
+    for column in (
+        "load",
+        "req/s",
+        "p50 (ms)",
+        "gateway CPU per request (ms)",
+        "gateway req/s per core",
+        "client → stub alone, req/s",
+    ):
         table.add_column(column, justify="right")
     failed = 0
     for stream in (False, True):
         for conc in clients:
             label = f"gateway{' stream' if stream else ''}"
-            rows, reference = runs[(label, conc)], runs[(f"stub{' stream' if stream else ''}", conc)]
+            rows, reference = (
+                runs[(label, conc)],
+                runs[(f"stub{' stream' if stream else ''}", conc)],
+            )
             failed += sum(x["failed"] for x in rows)
-            table.add_row(f"{conc} client{'s' if conc > 1 else ''}{', streamed' if stream else ''}",
-                          spread([x["rps"] for x in rows], digits=0), spread([x["p50"] for x in rows], 1000, 2),
-                          spread([x["cpu_ms"] for x in rows], digits=3),
-                          spread([x["per_core"] for x in rows], digits=0),
-                          spread([x["rps"] for x in reference], digits=0))
+            table.add_row(
+                f"{conc} client{'s' if conc > 1 else ''}{', streamed' if stream else ''}",
+                spread([x["rps"] for x in rows], digits=0),
+                spread([x["p50"] for x in rows], 1000, 2),
+                spread([x["cpu_ms"] for x in rows], digits=3),
+                spread([x["per_core"] for x in rows], digits=0),
+                spread([x["rps"] for x in reference], digits=0),
+            )
     console.print(table)
     if args.compare_confidence:
         _print_confidence_cost(runs, clients, args.rounds)
@@ -125,7 +196,9 @@ def main() -> None:
     if args.check_cpu_ms and 16 in clients:
         cpu = statistics.median(x["cpu_ms"] for x in runs[("gateway", 16)])
         if cpu > args.check_cpu_ms:
-            misses.append(f"gateway CPU per request at 16 clients {cpu:.3f} ms > {args.check_cpu_ms} ms")
+            misses.append(
+                f"gateway CPU per request at 16 clients {cpu:.3f} ms > {args.check_cpu_ms} ms"
+            )
     if misses:
         console.print("[red]goals missed:[/red] " + "; ".join(misses))
         raise SystemExit(1)
@@ -141,20 +214,34 @@ def _deploy(gateway: LocalServer, adapter: Path, deployments: list[str]) -> str:
     return key
 
 
-def _print_confidence_cost(runs: dict[tuple[str, int], list[dict]], clients: list[int], rounds: int) -> None:
-    """Recording confidence against not recording it, measured in the same rounds: CPU and throughput ratios."""
-    table = Table(title=f"the cost of recording confidence (on ÷ off, same rounds), {rounds} rounds — median "
-                  "[min–max]")
-    for column in ("load", "CPU per request, on (ms)", "off (ms)", "CPU on ÷ off", "req/s on ÷ off"):
+def _print_confidence_cost(
+    runs: dict[tuple[str, int], list[dict]], clients: list[int], rounds: int
+) -> None:
+    """Recording confidence against not recording it, measured in the same rounds: CPU and
+    throughput ratios."""
+    table = Table(
+        title=f"the cost of recording confidence (on ÷ off, same rounds), {rounds} rounds — median "
+        "[min–max]"
+    )
+    for column in (
+        "load",
+        "CPU per request, on (ms)",
+        "off (ms)",
+        "CPU on ÷ off",
+        "req/s on ÷ off",
+    ):
         table.add_column(column, justify="right")
     for stream in (False, True):
         suffix = " stream" if stream else ""
         for conc in clients:
             on, off = runs[(f"gateway{suffix}", conc)], runs[(f"no confidence{suffix}", conc)]
-            table.add_row(f"{conc} client{'s' if conc > 1 else ''}{', streamed' if stream else ''}",
-                          spread([x["cpu_ms"] for x in on], digits=3), spread([x["cpu_ms"] for x in off], digits=3),
-                          spread([a["cpu_ms"] / b["cpu_ms"] for a, b in zip(on, off)], digits=3),
-                          spread([a["rps"] / b["rps"] for a, b in zip(on, off)], digits=3))
+            table.add_row(
+                f"{conc} client{'s' if conc > 1 else ''}{', streamed' if stream else ''}",
+                spread([x["cpu_ms"] for x in on], digits=3),
+                spread([x["cpu_ms"] for x in off], digits=3),
+                spread([a["cpu_ms"] / b["cpu_ms"] for a, b in zip(on, off)], digits=3),
+                spread([a["rps"] / b["rps"] for a, b in zip(on, off)], digits=3),
+            )
     console.print(table)
 
 

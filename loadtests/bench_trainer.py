@@ -1,11 +1,13 @@
-"""Trainer throughput and peak memory: lorafleet's trainer vs a plain PEFT loop, same model, data and steps.
+"""Trainer throughput and peak memory: lorafleet's trainer vs a plain PEFT loop, same model, data
+and steps.
 
 Each variant runs in its own process (peak RSS cannot be reset); variants alternate over rounds.
 
     .venv/bin/python loadtests/bench_trainer.py [--base DIR] [--steps 30] [--rounds 2]
 
-Without --base it builds the tiny model. On a CUDA machine, pass a real-size base (e.g. a random-initialised
-Qwen2.5-VL-3B saved with `save_pretrained`) to measure GPU throughput and memory the same way.
+Without --base it builds the tiny model. On a CUDA machine, pass a real-size base (e.g. a
+random-initialised Qwen2.5-VL-3B saved with `save_pretrained`) to measure GPU throughput and memory
+the same way.
 """
 
 from __future__ import annotations
@@ -42,8 +44,18 @@ def _run_variant(name: str, base: str, data: str, steps: int, out: str) -> dict:
     loop, batch, rank, ckpt = VARIANTS[name]
     from lorafleet.train.config import load_config
 
-    config = load_config(None, base=base, train=data, out=out, rank=rank, batch_size=batch, max_steps=steps,
-                         gradient_checkpointing=ckpt, eval_every=10**6, qlora="off")
+    config = load_config(
+        None,
+        base=base,
+        train=data,
+        out=out,
+        rank=rank,
+        batch_size=batch,
+        max_steps=steps,
+        gradient_checkpointing=ckpt,
+        eval_every=10**6,
+        qlora="off",
+    )
     if loop == "lorafleet":
         from lorafleet.train.trainer import train
 
@@ -58,8 +70,12 @@ def _run_variant(name: str, base: str, data: str, steps: int, out: str) -> dict:
 
     processor, model = _load_model(config)
     items = [encode(processor, e, config.max_length) for e in load_jsonl(config.train)]
-    loader = DataLoader(items, batch_size=batch, shuffle=True,
-                        collate_fn=lambda b: collate(b, processor.tokenizer.pad_token_id))
+    loader = DataLoader(
+        items,
+        batch_size=batch,
+        shuffle=True,
+        collate_fn=lambda b: collate(b, processor.tokenizer.pad_token_id),
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).train()
@@ -86,7 +102,10 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:  # child process: one measurement, printed as JSON
-        print("RESULT " + json.dumps(_run_variant(args.variant, args.base, args.data, args.steps, args.out)))
+        print(
+            "RESULT "
+            + json.dumps(_run_variant(args.variant, args.base, args.data, args.steps, args.out))
+        )
         return
 
     from rich.console import Console
@@ -101,16 +120,36 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     for round_ in range(args.rounds):
         for name in VARIANTS:
-            run = subprocess.run([sys.executable, __file__, "--variant", name, "--base", base, "--data", str(data),
-                                  "--steps", str(args.steps), "--out", str(work / f"out-{round_}-{len(results)}")],
-                                 capture_output=True, text=True)
+            run = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--variant",
+                    name,
+                    "--base",
+                    base,
+                    "--data",
+                    str(data),
+                    "--steps",
+                    str(args.steps),
+                    "--out",
+                    str(work / f"out-{round_}-{len(results)}"),
+                ],
+                capture_output=True,
+                text=True,
+            )
             line = next((out for out in run.stdout.splitlines() if out.startswith("RESULT ")), None)
             if line is None:
                 raise SystemExit(f"{name} failed:\n{run.stderr[-2000:]}")
             results.setdefault(name, []).append(json.loads(line[7:]))
     reference = statistics.median(r["samples_per_s"] for r in results["plain PEFT b8 r16"])
-    table = Table("variant", "samples/s", "vs plain PEFT b8", "peak memory (MB)",
-                  title=f"LoRA training, {base}, {args.steps} steps, median of {args.rounds} rounds")
+    table = Table(
+        "variant",
+        "samples/s",
+        "vs plain PEFT b8",
+        "peak memory (MB)",
+        title=f"LoRA training, {base}, {args.steps} steps, median of {args.rounds} rounds",
+    )
     for name, runs in results.items():
         rate = statistics.median(r["samples_per_s"] for r in runs)
         peak = statistics.median(r["peak_mb"] for r in runs)

@@ -1,9 +1,10 @@
-"""An instant OpenAI-shaped upstream for measuring the gateway alone (benchmarks only, never the product).
+"""An instant OpenAI-shaped upstream for measuring the gateway alone (benchmarks only, never the
+product).
 
-Answers vLLM's routes the gateway uses (`/health`, `/version`, `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`,
-`/v1/chat/completions`, streamed or not, with the tokens' logprobs when asked) at once with a canned answer of
-`--tokens` tokens, over plain asyncio
-streams so that it costs as little CPU as possible; HTTP/1.1 keep-alive, Content-Length bodies only.
+Answers vLLM's routes the gateway uses (`/health`, `/version`, `/v1/load_lora_adapter`,
+`/v1/unload_lora_adapter`, `/v1/chat/completions`, streamed or not, with the tokens' logprobs when
+asked) at once with a canned answer of `--tokens` tokens, over plain asyncio streams so that it
+costs as little CPU as possible; HTTP/1.1 keep-alive, Content-Length bodies only.
 
     .venv/bin/python loadtests/stub_engine.py --port 8100
 """
@@ -15,7 +16,13 @@ import asyncio
 import json
 import time
 
-_TOKEN = {"token": "word ", "logprob": -0.0123, "bytes": [119, 111, 114, 100, 32], "top_logprobs": []}  # as vLLM's
+# as vLLM's
+_TOKEN = {
+    "token": "word ",
+    "logprob": -0.0123,
+    "bytes": [119, 111, 114, 100, 32],
+    "top_logprobs": [],
+}
 
 
 def _logprobs(tokens: int, asked: bool) -> dict | None:
@@ -23,27 +30,73 @@ def _logprobs(tokens: int, asked: bool) -> dict | None:
 
 
 def _chat(model: str, tokens: int, logprobs: bool) -> bytes:
-    return json.dumps({
-        "id": "chatcmpl-stub", "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "word " * tokens},
-                     "logprobs": _logprobs(tokens, logprobs), "finish_reason": "length"}],
-        "usage": {"prompt_tokens": 40, "completion_tokens": tokens, "total_tokens": 40 + tokens}}).encode()
+    return json.dumps(
+        {
+            "id": "chatcmpl-stub",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "word " * tokens},
+                    "logprobs": _logprobs(tokens, logprobs),
+                    "finish_reason": "length",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": 40,
+                "completion_tokens": tokens,
+                "total_tokens": 40 + tokens,
+            },
+        }
+    ).encode()
 
 
 def _stream(model: str, tokens: int, logprobs: bool) -> bytes:
-    chunks = [{"id": "chatcmpl-stub", "object": "chat.completion.chunk", "model": model,
-               "choices": [{"index": 0, "delta": {"content": "word "}, "logprobs": _logprobs(1, logprobs),
-                            "finish_reason": None}]}
-              for _ in range(tokens)]
-    chunks.append({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "model": model, "choices": [],
-                   "usage": {"prompt_tokens": 40, "completion_tokens": tokens, "total_tokens": 40 + tokens}})
-    return b"".join(b"data: " + json.dumps(c, separators=(",", ":")).encode() + b"\n\n" for c in chunks) + \
-        b"data: [DONE]\n\n"
+    chunks = [
+        {
+            "id": "chatcmpl-stub",
+            "object": "chat.completion.chunk",
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"content": "word "},
+                    "logprobs": _logprobs(1, logprobs),
+                    "finish_reason": None,
+                }
+            ],
+        }
+        for _ in range(tokens)
+    ]
+    chunks.append(
+        {
+            "id": "chatcmpl-stub",
+            "object": "chat.completion.chunk",
+            "model": model,
+            "choices": [],
+            "usage": {
+                "prompt_tokens": 40,
+                "completion_tokens": tokens,
+                "total_tokens": 40 + tokens,
+            },
+        }
+    )
+    return (
+        b"".join(
+            b"data: " + json.dumps(c, separators=(",", ":")).encode() + b"\n\n" for c in chunks
+        )
+        + b"data: [DONE]\n\n"
+    )
 
 
 def _response(status: int, body: bytes, content_type: bytes = b"application/json") -> bytes:
-    return (b"HTTP/1.1 %d OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n" % (status, content_type, len(body))
-            + body)
+    return (
+        b"HTTP/1.1 %d OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n"
+        % (status, content_type, len(body))
+        + body
+    )
 
 
 async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tokens: int) -> None:
@@ -52,14 +105,22 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tok
             head = await reader.readuntil(b"\r\n\r\n")
             request_line, *header_lines = head.decode("latin-1").split("\r\n")
             path = request_line.split(" ")[1]
-            length = next((int(h.split(":", 1)[1]) for h in header_lines if h.lower().startswith("content-length:")),
-                          0)
+            length = next(
+                (
+                    int(h.split(":", 1)[1])
+                    for h in header_lines
+                    if h.lower().startswith("content-length:")
+                ),
+                0,
+            )
             body = await reader.readexactly(length) if length else b""
             if path == "/v1/chat/completions":
                 request = json.loads(body)
                 logprobs = bool(request.get("logprobs"))
                 if request.get("stream"):
-                    out = _response(200, _stream(request["model"], tokens, logprobs), b"text/event-stream")
+                    out = _response(
+                        200, _stream(request["model"], tokens, logprobs), b"text/event-stream"
+                    )
                 else:
                     out = _response(200, _chat(request["model"], tokens, logprobs))
             elif path == "/version":
@@ -75,7 +136,9 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tok
 
 
 async def main(port: int, tokens: int) -> None:
-    server = await asyncio.start_server(lambda r, w: _serve(r, w, tokens), "127.0.0.1", port, backlog=1024)
+    server = await asyncio.start_server(
+        lambda r, w: _serve(r, w, tokens), "127.0.0.1", port, backlog=1024
+    )
     async with server:
         await server.serve_forever()
 

@@ -1,11 +1,11 @@
 """Chat JSONL, the one data format of lorafleet: training sets, validation sets and requests alike.
 
-One line = one request: `{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url":
-{"url": ...}}, {"type": "text", "text": ...}]}, {"role": "assistant", "content": "..."}]}`.
-Image URLs are data URLs or paths relative to the JSONL file; a file from a client (a validation set uploaded
-to the gateway) may hold data URLs only (`local_images=False`), so it can never name a server file or a URL
-the gateway would fetch. The gateway and the trainer both parse it here, and every walk over a message's
-content goes through `content_parts`.
+One line = one request: `{"messages": [{"role": "user", "content": [{"type": "image_url",
+"image_url": {"url": ...}}, {"type": "text", "text": ...}]}, {"role": "assistant", "content":
+"..."}]}`. Image URLs are data URLs or paths relative to the JSONL file; a file from a client (a
+validation set uploaded to the gateway) may hold data URLs only (`local_images=False`), so it can
+never name a server file or a URL the gateway would fetch. The gateway and the trainer both parse it
+here, and every walk over a message's content goes through `content_parts`.
 """
 
 from __future__ import annotations
@@ -25,12 +25,25 @@ from PIL import Image, UnidentifiedImageError
 
 from lorafleet.adapters.errors import InvalidRequest
 
-__all__ = ["DataError", "Example", "MAX_LINE_BYTES", "MAX_JSON_DEPTH", "load_jsonl", "data_hash", "prompt_of",
-           "answer_of", "request_messages", "image_data_url", "content_parts", "count_images"]
+__all__ = [
+    "DataError",
+    "Example",
+    "MAX_LINE_BYTES",
+    "MAX_JSON_DEPTH",
+    "load_jsonl",
+    "data_hash",
+    "prompt_of",
+    "answer_of",
+    "request_messages",
+    "image_data_url",
+    "content_parts",
+    "count_images",
+]
 
 _ROLES = {"system", "user", "assistant"}
 MAX_LINE_BYTES = 32 * 1024 * 1024  # one example, its images inlined
-MAX_JSON_DEPTH = 64  # a chat line nests about 6 deep; deeper input only overflows recursion downstream
+# a chat line nests about 6 deep; deeper input only overflows recursion downstream
+MAX_JSON_DEPTH = 64
 
 
 class DataError(InvalidRequest):
@@ -50,8 +63,9 @@ class Example:
 
 
 def content_parts(message: Any) -> list[Any]:
-    """The parts of one message's content: a string is one text part; anything else that is not a list has none.
-    Parts are returned as they are (callers that accept untrusted input check that each is a dict)."""
+    """The parts of one message's content: a string is one text part; anything else that is not a
+    list has none. Parts are returned as they are (callers that accept untrusted input check that
+    each is a dict)."""
     content = message.get("content") if isinstance(message, dict) else None
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
@@ -60,8 +74,11 @@ def content_parts(message: Any) -> list[Any]:
 
 def _load_image(url: str, folder: Path, source: str, local_images: bool) -> Image.Image:
     if not local_images and not url.startswith("data:"):
-        raise DataError(source, f"image {url[:60]!r}: images must be data URLs (data:image/png;base64,...); "
-                        "file paths and http(s) or file: URLs are refused")
+        raise DataError(
+            source,
+            f"image {url[:60]!r}: images must be data URLs (data:image/png;base64,...); "
+            "file paths and http(s) or file: URLs are refused",
+        )
     try:
         if url.startswith("data:"):
             header, _, payload = url.partition(",")
@@ -69,7 +86,10 @@ def _load_image(url: str, folder: Path, source: str, local_images: bool) -> Imag
                 raise DataError(source, "data URLs must be base64-encoded")
             raw = io.BytesIO(base64.b64decode(payload, validate=True))
         elif url.startswith(("http://", "https://")):
-            raise DataError(source, f"remote image {url[:60]!r}: download it and use a relative path or data URL")
+            raise DataError(
+                source,
+                f"remote image {url[:60]!r}: download it and use a relative path or data URL",
+            )
         else:
             path = (folder / url.removeprefix("file://")).resolve()
             if not path.is_file():
@@ -83,13 +103,16 @@ def _load_image(url: str, folder: Path, source: str, local_images: bool) -> Imag
 
 
 def _depth(value: Any) -> int:
-    """How deep a parsed JSON value nests (iteratively: it checks values too deep to recurse over)."""
+    """How deep a parsed JSON value nests (iteratively: it checks values too deep to recurse
+    over)."""
     deepest, stack = 0, [(value, 1)]
     while stack:
         item, depth = stack.pop()
         deepest = max(deepest, depth)
         if depth <= MAX_JSON_DEPTH:
-            members = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+            members = (
+                item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+            )
             stack.extend((member, depth + 1) for member in members)
     return deepest
 
@@ -127,7 +150,11 @@ def _parse_line(line: str, folder: Path, source: str, local_images: bool = True)
             if kind == "text" and isinstance(part.get("text"), str):
                 continue
             if kind == "image_url":
-                url = part.get("image_url", {}).get("url") if isinstance(part.get("image_url"), dict) else None
+                url = (
+                    part.get("image_url", {}).get("url")
+                    if isinstance(part.get("image_url"), dict)
+                    else None
+                )
                 if not isinstance(url, str):
                     raise DataError(source, f"message {i}: image_url.url must be a string")
                 if message["role"] != "user":
@@ -161,7 +188,9 @@ def load_jsonl(path: Path, local_images: bool = True) -> list[Example]:
     path = Path(path)
     if not path.is_file():
         raise DataError(str(path), "file not found")
-    examples = [_parse_line(line, path.parent, source, local_images) for source, line in _lines(path)]
+    examples = [
+        _parse_line(line, path.parent, source, local_images) for source, line in _lines(path)
+    ]
     if not examples:
         raise DataError(str(path), "no examples")
     return examples
@@ -195,7 +224,9 @@ def answer_of(example: Example) -> str:
 
 
 def count_images(messages: list[dict]) -> int:
-    return sum(part["type"] == "image_url" for message in messages for part in content_parts(message))
+    return sum(
+        part["type"] == "image_url" for message in messages for part in content_parts(message)
+    )
 
 
 def data_hash(path: Path) -> str:

@@ -1,4 +1,5 @@
-"""Task metrics, one function per name: how an answer scores against its reference (trainer and gateway)."""
+"""Task metrics, one function per name: how an answer scores against its reference (trainer and
+gateway)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def _levenshtein(a: str, b: str) -> int:
 
 
 def anls(prediction: str, reference: str, threshold: float = 0.5) -> float:
-    """Average Normalized Levenshtein Similarity (DocVQA): 1 - NL, or 0 when NL is above the threshold."""
+    """Average Normalized Levenshtein Similarity (DocVQA): 1 - NL, or 0 when NL is above the
+    threshold."""
     p, r = _norm(prediction), _norm(reference)
     if not p and not r:
         return 1.0
@@ -44,7 +46,8 @@ def json_object(text: str) -> dict | None:
 
 
 def json_fields(prediction: str, reference: str) -> float:
-    """Share of the reference object's fields that the prediction reproduces (0 if it is not a JSON object)."""
+    """Share of the reference object's fields that the prediction reproduces (0 if it is not a
+    JSON object)."""
     expected, got = json_object(reference), json_object(prediction)
     if expected is None:
         raise ValueError(f"reference is not a JSON object: {reference[:60]!r}")
@@ -53,5 +56,8 @@ def json_fields(prediction: str, reference: str) -> float:
     return sum(got.get(k) == v for k, v in expected.items()) / len(expected)
 
 
-METRICS: dict[str, Callable[[str, str], float]] = {"exact_match": exact_match, "anls": anls,
-                                                    "json_fields": json_fields}
+METRICS: dict[str, Callable[[str, str], float]] = {
+    "exact_match": exact_match,
+    "anls": anls,
+    "json_fields": json_fields,
+}

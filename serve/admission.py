@@ -1,9 +1,9 @@
-"""Fair share of the engine: at most `slots` chat requests are in the engine at once (its batch size); when more
-wait, each freed slot goes to the waiting tenant with the fewest requests in the engine, so a tenant that floods
-the gateway queues behind itself, not in front of the others.
+"""Fair share of the engine: at most `slots` chat requests are in the engine at once (its batch
+size); when more wait, each freed slot goes to the waiting tenant with the fewest requests in the
+engine, so a tenant that floods the gateway queues behind itself, not in front of the others.
 
-vLLM schedules what it is sent first come, first served; without this a tenant with a deep backlog would fill the
-engine's queue and every other tenant's request would wait behind all of it.
+vLLM schedules what it is sent first come, first served; without this a tenant with a deep backlog
+would fill the engine's queue and every other tenant's request would wait behind all of it.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ class EngineBusy(ServiceUnavailable):
 
 
 class FairQueue:
-    """Engine slots shared between tenants, max-min fair; `slots` is read at each decision (the engine's size can
-    change when it restarts)."""
+    """Engine slots shared between tenants, max-min fair; `slots` is read at each decision (the
+    engine's size can change when it restarts)."""
 
     def __init__(self, slots: Callable[[], int], timeout_s: float) -> None:
         self.slots = slots
@@ -41,7 +41,8 @@ class FairQueue:
         return sum(len(q) for q in self._waiting.values())
 
     async def acquire(self, tenant: str) -> None:
-        """Return when the tenant's request may go to the engine; EngineBusy (503) after `timeout_s` of waiting."""
+        """Return when the tenant's request may go to the engine; EngineBusy (503) after
+        `timeout_s` of waiting."""
         if not self._waiting and self.in_engine < self.slots():
             self.running[tenant] += 1
             return
@@ -51,8 +52,10 @@ class FairQueue:
             await asyncio.wait_for(turn, self.timeout_s)
         except TimeoutError:
             self._forget(tenant, turn)
-            raise EngineBusy(f"the engine is saturated: this request waited {self.timeout_s:.0f} s for a slot; "
-                             "retry later") from None
+            raise EngineBusy(
+                f"the engine is saturated: this request waited {self.timeout_s:.0f} s for a slot; "
+                "retry later"
+            ) from None
         except asyncio.CancelledError:  # the client went away while waiting
             if turn.done() and not turn.cancelled():
                 self.release(tenant)  # the slot came at that moment: pass it on
@@ -61,7 +64,8 @@ class FairQueue:
             raise
 
     def release(self, tenant: str) -> None:
-        """A request of `tenant` left the engine: its slot goes to the next waiting request, fairly."""
+        """A request of `tenant` left the engine: its slot goes to the next waiting request,
+        fairly."""
         self.running[tenant] -= 1
         if self.running[tenant] <= 0:
             del self.running[tenant]
@@ -69,7 +73,8 @@ class FairQueue:
 
     def _dispatch(self) -> None:
         while self._waiting and self.in_engine < self.slots():
-            # the fewest in the engine first; ties: the tenant waiting longest (dicts keep insertion order)
+            # the fewest in the engine first; ties: the tenant waiting longest (dicts keep insertion
+            # order)
             tenant = min(self._waiting, key=lambda t: self.running[t])
             queue = self._waiting[tenant]
             turn = queue.popleft()

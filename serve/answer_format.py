@@ -1,11 +1,15 @@
-"""A deployment's declared answer format (a JSON schema or a regex) and the check of one answer against it.
+"""A deployment's declared answer format (a JSON schema or a regex) and the check of one answer
+against it.
 
-Checks are CPU work on a worker thread, which cannot be interrupted, so every check is bounded from inside:
-- a regex runs on `regex` with a timeout; its compile cost (nested counted repeats are expanded: `(?:a{3000}){1000}`
-  takes 800 MB) and nesting (deep groups overflow the parser's recursion) are refused at declaration;
-- a JSON schema runs on a `jsonschema` validator whose every keyword first checks one deadline per answer, whose
-  `pattern`, `patternProperties` and `additionalProperties` use those bounded regexes instead of Python's `re`,
-  and whose `$ref`s resolve only inside the schema (never over the network); its size and depth are limited.
+Checks are CPU work on a worker thread, which cannot be interrupted, so every check is bounded from
+inside:
+- a regex runs on `regex` with a timeout; its compile cost (nested counted repeats are expanded:
+  `(?:a{3000}){1000}` takes 800 MB) and nesting (deep groups overflow the parser's recursion) are
+  refused at declaration;
+- a JSON schema runs on a `jsonschema` validator whose every keyword first checks one deadline per
+  answer, whose `pattern`, `patternProperties` and `additionalProperties` use those bounded regexes
+  instead of Python's `re`, and whose `$ref`s resolve only inside the schema (never over the
+  network); its size and depth are limited.
 A check that runs out of time counts the answer invalid.
 """
 
@@ -28,19 +32,31 @@ from referencing.exceptions import Unresolvable
 
 from lorafleet.adapters.errors import InvalidRequest
 
-__all__ = ["check_format_spec", "answer_checker", "REGEX_TIMEOUT_S", "MAX_SPEC_BYTES", "MAX_SPEC_DEPTH",
-           "MAX_REGEX_CHARS", "MAX_REGEX_DEPTH", "MAX_REGEX_REPEAT"]
+__all__ = [
+    "check_format_spec",
+    "answer_checker",
+    "REGEX_TIMEOUT_S",
+    "MAX_SPEC_BYTES",
+    "MAX_SPEC_DEPTH",
+    "MAX_REGEX_CHARS",
+    "MAX_REGEX_DEPTH",
+    "MAX_REGEX_REPEAT",
+]
 
 log = logging.getLogger("lorafleet.answer_format")
-REGEX_TIMEOUT_S = 0.5  # longest one answer's check may take (a regex, or every keyword of a schema together)
+# longest one answer's check may take (a regex, or every keyword of a schema together)
+REGEX_TIMEOUT_S = 0.5
 MAX_SPEC_BYTES = 64 * 1024  # the declared format, as JSON
 MAX_SPEC_DEPTH = 32  # nesting of the declared JSON schema
 MAX_REGEX_CHARS = 2000
 MAX_REGEX_DEPTH = 32  # nested groups
-MAX_REGEX_REPEAT = 10_000  # sum over counted repeats of the product of the counts they are nested in
-_INLINE_FLAGS = regex.compile(r"\(\?[a-zA-Z^-]*(?:V1|x)")  # nested sets and verbose comments defeat the scan below
+# sum over counted repeats of the product of the counts they are nested in
+MAX_REGEX_REPEAT = 10_000
+# nested sets and verbose comments defeat the scan below
+_INLINE_FLAGS = regex.compile(r"\(\?[a-zA-Z^-]*(?:V1|x)")
 _COUNT = regex.compile(r"\{(\d*)(?:,(\d*))?\}")
-_NO_RETRIEVAL = referencing.Registry()  # unknown URIs are unresolvable: jsonschema's default registry fetches them
+# unknown URIs are unresolvable: jsonschema's default registry fetches them
+_NO_RETRIEVAL = referencing.Registry()
 _REF_KEYS = ("$ref", "$dynamicRef", "$recursiveRef")
 
 
@@ -49,6 +65,7 @@ def _refuse(reason: str) -> InvalidRequest:
 
 
 # --- regexes ---
+
 
 def _skip_class(pattern: str, i: int) -> int:
     """The index after the character class that starts at `pattern[i] == "["`."""
@@ -63,8 +80,8 @@ def _skip_class(pattern: str, i: int) -> int:
 
 
 def _repeat_cost(pattern: str) -> tuple[int, int]:
-    """(expansion cost, deepest group nesting) of a pattern: each counted repeat costs its largest count times
-    the counts of the groups around it."""
+    """(expansion cost, deepest group nesting) of a pattern: each counted repeat costs its
+    largest count times the counts of the groups around it."""
     stack, i, deepest = [0], 0, 0
     while i < len(pattern):
         char, weight = pattern[i], 1
@@ -101,8 +118,10 @@ def _check_pattern(pattern: Any, where: str) -> str:
     if depth > MAX_REGEX_DEPTH:
         raise _refuse(f"{where} nests groups {depth} deep; the limit is {MAX_REGEX_DEPTH}")
     if cost > MAX_REGEX_REPEAT:
-        raise _refuse(f"{where} repeats {cost} times when counted repeats are expanded; "
-                      f"the limit is {MAX_REGEX_REPEAT}")
+        raise _refuse(
+            f"{where} repeats {cost} times when counted repeats are expanded; "
+            f"the limit is {MAX_REGEX_REPEAT}"
+        )
     try:
         _compile(pattern)
     except (regex.error, RecursionError, OverflowError) as exc:
@@ -116,6 +135,7 @@ def _compile(pattern: str) -> regex.Pattern:
 
 
 # --- the time bound of one check (thread-local: each worker thread checks one answer at a time) ---
+
 
 class _OutOfTime(Exception):
     pass
@@ -139,7 +159,8 @@ def _search(pattern: str, text: str) -> bool:
 
 
 def _within_budget(check: Callable[[], bool], seconds: float) -> bool | None:
-    """`check()` with `seconds` for the regexes and keywords it runs; None when it ran out of them."""
+    """`check()` with `seconds` for the regexes and keywords it runs; None when it ran out of
+    them."""
     _budget.deadline = time.monotonic() + seconds
     try:
         return check()
@@ -149,12 +170,17 @@ def _within_budget(check: Callable[[], bool], seconds: float) -> bool | None:
 
 # --- JSON schemas ---
 
-def _pattern(validator: Any, pattern: str, instance: Any, schema: dict) -> Iterator[ValidationError]:
+
+def _pattern(
+    validator: Any, pattern: str, instance: Any, schema: dict
+) -> Iterator[ValidationError]:
     if validator.is_type(instance, "string") and not _search(pattern, instance):
         yield ValidationError(f"{instance!r:.60} does not match {pattern!r:.60}")
 
 
-def _pattern_properties(validator: Any, patterns: dict, instance: Any, schema: dict) -> Iterator[ValidationError]:
+def _pattern_properties(
+    validator: Any, patterns: dict, instance: Any, schema: dict
+) -> Iterator[ValidationError]:
     if not validator.is_type(instance, "object"):
         return
     for pattern, subschema in patterns.items():
@@ -163,47 +189,71 @@ def _pattern_properties(validator: Any, patterns: dict, instance: Any, schema: d
                 yield from validator.descend(value, subschema, path=key, schema_path=pattern)
 
 
-def _additional_properties(validator: Any, extra: Any, instance: Any, schema: dict) -> Iterator[ValidationError]:
+def _additional_properties(
+    validator: Any, extra: Any, instance: Any, schema: dict
+) -> Iterator[ValidationError]:
     if not validator.is_type(instance, "object"):
         return
     patterns = schema.get("patternProperties", {})
-    extras = [key for key in instance if key not in schema.get("properties", {})
-              and not any(_search(p, key) for p in patterns)]
+    extras = [
+        key
+        for key in instance
+        if key not in schema.get("properties", {}) and not any(_search(p, key) for p in patterns)
+    ]
     if validator.is_type(extra, "object"):
         for key in extras:
             yield from validator.descend(instance[key], extra, path=key)
     elif extra is False and extras:
-        yield ValidationError(f"additional properties are not allowed ({', '.join(map(repr, extras))[:80]})")
+        yield ValidationError(
+            f"additional properties are not allowed ({', '.join(map(repr, extras))[:80]})"
+        )
 
 
 def _spending(keyword: Callable) -> Callable:
     """A keyword that first checks the answer's deadline, so no schema loops past it."""
-    def bounded(validator: Any, value: Any, instance: Any, schema: dict) -> Iterator[ValidationError]:
+
+    def bounded(
+        validator: Any, value: Any, instance: Any, schema: dict
+    ) -> Iterator[ValidationError]:
         _remaining()
         errors = keyword(validator, value, instance, schema)
         if errors is not None:
             yield from errors
+
     return bounded
 
 
 @lru_cache(maxsize=16)
 def _bounded_validator(base: type) -> type:
-    own = {"pattern": _pattern, "patternProperties": _pattern_properties,
-           "additionalProperties": _additional_properties}
-    keywords = {name: _spending(own.get(name, keyword)) for name, keyword in base.VALIDATORS.items()}  # type: ignore[attr-defined]
+    own = {
+        "pattern": _pattern,
+        "patternProperties": _pattern_properties,
+        "additionalProperties": _additional_properties,
+    }
+    keywords = {
+        name: _spending(own.get(name, keyword)) for name, keyword in base.VALIDATORS.items()
+    }  # type: ignore[attr-defined]
     return jsonschema.validators.extend(base, keywords)
 
 
 def _check_depth(value: Any, depth: int = 0) -> None:
     if depth > MAX_SPEC_DEPTH:
         raise _refuse(f"the declared format nests deeper than {MAX_SPEC_DEPTH} levels")
-    for member in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
+    for member in (
+        value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    ):
         _check_depth(member, depth + 1)
 
 
 def _walk(schema: Any) -> Iterator[tuple[str, Any]]:
     """(keyword, value) of every object member of a schema (`_check_depth` bounds the recursion)."""
-    members = schema.items() if isinstance(schema, dict) else enumerate(schema) if isinstance(schema, list) else ()
+    members = (
+        schema.items()
+        if isinstance(schema, dict)
+        else enumerate(schema)
+        if isinstance(schema, list)
+        else ()
+    )
     for key, value in members:
         if isinstance(schema, dict):
             yield str(key), value
@@ -211,18 +261,22 @@ def _walk(schema: Any) -> Iterator[tuple[str, Any]]:
 
 
 def _check_schema_members(schema: dict) -> None:
-    """Refuse the members that could escape the bounds: remote or dangling references, unbounded regexes."""
+    """Refuse the members that could escape the bounds: remote or dangling references, unbounded
+    regexes."""
     for key, value in _walk(schema):
         if key in _REF_KEYS:
             if not isinstance(value, str) or not value.startswith("#"):
-                raise _refuse(f"{key} {value!r:.80}: only references inside the schema (#/...) are allowed")
+                raise _refuse(
+                    f"{key} {value!r:.80}: only references inside the schema (#/...) are allowed"
+                )
         elif key == "pattern" and isinstance(value, str):
             _check_pattern(value, f"pattern {value[:40]!r}")
         elif key == "patternProperties" and isinstance(value, dict):
             for pattern in value:
                 _check_pattern(pattern, f"patternProperties key {pattern[:40]!r}")
         elif key == "unevaluatedProperties" and _mentions(schema, "patternProperties"):
-            raise _refuse("unevaluatedProperties cannot be combined with patternProperties")  # jsonschema's `re`
+            # jsonschema's `re`
+            raise _refuse("unevaluatedProperties cannot be combined with patternProperties")
 
 
 def _mentions(schema: Any, keyword: str) -> bool:
@@ -237,8 +291,10 @@ def _check_json_schema(schema: Any) -> None:
         raise _refuse("'json_schema' must be a JSON object")
     _check_schema_members(schema)
     declared = schema.get("$schema")
-    if declared is not None and (not isinstance(declared, str)
-                                 or jsonschema.validators.validator_for(schema, default=None) is None):  # type: ignore[arg-type]
+    if declared is not None and (
+        not isinstance(declared, str)
+        or jsonschema.validators.validator_for(schema, default=None) is None
+    ):  # type: ignore[arg-type]
         raise _refuse(f"unknown $schema {declared!r:.80}")
     base = jsonschema.validators.validator_for(schema)
     try:
@@ -248,21 +304,29 @@ def _check_json_schema(schema: Any) -> None:
     validator = _bounded_validator(base)(schema, registry=_NO_RETRIEVAL)
     for probe in _PROBES:  # a reference cycle or a dangling reference shows on the simplest answers
         try:
-            if _within_budget(functools.partial(validator.is_valid, probe), REGEX_TIMEOUT_S) is None:
-                raise _refuse(f"checking the answer {json.dumps(probe)} recursed without end or took over "
-                              f"{REGEX_TIMEOUT_S} s (a $ref cycle, or a schema that multiplies its own work?)")
+            if (
+                _within_budget(functools.partial(validator.is_valid, probe), REGEX_TIMEOUT_S)
+                is None
+            ):
+                raise _refuse(
+                    f"checking the answer {json.dumps(probe)} recursed without end or took over "
+                    f"{REGEX_TIMEOUT_S} s (a $ref cycle, or a schema that multiplies its own work?)"
+                )
         except Unresolvable as exc:
             raise _refuse(f"unresolvable reference: {exc}") from exc
 
 
 def check_format_spec(spec: dict) -> dict | None:
-    """Validate `{"json_schema": {...}}`, `{"regex": "..."}` or `{}` (no format); return what to store."""
+    """Validate `{"json_schema": {...}}`, `{"regex": "..."}` or `{}` (no format); return what to
+    store."""
     spec = {k: v for k, v in spec.items() if v is not None}
     if not spec:
         return None
     if len(spec) != 1 or next(iter(spec)) not in ("json_schema", "regex"):
-        raise InvalidRequest("declare exactly one of 'json_schema' (an object) or 'regex' (a string)",
-                             code="invalid_answer_format")
+        raise InvalidRequest(
+            "declare exactly one of 'json_schema' (an object) or 'regex' (a string)",
+            code="invalid_answer_format",
+        )
     _check_depth(spec)  # first: encoding a deep value would overflow the recursion
     size = len(json.dumps(spec))
     if size > MAX_SPEC_BYTES:
@@ -276,6 +340,7 @@ def check_format_spec(spec: dict) -> dict | None:
 
 # --- checking answers ---
 
+
 def _regex_checker(pattern: str) -> Callable[[str], bool]:
     compiled = _compile(pattern)
 
@@ -283,8 +348,11 @@ def _regex_checker(pattern: str) -> Callable[[str], bool]:
         try:
             return compiled.fullmatch(text.strip(), timeout=REGEX_TIMEOUT_S) is not None
         except TimeoutError:
-            log.warning("answer-format regex %r took over %.1f s on one answer: counted invalid",
-                        pattern[:60], REGEX_TIMEOUT_S)
+            log.warning(
+                "answer-format regex %r took over %.1f s on one answer: counted invalid",
+                pattern[:60],
+                REGEX_TIMEOUT_S,
+            )
             return False
 
     return matches
@@ -297,12 +365,17 @@ def _schema_checker(schema: dict) -> Callable[[str], bool]:
     def valid_json(text: str) -> bool:
         def check() -> bool:
             return validator.is_valid(json.loads(text))
+
         try:
             valid = _within_budget(check, REGEX_TIMEOUT_S)
-        except (ValueError, Unresolvable):  # not JSON (or numbers past int's digit limit); a dangling $ref
+        # not JSON (or numbers past int's digit limit); a dangling $ref
+        except (ValueError, Unresolvable):
             return False
         if valid is None:
-            log.warning("answer-format JSON schema took over %.1f s on one answer: counted invalid", REGEX_TIMEOUT_S)
+            log.warning(
+                "answer-format JSON schema took over %.1f s on one answer: counted invalid",
+                REGEX_TIMEOUT_S,
+            )
         return bool(valid)
 
     return valid_json
@@ -316,7 +389,9 @@ def _compiled(spec_json: str) -> Callable[[str], bool]:
     except InvalidRequest as exc:
         log.warning("stored answer format refused (%s): every answer counts invalid", exc.message)
         return lambda text: False
-    return _regex_checker(spec["regex"]) if "regex" in spec else _schema_checker(spec["json_schema"])
+    return (
+        _regex_checker(spec["regex"]) if "regex" in spec else _schema_checker(spec["json_schema"])
+    )
 
 
 def answer_checker(spec: dict) -> Callable[[str], bool]:

@@ -34,14 +34,19 @@ def inline_images(path: Path) -> bytes:
 
     from lorafleet.chat import answer_of, load_jsonl, request_messages
 
-    lines = [json.dumps({"messages": [*request_messages(e), {"role": "assistant", "content": answer_of(e)}]})
-             for e in load_jsonl(path)]
+    lines = [
+        json.dumps(
+            {"messages": [*request_messages(e), {"role": "assistant", "content": answer_of(e)}]}
+        )
+        for e in load_jsonl(path)
+    ]
     return ("\n".join(lines) + "\n").encode()
 
 
 def pack_adapter(folder: Path) -> Path:
-    """A PEFT adapter folder's files as a .tar.gz in a temporary file (the caller deletes it): the trainer's
-    manifest.json too, when the folder has one (the gateway keeps it on the version)."""
+    """A PEFT adapter folder's files as a .tar.gz in a temporary file (the caller deletes it):
+    the trainer's manifest.json too, when the folder has one (the gateway keeps it on the
+    version)."""
     folder = Path(folder)
     if not (folder / "adapter_config.json").is_file():
         raise LorafleetError(f"{folder} is not a PEFT adapter folder (no adapter_config.json)")
@@ -115,13 +120,19 @@ class LorafleetClient:
         return self._call("GET", f"/admin/tenants/{name}/keys")
 
     def create_key(self, name: str, label: str = "", expires_in_s: float | None = None) -> dict:
-        return self._call("POST", f"/admin/tenants/{name}/keys", json={"label": label, "expires_in_s": expires_in_s})
+        return self._call(
+            "POST",
+            f"/admin/tenants/{name}/keys",
+            json={"label": label, "expires_in_s": expires_in_s},
+        )
 
     def revoke_key(self, name: str, key_id: int) -> dict:
         return self._call("DELETE", f"/admin/tenants/{name}/keys/{key_id}")
 
     def rotate_key(self, name: str, key_id: int, grace_s: float) -> dict:
-        return self._call("POST", f"/admin/tenants/{name}/keys/{key_id}/rotate", json={"grace_s": grace_s})
+        return self._call(
+            "POST", f"/admin/tenants/{name}/keys/{key_id}/rotate", json={"grace_s": grace_s}
+        )
 
     def disable_tenant(self, name: str, reason: str) -> dict:
         return self._call("POST", f"/admin/tenants/{name}/disable", json={"reason": reason})
@@ -132,15 +143,24 @@ class LorafleetClient:
     def delete_tenant(self, name: str, force: bool) -> dict:
         return self._call("DELETE", f"/admin/tenants/{name}", params={"force": str(force).lower()})
 
-    def audit(self, tenant: str | None = None, limit: int = 100, before: int | None = None) -> list[dict]:
-        params = {k: v for k, v in {"tenant": tenant, "limit": limit, "before": before}.items() if v is not None}
+    def audit(
+        self, tenant: str | None = None, limit: int = 100, before: int | None = None
+    ) -> list[dict]:
+        params = {
+            k: v
+            for k, v in {"tenant": tenant, "limit": limit, "before": before}.items()
+            if v is not None
+        }
         return self._call("GET", "/admin/audit", params=params)
 
     def engines(self) -> dict:
-        """The fleet: placement policy, counts, and every engine replica with its state, queue and adapters."""
+        """The fleet: placement policy, counts, and every engine replica with its state, queue
+        and adapters."""
         return self._call("GET", "/admin/engines")
 
-    def push_adapter(self, name: str, folder: Path, progress: Callable[[int, int], None] | None = None) -> dict:
+    def push_adapter(
+        self, name: str, folder: Path, progress: Callable[[int, int], None] | None = None
+    ) -> dict:
         """Pack and upload an adapter folder; `progress(sent, total)` is called as bytes go out."""
         archive = pack_adapter(folder)
         try:
@@ -153,7 +173,9 @@ class LorafleetClient:
                     progress(sent, total)
 
             with open(archive, "rb") as raw:
-                files = {"file": (f"{name}.tar.gz", _ProgressReader(raw, advance), "application/gzip")}
+                files = {
+                    "file": (f"{name}.tar.gz", _ProgressReader(raw, advance), "application/gzip")
+                }
                 return self._call("POST", "/v1/adapters", data={"name": name}, files=files)
         finally:
             archive.unlink(missing_ok=True)
@@ -178,7 +200,9 @@ class LorafleetClient:
     def push_validation(self, deployment: str, path: Path, metric: str) -> dict:
         """Upload a chat JSONL validation set; local image paths are inlined as data URLs first."""
         files = {"file": (Path(path).name, inline_images(path), "application/jsonl")}
-        return self._call("PUT", f"/v1/deployments/{deployment}/validation", data={"metric": metric}, files=files)
+        return self._call(
+            "PUT", f"/v1/deployments/{deployment}/validation", data={"metric": metric}, files=files
+        )
 
     def get_validation(self, deployment: str) -> dict:
         return self._call("GET", f"/v1/deployments/{deployment}/validation")
@@ -196,12 +220,19 @@ class LorafleetClient:
         return self._call("GET", "/v1/rollouts")
 
     def rollout_series(self, deployment: str, bucket_s: float | None = None) -> dict:
-        """The rollout's per-variant periods (`bucket_s` seconds; None: the server picks at most ~60)."""
-        return self._call("GET", f"/v1/deployments/{deployment}/rollout/series", params=_given({"bucket_s": bucket_s}))
+        """The rollout's per-variant periods (`bucket_s` seconds; None: the server picks at most
+        ~60)."""
+        return self._call(
+            "GET",
+            f"/v1/deployments/{deployment}/rollout/series",
+            params=_given({"bucket_s": bucket_s}),
+        )
 
     def rollout_action(self, deployment: str, action: str, **body: Any) -> dict:
         """pause | resume | abort | promote (full=True for straight to 100 %)."""
-        return self._call("POST", f"/v1/deployments/{deployment}/rollout/{action}", json=body or None)
+        return self._call(
+            "POST", f"/v1/deployments/{deployment}/rollout/{action}", json=body or None
+        )
 
     def undo(self, deployment: str) -> dict:
         return self._call("POST", f"/v1/deployments/{deployment}/undo")
@@ -238,9 +269,14 @@ class LorafleetClient:
 
     # --- the feedback loop ---
 
-    def send_feedback(self, request_id: str, score: float, correction: str | None = None, comment: str = "") -> dict:
-        return self._call("POST", "/v1/feedback", json={"id": request_id, "score": score, "correction": correction,
-                                                         "comment": comment})
+    def send_feedback(
+        self, request_id: str, score: float, correction: str | None = None, comment: str = ""
+    ) -> dict:
+        return self._call(
+            "POST",
+            "/v1/feedback",
+            json={"id": request_id, "score": score, "correction": correction, "comment": comment},
+        )
 
     def feedback(self, **params: Any) -> dict:
         """A page of feedback: deployment, since, until, cursor, limit."""
@@ -251,8 +287,11 @@ class LorafleetClient:
         return self._call("GET", "/v1/requests", params=_given(params))
 
     def traffic(self, deployment: str, window_s: float | None = None) -> dict:
-        """The deployment's requests, errors and latency over the last `window_s` seconds (None: the default)."""
-        return self._call("GET", f"/v1/deployments/{deployment}/traffic", params=_given({"window_s": window_s}))
+        """The deployment's requests, errors and latency over the last `window_s` seconds (None:
+        the default)."""
+        return self._call(
+            "GET", f"/v1/deployments/{deployment}/traffic", params=_given({"window_s": window_s})
+        )
 
     def set_capture(self, deployment: str, policy: dict) -> dict:
         return self._call("PUT", f"/v1/deployments/{deployment}/capture", json=policy)
@@ -274,12 +313,16 @@ class LorafleetClient:
     def delete_capture(self, request_id: str) -> dict:
         return self._call("DELETE", f"/v1/captures/{request_id}")
 
-    def export_captures(self, deployment: str, out: BinaryIO, **params: Any) -> tuple[int, httpx.Headers]:
-        """Stream a deployment's captures as chat JSONL into `out`: (lines written, the response's headers)."""
+    def export_captures(
+        self, deployment: str, out: BinaryIO, **params: Any
+    ) -> tuple[int, httpx.Headers]:
+        """Stream a deployment's captures as chat JSONL into `out`: (lines written, the
+        response's headers)."""
         lines = 0
         try:
-            with self.http.stream("GET", f"/v1/deployments/{deployment}/captures/export",
-                                  params=_given(params)) as response:
+            with self.http.stream(
+                "GET", f"/v1/deployments/{deployment}/captures/export", params=_given(params)
+            ) as response:
                 if response.is_error:
                     response.read()
                     _raise_for_error(response)

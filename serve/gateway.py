@@ -1,4 +1,5 @@
-"""The gateway's long-lived parts, built once and wired explicitly: each gets exactly what it uses."""
+"""The gateway's long-lived parts, built once and wired explicitly: each gets exactly what it
+uses."""
 
 from __future__ import annotations
 
@@ -63,7 +64,9 @@ class Gateway:
 
 def _deployed(sessions: sessionmaker):
     async def deployed() -> set[str]:
-        """Every adapter some deployment serves (registered on its replica after every engine start)."""
+        """Every adapter some deployment serves (registered on its replica after every engine
+        start)."""
+
         def digests() -> set[str]:
             with sessions() as session:
                 return deployed_digests(session)
@@ -74,27 +77,35 @@ def _deployed(sessions: sessionmaker):
 
 
 def open_stores(settings: Settings) -> tuple[AdapterStore, BlobStorage]:
-    """The adapter store and the validation-set store these settings name (one file:// folder or S3 prefix)."""
-    store = open_store(settings.store_url, settings.store_cache_dir or settings.home / "cache" / "adapters",
-                       settings.store_cache_bytes)
-    return store, open_blob_store(settings.store_url, "validation", settings.home / "validation", ".jsonl")
+    """The adapter store and the validation-set store these settings name (one file:// folder or
+    S3 prefix)."""
+    store = open_store(
+        settings.store_url,
+        settings.store_cache_dir or settings.home / "cache" / "adapters",
+        settings.store_cache_bytes,
+    )
+    return store, open_blob_store(
+        settings.store_url, "validation", settings.home / "validation", ".jsonl"
+    )
 
 
 def open_capture_store(settings: Settings) -> BlobStorage:
-    """Where captured requests' images are kept: `<home>/captures` beside a file:// store, `<prefix>/captures/` in
-    an S3 one."""
+    """Where captured requests' images are kept: `<home>/captures` beside a file:// store,
+    `<prefix>/captures/` in an S3 one."""
     return open_blob_store(settings.store_url, "captures", settings.home / "captures", "")
 
 
 def scratch_dir(settings: Settings) -> Path:
-    """Where uploads are written and checked before they are stored (the garbage collector clears what is left)."""
+    """Where uploads are written and checked before they are stored (the garbage collector clears
+    what is left)."""
     path = settings.home / "tmp"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
 def build_gateway(settings: Settings) -> Gateway:
-    """Every long-lived object of a gateway for these settings (the engine is started by the app's lifespan)."""
+    """Every long-lived object of a gateway for these settings (the engine is started by the
+    app's lifespan)."""
     if not settings.base:
         raise ValueError("no base model: pass --base (hub id or local path) or set LORAFLEET_BASE")
     _private(settings.home)
@@ -104,36 +115,63 @@ def build_gateway(settings: Settings) -> Gateway:
     event.listen(db, "checkout", lambda *_: metrics.catalog_connections.inc())
     event.listen(db, "checkin", lambda *_: metrics.catalog_connections.dec())
     hardware, quantization = _quantization(settings)
-    metrics.engine.info({"base": settings.base, "quantization": quantization.label, "hardware": hardware.describe()})
+    metrics.engine.info(
+        {"base": settings.base, "quantization": quantization.label, "hardware": hardware.describe()}
+    )
     store, validation_store = open_stores(settings)
     with sessions() as session:  # the engine is sized for what the catalog serves
         workload = Workload(*deployed_workload(session))
-    sizing = sizing_for(settings, hardware.gpu is not None, quantization.dtype or settings.dtype, workload)
-    fleet = open_fleet(settings, store, metrics, hardware, quantization, sizing, _deployed(sessions))
-    owner = settings.gateway_id or new_gateway_id()  # in rollout leases, decisions and the "gc" lease
-    controller = RolloutController(sessions, fleet, validation_store, metrics, owner, settings.rollout_tick_s,
-                                   settings.rollout_lease_s)
+    sizing = sizing_for(
+        settings, hardware.gpu is not None, quantization.dtype or settings.dtype, workload
+    )
+    fleet = open_fleet(
+        settings, store, metrics, hardware, quantization, sizing, _deployed(sessions)
+    )
+    # in rollout leases, decisions and the "gc" lease
+    owner = settings.gateway_id or new_gateway_id()
+    controller = RolloutController(
+        sessions,
+        fleet,
+        validation_store,
+        metrics,
+        owner,
+        settings.rollout_tick_s,
+        settings.rollout_lease_s,
+    )
     drift = DriftMonitor(sessions, fleet, validation_store, metrics, settings, quantization.label)
-    fair_queue = FairQueue(lambda: settings.engine_slots or fleet.slots(), settings.fair_queue_timeout_s)
+    fair_queue = FairQueue(
+        lambda: settings.engine_slots or fleet.slots(), settings.fair_queue_timeout_s
+    )
     metrics.fair_queue_waiting.set_function(lambda: fair_queue.waiting)
     capture_store = open_capture_store(settings)
-    return Gateway(settings=settings, sessions=sessions, store=store, validation_store=validation_store,
-                   spec=load_base_spec(settings.base), metrics=metrics, fleet=fleet,
-                   controller=controller, drift=drift,
-                   gc=GarbageCollector(sessions, store, validation_store, [tmp_dir], settings, owner, metrics,
-                                       capture_store),
-                   routes=RouteCache(sessions, settings.catalog_cache_s, Limits.defaults(settings)),
-                   limiter=TenantLimiter(settings.limits_url),
-                   fair_queue=fair_queue,
-                   remote_images=RemoteImages.from_settings(settings), tmp_dir=tmp_dir,
-                   requests=RequestLog(sessions, metrics, settings.request_log_flush_s),
-                   capture=Capturer(sessions, capture_store, metrics, settings.capture_max_request_bytes),
-                   capture_store=capture_store)
+    return Gateway(
+        settings=settings,
+        sessions=sessions,
+        store=store,
+        validation_store=validation_store,
+        spec=load_base_spec(settings.base),
+        metrics=metrics,
+        fleet=fleet,
+        controller=controller,
+        drift=drift,
+        gc=GarbageCollector(
+            sessions, store, validation_store, [tmp_dir], settings, owner, metrics, capture_store
+        ),
+        routes=RouteCache(sessions, settings.catalog_cache_s, Limits.defaults(settings)),
+        limiter=TenantLimiter(settings.limits_url),
+        fair_queue=fair_queue,
+        remote_images=RemoteImages.from_settings(settings),
+        tmp_dir=tmp_dir,
+        requests=RequestLog(sessions, metrics, settings.request_log_flush_s),
+        capture=Capturer(sessions, capture_store, metrics, settings.capture_max_request_bytes),
+        capture_store=capture_store,
+    )
 
 
 def _quantization(settings: Settings) -> tuple[Hardware, Quantization]:
-    """What the engine serves the base with. A gateway in front of engine nodes plans it on its own machine for
-    the record only, and one that could not run it (fp8 on a CPU-only gateway host) is no error: the nodes run it."""
+    """What the engine serves the base with. A gateway in front of engine nodes plans it on its
+    own machine for the record only, and one that could not run it (fp8 on a CPU-only gateway
+    host) is no error: the nodes run it."""
     try:
         return quantization_for(settings)
     except UnsupportedQuantization:
@@ -143,7 +181,7 @@ def _quantization(settings: Settings) -> tuple[Hardware, Quantization]:
 
 
 def _private(home: Path) -> None:
-    """The state folder (catalog, adapters, logs, keys' hashes) is its owner's alone; files made in it by this
-    process are too (`lorafleet serve` sets the umask)."""
+    """The state folder (catalog, adapters, logs, keys' hashes) is its owner's alone; files made
+    in it by this process are too (`lorafleet serve` sets the umask)."""
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     home.chmod(0o700)

@@ -1,12 +1,13 @@
-"""Per-tenant limits: what they are (`Limits`: the settings' defaults, overridden per tenant by the admin) and how
-the chat path enforces the rates and the concurrency (`TenantLimiter`).
+"""Per-tenant limits: what they are (`Limits`: the settings' defaults, overridden per tenant by the
+admin) and how the chat path enforces the rates and the concurrency (`TenantLimiter`).
 
-Requests and tokens per minute are counted with the `limits` library's sliding-window counter (the weighted sum of
-the current and the previous minute, as Cloudflare and NGINX count; well tested and kept, with the same algorithm
-in memory and in Redis), so this module holds no rate arithmetic. Counters live in this process by default
-(`LORAFLEET_LIMITS_URL=memory://`: one gateway) or in Redis (`redis://host:6379/0`), where every gateway process
-counts together. Tokens are known only when the answer is complete: a request is admitted while the minute's
-token budget is not spent, and its prompt + completion tokens are counted when it ends.
+Requests and tokens per minute are counted with the `limits` library's sliding-window counter (the
+weighted sum of the current and the previous minute, as Cloudflare and NGINX count; well tested and
+kept, with the same algorithm in memory and in Redis), so this module holds no rate arithmetic.
+Counters live in this process by default (`LORAFLEET_LIMITS_URL=memory://`: one gateway) or in Redis
+(`redis://host:6379/0`), where every gateway process counts together. Tokens are known only when the
+answer is complete: a request is admitted while the minute's token budget is not spent, and its
+prompt + completion tokens are counted when it ends.
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ from limits.storage import storage_from_string
 from lorafleet.adapters.errors import LorafleetError
 from lorafleet.serve.settings import Settings
 
-__all__ = ["Limits", "LIMIT_NAMES", "RateLimited", "QuotaExceeded", "Admitted", "TenantLimiter", "reset_text"]
+__all__ = [
+    "Limits",
+    "LIMIT_NAMES",
+    "RateLimited",
+    "QuotaExceeded",
+    "Admitted",
+    "TenantLimiter",
+    "reset_text",
+]
 
 
 @dataclass(frozen=True)
@@ -41,14 +50,23 @@ class Limits:
 
     @classmethod
     def defaults(cls, settings: Settings) -> Limits:
-        return cls(rpm=settings.tenant_rpm, tpm=settings.tenant_tpm, concurrency=settings.tenant_concurrency,
-                   images_per_request=settings.max_images_per_request, image_bytes=settings.max_image_bytes,
-                   image_pixels=settings.max_image_pixels, adapters=settings.tenant_max_adapters,
-                   adapter_bytes=settings.tenant_max_adapter_bytes)
+        return cls(
+            rpm=settings.tenant_rpm,
+            tpm=settings.tenant_tpm,
+            concurrency=settings.tenant_concurrency,
+            images_per_request=settings.max_images_per_request,
+            image_bytes=settings.max_image_bytes,
+            image_pixels=settings.max_image_pixels,
+            adapters=settings.tenant_max_adapters,
+            adapter_bytes=settings.tenant_max_adapter_bytes,
+        )
 
     def overridden(self, overrides: dict[str, Any] | None) -> Limits:
-        """These limits with the tenant's own values (unknown names, e.g. from a newer release, are ignored)."""
-        known = {k: int(v) for k, v in (overrides or {}).items() if k in LIMIT_NAMES and v is not None}
+        """These limits with the tenant's own values (unknown names, e.g. from a newer release,
+        are ignored)."""
+        known = {
+            k: int(v) for k, v in (overrides or {}).items() if k in LIMIT_NAMES and v is not None
+        }
         return replace(self, **known)
 
 
@@ -64,14 +82,20 @@ def reset_text(seconds: float) -> str:
 
 
 class RateLimited(LorafleetError):
-    """429: over a rate or concurrency limit; the headers say when to retry (the openai SDK reads them)."""
+    """429: over a rate or concurrency limit; the headers say when to retry (the openai SDK reads
+    them)."""
 
     status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
 
-    def __init__(self, message: str, retry_after_s: float, headers: dict[str, str], code: str) -> None:
+    def __init__(
+        self, message: str, retry_after_s: float, headers: dict[str, str], code: str
+    ) -> None:
         super().__init__(message, code=code)
-        self.headers = {**headers, "Retry-After": str(max(1, math.ceil(retry_after_s))),
-                        "retry-after-ms": str(max(1, math.ceil(retry_after_s * 1000)))}
+        self.headers = {
+            **headers,
+            "Retry-After": str(max(1, math.ceil(retry_after_s))),
+            "retry-after-ms": str(max(1, math.ceil(retry_after_s * 1000))),
+        }
 
 
 class QuotaExceeded(LorafleetError):
@@ -83,8 +107,8 @@ class QuotaExceeded(LorafleetError):
 
 @dataclass
 class Admitted:
-    """A request let through: its tenant, the headers every response carries, and whether it holds a concurrency
-    slot (released once, by `TenantLimiter.release`)."""
+    """A request let through: its tenant, the headers every response carries, and whether it
+    holds a concurrency slot (released once, by `TenantLimiter.release`)."""
 
     tenant: str
     limits: Limits
@@ -143,7 +167,8 @@ def _storage_url(url: str) -> tuple[str, dict[str, Any]]:
 
 
 class TenantLimiter:
-    """Admits a tenant's chat request (rate and concurrency limits) and counts its tokens when it ends."""
+    """Admits a tenant's chat request (rate and concurrency limits) and counts its tokens when it
+    ends."""
 
     def __init__(self, url: str) -> None:
         storage_url, options = _storage_url(url)
@@ -158,23 +183,36 @@ class TenantLimiter:
             reset, remaining = await self._limiter.get_window_stats(tokens, tenant)
             headers |= _trio("tokens", limits.tpm, remaining, reset)
             if remaining <= 0:
-                raise RateLimited(f"tenant {tenant!r} used its {limits.tpm} tokens per minute; retry in "
-                                  f"{headers['x-ratelimit-reset-tokens']}", reset - time.time(), headers,
-                                  "tokens_per_minute_exceeded")
+                raise RateLimited(
+                    f"tenant {tenant!r} used its {limits.tpm} tokens per minute; retry in "
+                    f"{headers['x-ratelimit-reset-tokens']}",
+                    reset - time.time(),
+                    headers,
+                    "tokens_per_minute_exceeded",
+                )
         if limits.rpm:
             requests = RateLimitItemPerMinute(limits.rpm)
             allowed = await self._limiter.hit(requests, tenant)
             reset, remaining = await self._limiter.get_window_stats(requests, tenant)
             headers |= _trio("requests", limits.rpm, remaining, reset)
             if not allowed:
-                raise RateLimited(f"tenant {tenant!r} sent its {limits.rpm} requests per minute; retry in "
-                                  f"{headers['x-ratelimit-reset-requests']}", reset - time.time(), headers,
-                                  "requests_per_minute_exceeded")
+                raise RateLimited(
+                    f"tenant {tenant!r} sent its {limits.rpm} requests per minute; retry in "
+                    f"{headers['x-ratelimit-reset-requests']}",
+                    reset - time.time(),
+                    headers,
+                    "requests_per_minute_exceeded",
+                )
         admitted = Admitted(tenant, limits, headers)
         if limits.concurrency:
             if not await self._concurrency.acquire(tenant, limits.concurrency):
-                raise RateLimited(f"tenant {tenant!r} has {limits.concurrency} requests in flight, its limit; "
-                                  "retry when one ends", 1.0, headers, "concurrency_exceeded")
+                raise RateLimited(
+                    f"tenant {tenant!r} has {limits.concurrency} requests in flight, its limit; "
+                    "retry when one ends",
+                    1.0,
+                    headers,
+                    "concurrency_exceeded",
+                )
             admitted.holds_slot = True
         return admitted
 
@@ -186,7 +224,8 @@ class TenantLimiter:
         if admitted.limits.tpm and tokens > 0:
             item = RateLimitItemPerMinute(admitted.limits.tpm)
             _, remaining = await self._limiter.get_window_stats(item, admitted.tenant)
-            if remaining > 0:  # an answer larger than what is left fills the minute (the library refuses overdraft)
+            # an answer larger than what is left fills the minute (the library refuses overdraft)
+            if remaining > 0:
                 await self._limiter.hit(item, admitted.tenant, cost=min(tokens, remaining))
 
     async def aclose(self) -> None:
@@ -194,5 +233,8 @@ class TenantLimiter:
 
 
 def _trio(kind: str, limit: int, remaining: int, reset_at: float) -> dict[str, str]:
-    return {f"x-ratelimit-limit-{kind}": str(limit), f"x-ratelimit-remaining-{kind}": str(max(0, remaining)),
-            f"x-ratelimit-reset-{kind}": reset_text(reset_at - time.time())}
+    return {
+        f"x-ratelimit-limit-{kind}": str(limit),
+        f"x-ratelimit-remaining-{kind}": str(max(0, remaining)),
+        f"x-ratelimit-reset-{kind}": reset_text(reset_at - time.time()),
+    }

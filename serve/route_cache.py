@@ -1,10 +1,11 @@
-"""The hot path's view of the catalog: (API key, deployment name) -> the tenant and where its requests go.
+"""The hot path's view of the catalog: (API key, deployment name) -> the tenant and where its
+requests go.
 
-Every chat request needs both. Read from the catalog per request they were the largest part of the gateway's
-own CPU (SQLAlchemy statements, lazy loads, a thread hand-off), so they are kept as immutable snapshots:
-dropped on every catalog commit made by this process (a SQLAlchemy session event, so no write path can forget
-it) and, for changes made by another gateway process on the same catalog, `ttl_s` after they were read.
-Failed lookups (unknown key or deployment) are never kept.
+Every chat request needs both. Read from the catalog per request they were the largest part of the
+gateway's own CPU (SQLAlchemy statements, lazy loads, a thread hand-off), so they are kept as
+immutable snapshots: dropped on every catalog commit made by this process (a SQLAlchemy session
+event, so no write path can forget it) and, for changes made by another gateway process on the same
+catalog, `ttl_s` after they were read. Failed lookups (unknown key or deployment) are never kept.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from lorafleet.serve.rollouts.state import routing_table, serving_rollout
 __all__ = ["RouteCache", "TenantEntry", "DeploymentEntry", "RolloutEntry", "ROUTE_NEUTRAL"]
 
 _MAX_ENTRIES = 10_000  # (key, deployment) pairs; past this the cache starts over
-ROUTE_NEUTRAL = "lorafleet_route_neutral"  # session.info flag: this session's commits change no route (key usage)
+# session.info flag: this session's commits change no route (key usage)
+ROUTE_NEUTRAL = "lorafleet_route_neutral"
 
 
 @dataclass(frozen=True)
@@ -67,13 +69,17 @@ class DeploymentEntry:
 
 
 class RouteCache:
-    """Snapshots of (tenant, deployment) per (key, deployment name), invalidated when the catalog changes."""
+    """Snapshots of (tenant, deployment) per (key, deployment name), invalidated when the catalog
+    changes."""
 
-    def __init__(self, sessions: sessionmaker, ttl_s: float, defaults: Limits | None = None) -> None:
+    def __init__(
+        self, sessions: sessionmaker, ttl_s: float, defaults: Limits | None = None
+    ) -> None:
         self.sessions = sessions
         self.ttl_s = ttl_s
         self.defaults = defaults
-        self.used: dict[int, float] = {}  # key id -> when it last authenticated (written to the catalog in batches)
+        # key id -> when it last authenticated (written to the catalog in batches)
+        self.used: dict[int, float] = {}
         self._entries: dict[tuple[str, str], tuple[float, TenantEntry, DeploymentEntry]] = {}
         self._tenants: dict[str, tuple[float, TenantEntry]] = {}
         self._generation = 0  # bumped by every invalidation: a read that raced one is not kept
@@ -84,7 +90,8 @@ class RouteCache:
         event.listen(sessions, "after_commit", self._after_commit)
 
     def get(self, key: str, model: str) -> tuple[TenantEntry, DeploymentEntry] | None:
-        """The snapshot if one is fresh; None means: call `load` (it reads the catalog, so off the event loop)."""
+        """The snapshot if one is fresh; None means: call `load` (it reads the catalog, so off
+        the event loop)."""
         hit = self._entries.get((hash_key(key), model))
         if hit is None or time.monotonic() - hit[0] > self.ttl_s:
             return None
@@ -92,7 +99,8 @@ class RouteCache:
         return hit[1], hit[2]
 
     async def tenant(self, key: str) -> TenantEntry:
-        """On the event loop: the tenant of a live key (read in a worker thread on a miss), or Unauthorized."""
+        """On the event loop: the tenant of a live key (read in a worker thread on a miss), or
+        Unauthorized."""
         now = time.time()
         hit = self._tenants.get(hash_key(key))
         entry = hit[1] if hit is not None and time.monotonic() - hit[0] <= self.ttl_s else None
@@ -114,33 +122,49 @@ class RouteCache:
         return entry
 
     async def tenant_named(self, name: str) -> TenantEntry:
-        """The tenant the admin acts for (`X-Lorafleet-Tenant`), read from the catalog (admin reads are rare);
-        NotFound for an unknown name. A disabled tenant can still be looked at and acted for."""
+        """The tenant the admin acts for (`X-Lorafleet-Tenant`), read from the catalog (admin
+        reads are rare); NotFound for an unknown name. A disabled tenant can still be looked at
+        and acted for."""
         return await run_in_threadpool(self._tenant_named, name)
 
     def _tenant_named(self, name: str) -> TenantEntry:
         with self.sessions() as session:
             tenant = get_tenant(session, name)
-            return TenantEntry(tenant.id, tenant.name, tenant.sample_inputs,
-                               limits=self._limits(session.get(TenantPolicy, tenant.id)))
+            return TenantEntry(
+                tenant.id,
+                tenant.name,
+                tenant.sample_inputs,
+                limits=self._limits(session.get(TenantPolicy, tenant.id)),
+            )
 
     def _tenant_entry(self, session: Session, key: str) -> TenantEntry:
         tenant, api_key, policy = authenticate_key(session, key)
-        return TenantEntry(tenant.id, tenant.name, tenant.sample_inputs, api_key.id, api_key.expires_at,
-                           self._limits(policy))
+        return TenantEntry(
+            tenant.id,
+            tenant.name,
+            tenant.sample_inputs,
+            api_key.id,
+            api_key.expires_at,
+            self._limits(policy),
+        )
 
     def _limits(self, policy: TenantPolicy | None) -> Limits | None:
-        return self.defaults.overridden(policy.limits if policy else None) if self.defaults else None
+        return (
+            self.defaults.overridden(policy.limits if policy else None) if self.defaults else None
+        )
 
     async def fetch(self, key: str, model: str) -> tuple[TenantEntry, DeploymentEntry]:
-        """On the event loop: the snapshot, read in a worker thread on a miss; concurrent misses of one (key,
-        deployment) share a single read (an expiry under load would otherwise send every client to the catalog)."""
+        """On the event loop: the snapshot, read in a worker thread on a miss; concurrent misses
+        of one (key, deployment) share a single read (an expiry under load would otherwise send
+        every client to the catalog)."""
         hit = self.get(key, model)
         if hit is not None:
             return hit
         flight = (hash_key(key), model)
         if (pending := self._in_flight.get(flight)) is None:
-            pending = self._in_flight[flight] = asyncio.ensure_future(run_in_threadpool(self.load, key, model))
+            pending = self._in_flight[flight] = asyncio.ensure_future(
+                run_in_threadpool(self.load, key, model)
+            )
             pending.add_done_callback(lambda _: self._in_flight.pop(flight, None))
         return await asyncio.shield(pending)
 
@@ -151,12 +175,22 @@ class RouteCache:
             tenant_entry = self._tenant_entry(session, key)
             deployment = get_deployment(session, session.get_one(Tenant, tenant_entry.id), model)
             rollout = serving_rollout(session, deployment)
-            entry = (tenant_entry,
-                     DeploymentEntry(deployment.id, deployment.name, deployment.stable.digest,
-                                     deployment.answer_format, deployment.validation_set_id,
-                                     None if rollout is None else RolloutEntry(
-                                         rollout.id, rollout.salt, rollout.step_index, tuple(routing_table(rollout))),
-                                     deployment.capture))
+            entry = (
+                tenant_entry,
+                DeploymentEntry(
+                    deployment.id,
+                    deployment.name,
+                    deployment.stable.digest,
+                    deployment.answer_format,
+                    deployment.validation_set_id,
+                    None
+                    if rollout is None
+                    else RolloutEntry(
+                        rollout.id, rollout.salt, rollout.step_index, tuple(routing_table(rollout))
+                    ),
+                    deployment.capture,
+                ),
+            )
         with self._lock:
             if generation == self._generation:
                 if len(self._entries) >= _MAX_ENTRIES:

@@ -1,4 +1,5 @@
-"""Session fixtures: the tiny model, real adapters, and one real gateway + vLLM engine for the session."""
+"""Session fixtures: the tiny model, real adapters, and one real gateway + vLLM engine for the
+session."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from tests.postgres import database_name, postgres_database
 
 MAX_RANK = 16
 MAX_UPLOAD = 2_000_000
-# lora_B this small changes no greedy answer of the tiny base, yet is not all zeros (upload refuses B = 0)
+# lora_B this small changes no greedy answer of the tiny base, yet is not all zeros (upload refuses
+# B = 0)
 NEAR_BASE_STD = 1e-6
 
 
@@ -45,8 +47,8 @@ def empty_catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterato
 
 @pytest.fixture(scope="session")
 def postgres_catalog_template() -> Iterator[str]:
-    """A PostgreSQL catalog at this release's head with no rows, made once: each test's catalog is a copy of it
-    (a copy takes a tenth of the migrations' time)."""
+    """A PostgreSQL catalog at this release's head with no rows, made once: each test's catalog
+    is a copy of it (a copy takes a tenth of the migrations' time)."""
     from lorafleet.adapters.catalog import open_catalog
 
     with postgres_database() as url:
@@ -57,8 +59,8 @@ def postgres_catalog_template() -> Iterator[str]:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A new catalog database with no rows, as a gateway's first start leaves it: each catalog-level test runs on
-    SQLite and on PostgreSQL."""
+    """A new catalog database with no rows, as a gateway's first start leaves it: each
+    catalog-level test runs on SQLite and on PostgreSQL."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'catalog.db'}"
         return
@@ -68,10 +70,13 @@ def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny Qwen2.5-VL pre-trained on the shapes world: it answers the general task ("a red circle")."""
+    """The tiny Qwen2.5-VL pre-trained on the shapes world: it answers the general task ("a red
+    circle")."""
     from lorafleet.train.tiny_model import PRETRAIN_STEPS, build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0, pretrain_steps=PRETRAIN_STEPS)
+    return build_tiny_model(
+        tmp_path_factory.mktemp("tiny-model"), seed=0, pretrain_steps=PRETRAIN_STEPS
+    )
 
 
 @pytest.fixture(scope="session")
@@ -82,11 +87,13 @@ def make_adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     cache: dict[tuple, Path] = {}
 
     def make(seed: int, rank: int = 8, std: float = 0.5) -> Path:
-        """std=NEAR_BASE_STD gives an adapter that answers like the base; std=0 leaves PEFT's B = 0, which
-        upload validation refuses (a silent no-op)."""
+        """std=NEAR_BASE_STD gives an adapter that answers like the base; std=0 leaves PEFT's B =
+        0, which upload validation refuses (a silent no-op)."""
         if (seed, rank, std) not in cache:
             out = tmp_path_factory.mktemp(f"adapter-s{seed}-r{rank}")
-            cache[(seed, rank, std)] = make_random_adapter(tiny_model, out, seed=seed, rank=rank, std=std)
+            cache[(seed, rank, std)] = make_random_adapter(
+                tiny_model, out, seed=seed, rank=rank, std=std
+            )
         return cache[(seed, rank, std)]
 
     return make
@@ -108,7 +115,8 @@ def vision_adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture(scope="session")
 def general_val(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """40 items of the task the tiny base was pre-trained on ("What is in the image?" -> "a red circle")."""
+    """40 items of the task the tiny base was pre-trained on ("What is in the image?" -> "a red
+    circle")."""
     from lorafleet.train.shapes import write_task
 
     return write_task("general", 40, tmp_path_factory.mktemp("data") / "general-val.jsonl", seed=1)
@@ -132,7 +140,9 @@ class Server(LocalServer):
         return f"http://127.0.0.1:{self.env['LORAFLEET_METRICS_PORT']}/metrics"
 
     def admin(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.admin_key}"}, timeout=60)
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {self.admin_key}"}, timeout=60
+        )
 
     def stored_digests(self) -> set[str]:
         return {p.name for p in (self.home / "adapters").iterdir() if not p.name.startswith(".")}
@@ -140,7 +150,8 @@ class Server(LocalServer):
 
 @pytest.fixture(scope="session")
 def served_quantization(tiny_model: Path):
-    """What the shared server quantizes the tiny base with on this machine (the default: int4 at load)."""
+    """What the shared server quantizes the tiny base with on this machine (the default: int4 at
+    load)."""
     from lorafleet.serve.engine.hardware import quantization_for
     from lorafleet.serve.settings import Settings
 
@@ -149,22 +160,39 @@ def served_quantization(tiny_model: Path):
 
 @pytest.fixture(scope="session")
 def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """`lorafleet serve` as a real subprocess: gateway + supervised vLLM engine, the catalog in PostgreSQL (the
-    production backend; SQLite is the catalog of the other gateways the tests start, and of the demo), local store,
-    and the default quantization (the tiny base quantized to int4 at load), as users get it."""
+    """`lorafleet serve` as a real subprocess: gateway + supervised vLLM engine, the catalog in
+    PostgreSQL (the production backend; SQLite is the catalog of the other gateways the tests
+    start, and of the demo), local store, and the default quantization (the tiny base quantized
+    to int4 at load), as users get it."""
     with postgres_database() as database_url:
         yield from _session_server(tiny_model, tmp_path_factory, database_url)
 
 
-def _session_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterator[Server]:
-    srv = Server.start(tiny_model, tmp_path_factory.mktemp("lorafleet-home"), database_url=database_url,
-                       max_model_len="512",
-                       engine_port=str(free_port()), engine_api_key=secrets.token_urlsafe(16),  # a 2nd gateway attaches
-                       metrics_port=str(free_port()),
-                       max_num_seqs="16", max_lora_rank=str(MAX_RANK), max_upload_bytes=str(MAX_UPLOAD),
-                       retry_after_s="3", rollout_tick_s="0.5", drift_look_s="1", drift_window="40",
-                       drift_max_samples="60", drift_reservoir="64", drift_replay_s="0",
-                       dtype="float32")  # as the direct-vLLM reference: "auto" would downcast to bf16 on CPU
+def _session_server(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, database_url: str
+) -> Iterator[Server]:
+    srv = Server.start(
+        tiny_model,
+        tmp_path_factory.mktemp("lorafleet-home"),
+        database_url=database_url,
+        max_model_len="512",
+        # a 2nd gateway attaches
+        engine_port=str(free_port()),
+        engine_api_key=secrets.token_urlsafe(16),
+        metrics_port=str(free_port()),
+        max_num_seqs="16",
+        max_lora_rank=str(MAX_RANK),
+        max_upload_bytes=str(MAX_UPLOAD),
+        retry_after_s="3",
+        rollout_tick_s="0.5",
+        drift_look_s="1",
+        drift_window="40",
+        drift_max_samples="60",
+        drift_reservoir="64",
+        drift_replay_s="0",
+        # as the direct-vLLM reference: "auto" would downcast to bf16 on CPU
+        dtype="float32",
+    )
     try:
         srv.wait_ready()
         yield srv
@@ -177,10 +205,26 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Redis server on loopback (where several gateways keep their rate counters)."""
     binary = shutil.which("redis-server")
     if binary is None:
-        pytest.fail("redis-server is not installed: `apt-get install redis-server` (.ci/run installs it)")
+        pytest.fail(
+            "redis-server is not installed: `apt-get install redis-server` (.ci/run installs it)"
+        )
     port = free_port()
-    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                                "--dir", str(tmp_path_factory.mktemp("redis"))], stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path_factory.mktemp("redis")),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     try:
         import redis
 
@@ -207,7 +251,9 @@ class TenantHandle:
     url: str
 
     def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.api_key}"}, timeout=120)
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {self.api_key}"}, timeout=120
+        )
 
     def openai(self):
         from openai import OpenAI
@@ -218,6 +264,7 @@ class TenantHandle:
 @pytest.fixture
 def new_tenant(server: Server) -> Callable[[], TenantHandle]:
     """Factory: a fresh tenant with its API key, created through the admin API."""
+
     def create() -> TenantHandle:
         name = f"t-{uuid.uuid4().hex[:8]}"
         with server.admin() as admin:
@@ -228,14 +275,15 @@ def new_tenant(server: Server) -> Callable[[], TenantHandle]:
     return create
 
 
-# Fixtures that mean a test needs what `make unit` leaves out: the real engine, or training on the tiny model.
+# Fixtures that mean a test needs what `make unit` leaves out: the real engine, or training on the
+# tiny model.
 ENGINE_FIXTURES = {"server", "new_tenant"}
 TRAINING_FIXTURES = {"tiny_model", "make_adapter", "vision_adapter", "world", "trained"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark tests by the fixtures they use (`make unit` deselects both marks); tests that kill the engine run
-    last, so the rest share one warm engine."""
+    """Mark tests by the fixtures they use (`make unit` deselects both marks); tests that kill
+    the engine run last, so the rest share one warm engine."""
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         if fixtures & ENGINE_FIXTURES or item.get_closest_marker("engine_restart"):
@@ -246,26 +294,35 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def s3_environ(endpoint: str, home: Path) -> dict[str, str]:
-    """The AWS settings boto3 reads itself, pointing it at a loopback S3 server (no profile or config file of the
-    developer's applies)."""
-    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-            "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": str(home / "config"),
-            "AWS_SHARED_CREDENTIALS_FILE": str(home / "credentials")}
+    """The AWS settings boto3 reads itself, pointing it at a loopback S3 server (no profile or
+    config file of the developer's applies)."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(home / "config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(home / "credentials"),
+    }
 
 
 @pytest.fixture(scope="session")
 def s3_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real S3-API server (moto's) on loopback with one bucket; yields `s3://lorafleet-test/<run>`. The AWS
-    variables pointing boto3 at it are set for the whole process and its children (`clean_environ` strips only
-    LORAFLEET_*; `LocalServer` passes the rest on)."""
+    """A real S3-API server (moto's) on loopback with one bucket; yields
+    `s3://lorafleet-test/<run>`. The AWS variables pointing boto3 at it are set for the whole
+    process and its children (`clean_environ` strips only LORAFLEET_*; `LocalServer` passes the
+    rest on)."""
     import sys
 
     import boto3
 
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -277,7 +334,8 @@ def s3_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                     raise
                 time.sleep(0.05)
         with pytest.MonkeyPatch.context() as patch:
-            for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):  # would override ours
+            # would override ours
+            for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
                 patch.delenv(name, raising=False)
             for name, value in s3_environ(endpoint, tmp_path_factory.mktemp("aws")).items():
                 patch.setenv(name, value)

@@ -45,7 +45,9 @@ def edit_config(folder: Path, **changes) -> Path:
     return folder
 
 
-def edit_tensors(folder: Path, edit: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> Path:
+def edit_tensors(
+    folder: Path, edit: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+) -> Path:
     tensors = load_file(folder / WEIGHTS)
     save_file(edit(tensors), folder / WEIGHTS)
     return folder
@@ -60,14 +62,21 @@ def widen_first_lora_a(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {**tensors, key: torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 1)}
 
 
-def _member(tar: tarfile.TarFile, name: str, data: bytes = b"x", kind: bytes = tarfile.REGTYPE,
-            link: str = "") -> None:
+def _member(
+    tar: tarfile.TarFile,
+    name: str,
+    data: bytes = b"x",
+    kind: bytes = tarfile.REGTYPE,
+    link: str = "",
+) -> None:
     info = tarfile.TarInfo(name)
     info.type, info.linkname, info.size = kind, link, 0 if link else len(data)
     tar.addfile(info, None if link else io.BytesIO(data))
 
 
-def bad_archive(case: str, good: Path, work: Path, vision_adapter: Path, rank32_adapter: Path) -> Path:
+def bad_archive(
+    case: str, good: Path, work: Path, vision_adapter: Path, rank32_adapter: Path
+) -> Path:
     """An upload that must be refused; `case` names the reason. Returns the archive path."""
     folder = copy_adapter(good, work / "adapter")
     archive = work / "upload.tar.gz"
@@ -78,8 +87,11 @@ def bad_archive(case: str, good: Path, work: Path, vision_adapter: Path, rank32_
         case "path_traversal":
             return tar_gz(folder, archive, lambda t: _member(t, "../../evil.txt"))
         case "symlink":
-            return tar_gz(folder, archive,
-                          lambda t: _member(t, "adapter/link", kind=tarfile.SYMTYPE, link="/etc/passwd"))
+            return tar_gz(
+                folder,
+                archive,
+                lambda t: _member(t, "adapter/link", kind=tarfile.SYMTYPE, link="/etc/passwd"),
+            )
         case "no_config":
             (folder / CONFIG).unlink()
         case "not_lora":
@@ -144,7 +156,8 @@ def _tar_header(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> bytes:
 
 
 def gzip_bomb(out: Path, declared: int, zeros: int, kind: bytes = tarfile.REGTYPE) -> Path:
-    """A tar.gz whose first header declares `declared` bytes, followed by `zeros` real zero bytes (streamed)."""
+    """A tar.gz whose first header declares `declared` bytes, followed by `zeros` real zero bytes
+    (streamed)."""
     chunk = bytes(1 << 20)
     with gzip.open(out, "wb") as gz:
         gz.write(_tar_header("adapter/adapter_model.safetensors", declared, kind))
@@ -180,36 +193,60 @@ def hostile_archive(case: str, good: Path, work: Path) -> Path:
             return gzip_bomb(archive, 10 * GIB, 20 << 20)
         case "pax_bomb":  # a PAX header record tarfile would read into memory whole
             return gzip_bomb(archive, 10 * GIB, 4 << 20, kind=tarfile.XHDTYPE)
-        case "tar_ratio":  # alone: beside a real adapter's incompressible weights the ratio would be fine
+        # alone: beside a real adapter's incompressible weights the ratio would be fine
+        case "tar_ratio":
             (work / "empty").mkdir()
-            return tar_gz(work / "empty", archive, lambda t: _member(t, "adapter/zeros.txt", bytes(1_500_000)))
+            return tar_gz(
+                work / "empty", archive, lambda t: _member(t, "adapter/zeros.txt", bytes(1_500_000))
+            )
         case "zip_bomb":
             return zip_members(work / "hostile.zip", {"adapter/zeros.txt": bytes(1_500_000)})
         case "too_many_members":
-            return tar_gz(folder, archive, lambda t: [_member(t, f"adapter/{i}.txt") for i in range(64)])
+            return tar_gz(
+                folder, archive, lambda t: [_member(t, f"adapter/{i}.txt") for i in range(64)]
+            )
         case "zip_too_many_members":
-            return zip_members(work / "hostile.zip", {**_adapter_files(folder),
-                                                      **{f"adapter/{i}.txt": b"x" for i in range(64)}})
+            return zip_members(
+                work / "hostile.zip",
+                {**_adapter_files(folder), **{f"adapter/{i}.txt": b"x" for i in range(64)}},
+            )
         case "too_deep":
             return tar_gz(folder, archive, lambda t: _member(t, "adapter/a/b/c/d.txt"))
         case "hard_link":
-            return tar_gz(folder, archive, lambda t: _member(t, "adapter/link", kind=tarfile.LNKTYPE,
-                                                            link="adapter/adapter_config.json"))
+            return tar_gz(
+                folder,
+                archive,
+                lambda t: _member(
+                    t, "adapter/link", kind=tarfile.LNKTYPE, link="adapter/adapter_config.json"
+                ),
+            )
         case "fifo":
-            return tar_gz(folder, archive, lambda t: _member(t, "adapter/pipe", b"", kind=tarfile.FIFOTYPE))
+            return tar_gz(
+                folder, archive, lambda t: _member(t, "adapter/pipe", b"", kind=tarfile.FIFOTYPE)
+            )
         case "char_device":
-            return tar_gz(folder, archive, lambda t: _member(t, "adapter/null", b"", kind=tarfile.CHRTYPE))
+            return tar_gz(
+                folder, archive, lambda t: _member(t, "adapter/null", b"", kind=tarfile.CHRTYPE)
+            )
         case "zip_symlink":
-            return zip_members(work / "hostile.zip", {**_adapter_files(folder), "adapter/link": b"/etc/passwd"},
-                               {"adapter/link": 0o120777})
+            return zip_members(
+                work / "hostile.zip",
+                {**_adapter_files(folder), "adapter/link": b"/etc/passwd"},
+                {"adapter/link": 0o120777},
+            )
         case "zip_fifo":
-            return zip_members(work / "hostile.zip", {**_adapter_files(folder), "adapter/pipe": b""},
-                               {"adapter/pipe": 0o010644})
+            return zip_members(
+                work / "hostile.zip",
+                {**_adapter_files(folder), "adapter/pipe": b""},
+                {"adapter/pipe": 0o010644},
+            )
         case "nested_archive":
             inner = tar_gz(good, work / "inner.tar.gz")
             return tar_gz(folder, archive, lambda t: t.add(inner, arcname="adapter/inner.tar.gz"))
         case "duplicate_member":
-            return tar_gz(folder, archive, lambda t: t.add(folder / CONFIG, arcname=f"adapter/{CONFIG}"))
+            return tar_gz(
+                folder, archive, lambda t: t.add(folder / CONFIG, arcname=f"adapter/{CONFIG}")
+            )
         case "config_is_a_folder":
             (folder / CONFIG).unlink()
             (folder / CONFIG).mkdir()
@@ -222,7 +259,8 @@ def hostile_archive(case: str, good: Path, work: Path) -> Path:
     return tar_gz(folder, archive)
 
 
-# case -> (HTTP status, the field InvalidAdapter names (None for 413), a phrase the message must contain)
+# case -> (HTTP status, the field InvalidAdapter names (None for 413), a phrase the message must
+# contain)
 HOSTILE: dict[str, tuple[int, str | None, str]] = {
     "gzip_bomb": (413, None, "unpacks to more than"),
     "pax_bomb": (400, "file", "possible archive bomb"),
@@ -244,20 +282,37 @@ HOSTILE: dict[str, tuple[int, str | None, str]] = {
 }
 
 
-SMALL_LORA = "base_model.model.model.language_model.layers.0.self_attn.q_proj"  # the one layer of `small_adapter`
+# the one layer of `small_adapter`
+SMALL_LORA = "base_model.model.model.language_model.layers.0.self_attn.q_proj"
 
 
 def small_adapter(folder: Path, seed: int, indent: int | None = None):
-    """A PEFT-shaped LoRA folder (one q_proj layer, rank 4, no base model needed) as a `ValidatedAdapter` with its
-    content digest; `indent` changes the config's bytes, not its digest."""
+    """A PEFT-shaped LoRA folder (one q_proj layer, rank 4, no base model needed) as a
+    `ValidatedAdapter` with its content digest; `indent` changes the config's bytes, not its
+    digest."""
     from lorafleet.adapters.validate import ValidatedAdapter, content_digest
 
     folder.mkdir(parents=True)
     generator = torch.Generator().manual_seed(seed)
-    save_file({f"{SMALL_LORA}.lora_A.weight": torch.randn(4, 16, generator=generator),
-               f"{SMALL_LORA}.lora_B.weight": torch.randn(16, 4, generator=generator)}, folder / WEIGHTS)
-    (folder / CONFIG).write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
-                                             "target_modules": ["q_proj"]}, indent=indent))
+    save_file(
+        {
+            f"{SMALL_LORA}.lora_A.weight": torch.randn(4, 16, generator=generator),
+            f"{SMALL_LORA}.lora_B.weight": torch.randn(16, 4, generator=generator),
+        },
+        folder / WEIGHTS,
+    )
+    (folder / CONFIG).write_text(
+        json.dumps(
+            {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]},
+            indent=indent,
+        )
+    )
     size = sum(p.stat().st_size for p in folder.iterdir())
-    return ValidatedAdapter(path=folder, digest=content_digest(folder), rank=4, alpha=8.0, target_modules=("q_proj",),
-                            size_bytes=size)
+    return ValidatedAdapter(
+        path=folder,
+        digest=content_digest(folder),
+        rank=4,
+        alpha=8.0,
+        target_modules=("q_proj",),
+        size_bytes=size,
+    )

@@ -25,18 +25,31 @@ from lorafleet.serve.metrics import Metrics
 from lorafleet.serve.route_cache import RouteCache
 
 
-def image_data_url(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (64, 64)) -> str:
+def image_data_url(
+    color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (64, 64)
+) -> str:
     return data_url(Image.new("RGB", size, color))
 
 
-def image_messages(text: str = "What is in the image?", color: tuple[int, int, int] = (200, 30, 30)) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_data_url(color)}},
-                                         {"type": "text", "text": text}]}]
+def image_messages(
+    text: str = "What is in the image?", color: tuple[int, int, int] = (200, 30, 30)
+) -> list[dict]:
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": image_data_url(color)}},
+                {"type": "text", "text": text},
+            ],
+        }
+    ]
 
 
 def upload_archive(http: httpx.Client, name: str, archive: Path) -> httpx.Response:
     with open(archive, "rb") as f:
-        return http.post("/v1/adapters", data={"name": name}, files={"file": ("a.tar.gz", f, "application/gzip")})
+        return http.post(
+            "/v1/adapters", data={"name": name}, files={"file": ("a.tar.gz", f, "application/gzip")}
+        )
 
 
 def upload_folder(http: httpx.Client, name: str, folder: Path) -> dict:
@@ -58,7 +71,8 @@ def assert_openai_error(response: httpx.Response, status: int, phrase: str = "")
 
 
 def poll_until(check: Callable[[], object], timeout: float, what: str) -> object:
-    """`check()`'s first truthy result, asked every quarter second; AssertionError naming `what` after `timeout`."""
+    """`check()`'s first truthy result, asked every quarter second; AssertionError naming `what`
+    after `timeout`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if result := check():
@@ -68,11 +82,15 @@ def poll_until(check: Callable[[], object], timeout: float, what: str) -> object
 
 
 def catalog_app(sessions: sessionmaker, *routers: APIRouter) -> FastAPI:
-    """Tenant routes over a real catalog with the gateway's own key check, error handlers and request log (never
-    flushed by itself), and no engine: what the routes read from the catalog, through HTTP."""
+    """Tenant routes over a real catalog with the gateway's own key check, error handlers and
+    request log (never flushed by itself), and no engine: what the routes read from the catalog,
+    through HTTP."""
     app = FastAPI()
-    app.state.gateway = SimpleNamespace(sessions=sessions, routes=RouteCache(sessions, 0.0),
-                                        requests=RequestLog(sessions, Metrics(), flush_s=3600))
+    app.state.gateway = SimpleNamespace(
+        sessions=sessions,
+        routes=RouteCache(sessions, 0.0),
+        requests=RequestLog(sessions, Metrics(), flush_s=3600),
+    )
     app.add_middleware(Authenticate, gateway=app.state.gateway)
     install_error_handlers(app)
     for router in routers:
@@ -82,7 +100,8 @@ def catalog_app(sessions: sessionmaker, *routers: APIRouter) -> FastAPI:
 
 @contextlib.contextmanager
 def on_loopback(app: FastAPI) -> Iterator[str]:
-    """`app` served by uvicorn on a free loopback port for the block (what the CLI talks to); yields its URL."""
+    """`app` served by uvicorn on a free loopback port for the block (what the CLI talks to);
+    yields its URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

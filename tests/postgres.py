@@ -13,24 +13,31 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
-# Read at import: the autouse fixture `clean_environ` hides LORAFLEET_* settings from the tests themselves.
-ADMIN_URL = os.environ.get("LORAFLEET_TEST_POSTGRES_URL",
-                           "postgresql+psycopg://lorafleet:lorafleet@127.0.0.1:5432/postgres")
+# Read at import: the autouse fixture `clean_environ` hides LORAFLEET_* settings from the tests
+# themselves.
+ADMIN_URL = os.environ.get(
+    "LORAFLEET_TEST_POSTGRES_URL",
+    "postgresql+psycopg://lorafleet:lorafleet@127.0.0.1:5432/postgres",
+)
 
 
 @contextlib.contextmanager
 def postgres_database(template: str = "") -> Iterator[str]:
-    """A new database, empty or a copy of `template` (a database nobody is connected to); dropped afterwards
-    (with any connection a test left open)."""
+    """A new database, empty or a copy of `template` (a database nobody is connected to); dropped
+    afterwards (with any connection a test left open)."""
     admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT", pool_size=1)
     name = f"lf_test_{uuid.uuid4().hex[:12]}"
     try:
         with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else "")))
+            connection.execute(
+                text(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
+            )
     except OperationalError as exc:
         admin.dispose()
-        pytest.fail(f"PostgreSQL is not reachable at {make_url(ADMIN_URL).render_as_string()}: `make services` "
-                    f"starts it ({exc.orig})")
+        pytest.fail(
+            f"PostgreSQL is not reachable at {make_url(ADMIN_URL).render_as_string()}: "
+            f"`make services` starts it ({exc.orig})"
+        )
     try:
         yield make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     finally:

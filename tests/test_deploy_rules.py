@@ -1,4 +1,5 @@
-"""The shipped alert rules and dashboard only use metrics the gateway exports, with labels it sets."""
+"""The shipped alert rules and dashboard only use metrics the gateway exports, with labels it
+sets."""
 
 from __future__ import annotations
 
@@ -29,10 +30,18 @@ def _exported() -> dict[str, set[str]]:
 
 def test_alert_rules_reference_exported_metrics_and_labels():
     exported = _exported()
-    rules = [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
-    assert {r["alert"] for r in rules} >= {"LorafleetRolloutRolledBack", "LorafleetRolloutAborted",
-                                           "LorafleetRolloutSampleRatioMismatch", "LorafleetValidationReplayChanged",
-                                           "LorafleetInputDrift", "LorafleetOutputDrift", "LorafleetConfidenceDrift"}
+    rules = [
+        rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]
+    ]
+    assert {r["alert"] for r in rules} >= {
+        "LorafleetRolloutRolledBack",
+        "LorafleetRolloutAborted",
+        "LorafleetRolloutSampleRatioMismatch",
+        "LorafleetValidationReplayChanged",
+        "LorafleetInputDrift",
+        "LorafleetOutputDrift",
+        "LorafleetConfidenceDrift",
+    }
     for rule in rules:
         used = re.findall(r"(lorafleet_[a-z_]+)(?:\{([^}]*)\})?", rule["expr"])
         assert used, rule["alert"]
@@ -42,17 +51,29 @@ def test_alert_rules_reference_exported_metrics_and_labels():
                 assert label in exported[name], f"{rule['alert']}: {name} has no label {label}"
         for label in re.findall(r"by \(([^)]*)\)", rule["expr"]):
             for name in (n.strip() for n in label.split(",")):
-                assert any(name in labels for labels in exported.values()), f"{rule['alert']}: label {name}"
+                assert any(name in labels for labels in exported.values()), (
+                    f"{rule['alert']}: label {name}"
+                )
 
 
 def test_drift_alerts_fire_on_the_corrected_alarm_of_each_variant():
-    """Not on a raw p-value: the alarm gauges are already corrected for repeated looks and many deployments."""
-    rules = {rule["alert"]: rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]}
-    for alert, gauge in (("LorafleetOutputDrift", "lorafleet_output_drift_alarm"),
-                         ("LorafleetConfidenceDrift", "lorafleet_confidence_drift_alarm")):
+    """Not on a raw p-value: the alarm gauges are already corrected for repeated looks and many
+    deployments."""
+    rules = {
+        rule["alert"]: rule
+        for group in yaml.safe_load(RULES.read_text())["groups"]
+        for rule in group["rules"]
+    }
+    for alert, gauge in (
+        ("LorafleetOutputDrift", "lorafleet_output_drift_alarm"),
+        ("LorafleetConfidenceDrift", "lorafleet_confidence_drift_alarm"),
+    ):
         rule = rules[alert]
         assert rule["expr"] == f"max by (tenant, deployment, variant) ({gauge}) == 1", alert
-        assert rule["labels"] == {"severity": "warning"} and "{{ $labels.variant }}" in rule["annotations"]["summary"]
+        assert (
+            rule["labels"] == {"severity": "warning"}
+            and "{{ $labels.variant }}" in rule["annotations"]["summary"]
+        )
 
 
 def test_dashboard_panels_query_exported_metrics():

@@ -12,9 +12,17 @@ MODULES = sorted(name for name in lorafleet_modules() if not name.endswith("__ma
 
 
 def test_every_folder_of_the_product_is_in_the_namespace():
-    for package in ("lorafleet.adapters", "lorafleet.serve", "lorafleet.train", "lorafleet.serve.api",
-                    "lorafleet.serve.engine", "lorafleet.serve.rollouts", "lorafleet.serve.drift",
-                    "lorafleet.serve.cli", "lorafleet.serve.dev"):
+    for package in (
+        "lorafleet.adapters",
+        "lorafleet.serve",
+        "lorafleet.train",
+        "lorafleet.serve.api",
+        "lorafleet.serve.engine",
+        "lorafleet.serve.rollouts",
+        "lorafleet.serve.drift",
+        "lorafleet.serve.cli",
+        "lorafleet.serve.dev",
+    ):
         assert package in MODULES
 
 

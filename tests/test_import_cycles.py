@@ -1,7 +1,9 @@
-"""No import cycles between lorafleet modules: objects are wired at assembly, never patched after the fact.
+"""No import cycles between lorafleet modules: objects are wired at assembly, never patched after
+the fact.
 
-Every import counts, at module level or inside a function (a function-level import that closes a cycle is a
-cycle in hiding), and importing `a.b.c` from outside package `a.b` also runs `a/b/__init__.py`.
+Every import counts, at module level or inside a function (a function-level import that closes a
+cycle is a cycle in hiding), and importing `a.b.c` from outside package `a.b` also runs
+`a/b/__init__.py`.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def _imports(name: str, source: Path, modules: set[str]) -> set[str]:
         if target not in modules:
             continue
         edges.add(target)
-        edges |= {parent for parent in _ancestors(target) if parent not in own}  # a foreign package's __init__
+        # a foreign package's __init__
+        edges |= {parent for parent in _ancestors(target) if parent not in own}
     edges.discard(name)
     return edges
 

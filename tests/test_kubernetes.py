@@ -1,6 +1,6 @@
-"""The Kubernetes manifests (deploy/kubernetes) and images (deploy/docker): every overlay renders with
-`kubectl kustomize`, every object is valid for the Kubernetes API, and what they set agrees with lorafleet itself
-(its settings, its CLI, its alert rules). No cluster needed."""
+"""The Kubernetes manifests (deploy/kubernetes) and images (deploy/docker): every overlay renders
+with `kubectl kustomize`, every object is valid for the Kubernetes API, and what they set agrees
+with lorafleet itself (its settings, its CLI, its alert rules). No cluster needed."""
 
 from __future__ import annotations
 
@@ -26,20 +26,43 @@ from lorafleet.serve.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 DOCKER = ROOT / "deploy" / "docker"
-OVERLAYS = sorted(p.name for p in (KUBERNETES / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
-OPERATOR_API = "monitoring.coreos.com/v1"  # Prometheus Operator kinds: not in the Kubernetes schemas
-S3_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"}  # boto3's own
+OVERLAYS = sorted(
+    p.name for p in (KUBERNETES / "overlays").iterdir() if (p / "kustomization.yaml").is_file()
+)
+# Prometheus Operator kinds: not in the Kubernetes schemas
+OPERATOR_API = "monitoring.coreos.com/v1"
+# boto3's own
+S3_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"}
 WORKLOADS = ("Deployment", "StatefulSet", "Job")
-PROMETHEUS_PEER = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
-                   "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
-# A Qwen2.5-VL config small enough to build on the meta device in a moment: what `lorafleet engine` reads of a base
+PROMETHEUS_PEER = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+}
+# A Qwen2.5-VL config small enough to build on the meta device in a moment: what `lorafleet engine`
+# reads of a base
 TINY_BASE_CONFIG = {
-    "model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"],
-    "text_config": {"model_type": "qwen2_5_vl_text", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
-                    "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "bos_token_id": 0,
-                    "eos_token_id": 1, "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]}},
-    "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "out_hidden_size": 64, "num_heads": 2,
-                      "fullatt_block_indexes": [0]},
+    "model_type": "qwen2_5_vl",
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "text_config": {
+        "model_type": "qwen2_5_vl_text",
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]},
+    },
+    "vision_config": {
+        "depth": 1,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "out_hidden_size": 64,
+        "num_heads": 2,
+        "fullatt_block_indexes": [0],
+    },
 }
 
 Obj = dict[str, Any]
@@ -57,7 +80,9 @@ class Rendered:
 
     def one(self, kind: str, name: str | None = None) -> Obj:
         found = [o for o in self.all(kind) if name is None or o["metadata"]["name"] == name]
-        assert len(found) == 1, f"{self.overlay}: {len(found)} {kind} objects named {name or 'anything'}"
+        assert len(found) == 1, (
+            f"{self.overlay}: {len(found)} {kind} objects named {name or 'anything'}"
+        )
         return found[0]
 
     def settings(self) -> dict[str, str]:
@@ -72,10 +97,16 @@ class Rendered:
 def _render(path: Path) -> tuple[Obj, ...]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
-        pytest.fail("kubectl is not on PATH: these tests render the overlays with `kubectl kustomize` "
-                    "(any kubectl since 1.14 has Kustomize built in; no cluster is needed)")
-    result = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"kubectl kustomize {path.relative_to(ROOT)} failed:\n{result.stderr}"
+        pytest.fail(
+            "kubectl is not on PATH: these tests render the overlays with `kubectl kustomize` "
+            "(any kubectl since 1.14 has Kustomize built in; no cluster is needed)"
+        )
+    result = subprocess.run(
+        [kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, (
+        f"kubectl kustomize {path.relative_to(ROOT)} failed:\n{result.stderr}"
+    )
     return tuple(o for o in yaml.safe_load_all(result.stdout) if o)
 
 
@@ -94,9 +125,12 @@ def _pod(workload: Obj) -> Obj:
 
 def _containers(rendered: Rendered) -> list[tuple[str, Obj]]:
     """Every container of every workload, with a name for messages."""
-    return [(f"{w['kind']}/{w['metadata']['name']}/{c['name']}", c)
-            for kind in WORKLOADS for w in rendered.all(kind)
-            for c in _pod(w).get("initContainers", []) + _pod(w)["containers"]]
+    return [
+        (f"{w['kind']}/{w['metadata']['name']}/{c['name']}", c)
+        for kind in WORKLOADS
+        for w in rendered.all(kind)
+        for c in _pod(w).get("initContainers", []) + _pod(w)["containers"]
+    ]
 
 
 def _only_container(workload: Obj) -> Obj:
@@ -113,7 +147,9 @@ def _port(container: Obj, name_or_number: str | int) -> int:
     """A probe's or Service's port (a name or a number) as the container's port number."""
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     if isinstance(name_or_number, int):
-        assert name_or_number in ports.values(), f"{name_or_number} is no port of {container['name']}"
+        assert name_or_number in ports.values(), (
+            f"{name_or_number} is no port of {container['name']}"
+        )
         return name_or_number
     assert name_or_number in ports, f"{container['name']} has no port named {name_or_number}"
     return ports[name_or_number]
@@ -133,22 +169,40 @@ def test_every_object_is_valid_for_the_kubernetes_api(rendered: Rendered):
         try:
             kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{rendered.overlay}: {obj['kind']}/{obj['metadata']['name']} is invalid for Kubernetes "
-                        f"{exc.version} at {'.'.join(map(str, exc.path)) or 'the top'}: {exc.message}")
-    assert kinds == {"ConfigMap", "Secret", "Deployment", "Service", "HorizontalPodAutoscaler",
-                     "PodDisruptionBudget", "StatefulSet", "Job", "NetworkPolicy", "ServiceMonitor",
-                     "PrometheusRule"}
+            pytest.fail(
+                f"{rendered.overlay}: {obj['kind']}/{obj['metadata']['name']} "
+                f"is invalid for Kubernetes {exc.version} at "
+                f"{'.'.join(map(str, exc.path)) or 'the top'}: {exc.message}"
+            )
+    assert kinds == {
+        "ConfigMap",
+        "Secret",
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "StatefulSet",
+        "Job",
+        "NetworkPolicy",
+        "ServiceMonitor",
+        "PrometheusRule",
+    }
 
 
 def test_the_base_names_no_namespace_and_overlays_one(rendered: Rendered):
-    assert not [o["metadata"]["name"] for o in _render(KUBERNETES / "base") if "namespace" in o["metadata"]]
-    assert len({o["metadata"].get("namespace") for o in rendered.objects}) == 1  # the overlay's, on every object
+    assert not [
+        o["metadata"]["name"] for o in _render(KUBERNETES / "base") if "namespace" in o["metadata"]
+    ]
+    # the overlay's, on every object
+    assert len({o["metadata"].get("namespace") for o in rendered.objects}) == 1
 
 
 def test_every_object_carries_the_common_labels(rendered: Rendered):
     for obj in rendered.objects:
         labels = obj["metadata"].get("labels", {})
-        assert labels.get("app.kubernetes.io/name") == "lorafleet", f"{obj['kind']}/{obj['metadata']['name']}"
+        assert labels.get("app.kubernetes.io/name") == "lorafleet", (
+            f"{obj['kind']}/{obj['metadata']['name']}"
+        )
         assert labels.get("app.kubernetes.io/component"), f"{obj['kind']}/{obj['metadata']['name']}"
 
 
@@ -156,25 +210,40 @@ def test_every_name_the_manifests_set_is_a_lorafleet_setting(rendered: Rendered)
     known = {f"LORAFLEET_{field.upper()}" for field in Settings.model_fields}
     names = [(f"ConfigMap key {k}", k) for k in rendered.settings()]
     names += [(f"Secret key {k}", k) for k in rendered.secret()]
-    names += [(f"{where} env {e['name']}", e["name"]) for where, c in _containers(rendered) for e in c.get("env", [])]
+    names += [
+        (f"{where} env {e['name']}", e["name"])
+        for where, c in _containers(rendered)
+        for e in c.get("env", [])
+    ]
     for where, name in names:
         if name.startswith("LORAFLEET_"):
-            assert name in known, f"{rendered.overlay}: {where}: no such setting in serve/settings.py"
+            assert name in known, (
+                f"{rendered.overlay}: {where}: no such setting in serve/settings.py"
+            )
         else:
-            assert name in S3_ENV, f"{rendered.overlay}: {where}: neither a LORAFLEET_ setting nor boto3's"
+            assert name in S3_ENV, (
+                f"{rendered.overlay}: {where}: neither a LORAFLEET_ setting nor boto3's"
+            )
 
 
-def test_the_gateways_environment_is_valid_settings(rendered: Rendered, monkeypatch: pytest.MonkeyPatch):
+def test_the_gateways_environment_is_valid_settings(
+    rendered: Rendered, monkeypatch: pytest.MonkeyPatch
+):
     for name, value in {**rendered.settings(), **rendered.secret()}.items():
         monkeypatch.setenv(name, value)
-    settings = Settings()  # every value parses (ports, byte counts, engine URLs, the placement policy)
-    assert settings.host == "0.0.0.0" and settings.metrics_host == "0.0.0.0"  # reachable from outside the pod
+    # every value parses (ports, byte counts, engine URLs, the placement policy)
+    settings = Settings()
+    # reachable from outside the pod
+    assert settings.host == "0.0.0.0" and settings.metrics_host == "0.0.0.0"
     assert settings.base and settings.engines and settings.store_url.startswith("s3://")
 
 
 def test_every_reference_to_a_configmap_or_secret_resolves(rendered: Rendered):
     maps = {o["metadata"]["name"]: o.get("data", {}) for o in rendered.all("ConfigMap")}
-    secrets = {o["metadata"]["name"]: o.get("stringData", {}) | o.get("data", {}) for o in rendered.all("Secret")}
+    secrets = {
+        o["metadata"]["name"]: o.get("stringData", {}) | o.get("data", {})
+        for o in rendered.all("Secret")
+    }
     for where, container in _containers(rendered):
         for source in container.get("envFrom", []):
             if "configMapRef" in source:
@@ -200,12 +269,18 @@ def test_every_pod_runs_as_a_non_root_uid_on_a_read_only_root(rendered: Rendered
         assert context["readOnlyRootFilesystem"] is True, where
         assert context["capabilities"]["drop"] == ["ALL"], where
         assert container["resources"]["limits"]["memory"], where
-        mounts = [PurePosixPath(m["mountPath"]) for m in container["volumeMounts"] if not m.get("readOnly")]
+        mounts = [
+            PurePosixPath(m["mountPath"])
+            for m in container["volumeMounts"]
+            if not m.get("readOnly")
+        ]
         assert PurePosixPath("/tmp") in mounts, where
-        # lorafleet makes its home private (chmod 700), which only the folder's owner may do: a folder it
-        # creates below a volume, never the volume's own root (owned by root)
+        # lorafleet makes its home private (chmod 700), which only the folder's owner may do: a
+        # folder it creates below a volume, never the volume's own root (owned by root)
         home = PurePosixPath(rendered.settings()["LORAFLEET_HOME"])
-        assert any(mount in home.parents for mount in mounts), f"{where}: LORAFLEET_HOME {home} is on no volume"
+        assert any(mount in home.parents for mount in mounts), (
+            f"{where}: LORAFLEET_HOME {home} is on no volume"
+        )
 
 
 def test_every_image_is_pinned(rendered: Rendered):
@@ -221,22 +296,33 @@ def test_gateways_are_probed_on_readyz_and_healthz_and_at_least_two(rendered: Re
     assert gateway["spec"]["replicas"] >= 2
     assert gateway["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     container = _only_container(gateway)
-    assert container["args"][0] == "serve" and "command" not in container  # the image's entrypoint: lorafleet
+    # the image's entrypoint: lorafleet
+    assert container["args"][0] == "serve" and "command" not in container
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-        assert _port(container, container[probe]["httpGet"]["port"]) == int(settings["LORAFLEET_PORT"])
+        assert _port(container, container[probe]["httpGet"]["port"]) == int(
+            settings["LORAFLEET_PORT"]
+        )
     assert _port(container, "metrics") == int(settings["LORAFLEET_METRICS_PORT"])
     service = rendered.one("Service", "lorafleet-gateway")
     assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
-    assert _selects({"matchLabels": service["spec"]["selector"]}, gateway["spec"]["template"]["metadata"]["labels"])
+    assert _selects(
+        {"matchLabels": service["spec"]["selector"]},
+        gateway["spec"]["template"]["metadata"]["labels"],
+    )
     ports = {p["name"]: p for p in service["spec"]["ports"]}
     assert ports["http"]["port"] == 80 and _port(container, ports["http"]["targetPort"]) == 8000
-    assert _port(container, ports["metrics"]["targetPort"]) == int(settings["LORAFLEET_METRICS_PORT"])
+    assert _port(container, ports["metrics"]["targetPort"]) == int(
+        settings["LORAFLEET_METRICS_PORT"]
+    )
     autoscaler = rendered.one("HorizontalPodAutoscaler")
-    assert autoscaler["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                                    "name": "lorafleet-gateway"}
+    assert autoscaler["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "lorafleet-gateway",
+    }
     assert autoscaler["spec"]["minReplicas"] >= 2
     assert [m["resource"]["name"] for m in autoscaler["spec"]["metrics"]] == ["cpu"]
     budget = rendered.one("PodDisruptionBudget", "lorafleet-gateway")
@@ -247,7 +333,10 @@ def test_gateways_are_probed_on_readyz_and_healthz_and_at_least_two(rendered: Re
 def test_engines_are_a_statefulset_behind_the_headless_service_gateways_resolve(rendered: Rendered):
     engine = rendered.one("StatefulSet", "lorafleet-engine")
     service = rendered.one("Service", engine["spec"]["serviceName"])
-    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is False
+    assert (
+        service["spec"]["clusterIP"] == "None"
+        and service["spec"]["publishNotReadyAddresses"] is False
+    )
     labels = engine["spec"]["template"]["metadata"]["labels"]
     assert _selects({"matchLabels": service["spec"]["selector"]}, labels)
     container = _only_container(engine)
@@ -260,18 +349,22 @@ def test_engines_are_a_statefulset_behind_the_headless_service_gateways_resolve(
     assert _port(container, container["readinessProbe"]["httpGet"]["port"]) == 8100
     startup = container["startupProbe"]
     assert startup["httpGet"]["path"] == "/health"
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 900  # a model's download and load
+    # a model's download and load
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 900
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert rendered.settings()["LORAFLEET_STORE_CACHE_DIR"] in mounts
     budget = rendered.one("PodDisruptionBudget", "lorafleet-engine")
     assert budget["spec"]["maxUnavailable"] == 1 and _selects(budget["spec"]["selector"], labels)
     env = {e["name"]: e for e in container.get("env", [])}
     assert "LORAFLEET_ADMIN_KEY" not in env and "LORAFLEET_DATABASE_URL" not in env
-    assert not [s for s in container.get("envFrom", []) if "secretRef" in s], "engines get single secret keys"
+    assert not [s for s in container.get("envFrom", []) if "secretRef" in s], (
+        "engines get single secret keys"
+    )
 
 
-def test_the_engine_args_start_vllm_through_lorafleet_engine(rendered: Rendered, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch):
+def test_the_engine_args_start_vllm_through_lorafleet_engine(
+    rendered: Rendered, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     from typer.testing import CliRunner
 
     from lorafleet.serve.cli import app
@@ -282,11 +375,19 @@ def test_the_engine_args_start_vllm_through_lorafleet_engine(rendered: Rendered,
     base = tmp_path / "base"
     base.mkdir()
     (base / "config.json").write_text(json.dumps(TINY_BASE_CONFIG))
-    env = {**rendered.settings(), **{e["name"]: e["value"] for e in container.get("env", []) if "value" in e}}
-    env |= {"LORAFLEET_BASE": str(base), "LORAFLEET_ENGINE_API_KEY": "test-engine-key",
-            "LORAFLEET_HOME": str(tmp_path / "home"), "LORAFLEET_STORE_CACHE_DIR": str(tmp_path / "cache"),
-            "HF_HUB_OFFLINE": "1"}
-    for name in [n for n in os.environ if n.startswith("LORAFLEET_")]:  # only what the pod would have
+    env = {
+        **rendered.settings(),
+        **{e["name"]: e["value"] for e in container.get("env", []) if "value" in e},
+    }
+    env |= {
+        "LORAFLEET_BASE": str(base),
+        "LORAFLEET_ENGINE_API_KEY": "test-engine-key",
+        "LORAFLEET_HOME": str(tmp_path / "home"),
+        "LORAFLEET_STORE_CACHE_DIR": str(tmp_path / "cache"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    # only what the pod would have
+    for name in [n for n in os.environ if n.startswith("LORAFLEET_")]:
         monkeypatch.delenv(name)
     # the real CLI in this process (a subprocess would spend seconds importing torch again)
     result = CliRunner().invoke(app, [*container["args"], "--print-command"], env=env)
@@ -297,17 +398,31 @@ def test_the_engine_args_start_vllm_through_lorafleet_engine(rendered: Rendered,
     assert " --host 0.0.0.0 --port 8100 " in command
     assert cmd[cmd.index("--model") + 1] == str(base)
     # what the manifests set reaches vLLM
-    flags = {"LORAFLEET_MAX_MODEL_LEN": "--max-model-len", "LORAFLEET_MAX_LORA_RANK": "--max-lora-rank",
-             "LORAFLEET_MAX_LORAS": "--max-loras", "LORAFLEET_MAX_NUM_SEQS": "--max-num-seqs"}
+    flags = {
+        "LORAFLEET_MAX_MODEL_LEN": "--max-model-len",
+        "LORAFLEET_MAX_LORA_RANK": "--max-lora-rank",
+        "LORAFLEET_MAX_LORAS": "--max-loras",
+        "LORAFLEET_MAX_NUM_SEQS": "--max-num-seqs",
+    }
     for name, flag in flags.items():
         if name in env:
-            assert cmd[cmd.index(flag) + 1] == env[name], f"{name}={env[name]} but {flag} {cmd[cmd.index(flag) + 1]}"
+            assert cmd[cmd.index(flag) + 1] == env[name], (
+                f"{name}={env[name]} but {flag} {cmd[cmd.index(flag) + 1]}"
+            )
 
 
 def test_only_gateways_reach_the_engines_api(rendered: Rendered):
-    engine_labels = rendered.one("StatefulSet", "lorafleet-engine")["spec"]["template"]["metadata"]["labels"]
-    gateway_labels = rendered.one("Deployment", "lorafleet-gateway")["spec"]["template"]["metadata"]["labels"]
-    policies = [p for p in rendered.all("NetworkPolicy") if _selects(p["spec"]["podSelector"], engine_labels)]
+    engine_labels = rendered.one("StatefulSet", "lorafleet-engine")["spec"]["template"]["metadata"][
+        "labels"
+    ]
+    gateway_labels = rendered.one("Deployment", "lorafleet-gateway")["spec"]["template"][
+        "metadata"
+    ]["labels"]
+    policies = [
+        p
+        for p in rendered.all("NetworkPolicy")
+        if _selects(p["spec"]["podSelector"], engine_labels)
+    ]
     assert policies, "no NetworkPolicy selects the engine pods"
     gateways_admitted = False
     for policy in policies:
@@ -317,7 +432,8 @@ def test_only_gateways_reach_the_engines_api(rendered: Rendered):
             assert rule.get("ports") == [{"protocol": "TCP", "port": 8100}], where
             assert rule.get("from"), f"{where}: a rule without `from` admits every source"
             for peer in rule["from"]:
-                if "namespaceSelector" in peer or "ipBlock" in peer:  # Prometheus, for /metrics (documented)
+                # Prometheus, for /metrics (documented)
+                if "namespaceSelector" in peer or "ipBlock" in peer:
                     assert peer == PROMETHEUS_PEER, f"{where} admits {peer}"
                     continue
                 assert _selects(peer["podSelector"], gateway_labels), f"{where} admits {peer}"
@@ -325,8 +441,16 @@ def test_only_gateways_reach_the_engines_api(rendered: Rendered):
                 gateways_admitted = True
     assert gateways_admitted
     main = rendered.one("NetworkPolicy", "lorafleet-engine")["spec"]["ingress"]
-    assert [peer for rule in main for peer in rule["from"]] == [{"podSelector": {"matchLabels": {
-        "app.kubernetes.io/name": "lorafleet", "app.kubernetes.io/component": "gateway"}}}]
+    assert [peer for rule in main for peer in rule["from"]] == [
+        {
+            "podSelector": {
+                "matchLabels": {
+                    "app.kubernetes.io/name": "lorafleet",
+                    "app.kubernetes.io/component": "gateway",
+                }
+            }
+        }
+    ]
     gateway = rendered.one("NetworkPolicy", "lorafleet-gateway")["spec"]["ingress"]
     ports = {rule["ports"][0]["port"]: rule["from"] for rule in gateway}
     settings = rendered.settings()
@@ -340,17 +464,24 @@ def test_monitoring_objects_have_the_prometheus_operator_shape(rendered: Rendere
     for monitor in monitors:
         assert monitor["apiVersion"] == OPERATOR_API
         assert set(monitor["spec"]) == {"selector", "endpoints"}
-        (service,) = [s for s in rendered.all("Service")
-                      if _selects(monitor["spec"]["selector"], s["metadata"].get("labels", {}))]
+        (service,) = [
+            s
+            for s in rendered.all("Service")
+            if _selects(monitor["spec"]["selector"], s["metadata"].get("labels", {}))
+        ]
         ports = {p["name"] for p in service["spec"]["ports"]}
         for endpoint in monitor["spec"]["endpoints"]:
-            assert endpoint["port"] in ports and endpoint["path"] == "/metrics", monitor["metadata"]["name"]
+            assert endpoint["port"] in ports and endpoint["path"] == "/metrics", monitor[
+                "metadata"
+            ]["name"]
     rule = rendered.one("PrometheusRule")
     assert rule["apiVersion"] == OPERATOR_API and set(rule["spec"]) == {"groups"}
     for group in rule["spec"]["groups"]:
         assert set(group) <= {"name", "interval", "rules"} and group["rules"], group.get("name")
         for alert in group["rules"]:
-            assert {"alert", "expr"} <= set(alert) <= {"alert", "expr", "for", "labels", "annotations"}, alert
+            assert (
+                {"alert", "expr"} <= set(alert) <= {"alert", "expr", "for", "labels", "annotations"}
+            ), alert
 
 
 def test_the_prometheus_rule_is_generated_from_the_alert_rules(rendered: Rendered):
@@ -389,12 +520,16 @@ def _dockerfile(name: str) -> tuple[str, list[str]]:
     """A Dockerfile's text and the images its stages start from (ARG defaults filled in)."""
     text = (DOCKER / name).read_text()
     args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.M))
-    images = [re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image)
-              for image in re.findall(r"^FROM (\S+)", text, re.M)]
+    images = [
+        re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image)
+        for image in re.findall(r"^FROM (\S+)", text, re.M)
+    ]
     return text, images
 
 
-@pytest.mark.parametrize("name", ["gateway.Dockerfile", "engine.Dockerfile", "engine-cpu.Dockerfile"])
+@pytest.mark.parametrize(
+    "name", ["gateway.Dockerfile", "engine.Dockerfile", "engine-cpu.Dockerfile"]
+)
 def test_images_are_pinned_non_root_and_run_lorafleet(name: str):
     text, images = _dockerfile(name)
     for image in images:

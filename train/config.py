@@ -22,23 +22,28 @@ class TrainConfig(BaseModel):
     val: Path | None = None  # chat JSONL: validation loss, early stopping, task score
     probe: Path | None = None  # chat JSONL of the base's general ability: forgetting check
     mix: Path | None = None  # chat JSONL of general examples mixed into training against forgetting
-    mix_ratio: float = Field(0.5, ge=0.0)  # mixed examples per training example (at most all of `mix`)
+    # mixed examples per training example (at most all of `mix`)
+    mix_ratio: float = Field(0.5, ge=0.0)
     rank: int = Field(16, ge=1)
     alpha: float = 32.0
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     lr: float = Field(2e-4, gt=0.0)
     epochs: int = Field(3, ge=1)
-    max_steps: int = Field(0, ge=0)  # > 0: stop after this many optimizer steps, whatever the epochs
+    # > 0: stop after this many optimizer steps, whatever the epochs
+    max_steps: int = Field(0, ge=0)
     batch_size: int = Field(8, ge=1)  # per process
     grad_accum: int = Field(1, ge=1)
     max_length: int = Field(1024, ge=16)  # longer examples are refused, never truncated
     warmup_steps: int = Field(10, ge=0)
     seed: int = 0
     eval_every: int = Field(0, ge=0)  # optimizer steps between validations; 0: once per epoch
-    patience: int = Field(3, ge=0)  # validations without improvement before stopping; 0: never stop early
+    # validations without improvement before stopping; 0: never stop early
+    patience: int = Field(3, ge=0)
     gradient_checkpointing: bool = False
-    qlora: Literal["auto", "on", "off"] = "auto"  # full-precision base in 4-bit NF4 (bitsandbytes, CUDA); auto: on with
-    # CUDA. A base already quantized (`lorafleet quantize`) is always trained as it is, the weights vLLM serves
+    # full-precision base in 4-bit NF4 (bitsandbytes, CUDA); auto: on with
+    qlora: Literal["auto", "on", "off"] = "auto"
+    # CUDA. A base already quantized (`lorafleet quantize`) is always trained as it is, the weights
+    # vLLM serves
     max_rank: int = 64  # the server's max LoRA rank
     eval_max_tokens: int = 64  # generation budget when scoring
     metric: Literal["exact_match", "anls", "json_fields"] = "exact_match"
@@ -47,7 +52,8 @@ class TrainConfig(BaseModel):
     @field_validator("train", "out", "val", "probe", "mix")
     @classmethod
     def _absolute(cls, path: Path | None) -> Path | None:
-        """Relative paths mean the working directory of the command; child processes get absolute ones."""
+        """Relative paths mean the working directory of the command; child processes get absolute
+        ones."""
         return None if path is None else path.expanduser().resolve()
 
     @field_validator("base")
@@ -74,5 +80,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> TrainConfig:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise InvalidRequest(f"invalid training config: {problems}") from exc
     if config.rank > config.max_rank:
-        raise InvalidRequest(f"rank {config.rank} is above the server's max LoRA rank {config.max_rank}")
+        raise InvalidRequest(
+            f"rank {config.rank} is above the server's max LoRA rank {config.max_rank}"
+        )
     return config

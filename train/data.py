@@ -16,10 +16,13 @@ __all__ = ["encode", "collate"]
 IGNORE = -100
 
 
-def _ids(processor, messages: list[dict], images: list[Image.Image], generation_prompt: bool) -> dict:
+def _ids(
+    processor, messages: list[dict], images: list[Image.Image], generation_prompt: bool
+) -> dict:
     # apply_chat_template rewrites image parts in place: render a copy, never the caller's messages
-    text = processor.apply_chat_template(copy.deepcopy(messages), tokenize=False,
-                                         add_generation_prompt=generation_prompt)
+    text = processor.apply_chat_template(
+        copy.deepcopy(messages), tokenize=False, add_generation_prompt=generation_prompt
+    )
     return processor(text=[text], images=images or None, return_tensors="pt")
 
 
@@ -34,11 +37,19 @@ def encode(processor, example: Example, max_length: int) -> dict:
         if message["role"] != "assistant":
             continue
         seen = count_images(example.messages[:i])
-        prompt = _ids(processor, example.messages[:i], example.images[:seen], generation_prompt=True)
-        answered = _ids(processor, example.messages[: i + 1], example.images[:seen], generation_prompt=False)
+        prompt = _ids(
+            processor, example.messages[:i], example.images[:seen], generation_prompt=True
+        )
+        answered = _ids(
+            processor, example.messages[: i + 1], example.images[:seen], generation_prompt=False
+        )
         start, end = prompt["input_ids"].shape[1], answered["input_ids"].shape[1]
         labels[start:end] = input_ids[start:end]  # the answer and its end-of-turn token
-    item = {"input_ids": input_ids, "labels": labels, "mm_token_type_ids": full["mm_token_type_ids"][0]}
+    item = {
+        "input_ids": input_ids,
+        "labels": labels,
+        "mm_token_type_ids": full["mm_token_type_ids"][0],
+    }
     if example.images:
         item["pixel_values"], item["image_grid_thw"] = full["pixel_values"], full["image_grid_thw"]
     return item
@@ -53,7 +64,8 @@ def collate(items: list[dict], pad_id: int) -> dict:
         "input_ids": torch.full((len(items), length), pad_id, dtype=torch.long),
         "labels": torch.full((len(items), length), IGNORE, dtype=torch.long),
         "attention_mask": torch.zeros((len(items), length), dtype=torch.long),
-        "mm_token_type_ids": torch.zeros((len(items), length), dtype=torch.long),  # 1 marks image tokens
+        # 1 marks image tokens
+        "mm_token_type_ids": torch.zeros((len(items), length), dtype=torch.long),
     }
     for row, item in enumerate(items):
         n = len(item["input_ids"])
@@ -66,5 +78,3 @@ def collate(items: list[dict], pad_id: int) -> dict:
         batch["pixel_values"] = torch.cat([item["pixel_values"] for item in with_images])
         batch["image_grid_thw"] = torch.cat([item["image_grid_thw"] for item in with_images])
     return batch
-
-

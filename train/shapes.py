@@ -1,7 +1,8 @@
 """A tiny but meaningful world for the demo and the tests: images of coloured shapes.
 
-The base learns the general task ("What is in the image?" -> "a red circle"); tenants then want other
-answer formats on the same images: JSON (`{"shape": "circle", "color": "red"}`) or one French word ("rouge").
+The base learns the general task ("What is in the image?" -> "a red circle"); tenants then want
+other answer formats on the same images: JSON (`{"shape": "circle", "color": "red"}`) or one French
+word ("rouge").
 """
 
 from __future__ import annotations
@@ -12,10 +13,24 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-__all__ = ["SHAPES", "COLORS", "TASKS", "BASE_TASKS", "TENANT_TASKS", "draw", "make_example", "write_task"]
+__all__ = [
+    "SHAPES",
+    "COLORS",
+    "TASKS",
+    "BASE_TASKS",
+    "TENANT_TASKS",
+    "draw",
+    "make_example",
+    "write_task",
+]
 
 SHAPES = ("circle", "square", "triangle")
-COLORS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 70, 220), "yellow": (235, 200, 20)}
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 200, 20),
+}
 FRENCH = {"red": "rouge", "green": "vert", "blue": "bleu", "yellow": "jaune"}
 SIZE = 112  # the tiny processor's max_pixels is 112*112: one image = 16 tokens
 
@@ -79,8 +94,19 @@ def write_task(task: str, n: int, out: Path, seed: int) -> Path:
         for i in range(n):
             image, question, answer = make_example(task, rng)
             image.save(images / f"{i:05d}.png")
-            user = [{"type": "image_url", "image_url": {"url": f"{images.name}/{i:05d}.png"}},
-                    {"type": "text", "text": question}]
-            f.write(json.dumps({"messages": [{"role": "user", "content": user},
-                                             {"role": "assistant", "content": answer}]}) + "\n")
+            user = [
+                {"type": "image_url", "image_url": {"url": f"{images.name}/{i:05d}.png"}},
+                {"type": "text", "text": question},
+            ]
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": user},
+                            {"role": "assistant", "content": answer},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     return out

@@ -14,14 +14,22 @@ __all__ = ["build_tiny_model", "pretrain", "PRETRAIN_STEPS", "TINY_MIN_PIXELS", 
 TINY_MIN_PIXELS = 56 * 56
 TINY_MAX_PIXELS = 112 * 112
 _LOGIT_SCALE = 25.0
-_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-            "<|image_pad|>", "<|video_pad|>"]
+_SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 # Qwen's own template, reduced to text and images: the same rendering in training and serving.
 _CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for c in message['content'] %}"
-    "{% if c['type'] == 'image' or c['type'] == 'image_url' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% if c['type'] == 'image' or c['type'] == 'image_url' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -29,7 +37,10 @@ _CORPUS = [
     "What is in the image? a red circle. a blue square. a green triangle. a yellow circle.",
     "What color is the object? What shape is it? red green blue yellow circle square triangle",
     "Quelle est la couleur ? Un mot. rouge, bleu, vert, jaune.",
-    'Describe the object as JSON. {"shape": "circle", "color": "red"} {"shape": "square", "color": "blue"}',
+    (
+        'Describe the object as JSON. {"shape": "circle", "color": "red"} '
+        '{"shape": "square", "color": "blue"}'
+    ),
     '{"shape": "triangle", "color": "green"} {"shape": "circle", "color": "yellow"}',
     "The quick brown fox jumps over the lazy dog. 0123456789",
 ]
@@ -42,11 +53,18 @@ def _tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=_SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=800,
+        special_tokens=_SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(_CORPUS * 20, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=_SPECIAL[1:])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=_SPECIAL[1:],
+    )
     fast.chat_template = _CHAT_TEMPLATE
     return fast
 
@@ -57,23 +75,52 @@ def _config(tokenizer):
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _SPECIAL}
     return Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,  # head_dim 64
-            rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}, tie_word_embeddings=False,
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+            vocab_size=len(tokenizer),
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            # head_dim 64
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=2048,
+            rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]},
+            tie_word_embeddings=False,
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
         ),
-        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, out_hidden_size=128, num_heads=2,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
-                           window_size=56, fullatt_block_indexes=[1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        vision_config=dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            out_hidden_size=128,
+            num_heads=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
     )
 
 
-def pretrain(model, processor, steps: int, seed: int, batch_size: int = 16, lr: float = 5e-4,
-             pool_size: int = 1200) -> float:
-    """Teach the whole tiny model the general shapes task, so it is a base with something to forget.
-    Returns the last batch's loss. (At 3e-3 the vision tower only ever learned colours, never shapes.)"""
+def pretrain(
+    model,
+    processor,
+    steps: int,
+    seed: int,
+    batch_size: int = 16,
+    lr: float = 5e-4,
+    pool_size: int = 1200,
+) -> float:
+    """Teach the whole tiny model the general shapes task, so it is a base with something to
+    forget. Returns the last batch's loss. (At 3e-3 the vision tower only ever learned colours,
+    never shapes.)"""
     import random
 
     import torch
@@ -89,15 +136,24 @@ def pretrain(model, processor, steps: int, seed: int, batch_size: int = 16, lr: 
         if i % 4 == 3:  # text-only copying trains the output row of every token, as a real base has
             words = rng.choice(_CORPUS).split()
             start = rng.randrange(len(words))
-            snippet = " ".join(words[start:start + rng.randint(2, 8)])
-            messages: list[dict[str, Any]] = [{"role": "user", "content": f"Repeat: {snippet}"},
-                                              {"role": "assistant", "content": snippet}]
+            snippet = " ".join(words[start : start + rng.randint(2, 8)])
+            messages: list[dict[str, Any]] = [
+                {"role": "user", "content": f"Repeat: {snippet}"},
+                {"role": "assistant", "content": snippet},
+            ]
             pool.append(encode(processor, Example(messages, [], "pretrain"), max_length=512))
             continue
         image, question, answer = make_example(rng.choice(BASE_TASKS), rng)
-        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "-"}},
-                                                 {"type": "text", "text": question}]},
-                    {"role": "assistant", "content": answer}]
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": "-"}},
+                    {"type": "text", "text": question},
+                ],
+            },
+            {"role": "assistant", "content": answer},
+        ]
         pool.append(encode(processor, Example(messages, [image], "pretrain"), max_length=512))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
@@ -113,7 +169,8 @@ def pretrain(model, processor, steps: int, seed: int, batch_size: int = 16, lr: 
     return loss.item()
 
 
-PRETRAIN_STEPS = 1000  # 48/48 exact match on held-out general-task images; ~2 minutes on 2 CPU cores
+# 48/48 exact match on held-out general-task images; ~2 minutes on 2 CPU cores
+PRETRAIN_STEPS = 1000
 
 
 def build_tiny_model(out: Path, seed: int = 0, pretrain_steps: int = 0) -> Path:
@@ -133,13 +190,19 @@ def build_tiny_model(out: Path, seed: int = 0, pretrain_steps: int = 0) -> Path:
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(_config(tokenizer))
     pixels = dict(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
-    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tokenizer,
-                                    video_processor=Qwen2VLVideoProcessor(**pixels), chat_template=_CHAT_TEMPLATE)
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**pixels),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**pixels),
+        chat_template=_CHAT_TEMPLATE,
+    )
     if pretrain_steps:
         pretrain(model, processor, pretrain_steps, seed)
     else:
-        with torch.no_grad():  # random weights give near-uniform next-token odds, whose greedy ties any
-            model.lm_head.weight.mul_(_LOGIT_SCALE)  # kernel's rounding flips; peaked logits decide clearly
+        # random weights give near-uniform next-token odds, whose greedy ties any
+        with torch.no_grad():
+            # kernel's rounding flips; peaked logits decide clearly
+            model.lm_head.weight.mul_(_LOGIT_SCALE)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     tokenizer.save_pretrained(out)

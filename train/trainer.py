@@ -1,8 +1,9 @@
-"""LoRA training of the language model of a VLM, top to bottom: setup -> get_lr -> evaluate -> loop -> save.
+"""LoRA training of the language model of a VLM, top to bottom: setup -> get_lr -> evaluate -> loop
+-> save.
 
-Runs as one process, under `accelerate launch` on GPUs (DDP; DeepSpeed/FSDP configs in deploy/accelerate/),
-or under `torchrun --nproc_per_node N` for DDP over CPU cores.
-The vision tower stays frozen and untouched: vLLM applies LoRA to the language model only.
+Runs as one process, under `accelerate launch` on GPUs (DDP; DeepSpeed/FSDP configs in
+deploy/accelerate/), or under `torchrun --nproc_per_node N` for DDP over CPU cores. The vision tower
+stays frozen and untouched: vLLM applies LoRA to the language model only.
 """
 
 from __future__ import annotations
@@ -25,17 +26,26 @@ from lorafleet.chat import load_jsonl
 from lorafleet.train.config import TrainConfig
 from lorafleet.train.data import collate, encode
 
-__all__ = ["train", "TrainResult", "lora_config", "CHECKPOINT", "still_improving", "STILL_IMPROVING"]
+__all__ = [
+    "train",
+    "TrainResult",
+    "lora_config",
+    "CHECKPOINT",
+    "still_improving",
+    "STILL_IMPROVING",
+]
 
 log = logging.getLogger("lorafleet.train")
 CHECKPOINT = "checkpoint"
 _STATE = "trainer_state.json"
-STILL_IMPROVING = 0.02  # a last validation this much (relative) below the one before: the loss was still falling
+# a last validation this much (relative) below the one before: the loss was still falling
+STILL_IMPROVING = 0.02
 
 
 def still_improving(val_losses: list[float], tolerance: float = STILL_IMPROVING) -> bool | None:
-    """Whether validation loss was still falling when training ended: the last validation is the best one and
-    improved on the one before by more than `tolerance`. None when fewer than two validations say nothing."""
+    """Whether validation loss was still falling when training ended: the last validation is the
+    best one and improved on the one before by more than `tolerance`. None when fewer than two
+    validations say nothing."""
     if len(val_losses) < 2:
         return None
     *earlier, last = val_losses
@@ -56,7 +66,8 @@ class TrainResult:
 
     @property
     def converged(self) -> bool | None:
-        """False when the validation loss was still falling at the end (more training would likely help)."""
+        """False when the validation loss was still falling at the end (more training would
+        likely help)."""
         if self.stopped_early:  # patience ran out: the loss stopped improving
             return True
         improving = still_improving(list(self.val_losses))
@@ -67,32 +78,44 @@ class TrainResult:
         if self.converged is not False:
             return None
         before, last = self.val_losses[-2], self.val_losses[-1]
-        return (f"not converged: the validation loss was still falling at the end ({before:.4f} -> {last:.4f}, "
-                f"{(last - before) / before:+.0%}); try more epochs (e.g. --epochs {config.epochs * 2}) or a "
-                f"higher learning rate (e.g. --lr {config.lr * 5:g})")
+        return (
+            "not converged: the validation loss was still falling at the end "
+            f"({before:.4f} -> {last:.4f}, {(last - before) / before:+.0%}); try more epochs "
+            f"(e.g. --epochs {config.epochs * 2}) or a higher learning rate "
+            f"(e.g. --lr {config.lr * 5:g})"
+        )
 
 
 def lora_config(config: TrainConfig):
-    """LoRA on every linear layer of the language model, nothing else (no bias, no modules_to_save, no DoRA)."""
+    """LoRA on every linear layer of the language model, nothing else (no bias, no
+    modules_to_save, no DoRA)."""
     from peft import LoraConfig
 
-    return LoraConfig(r=config.rank, lora_alpha=config.alpha,  # type: ignore[arg-type]  # PEFT scales by a float
-                      lora_dropout=config.dropout, bias="none",
-                      target_modules=load_base_spec(config.base).lora_target_regex())
+    return LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,  # type: ignore[arg-type]  # PEFT scales by a float
+        lora_dropout=config.dropout,
+        bias="none",
+        target_modules=load_base_spec(config.base).lora_target_regex(),
+    )
 
 
 def _use_qlora(config: TrainConfig) -> bool:
-    """bitsandbytes 4-bit for a full-precision base; a checkpoint that is already quantized is trained as it is."""
+    """bitsandbytes 4-bit for a full-precision base; a checkpoint that is already quantized is
+    trained as it is."""
     if checkpoint_quantization(config.base) is not None:
         return False
     if config.qlora == "on" and not torch.cuda.is_available():
-        raise InvalidRequest("qlora=on needs a CUDA GPU (bitsandbytes 4-bit); on this machine, train on the "
-                             "checkpoint `lorafleet quantize` writes, which is the base the server serves")
+        raise InvalidRequest(
+            "qlora=on needs a CUDA GPU (bitsandbytes 4-bit); on this machine, train on the "
+            "checkpoint `lorafleet quantize` writes, which is the base the server serves"
+        )
     return config.qlora == "on" or (config.qlora == "auto" and torch.cuda.is_available())
 
 
 def _load_model(config: TrainConfig):
-    """The base (a torchao checkpoint loads quantized, as vLLM serves it: training sees the served weights) + LoRA."""
+    """The base (a torchao checkpoint loads quantized, as vLLM serves it: training sees the
+    served weights) + LoRA."""
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
@@ -100,11 +123,16 @@ def _load_model(config: TrainConfig):
     kwargs: dict = {"dtype": torch.bfloat16 if torch.cuda.is_available() else torch.float32}
     if _use_qlora(config):  # the frozen base in 4-bit NF4; LoRA weights train in bf16
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-            llm_int8_skip_modules=["visual", "lm_head"])
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            llm_int8_skip_modules=["visual", "lm_head"],
+        )
     model = AutoModelForImageTextToText.from_pretrained(config.base, **kwargs)
     if _use_qlora(config):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.gradient_checkpointing
+        )
     elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -129,7 +157,10 @@ def evaluate(model, loader, accelerator) -> float:
         total += loss.detach().float().cpu()
         count += 1
     model.train()
-    total, count = accelerator.reduce(total.to(accelerator.device)), accelerator.reduce(count.to(accelerator.device))
+    total, count = (
+        accelerator.reduce(total.to(accelerator.device)),
+        accelerator.reduce(count.to(accelerator.device)),
+    )
     return (total / count).item()
 
 
@@ -172,8 +203,11 @@ def _save_optimizer(optimizer, folder: Path) -> None:
     from safetensors.torch import save_file
 
     state = optimizer.state_dict()
-    tensors = {f"{pid}.{key}": value.contiguous() for pid, slots in state["state"].items()
-               for key, value in slots.items()}
+    tensors = {
+        f"{pid}.{key}": value.contiguous()
+        for pid, slots in state["state"].items()
+        for key, value in slots.items()
+    }
     save_file(tensors, folder / "optimizer.safetensors")
     (folder / "optimizer.json").write_text(json.dumps({"param_groups": state["param_groups"]}))
 
@@ -189,38 +223,61 @@ def _load_optimizer(optimizer, folder: Path) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _loader(processor, path: Path, config: TrainConfig, shuffle: bool, mix: Path | None = None) -> DataLoader:
+def _loader(
+    processor, path: Path, config: TrainConfig, shuffle: bool, mix: Path | None = None
+) -> DataLoader:
     examples = load_jsonl(path)
-    if mix is not None:  # general data keeps the base's other abilities (the seeds' forgetting story)
+    # general data keeps the base's other abilities (the seeds' forgetting story)
+    if mix is not None:
         examples += load_jsonl(mix)[: int(len(examples) * config.mix_ratio)]
     items = [encode(processor, example, config.max_length) for example in examples]
     generator = torch.Generator().manual_seed(config.seed)  # same order on resume
     dataset: Any = items  # a list is a map-style dataset
-    return DataLoader(dataset, batch_size=config.batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=lambda batch: collate(batch, processor.tokenizer.pad_token_id))
+    return DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=lambda batch: collate(batch, processor.tokenizer.pad_token_id),
+    )
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train a LoRA adapter; the best one (by validation loss, else the last) is saved in `config.out`."""
+    """Train a LoRA adapter; the best one (by validation loss, else the last) is saved in
+    `config.out`."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     # 1) setup
     # cpu=True without CUDA: under torchrun this is DDP over CPU cores (gloo), alone a plain CPU run
-    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.grad_accum, cpu=not torch.cuda.is_available()
+    )
     set_seed(config.seed)
     config.out.mkdir(parents=True, exist_ok=True)
     processor, model = _load_model(config)
     train_loader = _loader(processor, config.train, config, shuffle=True, mix=config.mix)
     val_loader = _loader(processor, config.val, config, shuffle=False) if config.val else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best_val": None, "bad_evals": 0, "samples": 0,
-                             "val_losses": []}
+    state: dict[str, Any] = {
+        "step": 0,
+        "epoch": 0,
+        "batch": 0,
+        "best_val": None,
+        "bad_evals": 0,
+        "samples": 0,
+        "val_losses": [],
+    }
     resumed_from = 0
     if resume and (loaded := _load_checkpoint(model, optimizer, config.out)):
         state, resumed_from = loaded, loaded["step"]
-        log.info("resuming at step %d (epoch %d, batch %d)", state["step"], state["epoch"], state["batch"])
+        log.info(
+            "resuming at step %d (epoch %d, batch %d)",
+            state["step"],
+            state["epoch"],
+            state["batch"],
+        )
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
@@ -230,12 +287,25 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
 
     # 2) loop
     model.train()
-    stopped_early, loss_value, t0, samples0 = False, float("nan"), time.perf_counter(), state["samples"]
-    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(),
-               TextColumn("{task.completed}/{task.total} steps  loss {task.fields[loss]:.4f}  "
-                          "{task.fields[rate]:.1f} samples/s"), TimeElapsedColumn())
+    stopped_early, loss_value, t0, samples0 = (
+        False,
+        float("nan"),
+        time.perf_counter(),
+        state["samples"],
+    )
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        TextColumn(
+            "{task.completed}/{task.total} steps  loss {task.fields[loss]:.4f}  "
+            "{task.fields[rate]:.1f} samples/s"
+        ),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, disable=not (progress and accelerator.is_main_process)) as bar:
-        task = bar.add_task("training", total=total, completed=state["step"], loss=float("nan"), rate=0.0)
+        task = bar.add_task(
+            "training", total=total, completed=state["step"], loss=float("nan"), rate=0.0
+        )
         while state["step"] < total and not stopped_early:
             loader = train_loader
             if hasattr(loader, "set_epoch"):
@@ -260,32 +330,45 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
                 rate = (state["samples"] - samples0) / (time.perf_counter() - t0)
                 bar.update(task, completed=state["step"], loss=loss_value, rate=rate)
                 if state["step"] % eval_every == 0 or state["step"] == total:
-                    stopped_early = _validate_and_keep_best(model, val_loader, accelerator, config, state)
+                    stopped_early = _validate_and_keep_best(
+                        model, val_loader, accelerator, config, state
+                    )
                     _save_checkpoint(model, optimizer, accelerator, config.out, state)
                 if state["step"] >= total or stopped_early:
                     break
             else:
                 state["epoch"], state["batch"] = state["epoch"] + 1, 0
 
-    # 3) save: the best adapter is already in `out` when there was validation; otherwise the last one
+    # 3) save: the best adapter is already in `out` when there was validation; otherwise the last
+    #    one
     if val_loader is None:
         _save_adapter(model, accelerator, config.out)
     accelerator.wait_for_everyone()
     elapsed = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _peak_rss()) / 2**20
-    return TrainResult(out=config.out, steps=state["step"], resumed_from=resumed_from, best_val_loss=state["best_val"],
-                       val_losses=tuple(state.get("val_losses", [])),
-                       stopped_early=stopped_early, samples_per_s=(state["samples"] - samples0) / max(elapsed, 1e-9),
-                       peak_memory_mb=peak, processes=accelerator.num_processes)
+    return TrainResult(
+        out=config.out,
+        steps=state["step"],
+        resumed_from=resumed_from,
+        best_val_loss=state["best_val"],
+        val_losses=tuple(state.get("val_losses", [])),
+        stopped_early=stopped_early,
+        samples_per_s=(state["samples"] - samples0) / max(elapsed, 1e-9),
+        peak_memory_mb=peak,
+        processes=accelerator.num_processes,
+    )
 
 
-def _validate_and_keep_best(model, val_loader, accelerator, config: TrainConfig, state: dict) -> bool:
+def _validate_and_keep_best(
+    model, val_loader, accelerator, config: TrainConfig, state: dict
+) -> bool:
     """Save the adapter when validation loss improves; return True when patience has run out."""
     if val_loader is None:
         return False
     val_loss = evaluate(model, val_loader, accelerator)
     log.info("step %d: validation loss %.4f (best %s)", state["step"], val_loss, state["best_val"])
-    state.setdefault("val_losses", []).append(val_loss)  # a checkpoint of an older run may not have it
+    # a checkpoint of an older run may not have it
+    state.setdefault("val_losses", []).append(val_loss)
     if state["best_val"] is None or val_loss < state["best_val"] - 1e-4:
         state["best_val"], state["bad_evals"] = val_loss, 0
         _save_adapter(model, accelerator, config.out)

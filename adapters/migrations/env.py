@@ -1,5 +1,5 @@
-"""Alembic's entry point: migrate the connection lorafleet hands over (or, for `alembic` run by a developer, the
-`sqlalchemy.url` of its ini), comparing against the catalog's models."""
+"""Alembic's entry point: migrate the connection lorafleet hands over (or, for `alembic` run by a
+developer, the `sqlalchemy.url` of its ini), comparing against the catalog's models."""
 
 from __future__ import annotations
 
@@ -11,8 +11,11 @@ from lorafleet.adapters.catalog import Base
 
 def _migrate(connection: Connection) -> None:
     # SQLite alters a table by copying it (batch mode): a future revision's ALTER needs it there
-    context.configure(connection=connection, target_metadata=Base.metadata,
-                      render_as_batch=connection.dialect.name == "sqlite")
+    context.configure(
+        connection=connection,
+        target_metadata=Base.metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+    )
     with context.begin_transaction():
         context.run_migrations()
 
@@ -30,5 +33,6 @@ def _run() -> None:
     engine.dispose()
 
 
-if hasattr(context, "config"):  # run by Alembic; merely imported (e.g. by the tests' module walk), it does nothing
+# run by Alembic; merely imported (e.g. by the tests' module walk), it does nothing
+if hasattr(context, "config"):
     _run()

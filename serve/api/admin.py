@@ -1,5 +1,5 @@
-"""Admin API (bearer LORAFLEET_ADMIN_KEY): tenants (keys, limits, disabling, deletion), the audit trail of these
-operations, and engine status."""
+"""Admin API (bearer LORAFLEET_ADMIN_KEY): tenants (keys, limits, disabling, deletion), the audit
+trail of these operations, and engine status."""
 
 from __future__ import annotations
 
@@ -44,7 +44,14 @@ from lorafleet.adapters.tenants import (
     set_limits,
     stored_usage,
 )
-from lorafleet.serve.api.dependencies import Actor, AdminKey, Gateway, GatewayDep, SessionDep, release_connection
+from lorafleet.serve.api.dependencies import (
+    Actor,
+    AdminKey,
+    Gateway,
+    GatewayDep,
+    SessionDep,
+    release_connection,
+)
 from lorafleet.serve.limits import Limits
 
 __all__ = ["router"]
@@ -75,11 +82,17 @@ def get_one_tenant(name: str, gateway: GatewayDep, session: SessionDep) -> Tenan
     policy = session.get(TenantPolicy, tenant.id)
     stored, size = stored_usage(session, tenant)
     now = time.time()
-    return TenantPublic(name=tenant.name, created_at=tenant.created_at, disabled=bool(policy and policy.disabled_at),
-                        disabled_reason=policy.disabled_reason if policy else "",
-                        keys=sum(_live(k, now) for k in list_keys(session, tenant)), adapters=stored,
-                        adapter_bytes=size, deployments=len(list_deployments(session, tenant)),
-                        limits=_limits(gateway, policy.limits if policy else None))
+    return TenantPublic(
+        name=tenant.name,
+        created_at=tenant.created_at,
+        disabled=bool(policy and policy.disabled_at),
+        disabled_reason=policy.disabled_reason if policy else "",
+        keys=sum(_live(k, now) for k in list_keys(session, tenant)),
+        adapters=stored,
+        adapter_bytes=size,
+        deployments=len(list_deployments(session, tenant)),
+        limits=_limits(gateway, policy.limits if policy else None),
+    )
 
 
 @router.get("/tenants/{name}/limits")
@@ -90,14 +103,20 @@ def get_limits(name: str, gateway: GatewayDep, session: SessionDep) -> TenantLim
 
 
 def _limits_public(gateway: Gateway, tenant: Tenant, overrides: dict) -> TenantLimitsPublic:
-    return TenantLimitsPublic(tenant=tenant.name, limits=_limits(gateway, overrides), overrides=overrides,
-                              defaults=_limits(gateway, None))
+    return TenantLimitsPublic(
+        tenant=tenant.name,
+        limits=_limits(gateway, overrides),
+        overrides=overrides,
+        defaults=_limits(gateway, None),
+    )
 
 
 @router.put("/tenants/{name}/limits")
-def put_limits(name: str, body: TenantLimitsPut, gateway: GatewayDep, session: SessionDep,
-               actor: Actor) -> TenantLimitsPublic:
-    """Set some limits (0: unlimited), or return them to the default with null; the others are unchanged."""
+def put_limits(
+    name: str, body: TenantLimitsPut, gateway: GatewayDep, session: SessionDep, actor: Actor
+) -> TenantLimitsPublic:
+    """Set some limits (0: unlimited), or return them to the default with null; the others are
+    unchanged."""
     tenant = get_tenant(session, name)
     changes = body.model_dump(exclude_unset=True)
     policy = set_limits(session, tenant, changes)
@@ -130,7 +149,8 @@ def post_key(name: str, body: ApiKeyCreate, session: SessionDep, actor: Actor) -
 
 @router.delete("/tenants/{name}/keys/{key_id}")
 def delete_key(name: str, key_id: int, session: SessionDep, actor: Actor) -> ApiKeyPublic:
-    """Revoke a key: it stops authenticating at once (on other gateways within LORAFLEET_CATALOG_CACHE_S)."""
+    """Revoke a key: it stops authenticating at once (on other gateways within
+    LORAFLEET_CATALOG_CACHE_S)."""
     tenant = get_tenant(session, name)
     key = revoke_key(session, tenant, key_id)
     record_audit(session, actor, "key.revoke", tenant.name, key_id=key.id)
@@ -138,18 +158,32 @@ def delete_key(name: str, key_id: int, session: SessionDep, actor: Actor) -> Api
 
 
 @router.post("/tenants/{name}/keys/{key_id}/rotate", status_code=201)
-def post_rotate(name: str, key_id: int, body: ApiKeyRotate, session: SessionDep, actor: Actor) -> KeyRotated:
+def post_rotate(
+    name: str, key_id: int, body: ApiKeyRotate, session: SessionDep, actor: Actor
+) -> KeyRotated:
     """A new key; the old one keeps working for `grace_s` seconds, then expires."""
     tenant = get_tenant(session, name)
     old, key, secret = rotate_key(session, tenant, key_id, body.grace_s)
-    record_audit(session, actor, "key.rotate", tenant.name, key_id=old.id, new_key_id=key.id, grace_s=body.grace_s)
-    return KeyRotated(old=_key_public(old), new=ApiKeyCreated(**_key_public(key).model_dump(), api_key=secret))
+    record_audit(
+        session,
+        actor,
+        "key.rotate",
+        tenant.name,
+        key_id=old.id,
+        new_key_id=key.id,
+        grace_s=body.grace_s,
+    )
+    return KeyRotated(
+        old=_key_public(old), new=ApiKeyCreated(**_key_public(key).model_dump(), api_key=secret)
+    )
 
 
 @router.post("/tenants/{name}/disable")
-def post_disable(name: str, body: TenantDisable, gateway: GatewayDep, session: SessionDep,
-                 actor: Actor) -> TenantPublic:
-    """Every key of the tenant answers 401 with the reason, until it is enabled again; nothing is deleted."""
+def post_disable(
+    name: str, body: TenantDisable, gateway: GatewayDep, session: SessionDep, actor: Actor
+) -> TenantPublic:
+    """Every key of the tenant answers 401 with the reason, until it is enabled again; nothing is
+    deleted."""
     tenant = get_tenant(session, name)
     set_disabled(session, tenant, True, body.reason)
     record_audit(session, actor, "tenant.disable", tenant.name, reason=body.reason)
@@ -165,10 +199,11 @@ def post_enable(name: str, gateway: GatewayDep, session: SessionDep, actor: Acto
 
 
 @router.delete("/tenants/{name}")
-async def delete_one_tenant(name: str, gateway: GatewayDep, session: SessionDep, actor: Actor,
-                            force: bool = False) -> TenantDeletedPublic:
-    """Delete the tenant with its adapters, deployments, validation sets, samples and stored files; refused (409)
-    while one of its rollouts or A/B tests runs, unless `force=true`."""
+async def delete_one_tenant(
+    name: str, gateway: GatewayDep, session: SessionDep, actor: Actor, force: bool = False
+) -> TenantDeletedPublic:
+    """Delete the tenant with its adapters, deployments, validation sets, samples and stored
+    files; refused (409) while one of its rollouts or A/B tests runs, unless `force=true`."""
     started = time.time()
     tenant = await run_in_threadpool(get_tenant, session, name)
     await run_in_threadpool(gateway.drift.forget, tenant.id)  # the samples waiting in memory too
@@ -178,24 +213,47 @@ async def delete_one_tenant(name: str, gateway: GatewayDep, session: SessionDep,
         if not await run_in_threadpool(digest_in_use, session, digest):
             release_connection(session)
             await gateway.fleet.unload(digest)
-            # the last look with the blob out of sight (an object store's calls block: a worker thread)
-            blobs += await run_in_threadpool(gateway.store.delete, digest, partial(digest_in_use, session, digest))
+            # the last look with the blob out of sight (an object store's calls block: a worker
+            # thread)
+            blobs += await run_in_threadpool(
+                gateway.store.delete, digest, partial(digest_in_use, session, digest)
+            )
     for digest in sorted(deleted.validation_digests):
-        # a validation upload puts its blob (or renews its time) before its row commits: kept if put since
-        blobs += await run_in_threadpool(gateway.validation_store.delete, digest,
-                                         partial(_validation_in_use, session, digest), started)
-    await run_in_threadpool(record_audit, session, actor, "tenant.delete", name, force=force, rows=deleted.counts,
-                            blobs=blobs)
+        # a validation upload puts its blob (or renews its time) before its row commits: kept if put
+        # since
+        blobs += await run_in_threadpool(
+            gateway.validation_store.delete,
+            digest,
+            partial(_validation_in_use, session, digest),
+            started,
+        )
+    await run_in_threadpool(
+        record_audit,
+        session,
+        actor,
+        "tenant.delete",
+        name,
+        force=force,
+        rows=deleted.counts,
+        blobs=blobs,
+    )
     return TenantDeletedPublic(name=name, deleted=deleted.counts, blobs_deleted=blobs)
 
 
 def _validation_in_use(session: Session, digest: str) -> bool:
-    return session.scalar(select(ValidationSet.id).where(ValidationSet.digest == digest).limit(1)) is not None
+    return (
+        session.scalar(select(ValidationSet.id).where(ValidationSet.digest == digest).limit(1))
+        is not None
+    )
 
 
 @router.get("/audit")
-def get_audit(session: SessionDep, tenant: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-              before: Annotated[int | None, Query(ge=1, le=2**62)] = None) -> list[AuditEventPublic]:
+def get_audit(
+    session: SessionDep,
+    tenant: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    before: Annotated[int | None, Query(ge=1, le=2**62)] = None,
+) -> list[AuditEventPublic]:
     """Admin operations, newest first; `before` (an event id) pages back."""
     return [AuditEventPublic.model_validate(e) for e in list_audit(session, tenant, limit, before)]
 
@@ -204,18 +262,40 @@ def get_audit(session: SessionDep, tenant: str | None = None, limit: Annotated[i
 def get_engine(gateway: GatewayDep) -> dict:
     """The engine (in a fleet: the first replica's supervision, and how many replicas are up)."""
     supervisor = gateway.fleet.replicas[0].supervisor if gateway.fleet.replicas else None
-    first = {} if supervisor is None else {
-        "pid": supervisor.process.pid if supervisor.process else None, "starts": supervisor.starts,
-        "last_start_s": supervisor.last_start_s, "quantization": supervisor.quantization.label,
-        "hardware": supervisor.hardware.describe(), "sizing": supervisor.sizing.as_dict()}
-    return {"up": gateway.fleet.up, "base": gateway.settings.base, **first, **gateway.fleet.status(),
-            "admission": {"slots": gateway.fair_queue.slots(), "in_engine": gateway.fair_queue.in_engine,
-                          "waiting": gateway.fair_queue.waiting}}
+    first = (
+        {}
+        if supervisor is None
+        else {
+            "pid": supervisor.process.pid if supervisor.process else None,
+            "starts": supervisor.starts,
+            "last_start_s": supervisor.last_start_s,
+            "quantization": supervisor.quantization.label,
+            "hardware": supervisor.hardware.describe(),
+            "sizing": supervisor.sizing.as_dict(),
+        }
+    )
+    return {
+        "up": gateway.fleet.up,
+        "base": gateway.settings.base,
+        **first,
+        **gateway.fleet.status(),
+        "admission": {
+            "slots": gateway.fair_queue.slots(),
+            "in_engine": gateway.fair_queue.in_engine,
+            "waiting": gateway.fair_queue.waiting,
+        },
+    }
 
 
 @router.get("/engines")
 def get_engines(gateway: GatewayDep) -> dict:
-    """Every replica: address, state, queue (running, waiting), adapters registered on it, hardware."""
+    """Every replica: address, state, queue (running, waiting), adapters registered on it,
+    hardware."""
     fleet = gateway.fleet
-    return {"policy": fleet.policy.name, "replicas": fleet.describe(), "placed": fleet.placed,
-            "spills": fleet.spills, "failovers": fleet.failovers}
+    return {
+        "policy": fleet.policy.name,
+        "replicas": fleet.describe(),
+        "placed": fleet.placed,
+        "spills": fleet.spills,
+        "failovers": fleet.failovers,
+    }

@@ -1,5 +1,6 @@
-"""The gateway app: the only process clients reach. Its parts are built once (`build_gateway`), its engine and
-background loops start in the lifespan, and every route and error handler is installed here."""
+"""The gateway app: the only process clients reach. Its parts are built once (`build_gateway`),
+its engine and background loops start in the lifespan, and every route and error handler is
+installed here."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ __all__ = ["create_app"]
 log = logging.getLogger("lorafleet.gateway")
 
 
-KEY_USE_FLUSH_S = 60.0  # keys' last_used_at is this coarse: one catalog write per minute, not one per request
+# keys' last_used_at is this coarse: one catalog write per minute, not one per request
+KEY_USE_FLUSH_S = 60.0
 
 
 def _save_key_use(gateway: Gateway) -> None:
@@ -49,13 +51,16 @@ async def _record_key_use(gateway: Gateway) -> None:
 
 
 def _metrics_listener(gateway: Gateway):
-    """`/metrics` on its own loopback listener (no key: reachable only from where it listens), when configured."""
+    """`/metrics` on its own loopback listener (no key: reachable only from where it listens),
+    when configured."""
     settings = gateway.settings
     if not settings.metrics_port:
         return None
     from prometheus_client import start_http_server
 
-    server, _ = start_http_server(settings.metrics_port, settings.metrics_host, registry=gateway.metrics.registry)
+    server, _ = start_http_server(
+        settings.metrics_port, settings.metrics_host, registry=gateway.metrics.registry
+    )
     log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
     return server
 
@@ -67,11 +72,13 @@ def create_app(settings: Settings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gateway.fleet.start()
-        tasks = [asyncio.create_task(gateway.controller.run(), name="rollout-controller"),
-                 asyncio.create_task(gateway.drift.run(), name="drift-monitor"),
-                 asyncio.create_task(gateway.gc.run(), name="garbage-collector"),
-                 asyncio.create_task(_record_key_use(gateway), name="key-use"),
-                 asyncio.create_task(gateway.requests.run(), name="request-log")]
+        tasks = [
+            asyncio.create_task(gateway.controller.run(), name="rollout-controller"),
+            asyncio.create_task(gateway.drift.run(), name="drift-monitor"),
+            asyncio.create_task(gateway.gc.run(), name="garbage-collector"),
+            asyncio.create_task(_record_key_use(gateway), name="key-use"),
+            asyncio.create_task(gateway.requests.run(), name="request-log"),
+        ]
         metrics_server = _metrics_listener(gateway)
         try:
             yield
@@ -93,8 +100,12 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="lorafleet", lifespan=lifespan)
     app.state.gateway = gateway
     app.openapi = lambda: gateway_openapi(app)  # type: ignore[method-assign]  # what the routes really take
-    app.add_middleware(BodyLimit, max_upload_bytes=settings.max_upload_bytes,  # the inner one: after authentication
-                       max_request_bytes=settings.max_request_bytes)
+    # the inner one: after authentication
+    app.add_middleware(
+        BodyLimit,
+        max_upload_bytes=settings.max_upload_bytes,
+        max_request_bytes=settings.max_request_bytes,
+    )
     app.add_middleware(Authenticate, gateway=gateway)
     install_error_handlers(app)
     for routes in (chat, registry, rollouts, drift, feedback, captures, admin):
@@ -109,8 +120,14 @@ def create_app(settings: Settings) -> FastAPI:
     def readyz(request: Request) -> JSONResponse:
         fleet = request.app.state.gateway.fleet
         up, state = fleet.up, fleet.state
-        return JSONResponse({"status": "ready" if up else "engine starting", "engine_up": up, "engine_state": state},
-                            status_code=200 if up else 503)
+        return JSONResponse(
+            {
+                "status": "ready" if up else "engine starting",
+                "engine_up": up,
+                "engine_state": state,
+            },
+            status_code=200 if up else 503,
+        )
 
     @app.get("/metrics")
     def metrics() -> Response:

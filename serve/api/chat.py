@@ -41,7 +41,8 @@ router = APIRouter(prefix="/v1")
 log = logging.getLogger("lorafleet.gateway")
 
 
-MAX_JSON_DEPTH = 64  # OpenAI's chat bodies nest about 6 deep (tool schemas more); the engine re-encodes the body
+# OpenAI's chat bodies nest about 6 deep (tool schemas more); the engine re-encodes the body
+MAX_JSON_DEPTH = 64
 
 
 def _depth_exceeds(value: Any, limit: int) -> bool:
@@ -58,7 +59,8 @@ def _depth_exceeds(value: Any, limit: int) -> bool:
 
 
 async def read_chat_body(request: Request) -> dict[str, Any]:
-    """Parse the JSON body; only the fields the gateway needs are checked, the engine checks the rest."""
+    """Parse the JSON body; only the fields the gateway needs are checked, the engine checks the
+    rest."""
     try:
         body = await request.json()
     except ValueError as exc:
@@ -68,45 +70,89 @@ async def read_chat_body(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")
     if _depth_exceeds(body, MAX_JSON_DEPTH):
-        raise InvalidRequest(f"the body is nested deeper than {MAX_JSON_DEPTH} levels", code="json_too_deep")
+        raise InvalidRequest(
+            f"the body is nested deeper than {MAX_JSON_DEPTH} levels", code="json_too_deep"
+        )
     if not isinstance(body.get("model"), str) or not body["model"]:
-        raise InvalidRequest("'model' is required: the name of one of your deployments", code="model_required")
+        raise InvalidRequest(
+            "'model' is required: the name of one of your deployments", code="model_required"
+        )
     if not isinstance(body.get("messages"), list):
         raise InvalidRequest("'messages' must be a list")
     return body
 
 
-def _route(tenant: TenantEntry, deployment: DeploymentEntry, body: dict, headers: Mapping[str, str],
-           request_id: str) -> Route:
-    """Which adapter serves this request of the deployment: the stable one, or the variant the request's unit
-    is assigned to while a rollout runs."""
+def _route(
+    tenant: TenantEntry,
+    deployment: DeploymentEntry,
+    body: dict,
+    headers: Mapping[str, str],
+    request_id: str,
+) -> Route:
+    """Which adapter serves this request of the deployment: the stable one, or the variant the
+    request's unit is assigned to while a rollout runs."""
     digest, variant, sample = deployment.stable_digest, "stable", None
     if (rollout := deployment.rollout) is not None:
         unit = unit_of(body, headers)
-        chosen = choose(rollout.variants, bucket_of(rollout.salt, tenant.name, deployment.name, unit))
+        chosen = choose(
+            rollout.variants, bucket_of(rollout.salt, tenant.name, deployment.name, unit)
+        )
         digest, variant = chosen.digest, chosen.label
-        sample = {"rollout_id": rollout.id, "step_index": rollout.step_index, "variant": chosen.label,
-                  "unit": hashlib.sha256(unit.encode()).hexdigest()[:16]}
-    return Route(deployment=deployment.name, digest=digest, variant=variant, sample=sample,
-                 answer_format=deployment.answer_format, deployment_id=deployment.id,
-                 sample_inputs=tenant.sample_inputs and deployment.validation_set_id is not None,
-                 request_id=request_id, capture=deployment.capture,
-                 headers={"x-request-id": request_id, "x-lorafleet-deployment": deployment.name,
-                          "x-lorafleet-adapter": digest, "x-lorafleet-variant": variant})
+        sample = {
+            "rollout_id": rollout.id,
+            "step_index": rollout.step_index,
+            "variant": chosen.label,
+            "unit": hashlib.sha256(unit.encode()).hexdigest()[:16],
+        }
+    return Route(
+        deployment=deployment.name,
+        digest=digest,
+        variant=variant,
+        sample=sample,
+        answer_format=deployment.answer_format,
+        deployment_id=deployment.id,
+        sample_inputs=tenant.sample_inputs and deployment.validation_set_id is not None,
+        request_id=request_id,
+        capture=deployment.capture,
+        headers={
+            "x-request-id": request_id,
+            "x-lorafleet-deployment": deployment.name,
+            "x-lorafleet-adapter": digest,
+            "x-lorafleet-variant": variant,
+        },
+    )
 
 
-def _inspect(route: Route, messages: list, text: str | None, answered: bool, checkable: bool,
-             ticket: SampleTicket | None, capture: tuple[int, float] | None, gateway: Gateway, usage: Usage,
-             confidence: float | None) -> tuple[bool | None, bool]:
-    """CPU work on a worker thread: the answer's format check, the drift sample's features, the capture."""
+def _inspect(
+    route: Route,
+    messages: list,
+    text: str | None,
+    answered: bool,
+    checkable: bool,
+    ticket: SampleTicket | None,
+    capture: tuple[int, float] | None,
+    gateway: Gateway,
+    usage: Usage,
+    confidence: float | None,
+) -> tuple[bool | None, bool]:
+    """CPU work on a worker thread: the answer's format check, the drift sample's features, the
+    capture."""
     valid, captured = None, False
     try:
         if checkable and text is not None and route.answer_format is not None:
             valid = answer_checker(route.answer_format)(text)
     finally:  # a drawn sample is always settled
         if ticket is not None:
-            gateway.drift.keep(ticket, route.variant, messages, answered, text, usage.completion_tokens, valid,
-                               confidence)
+            gateway.drift.keep(
+                ticket,
+                route.variant,
+                messages,
+                answered,
+                text,
+                usage.completion_tokens,
+                valid,
+                confidence,
+            )
     if capture is not None and text is not None:
         tenant_id, now = capture
         try:
@@ -116,11 +162,19 @@ def _inspect(route: Route, messages: list, text: str | None, answered: bool, che
     return valid, captured
 
 
-async def _record(gateway: Gateway, tenant: TenantEntry, route: Route, usage: Usage, t0: float, messages: list,
-                  admitted: Admitted | None = None) -> None:
+async def _record(
+    gateway: Gateway,
+    tenant: TenantEntry,
+    route: Route,
+    usage: Usage,
+    t0: float,
+    messages: list,
+    admitted: Admitted | None = None,
+) -> None:
     if usage.replica is not None:
         gateway.fleet.done(usage.replica)
-    if admitted is not None:  # first: the slots and the token count do not wait for the bookkeeping below
+    # first: the slots and the token count do not wait for the bookkeeping below
+    if admitted is not None:
         gateway.fair_queue.release(tenant.name)
         await gateway.limiter.release(admitted, usage.prompt_tokens + usage.completion_tokens)
     m = gateway.metrics
@@ -135,65 +189,128 @@ async def _record(gateway: Gateway, tenant: TenantEntry, route: Route, usage: Us
         m.ttft.labels(*labels).observe(usage.first_chunk_s)
     m.tokens.labels(*labels, "prompt").inc(usage.prompt_tokens)
     m.tokens.labels(*labels, "completion").inc(usage.completion_tokens)
-    # The rollout's analysis compares these, variant against variant. An engine outage hits every variant
-    # alike and says nothing about the adapter; a 4xx is the client's; a 5xx (e.g. a failed load) counts.
+    # The rollout's analysis compares these, variant against variant. An engine outage hits every
+    # variant alike and says nothing about the adapter; a 4xx is the client's; a 5xx (e.g. a failed
+    # load) counts.
     answered = usage.status == 200
     text = "".join(usage.text) if usage.text is not None else None
     confidence, least = summarize(usage.logprobs) if answered else (None, None)
     if confidence is not None:
         m.confidence.labels(*labels).observe(confidence)
-    ticket = gateway.drift.wants_sample(route.deployment_id) if route.sample_inputs and usage.status < 500 else None
-    capture = (tenant.id, now) if answered and text is not None and gateway.capture.wants(route, now) else None
+    ticket = (
+        gateway.drift.wants_sample(route.deployment_id)
+        if route.sample_inputs and usage.status < 500
+        else None
+    )
+    capture = (
+        (tenant.id, now)
+        if answered and text is not None and gateway.capture.wants(route, now)
+        else None
+    )
     measured = route.sample is not None and usage.error_code != "engine_unavailable"
     checkable = answered and text is not None and route.answer_format is not None
     valid, captured = None, False
-    if ticket is not None or capture is not None or (measured and checkable):  # only then is there thread work
-        valid, captured = await run_in_threadpool(_inspect, route, messages, text, answered, checkable, ticket,
-                                                  capture, gateway, usage, confidence)
+    # only then is there thread work
+    if ticket is not None or capture is not None or (measured and checkable):
+        valid, captured = await run_in_threadpool(
+            _inspect,
+            route,
+            messages,
+            text,
+            answered,
+            checkable,
+            ticket,
+            capture,
+            gateway,
+            usage,
+            confidence,
+        )
         if captured:
             m.captures.labels(tenant.name, route.deployment).inc()
     if measured:
-        gateway.controller.samples.add({**(route.sample or {}), "ok": usage.status < 500, "latency_s": latency,
-                                        "output_tokens": usage.completion_tokens, "format_valid": valid,
-                                        "confidence": confidence, "at": now})
-    gateway.requests.add(_log_row(tenant, route.request_id, now, usage, latency) | {
-        "deployment_id": route.deployment_id or None, "deployment": route.deployment,
-        "rollout_id": route.sample["rollout_id"] if route.sample else None, "variant": route.variant,
-        "digest": route.digest, "confidence_mean": confidence, "confidence_min": least, "captured": captured})
+        gateway.controller.samples.add(
+            {
+                **(route.sample or {}),
+                "ok": usage.status < 500,
+                "latency_s": latency,
+                "output_tokens": usage.completion_tokens,
+                "format_valid": valid,
+                "confidence": confidence,
+                "at": now,
+            }
+        )
+    gateway.requests.add(
+        _log_row(tenant, route.request_id, now, usage, latency)
+        | {
+            "deployment_id": route.deployment_id or None,
+            "deployment": route.deployment,
+            "rollout_id": route.sample["rollout_id"] if route.sample else None,
+            "variant": route.variant,
+            "digest": route.digest,
+            "confidence_mean": confidence,
+            "confidence_min": least,
+            "captured": captured,
+        }
+    )
 
 
-def _log_row(tenant: TenantEntry, request_id: str, now: float, usage: Usage, latency: float) -> dict:
-    """A request-log row; one that never reached a deployment (a bad body, an unknown model) has no route."""
-    return {"request_id": request_id, "tenant_id": tenant.id, "key_id": tenant.key_id or None, "at": now,
-            "deployment_id": None, "deployment": "", "rollout_id": None, "variant": "", "digest": "",
-            "status": usage.status, "error_code": usage.error_code, "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens, "latency_s": latency, "stream": usage.stream,
-            "confidence_mean": None, "confidence_min": None, "captured": False}
+def _log_row(
+    tenant: TenantEntry, request_id: str, now: float, usage: Usage, latency: float
+) -> dict:
+    """A request-log row; one that never reached a deployment (a bad body, an unknown model) has
+    no route."""
+    return {
+        "request_id": request_id,
+        "tenant_id": tenant.id,
+        "key_id": tenant.key_id or None,
+        "at": now,
+        "deployment_id": None,
+        "deployment": "",
+        "rollout_id": None,
+        "variant": "",
+        "digest": "",
+        "status": usage.status,
+        "error_code": usage.error_code,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "latency_s": latency,
+        "stream": usage.stream,
+        "confidence_mean": None,
+        "confidence_min": None,
+        "captured": False,
+    }
 
 
 async def _admit(gateway: Gateway, tenant: TenantEntry) -> Admitted:
     """The tenant's rate and concurrency limits, before anything of the request is read."""
     try:
-        return await gateway.limiter.admit(tenant.name, tenant.limits or Limits.defaults(gateway.settings))
+        return await gateway.limiter.admit(
+            tenant.name, tenant.limits or Limits.defaults(gateway.settings)
+        )
     except RateLimited as exc:
         gateway.metrics.rate_limited.labels(tenant.name, str(exc.code)).inc()
         raise
 
 
-async def _resolve(gateway: Gateway, request: Request, tenant: TenantEntry, limits: Limits,
-                   request_id: str) -> tuple[dict[str, Any], Route]:
+async def _resolve(
+    gateway: Gateway, request: Request, tenant: TenantEntry, limits: Limits, request_id: str
+) -> tuple[dict[str, Any], Route]:
     """The checked body (its images admitted) and where it goes."""
     body = await read_chat_body(request)
-    await admit_images(body, ImageLimits(limits.images_per_request, limits.image_bytes, limits.image_pixels),
-                       gateway.remote_images)
+    await admit_images(
+        body,
+        ImageLimits(limits.images_per_request, limits.image_bytes, limits.image_pixels),
+        gateway.remote_images,
+    )
     _, deployment = await gateway.routes.fetch(request.state.api_key, body["model"])
     return body, _route(tenant, deployment, body, request.headers, request_id)
 
 
 async def chat_completions(request: Request) -> Response:
-    # The hot path: the catalog is read through the route cache, only a miss costs a thread hand-off; a plain
-    # Starlette route (see below), since FastAPI's per-request dependency resolution cost more than its work.
-    # The `Authenticate` middleware has checked the key already (request.state.tenant).
+    # The hot path: the catalog is read through the route cache, only a miss costs a thread
+    # hand-off; a plain Starlette route (see below), since FastAPI's per-request dependency
+    # resolution cost more than its work. The `Authenticate` middleware has checked the key already
+    # (request.state.tenant).
     t0 = time.perf_counter()
     gateway: Gateway = request.app.state.gateway
     tenant: TenantEntry = request.state.tenant
@@ -202,16 +319,24 @@ async def chat_completions(request: Request) -> Response:
     headers = {**admitted.headers, "x-request-id": request_id}
     try:
         body, route = await _resolve(gateway, request, tenant, admitted.limits, request_id)
-        await gateway.fair_queue.acquire(tenant.name)  # may wait for an engine slot: fairly between tenants
+        # may wait for an engine slot: fairly between tenants
+        await gateway.fair_queue.acquire(tenant.name)
     except BaseException as exc:
         await gateway.limiter.release(admitted, 0)
         usage = Usage()
         usage.status, usage.error_code = _outcome(exc)
-        gateway.requests.add(_log_row(tenant, request_id, time.time(), usage, time.perf_counter() - t0))
+        gateway.requests.add(
+            _log_row(tenant, request_id, time.time(), usage, time.perf_counter() - t0)
+        )
         _add_headers(exc, headers)
         raise
-    usage = Usage(text=[] if route.answer_format is not None or route.sample_inputs or route.capture else None,
-                  logprobs=[] if gateway.settings.record_confidence else None, stream=bool(body.get("stream")))
+    usage = Usage(
+        text=[]
+        if route.answer_format is not None or route.sample_inputs or route.capture
+        else None,
+        logprobs=[] if gateway.settings.record_confidence else None,
+        stream=bool(body.get("stream")),
+    )
     messages = body.get("messages") or []
     try:
         response = await _forward(gateway.fleet, body, route, usage)
@@ -221,17 +346,21 @@ async def chat_completions(request: Request) -> Response:
         _add_headers(exc, headers)
         raise
     response.headers.update(admitted.headers)
-    response.background = BackgroundTask(_record, gateway, tenant, route, usage, t0, messages, admitted)
+    response.background = BackgroundTask(
+        _record, gateway, tenant, route, usage, t0, messages, admitted
+    )
     return response
 
 
 async def _forward(fleet: Fleet, body: dict[str, Any], route: Route, usage: Usage) -> Response:
-    """Place the request on a replica, register its adapter there, forward it. A replica that does not answer
-    (it died, or is gone) leaves placement, and the request goes once more to another one: nothing of it has
-    reached the client yet (a stream that already started ends with an in-band error instead, in `forward_chat`)."""
+    """Place the request on a replica, register its adapter there, forward it. A replica that
+    does not answer (it died, or is gone) leaves placement, and the request goes once more to
+    another one: nothing of it has reached the client yet (a stream that already started ends
+    with an in-band error instead, in `forward_chat`)."""
     tried: list[str] = []
     while True:
-        usage.replica = replica = fleet.place(route.digest, exclude=tried)  # in flight there until `_record`
+        # in flight there until `_record`
+        usage.replica = replica = fleet.place(route.digest, exclude=tried)
         try:
             await replica.client.ensure_loaded(route.digest)
             return await forward_chat(replica.client, body, route, usage)
@@ -247,7 +376,11 @@ async def _forward(fleet: Fleet, body: dict[str, Any], route: Route, usage: Usag
 def _outcome(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, LorafleetError):
         return exc.status, str(exc.code)
-    return (499, "client_closed") if isinstance(exc, asyncio.CancelledError) else (500, "internal_error")
+    return (
+        (499, "client_closed")
+        if isinstance(exc, asyncio.CancelledError)
+        else (500, "internal_error")
+    )
 
 
 def _add_headers(exc: BaseException, headers: dict[str, str]) -> None:
@@ -266,13 +399,18 @@ def _model(name: str, created: float, owner: str) -> ModelPublic:
 @router.get("/models")
 def get_models(session: SessionDep, tenant: CurrentTenant) -> ModelList:
     """The tenant's deployments, in OpenAI's shape (never the engine's list of every adapter)."""
-    return ModelList(data=[_model(d.name, d.updated_at.timestamp(), tenant.name)
-                           for d in list_deployments(session, tenant)])
+    return ModelList(
+        data=[
+            _model(d.name, d.updated_at.timestamp(), tenant.name)
+            for d in list_deployments(session, tenant)
+        ]
+    )
 
 
 @router.get("/tenant")
 def get_tenant(tenant: CurrentTenant, actor: ActingAs) -> TenantSelf:
-    """Whose key this is: the tenant's name (the console's sign-in asks this), and who acts for it."""
+    """Whose key this is: the tenant's name (the console's sign-in asks this), and who acts for
+    it."""
     return TenantSelf(name=tenant.name, acting_as=actor)
 
 

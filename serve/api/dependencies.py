@@ -12,8 +12,16 @@ from lorafleet.adapters.catalog import Tenant
 from lorafleet.adapters.errors import Unauthorized
 from lorafleet.serve.gateway import Gateway
 
-__all__ = ["Gateway", "GatewayDep", "SessionDep", "CurrentTenant", "AdminKey", "Actor", "ActingAs",
-           "release_connection"]
+__all__ = [
+    "Gateway",
+    "GatewayDep",
+    "SessionDep",
+    "CurrentTenant",
+    "AdminKey",
+    "Actor",
+    "ActingAs",
+    "release_connection",
+]
 
 
 def _gateway(request: Request) -> Gateway:
@@ -32,7 +40,8 @@ SessionDep = Annotated[Session, Depends(_session)]
 
 
 def _current_tenant(request: Request, session: SessionDep) -> Tenant:
-    """The tenant the `Authenticate` middleware found for this request's key, read in this request's session."""
+    """The tenant the `Authenticate` middleware found for this request's key, read in this
+    request's session."""
     entry = getattr(request.state, "tenant", None)
     tenant = session.get(Tenant, entry.id) if entry is not None else None
     if tenant is None:  # deleted since its key was checked
@@ -53,8 +62,8 @@ def _admin(request: Request) -> str:
 
 
 def _acting(request: Request, tenant: CurrentTenant) -> str:
-    """Who does what the request asks, as decisions and audit rows name them: the tenant, or the admin acting for
-    it (the `Authenticate` middleware set `request.state.actor`)."""
+    """Who does what the request asks, as decisions and audit rows name them: the tenant, or the
+    admin acting for it (the `Authenticate` middleware set `request.state.actor`)."""
     return getattr(request.state, "actor", None) or f"tenant:{tenant.name}"
 
 
@@ -65,7 +74,8 @@ Actor = Annotated[str, Depends(_admin)]
 
 
 def release_connection(session: Session) -> None:
-    """End the session's read transaction, so its connection goes back to the pool while the request waits on
-    something else (an upload, the engine); the rows it loaded stay usable (expire_on_commit is off)."""
+    """End the session's read transaction, so its connection goes back to the pool while the
+    request waits on something else (an upload, the engine); the rows it loaded stay usable
+    (expire_on_commit is off)."""
     if not session.new and not session.dirty and not session.deleted:
         session.commit()

@@ -1,5 +1,5 @@
-"""Tenant API for drift monitoring: replay on demand, status (with the feedback timeline), history, and the
-input-sampling opt-out.
+"""Tenant API for drift monitoring: replay on demand, status (with the feedback timeline), history,
+and the input-sampling opt-out.
 
 Scoped like every tenant route: another tenant's deployment is 404.
 """
@@ -14,10 +14,27 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from lorafleet.adapters.catalog import AdapterVersion, Deployment, DriftCheck, InputSample, ValidationRun
+from lorafleet.adapters.catalog import (
+    AdapterVersion,
+    Deployment,
+    DriftCheck,
+    InputSample,
+    ValidationRun,
+)
 from lorafleet.adapters.registry import get_deployment, list_deployments
-from lorafleet.adapters.schemas import DriftCheckPublic, DriftHistory, DriftSampling, DriftStatus, ValidationRunPublic
-from lorafleet.serve.api.dependencies import CurrentTenant, GatewayDep, SessionDep, release_connection
+from lorafleet.adapters.schemas import (
+    DriftCheckPublic,
+    DriftHistory,
+    DriftSampling,
+    DriftStatus,
+    ValidationRunPublic,
+)
+from lorafleet.serve.api.dependencies import (
+    CurrentTenant,
+    GatewayDep,
+    SessionDep,
+    release_connection,
+)
 from lorafleet.serve.drift.monitor import live_versions
 from lorafleet.serve.drift.timeline import (
     DEFAULT_BUCKET_S,
@@ -34,14 +51,19 @@ __all__ = ["router"]
 
 router = APIRouter(prefix="/v1")
 
-BucketS = Annotated[int, Query(ge=MIN_BUCKET_S, le=MAX_BUCKET_S, description="seconds per feedback period")]
-Buckets = Annotated[int, Query(ge=1, le=MAX_BUCKETS, description="feedback periods, the current one last")]
+BucketS = Annotated[
+    int, Query(ge=MIN_BUCKET_S, le=MAX_BUCKET_S, description="seconds per feedback period")
+]
+Buckets = Annotated[
+    int, Query(ge=1, le=MAX_BUCKETS, description="feedback periods, the current one last")
+]
 
 
 def _run_public(session: Session, run: ValidationRun) -> ValidationRunPublic:
     version = session.get_one(AdapterVersion, run.version_id)
     return ValidationRunPublic.model_validate(run).model_copy(
-        update={"version": f"{version.adapter.name}@{version.version}"})
+        update={"version": f"{version.adapter.name}@{version.version}"}
+    )
 
 
 def _latest_per_variant(session: Session, latest: Select, kind: str) -> list[DriftCheckPublic]:
@@ -51,31 +73,51 @@ def _latest_per_variant(session: Session, latest: Select, kind: str) -> list[Dri
     return [DriftCheckPublic.model_validate(c) for c in checks.values()]
 
 
-def _status(session: Session, deployment: Deployment, sample_inputs: bool, window: Window | None = None) -> DriftStatus:
+def _status(
+    session: Session, deployment: Deployment, sample_inputs: bool, window: Window | None = None
+) -> DriftStatus:
     window = window or Window.ending_at(time.time())
     runs = []
     for variant, version in live_versions(session, deployment):
-        run = session.scalar(select(ValidationRun).where(ValidationRun.deployment_id == deployment.id,
-                                                         ValidationRun.version_id == version.id)
-                             .order_by(ValidationRun.id.desc()).limit(1))
+        run = session.scalar(
+            select(ValidationRun)
+            .where(
+                ValidationRun.deployment_id == deployment.id, ValidationRun.version_id == version.id
+            )
+            .order_by(ValidationRun.id.desc())
+            .limit(1)
+        )
         if run is not None:
             runs.append(_run_public(session, run).model_copy(update={"variant": variant}))
-    latest = select(DriftCheck).where(DriftCheck.deployment_id == deployment.id).order_by(DriftCheck.id.desc())
+    latest = (
+        select(DriftCheck)
+        .where(DriftCheck.deployment_id == deployment.id)
+        .order_by(DriftCheck.id.desc())
+    )
     input_check = session.scalar(latest.where(DriftCheck.kind == "input").limit(1))
-    samples = session.scalar(select(func.count()).where(InputSample.deployment_id == deployment.id)) or 0
+    samples = (
+        session.scalar(select(func.count()).where(InputSample.deployment_id == deployment.id)) or 0
+    )
     validation = deployment.validation_set
-    return DriftStatus(deployment=deployment.name, sample_inputs=sample_inputs, samples=samples,
-                       validation_set=validation.digest if validation else None, runs=runs,
-                       input=DriftCheckPublic.model_validate(input_check) if input_check else None,
-                       output=_latest_per_variant(session, latest, "output"),
-                       confidence=_latest_per_variant(session, latest, "confidence"),
-                       feedback=feedback_timeline(session, deployment, window))
+    return DriftStatus(
+        deployment=deployment.name,
+        sample_inputs=sample_inputs,
+        samples=samples,
+        validation_set=validation.digest if validation else None,
+        runs=runs,
+        input=DriftCheckPublic.model_validate(input_check) if input_check else None,
+        output=_latest_per_variant(session, latest, "output"),
+        confidence=_latest_per_variant(session, latest, "confidence"),
+        feedback=feedback_timeline(session, deployment, window),
+    )
 
 
 @router.post("/deployments/{deployment}/drift/check")
-async def drift_check(deployment: str, gateway: GatewayDep, session: SessionDep,
-                      tenant: CurrentTenant) -> list[ValidationRunPublic]:
-    """Every live version answers the validation set now: a baseline the first time, else a comparison."""
+async def drift_check(
+    deployment: str, gateway: GatewayDep, session: SessionDep, tenant: CurrentTenant
+) -> list[ValidationRunPublic]:
+    """Every live version answers the validation set now: a baseline the first time, else a
+    comparison."""
     target = await run_in_threadpool(get_deployment, session, tenant, deployment)
     require_validation_set(target)
     gateway.fleet.require_up()
@@ -85,9 +127,11 @@ async def drift_check(deployment: str, gateway: GatewayDep, session: SessionDep,
 
 
 @router.post("/deployments/{deployment}/drift/look")
-async def drift_look(deployment: str, gateway: GatewayDep, session: SessionDep,
-                     tenant: CurrentTenant) -> DriftStatus:
-    """Save the sampled requests and look for input and output drift now (over whatever has been sampled)."""
+async def drift_look(
+    deployment: str, gateway: GatewayDep, session: SessionDep, tenant: CurrentTenant
+) -> DriftStatus:
+    """Save the sampled requests and look for input and output drift now (over whatever has been
+    sampled)."""
     target = await run_in_threadpool(get_deployment, session, tenant, deployment)
     await run_in_threadpool(gateway.drift.save_samples)
     await run_in_threadpool(gateway.drift.look, target.id)
@@ -96,34 +140,58 @@ async def drift_look(deployment: str, gateway: GatewayDep, session: SessionDep,
 
 
 @router.get("/deployments/{deployment}/drift")
-def drift_status(deployment: str, session: SessionDep, tenant: CurrentTenant, bucket_s: BucketS = DEFAULT_BUCKET_S,
-                 buckets: Buckets = DEFAULT_BUCKETS) -> DriftStatus:
-    """The latest replay and looks of every live version, and its feedback per period of `bucket_s` seconds."""
+def drift_status(
+    deployment: str,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    bucket_s: BucketS = DEFAULT_BUCKET_S,
+    buckets: Buckets = DEFAULT_BUCKETS,
+) -> DriftStatus:
+    """The latest replay and looks of every live version, and its feedback per period of
+    `bucket_s` seconds."""
     window = Window.ending_at(time.time(), bucket_s, buckets)
-    return _status(session, get_deployment(session, tenant, deployment), tenant.sample_inputs, window)
+    return _status(
+        session, get_deployment(session, tenant, deployment), tenant.sample_inputs, window
+    )
 
 
 @router.get("/drift")
-def drift_overview(session: SessionDep, tenant: CurrentTenant, bucket_s: BucketS = DEFAULT_BUCKET_S,
-                   buckets: Buckets = DEFAULT_BUCKETS) -> list[DriftStatus]:
+def drift_overview(
+    session: SessionDep,
+    tenant: CurrentTenant,
+    bucket_s: BucketS = DEFAULT_BUCKET_S,
+    buckets: Buckets = DEFAULT_BUCKETS,
+) -> list[DriftStatus]:
     window = Window.ending_at(time.time(), bucket_s, buckets)
-    return [_status(session, d, tenant.sample_inputs, window) for d in list_deployments(session, tenant)]
+    return [
+        _status(session, d, tenant.sample_inputs, window) for d in list_deployments(session, tenant)
+    ]
 
 
 @router.get("/deployments/{deployment}/drift/history")
 def drift_history(deployment: str, session: SessionDep, tenant: CurrentTenant) -> DriftHistory:
-    """Every replay and every drift look of the deployment, oldest first (what `drift report` plots)."""
+    """Every replay and every drift look of the deployment, oldest first (what `drift report`
+    plots)."""
     target = get_deployment(session, tenant, deployment)
-    runs = session.scalars(select(ValidationRun).where(ValidationRun.deployment_id == target.id)
-                           .order_by(ValidationRun.id))
-    checks = session.scalars(select(DriftCheck).where(DriftCheck.deployment_id == target.id).order_by(DriftCheck.id))
-    return DriftHistory(deployment=target.name, runs=[_run_public(session, r) for r in runs],
-                        checks=[DriftCheckPublic.model_validate(c) for c in checks])
+    runs = session.scalars(
+        select(ValidationRun)
+        .where(ValidationRun.deployment_id == target.id)
+        .order_by(ValidationRun.id)
+    )
+    checks = session.scalars(
+        select(DriftCheck).where(DriftCheck.deployment_id == target.id).order_by(DriftCheck.id)
+    )
+    return DriftHistory(
+        deployment=target.name,
+        runs=[_run_public(session, r) for r in runs],
+        checks=[DriftCheckPublic.model_validate(c) for c in checks],
+    )
 
 
 @router.put("/drift/sampling")
-async def drift_sampling(body: DriftSampling, gateway: GatewayDep, session: SessionDep,
-                         tenant: CurrentTenant) -> dict:
+async def drift_sampling(
+    body: DriftSampling, gateway: GatewayDep, session: SessionDep, tenant: CurrentTenant
+) -> dict:
     """Opt this tenant in or out of live-request sampling; opting out deletes what was kept."""
     tenant.sample_inputs = body.sample_inputs
     await run_in_threadpool(session.commit)

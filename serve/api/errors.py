@@ -1,8 +1,8 @@
 """The one place where every error becomes OpenAI's `{"error": {...}}` shape with its status.
 
-Our errors are `LorafleetError`s (the tree is drawn in `lorafleet.adapters.errors`; the engine's own are in
-`lorafleet.serve.engine.client`); request validation, HTTP and stale-write errors are mapped here too, and
-anything else is a 500 that names no server internals.
+Our errors are `LorafleetError`s (the tree is drawn in `lorafleet.adapters.errors`; the engine's own
+are in `lorafleet.serve.engine.client`); request validation, HTTP and stale-write errors are mapped
+here too, and anything else is a 500 that names no server internals.
 """
 
 from __future__ import annotations
@@ -24,10 +24,18 @@ __all__ = ["error_response", "install_error_handlers"]
 log = logging.getLogger("lorafleet.gateway")
 
 
-def error_response(status: int, message: str, type_: str, code: str | int | None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": code}},
-                        status_code=status, headers=headers)
+def error_response(
+    status: int,
+    message: str,
+    type_: str,
+    code: str | int | None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": type_, "param": None, "code": code}},
+        status_code=status,
+        headers=headers,
+    )
 
 
 async def _lorafleet_error(request: Request, exc: Exception) -> JSONResponse:
@@ -35,44 +43,76 @@ async def _lorafleet_error(request: Request, exc: Exception) -> JSONResponse:
     headers = dict(exc.headers or {})
     if isinstance(exc, ServiceUnavailable):
         gateway = getattr(request.app.state, "gateway", None)
-        headers["Retry-After"] = str(gateway.settings.retry_after_s if gateway else exc.retry_after_s)
+        headers["Retry-After"] = str(
+            gateway.settings.retry_after_s if gateway else exc.retry_after_s
+        )
     return error_response(exc.status, exc.message, exc.type, exc.code, headers or None)
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-    return error_response(400, f"invalid request: {problems}", "invalid_request_error", "invalid_request")
+    return error_response(
+        400, f"invalid request: {problems}", "invalid_request_error", "invalid_request"
+    )
 
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    code = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
-    return error_response(exc.status_code, str(exc.detail), "invalid_request_error", code.get(exc.status_code),
-                          dict(exc.headers) if exc.headers else None)
+    code = {
+        401: "invalid_api_key",
+        404: "not_found",
+        405: "method_not_allowed",
+        413: "payload_too_large",
+    }
+    return error_response(
+        exc.status_code,
+        str(exc.detail),
+        "invalid_request_error",
+        code.get(exc.status_code),
+        dict(exc.headers) if exc.headers else None,
+    )
 
 
 async def _stale_write(_: Request, exc: Exception) -> JSONResponse:
-    return error_response(409, "the rollout changed while this request was applied (the controller or another "
-                          "user acted); read its status and retry", "invalid_request_error", "concurrent_update")
+    return error_response(
+        409,
+        "the rollout changed while this request was applied (the controller or another "
+        "user acted); read its status and retry",
+        "invalid_request_error",
+        "concurrent_update",
+    )
 
 
 async def _out_of_range(_: Request, exc: Exception) -> JSONResponse:
     # e.g. an id past the database's 64-bit integers, in a path or a query
-    return error_response(400, "a number in the request is out of range", "invalid_request_error", "invalid_request")
+    return error_response(
+        400, "a number in the request is out of range", "invalid_request_error", "invalid_request"
+    )
 
 
 async def _unstorable(_: Request, exc: Exception) -> JSONResponse:
     # PostgreSQL refuses what SQLite keeps, e.g. a NUL character in a text field
-    return error_response(400, "a value in the request cannot be stored (a NUL character, or a number out of "
-                          "range)", "invalid_request_error", "invalid_request")
+    return error_response(
+        400,
+        "a value in the request cannot be stored (a NUL character, or a number out of range)",
+        "invalid_request_error",
+        "invalid_request",
+    )
 
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
-    if is_transient(exc):  # a deadlock or a lock held too long: the same request succeeds when sent again
+    # a deadlock or a lock held too long: the same request succeeds when sent again
+    if is_transient(exc):
         gateway = getattr(request.app.state, "gateway", None)
         retry = str(gateway.settings.retry_after_s if gateway else 1)
-        return error_response(503, "the catalog is busy; retry", "server_error", "catalog_busy", {"Retry-After": retry})
+        return error_response(
+            503,
+            "the catalog is busy; retry",
+            "server_error",
+            "catalog_busy",
+            {"Retry-After": retry},
+        )
     return await _unexpected_error(request, exc)
 
 

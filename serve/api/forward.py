@@ -1,10 +1,11 @@
 """Forward one chat completion to the engine and back, without re-modelling the request.
 
-Only `model` (rewritten to the adapter digest), `stream_options` (usage is always requested, for metrics, and
-hidden again if the client did not ask) and `logprobs` (the chosen tokens' log-probabilities are requested for
-the answer's confidence, and hidden again if the client did not ask) are touched; vLLM validates everything
-else and its OpenAI-shaped errors pass through with their status. The digest never reaches the client. The
-request's id goes to vLLM as `X-Request-Id`, so the body's `id` is the gateway's.
+Only `model` (rewritten to the adapter digest), `stream_options` (usage is always requested, for
+metrics, and hidden again if the client did not ask) and `logprobs` (the chosen tokens'
+log-probabilities are requested for the answer's confidence, and hidden again if the client did not
+ask) are touched; vLLM validates everything else and its OpenAI-shaped errors pass through with
+their status. The digest never reaches the client. The request's id goes to vLLM as `X-Request-Id`,
+so the body's `id` is the gateway's.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ class Usage:
     completion_tokens: int = 0
     first_chunk_s: float | None = None
     error_code: str | None = None
-    text: list[str] | None = None  # the answer's text, collected only when someone checks its format
-    logprobs: list[float] | None = None  # the answer's token log-probabilities, collected when recorded
+    # the answer's text, collected only when someone checks its format
+    text: list[str] | None = None
+    # the answer's token log-probabilities, collected when recorded
+    logprobs: list[float] | None = None
     hide_logprobs: bool = False  # the gateway asked for them, the client did not
     stream: bool = False
     replica: Any = None  # the fleet's EngineReplica serving it, until the request is recorded
@@ -49,7 +52,8 @@ class Route:
     digest: str
     headers: dict[str, str] = field(default_factory=dict)
     variant: str = "stable"
-    sample: dict | None = None  # rollout_id, step_index, variant, unit: set when a rollout measures this request
+    # rollout_id, step_index, variant, unit: set when a rollout measures this request
+    sample: dict | None = None
     answer_format: dict | None = None
     deployment_id: int = 0
     sample_inputs: bool = False  # the drift monitor may keep this request's features
@@ -83,15 +87,21 @@ async def forward_chat(engine: EngineClient, body: dict, route: Route, usage: Us
     client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     if stream:
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-    # a client that set top_logprobs without logprobs gets vLLM's error, as it would without the gateway
+    # a client that set top_logprobs without logprobs gets vLLM's error, as it would without the
+    # gateway
     if usage.logprobs is not None and not body.get("logprobs") and body.get("top_logprobs") is None:
         body["logprobs"], usage.hide_logprobs = True, True
     with map_engine_errors():
-        response = await engine.post_chat(json.dumps(body).encode(), route.request_id.removeprefix(REQUEST_ID_PREFIX))
+        response = await engine.post_chat(
+            json.dumps(body).encode(), route.request_id.removeprefix(REQUEST_ID_PREFIX)
+        )
     usage.status = response.status
     if stream and response.status == 200:
-        return StreamingResponse(_relay(response, route, usage, client_wants_usage), media_type="text/event-stream",
-                                 headers=route.headers)
+        return StreamingResponse(
+            _relay(response, route, usage, client_wants_usage),
+            media_type="text/event-stream",
+            headers=route.headers,
+        )
     try:
         with map_engine_errors():
             content = _public(await response.read(), route)
@@ -100,7 +110,12 @@ async def forward_chat(engine: EngineClient, body: dict, route: Route, usage: Us
     if response.status != 200:
         content = engine.public_error(content)  # vLLM's messages may name server paths
         usage.error_code = _error_code(content)
-        return Response(content, status_code=response.status, media_type="application/json", headers=route.headers)
+        return Response(
+            content,
+            status_code=response.status,
+            media_type="application/json",
+            headers=route.headers,
+        )
     payload = json.loads(content)
     _read_usage(payload, usage)
     choices = payload.get("choices") or [{}]
@@ -112,7 +127,8 @@ async def forward_chat(engine: EngineClient, body: dict, route: Route, usage: Us
             for choice in choices:
                 choice["logprobs"] = None
             content = _dumps(payload)
-    return Response(content, media_type="application/json", headers=route.headers)  # the engine's bytes
+    # the engine's bytes
+    return Response(content, media_type="application/json", headers=route.headers)
 
 
 def _dumps(payload: dict) -> bytes:
@@ -120,7 +136,8 @@ def _dumps(payload: dict) -> bytes:
 
 
 def _inspect(line: bytes, usage: Usage, client_wants_usage: bool) -> bytes:
-    """One SSE line: usage and text recorded; the usage-only chunk dropped unless the client asked for it."""
+    """One SSE line: usage and text recorded; the usage-only chunk dropped unless the client
+    asked for it."""
     if line.startswith(b"data: {") and b'"choices":[]' in line and b'"usage":' in line:
         _read_usage(json.loads(line[6:]), usage)  # the usage-only chunk that closes the stream
         return line if client_wants_usage else b""
@@ -136,14 +153,16 @@ def _inspect(line: bytes, usage: Usage, client_wants_usage: bool) -> bytes:
                 if usage.hide_logprobs:
                     choice["logprobs"], hidden = None, True
         if hidden:
-            return b"data: " + _dumps(chunk) + line[len(line.rstrip(b"\r\n")):]
+            return b"data: " + _dumps(chunk) + line[len(line.rstrip(b"\r\n")) :]
     return line
 
 
-async def _relay(response: aiohttp.ClientResponse, route: Route, usage: Usage,
-                 client_wants_usage: bool) -> AsyncIterator[bytes]:
-    """The engine's bytes as they come, whole lines only; lines are looked at one by one only where something
-    reads them (the answer's text, the usage chunk), so most chunks pass through untouched."""
+async def _relay(
+    response: aiohttp.ClientResponse, route: Route, usage: Usage, client_wants_usage: bool
+) -> AsyncIterator[bytes]:
+    """The engine's bytes as they come, whole lines only; lines are looked at one by one only
+    where something reads them (the answer's text, the usage chunk), so most chunks pass through
+    untouched."""
     t0 = time.perf_counter()
     pending = b""
     try:
@@ -154,15 +173,24 @@ async def _relay(response: aiohttp.ClientResponse, route: Route, usage: Usage,
             cut = data.rfind(b"\n") + 1
             lines, pending = data[:cut], data[cut:]
             if usage.text is not None or usage.logprobs is not None or b'"usage":' in lines:
-                lines = b"".join(_inspect(line, usage, client_wants_usage) for line in lines.splitlines(keepends=True))
+                lines = b"".join(
+                    _inspect(line, usage, client_wants_usage)
+                    for line in lines.splitlines(keepends=True)
+                )
             if lines:
                 yield _public(lines, route)
         if pending:
             yield _public(pending, route)
-    except (aiohttp.ClientError, TimeoutError) as exc:  # the engine died mid-stream: tell the client in-band
+    # the engine died mid-stream: tell the client in-band
+    except (aiohttp.ClientError, TimeoutError) as exc:
         usage.status, usage.error_code = 503, "engine_unavailable"
-        error = {"error": {"message": f"the engine stopped mid-stream ({type(exc).__name__}); retry",
-                           "type": "server_error", "code": "engine_unavailable"}}
+        error = {
+            "error": {
+                "message": f"the engine stopped mid-stream ({type(exc).__name__}); retry",
+                "type": "server_error",
+                "code": "engine_unavailable",
+            }
+        }
         yield f"data: {json.dumps(error)}\n\n".encode()
     finally:
         response.release()

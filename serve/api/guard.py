@@ -1,11 +1,13 @@
-"""What every request passes before any route sees it: authentication from its headers alone, then a bound on its
-body, both as ASGI middleware, so nothing of an unauthenticated or oversized body is read, parsed or stored.
+"""What every request passes before any route sees it: authentication from its headers alone, then a
+bound on its body, both as ASGI middleware, so nothing of an unauthenticated or oversized body is
+read, parsed or stored.
 
-- `/v1/...` needs a live tenant key (it and the tenant's snapshot are put in `request.state`), or the admin key
-  with `X-Lorafleet-Tenant: NAME` to act for that tenant (the console's admin view; its actor name in
-  `request.state.actor`, no `api_key`; it does not chat); `/admin/...` the admin key (its actor name in
-  `request.state.actor`); `/metrics` the admin or the metrics token (or its own
-  listener). A malformed `Authorization` header (another scheme, empty, non-ASCII) is a 401 like a wrong key.
+- `/v1/...` needs a live tenant key (it and the tenant's snapshot are put in `request.state`), or
+  the admin key with `X-Lorafleet-Tenant: NAME` to act for that tenant (the console's admin view;
+  its actor name in `request.state.actor`, no `api_key`; it does not chat); `/admin/...` the admin
+  key (its actor name in `request.state.actor`); `/metrics` the admin or the metrics token (or its
+  own listener). A malformed `Authorization` header (another scheme, empty, non-ASCII) is a 401 like
+  a wrong key.
 - Bodies are bounded by their `Content-Length` and, for chunked bodies, by counting as they arrive.
 """
 
@@ -23,7 +25,8 @@ from lorafleet.serve.gateway import Gateway
 
 __all__ = ["Authenticate", "BodyLimit", "bearer_from_headers", "admin_actor", "UPLOAD_PATHS"]
 
-# The routes whose bodies are uploads (adapter archives, validation sets): bounded by max_upload_bytes.
+# The routes whose bodies are uploads (adapter archives, validation sets): bounded by
+# max_upload_bytes.
 UPLOAD_PATHS = re.compile(r"^/v1/(adapters|deployments/[^/]+/validation)/?$")
 _PRINTABLE_ASCII = re.compile(rb"^[\x21-\x7e]+$")
 
@@ -38,7 +41,9 @@ def bearer_from_headers(headers: list[tuple[bytes, bytes]]) -> str:
         raise Unauthorized("use 'Authorization: Bearer <key>'; other schemes are not accepted")
     token = token.strip()
     if not _PRINTABLE_ASCII.match(token):
-        raise Unauthorized("invalid API key" if token else "missing API key: send 'Authorization: Bearer <key>'")
+        raise Unauthorized(
+            "invalid API key" if token else "missing API key: send 'Authorization: Bearer <key>'"
+        )
     return token.decode("ascii")
 
 
@@ -57,7 +62,8 @@ def _matches(token: str, secret: str | None) -> bool:
 
 
 class Authenticate:
-    """401 before the route runs (and before its body is read) unless the request carries the right key."""
+    """401 before the route runs (and before its body is read) unless the request carries the
+    right key."""
 
     def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
         self.app = app
@@ -77,7 +83,9 @@ class Authenticate:
                 else:
                     self._admin(key, "X-Lorafleet-Tenant needs the admin key")
                     if path.startswith("/v1/chat/"):
-                        raise InvalidRequest("the admin key does not chat for a tenant; use one of its keys")
+                        raise InvalidRequest(
+                            "the admin key does not chat for a tenant; use one of its keys"
+                        )
                     state["tenant"] = await self.gateway.routes.tenant_named(acting_for)
                     state["api_key"], state["actor"] = None, admin_actor(scope)
             elif path == "/admin" or path.startswith("/admin/"):
@@ -86,8 +94,13 @@ class Authenticate:
             elif path == "/metrics":
                 self._metrics(bearer_from_headers(scope["headers"]))
         except LorafleetError as exc:
-            response = error_response(exc.status, exc.message, exc.type, exc.code,
-                                      {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+            response = error_response(
+                exc.status,
+                exc.message,
+                exc.type,
+                exc.code,
+                {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None,
+            )
             return await response(scope, receive, send)
         await self.app(scope, receive, send)
 
@@ -100,13 +113,20 @@ class Authenticate:
 
     def _metrics(self, token: str) -> None:
         settings = self.gateway.settings
-        secrets = [s.get_secret_value() for s in (settings.admin_key, settings.metrics_token) if s is not None]
+        secrets = [
+            s.get_secret_value()
+            for s in (settings.admin_key, settings.metrics_token)
+            if s is not None
+        ]
         if not any(_matches(token, secret) for secret in secrets):
-            raise Unauthorized("/metrics needs the metrics token (LORAFLEET_METRICS_TOKEN) or the admin key")
+            raise Unauthorized(
+                "/metrics needs the metrics token (LORAFLEET_METRICS_TOKEN) or the admin key"
+            )
 
 
 class BodyLimit:
-    """413 for a body over its route's limit: from Content-Length before reading, or while a chunked body arrives."""
+    """413 for a body over its route's limit: from Content-Length before reading, or while a
+    chunked body arrives."""
 
     def __init__(self, app: ASGIApp, max_upload_bytes: int, max_request_bytes: int) -> None:
         self.app = app
@@ -116,14 +136,22 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.max_upload_bytes if UPLOAD_PATHS.match(scope["path"]) else self.max_request_bytes
+        limit = (
+            self.max_upload_bytes if UPLOAD_PATHS.match(scope["path"]) else self.max_request_bytes
+        )
         length = dict(scope["headers"]).get(b"content-length", b"0")
         if not length.isdigit():
-            response = error_response(400, "invalid Content-Length header", "invalid_request_error", "invalid_request")
+            response = error_response(
+                400, "invalid Content-Length header", "invalid_request_error", "invalid_request"
+            )
             return await response(scope, receive, send)
         if int(length) > limit:
-            response = error_response(413, f"request body is larger than the limit of {limit} bytes",
-                                      "invalid_request_error", "payload_too_large")
+            response = error_response(
+                413,
+                f"request body is larger than the limit of {limit} bytes",
+                "invalid_request_error",
+                "payload_too_large",
+            )
             return await response(scope, receive, send)
         received = 0
 
@@ -132,9 +160,12 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > limit:  # a chunked body (no Content-Length) that keeps coming; an HTTPException, as
+                # a chunked body (no Content-Length) that keeps coming; an HTTPException, as
+                if received > limit:
                     # FastAPI turns any other error while reading a body into a 400
-                    raise HTTPException(413, f"request body is larger than the limit of {limit} bytes")
+                    raise HTTPException(
+                        413, f"request body is larger than the limit of {limit} bytes"
+                    )
             return message
 
         await self.app(scope, bounded_receive, send)

@@ -1,17 +1,23 @@
-"""The gateway's OpenAPI document: FastAPI's, completed with what the route signatures cannot tell it.
+"""The gateway's OpenAPI document: FastAPI's, completed with what the route signatures cannot tell
+it.
 
-FastAPI describes the routes it declares. This module post-processes that document so that it says what the
-server really accepts and answers, for clients and for the fuzzer (`tests/serve/api/test_fuzz.py`):
+FastAPI describes the routes it declares. This module post-processes that document so that it says
+what the server really accepts and answers, for clients and for the fuzzer
+(`tests/serve/api/test_fuzz.py`):
 
-- the chat route (a plain Starlette route, so absent) in OpenAI's request shape, extra fields allowed;
-- bearer security schemes (tenant key, admin key) instead of a free-form `authorization` header parameter;
-- errors in OpenAI's shape: 400 (the handler turns FastAPI's 422 into it) and a default for 401/404/409/413/503;
-- the constraints that handlers check by hand (names, metrics, steps, weights, answer formats), with example
-  names that the fuzz test seeds;
-- links from the calls that create adapters, deployments, rollouts and A/B tests to the calls that use them.
+- the chat route (a plain Starlette route, so absent) in OpenAI's request shape, extra fields
+  allowed;
+- bearer security schemes (tenant key, admin key) instead of a free-form `authorization` header
+  parameter;
+- errors in OpenAI's shape: 400 (the handler turns FastAPI's 422 into it) and a default for
+  401/404/409/413/503;
+- the constraints that handlers check by hand (names, metrics, steps, weights, answer formats), with
+  example names that the fuzz test seeds;
+- links from the calls that create adapters, deployments, rollouts and A/B tests to the calls that
+  use them.
 
-It works on paths, parameter and property names rather than on route functions, so routes added later get
-the same treatment.
+It works on paths, parameter and property names rather than on route functions, so routes added
+later get the same treatment.
 """
 
 from __future__ import annotations
@@ -31,29 +37,56 @@ __all__ = ["EXAMPLE_DEPLOYMENT", "EXAMPLE_ADAPTER", "EXAMPLE_REFS", "gateway_ope
 
 EXAMPLE_DEPLOYMENT = "invoice-extractor"
 EXAMPLE_ADAPTER = "invoice-lora"
-EXAMPLE_REFS = (f"{EXAMPLE_ADAPTER}@1", f"{EXAMPLE_ADAPTER}@2")  # NAME@N, as rollouts and A/B tests name versions
+# NAME@N, as rollouts and A/B tests name versions
+EXAMPLE_REFS = (f"{EXAMPLE_ADAPTER}@1", f"{EXAMPLE_ADAPTER}@2")
 
 Spec = dict[str, Any]
 METHODS = ("get", "put", "post", "delete", "patch")
 ERROR = {"$ref": "#/components/schemas/Error"}
 ERROR_SCHEMA = {
-    "type": "object", "required": ["error"],
-    "properties": {"error": {"type": "object", "required": ["message", "type", "code"], "properties": {
-        "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
-        "code": {"type": ["string", "integer", "null"]}}}}}
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "integer", "null"]},
+            },
+        }
+    },
+}
 SECURITY_SCHEMES = {
     "tenantKey": {"type": "http", "scheme": "bearer", "description": "a tenant's API key"},
-    "adminKey": {"type": "http", "scheme": "bearer", "description": "the operator's LORAFLEET_ADMIN_KEY"},
-    "metricsToken": {"type": "http", "scheme": "bearer", "description": "LORAFLEET_METRICS_TOKEN"}}
-PATH_EXAMPLES = {"deployment": EXAMPLE_DEPLOYMENT, "model": EXAMPLE_DEPLOYMENT, "name": EXAMPLE_ADAPTER}
+    "adminKey": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "the operator's LORAFLEET_ADMIN_KEY",
+    },
+    "metricsToken": {"type": "http", "scheme": "bearer", "description": "LORAFLEET_METRICS_TOKEN"},
+}
+PATH_EXAMPLES = {
+    "deployment": EXAMPLE_DEPLOYMENT,
+    "model": EXAMPLE_DEPLOYMENT,
+    "name": EXAMPLE_ADAPTER,
+}
 NAME_PARAMETERS = {"deployment", "model", "name", "tenant"}
 # Request-body properties that name an adapter version: NAME (latest), NAME@N or a digest.
 ADAPTER_REF_PROPERTIES = {"adapter", "to", "keep"}
 ANSWER_FORMAT = {
-    "type": "object", "maxProperties": 1, "additionalProperties": False,
+    "type": "object",
+    "maxProperties": 1,
+    "additionalProperties": False,
     "description": "exactly one of `json_schema` or `regex`; `{}` clears the format",
-    "properties": {"json_schema": {"type": ["object", "null"]}, "regex": {"type": ["string", "null"]}},
-    "examples": [{"regex": "^a (red|blue) (circle|square)$"}, {}]}
+    "properties": {
+        "json_schema": {"type": ["object", "null"]},
+        "regex": {"type": ["string", "null"]},
+    },
+    "examples": [{"regex": "^a (red|blue) (circle|square)$"}, {}],
+}
 # (path, method) of a call that creates something -> the path parameters it fills, and from where
 _DEPLOYMENT = {"deployment": "$response.body#/name", "model": "$response.body#/name"}
 _ROLLOUT = {"deployment": "$response.body#/deployment", "model": "$response.body#/deployment"}
@@ -70,8 +103,15 @@ def gateway_openapi(app: FastAPI) -> Spec:
     """The app's OpenAPI document, built once: FastAPI's, then completed by the steps below."""
     if app.openapi_schema is None:
         spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        for step in (_add_chat, _declare_security, _declare_errors, _declare_parameters, _declare_bodies,
-                     _declare_responses, _declare_links):
+        for step in (
+            _add_chat,
+            _declare_security,
+            _declare_errors,
+            _declare_parameters,
+            _declare_bodies,
+            _declare_responses,
+            _declare_links,
+        ):
             step(spec)
         app.openapi_schema = spec
     return app.openapi_schema
@@ -105,11 +145,15 @@ def _security(path: str) -> list[Spec] | None:
 
 
 def _declare_security(spec: Spec) -> None:
-    """The bearer key is the operation's security, not a parameter for clients (or fuzzers) to invent."""
+    """The bearer key is the operation's security, not a parameter for clients (or fuzzers) to
+    invent."""
     spec["components"]["securitySchemes"] = SECURITY_SCHEMES
     for path, _, operation in _operations(spec):
-        parameters = [p for p in operation.get("parameters", [])
-                      if not (p["in"] == "header" and p["name"].lower() == "authorization")]
+        parameters = [
+            p
+            for p in operation.get("parameters", [])
+            if not (p["in"] == "header" and p["name"].lower() == "authorization")
+        ]
         operation.pop("parameters", None)
         if parameters:
             operation["parameters"] = parameters
@@ -118,7 +162,8 @@ def _declare_security(spec: Spec) -> None:
 
 
 def _declare_errors(spec: Spec) -> None:
-    """Every error of an authenticated route is OpenAI's shape; request validation answers 400, not 422."""
+    """Every error of an authenticated route is OpenAI's shape; request validation answers 400,
+    not 422."""
     _schemas(spec)["Error"] = ERROR_SCHEMA
     error = {"content": {"application/json": {"schema": ERROR}}}
     for _, _, operation in _operations(spec):
@@ -167,7 +212,8 @@ def _refs(text: str) -> list[str]:
 
 
 def _declare_bodies(spec: Spec) -> None:
-    """The checks handlers make by hand, written into the request schemas (and their example names)."""
+    """The checks handlers make by hand, written into the request schemas (and their example
+    names)."""
     schemas = _schemas(spec)
     for name in _request_schemas(spec) - set(chat_schemas(EXAMPLE_DEPLOYMENT)):
         for field, schema in schemas[name].get("properties", {}).items():
@@ -184,7 +230,9 @@ def _constrain_property(field: str, schema: Spec) -> None:
         case "metric":
             schema["enum"] = sorted(METRICS)
         case "steps":  # increasing percents in (0, 100]; the order itself the handler checks
-            schema.update(minItems=1, items={"type": "number", "exclusiveMinimum": 0, "maximum": 100})
+            schema.update(
+                minItems=1, items={"type": "number", "exclusiveMinimum": 0, "maximum": 100}
+            )
         case "variants":
             schema["minItems"] = 2
         case "weight":  # percents that sum to 100
@@ -194,29 +242,47 @@ def _constrain_property(field: str, schema: Spec) -> None:
 
 
 def _declare_responses(spec: Spec) -> None:
-    """What handlers answer beyond their signature: a re-upload is 200, metrics are Prometheus text."""
+    """What handlers answer beyond their signature: a re-upload is 200, metrics are Prometheus
+    text."""
     paths = spec["paths"]
     if upload := paths.get("/v1/adapters", {}).get("post"):
-        version = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/AdapterVersionPublic"}}}}
+        version = {
+            "content": {
+                "application/json": {
+                    "schema": {"$ref": "#/components/schemas/AdapterVersionPublic"}
+                }
+            }
+        }
         upload["responses"]["201"] = {"description": "A new version", **version}
-        upload["responses"]["200"] = {"description": "The same content was uploaded before: its version", **version}
+        upload["responses"]["200"] = {
+            "description": "The same content was uploaded before: its version",
+            **version,
+        }
     if metrics := paths.get("/metrics", {}).get("get"):
         metrics["responses"]["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
 
 
 def _declare_links(spec: Spec) -> None:
     """From each call that creates something to every call that takes its name (OpenAPI links)."""
-    targets = [op for path, _, op in _operations(spec) if "operationId" in op and path.startswith("/v1")]
+    targets = [
+        op for path, _, op in _operations(spec) if "operationId" in op and path.startswith("/v1")
+    ]
     for (path, method), fills in LINK_SOURCES.items():
         source = spec["paths"].get(path, {}).get(method)
         if source is None:
             continue
         links = {}
         for target in targets:
-            filled = {p["name"]: fills[p["name"]] for p in target.get("parameters", [])
-                      if p["in"] == "path" and p["name"] in fills}
+            filled = {
+                p["name"]: fills[p["name"]]
+                for p in target.get("parameters", [])
+                if p["in"] == "path" and p["name"] in fills
+            }
             if filled and target is not source:
-                links[target["operationId"]] = {"operationId": target["operationId"], "parameters": filled}
+                links[target["operationId"]] = {
+                    "operationId": target["operationId"],
+                    "parameters": filled,
+                }
         for status, response in source["responses"].items():
             if status.startswith("2"):
                 response["links"] = links

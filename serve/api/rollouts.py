@@ -1,6 +1,7 @@
 """Tenant API for traffic control: validation sets, answer formats, canary rollouts and A/B tests.
 
-Everything is scoped to the caller's deployments: another tenant's deployment is 404 for every operation.
+Everything is scoped to the caller's deployments: another tenant's deployment is 404 for every
+operation.
 """
 
 from __future__ import annotations
@@ -79,26 +80,42 @@ class PromoteBody(BaseModel):
 
 
 class StopBody(BaseModel):
-    keep: str | None = None  # NAME@N of the variant that becomes stable; None keeps the current stable
+    # NAME@N of the variant that becomes stable; None keeps the current stable
+    keep: str | None = None
 
 
 def rollout_public(rollout: Rollout, session: Session | None = None) -> RolloutPublic:
-    """The rollout as the API shows it, with each variant's feedback and confidence over the whole rollout
-    (read through `session`, by default the rollout's own; none when the row is detached)."""
+    """The rollout as the API shows it, with each variant's feedback and confidence over the
+    whole rollout (read through `session`, by default the rollout's own; none when the row is
+    detached)."""
     session = session if session is not None else object_session(rollout)
     signals = rollouts.rollout_signals(session, rollout.id) if session is not None else {}
     labels = [v["label"] for v in rollout.variants]
     reference = "stable" if rollout.kind == "canary" else labels[0] if labels else ""
     return RolloutPublic(
-        id=rollout.id, deployment=rollout.deployment.name, kind=rollout.kind, phase=rollout.phase,
-        reason=rollout.reason, message=rollout.message,
-        variants=[VariantPublic(**{k: v[k] for k in ("label", "ref", "digest", "weight")}) for v in rollout.variants],
-        steps=rollout.steps, step_index=rollout.step_index, params=rollout.params, gate=rollout.gate,
-        looks=rollout.looks, created_by=rollout.created_by, created_at=rollout.created_at,
-        finished_at=rollout.finished_at, lease_owner=rollout.lease_owner,
+        id=rollout.id,
+        deployment=rollout.deployment.name,
+        kind=rollout.kind,
+        phase=rollout.phase,
+        reason=rollout.reason,
+        message=rollout.message,
+        variants=[
+            VariantPublic(**{k: v[k] for k in ("label", "ref", "digest", "weight")})
+            for v in rollout.variants
+        ],
+        steps=rollout.steps,
+        step_index=rollout.step_index,
+        params=rollout.params,
+        gate=rollout.gate,
+        looks=rollout.looks,
+        created_by=rollout.created_by,
+        created_at=rollout.created_at,
+        finished_at=rollout.finished_at,
+        lease_owner=rollout.lease_owner,
         decisions=[DecisionPublic.model_validate(d) for d in rollout.decisions],
         feedback=[_variant_feedback(label, signals, reference) for label in labels],
-        confidence=[_variant_confidence(label, signals, reference) for label in labels])
+        confidence=[_variant_confidence(label, signals, reference) for label in labels],
+    )
 
 
 _NOTHING = VariantSignals(0, Moments(), Moments())
@@ -108,28 +125,50 @@ def _interval(estimate: Estimate | None) -> list[float] | None:
     return estimate.interval if estimate is not None else None
 
 
-def _variant_feedback(label: str, signals: dict[str, VariantSignals], reference: str) -> VariantFeedback:
-    """Feedback of one variant: count, rate per answered request, mean with its 95 % interval, and the difference
-    from the reference variant (Agresti-Caffo on [0, 1])."""
+def _variant_feedback(
+    label: str, signals: dict[str, VariantSignals], reference: str
+) -> VariantFeedback:
+    """Feedback of one variant: count, rate per answered request, mean with its 95 % interval,
+    and the difference from the reference variant (Agresti-Caffo on [0, 1])."""
     own = signals.get(label, _NOTHING)
     mean = bounded_mean(own.feedback)
-    difference = (bounded_difference(own.feedback, signals.get(reference, _NOTHING).feedback)
-                  if label != reference else None)
-    return VariantFeedback(variant=label, requests=own.answered, count=own.feedback.n,
-                           rate=own.feedback.n / own.answered if own.answered else None,
-                           mean=mean.value if mean else None, interval=_interval(mean),
-                           difference=difference.value if difference else None,
-                           difference_interval=_interval(difference))
+    difference = (
+        bounded_difference(own.feedback, signals.get(reference, _NOTHING).feedback)
+        if label != reference
+        else None
+    )
+    return VariantFeedback(
+        variant=label,
+        requests=own.answered,
+        count=own.feedback.n,
+        rate=own.feedback.n / own.answered if own.answered else None,
+        mean=mean.value if mean else None,
+        interval=_interval(mean),
+        difference=difference.value if difference else None,
+        difference_interval=_interval(difference),
+    )
 
 
-def _variant_confidence(label: str, signals: dict[str, VariantSignals], reference: str) -> VariantConfidence:
-    """The answers' mean token log-probability of one variant and its difference from the reference (Welch)."""
+def _variant_confidence(
+    label: str, signals: dict[str, VariantSignals], reference: str
+) -> VariantConfidence:
+    """The answers' mean token log-probability of one variant and its difference from the
+    reference (Welch)."""
     own = signals.get(label, _NOTHING).confidence
     mean = welch_mean(own)
-    difference = welch_difference(own, signals.get(reference, _NOTHING).confidence) if label != reference else None
-    return VariantConfidence(variant=label, count=own.n, mean=own.mean if own.n else None, interval=_interval(mean),
-                             difference=difference.value if difference else None,
-                             difference_interval=_interval(difference))
+    difference = (
+        welch_difference(own, signals.get(reference, _NOTHING).confidence)
+        if label != reference
+        else None
+    )
+    return VariantConfidence(
+        variant=label,
+        count=own.n,
+        mean=own.mean if own.n else None,
+        interval=_interval(mean),
+        difference=difference.value if difference else None,
+        difference_interval=_interval(difference),
+    )
 
 
 def _latest(session: Session, deployment: Deployment, kind: str | None = None) -> Rollout:
@@ -150,11 +189,16 @@ def _latest(session: Session, deployment: Deployment, kind: str | None = None) -
 COMMAND_ATTEMPTS = 3
 
 
-def _command(session: Session, tenant: Tenant, deployment: str,
-             act: Callable[[Deployment, Rollout | None], Rollout]) -> RolloutPublic:
-    """Apply a user's command to the rollout as it is now. The controller writes the rollout at every look, so
-    a command that loses that race is judged again on the fresh row (where it may still be refused with 409
-    because the controller finished the rollout) rather than failing because of the timing alone."""
+def _command(
+    session: Session,
+    tenant: Tenant,
+    deployment: str,
+    act: Callable[[Deployment, Rollout | None], Rollout],
+) -> RolloutPublic:
+    """Apply a user's command to the rollout as it is now. The controller writes the rollout at
+    every look, so a command that loses that race is judged again on the fresh row (where it may
+    still be refused with 409 because the controller finished the rollout) rather than failing
+    because of the timing alone."""
     for _ in range(COMMAND_ATTEMPTS - 1):
         target = get_deployment(session, tenant, deployment)
         try:
@@ -162,47 +206,68 @@ def _command(session: Session, tenant: Tenant, deployment: str,
         except StaleDataError:
             session.rollback()
     target = get_deployment(session, tenant, deployment)
-    return rollout_public(act(target, active_rollout(session, target)))  # the last attempt's 409 reaches the user
+    # the last attempt's 409 reaches the user
+    return rollout_public(act(target, active_rollout(session, target)))
 
 
 # --- validation sets and answer formats ---
 
-_FILE_NAME = re.compile(r"[\w-][\w.-]{0,99}")  # the client's name, kept for the line numbers in errors
+# the client's name, kept for the line numbers in errors
+_FILE_NAME = re.compile(r"[\w-][\w.-]{0,99}")
 
 
 def _store_validation(gateway: Gateway, upload: UploadFile, metric: str) -> tuple[str, int, int]:
     with tempfile.TemporaryDirectory(dir=gateway.tmp_dir) as scratch:
         name = (upload.filename or "").rsplit("/", 1)[-1]
-        path = Path(scratch) / (name if _FILE_NAME.fullmatch(name) else "validation.jsonl")  # never "..", "."
+        # never "..", "."
+        path = Path(scratch) / (name if _FILE_NAME.fullmatch(name) else "validation.jsonl")
         with open(path, "wb") as out:
             shutil.copyfileobj(upload.file, out, 1024 * 1024)
-        data, items = canonical_validation(path, metric)  # checks everything before anything is stored
+        # checks everything before anything is stored
+        data, items = canonical_validation(path, metric)
     return gateway.validation_store.put(data), items, len(data)
 
 
 @router.put("/deployments/{deployment}/validation")
-async def put_validation(deployment: str, gateway: GatewayDep, session: SessionDep, tenant: CurrentTenant,
-                         file: Annotated[UploadFile, File()],
-                         metric: Annotated[str, Form()] = "exact_match") -> ValidationSetPublic:
-    """The deployment's fixed validation set (chat JSONL, images as data URLs): the rollout gate replays it."""
+async def put_validation(
+    deployment: str,
+    gateway: GatewayDep,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    file: Annotated[UploadFile, File()],
+    metric: Annotated[str, Form()] = "exact_match",
+) -> ValidationSetPublic:
+    """The deployment's fixed validation set (chat JSONL, images as data URLs): the rollout gate
+    replays it."""
     target = await run_in_threadpool(get_deployment, session, tenant, deployment)
     digest, items, size = await run_in_threadpool(_store_validation, gateway, file, metric)
-    stored = await run_in_threadpool(attach_validation, session, tenant, target, digest, metric, items, size)
+    stored = await run_in_threadpool(
+        attach_validation, session, tenant, target, digest, metric, items, size
+    )
     return ValidationSetPublic.model_validate(stored)
 
 
 @router.get("/deployments/{deployment}/validation")
-def get_validation(deployment: str, session: SessionDep, tenant: CurrentTenant) -> ValidationSetPublic:
+def get_validation(
+    deployment: str, session: SessionDep, tenant: CurrentTenant
+) -> ValidationSetPublic:
     target = get_deployment(session, tenant, deployment)
     if target.validation_set is None:
-        raise NotFound(f"deployment {deployment!r} has no validation set", code="validation_set_not_found")
+        raise NotFound(
+            f"deployment {deployment!r} has no validation set", code="validation_set_not_found"
+        )
     return ValidationSetPublic.model_validate(target.validation_set)
 
 
 @router.put("/deployments/{deployment}/answer-format")
-def put_answer_format(deployment: str, session: SessionDep, tenant: CurrentTenant,
-                      spec: Annotated[dict[str, Any], Body()]) -> DeploymentPublic:
-    """`{"json_schema": {...}}`, `{"regex": "..."}`, or `{}` to clear: rollouts and A/B tests measure it."""
+def put_answer_format(
+    deployment: str,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    spec: Annotated[dict[str, Any], Body()],
+) -> DeploymentPublic:
+    """`{"json_schema": {...}}`, `{"regex": "..."}`, or `{}` to clear: rollouts and A/B tests
+    measure it."""
     target = get_deployment(session, tenant, deployment)
     target.answer_format = check_format_spec(spec)
     session.commit()
@@ -211,15 +276,24 @@ def put_answer_format(deployment: str, session: SessionDep, tenant: CurrentTenan
 
 # --- canary rollouts ---
 
+
 @router.post("/deployments/{deployment}/rollout", status_code=202)
-async def start_rollout(deployment: str, body: RolloutStart, gateway: GatewayDep, session: SessionDep,
-                        tenant: CurrentTenant, actor: ActingAs) -> RolloutPublic:
-    """Start a canary rollout. It first runs the validation gate (phase Gating), then takes traffic."""
+async def start_rollout(
+    deployment: str,
+    body: RolloutStart,
+    gateway: GatewayDep,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    actor: ActingAs,
+) -> RolloutPublic:
+    """Start a canary rollout. It first runs the validation gate (phase Gating), then takes
+    traffic."""
     target = await run_in_threadpool(get_deployment, session, tenant, deployment)
     candidate = await run_in_threadpool(resolve_version, session, tenant, body.to)
     await prepare_engine(gateway, session, [candidate])
-    rollout = await run_in_threadpool(rollouts.start_canary, session, target, candidate, body, actor,
-                                      time.time())
+    rollout = await run_in_threadpool(
+        rollouts.start_canary, session, target, candidate, body, actor, time.time()
+    )
     return await run_in_threadpool(rollout_public, rollout, session)
 
 
@@ -228,15 +302,23 @@ def get_rollout(deployment: str, session: SessionDep, tenant: CurrentTenant) -> 
     return rollout_public(_latest(session, get_deployment(session, tenant, deployment), "canary"))
 
 
-BucketS = Annotated[float | None, Query(ge=MIN_BUCKET_S, le=MAX_BUCKET_S,
-                                        description="period length in seconds; default: at most ~60 periods")]
+BucketS = Annotated[
+    float | None,
+    Query(
+        ge=MIN_BUCKET_S,
+        le=MAX_BUCKET_S,
+        description="period length in seconds; default: at most ~60 periods",
+    ),
+]
 
 
 @router.get("/deployments/{deployment}/rollout/series")
-def get_rollout_series(deployment: str, session: SessionDep, tenant: CurrentTenant,
-                       bucket_s: BucketS = None) -> RolloutSeries:
-    """The rollout's (as `GET .../rollout` shows it) requests, errors, mean latency, answer-format validity and
-    feedback per variant and period since its start: only periods with requests or feedback, oldest first."""
+def get_rollout_series(
+    deployment: str, session: SessionDep, tenant: CurrentTenant, bucket_s: BucketS = None
+) -> RolloutSeries:
+    """The rollout's (as `GET .../rollout` shows it) requests, errors, mean latency,
+    answer-format validity and feedback per variant and period since its start: only periods with
+    requests or feedback, oldest first."""
     rollout = _latest(session, get_deployment(session, tenant, deployment), "canary")
     return rollout_series(session, rollout, bucket_s, time.time())
 
@@ -244,8 +326,12 @@ def get_rollout_series(deployment: str, session: SessionDep, tenant: CurrentTena
 @router.get("/rollouts")
 def list_rollouts(session: SessionDep, tenant: CurrentTenant) -> list[RolloutPublic]:
     """The latest rollout or A/B test of each of the tenant's deployments."""
-    query = (select(Rollout).join(Deployment, Deployment.id == Rollout.deployment_id)
-             .where(Deployment.tenant_id == tenant.id).order_by(Rollout.id.desc()))
+    query = (
+        select(Rollout)
+        .join(Deployment, Deployment.id == Rollout.deployment_id)
+        .where(Deployment.tenant_id == tenant.id)
+        .order_by(Rollout.id.desc())
+    )
     latest: dict[int, Rollout] = {}
     for rollout in session.scalars(query):
         latest.setdefault(rollout.deployment_id, rollout)
@@ -253,36 +339,70 @@ def list_rollouts(session: SessionDep, tenant: CurrentTenant) -> list[RolloutPub
 
 
 @router.post("/deployments/{deployment}/rollout/pause")
-def pause_rollout(deployment: str, session: SessionDep, tenant: CurrentTenant, actor: ActingAs) -> RolloutPublic:
-    return _command(session, tenant, deployment,
-                    lambda target, rollout: rollouts.pause(session, target, rollout, actor, time.time()))
+def pause_rollout(
+    deployment: str, session: SessionDep, tenant: CurrentTenant, actor: ActingAs
+) -> RolloutPublic:
+    return _command(
+        session,
+        tenant,
+        deployment,
+        lambda target, rollout: rollouts.pause(session, target, rollout, actor, time.time()),
+    )
 
 
 @router.post("/deployments/{deployment}/rollout/resume")
-def resume_rollout(deployment: str, session: SessionDep, tenant: CurrentTenant, actor: ActingAs) -> RolloutPublic:
-    return _command(session, tenant, deployment,
-                    lambda target, rollout: rollouts.resume(session, target, rollout, actor, time.time()))
+def resume_rollout(
+    deployment: str, session: SessionDep, tenant: CurrentTenant, actor: ActingAs
+) -> RolloutPublic:
+    return _command(
+        session,
+        tenant,
+        deployment,
+        lambda target, rollout: rollouts.resume(session, target, rollout, actor, time.time()),
+    )
 
 
 @router.post("/deployments/{deployment}/rollout/abort")
-def abort_rollout(deployment: str, session: SessionDep, tenant: CurrentTenant, actor: ActingAs) -> RolloutPublic:
+def abort_rollout(
+    deployment: str, session: SessionDep, tenant: CurrentTenant, actor: ActingAs
+) -> RolloutPublic:
     """All traffic back to the stable version, at once."""
-    return _command(session, tenant, deployment,
-                    lambda target, rollout: rollouts.abort(session, target, rollout, actor, time.time()))
+    return _command(
+        session,
+        tenant,
+        deployment,
+        lambda target, rollout: rollouts.abort(session, target, rollout, actor, time.time()),
+    )
 
 
 @router.post("/deployments/{deployment}/rollout/promote")
-def promote_rollout(deployment: str, session: SessionDep, tenant: CurrentTenant, actor: ActingAs,
-                    body: PromoteBody | None = None) -> RolloutPublic:
+def promote_rollout(
+    deployment: str,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    actor: ActingAs,
+    body: PromoteBody | None = None,
+) -> RolloutPublic:
     """One step forward without waiting for the analysis, or (`full`) straight to 100 %."""
     full = body.full if body else False
-    return _command(session, tenant, deployment, lambda target, rollout: rollouts.promote(
-        session, target, rollout, full, actor, time.time()))
+    return _command(
+        session,
+        tenant,
+        deployment,
+        lambda target, rollout: rollouts.promote(
+            session, target, rollout, full, actor, time.time()
+        ),
+    )
 
 
 @router.post("/deployments/{deployment}/undo")
-async def undo_deployment(deployment: str, gateway: GatewayDep, session: SessionDep,
-                          tenant: CurrentTenant, actor: ActingAs) -> DeploymentPublic:
+async def undo_deployment(
+    deployment: str,
+    gateway: GatewayDep,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    actor: ActingAs,
+) -> DeploymentPublic:
     """Serve the previous stable version again."""
     target = await run_in_threadpool(get_deployment, session, tenant, deployment)
     if target.previous_stable is not None:
@@ -293,29 +413,52 @@ async def undo_deployment(deployment: str, gateway: GatewayDep, session: Session
 
 # --- A/B tests ---
 
+
 @router.post("/deployments/{deployment}/ab", status_code=201)
-async def start_ab(deployment: str, body: AbStart, gateway: GatewayDep, session: SessionDep,
-                   tenant: CurrentTenant, actor: ActingAs) -> RolloutPublic:
+async def start_ab(
+    deployment: str,
+    body: AbStart,
+    gateway: GatewayDep,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    actor: ActingAs,
+) -> RolloutPublic:
     target = await run_in_threadpool(get_deployment, session, tenant, deployment)
-    versions = [(await run_in_threadpool(resolve_version, session, tenant, v.adapter), v.weight)
-                for v in body.variants]
+    versions = [
+        (await run_in_threadpool(resolve_version, session, tenant, v.adapter), v.weight)
+        for v in body.variants
+    ]
     await prepare_engine(gateway, session, [v for v, _ in versions])
-    rollout = await run_in_threadpool(rollouts.start_ab, session, target, versions, actor, time.time())
+    rollout = await run_in_threadpool(
+        rollouts.start_ab, session, target, versions, actor, time.time()
+    )
     return await run_in_threadpool(rollout_public, rollout, session)
 
 
 def _ab_status(session: Session, rollout: Rollout) -> dict:
-    samples = rollouts.with_feedback(rollouts.step_samples(session, rollout.id, None),
-                                     rollouts.rollout_feedback(session, rollout.id))
+    samples = rollouts.with_feedback(
+        rollouts.step_samples(session, rollout.id, None),
+        rollouts.rollout_feedback(session, rollout.id),
+    )
     labels = [v["label"] for v in rollout.variants]
     summary = [_ab_summary(label, samples.get(label)) for label in labels]
     control = samples.get(labels[0])
-    comparisons = [{"variant": label, "against": labels[0], **compare_variants(control, samples[label])}
-                   for label in labels[1:] if control and label in samples]
-    srm = sample_ratio({k: v.units for k, v in samples.items()}, {v["label"]: v["weight"] for v in rollout.variants},
-                       Limits())
-    return {"rollout": rollout_public(rollout, session).model_dump(mode="json"), "variants": summary,
-            "comparisons": comparisons, "sample_ratio": srm.to_dict()}
+    comparisons = [
+        {"variant": label, "against": labels[0], **compare_variants(control, samples[label])}
+        for label in labels[1:]
+        if control and label in samples
+    ]
+    srm = sample_ratio(
+        {k: v.units for k, v in samples.items()},
+        {v["label"]: v["weight"] for v in rollout.variants},
+        Limits(),
+    )
+    return {
+        "rollout": rollout_public(rollout, session).model_dump(mode="json"),
+        "variants": summary,
+        "comparisons": comparisons,
+        "sample_ratio": srm.to_dict(),
+    }
 
 
 def _ab_summary(label: str, s: VariantSamples | None) -> dict:
@@ -323,16 +466,23 @@ def _ab_summary(label: str, s: VariantSamples | None) -> dict:
     latencies = sorted(s.latencies_s) if s else []
     answered = s.requests - s.errors if s else 0
     return {
-        "variant": label, "requests": s.requests if s else 0, "units": s.units if s else 0,
+        "variant": label,
+        "requests": s.requests if s else 0,
+        "units": s.units if s else 0,
         "error_rate": s.errors / s.requests if s and s.requests else None,
         "latency_p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
         "latency_p95_ms": 1000 * latencies[int(len(latencies) * 0.95)] if latencies else None,
-        "output_tokens_mean": sum(s.output_tokens) / len(s.output_tokens) if s and s.output_tokens else None,
-        "format_validity": 1 - s.format_invalid / s.format_checked if s and s.format_checked else None,
+        "output_tokens_mean": sum(s.output_tokens) / len(s.output_tokens)
+        if s and s.output_tokens
+        else None,
+        "format_validity": 1 - s.format_invalid / s.format_checked
+        if s and s.format_checked
+        else None,
         "feedback_count": len(s.feedback) if s else 0,
         "feedback_rate": len(s.feedback) / answered if s and answered else None,
         "feedback_mean": sum(s.feedback) / len(s.feedback) if s and s.feedback else None,
-        "confidence_mean": sum(s.confidences) / len(s.confidences) if s and s.confidences else None}
+        "confidence_mean": sum(s.confidences) / len(s.confidences) if s and s.confidences else None,
+    }
 
 
 def _difference(label: str, control: str, measurement: Measurement) -> dict:
@@ -340,20 +490,30 @@ def _difference(label: str, control: str, measurement: Measurement) -> dict:
     low, high = measurement.interval or (0.0, 0.0)
     verdict = "worse" if high < 0 else "better" if low > 0 else "no difference shown"
     numbers = measurement.to_dict()
-    return {"variant": label, "against": control, "verdict": verdict,
-            **{k: numbers[k] for k in ("test", "effect", "interval", "p", "n_candidate", "extra")}}
+    return {
+        "variant": label,
+        "against": control,
+        "verdict": verdict,
+        **{k: numbers[k] for k in ("test", "effect", "interval", "p", "n_candidate", "extra")},
+    }
 
 
 @router.get("/deployments/{deployment}/ab")
 def get_ab(deployment: str, session: SessionDep, tenant: CurrentTenant) -> JSONResponse:
-    """Per-variant live metrics, and each variant's differences from the first one with 95% intervals."""
+    """Per-variant live metrics, and each variant's differences from the first one with 95%
+    intervals."""
     rollout = _latest(session, get_deployment(session, tenant, deployment), "ab")
     return JSONResponse(_ab_status(session, rollout))
 
 
 @router.post("/deployments/{deployment}/ab/stop")
-async def stop_ab(deployment: str, session: SessionDep, tenant: CurrentTenant, actor: ActingAs,
-                  body: StopBody | None = None) -> RolloutPublic:
+async def stop_ab(
+    deployment: str,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    actor: ActingAs,
+    body: StopBody | None = None,
+) -> RolloutPublic:
     keep_ref = body.keep if body else None
 
     def stop(target: Deployment, rollout: Rollout | None) -> Rollout:
@@ -364,10 +524,15 @@ async def stop_ab(deployment: str, session: SessionDep, tenant: CurrentTenant, a
 
 
 @router.post("/deployments/{deployment}/ab/evaluate")
-async def evaluate_ab(deployment: str, gateway: GatewayDep, session: SessionDep, tenant: CurrentTenant,
-                      max_tokens: Annotated[int, Query(ge=1, le=4096)] = 128) -> JSONResponse:
-    """Every variant answers the validation set (greedy, through the engine); paired differences from the
-    first variant with 95% intervals (McNemar exact or paired bootstrap)."""
+async def evaluate_ab(
+    deployment: str,
+    gateway: GatewayDep,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    max_tokens: Annotated[int, Query(ge=1, le=4096)] = 128,
+) -> JSONResponse:
+    """Every variant answers the validation set (greedy, through the engine); paired differences
+    from the first variant with 95% intervals (McNemar exact or paired bootstrap)."""
     target = await run_in_threadpool(get_deployment, session, tenant, deployment)
     rollout = await run_in_threadpool(_latest, session, target, "ab")
     validation = require_validation_set(target)
@@ -376,11 +541,22 @@ async def evaluate_ab(deployment: str, gateway: GatewayDep, session: SessionDep,
     items = read_items(await run_in_threadpool(gateway.validation_store.read, validation.digest))
     scores = {}
     for variant in rollout.variants:
-        replayed = await replay_and_score(gateway.fleet, variant["digest"], items, validation.metric, max_tokens)
+        replayed = await replay_and_score(
+            gateway.fleet, variant["digest"], items, validation.metric, max_tokens
+        )
         scores[variant["label"]] = replayed.scores
     labels = list(scores)
-    differences = [_difference(label, labels[0], await paired_test(scores[labels[0]], scores[label], 0.0, 0.025))
-                   for label in labels[1:]]
-    return JSONResponse({"metric": validation.metric, "items": len(items),
-                         "scores": {label: sum(s) / len(s) for label, s in scores.items()},
-                         "differences": differences})
+    differences = [
+        _difference(
+            label, labels[0], await paired_test(scores[labels[0]], scores[label], 0.0, 0.025)
+        )
+        for label in labels[1:]
+    ]
+    return JSONResponse(
+        {
+            "metric": validation.metric,
+            "items": len(items),
+            "scores": {label: sum(s) / len(s) for label, s in scores.items()},
+            "differences": differences,
+        }
+    )

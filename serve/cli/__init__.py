@@ -1,4 +1,5 @@
-"""`lorafleet`: one CLI, one module per command group. Each command parses, calls one library function, and prints.
+"""`lorafleet`: one CLI, one module per command group. Each command parses, calls one library
+function, and prints.
 
 - `server`    serve, engine, engines     - `registry`  adapters, deployments, validation
 - `tenants`   tenants (keys, limits), audit
@@ -16,12 +17,24 @@ from typing import Annotated
 import typer
 
 from lorafleet import __version__
-from lorafleet.serve.cli import db, drift, feedback, housekeeping, registry, rollouts, server, tenants, training
+from lorafleet.serve.cli import (
+    db,
+    drift,
+    feedback,
+    housekeeping,
+    registry,
+    rollouts,
+    server,
+    tenants,
+    training,
+)
 from lorafleet.serve.cli.common import Commands
 
 __all__ = ["app"]
 
-app = typer.Typer(cls=Commands, no_args_is_help=True, help="Serve many tenants' LoRA adapters on one base VLM.")
+app = typer.Typer(
+    cls=Commands, no_args_is_help=True, help="Serve many tenants' LoRA adapters on one base VLM."
+)
 
 
 def _print_version(value: bool) -> None:
@@ -31,9 +44,19 @@ def _print_version(value: bool) -> None:
 
 
 @app.callback()
-def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
-                                                   help="Print lorafleet's version and exit.")] = False) -> None:
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print lorafleet's version and exit.",
+        ),
+    ] = False,
+) -> None:
     """Serve many tenants' LoRA adapters on one base VLM."""
+
 
 app.command()(server.serve)
 app.command()(server.engine)

@@ -1,4 +1,5 @@
-"""What every command group shares: the console, the server options, and the one place errors are printed."""
+"""What every command group shares: the console, the server options, and the one place errors are
+printed."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ class Commands(typer.core.TyperGroup):
             return super().invoke(ctx)
         except LorafleetError as exc:
             # one line whatever the terminal's width (a refusal to start names its command in it)
-            Console(stderr=True).print(f"[red]{type(exc).__name__}: {exc.message}[/red]", highlight=False,
-                                       soft_wrap=True)
+            Console(stderr=True).print(
+                f"[red]{type(exc).__name__}: {exc.message}[/red]", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(1) from None
 
 

@@ -1,5 +1,5 @@
-"""`lorafleet db`: the catalog database itself (on this machine, from the settings): its schema revision,
-upgrades, backups."""
+"""`lorafleet db`: the catalog database itself (on this machine, from the settings): its schema
+revision, upgrades, backups."""
 
 from __future__ import annotations
 
@@ -15,9 +15,14 @@ from lorafleet.serve.cli.common import console, group
 
 __all__ = ["db"]
 
-db = group("The catalog database: its schema revision, upgrades and backups (LORAFLEET_DATABASE_URL).")
+db = group(
+    "The catalog database: its schema revision, upgrades and backups (LORAFLEET_DATABASE_URL)."
+)
 
-Home = Annotated[Optional[Path], typer.Option(help="State folder (its catalog.db, unless LORAFLEET_DATABASE_URL).")]
+Home = Annotated[
+    Optional[Path],
+    typer.Option(help="State folder (its catalog.db, unless LORAFLEET_DATABASE_URL)."),
+]
 
 
 @contextlib.contextmanager
@@ -47,18 +52,29 @@ def db_current(home: Home = None) -> None:
 
     with _catalog(home) as engine:
         if (missing := _missing_file(engine)) is not None:
-            console.print(f"no catalog at {missing} yet (the first `lorafleet serve` creates it); "
-                          f"this release's revision: {head_revision()}", highlight=False, soft_wrap=True)
+            console.print(
+                f"no catalog at {missing} yet (the first `lorafleet serve` creates it); "
+                f"this release's revision: {head_revision()}",
+                highlight=False,
+                soft_wrap=True,
+            )
             return
         state = catalog_revision(engine)
-    console.print(f"catalog: {state.catalog}\nrevision: {state.label}\nthis release: {state.head}",
-                  highlight=False, soft_wrap=True)
+    console.print(
+        f"catalog: {state.catalog}\nrevision: {state.label}\nthis release: {state.head}",
+        highlight=False,
+        soft_wrap=True,
+    )
     if state.behind:
         console.print("behind: run `lorafleet db upgrade`", highlight=False)
     elif not state.known:
-        console.print("ahead: a newer lorafleet upgraded it; this release cannot serve it", highlight=False)
+        console.print(
+            "ahead: a newer lorafleet upgraded it; this release cannot serve it", highlight=False
+        )
     else:
-        console.print("up to date" if state.at_head else "new: created at the first start", highlight=False)
+        console.print(
+            "up to date" if state.at_head else "new: created at the first start", highlight=False
+        )
 
 
 @db.command("upgrade")
@@ -72,15 +88,19 @@ def db_upgrade(home: Home = None) -> None:
         console.print(f"the catalog is at {head_revision()} already", highlight=False)
         return
     what = "created at" if done.created else f"upgraded from {done.from_revision or 'none'} to"
-    console.print(f"catalog {done.catalog} {what} {done.to_revision}", highlight=False, soft_wrap=True)
+    console.print(
+        f"catalog {done.catalog} {what} {done.to_revision}", highlight=False, soft_wrap=True
+    )
     if done.backup:
         console.print(f"its copy from before: {done.backup}", highlight=False, soft_wrap=True)
 
 
 @db.command("backup")
-def db_backup(out: Annotated[Path, typer.Option("--out", help="A new file for the copy.")],
-              home: Home = None) -> None:
-    """Copy a SQLite catalog while gateways use it (online backup); PostgreSQL: pg_dump (README: Operations)."""
+def db_backup(
+    out: Annotated[Path, typer.Option("--out", help="A new file for the copy.")], home: Home = None
+) -> None:
+    """Copy a SQLite catalog while gateways use it (online backup); PostgreSQL: pg_dump (README:
+    Operations)."""
     from lorafleet.adapters.migrate import backup_sqlite
 
     with _catalog(home) as engine:

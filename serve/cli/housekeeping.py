@@ -1,5 +1,5 @@
-"""`lorafleet gc`: garbage collection on the catalog and stores the settings name (gateways also run it
-periodically), under the same fleet-wide lease as theirs."""
+"""`lorafleet gc`: garbage collection on the catalog and stores the settings name (gateways also
+run it periodically), under the same fleet-wide lease as theirs."""
 
 from __future__ import annotations
 
@@ -15,18 +15,28 @@ from lorafleet.serve.cli.common import console
 
 __all__ = ["gc"]
 
-_NAMES = {"adapter_blobs": "orphan adapter blobs", "validation_blobs": "orphan validation sets",
-          "temp_entries": "temporary store entries", "scratch_entries": "scratch entries",
-          "capture_images": "capture images (orphans, and of expired captures)"}
-# the history that LORAFLEET_RETENTION_*_DAYS of 0 keeps (the request log has a default retention; captures have
-# their deployment's)
+_NAMES = {
+    "adapter_blobs": "orphan adapter blobs",
+    "validation_blobs": "orphan validation sets",
+    "temp_entries": "temporary store entries",
+    "scratch_entries": "scratch entries",
+    "capture_images": "capture images (orphans, and of expired captures)",
+}
+# the history that LORAFLEET_RETENTION_*_DAYS of 0 keeps (the request log has a default retention;
+# captures have their deployment's)
 _HISTORY = {"rollout_samples", "decisions", "drift_checks", "validation_runs"}
 
 
-def gc(dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would be removed.")] = False,
-       home: Annotated[Optional[Path], typer.Option(help="State folder (catalog, adapters, logs).")] = None) -> None:
-    """Remove orphan blobs, old temporary and scratch entries, catalog history past LORAFLEET_RETENTION_*, and
-    captured requests past their deployment's retention."""
+def gc(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only show what would be removed.")
+    ] = False,
+    home: Annotated[
+        Optional[Path], typer.Option(help="State folder (catalog, adapters, logs).")
+    ] = None,
+) -> None:
+    """Remove orphan blobs, old temporary and scratch entries, catalog history past
+    LORAFLEET_RETENTION_*, and captured requests past their deployment's retention."""
     from sqlalchemy.engine import make_url
 
     from lorafleet.adapters.catalog import open_catalog
@@ -40,31 +50,52 @@ def gc(dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what w
         _require_catalog(settings.database_url)
         _, sessions = open_catalog(settings.database_url)
         store, validation_store = open_stores(settings)
-        collector = GarbageCollector(sessions, store, validation_store, [scratch_dir(settings)], settings,
-                                     owner=f"cli:{new_gateway_id()}", capture_store=open_capture_store(settings))
-        console.print(f"catalog {make_url(settings.database_url).render_as_string()}, store {settings.store_url}",
-                      highlight=False, soft_wrap=True)
+        collector = GarbageCollector(
+            sessions,
+            store,
+            validation_store,
+            [scratch_dir(settings)],
+            settings,
+            owner=f"cli:{new_gateway_id()}",
+            capture_store=open_capture_store(settings),
+        )
+        console.print(
+            f"catalog {make_url(settings.database_url).render_as_string()}, "
+            f"store {settings.store_url}",
+            highlight=False,
+            soft_wrap=True,
+        )
         report = collector.collect(dry_run=True) if dry_run else collector.run_once()
     except (ValueError, OSError) as exc:
         raise LorafleetError(str(exc)) from exc
     if report is None:
-        raise LorafleetError('another garbage collection is running (it holds the fleet\'s "gc" lease): '
-                             "try again later")
+        raise LorafleetError(
+            'another garbage collection is running (it holds the fleet\'s "gc" lease): '
+            "try again later"
+        )
     console.print(_table(report))
     if not _HISTORY & set(report.rows):
-        console.print("catalog history is kept (rollout samples, decisions, drift checks, validation runs): no "
-                      "LORAFLEET_RETENTION_*_DAYS is set for it")
+        console.print(
+            "catalog history is kept (rollout samples, decisions, drift checks, validation "
+            "runs): no LORAFLEET_RETENTION_*_DAYS is set for it"
+        )
 
 
 def _require_catalog(url: str) -> None:
-    """A SQLite catalog must exist already: a new, empty one (the wrong home, a missing LORAFLEET_DATABASE_URL)
-    references no blob, so every stored one would look orphaned."""
+    """A SQLite catalog must exist already: a new, empty one (the wrong home, a missing
+    LORAFLEET_DATABASE_URL) references no blob, so every stored one would look orphaned."""
     from sqlalchemy.engine import make_url
 
     parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).is_file():
-        raise LorafleetError(f"no catalog at {parsed.database}: set LORAFLEET_HOME or LORAFLEET_DATABASE_URL as the "
-                             "gateways have them")
+    if (
+        parsed.get_backend_name() == "sqlite"
+        and parsed.database
+        and not Path(parsed.database).is_file()
+    ):
+        raise LorafleetError(
+            f"no catalog at {parsed.database}: set LORAFLEET_HOME or LORAFLEET_DATABASE_URL as the "
+            "gateways have them"
+        )
 
 
 def _table(report: GcReport) -> Table:

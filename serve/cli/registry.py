@@ -14,7 +14,7 @@ from lorafleet.adapters.manifest import manifest_summary
 from lorafleet.serve.cli.common import DEFAULT_URL, ApiKey, Url, console, group
 from lorafleet.serve.client import LorafleetClient
 
-__all__ = ['adapters', 'deployments', 'validation']
+__all__ = ["adapters", "deployments", "validation"]
 
 adapters = group("Adapter versions (tenant key).")
 deployments = group("Deployments (tenant key).")
@@ -22,23 +22,42 @@ validation = group("A deployment's fixed validation set (tenant key).")
 
 
 @adapters.command("push")
-def adapters_push(name: str, folder: Annotated[Path, typer.Argument(exists=True, file_okay=False)],
-                  url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+def adapters_push(
+    name: str,
+    folder: Annotated[Path, typer.Argument(exists=True, file_okay=False)],
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
     """Upload a PEFT LoRA adapter folder as a new version of NAME."""
-    columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    columns = (
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+    )
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(f"uploading {name}", total=None)
         version = LorafleetClient(url, api_key).push_adapter(
-            name, folder, lambda sent, total: progress.update(task, completed=sent, total=total))
-    console.print(f"{version['name']}@{version['version']}  digest {version['digest']}  rank {version['rank']}  "
-                  f"{version['size_bytes']} bytes")
+            name, folder, lambda sent, total: progress.update(task, completed=sent, total=total)
+        )
+    console.print(
+        f"{version['name']}@{version['version']}  digest {version['digest']}  "
+        f"rank {version['rank']}  {version['size_bytes']} bytes"
+    )
 
 
 def _versions_table(rows: list[dict]) -> Table:
     table = Table("adapter", "version", "digest", "rank", "targets", "bytes", "created")
     for v in rows:
-        table.add_row(v["name"], str(v["version"]), v["digest"][:12], str(v["rank"]), ",".join(v["target_modules"]),
-                      str(v["size_bytes"]), v["created_at"][:19])
+        table.add_row(
+            v["name"],
+            str(v["version"]),
+            v["digest"][:12],
+            str(v["rank"]),
+            ",".join(v["target_modules"]),
+            str(v["size_bytes"]),
+            v["created_at"][:19],
+        )
     return table
 
 
@@ -48,8 +67,11 @@ def adapters_list(url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
     console.print(_versions_table([v for a in adapters for v in a["versions"]]))
 
 
-_MATCHES = {True: "the manifest's adapter digest matches", None: "the manifest records no adapter digest",
-            False: "[red]the manifest records another adapter digest: it came with other weights[/red]"}
+_MATCHES = {
+    True: "the manifest's adapter digest matches",
+    None: "the manifest records no adapter digest",
+    False: "[red]the manifest records another adapter digest: it came with other weights[/red]",
+}
 
 
 def _manifest_lines(version: dict) -> list[str]:
@@ -71,15 +93,21 @@ def adapters_show(name: str, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> 
 
 
 @adapters.command("delete")
-def adapters_delete(name: str, version: int, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+def adapters_delete(
+    name: str, version: int, url: Url = DEFAULT_URL, api_key: ApiKey = None
+) -> None:
     """Delete one version (refused while a deployment serves it)."""
     deleted = LorafleetClient(url, api_key).delete_version(name, version)
     console.print(f"deleted {deleted['name']}@{deleted['version']}")
 
 
 @deployments.command("set")
-def deployments_set(deployment: str, adapter: Annotated[str, typer.Argument(help="NAME, NAME@N or a digest.")],
-                    url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+def deployments_set(
+    deployment: str,
+    adapter: Annotated[str, typer.Argument(help="NAME, NAME@N or a digest.")],
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
     """Serve ADAPTER under DEPLOYMENT (the `model` clients send) from the next request on."""
     result = LorafleetClient(url, api_key).deploy(deployment, adapter)
     a = result["adapter"]
@@ -91,24 +119,34 @@ def deployments_list(url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
     table = Table("deployment", "adapter", "digest", "updated")
     for d in LorafleetClient(url, api_key).list_deployments():
         a = d["adapter"]
-        table.add_row(d["name"], f"{a['name']}@{a['version']}", a["digest"][:12], d["updated_at"][:19])
+        table.add_row(
+            d["name"], f"{a['name']}@{a['version']}", a["digest"][:12], d["updated_at"][:19]
+        )
     console.print(table)
 
 
 @deployments.command("format")
 def deployments_format(
     deployment: str,
-    json_schema: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="JSON schema file.")] = None,
+    json_schema: Annotated[
+        Optional[Path], typer.Option(exists=True, dir_okay=False, help="JSON schema file.")
+    ] = None,
     regex: Annotated[Optional[str], typer.Option(help="Regex the whole answer must match.")] = None,
     clear: Annotated[bool, typer.Option(help="Remove the declared format.")] = False,
-    url: Url = DEFAULT_URL, api_key: ApiKey = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
 ) -> None:
     """Declare the answer format (rollouts and A/B tests measure format validity against it)."""
     if sum(x is not None and x is not False for x in (json_schema, regex, clear or None)) != 1:
         raise typer.BadParameter("give exactly one of --json-schema, --regex or --clear")
     try:
-        spec = ({"json_schema": json.loads(json_schema.read_text())} if json_schema
-                else {"regex": regex} if regex else {})
+        spec = (
+            {"json_schema": json.loads(json_schema.read_text())}
+            if json_schema
+            else {"regex": regex}
+            if regex
+            else {}
+        )
     except ValueError as exc:
         raise typer.BadParameter(f"{json_schema} is not valid JSON: {exc}") from exc
     result = LorafleetClient(url, api_key).set_answer_format(deployment, spec)
@@ -116,18 +154,26 @@ def deployments_format(
 
 
 @validation.command("push")
-def validation_push(deployment: str, file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
-                    metric: Annotated[str, typer.Option(help="exact_match | anls | json_fields")] = "exact_match",
-                    url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+def validation_push(
+    deployment: str,
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
+    metric: Annotated[str, typer.Option(help="exact_match | anls | json_fields")] = "exact_match",
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
     """Upload FILE (chat JSONL, the training format) as DEPLOYMENT's fixed validation set."""
     with console.status("checking and uploading the validation set"):
         stored = LorafleetClient(url, api_key).push_validation(deployment, file, metric)
-    console.print(f"{deployment}: validation set {stored['digest'][:12]}, {stored['items']} items, "
-                  f"metric {stored['metric']}")
+    console.print(
+        f"{deployment}: validation set {stored['digest'][:12]}, {stored['items']} items, "
+        f"metric {stored['metric']}"
+    )
 
 
 @validation.command("show")
 def validation_show(deployment: str, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
     stored = LorafleetClient(url, api_key).get_validation(deployment)
-    console.print(f"{deployment}: validation set {stored['digest']}, {stored['items']} items, metric "
-                  f"{stored['metric']}, uploaded {stored['created_at'][:19]}")
+    console.print(
+        f"{deployment}: validation set {stored['digest']}, {stored['items']} items, metric "
+        f"{stored['metric']}, uploaded {stored['created_at'][:19]}"
+    )

@@ -11,26 +11,52 @@ import typer
 from lorafleet.adapters.errors import LorafleetError
 from lorafleet.serve.cli.common import DEFAULT_URL, AdminKey, Url, console
 
-__all__ = ['serve', 'engine', 'engines']
+__all__ = ["serve", "engine", "engines"]
 
 
 def serve(
-    base: Annotated[Optional[str], typer.Option(help="Base model: hub id or local path (quantized or not).")] = None,
-    quantize: Annotated[Optional[str], typer.Option(
-        help="auto (the checkpoint's own quantization, else int4) | none | int4 | int8 | fp8 (GPU).")] = None,
+    base: Annotated[
+        Optional[str], typer.Option(help="Base model: hub id or local path (quantized or not).")
+    ] = None,
+    quantize: Annotated[
+        Optional[str],
+        typer.Option(
+            help="auto (the checkpoint's own quantization, else int4) | none | int4 | int8 | "
+            "fp8 (GPU)."
+        ),
+    ] = None,
     group_size: Annotated[Optional[int], typer.Option(help="int4: weights per scale.")] = None,
     host: Annotated[Optional[str], typer.Option()] = None,
     port: Annotated[Optional[int], typer.Option()] = None,
-    home: Annotated[Optional[Path], typer.Option(help="State folder (catalog, adapters, logs).")] = None,
-    upgrade: Annotated[bool, typer.Option(
-        "--upgrade", help="Upgrade a catalog that is behind this release first (SQLite: after a backup copy next "
-                          "to it; LORAFLEET_CATALOG_AUTO_UPGRADE).")] = False,
-    replicas: Annotated[Optional[int], typer.Option(
-        min=1, max=64, help="Engines to start and supervise here (LORAFLEET_REPLICAS; a multi-GPU box: one each).")
+    home: Annotated[
+        Optional[Path], typer.Option(help="State folder (catalog, adapters, logs).")
     ] = None,
-    engine: Annotated[Optional[list[str]], typer.Option(
-        "--engine", help="An engine node's URL (`lorafleet engine`), repeatable; a host name that resolves to "
-                         "several addresses (a headless Service) is every one of them (LORAFLEET_ENGINES).")] = None,
+    upgrade: Annotated[
+        bool,
+        typer.Option(
+            "--upgrade",
+            help="Upgrade a catalog that is behind this release first (SQLite: after a backup "
+            "copy next to it; LORAFLEET_CATALOG_AUTO_UPGRADE).",
+        ),
+    ] = False,
+    replicas: Annotated[
+        Optional[int],
+        typer.Option(
+            min=1,
+            max=64,
+            help="Engines to start and supervise here (LORAFLEET_REPLICAS; a multi-GPU box: "
+            "one each).",
+        ),
+    ] = None,
+    engine: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--engine",
+            help="An engine node's URL (`lorafleet engine`), repeatable; a host name that "
+            "resolves to several addresses (a headless Service) is every one of them "
+            "(LORAFLEET_ENGINES).",
+        ),
+    ] = None,
 ) -> None:
     """Run the gateway and its supervised vLLM engine (or engines, or in front of engine nodes)."""
     import os
@@ -41,16 +67,28 @@ def serve(
     from lorafleet.serve.api.app import create_app
     from lorafleet.serve.settings import Settings
 
-    given = dict(base=base, quantize=quantize, quantize_group_size=group_size, host=host, port=port, home=home,
-                 catalog_auto_upgrade=True if upgrade else None,  # no flag: the setting decides
-                 replicas=replicas, engines=engine or None)
+    given = dict(
+        base=base,
+        quantize=quantize,
+        quantize_group_size=group_size,
+        host=host,
+        port=port,
+        home=home,
+        catalog_auto_upgrade=True if upgrade else None,  # no flag: the setting decides
+        replicas=replicas,
+        engines=engine or None,
+    )
     overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:  # e.g. --replicas with --engine: a line each, not a traceback
-        raise LorafleetError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
-                                       for e in exc.errors())) from exc
-    os.umask(0o077)  # the state folder's files (catalog, adapters, logs) readable by their owner only
+        raise LorafleetError(
+            "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+            )
+        ) from exc
+    # the state folder's files (catalog, adapters, logs) readable by their owner only
+    os.umask(0o077)
     # before the app is built: a catalog upgrade at start logs where its backup copy went
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -58,36 +96,65 @@ def serve(
         application = create_app(settings)
     except (ValueError, OSError) as exc:
         raise LorafleetError(str(exc)) from exc
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # the engine health checks every few seconds
+    # the engine health checks every few seconds
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     fleet = application.state.gateway.fleet
     if settings.engines:  # found at start (DNS)
-        engines = f"engine nodes at {', '.join(settings.engines)} ({settings.placement_policy} placement)"
+        engines = (
+            f"engine nodes at {', '.join(settings.engines)} ({settings.placement_policy} placement)"
+        )
     else:
         first = fleet.replicas[0].supervisor
-        engines = f"hardware: {first.hardware.describe()}; quantization: {first.quantization.label}\nengine: " + (
-            f"attached at {settings.engine_url}, as it was started" if settings.engine_url else
-            first.sizing.describe() + (f"; {settings.replicas} replicas" if settings.replicas > 1 else ""))
-    console.print(f"lorafleet gateway on http://{settings.host}:{settings.port}, base {settings.base}, "
-                  f"state in {settings.home}\n{engines}", highlight=False, soft_wrap=True)
-    uvicorn.run(application, host=settings.host, port=settings.port, log_level="info", access_log=settings.access_log)
+        engines = (
+            f"hardware: {first.hardware.describe()}; "
+            f"quantization: {first.quantization.label}\nengine: "
+            + (
+                f"attached at {settings.engine_url}, as it was started"
+                if settings.engine_url
+                else first.sizing.describe()
+                + (f"; {settings.replicas} replicas" if settings.replicas > 1 else "")
+            )
+        )
+    console.print(
+        f"lorafleet gateway on http://{settings.host}:{settings.port}, base {settings.base}, "
+        f"state in {settings.home}\n{engines}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    uvicorn.run(
+        application,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        access_log=settings.access_log,
+    )
 
 
 def engine(
-    base: Annotated[Optional[str], typer.Option(help="Base model: hub id or local path (quantized or not).")] = None,
-    host: Annotated[str, typer.Option(help="Address to listen on (a pod's: all of them).")] = "0.0.0.0",
+    base: Annotated[
+        Optional[str], typer.Option(help="Base model: hub id or local path (quantized or not).")
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (a pod's: all of them).")
+    ] = "0.0.0.0",
     port: Annotated[int, typer.Option()] = 8100,
     quantize: Annotated[Optional[str], typer.Option(help="As for `serve`.")] = None,
-    print_command: Annotated[bool, typer.Option("--print-command", help="Print vLLM's command line and exit.")] = False,
+    print_command: Annotated[
+        bool, typer.Option("--print-command", help="Print vLLM's command line and exit.")
+    ] = False,
 ) -> None:
-    """Run one engine node (a pod or host of its own): vLLM's OpenAI server with LoRA, which fetches adapters by
-    digest from the store (LORAFLEET_STORE_URL) into a local cache, behind LORAFLEET_ENGINE_API_KEY."""
+    """Run one engine node (a pod or host of its own): vLLM's OpenAI server with LoRA, which
+    fetches adapters by digest from the store (LORAFLEET_STORE_URL) into a local cache, behind
+    LORAFLEET_ENGINE_API_KEY."""
     import os
     import shlex
 
     from lorafleet.serve.engine.command import node_command
     from lorafleet.serve.settings import Settings
 
-    overrides: dict[str, Any] = {k: v for k, v in dict(base=base, quantize=quantize).items() if v is not None}
+    overrides: dict[str, Any] = {
+        k: v for k, v in dict(base=base, quantize=quantize).items() if v is not None
+    }
     try:
         cmd, env = node_command(Settings(**overrides), host, port)
     except (ValueError, OSError) as exc:
@@ -95,21 +162,47 @@ def engine(
     if print_command:
         print(shlex.join(cmd))
         return
-    os.execvpe(cmd[0], cmd, env)  # vLLM in this process's place: a container's signals go to it directly
+    # vLLM in this process's place: a container's signals go to it directly
+    os.execvpe(cmd[0], cmd, env)
 
 
 def engines(url: Url = DEFAULT_URL, admin_key: AdminKey = None) -> None:
-    """The gateway's engine replicas: address, state, queue, adapters registered, hardware (GET /admin/engines)."""
+    """The gateway's engine replicas: address, state, queue, adapters registered, hardware (GET
+    /admin/engines)."""
     from rich.table import Table
 
     from lorafleet.serve.client import LorafleetClient
 
     fleet = LorafleetClient(url, admin_key).engines()
-    table = Table("replica", "address", "kind", "state", "running", "waiting", "adapters", "placed", "hardware",
-                  "quantization")
+    table = Table(
+        "replica",
+        "address",
+        "kind",
+        "state",
+        "running",
+        "waiting",
+        "adapters",
+        "placed",
+        "hardware",
+        "quantization",
+    )
     for r in fleet["replicas"]:
-        table.add_row(r["name"], r["url"], r["kind"], r["state"], str(r["running"]), str(r["waiting"]),
-                      str(len(r["adapters"])), str(r["placed"]), r["hardware"], r["quantization"])
+        table.add_row(
+            r["name"],
+            r["url"],
+            r["kind"],
+            r["state"],
+            str(r["running"]),
+            str(r["waiting"]),
+            str(len(r["adapters"])),
+            str(r["placed"]),
+            r["hardware"],
+            r["quantization"],
+        )
     console.print(table)
-    console.print(f"placement {fleet['policy']}: {fleet['placed']} requests placed, {fleet['spills']} spilled past "
-                  f"their home replica, {fleet['failovers']} sent again after a replica failed", highlight=False)
+    console.print(
+        f"placement {fleet['policy']}: {fleet['placed']} requests placed, "
+        f"{fleet['spills']} spilled past their home replica, {fleet['failovers']} sent again "
+        "after a replica failed",
+        highlight=False,
+    )

@@ -1,4 +1,5 @@
-"""Tenants and their keys, limits, disabling and deletion, and the audit trail (admin key): thin calls to the API."""
+"""Tenants and their keys, limits, disabling and deletion, and the audit trail (admin key): thin
+calls to the API."""
 
 from __future__ import annotations
 
@@ -28,7 +29,10 @@ def _when(at: float | None) -> str:
 def tenants_create(name: str, url: Url = DEFAULT_URL, admin_key: AdminKey = None) -> None:
     """Create a tenant and print its API key (shown only once)."""
     created = LorafleetClient(url, admin_key).create_tenant(name)
-    console.print(f"tenant [bold]{created['name']}[/bold] created; API key (store it now, it is not shown again):")
+    console.print(
+        f"tenant [bold]{created['name']}[/bold] created; API key "
+        "(store it now, it is not shown again):"
+    )
     print(created["api_key"])
 
 
@@ -42,16 +46,26 @@ def tenants_list(url: Url = DEFAULT_URL, admin_key: AdminKey = None) -> None:
 def tenants_show(name: str, url: Url = DEFAULT_URL, admin_key: AdminKey = None) -> None:
     """The tenant's state, usage and limits in effect."""
     t = LorafleetClient(url, admin_key).get_tenant(name)
-    state = f"disabled ({t['disabled_reason'] or 'no reason given'})" if t["disabled"] else "enabled"
-    console.print(f"{t['name']}: {state}; {t['keys']} live keys; {t['adapters']} adapter versions "
-                  f"({t['adapter_bytes']} bytes); {t['deployments']} deployments")
+    state = (
+        f"disabled ({t['disabled_reason'] or 'no reason given'})" if t["disabled"] else "enabled"
+    )
+    console.print(
+        f"{t['name']}: {state}; {t['keys']} live keys; {t['adapters']} adapter versions "
+        f"({t['adapter_bytes']} bytes); {t['deployments']} deployments"
+    )
     console.print(_limits_table({"limit": t["limits"]}))
 
 
 def _limits_table(columns: dict[str, dict[str, int]]) -> Table:
     table = Table("limit", *columns)
     for name in next(iter(columns.values())):
-        table.add_row(name, *(str(c.get(name, "")) if c.get(name, "") != 0 else "unlimited" for c in columns.values()))
+        table.add_row(
+            name,
+            *(
+                str(c.get(name, "")) if c.get(name, "") != 0 else "unlimited"
+                for c in columns.values()
+            ),
+        )
     return table
 
 
@@ -67,20 +81,44 @@ def _limit(value: str) -> int | None:
 @tenants.command("limits")
 def tenants_limits(
     name: str,
-    rpm: Annotated[Optional[str], typer.Option(help=f"Chat requests per minute. {_LIMIT_HELP}")] = None,
-    tpm: Annotated[Optional[str], typer.Option(help=f"Prompt + completion tokens per minute. {_LIMIT_HELP}")] = None,
-    concurrency: Annotated[Optional[str], typer.Option(help=f"Chat requests in flight. {_LIMIT_HELP}")] = None,
-    images: Annotated[Optional[str], typer.Option(help=f"Images per request. {_LIMIT_HELP}")] = None,
-    image_bytes: Annotated[Optional[str], typer.Option(help=f"Bytes per image. {_LIMIT_HELP}")] = None,
-    image_pixels: Annotated[Optional[str], typer.Option(help=f"Pixels per image. {_LIMIT_HELP}")] = None,
-    adapters: Annotated[Optional[str], typer.Option(help=f"Adapter versions stored. {_LIMIT_HELP}")] = None,
-    adapter_bytes: Annotated[Optional[str], typer.Option(help=f"Bytes of adapters stored. {_LIMIT_HELP}")] = None,
-    url: Url = DEFAULT_URL, admin_key: AdminKey = None,
+    rpm: Annotated[
+        Optional[str], typer.Option(help=f"Chat requests per minute. {_LIMIT_HELP}")
+    ] = None,
+    tpm: Annotated[
+        Optional[str], typer.Option(help=f"Prompt + completion tokens per minute. {_LIMIT_HELP}")
+    ] = None,
+    concurrency: Annotated[
+        Optional[str], typer.Option(help=f"Chat requests in flight. {_LIMIT_HELP}")
+    ] = None,
+    images: Annotated[
+        Optional[str], typer.Option(help=f"Images per request. {_LIMIT_HELP}")
+    ] = None,
+    image_bytes: Annotated[
+        Optional[str], typer.Option(help=f"Bytes per image. {_LIMIT_HELP}")
+    ] = None,
+    image_pixels: Annotated[
+        Optional[str], typer.Option(help=f"Pixels per image. {_LIMIT_HELP}")
+    ] = None,
+    adapters: Annotated[
+        Optional[str], typer.Option(help=f"Adapter versions stored. {_LIMIT_HELP}")
+    ] = None,
+    adapter_bytes: Annotated[
+        Optional[str], typer.Option(help=f"Bytes of adapters stored. {_LIMIT_HELP}")
+    ] = None,
+    url: Url = DEFAULT_URL,
+    admin_key: AdminKey = None,
 ) -> None:
     """Show the tenant's limits, or set those given."""
-    given = {"rpm": rpm, "tpm": tpm, "concurrency": concurrency, "images_per_request": images,
-             "image_bytes": image_bytes, "image_pixels": image_pixels, "adapters": adapters,
-             "adapter_bytes": adapter_bytes}
+    given = {
+        "rpm": rpm,
+        "tpm": tpm,
+        "concurrency": concurrency,
+        "images_per_request": images,
+        "image_bytes": image_bytes,
+        "image_pixels": image_pixels,
+        "adapters": adapters,
+        "adapter_bytes": adapter_bytes,
+    }
     changes = {k: _limit(v) for k, v in given.items() if v is not None}
     client = LorafleetClient(url, admin_key)
     result = client.set_limits(name, changes) if changes else client.get_limits(name)
@@ -88,9 +126,14 @@ def tenants_limits(
 
 
 @tenants.command("disable")
-def tenants_disable(name: str, reason: Annotated[str, typer.Option(help="Shown to the tenant's clients.")] = "",
-                    url: Url = DEFAULT_URL, admin_key: AdminKey = None) -> None:
-    """Every key of the tenant answers 401 (with the reason) until it is enabled; nothing is deleted."""
+def tenants_disable(
+    name: str,
+    reason: Annotated[str, typer.Option(help="Shown to the tenant's clients.")] = "",
+    url: Url = DEFAULT_URL,
+    admin_key: AdminKey = None,
+) -> None:
+    """Every key of the tenant answers 401 (with the reason) until it is enabled; nothing is
+    deleted."""
     LorafleetClient(url, admin_key).disable_tenant(name, reason)
     console.print(f"tenant {name} disabled")
 
@@ -102,24 +145,37 @@ def tenants_enable(name: str, url: Url = DEFAULT_URL, admin_key: AdminKey = None
 
 
 @tenants.command("delete")
-def tenants_delete(name: str,
-                   force: Annotated[bool, typer.Option(help="Also while a rollout or A/B test runs.")] = False,
-                   yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
-                   url: Url = DEFAULT_URL, admin_key: AdminKey = None) -> None:
-    """Delete the tenant and everything it owns (adapters, deployments, validation sets, samples, files)."""
+def tenants_delete(
+    name: str,
+    force: Annotated[bool, typer.Option(help="Also while a rollout or A/B test runs.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    url: Url = DEFAULT_URL,
+    admin_key: AdminKey = None,
+) -> None:
+    """Delete the tenant and everything it owns (adapters, deployments, validation sets, samples,
+    files)."""
     if not yes:
         typer.confirm(f"delete tenant {name} and everything it owns?", abort=True)
     deleted = LorafleetClient(url, admin_key).delete_tenant(name, force)
     rows = ", ".join(f"{n} {table}" for table, n in deleted["deleted"].items() if n)
-    console.print(f"tenant {name} deleted ({rows or 'nothing else'}; {deleted['blobs_deleted']} stored files)")
+    console.print(
+        f"tenant {name} deleted ({rows or 'nothing else'}; {deleted['blobs_deleted']} stored files)"
+    )
 
 
 def _keys_table(rows: list[dict]) -> Table:
     table = Table("id", "prefix", "label", "created", "last used", "expires", "state")
     for k in rows:
         state = "revoked" if k["revoked_at"] else "live" if k["live"] else "expired"
-        table.add_row(str(k["id"]), k["prefix"] + "…", k["label"], _when(k["created_at"]), _when(k["last_used_at"]),
-                      _when(k["expires_at"]), state)
+        table.add_row(
+            str(k["id"]),
+            k["prefix"] + "…",
+            k["label"],
+            _when(k["created_at"]),
+            _when(k["last_used_at"]),
+            _when(k["expires_at"]),
+            state,
+        )
     return table
 
 
@@ -129,12 +185,18 @@ def keys_list(name: str, url: Url = DEFAULT_URL, admin_key: AdminKey = None) -> 
 
 
 @keys.command("create")
-def keys_create(name: str, label: Annotated[str, typer.Option()] = "",
-                expires_in: Annotated[Optional[float], typer.Option(help="Seconds until it expires.")] = None,
-                url: Url = DEFAULT_URL, admin_key: AdminKey = None) -> None:
+def keys_create(
+    name: str,
+    label: Annotated[str, typer.Option()] = "",
+    expires_in: Annotated[Optional[float], typer.Option(help="Seconds until it expires.")] = None,
+    url: Url = DEFAULT_URL,
+    admin_key: AdminKey = None,
+) -> None:
     """Another key for the tenant (printed once)."""
     created = LorafleetClient(url, admin_key).create_key(name, label, expires_in)
-    console.print(f"key {created['id']} created (expires {_when(created['expires_at'])}); store it now:")
+    console.print(
+        f"key {created['id']} created (expires {_when(created['expires_at'])}); store it now:"
+    )
     print(created["api_key"])
 
 
@@ -146,20 +208,31 @@ def keys_revoke(name: str, key_id: int, url: Url = DEFAULT_URL, admin_key: Admin
 
 
 @keys.command("rotate")
-def keys_rotate(name: str, key_id: int,
-                grace: Annotated[float, typer.Option(help="Seconds the old key keeps working.")] = 3600.0,
-                url: Url = DEFAULT_URL, admin_key: AdminKey = None) -> None:
+def keys_rotate(
+    name: str,
+    key_id: int,
+    grace: Annotated[float, typer.Option(help="Seconds the old key keeps working.")] = 3600.0,
+    url: Url = DEFAULT_URL,
+    admin_key: AdminKey = None,
+) -> None:
     """A new key replacing KEY_ID, which expires after the grace period."""
     rotated = LorafleetClient(url, admin_key).rotate_key(name, key_id, grace)
-    console.print(f"key {key_id} expires {_when(rotated['old']['expires_at'])}; new key {rotated['new']['id']} "
-                  "(store it now):")
+    console.print(
+        f"key {key_id} expires {_when(rotated['old']['expires_at'])}; "
+        f"new key {rotated['new']['id']} (store it now):"
+    )
     print(rotated["new"]["api_key"])
 
 
-def audit(tenant: Annotated[Optional[str], typer.Option(help="Only this tenant's events.")] = None,
-          limit: Annotated[int, typer.Option(help="How many, newest first.")] = 50,
-          before: Annotated[Optional[int], typer.Option(help="Events older than this id (paging).")] = None,
-          url: Url = DEFAULT_URL, admin_key: AdminKey = None) -> None:
+def audit(
+    tenant: Annotated[Optional[str], typer.Option(help="Only this tenant's events.")] = None,
+    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 50,
+    before: Annotated[
+        Optional[int], typer.Option(help="Events older than this id (paging).")
+    ] = None,
+    url: Url = DEFAULT_URL,
+    admin_key: AdminKey = None,
+) -> None:
     """Admin operations: who did what to which tenant, when."""
     table = Table("id", "when (UTC)", "actor", "action", "tenant", "details")
     for e in LorafleetClient(url, admin_key).audit(tenant, limit, before):

@@ -1,4 +1,5 @@
-"""Offline work: train, evaluate and quantize, and the tiny local model of the demo and the tests."""
+"""Offline work: train, evaluate and quantize, and the tiny local model of the demo and the
+tests."""
 
 from __future__ import annotations
 
@@ -12,16 +13,21 @@ from rich.table import Table
 from lorafleet.serve.cli.common import DEFAULT_URL, ApiKey, Url, console, group
 from lorafleet.serve.client import LorafleetClient
 
-__all__ = ['tiny', 'train_command', 'quantize_command', 'eval_command']
+__all__ = ["tiny", "train_command", "quantize_command", "eval_command"]
 
 tiny = group("The tiny local Qwen2.5-VL used by the demo and the tests.")
 
 
 @tiny.command("build")
-def tiny_build(out: Path, seed: int = 0,
-               pretrain_steps: Annotated[Optional[int], typer.Option(
-                   help="General-task pre-training steps.")] = None) -> None:
-    """Build the tiny Qwen2.5-VL in OUT and pre-train it on the shapes world (a base with something to forget)."""
+def tiny_build(
+    out: Path,
+    seed: int = 0,
+    pretrain_steps: Annotated[
+        Optional[int], typer.Option(help="General-task pre-training steps.")
+    ] = None,
+) -> None:
+    """Build the tiny Qwen2.5-VL in OUT and pre-train it on the shapes world (a base with
+    something to forget)."""
     from lorafleet.train.tiny_model import PRETRAIN_STEPS, build_tiny_model
 
     steps = PRETRAIN_STEPS if pretrain_steps is None else pretrain_steps
@@ -31,7 +37,8 @@ def tiny_build(out: Path, seed: int = 0,
 
 @tiny.command("data")
 def tiny_data(out: Path, train_size: int = 400, val_size: int = 60, seed: int = 0) -> None:
-    """Write the shapes world's tasks as chat JSONL: general (the probe), json and french (tenant tasks)."""
+    """Write the shapes world's tasks as chat JSONL: general (the probe), json and french (tenant
+    tasks)."""
     from lorafleet.train.shapes import TASKS, write_task
 
     for task in TASKS:
@@ -50,11 +57,18 @@ def tiny_adapter(base: Path, out: Path, seed: int = 1, rank: int = 8) -> None:
 
 def report_table(report) -> Table:
     """Base vs adapter, side by side, per data set."""
-    table = Table("set", "n", "metric", "base", "adapter", "change", "format", "base fmt", "adapter fmt")
+    table = Table(
+        "set", "n", "metric", "base", "adapter", "change", "format", "base fmt", "adapter fmt"
+    )
     for s in report.sets:
-        fmt = (s.format_name or "-", f"{s.base_format:.0%}" if s.base_format is not None else "-",
-               f"{s.adapter_format:.0%}" if s.adapter_format is not None else "-")
-        table.add_row(s.name, str(s.n), s.metric, f"{s.base:.3f}", f"{s.adapter:.3f}", f"{s.delta:+.3f}", *fmt)
+        fmt = (
+            s.format_name or "-",
+            f"{s.base_format:.0%}" if s.base_format is not None else "-",
+            f"{s.adapter_format:.0%}" if s.adapter_format is not None else "-",
+        )
+        table.add_row(
+            s.name, str(s.n), s.metric, f"{s.base:.3f}", f"{s.adapter:.3f}", f"{s.delta:+.3f}", *fmt
+        )
     return table
 
 
@@ -71,53 +85,93 @@ def train_command(
     base: Annotated[Optional[str], Opt(help="Base model: hub id or local path.")] = None,
     train: Annotated[Optional[Path], Opt(help="Training chat JSONL.")] = None,
     val: Annotated[Optional[Path], Opt(help="Validation chat JSONL.")] = None,
-    probe: Annotated[Optional[Path], Opt(help="General-ability probe JSONL (forgetting check).")] = None,
+    probe: Annotated[
+        Optional[Path], Opt(help="General-ability probe JSONL (forgetting check).")
+    ] = None,
     out: Annotated[Optional[Path], Opt(help="Adapter output folder.")] = None,
-    mix: Annotated[Optional[Path], Opt(help="General chat JSONL mixed into training (against forgetting).")] = None,
+    mix: Annotated[
+        Optional[Path], Opt(help="General chat JSONL mixed into training (against forgetting).")
+    ] = None,
     mix_ratio: Annotated[Optional[float], Opt(help="Mixed examples per training example.")] = None,
     config: Annotated[Optional[Path], Opt(help="YAML config; flags override it.")] = None,
-    rank: Annotated[Optional[int], Opt()] = None, alpha: Annotated[Optional[float], Opt()] = None,
-    dropout: Annotated[Optional[float], Opt()] = None, lr: Annotated[Optional[float], Opt()] = None,
-    epochs: Annotated[Optional[int], Opt()] = None, max_steps: Annotated[Optional[int], Opt()] = None,
-    batch_size: Annotated[Optional[int], Opt()] = None, grad_accum: Annotated[Optional[int], Opt()] = None,
-    max_length: Annotated[Optional[int], Opt()] = None, seed: Annotated[Optional[int], Opt()] = None,
-    eval_every: Annotated[Optional[int], Opt()] = None, patience: Annotated[Optional[int], Opt()] = None,
+    rank: Annotated[Optional[int], Opt()] = None,
+    alpha: Annotated[Optional[float], Opt()] = None,
+    dropout: Annotated[Optional[float], Opt()] = None,
+    lr: Annotated[Optional[float], Opt()] = None,
+    epochs: Annotated[Optional[int], Opt()] = None,
+    max_steps: Annotated[Optional[int], Opt()] = None,
+    batch_size: Annotated[Optional[int], Opt()] = None,
+    grad_accum: Annotated[Optional[int], Opt()] = None,
+    max_length: Annotated[Optional[int], Opt()] = None,
+    seed: Annotated[Optional[int], Opt()] = None,
+    eval_every: Annotated[Optional[int], Opt()] = None,
+    patience: Annotated[Optional[int], Opt()] = None,
     metric: Annotated[Optional[str], Opt(help="exact_match | anls | json_fields")] = None,
     gradient_checkpointing: Annotated[Optional[bool], Opt()] = None,
     qlora: Annotated[Optional[str], Opt(help="auto | on | off")] = None,
     resume: Annotated[bool, Opt(help="Continue from OUT/checkpoint.")] = False,
-    push: Annotated[Optional[str], Opt(help="After the checks pass, upload and deploy to this deployment.")] = None,
-    name: Annotated[Optional[str], Opt(help="Adapter name for --push (default: OUT's folder name).")] = None,
-    url: Url = DEFAULT_URL, api_key: ApiKey = None,
+    push: Annotated[
+        Optional[str], Opt(help="After the checks pass, upload and deploy to this deployment.")
+    ] = None,
+    name: Annotated[
+        Optional[str], Opt(help="Adapter name for --push (default: OUT's folder name).")
+    ] = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
 ) -> None:
-    """Train a LoRA adapter, score it against the base, prove it servable, and optionally push it."""
+    """Train a LoRA adapter, score it against the base, prove it servable, and optionally push
+    it."""
     from accelerate import PartialState
 
     from lorafleet.train.config import load_config
     from lorafleet.train.pipeline import finish
     from lorafleet.train.trainer import train as run_training
 
-    settings = load_config(config, base=base, train=train, val=val, probe=probe, out=out, mix=mix,
-                           mix_ratio=mix_ratio, rank=rank, alpha=alpha,
-                           dropout=dropout, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-                           grad_accum=grad_accum, max_length=max_length, seed=seed, eval_every=eval_every,
-                           patience=patience, metric=metric, gradient_checkpointing=gradient_checkpointing,
-                           qlora=qlora)
+    settings = load_config(
+        config,
+        base=base,
+        train=train,
+        val=val,
+        probe=probe,
+        out=out,
+        mix=mix,
+        mix_ratio=mix_ratio,
+        rank=rank,
+        alpha=alpha,
+        dropout=dropout,
+        lr=lr,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_length=max_length,
+        seed=seed,
+        eval_every=eval_every,
+        patience=patience,
+        metric=metric,
+        gradient_checkpointing=gradient_checkpointing,
+        qlora=qlora,
+    )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     result = run_training(settings, resume=resume)
     if not PartialState().is_main_process:
         return
-    console.print(f"trained {result.steps} steps, {result.samples_per_s:.1f} samples/s, peak memory "
-                  f"{result.peak_memory_mb:.0f} MB, best validation loss {result.best_val_loss}")
+    console.print(
+        f"trained {result.steps} steps, {result.samples_per_s:.1f} samples/s, peak memory "
+        f"{result.peak_memory_mb:.0f} MB, best validation loss {result.best_val_loss}"
+    )
     if advice := result.advice(settings):
         console.print(f"[yellow]{advice}[/yellow]", highlight=False)
     with console.status("evaluating base vs adapter and proving the adapter servable in vLLM"):
         manifest, report = finish(settings, result)
     _print_report(report)
-    console.print(f"servable: digest {manifest['adapter_digest'][:12]}, changes {manifest['servability']['changed']}/"
-                  f"{manifest['servability']['prompts']} check outputs, vLLM = PEFT on the first "
-                  f"{settings.check_tokens} tokens; manifest at {settings.out / 'manifest.json'}")
+    console.print(
+        f"servable: digest {manifest['adapter_digest'][:12]}, "
+        f"changes {manifest['servability']['changed']}/"
+        f"{manifest['servability']['prompts']} check outputs, vLLM = PEFT on the first "
+        f"{settings.check_tokens} tokens; manifest at {settings.out / 'manifest.json'}"
+    )
     if push:
         client = LorafleetClient(url, api_key)
         version = client.push_adapter(name or settings.out.name, settings.out)
@@ -128,8 +182,13 @@ def train_command(
 def quantize_command(
     base: Annotated[str, Opt(help="Full-precision base: hub id or local path.")],
     out: Annotated[Path, Opt(help="New folder for the quantized checkpoint.")],
-    scheme: Annotated[str, Opt(help="int4 | int8 (torchao weight-only: any CPU, GPUs) | w4a16 (compressed-tensors, "
-                                    "packed 4-bit: AVX-512 CPUs in bfloat16, CUDA GPUs with Marlin).")] = "int4",
+    scheme: Annotated[
+        str,
+        Opt(
+            help="int4 | int8 (torchao weight-only: any CPU, GPUs) | w4a16 (compressed-tensors, "
+            "packed 4-bit: AVX-512 CPUs in bfloat16, CUDA GPUs with Marlin)."
+        ),
+    ] = "int4",
     group_size: Annotated[int, Opt(help="int4, w4a16: weights per scale.")] = 32,
 ) -> None:
     """Write a quantized checkpoint of BASE that `lorafleet serve --base OUT` serves as it is."""
@@ -138,11 +197,15 @@ def quantize_command(
     with console.status(f"quantizing {base} to {scheme}"):
         report = quantize(base, out, scheme, group_size)
     mib = 1024 * 1024
-    console.print(f"{report.quantized_layers} language-model layers quantized to {scheme} in {report.seconds:.1f} s: "
-                  f"their weights {report.weights_bytes_before / mib:.1f} MiB -> {report.weights_bytes_after / mib:.1f}"
-                  f" MiB; kept in full precision: {', '.join(report.kept_full_precision)}\n"
-                  f"checkpoint: {report.out} ({report.checkpoint_bytes / mib:.1f} MiB); serve it with "
-                  f"`lorafleet serve --base {report.out}`", highlight=False)
+    console.print(
+        f"{report.quantized_layers} language-model layers quantized to {scheme} in "
+        f"{report.seconds:.1f} s: their weights {report.weights_bytes_before / mib:.1f} MiB -> "
+        f"{report.weights_bytes_after / mib:.1f} MiB; kept in full precision: "
+        f"{', '.join(report.kept_full_precision)}\n"
+        f"checkpoint: {report.out} ({report.checkpoint_bytes / mib:.1f} MiB); serve it with "
+        f"`lorafleet serve --base {report.out}`",
+        highlight=False,
+    )
 
 
 def eval_command(

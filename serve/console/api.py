@@ -1,6 +1,7 @@
-"""The console reads and acts through the gateway's own HTTP API, in-process (httpx over ASGI), with the
-signed-in key: the same routes, checks, tenant scoping and numbers the CLI gets, and no second implementation of
-any of them. The admin sees a tenant's things by acting for it (`X-Lorafleet-Tenant`)."""
+"""The console reads and acts through the gateway's own HTTP API, in-process (httpx over ASGI),
+with the signed-in key: the same routes, checks, tenant scoping and numbers the CLI gets, and no
+second implementation of any of them. The admin sees a tenant's things by acting for it
+(`X-Lorafleet-Tenant`)."""
 
 from __future__ import annotations
 
@@ -23,13 +24,18 @@ class APIError(Exception):
 
 
 class ConsoleAPI:
-    """The API as `user`; `client` is the browser's address, so the audit names it as it would the CLI's."""
+    """The API as `user`; `client` is the browser's address, so the audit names it as it would
+    the CLI's."""
 
     def __init__(self, app: ASGIApp, user: ConsoleUser, client: tuple[str, int] | None) -> None:
         transport = httpx.ASGITransport(app=app, client=client or ("127.0.0.1", 0))
         self.user = user
-        self._http = httpx.AsyncClient(transport=transport, base_url="http://console.internal", timeout=60,
-                                       headers={"Authorization": f"Bearer {user.key}"})
+        self._http = httpx.AsyncClient(
+            transport=transport,
+            base_url="http://console.internal",
+            timeout=60,
+            headers={"Authorization": f"Bearer {user.key}"},
+        )
 
     async def __aenter__(self) -> ConsoleAPI:
         return self
@@ -40,9 +46,16 @@ class ConsoleAPI:
     async def get(self, path: str, tenant: str | None = None, **params: Any) -> Any:
         return await self._call("GET", path, tenant, params=_present(params))
 
-    async def post(self, path: str, tenant: str | None = None, body: dict | None = None,
-                   timeout: float | None = None) -> Any:
-        return await self._call("POST", path, tenant, json=body, timeout=timeout or self._http.timeout)
+    async def post(
+        self,
+        path: str,
+        tenant: str | None = None,
+        body: dict | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        return await self._call(
+            "POST", path, tenant, json=body, timeout=timeout or self._http.timeout
+        )
 
     async def _call(self, method: str, path: str, tenant: str | None, **kwargs: Any) -> Any:
         headers = {"X-Lorafleet-Tenant": tenant} if tenant and self.user.admin else {}

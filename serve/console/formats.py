@@ -14,8 +14,13 @@ DASH = "–"
 
 
 def _missing(value: Any) -> bool:
-    """Nothing to show: the API said null, a number JSON cannot hold, or a field this answer does not have."""
-    return value is None or isinstance(value, Undefined) or (isinstance(value, float) and not math.isfinite(value))
+    """Nothing to show: the API said null, a number JSON cannot hold, or a field this answer does
+    not have."""
+    return (
+        value is None
+        or isinstance(value, Undefined)
+        or (isinstance(value, float) and not math.isfinite(value))
+    )
 
 
 def when(epoch: float | str | None) -> str:
@@ -65,5 +70,12 @@ def short(digest: str | None) -> str:
     return digest[:12] if digest else DASH
 
 
-FILTERS = {"when": when, "percent": percent, "number": number, "millis": millis, "interval": interval,
-           "size": size, "short": short}
+FILTERS = {
+    "when": when,
+    "percent": percent,
+    "number": number,
+    "millis": millis,
+    "interval": interval,
+    "size": size,
+    "short": short,
+}

@@ -1,11 +1,13 @@
-"""`/console`: server-rendered pages (Jinja2) over the gateway's own API, with htmx refreshing the live parts.
+"""`/console`: server-rendered pages (Jinja2) over the gateway's own API, with htmx refreshing the
+live parts.
 
-Why server-rendered: every number comes from an API call made here with the signed-in key (`ConsoleAPI`), so the
-key stays in its HTTP-only cookie and never reaches script; pages work without JavaScript (forms and links); the
-one script is htmx, committed as a static file (no CDN, no build step, no lockfile to keep).
+Why server-rendered: every number comes from an API call made here with the signed-in key
+(`ConsoleAPI`), so the key stays in its HTTP-only cookie and never reaches script; pages work
+without JavaScript (forms and links); the one script is htmx, committed as a static file (no CDN, no
+build step, no lockfile to keep).
 
-Every action is a form POST carrying the session's CSRF token, after a confirmation page; pages send a
-Content-Security-Policy that allows nothing from outside the gateway.
+Every action is a form POST carrying the session's CSRF token, after a confirmation page; pages send
+a Content-Security-Policy that allows nothing from outside the gateway.
 """
 
 from __future__ import annotations
@@ -25,7 +27,14 @@ from starlette.concurrency import run_in_threadpool
 
 from lorafleet.serve.console import charts, formats
 from lorafleet.serve.console.api import APIError, ConsoleAPI
-from lorafleet.serve.console.session import LOGIN_COOKIE, SESSION_COOKIE, ConsoleUser, Sealer, same_token, sealer_for
+from lorafleet.serve.console.session import (
+    LOGIN_COOKIE,
+    SESSION_COOKIE,
+    ConsoleUser,
+    Sealer,
+    same_token,
+    sealer_for,
+)
 from lorafleet.serve.rollouts import state
 
 __all__ = ["install_console"]
@@ -35,17 +44,29 @@ router = APIRouter(prefix="/console", include_in_schema=False)
 templates = Jinja2Templates(directory=HERE / "templates")
 templates.env.filters.update(formats.FILTERS)
 
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-       "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
 EVALUATE_TIMEOUT_S = 600.0  # an A/B evaluation replays the validation set through every variant
-SERVING = frozenset(phase.value for phase in state.SERVING)  # rollout phases whose weights are in effect
+# rollout phases whose weights are in effect
+SERVING = frozenset(phase.value for phase in state.SERVING)
 ACTIVE = frozenset(phase.value for phase in state.ACTIVE)
 ACTIONS = {  # console action -> (API path under the deployment, what the confirmation says)
-    "promote": ("rollout/promote", "Promote the canary one step now, without waiting for the analysis."),
+    "promote": (
+        "rollout/promote",
+        "Promote the canary one step now, without waiting for the analysis.",
+    ),
     "pause": ("rollout/pause", "Pause the rollout: weights stay as they are, no step is taken."),
     "resume": ("rollout/resume", "Resume the rollout from the step it is at."),
-    "abort": ("rollout/abort", "Abort the rollout: all traffic goes back to the stable version at once."),
-    "undo": ("undo", "Undo the last change of the deployment: it goes back to the version it served before."),
+    "abort": (
+        "rollout/abort",
+        "Abort the rollout: all traffic goes back to the stable version at once.",
+    ),
+    "undo": (
+        "undo",
+        "Undo the last change of the deployment: it goes back to the version it served before.",
+    ),
 }
 
 
@@ -89,11 +110,21 @@ def _api(request: Request, user: ConsoleUser) -> ConsoleAPI:
 
 
 def _page(request: Request, template: str, code: int = 200, **context: Any) -> HTMLResponse:
-    response = templates.TemplateResponse(request, template, {"charts": charts, "now": time.time(), "serving": SERVING,
-                                                              "active": ACTIVE, **context}, status_code=code)
-    response.headers.update({"Content-Security-Policy": CSP, "X-Frame-Options": "DENY",
-                             "Referrer-Policy": "same-origin", "Cache-Control": "no-store",
-                             "X-Content-Type-Options": "nosniff"})
+    response = templates.TemplateResponse(
+        request,
+        template,
+        {"charts": charts, "now": time.time(), "serving": SERVING, "active": ACTIVE, **context},
+        status_code=code,
+    )
+    response.headers.update(
+        {
+            "Content-Security-Policy": CSP,
+            "X-Frame-Options": "DENY",
+            "Referrer-Policy": "same-origin",
+            "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff",
+        }
+    )
     return response
 
 
@@ -101,14 +132,19 @@ def _see(path: str) -> RedirectResponse:
     return RedirectResponse(path, status_code=303)
 
 
-async def _form(request: Request, user: ConsoleUser | None = None, token: str | None = None) -> dict[str, str]:
-    """The posted form, after the CSRF checks: a same-origin request carrying the session's token."""
+async def _form(
+    request: Request, user: ConsoleUser | None = None, token: str | None = None
+) -> dict[str, str]:
+    """The posted form, after the CSRF checks: a same-origin request carrying the session's
+    token."""
     origin = request.headers.get("origin")
     if origin and origin != "null" and urlsplit(origin).netloc != request.url.netloc:
         raise Refused(403, "this form was posted from another site")
     form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
     if not same_token(user.csrf if user else token, form.get("csrf")):
-        raise Refused(403, "the form's security token is missing or stale: reload the page and try again")
+        raise Refused(
+            403, "the form's security token is missing or stale: reload the page and try again"
+        )
     return form
 
 
@@ -124,17 +160,30 @@ async def _to_sign_in(request: Request, exc: SignInNeeded) -> Response:
 async def _api_error(request: Request, exc: APIError) -> Response:
     if exc.status == 401:  # the key was revoked, or the tenant disabled, since signing in
         return await _to_sign_in(request, SignInNeeded())
-    return _page(request, "error.html", code=exc.status, user=_sealer(request).open(
-        request.cookies.get(SESSION_COOKIE)), title=f"{exc.status}", message=exc.message)
+    return _page(
+        request,
+        "error.html",
+        code=exc.status,
+        user=_sealer(request).open(request.cookies.get(SESSION_COOKIE)),
+        title=f"{exc.status}",
+        message=exc.message,
+    )
 
 
 async def _refused(request: Request, exc: Refused) -> Response:
-    return _page(request, "error.html", code=exc.status, user=_sealer(request).open(
-        request.cookies.get(SESSION_COOKIE)), title=f"{exc.status}", message=exc.message)
+    return _page(
+        request,
+        "error.html",
+        code=exc.status,
+        user=_sealer(request).open(request.cookies.get(SESSION_COOKIE)),
+        title=f"{exc.status}",
+        message=exc.message,
+    )
 
 
 def _own(user: ConsoleUser, tenant: str) -> None:
-    """A tenant sees only its own pages: another tenant's are simply not found (no existence leak)."""
+    """A tenant sees only its own pages: another tenant's are simply not found (no existence
+    leak)."""
     if not user.admin and tenant != user.name:
         raise Refused(404, "not found")
 
@@ -166,12 +215,28 @@ def console_home() -> RedirectResponse:
 
 
 @router.get("/login")
-def login_page(request: Request, next: str = "/console/deployments", error: str = "") -> HTMLResponse:
+def login_page(
+    request: Request, next: str = "/console/deployments", error: str = ""
+) -> HTMLResponse:
     token = secrets.token_urlsafe(32)
-    response = _page(request, "login.html", code=401 if error else 200, user=None, login_token=token,
-                     next=_safe_next(next), error=error)
-    response.set_cookie(LOGIN_COOKIE, token, max_age=1800, path="/console", httponly=True, samesite="strict",
-                        secure=request.url.scheme == "https")
+    response = _page(
+        request,
+        "login.html",
+        code=401 if error else 200,
+        user=None,
+        login_token=token,
+        next=_safe_next(next),
+        error=error,
+    )
+    response.set_cookie(
+        LOGIN_COOKIE,
+        token,
+        max_age=1800,
+        path="/console",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
     return response
 
 
@@ -192,8 +257,15 @@ async def login(request: Request) -> Response:
         except APIError as exc:
             return login_page(request, target, f"Sign-in refused: {exc.message}.")
     response = _see(target)
-    response.set_cookie(SESSION_COOKIE, _sealer(request).seal(user), max_age=_sealer(request).max_age_s,
-                        path="/console", httponly=True, samesite="strict", secure=request.url.scheme == "https")
+    response.set_cookie(
+        SESSION_COOKIE,
+        _sealer(request).seal(user),
+        max_age=_sealer(request).max_age_s,
+        path="/console",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
     response.delete_cookie(LOGIN_COOKIE, path="/console")
     return response
 
@@ -208,7 +280,11 @@ async def logout(request: Request) -> Response:
 
 def _safe_next(target: str) -> str:
     """Only a console path: never another site (an open redirect)."""
-    return target if target.startswith("/console/") and not target.startswith("//") else "/console/deployments"
+    return (
+        target
+        if target.startswith("/console/") and not target.startswith("//")
+        else "/console/deployments"
+    )
 
 
 # deployments
@@ -223,8 +299,14 @@ async def deployments_page(request: Request) -> HTMLResponse:
             rollouts = {r["deployment"]: r for r in await api.get("/v1/rollouts", tenant)}
             for d in await api.get("/v1/deployments", tenant):
                 traffic = await _optional(api.get(f"/v1/deployments/{d['name']}/traffic", tenant))
-                rows.append({"tenant": tenant, "deployment": d, "rollout": rollouts.get(d["name"]),
-                             "traffic": traffic})
+                rows.append(
+                    {
+                        "tenant": tenant,
+                        "deployment": d,
+                        "rollout": rollouts.get(d["name"]),
+                        "traffic": traffic,
+                    }
+                )
     return _page(request, "deployments.html", user=user, rows=rows)
 
 
@@ -233,14 +315,24 @@ async def deployment_page(request: Request, tenant: str, name: str) -> HTMLRespo
     user = _user(request)
     _own(user, tenant)
     async with _api(request, user) as api:
-        deployment = next((d for d in await api.get("/v1/deployments", tenant) if d["name"] == name), None)
+        deployment = next(
+            (d for d in await api.get("/v1/deployments", tenant) if d["name"] == name), None
+        )
         if deployment is None:
             raise Refused(404, f"no deployment named {name!r}")
         traffic = await _optional(api.get(f"/v1/deployments/{name}/traffic", tenant))
         rollouts = [r for r in await api.get("/v1/rollouts", tenant) if r["deployment"] == name]
         capture = await _optional(api.get(f"/v1/deployments/{name}/capture", tenant))
-    return _page(request, "deployment.html", user=user, tenant=tenant, deployment=deployment, traffic=traffic,
-                 rollout=rollouts[0] if rollouts else None, capture=capture)
+    return _page(
+        request,
+        "deployment.html",
+        user=user,
+        tenant=tenant,
+        deployment=deployment,
+        traffic=traffic,
+        rollout=rollouts[0] if rollouts else None,
+        capture=capture,
+    )
 
 
 # rollouts
@@ -250,14 +342,21 @@ async def deployment_page(request: Request, tenant: str, name: str) -> HTMLRespo
 async def rollouts_page(request: Request) -> HTMLResponse:
     user = _user(request)
     async with _api(request, user) as api:
-        rows = [{"tenant": tenant, "rollout": r} for tenant in await _tenants(api)
-                for r in await api.get("/v1/rollouts", tenant)]
+        rows = [
+            {"tenant": tenant, "rollout": r}
+            for tenant in await _tenants(api)
+            for r in await api.get("/v1/rollouts", tenant)
+        ]
     return _page(request, "rollouts.html", user=user, rows=rows)
 
 
 async def _rollout_context(api: ConsoleAPI, tenant: str, name: str) -> dict[str, Any]:
     rollout = await _optional(api.get(f"/v1/deployments/{name}/rollout", tenant))
-    series = await _optional(api.get(f"/v1/deployments/{name}/rollout/series", tenant)) if rollout else None
+    series = (
+        await _optional(api.get(f"/v1/deployments/{name}/rollout/series", tenant))
+        if rollout
+        else None
+    )
     return {"tenant": tenant, "name": name, "rollout": rollout, "series": series}
 
 
@@ -267,14 +366,20 @@ async def rollout_page(request: Request, tenant: str, name: str, done: str = "")
     _own(user, tenant)
     async with _api(request, user) as api:
         context = await _rollout_context(api, tenant, name)
-    return _page(request, "rollout.html", user=user, done=done if done in ACTIONS else "", actions=ACTIONS,
-                 **context)
+    return _page(
+        request,
+        "rollout.html",
+        user=user,
+        done=done if done in ACTIONS else "",
+        actions=ACTIONS,
+        **context,
+    )
 
 
 @router.get("/t/{tenant}/deployments/{name}/rollout/live")
 async def rollout_live(request: Request, tenant: str, name: str) -> HTMLResponse:
-    """The rollout's live part (phase, weights, per-variant charts, decisions), which htmx swaps in every few
-    seconds."""
+    """The rollout's live part (phase, weights, per-variant charts, decisions), which htmx swaps
+    in every few seconds."""
     user = _user(request)
     _own(user, tenant)
     async with _api(request, user) as api:
@@ -292,8 +397,16 @@ async def confirm_page(request: Request, tenant: str, name: str, action: str) ->
         rollout = await _optional(api.get(f"/v1/deployments/{name}/rollout", tenant))
         if rollout is None and action != "undo":
             raise Refused(404, f"deployment {name!r} has no rollout")
-    return _page(request, "confirm.html", user=user, tenant=tenant, name=name, action=action,
-                 explanation=ACTIONS[action][1], rollout=rollout)
+    return _page(
+        request,
+        "confirm.html",
+        user=user,
+        tenant=tenant,
+        name=name,
+        action=action,
+        explanation=ACTIONS[action][1],
+        rollout=rollout,
+    )
 
 
 @router.post("/t/{tenant}/deployments/{name}/actions/{action}")
@@ -319,7 +432,8 @@ async def ab_page(request: Request, tenant: str, name: str) -> HTMLResponse:
 
 @router.post("/t/{tenant}/deployments/{name}/ab/evaluate")
 async def ab_evaluate(request: Request, tenant: str, name: str) -> HTMLResponse:
-    """The A/B variants replayed on the deployment's validation set, compared (the API's paired test)."""
+    """The A/B variants replayed on the deployment's validation set, compared (the API's paired
+    test)."""
     return await _ab_page(request, tenant, name, evaluate=True)
 
 
@@ -329,10 +443,17 @@ async def _ab_page(request: Request, tenant: str, name: str, evaluate: bool) -> 
     if evaluate:
         await _form(request, user)
     async with _api(request, user) as api:
-        evaluation = (await api.post(f"/v1/deployments/{name}/ab/evaluate", tenant, timeout=EVALUATE_TIMEOUT_S)
-                      if evaluate else None)
+        evaluation = (
+            await api.post(
+                f"/v1/deployments/{name}/ab/evaluate", tenant, timeout=EVALUATE_TIMEOUT_S
+            )
+            if evaluate
+            else None
+        )
         ab = await _optional(api.get(f"/v1/deployments/{name}/ab", tenant))
-    return _page(request, "ab.html", user=user, tenant=tenant, name=name, ab=ab, evaluation=evaluation)
+    return _page(
+        request, "ab.html", user=user, tenant=tenant, name=name, ab=ab, evaluation=evaluation
+    )
 
 
 @router.get("/t/{tenant}/deployments/{name}/drift")
@@ -344,9 +465,18 @@ async def drift_page(request: Request, tenant: str, name: str) -> HTMLResponse:
     async with _api(request, user) as api:
         status = await api.get(f"/v1/deployments/{name}/drift", tenant)
         history = await api.get(f"/v1/deployments/{name}/drift/history", tenant)
-    plots = await run_in_threadpool(figures, history, status)  # the report's own figures (matplotlib)
-    return _page(request, "drift.html", user=user, tenant=tenant, name=name, status=status, history=history,
-                 plots=plots)
+    # the report's own figures (matplotlib)
+    plots = await run_in_threadpool(figures, history, status)
+    return _page(
+        request,
+        "drift.html",
+        user=user,
+        tenant=tenant,
+        name=name,
+        status=status,
+        history=history,
+        plots=plots,
+    )
 
 
 # adapters
@@ -356,8 +486,11 @@ async def drift_page(request: Request, tenant: str, name: str) -> HTMLResponse:
 async def adapters_page(request: Request) -> HTMLResponse:
     user = _user(request)
     async with _api(request, user) as api:
-        rows = [{"tenant": tenant, "adapter": a} for tenant in await _tenants(api)
-                for a in await api.get("/v1/adapters", tenant)]
+        rows = [
+            {"tenant": tenant, "adapter": a}
+            for tenant in await _tenants(api)
+            for a in await api.get("/v1/adapters", tenant)
+        ]
     return _page(request, "adapters.html", user=user, rows=rows)
 
 
@@ -392,6 +525,8 @@ async def engines_page(request: Request) -> HTMLResponse:
 async def tenants_page(request: Request) -> HTMLResponse:
     user = _admin(request)
     async with _api(request, user) as api:
-        tenants = [await api.get(f"/admin/tenants/{quote(name)}") for name in await api.get("/admin/tenants")]
+        tenants = [
+            await api.get(f"/admin/tenants/{quote(name)}")
+            for name in await api.get("/admin/tenants")
+        ]
     return _page(request, "tenants.html", user=user, tenants=tenants)
-

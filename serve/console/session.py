@@ -1,9 +1,11 @@
-"""Who is signed in to the console: the key, sealed (encrypted and authenticated) into an HTTP-only, same-site
-cookie, with the session's CSRF token beside it. Nothing is kept server-side, so any gateway behind the same
-address reads any gateway's cookie (they share `console_secret`, or the admin key it is derived from).
+"""Who is signed in to the console: the key, sealed (encrypted and authenticated) into an HTTP-only,
+same-site cookie, with the session's CSRF token beside it. Nothing is kept server-side, so any
+gateway behind the same address reads any gateway's cookie (they share `console_secret`, or the
+admin key it is derived from).
 
-A cookie is only as good as its seal: Fernet (AES-CBC + HMAC-SHA256, a timestamp checked against the session's
-lifetime) from `cryptography`; the key never reaches the URL, the page or the browser's script-readable storage.
+A cookie is only as good as its seal: Fernet (AES-CBC + HMAC-SHA256, a timestamp checked against the
+session's lifetime) from `cryptography`; the key never reaches the URL, the page or the browser's
+script-readable storage.
 """
 
 from __future__ import annotations
@@ -25,14 +27,16 @@ from lorafleet.serve.settings import Settings
 __all__ = ["SESSION_COOKIE", "LOGIN_COOKIE", "ConsoleUser", "Sealer", "sealer_for", "same_token"]
 
 SESSION_COOKIE = "lorafleet_console"
-LOGIN_COOKIE = "lorafleet_console_login"  # the sign-in form's own CSRF token (double submit), before any session
+# the sign-in form's own CSRF token (double submit), before any session
+LOGIN_COOKIE = "lorafleet_console_login"
 
 log = logging.getLogger("lorafleet.console")
 
 
 @dataclass(frozen=True)
 class ConsoleUser:
-    """A signed-in console user: a tenant (its own things) or the admin (every tenant, limits, engines)."""
+    """A signed-in console user: a tenant (its own things) or the admin (every tenant, limits,
+    engines)."""
 
     role: Literal["tenant", "admin"]
     name: str  # the tenant's name, or "admin"
@@ -52,7 +56,9 @@ class Sealer:
     """Seals a `ConsoleUser` into a cookie value and opens it again within `max_age_s`."""
 
     def __init__(self, secret: bytes, max_age_s: int) -> None:
-        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"lorafleet console session").derive(secret)
+        key = HKDF(
+            algorithm=hashes.SHA256(), length=32, salt=None, info=b"lorafleet console session"
+        ).derive(secret)
         self._fernet = Fernet(base64.urlsafe_b64encode(key))
         self.max_age_s = max_age_s
 
@@ -64,7 +70,9 @@ class Sealer:
         if not token:
             return None
         try:
-            return ConsoleUser(**json.loads(self._fernet.decrypt(token.encode("ascii"), ttl=self.max_age_s)))
+            return ConsoleUser(
+                **json.loads(self._fernet.decrypt(token.encode("ascii"), ttl=self.max_age_s))
+            )
         except (InvalidToken, UnicodeEncodeError, ValueError, TypeError):
             return None
 
@@ -72,8 +80,10 @@ class Sealer:
 def sealer_for(settings: Settings) -> Sealer:
     secret = settings.console_secret or settings.admin_key
     if secret is None:
-        log.warning("console sessions are sealed with a random key: set LORAFLEET_CONSOLE_SECRET (or the admin key) "
-                    "for sessions that survive a restart and span gateways")
+        log.warning(
+            "console sessions are sealed with a random key: set LORAFLEET_CONSOLE_SECRET "
+            "(or the admin key) for sessions that survive a restart and span gateways"
+        )
         raw = secrets.token_bytes(32)
     else:
         raw = secret.get_secret_value().encode()
@@ -82,4 +92,8 @@ def sealer_for(settings: Settings) -> Sealer:
 
 def same_token(expected: str | None, given: str | None) -> bool:
     """Constant-time comparison of CSRF tokens; a missing one never matches."""
-    return bool(expected) and bool(given) and hmac.compare_digest(str(expected).encode(), str(given).encode())
+    return (
+        bool(expected)
+        and bool(given)
+        and hmac.compare_digest(str(expected).encode(), str(given).encode())
+    )

@@ -1,10 +1,14 @@
 """The engine: one vLLM OpenAI server on a private loopback port.
 
-- `client`      the gateway's side: `EngineClient` (private HTTP clients, registered adapters, `ensure_loaded`,
-                `preload`), the unavailable-engine policy and its errors (`EngineUnavailable`, `AdapterLoadFailed`)
-- `supervisor`  `EngineSupervisor`: starts, health-checks and restarts the process (and its whole group), or
-                follows an engine it did not start (`engine_url`)
-- `command`     `engine_command`: the vLLM command line and environment; `engine_process_options`: its placement
-- `sizing`      `derive_sizing`: max LoRA rank, adapter slots, batch and KV cache from the machine and the catalog
-- `hardware`    `detect_hardware`, `plan_quantization`: what this machine can serve, refused before any start
+- `client`      the gateway's side: `EngineClient` (private HTTP clients, registered adapters,
+                `ensure_loaded`, `preload`), the unavailable-engine policy and its errors
+                (`EngineUnavailable`, `AdapterLoadFailed`)
+- `supervisor`  `EngineSupervisor`: starts, health-checks and restarts the process (and its whole
+                group), or follows an engine it did not start (`engine_url`)
+- `command`     `engine_command`: the vLLM command line and environment; `engine_process_options`:
+                its placement
+- `sizing`      `derive_sizing`: max LoRA rank, adapter slots, batch and KV cache from the machine
+                and the catalog
+- `hardware`    `detect_hardware`, `plan_quantization`: what this machine can serve, refused before
+                any start
 """

@@ -1,5 +1,5 @@
-"""The gateway's side of the engine: its private HTTP client, the adapters registered on it, and what happens
-when it is not there.
+"""The gateway's side of the engine: its private HTTP client, the adapters registered on it, and
+what happens when it is not there.
 
 Errors (each a ServiceUnavailable, so a client gets 503 + Retry-After):
 
@@ -8,14 +8,14 @@ Errors (each a ServiceUnavailable, so a client gets 503 + Retry-After):
      └── AdapterLoadFailed    the engine refused or failed to load an adapter
 
 One policy for an engine that is down: work that needs an answer now (a chat request, `drift check`,
-`ab evaluate`) raises EngineUnavailable; catalog changes that will need an adapter (deploy, rollout and A/B
-starts, undo) call `preload`, which registers it now when the engine is up and otherwise leaves it to the
-registration that follows every engine start; scheduled work (the rollout gate, validation replays) waits for
-the next tick.
+`ab evaluate`) raises EngineUnavailable; catalog changes that will need an adapter (deploy, rollout
+and A/B starts, undo) call `preload`, which registers it now when the engine is up and otherwise
+leaves it to the registration that follows every engine start; scheduled work (the rollout gate,
+validation replays) waits for the next tick.
 
-What the engine says goes to tenants without the server's paths: `public_engine_message` replaces every absolute
-path in an engine error text (vLLM names the adapter's folder when a load fails, and its tracebacks name its
-files) with `<path>`.
+What the engine says goes to tenants without the server's paths: `public_engine_message` replaces
+every absolute path in an engine error text (vLLM names the adapter's folder when a load fails, and
+its tracebacks name its files) with `<path>`.
 """
 
 from __future__ import annotations
@@ -42,13 +42,20 @@ from lorafleet.adapters.store import AdapterStore
 from lorafleet.serve.engine.command import free_port
 from lorafleet.serve.metrics import Metrics
 
-__all__ = ["EngineClient", "Engines", "EngineUnavailable", "AdapterLoadFailed", "map_engine_errors",
-           "public_engine_message"]
+__all__ = [
+    "EngineClient",
+    "Engines",
+    "EngineUnavailable",
+    "AdapterLoadFailed",
+    "map_engine_errors",
+    "public_engine_message",
+]
 
 
 _KEEPALIVE_S = 3.0
 _PLACEHOLDER = "<path>"
-# /a/b or deeper, but not a URL's path (after a host name or "//") unless a file URL; Windows: C:\a or C:/a
+# /a/b or deeper, but not a URL's path (after a host name or "//") unless a file URL; Windows: C:\a
+# or C:/a
 _POSIX_PATH = r"(?:file://|(?<![\w.~/-]))(?:/[\w.~+@%-]+){2,}/?"
 _WINDOWS_PATH = r"(?<!\w)[A-Za-z]:(?:[\\/]+[^\\/\s\"'<>|:*?,;]+)+"
 _REST_OF_PATH = r"[^\s\"'`,;()\[\]<>]*"  # after a known folder: up to the end of its path
@@ -69,8 +76,9 @@ def _path_pattern(private: tuple[str, ...]) -> re.Pattern[str]:
 
 
 def public_engine_message(text: str, private: Iterable[str] = ()) -> str:
-    """`text` with every absolute filesystem path replaced by `<path>`; paths under the `private` folders (home,
-    store, base model) are found by those folders' names, so even with a space in them."""
+    """`text` with every absolute filesystem path replaced by `<path>`; paths under the `private`
+    folders (home, store, base model) are found by those folders' names, so even with a space in
+    them."""
     return _path_pattern(tuple(private)).sub(_PLACEHOLDER, text)
 
 
@@ -85,11 +93,14 @@ def _scrubbed(value: Any, private: tuple[str, ...]) -> Any:
 
 
 def _local_folders(paths: Iterable[str | Path]) -> tuple[str, ...]:
-    """The absolute forms, as given and resolved, of those `paths` that are folders here (a hub id is not)."""
+    """The absolute forms, as given and resolved, of those `paths` that are folders here (a hub
+    id is not)."""
     folders: set[str] = set()
     for path in map(Path, paths):
         if path.is_dir():
-            folders |= {str(p) for p in (path, path.resolve()) if p.is_absolute() and p != Path(p.anchor)}
+            folders |= {
+                str(p) for p in (path, path.resolve()) if p.is_absolute() and p != Path(p.anchor)
+            }
     return tuple(sorted(folders))
 
 
@@ -99,11 +110,14 @@ def map_engine_errors() -> Iterator[None]:
     try:
         yield
     except (httpx.TransportError, aiohttp.ClientError, TimeoutError) as exc:
-        raise EngineUnavailable(f"the engine did not answer ({type(exc).__name__}); retry shortly") from exc
+        raise EngineUnavailable(
+            f"the engine did not answer ({type(exc).__name__}); retry shortly"
+        ) from exc
 
 
 class Engines(Protocol):
-    """What replays and scheduled work need of the engines: one `EngineClient`, or a `lorafleet.serve.fleet.Fleet`."""
+    """What replays and scheduled work need of the engines: one `EngineClient`, or a
+    `lorafleet.serve.fleet.Fleet`."""
 
     @property
     def up(self) -> bool: ...
@@ -119,14 +133,24 @@ class Engines(Protocol):
 
 
 class EngineClient:
-    """The engine's private address and bearer token, whether it is up, and the adapter digests it knows."""
+    """The engine's private address and bearer token, whether it is up, and the adapter digests
+    it knows."""
 
-    def __init__(self, store: AdapterStore, metrics: Metrics, port: int = 0, url: str = "", token: str = "",
-                 private_paths: Iterable[str | Path] = (), by_digest: bool = False) -> None:
-        """A supervised engine on a private loopback `port`, or one already running at `url` with its `token`;
-        `private_paths` (the gateway's home, the base model) never appear in what tenants are told. `by_digest`:
-        an engine node (`lorafleet engine`), which finds adapters in the store itself (its resolver) and cannot
-        read this gateway's folders, so it is asked for a digest and never handed a path."""
+    def __init__(
+        self,
+        store: AdapterStore,
+        metrics: Metrics,
+        port: int = 0,
+        url: str = "",
+        token: str = "",
+        private_paths: Iterable[str | Path] = (),
+        by_digest: bool = False,
+    ) -> None:
+        """A supervised engine on a private loopback `port`, or one already running at `url` with
+        its `token`; `private_paths` (the gateway's home, the base model) never appear in what
+        tenants are told. `by_digest`: an engine node (`lorafleet engine`), which finds adapters
+        in the store itself (its resolver) and cannot read this gateway's folders, so it is asked
+        for a digest and never handed a path."""
         self.store = store
         self.by_digest = by_digest
         self.private_paths = _local_folders([*private_paths, store.local_path("_").parent])
@@ -134,17 +158,22 @@ class EngineClient:
         self.port = port or free_port()
         self.url = url.rstrip("/") or f"http://127.0.0.1:{self.port}"
         self.token = token or secrets.token_urlsafe(32)
-        self.http = httpx.AsyncClient(base_url=self.url,
-                                      headers={"Authorization": f"Bearer {self.token}"},
-                                      timeout=httpx.Timeout(600.0, connect=5.0),
-                                      limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100))
+        self.http = httpx.AsyncClient(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=httpx.Timeout(600.0, connect=5.0),
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
+        )
         self._chat: aiohttp.ClientSession | None = None
-        self.generation = 0  # engine processes that became ready: a new one may serve a changed base
+        # engine processes that became ready: a new one may serve a changed base
+        self.generation = 0
         self._up = asyncio.Event()
         self._loaded: set[str] = set()
         self._load_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._loop: asyncio.AbstractEventLoop | None = None  # where evictions (told in worker threads) are handled
-        self._unloads: set[asyncio.Task] = set()  # referenced until done (the loop keeps only weak references)
+        # where evictions (told in worker threads) are handled
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # referenced until done (the loop keeps only weak references)
+        self._unloads: set[asyncio.Task] = set()
         if not by_digest:  # a node's copies are its own cache's
             store.on_evict(self._evicted)
 
@@ -154,11 +183,13 @@ class EngineClient:
 
     @property
     def loaded(self) -> AbstractSet[str]:
-        """The digests this gateway registered on the engine since it (re)started (read it, do not keep it)."""
+        """The digests this gateway registered on the engine since it (re)started (read it, do
+        not keep it)."""
         return self._loaded
 
     def client_for(self, digest: str) -> EngineClient:
-        """The engine that replays adapter `digest` (as `Fleet.client_for`; one engine is a fleet of one)."""
+        """The engine that replays adapter `digest` (as `Fleet.client_for`; one engine is a fleet
+        of one)."""
         return self
 
     def require_up(self) -> None:
@@ -178,7 +209,8 @@ class EngineClient:
         self.metrics.engine_up.set(0)
 
     def public_error(self, raw: bytes) -> bytes:
-        """An engine error body (OpenAI-shaped JSON, else text) without server paths, for a tenant."""
+        """An engine error body (OpenAI-shaped JSON, else text) without server paths, for a
+        tenant."""
         try:
             payload = json.loads(raw)
         except ValueError:
@@ -186,7 +218,8 @@ class EngineClient:
         return json.dumps(_scrubbed(payload, self.private_paths)).encode()
 
     def _error_text(self, response: httpx.Response) -> str:
-        """The message of an engine error answer (its text when it is not OpenAI-shaped), without paths."""
+        """The message of an engine error answer (its text when it is not OpenAI-shaped), without
+        paths."""
         try:
             message = response.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):
@@ -194,23 +227,32 @@ class EngineClient:
         return public_engine_message(str(message), self.private_paths)[:300]
 
     async def post_chat(self, body: bytes, request_id: str = "") -> aiohttp.ClientResponse:
-        """POST a chat completion (JSON bytes); the caller reads and releases the response. vLLM names the
-        completion `chatcmpl-<request_id>` when one is given.
+        """POST a chat completion (JSON bytes); the caller reads and releases the response. vLLM
+        names the completion `chatcmpl-<request_id>` when one is given.
 
-        The chat path alone goes through aiohttp: per request its pool and C parser cost a fraction of the CPU
-        of httpx's (loadtests/bench_gateway_overhead.py), which is the gateway's largest own cost."""
+        The chat path alone goes through aiohttp: per request its pool and C parser cost a
+        fraction of the CPU of httpx's (loadtests/bench_gateway_overhead.py), which is the
+        gateway's largest own cost."""
         if self._chat is None:  # created on first use: it belongs to the running event loop
             self._chat = aiohttp.ClientSession(
-                self.url, headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
-                # idle connections are dropped before vLLM's uvicorn closes them (VLLM_HTTP_TIMEOUT_KEEP_ALIVE,
-                # 5 s): a request sent on a connection the server is closing fails without an answer
+                self.url,
+                headers={
+                    "Authorization": f"Bearer {self.token}",
+                    "Content-Type": "application/json",
+                },
+                # idle connections are dropped before vLLM's uvicorn closes them
+                # (VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s): a request sent on a connection the server is
+                # closing fails without an answer
                 connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=_KEEPALIVE_S),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=600.0),
-                auto_decompress=False, read_bufsize=2**20)  # an SSE line may be long (logprobs)
+                auto_decompress=False,
+                read_bufsize=2**20,
+            )  # an SSE line may be long (logprobs)
         headers = {"X-Request-Id": request_id} if request_id else None
         try:
             return await self._chat.post("/v1/chat/completions", data=body, headers=headers)
-        except aiohttp.ServerDisconnectedError:  # closed under us before any answer: not processed, send it again
+        # closed under us before any answer: not processed, send it again
+        except aiohttp.ServerDisconnectedError:
             return await self._chat.post("/v1/chat/completions", data=body, headers=headers)
 
     async def healthy(self) -> bool:
@@ -227,8 +269,8 @@ class EngineClient:
             return "?"
 
     async def ensure_loaded(self, digest: str) -> None:
-        """Register an adapter on the engine under its digest (by path from the store's local copy, or by digest
-        on a node); one load in flight per digest."""
+        """Register an adapter on the engine under its digest (by path from the store's local
+        copy, or by digest on a node); one load in flight per digest."""
         if digest in self._loaded:
             if not self.by_digest:
                 self.store.touch(digest)
@@ -245,8 +287,9 @@ class EngineClient:
                 response = await self._load_by_path(digest)
             if response.status_code != 200 and "already been loaded" not in response.text:
                 self.metrics.adapter_loads.labels("failed").inc()
-                raise AdapterLoadFailed(f"the engine could not load adapter {digest[:12]}: "
-                                        f"{self._error_text(response)}")
+                raise AdapterLoadFailed(
+                    f"the engine could not load adapter {digest[:12]}: {self._error_text(response)}"
+                )
             self.metrics.adapter_loads.labels("ok").inc()
             self.metrics.adapter_load_seconds.observe(time.perf_counter() - t0)
             self._loaded.add(digest)
@@ -260,18 +303,21 @@ class EngineClient:
                 self.metrics.adapter_loads.labels("failed").inc()
                 raise
             with map_engine_errors():
-                return await self.http.post("/v1/load_lora_adapter", json={"lora_name": digest, "lora_path": path})
+                return await self.http.post(
+                    "/v1/load_lora_adapter", json={"lora_name": digest, "lora_path": path}
+                )
 
     async def _resolve_on_node(self, digest: str) -> httpx.Response:
-        """A node loads an adapter the first time a request names it (its resolver fetches it from the store);
-        `/tokenize` names it without generating anything: 404 when the store has no such digest, 400 when its
-        files do not load."""
+        """A node loads an adapter the first time a request names it (its resolver fetches it
+        from the store); `/tokenize` names it without generating anything: 404 when the store has
+        no such digest, 400 when its files do not load."""
         with map_engine_errors():
             return await self.http.post("/tokenize", json={"model": digest, "prompt": "."})
 
     def _evicted(self, digest: str) -> None:
-        """The store's local cache removed the adapter's files (in a worker thread): the engine may read them again,
-        so forget the digest; the next request fetches and registers it afresh."""
+        """The store's local cache removed the adapter's files (in a worker thread): the engine
+        may read them again, so forget the digest; the next request fetches and registers it
+        afresh."""
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._forget, digest)
@@ -283,7 +329,8 @@ class EngineClient:
         task.add_done_callback(self._unloads.discard)
 
     async def _unload_evicted(self, digest: str) -> None:
-        """Best effort: the engine drops the name of an adapter whose files are gone, unless it was loaded again."""
+        """Best effort: the engine drops the name of an adapter whose files are gone, unless it
+        was loaded again."""
         async with self._load_locks[digest]:
             if digest in self._loaded or not self.up:
                 return
@@ -291,8 +338,8 @@ class EngineClient:
                 await self.http.post("/v1/unload_lora_adapter", json={"lora_name": digest})
 
     async def preload(self, digests: Iterable[str]) -> None:
-        """Register adapters a catalog change is about to use, before it commits (a failed load changes
-        nothing). With the engine down they are registered after its next start instead."""
+        """Register adapters a catalog change is about to use, before it commits (a failed load
+        changes nothing). With the engine down they are registered after its next start instead."""
         if self.up:
             for digest in digests:
                 await self.ensure_loaded(digest)

@@ -1,4 +1,5 @@
-"""The vLLM OpenAI server's command line and environment for lorafleet's settings and this hardware."""
+"""The vLLM OpenAI server's command line and environment for lorafleet's settings and this
+hardware."""
 
 from __future__ import annotations
 
@@ -15,26 +16,62 @@ from lorafleet.serve.engine.hardware import Quantization, quantization_for
 from lorafleet.serve.engine.sizing import EngineSizing, sizing_for
 from lorafleet.serve.settings import Settings
 
-__all__ = ["engine_command", "node_command", "engine_process_options", "free_port", "SERVED_BASE_NAME"]
+__all__ = [
+    "engine_command",
+    "node_command",
+    "engine_process_options",
+    "free_port",
+    "SERVED_BASE_NAME",
+]
 
 SERVED_BASE_NAME = "lorafleet-base"
 NODE_INFO_ENV = "LORAFLEET_NODE_INFO"
 
 
-def engine_command(settings: Settings, port: int, token: str, cuda: bool, quantization: Quantization,
-                   sizing: EngineSizing | None = None) -> tuple[list[str], dict[str, str]]:
-    """The vLLM server command line and environment for these settings, this hardware, quantization and sizing
-    (default: derived for this machine with nothing deployed, values that `settings` fix kept)."""
+def engine_command(
+    settings: Settings,
+    port: int,
+    token: str,
+    cuda: bool,
+    quantization: Quantization,
+    sizing: EngineSizing | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """The vLLM server command line and environment for these settings, this hardware,
+    quantization and sizing (default: derived for this machine with nothing deployed, values that
+    `settings` fix kept)."""
     sizing = sizing or sizing_for(settings, cuda, quantization.dtype or settings.dtype)
     python = settings.engine_python or sys.executable
-    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", settings.base,
-           "--served-model-name", SERVED_BASE_NAME, "--host", "127.0.0.1", "--port", str(port), "--enable-lora",
-           "--max-lora-rank", str(sizing.max_lora_rank), "--max-loras", str(sizing.max_loras),
-           "--max-cpu-loras", str(sizing.max_cpu_loras), "--max-model-len", str(settings.max_model_len),
-           "--max-num-seqs", str(sizing.max_num_seqs), "--dtype", quantization.dtype or settings.dtype,
-           "--disable-uvicorn-access-log", *quantization.engine_args]
-    # the token goes in the environment, which only its owner (and root) can read, not in argv, which every
-    # local user can (/proc/<pid>/cmdline, ps); vLLM reads VLLM_API_KEY when --api-key is not given
+    cmd = [
+        python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        settings.base,
+        "--served-model-name",
+        SERVED_BASE_NAME,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--enable-lora",
+        "--max-lora-rank",
+        str(sizing.max_lora_rank),
+        "--max-loras",
+        str(sizing.max_loras),
+        "--max-cpu-loras",
+        str(sizing.max_cpu_loras),
+        "--max-model-len",
+        str(settings.max_model_len),
+        "--max-num-seqs",
+        str(sizing.max_num_seqs),
+        "--dtype",
+        quantization.dtype or settings.dtype,
+        "--disable-uvicorn-access-log",
+        *quantization.engine_args,
+    ]
+    # the token goes in the environment, which only its owner (and root) can read, not in argv,
+    # which every local user can (/proc/<pid>/cmdline, ps); vLLM reads VLLM_API_KEY when --api-key
+    # is not given
     env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_API_KEY": token}
     if not cuda:  # CPU settings measured in shared/env-notes.md
         cmd += ["--enforce-eager", "--gpu-memory-utilization", str(settings.cpu_memory_fraction)]
@@ -43,12 +80,15 @@ def engine_command(settings: Settings, port: int, token: str, cuda: bool, quanti
 
 
 def node_command(settings: Settings, host: str, port: int) -> tuple[list[str], dict[str, str]]:
-    """An engine node's vLLM command line and environment (`lorafleet engine`): reachable on `host`, guarded by
-    `LORAFLEET_ENGINE_API_KEY`, finding adapters by digest in the store (`lorafleet.serve.engine.resolver`), and
-    accepting every rank an upload may have (no gateway beside it to derive one from what is deployed)."""
+    """An engine node's vLLM command line and environment (`lorafleet engine`): reachable on
+    `host`, guarded by `LORAFLEET_ENGINE_API_KEY`, finding adapters by digest in the store
+    (`lorafleet.serve.engine.resolver`), and accepting every rank an upload may have (no gateway
+    beside it to derive one from what is deployed)."""
     if settings.engine_api_key is None and not settings.development:
-        raise ValueError("LORAFLEET_ENGINE_API_KEY is not set: an engine node needs the secret its gateways send "
-                         "(or LORAFLEET_DEVELOPMENT=1 to run one without)")
+        raise ValueError(
+            "LORAFLEET_ENGINE_API_KEY is not set: an engine node needs the secret its gateways "
+            "send (or LORAFLEET_DEVELOPMENT=1 to run one without)"
+        )
     settings = settings.model_copy(update={"max_lora_rank": settings.accepted_lora_rank})
     hardware, quantization = quantization_for(settings)
     token = settings.engine_api_key.get_secret_value() if settings.engine_api_key else ""
@@ -57,15 +97,21 @@ def node_command(settings: Settings, host: str, port: int) -> tuple[list[str], d
     cmd[cmd.index("--host") + 1] = host
     if not token:
         del env["VLLM_API_KEY"]
-    # what the node says of itself on its /metrics (`lorafleet_node_info`, published by the resolver plugin)
-    info = {"hardware": hardware.describe(), "quantization": quantization.label,
-            "max_num_seqs": str(sizing.max_num_seqs), "max_loras": str(sizing.max_loras),
-            "max_lora_rank": str(sizing.max_lora_rank)}
+    # what the node says of itself on its /metrics (`lorafleet_node_info`, published by the resolver
+    # plugin)
+    info = {
+        "hardware": hardware.describe(),
+        "quantization": quantization.label,
+        "max_num_seqs": str(sizing.max_num_seqs),
+        "max_loras": str(sizing.max_loras),
+        "max_lora_rank": str(sizing.max_lora_rank),
+    }
     return cmd, env | {"LORAFLEET_ENGINE_RESOLVER": "1", NODE_INFO_ENV: json.dumps(info)}
 
 
 def _in_the_child(nice: int) -> None:
-    os.setsid()  # its own session: its own process group (killpg stops vLLM's every process) and autogroup
+    # its own session: its own process group (killpg stops vLLM's every process) and autogroup
+    os.setsid()
     if nice:
         with contextlib.suppress(OSError):  # only where the kernel groups sessions (autogroups)
             with open("/proc/self/autogroup", "w") as autogroup:
@@ -80,12 +126,13 @@ def _in_the_child(nice: int) -> None:
 def engine_process_options(settings: Settings) -> dict[str, Any]:
     """Where the engine runs (keyword arguments for subprocess / asyncio's subprocess functions).
 
-    In a session of its own, at a lower CPU priority (`engine_nice`). vLLM's scheduler and worker busy-poll
-    (`sched_yield`) for about a second after every batch; with scheduler autogroups (on in most desktop and VM
-    kernels) `sched_yield` gives way only within the caller's own session, so a poller sharing the CPU with the
-    gateway or a client in another session held on to it. At a lower priority the pollers only take CPU time that
-    nothing else wants, wherever the gateway and its clients were started (loadtests/bench_gateway.py measures
-    both arrangements). uvloop's subprocess_exec has no `process_group`, hence the function run in the child.
+    In a session of its own, at a lower CPU priority (`engine_nice`). vLLM's scheduler and worker
+    busy-poll (`sched_yield`) for about a second after every batch; with scheduler autogroups (on in
+    most desktop and VM kernels) `sched_yield` gives way only within the caller's own session, so a
+    poller sharing the CPU with the gateway or a client in another session held on to it. At a lower
+    priority the pollers only take CPU time that nothing else wants, wherever the gateway and its
+    clients were started (loadtests/bench_gateway.py measures both arrangements). uvloop's
+    subprocess_exec has no `process_group`, hence the function run in the child.
     """
     return {"preexec_fn": functools.partial(_in_the_child, settings.engine_nice)}
 

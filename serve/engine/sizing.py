@@ -1,9 +1,11 @@
-"""How large the engine is: vLLM's adapter slots, batch size and KV cache, derived from this machine and the
-adapters the catalog serves, unless a setting fixes them (LORAFLEET_MAX_LORAS etc.; 0 means derived).
+"""How large the engine is: vLLM's adapter slots, batch size and KV cache, derived from this machine
+and the adapters the catalog serves, unless a setting fixes them (LORAFLEET_MAX_LORAS etc.; 0 means
+derived).
 
-`derive_sizing` is pure: the catalog's workload, the machine and the base's shape are its arguments, and every
-value comes back with where it came from ("set", or the reason it was derived), which `lorafleet serve` prints.
-Facts behind the rules were measured with vLLM 0.32 on CPU (shared/env-notes.md, and the comments below).
+`derive_sizing` is pure: the catalog's workload, the machine and the base's shape are its arguments,
+and every value comes back with where it came from ("set", or the reason it was derived), which
+`lorafleet serve` prints. Facts behind the rules were measured with vLLM 0.32 on CPU
+(shared/env-notes.md, and the comments below).
 """
 
 from __future__ import annotations
@@ -17,15 +19,26 @@ from lorafleet.adapters.base_model import base_config, load_base_spec
 from lorafleet.adapters.validate import engine_lora_rank
 from lorafleet.serve.settings import Settings
 
-__all__ = ["EngineSizing", "Machine", "ModelShape", "Workload", "SET", "derive_sizing", "model_shape",
-           "this_machine", "sizing_for", "NOTHING_DEPLOYED"]
+__all__ = [
+    "EngineSizing",
+    "Machine",
+    "ModelShape",
+    "Workload",
+    "SET",
+    "derive_sizing",
+    "model_shape",
+    "this_machine",
+    "sizing_for",
+    "NOTHING_DEPLOYED",
+]
 
 SET = "set"  # the source of a value a setting fixed
 GIB = 1024**3
 RANK_WHEN_NONE_DEPLOYED = 16  # vLLM's own default max LoRA rank
 MIN_LORAS = 8  # on a GPU, slots for at least this many adapters (the old fixed default)
 MIN_CPU_LORAS = 64  # adapters kept warm, at least (the old fixed default)
-CPU_NUM_SEQS = 64  # what the load tests drive the CPU engine with (1-64 clients); vLLM's CPU default is 128
+# what the load tests drive the CPU engine with (1-64 clients); vLLM's CPU default is 128
+CPU_NUM_SEQS = 64
 GPU_NUM_SEQS = 256  # vLLM's default for its OpenAI server on GPUs under 70 GiB (1024 above)
 SLOT_MEMORY_SHARE = 0.10  # of RAM (CPU) or GPU memory: the most all adapter slots together may take
 KV_RAM_SHARE = 0.25  # of RAM: the most the CPU engine's KV cache may take
@@ -34,7 +47,8 @@ MIN_KV_GIB = 1  # VLLM_CPU_KVCACHE_SPACE is whole GiB; 1 GiB was the old fixed v
 
 @dataclass(frozen=True)
 class Workload:
-    """What the catalog serves: distinct adapters of deployments and active rollouts, and their largest rank."""
+    """What the catalog serves: distinct adapters of deployments and active rollouts, and their
+    largest rank."""
 
     adapters: int = 0
     max_rank: int = 0  # 0: none deployed
@@ -54,32 +68,41 @@ class Machine:
         return self.gpu_memory_bytes is not None
 
     def describe(self) -> str:
-        gpu = f"{self.gpu_memory_bytes / GIB:.0f} GiB GPU" if self.gpu_memory_bytes is not None else "no GPU"
+        gpu = (
+            f"{self.gpu_memory_bytes / GIB:.0f} GiB GPU"
+            if self.gpu_memory_bytes is not None
+            else "no GPU"
+        )
         return f"{self.cpus} CPUs, {self.ram_bytes / GIB:.0f} GiB RAM, {gpu}"
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the engine's memory per adapter slot and per token depends on, from the base's config."""
+    """What the engine's memory per adapter slot and per token depends on, from the base's
+    config."""
 
-    lora_features: int  # sum of (in + out) features over the language model's LoRA-able linear layers
+    # sum of (in + out) features over the language model's LoRA-able linear layers
+    lora_features: int
     kv_bytes_per_token: int  # 2 (K and V) x layers x KV heads x head dim x dtype bytes
     dtype_bytes: int  # the engine's (and its LoRA weights') dtype
 
     def slot_bytes(self, rank: int) -> int:
-        """One adapter slot: vLLM allocates lora_a [rank, in] and lora_b [out, rank] for every LoRA-able layer."""
+        """One adapter slot: vLLM allocates lora_a [rank, in] and lora_b [out, rank] for every
+        LoRA-able layer."""
         return rank * self.lora_features * self.dtype_bytes
 
 
 @dataclass(frozen=True)
 class EngineSizing:
-    """vLLM's engine settings, each with its source: "set" (a LORAFLEET_ setting) or why it was derived."""
+    """vLLM's engine settings, each with its source: "set" (a LORAFLEET_ setting) or why it was
+    derived."""
 
     max_lora_rank: int
     max_loras: int
     max_cpu_loras: int
     max_num_seqs: int
-    kvcache_gib: int  # VLLM_CPU_KVCACHE_SPACE; 0 on a GPU (vLLM sizes KV from --gpu-memory-utilization)
+    # VLLM_CPU_KVCACHE_SPACE; 0 on a GPU (vLLM sizes KV from --gpu-memory-utilization)
+    kvcache_gib: int
     max_lora_rank_source: str
     max_loras_source: str
     max_cpu_loras_source: str
@@ -90,43 +113,71 @@ class EngineSizing:
 
     @property
     def rank_is_set(self) -> bool:
-        """Whether LORAFLEET_MAX_LORA_RANK fixes the rank (it does not grow with the deployed adapters)."""
+        """Whether LORAFLEET_MAX_LORA_RANK fixes the rank (it does not grow with the deployed
+        adapters)."""
         return self.max_lora_rank_source.split(";")[0] == SET
 
     def describe(self) -> str:
         """One line: every value and its source."""
         kv = f"{self.kvcache_gib} GiB" if self.kvcache_gib else "by vLLM"
-        return (f"max_lora_rank {self.max_lora_rank} ({self.max_lora_rank_source}), max_loras {self.max_loras} "
-                f"({self.max_loras_source}), max_cpu_loras {self.max_cpu_loras} ({self.max_cpu_loras_source}), "
-                f"max_num_seqs {self.max_num_seqs} ({self.max_num_seqs_source}), KV cache {kv} "
-                f"({self.kvcache_source}); on {self.machine.describe()}")
+        return (
+            f"max_lora_rank {self.max_lora_rank} ({self.max_lora_rank_source}), "
+            f"max_loras {self.max_loras} ({self.max_loras_source}), "
+            f"max_cpu_loras {self.max_cpu_loras} ({self.max_cpu_loras_source}), "
+            f"max_num_seqs {self.max_num_seqs} ({self.max_num_seqs_source}), KV cache {kv} "
+            f"({self.kvcache_source}); on {self.machine.describe()}"
+        )
 
     def as_dict(self) -> dict[str, int | str]:
-        return {"max_lora_rank": self.max_lora_rank, "max_loras": self.max_loras,
-                "max_cpu_loras": self.max_cpu_loras, "max_num_seqs": self.max_num_seqs,
-                "kvcache_gib": self.kvcache_gib, "summary": self.describe()}
+        return {
+            "max_lora_rank": self.max_lora_rank,
+            "max_loras": self.max_loras,
+            "max_cpu_loras": self.max_cpu_loras,
+            "max_num_seqs": self.max_num_seqs,
+            "kvcache_gib": self.kvcache_gib,
+            "summary": self.describe(),
+        }
 
 
-def derive_sizing(settings: Settings, workload: Workload, machine: Machine, model: ModelShape) -> EngineSizing:
-    """The engine's settings for this workload on this machine; a value that `settings` fixes (non-zero) is kept."""
+def derive_sizing(
+    settings: Settings, workload: Workload, machine: Machine, model: ModelShape
+) -> EngineSizing:
+    """The engine's settings for this workload on this machine; a value that `settings` fixes
+    (non-zero) is kept."""
     rank, rank_source = _max_lora_rank(settings.max_lora_rank, workload)
     seqs, seqs_source = _max_num_seqs(settings.max_num_seqs, machine)
-    kv, kv_source = _kvcache_gib(settings.cpu_kvcache_gib, seqs, settings.max_model_len, machine, model)
+    kv, kv_source = _kvcache_gib(
+        settings.cpu_kvcache_gib, seqs, settings.max_model_len, machine, model
+    )
     if not settings.max_num_seqs and kv:
         seqs, seqs_source = _within_kvcache(seqs, seqs_source, kv, settings.max_model_len, model)
     loras, loras_source = _max_loras(settings, workload, seqs, rank, machine, model)
     cpu_loras, cpu_loras_source = _max_cpu_loras(settings.max_cpu_loras, workload, loras)
     if cpu_loras < loras:
-        raise ValueError(f"LORAFLEET_MAX_CPU_LORAS ({cpu_loras}) must be >= LORAFLEET_MAX_LORAS ({loras}): vLLM "
-                         "keeps every adapter of a batch among those it keeps warm")
-    return EngineSizing(rank, loras, cpu_loras, seqs, kv, rank_source, loras_source, cpu_loras_source, seqs_source,
-                        kv_source, machine, model)
+        raise ValueError(
+            f"LORAFLEET_MAX_CPU_LORAS ({cpu_loras}) must be >= LORAFLEET_MAX_LORAS ({loras}): vLLM "
+            "keeps every adapter of a batch among those it keeps warm"
+        )
+    return EngineSizing(
+        rank,
+        loras,
+        cpu_loras,
+        seqs,
+        kv,
+        rank_source,
+        loras_source,
+        cpu_loras_source,
+        seqs_source,
+        kv_source,
+        machine,
+        model,
+    )
 
 
 def _max_lora_rank(fixed: int, workload: Workload) -> tuple[int, str]:
-    # vLLM pads every slot to max_lora_rank and its CPU LoRA ops gather [tokens, rank, features] per layer: one
-    # shrink+expand at hidden 2048 and 64 tokens took 1.6 ms at rank 16 and 38 ms at rank 64 (one thread here), so
-    # the rank follows the largest deployed adapter instead of a fixed 64
+    # vLLM pads every slot to max_lora_rank and its CPU LoRA ops gather [tokens, rank, features] per
+    # layer: one shrink+expand at hidden 2048 and 64 tokens took 1.6 ms at rank 16 and 38 ms at rank
+    # 64 (one thread here), so the rank follows the largest deployed adapter instead of a fixed 64
     if fixed:
         if workload.max_rank > fixed:
             return fixed, f"{SET}; adapters of the deployed rank {workload.max_rank} will not load"
@@ -146,12 +197,16 @@ def _max_num_seqs(fixed: int, machine: Machine) -> tuple[int, str]:
     return CPU_NUM_SEQS, "CPU engine"
 
 
-def _kvcache_gib(fixed: int, seqs: int, max_model_len: int, machine: Machine, model: ModelShape) -> tuple[int, str]:
+def _kvcache_gib(
+    fixed: int, seqs: int, max_model_len: int, machine: Machine, model: ModelShape
+) -> tuple[int, str]:
     if fixed:
         return fixed, SET
-    if machine.gpu:  # the CPU-only variable; on a GPU vLLM fills --gpu-memory-utilization with KV blocks
+    # the CPU-only variable; on a GPU vLLM fills --gpu-memory-utilization with KV blocks
+    if machine.gpu:
         return 0, "GPU: vLLM sizes it from --gpu-memory-utilization"
-    # room for every batch sequence at full length: conservative (most are shorter), never above a RAM share
+    # room for every batch sequence at full length: conservative (most are shorter), never above a
+    # RAM share
     need = seqs * max_model_len * model.kv_bytes_per_token
     cap = max(MIN_KV_GIB, int(machine.ram_bytes * KV_RAM_SHARE // GIB))
     reason = f"{seqs} sequences x {max_model_len} tokens x {model.kv_bytes_per_token} B"
@@ -162,25 +217,41 @@ def _kvcache_gib(fixed: int, seqs: int, max_model_len: int, machine: Machine, mo
     return math.ceil(need / GIB), reason
 
 
-def _within_kvcache(seqs: int, source: str, kv_gib: int, max_model_len: int, model: ModelShape) -> tuple[int, str]:
+def _within_kvcache(
+    seqs: int, source: str, kv_gib: int, max_model_len: int, model: ModelShape
+) -> tuple[int, str]:
     """A derived batch no larger than the KV cache holds at full length."""
     fits = max(1, kv_gib * GIB // (max_model_len * model.kv_bytes_per_token))
-    return (seqs, source) if fits >= seqs else (fits, f"{source}, as many as {kv_gib} GiB of KV cache holds")
+    return (
+        (seqs, source)
+        if fits >= seqs
+        else (fits, f"{source}, as many as {kv_gib} GiB of KV cache holds")
+    )
 
 
-def _max_loras(settings: Settings, workload: Workload, seqs: int, rank: int, machine: Machine,
-               model: ModelShape) -> tuple[int, str]:
-    # vLLM schedules requests of at most max_loras distinct adapters per step, so traffic spread over more adapters
-    # than that queues for slots: 64 adapters with uniform traffic gave 54 req/s at max_loras 8 and 84 at 32
-    # (1 adapter: 80-92). A slot costs no time per step: the CPU LoRA ops index each token's adapter (one
-    # shrink+expand took the same time with 8 and 64 slots, measured here) and the GPU kernels' grid spans the
-    # active adapters only. A slot costs memory (slot_bytes), which on a GPU comes out of the KV cache: the CPU
-    # engine gets one slot per batch sequence, a GPU only what the deployed adapters need (at least MIN_LORAS).
+def _max_loras(
+    settings: Settings,
+    workload: Workload,
+    seqs: int,
+    rank: int,
+    machine: Machine,
+    model: ModelShape,
+) -> tuple[int, str]:
+    # vLLM schedules requests of at most max_loras distinct adapters per step, so traffic spread
+    # over more adapters than that queues for slots: 64 adapters with uniform traffic gave 54 req/s
+    # at max_loras 8 and 84 at 32 (1 adapter: 80-92). A slot costs no time per step: the CPU LoRA
+    # ops index each token's adapter (one shrink+expand took the same time with 8 and 64 slots,
+    # measured here) and the GPU kernels' grid spans the active adapters only. A slot costs memory
+    # (slot_bytes), which on a GPU comes out of the KV cache: the CPU engine gets one slot per batch
+    # sequence, a GPU only what the deployed adapters need (at least MIN_LORAS).
     if settings.max_loras:
         return settings.max_loras, SET
     if machine.gpu:
         wanted = min(seqs, max(MIN_LORAS, _power_of_two_at_least(workload.adapters)))
-        reason = f"{_deployed(workload.adapters)}: a power of two, at least {MIN_LORAS}, at most max_num_seqs"
+        reason = (
+            f"{_deployed(workload.adapters)}: a power of two, at least {MIN_LORAS}, "
+            "at most max_num_seqs"
+        )
     else:
         wanted, reason = seqs, "one per batch sequence: a slot costs the CPU engine no time"
     if settings.max_cpu_loras and settings.max_cpu_loras < wanted:
@@ -189,13 +260,18 @@ def _max_loras(settings: Settings, workload: Workload, seqs: int, rank: int, mac
     fits = max(1, int(memory * SLOT_MEMORY_SHARE // model.slot_bytes(rank)))
     if fits < wanted:
         share = f"{SLOT_MEMORY_SHARE:.0%} of {'GPU memory' if machine.gpu else 'RAM'}"
-        return fits, f"as many slots as {share} holds ({model.slot_bytes(rank) / 1024**2:.0f} MiB each at rank {rank})"
+        return (
+            fits,
+            f"as many slots as {share} holds "
+            f"({model.slot_bytes(rank) / 1024**2:.0f} MiB each at rank {rank})",
+        )
     return wanted, reason
 
 
 def _max_cpu_loras(fixed: int, workload: Workload, loras: int) -> tuple[int, str]:
-    # vLLM's LRU of adapters in RAM (filled as adapters are registered, so headroom costs nothing until used):
-    # every deployed adapter, twice over for the new versions that rollouts and A/B tests bring in
+    # vLLM's LRU of adapters in RAM (filled as adapters are registered, so headroom costs nothing
+    # until used): every deployed adapter, twice over for the new versions that rollouts and A/B
+    # tests bring in
     if fixed:
         return fixed, SET
     value = max(MIN_CPU_LORAS, 2 * workload.adapters, loras)
@@ -223,7 +299,8 @@ def _memory_limit_bytes() -> int | None:
 
 
 def this_machine(gpu: bool) -> Machine:
-    """RAM (or the container's limit), usable CPUs and, with `gpu`, the first CUDA device's memory."""
+    """RAM (or the container's limit), usable CPUs and, with `gpu`, the first CUDA device's
+    memory."""
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     limit = _memory_limit_bytes()
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -236,17 +313,24 @@ def this_machine(gpu: bool) -> Machine:
 
 
 def model_shape(base: str, dtype: str) -> ModelShape:
-    """The base's LoRA-able features and KV bytes per token (from its config) in the engine's dtype."""
+    """The base's LoRA-able features and KV bytes per token (from its config) in the engine's
+    dtype."""
     text = base_config(base).get_text_config()
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    width = 4 if dtype in ("float32", "float") else 2  # vLLM's "auto" serves float32 checkpoints in 16 bits
+    # vLLM's "auto" serves float32 checkpoints in 16 bits
+    width = 4 if dtype in ("float32", "float") else 2
     features = sum(i + o for i, o in load_base_spec(base).lora_modules.values())
-    return ModelShape(lora_features=features, kv_bytes_per_token=2 * text.num_hidden_layers * kv_heads * head_dim
-                      * width, dtype_bytes=width)
+    return ModelShape(
+        lora_features=features,
+        kv_bytes_per_token=2 * text.num_hidden_layers * kv_heads * head_dim * width,
+        dtype_bytes=width,
+    )
 
 
-def sizing_for(settings: Settings, cuda: bool, dtype: str, workload: Workload = NOTHING_DEPLOYED) -> EngineSizing:
+def sizing_for(
+    settings: Settings, cuda: bool, dtype: str, workload: Workload = NOTHING_DEPLOYED
+) -> EngineSizing:
     """The sizing for `settings` and `workload` on this machine, the engine running in `dtype`."""
     return derive_sizing(settings, workload, this_machine(cuda), model_shape(settings.base, dtype))

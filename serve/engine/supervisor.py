@@ -1,23 +1,26 @@
 """The engine process: one vLLM OpenAI server as a supervised subprocess on a private loopback port.
 
-Only the gateway talks to it (it holds a random bearer token), so vLLM's runtime LoRA endpoints are never
-reachable by clients. The supervisor restarts it when it exits or stops answering, or with a new sizing when
-deployments need a larger max LoRA rank (`fit`); after each start its `on_ready` hook (given at construction)
-re-registers the adapters that deployments need.
+Only the gateway talks to it (it holds a random bearer token), so vLLM's runtime LoRA endpoints are
+never reachable by clients. The supervisor restarts it when it exits or stops answering, or with a
+new sizing when deployments need a larger max LoRA rank (`fit`); after each start its `on_ready`
+hook (given at construction) re-registers the adapters that deployments need.
 
-The engine's state (`EngineSupervisor.state`; in /readyz, /admin/engine and `lorafleet_engine_state`):
+The engine's state (`EngineSupervisor.state`; in /readyz, /admin/engine and
+`lorafleet_engine_state`):
 
-    starting     the first engine process (or one with a new sizing) does not answer yet (attached: not asked yet)
+    starting     the first engine process (or one with a new sizing) does not answer yet
+                 (attached: not asked yet)
     up           the engine answers; requests are served
     restarting   the engine went down or a start failed; the next start follows a growing back-off
-    crash_loop   `_CRASH_LOOP_AFTER` starts in a row failed; starts go on, with back-offs growing to 30 s
+    crash_loop   `_CRASH_LOOP_AFTER` starts in a row failed; starts go on, with back-offs growing
+                 to 30 s
     unreachable  an engine this gateway did not start (`engine_url`, an engine node) does not answer
     stopped      the gateway is shutting down
 
-A start fails when the process cannot be run, exits or does not answer within `engine_start_timeout_s`, or
-goes down within `_STABLE_UP_S` of answering. An unexpected error inside supervision is logged with its
-traceback, counted (`lorafleet_engine_supervision_errors`) and taken as the engine going down: supervision only
-ends when the gateway stops it.
+A start fails when the process cannot be run, exits or does not answer within
+`engine_start_timeout_s`, or goes down within `_STABLE_UP_S` of answering. An unexpected error
+inside supervision is logged with its traceback, counted (`lorafleet_engine_supervision_errors`) and
+taken as the engine going down: supervision only ends when the gateway stops it.
 """
 
 from __future__ import annotations
@@ -58,12 +61,22 @@ def _signal_group(pgid: int, signum: int) -> None:
 class EngineSupervisor:
     """Starts the engine, watches it, restarts it; tells `client` when it is up or down."""
 
-    def __init__(self, settings: Settings, client: EngineClient, metrics: Metrics, log_path: Path,
-                 hardware: Hardware, quantization: Quantization, sizing: EngineSizing,
-                 on_ready: Callable[[], Awaitable[None]] | None = None, attached: bool | None = None,
-                 env: dict[str, str] | None = None) -> None:
-        """`attached`: follow an engine this gateway did not start, at `client.url` (default: `engine_url` is
-        set); `env`: added to the engine process's environment (a GPU of its own)."""
+    def __init__(
+        self,
+        settings: Settings,
+        client: EngineClient,
+        metrics: Metrics,
+        log_path: Path,
+        hardware: Hardware,
+        quantization: Quantization,
+        sizing: EngineSizing,
+        on_ready: Callable[[], Awaitable[None]] | None = None,
+        attached: bool | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """`attached`: follow an engine this gateway did not start, at `client.url` (default:
+        `engine_url` is set); `env`: added to the engine process's environment (a GPU of its
+        own)."""
         self.settings = settings  # as configured: 0 where an engine value is derived
         self.attached = bool(settings.engine_url) if attached is None else attached
         self.sizing = sizing  # what the next (or the running) engine process is started with
@@ -92,31 +105,45 @@ class EngineSupervisor:
         self._task = asyncio.create_task(self._supervise(), name="engine-supervisor")
 
     def status(self) -> dict[str, str | int | None]:
-        """The engine's state, failed starts in a row, and why it last went down (for /admin/engine)."""
-        return {"engine_state": self.state, "failed_starts": self.failed_starts,
-                "last_exit_code": self.last_exit_code, "last_error": self.last_error}
+        """The engine's state, failed starts in a row, and why it last went down (for
+        /admin/engine)."""
+        return {
+            "engine_state": self.state,
+            "failed_starts": self.failed_starts,
+            "last_exit_code": self.last_exit_code,
+            "last_error": self.last_error,
+        }
 
     def serves_rank(self, rank: int) -> bool:
-        """Whether adapters of this rank load on the engine as sized (an attached engine is taken as it is)."""
+        """Whether adapters of this rank load on the engine as sized (an attached engine is taken
+        as it is)."""
         return rank <= self.sizing.max_lora_rank or self.attached
 
     async def fit(self, workload: Workload) -> None:
-        """Make the engine take `workload`'s largest rank: restart it with a larger max LoRA rank when that is
-        derived; refuse (409) when LORAFLEET_MAX_LORA_RANK fixes it."""
+        """Make the engine take `workload`'s largest rank: restart it with a larger max LoRA rank
+        when that is derived; refuse (409) when LORAFLEET_MAX_LORA_RANK fixes it."""
         if self.serves_rank(workload.max_rank):
             return
         if self.sizing.rank_is_set:
-            raise Conflict(f"adapter rank {workload.max_rank} is above the engine's max LoRA rank "
-                           f"{self.sizing.max_lora_rank}, which LORAFLEET_MAX_LORA_RANK fixes: raise it to "
-                           f"{workload.max_rank} or more (or unset it to follow the deployed adapters) and restart "
-                           "the gateway", code="max_lora_rank_exceeded")
-        await self.resize(derive_sizing(self.settings, workload, self.sizing.machine, self.sizing.model))
+            raise Conflict(
+                f"adapter rank {workload.max_rank} is above the engine's max LoRA rank "
+                f"{self.sizing.max_lora_rank}, which LORAFLEET_MAX_LORA_RANK fixes: raise it to "
+                f"{workload.max_rank} or more (or unset it to follow the deployed adapters) and "
+                "restart the gateway",
+                code="max_lora_rank_exceeded",
+            )
+        await self.resize(
+            derive_sizing(self.settings, workload, self.sizing.machine, self.sizing.model)
+        )
 
     async def resize(self, sizing: EngineSizing) -> None:
-        """Restart the engine with `sizing`. Returns at once: the engine is down (requests get 503) until the new
-        process is ready, whose start registers every deployed adapter."""
-        log.warning("engine restarting with a new sizing: %s (was max_lora_rank %d)", sizing.describe(),
-                    self.sizing.max_lora_rank)
+        """Restart the engine with `sizing`. Returns at once: the engine is down (requests get
+        503) until the new process is ready, whose start registers every deployed adapter."""
+        log.warning(
+            "engine restarting with a new sizing: %s (was max_lora_rank %d)",
+            sizing.describe(),
+            self.sizing.max_lora_rank,
+        )
         self.sizing = sizing
         self.client.mark_down()
         self._resized.set()
@@ -136,10 +163,13 @@ class EngineSupervisor:
             self.metrics.engine_state.labels(name).set(1 if name == state else 0)
 
     def _supervision_failed(self, doing: str, exc: Exception) -> None:
-        """A bug or an unforeseen failure: say so loudly, and carry on as if the engine went down."""
+        """A bug or an unforeseen failure: say so loudly, and carry on as if the engine went
+        down."""
         self.metrics.engine_supervision_errors.inc()
         self.last_error = f"{doing}: {type(exc).__name__}: {exc}"
-        log.error("engine supervision failed while %s; the engine counts as down", doing, exc_info=exc)
+        log.error(
+            "engine supervision failed while %s; the engine counts as down", doing, exc_info=exc
+        )
 
     async def _supervise(self) -> None:
         if self.attached:
@@ -168,36 +198,58 @@ class EngineSupervisor:
             await self._watch()
 
     async def _back_off(self) -> None:
-        """Count the failed start (if it was one), show the state, and wait before the next start."""
+        """Count the failed start (if it was one), show the state, and wait before the next
+        start."""
         if self._up_since is None or time.monotonic() - self._up_since < _STABLE_UP_S:
             self.failed_starts += 1
             self.metrics.engine_failed_starts.set(self.failed_starts)
         self._set_state("crash_loop" if self.failed_starts >= _CRASH_LOOP_AFTER else "restarting")
         delay = _RESTART_BACKOFF_S[min(max(self.failed_starts - 1, 0), len(_RESTART_BACKOFF_S) - 1)]
         self.metrics.engine_restarts.inc()
-        log.warning("engine down (%s, %d failed starts in a row); restarting in %.0f s (see %s)",
-                    self.last_error, self.failed_starts, delay, self.log_path)
+        log.warning(
+            "engine down (%s, %d failed starts in a row); restarting in %.0f s (see %s)",
+            self.last_error,
+            self.failed_starts,
+            delay,
+            self.log_path,
+        )
         await asyncio.sleep(delay)
 
     async def _launch(self) -> bool:
-        """Start an engine process and wait until it answers; False when it cannot run, exits or times out."""
-        cmd, env = engine_command(self.settings, self.client.port, self.client.token, self.hardware.gpu is not None,
-                                  self.quantization, self.sizing)
+        """Start an engine process and wait until it answers; False when it cannot run, exits or
+        times out."""
+        cmd, env = engine_command(
+            self.settings,
+            self.client.port,
+            self.client.token,
+            self.hardware.gpu is not None,
+            self.quantization,
+            self.sizing,
+        )
         env |= self.env
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         try:
             with open(self.log_path, "ab") as logfile:
-                self.process = await asyncio.create_subprocess_exec(*cmd, env=env, stdout=logfile, stderr=logfile,
-                                                                    stdin=asyncio.subprocess.DEVNULL,
-                                                                    **engine_process_options(self.settings))
+                self.process = await asyncio.create_subprocess_exec(
+                    *cmd,
+                    env=env,
+                    stdout=logfile,
+                    stderr=logfile,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    **engine_process_options(self.settings),
+                )
         except OSError as exc:  # e.g. LORAFLEET_ENGINE_PYTHON names no executable
             self.last_error = f"cannot run {cmd[0]}: {exc}"
             log.error("engine could not be started: %s", self.last_error)
             return False
         self.starts += 1
-        log.info("engine pid %d starting on 127.0.0.1:%d (log: %s)", self.process.pid, self.client.port,
-                 self.log_path)
+        log.info(
+            "engine pid %d starting on 127.0.0.1:%d (log: %s)",
+            self.process.pid,
+            self.client.port,
+            self.log_path,
+        )
         deadline = t0 + self.settings.engine_start_timeout_s
         while time.perf_counter() < deadline:
             if self.process.returncode is not None:
@@ -232,8 +284,8 @@ class EngineSupervisor:
                 log.exception("registering adapters after the engine came up failed")
 
     async def _attach(self) -> None:
-        """An engine this gateway did not start (`engine_url`, an engine node): follow its health, register
-        adapters when it comes (back) up."""
+        """An engine this gateway did not start (`engine_url`, an engine node): follow its
+        health, register adapters when it comes (back) up."""
         log.info("attached to the engine at %s", self.client.url)
         while True:
             try:
@@ -242,7 +294,8 @@ class EngineSupervisor:
                 self._supervision_failed("checking the attached engine", exc)
                 self.client.mark_down()
                 self._set_state("unreachable")
-                delay = _HEALTH_INTERVAL_S  # not every half second: the same error would flood the log
+                # not every half second: the same error would flood the log
+                delay = _HEALTH_INTERVAL_S
             await asyncio.sleep(delay)
 
     async def _follow_attached(self) -> bool:
@@ -265,7 +318,11 @@ class EngineSupervisor:
         try:
             misses = 0
             while misses < _HEALTH_FAILURES_BEFORE_RESTART:
-                await asyncio.wait((exited, resized), timeout=_HEALTH_INTERVAL_S, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    (exited, resized),
+                    timeout=_HEALTH_INTERVAL_S,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
                 if resized.done():
                     log.info("stopping engine pid %d for its new sizing", self.process.pid)
                     return
@@ -282,13 +339,18 @@ class EngineSupervisor:
 
     def _note_stable(self) -> None:
         """An engine up for `_STABLE_UP_S` ends the run of failed starts."""
-        if self.failed_starts and self._up_since is not None and time.monotonic() - self._up_since >= _STABLE_UP_S:
+        if (
+            self.failed_starts
+            and self._up_since is not None
+            and time.monotonic() - self._up_since >= _STABLE_UP_S
+        ):
             self.failed_starts = 0
             self.metrics.engine_failed_starts.set(0)
 
     async def _terminate(self) -> None:
-        """Stop the engine and every process it started. A crashed API server leaves vLLM's engine-core and
-        worker processes running (holding the model's memory), so the whole group is always killed."""
+        """Stop the engine and every process it started. A crashed API server leaves vLLM's
+        engine-core and worker processes running (holding the model's memory), so the whole group
+        is always killed."""
         process, self.process = self.process, None
         if process is None:
             return

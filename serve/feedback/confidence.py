@@ -1,8 +1,9 @@
 """An answer's confidence: the mean and the least log-probability of the tokens the engine chose.
 
-The engine returns them when a request has `"logprobs": true` (OpenAI's field: `choices[i].logprobs.content[j]
-.logprob`); the gateway asks for them on every request and hides them again from a client that did not.
-Only choice 0 is read, the answer that the format check and the drift sample read too.
+The engine returns them when a request has `"logprobs": true` (OpenAI's field:
+`choices[i].logprobs.content[j] .logprob`); the gateway asks for them on every request and hides
+them again from a client that did not. Only choice 0 is read, the answer that the format check and
+the drift sample read too.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The request log: one row per chat request of a tenant, written to the catalog in batches.
 
-The chat path only appends a dict to a bounded buffer (no catalog work per request); a loop writes the buffer
-every `request_log_flush_s`. Feedback may name a request whose row is still in some gateway's buffer: it waits
-for the next write (`find_request`), this gateway's own buffer being written at once.
+The chat path only appends a dict to a bounded buffer (no catalog work per request); a loop writes
+the buffer every `request_log_flush_s`. Feedback may name a request whose row is still in some
+gateway's buffer: it waits for the next write (`find_request`), this gateway's own buffer being
+written at once.
 """
 
 from __future__ import annotations
@@ -32,19 +33,30 @@ _REQUEST_ID = re.compile(r"chatcmpl-[0-9a-f]{32}")
 
 
 def new_request_id() -> str:
-    """A request's id, as its response's `id` and `x-request-id` carry it. The engine is given the part after the
-    prefix (vLLM's `X-Request-Id`), so the id it writes in the body is this one."""
+    """A request's id, as its response's `id` and `x-request-id` carry it. The engine is given
+    the part after the prefix (vLLM's `X-Request-Id`), so the id it writes in the body is this
+    one."""
     return REQUEST_ID_PREFIX + uuid.uuid4().hex
 
 
 class RequestLog:
-    """This gateway's request-log rows not yet in the catalog (bounded: the oldest are dropped and counted)."""
+    """This gateway's request-log rows not yet in the catalog (bounded: the oldest are dropped
+    and counted)."""
 
-    def __init__(self, sessions: sessionmaker, metrics: Metrics, flush_s: float, max_pending: int = 100_000) -> None:
-        self.sessions, self.metrics, self.flush_s, self.max_pending = sessions, metrics, flush_s, max_pending
+    def __init__(
+        self, sessions: sessionmaker, metrics: Metrics, flush_s: float, max_pending: int = 100_000
+    ) -> None:
+        self.sessions, self.metrics, self.flush_s, self.max_pending = (
+            sessions,
+            metrics,
+            flush_s,
+            max_pending,
+        )
         self._pending: deque[dict] = deque()
-        self._lock = threading.Lock()  # requests add on the event loop, the flush drains in a worker thread
-        self._flushing = threading.Lock()  # one write at a time: `find_request` may flush beside the loop
+        # requests add on the event loop, the flush drains in a worker thread
+        self._lock = threading.Lock()
+        # one write at a time: `find_request` may flush beside the loop
+        self._flushing = threading.Lock()
 
     def add(self, row: dict) -> None:
         with self._lock:
@@ -54,7 +66,8 @@ class RequestLog:
             self._pending.append(row)
 
     def flush(self) -> int:
-        """Write what is pending (blocking: a worker thread). Rows the catalog refuses are dropped and counted."""
+        """Write what is pending (blocking: a worker thread). Rows the catalog refuses are
+        dropped and counted."""
         with self._flushing:
             with self._lock:
                 rows, self._pending = list(self._pending), deque()
@@ -62,7 +75,8 @@ class RequestLog:
                 return 0
             try:
                 with self.sessions() as session:
-                    session.info[ROUTE_NEUTRAL] = True  # the log changes no route: keep the route cache
+                    # the log changes no route: keep the route cache
+                    session.info[ROUTE_NEUTRAL] = True
                     session.execute(insert(RequestRecord), rows)
                     session.commit()
             except Exception:
@@ -79,17 +93,24 @@ class RequestLog:
     async def stop(self) -> None:
         await run_in_threadpool(self.flush)
 
-    def find_request(self, session: Session, tenant_id: int, request_id: str, wait_s: float) -> RequestRecord | None:
-        """The tenant's request of that id (blocking). A request served moments ago may still be in a gateway's
-        buffer: this gateway's is written now, another's within its flush period, which this waits for."""
-        query = select(RequestRecord).where(RequestRecord.tenant_id == tenant_id,
-                                            RequestRecord.request_id == request_id)
+    def find_request(
+        self, session: Session, tenant_id: int, request_id: str, wait_s: float
+    ) -> RequestRecord | None:
+        """The tenant's request of that id (blocking). A request served moments ago may still be
+        in a gateway's buffer: this gateway's is written now, another's within its flush period,
+        which this waits for."""
+        query = select(RequestRecord).where(
+            RequestRecord.tenant_id == tenant_id, RequestRecord.request_id == request_id
+        )
         if not _REQUEST_ID.fullmatch(request_id):
             return None  # not an id this gateway gives out
         found = session.scalar(query)
         if found is not None:
             return found
-        if session.scalar(select(RequestRecord.id).where(RequestRecord.request_id == request_id)) is not None:
+        if (
+            session.scalar(select(RequestRecord.id).where(RequestRecord.request_id == request_id))
+            is not None
+        ):
             return None  # another tenant's: not found, at once
         self.flush()
         deadline = time.monotonic() + wait_s

@@ -1,20 +1,23 @@
-"""The gateway's engines: one or many vLLM replicas, each with its client and its supervision, and which one serves
-a request.
+"""The gateway's engines: one or many vLLM replicas, each with its client and its supervision, and
+which one serves a request.
 
 Where the replicas come from (settings; one of them):
 
     default            one engine the gateway starts and supervises on loopback (`engine-0`)
     replicas N         N such engines (development, CI, a multi-GPU box: one GPU each)
-    engines URL,...    engine nodes (`lorafleet engine`) elsewhere; every URL's host name is resolved again every
-                       `fleet_discovery_s`, and each address it has is a replica (a headless Service names every pod)
-    engine_url URL     one engine beside the gateway that reads the gateway's folders (attached, as before)
+    engines URL,...    engine nodes (`lorafleet engine`) elsewhere; every URL's host name is
+                       resolved again every `fleet_discovery_s`, and each address it has is a
+                       replica (a headless Service names every pod)
+    engine_url URL     one engine beside the gateway that reads the gateway's folders
+                       (attached, as before)
 
-What the gateway knows of each replica comes from the replica: every `fleet_scrape_s` it reads vLLM's `/metrics`
-(requests running and waiting, and an engine node's `lorafleet_node_info`: hardware, quantization, batch size) and
-`/v1/models` (the adapters registered on it). A replica that refuses a connection (at a scrape or under a request)
-leaves placement at once and returns with its next answered scrape; its supervision restarts it (local) or follows
-its health and registers adapters when it is back (nodes). Placement (`lorafleet.serve.fleet.placement`) sees each
-replica's requests from this gateway now, plus the other gateways' as its last scrape showed them.
+What the gateway knows of each replica comes from the replica: every `fleet_scrape_s` it reads
+vLLM's `/metrics` (requests running and waiting, and an engine node's `lorafleet_node_info`:
+hardware, quantization, batch size) and `/v1/models` (the adapters registered on it). A replica that
+refuses a connection (at a scrape or under a request) leaves placement at once and returns with its
+next answered scrape; its supervision restarts it (local) or follows its health and registers
+adapters when it is back (nodes). Placement (`lorafleet.serve.fleet.placement`) sees each replica's
+requests from this gateway now, plus the other gateways' as its last scrape showed them.
 """
 
 from __future__ import annotations
@@ -39,7 +42,13 @@ from lorafleet.serve.engine.client import EngineClient, EngineUnavailable
 from lorafleet.serve.engine.hardware import Hardware, Quantization
 from lorafleet.serve.engine.sizing import EngineSizing, Workload
 from lorafleet.serve.engine.supervisor import ENGINE_STATES, EngineSupervisor
-from lorafleet.serve.fleet.placement import HashRing, Placement, PlacementPolicy, Replica, make_policy
+from lorafleet.serve.fleet.placement import (
+    HashRing,
+    Placement,
+    PlacementPolicy,
+    Replica,
+    make_policy,
+)
 from lorafleet.serve.metrics import Metrics
 from lorafleet.serve.settings import Settings
 
@@ -52,8 +61,8 @@ _SCRAPE_TIMEOUT_S = 5.0
 
 
 def parse_engine_metrics(text: str) -> tuple[int, int, dict[str, str]]:
-    """Requests running and waiting, and the node's info labels, from a vLLM `/metrics` page (only the few lines
-    read are parsed: the page holds hundreds of histogram lines)."""
+    """Requests running and waiting, and the node's info labels, from a vLLM `/metrics` page
+    (only the few lines read are parsed: the page holds hundreds of histogram lines)."""
     lines = "\n".join(line for line in text.splitlines() if line.startswith(_SCRAPED))
     running = waiting = 0.0
     info: dict[str, str] = {}
@@ -73,17 +82,20 @@ class EngineReplica:
     """One engine of the fleet: how to reach it, who watches it, and what its last scrape said."""
 
     name: str
-    kind: str  # supervised (this gateway starts it) | node (`lorafleet engine`) | attached (`engine_url`)
+    # supervised (this gateway starts it) | node (`lorafleet engine`) | attached (`engine_url`)
+    kind: str
     client: EngineClient
     supervisor: EngineSupervisor
     running: int = 0  # vLLM's numbers at the last scrape: every gateway's requests
     waiting: int = 0
     registered: frozenset[str] = frozenset()  # adapter digests the engine lists (/v1/models)
     in_flight: int = 0  # this gateway's requests on it now (exact, at once)
-    others: int = 0  # the other gateways' requests on it at the last scrape: its queue less ours then
+    # the other gateways' requests on it at the last scrape: its queue less ours then
+    others: int = 0
     reachable: bool = True  # False from a refused connection until a scrape answers
     scraped_at: float | None = None  # wall-clock time of the last answered scrape
-    node: dict[str, str] = field(default_factory=dict)  # an engine node's own description (lorafleet_node_info)
+    # an engine node's own description (lorafleet_node_info)
+    node: dict[str, str] = field(default_factory=dict)
     placed: int = 0  # requests placed here by this gateway
     source: str = ""  # the `engines` URL discovery found it under
 
@@ -93,7 +105,8 @@ class EngineReplica:
 
     @property
     def slots(self) -> int:
-        """Sequences its batch holds: a node says so itself; a local engine is sized by this gateway."""
+        """Sequences its batch holds: a node says so itself; a local engine is sized by this
+        gateway."""
         if self.kind == "node":
             return int(self.node.get("max_num_seqs") or 0)
         return self.supervisor.sizing.max_num_seqs
@@ -102,45 +115,73 @@ class EngineReplica:
         return digest in self.registered or digest in self.client.loaded
 
     def snapshot(self, digest: str) -> Replica:
-        """For placing a request for `digest`: our requests on it now, and the others' as last scraped (a scrape
-        lags: requests that ended since would count as load, and those placed since would not); of its adapters,
-        only whether it has this one (placement asks nothing else, and a replica may have hundreds)."""
-        return Replica(self.name, self.in_flight, self.others, frozenset((digest,)) if self.has(digest) else
-                       frozenset(), up=self.routable)
+        """For placing a request for `digest`: our requests on it now, and the others' as last
+        scraped (a scrape lags: requests that ended since would count as load, and those placed
+        since would not); of its adapters, only whether it has this one (placement asks nothing
+        else, and a replica may have hundreds)."""
+        return Replica(
+            self.name,
+            self.in_flight,
+            self.others,
+            frozenset((digest,)) if self.has(digest) else frozenset(),
+            up=self.routable,
+        )
 
     def describe(self) -> dict[str, Any]:
         """What `/admin/engines` says of it."""
         supervisor = self.supervisor
         state = supervisor.state if self.reachable or not self.client.up else "unreachable"
         local = self.kind != "node"
-        return {"name": self.name, "url": self.client.url, "kind": self.kind, "state": state, "up": self.routable,
-                "running": self.running, "waiting": self.waiting,
-                "adapters": sorted(self.registered | self.client.loaded), "placed": self.placed,
-                "hardware": supervisor.hardware.describe() if local else self.node.get("hardware", "?"),
-                "quantization": supervisor.quantization.label if local else self.node.get("quantization", "?"),
-                "max_num_seqs": self.slots, "max_loras": supervisor.sizing.max_loras if local
-                else int(self.node.get("max_loras") or 0),
-                "scraped_at": self.scraped_at, "pid": supervisor.process.pid if supervisor.process else None,
-                "starts": supervisor.starts, "last_error": supervisor.last_error}
+        return {
+            "name": self.name,
+            "url": self.client.url,
+            "kind": self.kind,
+            "state": state,
+            "up": self.routable,
+            "running": self.running,
+            "waiting": self.waiting,
+            "adapters": sorted(self.registered | self.client.loaded),
+            "placed": self.placed,
+            "hardware": supervisor.hardware.describe() if local else self.node.get("hardware", "?"),
+            "quantization": supervisor.quantization.label
+            if local
+            else self.node.get("quantization", "?"),
+            "max_num_seqs": self.slots,
+            "max_loras": supervisor.sizing.max_loras
+            if local
+            else int(self.node.get("max_loras") or 0),
+            "scraped_at": self.scraped_at,
+            "pid": supervisor.process.pid if supervisor.process else None,
+            "starts": supervisor.starts,
+            "last_error": supervisor.last_error,
+        }
 
 
 class Fleet:
-    """The replicas, the placement policy over them, and the fleet-wide view the rest of the gateway uses (up,
-    registering adapters, replay engines, engine rank)."""
+    """The replicas, the placement policy over them, and the fleet-wide view the rest of the
+    gateway uses (up, registering adapters, replay engines, engine rank)."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, replicas: Sequence[EngineReplica],
-                 new_node: Callable[[str, str], EngineReplica] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        replicas: Sequence[EngineReplica],
+        new_node: Callable[[str, str], EngineReplica] | None = None,
+    ) -> None:
         """`new_node(name, url)`: a replica for an address discovery found (engine nodes only)."""
         self.settings = settings
         self.metrics = metrics
         self.replicas: list[EngineReplica] = list(replicas)
-        self.policy: PlacementPolicy = make_policy(settings.placement_policy,
-                                                   load_factor=settings.placement_load_factor)
+        self.policy: PlacementPolicy = make_policy(
+            settings.placement_policy, load_factor=settings.placement_load_factor
+        )
         self._new_node = new_node
         self._ring: HashRing | None = None
         self._tasks: list[asyncio.Task] = []
-        self.placed = self.spills = self.failovers = 0  # chat requests placed by this gateway, spilled, sent again
-        metrics.engine_up.set_function(lambda: 1 if self.up else 0)  # the fleet's, whichever replica set it
+        # chat requests placed by this gateway, spilled, sent again
+        self.placed = self.spills = self.failovers = 0
+        # the fleet's, whichever replica set it
+        metrics.engine_up.set_function(lambda: 1 if self.up else 0)
         for name in ENGINE_STATES:
             metrics.engine_state.labels(name).set_function(self._is_in(name))
 
@@ -155,8 +196,11 @@ class Fleet:
 
     def require_up(self) -> None:
         if not self.up:
-            raise EngineUnavailable("the engine is starting or restarting; retry shortly" if len(self.replicas) <= 1
-                                    else "no engine replica is up; retry shortly")
+            raise EngineUnavailable(
+                "the engine is starting or restarting; retry shortly"
+                if len(self.replicas) <= 1
+                else "no engine replica is up; retry shortly"
+            )
 
     @property
     def state(self) -> str:
@@ -167,7 +211,8 @@ class Fleet:
 
     @property
     def generation(self) -> int:
-        """Grows whenever any replica (re)starts (the drift monitor then asks the engine's identity again)."""
+        """Grows whenever any replica (re)starts (the drift monitor then asks the engine's
+        identity again)."""
         return sum(replica.client.generation for replica in self.replicas)
 
     async def version(self) -> str:
@@ -184,11 +229,13 @@ class Fleet:
         return self._ring.home(digest)
 
     def client_for(self, digest: str) -> EngineClient:
-        """The replica that replays adapter `digest` (validation gate, A/B evaluation, drift replay)."""
+        """The replica that replays adapter `digest` (validation gate, A/B evaluation, drift
+        replay)."""
         return self._choose(digest)[0].client
 
     def place(self, digest: str, exclude: Iterable[str] = ()) -> EngineReplica:
-        """The replica a chat request for `digest` goes to (NoReplicaUp, 503, when none is up), counted."""
+        """The replica a chat request for `digest` goes to (NoReplicaUp, 503, when none is up),
+        counted."""
         replica, placement = self._choose(digest, exclude)
         replica.in_flight += 1
         replica.placed += 1
@@ -211,14 +258,16 @@ class Fleet:
         replica.in_flight = max(0, replica.in_flight - 1)
 
     def lost(self, replica: EngineReplica) -> None:
-        """A request to `replica` got no answer: no more requests go there until a scrape answers."""
+        """A request to `replica` got no answer: no more requests go there until a scrape
+        answers."""
         if replica.reachable:
             log.warning("replica %s did not answer; out of placement until it does", replica.name)
         replica.reachable = False
         self.metrics.replica_up.labels(replica.name).set(0)
 
     def fail_over(self, tried: Iterable[str]) -> bool:
-        """Whether a request that got no answer from the replicas `tried` may go to another one (counted)."""
+        """Whether a request that got no answer from the replicas `tried` may go to another one
+        (counted)."""
         excluded = set(tried)
         if not any(replica.routable for replica in self.replicas if replica.name not in excluded):
             return False
@@ -227,8 +276,9 @@ class Fleet:
         return True
 
     async def preload(self, digests: Iterable[str]) -> None:
-        """Register adapters a catalog change is about to use, each on the replica that will serve it (a failed
-        load changes nothing); with every replica down they are registered on demand instead."""
+        """Register adapters a catalog change is about to use, each on the replica that will
+        serve it (a failed load changes nothing); with every replica down they are registered on
+        demand instead."""
         if self.up:
             for digest in digests:
                 await self.client_for(digest).ensure_loaded(digest)
@@ -238,7 +288,8 @@ class Fleet:
             await replica.client.unload(digest)
 
     async def register_home(self, replica: EngineReplica, digests: Iterable[str]) -> None:
-        """After a replica (re)starts: register the adapters whose home it is (the others load on demand)."""
+        """After a replica (re)starts: register the adapters whose home it is (the others load on
+        demand)."""
         for digest in sorted(digests):
             if len(self.replicas) == 1 or self.home(digest) == replica.name:
                 await replica.client.ensure_loaded(digest)
@@ -249,7 +300,8 @@ class Fleet:
         return all(replica.supervisor.serves_rank(rank) for replica in self.replicas)
 
     async def fit(self, workload: Workload) -> None:
-        """Every supervised replica takes `workload`'s largest rank (each restarts with a larger one, or 409)."""
+        """Every supervised replica takes `workload`'s largest rank (each restarts with a larger
+        one, or 409)."""
         for replica in self.replicas:
             await replica.supervisor.fit(workload)
 
@@ -258,10 +310,15 @@ class Fleet:
         return max(1, sum(replica.slots for replica in self.replicas))
 
     def status(self) -> dict[str, Any]:
-        """The fleet's state for /admin/engine: the first replica's supervision, and how many are up."""
+        """The fleet's state for /admin/engine: the first replica's supervision, and how many are
+        up."""
         first = self.replicas[0].supervisor.status() if self.replicas else {}
-        return {**first, "engine_state": self.state, "replicas": len(self.replicas),
-                "replicas_up": sum(replica.routable for replica in self.replicas)}
+        return {
+            **first,
+            "engine_state": self.state,
+            "replicas": len(self.replicas),
+            "replicas_up": sum(replica.routable for replica in self.replicas),
+        }
 
     def describe(self) -> list[dict[str, Any]]:
         return [replica.describe() for replica in sorted(self.replicas, key=lambda r: r.name)]
@@ -275,7 +332,9 @@ class Fleet:
             await replica.supervisor.start()
         self._tasks.append(asyncio.create_task(self._scrape_forever(), name="fleet-scrape"))
         if self.settings.engines:
-            self._tasks.append(asyncio.create_task(self._discover_forever(), name="fleet-discovery"))
+            self._tasks.append(
+                asyncio.create_task(self._discover_forever(), name="fleet-discovery")
+            )
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -291,8 +350,8 @@ class Fleet:
             await asyncio.sleep(self.settings.fleet_scrape_s)
 
     async def _scrape(self, replica: EngineReplica) -> None:
-        """One read of the replica's queue and adapters. A refused connection takes it out of placement; a slow
-        answer (a busy engine) changes nothing."""
+        """One read of the replica's queue and adapters. A refused connection takes it out of
+        placement; a slow answer (a busy engine) changes nothing."""
         http = replica.client.http
         ours = replica.in_flight  # when the engine's numbers are taken
         try:
@@ -307,8 +366,9 @@ class Fleet:
             return
         try:
             replica.running, replica.waiting, node = parse_engine_metrics(metrics.text)
-            replica.registered = frozenset(card["id"] for card in models.json().get("data", [])
-                                           if card.get("parent"))
+            replica.registered = frozenset(
+                card["id"] for card in models.json().get("data", []) if card.get("parent")
+            )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("replica %s: unreadable metrics (%s)", replica.name, exc)
             return
@@ -321,7 +381,9 @@ class Fleet:
         self.metrics.replica_up.labels(replica.name).set(1 if replica.routable else 0)
         self.metrics.replica_requests.labels(replica.name, "running").set(replica.running)
         self.metrics.replica_requests.labels(replica.name, "waiting").set(replica.waiting)
-        self.metrics.replica_adapters.labels(replica.name).set(len(replica.registered | replica.client.loaded))
+        self.metrics.replica_adapters.labels(replica.name).set(
+            len(replica.registered | replica.client.loaded)
+        )
 
     async def _discover_forever(self) -> None:
         while True:
@@ -332,18 +394,23 @@ class Fleet:
                 log.exception("resolving the engine nodes failed")
 
     async def _discover(self) -> None:
-        """Every address of every `engines` URL is a replica: new ones join, vanished ones leave. A name that does
-        not resolve now keeps the replicas it had (a DNS blip is not a fleet change)."""
+        """Every address of every `engines` URL is a replica: new ones join, vanished ones leave.
+        A name that does not resolve now keeps the replicas it had (a DNS blip is not a fleet
+        change)."""
         assert self._new_node is not None
         found: dict[str, tuple[str, str]] = {}  # name (address:port) -> its URL, the configured URL
         for source in self.settings.engines:
             parts = urlsplit(source)
             port = parts.port or (443 if parts.scheme == "https" else 80)
             try:
-                infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+                infos = await asyncio.get_running_loop().getaddrinfo(
+                    parts.hostname, port, type=socket.SOCK_STREAM
+                )
             except socket.gaierror as exc:
                 log.warning("engine %s does not resolve (%s); keeping its replicas", source, exc)
-                found |= {r.name: (r.client.url, source) for r in self.replicas if r.source == source}
+                found |= {
+                    r.name: (r.client.url, source) for r in self.replicas if r.source == source
+                }
                 continue
             for *_, address in infos:
                 ip = str(address[0])
@@ -367,41 +434,72 @@ class Fleet:
                 await replica.supervisor.start()
 
 
-def open_fleet(settings: Settings, store: AdapterStore, metrics: Metrics, hardware: Hardware,
-               quantization: Quantization, sizing: EngineSizing, deployed: Callable[[], Awaitable[set[str]]]) -> Fleet:
-    """The replicas these settings name, each registering its share of `deployed()` adapters when it starts."""
+def open_fleet(
+    settings: Settings,
+    store: AdapterStore,
+    metrics: Metrics,
+    hardware: Hardware,
+    quantization: Quantization,
+    sizing: EngineSizing,
+    deployed: Callable[[], Awaitable[set[str]]],
+) -> Fleet:
+    """The replicas these settings name, each registering its share of `deployed()` adapters when
+    it starts."""
     token = settings.engine_api_key.get_secret_value() if settings.engine_api_key else ""
     private = (settings.home, settings.base)
     logs = settings.home / "logs"
     fleet: Fleet
 
-    def replica(name: str, kind: str, client: EngineClient, log_path: Path,
-                env: dict[str, str] | None = None) -> EngineReplica:
+    def replica(
+        name: str,
+        kind: str,
+        client: EngineClient,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+    ) -> EngineReplica:
         async def on_ready() -> None:
             await fleet.register_home(this, await deployed())
 
-        supervisor = EngineSupervisor(settings, client, metrics, log_path, hardware, quantization, sizing,
-                                      on_ready=on_ready, attached=kind != "supervised", env=env)
+        supervisor = EngineSupervisor(
+            settings,
+            client,
+            metrics,
+            log_path,
+            hardware,
+            quantization,
+            sizing,
+            on_ready=on_ready,
+            attached=kind != "supervised",
+            env=env,
+        )
         this = EngineReplica(name, kind, client, supervisor)
         return this
 
     def node(name: str, url: str) -> EngineReplica:
-        client = EngineClient(store, metrics, url=url, token=token, private_paths=private, by_digest=True)
+        client = EngineClient(
+            store, metrics, url=url, token=token, private_paths=private, by_digest=True
+        )
         return replica(name, "node", client, logs / "engine.log")
 
     if settings.engines:
         fleet = Fleet(settings, metrics, [], new_node=node)
         return fleet
     if settings.engine_url:
-        client = EngineClient(store, metrics, url=settings.engine_url, token=token, private_paths=private)
-        fleet = Fleet(settings, metrics, [replica("engine-0", "attached", client, logs / "engine.log")])
+        client = EngineClient(
+            store, metrics, url=settings.engine_url, token=token, private_paths=private
+        )
+        fleet = Fleet(
+            settings, metrics, [replica("engine-0", "attached", client, logs / "engine.log")]
+        )
         return fleet
     members = []
     for i in range(settings.replicas):
         port = settings.engine_port + i if settings.engine_port else 0
         client = EngineClient(store, metrics, port, token=token, private_paths=private)
         log_path = logs / ("engine.log" if settings.replicas == 1 else f"engine-{i}.log")
-        members.append(replica(f"engine-{i}", "supervised", client, log_path, _gpu_env(i, settings, hardware)))
+        members.append(
+            replica(f"engine-{i}", "supervised", client, log_path, _gpu_env(i, settings, hardware))
+        )
     fleet = Fleet(settings, metrics, members)
     return fleet
 

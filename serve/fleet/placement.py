@@ -1,15 +1,18 @@
-"""Which replica serves a request for adapter `digest`: pure routing policies over replica snapshots.
+"""Which replica serves a request for adapter `digest`: pure routing policies over replica
+snapshots.
 
-A gateway (or `loadtests/sim_fleet.py`) takes a snapshot of every replica (`Replica`: requests running and
-waiting, adapters resident in its GPU slots, up or not) and asks a policy for a `Placement`. Policies do no I/O
-and read no clock; the only state they keep is a hash ring, rebuilt when the set of replica names changes.
+A gateway (or `loadtests/sim_fleet.py`) takes a snapshot of every replica (`Replica`: requests
+running and waiting, adapters resident in its GPU slots, up or not) and asks a policy for a
+`Placement`. Policies do no I/O and read no clock; the only state they keep is a hash ring, rebuilt
+when the set of replica names changes.
 
 - `RandomPolicy`          any up replica, uniformly (seeded)
 - `LeastLoadedPolicy`     the up replica with the fewest running + waiting requests
-- `AffinityPolicy`        consistent hashing of the digest on a ring with virtual nodes (no load bound)
-- `BoundedAffinityPolicy` consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam 2018,
-  "Consistent Hashing with Bounded Loads", as in HAProxy's `hash-balance-factor` and Vimeo's use): walk the
-  ring from the digest's point, take the first up replica whose load is under
+- `AffinityPolicy`        consistent hashing of the digest on a ring with virtual nodes (no load
+                          bound)
+- `BoundedAffinityPolicy` consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam
+  2018, "Consistent Hashing with Bounded Loads", as in HAProxy's `hash-balance-factor` and Vimeo's
+  use): walk the ring from the digest's point, take the first up replica whose load is under
   `ceil(load_factor * (total load + 1) / n_up)`
 
 Errors: `NoReplicaUp` (a `lorafleet.adapters.errors.ServiceUnavailable`, 503) when no replica is up.
@@ -27,20 +30,32 @@ from typing import Protocol
 
 from lorafleet.adapters.errors import ServiceUnavailable
 
-__all__ = ["POLICIES", "AffinityPolicy", "BoundedAffinityPolicy", "HashRing", "LeastLoadedPolicy", "NoReplicaUp",
-           "Placement", "PlacementPolicy", "RandomPolicy", "Replica", "load_bound", "make_policy"]
+__all__ = [
+    "POLICIES",
+    "AffinityPolicy",
+    "BoundedAffinityPolicy",
+    "HashRing",
+    "LeastLoadedPolicy",
+    "NoReplicaUp",
+    "Placement",
+    "PlacementPolicy",
+    "RandomPolicy",
+    "Replica",
+    "load_bound",
+    "make_policy",
+]
 
 # Placement reasons (CamelCase, as conditions elsewhere in lorafleet).
-HOME = "Home"                  # the digest's first up replica on the ring
-LOADED = "AdapterLoaded"       # a ring candidate that already has the adapter in a GPU slot
-OVER_BOUND = "HomeOverBound"   # the home replica was at its load bound: the walk went on
-HOME_DOWN = "HomeDown"         # only for policies without a bound: the first ring replica was down
+HOME = "Home"  # the digest's first up replica on the ring
+LOADED = "AdapterLoaded"  # a ring candidate that already has the adapter in a GPU slot
+OVER_BOUND = "HomeOverBound"  # the home replica was at its load bound: the walk went on
+HOME_DOWN = "HomeDown"  # only for policies without a bound: the first ring replica was down
 RANDOM = "Random"
 LEAST_LOADED = "LeastLoaded"
 
 DEFAULT_VNODES = 100
-DEFAULT_LOAD_FACTOR = 1.25     # c in the paper; HAProxy's hash-balance-factor 125
-DEFAULT_LOADED_WINDOW = 2      # how many up ring candidates the loaded preference looks at
+DEFAULT_LOAD_FACTOR = 1.25  # c in the paper; HAProxy's hash-balance-factor 125
+DEFAULT_LOADED_WINDOW = 2  # how many up ring candidates the loaded preference looks at
 
 
 @dataclass(frozen=True)
@@ -84,7 +99,8 @@ def _point(key: str) -> int:
 
 
 class HashRing:
-    """A consistent-hash ring of replica names, each at `vnodes` points; build once per replica-set change."""
+    """A consistent-hash ring of replica names, each at `vnodes` points; build once per
+    replica-set change."""
 
     def __init__(self, names: Sequence[str], vnodes: int = DEFAULT_VNODES) -> None:
         if vnodes < 1:
@@ -150,7 +166,8 @@ class RandomPolicy:
 
 
 class LeastLoadedPolicy:
-    """The up replica with the lowest running + waiting; ties go to one with the adapter loaded, then by name."""
+    """The up replica with the lowest running + waiting; ties go to one with the adapter loaded,
+    then by name."""
 
     name = "least_loaded"
 
@@ -163,7 +180,9 @@ class LeastLoadedPolicy:
 class _RingPolicy:
     """Shared by the hashing policies: a ring cached per replica-name set."""
 
-    def __init__(self, vnodes: int = DEFAULT_VNODES, loaded_window: int = DEFAULT_LOADED_WINDOW) -> None:
+    def __init__(
+        self, vnodes: int = DEFAULT_VNODES, loaded_window: int = DEFAULT_LOADED_WINDOW
+    ) -> None:
         if loaded_window < 1:
             raise ValueError(f"loaded_window must be at least 1, got {loaded_window}")
         self.vnodes = vnodes
@@ -187,8 +206,8 @@ class _RingPolicy:
 class AffinityPolicy(_RingPolicy):
     """Pure consistent hashing: the digest's first up replica on the ring, whatever its load.
 
-    Loaded preference: among the first `loaded_window` up replicas on the walk, the first that has the
-    adapter loaded wins; else the first up replica (the home).
+    Loaded preference: among the first `loaded_window` up replicas on the walk, the first that has
+    the adapter loaded wins; else the first up replica (the home).
     """
 
     name = "affinity"
@@ -207,30 +226,37 @@ class AffinityPolicy(_RingPolicy):
 class BoundedAffinityPolicy(_RingPolicy):
     """Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam 2018).
 
-    bound = ceil(load_factor * (total load of the up replicas + 1) / number of up replicas); a replica is
-    "under the bound" while its running + waiting is below it. Down replicas are skipped at once and count in
-    neither the total nor the number. The walk goes clockwise from the digest's point:
+    bound = ceil(load_factor * (total load of the up replicas + 1) / number of up replicas); a
+    replica is "under the bound" while its running + waiting is below it. Down replicas are skipped
+    at once and count in neither the total nor the number. The walk goes clockwise from the digest's
+    point:
 
-    1. Among the first `loaded_window` up replicas on the walk (default 2), the first one that is under the
-       bound AND has the adapter loaded wins (reason `AdapterLoaded`).
-    2. Otherwise the first up replica on the whole walk that is under the bound wins (`Home` if it is the
-       first up replica, `HomeOverBound` if the walk passed replicas at the bound).
+    1. Among the first `loaded_window` up replicas on the walk (default 2), the first one that is
+       under the bound AND has the adapter loaded wins (reason `AdapterLoaded`).
+    2. Otherwise the first up replica on the whole walk that is under the bound wins (`Home` if it
+       is the first up replica, `HomeOverBound` if the walk passed replicas at the bound).
 
-    `spilled` is true exactly when the first up replica on the walk (the home) was at or over the bound. Some
-    replica is always under it: the bound exceeds the mean load, so the least-loaded replica is below it.
+    `spilled` is true exactly when the first up replica on the walk (the home) was at or over the
+    bound. Some replica is always under it: the bound exceeds the mean load, so the least-loaded
+    replica is below it.
     """
 
     name = "bounded_affinity"
 
-    def __init__(self, load_factor: float = DEFAULT_LOAD_FACTOR, vnodes: int = DEFAULT_VNODES,
-                 loaded_window: int = DEFAULT_LOADED_WINDOW) -> None:
+    def __init__(
+        self,
+        load_factor: float = DEFAULT_LOAD_FACTOR,
+        vnodes: int = DEFAULT_VNODES,
+        loaded_window: int = DEFAULT_LOADED_WINDOW,
+    ) -> None:
         if load_factor < 1.0:
             raise ValueError(f"load_factor must be at least 1.0, got {load_factor}")
         super().__init__(vnodes, loaded_window)
         self.load_factor = load_factor
 
     def place(self, digest: str, replicas: Sequence[Replica]) -> Placement:
-        """The first ring candidate under the load bound, a loaded one among the first few preferred."""
+        """The first ring candidate under the load bound, a loaded one among the first few
+        preferred."""
         candidates = self._candidates(digest, replicas)
         bound = load_bound(sum(r.load for r in candidates), len(candidates), self.load_factor)
         spilled = candidates[0].load >= bound
@@ -239,15 +265,22 @@ class BoundedAffinityPolicy(_RingPolicy):
                 return Placement(replica.name, spilled=spilled, reason=LOADED)
         for replica in candidates:
             if replica.load < bound:
-                return Placement(replica.name, spilled=spilled, reason=OVER_BOUND if spilled else HOME)
+                return Placement(
+                    replica.name, spilled=spilled, reason=OVER_BOUND if spilled else HOME
+                )
         raise AssertionError("unreachable: the least-loaded replica is always under the bound")
 
 
 POLICIES = ("random", "least_loaded", "affinity", "bounded_affinity")
 
 
-def make_policy(name: str, *, seed: int = 0, load_factor: float = DEFAULT_LOAD_FACTOR,
-                vnodes: int = DEFAULT_VNODES) -> PlacementPolicy:
+def make_policy(
+    name: str,
+    *,
+    seed: int = 0,
+    load_factor: float = DEFAULT_LOAD_FACTOR,
+    vnodes: int = DEFAULT_VNODES,
+) -> PlacementPolicy:
     """A policy by its name (one of `POLICIES`)."""
     match name:
         case "random":

@@ -1,6 +1,6 @@
-"""The validation gate of a canary rollout: before any traffic, the stable and the candidate version answer
-the deployment's validation set (greedy, through the engine) and the candidate must be non-inferior on the
-same items (`paired_gate`)."""
+"""The validation gate of a canary rollout: before any traffic, the stable and the candidate
+version answer the deployment's validation set (greedy, through the engine) and the candidate
+must be non-inferior on the same items (`paired_gate`)."""
 
 from __future__ import annotations
 
@@ -14,15 +14,35 @@ __all__ = ["run_gate", "MAX_DISAGREEMENTS"]
 MAX_DISAGREEMENTS = 20  # items where the two versions scored differently, kept as evidence
 
 
-async def run_gate(engine: Engines, items: list[ValidationItem], metric: str, stable_digest: str,
-                   candidate_digest: str, params: RolloutStart) -> tuple[Measurement, dict]:
+async def run_gate(
+    engine: Engines,
+    items: list[ValidationItem],
+    metric: str,
+    stable_digest: str,
+    candidate_digest: str,
+    params: RolloutStart,
+) -> tuple[Measurement, dict]:
     """The gate's measurement and its evidence (per-item scores and the first disagreements)."""
     stable = await replay_and_score(engine, stable_digest, items, metric, params.gate_max_tokens)
-    candidate = await replay_and_score(engine, candidate_digest, items, metric, params.gate_max_tokens)
+    candidate = await replay_and_score(
+        engine, candidate_digest, items, metric, params.gate_max_tokens
+    )
     measurement = await paired_test(stable.scores, candidate.scores, params.margin, params.alpha)
-    disagreements = [{"item": i, "stable": stable.outputs[i][:200], "candidate": candidate.outputs[i][:200],
-                      "answer": items[i].answer[:200]}
-                     for i in range(len(items)) if stable.scores[i] != candidate.scores[i]][:MAX_DISAGREEMENTS]
-    evidence = {"metric": metric, "items": len(items), "stable_scores": stable.scores,
-                "candidate_scores": candidate.scores, "disagreements": disagreements}
+    disagreements = [
+        {
+            "item": i,
+            "stable": stable.outputs[i][:200],
+            "candidate": candidate.outputs[i][:200],
+            "answer": items[i].answer[:200],
+        }
+        for i in range(len(items))
+        if stable.scores[i] != candidate.scores[i]
+    ][:MAX_DISAGREEMENTS]
+    evidence = {
+        "metric": metric,
+        "items": len(items),
+        "stable_scores": stable.scores,
+        "candidate_scores": candidate.scores,
+        "disagreements": disagreements,
+    }
     return measurement, evidence

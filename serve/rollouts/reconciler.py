@@ -1,11 +1,12 @@
 """The rollout controller: one idempotent reconcile per active rollout per tick, under a lease.
 
-Each tick: flush this gateway's request samples to the catalog, then for every active rollout take (or
-renew) its lease (a conditional UPDATE: the owner, or anyone once it expired), read a snapshot, decide with
-pure code (`state.plan_tick`, `statistics.paired_gate`), and write the outcome once, checking that the row has
-not changed since the snapshot. A restarted gateway resumes from the catalog; a second gateway waits for the
-lease, so two processes never both act on one rollout. A validation gate runs as a task of its own (renewing
-its lease), so a long gate never holds up the other rollouts' ticks.
+Each tick: flush this gateway's request samples to the catalog, then for every active rollout take
+(or renew) its lease (a conditional UPDATE: the owner, or anyone once it expired), read a snapshot,
+decide with pure code (`state.plan_tick`, `statistics.paired_gate`), and write the outcome once,
+checking that the row has not changed since the snapshot. A restarted gateway resumes from the
+catalog; a second gateway waits for the lease, so two processes never both act on one rollout. A
+validation gate runs as a task of its own (renewing its lease), so a long gate never holds up the
+other rollouts' ticks.
 """
 
 from __future__ import annotations
@@ -60,12 +61,14 @@ def new_gateway_id() -> str:
 
 
 class SampleBuffer:
-    """Request samples of rollouts, kept in memory until the next flush (bounded: the oldest are dropped)."""
+    """Request samples of rollouts, kept in memory until the next flush (bounded: the oldest are
+    dropped)."""
 
     def __init__(self, max_pending: int = 100_000) -> None:
         self.max_pending = max_pending
         self._pending: deque[dict] = deque()
-        self._lock = threading.Lock()  # requests add on the event loop, the flush drains in a worker thread
+        # requests add on the event loop, the flush drains in a worker thread
+        self._lock = threading.Lock()
 
     def add(self, row: dict) -> None:
         with self._lock:
@@ -96,9 +99,22 @@ class _Snapshot:
 class RolloutController:
     """Reconciles every active rollout of the catalog that this gateway holds the lease of."""
 
-    def __init__(self, sessions: sessionmaker, engine: Engines, validation_store: BlobStorage, metrics: Metrics,
-                 owner: str, tick_s: float, lease_s: float) -> None:
-        self.sessions, self.engine, self.validation_store, self.metrics = sessions, engine, validation_store, metrics
+    def __init__(
+        self,
+        sessions: sessionmaker,
+        engine: Engines,
+        validation_store: BlobStorage,
+        metrics: Metrics,
+        owner: str,
+        tick_s: float,
+        lease_s: float,
+    ) -> None:
+        self.sessions, self.engine, self.validation_store, self.metrics = (
+            sessions,
+            engine,
+            validation_store,
+            metrics,
+        )
         self.owner, self.tick_s, self.lease_s = owner, tick_s, lease_s
         self.samples = SampleBuffer()
         self._gates: dict[int, asyncio.Task] = {}  # rollout id -> its running validation gate
@@ -136,13 +152,23 @@ class RolloutController:
             if tick is None:
                 return
             canary_requests = snap.samples["canary"].requests if "canary" in snap.samples else 0
-            if await self._write(snap, lambda s, r: apply_tick(s, r, tick, canary_requests, self.actor, time.time())):
+            if await self._write(
+                snap, lambda s, r: apply_tick(s, r, tick, canary_requests, self.actor, time.time())
+            ):
                 self._export_tick(snap, tick)
-                log.info("rollout %s (%s/%s): %s %s: %s", rollout_id, snap.tenant, snap.deployment, tick.action,
-                         tick.reason, tick.message)
+                log.info(
+                    "rollout %s (%s/%s): %s %s: %s",
+                    rollout_id,
+                    snap.tenant,
+                    snap.deployment,
+                    tick.action,
+                    tick.reason,
+                    tick.message,
+                )
 
     def _start_gate(self, snap: _Snapshot) -> None:
-        """Run the rollout's gate in a task of its own, unless it already runs or the engine is down."""
+        """Run the rollout's gate in a task of its own, unless it already runs or the engine is
+        down."""
         running = self._gates.get(snap.id)
         if running is not None and not running.done():
             return
@@ -161,32 +187,50 @@ class RolloutController:
                 return
             except Exception as exc:  # noqa: BLE001 - a gate that cannot run refuses, with the reason
                 log.exception("rollout %s: the gate failed", snap.id)
-                measurement = Measurement("validation", "gate", Status.ERROR, GATE_ERROR,
-                                          f"the gate could not run: {type(exc).__name__}: {exc}")
+                measurement = Measurement(
+                    "validation",
+                    "gate",
+                    Status.ERROR,
+                    GATE_ERROR,
+                    f"the gate could not run: {type(exc).__name__}: {exc}",
+                )
                 evidence = {}
             log.info("rollout %s gate: %s", snap.id, measurement.message)
-            await self._write(snap, lambda s, r: apply_gate(s, r, measurement, evidence, self.actor, time.time()))
-        finally:  # only now may a tick start another gate of this rollout (if this one did not decide)
+            await self._write(
+                snap, lambda s, r: apply_gate(s, r, measurement, evidence, self.actor, time.time())
+            )
+        # only now may a tick start another gate of this rollout (if this one did not decide)
+        finally:
             self._gates.pop(snap.id, None)
 
     async def _measure_gate(self, snap: _Snapshot) -> tuple[Measurement, dict]:
-        assert snap.view is not None and snap.validation_digest is not None and snap.metric is not None
-        items = read_items(await run_in_threadpool(self.validation_store.read, snap.validation_digest))
+        assert (
+            snap.view is not None and snap.validation_digest is not None and snap.metric is not None
+        )
+        items = read_items(
+            await run_in_threadpool(self.validation_store.read, snap.validation_digest)
+        )
         canary, stable = snap.variants
-        return await run_gate(self.engine, items, snap.metric, stable["digest"], canary["digest"], snap.view.params)
+        return await run_gate(
+            self.engine, items, snap.metric, stable["digest"], canary["digest"], snap.view.params
+        )
 
     async def stop(self) -> None:
-        """At shutdown: cancel running gates (another gateway reruns them), save samples, give up the leases."""
+        """At shutdown: cancel running gates (another gateway reruns them), save samples, give up
+        the leases."""
         for task in list(self._gates.values()):
             task.cancel()
         await asyncio.gather(*self._gates.values(), return_exceptions=True)
         await run_in_threadpool(self.release)
 
     def release(self) -> None:
-        """Save pending samples and give up our leases (at shutdown), so another gateway takes over at once."""
+        """Save pending samples and give up our leases (at shutdown), so another gateway takes
+        over at once."""
         self._flush()
         with self.sessions() as session:
-            session.execute(update(Rollout).where(Rollout.lease_owner == self.owner).values(lease_expires=0.0))
+            session.execute(
+                update(Rollout).where(Rollout.lease_owner == self.owner).values(lease_expires=0.0)
+            )
             session.commit()
 
     # --- database steps (run in the thread pool) ---
@@ -206,11 +250,19 @@ class RolloutController:
         now = time.time()
         with self.sessions() as session:
             result = session.execute(
-                update(Rollout).where(Rollout.id == rollout_id, Rollout.phase.in_(list(ACTIVE)),
-                                      or_(Rollout.lease_owner == self.owner, Rollout.lease_owner.is_(None),
-                                          Rollout.lease_expires < now))
+                update(Rollout)
+                .where(
+                    Rollout.id == rollout_id,
+                    Rollout.phase.in_(list(ACTIVE)),
+                    or_(
+                        Rollout.lease_owner == self.owner,
+                        Rollout.lease_owner.is_(None),
+                        Rollout.lease_expires < now,
+                    ),
+                )
                 .values(lease_owner=self.owner, lease_expires=now + self.lease_s)
-                .execution_options(synchronize_session=False))
+                .execution_options(synchronize_session=False)
+            )
             session.commit()
             return result.rowcount == 1
 
@@ -223,24 +275,49 @@ class RolloutController:
             tenant = session.get(Tenant, deployment.tenant_id).name
             view, samples = None, {}
             if rollout.kind == "canary":
-                view = CanaryView(rollout.step_index, rollout.steps, rollout.looks, rollout.step_started_at,
-                                  rollout.last_look_at, rollout.last_look_requests,
-                                  RolloutStart.model_validate(rollout.params))
-                if rollout.phase == Phase.PROGRESSING:  # this step's requests, the whole rollout's feedback
-                    samples = with_feedback(step_samples(session, rollout.id, rollout.step_index),
-                                            rollout_feedback(session, rollout.id))
+                view = CanaryView(
+                    rollout.step_index,
+                    rollout.steps,
+                    rollout.looks,
+                    rollout.step_started_at,
+                    rollout.last_look_at,
+                    rollout.last_look_requests,
+                    RolloutStart.model_validate(rollout.params),
+                )
+                # this step's requests, the whole rollout's feedback
+                if rollout.phase == Phase.PROGRESSING:
+                    samples = with_feedback(
+                        step_samples(session, rollout.id, rollout.step_index),
+                        rollout_feedback(session, rollout.id),
+                    )
             validation = deployment.validation_set
-            return _Snapshot(rollout.id, rollout.revision, rollout.phase, tenant, deployment.name, view, samples,
-                             rollout.variants, validation.digest if validation else None,
-                             validation.metric if validation else None)
+            return _Snapshot(
+                rollout.id,
+                rollout.revision,
+                rollout.phase,
+                tenant,
+                deployment.name,
+                view,
+                samples,
+                rollout.variants,
+                validation.digest if validation else None,
+                validation.metric if validation else None,
+            )
 
     async def _write(self, snap: _Snapshot, change: Callable[[Session, Rollout], None]) -> bool:
         """Apply `change` once, only if the rollout is still the one the decision was made on."""
+
         def write() -> bool:
             with self.sessions() as session:
                 rollout = session.get(Rollout, snap.id)
-                if rollout is None or rollout.revision != snap.revision or rollout.lease_owner != self.owner:
-                    log.info("rollout %s changed during the tick; deciding again next tick", snap.id)
+                if (
+                    rollout is None
+                    or rollout.revision != snap.revision
+                    or rollout.lease_owner != self.owner
+                ):
+                    log.info(
+                        "rollout %s changed during the tick; deciding again next tick", snap.id
+                    )
                     return False
                 try:
                     change(session, rollout)
@@ -255,6 +332,7 @@ class RolloutController:
     @contextlib.asynccontextmanager
     async def _holding(self, rollout_id: int) -> AsyncIterator[None]:
         """Keep renewing the lease while a long step (the gate) runs."""
+
         async def renew() -> None:
             while True:
                 await asyncio.sleep(self.lease_s / 3)
@@ -271,7 +349,9 @@ class RolloutController:
     def _export(self, snap: _Snapshot) -> None:
         m = self.metrics
         for phase in Phase:
-            m.rollout_phase.labels(snap.tenant, snap.deployment, phase.value).set(float(phase == snap.phase))
+            m.rollout_phase.labels(snap.tenant, snap.deployment, phase.value).set(
+                float(phase == snap.phase)
+            )
         if snap.view is not None:
             weight = snap.view.steps[snap.view.step_index] if snap.view.step_index >= 0 else 0.0
             m.rollout_step.labels(snap.tenant, snap.deployment).set(snap.view.step_index)
@@ -283,21 +363,29 @@ class RolloutController:
                 self.metrics.rollout_srm_p.labels(snap.tenant, snap.deployment).set(measurement.p)
 
     def _export_decisions(self) -> None:
-        """Count every decision recorded since the last tick (the controller's and users' commands alike) and
-        set the phase gauge of its rollout, so that aborts and rollbacks reach the alert rules."""
+        """Count every decision recorded since the last tick (the controller's and users'
+        commands alike) and set the phase gauge of its rollout, so that aborts and rollbacks
+        reach the alert rules."""
         m = self.metrics
         with self.sessions() as session:
-            if self._last_decision is None:  # at start: count from now on, not the catalog's history
+            # at start: count from now on, not the catalog's history
+            if self._last_decision is None:
                 self._last_decision = session.scalar(select(func.max(Decision.id))) or 0
                 return
-            query = (select(Decision, Deployment.name, Tenant.name).join(Deployment, Deployment.id ==
-                                                                         Decision.deployment_id)
-                     .join(Tenant, Tenant.id == Deployment.tenant_id).where(Decision.id > self._last_decision)
-                     .order_by(Decision.id))
+            query = (
+                select(Decision, Deployment.name, Tenant.name)
+                .join(Deployment, Deployment.id == Decision.deployment_id)
+                .join(Tenant, Tenant.id == Deployment.tenant_id)
+                .where(Decision.id > self._last_decision)
+                .order_by(Decision.id)
+            )
             for decision, deployment, tenant in session.execute(query):
-                m.rollout_decisions.labels(tenant, deployment, decision.action, decision.reason).inc()
+                m.rollout_decisions.labels(
+                    tenant, deployment, decision.action, decision.reason
+                ).inc()
                 if decision.rollout is not None:
                     for phase in Phase:
                         m.rollout_phase.labels(tenant, deployment, phase.value).set(
-                            float(phase == decision.rollout.phase))
+                            float(phase == decision.rollout.phase)
+                        )
                 self._last_decision = decision.id

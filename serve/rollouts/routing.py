@@ -1,8 +1,9 @@
 """Sticky, monotone traffic assignment: which variant of a deployment serves one request.
 
-bucket = sha256(salt | tenant | deployment | unit) mod 10,000. Variants own consecutive bucket ranges in
-table order, sized by their weights; a canary is listed first, so raising its weight only extends its range
-and a unit never flips back and forth. A new rollout has a new salt, so it reshuffles units.
+bucket = sha256(salt | tenant | deployment | unit) mod 10,000. Variants own consecutive bucket
+ranges in table order, sized by their weights; a canary is listed first, so raising its weight only
+extends its range and a unit never flips back and forth. A new rollout has a new salt, so it
+reshuffles units.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def bucket_of(salt: str, tenant: str, deployment: str, unit: str) -> int:
 
 
 def unit_of(body: Mapping, headers: Mapping[str, str]) -> str:
-    """The unit of assignment: the request's `user`, else the `x-lorafleet-session` header, else the request."""
+    """The unit of assignment: the request's `user`, else the `x-lorafleet-session` header, else
+    the request."""
     user = body.get("user")
     if isinstance(user, str) and user:
         return "user:" + user

@@ -1,10 +1,11 @@
-"""Canary rollouts and A/B tests of a deployment: the state machine, its commands, and the per-tick plan.
+"""Canary rollouts and A/B tests of a deployment: the state machine, its commands, and the per-tick
+plan.
 
-Phases: Gating -> Progressing <-> Paused -> Promoted | RolledBack | Aborted, or Gating -> GateRefused;
-A/B tests: Running -> Stopped. Every transition writes a Decision row with its reason and numbers. The
-deployment row points at its one active rollout (`rollout_id`), claimed by a conditional UPDATE so two
-starts can never both succeed; rollout rows carry a revision, so a stale write (a user's abort racing the
-controller's advance) fails instead of overwriting.
+Phases: Gating -> Progressing <-> Paused -> Promoted | RolledBack | Aborted, or Gating ->
+GateRefused; A/B tests: Running -> Stopped. Every transition writes a Decision row with its reason
+and numbers. The deployment row points at its one active rollout (`rollout_id`), claimed by a
+conditional UPDATE so two starts can never both succeed; rollout rows carry a revision, so a stale
+write (a user's abort racing the controller's advance) fails instead of overwriting.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.orm import Session
 
-from lorafleet.adapters.catalog import AdapterVersion, Decision, Deployment, Feedback, Rollout, RolloutSample
+from lorafleet.adapters.catalog import (
+    AdapterVersion,
+    Decision,
+    Deployment,
+    Feedback,
+    Rollout,
+    RolloutSample,
+)
 from lorafleet.adapters.errors import Conflict, InvalidRequest
 from lorafleet.serve.rollouts.routing import Variant, check_weights
 from lorafleet.serve.rollouts.statistics import (
@@ -33,11 +41,35 @@ from lorafleet.serve.rollouts.statistics import (
     assess_step,
 )
 
-__all__ = ["Phase", "ACTIVE", "SERVING", "RolloutStart", "AbStart", "CanaryView", "Tick", "plan_tick", "routing_table",
-           "active_rollout", "serving_rollout",
-           "start_canary", "start_ab", "pause", "resume", "abort", "promote", "undo", "stop_ab", "apply_gate",
-           "apply_tick", "step_samples", "record", "rollout_feedback", "with_feedback", "VariantSignals",
-           "rollout_signals"]
+__all__ = [
+    "Phase",
+    "ACTIVE",
+    "SERVING",
+    "RolloutStart",
+    "AbStart",
+    "CanaryView",
+    "Tick",
+    "plan_tick",
+    "routing_table",
+    "active_rollout",
+    "serving_rollout",
+    "start_canary",
+    "start_ab",
+    "pause",
+    "resume",
+    "abort",
+    "promote",
+    "undo",
+    "stop_ab",
+    "apply_gate",
+    "apply_tick",
+    "step_samples",
+    "record",
+    "rollout_feedback",
+    "with_feedback",
+    "VariantSignals",
+    "rollout_signals",
+]
 
 
 class Phase(StrEnum):
@@ -53,11 +85,22 @@ class Phase(StrEnum):
 
 
 ACTIVE = frozenset({Phase.GATING, Phase.PROGRESSING, Phase.PAUSED, Phase.RUNNING})
-SERVING = frozenset({Phase.PROGRESSING, Phase.PAUSED, Phase.RUNNING})  # the routing table is in effect
+# the routing table is in effect
+SERVING = frozenset({Phase.PROGRESSING, Phase.PAUSED, Phase.RUNNING})
 
 # reasons of the transitions that are not statistical (those live in analysis.py)
-STARTED, GATE_SKIPPED, STEP_ADVANCED, PROMOTED = "RolloutStarted", "GateSkipped", "StepAdvanced", "Promoted"
-MANUAL_PROMOTE, PAUSED, RESUMED, ABORTED = "ManualPromote", "PausedByUser", "ResumedByUser", "AbortedByUser"
+STARTED, GATE_SKIPPED, STEP_ADVANCED, PROMOTED = (
+    "RolloutStarted",
+    "GateSkipped",
+    "StepAdvanced",
+    "Promoted",
+)
+MANUAL_PROMOTE, PAUSED, RESUMED, ABORTED = (
+    "ManualPromote",
+    "PausedByUser",
+    "ResumedByUser",
+    "AbortedByUser",
+)
 UNDONE, AB_STARTED, AB_STOPPED = "UndoToPreviousStable", "AbStarted", "AbStopped"
 
 
@@ -65,9 +108,11 @@ class RolloutStart(BaseModel):
     """`POST /v1/deployments/{name}/rollout`: the candidate and how to roll it out."""
 
     to: str  # NAME, NAME@N or a digest
-    steps: list[float] = Field(default_factory=lambda: [10.0, 25.0, 50.0, 100.0])  # canary weight per step (percent)
+    # canary weight per step (percent)
+    steps: list[float] = Field(default_factory=lambda: [10.0, 25.0, 50.0, 100.0])
     min_requests: int = Field(100, ge=1)  # per variant and step before it may advance
-    interval_s: float = Field(60, gt=0)  # minimum time at each step, and the longest time between looks
+    # minimum time at each step, and the longest time between looks
+    interval_s: float = Field(60, gt=0)
     look_requests: int = Field(25, ge=1)  # a look also happens after this many new canary requests
     margin: float = Field(0.05, ge=0, le=1)  # validation-gate non-inferiority margin (score points)
     gate: bool = True  # False skips the validation-set gate (recorded as GateSkipped)
@@ -76,26 +121,38 @@ class RolloutStart(BaseModel):
     format_margin: float = Field(0.01, ge=0, le=1)
     latency_tolerance: float = Field(0.25, ge=0)
     alpha: float = Field(0.05, gt=0, lt=0.5)
-    # users' feedback over the whole rollout may roll the canary back (off by default: feedback is sparse and
-    # comes late); rollouts started before these existed validate to the defaults
+    # users' feedback over the whole rollout may roll the canary back (off by default: feedback is
+    # sparse and comes late); rollouts started before these existed validate to the defaults
     feedback_rollback: bool = False
     feedback_min: int = Field(30, ge=1)  # feedback values per variant before that test may fail
-    feedback_margin: float = Field(0.05, ge=0, le=1)  # tolerated drop of the mean feedback (on [0, 1])
+    # tolerated drop of the mean feedback (on [0, 1])
+    feedback_margin: float = Field(0.05, ge=0, le=1)
 
     @field_validator("steps")
     @classmethod
     def _steps(cls, steps: list[float]) -> list[float]:
-        if not steps or any(not 0 < s <= 100 for s in steps) or any(b <= a for a, b in zip(steps, steps[1:])):
+        if (
+            not steps
+            or any(not 0 < s <= 100 for s in steps)
+            or any(b <= a for a, b in zip(steps, steps[1:]))
+        ):
             raise ValueError(f"steps must be increasing percents in (0, 100], got {steps}")
         if any(abs(s * 100 - round(s * 100)) > 1e-6 for s in steps):
             raise ValueError("steps have at most two decimals (10,000 buckets)")
-        return steps if steps[-1] == 100 else [*steps, 100.0]  # the rollout promotes after its last step
+        # the rollout promotes after its last step
+        return steps if steps[-1] == 100 else [*steps, 100.0]
 
     def limits(self) -> Limits:
-        return Limits(min_requests=self.min_requests, error_margin=self.error_margin,
-                      format_margin=self.format_margin, latency_tolerance=self.latency_tolerance, alpha=self.alpha,
-                      feedback_rollback=self.feedback_rollback, feedback_min=self.feedback_min,
-                      feedback_margin=self.feedback_margin)
+        return Limits(
+            min_requests=self.min_requests,
+            error_margin=self.error_margin,
+            format_margin=self.format_margin,
+            latency_tolerance=self.latency_tolerance,
+            alpha=self.alpha,
+            feedback_rollback=self.feedback_rollback,
+            feedback_min=self.feedback_min,
+            feedback_margin=self.feedback_margin,
+        )
 
 
 class AbVariant(BaseModel):
@@ -133,23 +190,43 @@ def plan_tick(view: CanaryView, samples: dict[str, VariantSamples], now: float) 
     p = view.params
     candidate, stable = samples.get("canary", EMPTY), samples.get("stable", EMPTY)
     dwell_done = now - view.step_started_at >= p.interval_s
-    due = now - view.last_look_at >= p.interval_s or candidate.requests - view.last_look_requests >= p.look_requests
+    due = (
+        now - view.last_look_at >= p.interval_s
+        or candidate.requests - view.last_look_requests >= p.look_requests
+    )
     if not (due or dwell_done):
         return None
     weight = view.steps[view.step_index]
-    assessment = assess_step(candidate, stable, {"canary": weight, "stable": 100 - weight}, view.looks + 1,
-                             p.limits(), may_advance=dwell_done)
+    assessment = assess_step(
+        candidate,
+        stable,
+        {"canary": weight, "stable": 100 - weight},
+        view.looks + 1,
+        p.limits(),
+        may_advance=dwell_done,
+    )
     if assessment.outcome != "advance":
-        return Tick(assessment.outcome, assessment.reason, assessment.message, assessment.measurements)
+        return Tick(
+            assessment.outcome, assessment.reason, assessment.message, assessment.measurements
+        )
     if view.steps[view.step_index + 1] >= 100:
-        return Tick("promote", PROMOTED, f"last step passed: {assessment.message}", assessment.measurements)
-    return Tick("advance", STEP_ADVANCED, f"{weight:g}% -> {view.steps[view.step_index + 1]:g}%: "
-                f"{assessment.message}", assessment.measurements)
+        return Tick(
+            "promote", PROMOTED, f"last step passed: {assessment.message}", assessment.measurements
+        )
+    return Tick(
+        "advance",
+        STEP_ADVANCED,
+        f"{weight:g}% -> {view.steps[view.step_index + 1]:g}%: {assessment.message}",
+        assessment.measurements,
+    )
 
 
 def active_rollout(session: Session, deployment: Deployment) -> Rollout | None:
-    """The deployment's one active rollout or A/B test (gating, progressing, paused or running), if any."""
-    return session.get(Rollout, deployment.rollout_id) if deployment.rollout_id is not None else None
+    """The deployment's one active rollout or A/B test (gating, progressing, paused or running),
+    if any."""
+    return (
+        session.get(Rollout, deployment.rollout_id) if deployment.rollout_id is not None else None
+    )
 
 
 def serving_rollout(session: Session, deployment: Deployment) -> Rollout | None:
@@ -167,17 +244,40 @@ def _ref(version: AdapterVersion) -> str:
 
 
 def _entry(label: str, version: AdapterVersion, weight: float) -> dict:
-    return {"label": label, "version_id": version.id, "digest": version.digest, "ref": _ref(version),
-            "weight": weight}
+    return {
+        "label": label,
+        "version_id": version.id,
+        "digest": version.digest,
+        "ref": _ref(version),
+        "weight": weight,
+    }
 
 
-def record(session: Session, rollout: Rollout | None, deployment: Deployment, action: str, reason: str,
-           message: str, actor: str, now: float, measurements: Sequence[Measurement] = (),
-           describe: bool = True) -> Decision:
-    """Write a decision; it also becomes the rollout's current reason and message unless `describe` is False."""
-    decision = Decision(deployment_id=deployment.id, rollout=rollout, at=now, action=action, reason=reason,
-                        message=message, step_index=rollout.step_index if rollout else -1, actor=actor,
-                        numbers=[m.to_dict() for m in measurements])
+def record(
+    session: Session,
+    rollout: Rollout | None,
+    deployment: Deployment,
+    action: str,
+    reason: str,
+    message: str,
+    actor: str,
+    now: float,
+    measurements: Sequence[Measurement] = (),
+    describe: bool = True,
+) -> Decision:
+    """Write a decision; it also becomes the rollout's current reason and message unless
+    `describe` is False."""
+    decision = Decision(
+        deployment_id=deployment.id,
+        rollout=rollout,
+        at=now,
+        action=action,
+        reason=reason,
+        message=message,
+        step_index=rollout.step_index if rollout else -1,
+        actor=actor,
+        numbers=[m.to_dict() for m in measurements],
+    )
     session.add(decision)
     if rollout is not None and describe:
         rollout.reason, rollout.message = reason, message
@@ -185,12 +285,19 @@ def record(session: Session, rollout: Rollout | None, deployment: Deployment, ac
 
 
 def _claim(session: Session, deployment: Deployment, rollout: Rollout) -> None:
-    """Point the deployment at `rollout`, unless another rollout got there first (atomic on any database)."""
+    """Point the deployment at `rollout`, unless another rollout got there first (atomic on any
+    database)."""
     session.add(rollout)
     session.flush()
-    claimed = cast(CursorResult, session.execute(update(Deployment).where(Deployment.id == deployment.id,
-                                                       Deployment.rollout_id.is_(None))
-                              .values(rollout_id=rollout.id).execution_options(synchronize_session=False)))
+    claimed = cast(
+        CursorResult,
+        session.execute(
+            update(Deployment)
+            .where(Deployment.id == deployment.id, Deployment.rollout_id.is_(None))
+            .values(rollout_id=rollout.id)
+            .execution_options(synchronize_session=False)
+        ),
+    )
     if claimed.rowcount != 1:
         session.rollback()
         raise _running(deployment)
@@ -198,8 +305,11 @@ def _claim(session: Session, deployment: Deployment, rollout: Rollout) -> None:
 
 
 def _running(deployment: Deployment) -> Conflict:
-    return Conflict(f"a rollout or A/B test is already running on {deployment.name!r}; "
-                    "see `lorafleet rollout status`", code="rollout_running")
+    return Conflict(
+        f"a rollout or A/B test is already running on {deployment.name!r}; "
+        "see `lorafleet rollout status`",
+        code="rollout_running",
+    )
 
 
 def _require_idle(deployment: Deployment) -> None:
@@ -207,32 +317,74 @@ def _require_idle(deployment: Deployment) -> None:
         raise _running(deployment)
 
 
-def start_canary(session: Session, deployment: Deployment, candidate: AdapterVersion, spec: RolloutStart,
-                 actor: str, now: float) -> Rollout:
+def start_canary(
+    session: Session,
+    deployment: Deployment,
+    candidate: AdapterVersion,
+    spec: RolloutStart,
+    actor: str,
+    now: float,
+) -> Rollout:
     _require_idle(deployment)
     if candidate.id == deployment.stable_id:
-        raise InvalidRequest(f"{_ref(candidate)} is already the stable version of {deployment.name!r}",
-                             code="already_stable")
+        raise InvalidRequest(
+            f"{_ref(candidate)} is already the stable version of {deployment.name!r}",
+            code="already_stable",
+        )
     if spec.gate and deployment.validation_set is None:
-        raise InvalidRequest(f"deployment {deployment.name!r} has no validation set for the gate: push one with "
-                             "`lorafleet validation push`, or start with --no-gate", code="no_validation_set")
-    rollout = Rollout(deployment=deployment, kind="canary", phase=Phase.GATING if spec.gate else Phase.PROGRESSING,
-                      salt=secrets.token_hex(8), steps=spec.steps, params=spec.model_dump(),
-                      variants=[_entry("canary", candidate, 0.0), _entry("stable", deployment.stable, 100.0)],
-                      created_by=actor, created_at=now, step_started_at=now, last_look_at=now)
+        raise InvalidRequest(
+            f"deployment {deployment.name!r} has no validation set for the gate: push one with "
+            "`lorafleet validation push`, or start with --no-gate",
+            code="no_validation_set",
+        )
+    rollout = Rollout(
+        deployment=deployment,
+        kind="canary",
+        phase=Phase.GATING if spec.gate else Phase.PROGRESSING,
+        salt=secrets.token_hex(8),
+        steps=spec.steps,
+        params=spec.model_dump(),
+        variants=[_entry("canary", candidate, 0.0), _entry("stable", deployment.stable, 100.0)],
+        created_by=actor,
+        created_at=now,
+        step_started_at=now,
+        last_look_at=now,
+    )
     _claim(session, deployment, rollout)
-    record(session, rollout, deployment, "start", STARTED,
-           f"canary {_ref(candidate)} against stable {_ref(deployment.stable)}, steps "
-           f"{','.join(f'{s:g}' for s in spec.steps)}", actor, now)
+    record(
+        session,
+        rollout,
+        deployment,
+        "start",
+        STARTED,
+        f"canary {_ref(candidate)} against stable {_ref(deployment.stable)}, steps "
+        f"{','.join(f'{s:g}' for s in spec.steps)}",
+        actor,
+        now,
+    )
     if not spec.gate:
-        record(session, rollout, deployment, "gate", GATE_SKIPPED, "the validation-set gate was skipped", actor, now)
+        record(
+            session,
+            rollout,
+            deployment,
+            "gate",
+            GATE_SKIPPED,
+            "the validation-set gate was skipped",
+            actor,
+            now,
+        )
         _set_step(rollout, 0, now)
     session.commit()
     return rollout
 
 
-def start_ab(session: Session, deployment: Deployment, variants: list[tuple[AdapterVersion, float]], actor: str,
-             now: float) -> Rollout:
+def start_ab(
+    session: Session,
+    deployment: Deployment,
+    variants: list[tuple[AdapterVersion, float]],
+    actor: str,
+    now: float,
+) -> Rollout:
     _require_idle(deployment)
     if len(variants) < 2:
         raise InvalidRequest("an A/B test needs at least two variants", code="invalid_variants")
@@ -241,13 +393,34 @@ def start_ab(session: Session, deployment: Deployment, variants: list[tuple[Adap
     except ValueError as exc:
         raise InvalidRequest(str(exc), code="invalid_weights") from exc
     if len({v.id for v, _ in variants}) != len(variants):
-        raise InvalidRequest("each variant must be a different adapter version", code="invalid_variants")
-    rollout = Rollout(deployment=deployment, kind="ab", phase=Phase.RUNNING, salt=secrets.token_hex(8),
-                      variants=[_entry(_ref(v), v, w) for v, w in variants], steps=[], step_index=0,
-                      params={}, created_by=actor, created_at=now, step_started_at=now, last_look_at=now)
+        raise InvalidRequest(
+            "each variant must be a different adapter version", code="invalid_variants"
+        )
+    rollout = Rollout(
+        deployment=deployment,
+        kind="ab",
+        phase=Phase.RUNNING,
+        salt=secrets.token_hex(8),
+        variants=[_entry(_ref(v), v, w) for v, w in variants],
+        steps=[],
+        step_index=0,
+        params={},
+        created_by=actor,
+        created_at=now,
+        step_started_at=now,
+        last_look_at=now,
+    )
     _claim(session, deployment, rollout)
-    record(session, rollout, deployment, "start", AB_STARTED,
-           "A/B " + ", ".join(f"{_ref(v)}={w:g}%" for v, w in variants), actor, now)
+    record(
+        session,
+        rollout,
+        deployment,
+        "start",
+        AB_STARTED,
+        "A/B " + ", ".join(f"{_ref(v)}={w:g}%" for v, w in variants),
+        actor,
+        now,
+    )
     session.commit()
     return rollout
 
@@ -255,46 +428,78 @@ def start_ab(session: Session, deployment: Deployment, variants: list[tuple[Adap
 def _set_step(rollout: Rollout, index: int, now: float) -> None:
     weight = rollout.steps[index]
     canary, stable = rollout.variants
-    rollout.variants = [{**canary, "weight": weight}, {**stable, "weight": 100 - weight}]  # a new list: JSON change
-    rollout.step_index, rollout.phase = index, rollout.phase if rollout.phase == Phase.PAUSED else Phase.PROGRESSING
+    # a new list: JSON change
+    rollout.variants = [{**canary, "weight": weight}, {**stable, "weight": 100 - weight}]
+    rollout.step_index, rollout.phase = (
+        index,
+        rollout.phase if rollout.phase == Phase.PAUSED else Phase.PROGRESSING,
+    )
     rollout.step_started_at, rollout.last_look_at, rollout.last_look_requests = now, now, 0
 
 
 def _finish(session: Session, rollout: Rollout, phase: Phase, now: float) -> None:
     rollout.phase, rollout.finished_at, rollout.lease_owner = phase, now, None
     if rollout.deployment.rollout_id == rollout.id:
-        rollout.deployment.rollout_id = None  # traffic follows the deployment's stable version from now on
+        # traffic follows the deployment's stable version from now on
+        rollout.deployment.rollout_id = None
 
 
 def _make_stable(session: Session, deployment: Deployment, version_id: int) -> None:
     if version_id != deployment.stable_id:
-        deployment.previous_stable, deployment.stable = deployment.stable, session.get_one(AdapterVersion, version_id)
+        deployment.previous_stable, deployment.stable = (
+            deployment.stable,
+            session.get_one(AdapterVersion, version_id),
+        )
 
 
 def _promote(session: Session, rollout: Rollout, now: float) -> None:
     _make_stable(session, rollout.deployment, rollout.variants[0]["version_id"])
-    rollout.variants = [{**rollout.variants[0], "weight": 100.0}, {**rollout.variants[1], "weight": 0.0}]
+    rollout.variants = [
+        {**rollout.variants[0], "weight": 100.0},
+        {**rollout.variants[1], "weight": 0.0},
+    ]
     rollout.step_index = len(rollout.steps) - 1
     _finish(session, rollout, Phase.PROMOTED, now)
 
 
-def _require(rollout: Rollout | None, deployment: Deployment, kind: str, phases: set[Phase], doing: str) -> Rollout:
+def _require(
+    rollout: Rollout | None, deployment: Deployment, kind: str, phases: set[Phase], doing: str
+) -> Rollout:
     if rollout is None or rollout.kind != kind or rollout.phase not in phases:
         what = "canary rollout" if kind == "canary" else "A/B test"
-        state = f"it is {rollout.phase}" if rollout is not None and rollout.kind == kind else f"there is no {what}"
-        raise Conflict(f"cannot {doing} on {deployment.name!r}: {state}", code="invalid_rollout_state")
+        state = (
+            f"it is {rollout.phase}"
+            if rollout is not None and rollout.kind == kind
+            else f"there is no {what}"
+        )
+        raise Conflict(
+            f"cannot {doing} on {deployment.name!r}: {state}", code="invalid_rollout_state"
+        )
     return rollout
 
 
-def pause(session: Session, deployment: Deployment, rollout: Rollout | None, actor: str, now: float) -> Rollout:
+def pause(
+    session: Session, deployment: Deployment, rollout: Rollout | None, actor: str, now: float
+) -> Rollout:
     rollout = _require(rollout, deployment, "canary", {Phase.PROGRESSING}, "pause")
     rollout.phase = Phase.PAUSED
-    record(session, rollout, deployment, "pause", PAUSED, "paused: weights stay, no analysis", actor, now)
+    record(
+        session,
+        rollout,
+        deployment,
+        "pause",
+        PAUSED,
+        "paused: weights stay, no analysis",
+        actor,
+        now,
+    )
     session.commit()
     return rollout
 
 
-def resume(session: Session, deployment: Deployment, rollout: Rollout | None, actor: str, now: float) -> Rollout:
+def resume(
+    session: Session, deployment: Deployment, rollout: Rollout | None, actor: str, now: float
+) -> Rollout:
     rollout = _require(rollout, deployment, "canary", {Phase.PAUSED}, "resume")
     rollout.phase, rollout.last_look_at = Phase.PROGRESSING, now
     record(session, rollout, deployment, "resume", RESUMED, "resumed", actor, now)
@@ -302,75 +507,156 @@ def resume(session: Session, deployment: Deployment, rollout: Rollout | None, ac
     return rollout
 
 
-def abort(session: Session, deployment: Deployment, rollout: Rollout | None, actor: str, now: float) -> Rollout:
-    rollout = _require(rollout, deployment, "canary", {Phase.GATING, Phase.PROGRESSING, Phase.PAUSED}, "abort")
+def abort(
+    session: Session, deployment: Deployment, rollout: Rollout | None, actor: str, now: float
+) -> Rollout:
+    rollout = _require(
+        rollout, deployment, "canary", {Phase.GATING, Phase.PROGRESSING, Phase.PAUSED}, "abort"
+    )
     _finish(session, rollout, Phase.ABORTED, now)
-    record(session, rollout, deployment, "abort", ABORTED,
-           f"aborted at {rollout.variants[0]['weight']:g}%: all traffic back to {rollout.variants[1]['ref']}",
-           actor, now)
+    record(
+        session,
+        rollout,
+        deployment,
+        "abort",
+        ABORTED,
+        f"aborted at {rollout.variants[0]['weight']:g}%: "
+        f"all traffic back to {rollout.variants[1]['ref']}",
+        actor,
+        now,
+    )
     session.commit()
     return rollout
 
 
-def promote(session: Session, deployment: Deployment, rollout: Rollout | None, full: bool, actor: str,
-            now: float) -> Rollout:
+def promote(
+    session: Session,
+    deployment: Deployment,
+    rollout: Rollout | None,
+    full: bool,
+    actor: str,
+    now: float,
+) -> Rollout:
     """Skip the analysis: one step forward, or (`full`) straight to 100 %."""
     rollout = _require(rollout, deployment, "canary", {Phase.PROGRESSING, Phase.PAUSED}, "promote")
     nxt = len(rollout.steps) - 1 if full else rollout.step_index + 1
     if rollout.steps[nxt] >= 100:
         _promote(session, rollout, now)
-        record(session, rollout, deployment, "promote", MANUAL_PROMOTE,
-               f"promoted by hand: {rollout.variants[0]['ref']} is stable", actor, now)
+        record(
+            session,
+            rollout,
+            deployment,
+            "promote",
+            MANUAL_PROMOTE,
+            f"promoted by hand: {rollout.variants[0]['ref']} is stable",
+            actor,
+            now,
+        )
     else:
         _set_step(rollout, nxt, now)
-        record(session, rollout, deployment, "advance", MANUAL_PROMOTE,
-               f"advanced by hand to {rollout.steps[nxt]:g}%", actor, now)
+        record(
+            session,
+            rollout,
+            deployment,
+            "advance",
+            MANUAL_PROMOTE,
+            f"advanced by hand to {rollout.steps[nxt]:g}%",
+            actor,
+            now,
+        )
     session.commit()
     return rollout
 
 
 def undo(session: Session, deployment: Deployment, actor: str, now: float) -> Deployment:
-    """Serve the previous stable version again (twice = redo). The decision joins the latest rollout's history."""
+    """Serve the previous stable version again (twice = redo). The decision joins the latest
+    rollout's history."""
     _require_idle(deployment)
     if deployment.previous_stable_id is None:
-        raise Conflict(f"deployment {deployment.name!r} has no previous stable version", code="nothing_to_undo")
+        raise Conflict(
+            f"deployment {deployment.name!r} has no previous stable version", code="nothing_to_undo"
+        )
     old = deployment.stable
     _make_stable(session, deployment, deployment.previous_stable_id)
-    latest = session.scalar(select(Rollout).where(Rollout.deployment_id == deployment.id).order_by(Rollout.id.desc()))
-    record(session, latest, deployment, "undo", UNDONE, f"stable {_ref(old)} -> {_ref(deployment.stable)}", actor, now,
-           describe=False)
+    latest = session.scalar(
+        select(Rollout).where(Rollout.deployment_id == deployment.id).order_by(Rollout.id.desc())
+    )
+    record(
+        session,
+        latest,
+        deployment,
+        "undo",
+        UNDONE,
+        f"stable {_ref(old)} -> {_ref(deployment.stable)}",
+        actor,
+        now,
+        describe=False,
+    )
     session.commit()
     return deployment
 
 
-def stop_ab(session: Session, deployment: Deployment, rollout: Rollout | None, keep: AdapterVersion | None,
-            actor: str, now: float) -> Rollout:
+def stop_ab(
+    session: Session,
+    deployment: Deployment,
+    rollout: Rollout | None,
+    keep: AdapterVersion | None,
+    actor: str,
+    now: float,
+) -> Rollout:
     rollout = _require(rollout, deployment, "ab", {Phase.RUNNING}, "stop the A/B test")
     if keep is not None:
         if keep.id not in {v["version_id"] for v in rollout.variants}:
-            raise InvalidRequest(f"{_ref(keep)} is not a variant of this A/B test", code="invalid_variants")
+            raise InvalidRequest(
+                f"{_ref(keep)} is not a variant of this A/B test", code="invalid_variants"
+            )
         _make_stable(session, deployment, keep.id)
     _finish(session, rollout, Phase.STOPPED, now)
-    record(session, rollout, deployment, "stop", AB_STOPPED,
-           f"stopped; stable is {_ref(keep) if keep else deployment.stable.adapter.name + ' (unchanged)'}", actor, now)
+    record(
+        session,
+        rollout,
+        deployment,
+        "stop",
+        AB_STOPPED,
+        "stopped; stable is "
+        f"{_ref(keep) if keep else deployment.stable.adapter.name + ' (unchanged)'}",
+        actor,
+        now,
+    )
     session.commit()
     return rollout
 
 
-def apply_gate(session: Session, rollout: Rollout, measurement: Measurement, evidence: dict, actor: str,
-               now: float) -> None:
+def apply_gate(
+    session: Session,
+    rollout: Rollout,
+    measurement: Measurement,
+    evidence: dict,
+    actor: str,
+    now: float,
+) -> None:
     rollout.gate = {**evidence, "measurement": measurement.to_dict()}
     if measurement.status is Status.SUCCESSFUL:
         _set_step(rollout, 0, now)
     else:
         _finish(session, rollout, Phase.GATE_REFUSED, now)
-    record(session, rollout, rollout.deployment, "gate", measurement.reason, measurement.message, actor, now,
-           [measurement])
+    record(
+        session,
+        rollout,
+        rollout.deployment,
+        "gate",
+        measurement.reason,
+        measurement.message,
+        actor,
+        now,
+        [measurement],
+    )
     session.commit()
 
 
-def apply_tick(session: Session, rollout: Rollout, tick: Tick, canary_requests: int, actor: str,
-               now: float) -> None:
+def apply_tick(
+    session: Session, rollout: Rollout, tick: Tick, canary_requests: int, actor: str, now: float
+) -> None:
     rollout.looks += 1
     rollout.last_look_at, rollout.last_look_requests = now, canary_requests
     if tick.action == "advance":
@@ -379,49 +665,80 @@ def apply_tick(session: Session, rollout: Rollout, tick: Tick, canary_requests: 
         _promote(session, rollout, now)
     elif tick.action == "rollback":
         _finish(session, rollout, Phase.ROLLED_BACK, now)
-    record(session, rollout, rollout.deployment, tick.action, tick.reason, tick.message, actor, now,
-           tick.measurements)
+    record(
+        session,
+        rollout,
+        rollout.deployment,
+        tick.action,
+        tick.reason,
+        tick.message,
+        actor,
+        now,
+        tick.measurements,
+    )
     session.commit()
 
 
-def step_samples(session: Session, rollout_id: int, step_index: int | None) -> dict[str, VariantSamples]:
+def step_samples(
+    session: Session, rollout_id: int, step_index: int | None
+) -> dict[str, VariantSamples]:
     """Per-variant samples of one step (or of the whole rollout when `step_index` is None)."""
-    query = select(RolloutSample.variant, RolloutSample.ok, RolloutSample.latency_s, RolloutSample.unit,
-                   RolloutSample.format_valid, RolloutSample.output_tokens, RolloutSample.confidence
-                   ).where(RolloutSample.rollout_id == rollout_id)
+    query = select(
+        RolloutSample.variant,
+        RolloutSample.ok,
+        RolloutSample.latency_s,
+        RolloutSample.unit,
+        RolloutSample.format_valid,
+        RolloutSample.output_tokens,
+        RolloutSample.confidence,
+    ).where(RolloutSample.rollout_id == rollout_id)
     if step_index is not None:
         query = query.where(RolloutSample.step_index == step_index)
     rows: dict[str, list] = defaultdict(list)
     for row in session.execute(query):
         rows[row.variant].append(row)
-    return {variant: VariantSamples(
-        requests=len(rs), errors=sum(not r.ok for r in rs), units=len({r.unit for r in rs}),
-        latencies_s=[r.latency_s for r in rs if r.ok], format_checked=sum(r.format_valid is not None for r in rs),
-        format_invalid=sum(r.format_valid is False for r in rs), output_tokens=[r.output_tokens for r in rs if r.ok],
-        confidences=[r.confidence for r in rs if r.confidence is not None])
-        for variant, rs in rows.items()}
+    return {
+        variant: VariantSamples(
+            requests=len(rs),
+            errors=sum(not r.ok for r in rs),
+            units=len({r.unit for r in rs}),
+            latencies_s=[r.latency_s for r in rs if r.ok],
+            format_checked=sum(r.format_valid is not None for r in rs),
+            format_invalid=sum(r.format_valid is False for r in rs),
+            output_tokens=[r.output_tokens for r in rs if r.ok],
+            confidences=[r.confidence for r in rs if r.confidence is not None],
+        )
+        for variant, rs in rows.items()
+    }
 
 
 def rollout_feedback(session: Session, rollout_id: int) -> dict[str, list[float]]:
-    """Users' feedback values (on [0, 1]) per variant over the whole rollout. Feedback comes after its request
-    and is sparse, and the variants serve side by side throughout, so it is judged over the rollout, not a step."""
+    """Users' feedback values (on [0, 1]) per variant over the whole rollout. Feedback comes
+    after its request and is sparse, and the variants serve side by side throughout, so it is
+    judged over the rollout, not a step."""
     feedback: dict[str, list[float]] = defaultdict(list)
-    for variant, value in session.execute(select(Feedback.variant, Feedback.value)
-                                          .where(Feedback.rollout_id == rollout_id).order_by(Feedback.id)):
+    for variant, value in session.execute(
+        select(Feedback.variant, Feedback.value)
+        .where(Feedback.rollout_id == rollout_id)
+        .order_by(Feedback.id)
+    ):
         feedback[variant].append(value)
     return dict(feedback)
 
 
-def with_feedback(samples: dict[str, VariantSamples], feedback: dict[str, list[float]]) -> dict[str, VariantSamples]:
-    """The samples with each variant's feedback in (a variant may have feedback but no request this step)."""
+def with_feedback(
+    samples: dict[str, VariantSamples], feedback: dict[str, list[float]]
+) -> dict[str, VariantSamples]:
+    """The samples with each variant's feedback in (a variant may have feedback but no request
+    this step)."""
     variants = [*samples, *(v for v in feedback if v not in samples)]
     return {v: replace(samples.get(v, EMPTY), feedback=feedback.get(v, ())) for v in variants}
 
 
 @dataclass(frozen=True)
 class VariantSignals:
-    """What one variant's answers earned over a whole rollout: the requests answered, the answers' mean token
-    log-probabilities and users' feedback values, as SQL aggregates."""
+    """What one variant's answers earned over a whole rollout: the requests answered, the
+    answers' mean token log-probabilities and users' feedback values, as SQL aggregates."""
 
     answered: int
     confidence: Moments
@@ -429,18 +746,40 @@ class VariantSignals:
 
 
 def rollout_signals(session: Session, rollout_id: int) -> dict[str, VariantSignals]:
-    """Per variant, aggregated in the database: a status needs no rows of a long rollout in memory."""
+    """Per variant, aggregated in the database: a status needs no rows of a long rollout in
+    memory."""
     served = session.execute(
-        select(RolloutSample.variant, func.count().filter(RolloutSample.ok), func.count(RolloutSample.confidence),
-               func.sum(RolloutSample.confidence), func.sum(RolloutSample.confidence * RolloutSample.confidence))
-        .where(RolloutSample.rollout_id == rollout_id).group_by(RolloutSample.variant))
+        select(
+            RolloutSample.variant,
+            func.count().filter(RolloutSample.ok),
+            func.count(RolloutSample.confidence),
+            func.sum(RolloutSample.confidence),
+            func.sum(RolloutSample.confidence * RolloutSample.confidence),
+        )
+        .where(RolloutSample.rollout_id == rollout_id)
+        .group_by(RolloutSample.variant)
+    )
     judged = session.execute(
-        select(Feedback.variant, func.count(), func.sum(Feedback.value), func.sum(Feedback.value * Feedback.value))
-        .where(Feedback.rollout_id == rollout_id).group_by(Feedback.variant))
-    answers = {variant: (answered, _moments(n, total, squares)) for variant, answered, n, total, squares in served}
+        select(
+            Feedback.variant,
+            func.count(),
+            func.sum(Feedback.value),
+            func.sum(Feedback.value * Feedback.value),
+        )
+        .where(Feedback.rollout_id == rollout_id)
+        .group_by(Feedback.variant)
+    )
+    answers = {
+        variant: (answered, _moments(n, total, squares))
+        for variant, answered, n, total, squares in served
+    }
     feedback = {variant: _moments(n, total, squares) for variant, n, total, squares in judged}
-    return {variant: VariantSignals(*answers.get(variant, (0, Moments())), feedback.get(variant, Moments()))
-            for variant in answers.keys() | feedback.keys()}
+    return {
+        variant: VariantSignals(
+            *answers.get(variant, (0, Moments())), feedback.get(variant, Moments())
+        )
+        for variant in answers.keys() | feedback.keys()
+    }
 
 
 def _moments(n: int, total: float | None, squares: float | None) -> Moments:

@@ -1,8 +1,8 @@
-"""Garbage collection on real catalogs (SQLite and PostgreSQL) and real store folders: what goes, what never does,
-the delete races, retention rule by rule, the fleet-wide lease, and `lorafleet gc`.
+"""Garbage collection on real catalogs (SQLite and PostgreSQL) and real store folders: what goes,
+what never does, the delete races, retention rule by rule, the fleet-wide lease, and `lorafleet gc`.
 
-Files get their age from `now`, not from sleeps: a file written during the test is "old" at now + 2 days. (Their
-status-change time, which a rename sets, cannot be backdated.)
+Files get their age from `now`, not from sleeps: a file written during the test is "old" at now + 2
+days. (Their status-change time, which a rename sets, cannot be backdated.)
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ class Stores:
 def stores(tmp_path: Path) -> Stores:
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    return Stores(LocalStore(tmp_path / "adapters"), BlobStore(tmp_path / "validation", ".jsonl"), scratch)
+    return Stores(
+        LocalStore(tmp_path / "adapters"), BlobStore(tmp_path / "validation", ".jsonl"), scratch
+    )
 
 
 def _blob(store: LocalStore, char: str) -> str:
@@ -75,10 +77,22 @@ def _blob(store: LocalStore, char: str) -> str:
     return digest
 
 
-def _collect(sessions: sessionmaker, stores: Stores, age_s: float = OLD, dry_run: bool = False,
-             retention: Retention = Retention()) -> housekeeping.GcReport:
-    return collect_garbage(sessions, stores.adapters, stores.validation, [stores.scratch], retention,
-                           now=time.time() + age_s, dry_run=dry_run)
+def _collect(
+    sessions: sessionmaker,
+    stores: Stores,
+    age_s: float = OLD,
+    dry_run: bool = False,
+    retention: Retention = Retention(),
+) -> housekeeping.GcReport:
+    return collect_garbage(
+        sessions,
+        stores.adapters,
+        stores.validation,
+        [stores.scratch],
+        retention,
+        now=time.time() + age_s,
+        dry_run=dry_run,
+    )
 
 
 @dataclass
@@ -89,20 +103,36 @@ class World:
     validation_set_id: int
 
 
-def _world(sessions: sessionmaker, digest: str = "a" * 64, validation_digest: str = "v" * 64,
-           tenant: str = "acme") -> World:
-    """A tenant with one adapter version, a deployment serving it, and the deployment's validation set."""
+def _world(
+    sessions: sessionmaker,
+    digest: str = "a" * 64,
+    validation_digest: str = "v" * 64,
+    tenant: str = "acme",
+) -> World:
+    """A tenant with one adapter version, a deployment serving it, and the deployment's
+    validation set."""
     with sessions() as s:
         t = Tenant(name=tenant, key_hash=hashlib.sha256(tenant.encode()).hexdigest())
         s.add(t)
         s.flush()
         adapter = Adapter(tenant_id=t.id, name="ext")
-        version = AdapterVersion(adapter=adapter, version=1, digest=digest, rank=8, alpha=16.0,
-                                 target_modules=["q_proj"], size_bytes=10)
-        vset = ValidationSet(tenant_id=t.id, digest=validation_digest, metric="exact_match", items=1, size_bytes=1)
+        version = AdapterVersion(
+            adapter=adapter,
+            version=1,
+            digest=digest,
+            rank=8,
+            alpha=16.0,
+            target_modules=["q_proj"],
+            size_bytes=10,
+        )
+        vset = ValidationSet(
+            tenant_id=t.id, digest=validation_digest, metric="exact_match", items=1, size_bytes=1
+        )
         s.add_all([adapter, version, vset])
         s.flush()
-        deployment = Deployment(tenant_id=t.id, name="invoice", stable_id=version.id, validation_set_id=vset.id)
+        deployment = Deployment(
+            tenant_id=t.id, name="invoice", stable_id=version.id, validation_set_id=vset.id
+        )
         s.add(deployment)
         s.commit()
         return World(t.id, version.id, deployment.id, vset.id)
@@ -114,6 +144,7 @@ def _count(sessions: sessionmaker, table) -> int:
 
 
 # --- blobs ---
+
 
 def test_referenced_blobs_stay_and_old_orphans_go(sessions, stores):
     used = _blob(stores.adapters, "a")
@@ -142,10 +173,13 @@ def test_a_version_committed_during_the_delete_keeps_its_blob(sessions, stores):
             def upload_commits_first() -> bool:
                 _world(sessions, digest)  # after the collector's listing of referenced digests
                 return keep()
+
             return super().delete(digest, keep=upload_commits_first)
 
     racing = RacingStore(stores.adapters.root)
-    report = collect_garbage(sessions, racing, stores.validation, [], Retention(), now=time.time() + OLD)
+    report = collect_garbage(
+        sessions, racing, stores.validation, [], Retention(), now=time.time() + OLD
+    )
     assert stores.adapters.exists(orphan) and report.adapter_blobs == Removed()
 
 
@@ -164,11 +198,14 @@ def test_a_validation_set_put_again_during_the_delete_stays(sessions, stores):
 
     class RacingBlobs(BlobStore):
         def delete(self, digest, keep=lambda: False, if_unmodified_since=None):
-            self.put(data)  # an upload of the same set, whose row commits after the collector's look
+            # an upload of the same set, whose row commits after the collector's look
+            self.put(data)
             return super().delete(digest, keep=keep, if_unmodified_since=if_unmodified_since)
 
     racing = RacingBlobs(stores.validation.root, ".jsonl")
-    report = collect_garbage(sessions, stores.adapters, racing, [], Retention(), now=time.time() + OLD)
+    report = collect_garbage(
+        sessions, stores.adapters, racing, [], Retention(), now=time.time() + OLD
+    )
     assert stores.validation.path(digest).is_file() and report.validation_blobs == Removed()
 
 
@@ -195,9 +232,18 @@ def test_remove_temp_refuses_a_blob(stores):
 
 # --- retention ---
 
+
 def _rollout(session, world: World, finished_at: float | None, active: bool = False) -> Rollout:
-    rollout = Rollout(deployment_id=world.deployment_id, kind="canary", phase="Progressing" if active else "Promoted",
-                      salt="s", variants=[], created_by="tenant:acme", created_at=0.0, finished_at=finished_at)
+    rollout = Rollout(
+        deployment_id=world.deployment_id,
+        kind="canary",
+        phase="Progressing" if active else "Promoted",
+        salt="s",
+        variants=[],
+        created_by="tenant:acme",
+        created_at=0.0,
+        finished_at=finished_at,
+    )
     session.add(rollout)
     session.flush()
     if active:
@@ -206,13 +252,30 @@ def _rollout(session, world: World, finished_at: float | None, active: bool = Fa
 
 
 def _decision(world: World, rollout: Rollout | None, at: float) -> Decision:
-    return Decision(deployment_id=world.deployment_id, rollout_id=rollout.id if rollout else None, at=at,
-                    action="advance", reason="StepCompleted", message="", step_index=0, actor="controller:g")
+    return Decision(
+        deployment_id=world.deployment_id,
+        rollout_id=rollout.id if rollout else None,
+        at=at,
+        action="advance",
+        reason="StepCompleted",
+        message="",
+        step_index=0,
+        actor="controller:g",
+    )
 
 
 def _sample(rollout: Rollout, at: float) -> RolloutSample:
-    return RolloutSample(rollout_id=rollout.id, step_index=0, variant="canary", unit="u", ok=True, latency_s=0.1,
-                         output_tokens=1, format_valid=None, at=at)
+    return RolloutSample(
+        rollout_id=rollout.id,
+        step_index=0,
+        variant="canary",
+        unit="u",
+        ok=True,
+        latency_s=0.1,
+        output_tokens=1,
+        format_valid=None,
+        at=at,
+    )
 
 
 def test_samples_and_decisions_of_rollouts_finished_before_the_cutoff_go(sessions, stores):
@@ -224,16 +287,24 @@ def test_samples_and_decisions_of_rollouts_finished_before_the_cutoff_go(session
         active = _rollout(s, world, finished_at=None, active=True)
         for rollout in (old, recent, active):
             s.add_all([_sample(rollout, long_ago), _decision(world, rollout, long_ago)])
-        s.add_all([_decision(world, None, long_ago), _decision(world, None, now - DAY)])  # e.g. `undo`
+        # e.g. `undo`
+        s.add_all([_decision(world, None, long_ago), _decision(world, None, now - DAY)])
         s.commit()
         ids = {"old": old.id, "recent": recent.id, "active": active.id}
-    report = collect_garbage(sessions, stores.adapters, stores.validation, [],
-                             Retention(rollout_samples_days=30, decisions_days=30), now=now)
+    report = collect_garbage(
+        sessions,
+        stores.adapters,
+        stores.validation,
+        [],
+        Retention(rollout_samples_days=30, decisions_days=30),
+        now=now,
+    )
     assert report.rows == {"rollout_samples": 1, "decisions": 2}
     with sessions() as s:
         assert set(s.scalars(select(RolloutSample.rollout_id))) == {ids["recent"], ids["active"]}
-        assert sorted(s.scalars(select(Decision.rollout_id)), key=str) == sorted([ids["recent"], ids["active"], None],
-                                                                                 key=str)
+        assert sorted(s.scalars(select(Decision.rollout_id)), key=str) == sorted(
+            [ids["recent"], ids["active"], None], key=str
+        )
         assert s.scalar(select(Decision.at).where(Decision.rollout_id.is_(None))) == now - DAY
 
 
@@ -243,27 +314,49 @@ def test_an_active_rollout_is_never_touched_even_when_long_finished_on_paper(ses
         rollout = _rollout(s, world, finished_at=now - 40 * DAY, active=True)
         s.add_all([_sample(rollout, now - 40 * DAY), _decision(world, rollout, now - 40 * DAY)])
         s.commit()
-    report = collect_garbage(sessions, stores.adapters, stores.validation, [],
-                             Retention(rollout_samples_days=1, decisions_days=1), now=now)
+    report = collect_garbage(
+        sessions,
+        stores.adapters,
+        stores.validation,
+        [],
+        Retention(rollout_samples_days=1, decisions_days=1),
+        now=now,
+    )
     assert report.rows == {"rollout_samples": 0, "decisions": 0}
 
 
 def _check(world: World, at: float, look: int, kind: str = "input") -> DriftCheck:
-    return DriftCheck(deployment_id=world.deployment_id, version_id=world.version_id, variant="all", kind=kind, at=at,
-                      look=look, p=0.5, q=0.5, drifted=False)
+    return DriftCheck(
+        deployment_id=world.deployment_id,
+        version_id=world.version_id,
+        variant="all",
+        kind=kind,
+        at=at,
+        look=look,
+        p=0.5,
+        q=0.5,
+        drifted=False,
+    )
 
 
 def test_old_drift_checks_go_but_each_series_keeps_its_newest(sessions, stores):
     world, now = _world(sessions), time.time()
     with sessions() as s:
-        s.add_all([_check(world, now - 50 * DAY, 1), _check(world, now - 40 * DAY, 2)])  # a series gone quiet
-        s.add_all([_check(world, now - 50 * DAY, 1, "output"), _check(world, now - DAY, 2, "output")])
+        # a series gone quiet
+        s.add_all([_check(world, now - 50 * DAY, 1), _check(world, now - 40 * DAY, 2)])
+        s.add_all(
+            [_check(world, now - 50 * DAY, 1, "output"), _check(world, now - DAY, 2, "output")]
+        )
         s.commit()
-    report = collect_garbage(sessions, stores.adapters, stores.validation, [], Retention(drift_checks_days=30),
-                             now=now)
+    report = collect_garbage(
+        sessions, stores.adapters, stores.validation, [], Retention(drift_checks_days=30), now=now
+    )
     assert report.rows == {"drift_checks": 2}
     with sessions() as s:
-        assert sorted(s.execute(select(DriftCheck.kind, DriftCheck.look))) == [("input", 2), ("output", 2)]
+        assert sorted(s.execute(select(DriftCheck.kind, DriftCheck.look))) == [
+            ("input", 2),
+            ("output", 2),
+        ]
 
 
 def test_the_drift_monitor_numbers_looks_on_after_retention(sessions, stores):
@@ -273,26 +366,56 @@ def test_the_drift_monitor_numbers_looks_on_after_retention(sessions, stores):
     with sessions() as s:
         s.add_all(_check(world, now - (50 - look) * DAY, look) for look in range(1, 6))
         s.commit()
-    collect_garbage(sessions, stores.adapters, stores.validation, [], Retention(drift_checks_days=1), now=now)
+    collect_garbage(
+        sessions, stores.adapters, stores.validation, [], Retention(drift_checks_days=1), now=now
+    )
     with sessions() as s:
         assert _count(sessions, DriftCheck) == 1
-        assert _last_look(s, DriftCheck.deployment_id == world.deployment_id, DriftCheck.kind == "input") == 5
+        assert (
+            _last_look(
+                s, DriftCheck.deployment_id == world.deployment_id, DriftCheck.kind == "input"
+            )
+            == 5
+        )
 
 
 def _run(world: World, kind: str, at: float) -> ValidationRun:
-    return ValidationRun(deployment_id=world.deployment_id, version_id=world.version_id,
-                         validation_set_id=world.validation_set_id, variant="stable", kind=kind, at=at, engine="e",
-                         score=1.0, scores=[1.0], outputs=["a"], output_tokens=[1], exact_match_rate=1.0)
+    return ValidationRun(
+        deployment_id=world.deployment_id,
+        version_id=world.version_id,
+        validation_set_id=world.validation_set_id,
+        variant="stable",
+        kind=kind,
+        at=at,
+        engine="e",
+        score=1.0,
+        scores=[1.0],
+        outputs=["a"],
+        output_tokens=[1],
+        exact_match_rate=1.0,
+    )
 
 
 def test_old_check_replays_go_never_the_baseline_nor_the_newest_check(sessions, stores):
     world, now = _world(sessions), time.time()
     with sessions() as s:
-        s.add_all([_run(world, "baseline", now - 90 * DAY), _run(world, "check", now - 60 * DAY),
-                   _run(world, "check", now - 50 * DAY), _run(world, "check", now - 40 * DAY)])
+        s.add_all(
+            [
+                _run(world, "baseline", now - 90 * DAY),
+                _run(world, "check", now - 60 * DAY),
+                _run(world, "check", now - 50 * DAY),
+                _run(world, "check", now - 40 * DAY),
+            ]
+        )
         s.commit()
-    report = collect_garbage(sessions, stores.adapters, stores.validation, [], Retention(validation_runs_days=30),
-                             now=now)
+    report = collect_garbage(
+        sessions,
+        stores.adapters,
+        stores.validation,
+        [],
+        Retention(validation_runs_days=30),
+        now=now,
+    )
     assert report.rows == {"validation_runs": 2}
     with sessions() as s:
         kept = sorted(s.execute(select(ValidationRun.kind, ValidationRun.at)))
@@ -303,12 +426,25 @@ def test_zero_retention_keeps_everything(sessions, stores):
     world, now = _world(sessions), time.time()
     with sessions() as s:
         rollout = _rollout(s, world, finished_at=now - 400 * DAY)
-        s.add_all([_sample(rollout, 0.0), _decision(world, rollout, 0.0), _check(world, 0.0, 1),
-                   _check(world, 1.0, 2), _run(world, "check", 0.0), _run(world, "check", 1.0)])
+        s.add_all(
+            [
+                _sample(rollout, 0.0),
+                _decision(world, rollout, 0.0),
+                _check(world, 0.0, 1),
+                _check(world, 1.0, 2),
+                _run(world, "check", 0.0),
+                _run(world, "check", 1.0),
+            ]
+        )
         s.commit()
     report = collect_garbage(sessions, stores.adapters, stores.validation, [], Retention(), now=now)
     assert report.rows == {}
-    assert [_count(sessions, t) for t in (RolloutSample, Decision, DriftCheck, ValidationRun)] == [1, 1, 2, 2]
+    assert [_count(sessions, t) for t in (RolloutSample, Decision, DriftCheck, ValidationRun)] == [
+        1,
+        1,
+        2,
+        2,
+    ]
 
 
 def test_history_goes_in_batches(sessions, stores, monkeypatch):
@@ -318,8 +454,9 @@ def test_history_goes_in_batches(sessions, stores, monkeypatch):
         rollout = _rollout(s, world, finished_at=now - 40 * DAY)
         s.add_all(_sample(rollout, 0.0) for _ in range(10))
         s.commit()
-    report = collect_garbage(sessions, stores.adapters, stores.validation, [], Retention(rollout_samples_days=1),
-                             now=now)
+    report = collect_garbage(
+        sessions, stores.adapters, stores.validation, [], Retention(rollout_samples_days=1), now=now
+    )
     assert report.rows == {"rollout_samples": 10} and _count(sessions, RolloutSample) == 0
 
 
@@ -336,23 +473,52 @@ def test_a_dry_run_deletes_nothing_and_counts_the_same(sessions, stores):
     (stores.scratch / "upload-3").mkdir()
     with sessions() as s:
         rollout = _rollout(s, world, finished_at=now - 40 * DAY)
-        s.add_all([_sample(rollout, 0.0), _decision(world, rollout, 0.0), _check(world, 0.0, 1),
-                   _check(world, 1.0, 2), _run(world, "check", 0.0), _run(world, "check", 1.0)])
+        s.add_all(
+            [
+                _sample(rollout, 0.0),
+                _decision(world, rollout, 0.0),
+                _check(world, 0.0, 1),
+                _check(world, 1.0, 2),
+                _run(world, "check", 0.0),
+                _run(world, "check", 1.0),
+            ]
+        )
         s.commit()
-    retention = Retention(rollout_samples_days=1, decisions_days=1, drift_checks_days=1, validation_runs_days=1)
-    listing = sorted(p.name for root in (stores.adapters.root, stores.validation.root, stores.scratch)
-                     for p in root.iterdir())
-    dry = collect_garbage(sessions, stores.adapters, stores.validation, [stores.scratch], retention, now + OLD, True)
-    assert sorted(p.name for root in (stores.adapters.root, stores.validation.root, stores.scratch)
-                  for p in root.iterdir()) == listing
-    assert [_count(sessions, t) for t in (RolloutSample, Decision, DriftCheck, ValidationRun)] == [1, 1, 2, 2]
-    real = collect_garbage(sessions, stores.adapters, stores.validation, [stores.scratch], retention, now + OLD)
+    retention = Retention(
+        rollout_samples_days=1, decisions_days=1, drift_checks_days=1, validation_runs_days=1
+    )
+    listing = sorted(
+        p.name
+        for root in (stores.adapters.root, stores.validation.root, stores.scratch)
+        for p in root.iterdir()
+    )
+    dry = collect_garbage(
+        sessions, stores.adapters, stores.validation, [stores.scratch], retention, now + OLD, True
+    )
+    assert (
+        sorted(
+            p.name
+            for root in (stores.adapters.root, stores.validation.root, stores.scratch)
+            for p in root.iterdir()
+        )
+        == listing
+    )
+    assert [_count(sessions, t) for t in (RolloutSample, Decision, DriftCheck, ValidationRun)] == [
+        1,
+        1,
+        2,
+        2,
+    ]
+    real = collect_garbage(
+        sessions, stores.adapters, stores.validation, [stores.scratch], retention, now + OLD
+    )
     assert dry.dry_run and not real.dry_run
     assert dry.kinds() == real.kinds()
     assert all(removed.count == 1 for removed in real.kinds().values())
 
 
 # --- the lease ---
+
 
 class BlockingStore(LocalStore):
     """Holds a collection inside its listing until released."""
@@ -367,9 +533,17 @@ class BlockingStore(LocalStore):
         return super().digests()
 
 
-def _collector(sessions, stores: Stores, owner: str, store: LocalStore | None = None) -> GarbageCollector:
-    return GarbageCollector(sessions, store or stores.adapters, stores.validation, [stores.scratch], Settings(),
-                            owner=owner)
+def _collector(
+    sessions, stores: Stores, owner: str, store: LocalStore | None = None
+) -> GarbageCollector:
+    return GarbageCollector(
+        sessions,
+        store or stores.adapters,
+        stores.validation,
+        [stores.scratch],
+        Settings(),
+        owner=owner,
+    )
 
 
 def test_of_two_concurrent_collectors_one_runs(sessions, stores):
@@ -380,7 +554,8 @@ def test_of_two_concurrent_collectors_one_runs(sessions, stores):
     thread.start()
     try:
         assert blocking.entered.wait(30)
-        assert _collector(sessions, stores, "gateway-2").run_once(every_s=3600) is None  # held by the first
+        # held by the first
+        assert _collector(sessions, stores, "gateway-2").run_once(every_s=3600) is None
     finally:
         blocking.release.set()
         thread.join(30)
@@ -396,8 +571,11 @@ def test_a_failed_run_gives_the_lease_back(sessions, stores):
             raise OSError("disk gone")
 
     with pytest.raises(OSError):
-        _collector(sessions, stores, "gateway-1", BrokenStore(stores.adapters.root)).run_once(every_s=3600)
-    assert _collector(sessions, stores, "gateway-2").run_once(every_s=3600) is not None  # not counted as a run
+        _collector(sessions, stores, "gateway-1", BrokenStore(stores.adapters.root)).run_once(
+            every_s=3600
+        )
+    # not counted as a run
+    assert _collector(sessions, stores, "gateway-2").run_once(every_s=3600) is not None
 
 
 def test_collector_exports_what_it_removed(sessions, stores):
@@ -406,17 +584,25 @@ def test_collector_exports_what_it_removed(sessions, stores):
     _blob(stores.adapters, "c")
     metrics = Metrics()
     settings = Settings(gc_temp_age_s=0)
-    collector = GarbageCollector(sessions, stores.adapters, stores.validation, [stores.scratch], settings, "g",
-                                 metrics)
+    collector = GarbageCollector(
+        sessions, stores.adapters, stores.validation, [stores.scratch], settings, "g", metrics
+    )
     assert collector.run_once() is not None
-    assert metrics.registry.get_sample_value("lorafleet_gc_deleted_total", {"kind": "adapter_blobs"}) == 1
+    assert (
+        metrics.registry.get_sample_value("lorafleet_gc_deleted_total", {"kind": "adapter_blobs"})
+        == 1
+    )
 
 
 # --- the CLI ---
 
+
 def _home(tmp_path: Path, catalog_url: str) -> tuple[dict[str, str], Path]:
-    env = {"LORAFLEET_HOME": str(tmp_path / "home"), "LORAFLEET_DATABASE_URL": catalog_url,
-           "LORAFLEET_GC_TEMP_AGE_S": "0"}  # what exists before the command counts as old
+    env = {
+        "LORAFLEET_HOME": str(tmp_path / "home"),
+        "LORAFLEET_DATABASE_URL": catalog_url,
+        "LORAFLEET_GC_TEMP_AGE_S": "0",
+    }  # what exists before the command counts as old
     return env, Settings(home=tmp_path / "home").home
 
 
@@ -457,6 +643,7 @@ def test_cli_gc_refuses_a_missing_sqlite_catalog(tmp_path):
 
 # --- the S3 stores behind the same interface ---
 
+
 def test_s3_orphans_go_and_referenced_blobs_stay(sessions, s3_url, tmp_path):
     from lorafleet.adapters.adapter_cache import AdapterCache
     from lorafleet.adapters.s3_store import S3AdapterStore, S3BlobStore, parse_s3_url
@@ -465,7 +652,10 @@ def test_s3_orphans_go_and_referenced_blobs_stay(sessions, s3_url, tmp_path):
     location = parse_s3_url(f"{s3_url}/gc-{time.time_ns()}")
     store = S3AdapterStore(location, AdapterCache(tmp_path / "cache", 10**9))
     blobs = S3BlobStore(location.child("validation"), ".jsonl")
-    used, orphan = small_adapter(tmp_path / "used", seed=1), small_adapter(tmp_path / "orphan", seed=2)
+    used, orphan = (
+        small_adapter(tmp_path / "used", seed=1),
+        small_adapter(tmp_path / "orphan", seed=2),
+    )
     store.put(used)
     store.put(orphan)
     kept_set, orphan_set = blobs.put(b"used\n"), blobs.put(b"orphan\n")
@@ -474,5 +664,7 @@ def test_s3_orphans_go_and_referenced_blobs_stay(sessions, s3_url, tmp_path):
     assert young.adapter_blobs.count == young.validation_blobs.count == 0
     report = collect_garbage(sessions, store, blobs, [], Retention(), now=time.time() + OLD)
     assert report.adapter_blobs.count == 1 and report.validation_blobs.count == 1
-    assert {d for d, _ in store.digests()} == {used.digest} and {d for d, _ in blobs.digests()} == {kept_set}
+    assert {d for d, _ in store.digests()} == {used.digest} and {d for d, _ in blobs.digests()} == {
+        kept_set
+    }
     assert orphan_set != kept_set

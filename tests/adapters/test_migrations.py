@@ -1,6 +1,6 @@
-"""Catalog migrations on real SQLite files and PostgreSQL databases: the models and the revisions agree, revision
-0001 is 0.1.0's schema, a 0.1.0 catalog is refused until asked, then upgraded with every row still served, and
-gateways starting together on one catalog all start."""
+"""Catalog migrations on real SQLite files and PostgreSQL databases: the models and the revisions
+agree, revision 0001 is 0.1.0's schema, a 0.1.0 catalog is refused until asked, then upgraded
+with every row still served, and gateways starting together on one catalog all start."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ def new_database(tmp_path: Path) -> Iterator[Callable[[str], str]]:
     """Factory: another new, empty database on "sqlite" or "postgresql" (dropped afterwards)."""
     made = iter(range(100))
     with contextlib.ExitStack() as stack:
+
         def make(dialect: str) -> str:
             if dialect == "sqlite":
                 return f"sqlite:///{tmp_path / f'db-{next(made)}.db'}"
@@ -62,8 +63,10 @@ def _schema(url: str) -> dict[str, dict]:
     tables = {}
     for name in sorted(set(described.get_table_names()) - {"alembic_version"}):
         tables[name] = {
-            "columns": [(c["name"], str(c["type"]), c["nullable"], c.get("default"))
-                        for c in described.get_columns(name)],
+            "columns": [
+                (c["name"], str(c["type"]), c["nullable"], c.get("default"))
+                for c in described.get_columns(name)
+            ],
             "primary key": described.get_pk_constraint(name),
             "foreign keys": sorted(map(repr, described.get_foreign_keys(name))),
             "indexes": sorted(map(repr, described.get_indexes(name))),
@@ -75,8 +78,12 @@ def _schema(url: str) -> dict[str, dict]:
 
 def _sqlite_ddl(url: str) -> set[tuple]:
     with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as connection:
-        return set(connection.execute("SELECT type, name, tbl_name, sql FROM sqlite_master "
-                                      "WHERE tbl_name != 'alembic_version'"))
+        return set(
+            connection.execute(
+                "SELECT type, name, tbl_name, sql FROM sqlite_master "
+                "WHERE tbl_name != 'alembic_version'"
+            )
+        )
 
 
 def _versions(url: str) -> list[str]:
@@ -106,16 +113,23 @@ def test_revision_0001_makes_the_catalog_0_1_0_made(dialect, new_database):
         assert _sqlite_ddl(made_by_0001) == _sqlite_ddl(made_by_010)
 
 
-def test_a_0_1_0_catalog_is_refused_then_upgraded_and_every_row_still_serves(empty_catalog_url, tmp_path):
+def test_a_0_1_0_catalog_is_refused_then_upgraded_and_every_row_still_serves(
+    empty_catalog_url, tmp_path
+):
     create_schema(empty_catalog_url)
     rows = insert_rows(empty_catalog_url)
     with pytest.raises(CatalogBehind) as refused:
         open_catalog(empty_catalog_url)
     message = refused.value.message
-    assert "lorafleet db upgrade" in message and f"needs {head_revision()}" in message and "\n" not in message
+    assert (
+        "lorafleet db upgrade" in message
+        and f"needs {head_revision()}" in message
+        and "\n" not in message
+    )
     assert ":lorafleet@" not in message  # the URL is named without its password
     added_since = {"leases", "requests", "feedback", "captures"}  # by revisions 0002 and 0003
-    assert _schema(empty_catalog_url).keys() == {t for t in Base.metadata.tables} - added_since  # refused: untouched
+    # refused: untouched
+    assert _schema(empty_catalog_url).keys() == {t for t in Base.metadata.tables} - added_since
 
     db, sessions = open_catalog(empty_catalog_url, upgrade=True)
     assert catalog_revision(db).at_head and _versions(empty_catalog_url) == [head_revision()]
@@ -123,38 +137,76 @@ def test_a_0_1_0_catalog_is_refused_then_upgraded_and_every_row_still_serves(emp
         tenant = authenticate(session, rows.key)
         assert tenant.name == rows.tenant and len(list_keys(session, tenant)) == 1
         deployment = get_deployment(session, tenant, rows.deployment)
-        assert (deployment.stable.digest, deployment.previous_stable.digest) == (rows.digests[1], rows.digests[0])
+        assert (deployment.stable.digest, deployment.previous_stable.digest) == (
+            rows.digests[1],
+            rows.digests[0],
+        )
         assert deployment.validation_set.items == 40
         assert resolve_version(session, tenant, f"{rows.adapter}@1").digest == rows.digests[0]
         history = get_rollout(rows.deployment, session, tenant)
-        assert history.phase == "Promoted" and tuple(d.action for d in history.decisions) == rows.decisions
+        assert (
+            history.phase == "Promoted"
+            and tuple(d.action for d in history.decisions) == rows.decisions
+        )
         drift = drift_history(rows.deployment, session, tenant)
         assert (len(drift.checks), len(drift.runs)) == (rows.drift_checks, rows.validation_runs)
-        new, _ = register_version(session, tenant, rows.adapter, ValidatedAdapter(
-            path=Path("."), digest="d" * 64, rank=8, alpha=16.0, target_modules=("q_proj",), size_bytes=10))
+        new, _ = register_version(
+            session,
+            tenant,
+            rows.adapter,
+            ValidatedAdapter(
+                path=Path("."),
+                digest="d" * 64,
+                rank=8,
+                alpha=16.0,
+                target_modules=("q_proj",),
+                size_bytes=10,
+            ),
+        )
         assert new.version == 3  # numbering goes on where 0.1.0 left it
         assert deployment.capture is None  # 0003: nothing is captured until the tenant opts in
         runs = session.scalars(select(ValidationRun)).all()
-        assert runs and all(run.confidences is None for run in runs)  # replays from before recorded none
+        # replays from before recorded none
+        assert runs and all(run.confidences is None for run in runs)
     assert take_lease(sessions, "gc", "gw-1", ttl_s=60)  # the table this release added
     db.dispose()
 
 
-def test_a_catalog_at_0003_is_upgraded_to_0004_and_its_rows_have_no_manifest_and_no_replay_start(empty_catalog_url):
+def test_a_catalog_at_0003_is_upgraded_to_0004_and_its_rows_have_no_manifest_and_no_replay_start(
+    empty_catalog_url,
+):
     _upgrade_to(empty_catalog_url, "0003")
     rows = insert_rows(empty_catalog_url)  # every column 0.1.0 wrote is still there at 0003
     before = _schema(empty_catalog_url)
     _upgrade_to(empty_catalog_url, "0004")
     after = _schema(empty_catalog_url)
-    added = {(table, column[0]) for table in after for column in after[table]["columns"]
-             if column not in before[table]["columns"]}
+    added = {
+        (table, column[0])
+        for table in after
+        for column in after[table]["columns"]
+        if column not in before[table]["columns"]
+    }
     assert added == {("adapter_versions", "manifest"), ("validation_runs", "started_at")}
-    assert all(column[2] for table, name in added for column in after[table]["columns"] if column[0] == name)
+    assert all(
+        column[2]
+        for table, name in added
+        for column in after[table]["columns"]
+        if column[0] == name
+    )
     engine = create_engine(empty_catalog_url)
     with engine.connect() as connection:  # SQL NULL, as the rows were written: not JSON's null
-        versions = connection.execute(text("SELECT digest FROM adapter_versions WHERE manifest IS NULL "
-                                           "ORDER BY version")).scalars().all()
-        runs = connection.execute(text("SELECT kind FROM validation_runs WHERE started_at IS NULL")).scalars().all()
+        versions = (
+            connection.execute(
+                text("SELECT digest FROM adapter_versions WHERE manifest IS NULL ORDER BY version")
+            )
+            .scalars()
+            .all()
+        )
+        runs = (
+            connection.execute(text("SELECT kind FROM validation_runs WHERE started_at IS NULL"))
+            .scalars()
+            .all()
+        )
     engine.dispose()
     assert (tuple(versions), len(runs)) == (rows.digests, rows.validation_runs)
 
@@ -162,13 +214,29 @@ def test_a_catalog_at_0003_is_upgraded_to_0004_and_its_rows_have_no_manifest_and
     manifest = {"adapter_digest": "d" * 64, "training": {"steps": 3, "val_losses": [0.9, 0.5]}}
     with sessions() as session:
         tenant = authenticate(session, rows.key)
-        assert [resolve_version(session, tenant, f"{rows.adapter}@{n}").manifest for n in (1, 2)] == [None, None]
+        assert [
+            resolve_version(session, tenant, f"{rows.adapter}@{n}").manifest for n in (1, 2)
+        ] == [None, None]
         assert [run.started_at for run in session.scalars(select(ValidationRun))] == [None]
-        register_version(session, tenant, rows.adapter, ValidatedAdapter(
-            path=Path("."), digest="d" * 64, rank=8, alpha=16.0, target_modules=("q_proj",), size_bytes=10,
-            manifest=manifest))
+        register_version(
+            session,
+            tenant,
+            rows.adapter,
+            ValidatedAdapter(
+                path=Path("."),
+                digest="d" * 64,
+                rank=8,
+                alpha=16.0,
+                target_modules=("q_proj",),
+                size_bytes=10,
+                manifest=manifest,
+            ),
+        )
     with sessions() as session:
-        assert resolve_version(session, authenticate(session, rows.key), f"{rows.adapter}@3").manifest == manifest
+        assert (
+            resolve_version(session, authenticate(session, rows.key), f"{rows.adapter}@3").manifest
+            == manifest
+        )
     db.dispose()
 
 
@@ -194,9 +262,12 @@ def test_a_sqlite_catalog_is_copied_before_its_upgrade(tmp_path):
     with contextlib.closing(sqlite3.connect(copy)) as old:
         assert old.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         assert old.execute("SELECT name, key_hash FROM tenants").fetchall() == [
-            (rows.tenant, old.execute("SELECT key_hash FROM api_keys").fetchone()[0])]
+            (rows.tenant, old.execute("SELECT key_hash FROM api_keys").fetchone()[0])
+        ]
         assert old.execute("SELECT count(*) FROM decisions").fetchone() == (len(rows.decisions),)
-        assert not old.execute("SELECT name FROM sqlite_master WHERE name = 'alembic_version'").fetchall()
+        assert not old.execute(
+            "SELECT name FROM sqlite_master WHERE name = 'alembic_version'"
+        ).fetchall()
 
 
 def test_a_catalog_at_an_older_revision_is_upgraded_when_asked(empty_catalog_url):
@@ -209,7 +280,8 @@ def test_a_catalog_at_an_older_revision_is_upgraded_when_asked(empty_catalog_url
 
 
 def test_a_catalog_made_after_0_1_0_by_create_all_is_adopted(empty_catalog_url):
-    """Unreleased main between 0.1.0 and revisions created today's tables at start, with no revision."""
+    """Unreleased main between 0.1.0 and revisions created today's tables at start, with no
+    revision."""
     engine = create_engine(empty_catalog_url)
     Base.metadata.create_all(engine)
     engine.dispose()
@@ -224,13 +296,18 @@ def test_a_revision_from_a_newer_release_is_refused_even_with_upgrade(empty_cata
     with db.begin() as connection:
         connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
     db.dispose()
-    with pytest.raises(CatalogUnknownRevision, match="revision 9999, which this release does not know"):
+    with pytest.raises(
+        CatalogUnknownRevision, match="revision 9999, which this release does not know"
+    ):
         open_catalog(empty_catalog_url, upgrade=True)
 
 
-def _all_at_once(count: int, start: Callable[[], None], stagger_s: float = 0.01) -> list[BaseException]:
-    """Run `start` in `count` threads, begun a few milliseconds apart: the later ones look at the catalog while the
-    first is making or upgrading it (the window where a half-made catalog looked like an old one)."""
+def _all_at_once(
+    count: int, start: Callable[[], None], stagger_s: float = 0.01
+) -> list[BaseException]:
+    """Run `start` in `count` threads, begun a few milliseconds apart: the later ones look at the
+    catalog while the first is making or upgrading it (the window where a half-made catalog
+    looked like an old one)."""
     errors: list[BaseException] = []
     barrier = threading.Barrier(count)
 
@@ -263,7 +340,9 @@ def test_gateways_opening_one_new_catalog_at_once_all_start_at_head(dialect, new
         assert _versions(url) == [head_revision()]
 
 
-def test_gateways_upgrading_one_old_catalog_at_once_all_start_and_one_upgrades(empty_catalog_url, tmp_path):
+def test_gateways_upgrading_one_old_catalog_at_once_all_start_and_one_upgrades(
+    empty_catalog_url, tmp_path
+):
     create_schema(empty_catalog_url)
     rows = insert_rows(empty_catalog_url)
     assert _all_at_once(4, lambda: _open_and_close(empty_catalog_url, upgrade=True)) == []

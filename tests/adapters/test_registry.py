@@ -37,8 +37,14 @@ from lorafleet.serve.api.registry import _drop_blob_if_unused, _register_stored
 
 
 def _validated(digest_char: str) -> ValidatedAdapter:
-    return ValidatedAdapter(path=Path("."), digest=digest_char * 64, rank=8, alpha=16.0,
-                            target_modules=("q_proj",), size_bytes=10)
+    return ValidatedAdapter(
+        path=Path("."),
+        digest=digest_char * 64,
+        rank=8,
+        alpha=16.0,
+        target_modules=("q_proj",),
+        size_bytes=10,
+    )
 
 
 @pytest.fixture
@@ -84,13 +90,16 @@ def test_versions_count_up_and_same_content_returns_the_existing_one(session):
 
 
 def test_a_version_keeps_the_manifest_of_its_first_upload(session):
-    """The manifest is informational: the same content with another manifest (or none) is the same version."""
+    """The manifest is informational: the same content with another manifest (or none) is the
+    same version."""
     from dataclasses import replace
 
     tenant, _ = create_tenant(session, "acme")
     manifest = {"adapter_digest": "a" * 64, "training": {"steps": 12, "best_val_loss": None}}
     first, _ = register_version(session, tenant, "ext", replace(_validated("a"), manifest=manifest))
-    again, created = register_version(session, tenant, "ext", replace(_validated("a"), manifest={"other": 1}))
+    again, created = register_version(
+        session, tenant, "ext", replace(_validated("a"), manifest={"other": 1})
+    )
     register_version(session, tenant, "ext", _validated("b"))
     session.expunge_all()  # read back from the database
     assert (again.id, created) == (first.id, False)
@@ -149,8 +158,10 @@ def test_deployment_is_scoped_to_its_tenant(session):
 
 # --- concurrent uploads and deletes: real SQLite file, real threads, each with its own session ---
 
+
 def _in_threads(sessions, *work) -> list:
-    """Run each `work(session)` in its own thread, all released at once; return results (or exceptions)."""
+    """Run each `work(session)` in its own thread, all released at once; return results (or
+    exceptions)."""
     start = threading.Barrier(len(work))
     results: list = [None] * len(work)
 
@@ -188,7 +199,9 @@ def test_concurrent_identical_uploads_give_one_version(sessions, existing_adapte
             register_version(s, tenant, "ext", _validated("0"))
     for round_ in range(5):
         digest = "abcdef"[round_]
-        results = _in_threads(sessions, *[lambda s, d=digest: register_version(s, tenant, "ext", _validated(d))] * 4)
+        results = _in_threads(
+            sessions, *[lambda s, d=digest: register_version(s, tenant, "ext", _validated(d))] * 4
+        )
         assert not [r for r in results if isinstance(r, Exception)], results
         assert sorted(created for _, created in results) == [False, False, False, True]
         assert len({version.id for version, _ in results}) == 1
@@ -203,20 +216,48 @@ def test_concurrent_different_uploads_get_distinct_numbers(sessions, existing_ad
     if existing_adapter:
         with sessions() as s:
             register_version(s, tenant, "ext", _validated("0"))
-    results = _in_threads(sessions, *[lambda s, d=d: register_version(s, tenant, "ext", _validated(d))
-                                      for d in "abc"])
+    results = _in_threads(
+        sessions, *[lambda s, d=d: register_version(s, tenant, "ext", _validated(d)) for d in "abc"]
+    )
     assert not [r for r in results if isinstance(r, Exception)], results
     assert all(created for _, created in results)
-    assert sorted(v.version for v, _ in results) == [1 + existing_adapter, 2 + existing_adapter, 3 + existing_adapter]
+    assert sorted(v.version for v, _ in results) == [
+        1 + existing_adapter,
+        2 + existing_adapter,
+        3 + existing_adapter,
+    ]
 
 
 def _history(session, version, deployment) -> None:
-    session.add(ValidationRun(deployment_id=deployment.id, version_id=version.id,
-                              validation_set_id=deployment.validation_set_id, variant="stable", kind="baseline",
-                              at=0.0, engine="test", score=1.0, scores=[1.0], outputs=["x"], output_tokens=[1],
-                              exact_match_rate=1.0))
-    session.add(DriftCheck(deployment_id=deployment.id, version_id=version.id, variant="all", kind="input", at=0.0,
-                           look=1, p=0.5, q=0.5, drifted=False))
+    session.add(
+        ValidationRun(
+            deployment_id=deployment.id,
+            version_id=version.id,
+            validation_set_id=deployment.validation_set_id,
+            variant="stable",
+            kind="baseline",
+            at=0.0,
+            engine="test",
+            score=1.0,
+            scores=[1.0],
+            outputs=["x"],
+            output_tokens=[1],
+            exact_match_rate=1.0,
+        )
+    )
+    session.add(
+        DriftCheck(
+            deployment_id=deployment.id,
+            version_id=version.id,
+            variant="all",
+            kind="input",
+            at=0.0,
+            look=1,
+            p=0.5,
+            q=0.5,
+            drifted=False,
+        )
+    )
     session.commit()
 
 
@@ -225,13 +266,17 @@ def test_version_with_recorded_history_is_kept_with_a_409_naming_it(session):
     v1, _ = register_version(session, tenant, "ext", _validated("a"))
     v2, _ = register_version(session, tenant, "ext", _validated("b"))
     deployment = set_deployment(session, tenant, "invoice", v1)
-    deployment.validation_set = ValidationSet(tenant_id=tenant.id, digest="f" * 64, metric="exact_match", items=1,
-                                              size_bytes=1)
+    deployment.validation_set = ValidationSet(
+        tenant_id=tenant.id, digest="f" * 64, metric="exact_match", items=1, size_bytes=1
+    )
     session.commit()
     _history(session, v1, deployment)
     set_deployment(session, tenant, "invoice", v2)  # v1 is no longer served, only remembered
-    with pytest.raises(Conflict, match=r"ext@1 is referred to by its recorded history \(1 validation runs, "
-                                       r"1 drift checks\)") as refused:
+    with pytest.raises(
+        Conflict,
+        match=r"ext@1 is referred to by its recorded history \(1 validation runs, "
+        r"1 drift checks\)",
+    ) as refused:
         delete_version(session, tenant, v1)
     assert refused.value.code == "version_has_history"
     assert resolve_version(session, tenant, "ext@1").id == v1.id  # nothing changed
@@ -243,11 +288,33 @@ def test_version_named_only_by_a_finished_rollout_can_be_deleted(session):
     v1, _ = register_version(session, tenant, "ext", _validated("a"))
     v2, _ = register_version(session, tenant, "ext", _validated("b"))
     deployment = set_deployment(session, tenant, "invoice", v2)
-    session.add(Rollout(deployment_id=deployment.id, kind="canary", phase="Aborted", salt="s", created_by="t",
-                        created_at=0.0, finished_at=1.0,
-                        variants=[{"label": "stable", "version_id": v2.id, "digest": v2.digest, "ref": "ext@2",
-                                   "weight": 100}, {"label": "candidate", "version_id": v1.id,
-                                                    "digest": v1.digest, "ref": "ext@1", "weight": 0}]))
+    session.add(
+        Rollout(
+            deployment_id=deployment.id,
+            kind="canary",
+            phase="Aborted",
+            salt="s",
+            created_by="t",
+            created_at=0.0,
+            finished_at=1.0,
+            variants=[
+                {
+                    "label": "stable",
+                    "version_id": v2.id,
+                    "digest": v2.digest,
+                    "ref": "ext@2",
+                    "weight": 100,
+                },
+                {
+                    "label": "candidate",
+                    "version_id": v1.id,
+                    "digest": v1.digest,
+                    "ref": "ext@1",
+                    "weight": 0,
+                },
+            ],
+        )
+    )
     session.commit()
     delete_version(session, tenant, v1)
     with pytest.raises(NotFound):
@@ -273,8 +340,14 @@ def _stored(tmp_path: Path, digest_char: str) -> ValidatedAdapter:
     folder.mkdir(exist_ok=True)
     (folder / CONFIG_FILE).write_text("{}")
     (folder / WEIGHTS_FILE).write_bytes(b"weights")
-    return ValidatedAdapter(path=folder, digest=digest_char * 64, rank=8, alpha=16.0, target_modules=("q_proj",),
-                            size_bytes=7)
+    return ValidatedAdapter(
+        path=folder,
+        digest=digest_char * 64,
+        rank=8,
+        alpha=16.0,
+        target_modules=("q_proj",),
+        size_bytes=7,
+    )
 
 
 def test_blob_survives_a_delete_racing_an_identical_upload_of_another_tenant(sessions, tmp_path):
@@ -292,17 +365,22 @@ def test_blob_survives_a_delete_racing_an_identical_upload_of_another_tenant(ses
             delete_version(s, acme, version)
             return _drop_blob_if_unused(gateway, s, version.digest)
 
-        def upload_same(s, upload=upload, name=f"g{round_}") -> AdapterVersion:  # the route's steps, in order
+        # the route's steps, in order
+        def upload_same(s, upload=upload, name=f"g{round_}") -> AdapterVersion:
             return _register_stored(gateway, s, globex, name, upload, store.put(upload))[0]
 
         removed, version = _in_threads(sessions, delete, upload_same)
-        assert not isinstance(removed, Exception) and not isinstance(version, Exception), (removed, version)
+        assert not isinstance(removed, Exception) and not isinstance(version, Exception), (
+            removed,
+            version,
+        )
         assert store.exists(version.digest), f"round {round_}: globex's version has no blob"
         with sessions() as s:
             delete_version(s, globex, resolve_version(s, globex, f"g{round_}"))
             assert _drop_blob_if_unused(gateway, s, upload.digest) is True
         assert not store.exists(upload.digest)
-        assert [p.name for p in store.root.iterdir() if p.name.startswith(".")] == []  # no trash left
+        # no trash left
+        assert [p.name for p in store.root.iterdir() if p.name.startswith(".")] == []
 
 
 def test_blob_comes_back_when_a_version_appears_while_it_is_out_of_sight(sessions, tmp_path):

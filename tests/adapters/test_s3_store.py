@@ -1,5 +1,5 @@
-"""The S3 adapter and blob stores against a real S3-API server on loopback, the engine host's cache, and the local
-store behind the same interface."""
+"""The S3 adapter and blob stores against a real S3-API server on loopback, the engine host's
+cache, and the local store behind the same interface."""
 
 from __future__ import annotations
 
@@ -15,7 +15,13 @@ import pytest
 from lorafleet.adapters.adapter_cache import AdapterCache
 from lorafleet.adapters.base_model import BaseModelSpec
 from lorafleet.adapters.errors import StoreCorrupt, StoreUnavailable
-from lorafleet.adapters.s3_store import MANIFEST, S3AdapterStore, S3BlobStore, S3Location, parse_s3_url
+from lorafleet.adapters.s3_store import (
+    MANIFEST,
+    S3AdapterStore,
+    S3BlobStore,
+    S3Location,
+    parse_s3_url,
+)
 from lorafleet.adapters.store import BlobStore, LocalStore, open_blob_store, open_store
 from lorafleet.adapters.validate import (
     CONFIG_FILE,
@@ -32,7 +38,8 @@ def test_a_fetch_checks_the_digest_that_validation_computes(tmp_path):
     layer = SMALL_LORA.removeprefix("base_model.model.")
     spec = BaseModelSpec("fake", "model.language_model", {layer: (16, 16)}, {})
     assert validate_adapter_dir(adapter.path, spec, max_rank=16).digest == adapter.digest
-    assert small_adapter(tmp_path / "b", seed=1, indent=2).digest == adapter.digest  # the config's JSON, not bytes
+    # the config's JSON, not bytes
+    assert small_adapter(tmp_path / "b", seed=1, indent=2).digest == adapter.digest
     assert small_adapter(tmp_path / "c", seed=2).digest != adapter.digest
 
 
@@ -47,8 +54,11 @@ def _store(location: S3Location, tmp_path: Path, max_bytes: int = 10**9) -> S3Ad
 
 
 def _keys(location: S3Location, under: str = "") -> list[str]:
-    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=location.bucket,
-                                                                          Prefix=location.key(under))
+    pages = (
+        boto3.client("s3")
+        .get_paginator("list_objects_v2")
+        .paginate(Bucket=location.bucket, Prefix=location.key(under))
+    )
     return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
 
 
@@ -57,6 +67,7 @@ def _cache_entries(store: S3AdapterStore) -> list[str]:
 
 
 # --- put, visibility, fetch ---
+
 
 def test_put_then_fetch_gives_the_verified_files(location, tmp_path):
     store = _store(location, tmp_path)
@@ -76,24 +87,35 @@ def test_manifest_is_written_last_and_names_each_file(location, tmp_path):
     store = _store(location, tmp_path)
     adapter = small_adapter(tmp_path / "a", seed=1)
     store.put(adapter)
-    manifest = json.loads(boto3.client("s3").get_object(Bucket=location.bucket, Key=location.key(
-        "adapters", adapter.digest, MANIFEST))["Body"].read())
+    manifest = json.loads(
+        boto3.client("s3")
+        .get_object(Bucket=location.bucket, Key=location.key("adapters", adapter.digest, MANIFEST))[
+            "Body"
+        ]
+        .read()
+    )
     assert manifest["digest"] == adapter.digest
     weights = (adapter.path / WEIGHTS_FILE).read_bytes()
-    assert manifest["files"][WEIGHTS_FILE] == {"size": len(weights), "sha256": hashlib.sha256(weights).hexdigest()}
+    assert manifest["files"][WEIGHTS_FILE] == {
+        "size": len(weights),
+        "sha256": hashlib.sha256(weights).hexdigest(),
+    }
     upload = manifest["upload"]
     assert _keys(location, f"adapters/{adapter.digest}/") == sorted(
-        location.key("adapters", adapter.digest, *parts) for parts in
-        [(MANIFEST,), (upload, CONFIG_FILE), (upload, WEIGHTS_FILE)])
+        location.key("adapters", adapter.digest, *parts)
+        for parts in [(MANIFEST,), (upload, CONFIG_FILE), (upload, WEIGHTS_FILE)]
+    )
 
 
 def test_files_without_a_manifest_are_not_visible(location, tmp_path):
     store = _store(location, tmp_path)
     adapter = small_adapter(tmp_path / "a", seed=1)
     store.put(adapter)
-    boto3.client("s3").delete_object(Bucket=location.bucket, Key=location.key("adapters", adapter.digest, MANIFEST))
+    boto3.client("s3").delete_object(
+        Bucket=location.bucket, Key=location.key("adapters", adapter.digest, MANIFEST)
+    )
     assert not store.exists(adapter.digest) and list(store.digests()) == []
-    (entry, _), = store.temp_entries()
+    ((entry, _),) = store.temp_entries()
     assert entry.startswith(f"{adapter.digest}/")
     with pytest.raises(StoreUnavailable) as missing:
         store.fetch(adapter.digest)
@@ -107,7 +129,9 @@ def _overwrite(location: S3Location, digest: str, name: str, data: bytes) -> Non
     s3 = boto3.client("s3")
     key = location.key("adapters", digest, MANIFEST)
     upload = json.loads(s3.get_object(Bucket=location.bucket, Key=key)["Body"].read())["upload"]
-    s3.put_object(Bucket=location.bucket, Key=location.key("adapters", digest, upload, name), Body=data)
+    s3.put_object(
+        Bucket=location.bucket, Key=location.key("adapters", digest, upload, name), Body=data
+    )
 
 
 def test_a_changed_object_is_refused_and_leaves_nothing_in_the_cache(location, tmp_path):
@@ -130,7 +154,10 @@ def test_files_that_match_their_manifest_but_not_the_digest_are_refused(location
     s3, key = boto3.client("s3"), location.key("adapters", adapter.digest, MANIFEST)
     manifest = json.loads(s3.get_object(Bucket=location.bucket, Key=key)["Body"].read())
     data = (forged.path / WEIGHTS_FILE).read_bytes()
-    manifest["files"][WEIGHTS_FILE] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest["files"][WEIGHTS_FILE] = {
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
     s3.put_object(Bucket=location.bucket, Key=key, Body=json.dumps(manifest).encode())
     _overwrite(location, adapter.digest, WEIGHTS_FILE, data)
     with pytest.raises(StoreCorrupt, match="content digest"):
@@ -143,7 +170,9 @@ def test_a_later_fetch_is_served_from_the_cache(location, tmp_path):
     adapter = small_adapter(tmp_path / "a", seed=1)
     store.put(adapter)
     first = store.fetch(adapter.digest)
-    boto3.client("s3").delete_object(Bucket=location.bucket, Key=location.key("adapters", adapter.digest, MANIFEST))
+    boto3.client("s3").delete_object(
+        Bucket=location.bucket, Key=location.key("adapters", adapter.digest, MANIFEST)
+    )
     assert store.fetch(adapter.digest) == first  # no S3 call needed
 
 
@@ -157,6 +186,7 @@ def test_a_restarted_cache_keeps_its_copies(location, tmp_path):
 
 
 # --- the cache's bound ---
+
 
 def _copy_in(adapter: ValidatedAdapter, calls: list[str] | None = None):
     def download(folder: Path) -> None:
@@ -190,7 +220,8 @@ def test_a_pinned_adapter_is_never_evicted(tmp_path):
     cache.fetch(a.digest, _copy_in(a))
     with cache.pinned(a.digest):  # e.g. the engine is loading it
         cache.fetch(b.digest, _copy_in(b))
-        assert evicted == [] and (cache.path(a.digest) / WEIGHTS_FILE).is_file()  # over the bound, for now
+        # over the bound, for now
+        assert evicted == [] and (cache.path(a.digest) / WEIGHTS_FILE).is_file()
     cache.fetch(c.digest, _copy_in(c))
     assert evicted == [a.digest, b.digest] and c.digest in cache
 
@@ -222,12 +253,18 @@ def test_concurrent_s3_fetches_download_once(location, tmp_path):
     real = store._download
     store._download = lambda digest, folder: (downloads.append(digest), real(digest, folder))[1]
     start = threading.Barrier(6)
-    threads = [threading.Thread(target=lambda: (start.wait(), store.fetch(adapter.digest))) for _ in range(6)]
+    threads = [
+        threading.Thread(target=lambda: (start.wait(), store.fetch(adapter.digest)))
+        for _ in range(6)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert downloads == [adapter.digest] and (store.local_path(adapter.digest) / WEIGHTS_FILE).is_file()
+    assert (
+        downloads == [adapter.digest]
+        and (store.local_path(adapter.digest) / WEIGHTS_FILE).is_file()
+    )
 
 
 def test_a_failed_download_leaves_no_folder(tmp_path):
@@ -243,6 +280,7 @@ def test_a_failed_download_leaves_no_folder(tmp_path):
 
 
 # --- delete and its race with an upload of the same content ---
+
 
 def test_delete_removes_every_object(location, tmp_path):
     store = _store(location, tmp_path)
@@ -283,8 +321,8 @@ def test_a_failing_look_at_the_catalog_keeps_the_blob(location, tmp_path):
 
 @pytest.mark.parametrize("kept", [False, True])
 def test_an_upload_racing_a_delete_keeps_its_own_files(location, tmp_path, kept):
-    """Another tenant uploads the same content (its config formatted differently) while the blob is out of
-    sight; whatever the delete decides, the blob left is complete and verifies."""
+    """Another tenant uploads the same content (its config formatted differently) while the blob
+    is out of sight; whatever the delete decides, the blob left is complete and verifies."""
     store = _store(location, tmp_path)
     adapter = small_adapter(tmp_path / "a", seed=1)
     same = small_adapter(tmp_path / "b", seed=1, indent=2)
@@ -297,7 +335,9 @@ def test_an_upload_racing_a_delete_keeps_its_own_files(location, tmp_path, kept)
 
     assert store.delete(adapter.digest, keep=keep) is not kept  # its own copy went, or came back
     assert store.exists(adapter.digest) and list(store.temp_entries()) == []
-    assert (store.fetch(adapter.digest) / CONFIG_FILE).read_bytes() == (same.path / CONFIG_FILE).read_bytes()
+    assert (store.fetch(adapter.digest) / CONFIG_FILE).read_bytes() == (
+        same.path / CONFIG_FILE
+    ).read_bytes()
 
 
 def test_a_put_repairs_a_manifest_whose_files_are_gone(location, tmp_path):
@@ -314,17 +354,24 @@ def test_a_put_repairs_a_manifest_whose_files_are_gone(location, tmp_path):
 
 # --- validation sets ---
 
+
 def test_blob_store_roundtrip_and_delete_rules(location):
     blobs = S3BlobStore(location.child("validation"), ".jsonl")
     data = b'{"messages": []}\n'
     digest = blobs.put(data)
     assert digest == hashlib.sha256(data).hexdigest() and blobs.read(digest) == data
     assert _keys(location) == [location.key("validation", f"{digest}.jsonl")]
-    (listed, changed), = blobs.digests()
+    ((listed, changed),) = blobs.digests()
     assert listed == digest
-    assert blobs.delete(digest, keep=lambda: True) is False and blobs.read(digest) == data  # a row uses it
-    assert blobs.delete(digest, if_unmodified_since=changed - 60) is False  # put again since that listing
-    assert blobs.delete(digest) is True and list(blobs.digests()) == [] and list(blobs.temp_entries()) == []
+    # a row uses it
+    assert blobs.delete(digest, keep=lambda: True) is False and blobs.read(digest) == data
+    # put again since that listing
+    assert blobs.delete(digest, if_unmodified_since=changed - 60) is False
+    assert (
+        blobs.delete(digest) is True
+        and list(blobs.digests()) == []
+        and list(blobs.temp_entries()) == []
+    )
     with pytest.raises(StoreUnavailable):
         blobs.read(digest)
 
@@ -332,20 +379,27 @@ def test_blob_store_roundtrip_and_delete_rules(location):
 def test_blob_store_refuses_changed_bytes(location):
     blobs = S3BlobStore(location.child("validation"), ".jsonl")
     digest = blobs.put(b"one\n")
-    boto3.client("s3").put_object(Bucket=location.bucket, Key=location.key("validation", f"{digest}.jsonl"),
-                                  Body=b"two\n")
+    boto3.client("s3").put_object(
+        Bucket=location.bucket, Key=location.key("validation", f"{digest}.jsonl"), Body=b"two\n"
+    )
     with pytest.raises(StoreCorrupt):
         blobs.read(digest)
 
 
 def test_the_blob_store_follows_the_adapter_store_url(s3_url, tmp_path):
-    assert isinstance(open_blob_store(f"{s3_url}/x", "validation", tmp_path / "v", ".jsonl"), S3BlobStore)
-    local = open_blob_store(f"file://{tmp_path / 'adapters'}", "validation", tmp_path / "v", ".jsonl")
-    assert isinstance(local, BlobStore) and local.root == tmp_path / "v"  # where existing installs keep them
+    assert isinstance(
+        open_blob_store(f"{s3_url}/x", "validation", tmp_path / "v", ".jsonl"), S3BlobStore
+    )
+    local = open_blob_store(
+        f"file://{tmp_path / 'adapters'}", "validation", tmp_path / "v", ".jsonl"
+    )
+    # where existing installs keep them
+    assert isinstance(local, BlobStore) and local.root == tmp_path / "v"
     assert local.read(local.put(b"x\n")) == b"x\n"
 
 
 # --- URLs ---
+
 
 def test_s3_urls_give_bucket_and_prefix():
     assert parse_s3_url("s3://bucket/a/b/") == S3Location("bucket", "a/b")
@@ -353,7 +407,9 @@ def test_s3_urls_give_bucket_and_prefix():
     assert S3Location("bucket", "").key("adapters", "d") == "adapters/d"
 
 
-@pytest.mark.parametrize("url", ["s3://", "s3:///prefix", "s3://Bad_Bucket/x", "s3://bucket/x?endpoint=y"])
+@pytest.mark.parametrize(
+    "url", ["s3://", "s3:///prefix", "s3://Bad_Bucket/x", "s3://bucket/x?endpoint=y"]
+)
 def test_a_bad_s3_url_names_the_setting(url, tmp_path):
     with pytest.raises(ValueError, match="LORAFLEET_STORE_URL"):
         open_store(url, tmp_path / "cache")
@@ -369,15 +425,19 @@ def test_an_s3_store_needs_a_cache_folder_and_other_schemes_are_refused(tmp_path
 
 # --- the local store behind the same interface ---
 
+
 def test_the_local_store_is_read_in_place(tmp_path):
     store = open_store(f"file://{tmp_path / 'adapters'}", tmp_path / "cache")
     assert isinstance(store, LocalStore)
     adapter = small_adapter(tmp_path / "a", seed=1)
-    assert store.put(adapter) is True and store.put(adapter) is False and store.exists(adapter.digest)
+    assert (
+        store.put(adapter) is True and store.put(adapter) is False and store.exists(adapter.digest)
+    )
     store.on_evict(lambda digest: pytest.fail("a local store never evicts"))
     with store.pinned(adapter.digest):
         assert store.fetch(adapter.digest) == tmp_path / "adapters" / adapter.digest
     store.touch(adapter.digest)
     assert content_digest(store.fetch(adapter.digest)) == adapter.digest
-    assert store.fetch("f" * 64) == store.local_path("f" * 64)  # not there: the engine says so when it loads
+    # not there: the engine says so when it loads
+    assert store.fetch("f" * 64) == store.local_path("f" * 64)
     assert not (tmp_path / "cache").exists()

@@ -46,8 +46,14 @@ PRE_0_1_0_MISSING = ("api_keys", "tenant_policies", "audit_events")  # tables 0.
 
 
 def _validated(char: str, size: int = 10) -> ValidatedAdapter:
-    return ValidatedAdapter(path=Path("."), digest=char * 64, rank=8, alpha=16.0, target_modules=("q_proj",),
-                            size_bytes=size)
+    return ValidatedAdapter(
+        path=Path("."),
+        digest=char * 64,
+        rank=8,
+        alpha=16.0,
+        target_modules=("q_proj",),
+        size_bytes=size,
+    )
 
 
 @pytest.fixture
@@ -62,7 +68,8 @@ def test_a_tenant_has_several_keys_each_revocable_alone(sessions):
         assert authenticate(session, first).id == authenticate(session, second).id == tenant.id
         keys = list_keys(session, tenant)
         assert [k.label for k in keys] == ["first", "ci"]
-        assert keys[0].prefix == first[:8] and first not in keys[0].key_hash  # only the hash is kept
+        # only the hash is kept
+        assert keys[0].prefix == first[:8] and first not in keys[0].key_hash
         revoke_key(session, tenant, keys[0].id)
         with pytest.raises(Unauthorized, match="revoked") as refused:
             authenticate(session, first)
@@ -87,7 +94,8 @@ def test_rotation_keeps_the_old_key_for_the_grace_period_only(sessions):
             authenticate(session, new_secret)  # grace 0: replaced at once
         assert authenticate(session, now_secret).id == tenant.id
         with pytest.raises(Conflict):
-            rotate_key(session, tenant, new.id, grace_s=10)  # an expired key cannot be rotated again
+            # an expired key cannot be rotated again
+            rotate_key(session, tenant, new.id, grace_s=10)
 
 
 def test_a_key_with_an_expiry_stops_at_it(sessions):
@@ -114,7 +122,10 @@ def test_limits_are_set_and_reset_one_by_one(sessions):
     with sessions() as session:
         tenant, key = create_tenant(session, "acme")
         assert set_limits(session, tenant, {"rpm": 10, "tpm": 0}).limits == {"rpm": 10, "tpm": 0}
-        assert set_limits(session, tenant, {"rpm": None, "concurrency": 2}).limits == {"tpm": 0, "concurrency": 2}
+        assert set_limits(session, tenant, {"rpm": None, "concurrency": 2}).limits == {
+            "tpm": 0,
+            "concurrency": 2,
+        }
         assert authenticate_key(session, key)[2].limits == {"tpm": 0, "concurrency": 2}
 
 
@@ -125,25 +136,50 @@ def test_deleting_a_tenant_removes_what_it_owns_and_nothing_of_others(sessions):
         v1, _ = register_version(session, acme, "m", _validated("a"))
         v2, _ = register_version(session, acme, "m", _validated("b"))
         deployment = set_deployment(session, acme, "prod", v1)
-        shared, _ = register_version(session, globex, "m", _validated("a"))  # the same content as acme's v1
+        # the same content as acme's v1
+        shared, _ = register_version(session, globex, "m", _validated("a"))
         set_deployment(session, globex, "prod", shared)
-        session.add(ValidationSet(tenant_id=acme.id, digest="c" * 64, metric="exact_match", items=1, size_bytes=1))
-        rollout = Rollout(deployment_id=deployment.id, kind="canary", phase="Progressing", salt="s", variants=[],
-                          created_by="t", created_at=time.time())
+        session.add(
+            ValidationSet(
+                tenant_id=acme.id, digest="c" * 64, metric="exact_match", items=1, size_bytes=1
+            )
+        )
+        rollout = Rollout(
+            deployment_id=deployment.id,
+            kind="canary",
+            phase="Progressing",
+            salt="s",
+            variants=[],
+            created_by="t",
+            created_at=time.time(),
+        )
         session.add(rollout)
         session.flush()
-        session.add(Decision(deployment_id=deployment.id, rollout_id=rollout.id, at=time.time(), action="start",
-                             reason="Started", message="", step_index=0, actor="t"))
+        session.add(
+            Decision(
+                deployment_id=deployment.id,
+                rollout_id=rollout.id,
+                at=time.time(),
+                action="start",
+                reason="Started",
+                message="",
+                step_index=0,
+                actor="t",
+            )
+        )
         deployment.rollout_id = rollout.id
         session.commit()
 
         with pytest.raises(Conflict, match="rollout") as refused:
             delete_tenant(session, acme)
         assert refused.value.code == "rollout_running"
-        assert session.scalar(select(func.count()).select_from(Deployment)) == 2  # refused: nothing removed
+        # refused: nothing removed
+        assert session.scalar(select(func.count()).select_from(Deployment)) == 2
 
         deleted = delete_tenant(session, get_tenant(session, "acme"), force=True)
-        assert deleted.adapter_digests == {"a" * 64, "b" * 64} and deleted.validation_digests == {"c" * 64}
+        assert deleted.adapter_digests == {"a" * 64, "b" * 64} and deleted.validation_digests == {
+            "c" * 64
+        }
         assert deleted.counts["adapter_versions"] == 2 and deleted.counts["decisions"] == 1
         with pytest.raises(NotFound):
             get_tenant(session, "acme")
@@ -165,7 +201,13 @@ def test_stored_usage_counts_versions_and_bytes(sessions):
 def test_audit_lists_newest_first_per_tenant_with_paging(sessions):
     with sessions() as session:
         for i in range(5):
-            record_audit(session, "admin@127.0.0.1", "tenant.limits", "acme" if i % 2 == 0 else "globex", step=i)
+            record_audit(
+                session,
+                "admin@127.0.0.1",
+                "tenant.limits",
+                "acme" if i % 2 == 0 else "globex",
+                step=i,
+            )
         events = list_audit(session, "acme")
         assert [e.details["step"] for e in events] == [4, 2, 0]
         assert [e.details["step"] for e in list_audit(session, limit=2)] == [4, 3]
@@ -184,16 +226,22 @@ def test_key_use_is_recorded_and_never_moves_back(sessions):
 
 
 def test_a_catalog_from_before_api_keys_is_upgraded_when_asked_and_keeps_its_keys(tmp_path):
-    """An install made before keys were a table (and before revisions): one key per tenant in tenants.key_hash, no
-    api_keys, tenant_policies or audit_events. This release serves it only once asked to upgrade it."""
+    """An install made before keys were a table (and before revisions): one key per tenant in
+    tenants.key_hash, no api_keys, tenant_policies or audit_events. This release serves it only
+    once asked to upgrade it."""
     url = f"sqlite:///{tmp_path / 'catalog.db'}"
     old = [s for s in schema_statements("sqlite") if not any(t in s for t in PRE_0_1_0_MISSING)]
     db = create_engine(url)
     with db.begin() as connection:
         for statement in old:
             connection.exec_driver_sql(statement)
-        connection.execute(text("INSERT INTO tenants (name, key_hash, sample_inputs, created_at) "
-                                "VALUES ('old', :h, 1, '2026-01-01 00:00:00')"), {"h": hash_key("lf-old-key")})
+        connection.execute(
+            text(
+                "INSERT INTO tenants (name, key_hash, sample_inputs, created_at) "
+                "VALUES ('old', :h, 1, '2026-01-01 00:00:00')"
+            ),
+            {"h": hash_key("lf-old-key")},
+        )
     db.dispose()
     with pytest.raises(CatalogBehind, match="run `lorafleet db upgrade`"):
         open_catalog(url)  # the new release starts on it, not asked to upgrade
@@ -207,7 +255,8 @@ def test_a_catalog_from_before_api_keys_is_upgraded_when_asked_and_keeps_its_key
 
 
 def test_gateways_opening_one_new_catalog_at_once_all_start(tmp_path):
-    """Two gateways started together on a new catalog used to race to create its tables (one exited)."""
+    """Two gateways started together on a new catalog used to race to create its tables (one
+    exited)."""
     url = f"sqlite:///{tmp_path / 'catalog.db'}"
     errors: list[Exception] = []
 

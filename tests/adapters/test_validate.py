@@ -36,14 +36,27 @@ from tests.factories import (
 
 
 def _validate(archive: Path, tiny_model: Path, work: Path):
-    return validate_upload(archive, work / "unpacked", load_base_spec(str(tiny_model)), max_rank=MAX_RANK,
-                           max_bytes=MAX_UPLOAD)
+    return validate_upload(
+        archive,
+        work / "unpacked",
+        load_base_spec(str(tiny_model)),
+        max_rank=MAX_RANK,
+        max_bytes=MAX_UPLOAD,
+    )
 
 
 def test_valid_adapter_reports_rank_targets_and_digest(make_adapter, tiny_model, tmp_path):
     validated = _validate(tar_gz(make_adapter(1), tmp_path / "a.tar.gz"), tiny_model, tmp_path)
     assert validated.rank == 8 and validated.alpha == 16
-    assert validated.target_modules == ("down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj")
+    assert validated.target_modules == (
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    )
     assert len(validated.digest) == 64
 
 
@@ -55,19 +68,25 @@ def test_zip_and_tar_of_the_same_adapter_have_one_digest(make_adapter, tiny_mode
 
 def test_different_weights_have_different_digests(make_adapter, tiny_model, tmp_path):
     spec = load_base_spec(str(tiny_model))
-    assert (validate_adapter_dir(make_adapter(1), spec, MAX_RANK).digest
-            != validate_adapter_dir(make_adapter(2), spec, MAX_RANK).digest)
+    assert (
+        validate_adapter_dir(make_adapter(1), spec, MAX_RANK).digest
+        != validate_adapter_dir(make_adapter(2), spec, MAX_RANK).digest
+    )
 
 
 def test_transformers4_key_names_map_to_the_language_model(make_adapter, tiny_model, tmp_path):
-    folder = edit_tensors(copy_adapter(make_adapter(1), tmp_path / "legacy"),
-                          rename_module("model.language_model.", "model."))
+    folder = edit_tensors(
+        copy_adapter(make_adapter(1), tmp_path / "legacy"),
+        rename_module("model.language_model.", "model."),
+    )
     validated = validate_adapter_dir(folder, load_base_spec(str(tiny_model)), MAX_RANK)
     assert "q_proj" in validated.target_modules
 
 
 @pytest.mark.parametrize("case", sorted(REJECTIONS))
-def test_bad_upload_is_refused_with_its_reason(case, make_adapter, vision_adapter, tiny_model, tmp_path):
+def test_bad_upload_is_refused_with_its_reason(
+    case, make_adapter, vision_adapter, tiny_model, tmp_path
+):
     status, phrase = REJECTIONS[case]
     archive = bad_archive(case, make_adapter(1), tmp_path, vision_adapter, make_adapter(3, rank=32))
     expected = PayloadTooLarge if status == 413 else InvalidAdapter
@@ -89,7 +108,8 @@ def test_hostile_upload_is_refused_fast_with_its_field(case, make_adapter, tiny_
     t0 = time.monotonic()
     with pytest.raises((InvalidAdapter, PayloadTooLarge)) as info:
         _validate(archive, tiny_model, tmp_path)
-    if field == "file" or status == 413:  # archive checks; a slow regex gets REGEX_CPU_S of CPU time
+    # archive checks; a slow regex gets REGEX_CPU_S of CPU time
+    if field == "file" or status == 413:
         assert time.monotonic() - t0 < 2
     _refusal(info, status, field, phrase)
 
@@ -101,7 +121,8 @@ def test_ten_gib_gzip_bomb_is_refused_in_well_under_a_second_without_unpacking(t
     with pytest.raises(PayloadTooLarge):
         extract_archive(archive, tmp_path / "out", MAX_UPLOAD)
     assert time.monotonic() - t0 < 0.5
-    assert not any(p.is_file() for p in (tmp_path / "out").rglob("*"))  # refused at the header: nothing written
+    # refused at the header: nothing written
+    assert not any(p.is_file() for p in (tmp_path / "out").rglob("*"))
 
 
 def test_gzip_bomb_without_a_declared_size_stops_while_streaming(tmp_path):
@@ -113,7 +134,9 @@ def test_gzip_bomb_without_a_declared_size_stops_while_streaming(tmp_path):
     assert time.monotonic() - t0 < 0.5  # 64 MiB of zeros are never all decompressed
 
 
-def test_a_few_more_files_and_folders_within_the_limits_are_accepted(make_adapter, tiny_model, tmp_path):
+def test_a_few_more_files_and_folders_within_the_limits_are_accepted(
+    make_adapter, tiny_model, tmp_path
+):
     def extras(tar: tarfile.TarFile) -> None:
         tar.add(tmp_path, arcname="adapter/docs", recursive=False)  # a folder entry
         for i in range(MAX_MEMBERS - 4):
@@ -121,7 +144,9 @@ def test_a_few_more_files_and_folders_within_the_limits_are_accepted(make_adapte
             info.size = 2
             tar.addfile(info, io.BytesIO(b"hi"))
 
-    validated = _validate(tar_gz(make_adapter(1), tmp_path / "a.tar.gz", extras), tiny_model, tmp_path)
+    validated = _validate(
+        tar_gz(make_adapter(1), tmp_path / "a.tar.gz", extras), tiny_model, tmp_path
+    )
     assert validated.rank == 8
 
 
@@ -131,7 +156,7 @@ def test_zip_with_a_million_entry_directory_is_refused_from_its_end_record(tmp_p
         zf.writestr("adapter/adapter_config.json", "{}")
     data = bytearray(archive.read_bytes())
     end = data.rfind(b"PK\x05\x06")
-    data[end + 8: end + 12] = (60_000).to_bytes(2, "little") * 2  # entries on this disk / in total
+    data[end + 8 : end + 12] = (60_000).to_bytes(2, "little") * 2  # entries on this disk / in total
     archive.write_bytes(bytes(data))
     with pytest.raises(InvalidAdapter) as info:
         extract_archive(archive, tmp_path / "out", MAX_UPLOAD)
@@ -182,17 +207,30 @@ CONFIG_FIELDS = [  # (changes to adapter_config.json, the field refused, a phras
 ]
 
 
-@pytest.mark.parametrize(("changes", "field", "phrase"), CONFIG_FIELDS, ids=[f"{c}" for c, _, _ in CONFIG_FIELDS])
-def test_bad_config_field_is_refused_naming_the_field(changes, field, phrase, make_adapter, tiny_model, tmp_path):
+@pytest.mark.parametrize(
+    ("changes", "field", "phrase"), CONFIG_FIELDS, ids=[f"{c}" for c, _, _ in CONFIG_FIELDS]
+)
+def test_bad_config_field_is_refused_naming_the_field(
+    changes, field, phrase, make_adapter, tiny_model, tmp_path
+):
     folder = edit_config(copy_adapter(make_adapter(1), tmp_path / "adapter"), **changes)
     with pytest.raises(InvalidAdapter) as info:
         validate_adapter_dir(folder, load_base_spec(str(tiny_model)), MAX_RANK)
     _refusal(info, 400, field, phrase)
 
 
-@pytest.mark.parametrize(("text", "phrase"), [("{not json", "not valid JSON"), ("[1, 2]", "must be a JSON object"),
-                                              ("[" * 100_000, "not valid JSON"), ("\xff\xfe", "not valid JSON")])
-def test_config_that_is_not_a_json_object_is_refused(text, phrase, make_adapter, tiny_model, tmp_path):
+@pytest.mark.parametrize(
+    ("text", "phrase"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        ("[" * 100_000, "not valid JSON"),
+        ("\xff\xfe", "not valid JSON"),
+    ],
+)
+def test_config_that_is_not_a_json_object_is_refused(
+    text, phrase, make_adapter, tiny_model, tmp_path
+):
     folder = copy_adapter(make_adapter(1), tmp_path / "adapter")
     (folder / CONFIG).write_bytes(text.encode("latin-1"))
     with pytest.raises(InvalidAdapter) as info:
@@ -201,8 +239,12 @@ def test_config_that_is_not_a_json_object_is_refused(text, phrase, make_adapter,
 
 
 def test_rank_pattern_that_matches_the_tensors_is_accepted(make_adapter, tiny_model, tmp_path):
-    folder = edit_config(copy_adapter(make_adapter(1), tmp_path / "adapter"), r=4, rank_pattern={".*": 8},
-                         alpha_pattern={"q_proj": 4})
+    folder = edit_config(
+        copy_adapter(make_adapter(1), tmp_path / "adapter"),
+        r=4,
+        rank_pattern={".*": 8},
+        alpha_pattern={"q_proj": 4},
+    )
     assert validate_adapter_dir(folder, load_base_spec(str(tiny_model)), MAX_RANK).rank == 8
 
 
@@ -223,15 +265,23 @@ def _zero_alternately(tensors: dict) -> dict:
     return {k: torch.zeros_like(v) if k in zeroed else v for k, v in tensors.items()}
 
 
-@pytest.mark.parametrize(("edit", "phrase"), [
-    (zero_lora("lora_B"), "all lora_B weights are zero: this adapter would serve the base model's output"),
-    (zero_lora("lora_A"), "all lora_A weights are zero"),
-    (_zero_alternately, "every layer has an all-zero lora_A or lora_B"),
-    (_first_of("lora_B", float("nan")), "NaN or infinite"),
-    (_first_of("lora_A", float("-inf")), "NaN or infinite"),
-], ids=["zero-B", "zero-A", "zero-product", "nan", "inf"])
-def test_weights_that_cannot_change_the_output_or_are_not_finite_are_refused(edit, phrase, make_adapter, tiny_model,
-                                                                          tmp_path):
+@pytest.mark.parametrize(
+    ("edit", "phrase"),
+    [
+        (
+            zero_lora("lora_B"),
+            "all lora_B weights are zero: this adapter would serve the base model's output",
+        ),
+        (zero_lora("lora_A"), "all lora_A weights are zero"),
+        (_zero_alternately, "every layer has an all-zero lora_A or lora_B"),
+        (_first_of("lora_B", float("nan")), "NaN or infinite"),
+        (_first_of("lora_A", float("-inf")), "NaN or infinite"),
+    ],
+    ids=["zero-B", "zero-A", "zero-product", "nan", "inf"],
+)
+def test_weights_that_cannot_change_the_output_or_are_not_finite_are_refused(
+    edit, phrase, make_adapter, tiny_model, tmp_path
+):
     folder = edit_tensors(copy_adapter(make_adapter(1), tmp_path / "adapter"), edit)
     with pytest.raises(InvalidAdapter) as info:
         validate_adapter_dir(folder, load_base_spec(str(tiny_model)), MAX_RANK)
@@ -247,11 +297,16 @@ def test_freshly_initialised_peft_adapter_is_refused(make_adapter, tiny_model):
 def test_one_nonzero_layer_is_enough_to_be_served(make_adapter, tiny_model, tmp_path):
     def keep_one_b(tensors: dict) -> dict:
         first = next(k for k in sorted(tensors) if "lora_B" in k)
-        return {k: torch.zeros_like(v) if "lora_B" in k and k != first else v for k, v in tensors.items()}
+        return {
+            k: torch.zeros_like(v) if "lora_B" in k and k != first else v
+            for k, v in tensors.items()
+        }
 
     folder = edit_tensors(copy_adapter(make_adapter(1), tmp_path / "adapter"), keep_one_b)
     assert validate_adapter_dir(folder, load_base_spec(str(tiny_model)), MAX_RANK).rank == 8
 
 
 def test_near_base_adapter_used_by_the_suite_is_served(make_adapter, tiny_model):
-    assert validate_adapter_dir(make_adapter(0, std=NEAR_BASE_STD), load_base_spec(str(tiny_model)), MAX_RANK)
+    assert validate_adapter_dir(
+        make_adapter(0, std=NEAR_BASE_STD), load_base_spec(str(tiny_model)), MAX_RANK
+    )

@@ -1,4 +1,5 @@
-"""Declared answer formats: what a tenant may declare, and checks of answers that stay within their time bound."""
+"""Declared answer formats: what a tenant may declare, and checks of answers that stay within
+their time bound."""
 
 from __future__ import annotations
 
@@ -9,11 +10,17 @@ import time
 import pytest
 
 from lorafleet.adapters.errors import InvalidRequest
-from lorafleet.serve.answer_format import MAX_SPEC_BYTES, REGEX_TIMEOUT_S, answer_checker, check_format_spec
+from lorafleet.serve.answer_format import (
+    MAX_SPEC_BYTES,
+    REGEX_TIMEOUT_S,
+    answer_checker,
+    check_format_spec,
+)
 
 CATASTROPHIC = r"(a|aa)+$"  # exponential backtracking on "aaaa…a!"
 SLOW_ANSWER = "a" * 60 + "!"  # unbounded, hours of backtracking
-SLACK_S = 4.0  # a loaded CI machine overshoots the engine's timeout; the unbounded check would never return
+# a loaded CI machine overshoots the engine's timeout; the unbounded check would never return
+SLACK_S = 4.0
 
 
 def _refused(spec: dict, reason: str) -> None:
@@ -24,19 +31,31 @@ def _refused(spec: dict, reason: str) -> None:
 
 def test_plain_formats_are_stored_as_declared():
     regex_spec = {"regex": r"\d{4}-\d{2}-\d{2}"}
-    schema = {"json_schema": {"type": "object", "properties": {"total": {"type": "number"}}, "required": ["total"]}}
+    schema = {
+        "json_schema": {
+            "type": "object",
+            "properties": {"total": {"type": "number"}},
+            "required": ["total"],
+        }
+    }
     assert check_format_spec(regex_spec) == regex_spec
     assert check_format_spec(schema) == schema
     assert check_format_spec({}) is None
 
 
-@pytest.mark.parametrize(("pattern", "reason"), [
-    (r"(?:a{3000}){1000}", "repeats 3000000 times"),  # 800 MB at compile time
-    ("(" * 40 + "a" + ")" * 40, "nests groups 40 deep"),  # a RecursionError in the regex parser
-    ("a" * 2001, "2001 characters"),
-    (r"(?x)(?: a{3000} # )" "\n" r"){1000}", "inline flags"),  # a comment would hide the nesting
-    ("(", "invalid regex"),
-])
+@pytest.mark.parametrize(
+    ("pattern", "reason"),
+    [
+        (r"(?:a{3000}){1000}", "repeats 3000000 times"),  # 800 MB at compile time
+        ("(" * 40 + "a" + ")" * 40, "nests groups 40 deep"),  # a RecursionError in the regex parser
+        ("a" * 2001, "2001 characters"),
+        (
+            r"(?x)(?: a{3000} # )" "\n" r"){1000}",
+            "inline flags",
+        ),  # a comment would hide the nesting
+        ("(", "invalid regex"),
+    ],
+)
 def test_regex_that_cannot_be_compiled_cheaply_is_refused(pattern, reason):
     _refused({"regex": pattern}, reason)
 
@@ -50,9 +69,16 @@ def test_catastrophic_regex_marks_the_answer_invalid_within_its_bound():
 
 
 def test_schema_pattern_runs_with_the_time_bound_not_pythons_re():
-    spec = check_format_spec({"json_schema": {"type": "object", "properties": {"a": {"pattern": CATASTROPHIC}},
-                                              "patternProperties": {CATASTROPHIC: {"type": "string"}},
-                                              "additionalProperties": False}})
+    spec = check_format_spec(
+        {
+            "json_schema": {
+                "type": "object",
+                "properties": {"a": {"pattern": CATASTROPHIC}},
+                "patternProperties": {CATASTROPHIC: {"type": "string"}},
+                "additionalProperties": False,
+            }
+        }
+    )
     check = answer_checker(spec)
     started = time.monotonic()
     assert check(f'{{"a": "{SLOW_ANSWER}"}}') is False
@@ -63,38 +89,69 @@ def test_schema_pattern_runs_with_the_time_bound_not_pythons_re():
 
 
 def test_schema_keywords_keep_their_meaning():
-    check = answer_checker(check_format_spec({"json_schema": {
-        "type": "object", "required": ["name"], "properties": {"name": {"type": "string", "pattern": "^[a-z]+$"},
-                                                               "child": {"$ref": "#"}}}}))
+    check = answer_checker(
+        check_format_spec(
+            {
+                "json_schema": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {
+                        "name": {"type": "string", "pattern": "^[a-z]+$"},
+                        "child": {"$ref": "#"},
+                    },
+                }
+            }
+        )
+    )
     assert check('{"name": "ab", "child": {"name": "cd"}}') is True
     assert check('{"name": "ab", "child": {"name": "CD"}}') is False
     assert check('{"name": 3}') is False
     assert check("not json") is False
 
 
-@pytest.mark.parametrize(("schema", "reason"), [
-    ({"$ref": "#"}, "recursed without end"),
-    ({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}, "recursed"),
-    ({"$ref": "#/$defs/missing"}, "unresolvable reference"),
-    ({"$ref": "https://json-schema.org/draft/2020-12/schema"}, "only references inside the schema"),
-    ({"$schema": "http://example.com/mine", "type": "string"}, "unknown \\$schema"),
-    ({"$schema": ["x"]}, "unknown \\$schema"),
-    ({"type": "string", "pattern": r"(?:a{3000}){1000}"}, "repeats"),
-    ({"patternProperties": {"(" * 40 + ")" * 40: {}}}, "nests groups"),
-    ({"unevaluatedProperties": False, "patternProperties": {"^a": {}}}, "cannot be combined"),
-    ({"type": 5}, "invalid JSON schema"),
-])
+@pytest.mark.parametrize(
+    ("schema", "reason"),
+    [
+        ({"$ref": "#"}, "recursed without end"),
+        (
+            {
+                "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}},
+                "$ref": "#/$defs/a",
+            },
+            "recursed",
+        ),
+        ({"$ref": "#/$defs/missing"}, "unresolvable reference"),
+        (
+            {"$ref": "https://json-schema.org/draft/2020-12/schema"},
+            "only references inside the schema",
+        ),
+        ({"$schema": "http://example.com/mine", "type": "string"}, "unknown \\$schema"),
+        ({"$schema": ["x"]}, "unknown \\$schema"),
+        ({"type": "string", "pattern": r"(?:a{3000}){1000}"}, "repeats"),
+        ({"patternProperties": {"(" * 40 + ")" * 40: {}}}, "nests groups"),
+        ({"unevaluatedProperties": False, "patternProperties": {"^a": {}}}, "cannot be combined"),
+        ({"type": 5}, "invalid JSON schema"),
+    ],
+)
 def test_schema_that_could_hang_or_escape_is_refused(schema, reason):
     _refused({"json_schema": schema}, reason)
 
 
 def test_schema_that_multiplies_its_own_work_is_refused():
-    defs = {f"d{i}": {"allOf": [{"$ref": f"#/$defs/d{i + 1}"}, {"$ref": f"#/$defs/d{i + 1}"}]} for i in range(30)}
-    _refused({"json_schema": {"$defs": {**defs, "d30": {"type": "integer"}}, "$ref": "#/$defs/d0"}}, "took over")
+    defs = {
+        f"d{i}": {"allOf": [{"$ref": f"#/$defs/d{i + 1}"}, {"$ref": f"#/$defs/d{i + 1}"}]}
+        for i in range(30)
+    }
+    _refused(
+        {"json_schema": {"$defs": {**defs, "d30": {"type": "integer"}}, "$ref": "#/$defs/d0"}},
+        "took over",
+    )
 
 
 def test_huge_or_deep_format_is_refused():
-    _refused({"json_schema": {"enum": ["x" * 1000] * (MAX_SPEC_BYTES // 1000 + 1)}}, "bytes as JSON")
+    _refused(
+        {"json_schema": {"enum": ["x" * 1000] * (MAX_SPEC_BYTES // 1000 + 1)}}, "bytes as JSON"
+    )
     deep: dict = {}
     for _ in range(40):
         deep = {"not": deep}
@@ -119,7 +176,8 @@ def test_schema_references_never_reach_the_network():
     try:
         url = f"http://127.0.0.1:{server.server_port}/schema.json"
         _refused({"json_schema": {"$ref": url}}, "only references inside the schema")
-        assert answer_checker({"json_schema": {"$ref": url}})('"x"') is False  # a stored one, declared earlier
+        # a stored one, declared earlier
+        assert answer_checker({"json_schema": {"$ref": url}})('"x"') is False
         assert hits == []
     finally:
         server.shutdown()

@@ -1,6 +1,6 @@
-"""The gateway's fleet without engines: what it reads from a replica's /metrics, where it places requests as
-replicas come, go and fill up, and how discovery turns host names into replicas. (With real engines:
-tests/serve/test_fleet_engines.py.)"""
+"""The gateway's fleet without engines: what it reads from a replica's /metrics, where it places
+requests as replicas come, go and fill up, and how discovery turns host names into replicas.
+(With real engines: tests/serve/test_fleet_engines.py.)"""
 
 from __future__ import annotations
 
@@ -34,23 +34,41 @@ vllm:e2e_request_latency_seconds_bucket{engine="0",le="0.3",model_name="loraflee
 vllm:e2e_request_latency_seconds_count{engine="0",model_name="lorafleet-base"} 9.0
 # HELP lorafleet_node_info What this lorafleet engine node is: hardware, quantization, sizing
 # TYPE lorafleet_node_info gauge
-lorafleet_node_info{hardware="NVIDIA H200 (compute capability 9.0)",max_loras="8",max_num_seqs="256"} 1.0
+lorafleet_node_info{hardware="NVIDIA H200 (compute capability 9.0)",\
+max_loras="8",max_num_seqs="256"} 1.0
 """
 
 
 def test_the_queue_and_the_node_description_are_read_from_vllm_metrics():
     running, waiting, node = parse_engine_metrics(VLLM_METRICS)
     assert (running, waiting) == (3, 5)
-    assert node == {"hardware": "NVIDIA H200 (compute capability 9.0)", "max_loras": "8", "max_num_seqs": "256"}
+    assert node == {
+        "hardware": "NVIDIA H200 (compute capability 9.0)",
+        "max_loras": "8",
+        "max_num_seqs": "256",
+    }
     assert parse_engine_metrics("# nothing of ours\nprocess_cpu_seconds_total 1.0\n") == (0, 0, {})
 
 
-def _replica(tmp_path: Path, settings: Settings, metrics: Metrics, name: str, kind: str = "supervised",
-             up: bool = True) -> EngineReplica:
+def _replica(
+    tmp_path: Path,
+    settings: Settings,
+    metrics: Metrics,
+    name: str,
+    kind: str = "supervised",
+    up: bool = True,
+) -> EngineReplica:
     client = EngineClient(LocalStore(tmp_path / "adapters"), metrics, by_digest=kind == "node")
-    supervisor = EngineSupervisor(settings, client, metrics, tmp_path / f"{name}.log", Hardware("x86_64"),
-                                  Quantization("none"), derive_sizing(settings, Workload(), MACHINE, SHAPE),
-                                  attached=kind != "supervised")
+    supervisor = EngineSupervisor(
+        settings,
+        client,
+        metrics,
+        tmp_path / f"{name}.log",
+        Hardware("x86_64"),
+        Quantization("none"),
+        derive_sizing(settings, Workload(), MACHINE, SHAPE),
+        attached=kind != "supervised",
+    )
     if up:
         client.mark_up()
     return EngineReplica(name, kind, client, supervisor)
@@ -60,7 +78,9 @@ def _replica(tmp_path: Path, settings: Settings, metrics: Metrics, name: str, ki
 def fleet(tmp_path: Path) -> Fleet:
     settings = Settings(base="x", home=tmp_path, max_num_seqs=4)
     metrics = Metrics()
-    return Fleet(settings, metrics, [_replica(tmp_path, settings, metrics, f"engine-{i}") for i in range(2)])
+    return Fleet(
+        settings, metrics, [_replica(tmp_path, settings, metrics, f"engine-{i}") for i in range(2)]
+    )
 
 
 def test_each_adapter_goes_to_its_home_replica_and_both_replicas_get_a_share(fleet):
@@ -80,8 +100,10 @@ def test_a_replica_at_its_load_bound_spills_to_the_other(fleet):
     home.others = 0
     for replica in fleet.replicas:
         replica.in_flight = 0
-    assert fleet.place(digest) is home and fleet.place(digest) is home  # this gateway's own requests count
-    assert fleet.place(digest) is not home  # at once: 2 on it is the bound for a total of 2 on 2 replicas
+    # this gateway's own requests count
+    assert fleet.place(digest) is home and fleet.place(digest) is home
+    # at once: 2 on it is the bound for a total of 2 on 2 replicas
+    assert fleet.place(digest) is not home
     fleet.done(home)
     fleet.done(home)  # and until they end
     assert home.in_flight == 0 and fleet.place(digest) is home
@@ -105,6 +127,7 @@ def test_a_replica_that_does_not_answer_leaves_placement_and_requests_fail_over_
 async def test_after_a_start_a_replica_registers_only_the_adapters_whose_home_it_is(fleet):
     registered: dict[str, list[str]] = {"engine-0": [], "engine-1": []}
     for replica in fleet.replicas:
+
         async def record(digest: str, name: str = replica.name) -> None:
             registered[name].append(digest)
 
@@ -124,7 +147,9 @@ def test_the_fair_queue_holds_what_every_replica_batches(fleet, tmp_path):
 
 
 async def test_discovery_makes_a_replica_of_every_address_and_drops_vanished_ones(tmp_path):
-    settings = Settings(base="x", home=tmp_path, engines="http://127.0.0.1:8101,http://localhost:8102")
+    settings = Settings(
+        base="x", home=tmp_path, engines="http://127.0.0.1:8101,http://localhost:8102"
+    )
     metrics = Metrics()
     made: list[str] = []
 
@@ -140,7 +165,9 @@ async def test_discovery_makes_a_replica_of_every_address_and_drops_vanished_one
     fleet.settings = settings.model_copy(update={"engines": ["http://127.0.0.1:8101"]})
     await fleet._discover()
     assert [r.name for r in fleet.replicas] == ["127.0.0.1:8101"]
-    fleet.settings = settings.model_copy(update={"engines": ["http://127.0.0.1:8101", "http://no-such-host.invalid:1"]})
+    fleet.settings = settings.model_copy(
+        update={"engines": ["http://127.0.0.1:8101", "http://no-such-host.invalid:1"]}
+    )
     await fleet._discover()  # a name that does not resolve adds nothing and removes nothing
     assert [r.name for r in fleet.replicas] == ["127.0.0.1:8101"]
 
@@ -167,7 +194,10 @@ def test_a_gateway_in_front_of_nodes_records_a_quantization_only_the_nodes_can_r
     base = tmp_path / "base"
     base.mkdir()
     (base / "config.json").write_text(json.dumps(TINY_BASE_CONFIG))
-    with pytest.raises(UnsupportedQuantization):  # fp8 is for GPUs: a gateway that would run it refuses
+    # fp8 is for GPUs: a gateway that would run it refuses
+    with pytest.raises(UnsupportedQuantization):
         _quantization(Settings(base=str(base), home=tmp_path, quantize="fp8"))
-    _, planned = _quantization(Settings(base=str(base), home=tmp_path, quantize="fp8", engines="http://e:8100"))
+    _, planned = _quantization(
+        Settings(base=str(base), home=tmp_path, quantize="fp8", engines="http://e:8100")
+    )
     assert planned.label == "fp8 (planned on the engine nodes)" and not planned.engine_args

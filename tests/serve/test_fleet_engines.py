@@ -1,7 +1,8 @@
-"""A gateway in front of two real engines: two it supervises (`replicas=2`), and two `lorafleet engine` nodes that
-fetch adapters from an S3 store themselves (`engines=URL,URL`). In both: while load is low each adapter is served
-by one replica only; killing a replica under load fails no non-streaming request; the replica comes back and is
-served again; `/admin/engines` says what each replica really has (from the engines' own /metrics and models)."""
+"""A gateway in front of two real engines: two it supervises (`replicas=2`), and two `lorafleet
+engine` nodes that fetch adapters from an S3 store themselves (`engines=URL,URL`). In both: while
+load is low each adapter is served by one replica only; killing a replica under load fails no
+non-streaming request; the replica comes back and is served again; `/admin/engines` says what
+each replica really has (from the engines' own /metrics and models)."""
 
 from __future__ import annotations
 
@@ -26,8 +27,15 @@ from tests.helpers import image_messages, poll_until, upload_folder
 
 pytestmark = pytest.mark.engine
 
-ENGINE = dict(max_model_len="512", dtype="float32", max_num_seqs="4", max_lora_rank="8", cpu_kvcache_gib="1",
-              max_loras="2", quantize="none")
+ENGINE = dict(
+    max_model_len="512",
+    dtype="float32",
+    max_num_seqs="4",
+    max_lora_rank="8",
+    cpu_kvcache_gib="1",
+    max_loras="2",
+    quantize="none",
+)
 ADAPTERS = 4
 
 
@@ -41,9 +49,24 @@ class EngineNode:
     def _spawn(self) -> subprocess.Popen:
         self.home.mkdir(parents=True, exist_ok=True)
         with open(self.home / "engine.log", "ab") as log:
-            return subprocess.Popen([sys.executable, "-m", "lorafleet.serve.cli", "engine", "--base", str(self.base),
-                                     "--host", "127.0.0.1", "--port", str(self.port)], env=self.env, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            return subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "lorafleet.serve.cli",
+                    "engine",
+                    "--base",
+                    str(self.base),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                ],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def kill(self) -> None:
         with_group(self.process.pid, signal.SIGKILL)
@@ -69,15 +92,22 @@ def with_group(pid: int, signum: int) -> None:
 
 
 class Setup:
-    """A gateway, its admin and tenant clients, the deployments d0..d3 with their digests, and how to kill and
-    bring back one replica."""
+    """A gateway, its admin and tenant clients, the deployments d0..d3 with their digests, and
+    how to kill and bring back one replica."""
 
-    def __init__(self, gateway: LocalServer, kill: Callable[[dict], None], revive: Callable[[dict], None]) -> None:
+    def __init__(
+        self, gateway: LocalServer, kill: Callable[[dict], None], revive: Callable[[dict], None]
+    ) -> None:
         self.gateway, self.kill, self.revive = gateway, kill, revive
-        self.admin = httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {gateway.admin_key}"},
-                                  timeout=60)
+        self.admin = httpx.Client(
+            base_url=gateway.url,
+            headers={"Authorization": f"Bearer {gateway.admin_key}"},
+            timeout=60,
+        )
         key = self.admin.post("/admin/tenants", json={"name": "fleet"}).json()["api_key"]
-        self.tenant = httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {key}"}, timeout=300)
+        self.tenant = httpx.Client(
+            base_url=gateway.url, headers={"Authorization": f"Bearer {key}"}, timeout=300
+        )
         self.digests: dict[str, str] = {}
 
     def engines(self) -> dict:
@@ -89,16 +119,27 @@ class Setup:
         return {replica["name"]: replica for replica in self.engines()["replicas"]}
 
     def chat(self, deployment: str, timeout: float = 300) -> httpx.Response:
-        return self.tenant.post("/v1/chat/completions", timeout=timeout, json={
-            "model": deployment, "messages": image_messages(), "max_tokens": 4, "temperature": 0})
+        return self.tenant.post(
+            "/v1/chat/completions",
+            timeout=timeout,
+            json={
+                "model": deployment,
+                "messages": image_messages(),
+                "max_tokens": 4,
+                "temperature": 0,
+            },
+        )
 
 
 @contextlib.contextmanager
 def _supervised(base: Path, tmp: pytest.TempPathFactory) -> Iterator[Setup]:
-    gateway = LocalServer.start(base, tmp.mktemp("fleet-replicas"), replicas="2", fleet_scrape_s="0.5", **ENGINE)
+    gateway = LocalServer.start(
+        base, tmp.mktemp("fleet-replicas"), replicas="2", fleet_scrape_s="0.5", **ENGINE
+    )
 
     def kill(replica: dict) -> None:
-        with_group(replica["pid"], signal.SIGKILL)  # vLLM's whole process group, as a crash or OOM kill does
+        # vLLM's whole process group, as a crash or OOM kill does
+        with_group(replica["pid"], signal.SIGKILL)
 
     try:
         gateway.wait_ready()
@@ -115,19 +156,35 @@ def _nodes(base: Path, tmp: pytest.TempPathFactory, s3_url: str) -> Iterator[Set
     engines: dict[str, EngineNode] = {}
     for i in range(2):
         home = tmp.mktemp(f"node-{i}")
-        env = base_env | {f"LORAFLEET_{k.upper()}": v for k, v in ENGINE.items()} | {
-            "LORAFLEET_ENGINE_API_KEY": token, "LORAFLEET_STORE_URL": store_url, "LORAFLEET_HOME": str(home),
-            "LORAFLEET_STORE_CACHE_DIR": str(home / "cache")}
+        env = (
+            base_env
+            | {f"LORAFLEET_{k.upper()}": v for k, v in ENGINE.items()}
+            | {
+                "LORAFLEET_ENGINE_API_KEY": token,
+                "LORAFLEET_STORE_URL": store_url,
+                "LORAFLEET_HOME": str(home),
+                "LORAFLEET_STORE_CACHE_DIR": str(home / "cache"),
+            }
+        )
         port = free_port()
         engines[f"127.0.0.1:{port}"] = EngineNode(base, home, port, env)
-    gateway = LocalServer.start(base, tmp.mktemp("fleet-gateway"), store_url=store_url, engine_api_key=token,
-                                fleet_scrape_s="0.5", engines=",".join(f"http://{name}" for name in engines),
-                                **ENGINE)
+    gateway = LocalServer.start(
+        base,
+        tmp.mktemp("fleet-gateway"),
+        store_url=store_url,
+        engine_api_key=token,
+        fleet_scrape_s="0.5",
+        engines=",".join(f"http://{name}" for name in engines),
+        **ENGINE,
+    )
     try:
         gateway.wait_ready()
         poll_until(lambda: _all_up(gateway), 600, "both nodes up")
-        yield Setup(gateway, lambda replica: engines[replica["name"]].kill(),
-                    lambda replica: engines[replica["name"]].restart())
+        yield Setup(
+            gateway,
+            lambda replica: engines[replica["name"]].kill(),
+            lambda replica: engines[replica["name"]].restart(),
+        )
     finally:
         gateway.stop()
         for node in engines.values():
@@ -135,23 +192,36 @@ def _nodes(base: Path, tmp: pytest.TempPathFactory, s3_url: str) -> Iterator[Set
 
 
 def _all_up(gateway: LocalServer) -> bool:
-    engines = httpx.get(gateway.url + "/admin/engines", headers={"Authorization": f"Bearer {gateway.admin_key}"})
-    return engines.status_code == 200 and len(engines.json()["replicas"]) == 2 and \
-        all(r["up"] for r in engines.json()["replicas"])
+    engines = httpx.get(
+        gateway.url + "/admin/engines", headers={"Authorization": f"Bearer {gateway.admin_key}"}
+    )
+    return (
+        engines.status_code == 200
+        and len(engines.json()["replicas"]) == 2
+        and all(r["up"] for r in engines.json()["replicas"])
+    )
 
 
 @pytest.fixture(scope="module", params=["supervised", "nodes"])
-def setup(request, tiny_model: Path, make_adapter, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    """One fleet at a time (the second starts once the first is gone), with d0..d3 deployed: two adapters whose
-    home is one replica and two the other's (digests differ per test session, as the base's path is in each
-    adapter's config, so they are picked by the ring, as the gateway computes it)."""
-    started = _supervised(tiny_model, tmp_path_factory) if request.param == "supervised" else \
-        _nodes(tiny_model, tmp_path_factory, request.getfixturevalue("s3_url"))
+def setup(
+    request, tiny_model: Path, make_adapter, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Setup]:
+    """One fleet at a time (the second starts once the first is gone), with d0..d3 deployed: two
+    adapters whose home is one replica and two the other's (digests differ per test session, as
+    the base's path is in each adapter's config, so they are picked by the ring, as the gateway
+    computes it)."""
+    started = (
+        _supervised(tiny_model, tmp_path_factory)
+        if request.param == "supervised"
+        else _nodes(tiny_model, tmp_path_factory, request.getfixturevalue("s3_url"))
+    )
     with started as fleet:
         ring = HashRing(list(fleet.replicas()))
         homes: dict[str, int] = {}
         for seed in range(40, 72):
-            version = upload_folder(fleet.tenant, f"a{seed}", make_adapter(seed, 8, std=NEAR_BASE_STD))
+            version = upload_folder(
+                fleet.tenant, f"a{seed}", make_adapter(seed, 8, std=NEAR_BASE_STD)
+            )
             home = ring.home(version["digest"])
             if homes.get(home, 0) == ADAPTERS // 2:
                 continue
@@ -169,36 +239,54 @@ def setup(request, tiny_model: Path, make_adapter, tmp_path_factory: pytest.Temp
 def _holders(fleet: Setup) -> dict[str, list[str]]:
     """Each deployment's adapter: the replicas that have it registered."""
     replicas = fleet.replicas()
-    return {name: sorted(r for r, replica in replicas.items() if digest in replica["adapters"])
-            for name, digest in fleet.digests.items()}
+    return {
+        name: sorted(r for r, replica in replicas.items() if digest in replica["adapters"])
+        for name, digest in fleet.digests.items()
+    }
 
 
-def test_under_low_load_each_adapter_is_served_by_one_replica_and_admin_engines_tells_the_truth(setup):
+def test_under_low_load_each_adapter_is_served_by_one_replica_and_admin_engines_tells_the_truth(
+    setup,
+):
     for _ in range(3):
         for deployment in setup.digests:
             answered = setup.chat(deployment)
             assert answered.status_code == 200, answered.text
     engines = setup.engines()
     assert engines["policy"] == "bounded_affinity"
+
     def scraped() -> dict[str, list[str]] | None:
         holders = _holders(setup)
         return holders if all(holders.values()) else None
 
     holders = poll_until(scraped, 10, "every adapter scraped")
-    assert all(len(replicas) == 1 for replicas in holders.values()), holders  # one replica each: affinity
-    assert len({replicas[0] for replicas in holders.values()}) == 2, holders  # and both replicas have some
-    poll_until(lambda: all(r["running"] == r["waiting"] == 0 for r in setup.engines()["replicas"]), 10,
-          "idle, as vLLM's /metrics says")  # (the last scrape may have seen the last request running)
+    # one replica each: affinity
+    assert all(len(replicas) == 1 for replicas in holders.values()), holders
+    # and both replicas have some
+    assert len({replicas[0] for replicas in holders.values()}) == 2, holders
+    poll_until(
+        lambda: all(r["running"] == r["waiting"] == 0 for r in setup.engines()["replicas"]),
+        10,
+        # (the last scrape may have seen the last request running)
+        "idle, as vLLM's /metrics says",
+    )
     for replica in engines["replicas"]:
         assert replica["up"] and replica["state"] == "up"
         assert "CPU" in replica["hardware"] and replica["max_num_seqs"] == 4, replica
         assert replica["placed"] >= 3 * sum(replica["name"] in h for h in holders.values())
     assert engines["spills"] == 0
     metrics = setup.admin.get("/metrics").text
-    assert 'lorafleet_replica_up{replica="' in metrics and "lorafleet_placement_spills_total 0.0" in metrics
-    listed = subprocess.run([sys.executable, "-m", "lorafleet.serve.cli", "engines", "--url", setup.gateway.url],
-                            env={**os.environ, "LORAFLEET_ADMIN_KEY": setup.gateway.admin_key, "COLUMNS": "200"},
-                            capture_output=True, text=True, timeout=60)
+    assert (
+        'lorafleet_replica_up{replica="' in metrics
+        and "lorafleet_placement_spills_total 0.0" in metrics
+    )
+    listed = subprocess.run(
+        [sys.executable, "-m", "lorafleet.serve.cli", "engines", "--url", setup.gateway.url],
+        env={**os.environ, "LORAFLEET_ADMIN_KEY": setup.gateway.admin_key, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert listed.returncode == 0, listed.stderr
     assert all(replica["name"] in listed.stdout for replica in engines["replicas"]), listed.stdout
     assert "bounded_affinity" in listed.stdout
@@ -227,14 +315,17 @@ def test_killing_a_replica_under_load_fails_no_request_and_it_rejoins(setup):
         failovers_before = setup.engines()["failovers"]
         setup.kill(victim)
         killed_at = len(statuses)
-        poll_until(lambda: not setup.replicas()[victim["name"]]["up"], 30, "the victim out of placement")
+        poll_until(
+            lambda: not setup.replicas()[victim["name"]]["up"], 30, "the victim out of placement"
+        )
         poll_until(lambda: len(statuses) >= killed_at + 12, 300, "requests served by the survivor")
     finally:
         stop.set()
         for thread in threads:
             thread.join(300)
     assert statuses and set(statuses) == {200}, statuses  # not one request failed
-    assert setup.engines()["failovers"] > failovers_before  # some were in flight on the victim, and sent again
+    # some were in flight on the victim, and sent again
+    assert setup.engines()["failovers"] > failovers_before
 
     setup.revive(victim)
     poll_until(lambda: setup.replicas()[victim["name"]]["up"], 600, "the replica rejoins")
@@ -243,5 +334,10 @@ def test_killing_a_replica_under_load_fails_no_request_and_it_rejoins(setup):
         assert setup.chat(deployment).status_code == 200
     back = setup.replicas()[victim["name"]]
     assert back["placed"] >= before + len(homed)  # its adapters go home again
-    poll_until(lambda: all(setup.digests[d] in setup.replicas()[victim["name"]]["adapters"] for d in homed), 10,
-          "its adapters registered on it again")
+    poll_until(
+        lambda: all(
+            setup.digests[d] in setup.replicas()[victim["name"]]["adapters"] for d in homed
+        ),
+        10,
+        "its adapters registered on it again",
+    )

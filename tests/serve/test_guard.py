@@ -1,4 +1,5 @@
-"""The request guard's parts alone: reading the bearer key from raw headers, and bounding bodies as they arrive."""
+"""The request guard's parts alone: reading the bearer key from raw headers, and bounding bodies
+as they arrive."""
 
 from __future__ import annotations
 
@@ -12,9 +13,22 @@ from lorafleet.serve.api.errors import install_error_handlers
 from lorafleet.serve.api.guard import UPLOAD_PATHS, BodyLimit, bearer_from_headers
 
 
-@pytest.mark.parametrize("value", [b"", b"   ", b"Bearer", b"Bearer   ", b"Basic dXNlcjpwYXNz", b"Token abc",
-                                   "Bearer kéy".encode("latin-1"), b"Bearer \xff\xfe", b"Bearer a\x00b",
-                                   b"Bearer two words", b"bearer\tabc"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"",
+        b"   ",
+        b"Bearer",
+        b"Bearer   ",
+        b"Basic dXNlcjpwYXNz",
+        b"Token abc",
+        "Bearer kéy".encode("latin-1"),
+        b"Bearer \xff\xfe",
+        b"Bearer a\x00b",
+        b"Bearer two words",
+        b"bearer\tabc",
+    ],
+)
 def test_malformed_authorization_headers_are_401(value):
     with pytest.raises(Unauthorized):
         bearer_from_headers([(b"authorization", value)])
@@ -27,13 +41,21 @@ def test_a_missing_header_is_401_and_a_bearer_key_is_read_in_any_case():
 
 
 def test_upload_routes_are_told_apart():
-    assert UPLOAD_PATHS.match("/v1/adapters") and UPLOAD_PATHS.match("/v1/deployments/prod/validation")
-    assert not UPLOAD_PATHS.match("/v1/chat/completions") and not UPLOAD_PATHS.match("/v1/adapters/x/versions/1")
+    assert UPLOAD_PATHS.match("/v1/adapters") and UPLOAD_PATHS.match(
+        "/v1/deployments/prod/validation"
+    )
+    assert not UPLOAD_PATHS.match("/v1/chat/completions") and not UPLOAD_PATHS.match(
+        "/v1/adapters/x/versions/1"
+    )
 
 
 async def _run(app, headers: list[tuple[bytes, bytes]], chunks: list[bytes]) -> tuple[int, bytes]:
-    """Drive an ASGI app with a body sent in chunks (as a chunked request arrives); return status and body."""
-    messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+    """Drive an ASGI app with a body sent in chunks (as a chunked request arrives); return status
+    and body."""
+    messages = [
+        {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+        for i, c in enumerate(chunks)
+    ]
     sent: list[dict] = []
 
     async def receive() -> dict:
@@ -42,8 +64,17 @@ async def _run(app, headers: list[tuple[bytes, bytes]], chunks: list[bytes]) -> 
     async def send(message: dict) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": headers,
-             "query_string": b"", "http_version": "1.1", "scheme": "http", "server": ("t", 80), "root_path": ""}
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "headers": headers,
+        "query_string": b"",
+        "http_version": "1.1",
+        "scheme": "http",
+        "server": ("t", 80),
+        "root_path": "",
+    }
     await app(scope, receive, send)
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
     return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")

@@ -1,5 +1,5 @@
-"""Tenant limits in one process: rates and concurrency (the `limits` library's counters in memory), the headers
-every response carries, and the fair queue in front of the engine."""
+"""Tenant limits in one process: rates and concurrency (the `limits` library's counters in
+memory), the headers every response carries, and the fair queue in front of the engine."""
 
 from __future__ import annotations
 
@@ -13,8 +13,16 @@ from lorafleet.serve.admission import FairQueue
 from lorafleet.serve.limits import Limits, RateLimited, TenantLimiter, reset_text
 from lorafleet.serve.settings import Settings
 
-UNLIMITED = Limits(rpm=0, tpm=0, concurrency=0, images_per_request=0, image_bytes=0, image_pixels=0, adapters=0,
-                   adapter_bytes=0)
+UNLIMITED = Limits(
+    rpm=0,
+    tpm=0,
+    concurrency=0,
+    images_per_request=0,
+    image_bytes=0,
+    image_pixels=0,
+    adapters=0,
+    adapter_bytes=0,
+)
 
 
 def test_defaults_come_from_settings_and_tenant_values_override_them():
@@ -24,7 +32,9 @@ def test_defaults_come_from_settings_and_tenant_values_override_them():
     assert (mine.rpm, mine.tpm, mine.concurrency) == (100, 0, 3)
 
 
-@pytest.mark.parametrize(("seconds", "text"), [(0.02, "20ms"), (6.0, "6s"), (6.2, "7s"), (90, "1m30s"), (-1, "0ms")])
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(0.02, "20ms"), (6.0, "6s"), (6.2, "7s"), (90, "1m30s"), (-1, "0ms")]
+)
 def test_reset_durations_read_as_openai_writes_them(seconds, text):
     assert reset_text(seconds) == text
 
@@ -39,8 +49,12 @@ async def test_requests_over_the_minute_are_refused_with_headers_that_say_when()
         await limiter.admit("acme", limits)
     error = refused.value
     assert (error.status, error.code) == (429, "requests_per_minute_exceeded")
-    assert 1 <= int(error.headers["Retry-After"]) <= 60 and error.headers["x-ratelimit-remaining-requests"] == "0"
-    assert (await limiter.admit("globex", limits)).headers["x-ratelimit-remaining-requests"] == "2"  # per tenant
+    assert (
+        1 <= int(error.headers["Retry-After"]) <= 60
+        and error.headers["x-ratelimit-remaining-requests"] == "0"
+    )
+    # per tenant
+    assert (await limiter.admit("globex", limits)).headers["x-ratelimit-remaining-requests"] == "2"
 
 
 async def test_tokens_are_counted_when_a_request_ends_and_then_refuse_the_next():
@@ -64,7 +78,9 @@ async def test_concurrency_is_held_until_release():
     held = [await limiter.admit("acme", limits) for _ in range(2)]
     with pytest.raises(RateLimited) as refused:
         await limiter.admit("acme", limits)
-    assert refused.value.code == "concurrency_exceeded" and refused.value.headers["Retry-After"] == "1"
+    assert (
+        refused.value.code == "concurrency_exceeded" and refused.value.headers["Retry-After"] == "1"
+    )
     await limiter.release(held[0], 0)
     await limiter.release(held[0], 0)  # a second release of one request frees nothing more
     again = await limiter.admit("acme", limits)
@@ -79,7 +95,8 @@ def test_an_unknown_counter_store_is_refused_clearly():
 
 
 async def _until(condition, turns: int = 1000) -> None:
-    """Let the event loop run until `condition()` holds (the woken tasks resume a few loop turns later)."""
+    """Let the event loop run until `condition()` holds (the woken tasks resume a few loop turns
+    later)."""
     for _ in range(turns):
         if condition():
             return

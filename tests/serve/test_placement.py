@@ -22,14 +22,23 @@ DIGESTS = [hashlib.sha256(f"adapter-{i}".encode()).hexdigest() for i in range(20
 
 
 def _fleet(n: int, **loads: int) -> list[Replica]:
-    return [Replica(f"r{i}", running=loads.get(f"r{i}", 0), waiting=0, loaded=frozenset()) for i in range(n)]
+    return [
+        Replica(f"r{i}", running=loads.get(f"r{i}", 0), waiting=0, loaded=frozenset())
+        for i in range(n)
+    ]
 
 
 def _with(replicas: list[Replica], name: str, **changes: object) -> list[Replica]:
     out = []
     for r in replicas:
         if r.name == name:
-            fields = {"running": r.running, "waiting": r.waiting, "loaded": r.loaded, "up": r.up, **changes}
+            fields = {
+                "running": r.running,
+                "waiting": r.waiting,
+                "loaded": r.loaded,
+                "up": r.up,
+                **changes,
+            }
             r = Replica(r.name, **fields)  # type: ignore[arg-type]
         out.append(r)
     return out
@@ -45,8 +54,9 @@ def test_adding_a_replica_moves_about_one_in_n_digests():
 
 def test_the_ring_is_stable_across_instances_and_orders():
     names = [f"r{i}" for i in range(8)]
-    assert [HashRing(names).home(d) for d in DIGESTS[:200]] == \
-        [HashRing(list(reversed(names))).home(d) for d in DIGESTS[:200]]
+    assert [HashRing(names).home(d) for d in DIGESTS[:200]] == [
+        HashRing(list(reversed(names))).home(d) for d in DIGESTS[:200]
+    ]
     assert sorted(HashRing(names).walk(DIGESTS[0])) == names
 
 
@@ -106,7 +116,11 @@ def test_a_near_candidate_with_the_adapter_loaded_is_preferred():
     fleet = _with(_fleet(4), walk[1], loaded=frozenset({digest}))
     for policy in (AffinityPolicy(), BoundedAffinityPolicy()):
         placement = policy.place(digest, fleet)
-        assert placement.replica == walk[1] and placement.reason == "AdapterLoaded" and not placement.spilled
+        assert (
+            placement.replica == walk[1]
+            and placement.reason == "AdapterLoaded"
+            and not placement.spilled
+        )
     far = _with(_fleet(4), walk[3], loaded=frozenset({digest}))  # beyond the loaded window of 2
     assert BoundedAffinityPolicy().place(digest, far).replica == walk[0]
     over = _with(fleet, walk[1], running=10)  # loaded but over the bound: not taken

@@ -1,4 +1,5 @@
-"""The chat path's catalog snapshots: kept, dropped on every catalog commit, expired for other gateways' changes."""
+"""The chat path's catalog snapshots: kept, dropped on every catalog commit, expired for other
+gateways' changes."""
 
 from __future__ import annotations
 
@@ -14,8 +15,14 @@ from lorafleet.serve.route_cache import RouteCache
 
 
 def _validated(char: str) -> ValidatedAdapter:
-    return ValidatedAdapter(path=Path("."), digest=char * 64, rank=8, alpha=16.0, target_modules=("q_proj",),
-                            size_bytes=10)
+    return ValidatedAdapter(
+        path=Path("."),
+        digest=char * 64,
+        rank=8,
+        alpha=16.0,
+        target_modules=("q_proj",),
+        size_bytes=10,
+    )
 
 
 @pytest.fixture
@@ -67,7 +74,8 @@ def test_a_commit_that_changed_nothing_keeps_them(catalog):
 
 def test_another_gateways_change_shows_after_the_ttl(catalog, catalog_url):
     sessions, key = catalog
-    cache = RouteCache(sessions, ttl_s=0.0)  # the other gateway's writes do not reach this process's events
+    # the other gateway's writes do not reach this process's events
+    cache = RouteCache(sessions, ttl_s=0.0)
     _, other = open_catalog(catalog_url)
     cache.load(key, "prod")
     _redeploy(other, "c")

@@ -10,7 +10,14 @@ import pytest
 
 from lorafleet.serve.engine.command import engine_command, engine_process_options
 from lorafleet.serve.engine.hardware import Quantization
-from lorafleet.serve.engine.sizing import GIB, EngineSizing, Machine, ModelShape, Workload, derive_sizing
+from lorafleet.serve.engine.sizing import (
+    GIB,
+    EngineSizing,
+    Machine,
+    ModelShape,
+    Workload,
+    derive_sizing,
+)
 from lorafleet.serve.metrics import OTHER, Metrics
 from lorafleet.serve.settings import Settings
 
@@ -25,25 +32,40 @@ def test_metric_labels_fold_into_other_past_the_budget():
 
 def _sizing(settings: Settings, gpu: bool = False, workload: Workload = Workload()) -> EngineSizing:
     machine = Machine(ram_bytes=24 * GIB, cpus=2, gpu_memory_bytes=80 * GIB if gpu else None)
-    return derive_sizing(settings, workload, machine, ModelShape(lora_features=4096, kv_bytes_per_token=1024,
-                                                                 dtype_bytes=4))
+    return derive_sizing(
+        settings,
+        workload,
+        machine,
+        ModelShape(lora_features=4096, kv_bytes_per_token=1024, dtype_bytes=4),
+    )
 
 
 def test_engine_command_uses_cpu_settings_without_cuda():
     settings = Settings(base="/m", max_lora_rank=16, cpu_kvcache_gib=2)
-    cmd, env = engine_command(settings, 9000, "-s3cret", False, Quantization("none"), _sizing(settings))
+    cmd, env = engine_command(
+        settings, 9000, "-s3cret", False, Quantization("none"), _sizing(settings)
+    )
     assert cmd[cmd.index("--max-lora-rank") + 1] == "16" and "--enable-lora" in cmd
     assert "--enforce-eager" in cmd and env["VLLM_CPU_KVCACHE_SPACE"] == "2"
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"  # the engine is never reachable from outside
-    # the token is in the environment (readable by the owner only), not in argv (readable by every local user)
-    assert env["VLLM_API_KEY"] == "-s3cret" and not any("s3cret" in arg or "api-key" in arg for arg in cmd)
+    # the token is in the environment (readable by the owner only), not in argv (readable by every
+    # local user)
+    assert env["VLLM_API_KEY"] == "-s3cret" and not any(
+        "s3cret" in arg or "api-key" in arg for arg in cmd
+    )
 
 
 def test_engine_command_leaves_gpu_defaults_with_cuda():
     settings = Settings(base="/m")
-    cmd, env = engine_command(settings, 9000, "tok", True, Quantization("int8", ("--quantization", "x")),
-                              _sizing(settings, gpu=True))
+    cmd, env = engine_command(
+        settings,
+        9000,
+        "tok",
+        True,
+        Quantization("int8", ("--quantization", "x")),
+        _sizing(settings, gpu=True),
+    )
     assert "--enforce-eager" not in cmd
     assert "--gpu-memory-utilization" not in cmd and "VLLM_CPU_KVCACHE_SPACE" not in env
     assert cmd[cmd.index("--quantization") + 1] == "x"
@@ -53,8 +75,10 @@ def test_engine_command_passes_the_derived_sizing():
     settings = Settings(base="/m")
     sizing = _sizing(settings, workload=Workload(adapters=64, max_rank=24))
     cmd, env = engine_command(settings, 9000, "tok", False, Quantization("none"), sizing)
-    assert [cmd[cmd.index(flag) + 1] for flag in ("--max-lora-rank", "--max-loras", "--max-cpu-loras",
-                                                   "--max-num-seqs")] == ["32", "64", "128", "64"]
+    assert [
+        cmd[cmd.index(flag) + 1]
+        for flag in ("--max-lora-rank", "--max-loras", "--max-cpu-loras", "--max-num-seqs")
+    ] == ["32", "64", "128", "64"]
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
 
 
@@ -78,9 +102,17 @@ def test_serving_without_admin_key_needs_development_mode():
 
 @pytest.mark.parametrize("nice", [10, 0])
 def test_the_engine_runs_in_its_own_session_at_the_configured_priority(nice):
-    probe = "import os; print(os.getsid(0), os.getpgid(0), os.getpid(), os.getpriority(os.PRIO_PROCESS, 0))"
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                          **engine_process_options(Settings(engine_nice=nice)))
+    probe = (
+        "import os; print(os.getsid(0), os.getpgid(0), os.getpid(), "
+        "os.getpriority(os.PRIO_PROCESS, 0))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        check=True,
+        **engine_process_options(Settings(engine_nice=nice)),
+    )
     sid, pgid, pid, priority = map(int, done.stdout.split())
     assert sid == pgid == pid != os.getsid(0)  # a session and process group of its own
     assert priority == os.getpriority(os.PRIO_PROCESS, 0) + nice

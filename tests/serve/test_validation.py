@@ -1,4 +1,5 @@
-"""Uploaded validation sets: checked line by line, images as data URLs only, nothing stored when refused."""
+"""Uploaded validation sets: checked line by line, images as data URLs only, nothing stored when
+refused."""
 
 from __future__ import annotations
 
@@ -19,8 +20,13 @@ from lorafleet.serve.validation import canonical_validation, read_items
 
 
 def _line(url: str, answer: str = "a red circle") -> dict:
-    user = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": "What is in the image?"}]}
+    user = {
+        "role": "user",
+        "content": [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": "What is in the image?"},
+        ],
+    }
     return {"messages": [user, {"role": "assistant", "content": answer}]}
 
 
@@ -30,16 +36,23 @@ def _jsonl(*records: dict) -> bytes:
 
 @pytest.fixture
 def gateway(tmp_path: Path) -> SimpleNamespace:
-    """What `_store_validation` uses of the gateway: its scratch folder and the real validation store."""
+    """What `_store_validation` uses of the gateway: its scratch folder and the real validation
+    store."""
     (tmp_path / "tmp").mkdir()
-    return SimpleNamespace(tmp_dir=tmp_path / "tmp", validation_store=BlobStore(tmp_path / "validation", ".jsonl"))
+    return SimpleNamespace(
+        tmp_dir=tmp_path / "tmp", validation_store=BlobStore(tmp_path / "validation", ".jsonl")
+    )
 
 
 def _push(gateway: SimpleNamespace, data: bytes, filename: str = "v.jsonl") -> tuple[str, int, int]:
-    return _store_validation(gateway, UploadFile(io.BytesIO(data), filename=filename), "exact_match")
+    return _store_validation(
+        gateway, UploadFile(io.BytesIO(data), filename=filename), "exact_match"
+    )
 
 
-def _refused(gateway: SimpleNamespace, data: bytes, reason: str, filename: str = "v.jsonl") -> InvalidRequest:
+def _refused(
+    gateway: SimpleNamespace, data: bytes, reason: str, filename: str = "v.jsonl"
+) -> InvalidRequest:
     with pytest.raises(InvalidRequest, match=reason) as error:
         _push(gateway, data, filename)
     assert error.value.status == 400
@@ -59,32 +72,60 @@ def test_data_url_set_is_stored_and_replays_its_items(gateway):
     assert replayed[0].answer == "a red circle" and replayed[0].messages == good["messages"][:-1]
 
 
-@pytest.mark.parametrize("url", ["/etc/passwd", "../../x.png", "x.png", "file:///etc/passwd",
-                                 "http://169.254.169.254/latest/meta-data/", "https://example.com/a.png"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/etc/passwd",
+        "../../x.png",
+        "x.png",
+        "file:///etc/passwd",
+        "http://169.254.169.254/latest/meta-data/",
+        "https://example.com/a.png",
+    ],
+)
 def test_image_that_is_not_a_data_url_is_refused_naming_the_line(gateway, url, tmp_path):
-    (gateway.tmp_dir.parent / "x.png").write_bytes(b"")  # a server file the relative path could reach
-    error = _refused(gateway, _jsonl(_line(DATA_URL), _line(url)), "v.jsonl:2: image .*must be data URLs")
+    # a server file the relative path could reach
+    (gateway.tmp_dir.parent / "x.png").write_bytes(b"")
+    error = _refused(
+        gateway, _jsonl(_line(DATA_URL), _line(url)), "v.jsonl:2: image .*must be data URLs"
+    )
     assert error.code == "invalid_data"
 
 
 def test_data_url_that_is_no_image_is_refused(gateway):
-    _refused(gateway, _jsonl(_line("data:text/plain;base64,aGVsbG8=")), "v.jsonl:1: unreadable image")
+    _refused(
+        gateway, _jsonl(_line("data:text/plain;base64,aGVsbG8=")), "v.jsonl:1: unreadable image"
+    )
 
 
-@pytest.mark.parametrize(("data", "reason"), [
-    (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}\n', "v.jsonl:1: not UTF-8"),
-    (b"[" * 100_000 + b"]" * 100_000 + b"\n", "v.jsonl:1: not valid JSON"),
-    (b'{"messages": ' + b"[" * (MAX_JSON_DEPTH + 5) + b"]" * (MAX_JSON_DEPTH + 5) + b"}\n", "nested deeper"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "n": ' + b"1" * 5000 + b"}\n", "not valid JSON"),
-    (b"\n\n", "no examples"),
-])
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}\n', "v.jsonl:1: not UTF-8"),
+        (b"[" * 100_000 + b"]" * 100_000 + b"\n", "v.jsonl:1: not valid JSON"),
+        (
+            b'{"messages": ' + b"[" * (MAX_JSON_DEPTH + 5) + b"]" * (MAX_JSON_DEPTH + 5) + b"}\n",
+            "nested deeper",
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": "hi"}], "n": ' + b"1" * 5000 + b"}\n",
+            "not valid JSON",
+        ),
+        (b"\n\n", "no examples"),
+    ],
+)
 def test_malformed_file_is_a_400_not_a_500(gateway, data, reason):
     _refused(gateway, data, reason)
 
 
 def test_huge_line_is_refused_by_its_length(gateway, monkeypatch):
-    monkeypatch.setattr("lorafleet.chat.MAX_LINE_BYTES", 1000)  # the real limit is 32 MiB: the same check, smaller
-    _refused(gateway, _jsonl(_line(DATA_URL, answer="x" * 2000)), "v.jsonl:1: line of .* bytes; the limit is 1000")
+    # the real limit is 32 MiB: the same check, smaller
+    monkeypatch.setattr("lorafleet.chat.MAX_LINE_BYTES", 1000)
+    _refused(
+        gateway,
+        _jsonl(_line(DATA_URL, answer="x" * 2000)),
+        "v.jsonl:1: line of .* bytes; the limit is 1000",
+    )
 
 
 @pytest.mark.parametrize("filename", ["..", ".", "", "a/../..", "nul\x00.jsonl", "x" * 300])

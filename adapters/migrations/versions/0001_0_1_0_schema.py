@@ -1,8 +1,10 @@
-"""0.1.0 schema: the 14 tables `create_all` made in lorafleet 0.1.0, as it made them (same names, same order).
+"""0.1.0 schema: the 14 tables `create_all` made in lorafleet 0.1.0, as it made them (same names,
+same order).
 
-A catalog made by 0.1.0 or earlier has no revision: upgrading it runs this revision too, which then creates only
-the tables it lacks (catalogs from before 0.1.0 have no `api_keys`, `tenant_policies`, `audit_events`) and gives
-each tenant that has no key yet its `tenants.key_hash` as its first key, so that old keys keep authenticating.
+A catalog made by 0.1.0 or earlier has no revision: upgrading it runs this revision too, which then
+creates only the tables it lacks (catalogs from before 0.1.0 have no `api_keys`, `tenant_policies`,
+`audit_events`) and gives each tenant that has no key yet its `tenants.key_hash` as its first key,
+so that old keys keep authenticating.
 """
 
 from __future__ import annotations
@@ -229,7 +231,9 @@ def _validation_runs() -> None:
         sa.ForeignKeyConstraint(["version_id"], ["adapter_versions.id"]),
         sa.ForeignKeyConstraint(["validation_set_id"], ["validation_sets.id"]),
     )
-    op.create_index("ix_runs_deployment_version", "validation_runs", ["deployment_id", "version_id"])
+    op.create_index(
+        "ix_runs_deployment_version", "validation_runs", ["deployment_id", "version_id"]
+    )
 
 
 def _input_samples() -> None:
@@ -293,36 +297,75 @@ def _decisions() -> None:
     op.create_index("ix_decisions_rollout_id", "decisions", ["rollout_id"])
 
 
-# In 0.1.0's creation order (referenced tables first), so that its DDL and this revision's are one and the same.
+# In 0.1.0's creation order (referenced tables first), so that its DDL and this revision's are one
+# and the same.
 TABLES: tuple[tuple[str, Callable[[], None]], ...] = (
-    ("tenants", _tenants), ("rollout_samples", _rollout_samples), ("audit_events", _audit_events),
-    ("adapters", _adapters), ("validation_sets", _validation_sets), ("api_keys", _api_keys),
-    ("tenant_policies", _tenant_policies), ("adapter_versions", _adapter_versions), ("deployments", _deployments),
-    ("rollouts", _rollouts), ("validation_runs", _validation_runs), ("input_samples", _input_samples),
-    ("drift_checks", _drift_checks), ("decisions", _decisions),
+    ("tenants", _tenants),
+    ("rollout_samples", _rollout_samples),
+    ("audit_events", _audit_events),
+    ("adapters", _adapters),
+    ("validation_sets", _validation_sets),
+    ("api_keys", _api_keys),
+    ("tenant_policies", _tenant_policies),
+    ("adapter_versions", _adapter_versions),
+    ("deployments", _deployments),
+    ("rollouts", _rollouts),
+    ("validation_runs", _validation_runs),
+    ("input_samples", _input_samples),
+    ("drift_checks", _drift_checks),
+    ("decisions", _decisions),
 )
 
 
 def upgrade() -> None:
     existing = set(sa.inspect(op.get_bind()).get_table_names())
     for name, create in TABLES:
-        if name not in existing:  # a catalog made by 0.1.0 or earlier is adopted as it is: nothing is recreated
+        # a catalog made by 0.1.0 or earlier is adopted as it is: nothing is recreated
+        if name not in existing:
             create()
     _adopt_first_keys(op.get_bind())
 
 
 def _adopt_first_keys(connection: sa.Connection) -> None:
-    """Catalogs from before `api_keys` kept one key per tenant in `tenants.key_hash`: give each tenant without a
-    key that one as its first `api_keys` row (tables as this revision has them, not the models of today)."""
-    tenants = sa.table("tenants", sa.column("id", sa.Integer()), sa.column("key_hash", sa.String()),
-                       sa.column("created_at", sa.DateTime()))
-    keys = sa.table("api_keys", *(sa.column(name) for name in (
-        "tenant_id", "key_hash", "prefix", "label", "created_at", "expires_at", "revoked_at", "last_used_at")))
+    """Catalogs from before `api_keys` kept one key per tenant in `tenants.key_hash`: give each
+    tenant without a key that one as its first `api_keys` row (tables as this revision has them,
+    not the models of today)."""
+    tenants = sa.table(
+        "tenants",
+        sa.column("id", sa.Integer()),
+        sa.column("key_hash", sa.String()),
+        sa.column("created_at", sa.DateTime()),
+    )
+    keys = sa.table(
+        "api_keys",
+        *(
+            sa.column(name)
+            for name in (
+                "tenant_id",
+                "key_hash",
+                "prefix",
+                "label",
+                "created_at",
+                "expires_at",
+                "revoked_at",
+                "last_used_at",
+            )
+        ),
+    )
     keyless = sa.select(tenants).where(tenants.c.id.not_in(sa.select(keys.c.tenant_id)))
-    rows = [{"tenant_id": t.id, "key_hash": t.key_hash, "prefix": "lf-", "label": "first",
-             "created_at": t.created_at.replace(tzinfo=t.created_at.tzinfo or UTC).timestamp(),
-             "expires_at": None, "revoked_at": None, "last_used_at": None}
-            for t in connection.execute(keyless)]
+    rows = [
+        {
+            "tenant_id": t.id,
+            "key_hash": t.key_hash,
+            "prefix": "lf-",
+            "label": "first",
+            "created_at": t.created_at.replace(tzinfo=t.created_at.tzinfo or UTC).timestamp(),
+            "expires_at": None,
+            "revoked_at": None,
+            "last_used_at": None,
+        }
+        for t in connection.execute(keyless)
+    ]
     if rows:
         connection.execute(keys.insert(), rows)
 

@@ -25,7 +25,9 @@ def upgrade() -> None:
             sa.Column("last_run_at", sa.Double(), nullable=False),
             sa.PrimaryKeyConstraint("name"),
         )
-    if "ix_drift_checks_at" not in {index["name"] for index in inspector.get_indexes("drift_checks")}:
+    if "ix_drift_checks_at" not in {
+        index["name"] for index in inspector.get_indexes("drift_checks")
+    }:
         op.create_index("ix_drift_checks_at", "drift_checks", ["at"])
 
 

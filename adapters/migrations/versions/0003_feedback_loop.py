@@ -1,10 +1,11 @@
-"""The feedback loop: the request log (`requests`), user feedback (`feedback`), captured requests for retraining
-(`captures`, opted in per deployment by `deployments.capture`), and each answer's confidence (mean token
-log-probability) on rollout samples, drift samples and validation replays.
+"""The feedback loop: the request log (`requests`), user feedback (`feedback`), captured requests
+for retraining (`captures`, opted in per deployment by `deployments.capture`), and each answer's
+confidence (mean token log-probability) on rollout samples, drift samples and validation replays.
 
-Only tables and nullable columns are added: rows written before this revision read as "no confidence recorded",
-and no deployment captures anything until its tenant opts in. Like 0002, each is added only where it is missing
-(an unversioned catalog that `create_all` made is adopted by running every revision).
+Only tables and nullable columns are added: rows written before this revision read as "no confidence
+recorded", and no deployment captures anything until its tenant opts in. Like 0002, each is added
+only where it is missing (an unversioned catalog that `create_all` made is adopted by running every
+revision).
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ def upgrade() -> None:
         _feedback()
     if not inspector.has_table("captures"):
         _captures()
-    for table, column, kind in (("deployments", "capture", sa.JSON()), ("rollout_samples", "confidence", sa.Double()),
-                                ("input_samples", "confidence", sa.Double()),
-                                ("validation_runs", "confidences", sa.JSON())):
+    for table, column, kind in (
+        ("deployments", "capture", sa.JSON()),
+        ("rollout_samples", "confidence", sa.Double()),
+        ("input_samples", "confidence", sa.Double()),
+        ("validation_runs", "confidences", sa.JSON()),
+    ):
         if column not in {c["name"] for c in inspector.get_columns(table)}:
             op.add_column(table, sa.Column(column, kind, nullable=True))
 

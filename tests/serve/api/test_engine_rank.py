@@ -1,5 +1,6 @@
-"""Deploying an adapter above the engine's max LoRA rank, through the real routes and catalog, without an engine:
-a fixed rank gives 409 in OpenAI's shape and changes nothing; a derived rank grows and the deployment happens."""
+"""Deploying an adapter above the engine's max LoRA rank, through the real routes and catalog,
+without an engine: a fixed rank gives 409 in OpenAI's shape and changes nothing; a derived rank
+grows and the deployment happens."""
 
 from __future__ import annotations
 
@@ -23,20 +24,39 @@ from tests.serve.engine.test_resize import supervisor_for
 
 
 def _app(tmp_path: Path, **settings) -> tuple[FastAPI, str]:
-    """The registry and rollout routes over a real catalog holding a rank-8 and a rank-32 version of `ext`."""
+    """The registry and rollout routes over a real catalog holding a rank-8 and a rank-32 version
+    of `ext`."""
     _, sessions = open_catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
     with sessions() as session:
         tenant, key = create_tenant(session, "acme")
         for char, rank in (("a", 8), ("b", 32)):
-            register_version(session, tenant, "ext", ValidatedAdapter(path=Path("."), digest=char * 64, rank=rank,
-                                                                      alpha=16.0, target_modules=("q_proj",),
-                                                                      size_bytes=10))
+            register_version(
+                session,
+                tenant,
+                "ext",
+                ValidatedAdapter(
+                    path=Path("."),
+                    digest=char * 64,
+                    rank=rank,
+                    alpha=16.0,
+                    target_modules=("q_proj",),
+                    size_bytes=10,
+                ),
+            )
     supervisor = supervisor_for(tmp_path, Workload(), **settings)  # its engine is not running
     app = FastAPI()
-    fleet = Fleet(supervisor.settings, supervisor.metrics,
-                  [EngineReplica("engine-0", "supervised", supervisor.client, supervisor)])
-    app.state.gateway = SimpleNamespace(settings=supervisor.settings, sessions=sessions, supervisor=supervisor,
-                                        fleet=fleet, routes=RouteCache(sessions, 0.0))
+    fleet = Fleet(
+        supervisor.settings,
+        supervisor.metrics,
+        [EngineReplica("engine-0", "supervised", supervisor.client, supervisor)],
+    )
+    app.state.gateway = SimpleNamespace(
+        settings=supervisor.settings,
+        sessions=sessions,
+        supervisor=supervisor,
+        fleet=fleet,
+        routes=RouteCache(sessions, 0.0),
+    )
     app.add_middleware(Authenticate, gateway=app.state.gateway)
     install_error_handlers(app)
     app.include_router(registry.router)
@@ -45,14 +65,18 @@ def _app(tmp_path: Path, **settings) -> tuple[FastAPI, str]:
 
 
 def _client(app: FastAPI, key: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway",
-                             headers={"Authorization": f"Bearer {key}"})
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://gateway",
+        headers={"Authorization": f"Bearer {key}"},
+    )
 
 
 async def test_a_fixed_rank_refuses_the_deployment_with_409_and_keeps_the_catalog(tmp_path):
     app, key = _app(tmp_path, max_lora_rank=16)
     async with _client(app, key) as http:
-        assert (await http.put("/v1/deployments/d", json={"adapter": "ext@1"})).status_code == 200  # rank 8 fits
+        # rank 8 fits
+        assert (await http.put("/v1/deployments/d", json={"adapter": "ext@1"})).status_code == 200
         response = await http.put("/v1/deployments/d", json={"adapter": "ext@2"})
         error = assert_openai_error(response, 409, "LORAFLEET_MAX_LORA_RANK")
         assert "rank 32" in error["message"] and "rank 16" in error["message"]
@@ -72,7 +96,8 @@ async def test_a_derived_rank_grows_and_the_deployment_goes_ahead(tmp_path):
         assert response.json()["adapter"]["rank"] == 32
     assert supervisor.sizing.max_lora_rank == 32
     assert "largest deployed rank 32" in supervisor.sizing.max_lora_rank_source
-    assert "2 x 1 deployed adapter," in supervisor.sizing.max_cpu_loras_source  # the one being deployed
+    # the one being deployed
+    assert "2 x 1 deployed adapter," in supervisor.sizing.max_cpu_loras_source
 
 
 async def test_rollouts_and_ab_tests_are_refused_like_deployments(tmp_path):
@@ -81,7 +106,11 @@ async def test_rollouts_and_ab_tests_are_refused_like_deployments(tmp_path):
         assert (await http.put("/v1/deployments/d", json={"adapter": "ext@1"})).status_code == 200
         canary = await http.post("/v1/deployments/d/rollout", json={"to": "ext@2", "gate": False})
         assert_openai_error(canary, 409, "LORAFLEET_MAX_LORA_RANK")
-        ab = await http.post("/v1/deployments/d/ab", json={"variants": [{"adapter": "ext@1", "weight": 50},
-                                                                         {"adapter": "ext@2", "weight": 50}]})
+        ab = await http.post(
+            "/v1/deployments/d/ab",
+            json={
+                "variants": [{"adapter": "ext@1", "weight": 50}, {"adapter": "ext@2", "weight": 50}]
+            },
+        )
         assert_openai_error(ab, 409, "LORAFLEET_MAX_LORA_RANK")
         assert (await http.get("/v1/rollouts")).json() == []  # neither started

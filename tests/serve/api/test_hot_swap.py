@@ -9,8 +9,9 @@ from tests.helpers import image_messages, upload_folder
 
 
 def _ask(client, deployment: str = "swap") -> tuple[str, str]:
-    raw = client.chat.completions.with_raw_response.create(model=deployment, messages=image_messages(),
-                                                           max_tokens=6, temperature=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model=deployment, messages=image_messages(), max_tokens=6, temperature=0
+    )
     return raw.headers["x-lorafleet-adapter"], raw.parse().choices[0].message.content
 
 
@@ -33,7 +34,9 @@ def test_switch_serves_the_new_version_next_without_failed_requests(new_tenant, 
         futures = [pool.submit(_ask, client) for _ in range(24)]
         flips = 0
         while not all(f.done() for f in futures) and time.monotonic() < deadline:
-            http.put("/v1/deployments/swap", json={"adapter": f"ext@{1 + flips % 2}"}).raise_for_status()
+            http.put(
+                "/v1/deployments/swap", json={"adapter": f"ext@{1 + flips % 2}"}
+            ).raise_for_status()
             flips += 1
         results = [f.result() for f in futures]
     assert all(outputs[digest] == text for digest, text in results)
@@ -57,6 +60,8 @@ def test_deploy_by_digest(new_tenant, make_adapter):
     tenant = new_tenant()
     with tenant.http() as http:
         version = upload_folder(http, "ext", make_adapter(4))
-        response = http.put("/v1/deployments/by-digest", json={"adapter": f"sha256:{version['digest']}"})
+        response = http.put(
+            "/v1/deployments/by-digest", json={"adapter": f"sha256:{version['digest']}"}
+        )
     assert response.status_code == 200 and response.json()["adapter"]["version"] == 1
     assert _ask(tenant.openai(), "by-digest")[0] == version["digest"]

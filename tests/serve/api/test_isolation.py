@@ -27,8 +27,12 @@ def test_intruder_cannot_read_list_deploy_delete_or_call(owner_and_intruder):
         for ref in ("secret", "secret@1", version["digest"]):
             assert_openai_error(http.put("/v1/deployments/mine", json={"adapter": ref}), 404)
         assert_openai_error(http.delete("/v1/adapters/secret/versions/1"), 404)
-        assert_openai_error(http.post("/v1/chat/completions",
-                                      json={"model": "private", "messages": image_messages()}), 404)
+        assert_openai_error(
+            http.post(
+                "/v1/chat/completions", json={"model": "private", "messages": image_messages()}
+            ),
+            404,
+        )
     with owner.http() as http:  # and the owner's things are untouched
         assert [v["version"] for v in http.get("/v1/adapters/secret").json()["versions"]] == [1]
 
@@ -47,7 +51,8 @@ def test_same_deployment_name_in_two_tenants_serves_each_its_own(new_tenant, mak
             http.put("/v1/deployments/shared-name", json={"adapter": "ext"}).raise_for_status()
     digests = set()
     for tenant in (a, b):
-        raw = tenant.openai().chat.completions.with_raw_response.create(model="shared-name", max_tokens=2,
-                                                                        messages=image_messages())
+        raw = tenant.openai().chat.completions.with_raw_response.create(
+            model="shared-name", max_tokens=2, messages=image_messages()
+        )
         digests.add(raw.headers["x-lorafleet-adapter"])
     assert len(digests) == 2

@@ -1,5 +1,5 @@
-"""`lorafleet serve` with an S3 store: an upload lands in the bucket, and a chat fetches the adapter into the engine
-host's cache (verified) before the engine loads it from there."""
+"""`lorafleet serve` with an S3 store: an upload lands in the bucket, and a chat fetches the
+adapter into the engine host's cache (verified) before the engine loads it from there."""
 
 from __future__ import annotations
 
@@ -15,22 +15,37 @@ from tests.helpers import image_messages, upload_folder
 
 
 def test_an_s3_store_serves_an_uploaded_adapter(server, s3_url, make_adapter, tmp_path):
-    """A second gateway on the session's engine, with its adapters in S3 (nothing under its home but the cache)."""
+    """A second gateway on the session's engine, with its adapters in S3 (nothing under its home
+    but the cache)."""
     url = f"{s3_url}/{uuid.uuid4().hex[:8]}"
     token = server.env["LORAFLEET_ENGINE_API_KEY"]
     home = tmp_path / "s3-gateway"
-    gateway = LocalServer.start(server.base, home, store_url=url, engine_url=server.engine_url, engine_api_key=token,
-                                max_model_len="512", max_lora_rank=str(MAX_RANK), dtype="float32")
+    gateway = LocalServer.start(
+        server.base,
+        home,
+        store_url=url,
+        engine_url=server.engine_url,
+        engine_api_key=token,
+        max_model_len="512",
+        max_lora_rank=str(MAX_RANK),
+        dtype="float32",
+    )
     digest = None
     try:
         gateway.wait_ready(120)
-        with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {gateway.admin_key}"}) as admin:
+        with httpx.Client(
+            base_url=gateway.url, headers={"Authorization": f"Bearer {gateway.admin_key}"}
+        ) as admin:
             key = admin.post("/admin/tenants", json={"name": "s3"}).json()["api_key"]
-        with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as http:
+        with httpx.Client(
+            base_url=gateway.url, headers={"Authorization": f"Bearer {key}"}, timeout=120
+        ) as http:
             digest = upload_folder(http, "ext", make_adapter(41))["digest"]
             http.put("/v1/deployments/prod", json={"adapter": "ext@1"}).raise_for_status()
-            answer = http.post("/v1/chat/completions", json={"model": "prod", "messages": image_messages(),
-                                                             "max_tokens": 4})
+            answer = http.post(
+                "/v1/chat/completions",
+                json={"model": "prod", "messages": image_messages(), "max_tokens": 4},
+            )
         assert answer.status_code == 200, answer.text
         assert answer.headers["x-lorafleet-adapter"] == digest and answer.json()["model"] == "prod"
         location = parse_s3_url(url)
@@ -40,6 +55,10 @@ def test_an_s3_store_serves_an_uploaded_adapter(server, s3_url, make_adapter, tm
         assert (home / "cache" / "adapters" / digest / "adapter_model.safetensors").is_file()
     finally:
         gateway.stop()
-        if digest:  # the engine is the session's: it must not keep a name whose folder is this test's
-            httpx.post(f"{server.engine_url}/v1/unload_lora_adapter", json={"lora_name": digest},
-                       headers={"Authorization": f"Bearer {token}"})
+        # the engine is the session's: it must not keep a name whose folder is this test's
+        if digest:
+            httpx.post(
+                f"{server.engine_url}/v1/unload_lora_adapter",
+                json={"lora_name": digest},
+                headers={"Authorization": f"Bearer {token}"},
+            )

@@ -38,8 +38,9 @@ from tests.helpers import assert_openai_error, upload_archive, upload_folder
 
 
 @pytest.mark.parametrize("case", sorted(REJECTIONS))
-def test_bad_upload_is_refused_and_nothing_is_stored(case, server, new_tenant, make_adapter, vision_adapter,
-                                                     tmp_path):
+def test_bad_upload_is_refused_and_nothing_is_stored(
+    case, server, new_tenant, make_adapter, vision_adapter, tmp_path
+):
     status, phrase = REJECTIONS[case]
     tenant = new_tenant()
     before = server.stored_digests()
@@ -52,13 +53,20 @@ def test_bad_upload_is_refused_and_nothing_is_stored(case, server, new_tenant, m
     assert not list((server.home / "tmp").iterdir())  # scratch space is cleaned up too
 
 
-@pytest.mark.parametrize("case", ["gzip_bomb", "zip_bomb", "hard_link", "catastrophic_target_regex", "zero_lora_B"])
-def test_hostile_upload_is_refused_and_nothing_is_stored(case, server, new_tenant, make_adapter, tmp_path):
+@pytest.mark.parametrize(
+    "case", ["gzip_bomb", "zip_bomb", "hard_link", "catastrophic_target_regex", "zero_lora_B"]
+)
+def test_hostile_upload_is_refused_and_nothing_is_stored(
+    case, server, new_tenant, make_adapter, tmp_path
+):
     status, _, phrase = HOSTILE[case]
     before = server.stored_digests()
     with new_tenant().http() as http:
-        assert_openai_error(upload_archive(http, "ext", hostile_archive(case, make_adapter(1), tmp_path)), status,
-                            phrase)
+        assert_openai_error(
+            upload_archive(http, "ext", hostile_archive(case, make_adapter(1), tmp_path)),
+            status,
+            phrase,
+        )
         assert http.get("/v1/adapters").json() == []
     assert server.stored_digests() == before
     assert not list((server.home / "tmp").iterdir())
@@ -94,7 +102,9 @@ def test_invalid_adapter_name_is_400(new_tenant, make_adapter):
     archive.unlink()
 
 
-def test_deployed_version_cannot_be_deleted_and_its_blob_goes_with_the_last_user(server, new_tenant, make_adapter):
+def test_deployed_version_cannot_be_deleted_and_its_blob_goes_with_the_last_user(
+    server, new_tenant, make_adapter
+):
     tenant = new_tenant()
     with tenant.http() as http:
         v1 = upload_folder(http, "ext", make_adapter(8))
@@ -111,52 +121,77 @@ def test_deployed_version_cannot_be_deleted_and_its_blob_goes_with_the_last_user
 def test_unknown_version_reference_is_404(new_tenant, make_adapter):
     with new_tenant().http() as http:
         upload_folder(http, "ext", make_adapter(1))
-        assert_openai_error(http.put("/v1/deployments/d", json={"adapter": "ext@7"}), 404, "no version 7")
-        assert_openai_error(http.put("/v1/deployments/d", json={"adapter": "ext@x"}), 400, "invalid adapter reference")
+        assert_openai_error(
+            http.put("/v1/deployments/d", json={"adapter": "ext@7"}), 404, "no version 7"
+        )
+        assert_openai_error(
+            http.put("/v1/deployments/d", json={"adapter": "ext@x"}),
+            400,
+            "invalid adapter reference",
+        )
 
 
 # --- the trainer's manifest.json, through the real routes, catalog and store, without an engine ---
 
-SMALL_BASE = BaseModelSpec(name="small", language_model_prefix="model.language_model",
-                           lora_modules={SMALL_LORA.removeprefix("base_model.model."): (16, 16)}, other_linear={})
+SMALL_BASE = BaseModelSpec(
+    name="small",
+    language_model_prefix="model.language_model",
+    lora_modules={SMALL_LORA.removeprefix("base_model.model."): (16, 16)},
+    other_linear={},
+)
 
 
 def manifest_app(tmp_path: Path) -> tuple[FastAPI, str]:
-    """The registry routes over a real SQLite catalog and local store, validating uploads against a base whose one
-    LoRA-able layer is `small_adapter`'s; returns the app and a tenant key."""
+    """The registry routes over a real SQLite catalog and local store, validating uploads against
+    a base whose one LoRA-able layer is `small_adapter`'s; returns the app and a tenant key."""
     _, sessions = open_catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
     with sessions() as session:
         _, key = create_tenant(session, "acme")
     (tmp_path / "tmp").mkdir()
     app = FastAPI()
-    app.state.gateway = SimpleNamespace(settings=Settings(base="small", home=tmp_path), sessions=sessions,
-                                        routes=RouteCache(sessions, 0.0), store=LocalStore(tmp_path / "adapters"),
-                                        spec=SMALL_BASE, tmp_dir=tmp_path / "tmp")
+    app.state.gateway = SimpleNamespace(
+        settings=Settings(base="small", home=tmp_path),
+        sessions=sessions,
+        routes=RouteCache(sessions, 0.0),
+        store=LocalStore(tmp_path / "adapters"),
+        spec=SMALL_BASE,
+        tmp_dir=tmp_path / "tmp",
+    )
     app.add_middleware(Authenticate, gateway=app.state.gateway)
     install_error_handlers(app)
     app.include_router(registry.router)
     return app, key
 
 
-def adapter_with_manifest(folder: Path, seed: int, manifest: dict | bytes | None) -> ValidatedAdapter:
+def adapter_with_manifest(
+    folder: Path, seed: int, manifest: dict | bytes | None
+) -> ValidatedAdapter:
     """`small_adapter` with `manifest` as its manifest.json (JSON-encoded unless given as bytes)."""
     adapter = small_adapter(folder, seed)
     if manifest is not None:
-        content = manifest if isinstance(manifest, bytes) else json.dumps(manifest, indent=2).encode()
+        content = (
+            manifest if isinstance(manifest, bytes) else json.dumps(manifest, indent=2).encode()
+        )
         (folder / MANIFEST_FILE).write_bytes(content)
     return adapter
 
 
 def _client(app: FastAPI, key: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway",
-                             headers={"Authorization": f"Bearer {key}"})
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://gateway",
+        headers={"Authorization": f"Bearer {key}"},
+    )
 
 
 async def _upload(http: httpx.AsyncClient, name: str, folder: Path) -> httpx.Response:
     archive = pack_adapter(folder)  # what `lorafleet adapters push` sends: every file of the folder
     try:
-        return await http.post("/v1/adapters", data={"name": name},
-                               files={"file": ("a.tar.gz", archive.read_bytes(), "application/gzip")})
+        return await http.post(
+            "/v1/adapters",
+            data={"name": name},
+            files={"file": ("a.tar.gz", archive.read_bytes(), "application/gzip")},
+        )
     finally:
         archive.unlink()
 
@@ -169,21 +204,31 @@ async def test_an_upload_keeps_the_trainers_manifest_on_its_version_outside_its_
     async with _client(app, key) as http:
         uploaded = await _upload(http, "ext", tmp_path / "a")
         assert uploaded.status_code == 201, uploaded.text
-        assert uploaded.json()["digest"] == adapter.digest  # the digest of the adapter without its manifest
+        # the digest of the adapter without its manifest
+        assert uploaded.json()["digest"] == adapter.digest
         assert "manifest" not in uploaded.json()
         [version] = (await http.get("/v1/adapters/ext")).json()["versions"]
         listed = (await http.get("/v1/adapters")).json()
     assert version["manifest"] == manifest and version["manifest_matches"] is True
-    assert set(listed[0]["versions"][0]) == set(version) - {"manifest", "manifest_matches"}  # the list's shape
+    # the list's shape
+    assert set(listed[0]["versions"][0]) == set(version) - {"manifest", "manifest_matches"}
     stored = app.state.gateway.store.local_path(adapter.digest)
-    assert sorted(p.name for p in stored.iterdir()) == [CONFIG, WEIGHTS]  # the blob is the adapter alone
+    # the blob is the adapter alone
+    assert sorted(p.name for p in stored.iterdir()) == [CONFIG, WEIGHTS]
 
 
-@pytest.mark.parametrize(("recorded", "matches"), [("other", False), ("nothing", None), ("no manifest", None)])
-async def test_manifest_matches_says_whether_the_recorded_digest_is_the_versions(tmp_path, recorded, matches):
+@pytest.mark.parametrize(
+    ("recorded", "matches"), [("other", False), ("nothing", None), ("no manifest", None)]
+)
+async def test_manifest_matches_says_whether_the_recorded_digest_is_the_versions(
+    tmp_path, recorded, matches
+):
     app, key = manifest_app(tmp_path)
-    manifest = {"other": trainer_manifest("0" * 64), "nothing": {"training": {"steps": 3}},
-                "no manifest": None}[recorded]
+    manifest = {
+        "other": trainer_manifest("0" * 64),
+        "nothing": {"training": {"steps": 3}},
+        "no manifest": None,
+    }[recorded]
     adapter_with_manifest(tmp_path / "a", 1, manifest)
     async with _client(app, key) as http:
         assert (await _upload(http, "ext", tmp_path / "a")).status_code == 201
@@ -191,16 +236,25 @@ async def test_manifest_matches_says_whether_the_recorded_digest_is_the_versions
     assert version["manifest"] == manifest and version["manifest_matches"] is matches
 
 
-@pytest.mark.parametrize(("content", "phrase"), [
-    (json.dumps({"pad": os.urandom(MAX_MANIFEST_BYTES // 2 + 1).hex()}).encode(), "over the limit of 1048576 bytes"),
-    (b'["a", "list"]', "must be a JSON object"),
-    (b"{broken", "not valid JSON"),
-], ids=["too-large", "not-an-object", "not-json"])
+@pytest.mark.parametrize(
+    ("content", "phrase"),
+    [
+        (
+            json.dumps({"pad": os.urandom(MAX_MANIFEST_BYTES // 2 + 1).hex()}).encode(),
+            "over the limit of 1048576 bytes",
+        ),
+        (b'["a", "list"]', "must be a JSON object"),
+        (b"{broken", "not valid JSON"),
+    ],
+    ids=["too-large", "not-an-object", "not-json"],
+)
 async def test_a_bad_manifest_refuses_the_upload_and_nothing_is_stored(tmp_path, content, phrase):
     app, key = manifest_app(tmp_path)
     adapter_with_manifest(tmp_path / "a", 1, content)
     async with _client(app, key) as http:
         error = assert_openai_error(await _upload(http, "ext", tmp_path / "a"), 400, phrase)
-        assert error["code"] == "invalid_adapter" and error["message"].startswith("invalid adapter (manifest)")
+        assert error["code"] == "invalid_adapter" and error["message"].startswith(
+            "invalid adapter (manifest)"
+        )
         assert (await http.get("/v1/adapters")).json() == []
     assert not any((tmp_path / "adapters").iterdir()) and not any((tmp_path / "tmp").iterdir())

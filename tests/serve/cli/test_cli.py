@@ -1,5 +1,5 @@
-"""The `lorafleet` CLI against the real server (or, where no engine is needed, the real routes on loopback): exit
-codes and printed lines."""
+"""The `lorafleet` CLI against the real server (or, where no engine is needed, the real routes on
+loopback): exit codes and printed lines."""
 
 from __future__ import annotations
 
@@ -38,19 +38,29 @@ def test_tenant_push_deploy_list_round_trip(server, make_adapter):
 
 
 def test_flags_override_environment(server):
-    result = runner.invoke(app, ["tenants", "list", "--url", server.url, "--admin-key", "wrong"],
-                           env={"LORAFLEET_ADMIN_KEY": server.admin_key})
+    result = runner.invoke(
+        app,
+        ["tenants", "list", "--url", server.url, "--admin-key", "wrong"],
+        env={"LORAFLEET_ADMIN_KEY": server.admin_key},
+    )
     assert result.exit_code == 1 and "ApiError: invalid admin key (HTTP 401)" in result.output
 
 
 def test_unreachable_server_is_one_red_line_and_exit_1():
-    result = runner.invoke(app, ["adapters", "list", "--url", "http://127.0.0.1:9", "--api-key", "k"])
-    assert result.exit_code == 1 and "ServerUnreachable: cannot reach http://127.0.0.1:9" in result.output
+    result = runner.invoke(
+        app, ["adapters", "list", "--url", "http://127.0.0.1:9", "--api-key", "k"]
+    )
+    assert (
+        result.exit_code == 1
+        and "ServerUnreachable: cannot reach http://127.0.0.1:9" in result.output
+    )
 
 
 def test_push_of_a_folder_without_adapter_config_is_refused(tmp_path):
-    result = runner.invoke(app, ["adapters", "push", "ext", str(tmp_path), "--url", "http://127.0.0.1:9",
-                                 "--api-key", "k"])
+    result = runner.invoke(
+        app,
+        ["adapters", "push", "ext", str(tmp_path), "--url", "http://127.0.0.1:9", "--api-key", "k"],
+    )
     assert result.exit_code == 1 and "not a PEFT adapter folder" in result.output
 
 
@@ -60,29 +70,36 @@ def test_serve_refuses_to_start_without_an_admin_key(tmp_path):
 
 
 def test_serve_names_a_missing_base_model(tmp_path):
-    result = runner.invoke(app, ["serve", "--home", str(tmp_path)], env={"LORAFLEET_ADMIN_KEY": "k"})
+    result = runner.invoke(
+        app, ["serve", "--home", str(tmp_path)], env={"LORAFLEET_ADMIN_KEY": "k"}
+    )
     assert result.exit_code == 1 and "no base model" in result.output
 
 
 def test_push_sends_the_folders_manifest_and_show_prints_its_key_numbers(tmp_path):
     api, key = manifest_app(tmp_path)  # the registry routes without an engine
     trained = adapter_with_manifest(tmp_path / "trained", 1, None)
-    (tmp_path / "trained" / MANIFEST_FILE).write_text(json.dumps(trainer_manifest(trained.digest), indent=2))
+    (tmp_path / "trained" / MANIFEST_FILE).write_text(
+        json.dumps(trainer_manifest(trained.digest), indent=2)
+    )
     adapter_with_manifest(tmp_path / "plain", 2, None)
     with on_loopback(api) as url:
         env = {"LORAFLEET_URL": url, "LORAFLEET_API_KEY": key, "COLUMNS": "200"}
         for folder in ("trained", "plain"):
-            pushed = runner.invoke(app, ["adapters", "push", "ext", str(tmp_path / folder)], env=env)
+            pushed = runner.invoke(
+                app, ["adapters", "push", "ext", str(tmp_path / folder)], env=env
+            )
             assert pushed.exit_code == 0, pushed.output
         shown = runner.invoke(app, ["adapters", "show", "ext"], env=env)
     assert shown.exit_code == 0, shown.output
     lines = [line.strip() for line in shown.output.splitlines()]
     start = lines.index("ext@1 manifest (the manifest's adapter digest matches):")
-    assert lines[start + 1:start + 7] == [
+    assert lines[start + 1 : start + 7] == [
         "base ./tiny (Qwen2_5_VLForConditionalGeneration)",
         "trained 120 steps, best validation loss 0.613, converged",
         "validation exact_match: base 0.100 -> adapter 0.900 (n=40), +0.800",
         "probe exact_match: base 0.950 -> adapter 0.850 (n=20), -0.100",
         "Forgetting: the probe score fell from 0.950 to 0.850 (10.0 points, tolerance 5).",
-        "servable: changes 8/8 check outputs, vLLM = PEFT on the first 8 tokens (1 near ties)"]
+        "servable: changes 8/8 check outputs, vLLM = PEFT on the first 8 tokens (1 near ties)",
+    ]
     assert lines[-1] == "ext@2: no manifest"

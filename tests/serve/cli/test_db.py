@@ -1,5 +1,6 @@
-"""`lorafleet db current | upgrade | backup`, and `lorafleet serve` on a catalog that is behind: exit codes and
-printed lines, on a real 0.1.0 SQLite catalog (and a PostgreSQL one for `backup`'s refusal)."""
+"""`lorafleet db current | upgrade | backup`, and `lorafleet serve` on a catalog that is behind:
+exit codes and printed lines, on a real 0.1.0 SQLite catalog (and a PostgreSQL one for `backup`'s
+refusal)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,10 @@ def test_db_current_upgrade_and_backup_of_a_0_1_0_catalog(tmp_path):
 
     behind = runner.invoke(app, ["db", "current"], env=env)
     assert behind.exit_code == 0, behind.output
-    assert "made by lorafleet 0.1.0 or earlier" in behind.output and f"this release: {head_revision()}" in behind.output
+    assert (
+        "made by lorafleet 0.1.0 or earlier" in behind.output
+        and f"this release: {head_revision()}" in behind.output
+    )
     assert "run `lorafleet db upgrade`" in behind.output
 
     copied = runner.invoke(app, ["db", "backup", "--out", str(tmp_path / "copy.db")], env=env)
@@ -38,7 +42,10 @@ def test_db_current_upgrade_and_backup_of_a_0_1_0_catalog(tmp_path):
 
     upgraded = runner.invoke(app, ["db", "upgrade"], env=env)
     assert upgraded.exit_code == 0, upgraded.output
-    assert f"upgraded from none to {head_revision()}" in upgraded.output and "its copy from before:" in upgraded.output
+    assert (
+        f"upgraded from none to {head_revision()}" in upgraded.output
+        and "its copy from before:" in upgraded.output
+    )
     assert len(list(tmp_path.glob("catalog.db.before-unversioned-*"))) == 1
     current = runner.invoke(app, ["db", "current"], env=env)
     assert f"revision: {head_revision()}" in current.output and "up to date" in current.output
@@ -48,17 +55,26 @@ def test_db_current_upgrade_and_backup_of_a_0_1_0_catalog(tmp_path):
 
 def test_serve_on_a_catalog_behind_exits_with_one_line_naming_the_command(tmp_path):
     create_schema(f"sqlite:///{tmp_path / 'catalog.db'}")
-    result = runner.invoke(app, ["serve", "--base", "x", "--home", str(tmp_path)],
-                           env={"LORAFLEET_ADMIN_KEY": "k", "COLUMNS": "80"})
+    result = runner.invoke(
+        app,
+        ["serve", "--base", "x", "--home", str(tmp_path)],
+        env={"LORAFLEET_ADMIN_KEY": "k", "COLUMNS": "80"},
+    )
     assert result.exit_code == 1
     [line] = result.output.strip().splitlines()
-    assert line.startswith("CatalogBehind: the catalog sqlite:///") and "run `lorafleet db upgrade`" in line
+    assert (
+        line.startswith("CatalogBehind: the catalog sqlite:///")
+        and "run `lorafleet db upgrade`" in line
+    )
     assert "Traceback" not in result.output
 
 
 def test_backup_of_a_postgresql_catalog_points_to_pg_dump(tmp_path):
     with postgres_database() as url:
-        result = runner.invoke(app, ["db", "backup", "--out", str(tmp_path / "copy.dump")],
-                               env={"LORAFLEET_DATABASE_URL": url})
+        result = runner.invoke(
+            app,
+            ["db", "backup", "--out", str(tmp_path / "copy.dump")],
+            env={"LORAFLEET_DATABASE_URL": url},
+        )
     assert result.exit_code == 1 and "pg_dump --format=custom" in result.output
     assert ":lorafleet@" not in result.output  # no password printed

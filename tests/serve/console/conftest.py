@@ -1,5 +1,6 @@
-"""A gateway app with a real catalog and store and no engine (it points at a closed port), for the console's fast
-tests: pages, sessions and CSRF are all the gateway's own code; only answers that need the engine are absent."""
+"""A gateway app with a real catalog and store and no engine (it points at a closed port), for
+the console's fast tests: pages, sessions and CSRF are all the gateway's own code; only answers
+that need the engine are absent."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ ADMIN_KEY = "console-test-admin-key"
 
 @pytest.fixture(scope="session")
 def untrained_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny Qwen2.5-VL, not pre-trained (seconds): the gateway reads its config; nothing generates."""
+    """The tiny Qwen2.5-VL, not pre-trained (seconds): the gateway reads its config; nothing
+    generates."""
     from lorafleet.train.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("console-base"))
@@ -34,8 +36,11 @@ class Console:
         return created.json()["api_key"]
 
     def api(self, key: str) -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=self.http._transport, base_url="http://testserver",
-                                 headers={"Authorization": f"Bearer {key}"})
+        return httpx.AsyncClient(
+            transport=self.http._transport,
+            base_url="http://testserver",
+            headers={"Authorization": f"Bearer {key}"},
+        )
 
 
 @pytest.fixture
@@ -43,25 +48,36 @@ async def console(untrained_base: Path, tmp_path: Path) -> AsyncIterator[Console
     from lorafleet.serve.api.app import create_app
     from lorafleet.serve.settings import Settings
 
-    settings = Settings(home=tmp_path / "home", admin_key=ADMIN_KEY, engine_url="http://127.0.0.1:9",
-                        base=str(untrained_base))
+    settings = Settings(
+        home=tmp_path / "home",
+        admin_key=ADMIN_KEY,
+        engine_url="http://127.0.0.1:9",
+        base=str(untrained_base),
+    )
     transport = httpx.ASGITransport(app=create_app(settings))
-    async with (httpx.AsyncClient(transport=transport, base_url="http://testserver") as http,
-                httpx.AsyncClient(transport=transport, base_url="http://testserver",
-                                  headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin):
+    async with (
+        httpx.AsyncClient(transport=transport, base_url="http://testserver") as http,
+        httpx.AsyncClient(
+            transport=transport,
+            base_url="http://testserver",
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        ) as admin,
+    ):
         yield Console(http, admin, untrained_base)
 
 
 @pytest.fixture
 def browser_session(console: Console) -> Callable:
-    """Sign in as a browser would (the login form's token, then the posted key); a client holding the cookies."""
+    """Sign in as a browser would (the login form's token, then the posted key); a client holding
+    the cookies."""
 
     async def sign_in(key: str) -> httpx.AsyncClient:
         client = httpx.AsyncClient(transport=console.http._transport, base_url="http://testserver")
         form = await client.get("/console/login")
         token = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
-        signed = await client.post("/console/login", data={"csrf": token, "key": key,
-                                                           "next": "/console/deployments"})
+        signed = await client.post(
+            "/console/login", data={"csrf": token, "key": key, "next": "/console/deployments"}
+        )
         assert signed.status_code == 303, signed.text
         return client
 

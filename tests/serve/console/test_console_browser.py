@@ -1,7 +1,8 @@
-"""The console in a real browser: Debian's chromium driven headless by Playwright (no browser download), against
-the session's real gateway and engine. A tenant sees its running canary with its weights, aborts it and sees the
-phase change and the decision; another tenant does not see it; the admin sees both; no page logs an error.
-Screenshots of each page go to $LORAFLEET_SCREENSHOTS (default: build/screenshots)."""
+"""The console in a real browser: Debian's chromium driven headless by Playwright (no browser
+download), against the session's real gateway and engine. A tenant sees its running canary with
+its weights, aborts it and sees the phase change and the decision; another tenant does not see
+it; the admin sees both; no page logs an error. Screenshots of each page go to
+$LORAFLEET_SCREENSHOTS (default: build/screenshots)."""
 
 from __future__ import annotations
 
@@ -25,23 +26,40 @@ SHOTS = Path(os.environ.get("LORAFLEET_SCREENSHOTS", "build/screenshots"))
 def browser() -> Iterator:
     playwright = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
-        pytest.fail("chromium is not installed: `apt-get install chromium` (deploy/local/services.sh installs it)")
+        pytest.fail(
+            "chromium is not installed: `apt-get install chromium` "
+            "(deploy/local/services.sh installs it)"
+        )
     with playwright.sync_playwright() as p:
-        instance = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"])
+        instance = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--no-first-run",
+            ],
+        )
         yield instance
         instance.close()
 
 
 class Visit:
-    """One browser context (its own cookies) that fails the test on any console error or failed request."""
+    """One browser context (its own cookies) that fails the test on any console error or failed
+    request."""
 
     def __init__(self, browser, base: str) -> None:
         self.context = browser.new_context(viewport={"width": 1366, "height": 900})
         self.page = self.context.new_page()
         self.base, self.problems = base, []
-        self.page.on("console", lambda m: self.problems.append(f"console {m.type}: {m.text}")
-                     if m.type in ("error", "warning") else None)
+        self.page.on(
+            "console",
+            lambda m: (
+                self.problems.append(f"console {m.type}: {m.text}")
+                if m.type in ("error", "warning")
+                else None
+            ),
+        )
         self.page.on("pageerror", lambda e: self.problems.append(f"page error: {e}"))
         self.page.on("requestfailed", lambda r: self.problems.append(f"request failed: {r.url}"))
 
@@ -69,24 +87,35 @@ def _two_versions(http: httpx.Client, make_adapter) -> None:
 
 def _traffic(http: httpx.Client, n: int = 12) -> None:
     for i in range(n):
-        answered = http.post("/v1/chat/completions", json={
-            "model": "shapes", "max_tokens": 4, "messages": [{"role": "user", "content": f"Say {i}."}]})
+        answered = http.post(
+            "/v1/chat/completions",
+            json={
+                "model": "shapes",
+                "max_tokens": 4,
+                "messages": [{"role": "user", "content": f"Say {i}."}],
+            },
+        )
         assert answered.status_code == 200, answered.text
 
 
 def _canary(http: httpx.Client, make_adapter) -> None:
-    """Deployment `shapes` on m@1 with a canary to m@2 that stays at its first step until it is acted on."""
+    """Deployment `shapes` on m@1 with a canary to m@2 that stays at its first step until it is
+    acted on."""
     _two_versions(http, make_adapter)
-    started = http.post("/v1/deployments/shapes/rollout",
-                        json={"to": "m@2", "gate": False, "steps": [20, 100], "min_requests": 10**6})
+    started = http.post(
+        "/v1/deployments/shapes/rollout",
+        json={"to": "m@2", "gate": False, "steps": [20, 100], "min_requests": 10**6},
+    )
     assert started.status_code == 202, started.text
     _traffic(http)
 
 
 def _ab_test(http: httpx.Client, make_adapter) -> None:
     _two_versions(http, make_adapter)
-    started = http.post("/v1/deployments/shapes/ab", json={"variants": [{"adapter": "m@1", "weight": 50},
-                                                                        {"adapter": "m@2", "weight": 50}]})
+    started = http.post(
+        "/v1/deployments/shapes/ab",
+        json={"variants": [{"adapter": "m@1", "weight": 50}, {"adapter": "m@2", "weight": 50}]},
+    )
     assert started.status_code == 201, started.text
     _traffic(http)
 
@@ -95,19 +124,23 @@ def _validation_set(http: httpx.Client, tmp_path: Path) -> None:
     from lorafleet.train.shapes import write_task
 
     validation = write_task("general", 8, tmp_path / "val.jsonl", seed=1)
-    pushed = http.put("/v1/deployments/shapes/validation", files={"file": ("v.jsonl", inline_images(validation))})
+    pushed = http.put(
+        "/v1/deployments/shapes/validation", files={"file": ("v.jsonl", inline_images(validation))}
+    )
     assert pushed.status_code == 200, pushed.text
 
 
 def _replayed(http: httpx.Client, tmp_path: Path) -> None:
-    """A validation set and one replay of it (the baseline), so that the drift page has its figures."""
+    """A validation set and one replay of it (the baseline), so that the drift page has its
+    figures."""
     _validation_set(http, tmp_path)
     checked = http.post("/v1/deployments/shapes/drift/check")
     assert checked.status_code == 200, checked.text
 
 
-def test_a_tenant_aborts_its_canary_others_do_not_see_it_the_admin_sees_all(server, new_tenant, make_adapter,
-                                                                          browser, tmp_path):
+def test_a_tenant_aborts_its_canary_others_do_not_see_it_the_admin_sees_all(
+    server, new_tenant, make_adapter, browser, tmp_path
+):
     owner, other = new_tenant(), new_tenant()
     with owner.http() as http:
         _canary(http, make_adapter)
@@ -141,14 +174,19 @@ def test_a_tenant_aborts_its_canary_others_do_not_see_it_the_admin_sees_all(serv
     with owner.http() as http:
         _replayed(http, tmp_path)
     mine = f"/console/t/{owner.name}"
-    for path, name in (("/console/rollouts", "rollouts"), ("/console/adapters", "adapters"),
-                       (f"{mine}/deployments/shapes", "deployment"), (f"{mine}/deployments/shapes/drift", "drift"),
-                       (f"{mine}/adapters/m", "adapter")):
+    for path, name in (
+        ("/console/rollouts", "rollouts"),
+        ("/console/adapters", "adapters"),
+        (f"{mine}/deployments/shapes", "deployment"),
+        (f"{mine}/deployments/shapes/drift", "drift"),
+        (f"{mine}/adapters/m", "adapter"),
+    ):
         response = page.goto(server.url + path)
         assert response is not None and response.status == 200, path
         visit.shot(name)
     page.goto(server.url + f"{mine}/deployments/shapes/drift")
-    assert page.get_by_role("img", name="Validation replay").is_visible()  # the drift report's own figure
+    # the drift report's own figure
+    assert page.get_by_role("img", name="Validation replay").is_visible()
     visit.close()
 
     stranger = Visit(browser, server.url)
@@ -157,13 +195,18 @@ def test_a_tenant_aborts_its_canary_others_do_not_see_it_the_admin_sees_all(serv
     stranger.page.get_by_role("link", name="Running").click()
     stranger.page.wait_for_url("**/deployments/shapes/ab")
     assert "m@1" in stranger.page.content() and "Differences from" in stranger.page.content()
-    stranger.page.get_by_role("button", name="Evaluate on the validation set").click()  # replays, then compares
+    # replays, then compares
+    stranger.page.get_by_role("button", name="Evaluate on the validation set").click()
     stranger.page.wait_for_url("**/ab/evaluate")
-    comparison = stranger.page.get_by_role("table", name="Paired differences (95 % intervals)").inner_text()
+    comparison = stranger.page.get_by_role(
+        "table", name="Paired differences (95 % intervals)"
+    ).inner_text()
     assert "m@2" in comparison and "m@1" in comparison
     assert "answered the 8 items of the validation set" in stranger.page.content()
     stranger.shot("ab")
-    response = stranger.page.goto(server.url + f"/console/t/{owner.name}/deployments/shapes/rollout")
+    response = stranger.page.goto(
+        server.url + f"/console/t/{owner.name}/deployments/shapes/rollout"
+    )
     assert response is not None and response.status == 404
     stranger.problems.clear()  # the 404 itself is logged by the browser as a failed resource
     stranger.close()

@@ -1,4 +1,5 @@
-"""What the engine says reaches tenants without the server's paths (messages shaped as vLLM 0.32 writes them)."""
+"""What the engine says reaches tenants without the server's paths (messages shaped as vLLM 0.32
+writes them)."""
 
 from __future__ import annotations
 
@@ -15,33 +16,54 @@ DIGEST = "3f2a9c" * 10 + "abcd"
 STORE = f"/data/lorafleet/adapters/{DIGEST}"
 
 
-@pytest.mark.parametrize("message, public", [
-    # vllm/exceptions.py LoRAAdapterNotFoundError
-    (f"Loading lora {DIGEST} failed: No adapter found for {STORE}",
-     f"Loading lora {DIGEST} failed: No adapter found for <path>"),
-    # vllm/lora/lora_model.py, wrapped by the engine core's utility call (vllm/v1/engine/core.py)
-    (f"Call to add_lora method failed: While loading {STORE}, expected target modules in ['q_proj', 'v_proj'] but "
-     "received ['model.visual.blocks.0.mlp.up_proj']. Please verify that the loaded LoRA module is correct",
-     "Call to add_lora method failed: While loading <path>, expected target modules in ['q_proj', 'v_proj'] but "
-     "received ['model.visual.blocks.0.mlp.up_proj']. Please verify that the loaded LoRA module is correct"),
-    (f"{STORE}/ doesn't contain tensors", "<path> doesn't contain tensors"),
-    ('Traceback (most recent call last):\n  File "/opt/venv/lib/python3.11/site-packages/vllm/lora/'
-     'worker_manager.py", line 168, in _load_adapter',
-     'Traceback (most recent call last):\n  File "<path>", line 168, in _load_adapter'),
-    ("The model `/models/Qwen2.5-VL-3B-Instruct` does not exist.", "The model `<path>` does not exist."),
-    (r"No adapter found for C:\lorafleet\adapters\abc, or file:///etc/passwd",
-     "No adapter found for <path>, or <path>"),
-])
+@pytest.mark.parametrize(
+    "message, public",
+    [
+        # vllm/exceptions.py LoRAAdapterNotFoundError
+        (
+            f"Loading lora {DIGEST} failed: No adapter found for {STORE}",
+            f"Loading lora {DIGEST} failed: No adapter found for <path>",
+        ),
+        # vllm/lora/lora_model.py, wrapped by the engine core's utility call
+        # (vllm/v1/engine/core.py)
+        (
+            f"Call to add_lora method failed: While loading {STORE}, expected target modules in "
+            "['q_proj', 'v_proj'] but received ['model.visual.blocks.0.mlp.up_proj']. "
+            "Please verify that the loaded LoRA module is correct",
+            "Call to add_lora method failed: While loading <path>, expected target modules in "
+            "['q_proj', 'v_proj'] but received ['model.visual.blocks.0.mlp.up_proj']. "
+            "Please verify that the loaded LoRA module is correct",
+        ),
+        (f"{STORE}/ doesn't contain tensors", "<path> doesn't contain tensors"),
+        (
+            'Traceback (most recent call last):\n  File "/opt/venv/lib/python3.11/'
+            'site-packages/vllm/lora/worker_manager.py", line 168, in _load_adapter',
+            'Traceback (most recent call last):\n  File "<path>", line 168, in _load_adapter',
+        ),
+        (
+            "The model `/models/Qwen2.5-VL-3B-Instruct` does not exist.",
+            "The model `<path>` does not exist.",
+        ),
+        (
+            r"No adapter found for C:\lorafleet\adapters\abc, or file:///etc/passwd",
+            "No adapter found for <path>, or <path>",
+        ),
+    ],
+)
 def test_engine_messages_lose_their_absolute_paths(message, public):
     assert public_engine_message(message) == public
 
 
-@pytest.mark.parametrize("message", [
-    "This model's maximum context length is 512 tokens. However, you requested 600 tokens (88 in the messages, "
-    "512 in the completion). Please reduce the length of the messages or completion.",
-    "Failed to fetch https://example.com/images/cat.png from http://127.0.0.1:8000/v1/models",
-    "temperature must be in [0, 2], got 3/4 and/or -1",
-])
+@pytest.mark.parametrize(
+    "message",
+    [
+        "This model's maximum context length is 512 tokens. However, you requested 600 tokens "
+        "(88 in the messages, 512 in the completion). Please reduce the length of the messages "
+        "or completion.",
+        "Failed to fetch https://example.com/images/cat.png from http://127.0.0.1:8000/v1/models",
+        "temperature must be in [0, 2], got 3/4 and/or -1",
+    ],
+)
 def test_messages_without_filesystem_paths_are_unchanged(message):
     assert public_engine_message(message) == message
 
@@ -55,11 +77,22 @@ def test_paths_under_a_private_folder_go_whole_even_with_a_space():
 
 def test_an_engine_error_body_keeps_its_shape_without_paths(tmp_path):
     client = EngineClient(LocalStore(tmp_path / "adapters"), Metrics())
-    body = {"error": {"message": f"While loading {tmp_path}/adapters/x, expected target modules", "type":
-                      "BadRequestError", "param": None, "code": 400}}
+    body = {
+        "error": {
+            "message": f"While loading {tmp_path}/adapters/x, expected target modules",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        }
+    }
     public = json.loads(client.public_error(json.dumps(body).encode()))
-    assert public == {"error": {**body["error"], "message": "While loading <path>, expected target modules"}}
-    assert client.public_error(b"Internal Server Error at /opt/vllm/x.py") == b"Internal Server Error at <path>"
+    assert public == {
+        "error": {**body["error"], "message": "While loading <path>, expected target modules"}
+    }
+    assert (
+        client.public_error(b"Internal Server Error at /opt/vllm/x.py")
+        == b"Internal Server Error at <path>"
+    )
 
 
 async def test_a_failed_load_tells_the_tenant_why_without_the_store_path(tmp_path):
@@ -72,8 +105,12 @@ async def test_a_failed_load_tells_the_tenant_why_without_the_store_path(tmp_pat
         """vLLM's answer for an adapter folder that is gone (serving.py load_lora_adapter)."""
         assert json.loads(request.content)["lora_path"] == lora_path
         message = f"Loading lora {DIGEST} failed: No adapter found for {lora_path}"
-        return httpx.Response(404, json={"error": {"message": message, "type": "NotFoundError", "param": None,
-                                                   "code": 404}})
+        return httpx.Response(
+            404,
+            json={
+                "error": {"message": message, "type": "NotFoundError", "param": None, "code": 404}
+            },
+        )
 
     client.http = httpx.AsyncClient(base_url=client.url, transport=httpx.MockTransport(vllm))
     client.mark_up()
@@ -86,8 +123,9 @@ async def test_a_failed_load_tells_the_tenant_why_without_the_store_path(tmp_pat
 
 
 async def test_an_evicted_adapter_is_forgotten_unloaded_and_fetched_again(s3_url, tmp_path):
-    """An S3 store's cache holds one adapter here: loading the second evicts the first, so the engine drops it
-    and the next request fetches and loads it again (the engine never reads a folder that is gone)."""
+    """An S3 store's cache holds one adapter here: loading the second evicts the first, so the
+    engine drops it and the next request fetches and loads it again (the engine never reads a
+    folder that is gone)."""
     import asyncio
     import time
     import uuid
@@ -98,8 +136,10 @@ async def test_an_evicted_adapter_is_forgotten_unloaded_and_fetched_again(s3_url
     from tests.factories import WEIGHTS, small_adapter
 
     a, b = small_adapter(tmp_path / "a", seed=1), small_adapter(tmp_path / "b", seed=2)
-    store = S3AdapterStore(parse_s3_url(f"{s3_url}/{uuid.uuid4().hex[:8]}"),
-                           AdapterCache(tmp_path / "cache", max_bytes=a.size_bytes))
+    store = S3AdapterStore(
+        parse_s3_url(f"{s3_url}/{uuid.uuid4().hex[:8]}"),
+        AdapterCache(tmp_path / "cache", max_bytes=a.size_bytes),
+    )
     store.put(a), store.put(b)
     calls: list[tuple[str, str]] = []
 
@@ -107,7 +147,8 @@ async def test_an_evicted_adapter_is_forgotten_unloaded_and_fetched_again(s3_url
         body = json.loads(request.content)
         calls.append((request.url.path.rsplit("/", 1)[-1], body["lora_name"]))
         if "lora_path" in body:
-            assert (Path(body["lora_path"]) / WEIGHTS).is_file()  # fetched before the engine reads it
+            # fetched before the engine reads it
+            assert (Path(body["lora_path"]) / WEIGHTS).is_file()
         return httpx.Response(200, text="ok")
 
     client = EngineClient(store, Metrics())
@@ -120,7 +161,8 @@ async def test_an_evicted_adapter_is_forgotten_unloaded_and_fetched_again(s3_url
         await asyncio.sleep(0.01)
     assert ("unload_lora_adapter", a.digest) in calls and a.digest not in store.cache
     await client.ensure_loaded(a.digest)
-    assert [c for c in calls if c[0] == "load_lora_adapter"] == [("load_lora_adapter", d)
-                                                                 for d in (a.digest, b.digest, a.digest)]
+    assert [c for c in calls if c[0] == "load_lora_adapter"] == [
+        ("load_lora_adapter", d) for d in (a.digest, b.digest, a.digest)
+    ]
     assert a.digest in store.cache and b.digest not in store.cache
     await client.aclose()

@@ -1,6 +1,6 @@
-"""A gateway whose engine fails on every start: it keeps answering, backs off further each time, and says
-"crash_loop" in /readyz, /admin/engine and its metrics. No vLLM: `lorafleet serve` runs for real with an engine
-python that exits at once, or that does not exist."""
+"""A gateway whose engine fails on every start: it keeps answering, backs off further each time,
+and says "crash_loop" in /readyz, /admin/engine and its metrics. No vLLM: `lorafleet serve` runs
+for real with an engine python that exits at once, or that does not exist."""
 
 from __future__ import annotations
 
@@ -62,20 +62,33 @@ def _failed_start_times(admin: httpx.Client, count: int) -> list[float]:
 
 def _metric(admin: httpx.Client, line_start: str) -> float:
     text = admin.get("/metrics").text
-    return float(next(line for line in text.splitlines() if line.startswith(line_start)).split()[-1])
+    return float(
+        next(line for line in text.splitlines() if line.startswith(line_start)).split()[-1]
+    )
 
 
 @pytest.mark.parametrize("engine", ["exits at once", "does not exist"])
 def test_an_engine_failing_every_start_is_a_visible_crash_loop_and_the_gateway_keeps_answering(
-        engine, untrained_base, tmp_path):
+    engine, untrained_base, tmp_path
+):
     base, adapter = untrained_base
     python = tmp_path / "engine-python"
     if engine == "exits at once":
         python.write_text("#!/bin/sh\necho 'no engine here' >&2\nexit 1\n")
         python.chmod(0o755)
-    server = LocalServer.start(base, tmp_path / "home", engine_python=str(python), quantize="none",
-                               dtype="float32", max_model_len="512", retry_after_s="3", drift_replay_s="0")
-    admin = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.admin_key}"}, timeout=30)
+    server = LocalServer.start(
+        base,
+        tmp_path / "home",
+        engine_python=str(python),
+        quantize="none",
+        dtype="float32",
+        max_model_len="512",
+        retry_after_s="3",
+        drift_replay_s="0",
+    )
+    admin = httpx.Client(
+        base_url=server.url, headers={"Authorization": f"Bearer {server.admin_key}"}, timeout=30
+    )
     try:
         _until(lambda: _answers(server.url + "/healthz"), 180, "the gateway")
         # 1, 2 then 5 s of back-off between starts
@@ -84,7 +97,11 @@ def test_an_engine_failing_every_start_is_a_visible_crash_loop_and_the_gateway_k
 
         ready = httpx.get(server.url + "/readyz")
         assert ready.status_code == 503
-        assert ready.json() == {"status": "engine starting", "engine_up": False, "engine_state": "crash_loop"}
+        assert ready.json() == {
+            "status": "engine starting",
+            "engine_up": False,
+            "engine_state": "crash_loop",
+        }
         status = admin.get("/admin/engine").json()
         assert status["engine_state"] == "crash_loop" and status["up"] is False
         if engine == "exits at once":
@@ -100,14 +117,25 @@ def test_an_engine_failing_every_start_is_a_visible_crash_loop_and_the_gateway_k
         assert _metric(admin, "lorafleet_engine_up") == 0
 
         tenant = admin.post("/admin/tenants", json={"name": "patient"}).json()
-        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {tenant['api_key']}"},
-                          timeout=60) as http:
+        with httpx.Client(
+            base_url=server.url,
+            headers={"Authorization": f"Bearer {tenant['api_key']}"},
+            timeout=60,
+        ) as http:
             upload_folder(http, "ext", adapter)
-            http.put("/v1/deployments/waiting", json={"adapter": "ext"}).raise_for_status()  # registered later
-            chat = http.post("/v1/chat/completions", json={"model": "waiting", "messages": image_messages()})
+            # registered later
+            http.put("/v1/deployments/waiting", json={"adapter": "ext"}).raise_for_status()
+            chat = http.post(
+                "/v1/chat/completions", json={"model": "waiting", "messages": image_messages()}
+            )
         assert_openai_error(chat, 503)
-        assert chat.json()["error"]["code"] == "engine_unavailable" and chat.headers["retry-after"] == "3"
-        assert httpx.get(server.url + "/healthz").status_code == 200 and server.process.poll() is None
+        assert (
+            chat.json()["error"]["code"] == "engine_unavailable"
+            and chat.headers["retry-after"] == "3"
+        )
+        assert (
+            httpx.get(server.url + "/healthz").status_code == 200 and server.process.poll() is None
+        )
     finally:
         admin.close()
         server.stop()

@@ -1,5 +1,5 @@
-"""The engine's bearer token is in its environment (readable by its owner only), never on a command line that
-every local user can read, and vLLM enforces it from there."""
+"""The engine's bearer token is in its environment (readable by its owner only), never on a
+command line that every local user can read, and vLLM enforces it from there."""
 
 from __future__ import annotations
 

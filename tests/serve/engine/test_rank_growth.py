@@ -1,5 +1,5 @@
-"""A derived max LoRA rank on the real engine: it starts at what the catalog needs and grows, by a restart, when a
-deployment brings a higher-rank adapter; both deployments then answer."""
+"""A derived max LoRA rank on the real engine: it starts at what the catalog needs and grows, by
+a restart, when a deployment brings a higher-rank adapter; both deployments then answer."""
 
 from __future__ import annotations
 
@@ -28,12 +28,17 @@ def test_a_higher_rank_deployment_restarts_the_engine_with_that_rank(tmp_path: P
     from lorafleet.train.tiny_model import build_tiny_model
 
     base = build_tiny_model(tmp_path / "tiny")
-    low, high = (make_random_adapter(base, tmp_path / f"r{rank}", seed=rank, rank=rank) for rank in (8, 32))
-    server = LocalServer.start(base, tmp_path / "home", max_model_len="512", dtype="float32", drift_replay_s="0")
+    low, high = (
+        make_random_adapter(base, tmp_path / f"r{rank}", seed=rank, rank=rank) for rank in (8, 32)
+    )
+    server = LocalServer.start(
+        base, tmp_path / "home", max_model_len="512", dtype="float32", drift_replay_s="0"
+    )
     try:
         server.wait_ready()
         admin = LorafleetClient(server.url, server.admin_key)
-        assert admin.http.get("/admin/engine").json()["sizing"]["max_lora_rank"] == 16  # nothing deployed
+        # nothing deployed
+        assert admin.http.get("/admin/engine").json()["sizing"]["max_lora_rank"] == 16
         key = admin.create_tenant("grow")["api_key"]
         tenant = LorafleetClient(server.url, key)
         tenant.push_adapter("low", low)
@@ -45,8 +50,10 @@ def test_a_higher_rank_deployment_restarts_the_engine_with_that_rank(tmp_path: P
         engine = admin.http.get("/admin/engine").json()
         cmdline = _engine_cmdline(server)
         chat = OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0).chat.completions
-        replies = [chat.create(model=name, messages=image_messages(), max_tokens=4, temperature=0)
-                   for name in ("small", "big")]
+        replies = [
+            chat.create(model=name, messages=image_messages(), max_tokens=4, temperature=0)
+            for name in ("small", "big")
+        ]
     finally:
         server.stop()
     assert engine["starts"] == 2

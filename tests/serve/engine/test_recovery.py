@@ -1,4 +1,5 @@
-"""The engine dies: requests get 503 + Retry-After, the supervisor restarts it, adapters serve again."""
+"""The engine dies: requests get 503 + Retry-After, the supervisor restarts it, adapters serve
+again."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ def test_killed_engine_gives_503_then_recovers_with_adapters(server, new_tenant,
     with tenant.http() as http:
         upload_folder(http, "ext", make_adapter(11))
         http.put("/v1/deployments/survivor", json={"adapter": "ext"}).raise_for_status()
-        before = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        before = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"][
+            "content"
+        ]
 
         with server.admin() as admin:
             engine = admin.get("/admin/engine").json()
@@ -38,5 +41,8 @@ def test_killed_engine_gives_503_then_recovers_with_adapters(server, new_tenant,
     assert after.json()["choices"][0]["message"]["content"] == before
     with server.admin() as admin:
         assert admin.get("/admin/engine").json()["starts"] == engine["starts"] + 1
-    # vLLM's engine-core and worker processes of the killed server went with it (their memory is freed)
-    assert children and not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    # vLLM's engine-core and worker processes of the killed server went with it (their memory is
+    # freed)
+    assert children and not [
+        c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE
+    ]

@@ -19,27 +19,48 @@ from lorafleet.serve.settings import Settings
 
 CPU = Machine(ram_bytes=24 * GIB, cpus=2)
 GPU = Machine(ram_bytes=128 * GIB, cpus=16, gpu_memory_bytes=80 * GIB)
-TINY = ModelShape(lora_features=4096, kv_bytes_per_token=1024, dtype_bytes=4)  # the tiny Qwen2.5-VL in float32
+# the tiny Qwen2.5-VL in float32
+TINY = ModelShape(lora_features=4096, kv_bytes_per_token=1024, dtype_bytes=4)
 # a 7B-class base in bfloat16: 28 layers, 4 KV heads of 128
 LARGE = ModelShape(lora_features=2_523_136, kv_bytes_per_token=2 * 28 * 4 * 128 * 2, dtype_bytes=2)
 
 
-def _derive(workload: Workload = Workload(), machine: Machine = CPU, model: ModelShape = TINY, **settings):
+def _derive(
+    workload: Workload = Workload(), machine: Machine = CPU, model: ModelShape = TINY, **settings
+):
     return derive_sizing(Settings(base="x", **settings), workload, machine, model)
 
 
 def test_explicit_values_are_used_as_they_are():
-    sizing = _derive(Workload(64, 64), max_lora_rank=32, max_loras=4, max_cpu_loras=10, max_num_seqs=12,
-                     cpu_kvcache_gib=3)
-    assert (sizing.max_lora_rank, sizing.max_loras, sizing.max_cpu_loras, sizing.max_num_seqs,
-            sizing.kvcache_gib) == (32, 4, 10, 12, 3)
+    sizing = _derive(
+        Workload(64, 64),
+        max_lora_rank=32,
+        max_loras=4,
+        max_cpu_loras=10,
+        max_num_seqs=12,
+        cpu_kvcache_gib=3,
+    )
+    assert (
+        sizing.max_lora_rank,
+        sizing.max_loras,
+        sizing.max_cpu_loras,
+        sizing.max_num_seqs,
+        sizing.kvcache_gib,
+    ) == (32, 4, 10, 12, 3)
     assert sizing.rank_is_set
-    assert {sizing.max_loras_source, sizing.max_cpu_loras_source, sizing.max_num_seqs_source,
-            sizing.kvcache_source} == {SET}
-    assert "will not load" in sizing.max_lora_rank_source  # deployed rank 64 > the fixed 32: said at start
+    assert {
+        sizing.max_loras_source,
+        sizing.max_cpu_loras_source,
+        sizing.max_num_seqs_source,
+        sizing.kvcache_source,
+    } == {SET}
+    # deployed rank 64 > the fixed 32: said at start
+    assert "will not load" in sizing.max_lora_rank_source
 
 
-@pytest.mark.parametrize(("deployed", "rank"), [(24, 32), (16, 16), (4, 8), (1, 1), (65, 128), (300, 320)])
+@pytest.mark.parametrize(
+    ("deployed", "rank"), [(24, 32), (16, 16), (4, 8), (1, 1), (65, 128), (300, 320)]
+)
 def test_rank_is_the_smallest_vllm_takes_that_holds_the_largest_deployed(deployed, rank):
     sizing = _derive(Workload(3, deployed))
     assert sizing.max_lora_rank == rank and rank in ENGINE_LORA_RANKS
@@ -66,7 +87,13 @@ def test_64_adapters_fit_in_the_batch_slots_and_the_warm_cache(machine):
 
 
 def test_gpu_slots_follow_the_deployed_adapters():
-    assert [_derive(Workload(n, 16), GPU).max_loras for n in (0, 8, 10, 64, 1000)] == [8, 8, 16, 64, 256]
+    assert [_derive(Workload(n, 16), GPU).max_loras for n in (0, 8, 10, 64, 1000)] == [
+        8,
+        8,
+        16,
+        64,
+        256,
+    ]
 
 
 def test_cpu_slots_cover_a_whole_batch_even_before_anything_is_deployed():
@@ -78,13 +105,20 @@ def test_cpu_slots_cover_a_whole_batch_even_before_anything_is_deployed():
 def test_slots_stay_within_their_memory_share():
     small = Machine(ram_bytes=16 * GIB, cpus=4)
     sizing = _derive(Workload(64, 64), small, LARGE)
-    assert sizing.max_loras * LARGE.slot_bytes(sizing.max_lora_rank) <= SLOT_MEMORY_SHARE * small.ram_bytes
+    assert (
+        sizing.max_loras * LARGE.slot_bytes(sizing.max_lora_rank)
+        <= SLOT_MEMORY_SHARE * small.ram_bytes
+    )
     assert 1 <= sizing.max_loras < 64 and "MiB each at rank 64" in sizing.max_loras_source
 
 
 @pytest.mark.parametrize("machine", [CPU, GPU, Machine(ram_bytes=4 * GIB, cpus=1)])
-@pytest.mark.parametrize("workload", [Workload(), Workload(1, 8), Workload(64, 16), Workload(500, 64)])
-@pytest.mark.parametrize("fixed", [{}, {"max_loras": 200}, {"max_num_seqs": 512}, {"max_cpu_loras": 16}])
+@pytest.mark.parametrize(
+    "workload", [Workload(), Workload(1, 8), Workload(64, 16), Workload(500, 64)]
+)
+@pytest.mark.parametrize(
+    "fixed", [{}, {"max_loras": 200}, {"max_num_seqs": 512}, {"max_cpu_loras": 16}]
+)
 def test_warm_cache_always_holds_a_batch_of_adapters(machine, workload, fixed):
     sizing = _derive(workload, machine, LARGE, **fixed)
     assert sizing.max_cpu_loras >= sizing.max_loras >= 1  # vLLM refuses to start otherwise
@@ -120,8 +154,13 @@ def test_gpu_leaves_the_kv_cache_to_vllm():
 @pytest.mark.parametrize("machine", [CPU, GPU])
 def test_every_value_says_where_it_came_from(machine):
     sizing = _derive(Workload(64, 16), machine)
-    sources = [sizing.max_lora_rank_source, sizing.max_loras_source, sizing.max_cpu_loras_source,
-               sizing.max_num_seqs_source, sizing.kvcache_source]
+    sources = [
+        sizing.max_lora_rank_source,
+        sizing.max_loras_source,
+        sizing.max_cpu_loras_source,
+        sizing.max_num_seqs_source,
+        sizing.kvcache_source,
+    ]
     assert all(sources) and SET not in sources
     line = sizing.describe()
     assert all(source in line for source in sources)

@@ -1,5 +1,6 @@
-"""Supervision survives every failure: an engine that cannot run or exits at once, an error inside the loop, an
-attached engine that is gone. No vLLM: the "engine" is a small script (a real process) or a missing path."""
+"""Supervision survives every failure: an engine that cannot run or exits at once, an error
+inside the loop, an attached engine that is gone. No vLLM: the "engine" is a small script (a real
+process) or a missing path."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ SHAPE = ModelShape(lora_features=4096, kv_bytes_per_token=1024, dtype_bytes=4)
 
 
 def engine_script(tmp_path: Path, body: str) -> Path:
-    """An executable standing in for the engine's python: it gets vLLM's arguments and runs `body`."""
+    """An executable standing in for the engine's python: it gets vLLM's arguments and runs
+    `body`."""
     script = tmp_path / "engine-python"
     script.write_text(f"#!/bin/sh\n{body}\n")
     script.chmod(0o755)
@@ -31,8 +33,15 @@ def supervisor_for(tmp_path: Path, **settings) -> EngineSupervisor:
     configured = Settings(base="x", home=tmp_path, **settings)
     metrics = Metrics()
     client = EngineClient(LocalStore(tmp_path / "adapters"), metrics, url=configured.engine_url)
-    return EngineSupervisor(configured, client, metrics, tmp_path / "engine.log", Hardware("x86_64"),
-                            Quantization("none"), derive_sizing(configured, Workload(), MACHINE, SHAPE))
+    return EngineSupervisor(
+        configured,
+        client,
+        metrics,
+        tmp_path / "engine.log",
+        Hardware("x86_64"),
+        Quantization("none"),
+        derive_sizing(configured, Workload(), MACHINE, SHAPE),
+    )
 
 
 def sample(supervisor: EngineSupervisor, name: str, **labels: str) -> float | None:
@@ -57,11 +66,15 @@ async def test_a_missing_engine_python_is_retried_into_a_crash_loop_and_stop_end
         assert sample(supervisor, "lorafleet_engine_state", state="crash_loop") == 1
         assert sample(supervisor, "lorafleet_engine_state", state="up") == 0
         assert sample(supervisor, "lorafleet_engine_failed_starts") == 3
-        assert sample(supervisor, "lorafleet_engine_supervision_errors_total") == 0  # a failed start, no bug
+        # a failed start, no bug
+        assert sample(supervisor, "lorafleet_engine_supervision_errors_total") == 0
     finally:
         await supervisor.stop()  # in the middle of a back-off: the cancellation goes through
     assert supervisor._task is not None and supervisor._task.cancelled()
-    assert supervisor.state == "stopped" and sample(supervisor, "lorafleet_engine_state", state="stopped") == 1
+    assert (
+        supervisor.state == "stopped"
+        and sample(supervisor, "lorafleet_engine_state", state="stopped") == 1
+    )
 
 
 async def test_an_engine_exiting_during_start_leaves_its_exit_code(tmp_path):
@@ -72,14 +85,22 @@ async def test_an_engine_exiting_during_start_leaves_its_exit_code(tmp_path):
         assert supervisor.starts == 1 and supervisor.last_exit_code == 3
         assert supervisor.last_error == "exited with 3 during start"
         assert sample(supervisor, "lorafleet_engine_last_exit_code") == 3
-        assert supervisor.status() == {"engine_state": "restarting", "failed_starts": 1, "last_exit_code": 3,
-                                       "last_error": "exited with 3 during start"}
+        assert supervisor.status() == {
+            "engine_state": "restarting",
+            "failed_starts": 1,
+            "last_exit_code": 3,
+            "last_error": "exited with 3 during start",
+        }
     finally:
         await supervisor.stop()
 
 
-async def test_an_error_inside_supervision_is_counted_and_the_next_start_comes_up(tmp_path, monkeypatch):
-    supervisor = supervisor_for(tmp_path, engine_python=str(engine_script(tmp_path, "exec sleep 60")))
+async def test_an_error_inside_supervision_is_counted_and_the_next_start_comes_up(
+    tmp_path, monkeypatch
+):
+    supervisor = supervisor_for(
+        tmp_path, engine_python=str(engine_script(tmp_path, "exec sleep 60"))
+    )
     answers = iter([RuntimeError("health check broke")])
 
     async def healthy() -> bool:
@@ -95,12 +116,15 @@ async def test_an_error_inside_supervision_is_counted_and_the_next_start_comes_u
         assert sample(supervisor, "lorafleet_engine_supervision_errors_total") == 1
         assert "health check broke" in supervisor.last_error
         assert supervisor.starts == 2 and supervisor.failed_starts == 1 and supervisor.client.up
-        assert supervisor.process is not None and supervisor.process.returncode is None  # the second engine
+        # the second engine
+        assert supervisor.process is not None and supervisor.process.returncode is None
     finally:
         await supervisor.stop()
 
 
-async def test_an_attached_engine_that_is_gone_is_unreachable_and_still_followed(tmp_path, monkeypatch):
+async def test_an_attached_engine_that_is_gone_is_unreachable_and_still_followed(
+    tmp_path, monkeypatch
+):
     supervisor = supervisor_for(tmp_path, engine_url=f"http://127.0.0.1:{free_port()}")
     await supervisor.start()
     try:

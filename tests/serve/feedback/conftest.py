@@ -1,4 +1,5 @@
-"""A real catalog (SQLite and PostgreSQL) with one tenant's deployment, and a real capture store folder."""
+"""A real catalog (SQLite and PostgreSQL) with one tenant's deployment, and a real capture store
+folder."""
 
 from __future__ import annotations
 
@@ -41,8 +42,12 @@ class Place:
 
 @pytest.fixture
 def place(sessions: sessionmaker) -> Callable[..., Place]:
-    """Factory: a tenant (made on first use of its name) with a deployment serving one adapter version."""
-    def make(tenant: str = "acme", deployment: str = "invoice", policy: dict | None = POLICY) -> Place:
+    """Factory: a tenant (made on first use of its name) with a deployment serving one adapter
+    version."""
+
+    def make(
+        tenant: str = "acme", deployment: str = "invoice", policy: dict | None = POLICY
+    ) -> Place:
         with sessions() as s:
             t = s.query(Tenant).filter_by(name=tenant).one_or_none()
             if t is None:
@@ -51,8 +56,15 @@ def place(sessions: sessionmaker) -> Callable[..., Place]:
                 s.flush()
             adapter = Adapter(tenant_id=t.id, name=f"ext-{deployment}")
             digest = hashlib.sha256(f"{tenant}/{deployment}".encode()).hexdigest()
-            version = AdapterVersion(adapter=adapter, version=1, digest=digest, rank=8, alpha=16.0,
-                                     target_modules=["q_proj"], size_bytes=10)
+            version = AdapterVersion(
+                adapter=adapter,
+                version=1,
+                digest=digest,
+                rank=8,
+                alpha=16.0,
+                target_modules=["q_proj"],
+                size_bytes=10,
+            )
             s.add_all([adapter, version])
             s.flush()
             row = Deployment(tenant_id=t.id, name=deployment, stable_id=version.id, capture=policy)

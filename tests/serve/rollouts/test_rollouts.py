@@ -1,4 +1,5 @@
-"""Canary rollouts and A/B tests on the real engine: gate, live analysis, routing, commands, restart."""
+"""Canary rollouts and A/B tests on the real engine: gate, live analysis, routing, commands,
+restart."""
 
 from __future__ import annotations
 
@@ -20,17 +21,24 @@ FORMAT = {"regex": "a (red|green|blue|yellow) (circle|square|triangle)"}
 
 @pytest.fixture
 def shapes(new_tenant, make_adapter, general_val) -> Callable[..., httpx.Client]:
-    """A tenant whose deployment `shapes` serves m@1 (= the base); m@2 answers the same (another rank of a
-    no-op adapter: equal quality, different digest); m@3 is a random adapter that breaks every answer."""
+    """A tenant whose deployment `shapes` serves m@1 (= the base); m@2 answers the same (another
+    rank of a no-op adapter: equal quality, different digest); m@3 is a random adapter that
+    breaks every answer."""
+
     def create(validation: bool = True, answer_format: bool = True) -> httpx.Client:
         http = new_tenant().http()
-        for folder in (make_adapter(0, 8, std=NEAR_BASE_STD), make_adapter(0, 4, std=NEAR_BASE_STD),
-                       make_adapter(21)):
+        for folder in (
+            make_adapter(0, 8, std=NEAR_BASE_STD),
+            make_adapter(0, 4, std=NEAR_BASE_STD),
+            make_adapter(21),
+        ):
             upload_folder(http, "m", folder)
         http.put("/v1/deployments/shapes", json={"adapter": "m@1"}).raise_for_status()
         if validation:
-            pushed = http.put("/v1/deployments/shapes/validation",
-                              files={"file": ("v.jsonl", inline_images(general_val))})
+            pushed = http.put(
+                "/v1/deployments/shapes/validation",
+                files={"file": ("v.jsonl", inline_images(general_val))},
+            )
             assert pushed.status_code == 200, pushed.text
         if answer_format:
             http.put("/v1/deployments/shapes/answer-format", json=FORMAT).raise_for_status()
@@ -39,7 +47,9 @@ def shapes(new_tenant, make_adapter, general_val) -> Callable[..., httpx.Client]
     return create
 
 
-def _chat(http: httpx.Client, messages: list[dict], user: str | None = None, max_tokens: int = 8) -> httpx.Response:
+def _chat(
+    http: httpx.Client, messages: list[dict], user: str | None = None, max_tokens: int = 8
+) -> httpx.Response:
     body = {"model": "shapes", "messages": messages, "max_tokens": max_tokens, "temperature": 0}
     if user:
         body["user"] = user
@@ -48,16 +58,24 @@ def _chat(http: httpx.Client, messages: list[dict], user: str | None = None, max
     return response
 
 
-def _variants(http: httpx.Client, requests: list[list[dict]], users: list[str], max_tokens: int = 1) -> dict[str, str]:
+def _variants(
+    http: httpx.Client, requests: list[list[dict]], users: list[str], max_tokens: int = 1
+) -> dict[str, str]:
     """user -> the variant that served them, 8 requests at a time."""
     with ThreadPoolExecutor(8) as pool:
-        responses = pool.map(lambda i: _chat(http, requests[i % len(requests)], users[i], max_tokens),
-                             range(len(users)))
+        responses = pool.map(
+            lambda i: _chat(http, requests[i % len(requests)], users[i], max_tokens),
+            range(len(users)),
+        )
         return {user: r.headers["x-lorafleet-variant"] for user, r in zip(users, responses)}
 
 
-def _wait(http: httpx.Client, done: Callable[[dict], bool], timeout: float = 120,
-          traffic: Callable[[], None] | None = None) -> dict:
+def _wait(
+    http: httpx.Client,
+    done: Callable[[dict], bool],
+    timeout: float = 120,
+    traffic: Callable[[], None] | None = None,
+) -> dict:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         rollout = http.get("/v1/deployments/shapes/rollout").json()
@@ -67,7 +85,9 @@ def _wait(http: httpx.Client, done: Callable[[dict], bool], timeout: float = 120
             traffic()
         else:
             time.sleep(0.5)
-    raise AssertionError(f"rollout did not get there in {timeout} s: {rollout['phase']} {rollout['message']}")
+    raise AssertionError(
+        f"rollout did not get there in {timeout} s: {rollout['phase']} {rollout['message']}"
+    )
 
 
 def _command(http: httpx.Client, action: str, body: dict | None = None) -> dict:
@@ -75,13 +95,17 @@ def _command(http: httpx.Client, action: str, body: dict | None = None) -> dict:
     response = http.post(f"/v1/deployments/shapes/rollout/{action}", json=body)
     if response.status_code != 200:
         rollout = http.get("/v1/deployments/shapes/rollout").json()
-        raise AssertionError(f"{action}: {response.status_code} {response.text}; rollout {rollout['phase']}, "
-                             f"decisions {[(d['action'], d['reason'], d['message']) for d in rollout['decisions']]}")
+        raise AssertionError(
+            f"{action}: {response.status_code} {response.text}; rollout {rollout['phase']}, "
+            f"decisions {[(d['action'], d['reason'], d['message']) for d in rollout['decisions']]}"
+        )
     return response.json()
 
 
 def _start(http: httpx.Client, **params) -> dict:
-    response = http.post("/v1/deployments/shapes/rollout", json={"to": "m@2", "gate": False, **params})
+    response = http.post(
+        "/v1/deployments/shapes/rollout", json={"to": "m@2", "gate": False, **params}
+    )
     assert response.status_code == 202, response.text
     return response.json()
 
@@ -90,17 +114,21 @@ def test_gate_refuses_a_worse_adapter_and_admits_an_equal_one(shapes):
     http = shapes()
     _start(http, to="m@3", gate=True)
     refused = _wait(http, lambda r: r["phase"] != "Gating")
-    assert refused["phase"] == "GateRefused" and refused["reason"] == "ValidationRegressed", refused["message"]
+    assert refused["phase"] == "GateRefused" and refused["reason"] == "ValidationRegressed", (
+        refused["message"]
+    )
     gate = refused["gate"]
     assert gate["items"] == 40 and len(gate["candidate_scores"]) == 40
     assert gate["measurement"]["test"] == "McNemar exact" and gate["measurement"]["p"] < 0.001
-    assert sum(gate["stable_scores"]) >= 30 > sum(gate["candidate_scores"])  # the base knows this task
+    # the base knows this task
+    assert sum(gate["stable_scores"]) >= 30 > sum(gate["candidate_scores"])
     assert http.get("/v1/deployments").json()[0]["adapter"]["version"] == 1  # nothing changed
 
     _start(http, to="m@2", gate=True, interval_s=3600)
     admitted = _wait(http, lambda r: r["phase"] != "Gating")
     assert admitted["phase"] == "Progressing" and admitted["reason"] == "ValidationNonInferior"
-    assert admitted["gate"]["measurement"]["interval"] == [0.0, 0.0]  # the same answers on every item
+    # the same answers on every item
+    assert admitted["gate"]["measurement"]["interval"] == [0.0, 0.0]
     assert [v["weight"] for v in admitted["variants"]] == [10, 90]
     assert _command(http, "abort")["phase"] == "Aborted"
 
@@ -121,12 +149,20 @@ def test_bad_canary_is_rolled_back_automatically(shapes, general_requests, serve
     assert test["status"] == "failed" and test["p"] < test["alpha"] and test["effect"] > 0.5
     assert test["n_candidate"] <= 200
     # traffic is back on stable at once
-    assert set(_variants(http, general_requests, [f"after{i}" for i in range(16)]).values()) == {"stable"}
+    assert set(_variants(http, general_requests, [f"after{i}" for i in range(16)]).values()) == {
+        "stable"
+    }
     time.sleep(1.5)  # the next controller tick exports the decision
     metrics = httpx.get(server.metrics_url).text
-    assert re.search(r'lorafleet_rollout_phase\{deployment="shapes",phase="RolledBack",tenant="t-\w+"\} 1\.0', metrics)
-    assert re.search(r'lorafleet_rollout_decisions_total\{action="rollback",deployment="shapes",'
-                     r'reason="FormatValidityRegressed",tenant="t-\w+"\} 1\.0', metrics)
+    assert re.search(
+        r'lorafleet_rollout_phase\{deployment="shapes",phase="RolledBack",tenant="t-\w+"\} 1\.0',
+        metrics,
+    )
+    assert re.search(
+        r'lorafleet_rollout_decisions_total\{action="rollback",deployment="shapes",'
+        r'reason="FormatValidityRegressed",tenant="t-\w+"\} 1\.0',
+        metrics,
+    )
 
 
 def test_weights_are_sticky_monotone_and_observed(shapes, general_requests, server):
@@ -136,7 +172,8 @@ def test_weights_are_sticky_monotone_and_observed(shapes, general_requests, serv
     first = _variants(http, general_requests, users)
     canary = {u for u, v in first.items() if v == "canary"}
     assert abs(len(canary) - 75) <= 30  # 25 % of 300, +-4 standard deviations
-    assert _variants(http, general_requests, users[:60]) == {u: first[u] for u in users[:60]}  # sticky
+    # sticky
+    assert _variants(http, general_requests, users[:60]) == {u: first[u] for u in users[:60]}
 
     promoted = _command(http, "promote", {})
     assert [v["weight"] for v in promoted["variants"]] == [50, 50]
@@ -157,14 +194,19 @@ def test_promote_full_then_undo_and_redo(shapes, general_requests):
     http = shapes(validation=False)
     _start(http, interval_s=3600)
     promoted = _command(http, "promote", {"full": True})
-    assert promoted["phase"] == "Promoted" and promoted["decisions"][-1]["reason"] == "ManualPromote"
+    assert (
+        promoted["phase"] == "Promoted" and promoted["decisions"][-1]["reason"] == "ManualPromote"
+    )
     deployment = http.get("/v1/deployments").json()[0]
     assert (deployment["adapter"]["version"], deployment["previous_adapter"]) == (2, "m@1")
     assert _chat(http, general_requests[0]).headers["x-lorafleet-variant"] == "stable"
 
     undone = http.post("/v1/deployments/shapes/undo").json()
     assert (undone["adapter"]["version"], undone["previous_adapter"]) == (1, "m@2")
-    assert http.get("/v1/deployments/shapes/rollout").json()["decisions"][-1]["reason"] == "UndoToPreviousStable"
+    assert (
+        http.get("/v1/deployments/shapes/rollout").json()["decisions"][-1]["reason"]
+        == "UndoToPreviousStable"
+    )
     redone = http.post("/v1/deployments/shapes/undo").json()
     assert redone["adapter"]["version"] == 2
 
@@ -177,32 +219,59 @@ def test_pause_holds_and_resume_continues(shapes):
     assert_openai_error(http.post("/v1/deployments/shapes/rollout/pause"), 409, "Paused")
     assert _command(http, "resume")["phase"] == "Progressing"
     assert _command(http, "abort")["phase"] == "Aborted"
-    assert [d["action"] for d in http.get("/v1/deployments/shapes/rollout").json()["decisions"]] == [
-        "start", "gate", "pause", "resume", "abort"]
+    assert [
+        d["action"] for d in http.get("/v1/deployments/shapes/rollout").json()["decisions"]
+    ] == ["start", "gate", "pause", "resume", "abort"]
 
 
 def test_bad_rollout_commands_get_clear_errors(shapes):
     http = shapes(validation=False)
-    assert_openai_error(http.post("/v1/deployments/shapes/rollout", json={"to": "m@99"}), 404, "no version 99")
-    assert_openai_error(http.post("/v1/deployments/shapes/rollout", json={"to": "m@2"}), 400, "no validation set")
-    assert_openai_error(http.post("/v1/deployments/shapes/rollout", json={"to": "m@1", "gate": False}), 400,
-                        "already the stable")
-    assert_openai_error(http.post("/v1/deployments/shapes/rollout", json={"to": "m@2", "steps": [50, 10]}), 400,
-                        "increasing")
+    assert_openai_error(
+        http.post("/v1/deployments/shapes/rollout", json={"to": "m@99"}), 404, "no version 99"
+    )
+    assert_openai_error(
+        http.post("/v1/deployments/shapes/rollout", json={"to": "m@2"}), 400, "no validation set"
+    )
+    assert_openai_error(
+        http.post("/v1/deployments/shapes/rollout", json={"to": "m@1", "gate": False}),
+        400,
+        "already the stable",
+    )
+    assert_openai_error(
+        http.post("/v1/deployments/shapes/rollout", json={"to": "m@2", "steps": [50, 10]}),
+        400,
+        "increasing",
+    )
     assert_openai_error(http.post("/v1/deployments/shapes/rollout/pause"), 409, "no canary rollout")
     assert_openai_error(http.post("/v1/deployments/shapes/undo"), 409, "no previous stable")
     ab = {"variants": [{"adapter": "m@1", "weight": 50}, {"adapter": "m@2", "weight": 40}]}
     assert_openai_error(http.post("/v1/deployments/shapes/ab", json=ab), 400, "sum to 100")
-    assert_openai_error(http.put("/v1/deployments/shapes/answer-format", json={"regex": "("}), 400, "invalid regex")
-    assert_openai_error(http.put("/v1/deployments/shapes/answer-format", json={"json_schema": {"type": 5}}), 400,
-                        "invalid JSON schema")
+    assert_openai_error(
+        http.put("/v1/deployments/shapes/answer-format", json={"regex": "("}), 400, "invalid regex"
+    )
+    assert_openai_error(
+        http.put("/v1/deployments/shapes/answer-format", json={"json_schema": {"type": 5}}),
+        400,
+        "invalid JSON schema",
+    )
 
     _start(http, interval_s=3600)
-    assert_openai_error(http.post("/v1/deployments/shapes/rollout", json={"to": "m@3", "gate": False}), 409,
-                        "already running")
-    assert_openai_error(http.post("/v1/deployments/shapes/ab", json={"variants": [
-        {"adapter": "m@1", "weight": 50}, {"adapter": "m@2", "weight": 50}]}), 409, "already running")
-    assert_openai_error(http.put("/v1/deployments/shapes", json={"adapter": "m@3"}), 409, "abort or stop it first")
+    assert_openai_error(
+        http.post("/v1/deployments/shapes/rollout", json={"to": "m@3", "gate": False}),
+        409,
+        "already running",
+    )
+    assert_openai_error(
+        http.post(
+            "/v1/deployments/shapes/ab",
+            json={"variants": [{"adapter": "m@1", "weight": 50}, {"adapter": "m@2", "weight": 50}]},
+        ),
+        409,
+        "already running",
+    )
+    assert_openai_error(
+        http.put("/v1/deployments/shapes", json={"adapter": "m@3"}), 409, "abort or stop it first"
+    )
     assert_openai_error(http.delete("/v1/adapters/m/versions/2"), 409, "deployed by shapes")
 
 
@@ -210,11 +279,21 @@ def test_bad_validation_file_is_refused_and_nothing_stored(shapes, server):
     http = shapes(validation=False)
     before = set((server.home / "validation").glob("*"))
     bad = b'{"messages": [{"role": "user", "content": "hi"}]}\n'
-    error = assert_openai_error(http.put("/v1/deployments/shapes/validation", files={"file": ("v.jsonl", bad)}), 400,
-                                "v.jsonl:1: the last message must be the assistant's answer")
+    error = assert_openai_error(
+        http.put("/v1/deployments/shapes/validation", files={"file": ("v.jsonl", bad)}),
+        400,
+        "v.jsonl:1: the last message must be the assistant's answer",
+    )
     assert error["code"] == "invalid_data"
-    assert_openai_error(http.put("/v1/deployments/shapes/validation", files={"file": ("v.jsonl", b"{}")},
-                                 data={"metric": "bleu"}), 400, "unknown metric")
+    assert_openai_error(
+        http.put(
+            "/v1/deployments/shapes/validation",
+            files={"file": ("v.jsonl", b"{}")},
+            data={"metric": "bleu"},
+        ),
+        400,
+        "unknown metric",
+    )
     assert set((server.home / "validation").glob("*")) == before
     assert_openai_error(http.get("/v1/deployments/shapes/validation"), 404)
 
@@ -222,12 +301,21 @@ def test_bad_validation_file_is_refused_and_nothing_stored(shapes, server):
 def test_every_rollout_operation_on_another_tenants_deployment_is_not_found(shapes, new_tenant):
     shapes(validation=False)
     with new_tenant().http() as other:
-        calls = [("POST", "/rollout", {"to": "m@2"}), ("GET", "/rollout", None), ("POST", "/rollout/pause", None),
-                 ("POST", "/rollout/resume", None), ("POST", "/rollout/abort", None),
-                 ("POST", "/rollout/promote", {}), ("POST", "/undo", None),
-                 ("POST", "/ab", {"variants": [{"adapter": "m@1", "weight": 100}]}), ("GET", "/ab", None),
-                 ("POST", "/ab/stop", {}), ("POST", "/ab/evaluate", None), ("GET", "/validation", None),
-                 ("PUT", "/answer-format", {})]
+        calls = [
+            ("POST", "/rollout", {"to": "m@2"}),
+            ("GET", "/rollout", None),
+            ("POST", "/rollout/pause", None),
+            ("POST", "/rollout/resume", None),
+            ("POST", "/rollout/abort", None),
+            ("POST", "/rollout/promote", {}),
+            ("POST", "/undo", None),
+            ("POST", "/ab", {"variants": [{"adapter": "m@1", "weight": 100}]}),
+            ("GET", "/ab", None),
+            ("POST", "/ab/stop", {}),
+            ("POST", "/ab/evaluate", None),
+            ("GET", "/validation", None),
+            ("PUT", "/answer-format", {}),
+        ]
         for method, path, body in calls:
             response = other.request(method, f"/v1/deployments/shapes{path}", json=body)
             assert_openai_error(response, 404)
@@ -236,8 +324,16 @@ def test_every_rollout_operation_on_another_tenants_deployment_is_not_found(shap
 
 def test_ab_test_reports_differences_and_keeps_the_winner(shapes, general_requests):
     http = shapes()
-    started = http.post("/v1/deployments/shapes/ab", json={"variants": [
-        {"adapter": "m@1", "weight": 50}, {"adapter": "m@2", "weight": 30}, {"adapter": "m@3", "weight": 20}]})
+    started = http.post(
+        "/v1/deployments/shapes/ab",
+        json={
+            "variants": [
+                {"adapter": "m@1", "weight": 50},
+                {"adapter": "m@2", "weight": 30},
+                {"adapter": "m@3", "weight": 20},
+            ]
+        },
+    )
     assert started.status_code == 201, started.text
     served = _variants(http, general_requests, [f"ab-{i}" for i in range(150)], max_tokens=8)
     assert set(served.values()) == {"m@1", "m@2", "m@3"}
@@ -260,7 +356,9 @@ def test_ab_test_reports_differences_and_keeps_the_winner(shapes, general_reques
     stopped = http.post("/v1/deployments/shapes/ab/stop", json={"keep": "m@2"}).json()
     assert stopped["phase"] == "Stopped"
     assert http.get("/v1/deployments").json()[0]["adapter"]["version"] == 2
-    assert set(_variants(http, general_requests, [f"ab-{i}" for i in range(10)]).values()) == {"stable"}
+    assert set(_variants(http, general_requests, [f"ab-{i}" for i in range(10)]).values()) == {
+        "stable"
+    }
 
 
 @pytest.mark.engine_restart
@@ -287,16 +385,43 @@ def test_cli_drives_a_rollout_and_reports_the_gate(shapes, server, general_val):
 
     http = shapes(validation=False)
     runner = CliRunner()
-    env = {"LORAFLEET_URL": server.url, "LORAFLEET_API_KEY": http.headers["authorization"].removeprefix("Bearer ")}
+    env = {
+        "LORAFLEET_URL": server.url,
+        "LORAFLEET_API_KEY": http.headers["authorization"].removeprefix("Bearer "),
+    }
     pushed = runner.invoke(app, ["validation", "push", "shapes", str(general_val)], env=env)
     assert pushed.exit_code == 0 and "40 items, metric exact_match" in pushed.output, pushed.output
     refused = runner.invoke(app, ["rollout", "start", "shapes", "--to", "m@3"], env=env)
-    assert refused.exit_code == 1 and "GateRefused" in refused.output and "ValidationRegressed" in refused.output
-    bad = runner.invoke(app, ["rollout", "start", "shapes", "--to", "m@2", "--interval", "soon"], env=env)
+    assert (
+        refused.exit_code == 1
+        and "GateRefused" in refused.output
+        and "ValidationRegressed" in refused.output
+    )
+    bad = runner.invoke(
+        app, ["rollout", "start", "shapes", "--to", "m@2", "--interval", "soon"], env=env
+    )
     assert bad.exit_code == 2 and "not a duration" in bad.output
-    started = runner.invoke(app, ["rollout", "start", "shapes", "--to", "m@2", "--no-gate", "--steps", "20,50",
-                                  "--interval", "1h"], env=env)
-    assert started.exit_code == 0 and "Progressing" in started.output and "GateSkipped" in started.output
+    started = runner.invoke(
+        app,
+        [
+            "rollout",
+            "start",
+            "shapes",
+            "--to",
+            "m@2",
+            "--no-gate",
+            "--steps",
+            "20,50",
+            "--interval",
+            "1h",
+        ],
+        env=env,
+    )
+    assert (
+        started.exit_code == 0
+        and "Progressing" in started.output
+        and "GateSkipped" in started.output
+    )
     listed = runner.invoke(app, ["rollout", "status"], env=env)
     assert listed.exit_code == 0 and "shapes" in listed.output and "Progressing" in listed.output
     again = runner.invoke(app, ["rollout", "start", "shapes", "--to", "m@3", "--no-gate"], env=env)
