@@ -3,9 +3,9 @@ quantization.
 
 lorafleet quantizes with torchao, weight-only: the language model's linear layers get int4 (per
 group) or int8 (per row) weights, the vision tower and the output head stay in full precision, as
-official 4-bit VLM releases do. vLLM serves these with LoRA on its CPU engine (measured in
-shared/env-notes.md) and on GPUs; the LoRA layers themselves always run in full precision on top of
-the quantized base layer.
+official 4-bit VLM releases do. vLLM serves these with LoRA on its CPU engine (measured by
+`loadtests/bench_quantization.py`) and on GPUs; the LoRA layers themselves always run in full
+precision on top of the quantized base layer.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 and reason.
 
 Everything that would make vLLM refuse an adapter, or load it and silently serve base-model output
-(shared/pitfalls.md), is checked here, before anything is stored.
+(vLLM matches only the last component of each key), is checked here, before anything is stored.
 """
 
 from __future__ import annotations

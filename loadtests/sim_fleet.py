@@ -27,8 +27,8 @@ Calibration, `--profile cpu-measured` (README "Measured", tiny Qwen2.5-VL on thi
 - per_adapter 0.005 (per distinct adapter in a batch, relative): "Many adapters": 64 adapters ÷ 1 at
   16 clients 0.933 (about 14 distinct in a batch of 16: k = 0.0056) and the CI guard's 16 adapters ÷
   1 0.968 (about 10 distinct: k = 0.0036); their mean.
-- load_s 12 ms: "Many adapters", cold adapter: deploy, engine load included, 12 ms (env-notes:
-  `/v1/load_lora_adapter` ~10 ms).
+- load_s 12 ms: "Many adapters", cold adapter: deploy, engine load included, 12 ms (vLLM's
+  `/v1/load_lora_adapter` alone takes about 10 ms).
 - tokens 16, max_num_seqs 64: those benchmarks' 16 output tokens; the derived CPU sizing
   (`max_num_seqs` 64).
 `--profile gpu-assumed` (ASSUMPTIONS, not measured: no GPU here): a 7B 4-bit base on one data-centre

@@ -1,4 +1,5 @@
-"""Prove a saved adapter servable before calling it done (shared/pitfalls.md: silent no-ops).
+"""Prove a saved adapter servable before calling it done (an adapter whose keys miss vLLM's
+modules loads without error and serves the base's answers).
 
 (a) every tensor maps to a layer vLLM applies LoRA to: the server's own upload validation;
 (b) in vLLM, its greedy outputs differ from the base's on the check prompts;

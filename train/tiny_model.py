@@ -1,6 +1,6 @@
 """A tiny but real Qwen2.5-VL, built locally: no hub download, same code paths as a real base.
 
-Constraints (shared/env-notes.md): head_dim 64 for vLLM's CPU attention, mrope_section summing to
+Constraints of vLLM 0.32 on CPU: head_dim 64 for vLLM's CPU attention, mrope_section summing to
 head_dim/2, an image AND a video processor, and the Qwen special tokens in the config.
 """
 

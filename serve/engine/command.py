@@ -73,7 +73,7 @@ def engine_command(
     # which every local user can (/proc/<pid>/cmdline, ps); vLLM reads VLLM_API_KEY when --api-key
     # is not given
     env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_API_KEY": token}
-    if not cuda:  # CPU settings measured in shared/env-notes.md
+    if not cuda:  # vLLM's CPU engine needs eager mode and a RAM share (its default 0.92 refuses)
         cmd += ["--enforce-eager", "--gpu-memory-utilization", str(settings.cpu_memory_fraction)]
         env["VLLM_CPU_KVCACHE_SPACE"] = str(sizing.kvcache_gib)
     return cmd + list(settings.engine_extra_args), env

@@ -2,8 +2,8 @@
 
 Decided before the engine starts: a scheme the hardware cannot run is refused with a message that
 names the CPU feature or GPU it needs, never left to fail as a stack trace inside vLLM. The facts
-behind each rule were measured with vLLM 0.32 (shared/env-notes.md) or come from vLLM's kernel
-requirements (GPU compute capabilities).
+behind each rule were measured with vLLM 0.32 (`loadtests/bench_quantization.py`) or come from
+vLLM's kernel requirements (GPU compute capabilities).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ derived).
 
 `derive_sizing` is pure: the catalog's workload, the machine and the base's shape are its arguments,
 and every value comes back with where it came from ("set", or the reason it was derived), which
-`lorafleet serve` prints. Facts behind the rules were measured with vLLM 0.32 on CPU
-(shared/env-notes.md, and the comments below).
+`lorafleet serve` prints. Facts behind the rules were measured with vLLM 0.32 on CPU (the
+comments below say what and how).
 """
 
 from __future__ import annotations
