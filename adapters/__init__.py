@@ -23,5 +23,4 @@
 - `schemas`       API schemas by direction (`...Public` out, `...Create`/`...Put` in)
 - `base_model`    the base's LoRA-able layers, read from its config on the meta device
 - `quantization`  what a checkpoint's quantization is, and torchao configs to quantize at load
-- `errors`        lorafleet's error tree
 """

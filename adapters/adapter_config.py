@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lorafleet.adapters.base_model import BaseModelSpec
-from lorafleet.adapters.errors import InvalidAdapter
+from lorafleet.errors import InvalidAdapter
 
 __all__ = [
     "CONFIG_FILE",

@@ -19,7 +19,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import IO, BinaryIO, cast
 
-from lorafleet.adapters.errors import InvalidAdapter, PayloadTooLarge
+from lorafleet.errors import InvalidAdapter, PayloadTooLarge
 
 __all__ = [
     "unpack_archive",

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from lorafleet.adapters.errors import InvalidRequest
+from lorafleet.errors import InvalidRequest
 
 __all__ = ["BaseModelSpec", "base_config", "load_base_spec"]
 

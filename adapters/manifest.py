@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lorafleet.adapters.errors import InvalidAdapter
+from lorafleet.errors import InvalidAdapter
 
 __all__ = [
     "MANIFEST_FILE",

@@ -27,7 +27,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, inspect, text
 
-from lorafleet.adapters.errors import (
+from lorafleet.errors import (
     CatalogBehind,
     CatalogUnknownRevision,
     Conflict,

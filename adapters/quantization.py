@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.adapters.base_model import BaseModelSpec, base_config
-from lorafleet.adapters.errors import InvalidRequest
+from lorafleet.errors import InvalidRequest
 
 __all__ = [
     "SCHEMES",

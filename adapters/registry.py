@@ -21,10 +21,10 @@ from lorafleet.adapters.catalog import (
     ValidationRun,
     is_transient,
 )
-from lorafleet.adapters.errors import Conflict, InvalidRequest, NotFound
 from lorafleet.adapters.schemas import check_name
 from lorafleet.adapters.tenants import authenticate, create_tenant, hash_key
 from lorafleet.adapters.validate import ValidatedAdapter
+from lorafleet.errors import Conflict, InvalidRequest, NotFound
 
 __all__ = [
     "hash_key",

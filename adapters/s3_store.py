@@ -50,8 +50,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from safetensors import SafetensorError
 
 from lorafleet.adapters.adapter_cache import AdapterCache
-from lorafleet.adapters.errors import StoreCorrupt, StoreUnavailable
 from lorafleet.adapters.validate import CONFIG_FILE, WEIGHTS_FILE, ValidatedAdapter, content_digest
+from lorafleet.errors import StoreCorrupt, StoreUnavailable
 
 __all__ = ["S3Location", "S3AdapterStore", "S3BlobStore", "parse_s3_url"]
 

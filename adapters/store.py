@@ -24,9 +24,9 @@ from typing import Protocol
 from urllib.parse import urlparse
 
 from lorafleet.adapters.adapter_cache import DEFAULT_CACHE_BYTES, AdapterCache
-from lorafleet.adapters.errors import StoreUnavailable
 from lorafleet.adapters.s3_store import S3AdapterStore, S3BlobStore, parse_s3_url
 from lorafleet.adapters.validate import CONFIG_FILE, WEIGHTS_FILE, ValidatedAdapter
+from lorafleet.errors import StoreUnavailable
 
 __all__ = [
     "AdapterStore",

@@ -33,8 +33,8 @@ from lorafleet.adapters.catalog import (
     ValidationRun,
     ValidationSet,
 )
-from lorafleet.adapters.errors import Conflict, InvalidRequest, NotFound, Unauthorized
 from lorafleet.adapters.schemas import check_name
+from lorafleet.errors import Conflict, InvalidRequest, NotFound, Unauthorized
 
 __all__ = [
     "hash_key",

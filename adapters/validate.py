@@ -23,8 +23,8 @@ from lorafleet.adapters.adapter_config import (
 )
 from lorafleet.adapters.archive import unpack_archive
 from lorafleet.adapters.base_model import BaseModelSpec
-from lorafleet.adapters.errors import InvalidAdapter, PayloadTooLarge
 from lorafleet.adapters.manifest import read_manifest
+from lorafleet.errors import InvalidAdapter, PayloadTooLarge
 
 __all__ = [
     "ValidatedAdapter",

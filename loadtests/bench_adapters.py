@@ -25,8 +25,8 @@ from harness import BENCH_LIMITS, Phase, chat_body, run_load, spread, wait_idle
 from rich.console import Console
 from rich.table import Table
 
-from lorafleet.serve.client import LorafleetClient
 from lorafleet.serve.dev.local_server import LocalServer
+from lorafleet.serve.gateway_client import LorafleetClient
 
 console = Console(width=160)
 

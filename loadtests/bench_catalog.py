@@ -29,9 +29,9 @@ from rich.table import Table
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from lorafleet.serve.client import LorafleetClient
 from lorafleet.serve.dev.local_server import LocalServer
 from lorafleet.serve.engine.command import free_port
+from lorafleet.serve.gateway_client import LorafleetClient
 
 console = Console(width=160)
 HERE = Path(__file__).parent

@@ -131,7 +131,7 @@ def train_canaries(work: Path, base: Path) -> dict[str, Path]:
 
 def held_out(n: int, seed: int) -> tuple[list[list[dict]], list[dict]]:
     """JSON-task prompts about fresh pictures (as clients send them) and the objects they show."""
-    from lorafleet.chat import image_data_url
+    from lorafleet.chat_jsonl import image_data_url
     from lorafleet.train.shapes import make_example
 
     rng = random.Random(seed)

@@ -34,10 +34,10 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from lorafleet.chat import image_data_url
-from lorafleet.serve.client import LorafleetClient
+from lorafleet.chat_jsonl import image_data_url
 from lorafleet.serve.dev.local_server import LocalServer
 from lorafleet.serve.drift.statistics import input_drift, request_features
+from lorafleet.serve.gateway_client import LorafleetClient
 from lorafleet.train.shapes import make_example, write_task
 
 console = Console(width=150)
@@ -171,7 +171,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="lorafleet-bench-drift-"))
     try:
         validation = write_task("general", 100, work / "val.jsonl", seed=1)
-        from lorafleet.chat import load_jsonl, request_messages
+        from lorafleet.chat_jsonl import load_jsonl, request_messages
 
         reference = _features([request_messages(e) for e in load_jsonl(validation)])
         pool_rng = random.Random(7)

@@ -24,8 +24,8 @@ from harness import Phase, run_load, spread, wait_idle
 from rich.console import Console
 from rich.table import Table
 
-from lorafleet.serve.client import LorafleetClient
 from lorafleet.serve.dev.local_server import LocalServer
+from lorafleet.serve.gateway_client import LorafleetClient
 
 console = Console(width=160)
 UNLIMITED = {"rpm": 0, "tpm": 0, "concurrency": 0}

@@ -47,9 +47,9 @@ from harness import (
 from rich.console import Console
 from rich.table import Table
 
-from lorafleet.serve.client import LorafleetClient
 from lorafleet.serve.dev.local_server import LocalServer
 from lorafleet.serve.engine.command import engine_process_options, free_port
+from lorafleet.serve.gateway_client import LorafleetClient
 from lorafleet.serve.settings import Settings
 
 console = Console(width=160)

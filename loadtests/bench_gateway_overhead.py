@@ -22,9 +22,9 @@ from harness import BENCH_LIMITS, own_cpu_s, run_load, spread, wait_healthy
 from rich.console import Console
 from rich.table import Table
 
-from lorafleet.serve.client import LorafleetClient
 from lorafleet.serve.dev.local_server import LocalServer
 from lorafleet.serve.engine.command import free_port
+from lorafleet.serve.gateway_client import LorafleetClient
 
 console = Console(width=160)
 HERE = Path(__file__).parent

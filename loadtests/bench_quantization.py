@@ -33,8 +33,8 @@ from harness import scenario
 from rich.console import Console
 from rich.table import Table
 
-from lorafleet.serve.client import LorafleetClient
 from lorafleet.serve.dev.local_server import LocalServer
+from lorafleet.serve.gateway_client import LorafleetClient
 
 console = Console(width=160)
 DEPLOYMENTS = {"acme": ("json", "stable"), "globex": ("french", "bad"), "base": ("general", None)}

@@ -37,8 +37,8 @@ from rich.console import Console
 from rich.table import Table
 
 from lorafleet.serve.answer_format import answer_checker
-from lorafleet.serve.client import LorafleetClient
 from lorafleet.serve.dev.local_server import LocalServer
+from lorafleet.serve.gateway_client import LorafleetClient
 from lorafleet.serve.rollouts.routing import BUCKETS, bucket_of
 from lorafleet.serve.rollouts.state import CanaryView, RolloutStart, plan_tick
 from lorafleet.serve.rollouts.statistics import VariantSamples
@@ -105,7 +105,7 @@ def build_world(work: Path) -> tuple[Path, dict[str, Path]]:
 
 def _requests(n: int, seed: int) -> list[list[dict]]:
     """JSON-task prompts about fresh pictures, as clients send them."""
-    from lorafleet.chat import image_data_url
+    from lorafleet.chat_jsonl import image_data_url
     from lorafleet.train.shapes import make_example
 
     rng = random.Random(seed)

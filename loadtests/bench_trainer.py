@@ -64,7 +64,7 @@ def _run_variant(name: str, base: str, data: str, steps: int, out: str) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
-    from lorafleet.chat import load_jsonl
+    from lorafleet.chat_jsonl import load_jsonl
     from lorafleet.train.data import collate, encode
     from lorafleet.train.trainer import _load_model
 

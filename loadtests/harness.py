@@ -30,7 +30,7 @@ import httpx
 import psutil
 from PIL import Image
 
-from lorafleet.chat import image_data_url
+from lorafleet.chat_jsonl import image_data_url
 
 __all__ = [
     "BENCH_LIMITS",

@@ -2,7 +2,7 @@
 
 The distribution installs the repository's top-level folders under this one namespace:
 
-    lorafleet.chat, lorafleet.scoring   what the gateway and the trainer share:
+    lorafleet.chat_jsonl, lorafleet.scoring   what the gateway and the trainer share:
                                         chat JSONL, task metrics
     lorafleet.adapters                  the registry: upload validation,
                                         content-addressed store, catalog

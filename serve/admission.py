@@ -13,13 +13,9 @@ import collections
 import contextlib
 from collections.abc import Callable
 
-from lorafleet.adapters.errors import ServiceUnavailable
+from lorafleet.errors import EngineBusy
 
 __all__ = ["FairQueue", "EngineBusy"]
-
-
-class EngineBusy(ServiceUnavailable):
-    code = "engine_busy"
 
 
 class FairQueue:

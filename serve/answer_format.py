@@ -30,7 +30,7 @@ import regex
 from jsonschema.exceptions import ValidationError
 from referencing.exceptions import Unresolvable
 
-from lorafleet.adapters.errors import InvalidRequest
+from lorafleet.errors import InvalidRequest
 
 __all__ = [
     "check_format_spec",

@@ -14,12 +14,12 @@ from lorafleet.adapters.base_model import BaseModelSpec, load_base_spec
 from lorafleet.adapters.catalog import open_catalog
 from lorafleet.adapters.registry import deployed_digests, deployed_workload
 from lorafleet.adapters.store import AdapterStore, BlobStorage, open_blob_store, open_store
+from lorafleet.errors import UnsupportedQuantization
 from lorafleet.serve.admission import FairQueue
 from lorafleet.serve.drift.monitor import DriftMonitor
 from lorafleet.serve.engine.hardware import (
     Hardware,
     Quantization,
-    UnsupportedQuantization,
     detect_hardware,
     quantization_for,
 )
@@ -27,7 +27,7 @@ from lorafleet.serve.engine.sizing import Workload, sizing_for
 from lorafleet.serve.feedback.capture import Capturer
 from lorafleet.serve.feedback.request_log import RequestLog
 from lorafleet.serve.fleet.fleet import Fleet, open_fleet
-from lorafleet.serve.housekeeping import GarbageCollector
+from lorafleet.serve.garbage_collector import GarbageCollector
 from lorafleet.serve.images import RemoteImages
 from lorafleet.serve.limits import Limits, TenantLimiter
 from lorafleet.serve.metrics import Metrics

@@ -42,8 +42,8 @@ from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
 from yarl import URL
 
-from lorafleet.adapters.errors import InvalidRequest
-from lorafleet.chat import content_parts
+from lorafleet.chat_jsonl import content_parts
+from lorafleet.errors import InvalidRequest
 from lorafleet.serve.settings import Settings
 
 __all__ = [

@@ -21,14 +21,12 @@ from limits import RateLimitItemPerMinute
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.storage import storage_from_string
 
-from lorafleet.adapters.errors import LorafleetError
+from lorafleet.errors import RateLimited
 from lorafleet.serve.settings import Settings
 
 __all__ = [
     "Limits",
     "LIMIT_NAMES",
-    "RateLimited",
-    "QuotaExceeded",
     "Admitted",
     "TenantLimiter",
     "reset_text",
@@ -79,30 +77,6 @@ def reset_text(seconds: float) -> str:
         return f"{max(0, math.ceil(seconds * 1000))}ms"
     minutes, rest = divmod(math.ceil(seconds), 60)
     return f"{minutes}m{rest}s" if minutes else f"{rest}s"
-
-
-class RateLimited(LorafleetError):
-    """429: over a rate or concurrency limit; the headers say when to retry (the openai SDK reads
-    them)."""
-
-    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
-
-    def __init__(
-        self, message: str, retry_after_s: float, headers: dict[str, str], code: str
-    ) -> None:
-        super().__init__(message, code=code)
-        self.headers = {
-            **headers,
-            "Retry-After": str(max(1, math.ceil(retry_after_s))),
-            "retry-after-ms": str(max(1, math.ceil(retry_after_s * 1000))),
-        }
-
-
-class QuotaExceeded(LorafleetError):
-    """429 that waiting does not fix (a storage limit): the SDK is told not to retry."""
-
-    status, type, code = 429, "insufficient_quota", "quota_exceeded"
-    headers = {"x-should-retry": "false"}
 
 
 @dataclass

@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from lorafleet.adapters.catalog import Deployment, Tenant, ValidationSet
-from lorafleet.adapters.errors import InvalidRequest
-from lorafleet.chat import DataError, answer_of, load_jsonl
+from lorafleet.chat_jsonl import answer_of, load_jsonl
+from lorafleet.errors import DataError, InvalidRequest
 from lorafleet.scoring import METRICS
 from lorafleet.serve.engine.client import Engines, map_engine_errors, public_engine_message
 from lorafleet.serve.feedback.confidence import summarize, token_logprobs

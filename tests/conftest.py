@@ -125,7 +125,7 @@ def general_val(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def general_requests(general_val: Path) -> list[list[dict]]:
     """The same items as clients send them (images as data URLs)."""
-    from lorafleet.chat import load_jsonl, request_messages
+    from lorafleet.chat_jsonl import load_jsonl, request_messages
 
     return [request_messages(e) for e in load_jsonl(general_val)]
 

@@ -16,11 +16,11 @@ from fastapi import APIRouter, FastAPI
 from PIL import Image
 from sqlalchemy.orm import sessionmaker
 
-from lorafleet.chat import image_data_url as data_url
+from lorafleet.chat_jsonl import image_data_url as data_url
 from lorafleet.serve.api.errors import install_error_handlers
 from lorafleet.serve.api.guard import Authenticate
-from lorafleet.serve.client import pack_adapter
 from lorafleet.serve.feedback.request_log import RequestLog
+from lorafleet.serve.gateway_client import pack_adapter
 from lorafleet.serve.metrics import Metrics
 from lorafleet.serve.route_cache import RouteCache
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lorafleet.chat import Example, answer_of, load_jsonl, request_messages
+from lorafleet.chat_jsonl import Example, answer_of, load_jsonl, request_messages
 from lorafleet.scoring import METRICS, json_object
 from lorafleet.train.vllm_generate import generate
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lorafleet.adapters.errors import InvalidRequest
+from lorafleet.errors import InvalidRequest
 
 __all__ = ["TrainConfig", "load_config"]
 

@@ -1,4 +1,5 @@
-"""Training batches: chat JSONL examples (`lorafleet.chat`) rendered by the base's own processor.
+"""Training batches: chat JSONL examples (`lorafleet.chat_jsonl`) rendered by the base's own
+processor.
 
 Labels are -100 except on assistant turns.
 """
@@ -9,7 +10,8 @@ import copy
 
 from PIL import Image
 
-from lorafleet.chat import DataError, Example, count_images
+from lorafleet.chat_jsonl import Example, count_images
+from lorafleet.errors import DataError
 
 __all__ = ["encode", "collate"]
 

@@ -8,7 +8,7 @@ import json
 from importlib import metadata
 from pathlib import Path
 
-from lorafleet.chat import data_hash, load_jsonl, request_messages
+from lorafleet.chat_jsonl import data_hash, load_jsonl, request_messages
 from lorafleet.train.compare import EvalReport, compare_to_base
 from lorafleet.train.config import TrainConfig
 from lorafleet.train.servable import Servability, prove_servable

@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lorafleet.adapters.base_model import load_base_spec
-from lorafleet.adapters.errors import InvalidRequest
 from lorafleet.adapters.quantization import (
     CHECKPOINT_SCHEMES,
     check_group_size,
@@ -31,6 +30,7 @@ from lorafleet.adapters.quantization import (
     torchao_config,
     unquantized_modules,
 )
+from lorafleet.errors import InvalidRequest
 
 __all__ = ["QuantizeReport", "quantize"]
 

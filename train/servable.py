@@ -15,16 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.adapters.base_model import load_base_spec
-from lorafleet.adapters.errors import LorafleetError
 from lorafleet.adapters.validate import validate_adapter_dir
+from lorafleet.errors import NotServable
 
-__all__ = ["NotServable", "Servability", "prove_servable", "peft_greedy", "NEAR_TIE_LOGITS"]
+__all__ = ["Servability", "prove_servable", "peft_greedy", "NEAR_TIE_LOGITS"]
 
 NEAR_TIE_LOGITS = 0.05  # a top-2 logit gap below this is a tie either engine may break either way
-
-
-class NotServable(LorafleetError):
-    status, type, code = 422, "invalid_request_error", "not_servable"
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,7 @@ def pretrain(
 
     import torch
 
-    from lorafleet.chat import Example
+    from lorafleet.chat_jsonl import Example
     from lorafleet.train.data import collate, encode
     from lorafleet.train.shapes import BASE_TASKS, make_example
 

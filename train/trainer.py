@@ -20,9 +20,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from lorafleet.adapters.base_model import load_base_spec
-from lorafleet.adapters.errors import InvalidRequest
 from lorafleet.adapters.quantization import checkpoint_quantization
-from lorafleet.chat import load_jsonl
+from lorafleet.chat_jsonl import load_jsonl
+from lorafleet.errors import InvalidRequest
 from lorafleet.train.config import TrainConfig
 from lorafleet.train.data import collate, encode
 

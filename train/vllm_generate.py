@@ -12,14 +12,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lorafleet.adapters.errors import LorafleetError
 from lorafleet.adapters.validate import engine_lora_rank
+from lorafleet.errors import VLLMFailed
 
 __all__ = ["generate", "VLLMFailed"]
-
-
-class VLLMFailed(LorafleetError):
-    pass
 
 
 def _absolute(name_or_path: str) -> str:

@@ -12,7 +12,6 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
-from lorafleet.adapters.errors import NotFound
 from lorafleet.adapters.registry import get_deployment
 from lorafleet.adapters.schemas import (
     CapturePage,
@@ -21,6 +20,8 @@ from lorafleet.adapters.schemas import (
     CaptureStatus,
     DeploymentPublic,
 )
+from lorafleet.errors import NotFound
+from lorafleet.serve.api.adapters import deployment_public
 from lorafleet.serve.api.dependencies import (
     CurrentTenant,
     GatewayDep,
@@ -28,7 +29,6 @@ from lorafleet.serve.api.dependencies import (
     release_connection,
 )
 from lorafleet.serve.api.feedback import Limit, Since, Until, time_range
-from lorafleet.serve.api.registry import deployment_public
 from lorafleet.serve.feedback.capture import (
     CaptureSelection,
     capture_page,

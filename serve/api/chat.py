@@ -18,19 +18,18 @@ from fastapi.responses import Response
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from lorafleet.adapters.errors import InvalidRequest, LorafleetError
 from lorafleet.adapters.registry import get_deployment, list_deployments
 from lorafleet.adapters.schemas import ModelList, ModelPublic, TenantSelf
+from lorafleet.errors import EngineUnavailable, InvalidRequest, LorafleetError, RateLimited
 from lorafleet.serve.answer_format import answer_checker
 from lorafleet.serve.api.dependencies import ActingAs, CurrentTenant, Gateway, SessionDep
 from lorafleet.serve.api.forward import Route, Usage, forward_chat
 from lorafleet.serve.drift.monitor import SampleTicket
-from lorafleet.serve.engine.client import EngineUnavailable
 from lorafleet.serve.feedback.confidence import summarize
 from lorafleet.serve.feedback.request_log import new_request_id
 from lorafleet.serve.fleet.fleet import Fleet
 from lorafleet.serve.images import ImageLimits, admit_images
-from lorafleet.serve.limits import Admitted, Limits, RateLimited
+from lorafleet.serve.limits import Admitted, Limits
 from lorafleet.serve.rollouts.routing import bucket_of, choose, unit_of
 from lorafleet.serve.route_cache import DeploymentEntry, TenantEntry
 

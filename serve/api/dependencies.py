@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from lorafleet.adapters.catalog import Tenant
-from lorafleet.adapters.errors import Unauthorized
+from lorafleet.errors import Unauthorized
 from lorafleet.serve.gateway import Gateway
 
 __all__ = [

@@ -1,8 +1,8 @@
 """The one place where every error becomes OpenAI's `{"error": {...}}` shape with its status.
 
-Our errors are `LorafleetError`s (the tree is drawn in `lorafleet.adapters.errors`; the engine's own
-are in `lorafleet.serve.engine.client`); request validation, HTTP and stale-write errors are mapped
-here too, and anything else is a 500 that names no server internals.
+Our errors are `LorafleetError`s (the tree is drawn in `lorafleet.errors`); request validation,
+HTTP and stale-write errors are mapped here too, and anything else is a 500 that names no server
+internals.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from starlette.exceptions import HTTPException
 
 from lorafleet.adapters.catalog import is_transient
-from lorafleet.adapters.errors import LorafleetError, ServiceUnavailable
+from lorafleet.errors import LorafleetError, ServiceUnavailable
 
 __all__ = ["error_response", "install_error_handlers"]
 

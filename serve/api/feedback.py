@@ -13,8 +13,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from lorafleet.adapters.errors import NotFound
 from lorafleet.adapters.schemas import FeedbackCreate, FeedbackPublic, RequestPage
+from lorafleet.errors import NotFound
 from lorafleet.serve.api.dependencies import CurrentTenant, GatewayDep, SessionDep
 from lorafleet.serve.feedback.records import (
     MAX_PAGE,

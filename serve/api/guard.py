@@ -19,7 +19,7 @@ import re
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lorafleet.adapters.errors import InvalidRequest, LorafleetError, Unauthorized
+from lorafleet.errors import InvalidRequest, LorafleetError, Unauthorized
 from lorafleet.serve.api.errors import error_response
 from lorafleet.serve.gateway import Gateway
 

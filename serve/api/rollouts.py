@@ -23,7 +23,6 @@ from sqlalchemy.orm.exc import StaleDataError
 from starlette.concurrency import run_in_threadpool
 
 from lorafleet.adapters.catalog import Deployment, Rollout, Tenant
-from lorafleet.adapters.errors import NotFound
 from lorafleet.adapters.registry import get_deployment, resolve_version
 from lorafleet.adapters.schemas import (
     DecisionPublic,
@@ -35,7 +34,9 @@ from lorafleet.adapters.schemas import (
     VariantFeedback,
     VariantPublic,
 )
+from lorafleet.errors import NotFound
 from lorafleet.serve.answer_format import check_format_spec
+from lorafleet.serve.api.adapters import deployment_public, prepare_engine
 from lorafleet.serve.api.dependencies import (
     ActingAs,
     CurrentTenant,
@@ -44,7 +45,6 @@ from lorafleet.serve.api.dependencies import (
     SessionDep,
     release_connection,
 )
-from lorafleet.serve.api.registry import deployment_public, prepare_engine
 from lorafleet.serve.rollouts import state as rollouts
 from lorafleet.serve.rollouts.series import MAX_BUCKET_S, MIN_BUCKET_S, rollout_series
 from lorafleet.serve.rollouts.state import AbStart, RolloutStart, VariantSignals, active_rollout

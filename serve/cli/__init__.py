@@ -1,12 +1,12 @@
 """`lorafleet`: one CLI, one module per command group. Each command parses, calls one library
 function, and prints.
 
-- `server`    serve, engine, engines     - `registry`  adapters, deployments, validation
+- `server`    serve, engine, engines     - `adapters`  adapters, deployments, validation
 - `tenants`   tenants (keys, limits), audit
 - `rollouts`  rollout, ab                - `drift`     drift
 - `training`  train, eval, quantize, tiny-model
 - `db`        db current, upgrade, backup (the catalog database itself)
-- `housekeeping` gc
+- `gc`        gc
 - `feedback`  feedback, requests, traffic, capture (the feedback loop)
 """
 
@@ -18,11 +18,11 @@ import typer
 
 from lorafleet import __version__
 from lorafleet.serve.cli import (
+    adapters,
     db,
     drift,
     feedback,
-    housekeeping,
-    registry,
+    gc,
     rollouts,
     server,
     tenants,
@@ -66,15 +66,15 @@ app.command("eval")(training.eval_command)
 app.command("quantize")(training.quantize_command)
 app.add_typer(tenants.tenants, name="tenants")
 app.command("audit")(tenants.audit)
-app.add_typer(registry.adapters, name="adapters")
-app.add_typer(registry.deployments, name="deployments")
+app.add_typer(adapters.adapters, name="adapters")
+app.add_typer(adapters.deployments, name="deployments")
 app.add_typer(training.tiny, name="tiny-model")
-app.add_typer(registry.validation, name="validation")
+app.add_typer(adapters.validation, name="validation")
 app.add_typer(rollouts.rollout, name="rollout")
 app.add_typer(rollouts.ab, name="ab")
 app.add_typer(drift.drift, name="drift")
 app.add_typer(db.db, name="db")
-app.command("gc")(housekeeping.gc)
+app.command("gc")(gc.gc)
 app.add_typer(feedback.feedback, name="feedback")
 app.command("requests")(feedback.requests)
 app.command("traffic")(feedback.traffic)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from lorafleet.adapters.errors import LorafleetError
+from lorafleet.errors import LorafleetError
 
 __all__ = ["console", "Commands", "Url", "ApiKey", "AdminKey", "DEFAULT_URL", "group"]
 

@@ -26,8 +26,8 @@ import typer
 from rich.table import Table
 
 from lorafleet.serve.cli.common import DEFAULT_URL, ApiKey, Url, console, group
-from lorafleet.serve.client import LorafleetClient
 from lorafleet.serve.feedback.traffic import DEFAULT_WINDOW_S, MAX_WINDOW_S, MIN_WINDOW_S
+from lorafleet.serve.gateway_client import LorafleetClient
 
 __all__ = ["feedback", "requests", "traffic", "capture", "parse_when"]
 
@@ -47,7 +47,7 @@ def parse_when(value: Optional[str]) -> Optional[str]:
         return None
     if ago := _AGO.match(value):
         return f"{time.time() - float(ago[1]) * _UNIT_S[ago[2]]:.3f}"
-    from lorafleet.adapters.errors import InvalidRequest
+    from lorafleet.errors import InvalidRequest
     from lorafleet.serve.feedback.records import parse_time
 
     try:

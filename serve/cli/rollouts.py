@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from lorafleet.serve.cli.common import DEFAULT_URL, ApiKey, Url, console, group
-from lorafleet.serve.client import LorafleetClient
+from lorafleet.serve.gateway_client import LorafleetClient
 from lorafleet.serve.rollouts.series import MAX_BUCKET_S, MIN_BUCKET_S
 
 __all__ = ["rollout", "ab"]

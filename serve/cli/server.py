@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from lorafleet.adapters.errors import LorafleetError
+from lorafleet.errors import LorafleetError
 from lorafleet.serve.cli.common import DEFAULT_URL, AdminKey, Url, console
 
 __all__ = ["serve", "engine", "engines"]
@@ -171,7 +171,7 @@ def engines(url: Url = DEFAULT_URL, admin_key: AdminKey = None) -> None:
     /admin/engines)."""
     from rich.table import Table
 
-    from lorafleet.serve.client import LorafleetClient
+    from lorafleet.serve.gateway_client import LorafleetClient
 
     fleet = LorafleetClient(url, admin_key).engines()
     table = Table(

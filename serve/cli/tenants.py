@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from lorafleet.serve.cli.common import DEFAULT_URL, AdminKey, Url, console, group
-from lorafleet.serve.client import LorafleetClient
+from lorafleet.serve.gateway_client import LorafleetClient
 
 __all__ = ["tenants", "audit"]
 

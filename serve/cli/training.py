@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from lorafleet.serve.cli.common import DEFAULT_URL, ApiKey, Url, console, group
-from lorafleet.serve.client import LorafleetClient
+from lorafleet.serve.gateway_client import LorafleetClient
 
 __all__ = ["tiny", "train_command", "quantize_command", "eval_command"]
 

@@ -24,15 +24,15 @@ from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.table import Table
 
-from lorafleet.serve.client import LorafleetClient
 from lorafleet.serve.dev.local_server import LocalServer
+from lorafleet.serve.gateway_client import LorafleetClient
 
 console = Console(width=None if sys.stdout.isatty() else 120)
 TENANTS = {"acme": "json", "globex": "french"}
 
 
 def _picture() -> str:
-    from lorafleet.chat import image_data_url
+    from lorafleet.chat_jsonl import image_data_url
 
     image = Image.new("RGB", (112, 112), "white")
     ImageDraw.Draw(image).ellipse((16, 16, 96, 96), fill=(220, 30, 30))

@@ -120,7 +120,7 @@ def _count(session: Session, *where: Any) -> int:
 
 def _last_look(session: Session, *where: Any) -> int:
     """The number of a series' last drift look (0 before its first): counted from it, not from
-    the rows, since retention deletes old looks (`lorafleet.adapters.housekeeping` keeps each
+    the rows, since retention deletes old looks (`lorafleet.adapters.garbage` keeps each
     series' newest)."""
     return session.scalar(select(func.max(DriftCheck.look)).where(*where)) or 0
 

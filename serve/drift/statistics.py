@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 from scipy import stats
 
-from lorafleet.chat import content_parts
+from lorafleet.chat_jsonl import content_parts
 from lorafleet.serve.rollouts.statistics import difference_ci, look_alpha
 
 __all__ = [

@@ -1,11 +1,9 @@
 """The gateway's side of the engine: its private HTTP client, the adapters registered on it, and
 what happens when it is not there.
 
-Errors (each a ServiceUnavailable, so a client gets 503 + Retry-After):
-
-    ServiceUnavailable (lorafleet.adapters.errors)
-     ├── EngineUnavailable    the engine is starting, restarting, or did not answer
-     └── AdapterLoadFailed    the engine refused or failed to load an adapter
+Errors (`lorafleet.errors`; each a ServiceUnavailable, so a client gets 503 + Retry-After):
+EngineUnavailable (the engine is starting, restarting, or did not answer) and AdapterLoadFailed
+(the engine refused or failed to load an adapter).
 
 One policy for an engine that is down: work that needs an answer now (a chat request, `drift check`,
 `ab evaluate`) raises EngineUnavailable; catalog changes that will need an adapter (deploy, rollout
@@ -37,16 +35,18 @@ import aiohttp
 import httpx
 from starlette.concurrency import run_in_threadpool
 
-from lorafleet.adapters.errors import LorafleetError, ServiceUnavailable
 from lorafleet.adapters.store import AdapterStore
+from lorafleet.errors import (
+    AdapterLoadFailed,
+    EngineUnavailable,
+    LorafleetError,
+)
 from lorafleet.serve.engine.command import free_port
 from lorafleet.serve.metrics import Metrics
 
 __all__ = [
     "EngineClient",
     "Engines",
-    "EngineUnavailable",
-    "AdapterLoadFailed",
     "map_engine_errors",
     "public_engine_message",
 ]
@@ -59,14 +59,6 @@ _PLACEHOLDER = "<path>"
 _POSIX_PATH = r"(?:file://|(?<![\w.~/-]))(?:/[\w.~+@%-]+){2,}/?"
 _WINDOWS_PATH = r"(?<!\w)[A-Za-z]:(?:[\\/]+[^\\/\s\"'<>|:*?,;]+)+"
 _REST_OF_PATH = r"[^\s\"'`,;()\[\]<>]*"  # after a known folder: up to the end of its path
-
-
-class EngineUnavailable(ServiceUnavailable):
-    code = "engine_unavailable"
-
-
-class AdapterLoadFailed(ServiceUnavailable):
-    code = "adapter_load_failed"
 
 
 @functools.lru_cache(maxsize=8)

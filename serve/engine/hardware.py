@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.adapters.base_model import BaseModelSpec, load_base_spec
-from lorafleet.adapters.errors import LorafleetError
 from lorafleet.adapters.quantization import (
     SCHEMES,
     checkpoint_dtype,
@@ -23,12 +22,12 @@ from lorafleet.adapters.quantization import (
     describe_checkpoint,
     online_overrides,
 )
+from lorafleet.errors import UnsupportedQuantization
 from lorafleet.serve.settings import Settings
 
 __all__ = [
     "Hardware",
     "Quantization",
-    "UnsupportedQuantization",
     "detect_hardware",
     "plan_quantization",
     "quantization_for",
@@ -37,11 +36,6 @@ __all__ = [
 QUANTIZE_CHOICES = ("auto", "none", *SCHEMES, "fp8")
 # 4-bit weights, 16-bit activations (Marlin on GPUs)
 _W4A16 = ("awq", "gptq", "awq_marlin", "gptq_marlin")
-
-
-class UnsupportedQuantization(LorafleetError):
-    """The base's quantization cannot run here (or cannot take LoRA adapters); the message says
-    what it needs."""
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from lorafleet.adapters.errors import Conflict
+from lorafleet.errors import Conflict
 from lorafleet.serve.engine.client import EngineClient
 from lorafleet.serve.engine.command import engine_command, engine_process_options
 from lorafleet.serve.engine.hardware import Hardware, Quantization

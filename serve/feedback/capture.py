@@ -4,10 +4,10 @@ default.
 An answered request is kept with probability `sample_rate`, at most `max_per_day` per deployment and
 UTC day; its images go to the capture store, content-addressed (one copy however many captures show
 it), and its row references them as `lorafleet-capture:<media type>:<sha256>`. Only requests the
-trainer can read back are kept (`trainer_refusal`: the roles and content parts of `lorafleet.chat`).
-Captures older than `retention_days` are deleted by the garbage collector; opting out, or `DELETE
-/v1/captures`, deletes them at once, with the images no other capture references
-(`lorafleet.adapters.housekeeping.delete_captures`).
+trainer can read back are kept (`trainer_refusal`: the roles and content parts of
+`lorafleet.chat_jsonl`). Captures older than `retention_days` are deleted by the garbage collector;
+opting out, or `DELETE /v1/captures`, deletes them at once, with the images no other capture
+references (`lorafleet.adapters.garbage.delete_captures`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ from sqlalchemy import ColumnElement, and_, case, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from lorafleet.adapters.catalog import Capture, Deployment
-from lorafleet.adapters.errors import InvalidRequest
-from lorafleet.adapters.housekeeping import delete_captures
+from lorafleet.adapters.garbage import delete_captures
 from lorafleet.adapters.schemas import (
     CapturePage,
     CapturePolicy,
@@ -37,7 +36,8 @@ from lorafleet.adapters.schemas import (
     CaptureStatus,
 )
 from lorafleet.adapters.store import BlobStorage
-from lorafleet.chat import content_parts
+from lorafleet.chat_jsonl import content_parts
+from lorafleet.errors import InvalidRequest
 from lorafleet.serve.api.forward import Route
 from lorafleet.serve.feedback.records import TimeRange
 from lorafleet.serve.metrics import Metrics
@@ -63,7 +63,7 @@ log = logging.getLogger("lorafleet.capture")
 
 IMAGE_REF = "lorafleet-capture:"
 DAY_S = 86400.0
-_ROLES = {"system", "user", "assistant"}  # what `lorafleet.chat.load_jsonl` reads
+_ROLES = {"system", "user", "assistant"}  # what `lorafleet.chat_jsonl.load_jsonl` reads
 
 
 def image_ref(media_type: str, digest: str) -> str:

@@ -1,5 +1,5 @@
-"""A deployment's captures as the trainer's chat JSONL (`lorafleet.chat`): `lorafleet train` reads
-the file as it is.
+"""A deployment's captures as the trainer's chat JSONL (`lorafleet.chat_jsonl`): `lorafleet train`
+reads the file as it is.
 
 One line per capture: the request's messages as sent (images inlined as data URLs again), then the
 answer as the last assistant message, and a `metadata` object the trainer ignores:
@@ -37,8 +37,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from lorafleet.adapters.catalog import Capture, Deployment, Feedback
-from lorafleet.adapters.errors import StoreUnavailable
 from lorafleet.adapters.store import BlobStorage
+from lorafleet.errors import StoreUnavailable
 from lorafleet.serve.feedback.capture import restore_images, trainer_refusal
 
 __all__ = [

@@ -9,13 +9,13 @@
 
 from __future__ import annotations
 
+from lorafleet.errors import NoReplicaUp
 from lorafleet.serve.fleet.placement import (
     POLICIES,
     AffinityPolicy,
     BoundedAffinityPolicy,
     HashRing,
     LeastLoadedPolicy,
-    NoReplicaUp,
     Placement,
     PlacementPolicy,
     RandomPolicy,

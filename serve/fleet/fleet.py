@@ -38,7 +38,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from lorafleet.adapters.store import AdapterStore
-from lorafleet.serve.engine.client import EngineClient, EngineUnavailable
+from lorafleet.errors import EngineUnavailable
+from lorafleet.serve.engine.client import EngineClient
 from lorafleet.serve.engine.hardware import Hardware, Quantization
 from lorafleet.serve.engine.sizing import EngineSizing, Workload
 from lorafleet.serve.engine.supervisor import ENGINE_STATES, EngineSupervisor

@@ -15,7 +15,7 @@ when the set of replica names changes.
   use): walk the ring from the digest's point, take the first up replica whose load is under
   `ceil(load_factor * (total load + 1) / n_up)`
 
-Errors: `NoReplicaUp` (a `lorafleet.adapters.errors.ServiceUnavailable`, 503) when no replica is up.
+Errors: `lorafleet.errors.NoReplicaUp` (a ServiceUnavailable, 503) when no replica is up.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from lorafleet.adapters.errors import ServiceUnavailable
+from lorafleet.errors import NoReplicaUp
 
 __all__ = [
     "POLICIES",
@@ -36,7 +36,6 @@ __all__ = [
     "BoundedAffinityPolicy",
     "HashRing",
     "LeastLoadedPolicy",
-    "NoReplicaUp",
     "Placement",
     "PlacementPolicy",
     "RandomPolicy",
@@ -81,16 +80,6 @@ class Placement:
     replica: str
     spilled: bool
     reason: str
-
-
-class NoReplicaUp(ServiceUnavailable):
-    """No replica of the fleet is up for this request."""
-
-    code = "no_replica_up"
-
-    def __init__(self, digest: str) -> None:
-        super().__init__(f"no replica is up to serve adapter {digest[:12]}")
-        self.digest = digest
 
 
 def _point(key: str) -> int:

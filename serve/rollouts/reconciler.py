@@ -28,8 +28,8 @@ from sqlalchemy.orm.exc import StaleDataError
 from starlette.concurrency import run_in_threadpool
 
 from lorafleet.adapters.catalog import Decision, Deployment, Rollout, RolloutSample, Tenant
-from lorafleet.adapters.errors import ServiceUnavailable
 from lorafleet.adapters.store import BlobStorage
+from lorafleet.errors import ServiceUnavailable
 from lorafleet.serve.engine.client import Engines
 from lorafleet.serve.metrics import Metrics
 from lorafleet.serve.rollouts.gate import run_gate

@@ -29,7 +29,7 @@ from lorafleet.adapters.catalog import (
     Rollout,
     RolloutSample,
 )
-from lorafleet.adapters.errors import Conflict, InvalidRequest
+from lorafleet.errors import Conflict, InvalidRequest
 from lorafleet.serve.rollouts.routing import Variant, check_weights
 from lorafleet.serve.rollouts.statistics import (
     EMPTY,

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet.adapters.errors import InvalidAdapter
 from lorafleet.adapters.manifest import (
     MANIFEST_FILE,
     MAX_MANIFEST_BYTES,
@@ -17,6 +16,7 @@ from lorafleet.adapters.manifest import (
     manifest_summary,
     read_manifest,
 )
+from lorafleet.errors import InvalidAdapter
 
 DIGEST = "ab" * 32
 

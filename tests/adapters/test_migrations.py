@@ -19,12 +19,12 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, select, text
 
 from lorafleet.adapters.catalog import Base, ValidationRun, open_catalog
-from lorafleet.adapters.errors import CatalogBehind, CatalogUnknownRevision
 from lorafleet.adapters.leases import take_lease
 from lorafleet.adapters.migrate import alembic_config, catalog_revision, head_revision
 from lorafleet.adapters.registry import get_deployment, register_version, resolve_version
 from lorafleet.adapters.tenants import authenticate, list_keys
 from lorafleet.adapters.validate import ValidatedAdapter
+from lorafleet.errors import CatalogBehind, CatalogUnknownRevision
 from lorafleet.serve.api.drift import drift_history
 from lorafleet.serve.api.rollouts import get_rollout
 from tests.old_catalog import create_schema, insert_rows

@@ -18,7 +18,6 @@ from lorafleet.adapters.catalog import (
     ValidationSet,
     open_catalog,
 )
-from lorafleet.adapters.errors import Conflict, InvalidRequest, NotFound, Unauthorized
 from lorafleet.adapters.registry import (
     authenticate,
     create_tenant,
@@ -33,7 +32,8 @@ from lorafleet.adapters.registry import (
 )
 from lorafleet.adapters.store import open_store
 from lorafleet.adapters.validate import CONFIG_FILE, WEIGHTS_FILE, ValidatedAdapter
-from lorafleet.serve.api.registry import _drop_blob_if_unused, _register_stored
+from lorafleet.errors import Conflict, InvalidRequest, NotFound, Unauthorized
+from lorafleet.serve.api.adapters import _drop_blob_if_unused, _register_stored
 
 
 def _validated(digest_char: str) -> ValidatedAdapter:

@@ -14,7 +14,6 @@ import pytest
 
 from lorafleet.adapters.adapter_cache import AdapterCache
 from lorafleet.adapters.base_model import BaseModelSpec
-from lorafleet.adapters.errors import StoreCorrupt, StoreUnavailable
 from lorafleet.adapters.s3_store import (
     MANIFEST,
     S3AdapterStore,
@@ -30,6 +29,7 @@ from lorafleet.adapters.validate import (
     content_digest,
     validate_adapter_dir,
 )
+from lorafleet.errors import StoreCorrupt, StoreUnavailable
 from tests.factories import SMALL_LORA, small_adapter
 
 

@@ -19,7 +19,6 @@ from lorafleet.adapters.catalog import (
     ValidationSet,
     open_catalog,
 )
-from lorafleet.adapters.errors import CatalogBehind, Conflict, NotFound, Unauthorized
 from lorafleet.adapters.registry import register_version, set_deployment
 from lorafleet.adapters.tenants import (
     authenticate,
@@ -40,6 +39,7 @@ from lorafleet.adapters.tenants import (
     touch_keys,
 )
 from lorafleet.adapters.validate import ValidatedAdapter
+from lorafleet.errors import CatalogBehind, Conflict, NotFound, Unauthorized
 from tests.old_catalog import schema_statements
 
 PRE_0_1_0_MISSING = ("api_keys", "tenant_policies", "audit_events")  # tables 0.1.0 added

@@ -14,8 +14,8 @@ import torch
 
 from lorafleet.adapters.archive import MAX_MEMBERS
 from lorafleet.adapters.base_model import load_base_spec
-from lorafleet.adapters.errors import InvalidAdapter, PayloadTooLarge
 from lorafleet.adapters.validate import extract_archive, validate_adapter_dir, validate_upload
+from lorafleet.errors import InvalidAdapter, PayloadTooLarge
 from tests.conftest import MAX_RANK, MAX_UPLOAD, NEAR_BASE_STD
 from tests.factories import (
     CONFIG,

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from lorafleet.adapters.errors import InvalidRequest
+from lorafleet.errors import InvalidRequest
 from lorafleet.serve.answer_format import (
     MAX_SPEC_BYTES,
     REGEX_TIMEOUT_S,

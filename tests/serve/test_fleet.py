@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from lorafleet.adapters.store import LocalStore
-from lorafleet.serve.engine.client import EngineClient, EngineUnavailable
+from lorafleet.errors import EngineUnavailable
+from lorafleet.serve.engine.client import EngineClient
 from lorafleet.serve.engine.hardware import Hardware, Quantization
 from lorafleet.serve.engine.sizing import Workload, derive_sizing
 from lorafleet.serve.engine.supervisor import EngineSupervisor
@@ -185,7 +186,8 @@ def test_settings_name_one_source_of_engines():
 def test_a_gateway_in_front_of_nodes_records_a_quantization_only_the_nodes_can_run(tmp_path):
     import json
 
-    from lorafleet.serve.engine.hardware import UnsupportedQuantization, detect_hardware
+    from lorafleet.errors import UnsupportedQuantization
+    from lorafleet.serve.engine.hardware import detect_hardware
     from lorafleet.serve.gateway import _quantization
     from tests.test_kubernetes import TINY_BASE_CONFIG
 

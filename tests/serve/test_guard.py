@@ -8,7 +8,7 @@ import json
 import pytest
 from fastapi import FastAPI, Request
 
-from lorafleet.adapters.errors import Unauthorized
+from lorafleet.errors import Unauthorized
 from lorafleet.serve.api.errors import install_error_handlers
 from lorafleet.serve.api.guard import UPLOAD_PATHS, BodyLimit, bearer_from_headers
 

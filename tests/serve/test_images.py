@@ -19,7 +19,7 @@ from aiohttp import web
 from PIL import Image
 from yarl import URL
 
-from lorafleet.adapters.errors import InvalidRequest
+from lorafleet.errors import InvalidRequest
 from lorafleet.serve.images import (
     PIXEL_CEILING,
     ImageLimits,

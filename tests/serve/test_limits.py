@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import pytest
 
-from lorafleet.adapters.errors import ServiceUnavailable
+from lorafleet.errors import RateLimited, ServiceUnavailable
 from lorafleet.serve.admission import FairQueue
-from lorafleet.serve.limits import Limits, RateLimited, TenantLimiter, reset_text
+from lorafleet.serve.limits import Limits, TenantLimiter, reset_text
 from lorafleet.serve.settings import Settings
 
 UNLIMITED = Limits(

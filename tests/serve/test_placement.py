@@ -6,12 +6,12 @@ import hashlib
 
 import pytest
 
+from lorafleet.errors import NoReplicaUp
 from lorafleet.serve.fleet.placement import (
     AffinityPolicy,
     BoundedAffinityPolicy,
     HashRing,
     LeastLoadedPolicy,
-    NoReplicaUp,
     RandomPolicy,
     Replica,
     load_bound,

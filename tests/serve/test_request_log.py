@@ -10,8 +10,8 @@ import pytest
 from pydantic import ValidationError
 
 from lorafleet.adapters.catalog import Feedback, RequestRecord, Tenant, open_catalog
-from lorafleet.adapters.errors import InvalidRequest
 from lorafleet.adapters.schemas import FeedbackCreate
+from lorafleet.errors import InvalidRequest
 from lorafleet.serve.feedback.confidence import summarize, token_logprobs
 from lorafleet.serve.feedback.records import (
     TimeRange,

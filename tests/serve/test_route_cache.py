@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from lorafleet.adapters.catalog import Tenant, open_catalog
-from lorafleet.adapters.errors import NotFound, Unauthorized
 from lorafleet.adapters.registry import create_tenant, register_version, set_deployment
 from lorafleet.adapters.validate import ValidatedAdapter
+from lorafleet.errors import NotFound, Unauthorized
 from lorafleet.serve.route_cache import RouteCache
 
 

@@ -23,8 +23,8 @@ from lorafleet.adapters.catalog import (
     ValidationRun,
     open_catalog,
 )
-from lorafleet.serve.client import inline_images
 from lorafleet.serve.dev.local_server import LocalServer
+from lorafleet.serve.gateway_client import inline_images
 from tests.conftest import NEAR_BASE_STD
 from tests.helpers import image_messages, poll_until, upload_folder
 from tests.postgres import postgres_database

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 from starlette.datastructures import UploadFile
 
-from lorafleet.adapters.errors import InvalidRequest
 from lorafleet.adapters.store import BlobStore
-from lorafleet.chat import MAX_JSON_DEPTH, image_data_url, load_jsonl
+from lorafleet.chat_jsonl import MAX_JSON_DEPTH, image_data_url, load_jsonl
+from lorafleet.errors import InvalidRequest
 from lorafleet.serve.api.rollouts import _store_validation
 from lorafleet.serve.validation import canonical_validation, read_items
 
@@ -120,7 +120,7 @@ def test_malformed_file_is_a_400_not_a_500(gateway, data, reason):
 
 def test_huge_line_is_refused_by_its_length(gateway, monkeypatch):
     # the real limit is 32 MiB: the same check, smaller
-    monkeypatch.setattr("lorafleet.chat.MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr("lorafleet.chat_jsonl.MAX_LINE_BYTES", 1000)
     _refused(
         gateway,
         _jsonl(_line(DATA_URL, answer="x" * 2000)),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lorafleet.adapters.errors import InvalidRequest
+from lorafleet.errors import InvalidRequest
 from lorafleet.train.config import load_config
 
 

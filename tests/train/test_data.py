@@ -8,7 +8,8 @@ import json
 import pytest
 from transformers import AutoProcessor
 
-from lorafleet.chat import DataError, Example, load_jsonl, request_messages
+from lorafleet.chat_jsonl import Example, load_jsonl, request_messages
+from lorafleet.errors import DataError
 from lorafleet.train.data import encode
 from tests.helpers import image_data_url
 
@@ -119,7 +120,7 @@ def test_labels_cover_only_the_assistant_turns(tiny_model):
 
 
 def load_images(messages):
-    from lorafleet.chat import _load_image
+    from lorafleet.chat_jsonl import _load_image
 
     return [
         _load_image(p["image_url"]["url"], None, "x", True)

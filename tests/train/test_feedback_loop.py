@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet.chat import answer_of, load_jsonl, request_messages
+from lorafleet.chat_jsonl import answer_of, load_jsonl, request_messages
 from lorafleet.scoring import json_fields
-from lorafleet.serve.client import LorafleetClient
+from lorafleet.serve.gateway_client import LorafleetClient
 from tests.conftest import NEAR_BASE_STD
 from tests.helpers import poll_until
 

@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from lorafleet.adapters.errors import InvalidAdapter
-from lorafleet.chat import load_jsonl, request_messages
+from lorafleet.chat_jsonl import load_jsonl, request_messages
+from lorafleet.errors import InvalidAdapter, NotServable
 from lorafleet.train.config import load_config
 from lorafleet.train.pipeline import finish
-from lorafleet.train.servable import NotServable, prove_servable
+from lorafleet.train.servable import prove_servable
 from lorafleet.train.trainer import train
 from lorafleet.train.vllm_generate import generate
 
@@ -160,7 +160,7 @@ def test_training_on_the_quantized_checkpoint_sees_the_weights_vllm_serves(world
 
 
 def test_bitsandbytes_qlora_without_cuda_is_refused_with_the_way_out(world, tmp_path):
-    from lorafleet.adapters.errors import InvalidRequest
+    from lorafleet.errors import InvalidRequest
 
     with pytest.raises(InvalidRequest, match="lorafleet quantize"):
         train(_config(world, tmp_path / "adapter", qlora="on"), progress=False)

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from lorafleet.adapters.catalog import open_catalog
 from lorafleet.adapters.registry import create_tenant, register_version
 from lorafleet.adapters.validate import ValidatedAdapter
-from lorafleet.serve.api import registry, rollouts
+from lorafleet.serve.api import adapters, rollouts
 from lorafleet.serve.api.errors import install_error_handlers
 from lorafleet.serve.api.guard import Authenticate
 from lorafleet.serve.engine.sizing import Workload
@@ -59,7 +59,7 @@ def _app(tmp_path: Path, **settings) -> tuple[FastAPI, str]:
     )
     app.add_middleware(Authenticate, gateway=app.state.gateway)
     install_error_handlers(app)
-    app.include_router(registry.router)
+    app.include_router(adapters.router)
     app.include_router(rollouts.router)
     return app, key
 

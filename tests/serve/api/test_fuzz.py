@@ -30,7 +30,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from lorafleet.serve.api.openapi import EXAMPLE_ADAPTER, EXAMPLE_DEPLOYMENT, EXAMPLE_REFS
-from lorafleet.serve.client import inline_images
+from lorafleet.serve.gateway_client import inline_images
 from tests.conftest import NEAR_BASE_STD
 from tests.helpers import upload_folder
 

@@ -147,7 +147,7 @@ def test_storage_limits_refuse_an_upload_over_them_and_keep_nothing(
         upload_folder(http, "ext", make_adapter(1))
         before = server.stored_digests()
         archive_owner = make_adapter(2)
-        from lorafleet.serve.client import pack_adapter
+        from lorafleet.serve.gateway_client import pack_adapter
 
         archive = pack_adapter(archive_owner)
         try:
@@ -167,7 +167,7 @@ def test_storage_limits_refuse_an_upload_over_them_and_keep_nothing(
 
 
 def _upload(http: httpx.Client, folder: Path) -> httpx.Response:
-    from lorafleet.serve.client import pack_adapter
+    from lorafleet.serve.gateway_client import pack_adapter
 
     archive = pack_adapter(folder)
     try:

@@ -9,7 +9,7 @@ import schemathesis
 from fastapi import APIRouter, FastAPI
 
 from lorafleet.scoring import METRICS
-from lorafleet.serve.api import admin, chat, drift, registry, rollouts
+from lorafleet.serve.api import adapters, admin, chat, drift, rollouts
 from lorafleet.serve.api.dependencies import CurrentTenant
 from lorafleet.serve.api.openapi import EXAMPLE_DEPLOYMENT, EXAMPLE_REFS, gateway_openapi
 
@@ -21,7 +21,7 @@ def _app(*extra: APIRouter) -> FastAPI:
     app = FastAPI(title="lorafleet")
     for router in (
         chat.router,
-        registry.router,
+        adapters.router,
         rollouts.router,
         drift.router,
         admin.router,

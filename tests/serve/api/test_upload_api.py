@@ -17,10 +17,10 @@ from lorafleet.adapters.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES
 from lorafleet.adapters.registry import create_tenant
 from lorafleet.adapters.store import LocalStore
 from lorafleet.adapters.validate import ValidatedAdapter
-from lorafleet.serve.api import registry
+from lorafleet.serve.api import adapters
 from lorafleet.serve.api.errors import install_error_handlers
 from lorafleet.serve.api.guard import Authenticate
-from lorafleet.serve.client import pack_adapter
+from lorafleet.serve.gateway_client import pack_adapter
 from lorafleet.serve.route_cache import RouteCache
 from lorafleet.serve.settings import Settings
 from tests.adapters.test_manifest import trainer_manifest
@@ -159,7 +159,7 @@ def manifest_app(tmp_path: Path) -> tuple[FastAPI, str]:
     )
     app.add_middleware(Authenticate, gateway=app.state.gateway)
     install_error_handlers(app)
-    app.include_router(registry.router)
+    app.include_router(adapters.router)
     return app, key
 
 

@@ -11,7 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from lorafleet.chat import load_jsonl
+from lorafleet.chat_jsonl import load_jsonl
 from lorafleet.serve.cli import app
 from lorafleet.serve.cli.feedback import parse_when
 from tests.helpers import image_messages, poll_until, upload_folder

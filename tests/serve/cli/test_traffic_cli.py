@@ -23,7 +23,7 @@ from lorafleet.adapters.catalog import (
     open_catalog,
 )
 from lorafleet.adapters.tenants import create_tenant
-from lorafleet.serve.api import registry, rollouts
+from lorafleet.serve.api import adapters, rollouts
 from lorafleet.serve.cli import app
 from lorafleet.serve.feedback.request_log import new_request_id
 from tests.helpers import catalog_app, on_loopback
@@ -131,7 +131,7 @@ def gateway(tmp_path: Path) -> Iterator[tuple[list[str], int]]:
             )
         session.commit()
         rollout_id = rollout.id
-    with on_loopback(catalog_app(sessions, registry.router, rollouts.router)) as url:
+    with on_loopback(catalog_app(sessions, adapters.router, rollouts.router)) as url:
         yield ["--url", url, "--api-key", key], rollout_id
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lorafleet.serve.client import inline_images
+from lorafleet.serve.gateway_client import inline_images
 from tests.conftest import NEAR_BASE_STD
 from tests.helpers import upload_folder
 

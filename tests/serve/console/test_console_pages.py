@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet.serve.client import pack_adapter
 from lorafleet.serve.console.session import LOGIN_COOKIE, SESSION_COOKIE
+from lorafleet.serve.gateway_client import pack_adapter
 from tests.helpers import assert_openai_error
 from tests.serve.console.conftest import ADMIN_KEY, Console, csrf_of
 
@@ -169,7 +169,7 @@ async def test_actions_need_the_session_token_and_the_same_origin(
 async def test_every_page_renders_for_a_tenant_and_the_admin(
     console, browser_session, adapters, tmp_path
 ):
-    from lorafleet.serve.client import inline_images
+    from lorafleet.serve.gateway_client import inline_images
     from lorafleet.train.shapes import write_task
 
     key = await console.tenant("acme")

@@ -20,9 +20,9 @@ from PIL import Image, ImageOps
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from lorafleet.chat import image_data_url, load_jsonl
+from lorafleet.chat_jsonl import image_data_url, load_jsonl
 from lorafleet.serve.cli import app
-from lorafleet.serve.client import inline_images
+from lorafleet.serve.gateway_client import inline_images
 from tests.conftest import NEAR_BASE_STD
 from tests.helpers import assert_openai_error, poll_until, upload_folder
 

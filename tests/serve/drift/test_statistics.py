@@ -9,7 +9,7 @@ import threading
 import pytest
 from PIL import Image
 
-from lorafleet.chat import image_data_url
+from lorafleet.chat_jsonl import image_data_url
 from lorafleet.serve.drift.statistics import (
     Reservoir,
     benjamini_hochberg,

@@ -9,7 +9,8 @@ import httpx
 import pytest
 
 from lorafleet.adapters.store import LocalStore
-from lorafleet.serve.engine.client import AdapterLoadFailed, EngineClient, public_engine_message
+from lorafleet.errors import AdapterLoadFailed
+from lorafleet.serve.engine.client import EngineClient, public_engine_message
 from lorafleet.serve.metrics import Metrics
 
 DIGEST = "3f2a9c" * 10 + "abcd"

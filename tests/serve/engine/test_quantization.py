@@ -16,11 +16,11 @@ import pytest
 from openai import OpenAI
 
 from lorafleet.adapters.base_model import load_base_spec
-from lorafleet.adapters.errors import InvalidRequest
-from lorafleet.serve.client import LorafleetClient
+from lorafleet.errors import InvalidRequest, UnsupportedQuantization
 from lorafleet.serve.dev.local_server import LocalServer
 from lorafleet.serve.engine.command import engine_command
-from lorafleet.serve.engine.hardware import Hardware, UnsupportedQuantization, plan_quantization
+from lorafleet.serve.engine.hardware import Hardware, plan_quantization
+from lorafleet.serve.gateway_client import LorafleetClient
 from lorafleet.serve.settings import Settings
 from tests.helpers import image_messages
 

@@ -9,8 +9,8 @@ import psutil
 import pytest
 from openai import OpenAI
 
-from lorafleet.serve.client import LorafleetClient
 from lorafleet.serve.dev.local_server import LocalServer
+from lorafleet.serve.gateway_client import LorafleetClient
 from tests.helpers import image_messages
 
 

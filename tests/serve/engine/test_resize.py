@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet.adapters.errors import Conflict
 from lorafleet.adapters.store import LocalStore
+from lorafleet.errors import Conflict
 from lorafleet.serve.engine.client import EngineClient
 from lorafleet.serve.engine.command import engine_command
 from lorafleet.serve.engine.hardware import Hardware, Quantization

@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import func, select
 
 from lorafleet.adapters.catalog import Capture, Deployment
-from lorafleet.adapters.errors import InvalidRequest
 from lorafleet.adapters.store import BlobStore
+from lorafleet.errors import InvalidRequest
 from lorafleet.serve.api.forward import Route
 from lorafleet.serve.feedback.capture import (
     DAY_S,

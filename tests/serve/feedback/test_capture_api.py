@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lorafleet.chat import load_jsonl
+from lorafleet.chat_jsonl import load_jsonl
 from tests.helpers import assert_openai_error, image_messages, poll_until, upload_folder
 
 MAX_TOKENS = 6

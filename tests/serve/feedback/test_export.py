@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lorafleet.adapters.catalog import Deployment, Feedback
-from lorafleet.chat import load_jsonl
+from lorafleet.chat_jsonl import load_jsonl
 from lorafleet.serve.api.forward import Route
 from lorafleet.serve.feedback.capture import Capturer
 from lorafleet.serve.feedback.export import ExportOptions, ExportPlan, export_lines, plan_export

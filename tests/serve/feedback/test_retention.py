@@ -12,10 +12,10 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from lorafleet.adapters.catalog import Capture, Feedback, RequestRecord
-from lorafleet.adapters.housekeeping import Removed, Retention, collect_garbage
+from lorafleet.adapters.garbage import Removed, Retention, collect_garbage
 from lorafleet.adapters.store import BlobStore, LocalStore
 from lorafleet.serve.cli import app
-from lorafleet.serve.housekeeping import GarbageCollector
+from lorafleet.serve.garbage_collector import GarbageCollector
 from lorafleet.serve.metrics import Metrics
 from lorafleet.serve.settings import Settings
 

@@ -15,7 +15,7 @@ from sqlalchemy.orm import sessionmaker
 
 from lorafleet.adapters.catalog import Deployment, RequestRecord
 from lorafleet.adapters.tenants import create_tenant
-from lorafleet.serve.api import registry
+from lorafleet.serve.api import adapters
 from lorafleet.serve.feedback import traffic
 from lorafleet.serve.feedback.request_log import new_request_id
 from lorafleet.serve.feedback.traffic import deployment_traffic
@@ -187,7 +187,7 @@ def api(sessions: sessionmaker, place: Callable[..., Place]) -> Iterator[tuple]:
     with sessions() as session:
         _, key = create_tenant(session, "acme")
         create_tenant(session, "rival")
-    app = catalog_app(sessions, registry.router)
+    app = catalog_app(sessions, adapters.router)
     yield app, key, place(), place(tenant="rival", deployment="secret")
 
 

@@ -19,8 +19,8 @@ from lorafleet.adapters.catalog import (
     Tenant,
     open_catalog,
 )
-from lorafleet.adapters.errors import Conflict
 from lorafleet.adapters.store import BlobStore, LocalStore
+from lorafleet.errors import Conflict
 from lorafleet.serve.api.rollouts import _command
 from lorafleet.serve.engine.client import EngineClient
 from lorafleet.serve.metrics import Metrics

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from lorafleet.serve.cli import app
-from lorafleet.serve.client import inline_images
+from lorafleet.serve.gateway_client import inline_images
 from tests.conftest import NEAR_BASE_STD
 from tests.helpers import assert_openai_error, upload_folder
 

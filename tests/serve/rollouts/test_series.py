@@ -23,8 +23,8 @@ from lorafleet.adapters.catalog import (
     Tenant,
     open_catalog,
 )
-from lorafleet.adapters.errors import InvalidRequest
 from lorafleet.adapters.tenants import create_tenant
+from lorafleet.errors import InvalidRequest
 from lorafleet.serve.api import rollouts
 from lorafleet.serve.feedback.request_log import new_request_id
 from lorafleet.serve.rollouts.series import default_bucket_s, rollout_series

@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from lorafleet.adapters.errors import LorafleetError
-from lorafleet.adapters.housekeeping import GcReport
+from lorafleet.adapters.garbage import GcReport
+from lorafleet.errors import LorafleetError
 from lorafleet.serve.cli.common import console
 
 __all__ = ["gc"]
@@ -40,8 +40,8 @@ def gc(
     from sqlalchemy.engine import make_url
 
     from lorafleet.adapters.catalog import open_catalog
+    from lorafleet.serve.garbage_collector import GarbageCollector
     from lorafleet.serve.gateway import open_capture_store, open_stores, scratch_dir
-    from lorafleet.serve.housekeeping import GarbageCollector
     from lorafleet.serve.rollouts.reconciler import new_gateway_id
     from lorafleet.serve.settings import Settings
 

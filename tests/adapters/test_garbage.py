@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 from typer.testing import CliRunner
 
-from lorafleet.adapters import housekeeping
+from lorafleet.adapters import garbage
 from lorafleet.adapters.catalog import (
     Adapter,
     AdapterVersion,
@@ -33,12 +33,12 @@ from lorafleet.adapters.catalog import (
     ValidationSet,
     open_catalog,
 )
-from lorafleet.adapters.housekeeping import GC_LEASE, Removed, Retention, collect_garbage
+from lorafleet.adapters.garbage import GC_LEASE, Removed, Retention, collect_garbage
 from lorafleet.adapters.leases import take_lease
 from lorafleet.adapters.store import BlobStore, LocalStore
 from lorafleet.adapters.validate import CONFIG_FILE, WEIGHTS_FILE
 from lorafleet.serve.cli import app
-from lorafleet.serve.housekeeping import GarbageCollector
+from lorafleet.serve.garbage_collector import GarbageCollector
 from lorafleet.serve.settings import Settings
 
 DAY = 86400.0
@@ -83,7 +83,7 @@ def _collect(
     age_s: float = OLD,
     dry_run: bool = False,
     retention: Retention = Retention(),
-) -> housekeeping.GcReport:
+) -> garbage.GcReport:
     return collect_garbage(
         sessions,
         stores.adapters,
@@ -448,7 +448,7 @@ def test_zero_retention_keeps_everything(sessions, stores):
 
 
 def test_history_goes_in_batches(sessions, stores, monkeypatch):
-    monkeypatch.setattr(housekeeping, "BATCH_ROWS", 3)
+    monkeypatch.setattr(garbage, "BATCH_ROWS", 3)
     world, now = _world(sessions), time.time()
     with sessions() as s:
         rollout = _rollout(s, world, finished_at=now - 40 * DAY)

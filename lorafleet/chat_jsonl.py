@@ -23,10 +23,9 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from lorafleet.adapters.errors import InvalidRequest
+from lorafleet.errors import DataError
 
 __all__ = [
-    "DataError",
     "Example",
     "MAX_LINE_BYTES",
     "MAX_JSON_DEPTH",
@@ -44,15 +43,6 @@ _ROLES = {"system", "user", "assistant"}
 MAX_LINE_BYTES = 32 * 1024 * 1024  # one example, its images inlined
 # a chat line nests about 6 deep; deeper input only overflows recursion downstream
 MAX_JSON_DEPTH = 64
-
-
-class DataError(InvalidRequest):
-    """A bad line in a data file; the message names the file, the line and the reason."""
-
-    code = "invalid_data"
-
-    def __init__(self, source: str, reason: str) -> None:
-        super().__init__(f"{source}: {reason}")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 from sqlalchemy.orm import sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from lorafleet.adapters.housekeeping import GC_LEASE, GcReport, Retention, collect_garbage
+from lorafleet.adapters.garbage import GC_LEASE, GcReport, Retention, collect_garbage
 from lorafleet.adapters.leases import finish_lease, release_lease, take_lease
 from lorafleet.adapters.store import AdapterStore, BlobStorage
 from lorafleet.serve.metrics import Metrics

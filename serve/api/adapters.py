@@ -42,6 +42,7 @@ from lorafleet.adapters.schemas import (
 )
 from lorafleet.adapters.tenants import stored_usage
 from lorafleet.adapters.validate import ValidatedAdapter, validate_upload
+from lorafleet.errors import QuotaExceeded
 from lorafleet.serve.api.dependencies import (
     CurrentTenant,
     Gateway,
@@ -56,7 +57,7 @@ from lorafleet.serve.feedback.traffic import (
     MIN_WINDOW_S,
     deployment_traffic,
 )
-from lorafleet.serve.limits import Limits, QuotaExceeded
+from lorafleet.serve.limits import Limits
 
 __all__ = ["router", "version_public", "version_detail", "deployment_public", "prepare_engine"]
 

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from lorafleet.adapters.manifest import manifest_summary
 from lorafleet.serve.cli.common import DEFAULT_URL, ApiKey, Url, console, group
-from lorafleet.serve.client import LorafleetClient
+from lorafleet.serve.gateway_client import LorafleetClient
 
 __all__ = ["adapters", "deployments", "validation"]
 

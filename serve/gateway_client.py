@@ -11,28 +11,16 @@ from typing import Any, BinaryIO
 
 import httpx
 
-from lorafleet.adapters.errors import LorafleetError
+from lorafleet.errors import ApiError, LorafleetError, ServerUnreachable
 
-__all__ = ["ApiError", "ServerUnreachable", "LorafleetClient", "pack_adapter", "inline_images"]
-
-
-class ApiError(LorafleetError):
-    """The server answered with an error; carries its status and OpenAI-shaped message."""
-
-    def __init__(self, status: int, message: str, code: str | None) -> None:
-        super().__init__(f"{message} (HTTP {status})", code=code)
-        self.status = status
-
-
-class ServerUnreachable(LorafleetError):
-    pass
+__all__ = ["LorafleetClient", "pack_adapter", "inline_images"]
 
 
 def inline_images(path: Path) -> bytes:
     """A chat JSONL file (the training format) with its local image paths replaced by data URLs."""
     import json
 
-    from lorafleet.chat import answer_of, load_jsonl, request_messages
+    from lorafleet.chat_jsonl import answer_of, load_jsonl, request_messages
 
     lines = [
         json.dumps(
