@@ -21,7 +21,7 @@ from lorafleet.adapters.catalog import (
     ValidationRun,
     is_transient,
 )
-from lorafleet.adapters.schemas import check_name
+from lorafleet.adapters.names import check_name
 from lorafleet.adapters.tenants import authenticate, create_tenant, hash_key
 from lorafleet.adapters.validate import ValidatedAdapter
 from lorafleet.errors import Conflict, InvalidRequest, NotFound

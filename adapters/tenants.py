@@ -33,7 +33,7 @@ from lorafleet.adapters.catalog import (
     ValidationRun,
     ValidationSet,
 )
-from lorafleet.adapters.schemas import check_name
+from lorafleet.adapters.names import check_name
 from lorafleet.errors import Conflict, InvalidRequest, NotFound, Unauthorized
 
 __all__ = [

@@ -7,10 +7,11 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -29,17 +30,6 @@ from lorafleet.adapters.registry import (
     resolve_version,
     set_deployment,
 )
-from lorafleet.adapters.schemas import (
-    AdapterDetail,
-    AdapterPublic,
-    AdapterVersionDetail,
-    AdapterVersionPublic,
-    CapturePolicy,
-    DeploymentPublic,
-    DeploymentPut,
-    DeploymentTraffic,
-    ValidationSetPublic,
-)
 from lorafleet.adapters.tenants import stored_usage
 from lorafleet.adapters.validate import ValidatedAdapter, validate_upload
 from lorafleet.errors import QuotaExceeded
@@ -51,6 +41,7 @@ from lorafleet.serve.api.dependencies import (
     release_connection,
 )
 from lorafleet.serve.engine.sizing import Workload
+from lorafleet.serve.feedback.schemas import CapturePolicy, DeploymentTraffic
 from lorafleet.serve.feedback.traffic import (
     DEFAULT_WINDOW_S,
     MAX_WINDOW_S,
@@ -58,8 +49,78 @@ from lorafleet.serve.feedback.traffic import (
     deployment_traffic,
 )
 from lorafleet.serve.limits import Limits
+from lorafleet.serve.types import UtcDateTime
 
-__all__ = ["router", "version_public", "version_detail", "deployment_public", "prepare_engine"]
+__all__ = [
+    "router",
+    "version_public",
+    "version_detail",
+    "deployment_public",
+    "prepare_engine",
+    "AdapterVersionPublic",
+    "AdapterVersionDetail",
+    "AdapterPublic",
+    "AdapterDetail",
+    "DeploymentPut",
+    "ValidationSetPublic",
+    "DeploymentPublic",
+]
+
+
+class AdapterVersionPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    name: str
+    version: int
+    digest: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    size_bytes: int
+    created_at: UtcDateTime
+
+
+class AdapterVersionDetail(AdapterVersionPublic):
+    """A version as `GET /v1/adapters/{name}` shows it: with the trainer's manifest uploaded
+    beside it."""
+
+    manifest: dict[str, Any] | None = None  # None: uploaded without one
+    # whether the adapter digest the manifest records is `digest`; None: no manifest, or it records
+    # none
+    manifest_matches: bool | None = None
+
+
+class AdapterPublic(BaseModel):
+    name: str
+    versions: list[AdapterVersionPublic]
+
+
+class AdapterDetail(AdapterPublic):
+    versions: list[AdapterVersionDetail]  # type: ignore[assignment]  # each version with its manifest
+
+
+class DeploymentPut(BaseModel):
+    adapter: str  # "NAME" (latest), "NAME@N", or a digest
+
+
+class ValidationSetPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    digest: str
+    metric: str
+    items: int
+    size_bytes: int
+    created_at: UtcDateTime
+
+
+class DeploymentPublic(BaseModel):
+    name: str
+    adapter: AdapterVersionPublic
+    updated_at: UtcDateTime
+    previous_adapter: str | None = None  # NAME@N that `undo` goes back to
+    answer_format: dict | None = None
+    validation_set: ValidationSetPublic | None = None
+    rollout_id: int | None = None
+    capture: CapturePolicy | None = None  # None: no request of it is kept
+
 
 router = APIRouter(prefix="/v1")
 

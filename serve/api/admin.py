@@ -6,30 +6,17 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from lorafleet.adapters.catalog import ApiKey, Tenant, TenantPolicy, ValidationSet
+from lorafleet.adapters.names import Name
 from lorafleet.adapters.registry import digest_in_use, list_deployments
-from lorafleet.adapters.schemas import (
-    ApiKeyCreate,
-    ApiKeyCreated,
-    ApiKeyPublic,
-    ApiKeyRotate,
-    AuditEventPublic,
-    KeyRotated,
-    TenantCreate,
-    TenantCreated,
-    TenantDeletedPublic,
-    TenantDisable,
-    TenantLimitsPublic,
-    TenantLimitsPut,
-    TenantPublic,
-)
 from lorafleet.adapters.tenants import (
     create_tenant,
     delete_tenant,
@@ -53,8 +40,124 @@ from lorafleet.serve.api.dependencies import (
     release_connection,
 )
 from lorafleet.serve.limits import Limits
+from lorafleet.serve.types import UtcDateTime
 
-__all__ = ["router"]
+__all__ = [
+    "router",
+    "TenantCreate",
+    "TenantCreated",
+    "TenantLimitsPut",
+    "TenantLimitsPublic",
+    "ApiKeyCreate",
+    "ApiKeyPublic",
+    "ApiKeyCreated",
+    "ApiKeyRotate",
+    "KeyRotated",
+    "TenantDisable",
+    "TenantPublic",
+    "TenantDeletedPublic",
+    "AuditEventPublic",
+]
+
+
+NonNegative = Annotated[int, Field(ge=0, le=2**62)]
+
+
+class TenantCreate(BaseModel):
+    name: Name
+
+
+class TenantCreated(BaseModel):
+    name: str
+    api_key: str  # shown once; only its hash is stored
+    key_id: int | None = None
+
+
+class TenantLimitsPut(BaseModel):
+    """Limits to set for one tenant (0: unlimited) or, given as null, to return to the default."""
+
+    model_config = ConfigDict(extra="forbid")
+    rpm: NonNegative | None = None
+    tpm: NonNegative | None = None
+    concurrency: NonNegative | None = None
+    images_per_request: NonNegative | None = None
+    image_bytes: NonNegative | None = None
+    image_pixels: NonNegative | None = None
+    adapters: NonNegative | None = None
+    adapter_bytes: NonNegative | None = None
+
+
+class TenantLimitsPublic(BaseModel):
+    tenant: str
+    limits: dict[str, int]  # in effect
+    overrides: dict[str, int]  # set for this tenant; the rest are the defaults
+    defaults: dict[str, int]
+
+
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    label: Annotated[str, Field(max_length=64)] = ""
+    expires_in_s: Annotated[float, Field(gt=0, le=10 * 366 * 86400)] | None = None
+
+
+class ApiKeyPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    prefix: str
+    label: str
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+    last_used_at: float | None
+    live: bool
+
+
+class ApiKeyCreated(ApiKeyPublic):
+    api_key: str  # shown once
+
+
+class ApiKeyRotate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    grace_s: Annotated[float, Field(ge=0, le=366 * 86400)] = 3600.0
+
+
+class KeyRotated(BaseModel):
+    old: ApiKeyPublic
+    new: ApiKeyCreated
+
+
+class TenantDisable(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: Annotated[str, Field(max_length=500)] = ""
+
+
+class TenantPublic(BaseModel):
+    name: str
+    created_at: UtcDateTime
+    disabled: bool
+    disabled_reason: str
+    keys: int  # live keys
+    adapters: int  # versions stored
+    adapter_bytes: int
+    deployments: int
+    limits: dict[str, int]
+
+
+class TenantDeletedPublic(BaseModel):
+    name: str
+    deleted: dict[str, int]  # rows per table
+    blobs_deleted: int
+
+
+class AuditEventPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    at: float
+    actor: str
+    action: str
+    tenant: str
+    details: dict[str, Any]
+
 
 router = APIRouter(prefix="/admin", dependencies=[AdminKey])
 

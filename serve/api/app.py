@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from lorafleet.adapters.tenants import touch_keys
-from lorafleet.serve.api import adapters, admin, captures, chat, drift, feedback, rollouts
+from lorafleet.serve.api import adapters, admin, captures, chat, drift, feedback, models, rollouts
 from lorafleet.serve.api.errors import install_error_handlers
 from lorafleet.serve.api.guard import Authenticate, BodyLimit
 from lorafleet.serve.api.openapi import gateway_openapi
@@ -108,7 +108,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.add_middleware(Authenticate, gateway=gateway)
     install_error_handlers(app)
-    for routes in (chat, adapters, rollouts, drift, feedback, captures, admin):
+    for routes in (chat, models, adapters, rollouts, drift, feedback, captures, admin):
         app.include_router(routes.router)
     install_console(app)
 

@@ -13,15 +13,8 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
 from lorafleet.adapters.registry import get_deployment
-from lorafleet.adapters.schemas import (
-    CapturePage,
-    CapturePolicy,
-    CapturesDeleted,
-    CaptureStatus,
-    DeploymentPublic,
-)
 from lorafleet.errors import NotFound
-from lorafleet.serve.api.adapters import deployment_public
+from lorafleet.serve.api.adapters import DeploymentPublic, deployment_public
 from lorafleet.serve.api.dependencies import (
     CurrentTenant,
     GatewayDep,
@@ -43,6 +36,12 @@ from lorafleet.serve.feedback.export import (
     ExportPlan,
     export_lines,
     plan_export,
+)
+from lorafleet.serve.feedback.schemas import (
+    CapturePage,
+    CapturePolicy,
+    CapturesDeleted,
+    CaptureStatus,
 )
 
 __all__ = ["router", "EXPORT_MEDIA_TYPE"]

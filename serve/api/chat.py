@@ -18,11 +18,9 @@ from fastapi.responses import Response
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from lorafleet.adapters.registry import get_deployment, list_deployments
-from lorafleet.adapters.schemas import ModelList, ModelPublic, TenantSelf
 from lorafleet.errors import EngineUnavailable, InvalidRequest, LorafleetError, RateLimited
 from lorafleet.serve.answer_format import answer_checker
-from lorafleet.serve.api.dependencies import ActingAs, CurrentTenant, Gateway, SessionDep
+from lorafleet.serve.api.dependencies import Gateway
 from lorafleet.serve.api.forward import Route, Usage, forward_chat
 from lorafleet.serve.drift.monitor import SampleTicket
 from lorafleet.serve.feedback.confidence import summarize
@@ -389,31 +387,3 @@ def _add_headers(exc: BaseException, headers: dict[str, str]) -> None:
 
 
 router.add_route(f"{router.prefix}/chat/completions", chat_completions, methods=["POST"])
-
-
-def _model(name: str, created: float, owner: str) -> ModelPublic:
-    return ModelPublic(id=name, created=int(created), owned_by=owner)
-
-
-@router.get("/models")
-def get_models(session: SessionDep, tenant: CurrentTenant) -> ModelList:
-    """The tenant's deployments, in OpenAI's shape (never the engine's list of every adapter)."""
-    return ModelList(
-        data=[
-            _model(d.name, d.updated_at.timestamp(), tenant.name)
-            for d in list_deployments(session, tenant)
-        ]
-    )
-
-
-@router.get("/tenant")
-def get_tenant(tenant: CurrentTenant, actor: ActingAs) -> TenantSelf:
-    """Whose key this is: the tenant's name (the console's sign-in asks this), and who acts for
-    it."""
-    return TenantSelf(name=tenant.name, acting_as=actor)
-
-
-@router.get("/models/{model}")
-def get_model(model: str, session: SessionDep, tenant: CurrentTenant) -> ModelPublic:
-    deployment = get_deployment(session, tenant, model)
-    return _model(deployment.name, deployment.updated_at.timestamp(), tenant.name)

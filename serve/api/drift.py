@@ -7,9 +7,10 @@ Scoped like every tenant route: another tenant's deployment is 404.
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -22,13 +23,6 @@ from lorafleet.adapters.catalog import (
     ValidationRun,
 )
 from lorafleet.adapters.registry import get_deployment, list_deployments
-from lorafleet.adapters.schemas import (
-    DriftCheckPublic,
-    DriftHistory,
-    DriftSampling,
-    DriftStatus,
-    ValidationRunPublic,
-)
 from lorafleet.serve.api.dependencies import (
     CurrentTenant,
     GatewayDep,
@@ -36,6 +30,7 @@ from lorafleet.serve.api.dependencies import (
     release_connection,
 )
 from lorafleet.serve.drift.monitor import live_versions
+from lorafleet.serve.drift.schemas import FeedbackTimeline
 from lorafleet.serve.drift.timeline import (
     DEFAULT_BUCKET_S,
     DEFAULT_BUCKETS,
@@ -47,7 +42,68 @@ from lorafleet.serve.drift.timeline import (
 )
 from lorafleet.serve.validation import require_validation_set
 
-__all__ = ["router"]
+__all__ = [
+    "router",
+    "ValidationRunPublic",
+    "DriftCheckPublic",
+    "DriftStatus",
+    "DriftHistory",
+    "DriftSampling",
+]
+
+
+class ValidationRunPublic(BaseModel):
+    """One validation replay of a live version (the outputs themselves stay in the catalog)."""
+
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    variant: str
+    version: str = ""  # NAME@N
+    kind: str
+    at: float  # when the replay ended
+    started_at: float | None = None  # when it began (None: recorded before this release)
+    engine: str
+    score: float
+    exact_match_rate: float
+    changed: bool
+    numbers: dict[str, Any]
+    message: str
+
+
+class DriftCheckPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    variant: str
+    kind: str
+    at: float
+    look: int
+    p: float
+    q: float
+    drifted: bool
+    numbers: dict[str, Any]
+    message: str
+
+
+class DriftStatus(BaseModel):
+    deployment: str
+    sample_inputs: bool
+    samples: int
+    validation_set: str | None
+    runs: list[ValidationRunPublic]  # the latest per live variant
+    input: DriftCheckPublic | None
+    output: list[DriftCheckPublic]  # the latest per variant
+    confidence: list[DriftCheckPublic] = Field(default_factory=list)  # the latest per variant
+    feedback: list[FeedbackTimeline] = Field(default_factory=list)  # per live version
+
+
+class DriftHistory(BaseModel):
+    deployment: str
+    runs: list[ValidationRunPublic]
+    checks: list[DriftCheckPublic]  # input, output and confidence looks
+
+
+class DriftSampling(BaseModel):
+    sample_inputs: bool
+
 
 router = APIRouter(prefix="/v1")
 

@@ -13,7 +13,6 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from lorafleet.adapters.schemas import FeedbackCreate, FeedbackPublic, RequestPage
 from lorafleet.errors import NotFound
 from lorafleet.serve.api.dependencies import CurrentTenant, GatewayDep, SessionDep
 from lorafleet.serve.feedback.records import (
@@ -24,6 +23,7 @@ from lorafleet.serve.feedback.records import (
     record_feedback,
     request_page,
 )
+from lorafleet.serve.feedback.schemas import FeedbackCreate, FeedbackPublic, RequestPage
 
 __all__ = ["router", "Since", "Until", "Limit", "time_range"]
 

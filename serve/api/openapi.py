@@ -29,7 +29,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from lorafleet.adapters.schemas import NAME_PATTERN
+from lorafleet.adapters.names import NAME_PATTERN
 from lorafleet.scoring import METRICS
 from lorafleet.serve.api.openapi_chat import CHAT_PATH, chat_operation, chat_schemas
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, File, Form, Query, UploadFile
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session, object_session
 from sqlalchemy.orm.exc import StaleDataError
@@ -24,19 +24,14 @@ from starlette.concurrency import run_in_threadpool
 
 from lorafleet.adapters.catalog import Deployment, Rollout, Tenant
 from lorafleet.adapters.registry import get_deployment, resolve_version
-from lorafleet.adapters.schemas import (
-    DecisionPublic,
-    DeploymentPublic,
-    RolloutPublic,
-    RolloutSeries,
-    ValidationSetPublic,
-    VariantConfidence,
-    VariantFeedback,
-    VariantPublic,
-)
 from lorafleet.errors import NotFound
 from lorafleet.serve.answer_format import check_format_spec
-from lorafleet.serve.api.adapters import deployment_public, prepare_engine
+from lorafleet.serve.api.adapters import (
+    DeploymentPublic,
+    ValidationSetPublic,
+    deployment_public,
+    prepare_engine,
+)
 from lorafleet.serve.api.dependencies import (
     ActingAs,
     CurrentTenant,
@@ -46,6 +41,7 @@ from lorafleet.serve.api.dependencies import (
     release_connection,
 )
 from lorafleet.serve.rollouts import state as rollouts
+from lorafleet.serve.rollouts.schemas import RolloutSeries
 from lorafleet.serve.rollouts.series import MAX_BUCKET_S, MIN_BUCKET_S, rollout_series
 from lorafleet.serve.rollouts.state import AbStart, RolloutStart, VariantSignals, active_rollout
 from lorafleet.serve.rollouts.statistics import (
@@ -70,7 +66,85 @@ from lorafleet.serve.validation import (
     require_validation_set,
 )
 
-__all__ = ["router", "rollout_public"]
+__all__ = [
+    "router",
+    "rollout_public",
+    "VariantPublic",
+    "DecisionPublic",
+    "VariantFeedback",
+    "VariantConfidence",
+    "RolloutPublic",
+]
+
+
+class VariantPublic(BaseModel):
+    label: str
+    ref: str
+    digest: str
+    weight: float
+
+
+class DecisionPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    at: float
+    action: str
+    reason: str
+    message: str
+    step_index: int
+    actor: str
+    numbers: list[dict[str, Any]]
+
+
+class VariantFeedback(BaseModel):
+    """Users' feedback on one variant's answers: mean on [0, 1] with its 95 % interval, and the
+    difference from the reference variant (stable, or an A/B test's first) with its 95 %
+    interval."""
+
+    variant: str
+    requests: int  # answered requests of the variant (the feedback rate's denominator)
+    count: int
+    rate: float | None  # feedback per request
+    mean: float | None
+    interval: list[float] | None = None
+    difference: float | None = None  # this variant - the reference
+    difference_interval: list[float] | None = None
+
+
+class VariantConfidence(BaseModel):
+    """The answers' mean token log-probability of one variant, and its difference from the
+    reference variant."""
+
+    variant: str
+    count: int
+    mean: float | None
+    interval: list[float] | None = None
+    difference: float | None = None
+    difference_interval: list[float] | None = None
+
+
+class RolloutPublic(BaseModel):
+    id: int
+    deployment: str
+    kind: str
+    phase: str
+    reason: str
+    message: str
+    variants: list[VariantPublic]
+    steps: list[float]
+    step_index: int
+    params: dict[str, Any]
+    gate: dict[str, Any] | None
+    looks: int
+    created_by: str
+    created_at: float
+    finished_at: float | None
+    lease_owner: str | None
+    decisions: list[DecisionPublic]
+    # per variant, the whole rollout so far
+    feedback: list[VariantFeedback] = Field(default_factory=list)
+    # informational: never decides
+    confidence: list[VariantConfidence] = Field(default_factory=list)
+
 
 router = APIRouter(prefix="/v1")
 

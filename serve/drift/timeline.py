@@ -18,8 +18,8 @@ from sqlalchemy import Float, cast, func, null, select
 from sqlalchemy.orm import Session
 
 from lorafleet.adapters.catalog import Deployment, Feedback, RequestRecord, sql_floor
-from lorafleet.adapters.schemas import FeedbackPeriod, FeedbackTimeline
 from lorafleet.serve.drift.monitor import live_versions
+from lorafleet.serve.drift.schemas import FeedbackPeriod, FeedbackTimeline
 
 __all__ = [
     "DEFAULT_BUCKET_S",

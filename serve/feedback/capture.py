@@ -28,18 +28,18 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from lorafleet.adapters.catalog import Capture, Deployment
 from lorafleet.adapters.garbage import delete_captures
-from lorafleet.adapters.schemas import (
+from lorafleet.adapters.store import BlobStorage
+from lorafleet.chat_jsonl import content_parts
+from lorafleet.errors import InvalidRequest
+from lorafleet.serve.api.forward import Route
+from lorafleet.serve.feedback.records import TimeRange
+from lorafleet.serve.feedback.schemas import (
     CapturePage,
     CapturePolicy,
     CapturePublic,
     CapturesDeleted,
     CaptureStatus,
 )
-from lorafleet.adapters.store import BlobStorage
-from lorafleet.chat_jsonl import content_parts
-from lorafleet.errors import InvalidRequest
-from lorafleet.serve.api.forward import Route
-from lorafleet.serve.feedback.records import TimeRange
 from lorafleet.serve.metrics import Metrics
 from lorafleet.serve.route_cache import ROUTE_NEUTRAL
 

@@ -18,8 +18,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from lorafleet.adapters.catalog import Feedback, RequestRecord, Tenant
-from lorafleet.adapters.schemas import FeedbackCreate, FeedbackPublic, RequestPage, RequestPublic
 from lorafleet.errors import InvalidRequest
+from lorafleet.serve.feedback.schemas import (
+    FeedbackCreate,
+    FeedbackPublic,
+    RequestPage,
+    RequestPublic,
+)
 from lorafleet.serve.route_cache import ROUTE_NEUTRAL
 
 __all__ = [

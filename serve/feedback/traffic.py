@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from lorafleet.adapters.catalog import Deployment, RequestRecord
-from lorafleet.adapters.schemas import DeploymentTraffic, LatencySummary, VariantTraffic
+from lorafleet.serve.feedback.schemas import DeploymentTraffic, LatencySummary, VariantTraffic
 
 __all__ = [
     "MIN_WINDOW_S",

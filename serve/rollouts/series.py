@@ -15,8 +15,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from lorafleet.adapters.catalog import Feedback, Rollout, RolloutSample, sql_floor
-from lorafleet.adapters.schemas import RolloutSeries, SeriesBucket, VariantSeries
 from lorafleet.errors import InvalidRequest
+from lorafleet.serve.rollouts.schemas import RolloutSeries, SeriesBucket, VariantSeries
 
 __all__ = [
     "MIN_BUCKET_S",

@@ -10,7 +10,6 @@ import pytest
 from pydantic import ValidationError
 
 from lorafleet.adapters.catalog import Feedback, RequestRecord, Tenant, open_catalog
-from lorafleet.adapters.schemas import FeedbackCreate
 from lorafleet.errors import InvalidRequest
 from lorafleet.serve.feedback.confidence import summarize, token_logprobs
 from lorafleet.serve.feedback.records import (
@@ -21,6 +20,7 @@ from lorafleet.serve.feedback.records import (
     request_page,
 )
 from lorafleet.serve.feedback.request_log import RequestLog, new_request_id
+from lorafleet.serve.feedback.schemas import FeedbackCreate
 from lorafleet.serve.metrics import Metrics
 
 

@@ -9,7 +9,7 @@ import schemathesis
 from fastapi import APIRouter, FastAPI
 
 from lorafleet.scoring import METRICS
-from lorafleet.serve.api import adapters, admin, chat, drift, rollouts
+from lorafleet.serve.api import adapters, admin, chat, drift, models, rollouts
 from lorafleet.serve.api.dependencies import CurrentTenant
 from lorafleet.serve.api.openapi import EXAMPLE_DEPLOYMENT, EXAMPLE_REFS, gateway_openapi
 
@@ -21,6 +21,7 @@ def _app(*extra: APIRouter) -> FastAPI:
     app = FastAPI(title="lorafleet")
     for router in (
         chat.router,
+        models.router,
         adapters.router,
         rollouts.router,
         drift.router,

@@ -6,14 +6,9 @@ from __future__ import annotations
 import html
 import re
 
-from lorafleet.adapters.schemas import (
-    DriftCheckPublic,
-    DriftHistory,
-    DriftStatus,
-    FeedbackPeriod,
-    FeedbackTimeline,
-)
+from lorafleet.serve.api.drift import DriftCheckPublic, DriftHistory, DriftStatus
 from lorafleet.serve.drift.report import render_report
+from lorafleet.serve.drift.schemas import FeedbackPeriod, FeedbackTimeline
 
 T0 = 1_700_000_000.0
 

@@ -25,11 +25,11 @@ from lorafleet.adapters.catalog import (
     Tenant,
     open_catalog,
 )
-from lorafleet.adapters.schemas import FeedbackCreate
 from lorafleet.adapters.store import BlobStore, LocalStore
 from lorafleet.serve.api.rollouts import _ab_status, rollout_public, router
 from lorafleet.serve.engine.client import EngineClient
 from lorafleet.serve.feedback.records import record_feedback
+from lorafleet.serve.feedback.schemas import FeedbackCreate
 from lorafleet.serve.metrics import Metrics
 from lorafleet.serve.rollouts.reconciler import RolloutController
 from lorafleet.serve.rollouts.state import Phase
