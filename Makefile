@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH := "torch==2.13.0,!=2.13.0+cpu" torchvision==0.28.0
 
-.PHONY: setup services demo unit test lint bench-quick clean
+.PHONY: setup services demo unit test lint docs docs-ref bench-quick clean
 
 setup: $(VENV)/.installed
 
@@ -31,10 +31,21 @@ unit: setup services
 # editable-install import hook, which maps the top-level folders into the lorafleet namespace).
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	rm -rf build/typecheck && mkdir -p build/typecheck/lorafleet
 	for f in lorafleet/*.py; do ln -s ../../../$$f build/typecheck/lorafleet/; done
 	for d in adapters serve train; do ln -s ../../../$$d build/typecheck/lorafleet/$$d; done
 	$(BIN)/mypy
+
+# The documentation site (mkdocs.yml), built strictly into build/site: a broken link or a page missing from
+# the navigation fails it, and so does a generated reference page that the code has changed since.
+docs: setup
+	$(BIN)/python docs/generate.py --check
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+# The reference pages generated from the code (configuration, HTTP API, CLI, metrics, alert rules).
+docs-ref: setup
+	$(BIN)/python docs/generate.py
 
 # What the tests run beside the engine, from the OS: Redis and PostgreSQL (deploy/local/services.sh says why).
 services:

@@ -242,7 +242,8 @@ def backup_sqlite(engine: Engine, out: Path) -> Path:
         )
         raise InvalidRequest(
             f"the catalog {_shown(engine)} is not a SQLite file: back a PostgreSQL catalog up with "
-            f"pg_dump, e.g. `pg_dump --format=custom --file {out} {where}` (README: Operations)"
+            f"pg_dump, e.g. `pg_dump --format=custom --file {out} {where}` "
+            "(docs: Upgrades and backups)"
         )
     if not database.exists():
         raise NotFound(f"there is no catalog at {database}")

@@ -239,7 +239,8 @@ def score(generated: list[dict], references: list[dict]) -> list[Answer]:
     check = answer_checker(JSON_FORMAT)
     answers = []
     for item, reference in zip(generated, references):
-        mean, _ = summarize(item["logprobs"])
+        confidence = summarize(item["logprobs"])
+        mean = confidence.mean if confidence else None
         try:
             correct = json.loads(item["text"]) == reference
         except ValueError:

@@ -19,7 +19,7 @@ batch) * (1 + per_adapter * distinct_adapters_in_batch) + loads * load_s`. A req
 output tokens. The gateway routes each arrival with the policy, given every replica's current
 running / waiting / resident adapters. Statistics skip the first quarter of the run (warm-up).
 
-Calibration, `--profile cpu-measured` (README "Measured", tiny Qwen2.5-VL on this 2-core CPU box):
+Calibration, `--profile cpu-measured` (docs/benchmarks.md, tiny Qwen2.5-VL on this 2-core CPU box):
 - base_s 3.9 ms, per_seq_s 0.40 ms: "Gateway vs vLLM alone", vLLM alone, 16 output tokens: 1 client
   p50 72 ms (4.5 ms a step) and 64 clients p50 472 ms (29.5 ms a step); a line through both (16
   clients' 199 ms predicts 10.3 ms a step, measured 12.4). "Fair share": a step of 64 costs about

@@ -29,10 +29,10 @@ def _logprobs(tokens: int, asked: bool) -> dict | None:
     return {"content": [_TOKEN] * tokens} if asked else None
 
 
-def _chat(model: str, tokens: int, logprobs: bool) -> bytes:
+def _chat(model: str, tokens: int, logprobs: bool, request_id: str) -> bytes:
     return json.dumps(
         {
-            "id": "chatcmpl-stub",
+            "id": request_id,
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
@@ -53,10 +53,10 @@ def _chat(model: str, tokens: int, logprobs: bool) -> bytes:
     ).encode()
 
 
-def _stream(model: str, tokens: int, logprobs: bool) -> bytes:
+def _stream(model: str, tokens: int, logprobs: bool, request_id: str) -> bytes:
     chunks = [
         {
-            "id": "chatcmpl-stub",
+            "id": request_id,
             "object": "chat.completion.chunk",
             "model": model,
             "choices": [
@@ -72,7 +72,7 @@ def _stream(model: str, tokens: int, logprobs: bool) -> bytes:
     ]
     chunks.append(
         {
-            "id": "chatcmpl-stub",
+            "id": request_id,
             "object": "chat.completion.chunk",
             "model": model,
             "choices": [],
@@ -114,15 +114,26 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tok
                 0,
             )
             body = await reader.readexactly(length) if length else b""
+            # as vLLM: the caller's X-Request-Id is the answer's id
+            request_id = "chatcmpl-" + next(
+                (
+                    h.split(":", 1)[1].strip()
+                    for h in header_lines
+                    if h.lower().startswith("x-request-id:")
+                ),
+                "stub",
+            )
             if path == "/v1/chat/completions":
                 request = json.loads(body)
                 logprobs = bool(request.get("logprobs"))
                 if request.get("stream"):
                     out = _response(
-                        200, _stream(request["model"], tokens, logprobs), b"text/event-stream"
+                        200,
+                        _stream(request["model"], tokens, logprobs, request_id),
+                        b"text/event-stream",
                     )
                 else:
-                    out = _response(200, _chat(request["model"], tokens, logprobs))
+                    out = _response(200, _chat(request["model"], tokens, logprobs, request_id))
             elif path == "/version":
                 out = _response(200, b'{"version": "stub"}')
             else:  # /health, adapter loads and unloads

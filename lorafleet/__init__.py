@@ -1,15 +1,17 @@
 """lorafleet: one quantized base VLM on vLLM, many tenants, hot-swapped LoRA adapters.
 
-The distribution installs the repository's top-level folders under this one namespace:
+The distribution installs the repository's top-level folders under this one namespace
+(`lorafleet.X.Y` lives at `X/Y.py`):
 
-    lorafleet.chat_jsonl, lorafleet.scoring   what the gateway and the trainer share:
-                                        chat JSONL, task metrics
-    lorafleet.adapters                  the registry: upload validation,
-                                        content-addressed store, catalog
-    lorafleet.serve                     the gateway: HTTP API, engine, rollouts, drift, CLI
-                                        (folder serve/)
-    lorafleet.train                     everything offline: trainer, evaluation, quantize,
-                                        tiny model (train/)
+- `adapters/`    the registry: upload validation, content-addressed stores, the catalog (folder
+                 adapters/)
+- `serve/`       the gateway: HTTP API, engine, fleet, rollouts, drift, feedback, console, CLI
+- `train/`       everything offline: trainer, evaluation, quantize, the tiny model
+- `errors`       lorafleet's error tree, every error it raises on purpose
+- `chat_jsonl`   the chat JSONL format the gateway and the trainer share (OpenAI chat messages)
+- `scoring`      task metrics, the same for training, validation gates and drift replays
+
+Layers: `adapters` and `train` never import `serve`; the gateway never imports `train`.
 """
 
 import logging

@@ -1,18 +1,28 @@
 """The gateway and everything at request time or on a timer.
 
-- `api/`         the HTTP API (FastAPI app, dependencies, error mapping, one module of routes per
-                 resource)
-- `engine/`      the vLLM engine: supervisor, command line and placement, sizing, hardware and
-                 quantization, client
-- `rollouts/`    canary rollouts and A/B tests: routing, state machine, statistics, gate, controller
-- `fleet/`       placement of requests on engine replicas (adapter affinity with bounded loads)
-- `drift/`       drift statistics, the monitor, the HTML report
-- `cli/`         the `lorafleet` command, one module per command group
-- `dev/`         the demo and a local test server (development only)
-- `gateway`      `build_gateway`: every long-lived part, wired once; `settings` the one settings
-                 object; `metrics` Prometheus; `route_cache` the chat path's catalog snapshots;
-                 `validation` validation sets and the one replay-and-score path; `answer_format`
-                 declared answer formats; `images` a chat request's images, found, limited and
-                 inlined; `housekeeping` the periodic garbage collector; `client` the HTTP client of
-                 this API (CLI, demo, tests)
+- `api/`                the HTTP API: the app, the guard, the chat path, routes and schemas per
+                        resource
+- `engine/`             the vLLM engine: supervisor, command line, sizing, hardware and
+                        quantization, the gateway's client of it
+- `fleet/`              engine replicas and placement of requests on them (adapter affinity with
+                        bounded loads)
+- `rollouts/`           canary rollouts and A/B tests: routing, phases, state machine,
+                        statistics, gate, controller
+- `drift/`              drift statistics, the monitor, the feedback timeline, the HTML report
+- `feedback/`           the feedback loop: request log, feedback, confidence, capture, export
+- `console/`            the web console (server-rendered pages over the gateway's own API)
+- `cli/`                the `lorafleet` command, one module per command group
+- `dev/`                the demo and a local test server (development only)
+- `gateway`             `build_gateway`: every long-lived part, wired once
+- `settings`            the one settings object (`LORAFLEET_*`)
+- `types`               the values the API and the domain packages share (`Route`, `Answer`)
+- `route_cache`         the chat path's snapshots of keys and deployments
+- `limits`              per-tenant rate, token and concurrency limits and their counters
+- `admission`           the fair queue: engine slots shared max-min fairly between tenants
+- `images`              a chat request's images: found, limited, fetched safely, inlined
+- `validation`          validation sets and the one replay-and-score path
+- `answer_format`       declared answer formats, checked with a time bound
+- `metrics`             the Prometheus metrics, with bounded labels
+- `garbage_collector`   the periodic garbage collection, once per fleet under a lease
+- `gateway_client`      the HTTP client of this API (the CLI, the demo, tests)
 """

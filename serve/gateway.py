@@ -52,13 +52,13 @@ class Gateway:
     controller: RolloutController
     drift: DriftMonitor
     gc: GarbageCollector
-    routes: RouteCache
+    route_cache: RouteCache  # the chat path's snapshots of keys and deployments
     limiter: TenantLimiter
     fair_queue: FairQueue
     remote_images: RemoteImages | None  # None: http(s) images are refused
     tmp_dir: Path
-    requests: RequestLog  # the request log's rows on their way to the catalog
-    capture: Capturer  # captured requests for retraining (deployments that opted in)
+    request_log: RequestLog  # the request log's rows on their way to the catalog
+    capturer: Capturer  # captured requests for retraining (deployments that opted in)
     capture_store: BlobStorage  # their images, content-addressed
 
 
@@ -157,13 +157,13 @@ def build_gateway(settings: Settings) -> Gateway:
         gc=GarbageCollector(
             sessions, store, validation_store, [tmp_dir], settings, owner, metrics, capture_store
         ),
-        routes=RouteCache(sessions, settings.catalog_cache_s, Limits.defaults(settings)),
+        route_cache=RouteCache(sessions, settings.catalog_cache_s, Limits.defaults(settings)),
         limiter=TenantLimiter(settings.limits_url),
         fair_queue=fair_queue,
         remote_images=RemoteImages.from_settings(settings),
         tmp_dir=tmp_dir,
-        requests=RequestLog(sessions, metrics, settings.request_log_flush_s),
-        capture=Capturer(sessions, capture_store, metrics, settings.capture_max_request_bytes),
+        request_log=RequestLog(sessions, metrics, settings.request_log_flush_s),
+        capturer=Capturer(sessions, capture_store, metrics, settings.capture_max_request_bytes),
         capture_store=capture_store,
     )
 

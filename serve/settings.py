@@ -17,158 +17,377 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LORAFLEET_", extra="ignore")
 
-    home: Path = Path("~/.lorafleet")
-    database_url: str = ""  # default: sqlite:///<home>/catalog.db
-    # `serve` upgrades a catalog that is behind (SQLite: after a backup copy)
-    catalog_auto_upgrade: bool = False
-    store_url: str = ""  # default: file://<home>/adapters
-    # an S3 store's local copies for the engine; default: <home>/cache/adapters
-    store_cache_dir: Path | None = None
-    store_cache_bytes: int = 20 * 1024**3  # their bound (least recently used go first)
-    admin_key: SecretStr | None = None
-    development: bool = False  # allows serving without an admin key
-    # seals the web console's session cookies: gateways behind one address must share it; default:
-    # derived from the admin key (rotating that signs everyone out); with neither, a random one per
-    # process
-    console_secret: SecretStr | None = None
-    # a console sign-in lasts this long
-    console_session_hours: float = Field(default=8.0, gt=0, le=24 * 30)
+    # state and backends
+    home: Path = Field(
+        default=Path("~/.lorafleet"),
+        description="The state folder: catalog, adapter store, logs, scratch. It is made readable "
+        "by its owner only (mode 700) at every start.",
+    )
+    database_url: str = Field(
+        default="",
+        description="SQLAlchemy URL of the catalog; empty: `sqlite:///<home>/catalog.db`. "
+        "`postgresql+psycopg://USER:PASSWORD@HOST:5432/DB` (or `postgresql://`, which means "
+        "psycopg 3) for a catalog that several gateways share.",
+    )
+    catalog_auto_upgrade: bool = Field(
+        default=False,
+        description="`serve` upgrades a catalog that is behind this release (as `serve --upgrade` "
+        "does; SQLite after a backup copy); else it refuses to start on one, naming "
+        "`lorafleet db upgrade`.",
+    )
+    store_url: str = Field(
+        default="",
+        description="The content-addressed adapter and validation-set store; empty: "
+        "`file://<home>/adapters`. `s3://bucket/prefix` for any S3-compatible service (endpoint "
+        "and keys from `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ... or `~/.aws/config`).",
+    )
+    store_cache_dir: Path | None = Field(
+        default=None,
+        description="With an S3 store: the engine host's verified local copies of adapters; "
+        "unset: `<home>/cache/adapters`.",
+    )
+    store_cache_bytes: int = Field(
+        default=20 * 1024**3,
+        description="The bound of those local copies: the least recently used are evicted past "
+        "it (never one that is loading).",
+    )
+    admin_key: SecretStr | None = Field(
+        default=None,
+        description="Bearer key of the admin API; it also reads `/metrics`. `serve` refuses to "
+        "start without it unless `LORAFLEET_DEVELOPMENT=1`.",
+    )
+    development: bool = Field(
+        default=False, description="Allows serving without an admin key (development only)."
+    )
+    console_secret: SecretStr | None = Field(
+        default=None,
+        description="What seals the web console's session cookies: gateways behind one address "
+        "must share it. Unset: derived from the admin key (rotating that signs everyone out); "
+        "with neither, a random one per process.",
+    )
+    console_session_hours: float = Field(
+        default=8.0, gt=0, le=24 * 30, description="How long a console sign-in lasts (hours)."
+    )
 
     # gateway
-    host: str = "127.0.0.1"
-    port: int = 8000
-    # http(s) image URLs are accepted only if True (the gateway fetches them)
-    allow_remote_images: bool = False
-    # where remote images may come from: exact host names, "*.example.com" (its subdomains), "*"
-    # (any host); whatever the list, a fetch only ever goes to public addresses (never loopback,
-    # private, link-local...)
-    remote_image_hosts: list[str] = Field(default_factory=lambda: ["*"])
-    remote_image_timeout_s: float = 10.0  # one remote image's whole fetch, redirects included
-    max_upload_bytes: int = 512 * 1024 * 1024
-    retry_after_s: int = 5
-    # uvicorn's line per request: a tenth of the gateway's CPU per request (metrics count all)
-    access_log: bool = False
-    # the chat path's key/deployment snapshots: another gateway's changes show after this
-    catalog_cache_s: float = 1.0
-    # any other request body (chat: JSON with data-URL images)
-    max_request_bytes: int = 64 * 1024 * 1024
-    # also serve /metrics, keyless, on metrics_host:metrics_port (the API port's needs a token)
-    metrics_port: int = 0
-    metrics_host: str = "127.0.0.1"
-    # a read-only bearer token for /metrics on the API port (for Prometheus)
-    metrics_token: SecretStr | None = None
+    host: str = Field(default="127.0.0.1", description="The gateway's address (or `--host`).")
+    port: int = Field(default=8000, description="The gateway's port (or `--port`).")
+    allow_remote_images: bool = Field(
+        default=False,
+        description="Accept http(s) image URLs: the gateway fetches them itself, from public "
+        "addresses only, and inlines them. Data URLs always work; other schemes never.",
+    )
+    remote_image_hosts: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="Hosts remote images may come from: exact host names, `*.example.com` (its "
+        "subdomains), `*` (any host). Whatever the list, a fetch only ever goes to public "
+        "addresses (never loopback, private, link-local...).",
+    )
+    remote_image_timeout_s: float = Field(
+        default=10.0, description="One remote image's whole fetch, redirects included (seconds)."
+    )
+    max_upload_bytes: int = Field(
+        default=512 * 1024 * 1024,
+        description="An adapter upload's limit (archive and unpacked size).",
+    )
+    retry_after_s: int = Field(default=5, description="`Retry-After` on a 503 (seconds).")
+    access_log: bool = Field(
+        default=False,
+        description="uvicorn's access line per request. It costs a tenth of the gateway's CPU "
+        "per request; the request metrics count every request without it.",
+    )
+    catalog_cache_s: float = Field(
+        default=1.0,
+        description="The chat path's snapshot of a key's tenant and a deployment's route: changes "
+        "made through another gateway show after this (this gateway's own, at once).",
+    )
+    max_request_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        description="Any other request body (chat: JSON with data-URL images); chunked bodies "
+        "are counted as they arrive.",
+    )
+    metrics_port: int = Field(
+        default=0,
+        description="Also serve `/metrics`, without a key, on a listener of its own at "
+        "`metrics_host:metrics_port`; 0: none (the API port's `/metrics` needs a token).",
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="That listener's address.")
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="A read-only bearer token for `/metrics` on the API port (for Prometheus's "
+        "`authorization` setting; the admin key reads it too).",
+    )
 
     # per-tenant limits: these defaults, changed per tenant by `PUT /admin/tenants/{name}/limits`;
     # 0: unlimited
-    tenant_rpm: int = 6000  # chat requests per minute
-    tenant_tpm: int = 2_000_000  # prompt + completion tokens per minute
-    tenant_concurrency: int = 64  # chat requests in flight
-    max_images_per_request: int = 8
-    max_image_bytes: int = 10 * 1024 * 1024  # one image, decoded
-    # one image, width x height (Qwen2.5-VL resizes above ~12.8 M anyway)
-    max_image_pixels: int = 16_000_000
-    tenant_max_adapters: int = 200  # adapter versions stored
-    tenant_max_adapter_bytes: int = 20 * 1024**3  # their total size
-    # where rate counters live: memory:// (this process) | redis://host:6379/0 (shared)
-    limits_url: str = "memory://"
-    # chat requests in the engine at once, shared fairly between tenants; 0: its batch size
-    engine_slots: int = 0
-    fair_queue_timeout_s: float = 60.0  # longest a request waits for an engine slot before a 503
+    tenant_rpm: int = Field(
+        default=6000, description="Default per-tenant chat requests per minute (0: unlimited)."
+    )
+    tenant_tpm: int = Field(
+        default=2_000_000,
+        description="Default per-tenant prompt + completion tokens per minute (0: unlimited).",
+    )
+    tenant_concurrency: int = Field(
+        default=64, description="Default per-tenant chat requests in flight (0: unlimited)."
+    )
+    max_images_per_request: int = Field(
+        default=8, description="Default per-tenant images in one request (0: unlimited)."
+    )
+    max_image_bytes: int = Field(
+        default=10 * 1024 * 1024,
+        description="Default per-tenant bytes of one image, decoded (0: unlimited).",
+    )
+    max_image_pixels: int = Field(
+        default=16_000_000,
+        description="Default per-tenant pixels of one image, width x height, read from its header "
+        "(Qwen2.5-VL resizes above about 12.8 M anyway; 0: unlimited).",
+    )
+    tenant_max_adapters: int = Field(
+        default=200, description="Default per-tenant adapter versions stored (0: unlimited)."
+    )
+    tenant_max_adapter_bytes: int = Field(
+        default=20 * 1024**3,
+        description="Default per-tenant bytes of the adapter versions stored (0: unlimited).",
+    )
+    limits_url: str = Field(
+        default="memory://",
+        description="Where rate and concurrency counters live: `memory://` (this process), or "
+        "`redis://host:6379/0` shared by every gateway.",
+    )
+    engine_slots: int = Field(
+        default=0,
+        description="Chat requests in the engine at once, shared fairly between tenants (the fair "
+        "queue's slots); 0: the engine's batch size.",
+    )
+    fair_queue_timeout_s: float = Field(
+        default=60.0,
+        description="The longest a request waits for an engine slot before a 503 (seconds).",
+    )
 
     # rollouts
-    # default: hostname + random suffix; names this process in leases and decisions
-    gateway_id: str = ""
-    rollout_tick_s: float = 5.0  # how often the controller reconciles active rollouts
-    # a gateway that stops renewing loses its rollouts to another after this
-    rollout_lease_s: float = 30.0
+    gateway_id: str = Field(
+        default="",
+        description="Names this gateway in leases and decisions; empty: the host name and a "
+        "random suffix.",
+    )
+    rollout_tick_s: float = Field(
+        default=5.0, description="How often the controller reconciles active rollouts (seconds)."
+    )
+    rollout_lease_s: float = Field(
+        default=30.0,
+        description="The lease a gateway holds on a rollout: a gateway that stops renewing loses "
+        "its rollouts to another after this (seconds).",
+    )
 
     # drift monitoring
-    # how often sampled requests are saved and input/output drift is tested
-    drift_look_s: float = 60.0
-    # live requests sampled per deployment per look period (a uniform reservoir)
-    drift_reservoir: int = 32
-    drift_window: int = 100  # sampled requests per drift look (a tumbling window)
-    drift_max_samples: int = 1000  # sampled requests kept per deployment; the oldest are deleted
-    # scheduled validation replay of every live version; 0 turns it off
-    drift_replay_s: float = 86400.0
-    drift_alpha: float = 0.05  # false-alarm budget per monitored version over all its looks
-    drift_permutations: int = 200  # MMD permutation test
+    drift_look_s: float = Field(
+        default=60.0,
+        description="How often sampled requests are saved and input/output drift is tested "
+        "(seconds).",
+    )
+    drift_reservoir: int = Field(
+        default=32,
+        description="Live requests sampled per deployment per look period (a uniform reservoir).",
+    )
+    drift_window: int = Field(
+        default=100, description="Sampled requests per drift look (a tumbling window)."
+    )
+    drift_max_samples: int = Field(
+        default=1000,
+        description="Sampled requests kept per deployment; the oldest are deleted.",
+    )
+    drift_replay_s: float = Field(
+        default=86400.0,
+        description="Scheduled validation replay of every live version (seconds); 0 turns it off "
+        "(baselines then come from `lorafleet drift check`).",
+    )
+    drift_alpha: float = Field(
+        default=0.05,
+        description="The false-alarm budget per monitored version over all its looks.",
+    )
+    drift_permutations: int = Field(default=200, description="The MMD permutation test's rounds.")
 
-    # the feedback loop (README "Feedback and retraining")
-    # ask the engine for the answers' token log-probabilities (hidden unless asked)
-    record_confidence: bool = True
-    # how often the request log is written to the catalog
-    request_log_flush_s: float = Field(default=1.0, gt=0)
-    # a larger request is never captured (its images included)
-    capture_max_request_bytes: int = 16 * 1024 * 1024
+    # the feedback loop
+    record_confidence: bool = Field(
+        default=True,
+        description="Ask the engine for every answer's token log-probabilities (hidden from "
+        "clients that did not ask) and record its confidence.",
+    )
+    request_log_flush_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often the request log's buffered rows are written to the catalog "
+        "(seconds).",
+    )
+    capture_max_request_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        description="A larger request (its images included) is never captured.",
+    )
 
-    # housekeeping (`lorafleet gc`, and periodically): retention in days, 0 keeps forever (so an
-    # upgrade deletes nothing on its own) samples of rollouts finished longer ago (never an active
-    # one's)
-    retention_rollout_samples_days: float = 0.0
-    # decisions of rollouts finished longer ago, and older `undo`-like ones
-    retention_decisions_days: float = 0.0
-    # older drift looks (each series keeps its newest, for its look count)
-    retention_drift_checks_days: float = 0.0
-    retention_validation_runs_days: float = 0.0  # older replays of kind "check" (never a baseline)
-    # the request log (a new table: no earlier data is affected)
-    retention_requests_days: float = 30.0
-    # users' feedback (what retraining learns from); captures: per deployment
-    retention_feedback_days: float = 0.0
-    # how often the fleet collects garbage (one gateway per period); 0: never
-    gc_interval_s: float = 3600.0
-    # orphan blobs, temporary and scratch entries go once this old (uploads in flight)
-    gc_temp_age_s: float = 86400.0
+    # garbage collection (`lorafleet gc`, and periodically): retention in days, 0 keeps forever (so
+    # an upgrade deletes nothing on its own)
+    retention_rollout_samples_days: float = Field(
+        default=0.0,
+        description="Samples of rollouts finished longer ago (never an active one's) are deleted "
+        "(days; 0: kept forever).",
+    )
+    retention_decisions_days: float = Field(
+        default=0.0,
+        description="Decisions of rollouts finished longer ago, and older `undo`-like ones, are "
+        "deleted (days; 0: kept forever).",
+    )
+    retention_drift_checks_days: float = Field(
+        default=0.0,
+        description="Older drift looks are deleted; each series keeps its newest, for its look "
+        "count (days; 0: kept forever).",
+    )
+    retention_validation_runs_days: float = Field(
+        default=0.0,
+        description="Older replays of kind `check` are deleted, never a baseline (days; 0: kept "
+        "forever).",
+    )
+    retention_requests_days: float = Field(
+        default=30.0, description="Older request-log rows are deleted (days; 0: kept forever)."
+    )
+    retention_feedback_days: float = Field(
+        default=0.0,
+        description="Older users' feedback (what retraining learns from) is deleted (days; 0: "
+        "kept forever). Captures follow each deployment's own `retention_days`.",
+    )
+    gc_interval_s: float = Field(
+        default=3600.0,
+        description="How often the fleet collects garbage (one gateway per period); 0: never.",
+    )
+    gc_temp_age_s: float = Field(
+        default=86400.0,
+        description="Orphan blobs, temporary and scratch entries go once this old, so that "
+        "uploads in flight keep theirs (seconds).",
+    )
 
     # engine (vLLM OpenAI server on a private loopback port)
-    base: str = ""  # hub id or local path of the base model
-    # auto (the checkpoint's own, else int4) | none | int4 | int8 (torchao, at load) | fp8 (GPU)
-    quantize: str = "auto"
-    quantize_group_size: int = 32  # int4: one scale per this many input weights
-    engine_port: int = 0  # 0: pick a free port
-    # an engine already running (vLLM's OpenAI server with LoRA): attach to it, start none
-    engine_url: str = ""
-    # its bearer token (VLLM_API_KEY); if set, the supervised engine's too
-    engine_api_key: SecretStr | None = None
-    # this vLLM process finds adapters by digest in the store (an engine node)
-    engine_resolver: bool = False
-    engine_python: str = ""  # default: the gateway's own interpreter
-    # the engine's CPU priority below the gateway's (its idle busy-polling; see command.py)
-    engine_nice: int = 10
+    base: str = Field(
+        default="",
+        description="The base model (or `--base`): a hub id or a local path, full precision or "
+        "quantized.",
+    )
+    quantize: str = Field(
+        default="auto",
+        description="`auto` (the checkpoint's own quantization, else int4) | `none` | `int4` | "
+        "`int8` (torchao, at load) | `fp8` (GPU); or `--quantize`.",
+    )
+    quantize_group_size: int = Field(
+        default=32, description="int4 at load: weights per scale (or `--group-size`)."
+    )
+    engine_port: int = Field(
+        default=0, description="The supervised engine's loopback port; 0: a free port."
+    )
+    engine_url: str = Field(
+        default="",
+        description="An engine already running (vLLM's OpenAI server started with "
+        "`--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`): attach to it, start none.",
+    )
+    engine_api_key: SecretStr | None = Field(
+        default=None,
+        description="That engine's bearer token (`VLLM_API_KEY`); if set, the supervised "
+        "engine's too. An engine node (`lorafleet engine`) refuses to start without it.",
+    )
+    engine_resolver: bool = Field(
+        default=False,
+        description="This vLLM process finds adapters by digest in the store (an engine node; "
+        "`lorafleet engine` sets it).",
+    )
+    engine_python: str = Field(
+        default="",
+        description="The interpreter that runs vLLM (e.g. a CUDA vLLM venv on a GPU box); empty: "
+        "the gateway's own.",
+    )
+    engine_nice: int = Field(
+        default=10,
+        description="The engine's CPU priority below the gateway's, for its idle busy-polling "
+        "(0: the same).",
+    )
     # 0 below: derived at start from this machine and the deployed adapters
-    # (lorafleet.serve.engine.sizing) highest adapter rank accepted and the engine's; 0: the largest
-    # deployed, rounded up
-    max_lora_rank: int = 0
+    # (lorafleet.serve.engine.sizing)
+    max_lora_rank: int = Field(
+        default=0,
+        description="The engine's `--max-lora-rank` and the highest adapter rank accepted; 0: "
+        "derived, the largest deployed rounded up (uploads are accepted up to rank 64 then).",
+    )
     # uploads accepted up to this rank while max_lora_rank is derived
     UPLOAD_RANK_LIMIT: ClassVar[int] = 64
-    # adapters in one batch; 0: as many as a batch can use, within a memory share
-    max_loras: int = 0
-    # adapters kept warm (vLLM's LRU); 0: every deployed adapter, with headroom
-    max_cpu_loras: int = 0
-    max_model_len: int = 2048
-    max_num_seqs: int = 0  # sequences in one batch; 0: per device, within the KV cache
-    dtype: str = "auto"
-    # CPU engine's KV cache; 0: max_num_seqs full sequences, within a RAM share
-    cpu_kvcache_gib: int = 0
-    cpu_memory_fraction: float = 0.2  # vLLM's --gpu-memory-utilization means RAM share on CPU
-    engine_start_timeout_s: float = 600.0
-    engine_extra_args: list[str] = Field(default_factory=list)
+    max_loras: int = Field(
+        default=0,
+        description="Adapters in one batch; 0: derived, as many as a batch can use, within a "
+        "memory share.",
+    )
+    max_cpu_loras: int = Field(
+        default=0,
+        description="Adapters kept warm (vLLM's LRU); 0: derived, every deployed adapter with "
+        "headroom.",
+    )
+    max_model_len: int = Field(default=2048, description="The engine's context length.")
+    max_num_seqs: int = Field(
+        default=0,
+        description="Sequences in one batch; 0: derived, per device, within the KV cache.",
+    )
+    dtype: str = Field(
+        default="auto",
+        description="The engine's dtype (on CPU vLLM downcasts float32 checkpoints to bfloat16 "
+        "under `auto`).",
+    )
+    cpu_kvcache_gib: int = Field(
+        default=0,
+        description="The CPU engine's KV cache (GiB); 0: derived, `max_num_seqs` full sequences "
+        "within a RAM share.",
+    )
+    cpu_memory_fraction: float = Field(
+        default=0.2,
+        description="The CPU engine's RAM share (vLLM's `--gpu-memory-utilization` means a RAM "
+        "share on CPU).",
+    )
+    engine_start_timeout_s: float = Field(
+        default=600.0,
+        description="A start fails when the engine does not answer within this (seconds).",
+    )
+    engine_extra_args: list[str] = Field(
+        default_factory=list, description="A JSON list of extra vLLM arguments."
+    )
 
-    # fleet: several engines behind the gateway (README "Running a fleet"); the default is one
-    # supervised engine engines this gateway starts and supervises (one per GPU)
-    replicas: int = Field(default=1, ge=1, le=64)
-    # engine nodes (`lorafleet engine`) to attach to instead: URLs, comma-separated; each host name
-    # is resolved again every fleet_discovery_s and every address it has is a replica (a headless
-    # Service names every pod)
-    engines: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    # | affinity | least_loaded | random (lorafleet.serve.fleet.placement)
-    placement_policy: str = "bounded_affinity"
-    # a replica takes requests below this x mean load
-    placement_load_factor: float = Field(default=1.25, ge=1.0)
-    # how often each replica's queue and adapters are read
-    fleet_scrape_s: float = Field(default=1.0, gt=0)
-    # how often the `engines` host names are resolved again
-    fleet_discovery_s: float = Field(default=10.0, gt=0)
+    # fleet: several engines behind the gateway; the default is one supervised engine
+    replicas: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Engines this gateway starts and supervises (or `--replicas`; one per GPU).",
+    )
+    engines: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Engine nodes (`lorafleet engine`) to route over instead (or `--engine`, "
+        "repeatable): comma-separated URLs. Each host name is resolved again every "
+        "`fleet_discovery_s` and every address it has is a replica (a headless Service names "
+        "every pod).",
+    )
+    placement_policy: str = Field(
+        default="bounded_affinity",
+        description="Which replica serves an adapter: `bounded_affinity` | `affinity` | "
+        "`least_loaded` | `random` (lorafleet.serve.fleet.placement).",
+    )
+    placement_load_factor: float = Field(
+        default=1.25,
+        ge=1.0,
+        description="A replica takes an adapter's requests below this x the fleet's mean load.",
+    )
+    fleet_scrape_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often each replica's queue and adapters are read from its `/metrics` and "
+        "`/v1/models` (seconds).",
+    )
+    fleet_discovery_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="How often the `engines` host names are resolved again (seconds).",
+    )
 
     @field_validator("engines", mode="before")
     @classmethod

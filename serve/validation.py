@@ -175,8 +175,9 @@ async def replay_and_score(
             )
         payload = response.json()
         choice = payload["choices"][0]
-        confidence, _ = summarize(list(token_logprobs(choice)))
-        return choice["message"]["content"] or "", payload["usage"]["completion_tokens"], confidence
+        confidence = summarize(list(token_logprobs(choice)))
+        mean = confidence.mean if confidence else None
+        return choice["message"]["content"] or "", payload["usage"]["completion_tokens"], mean
 
     answers = await asyncio.gather(*(one(item) for item in items))
     outputs, tokens, confidences = (

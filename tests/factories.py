@@ -316,3 +316,31 @@ def small_adapter(folder: Path, seed: int, indent: int | None = None):
         target_modules=("q_proj",),
         size_bytes=size,
     )
+
+
+# A Qwen2.5-VL config small enough to build on the meta device in a moment: what `lorafleet engine`
+# reads of a base
+TINY_BASE_CONFIG = {
+    "model_type": "qwen2_5_vl",
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "text_config": {
+        "model_type": "qwen2_5_vl_text",
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]},
+    },
+    "vision_config": {
+        "depth": 1,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "out_hidden_size": 64,
+        "num_heads": 2,
+        "fullatt_block_indexes": [0],
+    },
+}

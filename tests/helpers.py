@@ -88,8 +88,8 @@ def catalog_app(sessions: sessionmaker, *routers: APIRouter) -> FastAPI:
     app = FastAPI()
     app.state.gateway = SimpleNamespace(
         sessions=sessions,
-        routes=RouteCache(sessions, 0.0),
-        requests=RequestLog(sessions, Metrics(), flush_s=3600),
+        route_cache=RouteCache(sessions, 0.0),
+        request_log=RequestLog(sessions, Metrics(), flush_s=3600),
     )
     app.add_middleware(Authenticate, gateway=app.state.gateway)
     install_error_handlers(app)

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from lorafleet.serve.settings import Settings
+from tests.factories import TINY_BASE_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -38,33 +39,6 @@ PROMETHEUS_PEER = {
     "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
     "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
 }
-# A Qwen2.5-VL config small enough to build on the meta device in a moment: what `lorafleet engine`
-# reads of a base
-TINY_BASE_CONFIG = {
-    "model_type": "qwen2_5_vl",
-    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
-    "text_config": {
-        "model_type": "qwen2_5_vl_text",
-        "vocab_size": 256,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "bos_token_id": 0,
-        "eos_token_id": 1,
-        "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]},
-    },
-    "vision_config": {
-        "depth": 1,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "out_hidden_size": 64,
-        "num_heads": 2,
-        "fullatt_block_indexes": [0],
-    },
-}
-
 Obj = dict[str, Any]
 
 

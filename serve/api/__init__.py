@@ -1,13 +1,20 @@
 """The HTTP API of the gateway.
 
-- `app`           `create_app(settings)`: routes, error handlers, upload limit, health and metrics
-                  endpoints
-- `dependencies`  request-scoped aliases: `GatewayDep`, `SessionDep`, `CurrentTenant`, `AdminKey`
-- `errors`        every error rendered once, in OpenAI's `{"error": {...}}` shape
-- `chat`          `/v1/chat/completions` (authenticate -> resolve -> assign -> load -> forward ->
-                  record), `/v1/models`
-- `forward`       the hop to the engine and back, without re-modelling the request
-- `registry`      adapters and deployments; `rollouts` validation sets, answer formats, canaries,
-                  A/B tests; `drift` replays, looks and sampling; `admin` tenants and the engine's
-                  state
+- `app`            `create_app(settings)`: routes, error handlers, the lifespan of the gateway's
+                   parts, health and metrics endpoints
+- `guard`          authentication and body limits, as middleware, before any route reads a byte
+- `dependencies`   request-scoped aliases: `GatewayDep`, `SessionDep`, `CurrentTenant`, `AdminKey`
+- `errors`         every error rendered once, in OpenAI's `{"error": {...}}` shape
+- `chat`           `/v1/chat/completions` as its steps: admit -> read body -> resolve -> assign
+                   -> wait for a slot -> forward -> record
+- `forward`        the hop to the engine: placement, adapter load, failover, the relay back
+- `chat_record`    `ChatRecord`: a chat request's bookkeeping, settled exactly once
+- `models`         `/v1/models` (a tenant's deployments) and `/v1/tenant`
+- `adapters`       adapters and deployments, with their schemas
+- `rollouts`       validation sets, answer formats, canaries and A/B tests
+- `drift`          replays, drift looks and sampling
+- `feedback`       feedback on answers and the request log; `captures` captured requests
+- `admin`          tenants, keys, limits, audit and the engines (admin key)
+- `openapi`        the OpenAPI document as the routes really take it (`openapi_chat`: the chat
+                   body's)
 """

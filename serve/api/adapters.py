@@ -168,7 +168,7 @@ async def prepare_engine(
     failure here leaves the catalog as it was."""
     if not gateway.fleet.serves_rank(max((v.rank for v in versions), default=0)):
         workload = Workload(*await run_in_threadpool(deployed_workload, session, versions))
-        await gateway.fleet.fit(workload)
+        await gateway.fleet.resize_for(workload)
     release_connection(session)  # never held across the engine's work
     await gateway.fleet.preload([v.digest for v in versions])
 
@@ -356,7 +356,7 @@ def get_traffic(
     errors (4xx), latency p50/p95/mean of the answered ones, in total and per (variant, adapter).
     This gateway's buffered request-log rows are written first; another gateway's arrive within
     its flush period."""
-    gateway.requests.flush()  # before the read: what this gateway has just served counts
+    gateway.request_log.flush()  # before the read: what this gateway has just served counts
     return deployment_traffic(
         session, get_deployment(session, tenant, deployment), window_s, time.time()
     )

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from lorafleet import __version__
 from lorafleet.adapters.tenants import touch_keys
 from lorafleet.serve.api import adapters, admin, captures, chat, drift, feedback, models, rollouts
 from lorafleet.serve.api.errors import install_error_handlers
@@ -34,7 +35,7 @@ KEY_USE_FLUSH_S = 60.0
 
 
 def _save_key_use(gateway: Gateway) -> None:
-    used, gateway.routes.used = gateway.routes.used, {}
+    used, gateway.route_cache.used = gateway.route_cache.used, {}
     if used:
         with gateway.sessions() as session:
             session.info[ROUTE_NEUTRAL] = True
@@ -77,7 +78,7 @@ def create_app(settings: Settings) -> FastAPI:
             asyncio.create_task(gateway.drift.run(), name="drift-monitor"),
             asyncio.create_task(gateway.gc.run(), name="garbage-collector"),
             asyncio.create_task(_record_key_use(gateway), name="key-use"),
-            asyncio.create_task(gateway.requests.run(), name="request-log"),
+            asyncio.create_task(gateway.request_log.run(), name="request-log"),
         ]
         metrics_server = _metrics_listener(gateway)
         try:
@@ -87,7 +88,7 @@ def create_app(settings: Settings) -> FastAPI:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await gateway.controller.stop()
-            await gateway.requests.stop()
+            await gateway.request_log.stop()
             await run_in_threadpool(gateway.drift.save_samples)
             await run_in_threadpool(_save_key_use, gateway)
             await gateway.limiter.aclose()
@@ -97,7 +98,7 @@ def create_app(settings: Settings) -> FastAPI:
             if metrics_server is not None:
                 metrics_server.shutdown()
 
-    app = FastAPI(title="lorafleet", lifespan=lifespan)
+    app = FastAPI(title="lorafleet", version=__version__, lifespan=lifespan)
     app.state.gateway = gateway
     app.openapi = lambda: gateway_openapi(app)  # type: ignore[method-assign]  # what the routes really take
     # the inner one: after authentication

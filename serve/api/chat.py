@@ -1,41 +1,120 @@
-"""The OpenAI-compatible surface: `/v1/chat/completions` and a per-tenant `/v1/models`.
+"""`POST /v1/chat/completions`, the hot path, read as its steps.
 
-A chat request reads as its steps: authenticate -> resolve the deployment -> ensure the adapter is
-loaded -> forward -> record.
+    admit        the tenant's rate and concurrency limits, before anything of the body is read
+    read_body    the JSON body, checked where the gateway reads it, its images admitted
+    resolve      the deployment the body names, from the route cache (a miss reads the catalog)
+    assign       the variant that serves the request: stable, or its sticky bucket's in a rollout
+    wait_for_slot  the fair queue: engine slots shared max-min fairly between tenants
+    forward      place on a replica, ensure the adapter is loaded, forward, relay
+                 (`forward.forward_with_failover`: once more elsewhere if a replica did not answer)
+    record       release, metrics, samples, the request log (`chat_record.ChatRecord`)
+
+Each step hands one value to the next; the bookkeeping of every outcome is the `ChatRecord`
+context manager's. Authentication came before all of this: the guard middleware checked the key
+from the headers alone and put the tenant's snapshot in `request.state`.
 """
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import hashlib
-import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from starlette.background import BackgroundTask
-from starlette.concurrency import run_in_threadpool
 
-from lorafleet.errors import EngineUnavailable, InvalidRequest, LorafleetError, RateLimited
-from lorafleet.serve.answer_format import answer_checker
-from lorafleet.serve.api.dependencies import Gateway
-from lorafleet.serve.api.forward import Route, Usage, forward_chat
-from lorafleet.serve.drift.monitor import SampleTicket
-from lorafleet.serve.feedback.confidence import summarize
-from lorafleet.serve.feedback.request_log import new_request_id
-from lorafleet.serve.fleet.fleet import Fleet
+from lorafleet.errors import InvalidRequest, RateLimited
+from lorafleet.serve.api.chat_record import ChatRecord
+from lorafleet.serve.api.forward import forward_with_failover
+from lorafleet.serve.gateway import Gateway
 from lorafleet.serve.images import ImageLimits, admit_images
 from lorafleet.serve.limits import Admitted, Limits
 from lorafleet.serve.rollouts.routing import bucket_of, choose, unit_of
 from lorafleet.serve.route_cache import DeploymentEntry, TenantEntry
+from lorafleet.serve.types import RolloutAssignment, Route
 
-__all__ = ["router", "read_chat_body"]
+__all__ = ["router", "chat_completions", "read_chat_body"]
 
 router = APIRouter(prefix="/v1")
 
-log = logging.getLogger("lorafleet.gateway")
+
+async def chat_completions(request: Request) -> Response:
+    """A plain Starlette route (see the bottom of this module): FastAPI's per-request dependency
+    resolution cost more than the gateway's own work."""
+    gateway: Gateway = request.app.state.gateway
+    tenant: TenantEntry = request.state.tenant
+    admitted = await admit(gateway, tenant)
+    async with ChatRecord(gateway, tenant, admitted) as record:
+        body = await read_body(request, admitted.limits, gateway)
+        deployment = await resolve(gateway, request.state.api_key, body["model"])
+        route = assign(tenant, deployment, body, request.headers, record.request_id)
+        await wait_for_slot(gateway, tenant)
+        usage = record.forwarding(route, body, gateway.settings.record_confidence)
+        forwarded = await forward_with_failover(gateway.fleet, body, route, usage)
+        return record.respond(forwarded)
+
+
+async def admit(gateway: Gateway, tenant: TenantEntry) -> Admitted:
+    """The tenant's rate and concurrency limits, before anything of the request is read."""
+    try:
+        return await gateway.limiter.admit(
+            tenant.name, tenant.limits or Limits.defaults(gateway.settings)
+        )
+    except RateLimited as exc:
+        gateway.metrics.rate_limited.labels(tenant.name, str(exc.code)).inc()
+        raise
+
+
+async def read_body(request: Request, limits: Limits, gateway: Gateway) -> dict[str, Any]:
+    """The checked body, its images admitted under the tenant's limits (remote ones fetched and
+    inlined, where allowed)."""
+    body = await read_chat_body(request)
+    images = ImageLimits(limits.images_per_request, limits.image_bytes, limits.image_pixels)
+    await admit_images(body, images, gateway.remote_images)
+    return body
+
+
+async def resolve(gateway: Gateway, api_key: str, model: str) -> DeploymentEntry:
+    """The tenant's deployment named `model` (NotFound for any other name)."""
+    _, deployment = await gateway.route_cache.fetch(api_key, model)
+    return deployment
+
+
+def assign(
+    tenant: TenantEntry,
+    deployment: DeploymentEntry,
+    body: dict,
+    headers: Mapping[str, str],
+    request_id: str,
+) -> Route:
+    """Which adapter serves this request of the deployment: the stable one, or the variant the
+    request's unit (user, session or request) is assigned to while a rollout runs."""
+    route = Route(
+        request_id=request_id,
+        deployment=deployment.name,
+        digest=deployment.stable_digest,
+        deployment_id=deployment.id,
+        answer_format=deployment.answer_format,
+        sample_inputs=tenant.sample_inputs and deployment.validation_set_id is not None,
+        capture=deployment.capture,
+    )
+    if (rollout := deployment.rollout) is None:
+        return route
+    unit = unit_of(body, headers)
+    bucket = bucket_of(rollout.salt, tenant.name, deployment.name, unit)
+    chosen = choose(rollout.variants, bucket)
+    unit_hash = hashlib.sha256(unit.encode()).hexdigest()[:16]
+    assignment = RolloutAssignment(rollout.id, rollout.step_index, chosen.label, unit_hash)
+    return dataclasses.replace(
+        route, digest=chosen.digest, variant=chosen.label, assignment=assignment
+    )
+
+
+async def wait_for_slot(gateway: Gateway, tenant: TenantEntry) -> None:
+    """An engine slot for the request, fairly between tenants (EngineBusy past the queue's
+    timeout)."""
+    await gateway.fair_queue.acquire(tenant.name)
 
 
 # OpenAI's chat bodies nest about 6 deep (tool schemas more); the engine re-encodes the body
@@ -77,313 +156,6 @@ async def read_chat_body(request: Request) -> dict[str, Any]:
     if not isinstance(body.get("messages"), list):
         raise InvalidRequest("'messages' must be a list")
     return body
-
-
-def _route(
-    tenant: TenantEntry,
-    deployment: DeploymentEntry,
-    body: dict,
-    headers: Mapping[str, str],
-    request_id: str,
-) -> Route:
-    """Which adapter serves this request of the deployment: the stable one, or the variant the
-    request's unit is assigned to while a rollout runs."""
-    digest, variant, sample = deployment.stable_digest, "stable", None
-    if (rollout := deployment.rollout) is not None:
-        unit = unit_of(body, headers)
-        chosen = choose(
-            rollout.variants, bucket_of(rollout.salt, tenant.name, deployment.name, unit)
-        )
-        digest, variant = chosen.digest, chosen.label
-        sample = {
-            "rollout_id": rollout.id,
-            "step_index": rollout.step_index,
-            "variant": chosen.label,
-            "unit": hashlib.sha256(unit.encode()).hexdigest()[:16],
-        }
-    return Route(
-        deployment=deployment.name,
-        digest=digest,
-        variant=variant,
-        sample=sample,
-        answer_format=deployment.answer_format,
-        deployment_id=deployment.id,
-        sample_inputs=tenant.sample_inputs and deployment.validation_set_id is not None,
-        request_id=request_id,
-        capture=deployment.capture,
-        headers={
-            "x-request-id": request_id,
-            "x-lorafleet-deployment": deployment.name,
-            "x-lorafleet-adapter": digest,
-            "x-lorafleet-variant": variant,
-        },
-    )
-
-
-def _inspect(
-    route: Route,
-    messages: list,
-    text: str | None,
-    answered: bool,
-    checkable: bool,
-    ticket: SampleTicket | None,
-    capture: tuple[int, float] | None,
-    gateway: Gateway,
-    usage: Usage,
-    confidence: float | None,
-) -> tuple[bool | None, bool]:
-    """CPU work on a worker thread: the answer's format check, the drift sample's features, the
-    capture."""
-    valid, captured = None, False
-    try:
-        if checkable and text is not None and route.answer_format is not None:
-            valid = answer_checker(route.answer_format)(text)
-    finally:  # a drawn sample is always settled
-        if ticket is not None:
-            gateway.drift.keep(
-                ticket,
-                route.variant,
-                messages,
-                answered,
-                text,
-                usage.completion_tokens,
-                valid,
-                confidence,
-            )
-    if capture is not None and text is not None:
-        tenant_id, now = capture
-        try:
-            captured = gateway.capture.keep(tenant_id, route, messages, text, confidence, now)
-        except Exception:  # noqa: BLE001 - the answer was served; a failed capture is only logged
-            log.exception("capturing request %s failed", route.request_id)
-    return valid, captured
-
-
-async def _record(
-    gateway: Gateway,
-    tenant: TenantEntry,
-    route: Route,
-    usage: Usage,
-    t0: float,
-    messages: list,
-    admitted: Admitted | None = None,
-) -> None:
-    if usage.replica is not None:
-        gateway.fleet.done(usage.replica)
-    # first: the slots and the token count do not wait for the bookkeeping below
-    if admitted is not None:
-        gateway.fair_queue.release(tenant.name)
-        await gateway.limiter.release(admitted, usage.prompt_tokens + usage.completion_tokens)
-    m = gateway.metrics
-    latency = time.perf_counter() - t0
-    now = time.time()
-    labels = m.labels(tenant.name, route.deployment, route.digest, route.variant)
-    m.requests.labels(*labels, str(usage.status)).inc()
-    m.latency.labels(*labels).observe(latency)
-    if usage.error_code:
-        m.errors.labels(*labels, usage.error_code).inc()
-    if usage.first_chunk_s is not None:
-        m.ttft.labels(*labels).observe(usage.first_chunk_s)
-    m.tokens.labels(*labels, "prompt").inc(usage.prompt_tokens)
-    m.tokens.labels(*labels, "completion").inc(usage.completion_tokens)
-    # The rollout's analysis compares these, variant against variant. An engine outage hits every
-    # variant alike and says nothing about the adapter; a 4xx is the client's; a 5xx (e.g. a failed
-    # load) counts.
-    answered = usage.status == 200
-    text = "".join(usage.text) if usage.text is not None else None
-    confidence, least = summarize(usage.logprobs) if answered else (None, None)
-    if confidence is not None:
-        m.confidence.labels(*labels).observe(confidence)
-    ticket = (
-        gateway.drift.wants_sample(route.deployment_id)
-        if route.sample_inputs and usage.status < 500
-        else None
-    )
-    capture = (
-        (tenant.id, now)
-        if answered and text is not None and gateway.capture.wants(route, now)
-        else None
-    )
-    measured = route.sample is not None and usage.error_code != "engine_unavailable"
-    checkable = answered and text is not None and route.answer_format is not None
-    valid, captured = None, False
-    # only then is there thread work
-    if ticket is not None or capture is not None or (measured and checkable):
-        valid, captured = await run_in_threadpool(
-            _inspect,
-            route,
-            messages,
-            text,
-            answered,
-            checkable,
-            ticket,
-            capture,
-            gateway,
-            usage,
-            confidence,
-        )
-        if captured:
-            m.captures.labels(tenant.name, route.deployment).inc()
-    if measured:
-        gateway.controller.samples.add(
-            {
-                **(route.sample or {}),
-                "ok": usage.status < 500,
-                "latency_s": latency,
-                "output_tokens": usage.completion_tokens,
-                "format_valid": valid,
-                "confidence": confidence,
-                "at": now,
-            }
-        )
-    gateway.requests.add(
-        _log_row(tenant, route.request_id, now, usage, latency)
-        | {
-            "deployment_id": route.deployment_id or None,
-            "deployment": route.deployment,
-            "rollout_id": route.sample["rollout_id"] if route.sample else None,
-            "variant": route.variant,
-            "digest": route.digest,
-            "confidence_mean": confidence,
-            "confidence_min": least,
-            "captured": captured,
-        }
-    )
-
-
-def _log_row(
-    tenant: TenantEntry, request_id: str, now: float, usage: Usage, latency: float
-) -> dict:
-    """A request-log row; one that never reached a deployment (a bad body, an unknown model) has
-    no route."""
-    return {
-        "request_id": request_id,
-        "tenant_id": tenant.id,
-        "key_id": tenant.key_id or None,
-        "at": now,
-        "deployment_id": None,
-        "deployment": "",
-        "rollout_id": None,
-        "variant": "",
-        "digest": "",
-        "status": usage.status,
-        "error_code": usage.error_code,
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "latency_s": latency,
-        "stream": usage.stream,
-        "confidence_mean": None,
-        "confidence_min": None,
-        "captured": False,
-    }
-
-
-async def _admit(gateway: Gateway, tenant: TenantEntry) -> Admitted:
-    """The tenant's rate and concurrency limits, before anything of the request is read."""
-    try:
-        return await gateway.limiter.admit(
-            tenant.name, tenant.limits or Limits.defaults(gateway.settings)
-        )
-    except RateLimited as exc:
-        gateway.metrics.rate_limited.labels(tenant.name, str(exc.code)).inc()
-        raise
-
-
-async def _resolve(
-    gateway: Gateway, request: Request, tenant: TenantEntry, limits: Limits, request_id: str
-) -> tuple[dict[str, Any], Route]:
-    """The checked body (its images admitted) and where it goes."""
-    body = await read_chat_body(request)
-    await admit_images(
-        body,
-        ImageLimits(limits.images_per_request, limits.image_bytes, limits.image_pixels),
-        gateway.remote_images,
-    )
-    _, deployment = await gateway.routes.fetch(request.state.api_key, body["model"])
-    return body, _route(tenant, deployment, body, request.headers, request_id)
-
-
-async def chat_completions(request: Request) -> Response:
-    # The hot path: the catalog is read through the route cache, only a miss costs a thread
-    # hand-off; a plain Starlette route (see below), since FastAPI's per-request dependency
-    # resolution cost more than its work. The `Authenticate` middleware has checked the key already
-    # (request.state.tenant).
-    t0 = time.perf_counter()
-    gateway: Gateway = request.app.state.gateway
-    tenant: TenantEntry = request.state.tenant
-    admitted = await _admit(gateway, tenant)
-    request_id = new_request_id()
-    headers = {**admitted.headers, "x-request-id": request_id}
-    try:
-        body, route = await _resolve(gateway, request, tenant, admitted.limits, request_id)
-        # may wait for an engine slot: fairly between tenants
-        await gateway.fair_queue.acquire(tenant.name)
-    except BaseException as exc:
-        await gateway.limiter.release(admitted, 0)
-        usage = Usage()
-        usage.status, usage.error_code = _outcome(exc)
-        gateway.requests.add(
-            _log_row(tenant, request_id, time.time(), usage, time.perf_counter() - t0)
-        )
-        _add_headers(exc, headers)
-        raise
-    usage = Usage(
-        text=[]
-        if route.answer_format is not None or route.sample_inputs or route.capture
-        else None,
-        logprobs=[] if gateway.settings.record_confidence else None,
-        stream=bool(body.get("stream")),
-    )
-    messages = body.get("messages") or []
-    try:
-        response = await _forward(gateway.fleet, body, route, usage)
-    except BaseException as exc:
-        usage.status, usage.error_code = _outcome(exc)
-        await _record(gateway, tenant, route, usage, t0, messages, admitted)
-        _add_headers(exc, headers)
-        raise
-    response.headers.update(admitted.headers)
-    response.background = BackgroundTask(
-        _record, gateway, tenant, route, usage, t0, messages, admitted
-    )
-    return response
-
-
-async def _forward(fleet: Fleet, body: dict[str, Any], route: Route, usage: Usage) -> Response:
-    """Place the request on a replica, register its adapter there, forward it. A replica that
-    does not answer (it died, or is gone) leaves placement, and the request goes once more to
-    another one: nothing of it has reached the client yet (a stream that already started ends
-    with an in-band error instead, in `forward_chat`)."""
-    tried: list[str] = []
-    while True:
-        # in flight there until `_record`
-        usage.replica = replica = fleet.place(route.digest, exclude=tried)
-        try:
-            await replica.client.ensure_loaded(route.digest)
-            return await forward_chat(replica.client, body, route, usage)
-        except EngineUnavailable:
-            fleet.done(replica)
-            usage.replica = None
-            fleet.lost(replica)
-            tried.append(replica.name)
-            if len(tried) > 1 or not fleet.fail_over(tried):
-                raise
-
-
-def _outcome(exc: BaseException) -> tuple[int, str]:
-    if isinstance(exc, LorafleetError):
-        return exc.status, str(exc.code)
-    return (
-        (499, "client_closed")
-        if isinstance(exc, asyncio.CancelledError)
-        else (500, "internal_error")
-    )
-
-
-def _add_headers(exc: BaseException, headers: dict[str, str]) -> None:
-    """Errors after admission carry the rate-limit headers too (every response does)."""
-    if isinstance(exc, LorafleetError) and headers:
-        exc.headers = {**headers, **(exc.headers or {})}
 
 
 router.add_route(f"{router.prefix}/chat/completions", chat_completions, methods=["POST"])

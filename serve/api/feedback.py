@@ -53,7 +53,7 @@ async def post_feedback(
     # another gateway's buffer is written within its period
     wait_s = 2 * gateway.settings.request_log_flush_s + 1
     found = await run_in_threadpool(
-        gateway.requests.find_request, session, tenant.id, body.id, wait_s
+        gateway.request_log.find_request, session, tenant.id, body.id, wait_s
     )
     if found is None:
         raise NotFound(

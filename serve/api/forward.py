@@ -1,11 +1,12 @@
-"""Forward one chat completion to the engine and back, without re-modelling the request.
+"""The hop to the engine: place the request on a replica, make sure its adapter is loaded there,
+forward it, and relay the answer; once more on another replica if the first did not answer.
 
-Only `model` (rewritten to the adapter digest), `stream_options` (usage is always requested, for
-metrics, and hidden again if the client did not ask) and `logprobs` (the chosen tokens'
-log-probabilities are requested for the answer's confidence, and hidden again if the client did not
-ask) are touched; vLLM validates everything else and its OpenAI-shaped errors pass through with
-their status. The digest never reaches the client. The request's id goes to vLLM as `X-Request-Id`,
-so the body's `id` is the gateway's.
+The request is not re-modelled. Only `model` (rewritten to the adapter digest), `stream_options`
+(usage is always requested, for metrics, and hidden again if the client did not ask) and `logprobs`
+(the chosen tokens' log-probabilities are requested for the answer's confidence, and hidden again
+if the client did not ask) are touched; vLLM validates everything else and its OpenAI-shaped errors
+pass through with their status. The digest never reaches the client. The request's id goes to vLLM
+as `X-Request-Id`, so the body's `id` is the gateway's.
 """
 
 from __future__ import annotations
@@ -13,52 +14,68 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import aiohttp
 from fastapi.responses import Response, StreamingResponse
 
+from lorafleet.errors import EngineUnavailable
 from lorafleet.serve.engine.client import EngineClient, map_engine_errors
 from lorafleet.serve.feedback.confidence import token_logprobs
 from lorafleet.serve.feedback.request_log import REQUEST_ID_PREFIX
+from lorafleet.serve.fleet.fleet import EngineReplica, Fleet
+from lorafleet.serve.types import Route
 
-__all__ = ["Usage", "Route", "forward_chat"]
+__all__ = ["Usage", "Forwarded", "forward_with_failover", "forward_chat"]
 
 
 @dataclass
 class Usage:
-    """What one forwarded request cost; filled in while the response passes through."""
+    """What one forwarded request cost and got back; filled in while the response passes
+    through (a stream's, until its last chunk)."""
 
     status: int = 200
     prompt_tokens: int = 0
     completion_tokens: int = 0
     first_chunk_s: float | None = None
     error_code: str | None = None
-    # the answer's text, collected only when someone checks its format
+    # the answer's text, collected only when something reads it (format check, drift, capture)
     text: list[str] | None = None
-    # the answer's token log-probabilities, collected when recorded
+    # the answer's token log-probabilities, collected when confidence is recorded
     logprobs: list[float] | None = None
     hide_logprobs: bool = False  # the gateway asked for them, the client did not
     stream: bool = False
-    replica: Any = None  # the fleet's EngineReplica serving it, until the request is recorded
 
 
 @dataclass(frozen=True)
-class Route:
-    """Where a request goes: the public name the client used and the adapter that serves it."""
+class Forwarded:
+    """The engine's response (its body may still be streaming) and the replica serving it, which
+    holds the request until it is recorded."""
 
-    deployment: str
-    digest: str
-    headers: dict[str, str] = field(default_factory=dict)
-    variant: str = "stable"
-    # rollout_id, step_index, variant, unit: set when a rollout measures this request
-    sample: dict | None = None
-    answer_format: dict | None = None
-    deployment_id: int = 0
-    sample_inputs: bool = False  # the drift monitor may keep this request's features
-    request_id: str = ""  # the response's `id`
-    capture: dict | None = None  # the deployment's capture policy, when it keeps requests
+    response: Response
+    replica: EngineReplica
+
+
+async def forward_with_failover(fleet: Fleet, body: dict, route: Route, usage: Usage) -> Forwarded:
+    """Place the request on a replica, make sure its adapter is loaded there, forward it. A
+    replica that does not answer (it died, or is gone) leaves placement, and the request goes
+    once more to another one: nothing of it has reached the client yet (a stream that already
+    started ends with an in-band error instead, in `_relay`)."""
+    tried: list[str] = []
+    while True:
+        replica = fleet.place(route.digest, exclude=tried)
+        try:
+            await replica.client.ensure_loaded(route.digest)
+            return Forwarded(await forward_chat(replica.client, body, route, usage), replica)
+        except EngineUnavailable:
+            fleet.release(replica)
+            fleet.mark_unreachable(replica)
+            tried.append(replica.name)
+            if len(tried) > 1 or not fleet.fail_over(tried):
+                raise
+        except BaseException:
+            fleet.release(replica)
+            raise
 
 
 def _public(raw: bytes, route: Route) -> bytes:
@@ -135,7 +152,7 @@ def _dumps(payload: dict) -> bytes:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def _inspect(line: bytes, usage: Usage, client_wants_usage: bool) -> bytes:
+def _read_line(line: bytes, usage: Usage, client_wants_usage: bool) -> bytes:
     """One SSE line: usage and text recorded; the usage-only chunk dropped unless the client
     asked for it."""
     if line.startswith(b"data: {") and b'"choices":[]' in line and b'"usage":' in line:
@@ -174,7 +191,7 @@ async def _relay(
             lines, pending = data[:cut], data[cut:]
             if usage.text is not None or usage.logprobs is not None or b'"usage":' in lines:
                 lines = b"".join(
-                    _inspect(line, usage, client_wants_usage)
+                    _read_line(line, usage, client_wants_usage)
                     for line in lines.splitlines(keepends=True)
                 )
             if lines:

@@ -79,14 +79,15 @@ class Authenticate:
                 state = scope.setdefault("state", {})
                 acting_for = _header(scope["headers"], b"x-lorafleet-tenant")
                 if acting_for is None:
-                    state["tenant"], state["api_key"] = await self.gateway.routes.tenant(key), key
+                    state["tenant"] = await self.gateway.route_cache.tenant(key)
+                    state["api_key"] = key
                 else:
                     self._admin(key, "X-Lorafleet-Tenant needs the admin key")
                     if path.startswith("/v1/chat/"):
                         raise InvalidRequest(
                             "the admin key does not chat for a tenant; use one of its keys"
                         )
-                    state["tenant"] = await self.gateway.routes.tenant_named(acting_for)
+                    state["tenant"] = await self.gateway.route_cache.tenant_named(acting_for)
                     state["api_key"], state["actor"] = None, admin_actor(scope)
             elif path == "/admin" or path.startswith("/admin/"):
                 self._admin(bearer_from_headers(scope["headers"]))

@@ -99,8 +99,8 @@ def db_upgrade(home: Home = None) -> None:
 def db_backup(
     out: Annotated[Path, typer.Option("--out", help="A new file for the copy.")], home: Home = None
 ) -> None:
-    """Copy a SQLite catalog while gateways use it (online backup); PostgreSQL: pg_dump (README:
-    Operations)."""
+    """Copy a SQLite catalog while gateways use it (online backup); PostgreSQL: pg_dump (docs:
+    Upgrades and backups)."""
     from lorafleet.adapters.migrate import backup_sqlite
 
     with _catalog(home) as engine:

@@ -35,7 +35,7 @@ from lorafleet.serve.console.session import (
     same_token,
     sealer_for,
 )
-from lorafleet.serve.rollouts import state
+from lorafleet.serve.rollouts import phases
 
 __all__ = ["install_console"]
 
@@ -50,8 +50,8 @@ CSP = (
 )
 EVALUATE_TIMEOUT_S = 600.0  # an A/B evaluation replays the validation set through every variant
 # rollout phases whose weights are in effect
-SERVING = frozenset(phase.value for phase in state.SERVING)
-ACTIVE = frozenset(phase.value for phase in state.ACTIVE)
+SERVING = frozenset(phase.value for phase in phases.SERVING)
+ACTIVE = frozenset(phase.value for phase in phases.ACTIVE)
 ACTIONS = {  # console action -> (API path under the deployment, what the confirmation says)
     "promote": (
         "rollout/promote",

@@ -1,3 +1,6 @@
-"""Development tooling, never imported by a production gateway: the demo (`demo`) and `lorafleet
-serve` as a child process on loopback (`local_server`), used by the demo, the benchmarks and the
-tests."""
+"""Development tooling, never imported by a production gateway.
+
+- `demo`          the demo on the embedded defaults (`make demo`)
+- `local_server`  `lorafleet serve` as a child process on loopback, used by the demo, the
+                  benchmarks and the tests
+"""

@@ -63,6 +63,7 @@ from lorafleet.serve.metrics import Metrics
 from lorafleet.serve.rollouts.state import serving_rollout
 from lorafleet.serve.rollouts.statistics import Measurement
 from lorafleet.serve.settings import Settings
+from lorafleet.serve.types import Answer
 from lorafleet.serve.validation import (
     Replay,
     ValidationItem,
@@ -151,6 +152,20 @@ class _ReplayPlan:
 
 
 @dataclass(frozen=True)
+class _Replayed:
+    """One live version's validation replay, with what it is compared against: ready to record."""
+
+    deployment_id: int
+    variant: str
+    version_id: int
+    replay: Replay
+    baseline: ValidationRun | None  # None: this replay becomes the version's baseline
+    test: Measurement | None  # the paired test against the baseline
+    engine: str  # the engine's identity during the replay
+    started_at: float
+
+
+@dataclass(frozen=True)
 class SampleTicket:
     """A live request the reservoir of its deployment decided to keep; `DriftMonitor.keep` fills
     it in."""
@@ -201,17 +216,7 @@ class DriftMonitor:
             self._issued += 1
         return SampleTicket(deployment_id, slot)
 
-    def keep(
-        self,
-        ticket: SampleTicket,
-        variant: str,
-        messages: list,
-        ok: bool,
-        text: str | None,
-        output_tokens: int,
-        format_valid: bool | None,
-        confidence: float | None = None,
-    ) -> None:
+    def keep(self, ticket: SampleTicket, variant: str, messages: list, answer: Answer) -> None:
         """CPU work, in a worker thread: the request's features (its image decoded) go into the
         reservoir. Called exactly once per ticket."""
         try:
@@ -226,11 +231,13 @@ class DriftMonitor:
                     "variant": variant,
                     "at": time.time(),
                     "features": request_features(messages),
-                    "ok": ok,
-                    "output_tokens": output_tokens,
-                    "empty": ok and text is not None and is_empty_or_refusal(text),
-                    "format_valid": format_valid,
-                    "confidence": confidence,
+                    "ok": answer.answered,
+                    "output_tokens": answer.output_tokens,
+                    "empty": answer.answered
+                    and answer.text is not None
+                    and is_empty_or_refusal(answer.text),
+                    "format_valid": answer.format_valid,
+                    "confidence": answer.confidence,
                 },
             )
         finally:
@@ -369,17 +376,10 @@ class DriftMonitor:
                 if baseline is None
                 else await paired_test(baseline.scores, replay.scores, 0.0, 0.025)
             )
-            run = await run_in_threadpool(
-                self._record_run,
-                deployment_id,
-                variant,
-                version_id,
-                replay,
-                baseline,
-                test,
-                identity,
-                started_at,
+            replayed = _Replayed(
+                deployment_id, variant, version_id, replay, baseline, test, identity, started_at
             )
+            run = await run_in_threadpool(self._record_run, replayed)
             self._export_run(plan.tenant, plan.name, run)
             log.info("drift replay %s/%s %s: %s", plan.tenant, plan.name, variant, run.message)
             runs.append(run)
@@ -407,27 +407,19 @@ class DriftMonitor:
                 else _baseline(session, version_id, deployment.validation_set_id)
             )
 
-    def _record_run(
-        self,
-        deployment_id: int,
-        variant: str,
-        version_id: int,
-        replay: Replay,
-        baseline: ValidationRun | None,
-        test: Measurement | None,
-        identity: str,
-        started_at: float,
-    ) -> ValidationRun:
+    def _record_run(self, replayed: _Replayed) -> ValidationRun:
+        replay, baseline, test = replayed.replay, replayed.baseline, replayed.test
+        deployment_id, identity = replayed.deployment_id, replayed.engine
         mean, n = replay.mean, len(replay.scores)
         with self.sessions() as session:
             deployment = session.get(Deployment, deployment_id)
             run = ValidationRun(
                 deployment_id=deployment_id,
-                version_id=version_id,
+                version_id=replayed.version_id,
                 validation_set_id=deployment.validation_set_id,
-                variant=variant,
+                variant=replayed.variant,
                 at=time.time(),
-                started_at=started_at,
+                started_at=replayed.started_at,
                 engine=identity,
                 score=mean,
                 scores=replay.scores,

@@ -11,4 +11,6 @@
                 and the catalog
 - `hardware`    `detect_hardware`, `plan_quantization`: what this machine can serve, refused before
                 any start
+- `resolver`    vLLM's plugin on an engine node: loads an adapter by digest from the store the
+                first time a request names it, and publishes what the node is
 """

@@ -2,8 +2,8 @@
 
 Only the gateway talks to it (it holds a random bearer token), so vLLM's runtime LoRA endpoints are
 never reachable by clients. The supervisor restarts it when it exits or stops answering, or with a
-new sizing when deployments need a larger max LoRA rank (`fit`); after each start its `on_ready`
-hook (given at construction) re-registers the adapters that deployments need.
+new sizing when deployments need a larger max LoRA rank (`resize_for`); after each start its
+`on_ready` hook (given at construction) re-registers the adapters that deployments need.
 
 The engine's state (`EngineSupervisor.state`; in /readyz, /admin/engine and
 `lorafleet_engine_state`):
@@ -119,7 +119,7 @@ class EngineSupervisor:
         as it is)."""
         return rank <= self.sizing.max_lora_rank or self.attached
 
-    async def fit(self, workload: Workload) -> None:
+    async def resize_for(self, workload: Workload) -> None:
         """Make the engine take `workload`'s largest rank: restart it with a larger max LoRA rank
         when that is derived; refuse (409) when LORAFLEET_MAX_LORA_RANK fixes it."""
         if self.serves_rank(workload.max_rank):

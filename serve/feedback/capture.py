@@ -31,7 +31,6 @@ from lorafleet.adapters.garbage import delete_captures
 from lorafleet.adapters.store import BlobStorage
 from lorafleet.chat_jsonl import content_parts
 from lorafleet.errors import InvalidRequest
-from lorafleet.serve.api.forward import Route
 from lorafleet.serve.feedback.records import TimeRange
 from lorafleet.serve.feedback.schemas import (
     CapturePage,
@@ -42,6 +41,7 @@ from lorafleet.serve.feedback.schemas import (
 )
 from lorafleet.serve.metrics import Metrics
 from lorafleet.serve.route_cache import ROUTE_NEUTRAL
+from lorafleet.serve.types import Route
 
 __all__ = [
     "Capturer",

@@ -10,8 +10,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-__all__ = ["token_logprobs", "summarize"]
+__all__ = ["Confidence", "token_logprobs", "summarize"]
+
+
+@dataclass(frozen=True)
+class Confidence:
+    """How sure the engine was of an answer: the mean and the least log-probability of its
+    tokens."""
+
+    mean: float
+    least: float
 
 
 def token_logprobs(choice: dict) -> Iterable[float]:
@@ -23,8 +33,8 @@ def token_logprobs(choice: dict) -> Iterable[float]:
             yield float(value)
 
 
-def summarize(logprobs: list[float] | None) -> tuple[float | None, float | None]:
-    """(mean, min) of an answer's token log-probabilities; (None, None) when none were recorded."""
+def summarize(logprobs: list[float] | None) -> Confidence | None:
+    """An answer's confidence from its token log-probabilities; None when none were recorded."""
     if not logprobs:
-        return None, None
-    return sum(logprobs) / len(logprobs), min(logprobs)
+        return None
+    return Confidence(sum(logprobs) / len(logprobs), min(logprobs))

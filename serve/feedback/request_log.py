@@ -1,9 +1,9 @@
 """The request log: one row per chat request of a tenant, written to the catalog in batches.
 
-The chat path only appends a dict to a bounded buffer (no catalog work per request); a loop writes
-the buffer every `request_log_flush_s`. Feedback may name a request whose row is still in some
-gateway's buffer: it waits for the next write (`find_request`), this gateway's own buffer being
-written at once.
+The chat path only appends a `LoggedRequest` to a bounded buffer (no catalog work per request); a
+loop writes the buffer every `request_log_flush_s`. Feedback may name a request whose row is still
+in some gateway's buffer: it waits for the next write (`find_request`), this gateway's own buffer
+being written at once.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from dataclasses import asdict, dataclass
 
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -24,12 +25,39 @@ from lorafleet.adapters.catalog import RequestRecord
 from lorafleet.serve.metrics import Metrics
 from lorafleet.serve.route_cache import ROUTE_NEUTRAL
 
-__all__ = ["RequestLog", "new_request_id", "REQUEST_ID_PREFIX"]
+__all__ = ["LoggedRequest", "RequestLog", "new_request_id", "REQUEST_ID_PREFIX"]
 
 log = logging.getLogger("lorafleet.requests")
 
 REQUEST_ID_PREFIX = "chatcmpl-"  # OpenAI's prefix of a chat completion's id
 _REQUEST_ID = re.compile(r"chatcmpl-[0-9a-f]{32}")
+
+
+@dataclass(frozen=True)
+class LoggedRequest:
+    """One row of the request log as the chat path hands it over: what a request cost and how it
+    ended, never its content."""
+
+    request_id: str
+    tenant_id: int
+    key_id: int | None
+    at: float
+    status: int
+    error_code: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    stream: bool
+    # where it went; a request that never reached a deployment (a bad body, an unknown model)
+    # keeps these defaults
+    deployment_id: int | None = None
+    deployment: str = ""
+    rollout_id: int | None = None
+    variant: str = ""
+    digest: str = ""
+    confidence_mean: float | None = None
+    confidence_min: float | None = None
+    captured: bool = False
 
 
 def new_request_id() -> str:
@@ -46,19 +74,17 @@ class RequestLog:
     def __init__(
         self, sessions: sessionmaker, metrics: Metrics, flush_s: float, max_pending: int = 100_000
     ) -> None:
-        self.sessions, self.metrics, self.flush_s, self.max_pending = (
-            sessions,
-            metrics,
-            flush_s,
-            max_pending,
-        )
-        self._pending: deque[dict] = deque()
+        self.sessions = sessions
+        self.metrics = metrics
+        self.flush_s = flush_s
+        self.max_pending = max_pending
+        self._pending: deque[LoggedRequest] = deque()
         # requests add on the event loop, the flush drains in a worker thread
         self._lock = threading.Lock()
         # one write at a time: `find_request` may flush beside the loop
         self._flushing = threading.Lock()
 
-    def add(self, row: dict) -> None:
+    def add(self, row: LoggedRequest) -> None:
         with self._lock:
             if len(self._pending) >= self.max_pending:
                 self._pending.popleft()
@@ -77,7 +103,7 @@ class RequestLog:
                 with self.sessions() as session:
                     # the log changes no route: keep the route cache
                     session.info[ROUTE_NEUTRAL] = True
-                    session.execute(insert(RequestRecord), rows)
+                    session.execute(insert(RequestRecord), [asdict(row) for row in rows])
                     session.commit()
             except Exception:
                 self.metrics.request_log_dropped.inc(len(rows))

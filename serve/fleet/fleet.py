@@ -222,7 +222,7 @@ class Fleet:
                 return await replica.client.version()
         return "?"
 
-    def home(self, digest: str) -> str:
+    def home_replica(self, digest: str) -> str:
         """The adapter's first replica on the consistent-hash ring of every replica (up or not)."""
         names = tuple(sorted(replica.name for replica in self.replicas))
         if self._ring is None or self._ring.names != names:
@@ -254,11 +254,11 @@ class Fleet:
         placement = self.policy.place(digest, [replica.snapshot(digest) for replica in candidates])
         return next(r for r in candidates if r.name == placement.replica), placement
 
-    def done(self, replica: EngineReplica) -> None:
+    def release(self, replica: EngineReplica) -> None:
         """A request placed on `replica` has ended (answered, failed, or the client left)."""
         replica.in_flight = max(0, replica.in_flight - 1)
 
-    def lost(self, replica: EngineReplica) -> None:
+    def mark_unreachable(self, replica: EngineReplica) -> None:
         """A request to `replica` got no answer: no more requests go there until a scrape
         answers."""
         if replica.reachable:
@@ -292,7 +292,7 @@ class Fleet:
         """After a replica (re)starts: register the adapters whose home it is (the others load on
         demand)."""
         for digest in sorted(digests):
-            if len(self.replicas) == 1 or self.home(digest) == replica.name:
+            if len(self.replicas) == 1 or self.home_replica(digest) == replica.name:
                 await replica.client.ensure_loaded(digest)
 
     # sizing
@@ -300,11 +300,11 @@ class Fleet:
     def serves_rank(self, rank: int) -> bool:
         return all(replica.supervisor.serves_rank(rank) for replica in self.replicas)
 
-    async def fit(self, workload: Workload) -> None:
+    async def resize_for(self, workload: Workload) -> None:
         """Every supervised replica takes `workload`'s largest rank (each restarts with a larger
         one, or 409)."""
         for replica in self.replicas:
-            await replica.supervisor.fit(workload)
+            await replica.supervisor.resize_for(workload)
 
     def slots(self) -> int:
         """Chat requests the fleet's batches hold at once (the fair queue's size)."""
@@ -359,7 +359,7 @@ class Fleet:
             metrics = await http.get("/metrics", timeout=_SCRAPE_TIMEOUT_S)
             models = await http.get("/v1/models", timeout=_SCRAPE_TIMEOUT_S)
         except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
-            self.lost(replica)
+            self.mark_unreachable(replica)
             return
         except httpx.HTTPError:
             return

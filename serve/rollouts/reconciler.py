@@ -33,10 +33,9 @@ from lorafleet.errors import ServiceUnavailable
 from lorafleet.serve.engine.client import Engines
 from lorafleet.serve.metrics import Metrics
 from lorafleet.serve.rollouts.gate import run_gate
+from lorafleet.serve.rollouts.phases import ACTIVE, Phase
 from lorafleet.serve.rollouts.state import (
-    ACTIVE,
     CanaryView,
-    Phase,
     RolloutStart,
     Tick,
     apply_gate,
@@ -47,6 +46,7 @@ from lorafleet.serve.rollouts.state import (
     with_feedback,
 )
 from lorafleet.serve.rollouts.statistics import Measurement, Status, VariantSamples
+from lorafleet.serve.types import Answer, RolloutAssignment
 from lorafleet.serve.validation import read_items
 
 __all__ = ["SampleBuffer", "RolloutController", "new_gateway_id"]
@@ -70,7 +70,23 @@ class SampleBuffer:
         # requests add on the event loop, the flush drains in a worker thread
         self._lock = threading.Lock()
 
-    def add(self, row: dict) -> None:
+    def add(
+        self, assignment: RolloutAssignment, answer: Answer, latency_s: float, at: float
+    ) -> None:
+        """One request a rollout measured; an engine that did not answer says nothing of the
+        adapter, and a 4xx is the client's: only a 5xx counts against its variant."""
+        row = {
+            "rollout_id": assignment.rollout_id,
+            "step_index": assignment.step_index,
+            "variant": assignment.variant,
+            "unit": assignment.unit,
+            "ok": answer.status < 500,
+            "latency_s": latency_s,
+            "output_tokens": answer.output_tokens,
+            "format_valid": answer.format_valid,
+            "confidence": answer.confidence,
+            "at": at,
+        }
         with self._lock:
             if len(self._pending) >= self.max_pending:
                 self._pending.popleft()

@@ -14,7 +14,6 @@ import secrets
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from enum import StrEnum
 from typing import cast
 
 from pydantic import BaseModel, Field, field_validator
@@ -30,6 +29,7 @@ from lorafleet.adapters.catalog import (
     RolloutSample,
 )
 from lorafleet.errors import Conflict, InvalidRequest
+from lorafleet.serve.rollouts.phases import SERVING, Phase
 from lorafleet.serve.rollouts.routing import Variant, check_weights
 from lorafleet.serve.rollouts.statistics import (
     EMPTY,
@@ -42,9 +42,6 @@ from lorafleet.serve.rollouts.statistics import (
 )
 
 __all__ = [
-    "Phase",
-    "ACTIVE",
-    "SERVING",
     "RolloutStart",
     "AbStart",
     "CanaryView",
@@ -65,6 +62,7 @@ __all__ = [
     "apply_tick",
     "step_samples",
     "record",
+    "Transition",
     "rollout_feedback",
     "with_feedback",
     "VariantSignals",
@@ -72,23 +70,7 @@ __all__ = [
 ]
 
 
-class Phase(StrEnum):
-    GATING = "Gating"
-    PROGRESSING = "Progressing"
-    PAUSED = "Paused"
-    RUNNING = "Running"  # an A/B test
-    PROMOTED = "Promoted"
-    ROLLED_BACK = "RolledBack"
-    ABORTED = "Aborted"
-    GATE_REFUSED = "GateRefused"
-    STOPPED = "Stopped"
-
-
-ACTIVE = frozenset({Phase.GATING, Phase.PROGRESSING, Phase.PAUSED, Phase.RUNNING})
-# the routing table is in effect
-SERVING = frozenset({Phase.PROGRESSING, Phase.PAUSED, Phase.RUNNING})
-
-# reasons of the transitions that are not statistical (those live in analysis.py)
+# reasons of the transitions that are not statistical (those live in statistics.py)
 STARTED, GATE_SKIPPED, STEP_ADVANCED, PROMOTED = (
     "RolloutStarted",
     "GateSkipped",
@@ -253,34 +235,40 @@ def _entry(label: str, version: AdapterVersion, weight: float) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class Transition:
+    """One decision about a rollout: what was done, why (a CamelCase reason), and the numbers."""
+
+    action: str
+    reason: str
+    message: str
+    measurements: Sequence[Measurement] = ()
+    describe: bool = True  # it also becomes the rollout's current reason and message
+
+
 def record(
     session: Session,
     rollout: Rollout | None,
     deployment: Deployment,
-    action: str,
-    reason: str,
-    message: str,
+    transition: Transition,
     actor: str,
     now: float,
-    measurements: Sequence[Measurement] = (),
-    describe: bool = True,
 ) -> Decision:
-    """Write a decision; it also becomes the rollout's current reason and message unless
-    `describe` is False."""
+    """Write a decision row of `transition`, made by `actor` at `now`."""
     decision = Decision(
         deployment_id=deployment.id,
         rollout=rollout,
         at=now,
-        action=action,
-        reason=reason,
-        message=message,
+        action=transition.action,
+        reason=transition.reason,
+        message=transition.message,
         step_index=rollout.step_index if rollout else -1,
         actor=actor,
-        numbers=[m.to_dict() for m in measurements],
+        numbers=[m.to_dict() for m in transition.measurements],
     )
     session.add(decision)
-    if rollout is not None and describe:
-        rollout.reason, rollout.message = reason, message
+    if rollout is not None and transition.describe:
+        rollout.reason, rollout.message = transition.reason, transition.message
     return decision
 
 
@@ -355,10 +343,12 @@ def start_canary(
         session,
         rollout,
         deployment,
-        "start",
-        STARTED,
-        f"canary {_ref(candidate)} against stable {_ref(deployment.stable)}, steps "
-        f"{','.join(f'{s:g}' for s in spec.steps)}",
+        Transition(
+            "start",
+            STARTED,
+            f"canary {_ref(candidate)} against stable {_ref(deployment.stable)}, steps "
+            f"{','.join(f'{s:g}' for s in spec.steps)}",
+        ),
         actor,
         now,
     )
@@ -367,9 +357,7 @@ def start_canary(
             session,
             rollout,
             deployment,
-            "gate",
-            GATE_SKIPPED,
-            "the validation-set gate was skipped",
+            Transition("gate", GATE_SKIPPED, "the validation-set gate was skipped"),
             actor,
             now,
         )
@@ -415,9 +403,9 @@ def start_ab(
         session,
         rollout,
         deployment,
-        "start",
-        AB_STARTED,
-        "A/B " + ", ".join(f"{_ref(v)}={w:g}%" for v, w in variants),
+        Transition(
+            "start", AB_STARTED, "A/B " + ", ".join(f"{_ref(v)}={w:g}%" for v, w in variants)
+        ),
         actor,
         now,
     )
@@ -487,9 +475,7 @@ def pause(
         session,
         rollout,
         deployment,
-        "pause",
-        PAUSED,
-        "paused: weights stay, no analysis",
+        Transition("pause", PAUSED, "paused: weights stay, no analysis"),
         actor,
         now,
     )
@@ -502,7 +488,7 @@ def resume(
 ) -> Rollout:
     rollout = _require(rollout, deployment, "canary", {Phase.PAUSED}, "resume")
     rollout.phase, rollout.last_look_at = Phase.PROGRESSING, now
-    record(session, rollout, deployment, "resume", RESUMED, "resumed", actor, now)
+    record(session, rollout, deployment, Transition("resume", RESUMED, "resumed"), actor, now)
     session.commit()
     return rollout
 
@@ -518,10 +504,12 @@ def abort(
         session,
         rollout,
         deployment,
-        "abort",
-        ABORTED,
-        f"aborted at {rollout.variants[0]['weight']:g}%: "
-        f"all traffic back to {rollout.variants[1]['ref']}",
+        Transition(
+            "abort",
+            ABORTED,
+            f"aborted at {rollout.variants[0]['weight']:g}%: "
+            f"all traffic back to {rollout.variants[1]['ref']}",
+        ),
         actor,
         now,
     )
@@ -546,9 +534,11 @@ def promote(
             session,
             rollout,
             deployment,
-            "promote",
-            MANUAL_PROMOTE,
-            f"promoted by hand: {rollout.variants[0]['ref']} is stable",
+            Transition(
+                "promote",
+                MANUAL_PROMOTE,
+                f"promoted by hand: {rollout.variants[0]['ref']} is stable",
+            ),
             actor,
             now,
         )
@@ -558,9 +548,7 @@ def promote(
             session,
             rollout,
             deployment,
-            "advance",
-            MANUAL_PROMOTE,
-            f"advanced by hand to {rollout.steps[nxt]:g}%",
+            Transition("advance", MANUAL_PROMOTE, f"advanced by hand to {rollout.steps[nxt]:g}%"),
             actor,
             now,
         )
@@ -585,12 +573,11 @@ def undo(session: Session, deployment: Deployment, actor: str, now: float) -> De
         session,
         latest,
         deployment,
-        "undo",
-        UNDONE,
-        f"stable {_ref(old)} -> {_ref(deployment.stable)}",
+        Transition(
+            "undo", UNDONE, f"stable {_ref(old)} -> {_ref(deployment.stable)}", describe=False
+        ),
         actor,
         now,
-        describe=False,
     )
     session.commit()
     return deployment
@@ -616,10 +603,12 @@ def stop_ab(
         session,
         rollout,
         deployment,
-        "stop",
-        AB_STOPPED,
-        "stopped; stable is "
-        f"{_ref(keep) if keep else deployment.stable.adapter.name + ' (unchanged)'}",
+        Transition(
+            "stop",
+            AB_STOPPED,
+            "stopped; stable is "
+            f"{_ref(keep) if keep else deployment.stable.adapter.name + ' (unchanged)'}",
+        ),
         actor,
         now,
     )
@@ -644,12 +633,9 @@ def apply_gate(
         session,
         rollout,
         rollout.deployment,
-        "gate",
-        measurement.reason,
-        measurement.message,
+        Transition("gate", measurement.reason, measurement.message, [measurement]),
         actor,
         now,
-        [measurement],
     )
     session.commit()
 
@@ -669,12 +655,9 @@ def apply_tick(
         session,
         rollout,
         rollout.deployment,
-        tick.action,
-        tick.reason,
-        tick.message,
+        Transition(tick.action, tick.reason, tick.message, tick.measurements),
         actor,
         now,
-        tick.measurements,
     )
     session.commit()
 

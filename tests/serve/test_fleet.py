@@ -86,7 +86,7 @@ def fleet(tmp_path: Path) -> Fleet:
 
 def test_each_adapter_goes_to_its_home_replica_and_both_replicas_get_a_share(fleet):
     served = {digest: fleet.place(digest).name for digest in DIGESTS}
-    assert all(served[d] == fleet.home(d) for d in DIGESTS)
+    assert all(served[d] == fleet.home_replica(d) for d in DIGESTS)
     assert set(served.values()) == {"engine-0", "engine-1"}
     assert fleet.placed == len(DIGESTS) and fleet.spills == 0
     assert sum(r.placed for r in fleet.replicas) == len(DIGESTS)
@@ -94,7 +94,7 @@ def test_each_adapter_goes_to_its_home_replica_and_both_replicas_get_a_share(fle
 
 def test_a_replica_at_its_load_bound_spills_to_the_other(fleet):
     digest = DIGESTS[0]
-    home = fleet.replicas[0] if fleet.home(digest) == "engine-0" else fleet.replicas[1]
+    home = fleet.replicas[0] if fleet.home_replica(digest) == "engine-0" else fleet.replicas[1]
     home.others = 10  # other gateways' requests, as its last scrape said
     assert fleet.place(digest).name != home.name
     assert fleet.spills == 1
@@ -105,20 +105,20 @@ def test_a_replica_at_its_load_bound_spills_to_the_other(fleet):
     assert fleet.place(digest) is home and fleet.place(digest) is home
     # at once: 2 on it is the bound for a total of 2 on 2 replicas
     assert fleet.place(digest) is not home
-    fleet.done(home)
-    fleet.done(home)  # and until they end
+    fleet.release(home)
+    fleet.release(home)  # and until they end
     assert home.in_flight == 0 and fleet.place(digest) is home
 
 
 def test_a_replica_that_does_not_answer_leaves_placement_and_requests_fail_over_once(fleet):
     digest = DIGESTS[0]
     home = fleet.place(digest)
-    fleet.lost(home)
+    fleet.mark_unreachable(home)
     assert not home.routable and fleet.up
     other = fleet.place(digest)
     assert other is not home
     assert fleet.fail_over([home.name]) and fleet.failovers == 1
-    fleet.lost(other)
+    fleet.mark_unreachable(other)
     assert not fleet.fail_over([home.name])  # nobody else is up: the request's own error goes back
     with pytest.raises(EngineUnavailable):
         fleet.place(digest)
@@ -135,7 +135,9 @@ async def test_after_a_start_a_replica_registers_only_the_adapters_whose_home_it
         replica.client.ensure_loaded = record  # type: ignore[method-assign]  # what would be sent to vLLM
         await fleet.register_home(replica, DIGESTS)
     assert sorted(registered["engine-0"] + registered["engine-1"]) == sorted(DIGESTS)  # each once
-    assert all(fleet.home(d) == name for name, digests in registered.items() for d in digests)
+    assert all(
+        fleet.home_replica(d) == name for name, digests in registered.items() for d in digests
+    )
 
 
 def test_the_fair_queue_holds_what_every_replica_batches(fleet, tmp_path):

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from lorafleet.adapters.catalog import Feedback, RequestRecord, Tenant, open_catalog
 from lorafleet.errors import InvalidRequest
-from lorafleet.serve.feedback.confidence import summarize, token_logprobs
+from lorafleet.serve.feedback.confidence import Confidence, summarize, token_logprobs
 from lorafleet.serve.feedback.records import (
     TimeRange,
     feedback_page,
@@ -19,33 +19,31 @@ from lorafleet.serve.feedback.records import (
     record_feedback,
     request_page,
 )
-from lorafleet.serve.feedback.request_log import RequestLog, new_request_id
+from lorafleet.serve.feedback.request_log import LoggedRequest, RequestLog, new_request_id
 from lorafleet.serve.feedback.schemas import FeedbackCreate
 from lorafleet.serve.metrics import Metrics
 
 
-def _row(tenant_id: int, request_id: str, at: float, status: int = 200, **extra) -> dict:
-    return {
-        "request_id": request_id,
-        "tenant_id": tenant_id,
-        "key_id": 1,
-        "at": at,
-        "deployment_id": 7,
-        "deployment": "d",
-        "rollout_id": 3,
-        "variant": "canary",
-        "digest": "a" * 64,
-        "status": status,
-        "error_code": None,
-        "prompt_tokens": 10,
-        "completion_tokens": 4,
-        "latency_s": 0.25,
-        "stream": False,
-        "confidence_mean": -0.5,
-        "confidence_min": -2.0,
-        "captured": False,
-        **extra,
-    }
+def _row(tenant_id: int, request_id: str, at: float, status: int = 200) -> LoggedRequest:
+    return LoggedRequest(
+        request_id=request_id,
+        tenant_id=tenant_id,
+        key_id=1,
+        at=at,
+        deployment_id=7,
+        deployment="d",
+        rollout_id=3,
+        variant="canary",
+        digest="a" * 64,
+        status=status,
+        error_code=None,
+        prompt_tokens=10,
+        completion_tokens=4,
+        latency_s=0.25,
+        stream=False,
+        confidence_mean=-0.5,
+        confidence_min=-2.0,
+    )
 
 
 @pytest.fixture
@@ -231,5 +229,5 @@ def test_confidence_is_the_mean_and_least_of_the_finite_token_logprobs():
         }
     }
     assert list(token_logprobs(choice)) == [-0.5, -1.5]
-    assert summarize(list(token_logprobs(choice))) == (-1.0, -1.5)
-    assert summarize([]) == (None, None) and list(token_logprobs({"logprobs": None})) == []
+    assert summarize(list(token_logprobs(choice))) == Confidence(mean=-1.0, least=-1.5)
+    assert summarize([]) is None and list(token_logprobs({"logprobs": None})) == []

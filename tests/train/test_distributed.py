@@ -13,7 +13,7 @@ pytestmark = pytest.mark.engine  # every test here also proves its adapter serva
 
 
 def test_ddp_with_two_cpu_processes_trains_a_servable_adapter_from_relative_paths(world, tmp_path):
-    """As the README shows it: `lorafleet train --base ./tiny --train ... --out ./adapter`,
+    """As the training docs show it: `lorafleet train --base ./tiny --train ... --out ./adapter`,
     relative to the working directory (here not the source checkout), under torchrun."""
     (tmp_path / "tiny").symlink_to(world.base)
     (tmp_path / "data").symlink_to(world.data)

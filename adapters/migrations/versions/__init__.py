@@ -1,1 +1,7 @@
-"""One module per catalog revision, oldest first: 0001 is the 0.1.0 schema."""
+"""One module per catalog revision, oldest first.
+
+- `0001_0_1_0_schema`           the 0.1.0 schema, as that release created it
+- `0002_leases`                 leases for the work done once per fleet
+- `0003_feedback_loop`          the request log, feedback and captures
+- `0004_manifest_replay_start`  the trainer's manifest on adapter versions; when replays start
+"""

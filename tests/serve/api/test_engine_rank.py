@@ -55,7 +55,7 @@ def _app(tmp_path: Path, **settings) -> tuple[FastAPI, str]:
         sessions=sessions,
         supervisor=supervisor,
         fleet=fleet,
-        routes=RouteCache(sessions, 0.0),
+        route_cache=RouteCache(sessions, 0.0),
     )
     app.add_middleware(Authenticate, gateway=app.state.gateway)
     install_error_handlers(app)

@@ -152,7 +152,7 @@ def manifest_app(tmp_path: Path) -> tuple[FastAPI, str]:
     app.state.gateway = SimpleNamespace(
         settings=Settings(base="small", home=tmp_path),
         sessions=sessions,
-        routes=RouteCache(sessions, 0.0),
+        route_cache=RouteCache(sessions, 0.0),
         store=LocalStore(tmp_path / "adapters"),
         spec=SMALL_BASE,
         tmp_dir=tmp_path / "tmp",

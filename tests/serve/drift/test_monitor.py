@@ -470,13 +470,15 @@ def test_too_few_live_confidences_give_no_confidence_look(catalog_url):
 
 def test_a_replay_records_each_items_confidence_on_its_run(catalog_url):
     from lorafleet.adapters.catalog import ValidationRun
+    from lorafleet.serve.drift.monitor import _Replayed
     from lorafleet.serve.validation import Replay
 
     monitor, sessions, (deployment_id, version_id) = _world(catalog_url, None)
     replay = Replay("1" * 64, ["2", "4"], [2, 2], [1.0, 0.0], [-0.25, None])
-    run = monitor._record_run(
+    replayed = _Replayed(
         deployment_id, "stable", version_id, replay, None, None, "e", time.time() - 3
     )
+    run = monitor._record_run(replayed)
     with sessions() as session:
         assert session.get_one(ValidationRun, run.id).confidences == [-0.25, None]
 

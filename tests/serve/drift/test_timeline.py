@@ -18,7 +18,7 @@ from lorafleet.adapters.catalog import (
     open_catalog,
 )
 from lorafleet.serve.drift.timeline import Window, feedback_timeline
-from lorafleet.serve.rollouts.state import Phase
+from lorafleet.serve.rollouts.phases import Phase
 
 HOUR = 3600
 WHOLE_HOUR = 472_222 * HOUR  # 2023-11-14 22:00 UTC

@@ -103,7 +103,7 @@ async def test_a_failed_load_tells_the_tenant_why_without_the_store_path(tmp_pat
     lora_path = str(store.local_path(DIGEST))
 
     def vllm(request: httpx.Request) -> httpx.Response:
-        """vLLM's answer for an adapter folder that is gone (serving.py load_lora_adapter)."""
+        """vLLM's answer for an adapter folder that is gone (its `load_lora_adapter` route)."""
         assert json.loads(request.content)["lora_path"] == lora_path
         message = f"Loading lora {DIGEST} failed: No adapter found for {lora_path}"
         return httpx.Response(

@@ -48,7 +48,7 @@ def supervisor_for(tmp_path: Path, workload: Workload = Workload(), **settings) 
 async def test_a_fixed_rank_refuses_a_larger_adapter_naming_the_setting_and_both_ranks(tmp_path):
     supervisor = supervisor_for(tmp_path, max_lora_rank=16)
     with pytest.raises(Conflict) as refused:
-        await supervisor.fit(Workload(adapters=2, max_rank=32))
+        await supervisor.resize_for(Workload(adapters=2, max_rank=32))
     assert refused.value.status == 409
     assert all(
         part in refused.value.message for part in ("LORAFLEET_MAX_LORA_RANK", "rank 32", "rank 16")
@@ -59,9 +59,9 @@ async def test_a_fixed_rank_refuses_a_larger_adapter_naming_the_setting_and_both
 async def test_a_derived_rank_grows_with_the_adapter_and_the_engine_goes_down(tmp_path):
     supervisor = supervisor_for(tmp_path, workload=Workload(adapters=1, max_rank=16))
     supervisor.client.mark_up()
-    await supervisor.fit(Workload(adapters=2, max_rank=16))  # fits: nothing happens
+    await supervisor.resize_for(Workload(adapters=2, max_rank=16))  # fits: nothing happens
     assert supervisor.client.up and supervisor.sizing.max_lora_rank == 16
-    await supervisor.fit(Workload(adapters=2, max_rank=64))
+    await supervisor.resize_for(Workload(adapters=2, max_rank=64))
     assert (
         supervisor.sizing.max_lora_rank == 64
         and "largest deployed rank 64" in supervisor.sizing.describe()

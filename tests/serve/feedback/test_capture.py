@@ -16,7 +16,6 @@ from sqlalchemy import func, select
 from lorafleet.adapters.catalog import Capture, Deployment
 from lorafleet.adapters.store import BlobStore
 from lorafleet.errors import InvalidRequest
-from lorafleet.serve.api.forward import Route
 from lorafleet.serve.feedback.capture import (
     DAY_S,
     Capturer,
@@ -31,6 +30,7 @@ from lorafleet.serve.feedback.capture import (
 )
 from lorafleet.serve.feedback.records import TimeRange
 from lorafleet.serve.metrics import Metrics
+from lorafleet.serve.types import Route
 from tests.helpers import image_data_url, image_messages
 
 NOON = 20_000 * DAY_S + 12 * 3600  # a fixed UTC noon: the day's bound counts from 00:00 UTC

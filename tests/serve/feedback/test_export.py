@@ -13,10 +13,10 @@ import pytest
 
 from lorafleet.adapters.catalog import Deployment, Feedback
 from lorafleet.chat_jsonl import load_jsonl
-from lorafleet.serve.api.forward import Route
 from lorafleet.serve.feedback.capture import Capturer
 from lorafleet.serve.feedback.export import ExportOptions, ExportPlan, export_lines, plan_export
 from lorafleet.serve.metrics import Metrics
+from lorafleet.serve.types import Route
 from tests.helpers import image_messages
 
 T0 = 1_800_000_000.0

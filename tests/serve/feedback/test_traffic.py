@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 
 import httpx
 import numpy as np
@@ -17,7 +18,7 @@ from lorafleet.adapters.catalog import Deployment, RequestRecord
 from lorafleet.adapters.tenants import create_tenant
 from lorafleet.serve.api import adapters
 from lorafleet.serve.feedback import traffic
-from lorafleet.serve.feedback.request_log import new_request_id
+from lorafleet.serve.feedback.request_log import LoggedRequest, new_request_id
 from lorafleet.serve.feedback.traffic import deployment_traffic
 from tests.helpers import assert_openai_error, catalog_app
 from tests.serve.feedback.conftest import Place
@@ -33,27 +34,29 @@ def _row(
     latency_s: float = 0.1,
     variant: str = "stable",
     digest: str | None = None,
-) -> dict:
+) -> LoggedRequest:
     """One request-log row of the place's deployment, as the gateway buffers it."""
-    return {
-        "request_id": new_request_id(),
-        "tenant_id": place.tenant_id,
-        "key_id": None,
-        "at": at,
-        "deployment_id": place.deployment_id,
-        "deployment": place.deployment,
-        "rollout_id": None,
-        "variant": variant,
-        "digest": place.digest if digest is None else digest,
-        "status": status,
-        "error_code": None if status == 200 else "error",
-        "latency_s": latency_s,
-    }
+    return LoggedRequest(
+        request_id=new_request_id(),
+        tenant_id=place.tenant_id,
+        key_id=None,
+        at=at,
+        deployment_id=place.deployment_id,
+        deployment=place.deployment,
+        variant=variant,
+        digest=place.digest if digest is None else digest,
+        status=status,
+        error_code=None if status == 200 else "error",
+        prompt_tokens=0,
+        completion_tokens=0,
+        latency_s=latency_s,
+        stream=False,
+    )
 
 
-def _log(sessions: sessionmaker, rows: list[dict]) -> None:
+def _log(sessions: sessionmaker, rows: list[LoggedRequest]) -> None:
     with sessions() as session:
-        session.add_all([RequestRecord(**row) for row in rows])
+        session.add_all([RequestRecord(**asdict(row)) for row in rows])
         session.commit()
 
 
@@ -203,7 +206,7 @@ async def test_the_route_answers_the_last_window_with_what_this_gateway_just_ser
     app, key, mine, _ = api
     now = time.time()
     _log(sessions, [_row(mine, now - 10, latency_s=0.2), _row(mine, now - 600, latency_s=0.2)])
-    app.state.gateway.requests.add(_row(mine, now - 1, 500))  # still in this gateway's buffer
+    app.state.gateway.request_log.add(_row(mine, now - 1, 500))  # still in this gateway's buffer
     async with _client(app, key) as http:
         response = await http.get("/v1/deployments/invoice/traffic")
         assert response.status_code == 200, response.text

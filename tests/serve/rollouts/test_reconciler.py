@@ -25,8 +25,9 @@ from lorafleet.serve.api.rollouts import _command
 from lorafleet.serve.engine.client import EngineClient
 from lorafleet.serve.metrics import Metrics
 from lorafleet.serve.rollouts import state as rollouts
+from lorafleet.serve.rollouts.phases import Phase
 from lorafleet.serve.rollouts.reconciler import RolloutController
-from lorafleet.serve.rollouts.state import Phase, Tick, apply_tick
+from lorafleet.serve.rollouts.state import Tick, apply_tick
 
 
 def _catalog(url: str):

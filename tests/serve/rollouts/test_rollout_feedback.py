@@ -31,8 +31,8 @@ from lorafleet.serve.engine.client import EngineClient
 from lorafleet.serve.feedback.records import record_feedback
 from lorafleet.serve.feedback.schemas import FeedbackCreate
 from lorafleet.serve.metrics import Metrics
+from lorafleet.serve.rollouts.phases import Phase
 from lorafleet.serve.rollouts.reconciler import RolloutController
-from lorafleet.serve.rollouts.state import Phase
 from lorafleet.serve.rollouts.statistics import (
     Moments,
     bounded_difference,

@@ -27,8 +27,8 @@ from lorafleet.adapters.tenants import create_tenant
 from lorafleet.errors import InvalidRequest
 from lorafleet.serve.api import rollouts
 from lorafleet.serve.feedback.request_log import new_request_id
+from lorafleet.serve.rollouts.phases import Phase
 from lorafleet.serve.rollouts.series import default_bucket_s, rollout_series
-from lorafleet.serve.rollouts.state import Phase
 from tests.helpers import assert_openai_error, catalog_app
 
 START = 1_000_000.0

@@ -1,5 +1,13 @@
-"""No import cycles between lorafleet modules: objects are wired at assembly, never patched after
-the fact.
+"""The import graph of the lorafleet namespace: no cycles (objects are wired at assembly, never
+patched after the fact), and the layers only ever import downwards:
+
+- `lorafleet.adapters` and `lorafleet.train` never import `lorafleet.serve`;
+- the gateway never imports the trainer;
+- inside `serve/`, only the HTTP layer itself (`serve.api`) and the entry points (`serve.cli`,
+  `serve.dev`) import `serve.api`: domain packages (engine, fleet, rollouts, drift, feedback) and
+  the gateway's other modules share values through `serve.types` instead;
+- the console only talks HTTP: nothing it imports reaches the catalog, a store, the engine or the
+  gateway's parts.
 
 Every import counts, at module level or inside a function (a function-level import that closes a
 cycle is a cycle in hiding), and importing `a.b.c` from outside package `a.b` also runs
@@ -100,12 +108,65 @@ def test_the_cycle_check_sees_cycles_through_a_package_init():
     assert _cycles(graph) == [["p.a", "q"]]
 
 
-def test_the_gateway_does_not_import_the_trainer():
-    graph = import_graph()
-    reached, todo = set(), ["lorafleet.serve.api.app"]
+def _reached(graph: dict[str, set[str]], start: list[str]) -> set[str]:
+    """Every module that importing `start` executes."""
+    reached, todo = set(), list(start)
     while todo:
         module = todo.pop()
         if module not in reached:
             reached.add(module)
             todo += graph[module]
-    assert not {m for m in reached if m.startswith("lorafleet.train")}, sorted(reached)
+    return reached
+
+
+def _in(module: str, *packages: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def _imports_of(graph: dict[str, set[str]], importers: list[str], *packages: str) -> list[str]:
+    """`importer -> imported` for each direct import of a module of `packages`."""
+    return sorted(f"{m} -> {t}" for m in importers for t in graph[m] if _in(t, *packages))
+
+
+def test_the_gateway_does_not_import_the_trainer():
+    reached = _reached(import_graph(), ["lorafleet.serve.api.app"])
+    assert not {m for m in reached if _in(m, "lorafleet.train")}, sorted(reached)
+
+
+def test_the_registry_and_the_trainer_never_import_the_gateway():
+    graph = import_graph()
+    lower = [m for m in graph if _in(m, "lorafleet.adapters", "lorafleet.train")]
+    lower += ["lorafleet", "lorafleet.errors", "lorafleet.chat_jsonl", "lorafleet.scoring"]
+    assert not _imports_of(graph, lower, "lorafleet.serve")
+
+
+def test_only_the_http_layer_and_the_entry_points_import_it():
+    graph = import_graph()
+    entry = ("lorafleet.serve.api", "lorafleet.serve.cli", "lorafleet.serve.dev")
+    others = [m for m in graph if not _in(m, *entry)]
+    assert len(others) > 50
+    assert not _imports_of(graph, others, "lorafleet.serve.api")
+
+
+def test_the_console_only_talks_http():
+    graph = import_graph()
+    console = [m for m in graph if _in(m, "lorafleet.serve.console")]
+    stateful = (
+        "lorafleet.adapters",
+        "lorafleet.serve.api",
+        "lorafleet.serve.engine",
+        "lorafleet.serve.fleet",
+        "lorafleet.serve.gateway",
+        "lorafleet.train",
+    )
+    reached = _reached(graph, console)
+    assert {m for m in reached if _in(m, "lorafleet.serve.settings")}  # the graph is read
+    assert not sorted(m for m in reached if _in(m, *stateful))
+
+
+def test_the_layer_checks_see_a_forbidden_import():
+    graph = {"lorafleet.adapters.x": {"lorafleet.serve.types"}, "lorafleet.serve.types": set()}
+    assert _imports_of(graph, ["lorafleet.adapters.x"], "lorafleet.serve") == [
+        "lorafleet.adapters.x -> lorafleet.serve.types"
+    ]
+    assert _imports_of(graph, ["lorafleet.adapters.x"], "lorafleet.serve.api") == []
