@@ -35,7 +35,12 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+# The PostgreSQL variant of a catalog-level test needs the server `make services` starts: `make
+# test` runs it, `make unit` leaves it out.
+ON_POSTGRESQL = pytest.param("postgresql", marks=pytest.mark.postgres)
+
+
+@pytest.fixture(params=["sqlite", ON_POSTGRESQL])
 def empty_catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A new, empty catalog database (what migrations start from), on SQLite and on PostgreSQL."""
     if request.param == "sqlite":
@@ -57,12 +62,39 @@ def postgres_catalog_template() -> Iterator[str]:
         yield database_name(url)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(scope="session")
+def sqlite_catalog_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite catalog at this release's head with no rows, made once: each test's catalog is a
+    copy of the file (a copy takes a fraction of a millisecond, the migrations a tenth of a
+    second)."""
+    from lorafleet.adapters.catalog import open_catalog
+
+    path = tmp_path_factory.mktemp("catalog-template") / "catalog.db"
+    engine, _ = open_catalog(f"sqlite:///{path}")
+    engine.dispose()  # the last connection's close folds the write-ahead log into the file
+    assert not path.with_name("catalog.db-wal").exists()
+    return path
+
+
+@pytest.fixture
+def sqlite_catalog(sqlite_catalog_template: Path) -> Callable[[Path], str]:
+    """Factory: a SQLite catalog with no rows at `path`, as a gateway's first start leaves it (a
+    copy of the session's template); returns its URL."""
+
+    def make(path: Path) -> str:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sqlite_catalog_template, path)
+        return f"sqlite:///{path}"
+
+    return make
+
+
+@pytest.fixture(params=["sqlite", ON_POSTGRESQL])
 def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A new catalog database with no rows, as a gateway's first start leaves it: each
     catalog-level test runs on SQLite and on PostgreSQL."""
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'catalog.db'}"
+        yield request.getfixturevalue("sqlite_catalog")(tmp_path / "catalog.db")
         return
     with postgres_database(request.getfixturevalue("postgres_catalog_template")) as url:
         yield url
@@ -275,14 +307,17 @@ def new_tenant(server: Server) -> Callable[[], TenantHandle]:
     return create
 
 
-# Fixtures that mean a test needs what `make unit` leaves out: the real engine, or training on the
-# tiny model.
+# Fixtures that mean a test needs what `make unit` leaves out: the real engine, training on the
+# tiny model, or a service of the OS that `make services` starts (the session's server keeps its
+# catalog in PostgreSQL).
 ENGINE_FIXTURES = {"server", "new_tenant"}
 TRAINING_FIXTURES = {"tiny_model", "make_adapter", "vision_adapter", "world", "trained"}
+POSTGRES_FIXTURES = {"server", "new_tenant", "postgres_catalog_template"}
+REDIS_FIXTURES = {"redis_url"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark tests by the fixtures they use (`make unit` deselects both marks); tests that kill
+    """Mark tests by the fixtures they use (`make unit` deselects these marks); tests that kill
     the engine run last, so the rest share one warm engine."""
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
@@ -290,6 +325,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.engine)
         if fixtures & TRAINING_FIXTURES:
             item.add_marker(pytest.mark.training)
+        if fixtures & POSTGRES_FIXTURES:
+            item.add_marker(pytest.mark.postgres)
+        if fixtures & REDIS_FIXTURES:
+            item.add_marker(pytest.mark.redis)
     items.sort(key=lambda item: item.get_closest_marker("engine_restart") is not None)
 
 

@@ -1,4 +1,5 @@
-"""Builders for adapters and archives, good and bad, shared by unit and integration tests."""
+"""Builders for adapters and archives, good and bad, shared by unit and integration tests (torch is
+imported by the builders that make tensors, not when the tests are collected)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import tarfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:
+    import torch
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
@@ -48,6 +50,8 @@ def edit_config(folder: Path, **changes) -> Path:
 def edit_tensors(
     folder: Path, edit: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 ) -> Path:
+    from safetensors.torch import load_file, save_file
+
     tensors = load_file(folder / WEIGHTS)
     save_file(edit(tensors), folder / WEIGHTS)
     return folder
@@ -58,6 +62,8 @@ def rename_module(old: str, new: str) -> Callable[[dict], dict]:
 
 
 def widen_first_lora_a(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    import torch
+
     key = next(k for k in sorted(tensors) if "lora_A" in k)
     return {**tensors, key: torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 1)}
 
@@ -78,6 +84,8 @@ def bad_archive(
     case: str, good: Path, work: Path, vision_adapter: Path, rank32_adapter: Path
 ) -> Path:
     """An upload that must be refused; `case` names the reason. Returns the archive path."""
+    import torch
+
     folder = copy_adapter(good, work / "adapter")
     archive = work / "upload.tar.gz"
     match case:
@@ -181,7 +189,12 @@ def _adapter_files(folder: Path) -> dict[str, bytes]:
 
 
 def zero_lora(kind: str) -> Callable[[dict], dict]:
-    return lambda tensors: {k: torch.zeros_like(v) if kind in k else v for k, v in tensors.items()}
+    def edit(tensors: dict) -> dict:
+        import torch
+
+        return {k: torch.zeros_like(v) if kind in k else v for k, v in tensors.items()}
+
+    return edit
 
 
 def hostile_archive(case: str, good: Path, work: Path) -> Path:
@@ -290,6 +303,9 @@ def small_adapter(folder: Path, seed: int, indent: int | None = None):
     """A PEFT-shaped LoRA folder (one q_proj layer, rank 4, no base model needed) as a
     `ValidatedAdapter` with its content digest; `indent` changes the config's bytes, not its
     digest."""
+    import torch
+    from safetensors.torch import save_file
+
     from lorafleet.adapters.validate import ValidatedAdapter, content_digest
 
     folder.mkdir(parents=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
@@ -79,6 +80,32 @@ def poll_until(check: Callable[[], object], timeout: float, what: str) -> object
             return result
         time.sleep(0.25)
     raise AssertionError(f"{what}: not within {timeout} s")
+
+
+class FakeSleep:
+    """A stand-in for `asyncio.sleep` that product code takes as a parameter: each call records
+    its delay and returns once the test has moved the fake time past its end (`advance`), so a
+    test checks the waits asked for without spending them."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.delays: list[float] = []  # every wait asked for, in order
+        self._waiting: list[tuple[float, asyncio.Future]] = []
+
+    async def sleep(self, delay: float) -> None:
+        self.delays.append(delay)
+        wakes = asyncio.get_running_loop().create_future()
+        self._waiting.append((self.now + delay, wakes))
+        await wakes
+
+    def advance(self, seconds: float) -> None:
+        """Move the fake time on: the waits that end by then return."""
+        self.now += seconds
+        due = [(end, wakes) for end, wakes in self._waiting if end <= self.now]
+        for end, wakes in due:
+            self._waiting.remove((end, wakes))
+            if not wakes.done():
+                wakes.set_result(None)
 
 
 def catalog_app(sessions: sessionmaker, *routers: APIRouter) -> FastAPI:

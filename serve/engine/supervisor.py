@@ -73,10 +73,11 @@ class EngineSupervisor:
         on_ready: Callable[[], Awaitable[None]] | None = None,
         attached: bool | None = None,
         env: dict[str, str] | None = None,
+        back_off_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         """`attached`: follow an engine this gateway did not start, at `client.url` (default:
         `engine_url` is set); `env`: added to the engine process's environment (a GPU of its
-        own)."""
+        own); `back_off_sleep`: waits out the back-off before a restart (a test's fake clock)."""
         self.settings = settings  # as configured: 0 where an engine value is derived
         self.attached = bool(settings.engine_url) if attached is None else attached
         self.sizing = sizing  # what the next (or the running) engine process is started with
@@ -87,6 +88,7 @@ class EngineSupervisor:
         self.quantization = quantization
         self.on_ready = on_ready
         self.env = env or {}
+        self._back_off_sleep = back_off_sleep
         self.process: asyncio.subprocess.Process | None = None
         self.starts = 0  # engine processes launched
         self.last_start_s: float | None = None
@@ -213,7 +215,7 @@ class EngineSupervisor:
             delay,
             self.log_path,
         )
-        await asyncio.sleep(delay)
+        await self._back_off_sleep(delay)
 
     async def _launch(self) -> bool:
         """Start an engine process and wait until it answers; False when it cannot run, exits or

@@ -27,6 +27,7 @@ from lorafleet.adapters.validate import ValidatedAdapter
 from lorafleet.errors import CatalogBehind, CatalogUnknownRevision
 from lorafleet.serve.api.drift import drift_history
 from lorafleet.serve.api.rollouts import get_rollout
+from tests.conftest import ON_POSTGRESQL
 from tests.old_catalog import create_schema, insert_rows
 from tests.postgres import postgres_database
 
@@ -102,7 +103,7 @@ def test_the_models_and_the_migrations_agree(empty_catalog_url):
     db.dispose()
 
 
-@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("dialect", ["sqlite", ON_POSTGRESQL])
 def test_revision_0001_makes_the_catalog_0_1_0_made(dialect, new_database):
     made_by_010, made_by_0001 = new_database(dialect), new_database(dialect)
     create_schema(made_by_010)
@@ -240,7 +241,7 @@ def test_a_catalog_at_0003_is_upgraded_to_0004_and_its_rows_have_no_manifest_and
     db.dispose()
 
 
-@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("dialect", ["sqlite", ON_POSTGRESQL])
 def test_revision_0004_downgrades_to_the_schema_of_0003(dialect, new_database):
     at_0003, down_from_0004 = new_database(dialect), new_database(dialect)
     _upgrade_to(at_0003, "0003")
@@ -332,7 +333,7 @@ def _open_and_close(url: str, upgrade: bool = False) -> None:
     db.dispose()
 
 
-@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("dialect", ["sqlite", ON_POSTGRESQL])
 def test_gateways_opening_one_new_catalog_at_once_all_start_at_head(dialect, new_database):
     for _ in range(3):  # the race is timing-dependent: a few tries, each on a new database
         url = new_database(dialect)

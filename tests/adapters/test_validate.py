@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 
 from lorafleet.adapters.archive import MAX_MEMBERS
 from lorafleet.adapters.base_model import load_base_spec
@@ -260,6 +259,8 @@ def _first_of(kind: str, value: float) -> Callable[[dict], dict]:
 
 def _zero_alternately(tensors: dict) -> dict:
     """Every layer keeps one nonzero factor, but never both: each B @ A is still zero."""
+    import torch
+
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
     zeroed = {f"{m}.lora_{'AB'[i % 2]}.weight" for i, m in enumerate(modules)}
     return {k: torch.zeros_like(v) if k in zeroed else v for k, v in tensors.items()}
@@ -296,6 +297,8 @@ def test_freshly_initialised_peft_adapter_is_refused(make_adapter, tiny_model):
 
 def test_one_nonzero_layer_is_enough_to_be_served(make_adapter, tiny_model, tmp_path):
     def keep_one_b(tensors: dict) -> dict:
+        import torch
+
         first = next(k for k in sorted(tensors) if "lora_B" in k)
         return {
             k: torch.zeros_like(v) if "lora_B" in k and k != first else v

@@ -596,8 +596,10 @@ async def test_a_fetched_image_gets_the_same_pixel_and_format_checks():
 
 
 async def test_failed_fetches_are_400s_that_say_why():
+    answer = asyncio.Event()  # set once the fetch has been given up on: the server may then answer
+
     async def slow(request: web.Request) -> web.StreamResponse:
-        await asyncio.sleep(2)
+        await answer.wait()
         return web.Response(body=_png())
 
     async def gzipped(request: web.Request) -> web.StreamResponse:
@@ -620,6 +622,7 @@ async def test_failed_fetches_are_400s_that_say_why():
             remote=remote,
             phrase="within 0.3 s",
         )
+        answer.set()
         await _refused(
             _body(_image_part(f"{base}/gzipped")),
             "remote_image_fetch_failed",

@@ -29,7 +29,7 @@ from tests.conftest import NEAR_BASE_STD
 from tests.helpers import image_messages, poll_until, upload_folder
 from tests.postgres import postgres_database
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.postgres]
 
 LEASE_S = 4.0
 REPLAY_S = 8.0

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import AutoProcessor
 
 from lorafleet.chat_jsonl import Example, load_jsonl, request_messages
 from lorafleet.errors import DataError
@@ -105,6 +104,8 @@ def test_relative_image_paths_resolve_beside_the_file(tmp_path):
 
 
 def test_labels_cover_only_the_assistant_turns(tiny_model):
+    from transformers import AutoProcessor
+
     processor = AutoProcessor.from_pretrained(tiny_model)
     messages = [
         _user(),
@@ -132,6 +133,8 @@ def load_images(messages):
 
 
 def test_examples_over_max_length_are_refused_not_truncated(tiny_model, tmp_path):
+    from transformers import AutoProcessor
+
     processor = AutoProcessor.from_pretrained(tiny_model)
     example = load_jsonl(_write(tmp_path, GOOD))[0]
     with pytest.raises(DataError, match="above max_length 20"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 
 from tests.helpers import assert_openai_error, image_messages, upload_folder
@@ -124,6 +123,8 @@ def test_models_lists_only_the_tenants_deployments(two_tenants):
 
 
 def test_unknown_model_is_404_in_openai_shape(two_tenants):
+    import openai
+
     with pytest.raises(openai.NotFoundError):
         two_tenants[0].openai().chat.completions.create(
             model="nope", messages=image_messages(), max_tokens=2

@@ -23,10 +23,10 @@ from tests.helpers import assert_openai_error
 from tests.serve.engine.test_resize import supervisor_for
 
 
-def _app(tmp_path: Path, **settings) -> tuple[FastAPI, str]:
-    """The registry and rollout routes over a real catalog holding a rank-8 and a rank-32 version
-    of `ext`."""
-    _, sessions = open_catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+def _app(tmp_path: Path, catalog: str, **settings) -> tuple[FastAPI, str]:
+    """The registry and rollout routes over a real catalog (at URL `catalog`, with no rows) holding
+    a rank-8 and a rank-32 version of `ext`."""
+    _, sessions = open_catalog(catalog)
     with sessions() as session:
         tenant, key = create_tenant(session, "acme")
         for char, rank in (("a", 8), ("b", 32)):
@@ -72,8 +72,10 @@ def _client(app: FastAPI, key: str) -> httpx.AsyncClient:
     )
 
 
-async def test_a_fixed_rank_refuses_the_deployment_with_409_and_keeps_the_catalog(tmp_path):
-    app, key = _app(tmp_path, max_lora_rank=16)
+async def test_a_fixed_rank_refuses_the_deployment_with_409_and_keeps_the_catalog(
+    tmp_path, sqlite_catalog
+):
+    app, key = _app(tmp_path, sqlite_catalog(tmp_path / "catalog.db"), max_lora_rank=16)
     async with _client(app, key) as http:
         # rank 8 fits
         assert (await http.put("/v1/deployments/d", json={"adapter": "ext@1"})).status_code == 200
@@ -86,8 +88,8 @@ async def test_a_fixed_rank_refuses_the_deployment_with_409_and_keeps_the_catalo
     assert app.state.gateway.supervisor.sizing.max_lora_rank == 16
 
 
-async def test_a_derived_rank_grows_and_the_deployment_goes_ahead(tmp_path):
-    app, key = _app(tmp_path)
+async def test_a_derived_rank_grows_and_the_deployment_goes_ahead(tmp_path, sqlite_catalog):
+    app, key = _app(tmp_path, sqlite_catalog(tmp_path / "catalog.db"))
     supervisor = app.state.gateway.supervisor
     assert supervisor.sizing.max_lora_rank == 16  # nothing deployed yet
     async with _client(app, key) as http:
@@ -100,8 +102,8 @@ async def test_a_derived_rank_grows_and_the_deployment_goes_ahead(tmp_path):
     assert "2 x 1 deployed adapter," in supervisor.sizing.max_cpu_loras_source
 
 
-async def test_rollouts_and_ab_tests_are_refused_like_deployments(tmp_path):
-    app, key = _app(tmp_path, max_lora_rank=16)
+async def test_rollouts_and_ab_tests_are_refused_like_deployments(tmp_path, sqlite_catalog):
+    app, key = _app(tmp_path, sqlite_catalog(tmp_path / "catalog.db"), max_lora_rank=16)
     async with _client(app, key) as http:
         assert (await http.put("/v1/deployments/d", json={"adapter": "ext@1"})).status_code == 200
         canary = await http.post("/v1/deployments/d/rollout", json={"to": "ext@2", "gate": False})

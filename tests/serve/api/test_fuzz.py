@@ -19,15 +19,6 @@ from typing import Any
 
 import httpx
 import pytest
-import schemathesis
-from hypothesis import HealthCheck, Phase, given, settings
-from schemathesis.checks import not_a_server_error
-from schemathesis.core.failures import FailureGroup
-from schemathesis.specs.openapi.checks import (
-    content_type_conformance,
-    response_schema_conformance,
-    status_code_conformance,
-)
 
 from lorafleet.serve.api.openapi import EXAMPLE_ADAPTER, EXAMPLE_DEPLOYMENT, EXAMPLE_REFS
 from lorafleet.serve.gateway_client import inline_images
@@ -38,19 +29,38 @@ MAX_EXAMPLES = 10  # generated cases per operation and key (examples from the do
 MAX_SPEC_EXAMPLES = 3  # cases per operation built from the document's examples
 MAX_TOKENS = 8  # what fuzzed chats, gates and replays may ask of the CPU engine
 UNKNOWN = "no-such-name"
-CHECKS = [
-    not_a_server_error,
-    status_code_conformance,
-    content_type_conformance,
-    response_schema_conformance,
-]
-HYPOTHESIS = settings(
-    deadline=None,
-    database=None,
-    phases=[Phase.explicit, Phase.generate],
-    suppress_health_check=list(HealthCheck),
-)
 Spec = dict[str, Any]
+
+
+# schemathesis and hypothesis are imported by the fuzzing itself, not when the tests are collected
+
+
+def _checks() -> list[Callable]:
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    return [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_schema_conformance,
+    ]
+
+
+def _hypothesis(examples: int):
+    from hypothesis import HealthCheck, Phase, settings
+
+    return settings(
+        deadline=None,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+        max_examples=examples,
+    )
 
 
 @dataclass
@@ -190,8 +200,10 @@ def _answer(response) -> str:
 
 
 def _run(strategy, examples: int, outcome: Outcome, label: str, call: Callable) -> None:
+    from hypothesis import given
+
     @given(case=strategy)
-    @settings(HYPOTHESIS, max_examples=examples)
+    @_hypothesis(examples)
     def fuzz(case) -> None:
         call(case, outcome.answers.setdefault(label, Counter()))
 
@@ -201,15 +213,19 @@ def _run(strategy, examples: int, outcome: Outcome, label: str, call: Callable) 
 def _fuzz(document: Spec, base_url: str, key: str, include: Callable[[str, str], bool]) -> Outcome:
     """Fuzz every included operation with `key`: the document's examples first, then generated
     cases."""
+    import schemathesis
+    from schemathesis.core.failures import FailureGroup
+
     schema = schemathesis.openapi.from_dict(document)
     headers = {"Authorization": f"Bearer {key}"}
     outcome = Outcome()
+    checks = _checks()
 
     def call(case, answers: Counter[str]) -> None:
         response = case.call(base_url=base_url, headers=headers, timeout=180)
         answers[_answer(response)] += 1
         try:
-            case.validate_response(response, checks=CHECKS, headers=headers)
+            case.validate_response(response, checks=checks, headers=headers)
         except FailureGroup as failures:
             outcome.failures.append(f"{case.operation.label}: {failures}")
 

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 
 from lorafleet.serve.dev.local_server import LocalServer
@@ -129,6 +128,8 @@ def test_the_openai_sdk_waits_out_a_concurrency_429_by_itself(server, deployed):
         refused = _chat(http)
     assert_openai_error(refused, 429, "in flight")
     assert refused.headers["Retry-After"] == "1"
+    import openai
+
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=deployed.api_key, max_retries=8)
     answer = client.chat.completions.with_raw_response.create(
         model="prod", max_tokens=2, messages=image_messages()

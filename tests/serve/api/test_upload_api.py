@@ -141,10 +141,11 @@ SMALL_BASE = BaseModelSpec(
 )
 
 
-def manifest_app(tmp_path: Path) -> tuple[FastAPI, str]:
-    """The registry routes over a real SQLite catalog and local store, validating uploads against
-    a base whose one LoRA-able layer is `small_adapter`'s; returns the app and a tenant key."""
-    _, sessions = open_catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+def manifest_app(tmp_path: Path, catalog: str) -> tuple[FastAPI, str]:
+    """The registry routes over a real catalog (at URL `catalog`, with no rows) and local store,
+    validating uploads against a base whose one LoRA-able layer is `small_adapter`'s; returns the
+    app and a tenant key."""
+    _, sessions = open_catalog(catalog)
     with sessions() as session:
         _, key = create_tenant(session, "acme")
     (tmp_path / "tmp").mkdir()
@@ -196,8 +197,10 @@ async def _upload(http: httpx.AsyncClient, name: str, folder: Path) -> httpx.Res
         archive.unlink()
 
 
-async def test_an_upload_keeps_the_trainers_manifest_on_its_version_outside_its_digest(tmp_path):
-    app, key = manifest_app(tmp_path)
+async def test_an_upload_keeps_the_trainers_manifest_on_its_version_outside_its_digest(
+    tmp_path, sqlite_catalog
+):
+    app, key = manifest_app(tmp_path, sqlite_catalog(tmp_path / "catalog.db"))
     adapter = adapter_with_manifest(tmp_path / "a", 1, None)
     manifest = trainer_manifest(adapter.digest)
     (tmp_path / "a" / MANIFEST_FILE).write_text(json.dumps(manifest))
@@ -221,9 +224,9 @@ async def test_an_upload_keeps_the_trainers_manifest_on_its_version_outside_its_
     ("recorded", "matches"), [("other", False), ("nothing", None), ("no manifest", None)]
 )
 async def test_manifest_matches_says_whether_the_recorded_digest_is_the_versions(
-    tmp_path, recorded, matches
+    tmp_path, sqlite_catalog, recorded, matches
 ):
-    app, key = manifest_app(tmp_path)
+    app, key = manifest_app(tmp_path, sqlite_catalog(tmp_path / "catalog.db"))
     manifest = {
         "other": trainer_manifest("0" * 64),
         "nothing": {"training": {"steps": 3}},
@@ -248,8 +251,10 @@ async def test_manifest_matches_says_whether_the_recorded_digest_is_the_versions
     ],
     ids=["too-large", "not-an-object", "not-json"],
 )
-async def test_a_bad_manifest_refuses_the_upload_and_nothing_is_stored(tmp_path, content, phrase):
-    app, key = manifest_app(tmp_path)
+async def test_a_bad_manifest_refuses_the_upload_and_nothing_is_stored(
+    tmp_path, sqlite_catalog, content, phrase
+):
+    app, key = manifest_app(tmp_path, sqlite_catalog(tmp_path / "catalog.db"))
     adapter_with_manifest(tmp_path / "a", 1, content)
     async with _client(app, key) as http:
         error = assert_openai_error(await _upload(http, "ext", tmp_path / "a"), 400, phrase)

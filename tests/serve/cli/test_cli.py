@@ -76,8 +76,9 @@ def test_serve_names_a_missing_base_model(tmp_path):
     assert result.exit_code == 1 and "no base model" in result.output
 
 
-def test_push_sends_the_folders_manifest_and_show_prints_its_key_numbers(tmp_path):
-    api, key = manifest_app(tmp_path)  # the registry routes without an engine
+def test_push_sends_the_folders_manifest_and_show_prints_its_key_numbers(tmp_path, sqlite_catalog):
+    # the registry routes without an engine
+    api, key = manifest_app(tmp_path, sqlite_catalog(tmp_path / "catalog.db"))
     trained = adapter_with_manifest(tmp_path / "trained", 1, None)
     (tmp_path / "trained" / MANIFEST_FILE).write_text(
         json.dumps(trainer_manifest(trained.digest), indent=2)

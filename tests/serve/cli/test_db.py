@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 
+import pytest
 from typer.testing import CliRunner
 
 from lorafleet.adapters.migrate import head_revision
@@ -69,6 +70,7 @@ def test_serve_on_a_catalog_behind_exits_with_one_line_naming_the_command(tmp_pa
     assert "Traceback" not in result.output
 
 
+@pytest.mark.postgres
 def test_backup_of_a_postgresql_catalog_points_to_pg_dump(tmp_path):
     with postgres_database() as url:
         result = runner.invoke(

@@ -52,11 +52,11 @@ def test_a_window_or_period_out_of_range_is_refused_before_any_request():
 
 
 @pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[tuple[list[str], int]]:
+def gateway(tmp_path: Path, sqlite_catalog) -> Iterator[tuple[list[str], int]]:
     """Tenant acme's deployment `d` on loopback: three requests just now, and a finished 600 s
     canary rollout with samples in two 10 s periods; (the CLI's --url/--api-key arguments, the
     rollout's id)."""
-    _, sessions = open_catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    _, sessions = open_catalog(sqlite_catalog(tmp_path / "catalog.db"))
     now = time.time()
     with sessions() as session:
         tenant, key = create_tenant(session, "acme")

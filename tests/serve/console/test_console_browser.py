@@ -21,6 +21,8 @@ from tests.helpers import upload_folder
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = Path(os.environ.get("LORAFLEET_SCREENSHOTS", "build/screenshots"))
 
+pytestmark = pytest.mark.browser
+
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator:

@@ -64,12 +64,13 @@ async def _deployed_canary(console: Console, key: str, adapters: list[Path]) -> 
 async def test_sign_in_keeps_the_key_in_an_http_only_same_site_cookie_and_never_in_the_page(
     console, browser_session
 ):
-    key = await console.tenant("acme")
+    acme = console.name("acme")
+    key = await console.tenant(acme)
     browser = await browser_session(key)
     cookie = next(c for c in browser.cookies.jar if c.name == SESSION_COOKIE)
     assert key not in cookie.value  # sealed, not merely encoded
     page = await browser.get("/console/deployments")
-    assert page.status_code == 200 and "tenant <strong>acme</strong>" in page.text
+    assert page.status_code == 200 and f"tenant <strong>{acme}</strong>" in page.text
     assert key not in page.text and key not in str(page.url)
     assert "default-src 'none'" in page.headers["content-security-policy"]
     login = await console.http.get("/console/login")
@@ -82,7 +83,7 @@ async def test_sign_in_keeps_the_key_in_an_http_only_same_site_cookie_and_never_
 
 
 async def test_the_session_cookie_is_http_only_and_strict(console):
-    key = await console.tenant("acme")
+    key = await console.tenant(console.name("acme"))
     form = await console.http.get("/console/login")
     signed = await console.http.post(
         "/console/login", data={"csrf": csrf_of(form.text), "key": key}
@@ -127,7 +128,7 @@ async def test_a_page_without_a_session_sends_the_browser_to_sign_in(console):
 
 
 async def test_sign_in_only_redirects_within_the_console(console):
-    key = await console.tenant("acme")
+    key = await console.tenant(console.name("acme"))
     form = await console.http.get("/console/login")
     signed = await console.http.post(
         "/console/login",
@@ -139,13 +140,14 @@ async def test_sign_in_only_redirects_within_the_console(console):
 async def test_actions_need_the_session_token_and_the_same_origin(
     console, browser_session, adapters
 ):
-    key = await console.tenant("acme")
+    acme = console.name("acme")
+    key = await console.tenant(acme)
     await _deployed_canary(console, key, adapters)
     browser = await browser_session(key)
-    action = "/console/t/acme/deployments/shapes/actions/abort"
+    action = f"/console/t/{acme}/deployments/shapes/actions/abort"
     assert (await browser.post(action, data={})).status_code == 403
     assert (await browser.post(action, data={"csrf": "guess"})).status_code == 403
-    confirm = await browser.get("/console/t/acme/deployments/shapes/confirm/abort")
+    confirm = await browser.get(f"/console/t/{acme}/deployments/shapes/confirm/abort")
     assert confirm.status_code == 200 and "Yes, abort" in confirm.text
     token = csrf_of(confirm.text)
     foreign = await browser.post(
@@ -158,7 +160,7 @@ async def test_actions_need_the_session_token_and_the_same_origin(
     assert done.status_code == 303 and done.headers["location"].endswith("/rollout?done=abort")
     page = await browser.get(done.headers["location"])
     assert re.search(r'id="phase"><span class="phase phase-Aborted">Aborted', page.text)
-    assert "by tenant:acme" in page.text  # the decision names who acted, as the API records it
+    assert f"by tenant:{acme}" in page.text  # the decision names who acted, as the API records it
     assert 'hx-trigger="every 5s"' not in page.text  # a finished rollout is no longer polled
     assert (
         "RolloutStarted</span> · before the first step" in page.text
@@ -172,7 +174,8 @@ async def test_every_page_renders_for_a_tenant_and_the_admin(
     from lorafleet.serve.gateway_client import inline_images
     from lorafleet.train.shapes import write_task
 
-    key = await console.tenant("acme")
+    acme = console.name("acme")
+    key = await console.tenant(acme)
     await _deployed_canary(console, key, adapters)
     validation = inline_images(write_task("general", 6, tmp_path / "val.jsonl", seed=1))
     async with console.api(key) as api:
@@ -181,7 +184,7 @@ async def test_every_page_renders_for_a_tenant_and_the_admin(
         )
         assert pushed.status_code == 200, pushed.text
     tenant = await browser_session(key)
-    base = "/console/t/acme"
+    base = f"/console/t/{acme}"
     for path in (
         "/console/deployments",
         "/console/rollouts",
@@ -225,8 +228,10 @@ async def test_every_page_renders_for_a_tenant_and_the_admin(
         assert page.status_code == 200, (path, page.text[-2000:])
         assert ADMIN_KEY not in page.text
     tenants = (await admin.get("/console/tenants")).text
-    # one live key
-    assert re.search(r'<th scope="row">acme</th>.*?<td class="num">1</td>', tenants, re.S)
+    # one live key (the row's first number; the module's other tests have tenants of their own)
+    assert re.search(
+        rf'<th scope="row">{acme}</th>\s*<td>.*?</td>\s*<td class="num">1</td>', tenants, re.S
+    )
     assert "built-in method" not in tenants
     assert "admin (all tenants)" in (await admin.get("/console/deployments")).text
 
@@ -272,7 +277,8 @@ async def test_an_adapter_page_shows_the_trainers_manifest(
         },
     }
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    key = await console.tenant("acme")
+    acme = console.name("acme")
+    key = await console.tenant(acme)
     async with console.api(key) as api:
         archive = pack_adapter(folder)
         uploaded = await api.post(
@@ -282,25 +288,26 @@ async def test_an_adapter_page_shows_the_trainers_manifest(
         )
         archive.unlink()
         assert uploaded.status_code == 201, uploaded.text
-    page = (await (await browser_session(key)).get("/console/t/acme/adapters/m")).text
+    page = (await (await browser_session(key)).get(f"/console/t/{acme}/adapters/m")).text
     assert "records this digest" in page  # manifest_matches, as the API answers it
     assert "0.975" in page and "forgetting probe" in page and "76" in page and "0.0412" in page
 
 
 async def test_a_tenant_never_sees_another_tenants_things(console, browser_session, adapters):
-    owner, other = await console.tenant("acme"), await console.tenant("globex")
+    acme = console.name("acme")
+    owner, other = await console.tenant(acme), await console.tenant(console.name("globex"))
     await _deployed_canary(console, owner, adapters)
     stranger = await browser_session(other)
     for path in (
-        "/console/t/acme/deployments/shapes",
-        "/console/t/acme/deployments/shapes/rollout",
-        "/console/t/acme/adapters/m",
-        "/console/t/acme/deployments/shapes/confirm/abort",
+        f"/console/t/{acme}/deployments/shapes",
+        f"/console/t/{acme}/deployments/shapes/rollout",
+        f"/console/t/{acme}/adapters/m",
+        f"/console/t/{acme}/deployments/shapes/confirm/abort",
     ):
         assert (await stranger.get(path)).status_code == 404, path
     token = csrf_of((await stranger.get("/console/deployments")).text)
     refused = await stranger.post(
-        "/console/t/acme/deployments/shapes/actions/abort", data={"csrf": token}
+        f"/console/t/{acme}/deployments/shapes/actions/abort", data={"csrf": token}
     )
     assert refused.status_code == 404
     for path in ("/console/deployments", "/console/rollouts", "/console/adapters"):
@@ -310,7 +317,7 @@ async def test_a_tenant_never_sees_another_tenants_things(console, browser_sessi
 
 
 async def test_sign_out_ends_the_session(console, browser_session):
-    key = await console.tenant("acme")
+    key = await console.tenant(console.name("acme"))
     browser = await browser_session(key)
     token = csrf_of((await browser.get("/console/deployments")).text)
     assert (await browser.post("/console/logout", data={})).status_code == 403
@@ -320,10 +327,11 @@ async def test_sign_out_ends_the_session(console, browser_session):
 
 
 async def test_a_revoked_key_signs_the_console_out(console, browser_session):
-    key = await console.tenant("acme")
+    acme = console.name("acme")
+    key = await console.tenant(acme)
     browser = await browser_session(key)
-    keys = (await console.admin.get("/admin/tenants/acme/keys")).json()
-    (await console.admin.delete(f"/admin/tenants/acme/keys/{keys[0]['id']}")).raise_for_status()
+    keys = (await console.admin.get(f"/admin/tenants/{acme}/keys")).json()
+    (await console.admin.delete(f"/admin/tenants/{acme}/keys/{keys[0]['id']}")).raise_for_status()
     page = await browser.get("/console/deployments")
     assert page.status_code == 303 and page.headers["location"].startswith("/console/login")
 
@@ -332,21 +340,22 @@ async def test_a_revoked_key_signs_the_console_out(console, browser_session):
 
 
 async def test_acting_for_a_tenant_needs_the_admin_key(console):
-    acme, globex = await console.tenant("acme"), await console.tenant("globex")
+    acme_name, globex_name = console.name("acme"), console.name("globex")
+    acme, globex = await console.tenant(acme_name), await console.tenant(globex_name)
     async with console.api(acme) as api:
         mine = await api.get("/v1/tenant")
-        assert mine.json() == {"name": "acme", "acting_as": "tenant:acme"}
-        refused = await api.get("/v1/deployments", headers={"X-Lorafleet-Tenant": "globex"})
+        assert mine.json() == {"name": acme_name, "acting_as": f"tenant:{acme_name}"}
+        refused = await api.get("/v1/deployments", headers={"X-Lorafleet-Tenant": globex_name})
         assert_openai_error(refused, 401, "X-Lorafleet-Tenant needs the admin key")
-    acting = await console.admin.get("/v1/tenant", headers={"X-Lorafleet-Tenant": "globex"})
-    assert acting.status_code == 200 and acting.json()["name"] == "globex"
+    acting = await console.admin.get("/v1/tenant", headers={"X-Lorafleet-Tenant": globex_name})
+    assert acting.status_code == 200 and acting.json()["name"] == globex_name
     assert acting.json()["acting_as"].startswith("admin@")
     assert_openai_error(
         await console.admin.get("/v1/deployments", headers={"X-Lorafleet-Tenant": "nobody"}), 404
     )
     chat = await console.admin.post(
         "/v1/chat/completions",
-        headers={"X-Lorafleet-Tenant": "acme"},
+        headers={"X-Lorafleet-Tenant": acme_name},
         json={"model": "x", "messages": [{"role": "user", "content": "hi"}]},
     )
     assert_openai_error(chat, 400)

@@ -13,7 +13,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from openai import OpenAI
 
 from lorafleet.adapters.base_model import load_base_spec
 from lorafleet.errors import InvalidRequest, UnsupportedQuantization
@@ -160,6 +159,8 @@ def test_quantized_checkpoint_serves_hot_swapped_adapters_like_vllm(
         UnsupportedQuantization, match="quantized in float32 and is served in float32 only"
     ):
         plan(quantized, AVX2, dtype="bfloat16")
+    from openai import OpenAI
+
     server = LocalServer.start(
         quantized, tmp_path / "home", max_model_len="512", max_lora_rank="16", drift_replay_s="0"
     )  # dtype auto: the checkpoint's own

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import psutil
 import pytest
-from openai import OpenAI
 
 from lorafleet.serve.dev.local_server import LocalServer
 from lorafleet.serve.gateway_client import LorafleetClient
@@ -15,6 +13,8 @@ from tests.helpers import image_messages
 
 
 def _engine_cmdline(server: LocalServer) -> list[str]:
+    import psutil
+
     for child in psutil.Process(server.process.pid).children():
         if "vllm.entrypoints.openai.api_server" in " ".join(child.cmdline()):
             return child.cmdline()
@@ -24,6 +24,8 @@ def _engine_cmdline(server: LocalServer) -> list[str]:
 @pytest.mark.engine
 @pytest.mark.training  # builds an untrained tiny model and two random adapters (seconds)
 def test_a_higher_rank_deployment_restarts_the_engine_with_that_rank(tmp_path: Path):
+    from openai import OpenAI
+
     from lorafleet.train.random_adapter import make_random_adapter
     from lorafleet.train.tiny_model import build_tiny_model
 

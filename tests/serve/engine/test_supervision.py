@@ -5,6 +5,7 @@ process) or a missing path."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from lorafleet.adapters.store import LocalStore
@@ -15,6 +16,7 @@ from lorafleet.serve.engine.sizing import GIB, Machine, ModelShape, Workload, de
 from lorafleet.serve.engine.supervisor import EngineSupervisor
 from lorafleet.serve.metrics import Metrics
 from lorafleet.serve.settings import Settings
+from tests.helpers import FakeSleep
 
 MACHINE = Machine(ram_bytes=24 * GIB, cpus=2)
 SHAPE = ModelShape(lora_features=4096, kv_bytes_per_token=1024, dtype_bytes=4)
@@ -29,7 +31,11 @@ def engine_script(tmp_path: Path, body: str) -> Path:
     return script
 
 
-def supervisor_for(tmp_path: Path, **settings) -> EngineSupervisor:
+def supervisor_for(
+    tmp_path: Path,
+    back_off_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    **settings,
+) -> EngineSupervisor:
     configured = Settings(base="x", home=tmp_path, **settings)
     metrics = Metrics()
     client = EngineClient(LocalStore(tmp_path / "adapters"), metrics, url=configured.engine_url)
@@ -41,6 +47,7 @@ def supervisor_for(tmp_path: Path, **settings) -> EngineSupervisor:
         Hardware("x86_64"),
         Quantization("none"),
         derive_sizing(configured, Workload(), MACHINE, SHAPE),
+        back_off_sleep=back_off_sleep,
     )
 
 
@@ -56,12 +63,21 @@ async def _until(condition, timeout: float = 10.0) -> None:
 
 
 async def test_a_missing_engine_python_is_retried_into_a_crash_loop_and_stop_ends_it(tmp_path):
-    supervisor = supervisor_for(tmp_path, engine_python=str(tmp_path / "no-such-python"))
+    clock = FakeSleep()  # the back-offs are asked for, and waited out by `advance`
+    supervisor = supervisor_for(
+        tmp_path, clock.sleep, engine_python=str(tmp_path / "no-such-python")
+    )
     await supervisor.start()
     try:
         await _until(lambda: supervisor.failed_starts == 1)
         assert supervisor.state == "restarting" and "no-such-python" in supervisor.last_error
+        await _until(lambda: clock.delays == [1.0])
+        clock.advance(1.0)
+        await _until(lambda: clock.delays == [1.0, 2.0])
+        assert supervisor.failed_starts == 2 and supervisor.state == "restarting"
+        clock.advance(2.0)
         await _until(lambda: supervisor.state == "crash_loop")  # after 1 s and 2 s of back-off
+        await _until(lambda: clock.delays == [1.0, 2.0, 5.0])  # the next start waits 5 s
         assert supervisor.failed_starts == 3 and supervisor.starts == 0 and not supervisor.client.up
         assert sample(supervisor, "lorafleet_engine_state", state="crash_loop") == 1
         assert sample(supervisor, "lorafleet_engine_state", state="up") == 0
@@ -98,8 +114,9 @@ async def test_an_engine_exiting_during_start_leaves_its_exit_code(tmp_path):
 async def test_an_error_inside_supervision_is_counted_and_the_next_start_comes_up(
     tmp_path, monkeypatch
 ):
+    clock = FakeSleep()
     supervisor = supervisor_for(
-        tmp_path, engine_python=str(engine_script(tmp_path, "exec sleep 60"))
+        tmp_path, clock.sleep, engine_python=str(engine_script(tmp_path, "exec sleep 60"))
     )
     answers = iter([RuntimeError("health check broke")])
 
@@ -112,6 +129,8 @@ async def test_an_error_inside_supervision_is_counted_and_the_next_start_comes_u
     monkeypatch.setattr(supervisor.client, "healthy", healthy)
     await supervisor.start()
     try:
+        await _until(lambda: clock.delays == [1.0])  # the failed start's back-off
+        clock.advance(1.0)
         await _until(lambda: supervisor.state == "up")
         assert sample(supervisor, "lorafleet_engine_supervision_errors_total") == 1
         assert "health check broke" in supervisor.last_error
