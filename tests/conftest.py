@@ -20,6 +20,12 @@ from lorafleet.serve.dev.local_server import LocalServer
 from lorafleet.serve.engine.command import free_port
 from tests.postgres import database_name, postgres_database
 
+# pytest-xdist's workers run with COLUMNS=80 and LINES=24 in their environment, which the CLI's
+# rich console (made as lorafleet.serve.cli is imported) would keep as its size: the CLI tests give
+# each command its own COLUMNS.
+for _name in ("COLUMNS", "LINES"):
+    os.environ.pop(_name, None)
+
 MAX_RANK = 16
 MAX_UPLOAD = 2_000_000
 # lora_B this small changes no greedy answer of the tiny base, yet is not all zeros (upload refuses
