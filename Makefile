@@ -24,9 +24,9 @@ demo: setup
 	$(BIN)/python -m lorafleet.serve.dev.demo
 
 # Everything that needs neither the engine, training, the wheel, nor a service of the OS (PostgreSQL,
-# Redis, Chromium: no root, no apt): seconds.
+# Redis, Chromium: no root, no apt), on two processes (pytest-xdist): seconds.
 unit: setup
-	$(BIN)/pytest -q -m "not engine and not training and not packaging and not postgres and not redis and not browser"
+	$(BIN)/pytest -q -n 2 -m "not engine and not training and not packaging and not postgres and not redis and not browser"
 
 # mypy reads the code under its installed names through a tree of links (it cannot follow setuptools'
 # editable-install import hook, which maps the top-level folders into the lorafleet namespace).

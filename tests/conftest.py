@@ -3,6 +3,7 @@ session."""
 
 from __future__ import annotations
 
+import gc
 import os
 import secrets
 import shutil
@@ -320,6 +321,17 @@ ENGINE_FIXTURES = {"server", "new_tenant"}
 TRAINING_FIXTURES = {"tiny_model", "make_adapter", "vision_adapter", "world", "trained"}
 POSTGRES_FIXTURES = {"server", "new_tenant", "postgres_catalog_template"}
 REDIS_FIXTURES = {"redis_url"}
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """What the collection imported (torch, the gateway's modules...) lives as long as the
+    process: the garbage collector stops walking it in every full collection."""
+    gc.freeze()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Nor as the process exits (a second or more once transformers' model code is imported)."""
+    gc.freeze()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
