@@ -230,9 +230,8 @@ def _bounded_validator(base: type) -> type:
         "patternProperties": _pattern_properties,
         "additionalProperties": _additional_properties,
     }
-    keywords = {
-        name: _spending(own.get(name, keyword)) for name, keyword in base.VALIDATORS.items()
-    }  # type: ignore[attr-defined]
+    validators = base.VALIDATORS  # type: ignore[attr-defined]
+    keywords = {name: _spending(own.get(name, keyword)) for name, keyword in validators.items()}
     return jsonschema.validators.extend(base, keywords)
 
 
@@ -293,8 +292,8 @@ def _check_json_schema(schema: Any) -> None:
     declared = schema.get("$schema")
     if declared is not None and (
         not isinstance(declared, str)
-        or jsonschema.validators.validator_for(schema, default=None) is None
-    ):  # type: ignore[arg-type]
+        or jsonschema.validators.validator_for(schema, default=None) is None  # type: ignore[arg-type]
+    ):
         raise _refuse(f"unknown $schema {declared!r:.80}")
     base = jsonschema.validators.validator_for(schema)
     try:

@@ -46,10 +46,10 @@ class LocalServer:
             url=f"http://127.0.0.1:{env['LORAFLEET_PORT']}",
             admin_key=env["LORAFLEET_ADMIN_KEY"],
             home=home,
-            process=None,
+            process=None,  # type: ignore[arg-type]
             env=env,
             base=str(base),
-        )  # type: ignore[arg-type]
+        )
         server.process = server._spawn()
         return server
 
