@@ -119,6 +119,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def untrained_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Qwen2.5-VL with random weights, not pre-trained (seconds): for gateways that read
+    its config and engines whose answers no test compares; nothing writes into it."""
+    from lorafleet.train.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("untrained-base"))
+
+
+@pytest.fixture(scope="session")
 def make_adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """Factory of real PEFT adapters (seeded random LoRA weights), cached per arguments."""
     from lorafleet.train.random_adapter import make_random_adapter
