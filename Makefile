@@ -24,9 +24,9 @@ demo: setup
 	$(BIN)/python -m lorafleet.serve.dev.demo
 
 # Everything that needs neither the engine, training, the wheel, nor a service of the OS (PostgreSQL,
-# Redis, Chromium: no root, no apt): seconds.
+# Redis, Chromium: no root, no apt), on two processes (pytest-xdist; tests/conftest.py says how): seconds.
 unit: setup
-	$(BIN)/pytest -q -m "not engine and not training and not packaging and not postgres and not redis and not browser"
+	$(BIN)/pytest -q -n 2 --dist loadscope -m "not engine and not training and not packaging and not postgres and not redis and not browser"
 
 # mypy reads the code under its installed names through a tree of links (it cannot follow setuptools'
 # editable-install import hook, which maps the top-level folders into the lorafleet namespace).
@@ -52,9 +52,10 @@ docs-ref: setup
 services:
 	@deploy/local/services.sh
 
-# Every test, the ten slowest named at the end.
+# Every test, on two processes (the session's engine tests on one, tests/conftest.py says how), the
+# ten slowest named at the end.
 test: setup services
-	$(BIN)/pytest -q --durations=10
+	$(BIN)/pytest -q -n 2 --dist loadscope --durations=10
 
 # The benchmarks' regression guard (a few minutes): each checks its own thresholds and exits 1 on a miss.
 bench-quick: setup

@@ -3,10 +3,14 @@ session."""
 
 from __future__ import annotations
 
+import fcntl
+import gc
+import json
 import os
 import secrets
 import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,6 +23,12 @@ import pytest
 from lorafleet.serve.dev.local_server import LocalServer
 from lorafleet.serve.engine.command import free_port
 from tests.postgres import database_name, postgres_database
+
+# pytest-xdist's workers run with COLUMNS=80 and LINES=24 in their environment, which the CLI's
+# rich console (made as lorafleet.serve.cli is imported) would keep as its size: the CLI tests give
+# each command its own COLUMNS.
+for _name in ("COLUMNS", "LINES"):
+    os.environ.pop(_name, None)
 
 MAX_RANK = 16
 MAX_UPLOAD = 2_000_000
@@ -100,15 +110,36 @@ def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]
         yield url
 
 
+def run_folder(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The temporary folder of this run: under pytest-xdist, the one every worker shares (each
+    has its own folder below it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if hasattr(config, "workerinput") else base
+
+
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Qwen2.5-VL pre-trained on the shapes world: it answers the general task ("a red
-    circle")."""
+    circle"). Built once per run: a second pytest-xdist worker waits for the first's."""
     from lorafleet.train.tiny_model import PRETRAIN_STEPS, build_tiny_model
 
-    return build_tiny_model(
-        tmp_path_factory.mktemp("tiny-model"), seed=0, pretrain_steps=PRETRAIN_STEPS
-    )
+    shared = run_folder(request.config, tmp_path_factory)
+    built = shared / "tiny-model.built"  # written last: the model's folder
+    with open(shared / "tiny-model.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released as the file closes
+        if not built.exists():
+            out = Path(tempfile.mkdtemp(prefix="tiny-model-", dir=shared))
+            built.write_text(str(build_tiny_model(out, seed=0, pretrain_steps=PRETRAIN_STEPS)))
+    return Path(built.read_text())
+
+
+@pytest.fixture(scope="session")
+def untrained_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Qwen2.5-VL with random weights, not pre-trained (seconds): for gateways that read
+    its config and engines whose answers no test compares; nothing writes into it."""
+    from lorafleet.train.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("untrained-base"))
 
 
 @pytest.fixture(scope="session")
@@ -316,7 +347,28 @@ POSTGRES_FIXTURES = {"server", "new_tenant", "postgres_catalog_template"}
 REDIS_FIXTURES = {"redis_url"}
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """What the collection imported (torch, the gateway's modules...) lives as long as the
+    process: the garbage collector stops walking it in every full collection."""
+    gc.freeze()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Nor as the process exits (a second or more once transformers' model code is imported)."""
+    gc.freeze()
+
+
+# `make unit` and `make test` run on two processes (pytest-xdist, --dist loadscope) that take the
+# tests in these scopes: every test of the session's server is one (one worker runs them in their
+# order, those that restart its engine last, so one engine serves them all); every other test that
+# starts an engine or trains is another, for the other worker; the tests marked `heavy_imports` are
+# a third (one worker imports transformers' model code, matplotlib and schemathesis, the other
+# never); the rest go to either worker a file at a time (a module's fixtures are built once). The
+# workers write the lists into the run's folder, where the scheduler reads them.
+SCOPES = "xdist-scopes.json"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark tests by the fixtures they use (`make unit` deselects these marks); tests that kill
     the engine run last, so the rest share one warm engine."""
     for item in items:
@@ -330,6 +382,43 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if fixtures & REDIS_FIXTURES:
             item.add_marker(pytest.mark.redis)
     items.sort(key=lambda item: item.get_closest_marker("engine_restart") is not None)
+    if hasattr(config, "workerinput"):
+        scopes: dict[str, str] = {}
+        for item in items:
+            if set(getattr(item, "fixturenames", ())) & ENGINE_FIXTURES or item.get_closest_marker(
+                "engine_restart"
+            ):
+                scopes[item.nodeid] = "session-server"
+            elif item.get_closest_marker("engine") or item.get_closest_marker("training"):
+                scopes[item.nodeid] = "engines-and-training"
+            elif item.get_closest_marker("heavy_imports"):
+                scopes[item.nodeid] = "heavy-imports"
+        folder = run_folder(config, config._tmp_path_factory)  # type: ignore[attr-defined]
+        written = folder / f"{SCOPES}.{os.getpid()}"
+        written.write_text(json.dumps(scopes))
+        written.replace(folder / SCOPES)  # whole, whichever worker writes it last
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """pytest-xdist's scheduling by scopes (--dist loadscope), as `SCOPES` says."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    if config.getoption("dist") != "loadscope":
+        return None
+
+    # pytest-xdist's own way to the run's folder, whose subfolders the workers get
+    listed = config._tmp_path_factory.getbasetemp() / SCOPES  # type: ignore[attr-defined]
+
+    class Scopes(LoadScopeScheduling):
+        scopes: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.scopes is None:
+                self.scopes = json.loads(listed.read_text())
+            return self.scopes.get(nodeid) or nodeid.split("::", 1)[0]
+
+    return Scopes(config, log)
 
 
 def s3_environ(endpoint: str, home: Path) -> dict[str, str]:

@@ -71,14 +71,16 @@ def assert_openai_error(response: httpx.Response, status: int, phrase: str = "")
     return error
 
 
-def poll_until(check: Callable[[], object], timeout: float, what: str) -> object:
-    """`check()`'s first truthy result, asked every quarter second; AssertionError naming `what`
+def poll_until(
+    check: Callable[[], object], timeout: float, what: str, every: float = 0.25
+) -> object:
+    """`check()`'s first truthy result, asked every `every` seconds; AssertionError naming `what`
     after `timeout`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if result := check():
             return result
-        time.sleep(0.25)
+        time.sleep(every)
     raise AssertionError(f"{what}: not within {timeout} s")
 
 
@@ -135,7 +137,7 @@ def on_loopback(app: FastAPI) -> Iterator[str]:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    poll_until(lambda: server.started, 10, "the API on loopback")
+    poll_until(lambda: server.started, 10, "the API on loopback", every=0.01)  # in-process
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

@@ -336,6 +336,7 @@ def test_engines_are_a_statefulset_behind_the_headless_service_gateways_resolve(
     )
 
 
+@pytest.mark.heavy_imports
 def test_the_engine_args_start_vllm_through_lorafleet_engine(
     rendered: Rendered, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

@@ -124,7 +124,10 @@ class RolloutController:
         owner: str,
         tick_s: float,
         lease_s: float,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """`clock`: the time leases are taken and renewed at (a test's fake clock)."""
+        self.clock = clock
         self.sessions, self.engine, self.validation_store, self.metrics = (
             sessions,
             engine,
@@ -263,7 +266,7 @@ class RolloutController:
             return list(session.scalars(select(Rollout.id).where(Rollout.phase.in_(list(ACTIVE)))))
 
     def _lease(self, rollout_id: int) -> bool:
-        now = time.time()
+        now = self.clock()
         with self.sessions() as session:
             result = session.execute(
                 update(Rollout)

@@ -185,6 +185,7 @@ def test_settings_name_one_source_of_engines():
     assert Settings(engines='["http://a:1", "http://b:2/"]').engines == ["http://a:1", "http://b:2"]
 
 
+@pytest.mark.heavy_imports
 def test_a_gateway_in_front_of_nodes_records_a_quantization_only_the_nodes_can_run(tmp_path):
     import json
 

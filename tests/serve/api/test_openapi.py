@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from fastapi import APIRouter, FastAPI
 
 from lorafleet.scoring import METRICS
@@ -117,6 +118,7 @@ def test_errors_are_openai_shaped_and_request_validation_is_400_not_422():
     assert "HTTPValidationError" not in spec["components"]["schemas"]
 
 
+@pytest.mark.heavy_imports
 def test_links_name_existing_operations_and_their_path_parameters():
     spec = _app().openapi()
     by_id = {op["operationId"]: op for _, _, op in _operations(spec)}

@@ -17,15 +17,6 @@ from fastapi import FastAPI
 ADMIN_KEY = "console-test-admin-key"
 
 
-@pytest.fixture(scope="session")
-def untrained_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny Qwen2.5-VL, not pre-trained (seconds): the gateway reads its config; nothing
-    generates."""
-    from lorafleet.train.tiny_model import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("console-base"))
-
-
 @pytest.fixture(scope="module")
 def console_app(untrained_base: Path, tmp_path_factory: pytest.TempPathFactory) -> FastAPI:
     """One gateway app per test module (its catalog and store real, no engine, its lifespan not

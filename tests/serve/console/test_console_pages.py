@@ -16,6 +16,8 @@ from tests.serve.console.conftest import ADMIN_KEY, Console, csrf_of
 
 NEAR_BASE_STD = 1e-6
 
+pytestmark = pytest.mark.heavy_imports  # transformers (the base, its adapters) and matplotlib
+
 
 @pytest.fixture(scope="session")
 def adapters(untrained_base: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:

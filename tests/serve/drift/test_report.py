@@ -6,6 +6,8 @@ from __future__ import annotations
 import html
 import re
 
+import pytest
+
 from lorafleet.serve.api.drift import DriftCheckPublic, DriftHistory, DriftStatus
 from lorafleet.serve.drift.report import render_report
 from lorafleet.serve.drift.schemas import FeedbackPeriod, FeedbackTimeline
@@ -77,6 +79,7 @@ def _plots(page: str) -> list[str]:
     return [html.unescape(title) for title in re.findall(r"<h2>([^<]*)</h2><img", page)]
 
 
+@pytest.mark.heavy_imports
 def test_confidence_looks_and_the_feedback_timeline_are_plotted():
     checks = [
         _confidence_look(1, -0.31, False),
@@ -96,6 +99,7 @@ def test_confidence_looks_and_the_feedback_timeline_are_plotted():
     assert "ALARM" in page and "DRIFT confidence of canary" in page  # the looks' table
 
 
+@pytest.mark.heavy_imports
 def test_a_timeline_without_any_feedback_is_not_plotted():
     page = _page([], [_timeline("stable", "m@1", [(10, 0, None), (4, 0, None)])])
     assert _plots(page) == [] and "Nothing measured yet" in page

@@ -21,13 +21,15 @@ T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
-def untrained_base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def base_and_adapter(
+    untrained_base: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path]:
     """A tiny base with random weights and an adapter for it: the engine never reads them here."""
     from lorafleet.train.random_adapter import make_random_adapter
-    from lorafleet.train.tiny_model import build_tiny_model
 
-    base = build_tiny_model(tmp_path_factory.mktemp("untrained-base"))
-    return base, make_random_adapter(base, tmp_path_factory.mktemp("adapter"), seed=3)
+    return untrained_base, make_random_adapter(
+        untrained_base, tmp_path_factory.mktemp("adapter"), seed=3
+    )
 
 
 def _until(probe: Callable[[], T | None], timeout: float, what: str) -> T:
@@ -69,9 +71,9 @@ def _metric(admin: httpx.Client, line_start: str) -> float:
 
 @pytest.mark.parametrize("engine", ["exits at once", "does not exist"])
 def test_an_engine_failing_every_start_is_a_visible_crash_loop_and_the_gateway_keeps_answering(
-    engine, untrained_base, tmp_path
+    engine, base_and_adapter, tmp_path
 ):
-    base, adapter = untrained_base
+    base, adapter = base_and_adapter
     python = tmp_path / "engine-python"
     if engine == "exits at once":
         python.write_text("#!/bin/sh\necho 'no engine here' >&2\nexit 1\n")

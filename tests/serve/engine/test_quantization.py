@@ -4,6 +4,7 @@ and checkpoint configs)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -48,6 +49,15 @@ W8A8 = {
     },
 }
 BNB = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+
+
+def lorafleet_each(
+    runs: list[tuple[tuple[str | Path, ...], dict[str, str]]], timeout: float = 300
+) -> list[subprocess.CompletedProcess]:
+    """Independent CLI runs (arguments, settings), three at a time: each spends seconds importing
+    on one core."""
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        return list(pool.map(lambda run: lorafleet(*run[0], timeout=timeout, **run[1]), runs))
 
 
 def lorafleet(
@@ -132,8 +142,8 @@ def test_quantize_refuses_bad_requests_and_leaves_nothing(
         ),
         (("--base", tiny_model, "--out", quantized), "already exists"),
     ]
-    for args, message in cases:
-        run = lorafleet("quantize", *args)
+    runs = lorafleet_each([(("quantize", *args), {}) for args, _ in cases])
+    for (_, message), run in zip(cases, runs):
         assert run.returncode == 1 and message in run.stderr, run.stderr
         assert "Traceback" not in run.stderr
     # no half-written checkpoint, no temporary folder
@@ -262,11 +272,15 @@ def test_serve_refuses_what_this_machine_cannot_run_before_starting_an_engine(
         ((tiny_model, "--quantize", "int3"), "unknown quantization 'int3'"),
         ((tiny_model, "--quantize", "w4a16"), "lorafleet quantize --scheme w4a16"),
     ]
-    for i, ((base, *flags), message) in enumerate(cases):
-        home = tmp_path / f"home{i}"
-        run = lorafleet(
-            "serve", "--base", base, *flags, "--home", home, timeout=120, development="1"
-        )
+    homes = [tmp_path / f"home{i}" for i in range(len(cases))]
+    runs = lorafleet_each(
+        [
+            (("serve", "--base", base, *flags, "--home", home), {"development": "1"})
+            for ((base, *flags), _), home in zip(cases, homes)
+        ],
+        timeout=120,
+    )
+    for (_, message), home, run in zip(cases, homes, runs):
         assert run.returncode == 1, (message, run.stdout, run.stderr)
         assert message in run.stderr and "Traceback" not in run.stderr
         assert not (home / "logs" / "engine.log").exists()  # refused before any engine started

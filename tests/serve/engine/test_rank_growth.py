@@ -23,13 +23,14 @@ def _engine_cmdline(server: LocalServer) -> list[str]:
 
 @pytest.mark.engine
 @pytest.mark.training  # builds an untrained tiny model and two random adapters (seconds)
-def test_a_higher_rank_deployment_restarts_the_engine_with_that_rank(tmp_path: Path):
+def test_a_higher_rank_deployment_restarts_the_engine_with_that_rank(
+    untrained_base: Path, tmp_path: Path
+):
     from openai import OpenAI
 
     from lorafleet.train.random_adapter import make_random_adapter
-    from lorafleet.train.tiny_model import build_tiny_model
 
-    base = build_tiny_model(tmp_path / "tiny")
+    base = untrained_base
     low, high = (
         make_random_adapter(base, tmp_path / f"r{rank}", seed=rank, rank=rank) for rank in (8, 32)
     )

@@ -6,6 +6,7 @@ import asyncio
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -77,17 +78,25 @@ def _parts() -> tuple[EngineClient, BlobStore, Metrics]:
     return EngineClient(store, metrics), BlobStore(store.root / "validation", ".jsonl"), metrics
 
 
-def _controller(sessions, owner: str, lease_s: float = 30) -> RolloutController:
-    return RolloutController(sessions, *_parts(), owner, tick_s=1, lease_s=lease_s)
+def _controller(
+    sessions, owner: str, lease_s: float = 30, clock: Callable[[], float] = time.time
+) -> RolloutController:
+    return RolloutController(sessions, *_parts(), owner, tick_s=1, lease_s=lease_s, clock=clock)
 
 
 def test_only_one_gateway_holds_a_rollout_until_its_lease_expires(catalog_url):
     sessions, rollout_id = _catalog(catalog_url)
-    a, b = _controller(sessions, "a", lease_s=0.5), _controller(sessions, "b")
+    now = [time.time()]  # both gateways' clock, moved on by the test
+
+    def clock() -> float:
+        return now[0]
+
+    a = _controller(sessions, "a", lease_s=0.5, clock=clock)
+    b = _controller(sessions, "b", clock=clock)
     assert a._lease(rollout_id)
     assert not b._lease(rollout_id)  # a second gateway does not act while the lease is alive
     assert a._lease(rollout_id)  # the owner renews
-    time.sleep(0.6)
+    now[0] += 0.6
     assert b._lease(rollout_id)  # a gateway that stopped renewing loses the rollout
     assert not a._lease(rollout_id)
 
