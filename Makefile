@@ -3,6 +3,9 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH := "torch==2.13.0,!=2.13.0+cpu" torchvision==0.28.0
+# Python keeps its bytecode caches, the tests' rewritten modules included (a shell that sets
+# PYTHONDONTWRITEBYTECODE would compile every module again on every run: seconds of each `make unit`).
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: setup services demo unit test lint docs docs-ref bench-quick clean
 

@@ -4,6 +4,7 @@ session."""
 from __future__ import annotations
 
 import fcntl
+import functools
 import gc
 import json
 import os
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+import typer.main
+import typer.testing
 
 from lorafleet.serve.dev.local_server import LocalServer
 from lorafleet.serve.engine.command import free_port
@@ -29,6 +32,10 @@ from tests.postgres import database_name, postgres_database
 # each command its own COLUMNS.
 for _name in ("COLUMNS", "LINES"):
     os.environ.pop(_name, None)
+
+# typer's CliRunner turns the whole Typer app into its click commands on every invoke (a tenth of a
+# second for lorafleet's); the tests invoke the same app a few hundred times
+typer.testing._get_command = functools.cache(typer.main.get_command)
 
 MAX_RANK = 16
 MAX_UPLOAD = 2_000_000
@@ -363,8 +370,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 # order, those that restart its engine last, so one engine serves them all); every other test that
 # starts an engine or trains is another, for the other worker; the tests marked `heavy_imports` are
 # a third (one worker imports transformers' model code, matplotlib and schemathesis, the other
-# never); the rest go to either worker a file at a time (a module's fixtures are built once). The
-# workers write the lists into the run's folder, where the scheduler reads them.
+# never); the other tests of the S3 server a fourth (one server starts); the rest go to either
+# worker a file at a time (a module's fixtures are built once). The workers write the lists into the
+# run's folder, where the scheduler reads them.
 SCOPES = "xdist-scopes.json"
 
 
@@ -393,6 +401,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 scopes[item.nodeid] = "engines-and-training"
             elif item.get_closest_marker("heavy_imports"):
                 scopes[item.nodeid] = "heavy-imports"
+            elif "s3_url" in getattr(item, "fixturenames", ()):
+                scopes[item.nodeid] = "s3"  # one S3 server per run
         folder = run_folder(config, config._tmp_path_factory)  # type: ignore[attr-defined]
         written = folder / f"{SCOPES}.{os.getpid()}"
         written.write_text(json.dumps(scopes))

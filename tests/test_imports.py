@@ -19,6 +19,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 from tests.modules import lorafleet_modules
 
 
@@ -91,13 +93,15 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    """Each lorafleet module and the lorafleet modules importing it executes directly."""
     modules = lorafleet_modules()
     return {name: _imports(name, path, set(modules)) for name, path in modules.items()}
 
 
-def test_no_import_cycles_between_lorafleet_modules():
-    cycles = _cycles(import_graph())
+def test_no_import_cycles_between_lorafleet_modules(graph: dict[str, set[str]]):
+    cycles = _cycles(graph)
     assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
 
 
@@ -128,28 +132,25 @@ def _imports_of(graph: dict[str, set[str]], importers: list[str], *packages: str
     return sorted(f"{m} -> {t}" for m in importers for t in graph[m] if _in(t, *packages))
 
 
-def test_the_gateway_does_not_import_the_trainer():
-    reached = _reached(import_graph(), ["lorafleet.serve.api.app"])
+def test_the_gateway_does_not_import_the_trainer(graph: dict[str, set[str]]):
+    reached = _reached(graph, ["lorafleet.serve.api.app"])
     assert not {m for m in reached if _in(m, "lorafleet.train")}, sorted(reached)
 
 
-def test_the_registry_and_the_trainer_never_import_the_gateway():
-    graph = import_graph()
+def test_the_registry_and_the_trainer_never_import_the_gateway(graph: dict[str, set[str]]):
     lower = [m for m in graph if _in(m, "lorafleet.adapters", "lorafleet.train")]
     lower += ["lorafleet", "lorafleet.errors", "lorafleet.chat_jsonl", "lorafleet.scoring"]
     assert not _imports_of(graph, lower, "lorafleet.serve")
 
 
-def test_only_the_http_layer_and_the_entry_points_import_it():
-    graph = import_graph()
+def test_only_the_http_layer_and_the_entry_points_import_it(graph: dict[str, set[str]]):
     entry = ("lorafleet.serve.api", "lorafleet.serve.cli", "lorafleet.serve.dev")
     others = [m for m in graph if not _in(m, *entry)]
     assert len(others) > 50
     assert not _imports_of(graph, others, "lorafleet.serve.api")
 
 
-def test_the_console_only_talks_http():
-    graph = import_graph()
+def test_the_console_only_talks_http(graph: dict[str, set[str]]):
     console = [m for m in graph if _in(m, "lorafleet.serve.console")]
     stateful = (
         "lorafleet.adapters",

@@ -1,7 +1,7 @@
 """Everything offline.
 
 - `trainer`    LoRA training of the language model, top to bottom (`train`); `config` its
-               `TrainConfig`
+               `TrainConfig`; `result` what a run produced (`TrainResult`), torch-free
 - `data`       examples rendered by the base's own processor (`encode`, `collate`)
 - `compare`    baseline-first evaluation: base and adapter side by side through vLLM
                (`compare_to_base`)

@@ -11,8 +11,8 @@ from pathlib import Path
 from lorafleet.chat_jsonl import data_hash, load_jsonl, request_messages
 from lorafleet.train.compare import EvalReport, compare_to_base
 from lorafleet.train.config import TrainConfig
+from lorafleet.train.result import TrainResult
 from lorafleet.train.servable import Servability, prove_servable
-from lorafleet.train.trainer import TrainResult
 from lorafleet.train.vllm_generate import generate
 
 __all__ = ["finish", "base_identity", "CHECK_PROMPTS"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lorafleet.train.config import TrainConfig
-from lorafleet.train.trainer import TrainResult, still_improving
+from lorafleet.train.result import TrainResult, still_improving
 
 
 def _result(val_losses: list[float], stopped_early: bool = False) -> TrainResult:

@@ -6,17 +6,22 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from lorafleet.chat_jsonl import load_jsonl, request_messages
 from lorafleet.errors import InvalidAdapter, NotServable
 from lorafleet.train.config import load_config
 from lorafleet.train.pipeline import finish
 from lorafleet.train.servable import prove_servable
-from lorafleet.train.trainer import train
 from lorafleet.train.vllm_generate import generate
 
 pytestmark = pytest.mark.engine  # every test here also proves its adapter servable in vLLM
+
+
+def train(*args, **kwargs):
+    """The trainer, imported when a test runs (torch stays out of the fast tier's collection)."""
+    from lorafleet.train.trainer import train
+
+    return train(*args, **kwargs)
 
 
 def _config(world, out, **overrides):
@@ -76,6 +81,7 @@ def test_manifest_records_base_data_hyperparameters_and_checks(trained):
 
 
 def test_untrained_adapter_is_refused_before_any_generation(world, tmp_path):
+    import torch
     from peft import get_peft_model
     from transformers import AutoModelForImageTextToText
 

@@ -7,7 +7,6 @@ import re
 
 from lorafleet.adapters.base_model import load_base_spec
 from lorafleet.train.config import load_config
-from lorafleet.train.trainer import lora_config
 
 
 def test_target_regex_hits_exactly_the_language_model_linears(tiny_model):
@@ -22,6 +21,8 @@ def test_peft_model_has_lora_only_on_the_language_model(tiny_model, tmp_path):
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForImageTextToText
+
+    from lorafleet.train.trainer import lora_config
 
     config = load_config(None, base=str(tiny_model), train="t.jsonl", out=str(tmp_path))
     model = get_peft_model(
