@@ -9,7 +9,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator
 
-__all__ = ["UtcDateTime", "Route", "RolloutAssignment", "Answer"]
+__all__ = ["UtcDateTime", "utc", "epoch", "Route", "RolloutAssignment", "Answer"]
 
 
 def _as_utc(value: datetime) -> datetime:
@@ -19,6 +19,21 @@ def _as_utc(value: datetime) -> datetime:
 # The catalog stores UTC; SQLite gives it back without a zone. Answers always say it (RFC 3339's
 # date-time).
 UtcDateTime = Annotated[datetime, AfterValidator(_as_utc)]
+
+
+def utc(seconds: float) -> datetime:
+    """The UTC time `seconds` after the epoch (how the catalog keeps times)."""
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+def epoch(value: datetime | str | float | None) -> float | None:
+    """Seconds since the epoch of a time as the API gives it (an RFC 3339 string, or the
+    datetime of a schema), for the CLI's tables and the console's and the report's charts."""
+    if value is None or isinstance(value, float | int):
+        return value
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return _as_utc(value).timestamp()
 
 
 @dataclass(frozen=True)

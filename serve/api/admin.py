@@ -105,10 +105,10 @@ class ApiKeyPublic(BaseModel):
     id: int
     prefix: str
     label: str
-    created_at: float
-    expires_at: float | None
-    revoked_at: float | None
-    last_used_at: float | None
+    created_at: UtcDateTime
+    expires_at: UtcDateTime | None
+    revoked_at: UtcDateTime | None
+    last_used_at: UtcDateTime | None
     live: bool
 
 
@@ -152,7 +152,7 @@ class TenantDeletedPublic(BaseModel):
 class AuditEventPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
     id: int
-    at: float
+    at: UtcDateTime
     actor: str
     action: str
     tenant: str
@@ -372,6 +372,7 @@ def get_engine(gateway: GatewayDep) -> dict:
             "pid": supervisor.process.pid if supervisor.process else None,
             "starts": supervisor.starts,
             "last_start_s": supervisor.last_start_s,
+            "last_warm_up_s": supervisor.last_warm_up_s,
             "quantization": supervisor.quantization.label,
             "hardware": supervisor.hardware.describe(),
             "sizing": supervisor.sizing.as_dict(),

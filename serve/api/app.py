@@ -130,6 +130,12 @@ def create_app(settings: Settings) -> FastAPI:
             status_code=200 if up else 503,
         )
 
+    @app.get("/health")
+    def health(request: Request) -> JSONResponse:
+        """vLLM's probe, which OpenAI-compatible tools ask (guidellm, load balancers): the
+        readiness."""
+        return readyz(request)
+
     @app.get("/metrics")
     def metrics() -> Response:
         return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)

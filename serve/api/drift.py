@@ -40,6 +40,7 @@ from lorafleet.serve.drift.timeline import (
     Window,
     feedback_timeline,
 )
+from lorafleet.serve.types import UtcDateTime
 from lorafleet.serve.validation import require_validation_set
 
 __all__ = [
@@ -60,8 +61,8 @@ class ValidationRunPublic(BaseModel):
     variant: str
     version: str = ""  # NAME@N
     kind: str
-    at: float  # when the replay ended
-    started_at: float | None = None  # when it began (None: recorded before this release)
+    at: UtcDateTime  # when the replay ended
+    started_at: UtcDateTime | None = None  # when it began (None: recorded before this release)
     engine: str
     score: float
     exact_match_rate: float
@@ -74,7 +75,7 @@ class DriftCheckPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
     variant: str
     kind: str
-    at: float
+    at: UtcDateTime
     look: int
     p: float
     q: float

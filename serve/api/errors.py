@@ -57,7 +57,29 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+# OpenAI endpoints the gateway does not serve, and what to use instead
+_NOT_SERVED = {
+    "/v1/completions": "legacy completions are not served; use /v1/chat/completions",
+    "/v1/embeddings": "embeddings are not served; lorafleet serves chat completions",
+    "/v1/audio": "audio is not served; lorafleet serves chat completions with images",
+    "/v1/images": "image generation is not served; lorafleet serves chat completions with images",
+    "/v1/moderations": "moderations are not served",
+    "/v1/fine_tuning": "OpenAI's fine-tuning API is not served; upload adapters (/v1/adapters)",
+    "/v1/assistants": "assistants are not served; use /v1/chat/completions",
+    "/v1/threads": "threads are not served; use /v1/chat/completions",
+}
+
+
+def _not_found_message(request: Request) -> str:
+    """What a request for a route that does not exist is told: the route, and what to use."""
+    path = request.url.path
+    for prefix, hint in _NOT_SERVED.items():
+        if path == prefix or path.startswith(prefix + "/"):
+            return f"{request.method} {path}: {hint}"
+    return f"no route {request.method} {path} (the routes are listed at /docs)"
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     code = {
         401: "invalid_api_key",
@@ -65,9 +87,11 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
         405: "method_not_allowed",
         413: "payload_too_large",
     }
+    # Starlette's own answer for a path no route matches
+    not_routed = exc.status_code == 404 and exc.detail == "Not Found"
     return error_response(
         exc.status_code,
-        str(exc.detail),
+        _not_found_message(request) if not_routed else str(exc.detail),
         "invalid_request_error",
         code.get(exc.status_code),
         dict(exc.headers) if exc.headers else None,
@@ -118,7 +142,9 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
-    return error_response(500, "internal error; see the gateway log", "server_error", None)
+    return error_response(
+        500, "internal error; see the gateway log", "server_error", "internal_error"
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:

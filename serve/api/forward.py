@@ -125,7 +125,7 @@ async def forward_chat(engine: EngineClient, body: dict, route: Route, usage: Us
     finally:
         response.release()
     if response.status != 200:
-        content = engine.public_error(content)  # vLLM's messages may name server paths
+        content = engine.public_error(content, response.status)  # OpenAI's shape, no paths
         usage.error_code = _error_code(content)
         return Response(
             content,

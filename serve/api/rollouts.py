@@ -57,6 +57,7 @@ from lorafleet.serve.rollouts.statistics import (
     welch_difference,
     welch_mean,
 )
+from lorafleet.serve.types import UtcDateTime, utc
 from lorafleet.serve.validation import (
     attach_validation,
     canonical_validation,
@@ -86,7 +87,7 @@ class VariantPublic(BaseModel):
 
 class DecisionPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
-    at: float
+    at: UtcDateTime
     action: str
     reason: str
     message: str
@@ -136,8 +137,8 @@ class RolloutPublic(BaseModel):
     gate: dict[str, Any] | None
     looks: int
     created_by: str
-    created_at: float
-    finished_at: float | None
+    created_at: UtcDateTime
+    finished_at: UtcDateTime | None
     lease_owner: str | None
     decisions: list[DecisionPublic]
     # per variant, the whole rollout so far
@@ -183,8 +184,8 @@ def rollout_public(rollout: Rollout, session: Session | None = None) -> RolloutP
         gate=rollout.gate,
         looks=rollout.looks,
         created_by=rollout.created_by,
-        created_at=rollout.created_at,
-        finished_at=rollout.finished_at,
+        created_at=utc(rollout.created_at),
+        finished_at=utc(rollout.finished_at) if rollout.finished_at is not None else None,
         lease_owner=rollout.lease_owner,
         decisions=[DecisionPublic.model_validate(d) for d in rollout.decisions],
         feedback=[_variant_feedback(label, signals, reference) for label in labels],

@@ -3,14 +3,16 @@ printed."""
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 
 from lorafleet.errors import LorafleetError
+from lorafleet.serve.types import epoch
 
-__all__ = ["console", "Commands", "Url", "ApiKey", "AdminKey", "DEFAULT_URL", "group"]
+__all__ = ["console", "Commands", "Url", "ApiKey", "AdminKey", "DEFAULT_URL", "group", "when"]
 
 console = Console()
 
@@ -38,3 +40,9 @@ Url = Annotated[str, typer.Option(envvar="LORAFLEET_URL", help="Gateway URL.")]
 ApiKey = Annotated[Optional[str], typer.Option(envvar="LORAFLEET_API_KEY", help="Tenant API key.")]
 AdminKey = Annotated[Optional[str], typer.Option(envvar="LORAFLEET_ADMIN_KEY", help="Admin key.")]
 DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def when(value: str | float | None, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
+    """An API time (RFC 3339) in UTC, as the console shows it; "-" for none."""
+    seconds = epoch(value)
+    return "-" if seconds is None else dt.datetime.fromtimestamp(seconds, dt.UTC).strftime(fmt)

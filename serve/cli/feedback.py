@@ -13,7 +13,6 @@ Times are epoch seconds, ISO 8601, or how long ago: 15m, 2h, 7d.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import re
@@ -25,7 +24,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from lorafleet.serve.cli.common import DEFAULT_URL, ApiKey, Url, console, group
+from lorafleet.serve.cli.common import DEFAULT_URL, ApiKey, Url, console, group, when
 from lorafleet.serve.feedback.traffic import DEFAULT_WINDOW_S, MAX_WINDOW_S, MIN_WINDOW_S
 from lorafleet.serve.gateway_client import LorafleetClient
 
@@ -92,10 +91,6 @@ Limit = Annotated[int, typer.Option(min=1, max=1000, help="Rows (per page).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")]
 
 
-def _when(epoch: float) -> str:
-    return dt.datetime.fromtimestamp(epoch).strftime("%m-%d %H:%M:%S")
-
-
 def _fmt(value: float | None, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -137,7 +132,7 @@ def feedback_list(
     table = Table("request time", "id", "deployment", "variant", "score", "correction", "comment")
     for f in rows:
         table.add_row(
-            _when(f["at"]),
+            when(f["at"], "%m-%d %H:%M:%S"),
             f["id"],
             f["deployment"],
             f["variant"],
@@ -220,7 +215,7 @@ def requests(
             else f"{r['status']} {r['error_code'] or ''}".strip()
         )
         table.add_row(
-            _when(r["at"]),
+            when(r["at"], "%m-%d %H:%M:%S"),
             str(r["key_id"] or "-"),
             r["deployment"],
             r["variant"],
@@ -381,7 +376,7 @@ def capture_list(
     )
     for c in rows:
         table.add_row(
-            _when(c["at"]),
+            when(c["at"], "%m-%d %H:%M:%S"),
             c["id"],
             c["deployment"],
             c["variant"],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import time
 from typing import Annotated, Optional
@@ -10,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from lorafleet.serve.cli.common import DEFAULT_URL, ApiKey, Url, console, group
+from lorafleet.serve.cli.common import DEFAULT_URL, ApiKey, Url, console, group, when
 from lorafleet.serve.gateway_client import LorafleetClient
 from lorafleet.serve.rollouts.series import MAX_BUCKET_S, MIN_BUCKET_S
 
@@ -42,10 +41,6 @@ def _steps(value: str) -> list[float]:
         ) from None
 
 
-def _when(epoch: float | None) -> str:
-    return dt.datetime.fromtimestamp(epoch).strftime("%H:%M:%S") if epoch else "-"
-
-
 def _print_rollout(r: dict, decisions: int = 8) -> None:
     colors = {"Promoted": "green", "RolledBack": "red", "GateRefused": "red", "Aborted": "yellow"}
     color = colors.get(r["phase"], "cyan")
@@ -66,7 +61,9 @@ def _print_rollout(r: dict, decisions: int = 8) -> None:
     if r["decisions"]:
         history = Table("time", "action", "reason", "actor", "message", title="decisions")
         for d in r["decisions"][-decisions:]:
-            history.add_row(_when(d["at"]), d["action"], d["reason"], d["actor"], d["message"])
+            history.add_row(
+                when(d["at"], "%H:%M:%S"), d["action"], d["reason"], d["actor"], d["message"]
+            )
         console.print(history)
 
 
@@ -191,13 +188,13 @@ def rollout_series(
         "feedback n",
         "feedback mean",
         title=f"rollout #{series['rollout_id']} of {deployment}, periods of "
-        f"{series['bucket_s']:g} s since {_when(series['start'])}",
+        f"{series['bucket_s']:g} s since {when(series['start'], '%H:%M:%S')}",
     )
     for v in series["variants"]:
         for b in v["buckets"]:
             table.add_row(
                 v["variant"],
-                _when(b["start"]),
+                when(b["start"], "%H:%M:%S"),
                 str(b["requests"]),
                 str(b["errors"]),
                 _fmt(b["error_rate"]),

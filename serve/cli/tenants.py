@@ -3,13 +3,12 @@ calls to the API."""
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from lorafleet.serve.cli.common import DEFAULT_URL, AdminKey, Url, console, group
+from lorafleet.serve.cli.common import DEFAULT_URL, AdminKey, Url, console, group, when
 from lorafleet.serve.gateway_client import LorafleetClient
 
 __all__ = ["tenants", "audit"]
@@ -19,10 +18,6 @@ keys = group("A tenant's API keys (admin key).")
 tenants.add_typer(keys, name="keys")
 
 _LIMIT_HELP = "0: unlimited; 'default': back to the setting's default."
-
-
-def _when(at: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at)) if at else "-"
 
 
 @tenants.command("create")
@@ -171,9 +166,9 @@ def _keys_table(rows: list[dict]) -> Table:
             str(k["id"]),
             k["prefix"] + "…",
             k["label"],
-            _when(k["created_at"]),
-            _when(k["last_used_at"]),
-            _when(k["expires_at"]),
+            when(k["created_at"]),
+            when(k["last_used_at"]),
+            when(k["expires_at"]),
             state,
         )
     return table
@@ -195,7 +190,7 @@ def keys_create(
     """Another key for the tenant (printed once)."""
     created = LorafleetClient(url, admin_key).create_key(name, label, expires_in)
     console.print(
-        f"key {created['id']} created (expires {_when(created['expires_at'])}); store it now:"
+        f"key {created['id']} created (expires {when(created['expires_at'])}); store it now:"
     )
     print(created["api_key"])
 
@@ -218,7 +213,7 @@ def keys_rotate(
     """A new key replacing KEY_ID, which expires after the grace period."""
     rotated = LorafleetClient(url, admin_key).rotate_key(name, key_id, grace)
     console.print(
-        f"key {key_id} expires {_when(rotated['old']['expires_at'])}; "
+        f"key {key_id} expires {when(rotated['old']['expires_at'])}; "
         f"new key {rotated['new']['id']} (store it now):"
     )
     print(rotated["new"]["api_key"])
@@ -237,5 +232,5 @@ def audit(
     table = Table("id", "when (UTC)", "actor", "action", "tenant", "details")
     for e in LorafleetClient(url, admin_key).audit(tenant, limit, before):
         details = ", ".join(f"{k}={v}" for k, v in e["details"].items() if v is not None)
-        table.add_row(str(e["id"]), _when(e["at"]), e["actor"], e["action"], e["tenant"], details)
+        table.add_row(str(e["id"]), when(e["at"]), e["actor"], e["action"], e["tenant"], details)
     console.print(table)

@@ -12,6 +12,8 @@ from html import escape
 
 from markupsafe import Markup
 
+from lorafleet.serve.types import epoch
+
 __all__ = [
     "colour",
     "interval_bars",
@@ -237,15 +239,20 @@ ROLLOUT_SERIES = (
 )
 
 
+def _seconds(at: str) -> float:
+    """An API time (RFC 3339) as the charts' x: seconds since the epoch."""
+    return epoch(at) or 0.0
+
+
 def rollout_charts(series: dict, decisions: Sequence[dict]) -> list[Markup]:
     """One chart per measure, a line per variant, the rollout's decisions marked; feedback only
     where present."""
-    marks = [(d["at"], f"{d['action']}: {d['reason']}") for d in decisions]
+    marks = [(_seconds(d["at"]), f"{d['action']}: {d['reason']}") for d in decisions]
     bounded = {"error_rate": (0.0, 1.0), "format_validity": (0.0, 1.0), "feedback_mean": (0.0, 1.0)}
     out = []
     for title, field, fmt in ROLLOUT_SERIES:
         lines = {
-            v["variant"]: [(b["start"], b.get(field)) for b in v["buckets"]]
+            v["variant"]: [(_seconds(b["start"]), b.get(field)) for b in v["buckets"]]
             for v in series["variants"]
         }
         if field == "feedback_mean" and not any(

@@ -9,11 +9,13 @@ import html
 import io
 from collections import defaultdict
 
+from lorafleet.serve.types import epoch
+
 __all__ = ["render_report", "figures"]
 
 
-def _when(epoch: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(epoch)
+def _when(at: dt.datetime | str | float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(epoch(at))  # type: ignore[arg-type]  # never None here
 
 
 def _png(figure) -> str:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from lorafleet.serve.types import UtcDateTime
+
 __all__ = ["FeedbackPeriod", "FeedbackTimeline"]
 
 
 class FeedbackPeriod(BaseModel):
     """One period of a live version's feedback timeline: [start, start + bucket_s)."""
 
-    start: float
+    start: UtcDateTime
     requests: int  # answered requests (status 200) made in the period
     feedback: int  # feedback on those requests (counted at the request's time)
     rate: float | None  # feedback per request; None without requests

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from lorafleet.adapters.catalog import Deployment, Feedback, RequestRecord, sql_floor
 from lorafleet.serve.drift.monitor import live_versions
 from lorafleet.serve.drift.schemas import FeedbackPeriod, FeedbackTimeline
+from lorafleet.serve.types import utc
 
 __all__ = [
     "DEFAULT_BUCKET_S",
@@ -96,7 +97,7 @@ def _periods(
         judged, mean = feedback.get((digest, i), (0, None))
         periods.append(
             FeedbackPeriod(
-                start=window.start + i * window.bucket_s,
+                start=utc(window.start + i * window.bucket_s),
                 requests=answered,
                 feedback=judged,
                 rate=judged / answered if answered else None,

@@ -14,14 +14,22 @@ validation replays) waits for the next tick.
 What the engine says goes to tenants without the server's paths: `public_engine_message` replaces
 every absolute path in an engine error text (vLLM names the adapter's folder when a load fails, and
 its tracebacks name its files) with `<path>`.
+
+A new engine process compiles parts of its sampler on the first request that needs them (vLLM's
+log-probability gather takes seconds on a CPU): `warm_up` sends that request, an image and a text
+with log-probabilities as the gateway asks for them, before the engine is marked up, so the first
+tenant's request is as fast as the tenth.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
+import io
 import json
+import logging
 import re
 import secrets
 import time
@@ -41,7 +49,7 @@ from lorafleet.errors import (
     EngineUnavailable,
     LorafleetError,
 )
-from lorafleet.serve.engine.command import free_port
+from lorafleet.serve.engine.command import SERVED_BASE_NAME, free_port
 from lorafleet.serve.metrics import Metrics
 
 __all__ = [
@@ -53,6 +61,14 @@ __all__ = [
 
 
 _KEEPALIVE_S = 3.0
+# the string codes of engine errors, by HTTP status (vLLM's own code is the status as an integer)
+_ENGINE_ERROR_CODES = {
+    400: "invalid_request",
+    404: "not_found",
+    413: "payload_too_large",
+    422: "invalid_request",
+}
+log = logging.getLogger("lorafleet.engine")
 _PLACEHOLDER = "<path>"
 # /a/b or deeper, but not a URL's path (after a host name or "//") unless a file URL; Windows: C:\a
 # or C:/a
@@ -200,14 +216,28 @@ class EngineClient:
         self._loaded.clear()
         self.metrics.engine_up.set(0)
 
-    def public_error(self, raw: bytes) -> bytes:
-        """An engine error body (OpenAI-shaped JSON, else text) without server paths, for a
-        tenant."""
+    def public_error(self, raw: bytes, status: int) -> bytes:
+        """An engine error answer of HTTP `status` in OpenAI's shape, as the gateway's own errors
+        are (a string `code`, an OpenAI `type`), without server paths, for a tenant. vLLM gives
+        its exception's name as the type and the status as an integer code."""
         try:
             payload = json.loads(raw)
-        except ValueError:
-            return public_engine_message(raw.decode(errors="replace"), self.private_paths).encode()
-        return json.dumps(_scrubbed(payload, self.private_paths)).encode()
+            error = payload["error"]
+            message = str(error["message"]) if isinstance(error, dict) else str(error)
+        except (ValueError, KeyError, TypeError):
+            error, message = {}, raw.decode(errors="replace")
+        code = error.get("code") if isinstance(error, dict) else None
+        public = {
+            "message": public_engine_message(message, self.private_paths),
+            "type": "invalid_request_error" if status < 500 else "server_error",
+            "param": _scrubbed(error.get("param"), self.private_paths)
+            if isinstance(error, dict)
+            else None,
+            "code": code
+            if isinstance(code, str)
+            else _ENGINE_ERROR_CODES.get(status, "engine_error"),
+        }
+        return json.dumps({"error": public}).encode()
 
     def _error_text(self, response: httpx.Response) -> str:
         """The message of an engine error answer (its text when it is not OpenAI-shaped), without
@@ -252,6 +282,36 @@ class EngineClient:
             return (await self.http.get("/health", timeout=5.0)).status_code == 200
         except httpx.HTTPError:
             return False
+
+    async def warm_up(self, timeout_s: float) -> float | None:
+        """Ask the base for two tokens about a small image, with log-probabilities, so the
+        engine compiles what a first request would; the seconds it took, None when the engine
+        did not answer 200 within `timeout_s` (requests are served anyway, the first one slower)."""
+        body = {
+            "model": SERVED_BASE_NAME,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": _warm_up_image()}},
+                        {"type": "text", "text": "What is in the image?"},
+                    ],
+                }
+            ],
+            "max_tokens": 2,
+            "temperature": 0,
+            "logprobs": True,
+        }
+        t0 = time.perf_counter()
+        try:
+            response = await self.http.post("/v1/chat/completions", json=body, timeout=timeout_s)
+        except httpx.HTTPError as exc:
+            log.warning("warming the engine up failed: %s", exc)
+            return None
+        if response.status_code != 200:
+            log.warning("warming the engine up failed: %s", self._error_text(response))
+            return None
+        return time.perf_counter() - t0
 
     async def version(self) -> str:
         """vLLM's version as the engine reports it, "?" when it cannot say."""
@@ -349,3 +409,13 @@ class EngineClient:
         await self.http.aclose()
         if self._chat is not None:
             await self._chat.close()
+
+
+@functools.cache
+def _warm_up_image() -> str:
+    """A 64x64 grey PNG as a data URL."""
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(png, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()

@@ -2,8 +2,10 @@
 
 Only the gateway talks to it (it holds a random bearer token), so vLLM's runtime LoRA endpoints are
 never reachable by clients. The supervisor restarts it when it exits or stops answering, or with a
-new sizing when deployments need a larger max LoRA rank (`resize_for`); after each start its
-`on_ready` hook (given at construction) re-registers the adapters that deployments need.
+new sizing when deployments need a larger max LoRA rank (`resize_for`). Each engine that comes up
+is warmed up (`EngineClient.warm_up`) before it is marked up, so readiness means a first request is
+as fast as the next; then its `on_ready` hook (given at construction) re-registers the adapters
+that deployments need.
 
 The engine's state (`EngineSupervisor.state`; in /readyz, /admin/engine and
 `lorafleet_engine_state`):
@@ -92,6 +94,7 @@ class EngineSupervisor:
         self.process: asyncio.subprocess.Process | None = None
         self.starts = 0  # engine processes launched
         self.last_start_s: float | None = None
+        self.last_warm_up_s: float | None = None  # the last warm-up; None: none answered yet
         self.state = "starting"
         self.failed_starts = 0  # in a row; back to 0 once an engine stays up `_STABLE_UP_S`
         self.last_exit_code: int | None = None  # of the last engine process that exited by itself
@@ -277,6 +280,9 @@ class EngineSupervisor:
         log.error("engine %s (see %s)", what, self.log_path)
 
     async def _became_ready(self) -> None:
+        self.last_warm_up_s = await self.client.warm_up(self.settings.engine_start_timeout_s)
+        if self.last_warm_up_s is not None:
+            log.info("engine warmed up in %.1f s", self.last_warm_up_s)
         self.client.mark_up()
         self._set_state("up")
         if self.on_ready:

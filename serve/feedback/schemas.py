@@ -7,6 +7,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lorafleet.serve.types import UtcDateTime
+
 __all__ = [
     "FeedbackCreate",
     "FeedbackPublic",
@@ -57,9 +59,9 @@ class FeedbackPublic(BaseModel):
     value: float
     correction: str | None
     comment: str
-    at: float  # of the request
-    created_at: float
-    updated_at: float
+    at: UtcDateTime  # of the request
+    created_at: UtcDateTime
+    updated_at: UtcDateTime
 
 
 class RequestPublic(BaseModel):
@@ -67,7 +69,7 @@ class RequestPublic(BaseModel):
 
     model_config = ConfigDict(from_attributes=True)
     id: str = Field(validation_alias="request_id")
-    at: float
+    at: UtcDateTime
     key_id: int | None
     deployment: str
     variant: str
@@ -106,7 +108,7 @@ class CapturePublic(BaseModel):
     deployment: str
     variant: str
     adapter: str = Field(validation_alias="digest")
-    at: float
+    at: UtcDateTime
     answer: str
     images: list[str]
     confidence_mean: float | None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from lorafleet.serve.types import UtcDateTime
+
 __all__ = ["SeriesBucket", "VariantSeries", "RolloutSeries"]
 
 
@@ -11,7 +13,7 @@ class SeriesBucket(BaseModel):
     """One period [start, start + bucket_s) of one variant of a rollout; rates are None without a
     denominator."""
 
-    start: float
+    start: UtcDateTime
     requests: int
     errors: int
     error_rate: float | None
@@ -34,5 +36,5 @@ class RolloutSeries(BaseModel):
 
     rollout_id: int
     bucket_s: float
-    start: float  # the rollout's start: periods are counted from it
+    start: UtcDateTime  # the rollout's start: periods are counted from it
     variants: list[VariantSeries]  # in the routing table's order

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from lorafleet.adapters.catalog import Feedback, Rollout, RolloutSample, sql_floor
 from lorafleet.errors import InvalidRequest
 from lorafleet.serve.rollouts.schemas import RolloutSeries, SeriesBucket, VariantSeries
+from lorafleet.serve.types import utc
 
 __all__ = [
     "MIN_BUCKET_S",
@@ -121,7 +122,7 @@ def _bucket(
     requests, errors, latency_s, checked, valid = samples or (0, 0, None, 0, 0)
     judged, mean = feedback or (0, None)
     return SeriesBucket(
-        start=start,
+        start=utc(start),
         requests=requests,
         errors=errors,
         error_rate=errors / requests if requests else None,
@@ -168,4 +169,6 @@ def rollout_series(
                 ],
             )
         )
-    return RolloutSeries(rollout_id=rollout.id, bucket_s=bucket_s, start=start, variants=variants)
+    return RolloutSeries(
+        rollout_id=rollout.id, bucket_s=bucket_s, start=utc(start), variants=variants
+    )

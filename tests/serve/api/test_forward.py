@@ -149,6 +149,10 @@ def test_a_stream_is_relayed_under_the_deployment_name_and_its_usage_only_if_ask
         )
     )
     assert with_usage[-1].choices == []
+    # every chunk carries its request's id (what feedback names), the usage chunk included
+    for answer in (chunks, with_usage):
+        assert len({c.id for c in answer}) == 1 and answer[0].id.startswith("chatcmpl-")
+    assert chunks[0].id != with_usage[0].id
     assert (with_usage[-1].usage.prompt_tokens, with_usage[-1].usage.completion_tokens) == (
         40,
         TOKENS,
@@ -205,3 +209,27 @@ def test_a_client_that_asks_for_logprobs_gets_them(relay):
     )
     tokens = [t for c in streamed if c.choices for t in c.choices[0].logprobs.content]
     assert [t.logprob for t in tokens] == [STUB_LOGPROB] * TOKENS
+
+
+def test_health_is_the_readiness_and_unknown_routes_say_what_to_use(relay):
+    import openai
+
+    health = httpx.get(relay.url + "/health")
+    assert health.status_code == 200 and health.json()["engine_up"] is True
+    client = relay.openai()
+    with pytest.raises(openai.NotFoundError) as legacy:
+        client.completions.create(model=relay.deployment, prompt="hello")
+    assert legacy.value.code == "not_found"
+    assert "use /v1/chat/completions" in legacy.value.message
+    with pytest.raises(openai.NotFoundError) as embeddings:
+        client.embeddings.create(model=relay.deployment, input="hello")
+    assert "embeddings are not served" in embeddings.value.message
+    with relay.http() as http:
+        unknown = http.get("/v1/no-such-thing")
+    assert unknown.status_code == 404
+    assert unknown.json()["error"] == {
+        "message": "no route GET /v1/no-such-thing (the routes are listed at /docs)",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "not_found",
+    }

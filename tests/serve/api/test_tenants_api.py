@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from lorafleet.serve.cli import app as cli
 from lorafleet.serve.cli.common import console
+from lorafleet.serve.types import epoch
 from tests.helpers import assert_openai_error, upload_folder
 
 runner = CliRunner()
@@ -40,7 +41,7 @@ def test_keys_are_created_listed_rotated_with_grace_and_revoked(server, new_tena
         assert (
             ci["api_key"].startswith(ci["prefix"])
             and ci["live"]
-            and ci["expires_at"] > time.time() + 3500
+            and epoch(ci["expires_at"]) > time.time() + 3500
         )
         assert _models(server.url, ci["api_key"]).status_code == 200
 

@@ -151,7 +151,7 @@ def test_each_live_version_gets_its_answered_requests_and_feedback_per_period(ca
         timelines["stable"].adapter,
         timelines["stable"].bucket_s,
     ) == ("m@1", stable, HOUR)
-    assert [p.start for p in timelines["stable"].periods] == [first, first + HOUR, last]
+    assert [p.start.timestamp() for p in timelines["stable"].periods] == [first, first + HOUR, last]
     assert [(p.requests, p.feedback, p.rate, p.mean) for p in timelines["stable"].periods] == [
         (4, 2, 0.5, pytest.approx(0.5)),
         (0, 0, None, None),
@@ -171,7 +171,11 @@ def test_a_deployment_without_traffic_has_empty_periods(catalog_url):
             session, session.get_one(Deployment, e), Window.ending_at(NOW)
         )
     assert timeline.variant == "stable" and len(timeline.periods) == 24
-    assert timeline.periods[-1].start <= NOW < timeline.periods[-1].start + HOUR
+    assert (
+        timeline.periods[-1].start.timestamp()
+        <= NOW
+        < timeline.periods[-1].start.timestamp() + HOUR
+    )
     assert all(
         (p.requests, p.feedback, p.rate, p.mean) == (0, 0, None, None) for p in timeline.periods
     )

@@ -76,7 +76,7 @@ def test_paths_under_a_private_folder_go_whole_even_with_a_space():
     assert "fleet/home" in public_engine_message(message)  # why the gateway names its folders
 
 
-def test_an_engine_error_body_keeps_its_shape_without_paths(tmp_path):
+def test_an_engine_error_is_openai_shaped_with_a_string_code_and_no_paths(tmp_path):
     client = EngineClient(LocalStore(tmp_path / "adapters"), Metrics())
     body = {
         "error": {
@@ -86,14 +86,30 @@ def test_an_engine_error_body_keeps_its_shape_without_paths(tmp_path):
             "code": 400,
         }
     }
-    public = json.loads(client.public_error(json.dumps(body).encode()))
+    public = json.loads(client.public_error(json.dumps(body).encode(), 400))
     assert public == {
-        "error": {**body["error"], "message": "While loading <path>, expected target modules"}
+        "error": {
+            "message": "While loading <path>, expected target modules",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "invalid_request",
+        }
     }
-    assert (
-        client.public_error(b"Internal Server Error at /opt/vllm/x.py")
-        == b"Internal Server Error at <path>"
-    )
+    named = {"error": {"message": "m", "type": "NotFoundError", "param": "model", "code": "x"}}
+    assert json.loads(client.public_error(json.dumps(named).encode(), 404))["error"] == {
+        "message": "m",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "x",
+    }
+    assert json.loads(client.public_error(b"Internal Server Error at /opt/vllm/x.py", 500)) == {
+        "error": {
+            "message": "Internal Server Error at <path>",
+            "type": "server_error",
+            "param": None,
+            "code": "engine_error",
+        }
+    }
 
 
 async def test_a_failed_load_tells_the_tenant_why_without_the_store_path(tmp_path):

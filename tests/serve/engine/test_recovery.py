@@ -1,17 +1,18 @@
-"""The engine dies: requests get 503 + Retry-After, the supervisor restarts it, adapters serve
+"""The engine dies: requests get 503 + Retry-After, the supervisor restarts it warm, adapters serve
 again."""
 
 from __future__ import annotations
 
 import os
 import signal
+import statistics
 import time
 
 import httpx
 import psutil
 import pytest
 
-from tests.helpers import assert_openai_error, image_messages, upload_folder
+from tests.helpers import assert_openai_error, image_messages, poll_until, upload_folder
 
 
 @pytest.mark.engine_restart
@@ -36,9 +37,23 @@ def test_killed_engine_gives_503_then_recovers_with_adapters(server, new_tenant,
         assert httpx.get(server.url + "/readyz").status_code == 503
 
         server.wait_ready(timeout=600)
-        after = http.post("/v1/chat/completions", json=body)
+        digest = http.get("/v1/deployments").json()[0]["adapter"]["digest"]
+        with server.admin() as admin:  # the deployed adapter is registered again (on its own)
+            poll_until(
+                lambda: digest in admin.get("/admin/engines").json()["replicas"][0]["adapters"],
+                60,
+                "the adapter registered on the new engine",
+            )
+        # the engine was warmed up before it was ready: the first answer is as fast as the next
+        first, after = _timed(lambda: http.post("/v1/chat/completions", json=body))
+        following = [
+            _timed(lambda: http.post("/v1/chat/completions", json=body))[0] for _ in range(10)
+        ]
     assert after.status_code == 200, after.text
     assert after.json()["choices"][0]["message"]["content"] == before
+    assert first <= 2 * statistics.median(following), (first, following)
+    with server.admin() as admin:
+        assert admin.get("/admin/engine").json()["last_warm_up_s"] > 0
     with server.admin() as admin:
         assert admin.get("/admin/engine").json()["starts"] == engine["starts"] + 1
     # vLLM's engine-core and worker processes of the killed server went with it (their memory is
@@ -46,3 +61,9 @@ def test_killed_engine_gives_503_then_recovers_with_adapters(server, new_tenant,
     assert children and not [
         c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE
     ]
+
+
+def _timed(call):
+    t0 = time.perf_counter()
+    result = call()
+    return time.perf_counter() - t0, result

@@ -5,6 +5,7 @@ check and error handlers."""
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -169,6 +170,11 @@ def _serve(catalog: Catalog) -> None:
         session.commit()
 
 
+def _rfc3339(at: float) -> str:
+    """How the API writes a time."""
+    return dt.datetime.fromtimestamp(at, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
 def _bucket(
     start: float,
     requests: int = 0,
@@ -180,7 +186,7 @@ def _bucket(
     mean: float | None = None,
 ) -> dict:
     return {
-        "start": start,
+        "start": _rfc3339(start),
         "requests": requests,
         "errors": errors,
         "error_rate": errors / requests if requests else None,
@@ -237,14 +243,18 @@ def _series(
 def test_samples_and_feedback_are_summed_per_variant_and_period(catalog):
     _serve(catalog)
     series = _series(catalog, 10.0)
-    assert (series.rollout_id, series.bucket_s, series.start) == (catalog.rollout_id, 10.0, START)
+    assert (series.rollout_id, series.bucket_s, series.start.timestamp()) == (
+        catalog.rollout_id,
+        10.0,
+        START,
+    )
     assert _rounded(series.model_dump(mode="json")["variants"]) == _rounded(EXPECTED)
 
 
 def test_a_longer_period_merges_the_buckets(catalog):
     _serve(catalog)
     canary = _series(catalog, 60.0).variants[0]
-    assert _rounded([b.model_dump() for b in canary.buckets]) == _rounded(
+    assert _rounded([b.model_dump(mode="json") for b in canary.buckets]) == _rounded(
         [_bucket(START, 4, 1, 200.0, 2, 1, 3, 2 / 3)]
     )
 
@@ -301,7 +311,7 @@ async def test_the_route_answers_the_deployments_rollout_series(catalog):
             {
                 "rollout_id": catalog.rollout_id,
                 "bucket_s": 10.0,
-                "start": START,
+                "start": _rfc3339(START),
                 "variants": EXPECTED,
             }
         )
