@@ -149,9 +149,11 @@ class LorafleetClient:
     def push_adapter(
         self, name: str, folder: Path, progress: Callable[[int, int], None] | None = None
     ) -> dict:
-        """Pack and upload an adapter folder; `progress(sent, total)` is called as bytes go out."""
+        """Pack and upload an adapter folder; `progress(sent, total)` is called as bytes go out.
+        The folder is checked, then the key: a refused one costs no upload."""
         archive = pack_adapter(folder)
         try:
+            self.tenant()
             total, sent = archive.stat().st_size, 0
 
             def advance(n: int) -> None:
@@ -167,6 +169,11 @@ class LorafleetClient:
                 return self._call("POST", "/v1/adapters", data={"name": name}, files=files)
         finally:
             archive.unlink(missing_ok=True)
+
+    def tenant(self) -> dict:
+        """The tenant of this client's key (`GET /v1/tenant`): ApiError 401 for a missing, wrong or
+        revoked key."""
+        return self._call("GET", "/v1/tenant")
 
     def list_adapters(self) -> list[dict]:
         return self._call("GET", "/v1/adapters")
@@ -186,7 +193,9 @@ class LorafleetClient:
     # --- traffic control ---
 
     def push_validation(self, deployment: str, path: Path, metric: str) -> dict:
-        """Upload a chat JSONL validation set; local image paths are inlined as data URLs first."""
+        """Upload a chat JSONL validation set; local image paths are inlined as data URLs first
+        (the key checked before)."""
+        self.tenant()
         files = {"file": (Path(path).name, inline_images(path), "application/jsonl")}
         return self._call(
             "PUT", f"/v1/deployments/{deployment}/validation", data={"metric": metric}, files=files

@@ -18,7 +18,7 @@ from lorafleet import __version__
 from lorafleet.adapters.tenants import touch_keys
 from lorafleet.serve.api import adapters, admin, captures, chat, drift, feedback, models, rollouts
 from lorafleet.serve.api.errors import install_error_handlers
-from lorafleet.serve.api.guard import Authenticate, BodyLimit
+from lorafleet.serve.api.guard import Authenticate, BodyLimit, JsonBodies
 from lorafleet.serve.api.openapi import gateway_openapi
 from lorafleet.serve.console import install_console
 from lorafleet.serve.gateway import Gateway, build_gateway
@@ -102,6 +102,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.gateway = gateway
     app.openapi = lambda: gateway_openapi(app)  # type: ignore[method-assign]  # what the routes really take
     # the inner one: after authentication
+    app.add_middleware(JsonBodies)  # innermost: routes see JSON bodies as JSON
     app.add_middleware(
         BodyLimit,
         max_upload_bytes=settings.max_upload_bytes,

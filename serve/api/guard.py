@@ -9,6 +9,9 @@ read, parsed or stored.
   own listener). A malformed `Authorization` header (another scheme, empty, non-ASCII) is a 401 like
   a wrong key.
 - Bodies are bounded by their `Content-Length` and, for chunked bodies, by counting as they arrive.
+- The API's bodies are JSON whatever their `Content-Type` says (`JsonBodies`): `curl -d` sends
+  form-urlencoded, other clients none; the chat endpoint always read them as JSON, now every route
+  does. Uploads (multipart or an archive) keep theirs.
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ from lorafleet.errors import InvalidRequest, LorafleetError, Unauthorized
 from lorafleet.serve.api.errors import error_response
 from lorafleet.serve.gateway import Gateway
 
-__all__ = ["Authenticate", "BodyLimit", "bearer_from_headers", "admin_actor", "UPLOAD_PATHS"]
+__all__ = [
+    "Authenticate",
+    "BodyLimit",
+    "JsonBodies",
+    "bearer_from_headers",
+    "admin_actor",
+    "UPLOAD_PATHS",
+]
 
 # The routes whose bodies are uploads (adapter archives, validation sets): bounded by
 # max_upload_bytes.
@@ -170,3 +180,28 @@ class BodyLimit:
             return message
 
         await self.app(scope, bounded_receive, send)
+
+
+# what clients send a JSON body as without saying so (curl -d: form-urlencoded)
+_NOT_SAID_JSON = {b"", b"application/x-www-form-urlencoded", b"text/plain"}
+
+
+class JsonBodies:
+    """An API request's body is read as JSON when its `Content-Type` is missing, form-urlencoded or
+    text (the API takes no forms; the console's forms are under /console)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if (
+            scope["type"] == "http"
+            and path.startswith(("/v1/", "/admin/"))
+            and not UPLOAD_PATHS.match(path)
+        ):
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            given = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
+            if given.split(b";")[0].strip().lower() in _NOT_SAID_JSON:
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TransferSpeedColumn
 from rich.table import Table
 
 from lorafleet.adapters.manifest import manifest_summary
@@ -36,10 +36,14 @@ def adapters_push(
         TransferSpeedColumn(),
     )
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task(f"uploading {name}", total=None)
-        version = LorafleetClient(url, api_key).push_adapter(
-            name, folder, lambda sent, total: progress.update(task, completed=sent, total=total)
-        )
+        tasks: list[TaskID] = []  # shown once bytes go out (after the folder and key are checked)
+
+        def advance(sent: int, total: int) -> None:
+            if not tasks:
+                tasks.append(progress.add_task(f"uploading {name}", total=total))
+            progress.update(tasks[0], completed=sent, total=total)
+
+        version = LorafleetClient(url, api_key).push_adapter(name, folder, advance)
     console.print(
         f"{version['name']}@{version['version']}  digest {version['digest']}  "
         f"rank {version['rank']}  {version['size_bytes']} bytes"

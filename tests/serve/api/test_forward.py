@@ -233,3 +233,21 @@ def test_health_is_the_readiness_and_unknown_routes_say_what_to_use(relay):
         "param": None,
         "code": "not_found",
     }
+
+
+def test_json_bodies_are_json_whatever_their_content_type_says(relay):
+    """`curl -d` sends form-urlencoded; other clients send no type at all."""
+    with relay.http() as http:
+        answer = http.post(
+            "/v1/chat/completions",
+            content=json.dumps({"model": relay.deployment, "messages": image_messages()}),
+        )
+        assert answer.status_code == 200, answer.text
+        form = {"content-type": "application/x-www-form-urlencoded"}
+        feedback = {"id": answer.json()["id"], "score": 1}
+        posted = http.post("/v1/feedback", content=json.dumps(feedback), headers=form)
+        assert posted.status_code == 201, posted.text
+        again = http.post("/v1/feedback", content=json.dumps({**feedback, "score": 0}))
+        assert again.status_code == 200 and again.json()["score"] == 0
+        upload = http.post("/v1/adapters", content=b"{}", headers=form)  # an upload keeps its type
+        assert upload.status_code in (400, 415), upload.text

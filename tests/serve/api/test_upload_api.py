@@ -17,7 +17,7 @@ from lorafleet.adapters.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES
 from lorafleet.adapters.registry import create_tenant
 from lorafleet.adapters.store import LocalStore
 from lorafleet.adapters.validate import ValidatedAdapter
-from lorafleet.serve.api import adapters
+from lorafleet.serve.api import adapters, models
 from lorafleet.serve.api.errors import install_error_handlers
 from lorafleet.serve.api.guard import Authenticate
 from lorafleet.serve.gateway_client import pack_adapter
@@ -161,6 +161,7 @@ def manifest_app(tmp_path: Path, catalog: str) -> tuple[FastAPI, str]:
     app.add_middleware(Authenticate, gateway=app.state.gateway)
     install_error_handlers(app)
     app.include_router(adapters.router)
+    app.include_router(models.router)  # /v1/tenant, which the CLI asks before an upload
     return app, key
 
 

@@ -104,3 +104,19 @@ def test_push_sends_the_folders_manifest_and_show_prints_its_key_numbers(tmp_pat
         "servable: changes 8/8 check outputs, vLLM = PEFT on the first 8 tokens (1 near ties)",
     ]
     assert lines[-1] == "ext@2: no manifest"
+
+
+def test_push_with_a_missing_or_wrong_key_fails_before_uploading(tmp_path, sqlite_catalog):
+    api, key = manifest_app(tmp_path, sqlite_catalog(tmp_path / "catalog.db"))
+    adapter_with_manifest(tmp_path / "plain", 2, None)
+    with on_loopback(api) as url:
+        for given in ({}, {"LORAFLEET_API_KEY": "not-a-key"}):
+            env = {"LORAFLEET_URL": url, "COLUMNS": "200", **given}
+            pushed = runner.invoke(
+                app, ["adapters", "push", "ext", str(tmp_path / "plain")], env=env
+            )
+            assert pushed.exit_code == 1 and "API key" in pushed.output, pushed.output
+            assert "uploading" not in pushed.output  # no progress bar: nothing was sent
+        env = {"LORAFLEET_URL": url, "LORAFLEET_API_KEY": key}
+        listed = runner.invoke(app, ["adapters", "list"], env=env)
+    assert listed.exit_code == 0 and "ext" not in listed.output, listed.output
