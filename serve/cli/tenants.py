@@ -3,6 +3,7 @@ calls to the API."""
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Optional
 
 import typer
@@ -150,6 +151,12 @@ def tenants_delete(
     """Delete the tenant and everything it owns (adapters, deployments, validation sets, samples,
     files)."""
     if not yes:
+        if not sys.stdin.isatty():
+            console.print(
+                f"[red]deleting tenant {name} asks for confirmation and there is no terminal: "
+                "pass --yes[/red]"
+            )
+            raise typer.Exit(1)
         typer.confirm(f"delete tenant {name} and everything it owns?", abort=True)
     deleted = LorafleetClient(url, admin_key).delete_tenant(name, force)
     rows = ", ".join(f"{n} {table}" for table, n in deleted["deleted"].items() if n)

@@ -120,3 +120,12 @@ def test_push_with_a_missing_or_wrong_key_fails_before_uploading(tmp_path, sqlit
         env = {"LORAFLEET_URL": url, "LORAFLEET_API_KEY": key}
         listed = runner.invoke(app, ["adapters", "list"], env=env)
     assert listed.exit_code == 0 and "ext" not in listed.output, listed.output
+
+
+def test_tenants_delete_without_a_terminal_asks_for_yes_before_calling_anyone():
+    env = {"LORAFLEET_URL": "http://127.0.0.1:9", "LORAFLEET_ADMIN_KEY": "k", "COLUMNS": "200"}
+    refused = runner.invoke(app, ["tenants", "delete", "acme"], env=env)
+    assert refused.exit_code == 1 and "pass --yes" in refused.output, refused.output
+    # with --yes it goes to the gateway (here: none)
+    tried = runner.invoke(app, ["tenants", "delete", "acme", "--yes"], env=env)
+    assert tried.exit_code == 1 and "cannot reach" in tried.output, tried.output
