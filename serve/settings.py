@@ -352,6 +352,14 @@ class Settings(BaseSettings):
     engine_extra_args: list[str] = Field(
         default_factory=list, description="A JSON list of extra vLLM arguments."
     )
+    tool_call_parser: str = Field(
+        default="auto",
+        description="vLLM's tool-call parser, which lets tenants call tools (OpenAI's `tools` and "
+        "`tool_choice`): `auto` picks the one for the base's model family where vLLM has one "
+        "(`hermes` for Qwen2-VL, Qwen2.5-VL and Qwen3-VL, `llama3_json` for Llama 3.2 Vision, "
+        "`mistral` for Mistral 3 and Pixtral), `none` turns tool calling off, any other value is "
+        "passed to vLLM as it is.",
+    )
 
     # fleet: several engines behind the gateway; the default is one supervised engine
     replicas: int = Field(

@@ -67,6 +67,7 @@ def assert_openai_error(response: httpx.Response, status: int, phrase: str = "")
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) >= {"message", "type", "code"}
+    assert isinstance(error["code"], str), error  # every error has a string code, as OpenAI's
     assert phrase in error["message"], error["message"]
     return error
 

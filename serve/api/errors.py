@@ -46,7 +46,8 @@ async def _lorafleet_error(request: Request, exc: Exception) -> JSONResponse:
         headers["Retry-After"] = str(
             gateway.settings.retry_after_s if gateway else exc.retry_after_s
         )
-    return error_response(exc.status, exc.message, exc.type, exc.code, headers or None)
+    code = exc.code or ("invalid_request" if exc.status < 500 else "internal_error")
+    return error_response(exc.status, exc.message, exc.type, code, headers or None)
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
@@ -93,7 +94,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         exc.status_code,
         _not_found_message(request) if not_routed else str(exc.detail),
         "invalid_request_error",
-        code.get(exc.status_code),
+        code.get(exc.status_code, "invalid_request"),
         dict(exc.headers) if exc.headers else None,
     )
 

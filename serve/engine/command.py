@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 
 from lorafleet.serve.engine.hardware import Quantization, quantization_for
@@ -21,6 +22,7 @@ __all__ = [
     "node_command",
     "engine_process_options",
     "free_port",
+    "tool_call_parser",
     "SERVED_BASE_NAME",
 ]
 
@@ -68,6 +70,7 @@ def engine_command(
         quantization.dtype or settings.dtype,
         "--disable-uvicorn-access-log",
         *quantization.engine_args,
+        *_tool_calling(settings),
     ]
     # the token goes in the environment, which only its owner (and root) can read, not in argv,
     # which every local user can (/proc/<pid>/cmdline, ps); vLLM reads VLLM_API_KEY when --api-key
@@ -77,6 +80,51 @@ def engine_command(
         cmd += ["--enforce-eager", "--gpu-memory-utilization", str(settings.cpu_memory_fraction)]
         env["VLLM_CPU_KVCACHE_SPACE"] = str(sizing.kvcache_gib)
     return cmd + list(settings.engine_extra_args), env
+
+
+# vLLM's tool-call parser for each model family whose chat template writes the calls it reads
+TOOL_CALL_PARSERS = {
+    "qwen2_vl": "hermes",
+    "qwen2_5_vl": "hermes",
+    "qwen3_vl": "hermes",
+    "qwen3_vl_moe": "hermes",
+    "mllama": "llama3_json",
+    "mistral3": "mistral",
+    "pixtral": "mistral",
+}
+
+
+def tool_call_parser(settings: Settings) -> str | None:
+    """The parser `LORAFLEET_TOOL_CALL_PARSER` means for this base; None: no tool calling."""
+    if settings.tool_call_parser == "none":
+        return None
+    if settings.tool_call_parser != "auto":
+        return settings.tool_call_parser
+    return TOOL_CALL_PARSERS.get(_model_type(settings.base))
+
+
+def _model_type(base: str) -> str:
+    """The base's model type from its config.json: a local folder's, or a hub id's in the hub's
+    cache (where the gateway's reading of the base put it; never the network)."""
+    local = Path(base) / "config.json"
+    config: Path | None = local
+    if not local.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(base, "config.json")
+        except ValueError:  # not a hub id either (e.g. a folder that is not there)
+            cached = None
+        config = Path(cached) if isinstance(cached, str) else None
+    try:
+        return str(json.loads(config.read_text()).get("model_type", "")) if config else ""
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def _tool_calling(settings: Settings) -> list[str]:
+    parser = tool_call_parser(settings)
+    return ["--enable-auto-tool-choice", "--tool-call-parser", parser] if parser else []
 
 
 def node_command(settings: Settings, host: str, port: int) -> tuple[list[str], dict[str, str]]:

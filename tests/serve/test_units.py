@@ -56,6 +56,29 @@ def test_engine_command_uses_cpu_settings_without_cuda():
     )
 
 
+def test_tool_calling_is_on_for_a_base_whose_parser_vllm_has(tmp_path):
+    import json
+
+    from tests.factories import TINY_BASE_CONFIG
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY_BASE_CONFIG))  # a Qwen2.5-VL
+    quantization = Quantization("none")
+
+    def command(**settings) -> list[str]:
+        given = Settings(base=str(tmp_path), **settings)
+        return engine_command(given, 9000, "t", False, quantization, _sizing(given))[0]
+
+    auto = command()
+    assert "--enable-auto-tool-choice" in auto
+    assert auto[auto.index("--tool-call-parser") + 1] == "hermes"
+    assert "--enable-auto-tool-choice" not in command(tool_call_parser="none")
+    chosen = command(tool_call_parser="pythonic")
+    assert chosen[chosen.index("--tool-call-parser") + 1] == "pythonic"
+    other = {**TINY_BASE_CONFIG, "model_type": "idefics3"}  # no parser vLLM knows for it
+    (tmp_path / "config.json").write_text(json.dumps(other))
+    assert "--tool-call-parser" not in command()
+
+
 def test_engine_command_leaves_gpu_defaults_with_cuda():
     settings = Settings(base="/m")
     cmd, env = engine_command(

@@ -137,8 +137,40 @@ def test_engine_validation_errors_pass_through(two_tenants):
             "/v1/chat/completions",
             json={"model": "assistant", "messages": image_messages(), "max_tokens": -1},
         )
-    assert_openai_error(response, 400, "max_tokens")
+    error = assert_openai_error(response, 400, "max_tokens")
+    assert error["code"] == "invalid_request"  # a string, as the gateway's own codes
     assert response.headers["x-lorafleet-deployment"] == "assistant"
+
+
+def test_tools_are_accepted_for_a_base_whose_tool_call_parser_vllm_has(two_tenants):
+    """The tiny base is a Qwen2.5-VL: the engine runs with vLLM's hermes tool-call parser, so a
+    tenant's tools reach the model (the tiny one answers in words rather than calling)."""
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "weather",
+            "description": "The weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+    for choice in ("auto", "none"):
+        reply = (
+            two_tenants[0]
+            .openai()
+            .chat.completions.create(
+                model="assistant",
+                messages=image_messages("Is it raining in Paris?"),
+                tools=[weather],
+                tool_choice=choice,
+                max_tokens=MAX_TOKENS,
+                temperature=0,
+            )
+        )
+        assert reply.choices[0].message.content or reply.choices[0].message.tool_calls
 
 
 def test_remote_image_urls_are_refused_by_default(two_tenants):

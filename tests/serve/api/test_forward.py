@@ -243,6 +243,7 @@ def test_json_bodies_are_json_whatever_their_content_type_says(relay):
             content=json.dumps({"model": relay.deployment, "messages": image_messages()}),
         )
         assert answer.status_code == 200, answer.text
+        _logged(relay, answer.json()["id"])  # feedback names a logged request
         form = {"content-type": "application/x-www-form-urlencoded"}
         feedback = {"id": answer.json()["id"], "score": 1}
         posted = http.post("/v1/feedback", content=json.dumps(feedback), headers=form)
