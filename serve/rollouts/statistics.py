@@ -47,6 +47,7 @@ __all__ = [
     "bounded_mean",
     "bounded_difference_se",
     "bounded_difference",
+    "rate_difference",
     "welch_mean",
     "welch_difference",
     "feedback_harm",
@@ -249,6 +250,15 @@ def bounded_difference(candidate: Moments, stable: Moments, level: float = 0.95)
     return Estimate(candidate.mean - stable.mean, max(-1.0, diff - half), min(1.0, diff + half))
 
 
+def rate_difference(x_c: int, n_c: int, x_s: int, n_s: int, level: float = 0.95) -> Estimate:
+    """rate_candidate - rate_stable (x of n each, both n > 0) as observed, with the Agresti-Caffo
+    interval at `level` clipped to [-1, 1]: the one estimate of a difference of rates that the
+    rollout's decisions, the A/B comparison, the CLI and the console all show."""
+    diff, se = difference_ci(x_c, n_c, x_s, n_s)
+    half = _z(level) * se
+    return Estimate(x_c / n_c - x_s / n_s, max(-1.0, diff - half), min(1.0, diff + half))
+
+
 def welch_mean(values: Moments, level: float = 0.95) -> Estimate | None:
     """The mean of unbounded values (log-probabilities) with its t interval; None below two
     values."""
@@ -306,10 +316,10 @@ def proportion_harm(
             n_c,
             n_s,
         )
-    diff, se = difference_ci(bad_c, n_c, bad_s, n_s)
-    z = float(stats.norm.ppf(1 - alpha))
-    low, high = diff - z * se, diff + z * se
-    p = float(stats.norm.sf((diff - margin) / se))
+    adjusted, se = difference_ci(bad_c, n_c, bad_s, n_s)  # the test's statistic
+    p = float(stats.norm.sf((adjusted - margin) / se))
+    estimate = rate_difference(bad_c, n_c, bad_s, n_s, 1 - 2 * alpha)  # what is shown
+    diff, (low, high) = estimate.value, estimate.interval
     rates = f"{bad_c}/{n_c} vs {bad_s}/{n_s}"
     numbers = (
         f"diff {diff:+.3f}, {1 - 2 * alpha:.4g} CI [{low:+.3f}, {high:+.3f}], margin {margin}, "
@@ -362,10 +372,12 @@ def feedback_harm(
             n_s,
         )
     c, s = Moments.of(candidate), Moments.of(stable)
-    diff, se = bounded_difference_se(c, s)  # se > 0: the pseudo-observations differ
-    z = float(stats.norm.ppf(1 - alpha))
-    low, high = diff - z * se, diff + z * se
-    p = float(stats.norm.sf((-diff - limits.feedback_margin) / se))
+    # the test's statistic; se > 0: the pseudo-observations differ
+    adjusted, se = bounded_difference_se(c, s)
+    p = float(stats.norm.sf((-adjusted - limits.feedback_margin) / se))
+    estimate = bounded_difference(c, s, 1 - 2 * alpha)  # what is shown: never None here
+    assert estimate is not None
+    diff, (low, high) = estimate.value, estimate.interval
     means = f"mean {c.mean:.3f} (n={n_c}) vs {s.mean:.3f} (n={n_s})"
     numbers = (
         f"diff {diff:+.3f}, {1 - 2 * alpha:.4g} CI [{low:+.3f}, {high:+.3f}], margin "
@@ -681,18 +693,21 @@ def compare_variants(control: VariantSamples, other: VariantSamples, level: floa
     and format validity (Agresti-Caffo), feedback (Agresti-Caffo on [0, 1]), output length and
     the answers' confidence (`logprob`: mean token log-probability; Welch t), latency
     (Mann-Whitney p, median ratio). `confidence` is the intervals' level, as it always was."""
-    z = _z(level)
     out: dict = {"confidence": level}
     if control.requests and other.requests:
-        diff, se = difference_ci(other.errors, other.requests, control.errors, control.requests)
-        out["error_rate"] = {"diff": diff, "interval": [diff - z * se, diff + z * se]}
-    if control.format_checked and other.format_checked:
-        valid_o, valid_c = (
-            other.format_checked - other.format_invalid,
-            control.format_checked - control.format_invalid,
+        errors = rate_difference(
+            other.errors, other.requests, control.errors, control.requests, level
         )
-        diff, se = difference_ci(valid_o, other.format_checked, valid_c, control.format_checked)
-        out["format_validity"] = {"diff": diff, "interval": [diff - z * se, diff + z * se]}
+        out["error_rate"] = {"diff": errors.value, "interval": errors.interval}
+    if control.format_checked and other.format_checked:
+        valid = rate_difference(
+            other.format_checked - other.format_invalid,
+            other.format_checked,
+            control.format_checked - control.format_invalid,
+            control.format_checked,
+            level,
+        )
+        out["format_validity"] = {"diff": valid.value, "interval": valid.interval}
     feedback = bounded_difference(Moments.of(other.feedback), Moments.of(control.feedback), level)
     if feedback is not None:
         out["feedback"] = {"diff": feedback.value, "interval": feedback.interval}

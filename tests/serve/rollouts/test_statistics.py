@@ -27,6 +27,7 @@ from lorafleet.serve.rollouts.statistics import (
     look_alpha,
     paired_gate,
     proportion_harm,
+    rate_difference,
     sample_ratio,
     welch_difference,
     welch_mean,
@@ -437,3 +438,26 @@ def test_rollouts_started_before_feedback_existed_validate_to_the_defaults():
     assert (new.feedback_rollback, new.feedback_min, new.feedback_margin) == (True, 5, 0.1)
     with pytest.raises(ValueError, match="feedback_min"):
         RolloutStart(to="m@2", feedback_min=0)
+
+
+def test_a_difference_of_rates_is_the_observed_one_with_an_interval_inside_its_range():
+    # both at 0 errors, different sizes: Agresti-Caffo's adjusted difference would be 1/12 - 1/52
+    none = rate_difference(0, 10, 0, 50)
+    assert none.value == 0.0 and -1.0 <= none.low < 0.0 < none.high <= 1.0
+    worst_case = rate_difference(10, 10, 0, 10)
+    assert worst_case.value == 1.0 and worst_case.high == 1.0
+    assert compare_variants(_samples(50), _samples(10))["error_rate"]["diff"] == 0.0
+
+
+def test_a_feedback_rollback_reports_the_observed_difference_inside_its_range():
+    """Every user judges the canary's answers wrong (0) and the stable's right (1): the reason
+    says diff -1.000 with an interval inside [-1, 1], as the A/B table does."""
+    harm = feedback_harm([0.0] * 40, [1.0] * 40, 0.01, FEEDBACK)
+    assert harm.status == Status.FAILED
+    assert harm.effect == -1.0 and -1.0 <= harm.interval[0] <= harm.interval[1] <= 1.0
+    assert "diff -1.000" in harm.message
+    stable, canary = _samples(40), _samples(40)
+    shown = compare_variants(
+        replace(stable, feedback=[1.0] * 40), replace(canary, feedback=[0.0] * 40)
+    )["feedback"]
+    assert shown["diff"] == harm.effect
