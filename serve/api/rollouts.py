@@ -41,6 +41,7 @@ from lorafleet.serve.api.dependencies import (
     release_connection,
 )
 from lorafleet.serve.rollouts import state as rollouts
+from lorafleet.serve.rollouts.phases import SERVING
 from lorafleet.serve.rollouts.schemas import RolloutSeries
 from lorafleet.serve.rollouts.series import MAX_BUCKET_S, MIN_BUCKET_S, rollout_series
 from lorafleet.serve.rollouts.state import AbStart, RolloutStart, VariantSignals, active_rollout
@@ -82,6 +83,7 @@ class VariantPublic(BaseModel):
     label: str
     ref: str
     digest: str
+    # its share of the deployment's requests now, in % (a finished rollout's serving variant: 100)
     weight: float
 
 
@@ -175,8 +177,8 @@ def rollout_public(rollout: Rollout, session: Session | None = None) -> RolloutP
         reason=rollout.reason,
         message=rollout.message,
         variants=[
-            VariantPublic(**{k: v[k] for k in ("label", "ref", "digest", "weight")})
-            for v in rollout.variants
+            VariantPublic(label=v["label"], ref=v["ref"], digest=v["digest"], weight=weight)
+            for v, weight in zip(rollout.variants, _weights_now(rollout), strict=True)
         ],
         steps=rollout.steps,
         step_index=rollout.step_index,
@@ -191,6 +193,17 @@ def rollout_public(rollout: Rollout, session: Session | None = None) -> RolloutP
         feedback=[_variant_feedback(label, signals, reference) for label in labels],
         confidence=[_variant_confidence(label, signals, reference) for label in labels],
     )
+
+
+def _weights_now(rollout: Rollout) -> list[float]:
+    """Each variant's share of the deployment's requests now: its routing weight while the
+    rollout routes, else 100 for the variant the deployment serves (none, once a later change
+    replaced it) and 0 for the others."""
+    if rollout.phase in SERVING:
+        return [v["weight"] for v in rollout.variants]
+    serving = rollout.deployment.stable.digest
+    first = next((i for i, v in enumerate(rollout.variants) if v["digest"] == serving), None)
+    return [100.0 if i == first else 0.0 for i in range(len(rollout.variants))]
 
 
 _NOTHING = VariantSignals(0, Moments(), Moments())

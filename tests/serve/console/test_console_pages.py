@@ -362,3 +362,30 @@ async def test_acting_for_a_tenant_needs_the_admin_key(console):
     )
     assert_openai_error(chat, 400)
     del globex
+
+
+async def test_a_finished_canary_shows_the_weights_that_serve_now(
+    console, browser_session, adapters
+):
+    acme = console.name("acme")
+    key = await console.tenant(acme)
+    await _deployed_canary(console, key, adapters)
+    async with console.api(key) as api:
+        running = (await api.get("/v1/deployments/shapes/rollout")).json()
+        assert [(v["label"], v["weight"]) for v in running["variants"]] == [
+            ("canary", 20),
+            ("stable", 80),
+        ]
+        aborted = await api.post("/v1/deployments/shapes/rollout/abort")
+        assert aborted.status_code == 200, aborted.text
+        after = (await api.get("/v1/deployments/shapes/rollout")).json()
+        listed = (await api.get("/v1/rollouts")).json()
+    # the stable serves every request again: in the rollout, the list and the console alike
+    assert [v["weight"] for v in after["variants"]] == [0, 100]
+    assert [v["weight"] for v in listed[0]["variants"]] == [0, 100]
+    browser = await browser_session(key)
+    page = await browser.get(f"/console/t/{acme}/deployments/shapes/rollout")
+    rows = re.findall(
+        r'<tr><th scope="row">(\w+)</th>.*?<td class="num">([\d.]+) %</td></tr>', page.text
+    )
+    assert rows == [("canary", "0.0"), ("stable", "100.0")]
