@@ -458,7 +458,7 @@ async def _ab_page(request: Request, tenant: str, name: str, evaluate: bool) -> 
 
 @router.get("/t/{tenant}/deployments/{name}/drift")
 async def drift_page(request: Request, tenant: str, name: str) -> HTMLResponse:
-    from lorafleet.serve.drift.report import figures
+    from lorafleet.serve.drift.report import NOT_ENOUGH, figures
 
     user = _user(request)
     _own(user, tenant)
@@ -476,6 +476,7 @@ async def drift_page(request: Request, tenant: str, name: str) -> HTMLResponse:
         status=status,
         history=history,
         plots=plots,
+        not_enough=NOT_ENOUGH,
     )
 
 

@@ -50,12 +50,24 @@ def _pyplot():
     return plt
 
 
-def _plots(history: dict) -> list[tuple[str, str]]:
+# what a chart over time says instead of plotting a single point (whose axis would span years)
+NOT_ENOUGH = "not enough looks yet: one so far; the chart starts with the second"
+FIGSIZE = (10, 3.2)  # inches at 110 dpi: 1100 pixels, within a 1280-pixel window beside the margins
+
+
+def _over_time(rows: list[dict]) -> bool:
+    """Whether rows span at least two instants (a line over time needs two)."""
+    return len({r["at"] for r in rows}) >= 2
+
+
+def _plots(history: dict) -> list[tuple[str, str | None]]:
     plt = _pyplot()
-    plots = []
+    plots: list[tuple[str, str | None]] = []
     runs = history["runs"]
-    if runs:
-        figure, (score, exact) = plt.subplots(1, 2, figsize=(11, 3.2))
+    if runs and not _over_time(runs):
+        plots.append(("Validation replay", None))
+    elif runs:
+        figure, (score, exact) = plt.subplots(1, 2, figsize=FIGSIZE)
         for version, rs in _grouped(runs, "version").items():
             times = [_when(r["at"]) for r in rs]
             score.plot(times, [r["score"] for r in rs], marker="o", label=version)
@@ -84,7 +96,10 @@ def _plots(history: dict) -> list[tuple[str, str]]:
         rows = [c for c in checks if c["kind"] == kind]
         if not rows:
             continue
-        figure, (pvalue, detail) = plt.subplots(1, 2, figsize=(11, 3.2))
+        if not _over_time(rows):
+            plots.append((title, None))
+            continue
+        figure, (pvalue, detail) = plt.subplots(1, 2, figsize=FIGSIZE)
         for variant, cs in _grouped(rows, "variant").items():
             times = [_when(c["at"]) for c in cs]
             pvalue.semilogy(
@@ -160,7 +175,7 @@ def _feedback_plot(timelines: list[dict]) -> str | None:
     if not any(p["feedback"] for t in timelines for p in t["periods"]):
         return None
     plt = _pyplot()
-    figure, (rate, mean) = plt.subplots(1, 2, figsize=(11, 3.2))
+    figure, (rate, mean) = plt.subplots(1, 2, figsize=FIGSIZE)
     nan = float("nan")  # a period without requests (rate) or without feedback (mean) is a gap
     for t in timelines:
         starts, label = (
@@ -186,9 +201,9 @@ def _feedback_plot(timelines: list[dict]) -> str | None:
     return _finish(plt, figure, (rate, mean), 7)
 
 
-def figures(history: dict, status: dict) -> list[tuple[str, str]]:
+def figures(history: dict, status: dict) -> list[tuple[str, str | None]]:
     """The report's plots as (title, base64 PNG), from the API's drift history and status (the
-    console shows the same ones)."""
+    console shows the same ones); None for a chart with a single look so far (`NOT_ENOUGH`)."""
     plots = _plots(history)
     feedback = _feedback_plot(status.get("feedback", []))
     if feedback is not None:
@@ -215,7 +230,9 @@ def render_report(history: dict, status: dict) -> str:
     ]
     for title, png in figures(history, status):
         sections.append(
-            f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" '
+            f"<h2>{html.escape(title)}</h2><p>{NOT_ENOUGH}</p>"
+            if png is None
+            else f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" '
             f'src="data:image/png;base64,{png}">'
         )
     if not history["runs"] and not history["checks"]:

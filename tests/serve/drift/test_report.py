@@ -103,3 +103,12 @@ def test_confidence_looks_and_the_feedback_timeline_are_plotted():
 def test_a_timeline_without_any_feedback_is_not_plotted():
     page = _page([], [_timeline("stable", "m@1", [(10, 0, None), (4, 0, None)])])
     assert _plots(page) == [] and "Nothing measured yet" in page
+
+
+@pytest.mark.heavy_imports
+def test_a_single_look_is_not_plotted_over_years_the_page_says_so():
+    from lorafleet.serve.drift.report import NOT_ENOUGH
+
+    page = _page([_confidence_look(1, -0.31, False)], [])
+    assert _plots(page) == []
+    assert f"</h2><p>{NOT_ENOUGH}</p>" in page and "data:image/png" not in page
