@@ -6,10 +6,14 @@ head_dim/2, an image AND a video processor, and the Qwen special tokens in the c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 __all__ = ["build_tiny_model", "pretrain", "PRETRAIN_STEPS", "TINY_MIN_PIXELS", "TINY_MAX_PIXELS"]
+
+# told (step, steps, loss) after each pre-training step
+Progress = Callable[[int, int, float], None]
 
 TINY_MIN_PIXELS = 56 * 56
 TINY_MAX_PIXELS = 112 * 112
@@ -117,10 +121,11 @@ def pretrain(
     batch_size: int = 16,
     lr: float = 5e-4,
     pool_size: int = 1200,
+    progress: Progress | None = None,
 ) -> float:
     """Teach the whole tiny model the general shapes task, so it is a base with something to
-    forget. Returns the last batch's loss. (At 3e-3 the vision tower only ever learned colours,
-    never shapes.)"""
+    forget. Returns the last batch's loss; `progress(step, steps, loss)` is told after each step.
+    (At 3e-3 the vision tower only ever learned colours, never shapes.)"""
     import random
 
     import torch
@@ -165,6 +170,8 @@ def pretrain(
             group["lr"] = lr * (1 - 0.9 * step / steps)
         optimizer.step()
         optimizer.zero_grad()
+        if progress:
+            progress(step + 1, steps, loss.item())
     model.eval()
     return loss.item()
 
@@ -173,9 +180,11 @@ def pretrain(
 PRETRAIN_STEPS = 1000
 
 
-def build_tiny_model(out: Path, seed: int = 0, pretrain_steps: int = 0) -> Path:
+def build_tiny_model(
+    out: Path, seed: int = 0, pretrain_steps: int = 0, progress: Progress | None = None
+) -> Path:
     """Write a tiny Qwen2.5-VL (weights, tokenizer, processor) to `out`: randomly initialised, then
-    pre-trained for `pretrain_steps` on the general shapes task."""
+    pre-trained for `pretrain_steps` on the general shapes task (`progress` as `pretrain`'s)."""
     import torch
     from transformers import (
         Qwen2_5_VLForConditionalGeneration,
@@ -197,7 +206,7 @@ def build_tiny_model(out: Path, seed: int = 0, pretrain_steps: int = 0) -> Path:
         chat_template=_CHAT_TEMPLATE,
     )
     if pretrain_steps:
-        pretrain(model, processor, pretrain_steps, seed)
+        pretrain(model, processor, pretrain_steps, seed, progress=progress)
     else:
         # random weights give near-uniform next-token odds, whose greedy ties any
         with torch.no_grad():

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from lorafleet.serve.cli.common import DEFAULT_URL, ApiKey, Url, console, group
@@ -31,8 +32,22 @@ def tiny_build(
     from lorafleet.train.tiny_model import PRETRAIN_STEPS, build_tiny_model
 
     steps = PRETRAIN_STEPS if pretrain_steps is None else pretrain_steps
-    with console.status(f"building the tiny model ({steps} pre-training steps)"):
-        console.print(f"tiny model written to {build_tiny_model(out, seed, steps)}")
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps  loss {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("pre-training the tiny model", total=steps, loss=float("nan"))
+
+        def advance(step: int, total: int, loss: float) -> None:
+            bar.update(task, completed=step, loss=loss)
+            if not console.is_terminal and (step % max(1, total // 10) == 0 or step == total):
+                console.print(f"pre-training step {step}/{total}, loss {loss:.3f}")  # no bar
+
+        built = build_tiny_model(out, seed, steps, progress=advance)
+    console.print(f"tiny model written to {built}")
 
 
 @tiny.command("data")
