@@ -8,8 +8,11 @@ vLLM applies LoRA to the language model only; a tensor aimed anywhere else is re
 from __future__ import annotations
 
 import re
+import socket
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlsplit
 
 from lorafleet.errors import InvalidRequest
 
@@ -66,10 +69,34 @@ def _part_of(path: str, lm_prefix: str) -> str:
 
 @lru_cache(maxsize=8)
 def base_config(base: str):
-    """The base model's config (local path or hub id), read once per base."""
+    """The base model's config (local path or hub id), read once per base. A hub id that is
+    neither in the hub's cache nor reachable fails at once, in one line (the hub client would
+    retry for half a minute)."""
     from transformers import AutoConfig
 
+    if not Path(base).is_dir():
+        _require_fetchable(base)
     return AutoConfig.from_pretrained(base)
+
+
+def _require_fetchable(base: str, timeout_s: float = 3.0) -> None:
+    """OSError unless hub id `base` has its config in the hub's cache or the hub answers."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(base, "config.json"), str) or constants.HF_HUB_OFFLINE:
+            return  # offline mode: the hub client itself says what is missing
+    except ValueError:  # not a repository id
+        raise OSError(f"base {base!r} is neither a local folder nor a hub id") from None
+    host = urlsplit(constants.ENDPOINT).hostname or "huggingface.co"
+    port = urlsplit(constants.ENDPOINT).port or 443
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise OSError(
+            f"cannot fetch base {base!r}: {host} is unreachable ({exc.strerror or exc}) and the "
+            "hub's cache has no copy; pass a local folder as the base"
+        ) from None
 
 
 @lru_cache(maxsize=8)

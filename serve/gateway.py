@@ -108,6 +108,7 @@ def build_gateway(settings: Settings) -> Gateway:
     app's lifespan)."""
     if not settings.base:
         raise ValueError("no base model: pass --base (hub id or local path) or set LORAFLEET_BASE")
+    spec = load_base_spec(settings.base)  # before anything is created: a base that is not there
     _private(settings.home)
     db, sessions = open_catalog(settings.database_url, upgrade=settings.catalog_auto_upgrade)
     tmp_dir = scratch_dir(settings)
@@ -149,7 +150,7 @@ def build_gateway(settings: Settings) -> Gateway:
         sessions=sessions,
         store=store,
         validation_store=validation_store,
-        spec=load_base_spec(settings.base),
+        spec=spec,
         metrics=metrics,
         fleet=fleet,
         controller=controller,

@@ -5,6 +5,7 @@ refusal)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 
 import pytest
@@ -12,6 +13,7 @@ from typer.testing import CliRunner
 
 from lorafleet.adapters.migrate import head_revision
 from lorafleet.serve.cli import app
+from tests.factories import TINY_BASE_CONFIG
 from tests.old_catalog import create_schema, insert_rows
 from tests.postgres import postgres_database
 
@@ -56,9 +58,12 @@ def test_db_current_upgrade_and_backup_of_a_0_1_0_catalog(tmp_path):
 
 def test_serve_on_a_catalog_behind_exits_with_one_line_naming_the_command(tmp_path):
     create_schema(f"sqlite:///{tmp_path / 'catalog.db'}")
+    base = tmp_path / "base"  # what the gateway reads of a base (it is read first)
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(TINY_BASE_CONFIG))
     result = runner.invoke(
         app,
-        ["serve", "--base", "x", "--home", str(tmp_path)],
+        ["serve", "--base", str(base), "--home", str(tmp_path)],
         env={"LORAFLEET_ADMIN_KEY": "k", "COLUMNS": "80"},
     )
     assert result.exit_code == 1
