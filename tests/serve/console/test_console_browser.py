@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lorafleet.serve.drift.report import NOT_ENOUGH
 from lorafleet.serve.gateway_client import inline_images
 from tests.conftest import NEAR_BASE_STD
 from tests.helpers import upload_folder
@@ -186,6 +187,12 @@ def test_a_tenant_aborts_its_canary_others_do_not_see_it_the_admin_sees_all(
         response = page.goto(server.url + path)
         assert response is not None and response.status == 200, path
         visit.shot(name)
+    page.goto(server.url + f"{mine}/deployments/shapes/drift")
+    # one replay so far: no line over time yet, a sentence instead
+    assert page.get_by_text(NOT_ENOUGH).first.is_visible()
+    with owner.http() as http:  # a second replay (a check against the baseline)
+        checked = http.post("/v1/deployments/shapes/drift/check")
+        assert checked.status_code == 200, checked.text
     page.goto(server.url + f"{mine}/deployments/shapes/drift")
     # the drift report's own figure
     assert page.get_by_role("img", name="Validation replay").is_visible()
