@@ -198,10 +198,11 @@ class JsonBodies:
         if (
             scope["type"] == "http"
             and path.startswith(("/v1/", "/admin/"))
+            and path != "/v1/chat/completions"  # it reads its body itself (the hot path)
             and not UPLOAD_PATHS.match(path)
         ):
-            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             given = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
             if given.split(b";")[0].strip().lower() in _NOT_SAID_JSON:
+                headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
                 scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         await self.app(scope, receive, send)
