@@ -72,10 +72,10 @@ def base_config(base: str):
     """The base model's config (local path or hub id), read once per base. A hub id that is
     neither in the hub's cache nor reachable fails at once, in one line (the hub client would
     retry for half a minute)."""
-    from transformers import AutoConfig
-
     if not Path(base).is_dir():
         _require_fetchable(base)
+    from transformers import AutoConfig
+
     return AutoConfig.from_pretrained(base)
 
 
@@ -102,10 +102,10 @@ def _require_fetchable(base: str, timeout_s: float = 3.0) -> None:
 @lru_cache(maxsize=8)
 def load_base_spec(base: str) -> BaseModelSpec:
     """Read the base model's config and list its linear layers."""
+    config = base_config(base)  # first: a base that is not there fails before torch is imported
     import torch
     from transformers import AutoModelForImageTextToText
 
-    config = base_config(base)
     try:
         with torch.device("meta"):
             model = AutoModelForImageTextToText.from_config(config)

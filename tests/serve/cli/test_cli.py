@@ -69,25 +69,21 @@ def test_serve_refuses_to_start_without_an_admin_key(tmp_path):
     assert result.exit_code == 1 and "LORAFLEET_ADMIN_KEY is not set" in result.output
 
 
-def test_serve_with_a_hub_base_it_cannot_fetch_fails_at_once_in_one_line(tmp_path):
+def test_serve_with_a_hub_base_it_cannot_fetch_fails_at_once_in_one_line(tmp_path, monkeypatch):
     """No hub (an endpoint that refuses) and an empty hub cache: one line, no half-made home."""
-    import os
-    import subprocess
-    import sys
+    from huggingface_hub import constants
 
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     home = tmp_path / "home"
-    env = {
-        **os.environ,
-        "HF_ENDPOINT": "http://127.0.0.1:9",
-        "HF_HOME": str(tmp_path / "hf"),
-        "LORAFLEET_ADMIN_KEY": "k" * 24,
-    }
-    command = [sys.executable, "-m", "lorafleet.serve.cli", "serve", "--base", "org/vlm"]
-    started = subprocess.run(
-        [*command, "--home", str(home)], env=env, capture_output=True, text=True, timeout=120
+    started = runner.invoke(
+        app,
+        ["serve", "--base", "org/vlm", "--home", str(home)],
+        env={"LORAFLEET_ADMIN_KEY": "k" * 24, "COLUMNS": "300"},
     )
-    assert started.returncode == 1
-    assert started.stderr.strip().splitlines() == [
+    assert started.exit_code == 1
+    assert started.output.strip().splitlines() == [
         "LorafleetError: cannot fetch base 'org/vlm': 127.0.0.1 is unreachable (Connection "
         "refused) and the hub's cache has no copy; pass a local folder as the base"
     ]
