@@ -100,7 +100,13 @@ def test_streaming_usage_is_returned_when_asked(two_tenants):
         )
     )
     chunks = list(stream)
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+    usage = chunks[-1].usage
+    # the answer may end before max_tokens (the adapter's greedy answer is whatever it is)
+    [finish] = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert usage is not None and usage.prompt_tokens > 0
+    assert usage.completion_tokens == 4 if finish == "length" else 0 < usage.completion_tokens < 4
 
 
 def test_response_names_the_deployment_and_adapter_never_the_digest_as_model(two_tenants):
