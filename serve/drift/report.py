@@ -150,13 +150,17 @@ def _detail(axis, kind: str, variant: str, checks: list[dict]) -> None:
     [line] = axis.plot(
         times, [c["numbers"][live] for c in checks], marker="o", label=f"{variant} {label}"
     )
-    axis.plot(
-        times,
-        [c["numbers"][reference] for c in checks],
-        linestyle="--",
-        color=line.get_color(),
-        label=f"{variant} baseline",
-    )
+    baseline = [(t, c["numbers"].get(reference)) for t, c in zip(times, checks, strict=True)]
+    baseline = [(t, value) for t, value in baseline if value is not None]
+    if baseline:  # the legend lists only what is drawn
+        axis.plot(
+            [t for t, _ in baseline],
+            [value for _, value in baseline],
+            linestyle="--",
+            marker="." if len(baseline) == 1 else None,
+            color=line.get_color(),
+            label=f"{variant} baseline",
+        )
     alarms = [c for c in checks if c["drifted"]]
     axis.scatter(
         [_when(c["at"]) for c in alarms],

@@ -112,3 +112,23 @@ def test_a_single_look_is_not_plotted_over_years_the_page_says_so():
     page = _page([_confidence_look(1, -0.31, False)], [])
     assert _plots(page) == []
     assert f"</h2><p>{NOT_ENOUGH}</p>" in page and "data:image/png" not in page
+
+
+@pytest.mark.heavy_imports
+def test_the_legend_lists_a_baseline_only_where_one_is_drawn():
+    from lorafleet.serve.drift.report import _detail, _pyplot
+
+    looks = [_confidence_look(1, -0.31, False), _confidence_look(2, -0.35, False)]
+    for look in looks:
+        look["numbers"]["baseline_confidence_mean"] = None  # no baseline replay yet
+    figure, axis = _pyplot().subplots()
+    _detail(axis, "confidence", "canary", looks)
+    labels = [line.get_label() for line in axis.get_lines()]
+    assert labels == ["canary mean log-prob"]
+    looks[1]["numbers"]["baseline_confidence_mean"] = -0.3
+    figure, axis = _pyplot().subplots()
+    _detail(axis, "confidence", "canary", looks)
+    assert [line.get_label() for line in axis.get_lines()] == [
+        "canary mean log-prob",
+        "canary baseline",
+    ]
