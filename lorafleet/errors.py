@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 
 __all__ = [
+    "code_for_status",
     "LorafleetError",
     "Unauthorized",
     "NotFound",
@@ -64,6 +65,23 @@ __all__ = [
     "ApiError",
     "ServerUnreachable",
 ]
+
+
+# OpenAI-style string codes of the HTTP statuses that say enough by themselves (an error of another
+# status names its own code, or takes its caller's default)
+_STATUS_CODES = {
+    400: "invalid_request",
+    401: "invalid_api_key",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    422: "invalid_request",
+}
+
+
+def code_for_status(status: int, default: str) -> str:
+    """The string `code` of an error answered with HTTP `status`."""
+    return _STATUS_CODES.get(status, default)
 
 
 class LorafleetError(Exception):

@@ -17,7 +17,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from starlette.exceptions import HTTPException
 
 from lorafleet.adapters.catalog import is_transient
-from lorafleet.errors import LorafleetError, ServiceUnavailable
+from lorafleet.errors import LorafleetError, ServiceUnavailable, code_for_status
 
 __all__ = ["error_response", "install_error_handlers"]
 
@@ -82,19 +82,13 @@ def _not_found_message(request: Request) -> str:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    code = {
-        401: "invalid_api_key",
-        404: "not_found",
-        405: "method_not_allowed",
-        413: "payload_too_large",
-    }
     # Starlette's own answer for a path no route matches
     not_routed = exc.status_code == 404 and exc.detail == "Not Found"
     return error_response(
         exc.status_code,
         _not_found_message(request) if not_routed else str(exc.detail),
         "invalid_request_error",
-        code.get(exc.status_code, "invalid_request"),
+        code_for_status(exc.status_code, "invalid_request"),
         dict(exc.headers) if exc.headers else None,
     )
 

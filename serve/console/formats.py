@@ -8,6 +8,8 @@ from typing import Any
 
 from jinja2 import Undefined
 
+from lorafleet.serve.types import epoch
+
 __all__ = ["FILTERS"]
 
 DASH = "–"
@@ -23,13 +25,11 @@ def _missing(value: Any) -> bool:
     )
 
 
-def when(epoch: float | str | None) -> str:
-    """An instant as UTC, to the second (the API gives epoch seconds or RFC 3339)."""
-    if _missing(epoch):
+def when(at: float | str | None) -> str:
+    """An instant as UTC, to the second (the API gives RFC 3339), as the CLI shows it."""
+    if _missing(at):
         return DASH
-    if isinstance(epoch, str):
-        return epoch.replace("T", " ")[:19] + " UTC"
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch(at)))
 
 
 def percent(value: Any, digits: int = 1) -> str:

@@ -48,6 +48,7 @@ from lorafleet.errors import (
     AdapterLoadFailed,
     EngineUnavailable,
     LorafleetError,
+    code_for_status,
 )
 from lorafleet.serve.engine.command import SERVED_BASE_NAME, free_port
 from lorafleet.serve.metrics import Metrics
@@ -61,13 +62,6 @@ __all__ = [
 
 
 _KEEPALIVE_S = 3.0
-# the string codes of engine errors, by HTTP status (vLLM's own code is the status as an integer)
-_ENGINE_ERROR_CODES = {
-    400: "invalid_request",
-    404: "not_found",
-    413: "payload_too_large",
-    422: "invalid_request",
-}
 log = logging.getLogger("lorafleet.engine")
 _PLACEHOLDER = "<path>"
 # /a/b or deeper, but not a URL's path (after a host name or "//") unless a file URL; Windows: C:\a
@@ -221,21 +215,19 @@ class EngineClient:
         are (a string `code`, an OpenAI `type`), without server paths, for a tenant. vLLM gives
         its exception's name as the type and the status as an integer code."""
         try:
-            payload = json.loads(raw)
-            error = payload["error"]
-            message = str(error["message"]) if isinstance(error, dict) else str(error)
+            error = json.loads(raw)["error"]
         except (ValueError, KeyError, TypeError):
-            error, message = {}, raw.decode(errors="replace")
-        code = error.get("code") if isinstance(error, dict) else None
+            error = raw.decode(errors="replace")
+        if not isinstance(error, dict):
+            error = {"message": error}
+        code = error.get("code")
         public = {
-            "message": public_engine_message(message, self.private_paths),
+            "message": public_engine_message(
+                str(error.get("message") or raw.decode(errors="replace")), self.private_paths
+            ),
             "type": "invalid_request_error" if status < 500 else "server_error",
-            "param": _scrubbed(error.get("param"), self.private_paths)
-            if isinstance(error, dict)
-            else None,
-            "code": code
-            if isinstance(code, str)
-            else _ENGINE_ERROR_CODES.get(status, "engine_error"),
+            "param": _scrubbed(error.get("param"), self.private_paths),
+            "code": code if isinstance(code, str) else code_for_status(status, "engine_error"),
         }
         return json.dumps({"error": public}).encode()
 
