@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,11 +147,13 @@ async def replay_and_score(
     metric: str,
     max_tokens: int,
     concurrency: int = 8,
+    answered: Callable[[], None] | None = None,
 ) -> Replay:
     """The one replay path of the gate, A/B evaluation and drift replay: register adapter
     `digest`, let it answer every item through the engine (greedy, the same path as live
     traffic), score the answers. The chosen tokens' log-probabilities come along (`logprobs`
-    changes no token): the baseline of confidence drift."""
+    changes no token): the baseline of confidence drift. `answered` is called after each
+    answer (progress)."""
     engine = engines.client_for(digest)  # in a fleet: the replica that serves the adapter
     await engine.ensure_loaded(digest)
     limit = asyncio.Semaphore(concurrency)
@@ -173,6 +176,8 @@ async def replay_and_score(
                 f"the engine refused a validation item ({response.status_code}): {refusal}",
                 code="validation_replay_failed",
             )
+        if answered is not None:
+            answered()
         payload = response.json()
         choice = payload["choices"][0]
         confidence = summarize(list(token_logprobs(choice)))

@@ -120,6 +120,7 @@ def catalog_app(sessions: sessionmaker, *routers: APIRouter) -> FastAPI:
         sessions=sessions,
         route_cache=RouteCache(sessions, 0.0),
         request_log=RequestLog(sessions, Metrics(), flush_s=3600),
+        controller=SimpleNamespace(gate_progress={}),  # no gate runs here
     )
     app.add_middleware(Authenticate, gateway=app.state.gateway)
     install_error_handlers(app)

@@ -41,7 +41,7 @@ from lorafleet.serve.api.dependencies import (
     release_connection,
 )
 from lorafleet.serve.rollouts import state as rollouts
-from lorafleet.serve.rollouts.phases import SERVING
+from lorafleet.serve.rollouts.phases import SERVING, Phase
 from lorafleet.serve.rollouts.schemas import RolloutSeries
 from lorafleet.serve.rollouts.series import MAX_BUCKET_S, MIN_BUCKET_S, rollout_series
 from lorafleet.serve.rollouts.state import AbStart, RolloutStart, VariantSignals, active_rollout
@@ -85,6 +85,14 @@ class VariantPublic(BaseModel):
     digest: str
     # its share of the deployment's requests now, in % (a finished rollout's serving variant: 100)
     weight: float
+
+
+class GateProgressPublic(BaseModel):
+    """How far the validation gate is, from the gateway that runs it."""
+
+    answered: int  # answers so far: each version answers every validation item
+    total: int
+    started_at: UtcDateTime
 
 
 class DecisionPublic(BaseModel):
@@ -137,6 +145,8 @@ class RolloutPublic(BaseModel):
     step_index: int
     params: dict[str, Any]
     gate: dict[str, Any] | None
+    # while the gate runs: its progress, from the gateway that runs it (null on the others)
+    gate_progress: GateProgressPublic | None = None
     looks: int
     created_by: str
     created_at: UtcDateTime
@@ -385,9 +395,28 @@ async def start_rollout(
     return await run_in_threadpool(rollout_public, rollout, session)
 
 
-@router.get("/deployments/{deployment}/rollout")
-def get_rollout(deployment: str, session: SessionDep, tenant: CurrentTenant) -> RolloutPublic:
+def latest_canary(session: Session, tenant: Tenant, deployment: str) -> RolloutPublic:
+    """The deployment's active canary rollout, else its most recent one, as the API shows it."""
     return rollout_public(_latest(session, get_deployment(session, tenant, deployment), "canary"))
+
+
+@router.get("/deployments/{deployment}/rollout")
+def get_rollout(
+    deployment: str, gateway: GatewayDep, session: SessionDep, tenant: CurrentTenant
+) -> RolloutPublic:
+    public = latest_canary(session, tenant, deployment)
+    progress = gateway.controller.gate_progress.get(public.id)
+    if progress is None or public.phase != Phase.GATING:
+        return public
+    return public.model_copy(
+        update={
+            "gate_progress": GateProgressPublic(
+                answered=progress.answered,
+                total=progress.total,
+                started_at=utc(progress.started_at),
+            )
+        }
+    )
 
 
 BucketS = Annotated[

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TransferS
 from rich.table import Table
 
 from lorafleet.adapters.manifest import manifest_summary
-from lorafleet.serve.cli.common import DEFAULT_URL, ApiKey, Url, console, group
+from lorafleet.serve.cli.common import DEFAULT_URL, ApiKey, Url, console, group, working
 from lorafleet.serve.gateway_client import LorafleetClient
 
 __all__ = ["adapters", "deployments", "validation"]
@@ -166,7 +166,7 @@ def validation_push(
     api_key: ApiKey = None,
 ) -> None:
     """Upload FILE (chat JSONL, the training format) as DEPLOYMENT's fixed validation set."""
-    with console.status("checking and uploading the validation set"):
+    with working("checking and uploading the validation set"):
         stored = LorafleetClient(url, api_key).push_validation(deployment, file, metric)
     console.print(
         f"{deployment}: validation set {stored['digest'][:12]}, {stored['items']} items, "

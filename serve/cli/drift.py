@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from lorafleet.serve.cli.common import DEFAULT_URL, ApiKey, Url, console, group
+from lorafleet.serve.cli.common import DEFAULT_URL, ApiKey, Url, console, group, working
 from lorafleet.serve.gateway_client import LorafleetClient
 
 __all__ = ["drift"]
@@ -21,7 +21,7 @@ drift = group("Drift monitoring of live adapters (tenant key).")
 def drift_check(deployment: str, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
     """Every live version answers the validation set now (greedy) and is compared with its
     baseline."""
-    with console.status("every live version answers the validation set"):
+    with working("every live version answers the validation set"):
         runs = LorafleetClient(url, api_key).drift_check(deployment)
     table = Table("variant", "version", "kind", "score", "equal to baseline", "message")
     for run in runs:

@@ -24,7 +24,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from lorafleet.serve.cli.common import DEFAULT_URL, ApiKey, Url, console, group, when
+from lorafleet.serve.cli.common import DEFAULT_URL, ApiKey, Url, console, group, when, working
 from lorafleet.serve.feedback.traffic import DEFAULT_WINDOW_S, MAX_WINDOW_S, MIN_WINDOW_S
 from lorafleet.serve.gateway_client import LorafleetClient
 
@@ -453,7 +453,7 @@ def capture_export(
     out.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
     try:
-        with os.fdopen(handle, "wb") as file, console.status(f"exporting {deployment}'s captures"):
+        with os.fdopen(handle, "wb") as file, working(f"exporting {deployment}'s captures"):
             written, headers = client.export_captures(
                 deployment,
                 file,

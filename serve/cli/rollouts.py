@@ -9,7 +9,16 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from lorafleet.serve.cli.common import DEFAULT_URL, ApiKey, Url, console, group, when
+from lorafleet.serve.cli.common import (
+    DEFAULT_URL,
+    ApiKey,
+    Url,
+    console,
+    group,
+    progress,
+    when,
+    working,
+)
 from lorafleet.serve.gateway_client import LorafleetClient
 from lorafleet.serve.rollouts.series import MAX_BUCKET_S, MIN_BUCKET_S
 
@@ -116,10 +125,12 @@ def rollout_start(
         feedback_margin=feedback_margin,
     )
     if wait and r["phase"] == "Gating":
-        with console.status("the candidate and the stable version answer the validation set"):
+        with progress("the gate: both versions answer the validation set", "answers") as update:
             while r["phase"] == "Gating":
                 time.sleep(1)
                 r = client.rollout(deployment)
+                if r.get("gate_progress"):  # null before the gate starts, and on other gateways
+                    update(r["gate_progress"]["answered"], r["gate_progress"]["total"])
     _print_rollout(r)
     if r["phase"] == "GateRefused":
         raise typer.Exit(1)
@@ -386,7 +397,7 @@ def ab_status(
     console.print(status["sample_ratio"]["message"], highlight=False)
     _print_signals(status["rollout"])
     if validation_scores:
-        with console.status("every variant answers the validation set"):
+        with working("every variant answers the validation set"):
             result = client.ab_evaluate(deployment)
         scores = Table(
             "variant",

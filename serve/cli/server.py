@@ -91,6 +91,11 @@ def serve(
     os.umask(0o077)
     # before the app is built: a catalog upgrade at start logs where its backup copy went
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # alembic says which database dialect each of its migration contexts uses: the upgrades it
+    # runs are what matters
+    logging.getLogger("alembic.runtime.migration").addFilter(
+        lambda record: not record.getMessage().startswith(("Context impl", "Will assume"))
+    )
     try:
         settings.require_admin_key()
         application = create_app(settings)

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from lorafleet.serve.cli.common import DEFAULT_URL, AdminKey, Url, console, group, when
+from lorafleet.serve.cli.common import DEFAULT_URL, AdminKey, Url, console, group, notice, when
 from lorafleet.serve.gateway_client import LorafleetClient
 
 __all__ = ["tenants", "audit"]
@@ -23,9 +23,10 @@ _LIMIT_HELP = "0: unlimited; 'default': back to the setting's default."
 
 @tenants.command("create")
 def tenants_create(name: str, url: Url = DEFAULT_URL, admin_key: AdminKey = None) -> None:
-    """Create a tenant and print its API key (shown only once)."""
+    """Create a tenant and print its API key (shown only once): the key alone on stdout, what it
+    is on stderr."""
     created = LorafleetClient(url, admin_key).create_tenant(name)
-    console.print(
+    notice.print(
         f"tenant [bold]{created['name']}[/bold] created; API key "
         "(store it now, it is not shown again):"
     )
@@ -194,9 +195,9 @@ def keys_create(
     url: Url = DEFAULT_URL,
     admin_key: AdminKey = None,
 ) -> None:
-    """Another key for the tenant (printed once)."""
+    """Another key for the tenant (printed once: the key alone on stdout)."""
     created = LorafleetClient(url, admin_key).create_key(name, label, expires_in)
-    console.print(
+    notice.print(
         f"key {created['id']} created (expires {when(created['expires_at'])}); store it now:"
     )
     print(created["api_key"])

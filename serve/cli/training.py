@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lorafleet.serve.cli.common import DEFAULT_URL, ApiKey, Url, console, group
+from lorafleet.serve.cli.common import DEFAULT_URL, ApiKey, Url, console, group, progress, working
 from lorafleet.serve.gateway_client import LorafleetClient
 
 __all__ = ["tiny", "train_command", "quantize_command", "eval_command"]
@@ -32,21 +31,13 @@ def tiny_build(
     from lorafleet.train.tiny_model import PRETRAIN_STEPS, build_tiny_model
 
     steps = PRETRAIN_STEPS if pretrain_steps is None else pretrain_steps
-    columns = (
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} steps  loss {task.fields[loss]:.3f}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task("pre-training the tiny model", total=steps, loss=float("nan"))
-
-        def advance(step: int, total: int, loss: float) -> None:
-            bar.update(task, completed=step, loss=loss)
-            if not console.is_terminal and (step % max(1, total // 10) == 0 or step == total):
-                console.print(f"pre-training step {step}/{total}, loss {loss:.3f}")  # no bar
-
-        built = build_tiny_model(out, seed, steps, progress=advance)
+    with progress("pre-training the tiny model", "steps") as update:
+        built = build_tiny_model(
+            out,
+            seed,
+            steps,
+            progress=lambda step, total, loss: update(step, total, f"loss {loss:.3f}"),
+        )
     console.print(f"tiny model written to {built}")
 
 
@@ -178,7 +169,7 @@ def train_command(
     )
     if advice := result.advice(settings):
         console.print(f"[yellow]{advice}[/yellow]", highlight=False)
-    with console.status("evaluating base vs adapter and proving the adapter servable in vLLM"):
+    with working("evaluating base vs adapter and proving the adapter servable in vLLM"):
         manifest, report = finish(settings, result)
     _print_report(report)
     console.print(
@@ -209,7 +200,7 @@ def quantize_command(
     """Write a quantized checkpoint of BASE that `lorafleet serve --base OUT` serves as it is."""
     from lorafleet.train.quantize import quantize
 
-    with console.status(f"quantizing {base} to {scheme}"):
+    with working(f"quantizing {base} to {scheme}"):
         report = quantize(base, out, scheme, group_size)
     mib = 1024 * 1024
     console.print(
@@ -239,6 +230,6 @@ def eval_command(
         raise typer.BadParameter(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     if val is None and probe is None:
         raise typer.BadParameter("give --val and/or --probe")
-    with console.status("generating with vLLM"):
+    with working("generating with vLLM"):
         report = compare_to_base(base, adapter, val, probe, metric, max_tokens)
     _print_report(report)

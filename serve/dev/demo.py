@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.table import Table
 
+from lorafleet.serve.cli.common import working
 from lorafleet.serve.dev.local_server import LocalServer
 from lorafleet.serve.gateway_client import LorafleetClient
 
@@ -46,8 +47,9 @@ def _build_world(work: Path) -> Path:
     from lorafleet.train.tiny_model import PRETRAIN_STEPS, build_tiny_model
 
     hf_logging.disable_progress_bar()
-    with console.status(
-        f"building the tiny Qwen2.5-VL and pre-training it ({PRETRAIN_STEPS} steps, ~2 min)"
+    with working(
+        f"building the tiny Qwen2.5-VL and pre-training it ({PRETRAIN_STEPS} steps, ~2 min)",
+        console,
     ):
         base = build_tiny_model(work / "base", seed=0, pretrain_steps=PRETRAIN_STEPS)
         for task in TASKS:
@@ -89,8 +91,8 @@ def _train_adapters(base: Path, work: Path) -> dict[str, tuple[Path, float]]:
             batch_size=16,
             eval_every=25,
         )
-        with console.status(
-            f"training {tenant}'s {task} adapter, then evaluating and proving it in vLLM"
+        with working(
+            f"training {tenant}'s {task} adapter, then evaluating and proving it in vLLM", console
         ):
             t0 = time.perf_counter()
             result = train(config, progress=False)
@@ -145,7 +147,7 @@ def _ask(url: str, api_key: str, question: str) -> tuple[str, str, float]:
 def _quantize(base: Path, work: Path) -> Path:
     from lorafleet.train.quantize import quantize
 
-    with console.status("quantizing the base to int4 (lorafleet quantize)"):
+    with working("quantizing the base to int4 (lorafleet quantize)", console):
         report = quantize(str(base), work / "base-int4", "int4", 32)
     console.print(
         f"lorafleet quantize: {report.quantized_layers} language-model layers to int4 (groups of "
@@ -159,7 +161,7 @@ def _serve(base: Path, work: Path, adapters: dict[str, tuple[Path, float]]) -> N
     from lorafleet.train.shapes import TASKS
 
     server = LocalServer.start(base, work / "home", max_model_len="512")
-    with console.status("starting the gateway and its vLLM engine (about a minute on CPU)"):
+    with working("starting the gateway and its vLLM engine (about a minute on CPU)", console):
         console.print(f"server ready in {server.wait_ready():.0f} s on {server.url}")
     try:
         admin = LorafleetClient(server.url, server.admin_key)
@@ -210,7 +212,7 @@ def _score_on_quantized_base(
         stored = client.push_validation(
             "assistant", work / "data" / f"{task}-val.jsonl", "exact_match"
         )
-        with console.status(f"{tenant}'s validation set on the int4 base"):
+        with working(f"{tenant}'s validation set on the int4 base", console):
             (run,) = client.drift_check("assistant")
         table.add_row(
             tenant, str(stored["items"]), f"{adapters[tenant][1]:.1%}", f"{run['score']:.1%}"
@@ -224,7 +226,9 @@ def _gate(client: LorafleetClient, work: Path, wrong: Path) -> None:
     # globex's French adapter, uploaded by mistake
     version = client.push_adapter("json", wrong)["version"]
     rollout = client.start_rollout("assistant", to=f"json@{version}")
-    with console.status("canary json@2: stable and candidate answer acme's 60-item validation set"):
+    with working(
+        "canary json@2: stable and candidate answer acme's 60-item validation set", console
+    ):
         while rollout["phase"] == "Gating":
             time.sleep(0.5)
             rollout = client.rollout("assistant")

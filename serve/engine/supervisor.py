@@ -105,8 +105,7 @@ class EngineSupervisor:
         self._set_state("starting")
 
     async def start(self) -> None:
-        if not self.attached:
-            log.info("engine: %s", self.sizing.describe())
+        # (`lorafleet serve` prints the engine's sizing as it starts)
         self._task = asyncio.create_task(self._supervise(), name="engine-supervisor")
 
     def status(self) -> dict[str, str | int | None]:

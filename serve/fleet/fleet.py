@@ -261,7 +261,7 @@ class Fleet:
     def mark_unreachable(self, replica: EngineReplica) -> None:
         """A request to `replica` got no answer: no more requests go there until a scrape
         answers."""
-        if replica.reachable:
+        if replica.reachable and replica.client.up:  # (a starting engine answers nothing yet)
             log.warning("replica %s did not answer; out of placement until it does", replica.name)
         replica.reachable = False
         self.metrics.replica_up.labels(replica.name).set(0)
@@ -375,9 +375,9 @@ class Fleet:
             return
         replica.node = node or replica.node
         replica.others = max(0, replica.running + replica.waiting - ours)
-        replica.scraped_at = time.time()
-        if not replica.reachable:
+        if not replica.reachable and replica.scraped_at is not None:  # (not its first answer)
             log.info("replica %s answers again", replica.name)
+        replica.scraped_at = time.time()
         replica.reachable = True
         self.metrics.replica_up.labels(replica.name).set(1 if replica.routable else 0)
         self.metrics.replica_requests.labels(replica.name, "running").set(replica.running)

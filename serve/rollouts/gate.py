@@ -4,14 +4,29 @@ must be non-inferior on the same items (`paired_gate`)."""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
+
 from lorafleet.serve.engine.client import Engines
 from lorafleet.serve.rollouts.state import RolloutStart
 from lorafleet.serve.rollouts.statistics import Measurement
 from lorafleet.serve.validation import ValidationItem, paired_test, replay_and_score
 
-__all__ = ["run_gate", "MAX_DISAGREEMENTS"]
+__all__ = ["run_gate", "GateProgress", "MAX_DISAGREEMENTS"]
 
 MAX_DISAGREEMENTS = 20  # items where the two versions scored differently, kept as evidence
+
+
+@dataclass
+class GateProgress:
+    """How far a running gate is: answers so far of `total` (each version answers every item)."""
+
+    total: int
+    answered: int = 0
+    started_at: float = field(default_factory=time.time)
+
+    def one_more(self) -> None:
+        self.answered += 1
 
 
 async def run_gate(
@@ -21,12 +36,17 @@ async def run_gate(
     stable_digest: str,
     candidate_digest: str,
     params: RolloutStart,
+    progress: GateProgress | None = None,
 ) -> tuple[Measurement, dict]:
-    """The gate's measurement and its evidence (per-item scores and the first disagreements)."""
-    stable = await replay_and_score(engine, stable_digest, items, metric, params.gate_max_tokens)
-    candidate = await replay_and_score(
-        engine, candidate_digest, items, metric, params.gate_max_tokens
-    )
+    """The gate's measurement and its evidence (per-item scores and the first disagreements);
+    `progress` counts the answers as they come."""
+    answered = progress.one_more if progress is not None else None
+    stable, candidate = [
+        await replay_and_score(
+            engine, digest, items, metric, params.gate_max_tokens, answered=answered
+        )
+        for digest in (stable_digest, candidate_digest)
+    ]
     measurement = await paired_test(stable.scores, candidate.scores, params.margin, params.alpha)
     disagreements = [
         {

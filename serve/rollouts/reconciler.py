@@ -32,7 +32,7 @@ from lorafleet.adapters.store import BlobStorage
 from lorafleet.errors import ServiceUnavailable
 from lorafleet.serve.engine.client import Engines
 from lorafleet.serve.metrics import Metrics
-from lorafleet.serve.rollouts.gate import run_gate
+from lorafleet.serve.rollouts.gate import GateProgress, run_gate
 from lorafleet.serve.rollouts.phases import ACTIVE, Phase
 from lorafleet.serve.rollouts.state import (
     CanaryView,
@@ -137,6 +137,8 @@ class RolloutController:
         self.owner, self.tick_s, self.lease_s = owner, tick_s, lease_s
         self.samples = SampleBuffer()
         self._gates: dict[int, asyncio.Task] = {}  # rollout id -> its running validation gate
+        # rollout id -> how far its gate is, while this gateway runs it
+        self.gate_progress: dict[int, GateProgress] = {}
         self._last_decision: int | None = None  # the last decision exported to the metrics
 
     @property
@@ -221,6 +223,7 @@ class RolloutController:
         # only now may a tick start another gate of this rollout (if this one did not decide)
         finally:
             self._gates.pop(snap.id, None)
+            self.gate_progress.pop(snap.id, None)
 
     async def _measure_gate(self, snap: _Snapshot) -> tuple[Measurement, dict]:
         assert (
@@ -230,8 +233,15 @@ class RolloutController:
             await run_in_threadpool(self.validation_store.read, snap.validation_digest)
         )
         canary, stable = snap.variants
+        progress = self.gate_progress[snap.id] = GateProgress(total=2 * len(items))
         return await run_gate(
-            self.engine, items, snap.metric, stable["digest"], canary["digest"], snap.view.params
+            self.engine,
+            items,
+            snap.metric,
+            stable["digest"],
+            canary["digest"],
+            snap.view.params,
+            progress,
         )
 
     async def stop(self) -> None:

@@ -26,7 +26,7 @@ from lorafleet.adapters.tenants import authenticate, list_keys
 from lorafleet.adapters.validate import ValidatedAdapter
 from lorafleet.errors import CatalogBehind, CatalogUnknownRevision
 from lorafleet.serve.api.drift import drift_history
-from lorafleet.serve.api.rollouts import get_rollout
+from lorafleet.serve.api.rollouts import latest_canary
 from tests.conftest import ON_POSTGRESQL
 from tests.old_catalog import create_schema, insert_rows
 from tests.postgres import postgres_database
@@ -144,7 +144,7 @@ def test_a_0_1_0_catalog_is_refused_then_upgraded_and_every_row_still_serves(
         )
         assert deployment.validation_set.items == 40
         assert resolve_version(session, tenant, f"{rows.adapter}@1").digest == rows.digests[0]
-        history = get_rollout(rows.deployment, session, tenant)
+        history = latest_canary(session, tenant, rows.deployment)
         assert (
             history.phase == "Promoted"
             and tuple(d.action for d in history.decisions) == rows.decisions

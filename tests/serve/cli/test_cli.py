@@ -22,8 +22,10 @@ def test_tenant_push_deploy_list_round_trip(server, make_adapter):
     name = f"cli-{uuid.uuid4().hex[:6]}"
     created = runner.invoke(app, ["tenants", "create", name], env=env)
     assert created.exit_code == 0, created.output
-    api_key = created.output.strip().splitlines()[-1]
-    assert api_key.startswith("lf-")
+    # the key alone on stdout (`export LORAFLEET_API_KEY=$(lorafleet tenants create acme)`)
+    api_key = created.stdout.strip()
+    assert api_key.startswith("lf-") and len(api_key.split()) == 1, created.stdout
+    assert "not shown again" in created.stderr
 
     env = {"LORAFLEET_URL": server.url, "LORAFLEET_API_KEY": api_key}
     pushed = runner.invoke(app, ["adapters", "push", "ext", str(make_adapter(1))], env=env)

@@ -336,7 +336,9 @@ def rollouts_api(catalog_url) -> Iterator[tuple[str, sessionmaker, int]]:
     sessions, rollout_id = _catalog(catalog_url)
     app = FastAPI()
     app.include_router(router)
-    app.state.gateway = SimpleNamespace(sessions=sessions)
+    app.state.gateway = SimpleNamespace(
+        sessions=sessions, controller=SimpleNamespace(gate_progress={})
+    )
 
     @app.middleware("http")
     async def as_acme(request, call_next):

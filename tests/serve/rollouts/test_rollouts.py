@@ -113,7 +113,12 @@ def _start(http: httpx.Client, **params) -> dict:
 def test_gate_refuses_a_worse_adapter_and_admits_an_equal_one(shapes):
     http = shapes()
     _start(http, to="m@3", gate=True)
-    refused = _wait(http, lambda r: r["phase"] != "Gating")
+    seen: list[dict | None] = []
+    refused = _wait(http, lambda r: seen.append(r["gate_progress"]) or r["phase"] != "Gating")
+    # while it ran, the gate said how far it was: each version answers each of the 40 items
+    progress = [p for p in seen if p is not None]
+    assert progress and all(0 <= p["answered"] <= p["total"] == 80 for p in progress), seen
+    assert refused["gate_progress"] is None
     assert refused["phase"] == "GateRefused" and refused["reason"] == "ValidationRegressed", (
         refused["message"]
     )
