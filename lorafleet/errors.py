@@ -91,12 +91,14 @@ class LorafleetError(Exception):
     type: str = "server_error"
     code: str | None = None
     headers: dict[str, str] | None = None  # sent with the error (e.g. Retry-After, x-ratelimit-*)
+    param: str | None = None  # the request field at fault, where one is
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+        self.param = param
 
 
 class Unauthorized(LorafleetError):

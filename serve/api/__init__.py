@@ -9,6 +9,7 @@
                    -> wait for a slot -> forward -> record
 - `forward`        the hop to the engine: placement, adapter load, failover, the relay back
 - `chat_record`    `ChatRecord`: a chat request's bookkeeping, settled exactly once
+- `responses`      `/v1/responses`: OpenAI's Responses API as the chat completion it means, stateless
 - `models`         `/v1/models` (a tenant's deployments) and `/v1/tenant`
 - `adapters`       adapters and deployments, with their schemas
 - `rollouts`       validation sets, answer formats, canaries and A/B tests
@@ -16,5 +17,5 @@
 - `feedback`       feedback on answers and the request log; `captures` captured requests
 - `admin`          tenants, keys, limits, audit and the engines (admin key)
 - `openapi`        the OpenAPI document as the routes really take it (`openapi_chat`: the chat
-                   body's)
+                   and the Responses bodies)
 """

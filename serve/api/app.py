@@ -16,7 +16,17 @@ from starlette.concurrency import run_in_threadpool
 
 from lorafleet import __version__
 from lorafleet.adapters.tenants import touch_keys
-from lorafleet.serve.api import adapters, admin, captures, chat, drift, feedback, models, rollouts
+from lorafleet.serve.api import (
+    adapters,
+    admin,
+    captures,
+    chat,
+    drift,
+    feedback,
+    models,
+    responses,
+    rollouts,
+)
 from lorafleet.serve.api.errors import install_error_handlers
 from lorafleet.serve.api.guard import Authenticate, BodyLimit, JsonBodies
 from lorafleet.serve.api.openapi import gateway_openapi
@@ -110,7 +120,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.add_middleware(Authenticate, gateway=gateway)
     install_error_handlers(app)
-    for routes in (chat, models, adapters, rollouts, drift, feedback, captures, admin):
+    for routes in (chat, responses, models, adapters, rollouts, drift, feedback, captures, admin):
         app.include_router(routes.router)
     install_console(app)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -34,7 +34,7 @@ from lorafleet.serve.rollouts.routing import bucket_of, choose, unit_of
 from lorafleet.serve.route_cache import DeploymentEntry, TenantEntry
 from lorafleet.serve.types import RolloutAssignment, Route
 
-__all__ = ["router", "chat_completions", "read_chat_body"]
+__all__ = ["router", "chat_completions", "serve_chat", "read_chat_body", "parse_json_body"]
 
 router = APIRouter(prefix="/v1")
 
@@ -42,11 +42,19 @@ router = APIRouter(prefix="/v1")
 async def chat_completions(request: Request) -> Response:
     """A plain Starlette route (see the bottom of this module): FastAPI's per-request dependency
     resolution cost more than the gateway's own work."""
+    return await serve_chat(request, read_chat_body)
+
+
+async def serve_chat(
+    request: Request, read: Callable[[Request], Awaitable[dict[str, Any]]]
+) -> Response:
+    """The chat path for the chat completion body `read` makes of the request (the Responses
+    API's route reads its own body into one)."""
     gateway: Gateway = request.app.state.gateway
     tenant: TenantEntry = request.state.tenant
     admitted = await admit(gateway, tenant)
     async with ChatRecord(gateway, tenant, admitted) as record:
-        body = await read_body(request, admitted.limits, gateway)
+        body = await read_body(request, admitted.limits, gateway, read)
         deployment = await resolve(gateway, request.state.api_key, body["model"])
         route = assign(tenant, deployment, body, request.headers, record.request_id)
         await wait_for_slot(gateway, tenant)
@@ -66,10 +74,15 @@ async def admit(gateway: Gateway, tenant: TenantEntry) -> Admitted:
         raise
 
 
-async def read_body(request: Request, limits: Limits, gateway: Gateway) -> dict[str, Any]:
+async def read_body(
+    request: Request,
+    limits: Limits,
+    gateway: Gateway,
+    read: Callable[[Request], Awaitable[dict[str, Any]]],
+) -> dict[str, Any]:
     """The checked body, its images admitted under the tenant's limits (remote ones fetched and
     inlined, where allowed)."""
-    body = await read_chat_body(request)
+    body = await read(request)
     images = ImageLimits(limits.images_per_request, limits.image_bytes, limits.image_pixels)
     await admit_images(body, images, gateway.remote_images)
     return body
@@ -137,6 +150,18 @@ def _depth_exceeds(value: Any, limit: int) -> bool:
 async def read_chat_body(request: Request) -> dict[str, Any]:
     """Parse the JSON body; only the fields the gateway needs are checked, the engine checks the
     rest."""
+    body = await parse_json_body(request)
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise InvalidRequest(
+            "'model' is required: the name of one of your deployments", code="model_required"
+        )
+    if not isinstance(body.get("messages"), list):
+        raise InvalidRequest("'messages' must be a list")
+    return body
+
+
+async def parse_json_body(request: Request) -> dict[str, Any]:
+    """The request's body: a JSON object, nested no deeper than `MAX_JSON_DEPTH`."""
     try:
         body = await request.json()
     except ValueError as exc:
@@ -149,12 +174,6 @@ async def read_chat_body(request: Request) -> dict[str, Any]:
         raise InvalidRequest(
             f"the body is nested deeper than {MAX_JSON_DEPTH} levels", code="json_too_deep"
         )
-    if not isinstance(body.get("model"), str) or not body["model"]:
-        raise InvalidRequest(
-            "'model' is required: the name of one of your deployments", code="model_required"
-        )
-    if not isinstance(body.get("messages"), list):
-        raise InvalidRequest("'messages' must be a list")
     return body
 
 

@@ -30,9 +30,10 @@ def error_response(
     type_: str,
     code: str | int | None,
     headers: dict[str, str] | None = None,
+    param: str | None = None,
 ) -> JSONResponse:
     return JSONResponse(
-        {"error": {"message": message, "type": type_, "param": None, "code": code}},
+        {"error": {"message": message, "type": type_, "param": param, "code": code}},
         status_code=status,
         headers=headers,
     )
@@ -47,7 +48,7 @@ async def _lorafleet_error(request: Request, exc: Exception) -> JSONResponse:
             gateway.settings.retry_after_s if gateway else exc.retry_after_s
         )
     code = exc.code or ("invalid_request" if exc.status < 500 else "internal_error")
-    return error_response(exc.status, exc.message, exc.type, code, headers or None)
+    return error_response(exc.status, exc.message, exc.type, code, headers or None, exc.param)
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
@@ -68,6 +69,8 @@ _NOT_SERVED = {
     "/v1/fine_tuning": "OpenAI's fine-tuning API is not served; upload adapters (/v1/adapters)",
     "/v1/assistants": "assistants are not served; use /v1/chat/completions",
     "/v1/threads": "threads are not served; use /v1/chat/completions",
+    "/v1/responses": "responses are not stored (POST /v1/responses answers statelessly): there is "
+    "nothing to retrieve, cancel or delete",
 }
 
 

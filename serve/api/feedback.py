@@ -23,6 +23,7 @@ from lorafleet.serve.feedback.records import (
     record_feedback,
     request_page,
 )
+from lorafleet.serve.feedback.request_log import logged_request_id
 from lorafleet.serve.feedback.schemas import FeedbackCreate, FeedbackPublic, RequestPage
 
 __all__ = ["router", "Since", "Until", "Limit", "time_range"]
@@ -53,7 +54,7 @@ async def post_feedback(
     # another gateway's buffer is written within its period
     wait_s = 2 * gateway.settings.request_log_flush_s + 1
     found = await run_in_threadpool(
-        gateway.request_log.find_request, session, tenant.id, body.id, wait_s
+        gateway.request_log.find_request, session, tenant.id, logged_request_id(body.id), wait_s
     )
     if found is None:
         raise NotFound(

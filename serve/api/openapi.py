@@ -31,7 +31,14 @@ from fastapi.openapi.utils import get_openapi
 
 from lorafleet.adapters.names import NAME_PATTERN
 from lorafleet.scoring import METRICS
-from lorafleet.serve.api.openapi_chat import CHAT_PATH, chat_operation, chat_schemas
+from lorafleet.serve.api.openapi_chat import (
+    CHAT_PATH,
+    RESPONSES_PATH,
+    chat_operation,
+    chat_schemas,
+    responses_operation,
+    responses_schemas,
+)
 
 __all__ = ["EXAMPLE_DEPLOYMENT", "EXAMPLE_ADAPTER", "EXAMPLE_REFS", "gateway_openapi"]
 
@@ -131,6 +138,8 @@ def _schemas(spec: Spec) -> Spec:
 def _add_chat(spec: Spec) -> None:
     _schemas(spec).update(chat_schemas(EXAMPLE_DEPLOYMENT))
     spec["paths"].setdefault(CHAT_PATH, {})["post"] = chat_operation(EXAMPLE_DEPLOYMENT)
+    _schemas(spec).update(responses_schemas(EXAMPLE_DEPLOYMENT))
+    spec["paths"].setdefault(RESPONSES_PATH, {})["post"] = responses_operation(EXAMPLE_DEPLOYMENT)
 
 
 def _security(path: str) -> list[Spec] | None:

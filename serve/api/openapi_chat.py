@@ -11,9 +11,17 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CHAT_PATH", "chat_operation", "chat_schemas"]
+__all__ = [
+    "CHAT_PATH",
+    "RESPONSES_PATH",
+    "chat_operation",
+    "chat_schemas",
+    "responses_operation",
+    "responses_schemas",
+]
 
 CHAT_PATH = "/v1/chat/completions"
+RESPONSES_PATH = "/v1/responses"
 
 Spec = dict[str, Any]
 
@@ -135,6 +143,102 @@ def chat_operation(example_model: str) -> Spec:
                     # Server-sent events: each `data:` a chat.completion.chunk as JSON, the last
                     # `data: [DONE]`. Typed as the text and as one event (data, event), the two ways
                     # tools read a stream's schema.
+                    "text/event-stream": {
+                        "schema": {
+                            "type": ["string", "object"],
+                            "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+                        }
+                    },
+                },
+            }
+        },
+    }
+
+
+def responses_schemas(example_model: str) -> dict[str, Spec]:
+    """OpenAI's Responses request as the gateway serves it (stateless, messages only), and the
+    Response."""
+    text = {"type": "object", "properties": {"type": {"const": "input_text"}, "text": {}}}
+    image = {
+        "type": "object",
+        "properties": {"type": {"const": "input_image"}, "image_url": {"type": "string"}},
+    }
+    return {
+        "ResponseRequest": {
+            "type": "object",
+            "required": ["model", "input"],
+            "properties": {
+                "model": {"type": "string", "minLength": 1, "examples": [example_model]},
+                "input": {
+                    "anyOf": [
+                        {"type": "string"},
+                        {"type": "array", "minItems": 1, "items": _ref("ResponseInputMessage")},
+                    ]
+                },
+                "instructions": _optional({"type": "string"}),
+                "max_output_tokens": _optional({"type": "integer", "minimum": 1}),
+                "temperature": _optional({"type": "number", "minimum": 0, "maximum": 2}),
+                "top_p": _optional({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
+                "stream": {"type": "boolean", "default": False},
+                "store": {
+                    "type": "boolean",
+                    "description": "accepted; nothing is stored (the answer says false)",
+                },
+                "metadata": {"type": "object"},
+                "user": {"type": "string"},
+                "text": {"type": "object", "description": "format: text, json_object, json_schema"},
+            },
+        },
+        "ResponseInputMessage": {
+            "type": "object",
+            "required": ["role", "content"],
+            "properties": {
+                "type": {"const": "message"},
+                "role": {"enum": ["user", "assistant", "system", "developer"]},
+                "content": {
+                    "anyOf": [
+                        {"type": "string"},
+                        {"type": "array", "items": {"anyOf": [text, image]}},
+                    ]
+                },
+            },
+        },
+        "Response": {
+            "type": "object",
+            "required": ["id", "object", "status", "model", "output"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"const": "response"},
+                "status": {"enum": ["completed", "incomplete"]},
+                "model": {"type": "string"},
+                "output": {"type": "array"},
+                "usage": {"type": "object"},
+                "store": {"const": False},
+            },
+        },
+    }
+
+
+def responses_operation(example_model: str) -> Spec:
+    """`POST /v1/responses` (security and errors are added with every other route's)."""
+    example = {"model": example_model, "input": "What is in the image?", "max_output_tokens": 8}
+    return {
+        "operationId": "create_response",
+        "summary": "Create Response",
+        "description": "OpenAI's Responses API on one of your deployments, stateless: the chat "
+        "completion it means, answered as a Response (`stream`: the Responses stream's events). "
+        "previous_response_id, conversation, background and tools are refused with 400.",
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": _ref("ResponseRequest"), "example": example}
+            },
+        },
+        "responses": {
+            "200": {
+                "description": "The Response, or its events when `stream` is true",
+                "content": {
+                    "application/json": {"schema": _ref("Response")},
                     "text/event-stream": {
                         "schema": {
                             "type": ["string", "object"],

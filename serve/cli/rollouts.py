@@ -130,7 +130,7 @@ def rollout_start(
                 time.sleep(1)
                 r = client.rollout(deployment)
                 if r.get("gate_progress"):  # null before the gate starts, and on other gateways
-                    update(r["gate_progress"]["answered"], r["gate_progress"]["total"])
+                    update(r["gate_progress"]["answered"], r["gate_progress"]["total"], "")
     _print_rollout(r)
     if r["phase"] == "GateRefused":
         raise typer.Exit(1)

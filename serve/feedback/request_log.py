@@ -25,11 +25,19 @@ from lorafleet.adapters.catalog import RequestRecord
 from lorafleet.serve.metrics import Metrics
 from lorafleet.serve.route_cache import ROUTE_NEUTRAL
 
-__all__ = ["LoggedRequest", "RequestLog", "new_request_id", "REQUEST_ID_PREFIX"]
+__all__ = [
+    "LoggedRequest",
+    "RequestLog",
+    "new_request_id",
+    "logged_request_id",
+    "REQUEST_ID_PREFIX",
+    "RESPONSE_ID_PREFIX",
+]
 
 log = logging.getLogger("lorafleet.requests")
 
 REQUEST_ID_PREFIX = "chatcmpl-"  # OpenAI's prefix of a chat completion's id
+RESPONSE_ID_PREFIX = "resp_"  # and of a response's (the Responses API)
 _REQUEST_ID = re.compile(r"chatcmpl-[0-9a-f]{32}")
 
 
@@ -58,6 +66,14 @@ class LoggedRequest:
     confidence_mean: float | None = None
     confidence_min: float | None = None
     captured: bool = False
+
+
+def logged_request_id(answer_id: str) -> str:
+    """The request log's id of an answer: a Responses API answer's `resp_` id names the request
+    by the same digits."""
+    if answer_id.startswith(RESPONSE_ID_PREFIX):
+        return REQUEST_ID_PREFIX + answer_id.removeprefix(RESPONSE_ID_PREFIX)
+    return answer_id
 
 
 def new_request_id() -> str:
