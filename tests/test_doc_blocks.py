@@ -107,6 +107,9 @@ class Newcomer:
 
     def _check(self, block: Block, argv: list[str]) -> Ran:
         done = subprocess.run(argv, cwd=self.clone, env=self.env, capture_output=True, text=True)
+        # what a reader would have seen, block by block
+        with (self.home / "transcript.txt").open("a") as transcript:
+            transcript.write(f"=== {block}\n{done.stdout}{done.stderr}")
         assert done.returncode == 0, (
             f"{block} exited {done.returncode}:\n{block.code}\n--- stdout\n{done.stdout[-4000:]}"
             f"\n--- stderr\n{done.stderr[-4000:]}"

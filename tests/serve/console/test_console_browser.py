@@ -1,7 +1,7 @@
 """The console in a real browser: Debian's chromium driven headless by Playwright (no browser
 download), against the session's real gateway and engine. A tenant sees its running canary with
 its weights, aborts it and sees the phase change and the decision; another tenant does not see
-it; the admin sees both; no page logs an error. Screenshots of each page go to
+it; the admin sees both; no page logs an error, and every page fits a 1280-pixel window. Screenshots of each page go to
 $LORAFLEET_SCREENSHOTS (default: build/screenshots)."""
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = Path(os.environ.get("LORAFLEET_SCREENSHOTS", "build/screenshots"))
 
 pytestmark = pytest.mark.browser
+
+WIDTH = 1280  # the window every console page fits, without scrolling sideways
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ class Visit:
     request."""
 
     def __init__(self, browser, base: str) -> None:
-        self.context = browser.new_context(viewport={"width": 1366, "height": 900})
+        self.context = browser.new_context(viewport={"width": WIDTH, "height": 900})
         self.page = self.context.new_page()
         self.base, self.problems = base, []
         self.page.on(
@@ -73,6 +75,9 @@ class Visit:
         self.page.wait_for_url("**/console/deployments")
 
     def shot(self, name: str) -> None:
+        """A screenshot of the page, which must fit the window's width."""
+        wider = self.page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        assert wider <= 0, f"{name}: {wider} px wider than a {WIDTH}-pixel window"
         SHOTS.mkdir(parents=True, exist_ok=True)
         self.page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 

@@ -327,6 +327,16 @@ def test_ab_status_compares_feedback_and_confidence_against_the_first_variant(ca
         feedback["m@2"]["difference"] == pytest.approx(-0.65)
         and feedback["m@1"]["difference"] is None
     )
+    # one quantity, one number: the A/B page's differences are the rollout's own (the console
+    # shows the first, `ab status` the second)
+    assert comparison["feedback"]["interval"] == pytest.approx(
+        feedback["m@2"]["difference_interval"]
+    )
+    confidence = {c["variant"]: c for c in status["rollout"]["confidence"]}
+    assert comparison["logprob"]["diff"] == pytest.approx(confidence["m@2"]["difference"])
+    assert comparison["logprob"]["interval"] == pytest.approx(
+        confidence["m@2"]["difference_interval"]
+    )
 
 
 @pytest.fixture
