@@ -52,14 +52,17 @@ def test_a_response_is_the_chat_completion_with_an_image_streamed_and_not(two_te
     assert response.usage.output_tokens > 0 and response.usage.input_tokens > 0
     assert response.usage.total_tokens == response.usage.input_tokens + response.usage.output_tokens
 
-    # the SDK's own stream helper accumulates the events into the same response
+    # the SDK's own stream helper accumulates the events into the same response; an answer cut
+    # at max_output_tokens ends with `response.incomplete`, as OpenAI's does
     with client.responses.stream(
         model="assistant", input=_input(), max_output_tokens=MAX_TOKENS, temperature=0
     ) as stream:
-        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
-        final = stream.get_final_response()
+        events = list(stream)
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    final = events[-1].response
+    assert events[-1].type == f"response.{response.status}" and final.status == response.status
     assert "".join(deltas) == chat == final.output_text
-    assert final.id.startswith("resp_")
+    assert final.id.startswith("resp_") and final.id != response.id
     assert final.usage.output_tokens == response.usage.output_tokens
 
     # the answer's id takes feedback, as a chat completion's does
