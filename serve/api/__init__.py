@@ -9,7 +9,7 @@
                    -> wait for a slot -> forward -> record
 - `forward`        the hop to the engine: placement, adapter load, failover, the relay back
 - `chat_record`    `ChatRecord`: a chat request's bookkeeping, settled exactly once
-- `responses`      `/v1/responses`: OpenAI's Responses API as the chat completion it means, stateless
+- `responses`      `/v1/responses`: OpenAI's Responses API as the chat completion it means
 - `models`         `/v1/models` (a tenant's deployments) and `/v1/tenant`
 - `adapters`       adapters and deployments, with their schemas
 - `rollouts`       validation sets, answer formats, canaries and A/B tests

@@ -283,13 +283,18 @@ def _completed(echo: Echo, chat: dict[str, Any]) -> dict[str, Any]:
 class _Events:
     """The Responses stream's events, numbered as they are written."""
 
-    def __init__(self) -> None:
+    def __init__(self, echo: Echo) -> None:
         self.sequence = 0
+        self.item_id = echo.message_id
 
     def __call__(self, kind: str, **fields: Any) -> bytes:
         event = {"type": kind, "sequence_number": self.sequence, **fields}
         self.sequence += 1
         return f"event: {kind}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+
+    def of_text(self, kind: str, **fields: Any) -> bytes:
+        """An event of the answer's one text part (the message's first content part)."""
+        return self(kind, item_id=self.item_id, output_index=0, content_index=0, **fields)
 
 
 def _chunks(lines: Iterable[bytes]) -> Iterable[dict[str, Any]]:
@@ -305,7 +310,7 @@ async def stream_events(
     text part added, a delta per chunk, the text, part and message done, then completed (or
     incomplete at max_output_tokens); an engine error mid-stream is an `error` event and a
     failed response."""
-    event, created = _Events(), time.time()
+    event, created = _Events(echo), time.time()
     in_progress = response_object(echo, created, "in_progress", [], None)
     yield event("response.created", response=in_progress)
     yield event("response.in_progress", response=in_progress)
@@ -313,13 +318,7 @@ async def stream_events(
         "response.output_item.added", output_index=0, item=_message_item(echo, "", "in_progress")
     )
     part = {"type": "output_text", "text": "", "annotations": []}
-    yield event(
-        "response.content_part.added",
-        item_id=echo.message_id,
-        output_index=0,
-        content_index=0,
-        part=part,
-    )
+    yield event.of_text("response.content_part.added", part=part)
     text: list[str] = []
     usage: dict[str, Any] = {}
     finish_reason = None
@@ -344,34 +343,14 @@ async def stream_events(
                     finish_reason = choice.get("finish_reason") or finish_reason
                     if delta := (choice.get("delta") or {}).get("content"):
                         text.append(delta)
-                        yield event(
-                            "response.output_text.delta",
-                            item_id=echo.message_id,
-                            output_index=0,
-                            content_index=0,
-                            delta=delta,
-                            logprobs=[],
-                        )
+                        yield event.of_text("response.output_text.delta", delta=delta, logprobs=[])
     finally:
         if hasattr(chat, "aclose"):
             await chat.aclose()  # the chat path's bookkeeping ends with its stream
     answer = "".join(text)
-    yield event(
-        "response.output_text.done",
-        item_id=echo.message_id,
-        output_index=0,
-        content_index=0,
-        text=answer,
-        logprobs=[],
-    )
+    yield event.of_text("response.output_text.done", text=answer, logprobs=[])
     part = {"type": "output_text", "text": answer, "annotations": []}
-    yield event(
-        "response.content_part.done",
-        item_id=echo.message_id,
-        output_index=0,
-        content_index=0,
-        part=part,
-    )
+    yield event.of_text("response.content_part.done", part=part)
     item = {**_message_item(echo, answer, "completed"), "content": [part]}
     yield event("response.output_item.done", output_index=0, item=item)
     done = response_object(echo, created, "completed", [item], _usage(usage), finish_reason)
