@@ -23,6 +23,7 @@ stand-in (routes and the document need none), and the output does not depend on 
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import os
 import re
@@ -403,7 +404,8 @@ def cli_page() -> str:
     command = typer.main.get_command(app)
     context = typer.Context(command, info_name="lorafleet")
     context.obj = {MARKUP_MODE_KEY: app.rich_markup_mode}
-    body = get_docs_for_click(obj=command, ctx=context, name="lorafleet", indent=1)
+    # typer escapes the help text for HTML; Markdown reads it as it is (no tag starts with `<=`)
+    body = html.unescape(get_docs_for_click(obj=command, ctx=context, name="lorafleet", indent=1))
     return (
         GENERATED
         + "# CLI reference\n\n"

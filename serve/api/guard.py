@@ -35,6 +35,8 @@ __all__ = [
     "UPLOAD_PATHS",
 ]
 
+# The routes that answer with the model: a tenant's own key only (its limits, its request log).
+CHAT_PATHS = ("/v1/chat/", "/v1/responses")
 # The routes whose bodies are uploads (adapter archives, validation sets): bounded by
 # max_upload_bytes.
 UPLOAD_PATHS = re.compile(r"^/v1/(adapters|deployments/[^/]+/validation)/?$")
@@ -93,7 +95,7 @@ class Authenticate:
                     state["api_key"] = key
                 else:
                     self._admin(key, "X-Lorafleet-Tenant needs the admin key")
-                    if path.startswith("/v1/chat/"):
+                    if path.startswith(CHAT_PATHS):
                         raise InvalidRequest(
                             "the admin key does not chat for a tenant; use one of its keys"
                         )

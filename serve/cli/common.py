@@ -66,7 +66,9 @@ def when(value: str | float | None, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
 
 
 @contextlib.contextmanager
-def progress(description: str, unit: str) -> Iterator[Callable[[int, int, str], None]]:
+def progress(
+    description: str, unit: str, on: Console = console
+) -> Iterator[Callable[[int, int, str], None]]:
     """A progress bar on a terminal; in a log (no terminal), a line at each tenth done. Yields
     `update(done, total, note)`."""
     columns = (
@@ -75,7 +77,7 @@ def progress(description: str, unit: str) -> Iterator[Callable[[int, int, str], 
         TextColumn(f"{{task.completed}}/{{task.total}} {unit}  {{task.fields[note]}}"),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
+    with Progress(*columns, console=on, disable=not on.is_terminal) as bar:
         task = bar.add_task(description, total=None, note="")
         said = 0  # tenths reported
 
@@ -83,9 +85,9 @@ def progress(description: str, unit: str) -> Iterator[Callable[[int, int, str], 
             nonlocal said
             bar.update(task, completed=done, total=total, note=note)
             tenth = done * 10 // max(1, total)
-            if not console.is_terminal and tenth > said:
+            if not on.is_terminal and tenth > said:
                 said = tenth
-                console.print(f"{description}: {done}/{total} {unit} {note}".rstrip())
+                on.print(f"{description}: {done}/{total} {unit} {note}".rstrip())
 
         yield update
 

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.table import Table
 
-from lorafleet.serve.cli.common import working
+from lorafleet.serve.cli.common import progress, working
 from lorafleet.serve.dev.local_server import LocalServer
 from lorafleet.serve.gateway_client import LorafleetClient
 
@@ -47,11 +47,15 @@ def _build_world(work: Path) -> Path:
     from lorafleet.train.tiny_model import PRETRAIN_STEPS, build_tiny_model
 
     hf_logging.disable_progress_bar()
-    with working(
-        f"building the tiny Qwen2.5-VL and pre-training it ({PRETRAIN_STEPS} steps, ~2 min)",
-        console,
-    ):
-        base = build_tiny_model(work / "base", seed=0, pretrain_steps=PRETRAIN_STEPS)
+    with progress("pre-training the tiny Qwen2.5-VL", "steps", console) as update:
+
+        def advance(step: int, total: int, loss: float) -> None:
+            update(step, total, f"loss {loss:.3f}")
+
+        base = build_tiny_model(
+            work / "base", seed=0, pretrain_steps=PRETRAIN_STEPS, progress=advance
+        )
+    with working("writing the shapes world's tasks", console):
         for task in TASKS:
             write_task(task, 400, work / "data" / f"{task}-train.jsonl", seed=0)
             write_task(task, 60, work / "data" / f"{task}-val.jsonl", seed=1)
@@ -161,9 +165,9 @@ def _serve(base: Path, work: Path, adapters: dict[str, tuple[Path, float]]) -> N
     from lorafleet.train.shapes import TASKS
 
     server = LocalServer.start(base, work / "home", max_model_len="512")
-    with working("starting the gateway and its vLLM engine (about a minute on CPU)", console):
-        console.print(f"server ready in {server.wait_ready():.0f} s on {server.url}")
-    try:
+    try:  # the gateway and its engine stop whatever happens, a start that times out included
+        with working("starting the gateway and its vLLM engine (about a minute on CPU)", console):
+            console.print(f"server ready in {server.wait_ready():.0f} s on {server.url}")
         admin = LorafleetClient(server.url, server.admin_key)
         table = Table(
             "tenant",

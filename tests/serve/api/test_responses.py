@@ -128,3 +128,19 @@ def test_sdk_errors_and_unknown_deployments(two_tenants):  # noqa: F811
     with two_tenants[0].http() as http:
         assert_openai_error(http.get("/v1/responses/resp_1"), 404, "not stored")
     assert httpx.post(two_tenants[0].url + "/v1/responses", json={}).status_code == 401
+
+
+def test_the_admin_key_answers_for_no_tenant(server, two_tenants):  # noqa: F811
+    acting = {
+        "Authorization": f"Bearer {server.admin_key}",
+        "X-Lorafleet-Tenant": two_tenants[0].name,
+    }
+    for path, body in (
+        (
+            "/v1/chat/completions",
+            {"model": "assistant", "messages": [{"role": "user", "content": "hi"}]},
+        ),
+        ("/v1/responses", {"model": "assistant", "input": "hi"}),
+    ):
+        refused = httpx.post(server.url + path, json=body, headers=acting)
+        assert_openai_error(refused, 400, "the admin key does not chat for a tenant")

@@ -1,8 +1,8 @@
 """The console in a real browser: Debian's chromium driven headless by Playwright (no browser
 download), against the session's real gateway and engine. A tenant sees its running canary with
 its weights, aborts it and sees the phase change and the decision; another tenant does not see
-it; the admin sees both; no page logs an error, and every page fits a 1280-pixel window. Screenshots of each page go to
-$LORAFLEET_SCREENSHOTS (default: build/screenshots)."""
+it; the admin sees both; no page logs an error, and every page fits a 1280-pixel window.
+Screenshots of each page go to $LORAFLEET_SCREENSHOTS (default: build/screenshots)."""
 
 from __future__ import annotations
 
