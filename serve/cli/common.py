@@ -30,6 +30,8 @@ __all__ = [
 ]
 
 console = Console()
+# in a log (no terminal), a line is never broken at 80 columns: paths and messages stay whole
+console.soft_wrap = not console.is_terminal
 # what a command says beside its output (stderr): `KEY=$(lorafleet tenants create acme)` is the key
 notice = Console(stderr=True)
 

@@ -28,7 +28,11 @@ def tiny_build(
 ) -> None:
     """Build the tiny Qwen2.5-VL in OUT and pre-train it on the shapes world (a base with
     something to forget)."""
+    from transformers.utils import logging as hf_logging
+
     from lorafleet.train.tiny_model import PRETRAIN_STEPS, build_tiny_model
+
+    hf_logging.disable_progress_bar()  # its "Writing model shards" bar: ours says it all
 
     steps = PRETRAIN_STEPS if pretrain_steps is None else pretrain_steps
     with progress("pre-training the tiny model", "steps") as update:
@@ -38,7 +42,7 @@ def tiny_build(
             steps,
             progress=lambda step, total, loss: update(step, total, f"loss {loss:.3f}"),
         )
-    console.print(f"tiny model written to {built}")
+    console.print(f"tiny model written to {built}", soft_wrap=True)  # a path is never wrapped
 
 
 @tiny.command("data")
@@ -50,7 +54,7 @@ def tiny_data(out: Path, train_size: int = 400, val_size: int = 60, seed: int = 
     for task in TASKS:
         write_task(task, train_size, out / f"{task}-train.jsonl", seed)
         write_task(task, val_size, out / f"{task}-val.jsonl", seed + 1)
-    console.print(f"{', '.join(TASKS)} train/val sets written to {out}")
+    console.print(f"{', '.join(TASKS)} train/val sets written to {out}", soft_wrap=True)
 
 
 @tiny.command("adapter")
@@ -58,7 +62,9 @@ def tiny_adapter(base: Path, out: Path, seed: int = 1, rank: int = 8) -> None:
     """Write a random (seeded) LoRA adapter for BASE that visibly changes its outputs."""
     from lorafleet.train.random_adapter import make_random_adapter
 
-    console.print(f"adapter written to {make_random_adapter(base, out, seed, rank)}")
+    console.print(
+        f"adapter written to {make_random_adapter(base, out, seed, rank)}", soft_wrap=True
+    )
 
 
 def report_table(report) -> Table:
