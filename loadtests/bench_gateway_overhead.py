@@ -6,6 +6,10 @@ stub themselves allow.
 
     .venv/bin/python loadtests/bench_gateway_overhead.py [--rounds 3] [--requests 2000]
         [--clients 1,16,64] [--check-cpu-ms 1.0] [--quick] [--compare-confidence]
+        [--tokens 16] [--stream-only]
+
+Long streamed answers (`--tokens 512 --stream-only --compare-confidence`) give the gateway's CPU per
+streamed token, and the tokens per second one of its cores relays.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="CI's regression guard: 1 round, 16 clients"
     )
+    parser.add_argument("--tokens", type=int, default=16, help="tokens in each answer")
+    parser.add_argument("--stream-only", action="store_true", help="streamed requests only")
     parser.add_argument(
         "--compare-confidence",
         action="store_true",
@@ -72,7 +78,14 @@ def main() -> None:
         adapter = make_random_adapter(base, work / "a0", seed=0)
     stub_port = free_port()
     stub = subprocess.Popen(
-        [sys.executable, str(HERE / "stub_engine.py"), "--port", str(stub_port)]
+        [
+            sys.executable,
+            str(HERE / "stub_engine.py"),
+            "--port",
+            str(stub_port),
+            "--tokens",
+            str(args.tokens),
+        ]
     )
     stub_url = f"http://127.0.0.1:{stub_port}"
     gateway, others = None, []
@@ -108,8 +121,9 @@ def main() -> None:
         sides.append(("stub", stub_url, "stub", deployments, 0))
         pid = gateway.process.pid
         runs: dict[tuple[str, int], list[dict]] = {}
+        streams = (True,) if args.stream_only else (False, True)
         for r in range(args.rounds + 1):  # round 0 warms up
-            for stream in (False, True):
+            for stream in streams:
                 for conc in clients:
                     n = args.requests // 4 if conc == 1 else args.requests
                     for side, url, auth, models, side_pid in sides:
@@ -152,6 +166,10 @@ def main() -> None:
                                     "failed": phase.failed,
                                     "cpu_ms": cpu_s / n * 1000,
                                     "per_core": n / cpu_s if cpu_s else float("nan"),
+                                    "token_us": cpu_s / (n * args.tokens) * 1e6,
+                                    "tokens_per_core": n * args.tokens / cpu_s
+                                    if cpu_s
+                                    else float("nan"),
                                 }
                             )
     finally:
@@ -161,7 +179,8 @@ def main() -> None:
         stub.terminate()
 
     table = Table(
-        title=f"the gateway against an instant upstream, {args.rounds} rounds — median [min–max]"
+        title=f"the gateway against an instant upstream, answers of {args.tokens} tokens, "
+        f"{args.rounds} rounds — median [min–max]"
     )
     for column in (
         "load",
@@ -170,10 +189,13 @@ def main() -> None:
         "gateway CPU per request (ms)",
         "gateway req/s per core",
         "client → stub alone, req/s",
+        "req/s ÷ stub alone",
+        "CPU per token (µs)",
+        "tokens/s per core",
     ):
         table.add_column(column, justify="right")
     failed = 0
-    for stream in (False, True):
+    for stream in streams:
         for conc in clients:
             label = f"gateway{' stream' if stream else ''}"
             rows, reference = (
@@ -188,12 +210,15 @@ def main() -> None:
                 spread([x["cpu_ms"] for x in rows], digits=3),
                 spread([x["per_core"] for x in rows], digits=0),
                 spread([x["rps"] for x in reference], digits=0),
+                spread([a["rps"] / b["rps"] for a, b in zip(rows, reference)], digits=3),
+                spread([x["token_us"] for x in rows], digits=1),
+                spread([x["tokens_per_core"] for x in rows], digits=0),
             )
     console.print(table)
     if args.compare_confidence:
-        _print_confidence_cost(runs, clients, args.rounds)
+        _print_confidence_cost(runs, clients, args.rounds, streams)
     misses = [f"{failed} failed requests"] if failed else []
-    if args.check_cpu_ms and 16 in clients:
+    if args.check_cpu_ms and ("gateway", 16) in runs:
         cpu = statistics.median(x["cpu_ms"] for x in runs[("gateway", 16)])
         if cpu > args.check_cpu_ms:
             misses.append(
@@ -215,7 +240,10 @@ def _deploy(gateway: LocalServer, adapter: Path, deployments: list[str]) -> str:
 
 
 def _print_confidence_cost(
-    runs: dict[tuple[str, int], list[dict]], clients: list[int], rounds: int
+    runs: dict[tuple[str, int], list[dict]],
+    clients: list[int],
+    rounds: int,
+    streams: tuple[bool, ...],
 ) -> None:
     """Recording confidence against not recording it, measured in the same rounds: CPU and
     throughput ratios."""
@@ -231,7 +259,7 @@ def _print_confidence_cost(
         "req/s on ÷ off",
     ):
         table.add_column(column, justify="right")
-    for stream in (False, True):
+    for stream in streams:
         suffix = " stream" if stream else ""
         for conc in clients:
             on, off = runs[(f"gateway{suffix}", conc)], runs[(f"no confidence{suffix}", conc)]

@@ -121,6 +121,31 @@ class Metrics:
         )
         # one series per replica of the fleet; a replica that leaves takes its series along
         replica = ["replica"]
+        self.adapter_resident = Gauge(
+            "lorafleet_adapter_resident",
+            "Adapters in the replica's memory (tier cpu, GPU ones included) and GPU slots (tier "
+            "gpu), as the gateway's model of vLLM's LRU caches says",
+            [*replica, "tier"],
+            registry=self.registry,
+        )
+        self.adapter_cold_loads = Counter(
+            "lorafleet_adapter_cold_loads",
+            "Requests whose registered adapter had left the replica's memory: read from disk first",
+            replica,
+            registry=self.registry,
+        )
+        self.adapter_evictions = Counter(
+            "lorafleet_adapter_evictions",
+            "Adapters pushed out of the replica's memory (tier cpu) or GPU slots (tier gpu)",
+            [*replica, "tier"],
+            registry=self.registry,
+        )
+        self.adapter_stray_unloads = Counter(
+            "lorafleet_adapter_stray_unloads",
+            "Copies of adapters unloaded from a replica that is not their home, once idle",
+            replica,
+            registry=self.registry,
+        )
         self.replica_up = Gauge(
             "lorafleet_replica_up",
             "1 while the replica answers and takes requests",

@@ -391,6 +391,13 @@ class Settings(BaseSettings):
         description="How often each replica's queue and adapters are read from its `/metrics` and "
         "`/v1/models` (seconds).",
     )
+    stray_adapter_idle_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="A copy of an adapter on a replica that is not its home (it came while the "
+        "home was down or full) is unloaded once idle this long there, if the home replica is up "
+        "and holds the adapter (seconds).",
+    )
     fleet_discovery_s: float = Field(
         default=10.0,
         gt=0,

@@ -101,8 +101,8 @@ class ChatRecord:
     async def settle(self) -> None:
         """Release what the request holds, then record it."""
         gateway, usage = self.gateway, self.usage
-        if self.replica is not None:
-            gateway.fleet.release(self.replica)
+        if self.replica is not None and self.route is not None:
+            gateway.fleet.release(self.replica, self.route.digest)
         if self.route is not None:
             gateway.fair_queue.release(self.tenant.name)
         await gateway.limiter.release(self.admitted, usage.prompt_tokens + usage.completion_tokens)

@@ -68,13 +68,13 @@ async def forward_with_failover(fleet: Fleet, body: dict, route: Route, usage: U
             await replica.client.ensure_loaded(route.digest)
             return Forwarded(await forward_chat(replica.client, body, route, usage), replica)
         except EngineUnavailable:
-            fleet.release(replica)
+            fleet.release(replica, route.digest)
             fleet.mark_unreachable(replica)
             tried.append(replica.name)
             if len(tried) > 1 or not fleet.fail_over(tried):
                 raise
         except BaseException:
-            fleet.release(replica)
+            fleet.release(replica, route.digest)
             raise
 
 

@@ -3,6 +3,8 @@
 - `client`      the gateway's side: `EngineClient` (private HTTP clients, registered adapters,
                 `ensure_loaded`, `preload`), the unavailable-engine policy and its errors
                 (`EngineUnavailable`, `AdapterLoadFailed`)
+- `residency`   `Residency`: which registered adapters are in the engine's memory and GPU slots (a
+                model of vLLM's two LRU caches, fed with what the gateway sends)
 - `supervisor`  `EngineSupervisor`: starts, health-checks and restarts the process (and its whole
                 group), or follows an engine it did not start (`engine_url`)
 - `command`     `engine_command`: the vLLM command line and environment; `engine_process_options`:

@@ -51,6 +51,7 @@ from lorafleet.errors import (
     code_for_status,
 )
 from lorafleet.serve.engine.command import SERVED_BASE_NAME, free_port
+from lorafleet.serve.engine.residency import Residency
 from lorafleet.serve.metrics import Metrics
 
 __all__ = [
@@ -171,6 +172,10 @@ class EngineClient:
         self.generation = 0
         self._up = asyncio.Event()
         self._loaded: set[str] = set()
+        # which of them are in the engine's memory and GPU slots (its replica sets the sizes and
+        # the name); until then every registered adapter counts as in memory
+        self.name = "engine-0"
+        self.residency = Residency(cpu_capacity=1 << 30, gpu_capacity=1 << 30)
         self._load_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         # where evictions (told in worker threads) are handled
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -201,6 +206,7 @@ class EngineClient:
     def mark_up(self) -> None:
         """A new engine process answers: it knows no adapters yet."""
         self._loaded.clear()
+        self.residency.clear()
         self.generation += 1
         self._up.set()
         self.metrics.engine_up.set(1)
@@ -208,6 +214,7 @@ class EngineClient:
     def mark_down(self) -> None:
         self._up.clear()
         self._loaded.clear()
+        self.residency.clear()
         self.metrics.engine_up.set(0)
 
     def public_error(self, raw: bytes, status: int) -> bytes:
@@ -314,10 +321,12 @@ class EngineClient:
 
     async def ensure_loaded(self, digest: str) -> None:
         """Register an adapter on the engine under its digest (by path from the store's local
-        copy, or by digest on a node); one load in flight per digest."""
+        copy, or by digest on a node); one load in flight per digest. Every call is a use of the
+        adapter on this engine, as the request or replay that follows (`residency`)."""
         if digest in self._loaded:
             if not self.by_digest:
                 self.store.touch(digest)
+            self._used(digest)
             return
         async with self._load_locks[digest]:
             if digest in self._loaded:
@@ -337,6 +346,18 @@ class EngineClient:
             self.metrics.adapter_loads.labels("ok").inc()
             self.metrics.adapter_load_seconds.observe(time.perf_counter() - t0)
             self._loaded.add(digest)
+            self._used(digest, registering=True)
+
+    def _used(self, digest: str, registering: bool = False) -> None:
+        """One use of a registered adapter in the engine's caches: a registered one that had
+        left the engine's memory is read from disk again first (a cold load), and whatever its
+        coming in pushed out is counted."""
+        touch = self.residency.touch(digest)
+        if touch.cold and not registering:
+            self.metrics.adapter_cold_loads.labels(self.name).inc()
+        for tier, evicted in (("cpu", touch.evicted_cpu), ("gpu", touch.evicted_gpu)):
+            if evicted:
+                self.metrics.adapter_evictions.labels(self.name, tier).inc(len(evicted))
 
     async def _load_by_path(self, digest: str) -> httpx.Response:
         """vLLM's runtime load of the store's local copy (fetched first, off the event loop)."""
@@ -368,6 +389,7 @@ class EngineClient:
 
     def _forget(self, digest: str) -> None:
         self._loaded.discard(digest)
+        self.residency.forget(digest)
         task = asyncio.get_running_loop().create_task(self._unload_evicted(digest))
         self._unloads.add(task)
         task.add_done_callback(self._unloads.discard)
@@ -390,6 +412,7 @@ class EngineClient:
 
     async def unload(self, digest: str) -> None:
         """Best effort: forget an adapter (it is only ever unloaded once nothing uses it)."""
+        self.residency.forget(digest)
         if digest not in self._loaded or not self.up:
             self._loaded.discard(digest)
             return

@@ -152,6 +152,7 @@ def node_command(settings: Settings, host: str, port: int) -> tuple[list[str], d
         "quantization": quantization.label,
         "max_num_seqs": str(sizing.max_num_seqs),
         "max_loras": str(sizing.max_loras),
+        "max_cpu_loras": str(sizing.max_cpu_loras),
         "max_lora_rank": str(sizing.max_lora_rank),
     }
     return cmd, env | {"LORAFLEET_ENGINE_RESOLVER": "1", NODE_INFO_ENV: json.dumps(info)}

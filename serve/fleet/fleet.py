@@ -28,6 +28,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,24 @@ class EngineReplica:
     node: dict[str, str] = field(default_factory=dict)
     placed: int = 0  # requests placed here by this gateway
     source: str = ""  # the `engines` URL discovery found it under
+    # this gateway's requests on it now, by adapter (a copy in use is never unloaded)
+    in_use: Counter[str] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self.client.name = self.name
+        self.size_caches()
+
+    def size_caches(self) -> None:
+        """The engine's adapter caches as big as it was started with (a node says so on its
+        /metrics: unknown until scraped)."""
+        if self.kind == "node":
+            gpu = int(self.node.get("max_loras") or 0)
+            cpu = int(self.node.get("max_cpu_loras") or 0) or gpu
+        else:
+            gpu = self.supervisor.sizing.max_loras
+            cpu = self.supervisor.sizing.max_cpu_loras
+        if gpu and cpu:
+            self.client.residency.resize(cpu, gpu)
 
     @property
     def routable(self) -> bool:
@@ -113,7 +132,10 @@ class EngineReplica:
         return self.supervisor.sizing.max_num_seqs
 
     def has(self, digest: str) -> bool:
-        return digest in self.registered or digest in self.client.loaded
+        """Whether the adapter is in the engine's memory (registered and not pushed out since)."""
+        return self.client.residency.resident(digest) and (
+            digest in self.registered or digest in self.client.loaded
+        )
 
     def snapshot(self, digest: str) -> Replica:
         """For placing a request for `digest`: our requests on it now, and the others' as last
@@ -142,6 +164,15 @@ class EngineReplica:
             "running": self.running,
             "waiting": self.waiting,
             "adapters": sorted(self.registered | self.client.loaded),
+            # in memory and in GPU slots (the gateway's model of vLLM's caches), most recent last
+            "resident": {
+                tier: [
+                    d
+                    for d in self.client.residency.digests()
+                    if self.client.residency.tier(d) in tiers
+                ]
+                for tier, tiers in (("gpu", ("gpu",)), ("cpu", ("gpu", "cpu")))
+            },
             "placed": self.placed,
             "hardware": supervisor.hardware.describe() if local else self.node.get("hardware", "?"),
             "quantization": supervisor.quantization.label
@@ -239,6 +270,7 @@ class Fleet:
         counted."""
         replica, placement = self._choose(digest, exclude)
         replica.in_flight += 1
+        replica.in_use[digest] += 1
         replica.placed += 1
         self.placed += 1
         self.metrics.placements.labels(replica.name, placement.reason).inc()
@@ -254,9 +286,13 @@ class Fleet:
         placement = self.policy.place(digest, [replica.snapshot(digest) for replica in candidates])
         return next(r for r in candidates if r.name == placement.replica), placement
 
-    def release(self, replica: EngineReplica) -> None:
-        """A request placed on `replica` has ended (answered, failed, or the client left)."""
+    def release(self, replica: EngineReplica, digest: str) -> None:
+        """A request for `digest` placed on `replica` has ended (answered, failed, or the client
+        left)."""
         replica.in_flight = max(0, replica.in_flight - 1)
+        replica.in_use[digest] -= 1
+        if replica.in_use[digest] <= 0:
+            del replica.in_use[digest]
 
     def mark_unreachable(self, replica: EngineReplica) -> None:
         """A request to `replica` got no answer: no more requests go there until a scrape
@@ -348,7 +384,47 @@ class Fleet:
     async def _scrape_forever(self) -> None:
         while True:
             await asyncio.gather(*(self._scrape(replica) for replica in list(self.replicas)))
+            try:
+                await self.unload_strays()
+            except Exception:  # the next scrape tries again; requests are served meanwhile
+                log.exception("unloading stray adapter copies failed")
             await asyncio.sleep(self.settings.fleet_scrape_s)
+
+    def strays(self, now: float | None = None) -> list[tuple[EngineReplica, str]]:
+        """Copies of adapters on a replica that is not their home, idle for
+        `stray_adapter_idle_s`, whose home replica is up and holds the adapter itself: requests go
+        home, so the copy only takes a slot (it came while the home was down or full)."""
+        if len(self.replicas) < 2:
+            return []
+        now = time.monotonic() if now is None else now
+        by_name = {replica.name: replica for replica in self.replicas}
+        found = []
+        for replica in self.replicas:
+            for digest in sorted(replica.client.loaded):
+                home = by_name.get(self.home_replica(digest))
+                idle_since = replica.client.residency.idle_since(digest)
+                if (
+                    home is not None
+                    and home is not replica
+                    and home.routable
+                    and home.has(digest)
+                    and not replica.in_use[digest]
+                    and (
+                        idle_since is None or now - idle_since >= self.settings.stray_adapter_idle_s
+                    )
+                ):
+                    found.append((replica, digest))
+        return found
+
+    async def unload_strays(self) -> None:
+        for replica, digest in self.strays():
+            log.info(
+                "replica %s: unloading adapter %s, idle here (its home is up)",
+                replica.name,
+                digest[:12],
+            )
+            await replica.client.unload(digest)
+            self.metrics.adapter_stray_unloads.labels(replica.name).inc()
 
     async def _scrape(self, replica: EngineReplica) -> None:
         """One read of the replica's queue and adapters. A refused connection takes it out of
@@ -374,6 +450,9 @@ class Fleet:
             log.warning("replica %s: unreadable metrics (%s)", replica.name, exc)
             return
         replica.node = node or replica.node
+        replica.size_caches()
+        for tier, count in replica.client.residency.counts().items():
+            self.metrics.adapter_resident.labels(replica.name, tier).set(count)
         replica.others = max(0, replica.running + replica.waiting - ours)
         if not replica.reachable and replica.scraped_at is not None:  # (not its first answer)
             log.info("replica %s answers again", replica.name)
@@ -425,6 +504,9 @@ class Fleet:
             for gauge in (self.metrics.replica_up, self.metrics.replica_adapters):
                 with contextlib.suppress(KeyError):
                     gauge.remove(name)
+            for tier in ("gpu", "cpu"):
+                with contextlib.suppress(KeyError):
+                    self.metrics.adapter_resident.remove(name, tier)
         for name in sorted(set(found) - set(known)):
             url, source = found[name]
             log.info("replica %s joins the fleet (%s)", name, source)

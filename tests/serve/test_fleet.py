@@ -105,8 +105,8 @@ def test_a_replica_at_its_load_bound_spills_to_the_other(fleet):
     assert fleet.place(digest) is home and fleet.place(digest) is home
     # at once: 2 on it is the bound for a total of 2 on 2 replicas
     assert fleet.place(digest) is not home
-    fleet.release(home)
-    fleet.release(home)  # and until they end
+    fleet.release(home, digest)
+    fleet.release(home, digest)  # and until they end
     assert home.in_flight == 0 and fleet.place(digest) is home
 
 
@@ -206,3 +206,95 @@ def test_a_gateway_in_front_of_nodes_records_a_quantization_only_the_nodes_can_r
         Settings(base=str(base), home=tmp_path, quantize="fp8", engines="http://e:8100")
     )
     assert planned.label == "fp8 (planned on the engine nodes)" and not planned.engine_args
+
+
+def _registered(replica: EngineReplica, *digests: str) -> None:
+    """What `ensure_loaded` leaves after vLLM said yes (registered, then in both caches)."""
+    for digest in digests:
+        replica.client._loaded.add(digest)
+        replica.client._used(digest, registering=True)
+        replica.registered |= {digest}
+
+
+def _cold_loads(fleet: Fleet, replica: EngineReplica) -> float:
+    return (
+        fleet.metrics.registry.get_sample_value(
+            "lorafleet_adapter_cold_loads_total", {"replica": replica.name}
+        )
+        or 0.0
+    )
+
+
+async def test_a_replica_holds_what_its_engine_was_sized_for_and_a_pushed_out_adapter_is_cold(
+    fleet,
+):
+    replica = fleet.replicas[0]
+    sizing = replica.supervisor.sizing
+    caches = replica.client.residency
+    assert (caches.cpu_capacity, caches.gpu_capacity) == (sizing.max_cpu_loras, sizing.max_loras)
+    caches.resize(cpu_capacity=2, gpu_capacity=1)
+    _registered(replica, *DIGESTS[:3])  # the first was pushed out of memory by the third
+    assert not replica.has(DIGESTS[0]) and replica.has(DIGESTS[1]) and replica.has(DIGESTS[2])
+    assert caches.tier(DIGESTS[2]) == "gpu" and caches.tier(DIGESTS[1]) == "cpu"
+    await replica.client.ensure_loaded(DIGESTS[0])  # still registered: no load, but a cold one
+    assert _cold_loads(fleet, replica) == 1 and replica.has(DIGESTS[0])
+    assert (
+        fleet.metrics.registry.get_sample_value(
+            "lorafleet_adapter_evictions_total", {"replica": replica.name, "tier": "cpu"}
+        )
+        == 2
+    )  # the first, then the second
+    described = replica.describe()["resident"]
+    assert described == {"gpu": [DIGESTS[0]], "cpu": [DIGESTS[2], DIGESTS[0]]}
+
+
+def test_placement_prefers_a_replica_where_the_adapter_is_resident_not_merely_registered(fleet):
+    digest = DIGESTS[0]
+    home = next(r for r in fleet.replicas if r.name == fleet.home_replica(digest))
+    other = next(r for r in fleet.replicas if r is not home)
+    _registered(other, digest)
+    assert fleet.place(digest) is other  # in memory there: no read from disk
+    fleet.release(other, digest)
+    other.client.residency.forget(digest)  # pushed out of its memory since
+    assert other.has(digest) is False and fleet.place(digest) is home
+
+
+async def test_a_stray_copy_is_unloaded_once_idle_while_its_home_is_up_and_holds_it(fleet):
+    fleet.settings = fleet.settings.model_copy(update={"stray_adapter_idle_s": 30.0})
+    digest = DIGESTS[0]
+    home = next(r for r in fleet.replicas if r.name == fleet.home_replica(digest))
+    stray = next(r for r in fleet.replicas if r is not home)
+    _registered(stray, digest)  # it came while the home was down
+    used_at = stray.client.residency.idle_since(digest)
+    assert used_at is not None
+    assert fleet.strays(now=used_at + 60) == []  # the home does not hold it: the copy serves
+    _registered(home, digest)  # the home came up and registered its adapters
+    assert fleet.strays(now=used_at + 10) == []  # not idle long enough
+    assert fleet.place(digest) is home  # requests go home now
+    fleet.release(home, digest)
+    stray.in_use[digest] += 1  # a request still running on the copy
+    assert fleet.strays(now=used_at + 60) == []
+    stray.in_use.clear()
+    assert fleet.strays(now=used_at + 60) == [(stray, digest)]
+    home.client.mark_down()  # the home went down again: the copy is the one that serves
+    assert fleet.strays(now=used_at + 60) == []
+
+    unloaded = []
+
+    async def unload(d: str) -> None:
+        unloaded.append(d)
+        stray.client.residency.forget(d)
+        stray.client._loaded.discard(d)
+
+    home.client.mark_up()
+    _registered(home, digest)
+    stray.client.unload = unload  # type: ignore[method-assign]  # what would be sent to vLLM
+    fleet.settings = fleet.settings.model_copy(update={"stray_adapter_idle_s": 0.0})
+    await fleet.unload_strays()
+    assert unloaded == [digest] and fleet.strays() == []
+    assert (
+        fleet.metrics.registry.get_sample_value(
+            "lorafleet_adapter_stray_unloads_total", {"replica": stray.name}
+        )
+        == 1
+    )

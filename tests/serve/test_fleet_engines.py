@@ -134,7 +134,12 @@ class Setup:
 @contextlib.contextmanager
 def _supervised(base: Path, tmp: pytest.TempPathFactory) -> Iterator[Setup]:
     gateway = LocalServer.start(
-        base, tmp.mktemp("fleet-replicas"), replicas="2", fleet_scrape_s="0.5", **ENGINE
+        base,
+        tmp.mktemp("fleet-replicas"),
+        replicas="2",
+        fleet_scrape_s="0.5",
+        stray_adapter_idle_s="2",
+        **ENGINE,
     )
 
     def kill(replica: dict) -> None:
@@ -341,3 +346,18 @@ def test_killing_a_replica_under_load_fails_no_request_and_it_rejoins(setup):
         10,
         "its adapters registered on it again",
     )
+    # the copies the survivor took while the victim was down are unloaded once idle there: each
+    # adapter is resident on one replica again, its home
+    survivor = next(name for name in setup.replicas() if name != victim["name"])
+    poll_until(
+        lambda: all(_holders(setup)[d] == [victim["name"]] for d in homed),
+        60,
+        "the survivor's stray copies unloaded",
+    )
+    engines = setup.replicas()
+    for d in homed:
+        assert setup.digests[d] not in engines[survivor]["resident"]["cpu"]
+        assert setup.digests[d] in engines[victim["name"]]["resident"]["cpu"]
+    metrics = setup.admin.get("/metrics").text
+    assert f'lorafleet_adapter_stray_unloads_total{{replica="{survivor}"}}' in metrics
+    assert f'lorafleet_adapter_resident{{replica="{victim["name"]}",tier="gpu"}}' in metrics
