@@ -101,9 +101,11 @@ async def scenario(
     seed: int,
     stream: bool = False,
     extra: dict | None = None,
+    plan: list[tuple[str, str]] | None = None,
 ) -> dict:
-    """Drive the load in this process; models are drawn uniformly (seeded); `extra` fields join
-    every request's body. Returns Phase's fields."""
+    """Drive the load in this process; models are drawn uniformly (seeded), or each request's
+    (key, model) is `plan`'s next one (many tenants); `extra` fields join every request's body.
+    Returns Phase's fields."""
     body = {**chat_body(stream=stream), **(extra or {})}
     rng, gate = random.Random(seed), asyncio.Semaphore(concurrency)
     latencies: list[float] = []
@@ -115,14 +117,18 @@ async def scenario(
         base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300, limits=limits
     ) as client:
 
-        async def one(model: str) -> None:
+        async def one(model: str, auth: str | None = None) -> None:
             nonlocal failed
+            headers = {"Authorization": f"Bearer {auth}"} if auth else None
             async with gate:
                 t0 = time.perf_counter()
                 try:
                     if stream:
                         async with client.stream(
-                            "POST", "/v1/chat/completions", json={**body, "model": model}
+                            "POST",
+                            "/v1/chat/completions",
+                            json={**body, "model": model},
+                            headers=headers,
                         ) as response:
                             first = None
                             async for line in response.aiter_lines():
@@ -133,7 +139,7 @@ async def scenario(
                                 ttfts.append(first)
                     else:
                         response = await client.post(
-                            "/v1/chat/completions", json={**body, "model": model}
+                            "/v1/chat/completions", json={**body, "model": model}, headers=headers
                         )
                         ok = response.status_code == 200
                     error = str(response.status_code)
@@ -146,7 +152,10 @@ async def scenario(
                     errors[error] += 1
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(one(rng.choice(models)) for _ in range(n)))
+        if plan is not None:
+            await asyncio.gather(*(one(model, auth) for auth, model in plan))
+        else:
+            await asyncio.gather(*(one(rng.choice(models)) for _ in range(n)))
         elapsed = time.perf_counter() - t0
     latencies.sort()
     if not latencies:
@@ -175,6 +184,7 @@ def run_load(
     stream: bool = False,
     own_session: bool = False,
     extra: dict | None = None,
+    plan: list[tuple[str, str]] | None = None,
 ) -> Phase:
     """The same load from a child process of its own; `own_session` puts it in a session (and
     autogroup) of its own, as a client started from another terminal is."""
@@ -188,6 +198,7 @@ def run_load(
             "seed": seed,
             "stream": stream,
             "extra": extra,
+            "plan": plan,
         }
     )
     done = subprocess.run(
