@@ -65,6 +65,7 @@ bench-quick: setup
 	$(BIN)/python loadtests/bench_gateway_overhead.py --quick --check-cpu-ms 1.5
 	$(BIN)/python loadtests/bench_gateway.py --quick --check
 	$(BIN)/python loadtests/bench_adapters.py --quick --check
+	$(BIN)/python loadtests/bench_many_adapters.py --quick --check
 
 clean:
 	rm -rf $(VENV)

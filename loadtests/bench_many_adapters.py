@@ -111,7 +111,8 @@ def main() -> None:
             256,
             2,
         )
-        args.min_ratio = min(args.min_ratio, 0.80)  # a noisy machine
+        # a noisy machine, and a guard against cliffs rather than a measurement
+        args.min_ratio = min(args.min_ratio, 0.70)
     clients = [int(c) for c in args.clients.split(",")]
 
     from lorafleet.train.random_adapter import make_random_adapter
@@ -163,6 +164,8 @@ def main() -> None:
             }
             rng = random.Random(seed)
             for label, size in sizes.items():
+                if args.quick and not label.startswith("working set 2×"):
+                    continue  # CI's guard: past the slots, once
                 if size <= len(targets):
                     chosen[f"{label} ({size})"] = uniform_plan(rng.sample(targets, size), n, seed)
             return chosen
