@@ -103,6 +103,7 @@ class Residency:
         """Adapters in each tier (`cpu` counts the GPU ones too: their weights are in memory)."""
         return {"gpu": len(self._gpu), "cpu": len(self._cpu)}
 
-    def digests(self) -> list[str]:
-        """The resident adapters, least recently used first."""
-        return list(self._cpu)
+    def digests(self, tier: str = "cpu") -> list[str]:
+        """The adapters in memory (`cpu`, GPU ones included) or in GPU slots (`gpu`), least
+        recently used first."""
+        return list(self._gpu if tier == "gpu" else self._cpu)

@@ -42,6 +42,7 @@ from lorafleet.adapters.store import AdapterStore
 from lorafleet.errors import EngineUnavailable
 from lorafleet.serve.engine.client import EngineClient
 from lorafleet.serve.engine.hardware import Hardware, Quantization
+from lorafleet.serve.engine.residency import TIERS
 from lorafleet.serve.engine.sizing import EngineSizing, Workload
 from lorafleet.serve.engine.supervisor import ENGINE_STATES, EngineSupervisor
 from lorafleet.serve.fleet.placement import (
@@ -165,14 +166,7 @@ class EngineReplica:
             "waiting": self.waiting,
             "adapters": sorted(self.registered | self.client.loaded),
             # in memory and in GPU slots (the gateway's model of vLLM's caches), most recent last
-            "resident": {
-                tier: [
-                    d
-                    for d in self.client.residency.digests()
-                    if self.client.residency.tier(d) in tiers
-                ]
-                for tier, tiers in (("gpu", ("gpu",)), ("cpu", ("gpu", "cpu")))
-            },
+            "resident": {tier: self.client.residency.digests(tier) for tier in TIERS},
             "placed": self.placed,
             "hardware": supervisor.hardware.describe() if local else self.node.get("hardware", "?"),
             "quantization": supervisor.quantization.label
