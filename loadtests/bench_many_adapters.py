@@ -160,8 +160,9 @@ def main() -> None:
                 f"Zipf s={args.zipf}, {len(targets)} adapters": zipf_plan(
                     targets, n, args.zipf, seed
                 ),
-                f"uniform, {len(targets)} adapters": uniform_plan(targets, n, seed),
             }
+            if not args.quick:
+                chosen[f"uniform, {len(targets)} adapters"] = uniform_plan(targets, n, seed)
             rng = random.Random(seed)
             for label, size in sizes.items():
                 if args.quick and not label.startswith("working set 2×"):
