@@ -34,7 +34,14 @@ from lorafleet.serve.rollouts.routing import bucket_of, choose, unit_of
 from lorafleet.serve.route_cache import DeploymentEntry, TenantEntry
 from lorafleet.serve.types import RolloutAssignment, Route
 
-__all__ = ["router", "chat_completions", "serve_chat", "read_chat_body", "parse_json_body"]
+__all__ = [
+    "router",
+    "chat_completions",
+    "serve_chat",
+    "read_chat_body",
+    "parse_json_body",
+    "require_model",
+]
 
 router = APIRouter(prefix="/v1")
 
@@ -151,13 +158,18 @@ async def read_chat_body(request: Request) -> dict[str, Any]:
     """Parse the JSON body; only the fields the gateway needs are checked, the engine checks the
     rest."""
     body = await parse_json_body(request)
+    require_model(body)
+    if not isinstance(body.get("messages"), list):
+        raise InvalidRequest("'messages' must be a list")
+    return body
+
+
+def require_model(body: dict[str, Any]) -> None:
+    """The body names a deployment in `model` (InvalidRequest `model_required` if not)."""
     if not isinstance(body.get("model"), str) or not body["model"]:
         raise InvalidRequest(
             "'model' is required: the name of one of your deployments", code="model_required"
         )
-    if not isinstance(body.get("messages"), list):
-        raise InvalidRequest("'messages' must be a list")
-    return body
 
 
 async def parse_json_body(request: Request) -> dict[str, Any]:

@@ -200,7 +200,7 @@ class JsonBodies:
         if (
             scope["type"] == "http"
             and path.startswith(("/v1/", "/admin/"))
-            and path != "/v1/chat/completions"  # it reads its body itself (the hot path)
+            and not path.startswith(CHAT_PATHS)  # they read their bodies themselves (hot path)
             and not UPLOAD_PATHS.match(path)
         ):
             given = next((v for k, v in scope["headers"] if k == b"content-type"), b"")

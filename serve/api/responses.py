@@ -25,7 +25,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from lorafleet.errors import InvalidRequest
-from lorafleet.serve.api.chat import parse_json_body, serve_chat
+from lorafleet.serve.api.chat import parse_json_body, require_model, serve_chat
 from lorafleet.serve.feedback.request_log import REQUEST_ID_PREFIX, RESPONSE_ID_PREFIX
 
 __all__ = ["router", "chat_body", "response_object", "stream_events"]
@@ -83,10 +83,7 @@ def chat_body(body: dict[str, Any]) -> dict[str, Any]:
         raise _unsupported(
             "tools are not supported on /v1/responses: use /v1/chat/completions", "tools"
         )
-    if not isinstance(body.get("model"), str) or not body["model"]:
-        raise InvalidRequest(
-            "'model' is required: the name of one of your deployments", code="model_required"
-        )
+    require_model(body)
     messages = []
     if body.get("instructions") is not None:
         if not isinstance(body["instructions"], str):

@@ -133,10 +133,9 @@ class EngineReplica:
         return self.supervisor.sizing.max_num_seqs
 
     def has(self, digest: str) -> bool:
-        """Whether the adapter is in the engine's memory (registered and not pushed out since)."""
-        return self.client.residency.resident(digest) and (
-            digest in self.registered or digest in self.client.loaded
-        )
+        """Whether the adapter is in the engine's memory (registered and not pushed out since:
+        the residency model holds only what this gateway registered, and forgets it with it)."""
+        return self.client.residency.resident(digest)
 
     def snapshot(self, digest: str) -> Replica:
         """For placing a request for `digest`: our requests on it now, and the others' as last
