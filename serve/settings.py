@@ -296,6 +296,12 @@ class Settings(BaseSettings):
         description="This vLLM process finds adapters by digest in the store (an engine node; "
         "`lorafleet engine` sets it).",
     )
+    engine_fixes: bool = Field(
+        default=True,
+        description="lorafleet's fix to vLLM's adapter lookup (each step copied every adapter in "
+        "memory: half the throughput with 2,000), applied in the engines it starts where the "
+        "vLLM version is the one it was made for; off: vLLM as released.",
+    )
     engine_python: str = Field(
         default="",
         description="The interpreter that runs vLLM (e.g. a CUDA vLLM venv on a GPU box); empty: "
@@ -322,8 +328,8 @@ class Settings(BaseSettings):
     )
     max_cpu_loras: int = Field(
         default=0,
-        description="Adapters kept warm (vLLM's LRU); 0: derived, every deployed adapter with "
-        "headroom.",
+        description="Adapters kept in memory (vLLM's LRU; one that left it is read from disk "
+        "again); 0: derived, as many as 10% of RAM holds at the engine's max rank.",
     )
     max_model_len: int = Field(default=2048, description="The engine's context length.")
     max_num_seqs: int = Field(

@@ -10,7 +10,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_tiny_model", "pretrain", "PRETRAIN_STEPS", "TINY_MIN_PIXELS", "TINY_MAX_PIXELS"]
+__all__ = [
+    "build_tiny_model",
+    "local_processor",
+    "local_tokenizer",
+    "pretrain",
+    "save_base",
+    "special_token_ids",
+    "PRETRAIN_STEPS",
+    "TINY_MIN_PIXELS",
+    "TINY_MAX_PIXELS",
+]
 
 # told (step, steps, loss) after each pre-training step
 Progress = Callable[[int, int, float], None]
@@ -50,7 +60,8 @@ _CORPUS = [
 ]
 
 
-def _tokenizer():
+def local_tokenizer():
+    """A byte-level BPE tokenizer with Qwen's special tokens, trained on a few sentences."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -73,10 +84,27 @@ def _tokenizer():
     return fast
 
 
+def special_token_ids(tokenizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The config's token ids for `tokenizer`: the text model's, and the image and video ones."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _SPECIAL}
+    text = dict(
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    vision = dict(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    return text, vision
+
+
 def _config(tokenizer):
     from transformers import Qwen2_5_VLConfig
 
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _SPECIAL}
+    text_ids, vision_ids = special_token_ids(tokenizer)
     return Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=len(tokenizer),
@@ -89,9 +117,7 @@ def _config(tokenizer):
             max_position_embeddings=2048,
             rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]},
             tie_word_embeddings=False,
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
+            **text_ids,
         ),
         vision_config=dict(
             depth=2,
@@ -106,10 +132,7 @@ def _config(tokenizer):
             window_size=56,
             fullatt_block_indexes=[1],
         ),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **vision_ids,
     )
 
 
@@ -186,25 +209,14 @@ def build_tiny_model(
     """Write a tiny Qwen2.5-VL (weights, tokenizer, processor) to `out`: randomly initialised, then
     pre-trained for `pretrain_steps` on the general shapes task (`progress` as `pretrain`'s)."""
     import torch
-    from transformers import (
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tokenizer()
+    tokenizer = local_tokenizer()
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(_config(tokenizer))
-    pixels = dict(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**pixels),
-        tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(**pixels),
-        chat_template=_CHAT_TEMPLATE,
-    )
+    processor = local_processor(tokenizer, TINY_MIN_PIXELS, TINY_MAX_PIXELS)
     if pretrain_steps:
         pretrain(model, processor, pretrain_steps, seed, progress=progress)
     else:
@@ -212,7 +224,25 @@ def build_tiny_model(
         with torch.no_grad():
             # kernel's rounding flips; peaked logits decide clearly
             model.lm_head.weight.mul_(_LOGIT_SCALE)
+    save_base(out, model, processor)
+    return out
+
+
+def local_processor(tokenizer, min_pixels: int, max_pixels: int):
+    """Qwen2.5-VL's processor around `tokenizer`, images resized into [min, max] pixels."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    pixels = dict(min_pixels=min_pixels, max_pixels=max_pixels)
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**pixels),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**pixels),
+        chat_template=_CHAT_TEMPLATE,
+    )
+
+
+def save_base(out: Path, model, processor) -> None:
+    """A base folder as a hub checkpoint has it: weights, config, processor, tokenizer."""
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    processor.tokenizer.save_pretrained(out)

@@ -175,6 +175,9 @@ class EngineReplica:
             "max_loras": supervisor.sizing.max_loras
             if local
             else int(self.node.get("max_loras") or 0),
+            "max_cpu_loras": supervisor.sizing.max_cpu_loras
+            if local
+            else int(self.node.get("max_cpu_loras") or 0),
             "scraped_at": self.scraped_at,
             "pid": supervisor.process.pid if supervisor.process else None,
             "starts": supervisor.starts,

@@ -98,8 +98,8 @@ async def test_a_derived_rank_grows_and_the_deployment_goes_ahead(tmp_path, sqli
         assert response.json()["adapter"]["rank"] == 32
     assert supervisor.sizing.max_lora_rank == 32
     assert "largest deployed rank 32" in supervisor.sizing.max_lora_rank_source
-    # the one being deployed
-    assert "2 x 1 deployed adapter," in supervisor.sizing.max_cpu_loras_source
+    # the adapters kept in memory are sized again at the new rank
+    assert "at rank 32" in supervisor.sizing.max_cpu_loras_source
 
 
 async def test_rollouts_and_ab_tests_are_refused_like_deployments(tmp_path, sqlite_catalog):

@@ -6,6 +6,7 @@ import pytest
 
 from lorafleet.adapters.validate import ENGINE_LORA_RANKS, engine_lora_rank
 from lorafleet.serve.engine.sizing import (
+    CACHE_RAM_SHARE,
     GIB,
     KV_RAM_SHARE,
     SET,
@@ -122,6 +123,20 @@ def test_slots_stay_within_their_memory_share():
 def test_warm_cache_always_holds_a_batch_of_adapters(machine, workload, fixed):
     sizing = _derive(workload, machine, LARGE, **fixed)
     assert sizing.max_cpu_loras >= sizing.max_loras >= 1  # vLLM refuses to start otherwise
+
+
+def test_the_warm_cache_is_a_ram_budget_not_what_was_deployed_at_start():
+    # a gateway started empty holds thousands of small adapters in memory
+    empty = _derive(Workload(), CPU)
+    assert empty.max_cpu_loras == int(CPU.ram_bytes * CACHE_RAM_SHARE // TINY.slot_bytes(16))
+    assert empty.max_cpu_loras > 2000 and "10% of RAM" in empty.max_cpu_loras_source
+    # large adapters: as many as the budget holds, never fewer than the slots
+    for machine in (CPU, GPU):
+        large = _derive(Workload(8, 64), machine, LARGE)
+        held = large.max_cpu_loras * LARGE.slot_bytes(64)
+        assert large.max_cpu_loras == large.max_loras or held <= CACHE_RAM_SHARE * machine.ram_bytes
+    # a larger rank: fewer of them
+    assert _derive(Workload(1, 64), CPU).max_cpu_loras < empty.max_cpu_loras
 
 
 def test_contradicting_settings_are_refused_before_the_engine_starts():

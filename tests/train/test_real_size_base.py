@@ -1,0 +1,44 @@
+"""The real-size base has its published architecture: built on the meta device (no memory, no
+weights), counted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from lorafleet.adapters.base_model import load_base_spec
+from lorafleet.train.real_size_base import REAL_SIZES, real_size_config
+from lorafleet.train.tiny_model import local_tokenizer
+
+pytestmark = pytest.mark.heavy_imports  # transformers' model code
+
+
+@pytest.fixture(scope="module")
+def model_3b():
+    with torch.device("meta"):
+        return Qwen2_5_VLForConditionalGeneration(
+            real_size_config("qwen2.5-vl-3b", local_tokenizer())
+        )
+
+
+def test_qwen2_5_vl_3b_has_its_published_size(model_3b):
+    params = sum(p.numel() for p in model_3b.parameters())
+    assert 3.70e9 < params < 3.80e9  # published: 3.75 B
+    text = model_3b.config.get_text_config()
+    assert (text.hidden_size, text.num_hidden_layers, text.vocab_size) == (2048, 36, 151936)
+    assert model_3b.config.vision_config.depth == 32
+
+
+def test_its_language_model_layers_are_the_lora_targets(model_3b, tmp_path):
+    model_3b.config.save_pretrained(tmp_path)
+    spec = load_base_spec(str(tmp_path))
+    # 7 linear layers in each of the 36 decoder layers; nothing of the vision tower
+    assert len(spec.lora_modules) == 7 * 36
+    assert not [m for m in spec.lora_modules if "visual" in m]
+
+
+def test_an_unknown_base_is_refused_with_the_known_ones():
+    with pytest.raises(ValueError, match="qwen2.5-vl-3b"):
+        real_size_config("qwen9-vl-1t", local_tokenizer())
+    assert "qwen2.5-vl-3b" in REAL_SIZES
