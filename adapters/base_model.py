@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from lorafleet.errors import InvalidRequest
 
-__all__ = ["BaseModelSpec", "base_config", "load_base_spec"]
+__all__ = ["BaseModelSpec", "base_config", "load_base_spec", "training_dtype"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,11 @@ class BaseModelSpec:
             if re.match(old, path):
                 return re.sub(old, new, path, count=1)
         return path
+
+    def adapter_bytes(self, rank: int, dtype_bytes: int = 4) -> int:
+        """A LoRA adapter of `rank` on every LoRA-able layer (A [rank, in] and B [out, rank]),
+        float32 by default, as PEFT saves adapters of a bfloat16 base."""
+        return rank * sum(i + o for i, o in self.lora_modules.values()) * dtype_bytes
 
     def lora_target_regex(self) -> str:
         """A PEFT `target_modules` regex that hits every LoRA-able layer and nothing else."""
@@ -97,6 +102,16 @@ def _require_fetchable(base: str, timeout_s: float = 3.0) -> None:
             f"cannot fetch base {base!r}: {host} is unreachable ({exc.strerror or exc}) and the "
             "hub's cache has no copy; pass a local folder as the base"
         ) from None
+
+
+def training_dtype(base: str, cuda: bool) -> str:
+    """The dtype the trainer and its servability check compute in: bfloat16 on a GPU; on a CPU, the
+    checkpoint's own when it is bfloat16 (a released base: half the memory of float32, and what
+    vLLM's CPU engine computes in), else float32."""
+    if cuda:
+        return "bfloat16"
+    stored = getattr(base_config(base), "dtype", None)
+    return "bfloat16" if str(stored).removeprefix("torch.") == "bfloat16" else "float32"
 
 
 @lru_cache(maxsize=8)

@@ -27,6 +27,8 @@ from lorafleet.adapters.manifest import read_manifest
 from lorafleet.errors import InvalidAdapter, PayloadTooLarge
 
 __all__ = [
+    "MIN_UPLOAD_BYTES",
+    "upload_limit",
     "ValidatedAdapter",
     "extract_archive",
     "validate_adapter_dir",
@@ -278,3 +280,13 @@ def validate_upload(
     folder = extract_archive(archive, workdir, max_bytes)
     manifest = read_manifest(folder)  # cheap: refused before the tensors are read
     return replace(validate_adapter_dir(folder, spec, max_rank), manifest=manifest)
+
+
+MIN_UPLOAD_BYTES = 512 * 1024 * 1024  # the fixed limit before it was derived
+
+
+def upload_limit(spec: BaseModelSpec, max_rank: int) -> int:
+    """The largest upload accepted when no limit is set: a float32 adapter of `max_rank` on every
+    LoRA-able layer of the base, and a quarter more (its config, the archive), at least 512 MiB.
+    Qwen2.5-VL-3B's rank-64 adapter on every layer is 479 MB; a 7B's, 646 MB."""
+    return max(MIN_UPLOAD_BYTES, spec.adapter_bytes(max_rank) * 5 // 4)

@@ -151,7 +151,7 @@ def gateway_spec() -> Spec:
 
     settings = Settings(development=True, admin_key="docs")
     with mock.patch.object(
-        app_module, "build_gateway", lambda s: types.SimpleNamespace(settings=s)
+        app_module, "build_gateway", lambda s: types.SimpleNamespace(settings=s, max_upload_bytes=0)
     ):
         app = app_module.create_app(settings)
     return app.openapi()

@@ -211,11 +211,11 @@ def main() -> None:
     parser.add_argument("--train-image", default="448x448")
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--skip-serve", action="store_true", help="the build and the trainer only")
     args = parser.parse_args()
 
     from lorafleet.serve.engine.sizing import Workload, sizing_for
     from lorafleet.serve.settings import Settings
-    from lorafleet.train.random_adapter import make_random_adapter
     from lorafleet.train.real_size_base import build_real_size_base
 
     work = Path(tempfile.mkdtemp(prefix="lorafleet-real-size-"))
@@ -236,6 +236,33 @@ def main() -> None:
             (f"sizing, {label}", sizing_for(settings, False, "bfloat16", workload).describe())
         )
 
+    if not args.skip_serve:
+        serve(args, base, work, rows)
+    if not args.skip_train:
+        with console.status("the trainer's one step"):
+            step = train_one_step(base, work, picture(*dims(args.train_image)), args.rank)
+        if "error" in step:
+            rows.append(("trainer, one step", f"failed: {step['error']}"))
+        else:
+            rows.append(
+                (
+                    f"trainer, one step on a {args.train_image} picture, rank {args.rank}",
+                    f"{step['step_s']:.0f} s, peak {step['peak_gib']:.1f} GiB",
+                )
+            )
+
+    table = Table(title=f"{args.like} (random weights) under lorafleet on this CPU, defaults")
+    table.add_column("measure")
+    table.add_column("value")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def serve(args: argparse.Namespace, base: Path, work: Path, rows: list[tuple[str, str]]) -> None:
+    """`lorafleet serve` on the base: start, a rank-64 adapter uploaded and deployed, chats."""
+    from lorafleet.train.random_adapter import make_random_adapter
+
     with console.status(f"a rank-{args.rank} adapter on every linear layer of its language model"):
         adapter = make_random_adapter(base, work / "adapter", seed=1, rank=args.rank, std=0.02)
     rows.append((f"rank-{args.rank} adapter (MB)", f"{size_of(adapter) / 1e6:.0f}"))
@@ -252,7 +279,8 @@ def main() -> None:
             headers={"Authorization": f"Bearer {server.admin_key}"},
             timeout=30,
         ).json()
-        rows.append(("warm-up request (s)", str(engine.get("last_warm_up_s"))))
+        warm_up = engine.get("last_warm_up_s")
+        rows.append(("warm-up request (s)", f"{warm_up:.1f}" if warm_up is not None else "-"))
         key = LorafleetClient(server.url, server.admin_key).create_tenant("bench")["api_key"]
         tenant = LorafleetClient(server.url, key, timeout=3600)
         with console.status("pack + upload"):
@@ -296,26 +324,6 @@ def main() -> None:
         rows.append(("memory after the chats (GiB)", f"{tree_rss(server.process.pid) / GIB:.1f}"))
     finally:
         server.stop()
-
-    if not args.skip_train:
-        with console.status("the trainer's one step"):
-            step = train_one_step(base, work, picture(*dims(args.train_image)), args.rank)
-        if "error" in step:
-            rows.append(("trainer, one step", f"failed: {step['error']}"))
-        else:
-            rows.append(
-                (
-                    f"trainer, one step on a {args.train_image} picture, rank {args.rank}",
-                    f"{step['step_s']:.0f} s, peak {step['peak_gib']:.1f} GiB",
-                )
-            )
-
-    table = Table(title=f"{args.like} (random weights) under lorafleet on this CPU, defaults")
-    table.add_column("measure")
-    table.add_column("value")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
 
 
 if __name__ == "__main__":

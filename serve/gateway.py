@@ -14,6 +14,7 @@ from lorafleet.adapters.base_model import BaseModelSpec, load_base_spec
 from lorafleet.adapters.catalog import open_catalog
 from lorafleet.adapters.registry import deployed_digests, deployed_workload
 from lorafleet.adapters.store import AdapterStore, BlobStorage, open_blob_store, open_store
+from lorafleet.adapters.validate import upload_limit
 from lorafleet.errors import UnsupportedQuantization
 from lorafleet.serve.admission import FairQueue
 from lorafleet.serve.drift.monitor import DriftMonitor
@@ -60,6 +61,13 @@ class Gateway:
     request_log: RequestLog  # the request log's rows on their way to the catalog
     capturer: Capturer  # captured requests for retraining (deployments that opted in)
     capture_store: BlobStorage  # their images, content-addressed
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """An upload's limit: `LORAFLEET_MAX_UPLOAD_BYTES`, or derived from the base (0)."""
+        return self.settings.max_upload_bytes or upload_limit(
+            self.spec, self.settings.accepted_lora_rank
+        )
 
 
 def _deployed(sessions: sessionmaker):

@@ -87,8 +87,10 @@ class Settings(BaseSettings):
         default=10.0, description="One remote image's whole fetch, redirects included (seconds)."
     )
     max_upload_bytes: int = Field(
-        default=512 * 1024 * 1024,
-        description="An adapter upload's limit (archive and unpacked size).",
+        default=0,
+        description="An adapter upload's limit (archive and unpacked size); 0: derived, a float32 "
+        "adapter of the highest accepted rank on every LoRA-able layer of the base and a quarter "
+        "more, at least 512 MiB.",
     )
     retry_after_s: int = Field(default=5, description="`Retry-After` on a 503 (seconds).")
     access_log: bool = Field(

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lorafleet.adapters.base_model import load_base_spec
+from lorafleet.adapters.base_model import load_base_spec, training_dtype
 from lorafleet.adapters.validate import validate_adapter_dir
 from lorafleet.errors import NotServable
 
@@ -46,7 +46,7 @@ def peft_greedy(
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    dtype = getattr(torch, training_dtype(base, torch.cuda.is_available()))
     processor = AutoProcessor.from_pretrained(base)
     base_model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype)
     model: Any = PeftModel.from_pretrained(base_model, str(adapter)).eval()

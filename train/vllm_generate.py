@@ -12,6 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lorafleet.adapters.base_model import training_dtype
 from lorafleet.adapters.validate import engine_lora_rank
 from lorafleet.errors import VLLMFailed
 
@@ -41,7 +42,7 @@ def generate(
     `lorafleet.serve.engine.hardware`."""
     import torch
 
-    dtype = dtype or ("bfloat16" if torch.cuda.is_available() else "float32")  # the trainer's dtype
+    dtype = dtype or training_dtype(base, torch.cuda.is_available())  # the trainer's
     rank = engine_lora_rank(max_rank)
     with tempfile.TemporaryDirectory() as tmp:
         request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"

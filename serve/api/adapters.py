@@ -186,7 +186,7 @@ def _validate_and_store(
         scratch / "unpacked",
         gateway.spec,
         max_rank=settings.accepted_lora_rank,
-        max_bytes=settings.max_upload_bytes,
+        max_bytes=gateway.max_upload_bytes,
     )
     return validated, gateway.store.put(validated)
 

@@ -115,7 +115,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(JsonBodies)  # innermost: routes see JSON bodies as JSON
     app.add_middleware(
         BodyLimit,
-        max_upload_bytes=settings.max_upload_bytes,
+        max_upload_bytes=gateway.max_upload_bytes,
         max_request_bytes=settings.max_request_bytes,
     )
     app.add_middleware(Authenticate, gateway=gateway)

@@ -7,7 +7,9 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from lorafleet.adapters.base_model import load_base_spec
+from lorafleet.adapters.base_model import load_base_spec, training_dtype
+from lorafleet.adapters.validate import MIN_UPLOAD_BYTES, upload_limit
+from lorafleet.train import tiny_model
 from lorafleet.train.real_size_base import REAL_SIZES, real_size_config
 from lorafleet.train.tiny_model import local_tokenizer
 
@@ -42,3 +44,29 @@ def test_an_unknown_base_is_refused_with_the_known_ones():
     with pytest.raises(ValueError, match="qwen2.5-vl-3b"):
         real_size_config("qwen9-vl-1t", local_tokenizer())
     assert "qwen2.5-vl-3b" in REAL_SIZES
+
+
+@pytest.mark.parametrize(
+    ("stored", "cuda", "computed"),
+    [
+        (torch.bfloat16, False, "bfloat16"),  # a released base: half the memory on a CPU
+        (torch.float32, False, "float32"),  # the tiny base, as before
+        (torch.float32, True, "bfloat16"),
+    ],
+)
+def test_training_computes_in_the_checkpoints_dtype_on_a_cpu(tmp_path, stored, cuda, computed):
+    config = real_size_config("qwen2.5-vl-3b", local_tokenizer())
+    config.dtype = stored
+    config.save_pretrained(tmp_path)
+    assert training_dtype(str(tmp_path), cuda) == computed
+
+
+def test_the_upload_limit_holds_the_largest_adapter_of_the_base(model_3b, tmp_path):
+    model_3b.config.save_pretrained(tmp_path / "3b")
+    spec = load_base_spec(str(tmp_path / "3b"))
+    # a rank-64 adapter on every layer of its language model: 479 MB measured by bench_real_size.py
+    assert 478e6 < spec.adapter_bytes(64) < 480e6
+    assert upload_limit(spec, 64) == spec.adapter_bytes(64) * 5 // 4 > 512 * 1024**2
+    # the tiny base's adapters are small: the limit stays what it was
+    tiny_model._config(local_tokenizer()).save_pretrained(tmp_path / "tiny")
+    assert upload_limit(load_base_spec(str(tmp_path / "tiny")), 64) == MIN_UPLOAD_BYTES

@@ -16,7 +16,7 @@ from lorafleet.adapters.catalog import open_catalog
 from lorafleet.adapters.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES
 from lorafleet.adapters.registry import create_tenant
 from lorafleet.adapters.store import LocalStore
-from lorafleet.adapters.validate import ValidatedAdapter
+from lorafleet.adapters.validate import ValidatedAdapter, upload_limit
 from lorafleet.serve.api import adapters, models
 from lorafleet.serve.api.errors import install_error_handlers
 from lorafleet.serve.api.guard import Authenticate
@@ -157,6 +157,7 @@ def manifest_app(tmp_path: Path, catalog: str) -> tuple[FastAPI, str]:
         store=LocalStore(tmp_path / "adapters"),
         spec=SMALL_BASE,
         tmp_dir=tmp_path / "tmp",
+        max_upload_bytes=upload_limit(SMALL_BASE, Settings.UPLOAD_RANK_LIMIT),
     )
     app.add_middleware(Authenticate, gateway=app.state.gateway)
     install_error_handlers(app)
