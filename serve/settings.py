@@ -300,9 +300,10 @@ class Settings(BaseSettings):
     )
     engine_fixes: bool = Field(
         default=True,
-        description="lorafleet's fix to vLLM's adapter lookup (each step copied every adapter in "
-        "memory: half the throughput with 2,000), applied in the engines it starts where the "
-        "vLLM version is the one it was made for; off: vLLM as released.",
+        description="lorafleet's fixes to vLLM, applied in its engines where the vLLM version is "
+        "the one they were made for: adapter lookup in one step (vLLM copied every adapter in "
+        "memory each step), one series of `vllm:lora_requests_info` (vLLM kept one per adapter "
+        "combination forever); off: vLLM as released.",
     )
     engine_python: str = Field(
         default="",

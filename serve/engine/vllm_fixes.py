@@ -1,14 +1,22 @@
-"""lorafleet's fix to a hot path of the vLLM it runs, applied in each engine process it starts
-(vLLM's general-plugin hook) where `LORAFLEET_ENGINE_FIXES` is on (the default).
+"""lorafleet's fixes to the vLLM it runs, applied in each engine process (vLLM's general-plugin
+hook) where `LORAFLEET_ENGINE_FIXES` is on (the default). Both were found serving thousands of
+adapters.
 
-One so far. Before every step, vLLM's worker asks its LoRA manager, for each distinct adapter of the
-batch, whether it is in memory: `LRUCacheWorkerLoRAManager.add_adapter` tests
+Adapter lookup. Before every step, vLLM's worker asks its LoRA manager, for each distinct adapter
+of the batch, whether it is in memory: `LRUCacheWorkerLoRAManager.add_adapter` tests
 `id not in self.list_adapters()`, and `list_adapters` copies the whole LRU (three copies: the
 cache's view, a dict, a set). With 2,000 adapters in memory that lookup took 39 % of the worker's
-time (py-spy, Zipf traffic of 16 clients over 2,000 adapters on CPU) and throughput fell to half of
-that with 64 in memory. The fix answers the question with one dictionary lookup and then does what
+time (py-spy, Zipf traffic of 16 clients over 2,000 adapters on CPU), which was served at 0.62× the
+throughput of one adapter (0.96× with the fix). The fix answers the question with one dictionary lookup and then does what
 vLLM's own code does for an adapter that is present (touch it in the LRU, activate it in a slot);
 anything else (a new adapter, an in-place reload) still goes through vLLM's method.
+
+Adapter metric. `vllm:lora_requests_info` is a gauge labelled with the running and the waiting
+adapters (comma-joined), set to the current time on each stats update; every new combination of
+adapters became a new series that was never removed: 4,584 series and an 8.7 MB `/metrics` page
+after ten minutes of traffic over 2,000 adapters (0.25 s to render, and lorafleet reads it every
+second). Its readers take the series with the latest time (llm-d's endpoint picker does), so the
+fix keeps that one only.
 
 It patches only the vLLM version it was measured on (`FIXED_VLLM`) and only where the method and
 attributes it relies on are there; otherwise vLLM runs as released, with one warning.
@@ -18,7 +26,7 @@ from __future__ import annotations
 
 import logging
 
-__all__ = ["FIXED_VLLM", "apply", "register"]
+__all__ = ["FIXED_VLLM", "LatestSeriesOnly", "apply", "register"]
 
 log = logging.getLogger("lorafleet.engine.fixes")
 
@@ -26,7 +34,7 @@ FIXED_VLLM = ("0.32.",)  # the versions whose code this was read against
 
 
 def apply() -> bool:
-    """Patch the adapter lookup of this process's vLLM; True when patched (or already)."""
+    """Patch this process's vLLM; True when patched (or already)."""
     import vllm
     from vllm.lora import worker_manager
 
@@ -57,7 +65,35 @@ def apply() -> bool:
 
     add_adapter._lorafleet_fix = True  # type: ignore[attr-defined]
     manager_class.add_adapter = add_adapter  # type: ignore[method-assign]
+    _keep_the_latest_adapter_series()
     return True
+
+
+class LatestSeriesOnly:
+    """A labelled gauge that holds only its most recently labelled series."""
+
+    def __init__(self, gauge) -> None:
+        self.gauge = gauge
+        self._labels: dict | None = None
+
+    def labels(self, **labels):
+        if labels != self._labels:
+            self.gauge.clear()
+            self._labels = labels
+        return self.gauge.labels(**labels)
+
+
+def _keep_the_latest_adapter_series() -> None:
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+    released_init = PrometheusStatLogger.__init__
+
+    def __init__(self, *args, **kwargs) -> None:
+        released_init(self, *args, **kwargs)
+        if getattr(self, "gauge_lora_info", None) is not None:
+            self.gauge_lora_info = LatestSeriesOnly(self.gauge_lora_info)
+
+    PrometheusStatLogger.__init__ = __init__  # type: ignore[method-assign]
 
 
 def register() -> None:

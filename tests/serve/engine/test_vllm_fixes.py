@@ -8,9 +8,11 @@ from importlib.metadata import entry_points
 
 import pytest
 import vllm
+from prometheus_client import CollectorRegistry, Gauge
 from vllm.lora.request import LoRARequest
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 from vllm.utils.cache import LRUCache
+from vllm.v1.metrics.loggers import PrometheusStatLogger
 
 from lorafleet.serve.engine import vllm_fixes
 
@@ -49,6 +51,7 @@ def released(monkeypatch):
         return True
 
     monkeypatch.setattr(LRUCacheWorkerLoRAManager, "add_adapter", add_adapter)
+    monkeypatch.setattr(PrometheusStatLogger, "__init__", PrometheusStatLogger.__init__)
     assert vllm_fixes.apply()
     return calls
 
@@ -110,3 +113,17 @@ def test_the_hook_respects_the_setting(monkeypatch):
     monkeypatch.setenv("LORAFLEET_ENGINE_FIXES", "true")
     vllm_fixes.register()
     assert applied == [True]
+
+
+def test_the_adapter_gauge_keeps_the_latest_combination_only(released):
+    registry = CollectorRegistry()
+    gauge = vllm_fixes.LatestSeriesOnly(
+        Gauge("lora_requests_info", "", ["running", "waiting"], registry=registry)
+    )
+    for running in ("a", "a,b", "b", "b"):
+        gauge.labels(running=running, waiting="").set_to_current_time()
+    series = [s.labels for m in registry.collect() for s in m.samples]
+    assert series == [{"running": "b", "waiting": ""}]
+    # vLLM's stat logger gets it wherever it makes the gauge
+    assert PrometheusStatLogger.__init__.__qualname__.endswith("__init__")
+    assert PrometheusStatLogger.__init__.__module__ == vllm_fixes.__name__
