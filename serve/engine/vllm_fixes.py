@@ -7,9 +7,9 @@ of the batch, whether it is in memory: `LRUCacheWorkerLoRAManager.add_adapter` t
 `id not in self.list_adapters()`, and `list_adapters` copies the whole LRU (three copies: the
 cache's view, a dict, a set). With 2,000 adapters in memory that lookup took 39 % of the worker's
 time (py-spy, Zipf traffic of 16 clients over 2,000 adapters on CPU), which was served at 0.62× the
-throughput of one adapter (0.96× with the fix). The fix answers the question with one dictionary lookup and then does what
-vLLM's own code does for an adapter that is present (touch it in the LRU, activate it in a slot);
-anything else (a new adapter, an in-place reload) still goes through vLLM's method.
+throughput of one adapter (0.96× with the fix). The fix answers with one dictionary lookup and then
+does what vLLM's own code does for an adapter that is present (touch it in the LRU, activate it in
+a slot); anything else (a new adapter, an in-place reload) still goes through vLLM's method.
 
 Adapter metric. `vllm:lora_requests_info` is a gauge labelled with the running and the waiting
 adapters (comma-joined), set to the current time on each stats update; every new combination of
@@ -45,7 +45,7 @@ def apply() -> bool:
         worker_manager, "gpu_sync_allowed"
     ):
         log.warning(
-            "vLLM %s: adapter lookup left as released (lorafleet's fix is for %s)",
+            "vLLM %s runs as released (lorafleet's fixes are for %s)",
             vllm.__version__,
             ", ".join(v + "x" for v in FIXED_VLLM),
         )
@@ -97,8 +97,8 @@ def _keep_the_latest_adapter_series() -> None:
 
 
 def register() -> None:
-    """vLLM's plugin hook (entry point `vllm.general_plugins`, run in each vLLM process): the fix,
-    unless `LORAFLEET_ENGINE_FIXES` is off."""
+    """vLLM's plugin hook (entry point `vllm.general_plugins`, run in each vLLM process): the
+    fixes, unless `LORAFLEET_ENGINE_FIXES` is off."""
     from lorafleet.serve.settings import Settings
 
     if Settings().engine_fixes:
