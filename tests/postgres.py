@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import create_engine, text
+from psycopg.errors import InsufficientPrivilege
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, ProgrammingError
 
 # Read at import: the autouse fixture `clean_environ` hides LORAFLEET_* settings from the tests
 # themselves.
@@ -41,9 +43,24 @@ def postgres_database(template: str = "") -> Iterator[str]:
     try:
         yield make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        _drop(admin, name)
         admin.dispose()
+
+
+def _drop(admin: Engine, name: str, timeout_s: float = 30.0) -> None:
+    """Drop a database and the connections on it. FORCE may not end a connection of another role:
+    an autovacuum worker (the server's own) on the new database makes the drop fail until it has
+    finished, in moments, so the drop is tried again until then."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with admin.connect() as connection:
+                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            return
+        except ProgrammingError as exc:
+            if not isinstance(exc.orig, InsufficientPrivilege) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def database_name(url: str) -> str:

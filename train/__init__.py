@@ -11,4 +11,6 @@
 - `quantize`   int4 / int8 / w4a16 checkpoints vLLM serves as they are
 - `tiny_model`, `shapes`, `random_adapter`   the tiny local Qwen2.5-VL, its shapes world, seeded
                                              adapters
+- `real_size_base`   a base of a released VLM's architecture and size with random weights, for
+                     measuring lorafleet at real size
 """

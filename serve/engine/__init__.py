@@ -15,4 +15,6 @@
                 any start
 - `resolver`    vLLM's plugin on an engine node: loads an adapter by digest from the store the
                 first time a request names it, and publishes what the node is
+- `vllm_fixes`  vLLM's plugin in every engine: lorafleet's fixes to vLLM's adapter lookup and to its
+                adapter metric's series
 """

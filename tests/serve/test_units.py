@@ -101,7 +101,8 @@ def test_engine_command_passes_the_derived_sizing():
     assert [
         cmd[cmd.index(flag) + 1]
         for flag in ("--max-lora-rank", "--max-loras", "--max-cpu-loras", "--max-num-seqs")
-    ] == ["32", "64", "128", "64"]
+    ] == ["32", "64", str(sizing.max_cpu_loras), "64"]
+    assert sizing.max_cpu_loras >= 2 * 64  # every deployed adapter stays in memory
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
 
 
