@@ -38,8 +38,10 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import create_engine, func, inspect, select, table
 
+from lorafleet.errors import ApiError
 from lorafleet.serve.dev.local_server import LocalServer
 from lorafleet.serve.gateway_client import LorafleetClient
+from lorafleet.serve.rollouts.phases import ACTIVE
 
 console = Console(width=160)
 MIB = 1024**2
@@ -121,7 +123,7 @@ async def traffic(spec: dict) -> None:
                         json={"id": request_id, "score": rng.choice([0, 1])},
                         headers=headers,
                     )
-                    if reply.status_code != 200:
+                    if not reply.is_success:  # 201: recorded
                         log.write(json.dumps({"feedback": reply.status_code}) + "\n")
 
             next_at = time.time()
@@ -193,6 +195,15 @@ def window(lines: list[dict]) -> tuple[int, int, float, float]:
         return len(chats), errors, float("nan"), float("nan")
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
     return len(chats), errors, statistics.median(latencies) * 1000, p99 * 1000
+
+
+def rollout_active(tenant: LorafleetClient, deployment: str) -> bool:
+    try:
+        return tenant.rollout(deployment)["phase"] in ACTIVE
+    except ApiError as exc:
+        if exc.status == 404:  # none yet
+            return False
+        raise
 
 
 # --- the run ---
@@ -299,7 +310,7 @@ def main() -> None:
                     tenant.push_adapter("a1", next(spare))
                     tenant.deploy("d1", f"a1@{n}")
                 elif which == "rollout":
-                    if tenant.rollout("d0").get("state") not in {"progressing", "paused"}:
+                    if not rollout_active(tenant, "d0"):
                         n = version[(t, "a0")] = version.get((t, "a0"), 1) + 1
                         tenant.push_adapter("a0", next(spare))
                         tenant.start_rollout(
