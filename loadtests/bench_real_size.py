@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
+from harness import tree_rss
 from rich.console import Console
 from rich.table import Table
 
@@ -38,22 +38,6 @@ from lorafleet.serve.gateway_client import LorafleetClient
 
 console = Console(width=160)
 GIB = 1024**3
-
-
-def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and everything it started."""
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    total = 0
-    for process in processes:
-        try:
-            total += process.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
 
 
 class PeakRss:

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,8 @@ __all__ = [
     "wait_idle",
     "own_cpu_s",
     "tree_cpu_s",
+    "tree_rss",
+    "tree_open_files",
     "spread",
     "chat_body",
     "wait_healthy",
@@ -221,6 +224,21 @@ def own_cpu_s(pid: int) -> float:
 
 def tree_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) used so far by a process and everything it started."""
+    return _tree_total(pid, lambda p: sum(p.cpu_times()[:2]))
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and everything it started."""
+    return int(_tree_total(pid, lambda p: p.memory_info().rss))
+
+
+def tree_open_files(pid: int) -> int:
+    """File descriptors open in a process and everything it started."""
+    return int(_tree_total(pid, lambda p: p.num_fds()))
+
+
+def _tree_total(pid: int, read: Callable[[psutil.Process], float]) -> float:
+    """`read` summed over a process and its descendants (those that exit meanwhile count 0)."""
     try:
         root = psutil.Process(pid)
         processes = [root, *root.children(recursive=True)]
@@ -229,8 +247,7 @@ def tree_cpu_s(pid: int) -> float:
     total = 0.0
     for process in processes:
         try:
-            times = process.cpu_times()
-            total += times.user + times.system
+            total += read(process)
         except psutil.NoSuchProcess:
             pass
     return total

@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 import psutil
 from bench_many_adapters import clone_adapters
-from harness import BENCH_LIMITS, chat_body, run_load, wait_idle
+from harness import BENCH_LIMITS, chat_body, run_load, tree_open_files, tree_rss, wait_idle
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import create_engine, func, inspect, select, table
@@ -138,26 +138,6 @@ async def traffic(spec: dict) -> None:
 
 
 # --- what a sample reads ---
-
-
-def tree_rss(process: psutil.Process) -> int:
-    total = 0
-    for p in [process, *process.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
-def open_files(process: psutil.Process) -> int:
-    total = 0
-    for p in [process, *process.children(recursive=True)]:
-        try:
-            total += p.num_fds()
-        except psutil.NoSuchProcess:
-            pass
-    return total
 
 
 def catalog_state(url: str, sqlite_file: Path | None) -> tuple[float, dict[str, int]]:
@@ -341,8 +321,8 @@ def main() -> None:
                     p50_ms=round(p50, 1),
                     p99_ms=round(p99, 1),
                     gateway_mib=round(gateway.memory_info().rss / MIB, 1),
-                    engine_mib=round(sum(tree_rss(p) for p in engine) / MIB, 1),
-                    open_files=open_files(gateway),
+                    engine_mib=round(sum(tree_rss(p.pid) for p in engine) / MIB, 1),
+                    open_files=tree_open_files(gateway.pid),
                     catalog_mib=round(catalog_mib, 2),
                     rows=rows,
                 )
