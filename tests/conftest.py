@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -376,9 +377,20 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 SCOPES = "xdist-scopes.json"
 
 
+# Libraries that take seconds to import: a test imports them when it runs, never at collection,
+# where every worker would pay for them before `make unit` deselects the tests that need them.
+HEAVY_LIBRARIES = ("torch", "transformers", "vllm", "peft", "matplotlib", "schemathesis")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark tests by the fixtures they use (`make unit` deselects these marks); tests that kill
     the engine run last, so the rest share one warm engine."""
+    imported = [name for name in HEAVY_LIBRARIES if name in sys.modules]
+    if imported:
+        raise pytest.UsageError(
+            f"collecting the tests imported {', '.join(imported)}: import it inside the test or "
+            "its fixture, not at the top of a test module"
+        )
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         if fixtures & ENGINE_FIXTURES or item.get_closest_marker("engine_restart"):

@@ -4,8 +4,6 @@ weights), counted."""
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import Qwen2_5_VLForConditionalGeneration
 
 from lorafleet.adapters.base_model import load_base_spec, training_dtype
 from lorafleet.adapters.validate import MIN_UPLOAD_BYTES, upload_limit
@@ -13,11 +11,14 @@ from lorafleet.train import tiny_model
 from lorafleet.train.real_size_base import REAL_SIZES, real_size_config
 from lorafleet.train.tiny_model import local_tokenizer
 
-pytestmark = pytest.mark.heavy_imports  # transformers' model code
+pytestmark = pytest.mark.heavy_imports  # transformers' model code, imported by the tests
 
 
 @pytest.fixture(scope="module")
 def model_3b():
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
     with torch.device("meta"):
         return Qwen2_5_VLForConditionalGeneration(
             real_size_config("qwen2.5-vl-3b", local_tokenizer())
@@ -49,14 +50,16 @@ def test_an_unknown_base_is_refused_with_the_known_ones():
 @pytest.mark.parametrize(
     ("stored", "cuda", "computed"),
     [
-        (torch.bfloat16, False, "bfloat16"),  # a released base: half the memory on a CPU
-        (torch.float32, False, "float32"),  # the tiny base, as before
-        (torch.float32, True, "bfloat16"),
+        ("bfloat16", False, "bfloat16"),  # a released base: half the memory on a CPU
+        ("float32", False, "float32"),  # the tiny base, as before
+        ("float32", True, "bfloat16"),
     ],
 )
 def test_training_computes_in_the_checkpoints_dtype_on_a_cpu(tmp_path, stored, cuda, computed):
+    import torch
+
     config = real_size_config("qwen2.5-vl-3b", local_tokenizer())
-    config.dtype = stored
+    config.dtype = getattr(torch, stored)
     config.save_pretrained(tmp_path)
     assert training_dtype(str(tmp_path), cuda) == computed
 

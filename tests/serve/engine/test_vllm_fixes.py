@@ -6,24 +6,40 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
+from types import SimpleNamespace
+
 import pytest
-import vllm
 from prometheus_client import CollectorRegistry, Gauge
-from vllm.lora.request import LoRARequest
-from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
-from vllm.utils.cache import LRUCache
-from vllm.v1.metrics.loggers import PrometheusStatLogger
 
 from lorafleet.serve.engine import vllm_fixes
 
-pytestmark = pytest.mark.heavy_imports  # vLLM
+pytestmark = pytest.mark.heavy_imports  # vLLM, imported by the tests, not at collection
+
+
+@pytest.fixture(scope="module")
+def vl() -> SimpleNamespace:
+    """The vLLM parts the fix touches (importing vLLM takes seconds: only the worker that runs
+    these tests pays it)."""
+    import vllm
+    from vllm.lora.request import LoRARequest
+    from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
+    from vllm.utils.cache import LRUCache
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+    return SimpleNamespace(
+        vllm=vllm,
+        LoRARequest=LoRARequest,
+        Worker=LRUCacheWorkerLoRAManager,
+        LRUCache=LRUCache,
+        StatLogger=PrometheusStatLogger,
+    )
 
 
 class Manager:
     """What the fixed path reads of vLLM's LRUCacheLoRAModelManager (tests only)."""
 
-    def __init__(self, ids: list[int]) -> None:
-        self._registered_adapters: LRUCache = LRUCache(len(ids))
+    def __init__(self, vl: SimpleNamespace, ids: list[int]) -> None:
+        self._registered_adapters = vl.LRUCache(len(ids))
         for i in ids:
             self._registered_adapters[i] = f"adapter {i}"
         self.activated: list[int] = []
@@ -42,7 +58,7 @@ class Manager:
 
 
 @pytest.fixture
-def released(monkeypatch):
+def released(monkeypatch, vl):
     """vLLM's method replaced by a recorder (restored afterwards), then the fix applied over it."""
     calls: list[int] = []
 
@@ -50,25 +66,25 @@ def released(monkeypatch):
         calls.append(lora_request.lora_int_id)
         return True
 
-    monkeypatch.setattr(LRUCacheWorkerLoRAManager, "add_adapter", add_adapter)
-    monkeypatch.setattr(PrometheusStatLogger, "__init__", PrometheusStatLogger.__init__)
+    monkeypatch.setattr(vl.Worker, "add_adapter", add_adapter)
+    monkeypatch.setattr(vl.StatLogger, "__init__", vl.StatLogger.__init__)
     assert vllm_fixes.apply()
     return calls
 
 
-def _worker(manager: Manager) -> LRUCacheWorkerLoRAManager:
-    worker = object.__new__(LRUCacheWorkerLoRAManager)
-    worker._adapter_manager = manager  # type: ignore[assignment]
+def _worker(vl: SimpleNamespace, manager: Manager):
+    worker = object.__new__(vl.Worker)
+    worker._adapter_manager = manager
     return worker
 
 
-def _request(lora_id: int, inplace: bool = False) -> LoRARequest:
-    return LoRARequest(f"a{lora_id}", lora_id, "/nowhere", load_inplace=inplace)
+def _request(vl: SimpleNamespace, lora_id: int, inplace: bool = False):
+    return vl.LoRARequest(f"a{lora_id}", lora_id, "/nowhere", load_inplace=inplace)
 
 
-def test_an_adapter_in_memory_is_found_without_copying_the_cache(released):
-    manager = Manager([1, 2, 3])
-    assert _worker(manager).add_adapter(_request(1)) is True
+def test_an_adapter_in_memory_is_found_without_copying_the_cache(released, vl):
+    manager = Manager(vl, [1, 2, 3])
+    assert _worker(vl, manager).add_adapter(_request(vl, 1)) is True
     assert manager.listed == 0 and released == []
     assert manager.activated == [1]
     # touched: 1 is now the most recently used, so a fourth pushes 2 out
@@ -76,26 +92,26 @@ def test_an_adapter_in_memory_is_found_without_copying_the_cache(released):
     assert set(manager._registered_adapters.keys()) == {1, 3, 4}
 
 
-def test_a_new_adapter_or_an_in_place_reload_goes_through_vllm(released):
-    manager = Manager([1])
-    worker = _worker(manager)
-    worker.add_adapter(_request(5))
-    worker.add_adapter(_request(1, inplace=True))
+def test_a_new_adapter_or_an_in_place_reload_goes_through_vllm(released, vl):
+    manager = Manager(vl, [1])
+    worker = _worker(vl, manager)
+    worker.add_adapter(_request(vl, 5))
+    worker.add_adapter(_request(vl, 1, inplace=True))
     assert released == [5, 1] and manager.activated == []
 
 
-def test_applied_once(released):
-    fixed = LRUCacheWorkerLoRAManager.add_adapter
-    assert vllm_fixes.apply() and LRUCacheWorkerLoRAManager.add_adapter is fixed
+def test_applied_once(released, vl):
+    fixed = vl.Worker.add_adapter
+    assert vllm_fixes.apply() and vl.Worker.add_adapter is fixed
 
 
-def test_another_vllm_runs_as_released(monkeypatch, caplog):
-    original = LRUCacheWorkerLoRAManager.add_adapter
-    monkeypatch.setattr(vllm, "__version__", "0.99.0")
+def test_another_vllm_runs_as_released(monkeypatch, caplog, vl):
+    original = vl.Worker.add_adapter
+    monkeypatch.setattr(vl.vllm, "__version__", "0.99.0")
     if getattr(original, "_lorafleet_fix", False):
         pytest.skip("this process already runs the fix")
     assert not vllm_fixes.apply()
-    assert LRUCacheWorkerLoRAManager.add_adapter is original
+    assert vl.Worker.add_adapter is original
     assert "runs as released" in caplog.text
 
 
@@ -115,7 +131,7 @@ def test_the_hook_respects_the_setting(monkeypatch):
     assert applied == [True]
 
 
-def test_the_adapter_gauge_keeps_the_latest_combination_only(released):
+def test_the_adapter_gauge_keeps_the_latest_combination_only(released, vl):
     registry = CollectorRegistry()
     gauge = vllm_fixes.LatestSeriesOnly(
         Gauge("lora_requests_info", "", ["running", "waiting"], registry=registry)
@@ -125,5 +141,5 @@ def test_the_adapter_gauge_keeps_the_latest_combination_only(released):
     series = [s.labels for m in registry.collect() for s in m.samples]
     assert series == [{"running": "b", "waiting": ""}]
     # vLLM's stat logger gets it wherever it makes the gauge
-    assert PrometheusStatLogger.__init__.__qualname__.endswith("__init__")
-    assert PrometheusStatLogger.__init__.__module__ == vllm_fixes.__name__
+    assert vl.StatLogger.__init__.__qualname__.endswith("__init__")
+    assert vl.StatLogger.__init__.__module__ == vllm_fixes.__name__
