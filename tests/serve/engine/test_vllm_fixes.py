@@ -5,7 +5,6 @@ every real adapter with the fix on, its default.)"""
 from __future__ import annotations
 
 from importlib.metadata import entry_points
-
 from types import SimpleNamespace
 
 import pytest
