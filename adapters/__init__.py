@@ -23,5 +23,7 @@
 - `garbage`         garbage collection: orphan blobs, temporary entries, history past retention
                     (`collect_garbage`)
 - `base_model`      the base's LoRA-able layers, read from its config on the meta device
+- `pictures`        how large a picture the engine and the trainer see: a token budget
+                    (`picture_budget`) both scale pictures down to
 - `quantization`    what a checkpoint's quantization is, and torchao configs to quantize at load
 """

@@ -31,6 +31,7 @@ class BaseModelSpec:
     other_linear: dict[str, str]
     # (old, new) key renames, e.g. transformers 4 names
     legacy_prefixes: tuple[tuple[str, str], ...] = ()
+    parameters: int = 0  # the whole model's, vision tower included (tied weights once)
 
     @property
     def outer_prefix(self) -> str:
@@ -158,4 +159,5 @@ def load_base_spec(base: str) -> BaseModelSpec:
         lora_modules=lora,
         other_linear=other,
         legacy_prefixes=legacy,
+        parameters=sum(p.numel() for p in model.parameters()),
     )

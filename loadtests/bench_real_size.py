@@ -5,9 +5,9 @@ limit setting at its default.
 Measures the build (seconds, size on disk); the engine sizing derived for it; the engine's start
 until ready and the memory of the gateway and engine processes; a rank-64 adapter on every linear
 layer of its language model: size, pack + upload (validation → store), deploy (a derived rank grows:
-the engine restarts) and the first token; a chat with a real-size picture (prompt tokens, first
-token, whole answer) and with a 12-megapixel phone photo; and the trainer's peak memory and time for
-one step on one picture.
+the engine restarts) and the first token; chats with a small picture, a real-size one and a
+12-megapixel phone photo (prompt tokens, first token, whole answer, the memory's peak); and the
+trainer's peak memory and time for one step on one picture.
 
     .venv/bin/python loadtests/bench_real_size.py [--like qwen2.5-vl-3b] [--base DIR]
         [--image 1280x960] [--train-image 448x448] [--skip-train]
@@ -198,6 +198,7 @@ def main() -> None:
     parser.add_argument("--skip-serve", action="store_true", help="the build and the trainer only")
     args = parser.parse_args()
 
+    from lorafleet.adapters.pictures import picture_budget
     from lorafleet.serve.engine.sizing import Workload, sizing_for
     from lorafleet.serve.settings import Settings
     from lorafleet.train.real_size_base import build_real_size_base
@@ -212,6 +213,8 @@ def main() -> None:
             rows.append(("build the base (s)", f"{time.perf_counter() - t0:.0f}"))
     rows.append(("base on disk (GB)", f"{size_of(base) / 1e9:.2f}"))
     settings = Settings(base=str(base))
+    budget = picture_budget(settings.base, settings.max_image_tokens, settings.max_model_len)
+    rows.append(("picture budget", budget.describe() if budget else "the processor's own"))
     for label, workload in (
         ("nothing deployed", Workload()),
         (f"rank {args.rank} deployed", Workload(1, args.rank)),
@@ -287,24 +290,22 @@ def serve(args: argparse.Namespace, base: Path, work: Path, rows: list[tuple[str
             rows.append(
                 (f"deploy {name}@1 incl. any engine restart (s)", f"{time.perf_counter() - t0:.0f}")
             )
-        width, height = dims(args.image)
-        for label, (w, h) in (
-            (f"{width}x{height} picture", (width, height)),
-            (f"{args.photo} photo", dims(args.photo)),
+        for label, size in (
+            (f"{args.train_image} picture", args.train_image),
+            (f"{args.image} picture", args.image),
+            (f"{args.photo} photo", args.photo),
         ):
-            with console.status(f"chat with a {label}"):
-                result = chat(server.url, key, "doc", picture(w, h))
+            with console.status(f"chat with a {label}"), PeakRss(server.process.pid) as peak:
+                result = chat(server.url, key, "doc", picture(*dims(size)))
             if "error" in result:
-                rows.append((f"chat, {label}", f"{result['status']}: {result['error']}"))
+                outcome = f"{result['status']}: {result['error']}"
             else:
-                rows.append(
-                    (
-                        f"chat, {label}",
-                        f"{result['prompt_tokens']} prompt tokens, first token "
-                        f"{result['first_s']:.1f} s, {result['completion_tokens']} tokens in "
-                        f"{result['total_s']:.1f} s",
-                    )
+                outcome = (
+                    f"{result['prompt_tokens']} prompt tokens, first token "
+                    f"{result['first_s']:.1f} s, {result['completion_tokens']} tokens in "
+                    f"{result['total_s']:.1f} s"
                 )
+            rows.append((f"chat, {label}", f"{outcome}; memory peak {peak.peak / GIB:.1f} GiB"))
         rows.append(("memory after the chats (GiB)", f"{tree_rss(server.process.pid) / GIB:.1f}"))
     finally:
         server.stop()

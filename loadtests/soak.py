@@ -2,10 +2,12 @@
 `lorafleet serve` (the tiny base), sampled every few minutes.
 
 The workload: chat requests over every tenant's deployments (a third streamed) arriving at random
-(Poisson) at `--fraction` of the throughput measured first, feedback on some answers, captures on
-one deployment per tenant; and, every `--op-s`, the next of: a new adapter version uploaded and
-deployed, a canary rollout started, a drift look. Garbage collection runs on its own schedule,
-with the request log kept `--retention-s` so that retention is exercised within the run.
+(Poisson) at `--fraction` of the throughput measured first, feedback on some answers, captures
+and drift monitoring (a validation set, inputs sampled) on one deployment per tenant; and, every
+`--op-s`, the next of: a new adapter version uploaded and deployed, a canary rollout started, a
+drift look at the sampled inputs, a drift check (the validation set replayed through the engine).
+Garbage collection runs on its own schedule, with the request log kept `--retention-s` so that
+retention is exercised within the run.
 
 Each sample records the gateway's and the engine's memory (RSS) and open files, the catalog's size
 and rows per table, and the window's requests, errors, p50 and p99. At the end: the table, a plot
@@ -210,6 +212,7 @@ def main() -> None:
         args.minutes, args.sample_s, args.op_s, args.retention_s = 3, 20, 30, 60
 
     from lorafleet.train.random_adapter import make_random_adapter
+    from lorafleet.train.shapes import write_task
     from lorafleet.train.tiny_model import build_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="lorafleet-soak-"))
@@ -218,6 +221,7 @@ def main() -> None:
     with console.status("building the tiny model and adapters"):
         base = build_tiny_model(work / "tiny")
         spares = clone_adapters(make_random_adapter(base, work / "first", seed=0), work / "a", 400)
+        validation = write_task("general", 100, work / "validation" / "general.jsonl", seed=0)
     catalog_url = args.postgres_url or f"sqlite:///{work / 'home' / 'catalog.db'}"
     settings = dict(
         max_model_len="512",
@@ -249,6 +253,8 @@ def main() -> None:
             tenant.set_capture(
                 "d0", {"sample_rate": 0.2, "max_per_day": 10**6, "retention_days": 1}
             )
+            tenant.push_validation("d0", validation, "exact_match")
+            tenant.drift_sampling(True)
 
         with console.status("measuring capacity (16 clients, closed loop)"):
             wait_idle([server.process.pid])
@@ -275,7 +281,7 @@ def main() -> None:
         traffic_process = subprocess.Popen(
             [sys.executable, __file__, "--traffic", json.dumps(spec)], start_new_session=True
         )
-        ops = ["upload and deploy", "rollout", "drift look"]
+        ops = ["upload and deploy", "rollout", "drift look", "drift check"]
         op_index, next_op, next_sample, read_at = 0, t_start + args.op_s, t_start, 0
         version: dict[tuple[int, str], int] = {}
         sqlite_file = None if args.postgres_url else work / "home" / "catalog.db"
@@ -301,8 +307,10 @@ def main() -> None:
                             min_requests=20,
                             interval_s=30,
                         )
-                else:
+                elif which == "drift look":
                     tenant.drift_look("d0")
+                else:
+                    tenant.drift_check("d0")
                 op_index, next_op = op_index + 1, next_op + args.op_s
             if now >= next_sample:
                 with open(log_path) as log:
@@ -444,16 +452,19 @@ def plot(samples: list[Sample], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     minutes = [s.at_s / 60 for s in samples]
-    figure, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    figure, axes = plt.subplots(2, 3, figsize=(15, 7), sharex=True)
     for ax, series, title in (
-        (axes[0][0], {"gateway": "gateway_mib", "engine": "engine_mib"}, "RSS (MiB)"),
-        (axes[0][1], {"p50": "p50_ms", "p99": "p99_ms"}, "latency (ms)"),
+        (axes[0][0], {"gateway": "gateway_mib"}, "gateway RSS (MiB)"),
+        (axes[0][1], {"engine": "engine_mib"}, "engine RSS (MiB)"),
+        (axes[0][2], {"p50": "p50_ms", "p99": "p99_ms"}, "latency (ms)"),
         (axes[1][0], {"catalog": "catalog_mib"}, "catalog (MiB)"),
         (axes[1][1], {"open files": "open_files"}, "open files"),
+        (axes[1][2], {"errors": "errors"}, "errors per sample"),
     ):
         for label, attr in series.items():
             ax.plot(minutes, [getattr(s, attr) for s in samples], marker=".", label=label)
         ax.set_title(title)
+        ax.set_ylim(bottom=0)
         ax.legend()
     for ax in axes[1]:
         ax.set_xlabel("minutes")

@@ -334,7 +334,17 @@ class Settings(BaseSettings):
         description="Adapters kept in memory (vLLM's LRU; one that left it is read from disk "
         "again); 0: derived, as many as 10% of RAM holds at the engine's max rank.",
     )
+    # the trainer's defaults are the same (lorafleet.adapters.pictures: settings import nothing)
     max_model_len: int = Field(default=2048, description="The engine's context length.")
+    max_image_tokens: int = Field(
+        default=1024,
+        ge=1,
+        description="The most tokens one picture becomes in the engine (and at most half of "
+        "max_model_len): larger pictures are scaled down to it, for bases whose processor sizes "
+        "pictures by pixels (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: 1024 tokens is 0.8 megapixels). The "
+        "trainer's `--max-image-tokens` takes the same default, so adapters learn at the "
+        "resolution they are served at.",
+    )
     max_num_seqs: int = Field(
         default=0,
         description="Sequences in one batch; 0: derived, per device, within the KV cache.",

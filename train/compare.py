@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lorafleet.adapters.pictures import PictureBudget
 from lorafleet.chat_jsonl import Example, answer_of, load_jsonl, request_messages
 from lorafleet.scoring import METRICS, json_object
 from lorafleet.train.vllm_generate import generate
@@ -105,6 +106,7 @@ def compare_to_base(
     metric: str = "exact_match",
     max_tokens: int = 64,
     max_rank: int = 64,
+    pictures: PictureBudget | None = None,
 ) -> EvalReport:
     """Score the base and the adapter on the validation set (the task's metric) and the probe set
     (exact match on the base's general task), in one vLLM engine."""
@@ -115,7 +117,12 @@ def compare_to_base(
     if not prompts:
         return EvalReport(sets=[])
     generations = generate(
-        base, {"base": None, "adapter": str(adapter)}, prompts, max_tokens, max_rank=max_rank
+        base,
+        {"base": None, "adapter": str(adapter)},
+        prompts,
+        max_tokens,
+        max_rank=max_rank,
+        pictures=pictures,
     )
     report, start = EvalReport(sets=[]), 0
     for name, examples in sets.items():

@@ -8,6 +8,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lorafleet.adapters.pictures import (
+    DEFAULT_CONTEXT,
+    DEFAULT_IMAGE_TOKENS,
+    PictureBudget,
+    picture_budget,
+)
 from lorafleet.errors import InvalidRequest
 
 __all__ = ["TrainConfig", "load_config"]
@@ -33,7 +39,11 @@ class TrainConfig(BaseModel):
     max_steps: int = Field(0, ge=0)
     batch_size: int = Field(8, ge=1)  # per process
     grad_accum: int = Field(1, ge=1)
-    max_length: int = Field(1024, ge=16)  # longer examples are refused, never truncated
+    # longer examples are refused, never truncated; the engine's default context
+    max_length: int = Field(DEFAULT_CONTEXT, ge=16)
+    # the most tokens one picture becomes (and at most half of max_length): larger ones are scaled
+    # down, as the server scales them (LORAFLEET_MAX_IMAGE_TOKENS)
+    max_image_tokens: int = Field(DEFAULT_IMAGE_TOKENS, ge=1)
     warmup_steps: int = Field(10, ge=0)
     seed: int = 0
     eval_every: int = Field(0, ge=0)  # optimizer steps between validations; 0: once per epoch
@@ -61,6 +71,10 @@ class TrainConfig(BaseModel):
     def _local_base_absolute(cls, base: str) -> str:
         local = Path(base).expanduser()
         return str(local.resolve()) if local.exists() else base  # else a hub id
+
+    def pictures(self) -> PictureBudget | None:
+        """How far pictures are scaled down in training, evaluation and the servability proof."""
+        return picture_budget(self.base, self.max_image_tokens, self.max_length)
 
 
 def load_config(path: Path | None = None, **overrides: Any) -> TrainConfig:

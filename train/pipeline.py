@@ -8,6 +8,7 @@ import json
 from importlib import metadata
 from pathlib import Path
 
+from lorafleet.adapters.pictures import PictureBudget, default_pictures, scale_pictures
 from lorafleet.chat_jsonl import data_hash, load_jsonl, request_messages
 from lorafleet.train.compare import EvalReport, compare_to_base
 from lorafleet.train.config import TrainConfig
@@ -24,12 +25,14 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def base_identity(base: str) -> dict:
-    """What the adapter was trained against: config, chat template and image processing, by hash."""
+def base_identity(base: str, pictures: PictureBudget | None = None) -> dict:
+    """What the adapter was trained against: config, chat template and image processing (its
+    pictures scaled down to `pictures`, default: as a default server does), by hash."""
     from transformers import AutoConfig, AutoProcessor
 
     config = AutoConfig.from_pretrained(base)
     processor = AutoProcessor.from_pretrained(base)
+    scale_pictures(processor, pictures or default_pictures(base))
     image = processor.image_processor
     return {
         "base": base,
@@ -78,10 +81,17 @@ def _servability(config: TrainConfig, report: EvalReport) -> Servability:
             [request_messages(e) for e in examples],
             config.check_tokens,
             max_rank=config.max_rank,
+            pictures=config.pictures(),
         )
     prompts = [request_messages(e) for e in examples]
     return prove_servable(
-        config.base, config.out, prompts, outputs, config.check_tokens, config.max_rank
+        config.base,
+        config.out,
+        prompts,
+        outputs,
+        config.check_tokens,
+        config.max_rank,
+        config.pictures(),
     )
 
 
@@ -96,6 +106,7 @@ def finish(config: TrainConfig, result: TrainResult) -> tuple[dict, EvalReport]:
         config.metric,
         config.eval_max_tokens,
         config.max_rank,
+        config.pictures(),
     )
     servable = _servability(config, report)
     data = {
@@ -110,7 +121,7 @@ def finish(config: TrainConfig, result: TrainResult) -> tuple[dict, EvalReport]:
     }
     manifest = {
         "adapter_digest": servable.digest,
-        "base": base_identity(config.base),
+        "base": base_identity(config.base, config.pictures()),
         "versions": _versions(),
         "data_sha256": data,
         "hyperparameters": json.loads(config.model_dump_json()),

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.adapters.base_model import load_base_spec, training_dtype
+from lorafleet.adapters.pictures import PictureBudget, default_pictures, scale_pictures
 from lorafleet.adapters.validate import validate_adapter_dir
 from lorafleet.errors import NotServable
 
@@ -36,10 +37,14 @@ class Servability:
 
 
 def peft_greedy(
-    base: str, adapter: Path, prompts: list[list[dict]], max_tokens: int
+    base: str,
+    adapter: Path,
+    prompts: list[list[dict]],
+    max_tokens: int,
+    pictures: PictureBudget | None = None,
 ) -> list[tuple[list[int], list]]:
     """Greedy token ids and per-step logits from transformers + PEFT, the reference
-    implementation."""
+    implementation; pictures scaled down to `pictures` (default: as a default server does)."""
     import copy
 
     import torch
@@ -48,6 +53,7 @@ def peft_greedy(
 
     dtype = getattr(torch, training_dtype(base, torch.cuda.is_available()))
     processor = AutoProcessor.from_pretrained(base)
+    scale_pictures(processor, pictures or default_pictures(base))
     base_model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype)
     model: Any = PeftModel.from_pretrained(base_model, str(adapter)).eval()
     if torch.cuda.is_available():
@@ -90,6 +96,7 @@ def prove_servable(
     vllm_outputs: dict[str, list[dict]],
     n_tokens: int,
     max_rank: int,
+    pictures: PictureBudget | None = None,
 ) -> Servability:
     """Raise NotServable unless (a), (b) and (c) hold; `vllm_outputs` has "base" and "adapter"
     generations."""
@@ -103,7 +110,9 @@ def prove_servable(
             "served as a silent no-op (untrained, or its weights do not reach the engine's layers)"
         )
     near_ties = 0
-    for i, (ids, logits) in enumerate(peft_greedy(base, adapter, prompts, n_tokens)):  # (c)
+    for i, (ids, logits) in enumerate(
+        peft_greedy(base, adapter, prompts, n_tokens, pictures)
+    ):  # (c)
         agree, parted = _agree(adapter_ids[i], ids, logits, n_tokens)
         if not agree:
             raise NotServable(

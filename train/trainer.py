@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lorafleet.adapters.base_model import load_base_spec, training_dtype
+from lorafleet.adapters.pictures import scale_pictures
 from lorafleet.adapters.quantization import checkpoint_quantization
 from lorafleet.chat_jsonl import load_jsonl
 from lorafleet.errors import InvalidRequest
@@ -67,6 +68,7 @@ def _load_model(config: TrainConfig):
     from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
     processor = AutoProcessor.from_pretrained(config.base)
+    scale_pictures(processor, config.pictures())
     kwargs: dict = {"dtype": getattr(torch, training_dtype(config.base, torch.cuda.is_available()))}
     if _use_qlora(config):  # the frozen base in 4-bit NF4; LoRA weights train in bf16
         kwargs["quantization_config"] = BitsAndBytesConfig(

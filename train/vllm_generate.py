@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from lorafleet.adapters.base_model import training_dtype
+from lorafleet.adapters.pictures import PictureBudget, default_pictures
 from lorafleet.adapters.validate import engine_lora_rank
 from lorafleet.errors import VLLMFailed
 
@@ -34,14 +35,22 @@ def generate(
     max_rank: int = 16,
     dtype: str | None = None,
     llm_kwargs: dict | None = None,
+    pictures: PictureBudget | None = None,
 ) -> dict[str, list[dict]]:
     """{name: [{"text", "token_ids"} per prompt]}; `adapters` maps names to folders (None = the
     base).
 
     `llm_kwargs` go to vLLM's `LLM(...)` as they are, e.g. a quantization planned by
-    `lorafleet.serve.engine.hardware`."""
+    `lorafleet.serve.engine.hardware`; pictures are scaled down to `pictures` (default: as a
+    server with default settings scales them)."""
     import torch
 
+    pictures = pictures or default_pictures(base)
+    if pictures is not None and pictures.scales_down:
+        llm_kwargs = {
+            "mm_processor_kwargs": {"max_pixels": pictures.max_pixels},
+            **(llm_kwargs or {}),
+        }
     dtype = dtype or training_dtype(base, torch.cuda.is_available())  # the trainer's
     rank = engine_lora_rank(max_rank)
     with tempfile.TemporaryDirectory() as tmp:

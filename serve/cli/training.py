@@ -115,6 +115,13 @@ def train_command(
     batch_size: Annotated[Optional[int], Opt()] = None,
     grad_accum: Annotated[Optional[int], Opt()] = None,
     max_length: Annotated[Optional[int], Opt()] = None,
+    max_image_tokens: Annotated[
+        Optional[int],
+        Opt(
+            help="The most tokens one picture becomes (larger ones are scaled down), as the "
+            "server's LORAFLEET_MAX_IMAGE_TOKENS."
+        ),
+    ] = None,
     seed: Annotated[Optional[int], Opt()] = None,
     eval_every: Annotated[Optional[int], Opt()] = None,
     patience: Annotated[Optional[int], Opt()] = None,
@@ -157,6 +164,7 @@ def train_command(
         batch_size=batch_size,
         grad_accum=grad_accum,
         max_length=max_length,
+        max_image_tokens=max_image_tokens,
         seed=seed,
         eval_every=eval_every,
         patience=patience,

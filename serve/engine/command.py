@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lorafleet.adapters.pictures import picture_budget
 from lorafleet.serve.engine.hardware import Quantization, quantization_for
 from lorafleet.serve.engine.sizing import EngineSizing, sizing_for
 from lorafleet.serve.settings import Settings
@@ -71,6 +72,7 @@ def engine_command(
         "--disable-uvicorn-access-log",
         *quantization.engine_args,
         *_tool_calling(settings),
+        *_picture_budget(settings),
     ]
     # the token goes in the environment, which only its owner (and root) can read, not in argv,
     # which every local user can (/proc/<pid>/cmdline, ps); vLLM reads VLLM_API_KEY when --api-key
@@ -120,6 +122,15 @@ def _model_type(base: str) -> str:
         return str(json.loads(config.read_text()).get("model_type", "")) if config else ""
     except (OSError, ValueError, AttributeError):
         return ""
+
+
+def _picture_budget(settings: Settings) -> list[str]:
+    """vLLM's processor bound that scales pictures down to the budget (none where nothing
+    changes: the base's own processor bound is lower, or it does not size pictures by pixels)."""
+    budget = picture_budget(settings.base, settings.max_image_tokens, settings.max_model_len)
+    if budget is None or not budget.scales_down:
+        return []
+    return ["--mm-processor-kwargs", json.dumps({"max_pixels": budget.max_pixels})]
 
 
 def _tool_calling(settings: Settings) -> list[str]:

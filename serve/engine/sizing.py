@@ -39,6 +39,8 @@ MIN_LORAS = 8  # on a GPU, slots for at least this many adapters (the old fixed 
 # what the load tests drive the CPU engine with (1-64 clients); vLLM's CPU default is 128
 CPU_NUM_SEQS = 64
 GPU_NUM_SEQS = 256  # vLLM's default for its OpenAI server on GPUs under 70 GiB (1024 above)
+# Shares of RAM are of what the base's weights leave on a CPU engine (a 3B base's 7 GiB on a 24 GiB
+# machine left too little for a large picture's vision encoding when shares were of all RAM)
 SLOT_MEMORY_SHARE = 0.10  # of RAM (CPU) or GPU memory: the most all adapter slots together may take
 CACHE_RAM_SHARE = 0.10  # of RAM: the most vLLM's LRU of adapters in memory may take
 KV_RAM_SHARE = 0.25  # of RAM: the most the CPU engine's KV cache may take
@@ -85,6 +87,7 @@ class ModelShape:
     lora_features: int
     kv_bytes_per_token: int  # 2 (K and V) x layers x KV heads x head dim x dtype bytes
     dtype_bytes: int  # the engine's (and its LoRA weights') dtype
+    weight_bytes: int = 0  # the base's weights as the engine holds them
 
     def slot_bytes(self, rank: int) -> int:
         """One adapter slot: vLLM allocates lora_a [rank, in] and lora_b [out, rank] for every
@@ -210,10 +213,10 @@ def _kvcache_gib(
     # room for every batch sequence at full length: conservative (most are shorter), never above a
     # RAM share
     need = seqs * max_model_len * model.kv_bytes_per_token
-    cap = max(MIN_KV_GIB, int(machine.ram_bytes * KV_RAM_SHARE // GIB))
+    cap = max(MIN_KV_GIB, int(_ram(machine, model) * KV_RAM_SHARE // GIB))
     reason = f"{seqs} sequences x {max_model_len} tokens x {model.kv_bytes_per_token} B"
     if need > cap * GIB:
-        return cap, f"{reason}, capped at {KV_RAM_SHARE:.0%} of RAM"
+        return cap, f"{reason}, capped at {KV_RAM_SHARE:.0%} of {_ram_name(machine, model)}"
     if need < MIN_KV_GIB * GIB:
         return MIN_KV_GIB, f"{reason}, at least {MIN_KV_GIB} GiB"
     return math.ceil(need / GIB), reason
@@ -258,10 +261,13 @@ def _max_loras(
         wanted, reason = seqs, "one per batch sequence: a slot costs the CPU engine no time"
     if settings.max_cpu_loras and settings.max_cpu_loras < wanted:
         wanted, reason = settings.max_cpu_loras, "at most LORAFLEET_MAX_CPU_LORAS"
-    memory = machine.gpu_memory_bytes if machine.gpu_memory_bytes is not None else machine.ram_bytes
+    memory = (
+        machine.gpu_memory_bytes if machine.gpu_memory_bytes is not None else _ram(machine, model)
+    )
     fits = max(1, int(memory * SLOT_MEMORY_SHARE // model.slot_bytes(rank)))
     if fits < wanted:
-        share = f"{SLOT_MEMORY_SHARE:.0%} of {'GPU memory' if machine.gpu else 'RAM'}"
+        where = "GPU memory" if machine.gpu else _ram_name(machine, model)
+        share = f"{SLOT_MEMORY_SHARE:.0%} of {where}"
         return (
             fits,
             f"as many slots as {share} holds "
@@ -280,13 +286,25 @@ def _max_cpu_loras(
     # (bench_many_adapters). A cached adapter holds its own rank and targets: at most a slot.
     if fixed:
         return fixed, SET
-    fits = int(machine.ram_bytes * CACHE_RAM_SHARE // model.slot_bytes(rank))
+    fits = int(_ram(machine, model) * CACHE_RAM_SHARE // model.slot_bytes(rank))
     if fits <= loras:
         return loras, "max_loras: every slot's adapter stays in memory"
     return fits, (
-        f"as many as {CACHE_RAM_SHARE:.0%} of RAM holds, "
+        f"as many as {CACHE_RAM_SHARE:.0%} of {_ram_name(machine, model)} holds, "
         f"{model.slot_bytes(rank) / 1024**2:.2f} MiB each at most at rank {rank}"
     )
+
+
+def _ram(machine: Machine, model: ModelShape) -> int:
+    """The RAM the shares are of: what the weights leave on a CPU engine (on a GPU they are in
+    GPU memory)."""
+    return machine.ram_bytes if machine.gpu else max(0, machine.ram_bytes - model.weight_bytes)
+
+
+def _ram_name(machine: Machine, model: ModelShape) -> str:
+    if machine.gpu or model.weight_bytes < machine.ram_bytes // 100:  # a tiny base
+        return "RAM"
+    return f"RAM less the weights' {model.weight_bytes / GIB:.1f} GiB"
 
 
 def _deployed(adapters: int) -> str:
@@ -332,11 +350,16 @@ def model_shape(base: str, dtype: str) -> ModelShape:
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     # vLLM's "auto" serves float32 checkpoints in 16 bits
     width = 4 if dtype in ("float32", "float") else 2
-    features = sum(i + o for i, o in load_base_spec(base).lora_modules.values())
+    spec = load_base_spec(base)
+    features = sum(i + o for i, o in spec.lora_modules.values())
+    weights = spec.parameters * width
+    files = sum(f.stat().st_size for f in Path(base).glob("*.safetensors"))
     return ModelShape(
         lora_features=features,
         kv_bytes_per_token=2 * text.num_hidden_layers * kv_heads * head_dim * width,
         dtype_bytes=width,
+        # a quantized checkpoint's files hold fewer bytes than its parameters at `width`
+        weight_bytes=min(weights, files) if files else weights,
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from lorafleet.adapters.validate import ENGINE_LORA_RANKS, engine_lora_rank
@@ -180,3 +182,33 @@ def test_every_value_says_where_it_came_from(machine):
     line = sizing.describe()
     assert all(source in line for source in sources)
     assert f"max_loras {sizing.max_loras} (" in line
+
+
+def test_a_cpu_engines_shares_are_of_the_ram_its_weights_leave():
+    # Qwen2.5-VL-3B in bfloat16: 7 GiB of weights, 36 layers of 2 KV heads of 128
+    weights = 7 * GIB
+    base_3b = ModelShape(
+        lora_features=1_870_848, kv_bytes_per_token=2 * 36 * 2 * 128 * 2, dtype_bytes=2
+    )
+    loaded = replace(base_3b, weight_bytes=weights)
+    without, with_weights = (
+        _derive(Workload(8, 64), CPU, base_3b),
+        _derive(Workload(8, 64), CPU, loaded),
+    )
+    left = CPU.ram_bytes - weights
+    assert with_weights.kvcache_gib == int(left * KV_RAM_SHARE // GIB) < without.kvcache_gib
+    assert with_weights.max_loras * loaded.slot_bytes(64) <= SLOT_MEMORY_SHARE * left
+    assert with_weights.max_cpu_loras * loaded.slot_bytes(64) <= CACHE_RAM_SHARE * left
+    assert with_weights.max_loras < without.max_loras
+    assert "RAM less the weights' 7.0 GiB" in with_weights.kvcache_source
+    # everything the engine holds at rest stays under half of the RAM: room for a picture's
+    # vision encoding, the gateway and the system
+    at_rest = (
+        weights
+        + with_weights.kvcache_gib * GIB
+        + (with_weights.max_loras + with_weights.max_cpu_loras) * loaded.slot_bytes(64)
+    )
+    assert at_rest < 0.7 * CPU.ram_bytes
+    # on a GPU the weights are in GPU memory: the host's RAM shares do not change
+    gpu = _derive(Workload(8, 64), GPU, loaded)
+    assert gpu.max_cpu_loras == _derive(Workload(8, 64), GPU, base_3b).max_cpu_loras
