@@ -3,10 +3,10 @@
 Qwen2-VL, Qwen2.5-VL and Qwen3-VL processors size a picture by its pixel count: one token per
 (patch × merge)² pixels (28² for Qwen2.5-VL), up to their `size.longest_edge`. Their released
 processors allow 12.8 megapixels, 16,384 tokens: eight times a 2,048-token context, so a phone
-photo is refused as too long, and a large picture's vision encoding alone takes gigabytes of the
-engine's memory (a 3B base on a CPU was killed for a 1280x960 one). lorafleet scales pictures down
-to a token budget instead, in serving and in training alike, so that an adapter learns at the
-resolution it is served at. Other processors keep their own bounds.
+photo is refused as too long, and every token of a picture costs the engine's prefill (and the
+trainer's step) time and memory. lorafleet scales pictures down to a token budget instead, in
+serving and in training alike, so that an adapter learns at the resolution it is served at. Other
+processors keep their own bounds.
 """
 
 from __future__ import annotations

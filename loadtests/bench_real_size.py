@@ -300,12 +300,14 @@ def serve(args: argparse.Namespace, base: Path, work: Path, rows: list[tuple[str
             if "error" in result:
                 outcome = f"{result['status']}: {result['error']}"
             else:
+                first = result["first_s"]  # None: no token with text (an answer of whitespace)
                 outcome = (
                     f"{result['prompt_tokens']} prompt tokens, first token "
-                    f"{result['first_s']:.1f} s, {result['completion_tokens']} tokens in "
-                    f"{result['total_s']:.1f} s"
+                    f"{'-' if first is None else f'{first:.1f}'} s, "
+                    f"{result['completion_tokens']} tokens in {result['total_s']:.1f} s"
                 )
             rows.append((f"chat, {label}", f"{outcome}; memory peak {peak.peak / GIB:.1f} GiB"))
+            console.print(*rows[-1], sep=": ")  # as it comes: the whole table prints at the end
         rows.append(("memory after the chats (GiB)", f"{tree_rss(server.process.pid) / GIB:.1f}"))
     finally:
         server.stop()

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from lorafleet.adapters.pictures import picture_budget
 from lorafleet.errors import LorafleetError
 from lorafleet.serve.cli.common import DEFAULT_URL, AdminKey, Url, console
 
@@ -120,6 +121,9 @@ def serve(
                 + (f"; {settings.replicas} replicas" if settings.replicas > 1 else "")
             )
         )
+        budget = picture_budget(settings.base, settings.max_image_tokens, settings.max_model_len)
+        if not settings.engine_url and budget is not None and budget.scales_down:
+            engines += f"\npictures: scaled down to at most {budget.describe()}"
     console.print(
         f"lorafleet gateway on http://{settings.host}:{settings.port}, base {settings.base}, "
         f"state in {settings.home}\n{engines}",

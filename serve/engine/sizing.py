@@ -39,8 +39,8 @@ MIN_LORAS = 8  # on a GPU, slots for at least this many adapters (the old fixed 
 # what the load tests drive the CPU engine with (1-64 clients); vLLM's CPU default is 128
 CPU_NUM_SEQS = 64
 GPU_NUM_SEQS = 256  # vLLM's default for its OpenAI server on GPUs under 70 GiB (1024 above)
-# Shares of RAM are of what the base's weights leave on a CPU engine (a 3B base's 7 GiB on a 24 GiB
-# machine left too little for a large picture's vision encoding when shares were of all RAM)
+# Shares of RAM are of what the base's weights leave on a CPU engine (with shares of all RAM, a 3B
+# base's engine held 17.6 GiB of a 24 GiB machine at rest; 15.9 GiB with shares of what is left)
 SLOT_MEMORY_SHARE = 0.10  # of RAM (CPU) or GPU memory: the most all adapter slots together may take
 CACHE_RAM_SHARE = 0.10  # of RAM: the most vLLM's LRU of adapters in memory may take
 KV_RAM_SHARE = 0.25  # of RAM: the most the CPU engine's KV cache may take
