@@ -334,7 +334,8 @@ class Settings(BaseSettings):
         description="Adapters kept in memory (vLLM's LRU; one that left it is read from disk "
         "again); 0: derived, as many as 10% of RAM holds at the engine's max rank.",
     )
-    # the trainer's defaults are the same (lorafleet.adapters.pictures: settings import nothing)
+    # the trainer's max_length and max_image_tokens default to these two values too
+    # (lorafleet.adapters.pictures; tests/adapters/test_pictures.py keeps them equal)
     max_model_len: int = Field(default=2048, description="The engine's context length.")
     max_image_tokens: int = Field(
         default=1024,
