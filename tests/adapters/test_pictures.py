@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -27,14 +28,12 @@ RELEASED_MAX_PIXELS = 12_845_056  # Qwen2.5-VL's released processor: 16,384 toke
 
 @pytest.fixture(scope="module")
 def released_size_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A base folder with Qwen2.5-VL's config and its released processor bounds (no weights)."""
-    from lorafleet.train.real_size_base import real_size_config
-    from lorafleet.train.tiny_model import local_processor, local_tokenizer
+    """A base folder with a Qwen2.5-VL config and its released image processor's bounds."""
+    from transformers import Qwen2VLImageProcessor
 
     folder = tmp_path_factory.mktemp("released-processor")
-    tokenizer = local_tokenizer()
-    real_size_config("qwen2.5-vl-3b", tokenizer).save_pretrained(folder)
-    local_processor(tokenizer, 3136, RELEASED_MAX_PIXELS).save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(TINY_BASE_CONFIG))
+    Qwen2VLImageProcessor(min_pixels=3136, max_pixels=RELEASED_MAX_PIXELS).save_pretrained(folder)
     return folder
 
 
@@ -96,10 +95,13 @@ def test_a_base_without_a_pixel_sized_processor_has_no_budget(tmp_path):
 
 def test_the_trainers_processor_scales_a_large_picture_to_the_budget(released_size_base):
     from PIL import Image
-    from transformers import AutoProcessor
+    from transformers import AutoImageProcessor
 
     picture = Image.new("RGB", (1280, 960), "white")
-    processor = AutoProcessor.from_pretrained(released_size_base)
+    # what scale_pictures reads of the trainer's AutoProcessor
+    processor = SimpleNamespace(
+        image_processor=AutoImageProcessor.from_pretrained(released_size_base)
+    )
     tokens = processor.image_processor(images=[picture])["image_grid_thw"].prod().item() // 4
     assert tokens == (1288 // 28) * (952 // 28)  # 1,564: the released bound keeps it whole
     scale_pictures(processor, default_pictures(str(released_size_base)))
