@@ -68,7 +68,9 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _servability(config: TrainConfig, report: EvalReport) -> Servability:
+def _servability(
+    config: TrainConfig, report: EvalReport, pictures: PictureBudget | None
+) -> Servability:
     if "validation" in report.outputs:
         outputs = {m: gens[:CHECK_PROMPTS] for m, gens in report.outputs["validation"].items()}
         assert config.val is not None  # a report with validation outputs had a validation set
@@ -81,7 +83,7 @@ def _servability(config: TrainConfig, report: EvalReport) -> Servability:
             [request_messages(e) for e in examples],
             config.check_tokens,
             max_rank=config.max_rank,
-            pictures=config.pictures(),
+            pictures=pictures,
         )
     prompts = [request_messages(e) for e in examples]
     return prove_servable(
@@ -91,13 +93,14 @@ def _servability(config: TrainConfig, report: EvalReport) -> Servability:
         outputs,
         config.check_tokens,
         config.max_rank,
-        config.pictures(),
+        pictures,
     )
 
 
 def finish(config: TrainConfig, result: TrainResult) -> tuple[dict, EvalReport]:
     """Evaluate, prove servable (raises NotServable), and write `manifest.json` beside the
     adapter."""
+    pictures = config.pictures()  # as the trainer scaled them
     report = compare_to_base(
         config.base,
         config.out,
@@ -106,9 +109,9 @@ def finish(config: TrainConfig, result: TrainResult) -> tuple[dict, EvalReport]:
         config.metric,
         config.eval_max_tokens,
         config.max_rank,
-        config.pictures(),
+        pictures,
     )
-    servable = _servability(config, report)
+    servable = _servability(config, report, pictures)
     data = {
         name: data_hash(path)
         for name, path in (
@@ -121,7 +124,7 @@ def finish(config: TrainConfig, result: TrainResult) -> tuple[dict, EvalReport]:
     }
     manifest = {
         "adapter_digest": servable.digest,
-        "base": base_identity(config.base, config.pictures()),
+        "base": base_identity(config.base, pictures),
         "versions": _versions(),
         "data_sha256": data,
         "hyperparameters": json.loads(config.model_dump_json()),

@@ -8,7 +8,6 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from lorafleet.adapters.pictures import picture_budget
 from lorafleet.errors import LorafleetError
 from lorafleet.serve.cli.common import DEFAULT_URL, AdminKey, Url, console
 
@@ -66,6 +65,7 @@ def serve(
     from pydantic import ValidationError
 
     from lorafleet.serve.api.app import create_app
+    from lorafleet.serve.engine.command import engine_pictures
     from lorafleet.serve.settings import Settings
 
     given = dict(
@@ -121,7 +121,7 @@ def serve(
                 + (f"; {settings.replicas} replicas" if settings.replicas > 1 else "")
             )
         )
-        budget = picture_budget(settings.base, settings.max_image_tokens, settings.max_model_len)
+        budget = engine_pictures(settings)
         if not settings.engine_url and budget is not None and budget.scales_down:
             engines += f"\npictures: scaled down to at most {budget.describe()}"
     console.print(

@@ -13,13 +13,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lorafleet.adapters.pictures import picture_budget
+from lorafleet.adapters.pictures import PictureBudget, picture_budget
 from lorafleet.serve.engine.hardware import Quantization, quantization_for
 from lorafleet.serve.engine.sizing import EngineSizing, sizing_for
 from lorafleet.serve.settings import Settings
 
 __all__ = [
     "engine_command",
+    "engine_pictures",
     "node_command",
     "engine_process_options",
     "free_port",
@@ -124,10 +125,15 @@ def _model_type(base: str) -> str:
         return ""
 
 
+def engine_pictures(settings: Settings) -> PictureBudget | None:
+    """The picture budget of the engine these settings start."""
+    return picture_budget(settings.base, settings.max_image_tokens, settings.max_model_len)
+
+
 def _picture_budget(settings: Settings) -> list[str]:
     """vLLM's processor bound that scales pictures down to the budget (none where nothing
     changes: the base's own processor bound is lower, or it does not size pictures by pixels)."""
-    budget = picture_budget(settings.base, settings.max_image_tokens, settings.max_model_len)
+    budget = engine_pictures(settings)
     if budget is None or not budget.scales_down:
         return []
     return ["--mm-processor-kwargs", json.dumps({"max_pixels": budget.max_pixels})]
