@@ -224,14 +224,27 @@ def _run_patterns(field: str, jobs: list[tuple[str, Sequence[str], str]]) -> lis
 
 
 def check_target_modules(config: dict, spec: BaseModelSpec) -> None:
-    """A regex must hit a layer of the language model; a list may only name modules the base has."""
+    """A regex must hit a LoRA-able layer (of the language model, or of the vision tower and
+    connector where vLLM applies LoRA to them); a list may only name modules the base has."""
     targets = config["target_modules"]
-    paths = [*spec.lora_modules, *spec.other_linear]
+    lora_able = [*spec.lora_modules, *spec.tower_modules]
+    paths = [*lora_able, *spec.other_linear]
     if isinstance(targets, str):  # PEFT: re.fullmatch(target_modules, module name)
         (hits,) = _run_patterns("target_modules", [(targets, paths, "fullmatch")])
-        if not any(hits[: len(spec.lora_modules)]):
+        if not any(hits[: len(lora_able)]):
+            elsewhere = sorted(
+                {spec.other_linear[p] for p, hit in zip(paths[len(lora_able) :], hits) if hit}
+            )
+            where = f" (only layers of the {' and '.join(elsewhere)})" if elsewhere else ""
             raise InvalidAdapter(
-                "target_modules", f"{targets!r} matches no layer of the base's language model"
+                "target_modules",
+                f"{targets!r} matches no layer the engine applies LoRA to{where}: for the base "
+                f"{spec.name} ({spec.architecture or 'unknown architecture'}) that is the "
+                + (
+                    "language model, vision tower and connector"
+                    if spec.tower_lora
+                    else "language model only"
+                ),
             )
         return
     for name in targets:

@@ -102,7 +102,15 @@ class AdapterVersion(Base):
     # digest). SQL NULL when there is none, as on rows from before revision 0004; deferred: only the
     # version's detail reads it
     manifest: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), deferred=True)
+    # the parts of the base it changes ("language", "connector", "vision"); SQL NULL on rows from
+    # before revision 0005, which were the language model's only: read `touches`
+    parts: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
     adapter: Mapped[Adapter] = relationship(back_populates="versions")
+
+    @property
+    def touches(self) -> list[str]:
+        """The parts of the base this version changes."""
+        return self.parts or ["language"]
 
 
 class ValidationSet(Base):

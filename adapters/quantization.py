@@ -42,11 +42,11 @@ def full_precision_parts(spec: BaseModelSpec) -> list[str]:
 
     The names match both transformers' paths (model.visual.…) and vLLM's (visual.…): vLLM skips a
     layer when one of these is a whole component of its path."""
-    parts = set()
-    for path, part in spec.other_linear.items():
-        if part != "output head":  # vLLM's output head is not a linear layer it quantizes
-            parts.add(path.removeprefix(spec.outer_prefix).split(".", 1)[0])
-    return sorted(parts)
+    # vLLM's output head is not a linear layer it quantizes; the vision tower and connector stay
+    # in full precision, LoRA-able or not
+    paths = [p for p, part in spec.other_linear.items() if part != "output head"]
+    paths += list(spec.tower_modules)
+    return sorted({p.removeprefix(spec.outer_prefix).split(".", 1)[0] for p in paths})
 
 
 def unquantized_modules(spec: BaseModelSpec) -> list[str]:

@@ -84,7 +84,8 @@ def register_version(
     session: Session, tenant: Tenant, name: str, validated: ValidatedAdapter
 ) -> tuple[AdapterVersion, bool]:
     """Add a version under `name`, with the manifest uploaded beside it; same content as an
-    existing version of this tenant returns that one (its manifest as first uploaded). Concurrent
+    existing version of `name` returns that one (its manifest as first uploaded). Content the
+    tenant stores under another name gets a version of `name` (the blob is shared). Concurrent
     uploads are safe: identical ones get one version (one creates it, the others find it),
     different ones get distinct numbers."""
     _valid_name(name)
@@ -105,9 +106,14 @@ def register_version(
     raise AssertionError("unreachable")
 
 
-def _version_with_digest(session: Session, tenant: Tenant, digest: str) -> AdapterVersion | None:
+def _version_with_digest(
+    session: Session, tenant: Tenant, name: str, digest: str
+) -> AdapterVersion | None:
+    """The version of adapter `name` with this content, if there is one."""
     return session.scalar(
-        _readable_versions(tenant).where(AdapterVersion.digest == digest).limit(1)
+        _readable_versions(tenant)
+        .where(Adapter.name == name, AdapterVersion.digest == digest)
+        .limit(1)
     )
 
 
@@ -127,7 +133,7 @@ def _claim_number(session: Session, adapter: Adapter) -> int:
 def _register_once(
     session: Session, tenant: Tenant, name: str, validated: ValidatedAdapter
 ) -> tuple[AdapterVersion, bool]:
-    if (existing := _version_with_digest(session, tenant, validated.digest)) is not None:
+    if (existing := _version_with_digest(session, tenant, name, validated.digest)) is not None:
         return existing, False
     # Postgres: one tenant's uploads take turns, so the second look for the same content below sees
     # the others' (SQLite has one writer at a time anyway).
@@ -138,7 +144,7 @@ def _register_once(
         session.add(adapter)
         session.flush()  # IntegrityError when another upload created it meanwhile
     number = _claim_number(session, adapter)
-    if (existing := _version_with_digest(session, tenant, validated.digest)) is not None:
+    if (existing := _version_with_digest(session, tenant, name, validated.digest)) is not None:
         session.rollback()  # the same content was committed while this upload waited for the lock
         session.refresh(existing)  # rollback expired it
         return existing, False
@@ -151,6 +157,7 @@ def _register_once(
         target_modules=list(validated.target_modules),
         size_bytes=validated.size_bytes,
         manifest=validated.manifest,
+        parts=list(validated.parts),
     )
     session.add(version)
     session.commit()

@@ -256,12 +256,14 @@ def set_disabled(
 
 
 def stored_usage(session: Session, tenant: Tenant) -> tuple[int, int]:
-    """(adapter versions the tenant stores, their bytes)."""
-    totals = select(
-        func.count(AdapterVersion.id), func.coalesce(func.sum(AdapterVersion.size_bytes), 0)
-    )
-    count, size = session.execute(totals.join(Adapter).where(Adapter.tenant_id == tenant.id)).one()
-    return int(count), int(size)
+    """(adapter versions the tenant stores, the bytes of their distinct contents: versions of
+    several names with one content share one blob)."""
+    mine = select(AdapterVersion.digest, AdapterVersion.size_bytes).join(Adapter)
+    mine = mine.where(Adapter.tenant_id == tenant.id)
+    count = session.scalar(select(func.count()).select_from(mine.subquery()))
+    blobs = mine.distinct().subquery()
+    size = session.scalar(select(func.coalesce(func.sum(blobs.c.size_bytes), 0)))
+    return int(count or 0), int(size or 0)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from lorafleet.adapters.adapter_config import (
     read_config,
 )
 from lorafleet.adapters.archive import unpack_archive
-from lorafleet.adapters.base_model import BaseModelSpec
+from lorafleet.adapters.base_model import PARTS, BaseModelSpec
 from lorafleet.adapters.manifest import read_manifest
 from lorafleet.errors import InvalidAdapter, PayloadTooLarge
 
@@ -46,6 +46,7 @@ ENGINE_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # (`MaxLoRARanks` in vllm/config/lora.py, vLLM 0.32); the gateway does not import vLLM, so they are
 # copied here
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
+_PART_NAMES = {"language": "language model", "connector": "connector", "vision": "vision tower"}
 # PEFT key: base_model.model.<module path>.lora_A.weight (older PEFT: .lora_A.<adapter name>.weight)
 _KEY = re.compile(
     r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.weight$"
@@ -62,6 +63,8 @@ class ValidatedAdapter:
     alpha: float
     target_modules: tuple[str, ...]  # short names, e.g. ("k_proj", "q_proj")
     size_bytes: int
+    # the parts of the base it changes, in PARTS order: ("language",), ("connector", "vision")…
+    parts: tuple[str, ...] = ("language",)
     # the trainer's manifest.json uploaded beside it (`lorafleet.adapters.manifest`): informational,
     # so neither part of the digest nor of what makes two adapters equal
     manifest: dict[str, Any] | None = field(default=None, compare=False)
@@ -91,11 +94,20 @@ class _LoraLayer:
     nonzero: dict[str, bool] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class _Weights:
+    """What the tensors say about the whole adapter."""
+
+    digest: hashlib._Hash  # a running hash of the tensors, the config still to come
+    rank: int
+    targets: tuple[str, ...]
+    parts: tuple[str, ...]
+
+
 def _check_weights(
-    folder: Path, config: dict, spec: BaseModelSpec, max_rank: int
-) -> tuple[hashlib._Hash, int, tuple[str, ...]]:
-    """Check every tensor against the base; return a running hash of the tensors, the rank and
-    targets."""
+    folder: Path, config: dict, spec: BaseModelSpec, max_rank: int, tower_lora: bool
+) -> _Weights:
+    """Check every tensor against the base."""
     from safetensors import SafetensorError, safe_open
 
     weights = folder / WEIGHTS_FILE
@@ -107,7 +119,7 @@ def _check_weights(
     try:
         with safe_open(weights, framework="pt") as f:
             for key in sorted(f.keys()):
-                name, module, kind = _classify_key(key, spec)
+                name, module, kind = _classify_key(key, spec, tower_lora)
                 layer = layers.setdefault(name, _LoraLayer(module))
                 layer.shapes[kind], layer.nonzero[kind] = _read_tensor(f, key, digest)
     except SafetensorError as exc:
@@ -117,10 +129,12 @@ def _check_weights(
     expected = configured_ranks(config, list(layers))
     ranks = {_check_shapes(layer, expected[name], spec, max_rank) for name, layer in layers.items()}
     _check_changes_output(layers.values())
-    return (
+    touched = {spec.part(layer.module) for layer in layers.values()}
+    return _Weights(
         digest,
         max(ranks),
         tuple(sorted({layer.module.rsplit(".", 1)[-1] for layer in layers.values()})),
+        tuple(p for p in PARTS if p in touched),
     )
 
 
@@ -164,7 +178,7 @@ def content_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _classify_key(key: str, spec: BaseModelSpec) -> tuple[str, str, str]:
+def _classify_key(key: str, spec: BaseModelSpec, tower_lora: bool) -> tuple[str, str, str]:
     """(checkpoint module name, the base's module path, "lora_A" | "lora_B") of one tensor key."""
     match = _KEY.match(key)
     if not match:
@@ -176,10 +190,19 @@ def _classify_key(key: str, spec: BaseModelSpec) -> tuple[str, str, str]:
         part = spec.other_linear[module]
         raise InvalidAdapter(
             "target_modules",
-            f"{match['module']} is in the {part}: the engine applies LoRA to "
-            "the language model only and would silently ignore it",
+            f"{match['module']} is in the {part}: the engine applies LoRA to the language model "
+            f"only for the base {spec.name} ({spec.architecture or 'unknown architecture'}), and "
+            "would silently ignore it",
         )
-    if module not in spec.lora_modules:
+    if module in spec.tower_modules and not tower_lora:
+        raise InvalidAdapter(
+            "target_modules",
+            f"{match['module']} is in the {_PART_NAMES[spec.part(module)]}: "
+            "LORAFLEET_TOWER_LORA=off on this "
+            "server, so its engine applies LoRA to the language model only; ask the operator, or "
+            "train the language model only",
+        )
+    if module not in spec.lora_modules and module not in spec.tower_modules:
         raise InvalidAdapter(
             "target_modules", f"the base model's language model has no module {match['module']!r}"
         )
@@ -196,7 +219,7 @@ def _check_shapes(
         raise InvalidAdapter(
             "weights", f"{module}: needs both lora_A and lora_B, found {sorted(pair)}"
         )
-    in_features, out_features = spec.lora_modules[module]
+    in_features, out_features = spec.layer_shape(module)
     (rank_a, a_in), (b_out, rank_b) = pair["lora_A"], pair["lora_B"]
     if (a_in, b_out) != (in_features, out_features) or rank_a != rank_b:
         raise InvalidAdapter(
@@ -248,8 +271,12 @@ def engine_lora_rank(rank: int) -> int:
     )
 
 
-def validate_adapter_dir(folder: Path, spec: BaseModelSpec, max_rank: int) -> ValidatedAdapter:
-    """Check a PEFT LoRA folder against the base model; compute its content digest."""
+def validate_adapter_dir(
+    folder: Path, spec: BaseModelSpec, max_rank: int, *, tower_lora: bool = True
+) -> ValidatedAdapter:
+    """Check a PEFT LoRA folder against the base model; compute its content digest.
+    `tower_lora`: whether the engine applies LoRA to the vision tower and connector where the
+    base supports it (False: refuse tensors there)."""
     for path in folder.rglob("*"):
         if path.suffix.lower() in _PICKLE_SUFFIXES:
             raise InvalidAdapter(
@@ -257,21 +284,28 @@ def validate_adapter_dir(folder: Path, spec: BaseModelSpec, max_rank: int) -> Va
             )
     config = read_config(folder, max_rank)
     check_target_modules(config, spec)
-    digest, rank, targets = _check_weights(folder, config, spec, max_rank)
-    _hash_config(digest, config)
+    weights = _check_weights(folder, config, spec, max_rank, tower_lora)
+    _hash_config(weights.digest, config)
     size = (folder / CONFIG_FILE).stat().st_size + (folder / WEIGHTS_FILE).stat().st_size
     return ValidatedAdapter(
         path=folder,
-        digest=digest.hexdigest(),
-        rank=rank,
+        digest=weights.digest.hexdigest(),
+        rank=weights.rank,
         alpha=float(config["lora_alpha"]),
-        target_modules=targets,
+        target_modules=weights.targets,
         size_bytes=size,
+        parts=weights.parts,
     )
 
 
 def validate_upload(
-    archive: Path, workdir: Path, spec: BaseModelSpec, *, max_rank: int, max_bytes: int
+    archive: Path,
+    workdir: Path,
+    spec: BaseModelSpec,
+    *,
+    max_rank: int,
+    max_bytes: int,
+    tower_lora: bool = True,
 ) -> ValidatedAdapter:
     """Unpack an uploaded archive into `workdir` and validate the adapter inside, with the
     trainer's manifest.json beside it if there is one."""
@@ -279,7 +313,8 @@ def validate_upload(
         raise PayloadTooLarge(f"upload is larger than the limit of {max_bytes} bytes")
     folder = extract_archive(archive, workdir, max_bytes)
     manifest = read_manifest(folder)  # cheap: refused before the tensors are read
-    return replace(validate_adapter_dir(folder, spec, max_rank), manifest=manifest)
+    validated = validate_adapter_dir(folder, spec, max_rank, tower_lora=tower_lora)
+    return replace(validated, manifest=manifest)
 
 
 MIN_UPLOAD_BYTES = 512 * 1024 * 1024  # the fixed limit before it was derived

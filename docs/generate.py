@@ -64,6 +64,8 @@ def _type_name(annotation: Any) -> str:
         return _type_name(typing.get_args(annotation)[0])
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         return " | ".join(_type_name(arg) for arg in typing.get_args(annotation))
+    if typing.get_origin(annotation) is typing.Literal:  # the values it may take
+        return " | ".join(f'"{value}"' for value in typing.get_args(annotation))
     if typing.get_origin(annotation) is not None:
         args = ", ".join(_type_name(arg) for arg in typing.get_args(annotation))
         return f"{typing.get_origin(annotation).__name__}[{args}]"

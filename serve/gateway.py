@@ -18,6 +18,7 @@ from lorafleet.adapters.validate import upload_limit
 from lorafleet.errors import UnsupportedQuantization
 from lorafleet.serve.admission import FairQueue
 from lorafleet.serve.drift.monitor import DriftMonitor
+from lorafleet.serve.engine.command import tower_lora
 from lorafleet.serve.engine.hardware import (
     Hardware,
     Quantization,
@@ -68,6 +69,12 @@ class Gateway:
         return self.settings.max_upload_bytes or upload_limit(
             self.spec, self.settings.accepted_lora_rank
         )
+
+    @property
+    def tower_lora(self) -> bool:
+        """Whether the engines apply LoRA to the base's vision tower and connector, so uploads
+        may touch them."""
+        return tower_lora(self.settings)
 
 
 def _deployed(sessions: sessionmaker):

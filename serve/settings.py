@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -324,6 +324,15 @@ class Settings(BaseSettings):
     )
     # uploads accepted up to this rank while max_lora_rank is derived
     UPLOAD_RANK_LIMIT: ClassVar[int] = 64
+    tower_lora: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="LoRA on the vision tower and connector (vLLM's "
+        "`--enable-tower-connector-lora`, for the bases whose vLLM model supports it: Qwen2-VL, "
+        "Qwen2.5-VL, Qwen3-VL, LLaVA, "
+        "LLaVA-NeXT, Gemma 3, PaliGemma). `auto`: the engine runs with it whenever the base "
+        "supports it; `on`: the same, and a base without support refuses to start; `off`: never, "
+        "and an upload that touches the tower or connector is refused (400).",
+    )
     max_loras: int = Field(
         default=0,
         description="Adapters in one batch; 0: derived, as many as a batch can use, within a "

@@ -172,7 +172,7 @@ def make_adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="session")
 def vision_adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The common mistake: a plain name list that also hits the vision tower's MLP."""
+    """The common name list, which also hits the vision tower's MLP (trained: B is not zero)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
@@ -180,7 +180,13 @@ def vision_adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -
     model = AutoModelForImageTextToText.from_pretrained(tiny_model, dtype=torch.float32)
     names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     out = tmp_path_factory.mktemp("vision-adapter")
-    get_peft_model(model, LoraConfig(r=4, target_modules=names)).save_pretrained(out)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=names))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    peft_model.save_pretrained(out)
     return out
 
 

@@ -80,9 +80,7 @@ def _member(
     tar.addfile(info, None if link else io.BytesIO(data))
 
 
-def bad_archive(
-    case: str, good: Path, work: Path, vision_adapter: Path, rank32_adapter: Path
-) -> Path:
+def bad_archive(case: str, good: Path, work: Path, rank32_adapter: Path) -> Path:
     """An upload that must be refused; `case` names the reason. Returns the archive path."""
     import torch
 
@@ -120,9 +118,10 @@ def bad_archive(
             (folder / WEIGHTS).write_bytes(data[: len(data) // 2])
         case "unknown_module":
             edit_tensors(folder, rename_module("self_attn.q_proj", "self_attn.qq_proj"))
-        case "vision_tower":
-            shutil.rmtree(folder)
-            folder = copy_adapter(vision_adapter, work / "adapter")
+        case "output_head":
+            edit_tensors(
+                folder, rename_module("model.language_model.layers.0.self_attn.q_proj", "lm_head")
+            )
         case "shape_mismatch":
             edit_tensors(folder, widen_first_lora_a)
         case "too_large":
@@ -147,7 +146,7 @@ REJECTIONS: dict[str, tuple[int, str]] = {
     "pickle_weights": (400, "pickle files are refused"),
     "corrupt_safetensors": (400, "corrupt safetensors"),
     "unknown_module": (400, "has no module"),
-    "vision_tower": (400, "vision tower"),
+    "output_head": (400, "output head"),
     "shape_mismatch": (400, "do not fit the base layer"),
     "too_large": (413, "larger than the limit"),
 }

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lorafleet.adapters.base_model import PARTS
 from lorafleet.adapters.pictures import (
     DEFAULT_CONTEXT,
     DEFAULT_IMAGE_TOKENS,
@@ -17,6 +18,8 @@ from lorafleet.adapters.pictures import (
 from lorafleet.errors import InvalidRequest
 
 __all__ = ["TrainConfig", "load_config"]
+
+Part = Literal["language", "connector", "vision"]
 
 
 class TrainConfig(BaseModel):
@@ -30,10 +33,15 @@ class TrainConfig(BaseModel):
     mix: Path | None = None  # chat JSONL of general examples mixed into training against forgetting
     # mixed examples per training example (at most all of `mix`)
     mix_ratio: float = Field(0.5, ge=0.0)
+    # the parts of the base that get LoRA layers: any of "language", "connector", "vision" (the
+    # vision tower); the connector and tower only where vLLM applies LoRA to them
+    parts: tuple[Part, ...] = ("language",)
     rank: int = Field(16, ge=1)
     alpha: float = 32.0
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     lr: float = Field(2e-4, gt=0.0)
+    # the learning rate of the connector's and vision tower's LoRA layers; None: lr
+    tower_lr: float | None = Field(None, gt=0.0)
     epochs: int = Field(3, ge=1)
     # > 0: stop after this many optimizer steps, whatever the epochs
     max_steps: int = Field(0, ge=0)
@@ -65,6 +73,18 @@ class TrainConfig(BaseModel):
         """Relative paths mean the working directory of the command; child processes get absolute
         ones."""
         return None if path is None else path.expanduser().resolve()
+
+    @field_validator("parts", mode="before")
+    @classmethod
+    def _parts(cls, parts: Any) -> Any:
+        """A comma-separated string (the CLI's) or a list; each part once, in PARTS order."""
+        if isinstance(parts, str):
+            parts = [p.strip() for p in parts.split(",") if p.strip()]
+        if isinstance(parts, list | tuple):
+            if not parts:
+                raise ValueError(f"name at least one of {', '.join(PARTS)}")
+            return tuple(p for p in PARTS if p in parts) + tuple(p for p in parts if p not in PARTS)
+        return parts
 
     @field_validator("base")
     @classmethod

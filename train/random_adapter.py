@@ -1,5 +1,5 @@
-"""Seeded random LoRA adapters for the demo, tests and benchmarks: real PEFT output, language model
-only, for a base of any size (its weights are never read)."""
+"""Seeded random LoRA adapters for the demo, tests and benchmarks: real PEFT output, on the language
+model (or the parts of the base asked for), for a base of any size (its weights are never read)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,17 @@ __all__ = ["make_random_adapter"]
 
 
 def make_random_adapter(
-    base: str | Path, out: Path, seed: int, rank: int = 8, std: float = 0.5
+    base: str | Path,
+    out: Path,
+    seed: int,
+    rank: int = 8,
+    std: float = 0.5,
+    parts: tuple[str, ...] = ("language",),
 ) -> Path:
-    """Save a PEFT LoRA adapter for `base` on every LoRA-able layer of its language model, whose
-    B matrices are random, so it visibly changes outputs; A as PEFT initialises it (uniform in
-    ±1/√in), from the same seed. In float32, as PEFT keeps adapters of a bfloat16 base.
+    """Save a PEFT LoRA adapter for `base` on every LoRA-able layer of `parts` (of "language",
+    "connector", "vision"), whose B matrices are random, so it visibly changes outputs; A as PEFT
+    initialises it (uniform in ±1/√in), from the same seed. In float32, as PEFT keeps adapters of
+    a bfloat16 base.
 
     A tiny `std` (1e-6) answers like the base; std=0 leaves B = 0, which upload validation
     refuses as a no-op."""
@@ -27,7 +33,10 @@ def make_random_adapter(
     with torch.device("meta"):  # shapes only: a 3B base costs nothing to wrap
         model = AutoModelForImageTextToText.from_config(base_config(str(base)))
     config = LoraConfig(
-        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=spec.lora_target_regex()
+        r=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=0.0,
+        target_modules=spec.lora_target_regex(parts),
     )
     config.base_model_name_or_path = str(base)
     peft_model = get_peft_model(model, config)

@@ -2,7 +2,8 @@
 modules loads without error and serves the base's answers).
 
 (a) every tensor maps to a layer vLLM applies LoRA to: the server's own upload validation;
-(b) in vLLM, its greedy outputs differ from the base's on the check prompts;
+(b) in vLLM, its greedy outputs differ from the base's on the check prompts (for an adapter on the
+    vision tower or connector, which only pictures reach: on the prompts with a picture);
 (c) vLLM's greedy tokens equal PEFT's for the first N tokens (where PEFT itself is not at a
     near-tie).
 Any failure raises NotServable: an error, not a warning.
@@ -17,6 +18,7 @@ from typing import Any
 from lorafleet.adapters.base_model import load_base_spec, training_dtype
 from lorafleet.adapters.pictures import PictureBudget, default_pictures, scale_pictures
 from lorafleet.adapters.validate import validate_adapter_dir
+from lorafleet.chat_jsonl import count_images
 from lorafleet.errors import NotServable
 
 __all__ = ["Servability", "prove_servable", "peft_greedy", "NEAR_TIE_LOGITS"]
@@ -27,8 +29,9 @@ NEAR_TIE_LOGITS = 0.05  # a top-2 logit gap below this is a tie either engine ma
 @dataclass(frozen=True)
 class Servability:
     digest: str
+    parts: tuple[str, ...]  # the parts of the base the adapter changes
     prompts: int
-    changed: int  # prompts whose vLLM output differs from the base
+    changed: int  # prompts whose vLLM output differs from the base (with a picture: see above)
     agreed_tokens: int  # first tokens compared between vLLM and PEFT, per prompt
     near_ties: int  # prompts where the engines parted at a near-tie
 
@@ -100,13 +103,22 @@ def prove_servable(
 ) -> Servability:
     """Raise NotServable unless (a), (b) and (c) hold; `vllm_outputs` has "base" and "adapter"
     generations."""
-    digest = validate_adapter_dir(Path(adapter), load_base_spec(base), max_rank).digest  # (a)
+    validated = validate_adapter_dir(Path(adapter), load_base_spec(base), max_rank)  # (a)
     base_ids = [o["token_ids"] for o in vllm_outputs["base"]]
     adapter_ids = [o["token_ids"] for o in vllm_outputs["adapter"]]
-    changed = sum(a != b for a, b in zip(adapter_ids, base_ids))
-    if changed == 0:  # (b)
+    # (b) the prompts whose answers the adapter can change
+    seen = range(len(prompts))
+    if validated.parts != ("language",):
+        seen = [i for i in seen if count_images(prompts[i])]
+        if not seen:
+            raise NotServable(
+                f"the adapter changes the {' and '.join(validated.parts)}, which only pictures "
+                "reach, and none of the check prompts has one: add pictures to the validation set"
+            )
+    changed = sum(adapter_ids[i] != base_ids[i] for i in seen)
+    if changed == 0:
         raise NotServable(
-            f"the adapter changes none of {len(prompts)} greedy outputs in vLLM: it would be "
+            f"the adapter changes none of {len(seen)} greedy outputs in vLLM: it would be "
             "served as a silent no-op (untrained, or its weights do not reach the engine's layers)"
         )
     near_ties = 0
@@ -121,7 +133,8 @@ def prove_servable(
             )
         near_ties += parted
     return Servability(
-        digest=digest,
+        digest=validated.digest,
+        parts=validated.parts,
         prompts=len(prompts),
         changed=changed,
         agreed_tokens=n_tokens,

@@ -1,9 +1,9 @@
-"""LoRA training of the language model of a VLM, top to bottom: setup -> get_lr -> evaluate -> loop
--> save.
+"""LoRA training of a VLM, top to bottom: setup -> get_lr -> evaluate -> loop -> save.
 
 Runs as one process, under `accelerate launch` on GPUs (DDP; DeepSpeed/FSDP configs in
-deploy/accelerate/), or under `torchrun --nproc_per_node N` for DDP over CPU cores. The vision tower
-stays frozen and untouched: vLLM applies LoRA to the language model only.
+deploy/accelerate/), or under `torchrun --nproc_per_node N` for DDP over CPU cores. LoRA goes on the
+language model by default; on the connector and the vision tower too when `parts` names them (where
+vLLM applies LoRA to them); the base's own weights stay frozen.
 """
 
 from __future__ import annotations
@@ -35,17 +35,35 @@ _STATE = "trainer_state.json"
 
 
 def lora_config(config: TrainConfig):
-    """LoRA on every linear layer of the language model, nothing else (no bias, no
-    modules_to_save, no DoRA)."""
+    """LoRA on every linear layer of the parts asked for (the language model by default), nothing
+    else (no bias, no modules_to_save, no DoRA)."""
     from peft import LoraConfig
 
+    try:
+        targets = load_base_spec(config.base).lora_target_regex(config.parts)
+    except ValueError as exc:  # the base's vLLM model has no LoRA on its tower and connector
+        raise InvalidRequest(str(exc)) from None
     return LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,  # type: ignore[arg-type]  # PEFT scales by a float
         lora_dropout=config.dropout,
         bias="none",
-        target_modules=load_base_spec(config.base).lora_target_regex(),
+        target_modules=targets,
     )
+
+
+def _param_groups(model, config: TrainConfig) -> list[dict]:
+    """The trainable parameters, with the connector's and vision tower's at `tower_lr` (`scale`:
+    their learning rate over `lr`, which the schedule multiplies)."""
+    spec = load_base_spec(config.base)
+    tower_scale = (config.tower_lr or config.lr) / config.lr
+    groups: dict[float, list] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            module = name.removeprefix("base_model.model.").split(".lora_", 1)[0]
+            scale = tower_scale if module in spec.tower_modules else 1.0
+            groups.setdefault(scale, []).append(param)
+    return [{"params": ps, "lr": config.lr * k, "scale": k} for k, ps in groups.items()]
 
 
 def _use_qlora(config: TrainConfig) -> bool:
@@ -208,7 +226,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
     processor, model = _load_model(config)
     train_loader = _loader(processor, config.train, config, shuffle=True, mix=config.mix)
     val_loader = _loader(processor, config.val, config, shuffle=False) if config.val else None
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+    optimizer = torch.optim.AdamW(_param_groups(model, config), lr=config.lr)
     state: dict[str, Any] = {
         "step": 0,
         "epoch": 0,
@@ -267,7 +285,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         for group in optimizer.param_groups:
-                            group["lr"] = get_lr(state["step"], total, config)
+                            group["lr"] = get_lr(state["step"], total, config) * group["scale"]
                     optimizer.step()
                     optimizer.zero_grad()
                 state["batch"] += 1

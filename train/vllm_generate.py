@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lorafleet.adapters.base_model import training_dtype
+from lorafleet.adapters.base_model import base_config, tower_lora_supported, training_dtype
 from lorafleet.adapters.pictures import PictureBudget, default_pictures
 from lorafleet.adapters.validate import engine_lora_rank
 from lorafleet.errors import VLLMFailed
@@ -36,15 +36,21 @@ def generate(
     dtype: str | None = None,
     llm_kwargs: dict | None = None,
     pictures: PictureBudget | None = None,
+    tower_lora: bool | None = None,
 ) -> dict[str, list[dict]]:
     """{name: [{"text", "token_ids"} per prompt]}; `adapters` maps names to folders (None = the
     base).
 
     `llm_kwargs` go to vLLM's `LLM(...)` as they are, e.g. a quantization planned by
     `lorafleet.serve.engine.hardware`; pictures are scaled down to `pictures` (default: as a
-    server with default settings scales them)."""
+    server with default settings scales them); LoRA applies to the vision tower and connector
+    with `tower_lora` (default: as a server with default settings, where the base supports it)."""
     import torch
 
+    if tower_lora is None:
+        tower_lora = tower_lora_supported(base_config(base).architectures)
+    if tower_lora:
+        llm_kwargs = {"enable_tower_connector_lora": True, **(llm_kwargs or {})}
     pictures = pictures or default_pictures(base)
     if pictures is not None and pictures.scales_down:
         llm_kwargs = {

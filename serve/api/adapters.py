@@ -75,6 +75,9 @@ class AdapterVersionPublic(BaseModel):
     rank: int
     alpha: float
     target_modules: list[str]
+    # the parts of the base it changes: "language" (the language model), "connector", "vision"
+    # (the vision tower)
+    parts: list[str]
     size_bytes: int
     created_at: UtcDateTime
 
@@ -126,7 +129,9 @@ router = APIRouter(prefix="/v1")
 
 
 def version_public(version: AdapterVersion) -> AdapterVersionPublic:
-    return AdapterVersionPublic.model_validate({**version.__dict__, "name": version.adapter.name})
+    return AdapterVersionPublic.model_validate(
+        {**version.__dict__, "name": version.adapter.name, "parts": version.touches}
+    )
 
 
 def version_detail(version: AdapterVersion) -> AdapterVersionDetail:
@@ -187,6 +192,7 @@ def _validate_and_store(
         gateway.spec,
         max_rank=settings.accepted_lora_rank,
         max_bytes=gateway.max_upload_bytes,
+        tower_lora=gateway.tower_lora,
     )
     return validated, gateway.store.put(validated)
 
@@ -228,32 +234,37 @@ def _check_storage_limits(
     gateway: Gateway,
     session: Session,
     tenant: Tenant,
+    name: str,
     validated: ValidatedAdapter,
     stored_now: bool,
 ) -> None:
     """429 (not to be retried) when one more version, or its bytes, would pass the tenant's
     storage limits; the blob stored for this upload alone goes again. Content the tenant has
-    already is not counted twice."""
+    already is not counted twice: under `name` it makes no version, under another name a version
+    sharing its blob."""
     policy = session.get(TenantPolicy, tenant.id)
     limits = Limits.defaults(gateway.settings).overridden(policy.limits if policy else None)
     count, size = stored_usage(session, tenant)
+    with_content = (
+        select(Adapter.name)
+        .join(AdapterVersion)
+        .where(Adapter.tenant_id == tenant.id, AdapterVersion.digest == validated.digest)
+    )
+    names = set(session.scalars(with_content))
     over = None
-    if limits.adapters and count >= limits.adapters:
+    if name in names:
+        pass  # the upload returns that version
+    elif limits.adapters and count >= limits.adapters:
         over = (
             f"tenant {tenant.name!r} stores {count} adapter versions, its limit of "
             f"{limits.adapters}"
         )
-    elif limits.adapter_bytes and size + validated.size_bytes > limits.adapter_bytes:
+    elif not names and limits.adapter_bytes and size + validated.size_bytes > limits.adapter_bytes:
         over = (
             f"this upload ({validated.size_bytes} bytes) would take tenant {tenant.name!r} past "
             f"its limit of {limits.adapter_bytes} bytes of adapters stored ({size} used)"
         )
-    have_it = (
-        select(AdapterVersion.id)
-        .join(Adapter)
-        .where(Adapter.tenant_id == tenant.id, AdapterVersion.digest == validated.digest)
-    )
-    if over is None or session.scalar(have_it) is not None:
+    if over is None:
         release_connection(session)
         return
     if stored_now:
@@ -279,7 +290,7 @@ async def post_adapter(
     try:
         validated, stored_now = await run_in_threadpool(_validate_and_store, gateway, file, scratch)
         await run_in_threadpool(
-            _check_storage_limits, gateway, session, tenant, validated, stored_now
+            _check_storage_limits, gateway, session, tenant, name, validated, stored_now
         )
         version, created = await run_in_threadpool(
             _register_stored, gateway, session, tenant, name, validated, stored_now

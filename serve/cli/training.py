@@ -106,10 +106,21 @@ def train_command(
     ] = None,
     mix_ratio: Annotated[Optional[float], Opt(help="Mixed examples per training example.")] = None,
     config: Annotated[Optional[Path], Opt(help="YAML config; flags override it.")] = None,
+    parts: Annotated[
+        Optional[str],
+        Opt(
+            help="The parts that get LoRA layers, comma-separated: language, connector, vision "
+            "(the vision tower). Default: language."
+        ),
+    ] = None,
     rank: Annotated[Optional[int], Opt()] = None,
     alpha: Annotated[Optional[float], Opt()] = None,
     dropout: Annotated[Optional[float], Opt()] = None,
     lr: Annotated[Optional[float], Opt()] = None,
+    tower_lr: Annotated[
+        Optional[float],
+        Opt(help="Learning rate of the connector's and vision tower's LoRA (default: --lr)."),
+    ] = None,
     epochs: Annotated[Optional[int], Opt()] = None,
     max_steps: Annotated[Optional[int], Opt()] = None,
     batch_size: Annotated[Optional[int], Opt()] = None,
@@ -155,10 +166,12 @@ def train_command(
         out=out,
         mix=mix,
         mix_ratio=mix_ratio,
+        parts=parts,
         rank=rank,
         alpha=alpha,
         dropout=dropout,
         lr=lr,
+        tower_lr=tower_lr,
         epochs=epochs,
         max_steps=max_steps,
         batch_size=batch_size,

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lorafleet.adapters.base_model import tower_lora_supported
 from lorafleet.adapters.pictures import PictureBudget, picture_budget
 from lorafleet.serve.engine.hardware import Quantization, quantization_for
 from lorafleet.serve.engine.sizing import EngineSizing, sizing_for
@@ -25,6 +26,7 @@ __all__ = [
     "engine_process_options",
     "free_port",
     "tool_call_parser",
+    "tower_lora",
     "SERVED_BASE_NAME",
 ]
 
@@ -74,6 +76,7 @@ def engine_command(
         *quantization.engine_args,
         *_tool_calling(settings),
         *_picture_budget(settings),
+        *(["--enable-tower-connector-lora"] if tower_lora(settings) else []),
     ]
     # the token goes in the environment, which only its owner (and root) can read, not in argv,
     # which every local user can (/proc/<pid>/cmdline, ps); vLLM reads VLLM_API_KEY when --api-key
@@ -107,8 +110,12 @@ def tool_call_parser(settings: Settings) -> str | None:
 
 
 def _model_type(base: str) -> str:
-    """The base's model type from its config.json: a local folder's, or a hub id's in the hub's
-    cache (where the gateway's reading of the base put it; never the network)."""
+    return str(_config_json(base).get("model_type", ""))
+
+
+def _config_json(base: str) -> dict:
+    """The base's config.json: a local folder's, or a hub id's in the hub's cache (where the
+    gateway's reading of the base put it; never the network); {} where there is none."""
     local = Path(base) / "config.json"
     config: Path | None = local
     if not local.is_file():
@@ -120,9 +127,10 @@ def _model_type(base: str) -> str:
             cached = None
         config = Path(cached) if isinstance(cached, str) else None
     try:
-        return str(json.loads(config.read_text()).get("model_type", "")) if config else ""
-    except (OSError, ValueError, AttributeError):
-        return ""
+        found = json.loads(config.read_text()) if config else {}
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def engine_pictures(settings: Settings) -> PictureBudget | None:
@@ -137,6 +145,21 @@ def _picture_budget(settings: Settings) -> list[str]:
     if budget is None or not budget.scales_down:
         return []
     return ["--mm-processor-kwargs", json.dumps({"max_pixels": budget.max_pixels})]
+
+
+def tower_lora(settings: Settings) -> bool:
+    """Whether the engine these settings start applies LoRA to the vision tower and connector:
+    unless `LORAFLEET_TOWER_LORA=off`, whenever vLLM supports it for the base. `on` with a base
+    without support is a ValueError."""
+    if settings.tower_lora == "off":
+        return False
+    supported = tower_lora_supported(_config_json(settings.base).get("architectures"))
+    if settings.tower_lora == "on" and not supported:
+        raise ValueError(
+            f"LORAFLEET_TOWER_LORA=on, but vLLM applies LoRA to the language model only for "
+            f"{settings.base}; use auto or off"
+        )
+    return supported
 
 
 def _tool_calling(settings: Settings) -> list[str]:
@@ -171,6 +194,7 @@ def node_command(settings: Settings, host: str, port: int) -> tuple[list[str], d
         "max_loras": str(sizing.max_loras),
         "max_cpu_loras": str(sizing.max_cpu_loras),
         "max_lora_rank": str(sizing.max_lora_rank),
+        "tower_lora": str(tower_lora(settings)).lower(),
     }
     return cmd, env | {"LORAFLEET_ENGINE_RESOLVER": "1", NODE_INFO_ENV: json.dumps(info)}
 

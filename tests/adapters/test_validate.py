@@ -83,11 +83,9 @@ def test_transformers4_key_names_map_to_the_language_model(make_adapter, tiny_mo
 
 
 @pytest.mark.parametrize("case", sorted(REJECTIONS))
-def test_bad_upload_is_refused_with_its_reason(
-    case, make_adapter, vision_adapter, tiny_model, tmp_path
-):
+def test_bad_upload_is_refused_with_its_reason(case, make_adapter, tiny_model, tmp_path):
     status, phrase = REJECTIONS[case]
-    archive = bad_archive(case, make_adapter(1), tmp_path, vision_adapter, make_adapter(3, rank=32))
+    archive = bad_archive(case, make_adapter(1), tmp_path, make_adapter(3, rank=32))
     expected = PayloadTooLarge if status == 413 else InvalidAdapter
     with pytest.raises(expected) as info:
         _validate(archive, tiny_model, tmp_path)
@@ -313,3 +311,62 @@ def test_near_base_adapter_used_by_the_suite_is_served(make_adapter, tiny_model)
     assert validate_adapter_dir(
         make_adapter(0, std=NEAR_BASE_STD), load_base_spec(str(tiny_model)), MAX_RANK
     )
+
+
+def _tower_adapter(tiny_model: Path, out: Path, parts: tuple[str, ...]) -> Path:
+    from lorafleet.train.random_adapter import make_random_adapter
+
+    return make_random_adapter(tiny_model, out, seed=5, parts=parts)
+
+
+@pytest.mark.parametrize(
+    "parts", [("vision",), ("connector",), ("connector", "vision"), ("language", "vision")]
+)
+def test_an_adapter_on_the_tower_or_connector_is_accepted_and_says_which_parts(
+    parts, tiny_model, tmp_path
+):
+    folder = _tower_adapter(tiny_model, tmp_path / "a", parts)
+    validated = validate_adapter_dir(folder, load_base_spec(str(tiny_model)), MAX_RANK)
+    assert validated.parts == parts
+    if parts == ("connector",):
+        assert set(validated.target_modules) == {"0", "2"}  # merger.mlp.0 and .2
+
+
+def test_the_common_name_list_touches_language_and_vision(vision_adapter, tiny_model):
+    validated = validate_adapter_dir(vision_adapter, load_base_spec(str(tiny_model)), MAX_RANK)
+    assert validated.parts == ("language", "vision")
+
+
+def test_a_tower_adapter_is_refused_naming_the_setting_that_forbids_it(tiny_model, tmp_path):
+    folder = _tower_adapter(tiny_model, tmp_path / "a", ("vision",))
+    spec = load_base_spec(str(tiny_model))
+    with pytest.raises(InvalidAdapter) as info:
+        validate_adapter_dir(folder, spec, MAX_RANK, tower_lora=False)
+    _refusal(info, 400, "target_modules", "LORAFLEET_TOWER_LORA=off")
+    assert "vision tower" in info.value.message
+    # the language model is unaffected by the setting
+    language = _tower_adapter(tiny_model, tmp_path / "l", ("language",))
+    assert validate_adapter_dir(language, spec, MAX_RANK, tower_lora=False).parts == ("language",)
+
+
+def test_a_tower_adapter_for_a_base_without_tower_lora_is_refused_naming_the_base(
+    tiny_model, tmp_path
+):
+    from dataclasses import replace
+
+    folder = _tower_adapter(tiny_model, tmp_path / "a", ("connector",))
+    spec = load_base_spec(str(tiny_model))
+    # a base as `load_base_spec` describes one whose architecture vLLM has no tower LoRA for
+    unsupported = replace(
+        spec,
+        architecture="Idefics2ForConditionalGeneration",
+        tower_modules={},
+        connector_prefixes=(),
+        other_linear={**spec.other_linear, **dict.fromkeys(spec.tower_modules, "vision tower")},
+    )
+    with pytest.raises(InvalidAdapter) as info:
+        validate_adapter_dir(folder, unsupported, MAX_RANK)
+    _refusal(info, 400, "target_modules", "Idefics2ForConditionalGeneration")
+    assert str(tiny_model) in info.value.message and "language model only" in info.value.message
+    with pytest.raises(ValueError, match="language model only"):
+        unsupported.lora_target_regex(("vision",))

@@ -79,6 +79,27 @@ def test_tool_calling_is_on_for_a_base_whose_parser_vllm_has(tmp_path):
     assert "--tool-call-parser" not in command()
 
 
+def test_tower_lora_is_on_the_engine_command_for_a_base_that_supports_it(tmp_path):
+    import json
+
+    from tests.factories import TINY_BASE_CONFIG
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY_BASE_CONFIG))  # a Qwen2.5-VL
+
+    def command(**settings) -> list[str]:
+        given = Settings(base=str(tmp_path), **settings)
+        return engine_command(given, 9000, "t", False, Quantization("none"), _sizing(given))[0]
+
+    assert "--enable-tower-connector-lora" in command()
+    assert "--enable-tower-connector-lora" in command(tower_lora="on")
+    assert "--enable-tower-connector-lora" not in command(tower_lora="off")
+    other = {**TINY_BASE_CONFIG, "architectures": ["Idefics2ForConditionalGeneration"]}
+    (tmp_path / "config.json").write_text(json.dumps(other))
+    assert "--enable-tower-connector-lora" not in command()
+    with pytest.raises(ValueError, match="LORAFLEET_TOWER_LORA=on"):
+        command(tower_lora="on")  # asked for, and the base cannot: no engine starts
+
+
 def test_engine_command_leaves_gpu_defaults_with_cuda():
     settings = Settings(base="/m")
     cmd, env = engine_command(

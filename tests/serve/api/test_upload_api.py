@@ -39,12 +39,12 @@ from tests.helpers import assert_openai_error, upload_archive, upload_folder
 
 @pytest.mark.parametrize("case", sorted(REJECTIONS))
 def test_bad_upload_is_refused_and_nothing_is_stored(
-    case, server, new_tenant, make_adapter, vision_adapter, tmp_path
+    case, server, new_tenant, make_adapter, tmp_path
 ):
     status, phrase = REJECTIONS[case]
     tenant = new_tenant()
     before = server.stored_digests()
-    archive = bad_archive(case, make_adapter(1), tmp_path, vision_adapter, make_adapter(3, rank=32))
+    archive = bad_archive(case, make_adapter(1), tmp_path, make_adapter(3, rank=32))
     with tenant.http() as http:
         response = upload_archive(http, "ext", archive)
         assert_openai_error(response, status, phrase)
@@ -158,6 +158,7 @@ def manifest_app(tmp_path: Path, catalog: str) -> tuple[FastAPI, str]:
         spec=SMALL_BASE,
         tmp_dir=tmp_path / "tmp",
         max_upload_bytes=upload_limit(SMALL_BASE, Settings.UPLOAD_RANK_LIMIT),
+        tower_lora=False,
     )
     app.add_middleware(Authenticate, gateway=app.state.gateway)
     install_error_handlers(app)
