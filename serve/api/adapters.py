@@ -32,7 +32,7 @@ from lorafleet.adapters.registry import (
 )
 from lorafleet.adapters.tenants import stored_usage
 from lorafleet.adapters.validate import ValidatedAdapter, validate_upload
-from lorafleet.errors import QuotaExceeded
+from lorafleet.errors import Conflict, QuotaExceeded
 from lorafleet.serve.api.dependencies import (
     CurrentTenant,
     Gateway,
@@ -176,6 +176,26 @@ async def prepare_engine(
         await gateway.fleet.resize_for(workload)
     release_connection(session)  # never held across the engine's work
     await gateway.fleet.preload([v.digest for v in versions])
+    for version in versions:
+        await _check_reaches_pictures(gateway, version)
+
+
+async def _check_reaches_pictures(gateway: Gateway, version: AdapterVersion) -> None:
+    """409 when an adapter on the vision tower or connector would be served as the base: its
+    engine (one lorafleet does not start, at `LORAFLEET_ENGINE_URL(S)`) runs without vLLM's tower
+    and connector LoRA. With the engine down, asked at the first deployment after."""
+    if version.touches == ["language"] or not gateway.fleet.up:
+        return
+    client = gateway.fleet.client_for(version.digest)
+    await client.ensure_loaded(version.digest)
+    if not await client.reaches_pictures(version.digest):
+        raise Conflict(
+            f"{version.adapter.name}@{version.version} changes the "
+            f"{' and '.join(version.touches)}, but its engine answers pictures through it exactly "
+            "as through the base: the engine runs without vLLM's tower and connector LoRA "
+            "(start it with --enable-tower-connector-lora)",
+            code="tower_lora_disabled",
+        )
 
 
 def _validate_and_store(

@@ -46,18 +46,19 @@ def adapters_push(
         version = LorafleetClient(url, api_key).push_adapter(name, folder, advance)
     console.print(
         f"{version['name']}@{version['version']}  digest {version['digest']}  "
-        f"rank {version['rank']}  {version['size_bytes']} bytes"
+        f"rank {version['rank']}  parts {'+'.join(version['parts'])}  {version['size_bytes']} bytes"
     )
 
 
 def _versions_table(rows: list[dict]) -> Table:
-    table = Table("adapter", "version", "digest", "rank", "targets", "bytes", "created")
+    table = Table("adapter", "version", "digest", "rank", "parts", "targets", "bytes", "created")
     for v in rows:
         table.add_row(
             v["name"],
             str(v["version"]),
             v["digest"][:12],
             str(v["rank"]),
+            "+".join(v["parts"]),
             ",".join(v["target_modules"]),
             str(v["size_bytes"]),
             v["created_at"][:19],

@@ -170,6 +170,8 @@ class EngineClient:
         self._chat: aiohttp.ClientSession | None = None
         # engine processes that became ready: a new one may serve a changed base
         self.generation = 0
+        # adapter -> the engine start (generation) it was seen to change picture answers in
+        self._reaches_pictures: dict[str, int] = {}
         self._up = asyncio.Event()
         self._loaded: set[str] = set()
         # which of them are in the engine's memory and GPU slots (its replica sets the sizes and
@@ -286,21 +288,7 @@ class EngineClient:
         """Ask the base for two tokens about a small image, with log-probabilities, so the
         engine compiles what a first request would; the seconds it took, None when the engine
         did not answer 200 within `timeout_s` (requests are served anyway, the first one slower)."""
-        body = {
-            "model": SERVED_BASE_NAME,
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": _warm_up_image()}},
-                        {"type": "text", "text": "What is in the image?"},
-                    ],
-                }
-            ],
-            "max_tokens": 2,
-            "temperature": 0,
-            "logprobs": True,
-        }
+        body = _picture_question(SERVED_BASE_NAME, max_tokens=2)
         t0 = time.perf_counter()
         try:
             response = await self.http.post("/v1/chat/completions", json=body, timeout=timeout_s)
@@ -311,6 +299,28 @@ class EngineClient:
             log.warning("warming the engine up failed: %s", self._error_text(response))
             return None
         return time.perf_counter() - t0
+
+    async def reaches_pictures(self, digest: str) -> bool:
+        """Whether adapter `digest` (registered) changes the engine's answer about a picture: the
+        first token's top log-probabilities, through it and through the base. An adapter on the
+        vision tower or connector does not on an engine without vLLM's tower and connector LoRA,
+        which loads it and silently answers as the base. Asked once per adapter and engine
+        start."""
+        if self._reaches_pictures.get(digest) == self.generation:
+            return True
+        answers = []
+        for model in (SERVED_BASE_NAME, digest):
+            body = _picture_question(model, max_tokens=1) | {"top_logprobs": 5}
+            response = await self.http.post("/v1/chat/completions", json=body, timeout=120)
+            if response.status_code != 200:
+                raise EngineUnavailable(
+                    f"the engine did not answer a picture question: {self._error_text(response)}"
+                )
+            answers.append(response.json()["choices"][0]["logprobs"])
+        if answers[0] == answers[1]:
+            return False
+        self._reaches_pictures[digest] = self.generation
+        return True
 
     async def version(self) -> str:
         """vLLM's version as the engine reports it, "?" when it cannot say."""
@@ -424,6 +434,25 @@ class EngineClient:
         await self.http.aclose()
         if self._chat is not None:
             await self._chat.close()
+
+
+def _picture_question(model: str, max_tokens: int) -> dict[str, Any]:
+    """A greedy question about a small picture, with log-probabilities."""
+    return {
+        "model": model,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": _warm_up_image()}},
+                    {"type": "text", "text": "What is in the image?"},
+                ],
+            }
+        ],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "logprobs": True,
+    }
 
 
 @functools.cache

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
@@ -141,7 +142,7 @@ SMALL_BASE = BaseModelSpec(
 )
 
 
-def manifest_app(tmp_path: Path, catalog: str) -> tuple[FastAPI, str]:
+def manifest_app(tmp_path: Path, catalog: str, **settings: Any) -> tuple[FastAPI, str]:
     """The registry routes over a real catalog (at URL `catalog`, with no rows) and local store,
     validating uploads against a base whose one LoRA-able layer is `small_adapter`'s; returns the
     app and a tenant key."""
@@ -151,7 +152,7 @@ def manifest_app(tmp_path: Path, catalog: str) -> tuple[FastAPI, str]:
     (tmp_path / "tmp").mkdir()
     app = FastAPI()
     app.state.gateway = SimpleNamespace(
-        settings=Settings(base="small", home=tmp_path),
+        settings=Settings(base="small", home=tmp_path, **settings),
         sessions=sessions,
         route_cache=RouteCache(sessions, 0.0),
         store=LocalStore(tmp_path / "adapters"),
@@ -266,3 +267,35 @@ async def test_a_bad_manifest_refuses_the_upload_and_nothing_is_stored(
         )
         assert (await http.get("/v1/adapters")).json() == []
     assert not any((tmp_path / "adapters").iterdir()) and not any((tmp_path / "tmp").iterdir())
+
+
+async def test_content_stored_under_another_name_gets_a_version_of_the_name_asked_for(
+    tmp_path, sqlite_catalog
+):
+    adapter = adapter_with_manifest(tmp_path / "a", 1, None)
+    # room for two versions, and for the bytes of one adapter only
+    app, key = manifest_app(
+        tmp_path,
+        sqlite_catalog(tmp_path / "catalog.db"),
+        tenant_max_adapters=2,
+        tenant_max_adapter_bytes=adapter.size_bytes,
+    )
+    async with _client(app, key) as http:
+        first = await _upload(http, "extractor", tmp_path / "a")
+        again = await _upload(http, "extractor", tmp_path / "a")
+        other = await _upload(http, "jsonx", tmp_path / "a")
+        listed = {a["name"]: a["versions"] for a in (await http.get("/v1/adapters")).json()}
+        third = await _upload(http, "third", tmp_path / "a")
+    assert (first.status_code, again.status_code, other.status_code) == (201, 200, 201)
+    assert (first.json()["name"], first.json()["version"]) == ("extractor", 1)
+    assert again.json() == first.json()  # the same content under the same name: that version
+    # under another name: a version of that name (the response names it), the same digest
+    assert (other.json()["name"], other.json()["version"]) == ("jsonx", 1)
+    assert other.json()["digest"] == first.json()["digest"] == adapter.digest
+    assert [v["version"] for v in listed["jsonx"]] == [1]
+    # one blob for both names: the bytes limit (one adapter's) was not passed by the second name
+    assert [p.name for p in (tmp_path / "adapters").iterdir() if p.name[0] != "."] == [
+        adapter.digest
+    ]
+    # a third version passes the limit of two versions, shared blob or not
+    assert third.status_code == 429 and "its limit of 2" in third.json()["error"]["message"]
