@@ -353,3 +353,55 @@ def test_gateways_upgrading_one_old_catalog_at_once_all_start_and_one_upgrades(
     _, sessions = open_catalog(empty_catalog_url)
     with sessions() as session:
         assert len(list_keys(session, authenticate(session, rows.key))) == 1
+
+
+def test_a_catalog_at_0004_is_upgraded_to_0005_and_its_versions_change_the_language_model(
+    empty_catalog_url,
+):
+    _upgrade_to(empty_catalog_url, "0004")
+    rows = insert_rows(empty_catalog_url)
+    before = _schema(empty_catalog_url)
+    _upgrade_to(empty_catalog_url, "0005")
+    after = _schema(empty_catalog_url)
+    added = {
+        (table, column[0])
+        for table in after
+        for column in after[table]["columns"]
+        if column not in before[table]["columns"]
+    }
+    assert added == {("adapter_versions", "parts")}
+    db, sessions = open_catalog(empty_catalog_url, upgrade=True)
+    with sessions() as session:
+        tenant = authenticate(session, rows.key)
+        old = [resolve_version(session, tenant, f"{rows.adapter}@{n}") for n in (1, 2)]
+        assert [(v.parts, v.touches) for v in old] == [(None, ["language"])] * 2
+        register_version(
+            session,
+            tenant,
+            rows.adapter,
+            ValidatedAdapter(
+                path=Path("."),
+                digest="e" * 64,
+                rank=8,
+                alpha=16.0,
+                target_modules=("qkv",),
+                size_bytes=10,
+                parts=("connector", "vision"),
+            ),
+        )
+    with sessions() as session:
+        new = resolve_version(session, authenticate(session, rows.key), f"{rows.adapter}@3")
+        assert new.touches == ["connector", "vision"]
+    db.dispose()
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", ON_POSTGRESQL])
+def test_revision_0005_downgrades_to_the_schema_of_0004(dialect, new_database):
+    at_0004, down_from_0005 = new_database(dialect), new_database(dialect)
+    _upgrade_to(at_0004, "0004")
+    _upgrade_to(down_from_0005, "0005")
+    engine = create_engine(down_from_0005)
+    with engine.begin() as connection:
+        command.downgrade(alembic_config(connection), "0004")
+    engine.dispose()
+    assert _schema(down_from_0005) == _schema(at_0004)
