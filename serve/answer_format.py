@@ -1,5 +1,6 @@
-"""A deployment's declared answer format (a JSON schema or a regex) and the check of one answer
-against it.
+"""A deployment's declared answer format (a JSON schema, a regex or a choice of answers), the check
+of one answer against it, and, where the deployment enforces it, the engine's structured-output
+constraint that makes every answer have it.
 
 Checks are CPU work on a worker thread, which cannot be interrupted, so every check is bounded from
 inside:
@@ -35,6 +36,9 @@ from lorafleet.errors import InvalidRequest
 __all__ = [
     "check_format_spec",
     "answer_checker",
+    "enforce_format",
+    "CLIENT_CONSTRAINTS",
+    "MAX_CHOICES",
     "REGEX_TIMEOUT_S",
     "MAX_SPEC_BYTES",
     "MAX_SPEC_DEPTH",
@@ -49,6 +53,9 @@ REGEX_TIMEOUT_S = 0.5
 MAX_SPEC_BYTES = 64 * 1024  # the declared format, as JSON
 MAX_SPEC_DEPTH = 32  # nesting of the declared JSON schema
 MAX_REGEX_CHARS = 2000
+MAX_CHOICES = 256  # answers of a `choice` format, each of at most MAX_CHOICE_CHARS
+MAX_CHOICE_CHARS = 200
+_KINDS = ("json_schema", "regex", "choice")
 MAX_REGEX_DEPTH = 32  # nested groups
 # sum over counted repeats of the product of the counts they are nested in
 MAX_REGEX_REPEAT = 10_000
@@ -315,15 +322,35 @@ def _check_json_schema(schema: Any) -> None:
             raise _refuse(f"unresolvable reference: {exc}") from exc
 
 
+def _check_choice(choice: Any) -> None:
+    if (
+        not isinstance(choice, list)
+        or not 0 < len(choice) <= MAX_CHOICES
+        or not all(isinstance(c, str) and 0 < len(c.strip()) <= MAX_CHOICE_CHARS for c in choice)
+    ):
+        raise _refuse(
+            f"'choice' must be a list of 1 to {MAX_CHOICES} answers, each a string of 1 to "
+            f"{MAX_CHOICE_CHARS} characters"
+        )
+    if len(set(choice)) != len(choice) or any(c != c.strip() for c in choice):
+        raise _refuse("'choice' answers must be distinct, without surrounding spaces")
+
+
 def check_format_spec(spec: dict) -> dict | None:
-    """Validate `{"json_schema": {...}}`, `{"regex": "..."}` or `{}` (no format); return what to
-    store."""
+    """Validate `{"json_schema": {...}}`, `{"regex": "..."}`, `{"choice": [...]}` (each with
+    `"enforce": true` to have the engine produce it) or `{}` (no format); return what to store."""
     spec = {k: v for k, v in spec.items() if v is not None}
+    enforce = spec.pop("enforce", False)
+    if not isinstance(enforce, bool):
+        raise _refuse("'enforce' must be true or false")
     if not spec:
+        if enforce:
+            raise _refuse("'enforce' needs a format: 'json_schema', 'regex' or 'choice'")
         return None
-    if len(spec) != 1 or next(iter(spec)) not in ("json_schema", "regex"):
+    if len(spec) != 1 or next(iter(spec)) not in _KINDS:
         raise InvalidRequest(
-            "declare exactly one of 'json_schema' (an object) or 'regex' (a string)",
+            "declare exactly one of 'json_schema' (an object), 'regex' (a string) or 'choice' "
+            "(a list of answers), and 'enforce' if the engine must produce it",
             code="invalid_answer_format",
         )
     _check_depth(spec)  # first: encoding a deep value would overflow the recursion
@@ -332,9 +359,11 @@ def check_format_spec(spec: dict) -> dict | None:
         raise _refuse(f"{size} bytes as JSON; the limit is {MAX_SPEC_BYTES}")
     if "regex" in spec:
         _check_pattern(spec["regex"], "'regex'")
+    elif "choice" in spec:
+        _check_choice(spec["choice"])
     else:
         _check_json_schema(spec["json_schema"])
-    return spec
+    return spec | {"enforce": True} if enforce else spec
 
 
 # --- checking answers ---
@@ -380,6 +409,11 @@ def _schema_checker(schema: dict) -> Callable[[str], bool]:
     return valid_json
 
 
+def _choice_checker(choice: list[str]) -> Callable[[str], bool]:
+    answers = frozenset(choice)
+    return lambda text: text.strip() in answers
+
+
 @lru_cache(maxsize=1024)
 def _compiled(spec_json: str) -> Callable[[str], bool]:
     spec = json.loads(spec_json)
@@ -388,11 +422,50 @@ def _compiled(spec_json: str) -> Callable[[str], bool]:
     except InvalidRequest as exc:
         log.warning("stored answer format refused (%s): every answer counts invalid", exc.message)
         return lambda text: False
-    return (
-        _regex_checker(spec["regex"]) if "regex" in spec else _schema_checker(spec["json_schema"])
-    )
+    if "regex" in spec:
+        return _regex_checker(spec["regex"])
+    if "choice" in spec:
+        return _choice_checker(spec["choice"])
+    return _schema_checker(spec["json_schema"])
 
 
 def answer_checker(spec: dict) -> Callable[[str], bool]:
     """Whether an answer (the assistant's text, stripped for regexes) has the declared format."""
     return _compiled(json.dumps(spec, sort_keys=True))
+
+
+# --- enforcing a format: vLLM's structured outputs ---
+
+# the body fields by which a client asks for its own constraint (OpenAI's, vLLM's and its older
+# names): a request with any of them is left as it is
+CLIENT_CONSTRAINTS = (
+    "response_format",
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+)
+
+
+def enforce_format(body: dict[str, Any], spec: dict | None) -> dict[str, Any]:
+    """`body` with the engine constraint of an enforced format `spec` added (OpenAI's
+    `response_format` for a JSON schema, vLLM's `structured_outputs` for a regex or a choice);
+    as it is when the format is not enforced or the client asked for a constraint of its own
+    (a `response_format` of type "text" asks for none)."""
+    if not spec or not spec.get("enforce"):
+        return body
+    own = [field for field in CLIENT_CONSTRAINTS if body.get(field) is not None]
+    if own and own != ["response_format"] or _asks_for_format(body.get("response_format")):
+        return body
+    if "json_schema" in spec:
+        schema = {"name": "answer_format", "schema": spec["json_schema"], "strict": True}
+        return body | {"response_format": {"type": "json_schema", "json_schema": schema}}
+    kind = "regex" if "regex" in spec else "choice"
+    return body | {"structured_outputs": {kind: spec[kind]}}
+
+
+def _asks_for_format(response_format: Any) -> bool:
+    return response_format is not None and not (
+        isinstance(response_format, dict) and response_format.get("type") == "text"
+    )

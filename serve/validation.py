@@ -23,6 +23,7 @@ from lorafleet.adapters.catalog import Deployment, Tenant, ValidationSet
 from lorafleet.chat_jsonl import answer_of, load_jsonl
 from lorafleet.errors import DataError, InvalidRequest
 from lorafleet.scoring import METRICS
+from lorafleet.serve.answer_format import enforce_format
 from lorafleet.serve.engine.client import Engines, map_engine_errors, public_engine_message
 from lorafleet.serve.feedback.confidence import summarize, token_logprobs
 from lorafleet.serve.rollouts.statistics import Measurement, paired_gate
@@ -148,12 +149,14 @@ async def replay_and_score(
     max_tokens: int,
     concurrency: int = 8,
     answered: Callable[[], None] | None = None,
+    answer_format: dict | None = None,
 ) -> Replay:
     """The one replay path of the gate, A/B evaluation and drift replay: register adapter
     `digest`, let it answer every item through the engine (greedy, the same path as live
     traffic), score the answers. The chosen tokens' log-probabilities come along (`logprobs`
     changes no token): the baseline of confidence drift. `answered` is called after each
-    answer (progress)."""
+    answer (progress). The deployment's `answer_format`, where enforced, constrains the answers
+    as it does live traffic's."""
     engine = engines.client_for(digest)  # in a fleet: the replica that serves the adapter
     await engine.ensure_loaded(digest)
     limit = asyncio.Semaphore(concurrency)
@@ -166,6 +169,7 @@ async def replay_and_score(
             "max_tokens": max_tokens,
             "logprobs": True,
         }
+        body = enforce_format(body, answer_format)
         async with limit:
             with map_engine_errors():
                 response = await engine.http.post("/v1/chat/completions", json=body)

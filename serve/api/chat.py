@@ -4,6 +4,8 @@
     read_body    the JSON body, checked where the gateway reads it, its images admitted
     resolve      the deployment the body names, from the route cache (a miss reads the catalog)
     assign       the variant that serves the request: stable, or its sticky bucket's in a rollout
+    constrain    the deployment's enforced answer format, as the engine's structured-output
+                 constraint (`answer_format.enforce_format`), unless the client sent its own
     wait_for_slot  the fair queue: engine slots shared max-min fairly between tenants
     forward      place on a replica, ensure the adapter is loaded, forward, relay
                  (`forward.forward_with_failover`: once more elsewhere if a replica did not answer)
@@ -25,6 +27,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from lorafleet.errors import InvalidRequest, RateLimited
+from lorafleet.serve.answer_format import enforce_format
 from lorafleet.serve.api.chat_record import ChatRecord
 from lorafleet.serve.api.forward import forward_with_failover
 from lorafleet.serve.gateway import Gateway
@@ -64,6 +67,7 @@ async def serve_chat(
         body = await read_body(request, admitted.limits, gateway, read)
         deployment = await resolve(gateway, request.state.api_key, body["model"])
         route = assign(tenant, deployment, body, request.headers, record.request_id)
+        body = enforce_format(body, route.answer_format)
         await wait_for_slot(gateway, tenant)
         usage = record.forwarding(route, body, gateway.settings.record_confidence)
         forwarded = await forward_with_failover(gateway.fleet, body, route, usage)

@@ -364,8 +364,10 @@ def put_answer_format(
     tenant: CurrentTenant,
     spec: Annotated[dict[str, Any], Body()],
 ) -> DeploymentPublic:
-    """`{"json_schema": {...}}`, `{"regex": "..."}`, or `{}` to clear: rollouts and A/B tests
-    measure it."""
+    """`{"json_schema": {...}}`, `{"regex": "..."}`, `{"choice": [...]}`, each with `"enforce":
+    true` to have the engine produce it (every request of the deployment gets the matching
+    structured-output constraint unless it sends its own), or `{}` to clear: rollouts, A/B tests
+    and drift measure it."""
     target = get_deployment(session, tenant, deployment)
     target.answer_format = check_format_spec(spec)
     session.commit()
@@ -653,13 +655,19 @@ async def evaluate_ab(
     target = await run_in_threadpool(get_deployment, session, tenant, deployment)
     rollout = await run_in_threadpool(_latest, session, target, "ab")
     validation = require_validation_set(target)
+    answer_format = target.answer_format
     gateway.fleet.require_up()
     release_connection(session)  # the replays take a while: no connection held meanwhile
     items = read_items(await run_in_threadpool(gateway.validation_store.read, validation.digest))
     scores = {}
     for variant in rollout.variants:
         replayed = await replay_and_score(
-            gateway.fleet, variant["digest"], items, validation.metric, max_tokens
+            gateway.fleet,
+            variant["digest"],
+            items,
+            validation.metric,
+            max_tokens,
+            answer_format=answer_format,
         )
         scores[variant["label"]] = replayed.scores
     labels = list(scores)

@@ -137,23 +137,39 @@ def deployments_format(
         Optional[Path], typer.Option(exists=True, dir_okay=False, help="JSON schema file.")
     ] = None,
     regex: Annotated[Optional[str], typer.Option(help="Regex the whole answer must match.")] = None,
+    choice: Annotated[
+        Optional[str], typer.Option(help="The answers allowed, comma-separated, e.g. A,B,C,D.")
+    ] = None,
+    enforce: Annotated[
+        bool,
+        typer.Option(
+            help="The engine produces the format (vLLM's structured outputs) for every request "
+            "that sends no constraint of its own; else it is only measured."
+        ),
+    ] = False,
     clear: Annotated[bool, typer.Option(help="Remove the declared format.")] = False,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
-    """Declare the answer format (rollouts and A/B tests measure format validity against it)."""
-    if sum(x is not None and x is not False for x in (json_schema, regex, clear or None)) != 1:
-        raise typer.BadParameter("give exactly one of --json-schema, --regex or --clear")
+    """Declare the answer format (rollouts, A/B tests and drift measure format validity against
+    it; `--enforce` makes the engine produce it)."""
+    given = (json_schema, regex, choice, clear or None)
+    if sum(x is not None for x in given) != 1:
+        raise typer.BadParameter("give exactly one of --json-schema, --regex, --choice or --clear")
     try:
         spec = (
             {"json_schema": json.loads(json_schema.read_text())}
             if json_schema
             else {"regex": regex}
             if regex
+            else {"choice": [c.strip() for c in choice.split(",")]}
+            if choice
             else {}
         )
     except ValueError as exc:
         raise typer.BadParameter(f"{json_schema} is not valid JSON: {exc}") from exc
+    if enforce:
+        spec["enforce"] = True
     result = LorafleetClient(url, api_key).set_answer_format(deployment, spec)
     console.print(f"{result['name']}: answer format {json.dumps(result['answer_format'])}")
 

@@ -149,6 +149,7 @@ class _ReplayPlan:
     versions: list[tuple[str, int, str]]  # (variant, version id, digest)
     tenant: str
     name: str
+    answer_format: dict | None  # enforced in the replays where it is, as in live traffic
 
 
 @dataclass(frozen=True)
@@ -368,7 +369,12 @@ class DriftMonitor:
             # duration
             started_at = time.time()
             replay = await replay_and_score(
-                self.engine, digest, plan.items, plan.metric, max_tokens
+                self.engine,
+                digest,
+                plan.items,
+                plan.metric,
+                max_tokens,
+                answer_format=plan.answer_format,
             )
             baseline = await run_in_threadpool(self._baseline_of, deployment_id, version_id)
             test = (
@@ -396,7 +402,8 @@ class DriftMonitor:
                 (variant, v.id, v.digest) for variant, v in live_versions(session, deployment)
             ]
             tenant = session.get_one(Tenant, deployment.tenant_id).name
-            return _ReplayPlan(items, validation.metric, versions, tenant, deployment.name)
+            name, answer_format = deployment.name, deployment.answer_format
+            return _ReplayPlan(items, validation.metric, versions, tenant, name, answer_format)
 
     def _baseline_of(self, deployment_id: int, version_id: int) -> ValidationRun | None:
         with self.sessions() as session:

@@ -37,13 +37,21 @@ async def run_gate(
     candidate_digest: str,
     params: RolloutStart,
     progress: GateProgress | None = None,
+    answer_format: dict | None = None,
 ) -> tuple[Measurement, dict]:
     """The gate's measurement and its evidence (per-item scores and the first disagreements);
-    `progress` counts the answers as they come."""
+    `progress` counts the answers as they come; the deployment's `answer_format` constrains them
+    where it is enforced, as it does live answers."""
     answered = progress.one_more if progress is not None else None
     stable, candidate = [
         await replay_and_score(
-            engine, digest, items, metric, params.gate_max_tokens, answered=answered
+            engine,
+            digest,
+            items,
+            metric,
+            params.gate_max_tokens,
+            answered=answered,
+            answer_format=answer_format,
         )
         for digest in (stable_digest, candidate_digest)
     ]

@@ -110,6 +110,7 @@ class _Snapshot:
     variants: list[dict]
     validation_digest: str | None
     metric: str | None
+    answer_format: dict | None  # the deployment's: enforced in the gate's replays where it is
 
 
 class RolloutController:
@@ -242,6 +243,7 @@ class RolloutController:
             canary["digest"],
             snap.view.params,
             progress,
+            snap.answer_format,
         )
 
     async def stop(self) -> None:
@@ -331,6 +333,7 @@ class RolloutController:
                 rollout.variants,
                 validation.digest if validation else None,
                 validation.metric if validation else None,
+                deployment.answer_format,
             )
 
     async def _write(self, snap: _Snapshot, change: Callable[[Session, Rollout], None]) -> bool:

@@ -11,10 +11,12 @@ import pytest
 
 from lorafleet.errors import InvalidRequest
 from lorafleet.serve.answer_format import (
+    MAX_CHOICES,
     MAX_SPEC_BYTES,
     REGEX_TIMEOUT_S,
     answer_checker,
     check_format_spec,
+    enforce_format,
 )
 
 CATASTROPHIC = r"(a|aa)+$"  # exponential backtracking on "aaaa…a!"
@@ -188,3 +190,61 @@ def test_answers_that_break_the_json_parser_are_invalid_not_errors():
     assert check("[" * 100_000 + "]" * 100_000) is False  # RecursionError in json.loads
     assert check("1" * 5000) is False  # past int's digit limit: ValueError
     assert check("[[]]") is True
+
+
+def test_a_choice_of_answers_is_a_format_and_checks_the_stripped_answer():
+    spec = {"choice": ["A", "B", "C", "D"]}
+    assert check_format_spec(spec) == spec
+    check = answer_checker(spec)
+    assert check("B") and check(" C\n") and not check("b") and not check("B) red")
+    for bad in ([], ["A", "A"], [" A"], ["A", 3], "ABCD", ["x"] * (MAX_CHOICES + 1)):
+        _refused({"choice": bad}, "'choice'")
+
+
+def test_enforce_is_stored_only_when_asked_and_needs_a_format():
+    regex_spec = {"regex": "[A-D]"}
+    assert check_format_spec({**regex_spec, "enforce": False}) == regex_spec
+    assert check_format_spec({**regex_spec, "enforce": True}) == {**regex_spec, "enforce": True}
+    assert answer_checker({**regex_spec, "enforce": True})("C")  # enforcing changes no check
+    _refused({"enforce": True}, "needs a format")
+    _refused({**regex_spec, "enforce": "yes"}, "true or false")
+    _refused({"regex": "a", "choice": ["a"]}, "exactly one")
+
+
+BODY = {"model": "d", "messages": [{"role": "user", "content": "?"}]}
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+
+@pytest.mark.parametrize(
+    ("spec", "added"),
+    [
+        (
+            {"json_schema": SCHEMA, "enforce": True},
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "answer_format", "schema": SCHEMA, "strict": True},
+                }
+            },
+        ),
+        ({"regex": "[A-D]", "enforce": True}, {"structured_outputs": {"regex": "[A-D]"}}),
+        ({"choice": ["A", "B"], "enforce": True}, {"structured_outputs": {"choice": ["A", "B"]}}),
+    ],
+)
+def test_an_enforced_format_becomes_the_engines_constraint(spec, added):
+    assert enforce_format(BODY, spec) == {**BODY, **added}
+    assert enforce_format({**BODY, "response_format": {"type": "text"}}, spec) == {
+        **BODY,
+        "response_format": {"type": "text"},
+        **added,
+    }
+    # the client's own constraint wins
+    for own in (
+        {"response_format": {"type": "json_object"}},
+        {"structured_outputs": {"choice": ["x"]}},
+        {"guided_regex": "x"},
+    ):
+        assert enforce_format({**BODY, **own}, spec) == {**BODY, **own}
+    # declared only, or no format: the body as it is
+    declared = {k: v for k, v in spec.items() if k != "enforce"}
+    assert enforce_format(BODY, declared) is BODY and enforce_format(BODY, None) is BODY
