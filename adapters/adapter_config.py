@@ -232,19 +232,17 @@ def check_target_modules(config: dict, spec: BaseModelSpec) -> None:
     if isinstance(targets, str):  # PEFT: re.fullmatch(target_modules, module name)
         (hits,) = _run_patterns("target_modules", [(targets, paths, "fullmatch")])
         if not any(hits[: len(lora_able)]):
-            elsewhere = sorted(
-                {spec.other_linear[p] for p, hit in zip(paths[len(lora_able) :], hits) if hit}
-            )
-            where = f" (only layers of the {' and '.join(elsewhere)})" if elsewhere else ""
+            others = zip(paths[len(lora_able) :], hits[len(lora_able) :])
+            elsewhere = sorted({spec.other_linear[p] for p, hit in others if hit})
+            if not elsewhere:
+                raise InvalidAdapter(
+                    "target_modules", f"{targets!r} matches no layer the engine applies LoRA to"
+                )
             raise InvalidAdapter(
                 "target_modules",
-                f"{targets!r} matches no layer the engine applies LoRA to{where}: for the base "
-                f"{spec.name} ({spec.architecture or 'unknown architecture'}) that is the "
-                + (
-                    "language model, vision tower and connector"
-                    if spec.tower_lora
-                    else "language model only"
-                ),
+                f"{targets!r} matches only layers of the {' and '.join(elsewhere)}, where the "
+                f"engine applies no LoRA for the base {spec.name} "
+                f"({spec.architecture or 'unknown architecture'}): it would silently ignore them",
             )
         return
     for name in targets:

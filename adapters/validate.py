@@ -190,17 +190,16 @@ def _classify_key(key: str, spec: BaseModelSpec, tower_lora: bool) -> tuple[str,
         part = spec.other_linear[module]
         raise InvalidAdapter(
             "target_modules",
-            f"{match['module']} is in the {part}: the engine applies LoRA to the language model "
-            f"only for the base {spec.name} ({spec.architecture or 'unknown architecture'}), and "
-            "would silently ignore it",
+            f"{match['module']} is in the {part}, where the engine applies no LoRA for the base "
+            f"{spec.name} ({spec.architecture or 'unknown architecture'}): it would silently "
+            "ignore it",
         )
     if module in spec.tower_modules and not tower_lora:
         raise InvalidAdapter(
             "target_modules",
             f"{match['module']} is in the {_PART_NAMES[spec.part(module)]}: "
-            "LORAFLEET_TOWER_LORA=off on this "
-            "server, so its engine applies LoRA to the language model only; ask the operator, or "
-            "train the language model only",
+            "LORAFLEET_TOWER_LORA=off on this server, so its engine applies LoRA to the language "
+            "model only; ask the operator, or train the language model only",
         )
     if module not in spec.lora_modules and module not in spec.tower_modules:
         raise InvalidAdapter(

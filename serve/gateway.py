@@ -124,6 +124,7 @@ def build_gateway(settings: Settings) -> Gateway:
     if not settings.base:
         raise ValueError("no base model: pass --base (hub id or local path) or set LORAFLEET_BASE")
     spec = load_base_spec(settings.base)  # before anything is created: a base that is not there
+    tower_lora(settings)  # LORAFLEET_TOWER_LORA=on for a base without it: ValueError, at once
     _private(settings.home)
     db, sessions = open_catalog(settings.database_url, upgrade=settings.catalog_auto_upgrade)
     tmp_dir = scratch_dir(settings)

@@ -2,7 +2,9 @@
 
 The base learns the general task ("What is in the image?" -> "a red circle"); tenants then want
 other answer formats on the same images: JSON (`{"shape": "circle", "color": "red"}`) or one French
-word ("rouge").
+word ("rouge"). Two lessons of fine-tuning are told here too (`LESSON_TASKS`): a visual property the
+base's vision tower never learned (a shape's stripes, whose mean colour is the plain shape's), and a
+multiple-choice question answered with the option's text or with its letter.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ __all__ = [
     "TASKS",
     "BASE_TASKS",
     "TENANT_TASKS",
+    "LESSON_TASKS",
+    "LESSON_TASK_NAMES",
+    "OPTIONS",
+    "LETTERS",
     "draw",
     "make_example",
     "write_task",
@@ -59,28 +65,66 @@ TASKS = {"general": _general, "color": _color, "shape": _shape, "json": _json, "
 BASE_TASKS = ("general", "color", "shape")  # what the tiny base is pre-trained to follow
 TENANT_TASKS = ("json", "french")  # new answer formats that tenants' adapters learn
 
+OPTIONS = "A) red B) green C) blue D) yellow"
+LETTERS = dict(zip(("red", "green", "blue", "yellow"), "ABCD"))
 
-def draw(shape: str, color: str, rng: random.Random) -> Image.Image:
-    """A shape of random size and place on a lightly tinted background."""
+
+def _color_option(shape: str, color: str) -> tuple[str, str]:
+    return f"Which color is the object? {OPTIONS}", color
+
+
+def _color_letter(shape: str, color: str) -> tuple[str, str]:
+    return f"Which color is the object? {OPTIONS} Answer with the letter.", LETTERS[color]
+
+
+# "texture": is the object striped or plain (a question about pixels the base never had to see);
+# "color_option" answers a multiple-choice question with the option's text, "color_letter" with
+# its letter
+LESSON_TASKS = {"color_option": _color_option, "color_letter": _color_letter}
+LESSON_TASK_NAMES = ("texture", *LESSON_TASKS)
+
+
+STRIPE_PX = 2  # rows of each stripe
+STRIPE_CONTRAST = 60  # each stripe this much above or below the fill: the same mean colour
+
+
+def draw(shape: str, color: str, rng: random.Random, striped: bool = False) -> Image.Image:
+    """A shape of random size and place on a lightly tinted background; `striped`: in horizontal
+    stripes, lighter and darker by turns, of the same mean colour as the plain fill."""
     background = tuple(rng.randint(225, 255) for _ in range(3))
     image = Image.new("RGB", (SIZE, SIZE), background)
     size = rng.randint(52, 92)
     x, y = rng.randint(4, SIZE - size - 4), rng.randint(4, SIZE - size - 4)
     fill = tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in COLORS[color])
-    pen = ImageDraw.Draw(image)
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    pen = ImageDraw.Draw(mask)
     if shape == "circle":
-        pen.ellipse((x, y, x + size, y + size), fill=fill)
+        pen.ellipse((x, y, x + size, y + size), fill=255)
     elif shape == "square":
-        pen.rectangle((x, y, x + size, y + size), fill=fill)
+        pen.rectangle((x, y, x + size, y + size), fill=255)
     else:
-        pen.polygon([(x + size / 2, y), (x, y + size), (x + size, y + size)], fill=fill)
+        pen.polygon([(x + size / 2, y), (x, y + size), (x + size, y + size)], fill=255)
+    paint = Image.new("RGB", (SIZE, SIZE), fill)
+    if striped:
+        stripes = ImageDraw.Draw(paint)
+        # per channel, as far up as down (never clipped): the mean stays the fill's
+        step = [min(STRIPE_CONTRAST, c, 255 - c) for c in fill]
+        for row in range(0, SIZE, STRIPE_PX):
+            sign = 1 if (row // STRIPE_PX) % 2 else -1
+            shade = tuple(c + sign * d for c, d in zip(fill, step))
+            stripes.rectangle((0, row, SIZE, row + STRIPE_PX - 1), fill=shade)
+    image.paste(paint, mask=mask)
     return image
 
 
 def make_example(task: str, rng: random.Random) -> tuple[Image.Image, str, str]:
     """(image, question, answer) for one random object."""
     shape, color = rng.choice(SHAPES), rng.choice(sorted(COLORS))
-    question, answer = TASKS[task](shape, color)
+    if task == "texture":
+        striped = rng.random() < 0.5
+        answer = "striped" if striped else "plain"
+        return draw(shape, color, rng, striped), "Is the object striped or plain?", answer
+    question, answer = {**TASKS, **LESSON_TASKS}[task](shape, color)
     return draw(shape, color, rng), question, answer
 
 

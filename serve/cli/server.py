@@ -65,7 +65,7 @@ def serve(
     from pydantic import ValidationError
 
     from lorafleet.serve.api.app import create_app
-    from lorafleet.serve.engine.command import engine_pictures
+    from lorafleet.serve.engine.command import engine_pictures, tower_lora
     from lorafleet.serve.settings import Settings
 
     given = dict(
@@ -124,6 +124,8 @@ def serve(
         budget = engine_pictures(settings)
         if not settings.engine_url and budget is not None and budget.scales_down:
             engines += f"\npictures: scaled down to at most {budget.describe()}"
+        if not settings.engine_url and tower_lora(settings):
+            engines += "\nadapters: the language model, the connector and the vision tower"
     console.print(
         f"lorafleet gateway on http://{settings.host}:{settings.port}, base {settings.base}, "
         f"state in {settings.home}\n{engines}",
