@@ -311,7 +311,8 @@ class EngineClient:
         answers = []
         for model in (SERVED_BASE_NAME, digest):
             body = _picture_question(model, max_tokens=1) | {"top_logprobs": 5}
-            response = await self.http.post("/v1/chat/completions", json=body, timeout=120)
+            with map_engine_errors():
+                response = await self.http.post("/v1/chat/completions", json=body, timeout=120)
             if response.status_code != 200:
                 raise EngineUnavailable(
                     f"the engine did not answer a picture question: {self._error_text(response)}"
