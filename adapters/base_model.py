@@ -181,7 +181,7 @@ def _require_fetchable(base: str, timeout_s: float = 3.0) -> None:
 def tower_lora_supported(architectures: list[str] | None) -> bool:
     """Whether vLLM can apply LoRA to the vision tower and connector of a base with these
     `architectures` (its config's)."""
-    return bool(architectures) and architectures[0] in TOWER_LORA
+    return bool(architectures and architectures[0] in TOWER_LORA)
 
 
 def training_dtype(base: str, cuda: bool) -> str:

@@ -107,7 +107,7 @@ def prove_servable(
     base_ids = [o["token_ids"] for o in vllm_outputs["base"]]
     adapter_ids = [o["token_ids"] for o in vllm_outputs["adapter"]]
     # (b) the prompts whose answers the adapter can change
-    seen = range(len(prompts))
+    seen = list(range(len(prompts)))
     if validated.parts != ("language",):
         seen = [i for i in seen if count_images(prompts[i])]
         if not seen:

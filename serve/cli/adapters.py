@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TransferSpeedColumn
@@ -156,6 +156,7 @@ def deployments_format(
     given = (json_schema, regex, choice, clear or None)
     if sum(x is not None for x in given) != 1:
         raise typer.BadParameter("give exactly one of --json-schema, --regex, --choice or --clear")
+    spec: dict[str, Any]
     try:
         spec = (
             {"json_schema": json.loads(json_schema.read_text())}

@@ -434,3 +434,28 @@ def test_cli_drives_a_rollout_and_reports_the_gate(shapes, server, general_val):
     aborted = runner.invoke(app, ["rollout", "abort", "shapes"], env=env)
     assert aborted.exit_code == 0 and "Aborted" in aborted.output
     assert http.get("/v1/deployments").json()[0]["adapter"]["version"] == 1
+
+
+def test_an_enforced_format_makes_every_variant_valid_and_is_still_measured(
+    shapes, general_requests
+):
+    """The A/B test of the test above, with the deployment's format enforced: the adapter that
+    broke every answer's format now answers in it too."""
+    http = shapes()
+    http.put(
+        "/v1/deployments/shapes/answer-format", json={**FORMAT, "enforce": True}
+    ).raise_for_status()
+    started = http.post(
+        "/v1/deployments/shapes/ab",
+        json={"variants": [{"adapter": "m@1", "weight": 50}, {"adapter": "m@3", "weight": 50}]},
+    )
+    assert started.status_code == 201, started.text
+    served = _variants(http, general_requests, [f"enf-{i}" for i in range(80)], max_tokens=12)
+    assert set(served.values()) == {"m@1", "m@3"}
+    time.sleep(1.5)  # the controller flushes request samples every tick
+    by_variant = {v["variant"]: v for v in http.get("/v1/deployments/shapes/ab").json()["variants"]}
+    assert sum(v["requests"] for v in by_variant.values()) == 80
+    assert by_variant["m@1"]["format_validity"] == by_variant["m@3"]["format_validity"] == 1.0
+    # the replays answer under the format too, and still tell the variants apart by their scores
+    scores = http.post("/v1/deployments/shapes/ab/evaluate").json()["scores"]
+    assert scores["m@1"] > scores["m@3"]
