@@ -36,7 +36,8 @@ class Servability:
     near_ties: int  # prompts where the engines parted at a near-tie
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """As JSON writes it (the manifest's `servability`)."""
+        return asdict(self) | {"parts": list(self.parts)}
 
 
 def peft_greedy(
