@@ -48,13 +48,16 @@ def tiny_build(
 @tiny.command("data")
 def tiny_data(out: Path, train_size: int = 400, val_size: int = 60, seed: int = 0) -> None:
     """Write the shapes world's tasks as chat JSONL: general (the probe), json and french (tenant
-    tasks)."""
-    from lorafleet.train.shapes import TASKS, write_task
+    tasks), and the lessons' texture (a property the base's vision tower never learned),
+    color_option and color_letter (a multiple-choice question answered with the option's text or
+    its letter)."""
+    from lorafleet.train.shapes import LESSON_TASK_NAMES, TASKS, write_task
 
-    for task in TASKS:
+    tasks = [*TASKS, *LESSON_TASK_NAMES]
+    for task in tasks:
         write_task(task, train_size, out / f"{task}-train.jsonl", seed)
         write_task(task, val_size, out / f"{task}-val.jsonl", seed + 1)
-    console.print(f"{', '.join(TASKS)} train/val sets written to {out}", soft_wrap=True)
+    console.print(f"{', '.join(tasks)} train/val sets written to {out}", soft_wrap=True)
 
 
 @tiny.command("adapter")
