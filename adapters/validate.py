@@ -322,5 +322,6 @@ MIN_UPLOAD_BYTES = 512 * 1024 * 1024  # the fixed limit before it was derived
 def upload_limit(spec: BaseModelSpec, max_rank: int) -> int:
     """The largest upload accepted when no limit is set: a float32 adapter of `max_rank` on every
     LoRA-able layer of the base, and a quarter more (its config, the archive), at least 512 MiB.
-    Qwen2.5-VL-3B's rank-64 adapter on every layer is 479 MB; a 7B's, 646 MB."""
+    Qwen2.5-VL-3B's rank-64 adapter on every layer of its language model is 479 MB, with its vision
+    tower and connector 662 MB (limit 827 MB); a 7B's language model alone, 646 MB."""
     return max(MIN_UPLOAD_BYTES, spec.adapter_bytes(max_rank) * 5 // 4)

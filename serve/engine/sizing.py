@@ -351,7 +351,10 @@ def model_shape(base: str, dtype: str) -> ModelShape:
     # vLLM's "auto" serves float32 checkpoints in 16 bits
     width = 4 if dtype in ("float32", "float") else 2
     spec = load_base_spec(base)
-    features = sum(i + o for i, o in spec.lora_modules.values())
+    # vLLM sizes every slot for the tower's and connector's LoRA too where it applies it there (the
+    # engine does unless LORAFLEET_TOWER_LORA=off, when this overestimates a little)
+    layers = [*spec.lora_modules.values(), *spec.tower_modules.values()]
+    features = sum(i + o for i, o in layers)
     weights = spec.parameters * width
     files = sum(f.stat().st_size for f in Path(base).glob("*.safetensors"))
     return ModelShape(
