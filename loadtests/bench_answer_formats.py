@@ -31,19 +31,20 @@ from rich.table import Table
 
 from lorafleet.serve.dev.local_server import LocalServer
 from lorafleet.serve.gateway_client import LorafleetClient
+from lorafleet.train import shapes
 
 console = Console(width=160)
-LETTERS = ["A", "B", "C", "D"]
+LETTERS = list(shapes.LETTERS.values())
 COLOR_JSON = {
     "type": "object",
     "properties": {
-        "shape": {"enum": ["circle", "square", "triangle"]},
-        "color": {"enum": ["red", "green", "blue", "yellow"]},
+        "shape": {"enum": list(shapes.SHAPES)},
+        "color": {"enum": list(shapes.COLORS)},
     },
     "required": ["shape", "color"],
     "additionalProperties": False,
 }
-WORDS = ["red", "green", "blue", "yellow"]
+WORDS = list(shapes.COLORS)
 # deployment -> (adapter task, its enforced format or None, the unconstrained side it is compared
 # with)
 FORMATS = {

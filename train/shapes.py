@@ -65,8 +65,8 @@ TASKS = {"general": _general, "color": _color, "shape": _shape, "json": _json, "
 BASE_TASKS = ("general", "color", "shape")  # what the tiny base is pre-trained to follow
 TENANT_TASKS = ("json", "french")  # new answer formats that tenants' adapters learn
 
-OPTIONS = "A) red B) green C) blue D) yellow"
-LETTERS = dict(zip(("red", "green", "blue", "yellow"), "ABCD"))
+LETTERS = dict(zip(COLORS, "ABCD"))  # each colour's option letter
+OPTIONS = " ".join(f"{letter}) {color}" for color, letter in LETTERS.items())
 
 
 def _color_option(shape: str, color: str) -> tuple[str, str]:
@@ -82,6 +82,7 @@ def _color_letter(shape: str, color: str) -> tuple[str, str]:
 # its letter
 LESSON_TASKS = {"color_option": _color_option, "color_letter": _color_letter}
 LESSON_TASK_NAMES = ("texture", *LESSON_TASKS)
+_QUESTIONS = {**TASKS, **LESSON_TASKS}  # every task but texture, whose image differs too
 
 
 STRIPE_PX = 2  # rows of each stripe
@@ -124,7 +125,7 @@ def make_example(task: str, rng: random.Random) -> tuple[Image.Image, str, str]:
         striped = rng.random() < 0.5
         answer = "striped" if striped else "plain"
         return draw(shape, color, rng, striped), "Is the object striped or plain?", answer
-    question, answer = {**TASKS, **LESSON_TASKS}[task](shape, color)
+    question, answer = _QUESTIONS[task](shape, color)
     return draw(shape, color, rng), question, answer
 
 
