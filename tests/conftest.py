@@ -224,6 +224,31 @@ class Server(LocalServer):
     def stored_digests(self) -> set[str]:
         return {p.name for p in (self.home / "adapters").iterdir() if not p.name.startswith(".")}
 
+    def attach(self, home: Path, **settings: str) -> LocalServer:
+        """Start a second gateway on this server's engine, with `settings` of its own (not yet
+        ready: `wait_ready`)."""
+        return LocalServer.start(
+            self.base,
+            home,
+            **{
+                "engine_url": self.engine_url,
+                "engine_api_key": self.env["LORAFLEET_ENGINE_API_KEY"],
+                "max_model_len": "512",
+                "max_lora_rank": str(MAX_RANK),
+                "dtype": "float32",
+                **settings,
+            },
+        )
+
+    def unload(self, digest: str) -> None:
+        """Make the engine forget an adapter a gateway attached to it registered from a folder of
+        its own (the engine is the session's; that folder goes with the test)."""
+        httpx.post(
+            f"{self.engine_url}/v1/unload_lora_adapter",
+            json={"lora_name": digest},
+            headers={"Authorization": f"Bearer {self.env['LORAFLEET_ENGINE_API_KEY']}"},
+        )
+
 
 @pytest.fixture(scope="session")
 def served_quantization(tiny_model: Path):

@@ -9,8 +9,6 @@ import boto3
 import httpx
 
 from lorafleet.adapters.s3_store import MANIFEST, parse_s3_url
-from lorafleet.serve.dev.local_server import LocalServer
-from tests.conftest import MAX_RANK
 from tests.helpers import image_messages, upload_folder
 
 
@@ -18,18 +16,8 @@ def test_an_s3_store_serves_an_uploaded_adapter(server, s3_url, make_adapter, tm
     """A second gateway on the session's engine, with its adapters in S3 (nothing under its home
     but the cache)."""
     url = f"{s3_url}/{uuid.uuid4().hex[:8]}"
-    token = server.env["LORAFLEET_ENGINE_API_KEY"]
     home = tmp_path / "s3-gateway"
-    gateway = LocalServer.start(
-        server.base,
-        home,
-        store_url=url,
-        engine_url=server.engine_url,
-        engine_api_key=token,
-        max_model_len="512",
-        max_lora_rank=str(MAX_RANK),
-        dtype="float32",
-    )
+    gateway = server.attach(home, store_url=url)
     digest = None
     try:
         gateway.wait_ready(120)
@@ -55,10 +43,5 @@ def test_an_s3_store_serves_an_uploaded_adapter(server, s3_url, make_adapter, tm
         assert (home / "cache" / "adapters" / digest / "adapter_model.safetensors").is_file()
     finally:
         gateway.stop()
-        # the engine is the session's: it must not keep a name whose folder is this test's
         if digest:
-            httpx.post(
-                f"{server.engine_url}/v1/unload_lora_adapter",
-                json={"lora_name": digest},
-                headers={"Authorization": f"Bearer {token}"},
-            )
+            server.unload(digest)

@@ -93,21 +93,10 @@ def test_a_gateway_with_tower_lora_off_refuses_tower_adapters_and_serves_the_oth
     server, tower_adapters, make_adapter, tmp_path
 ):
     """A second gateway on the session's engine, with LORAFLEET_TOWER_LORA=off."""
-    from lorafleet.serve.dev.local_server import LocalServer
     from lorafleet.serve.gateway_client import pack_adapter
-    from tests.conftest import MAX_RANK
     from tests.helpers import assert_openai_error, image_messages, upload_archive
 
-    gateway = LocalServer.start(
-        server.base,
-        tmp_path / "home",
-        engine_url=server.engine_url,
-        engine_api_key=server.env["LORAFLEET_ENGINE_API_KEY"],
-        max_model_len="512",
-        max_lora_rank=str(MAX_RANK),
-        dtype="float32",
-        tower_lora="off",
-    )
+    gateway = server.attach(tmp_path / "home", tower_lora="off")
     digest = None
     try:
         gateway.wait_ready(120)
@@ -134,9 +123,5 @@ def test_a_gateway_with_tower_lora_off_refuses_tower_adapters_and_serves_the_oth
         assert stored == {digest}  # the refused upload left nothing in the store
     finally:
         gateway.stop()
-        if digest:  # the engine is the session's: it must not keep a name whose folder was ours
-            httpx.post(
-                f"{server.engine_url}/v1/unload_lora_adapter",
-                json={"lora_name": digest},
-                headers={"Authorization": f"Bearer {server.env['LORAFLEET_ENGINE_API_KEY']}"},
-            )
+        if digest:
+            server.unload(digest)
