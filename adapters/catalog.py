@@ -145,6 +145,9 @@ class Deployment(Base):
     # "max_per_day", "retention_days"} (`lorafleet.serve.capture.CapturePolicy`); None: nothing is
     # kept
     capture: Mapped[dict | None] = mapped_column(JSON)
+    # the InferenceObjective its requests name to an InferencePool, set by the admin (revision
+    # 0006); None: the gateway's default (`pool_objective`)
+    objective: Mapped[str | None] = mapped_column(String(253))
     # next scheduled replay (claimed by UPDATE)
     drift_replay_at: Mapped[float] = mapped_column(default=0.0)
     # next input/output drift look (claimed alike)

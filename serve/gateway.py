@@ -188,11 +188,11 @@ def build_gateway(settings: Settings) -> Gateway:
 def _quantization(settings: Settings) -> tuple[Hardware, Quantization]:
     """What the engine serves the base with. A gateway in front of engine nodes plans it on its
     own machine for the record only, and one that could not run it (fp8 on a CPU-only gateway
-    host) is no error: the nodes run it."""
+    host) is no error: the nodes run it (behind a pool too)."""
     try:
         return quantization_for(settings)
     except UnsupportedQuantization:
-        if not settings.engines:
+        if not (settings.engines or settings.pool_url):
             raise
         return detect_hardware(), Quantization(f"{settings.quantize} (planned on the engine nodes)")
 

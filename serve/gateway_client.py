@@ -104,6 +104,16 @@ class LorafleetClient:
     def get_limits(self, name: str) -> dict:
         return self._call("GET", f"/admin/tenants/{name}/limits")
 
+    def objective(self, tenant: str, deployment: str) -> dict:
+        return self._call("GET", f"/admin/tenants/{tenant}/deployments/{deployment}/objective")
+
+    def set_objective(self, tenant: str, deployment: str, objective: str | None) -> dict:
+        return self._call(
+            "PUT",
+            f"/admin/tenants/{tenant}/deployments/{deployment}/objective",
+            json={"objective": objective},
+        )
+
     def list_keys(self, name: str) -> list[dict]:
         return self._call("GET", f"/admin/tenants/{name}/keys")
 

@@ -66,6 +66,7 @@ class DeploymentEntry:
     validation_set_id: int | None
     rollout: RolloutEntry | None
     capture: dict | None = None  # the deployment's capture policy (None: off)
+    objective: str | None = None  # the InferenceObjective the admin gave it (None: the default)
 
 
 class RouteCache:
@@ -189,6 +190,7 @@ class RouteCache:
                         rollout.id, rollout.salt, rollout.step_index, tuple(routing_table(rollout))
                     ),
                     deployment.capture,
+                    deployment.objective,
                 ),
             )
         with self._lock:

@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "ObjectiveName", "check_objective_name"]
+
+
+# an InferenceObjective's name: a Kubernetes object's (RFC 1123 subdomain)
+OBJECTIVE_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
+
+
+def check_objective_name(value: str) -> str:
+    """The name of an InferenceObjective a pool's requests may name (the settings' and each
+    deployment's): lowercase letters, digits, '-' and '.', starting and ending with a letter or
+    digit, at most 253."""
+    if not OBJECTIVE_PATTERN.match(value):
+        raise ValueError(
+            f"invalid objective {value!r}: an InferenceObjective's name is 1-253 lowercase "
+            "letters, digits, '-' or '.', starting and ending with a letter or digit"
+        )
+    return value
+
+
+ObjectiveName = Annotated[str, AfterValidator(check_objective_name)]
 
 
 class Settings(BaseSettings):
@@ -432,6 +452,26 @@ class Settings(BaseSettings):
         gt=0,
         description="How often the `engines` host names are resolved again (seconds).",
     )
+    pool_url: str = Field(
+        default="",
+        description="An upstream that places requests itself, instead of lorafleet's own engines "
+        "(or `--pool`): the address of an llm-d / Gateway API Inference Extension "
+        "`InferencePool`'s gateway, in front of `lorafleet engine` pods. lorafleet sends it every "
+        "chat request and replay with `model` = the adapter's digest (the pods' resolver loads it) "
+        "and the tenant and objective headers, and does no placement, scraping or loading of its "
+        "own. Its bearer token is `engine_api_key`.",
+    )
+    pool_objective: str = Field(
+        default="",
+        description="The `InferenceObjective` named in the headers of live requests to the pool, "
+        "for deployments the admin gave none of their own; empty: no objective header (the "
+        "pool's default priority).",
+    )
+    pool_replay_objective: str = Field(
+        default="",
+        description="The `InferenceObjective` of the replays sent to the pool (validation gate, "
+        "A/B evaluation, drift); empty: `pool_objective`.",
+    )
 
     @field_validator("engines", mode="before")
     @classmethod
@@ -456,6 +496,23 @@ class Settings(BaseSettings):
                     f"an engine is an http(s) URL such as http://engine-0:8100, not {url!r}"
                 )
         return [url.rstrip("/") for url in urls]
+
+    @field_validator("pool_url")
+    @classmethod
+    def _pool_url(cls, url: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if url and (parts.scheme not in ("http", "https") or not parts.hostname):
+            raise ValueError(
+                f"the pool is an http(s) URL such as http://inference-gateway, not {url!r}"
+            )
+        return url.rstrip("/")
+
+    @field_validator("pool_objective", "pool_replay_objective")
+    @classmethod
+    def _objective_name(cls, name: str) -> str:
+        return check_objective_name(name) if name else name
 
     @field_validator("placement_policy")
     @classmethod
@@ -483,10 +540,17 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.home / 'catalog.db'}"
         if not self.store_url:
             self.store_url = f"file://{self.home / 'adapters'}"
-        if sum((self.replicas > 1, bool(self.engines), bool(self.engine_url))) > 1:
+        sources = (
+            self.replicas > 1,
+            bool(self.engines),
+            bool(self.engine_url),
+            bool(self.pool_url),
+        )
+        if sum(sources) > 1:
             raise ValueError(
-                "choose one of replicas (engines this gateway starts), engines (engine nodes) and "
-                "engine_url (one engine beside the gateway)"
+                "choose one of replicas (engines this gateway starts), engines (engine nodes), "
+                "engine_url (one engine beside the gateway) and pool_url (an InferencePool that "
+                "places requests itself)"
             )
         return self
 

@@ -61,6 +61,8 @@ class Route:
     answer_format: dict | None = None
     sample_inputs: bool = False  # the drift monitor may keep this request's features
     capture: dict | None = None  # the deployment's capture policy, when it keeps requests
+    tenant: str = ""  # for an InferencePool's flow control (`EngineClient.flow_headers`)
+    objective: str | None = None  # the deployment's InferenceObjective (None: the default)
 
     @property
     def headers(self) -> dict[str, str]:

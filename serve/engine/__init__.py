@@ -17,4 +17,6 @@
                 first time a request names it, and publishes what the node is
 - `vllm_fixes`  vLLM's plugin in every engine: lorafleet's fixes to vLLM's adapter lookup and to its
                 adapter metric's series
+- `loaded_adapters`  an engine node's adapter residency on its /metrics, in vLLM's proposed series
+                (`vllm:lora_adapter_loaded`), for an InferencePool's endpoint picker
 """

@@ -19,6 +19,11 @@ A new engine process compiles parts of its sampler on the first request that nee
 log-probability gather takes seconds on a CPU): `warm_up` sends that request, an image and a text
 with log-probabilities as the gateway asks for them, before the engine is marked up, so the first
 tenant's request is as fast as the tenth.
+
+An InferencePool (llm-d, the Gateway API Inference Extension) is one such client too
+(`pool=Objectives(...)`): it places each request on a pod itself, whose resolver loads the adapter
+the request names, so the gateway never asks it to load, unload or warm anything; it is told who
+each request is for (`flow_headers`), and its health is that its address answers.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ import re
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -57,9 +63,26 @@ from lorafleet.serve.metrics import Metrics
 __all__ = [
     "EngineClient",
     "Engines",
+    "Objectives",
+    "FAIRNESS_HEADERS",
+    "OBJECTIVE_HEADERS",
     "map_engine_errors",
     "public_engine_message",
 ]
+
+# What an InferencePool's endpoint picker reads for flow control, under the Gateway API Inference
+# Extension's names and llm-d's (since its 0.8): each reads its own, the other passes through.
+FAIRNESS_HEADERS = ("x-gateway-inference-fairness-id", "x-llm-d-inference-fairness-id")
+OBJECTIVE_HEADERS = ("x-gateway-inference-objective", "x-llm-d-inference-objective")
+
+
+@dataclass(frozen=True)
+class Objectives:
+    """The InferenceObjectives a pool is told: of live requests (where the deployment names none)
+    and of replays; empty: none (the pool's default priority)."""
+
+    live: str = ""
+    replay: str = ""
 
 
 _KEEPALIVE_S = 3.0
@@ -148,14 +171,17 @@ class EngineClient:
         token: str = "",
         private_paths: Iterable[str | Path] = (),
         by_digest: bool = False,
+        pool: Objectives | None = None,
     ) -> None:
         """A supervised engine on a private loopback `port`, or one already running at `url` with
         its `token`; `private_paths` (the gateway's home, the base model) never appear in what
         tenants are told. `by_digest`: an engine node (`lorafleet engine`), which finds adapters
         in the store itself (its resolver) and cannot read this gateway's folders, so it is asked
-        for a digest and never handed a path."""
+        for a digest and never handed a path. `pool`: an InferencePool in front of such nodes,
+        which places requests itself (its objectives)."""
         self.store = store
-        self.by_digest = by_digest
+        self.pool = pool
+        self.by_digest = by_digest or pool is not None
         self.private_paths = _local_folders([*private_paths, store.local_path("_").parent])
         self.metrics = metrics
         self.port = port or free_port()
@@ -183,7 +209,7 @@ class EngineClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         # referenced until done (the loop keeps only weak references)
         self._unloads: set[asyncio.Task] = set()
-        if not by_digest:  # a node's copies are its own cache's
+        if not self.by_digest:  # a node's copies are its own cache's
             store.on_evict(self._evicted)
 
     @property
@@ -249,7 +275,22 @@ class EngineClient:
             message = response.text
         return public_engine_message(str(message), self.private_paths)[:300]
 
-    async def post_chat(self, body: bytes, request_id: str = "") -> aiohttp.ClientResponse:
+    def flow_headers(
+        self, tenant: str, objective: str | None = None, replay: bool = False
+    ) -> dict[str, str]:
+        """Who a request is for, as a pool's flow control reads it: the tenant (requests of one
+        tenant share its fair share) and the InferenceObjective (its priority): `objective`, else
+        the pool's default for live requests or replays. Nothing for lorafleet's own engines."""
+        if self.pool is None:
+            return {}
+        headers = dict.fromkeys(FAIRNESS_HEADERS, tenant) if tenant else {}
+        if objective := objective or (self.pool.replay if replay else self.pool.live):
+            headers |= dict.fromkeys(OBJECTIVE_HEADERS, objective)
+        return headers
+
+    async def post_chat(
+        self, body: bytes, request_id: str = "", headers: Mapping[str, str] | None = None
+    ) -> aiohttp.ClientResponse:
         """POST a chat completion (JSON bytes); the caller reads and releases the response. vLLM
         names the completion `chatcmpl-<request_id>` when one is given.
 
@@ -271,7 +312,7 @@ class EngineClient:
                 auto_decompress=False,
                 read_bufsize=2**20,
             )  # an SSE line may be long (logprobs)
-        headers = {"X-Request-Id": request_id} if request_id else None
+        headers = {**(headers or {}), **({"X-Request-Id": request_id} if request_id else {})}
         try:
             return await self._chat.post("/v1/chat/completions", data=body, headers=headers)
         # closed under us before any answer: not processed, send it again
@@ -279,15 +320,21 @@ class EngineClient:
             return await self._chat.post("/v1/chat/completions", data=body, headers=headers)
 
     async def healthy(self) -> bool:
+        """The engine answers `/health`; a pool's gateway answers at all (it may route no such
+        path to a pod, or pass on one pod's failure: each request finds its own pod)."""
         try:
-            return (await self.http.get("/health", timeout=5.0)).status_code == 200
+            status = (await self.http.get("/health", timeout=5.0)).status_code
         except httpx.HTTPError:
             return False
+        return self.pool is not None or status == 200
 
     async def warm_up(self, timeout_s: float) -> float | None:
         """Ask the base for two tokens about a small image, with log-probabilities, so the
         engine compiles what a first request would; the seconds it took, None when the engine
-        did not answer 200 within `timeout_s` (requests are served anyway, the first one slower)."""
+        did not answer 200 within `timeout_s` (requests are served anyway, the first one slower).
+        A pool's pods are warmed by their own start, not through it."""
+        if self.pool is not None:
+            return None
         body = _picture_question(SERVED_BASE_NAME, max_tokens=2)
         t0 = time.perf_counter()
         try:
@@ -333,7 +380,11 @@ class EngineClient:
     async def ensure_loaded(self, digest: str) -> None:
         """Register an adapter on the engine under its digest (by path from the store's local
         copy, or by digest on a node); one load in flight per digest. Every call is a use of the
-        adapter on this engine, as the request or replay that follows (`residency`)."""
+        adapter on this engine, as the request or replay that follows (`residency`). A pool
+        loads what its requests name where it places them: nothing is asked of it here."""
+        if self.pool is not None:
+            self.require_up()
+            return
         if digest in self._loaded:
             if not self.by_digest:
                 self.store.touch(digest)
@@ -422,7 +473,8 @@ class EngineClient:
                 await self.ensure_loaded(digest)
 
     async def unload(self, digest: str) -> None:
-        """Best effort: forget an adapter (it is only ever unloaded once nothing uses it)."""
+        """Best effort: forget an adapter (it is only ever unloaded once nothing uses it; a
+        pool's pods drop it from their caches when it is no longer asked for)."""
         self.residency.forget(digest)
         if digest not in self._loaded or not self.up:
             self._loaded.discard(digest)

@@ -32,6 +32,7 @@ __all__ = [
 
 SERVED_BASE_NAME = "lorafleet-base"
 NODE_INFO_ENV = "LORAFLEET_NODE_INFO"
+RESIDENCY_FILE_ENV = "LORAFLEET_NODE_RESIDENCY_FILE"
 
 
 def engine_command(
@@ -196,7 +197,13 @@ def node_command(settings: Settings, host: str, port: int) -> tuple[list[str], d
         "max_lora_rank": str(sizing.max_lora_rank),
         "tower_lora": str(tower_lora(settings)).lower(),
     }
-    return cmd, env | {"LORAFLEET_ENGINE_RESOLVER": "1", NODE_INFO_ENV: json.dumps(info)}
+    # where its worker writes the residency of its adapters (`loaded_adapters`), one file per node
+    residency = settings.home / "engine" / f"residency-{port}.json"
+    return cmd, env | {
+        "LORAFLEET_ENGINE_RESOLVER": "1",
+        NODE_INFO_ENV: json.dumps(info),
+        RESIDENCY_FILE_ENV: str(residency),
+    }
 
 
 def _in_the_child(nice: int) -> None:

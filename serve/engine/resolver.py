@@ -24,7 +24,8 @@ import re
 from typing import cast
 
 from lorafleet.adapters.store import AdapterStore, open_store
-from lorafleet.serve.engine.command import NODE_INFO_ENV
+from lorafleet.serve.engine import loaded_adapters
+from lorafleet.serve.engine.command import NODE_INFO_ENV, SERVED_BASE_NAME
 from lorafleet.serve.settings import Settings
 
 __all__ = ["StoreResolver", "register"]
@@ -58,11 +59,13 @@ class StoreResolver:
 def register() -> None:
     """vLLM's plugin hook (run in each vLLM process): register the store resolver where this node
     asks for it, and publish what the node is (`lorafleet_node_info` on vLLM's /metrics:
-    hardware, quantization, sizing), which gateways read to describe and size it."""
+    hardware, quantization, sizing), which gateways read to describe and size it, and the
+    residency of its adapters (`lorafleet.serve.engine.loaded_adapters`)."""
     settings = Settings()
     if not settings.engine_resolver:
         return
     _publish_node_info(os.environ.get(NODE_INFO_ENV, ""))
+    loaded_adapters.register(SERVED_BASE_NAME)  # its adapters' residency, for an InferencePool
     from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
     store = open_store(

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 
-__all__ = ["FIXED_VLLM", "LatestSeriesOnly", "apply", "register"]
+__all__ = ["FIXED_VLLM", "LatestSeriesOnly", "apply", "read_against", "register"]
 
 log = logging.getLogger("lorafleet.engine.fixes")
 
@@ -35,20 +35,12 @@ FIXED_VLLM = ("0.32.",)  # the versions whose code this was read against
 
 def apply() -> bool:
     """Patch this process's vLLM; True when patched (or already)."""
-    import vllm
     from vllm.lora import worker_manager
 
     manager_class = worker_manager.LRUCacheWorkerLoRAManager
     if getattr(manager_class.add_adapter, "_lorafleet_fix", False):
         return True
-    if not vllm.__version__.startswith(FIXED_VLLM) or not hasattr(
-        worker_manager, "gpu_sync_allowed"
-    ):
-        log.warning(
-            "vLLM %s runs as released (lorafleet's fixes are for %s)",
-            vllm.__version__,
-            ", ".join(v + "x" for v in FIXED_VLLM),
-        )
+    if not read_against("lorafleet's fixes", hasattr(worker_manager, "gpu_sync_allowed")):
         return False
     released = manager_class.add_adapter
 
@@ -67,6 +59,22 @@ def apply() -> bool:
     manager_class.add_adapter = add_adapter  # type: ignore[method-assign]
     _keep_the_latest_adapter_series()
     return True
+
+
+def read_against(what: str, present: bool = True) -> bool:
+    """Whether this process's vLLM is the release `what` was read against (`FIXED_VLLM`) and has
+    what it relies on (`present`); if not, one warning: vLLM runs as released there."""
+    import vllm
+
+    if vllm.__version__.startswith(FIXED_VLLM) and present:
+        return True
+    log.warning(
+        "vLLM %s runs as released, without %s (read against vLLM %s)",
+        vllm.__version__,
+        what,
+        ", ".join(v + "x" for v in FIXED_VLLM),
+    )
+    return False
 
 
 class LatestSeriesOnly:

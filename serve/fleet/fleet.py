@@ -10,6 +10,10 @@ Where the replicas come from (settings; one of them):
                        replica (a headless Service names every pod)
     engine_url URL     one engine beside the gateway that reads the gateway's folders
                        (attached, as before)
+    pool_url URL       an InferencePool (llm-d, the Gateway API Inference Extension) in front of
+                       engine nodes: one upstream (`pool`) that places every request itself; the
+                       gateway scrapes, places and loads nothing, and sends a request that reached
+                       no pod once more
 
 What the gateway knows of each replica comes from the replica: every `fleet_scrape_s` it reads
 vLLM's `/metrics` (requests running and waiting, and an engine node's `lorafleet_node_info`:
@@ -40,7 +44,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lorafleet.adapters.store import AdapterStore
 from lorafleet.errors import EngineUnavailable
-from lorafleet.serve.engine.client import EngineClient
+from lorafleet.serve.engine.client import EngineClient, Objectives
 from lorafleet.serve.engine.hardware import Hardware, Quantization
 from lorafleet.serve.engine.residency import TIERS
 from lorafleet.serve.engine.sizing import EngineSizing, Workload
@@ -59,6 +63,9 @@ __all__ = ["EngineReplica", "Fleet", "open_fleet", "parse_engine_metrics"]
 
 log = logging.getLogger("lorafleet.fleet")
 
+# a pool queues and sheds requests itself: the fair queue in front of it only shares this many
+# between tenants, unless `engine_slots` says otherwise
+POOL_SLOTS = 1024
 _SCRAPED = ("vllm:num_requests_running", "vllm:num_requests_waiting", "lorafleet_node_info")
 _SCRAPE_TIMEOUT_S = 5.0
 
@@ -85,7 +92,8 @@ class EngineReplica:
     """One engine of the fleet: how to reach it, who watches it, and what its last scrape said."""
 
     name: str
-    # supervised (this gateway starts it) | node (`lorafleet engine`) | attached (`engine_url`)
+    # supervised (this gateway starts it) | node (`lorafleet engine`) | attached (`engine_url`) |
+    # pool (`pool_url`)
     kind: str
     client: EngineClient
     supervisor: EngineSupervisor
@@ -130,6 +138,8 @@ class EngineReplica:
         gateway."""
         if self.kind == "node":
             return int(self.node.get("max_num_seqs") or 0)
+        if self.kind == "pool":
+            return POOL_SLOTS
         return self.supervisor.sizing.max_num_seqs
 
     def has(self, digest: str) -> bool:
@@ -154,7 +164,7 @@ class EngineReplica:
         """What `/admin/engines` says of it."""
         supervisor = self.supervisor
         state = supervisor.state if self.reachable or not self.client.up else "unreachable"
-        local = self.kind != "node"
+        local = self.kind not in ("node", "pool")
         return {
             "name": self.name,
             "url": self.client.url,
@@ -204,6 +214,8 @@ class Fleet:
             settings.placement_policy, load_factor=settings.placement_load_factor
         )
         self._new_node = new_node
+        # an InferencePool: its one replica places every request itself
+        self.pool = bool(settings.pool_url)
         self._ring: HashRing | None = None
         self._tasks: list[asyncio.Task] = []
         # chat requests placed by this gateway, spilled, sent again
@@ -225,7 +237,9 @@ class Fleet:
     def require_up(self) -> None:
         if not self.up:
             raise EngineUnavailable(
-                "the engine is starting or restarting; retry shortly"
+                "the pool does not answer; retry shortly"
+                if self.pool
+                else "the engine is starting or restarting; retry shortly"
                 if len(self.replicas) <= 1
                 else "no engine replica is up; retry shortly"
             )
@@ -276,6 +290,9 @@ class Fleet:
         return replica
 
     def _choose(self, digest: str, exclude: Iterable[str] = ()) -> tuple[EngineReplica, Placement]:
+        if self.pool:  # (once more after a try that reached no pod: the pool chooses again)
+            self.require_up()
+            return self.replicas[0], Placement(self.replicas[0].name, False, "pool")
         excluded = set(exclude)
         candidates = [replica for replica in self.replicas if replica.name not in excluded]
         self.require_up()
@@ -292,7 +309,9 @@ class Fleet:
 
     def mark_unreachable(self, replica: EngineReplica) -> None:
         """A request to `replica` got no answer: no more requests go there until a scrape
-        answers."""
+        answers. A pool stays: its gateway, not a pod, is what the request reached."""
+        if self.pool:
+            return
         if replica.reachable and replica.client.up:  # (a starting engine answers nothing yet)
             log.warning("replica %s did not answer; out of placement until it does", replica.name)
         replica.reachable = False
@@ -302,7 +321,9 @@ class Fleet:
         """Whether a request that got no answer from the replicas `tried` may go to another one
         (counted)."""
         excluded = set(tried)
-        if not any(replica.routable for replica in self.replicas if replica.name not in excluded):
+        if not self.pool and not any(
+            replica.routable for replica in self.replicas if replica.name not in excluded
+        ):
             return False
         self.failovers += 1
         self.metrics.failovers.inc()
@@ -363,7 +384,8 @@ class Fleet:
             await self._discover()
         for replica in self.replicas:
             await replica.supervisor.start()
-        self._tasks.append(asyncio.create_task(self._scrape_forever(), name="fleet-scrape"))
+        if not self.pool:  # a pool's endpoint picker reads its pods' metrics
+            self._tasks.append(asyncio.create_task(self._scrape_forever(), name="fleet-scrape"))
         if self.settings.engines:
             self._tasks.append(
                 asyncio.create_task(self._discover_forever(), name="fleet-discovery")
@@ -562,6 +584,20 @@ def open_fleet(
 
     if settings.engines:
         fleet = Fleet(settings, metrics, [], new_node=node)
+        return fleet
+    if settings.pool_url:
+        objectives = Objectives(
+            settings.pool_objective, settings.pool_replay_objective or settings.pool_objective
+        )
+        client = EngineClient(
+            store,
+            metrics,
+            url=settings.pool_url,
+            token=token,
+            private_paths=private,
+            pool=objectives,
+        )
+        fleet = Fleet(settings, metrics, [replica("pool", "pool", client, logs / "engine.log")])
         return fleet
     if settings.engine_url:
         client = EngineClient(

@@ -38,6 +38,7 @@ async def run_gate(
     params: RolloutStart,
     progress: GateProgress | None = None,
     answer_format: dict | None = None,
+    tenant: str = "",
 ) -> tuple[Measurement, dict]:
     """The gate's measurement and its evidence (per-item scores and the first disagreements);
     `progress` counts the answers as they come; the deployment's `answer_format` constrains them
@@ -52,6 +53,7 @@ async def run_gate(
             params.gate_max_tokens,
             answered=answered,
             answer_format=answer_format,
+            tenant=tenant,
         )
         for digest in (stable_digest, candidate_digest)
     ]

@@ -244,6 +244,7 @@ class RolloutController:
             snap.view.params,
             progress,
             snap.answer_format,
+            snap.tenant,
         )
 
     async def stop(self) -> None:

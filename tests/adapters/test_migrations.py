@@ -181,12 +181,7 @@ def test_a_catalog_at_0003_is_upgraded_to_0004_and_its_rows_have_no_manifest_and
     before = _schema(empty_catalog_url)
     _upgrade_to(empty_catalog_url, "0004")
     after = _schema(empty_catalog_url)
-    added = {
-        (table, column[0])
-        for table in after
-        for column in after[table]["columns"]
-        if column not in before[table]["columns"]
-    }
+    added = _added_columns(before, after)
     assert added == {("adapter_versions", "manifest"), ("validation_runs", "started_at")}
     assert all(
         column[2]
@@ -362,13 +357,7 @@ def test_a_catalog_at_0004_is_upgraded_to_0005_and_its_versions_change_the_langu
     rows = insert_rows(empty_catalog_url)
     before = _schema(empty_catalog_url)
     _upgrade_to(empty_catalog_url, "0005")
-    after = _schema(empty_catalog_url)
-    added = {
-        (table, column[0])
-        for table in after
-        for column in after[table]["columns"]
-        if column not in before[table]["columns"]
-    }
+    added = _added_columns(before, _schema(empty_catalog_url))
     assert added == {("adapter_versions", "parts")}
     db, sessions = open_catalog(empty_catalog_url, upgrade=True)
     with sessions() as session:
@@ -405,3 +394,47 @@ def test_revision_0005_downgrades_to_the_schema_of_0004(dialect, new_database):
         command.downgrade(alembic_config(connection), "0004")
     engine.dispose()
     assert _schema(down_from_0005) == _schema(at_0004)
+
+
+def test_a_catalog_at_0005_is_upgraded_to_0006_and_its_deployments_take_the_default_objective(
+    empty_catalog_url,
+):
+    _upgrade_to(empty_catalog_url, "0005")
+    rows = insert_rows(empty_catalog_url)
+    before = _schema(empty_catalog_url)
+    _upgrade_to(empty_catalog_url, "0006")
+    added = _added_columns(before, _schema(empty_catalog_url))
+    assert added == {("deployments", "objective")}
+    db, sessions = open_catalog(empty_catalog_url, upgrade=True)
+    with sessions() as session:
+        tenant = authenticate(session, rows.key)
+        deployment = get_deployment(session, tenant, rows.deployment)
+        assert deployment.objective is None  # the gateway's default
+        deployment.objective = "lorafleet-critical"
+        session.commit()
+    with sessions() as session:
+        tenant = authenticate(session, rows.key)
+        assert get_deployment(session, tenant, rows.deployment).objective == "lorafleet-critical"
+    db.dispose()
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", ON_POSTGRESQL])
+def test_revision_0006_downgrades_to_the_schema_of_0005(dialect, new_database):
+    at_0005, down_from_0006 = new_database(dialect), new_database(dialect)
+    _upgrade_to(at_0005, "0005")
+    _upgrade_to(down_from_0006, "0006")
+    engine = create_engine(down_from_0006)
+    with engine.begin() as connection:
+        command.downgrade(alembic_config(connection), "0005")
+    engine.dispose()
+    assert _schema(down_from_0006) == _schema(at_0005)
+
+
+def _added_columns(before: dict, after: dict) -> set[tuple[str, str]]:
+    """(table, column) of every column in the schema `after` that `before` lacks."""
+    return {
+        (table, column[0])
+        for table in after
+        for column in after[table]["columns"]
+        if column not in before[table]["columns"]
+    }

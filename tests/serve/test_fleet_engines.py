@@ -154,12 +154,13 @@ def _supervised(base: Path, tmp: pytest.TempPathFactory) -> Iterator[Setup]:
         gateway.stop()
 
 
-@contextlib.contextmanager
-def _nodes(base: Path, tmp: pytest.TempPathFactory, s3_url: str) -> Iterator[Setup]:
-    store_url, token = f"{s3_url}/fleet-nodes", secrets.token_urlsafe(12)
+def start_nodes(
+    base: Path, tmp: pytest.TempPathFactory, store_url: str, token: str, count: int = 2
+) -> dict[str, EngineNode]:
+    """`count` engine nodes on the store at `store_url`, by address (`127.0.0.1:PORT`), starting."""
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
-    engines: dict[str, EngineNode] = {}
-    for i in range(2):
+    nodes: dict[str, EngineNode] = {}
+    for i in range(count):
         home = tmp.mktemp(f"node-{i}")
         env = (
             base_env
@@ -172,7 +173,14 @@ def _nodes(base: Path, tmp: pytest.TempPathFactory, s3_url: str) -> Iterator[Set
             }
         )
         port = free_port()
-        engines[f"127.0.0.1:{port}"] = EngineNode(base, home, port, env)
+        nodes[f"127.0.0.1:{port}"] = EngineNode(base, home, port, env)
+    return nodes
+
+
+@contextlib.contextmanager
+def _nodes(base: Path, tmp: pytest.TempPathFactory, s3_url: str) -> Iterator[Setup]:
+    store_url, token = f"{s3_url}/fleet-nodes", secrets.token_urlsafe(12)
+    engines = start_nodes(base, tmp, store_url, token)
     gateway = LocalServer.start(
         base,
         tmp.mktemp("fleet-gateway"),

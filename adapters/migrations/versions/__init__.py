@@ -5,4 +5,5 @@
 - `0003_feedback_loop`          the request log, feedback and captures
 - `0004_manifest_replay_start`  the trainer's manifest on adapter versions; when replays start
 - `0005_version_parts`          the parts of the base each adapter version changes
+- `0006_deployment_objective`   the InferenceObjective each deployment's requests name to a pool
 """

@@ -499,7 +499,9 @@ async def test_a_replay_records_when_it_started_and_when_it_ended(catalog_url, m
     replay_s = 0.3
 
     # the engine's part, timed
-    async def slow_replay(engines, digest, items, metric, max_tokens, answer_format) -> Replay:
+    async def slow_replay(
+        engines, digest, items, metric, max_tokens, answer_format, tenant
+    ) -> Replay:
         await asyncio.sleep(replay_s)
         return Replay(
             digest,
