@@ -26,6 +26,7 @@ import typer.testing
 
 from lorafleet.serve.dev.local_server import LocalServer
 from lorafleet.serve.engine.command import free_port
+from tests.engine_nodes import Nodes, start_nodes
 from tests.postgres import database_name, postgres_database
 
 # pytest-xdist's workers run with COLUMNS=80 and LINES=24 in their environment, which the CLI's
@@ -525,3 +526,18 @@ def s3_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def engine_nodes(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, s3_url: str
+) -> Iterator[Nodes]:
+    """Two `lorafleet engine` nodes on one S3 store, shared by the tests that put lorafleet's fleet
+    or a pool in front of them (their engine starts are the longest part of those tests). A test
+    that kills one brings it back before it ends."""
+    nodes = start_nodes(tiny_model, tmp_path_factory, f"{s3_url}/nodes", secrets.token_urlsafe(12))
+    try:
+        yield nodes
+    finally:
+        for node in nodes.nodes.values():
+            node.stop()

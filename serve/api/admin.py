@@ -461,7 +461,7 @@ def get_engines(gateway: GatewayDep) -> dict:
     hardware."""
     fleet = gateway.fleet
     return {
-        "policy": fleet.policy.name,
+        "policy": "pool" if fleet.pool else fleet.policy.name,  # the pool: its own placement
         "replicas": fleet.describe(),
         "placed": fleet.placed,
         "spills": fleet.spills,

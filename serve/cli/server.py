@@ -226,7 +226,10 @@ def engines(url: Url = DEFAULT_URL, admin_key: AdminKey = None) -> None:
         )
     console.print(table)
     console.print(
-        f"placement {fleet['policy']}: {fleet['placed']} requests placed, "
+        f"the pool places every request: {fleet['placed']} sent to it, {fleet['failovers']} sent "
+        "again after it reached no engine"
+        if fleet["policy"] == "pool"
+        else f"placement {fleet['policy']}: {fleet['placed']} requests placed, "
         f"{fleet['spills']} spilled past their home replica, {fleet['failovers']} sent again "
         "after a replica failed",
         highlight=False,

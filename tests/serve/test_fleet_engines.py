@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -20,75 +19,14 @@ import httpx
 import pytest
 
 from lorafleet.serve.dev.local_server import LocalServer
-from lorafleet.serve.engine.command import free_port
 from lorafleet.serve.fleet.placement import HashRing
 from tests.conftest import NEAR_BASE_STD
+from tests.engine_nodes import ENGINE, Nodes, with_group
 from tests.helpers import image_messages, poll_until, upload_folder
 
 pytestmark = pytest.mark.engine
 
-ENGINE = dict(
-    max_model_len="512",
-    dtype="float32",
-    max_num_seqs="4",
-    max_lora_rank="8",
-    cpu_kvcache_gib="1",
-    max_loras="2",
-    quantize="none",
-)
 ADAPTERS = 4
-
-
-class EngineNode:
-    """`lorafleet engine` as a process of its own (it becomes vLLM), restartable on its port."""
-
-    def __init__(self, base: Path, home: Path, port: int, env: dict[str, str]) -> None:
-        self.base, self.home, self.port, self.env = base, home, port, env
-        self.process = self._spawn()
-
-    def _spawn(self) -> subprocess.Popen:
-        self.home.mkdir(parents=True, exist_ok=True)
-        with open(self.home / "engine.log", "ab") as log:
-            return subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "lorafleet.serve.cli",
-                    "engine",
-                    "--base",
-                    str(self.base),
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                ],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def kill(self) -> None:
-        with_group(self.process.pid, signal.SIGKILL)
-        self.process.wait(60)
-
-    def restart(self) -> None:
-        self.process = self._spawn()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            with_group(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                with_group(self.process.pid, signal.SIGKILL)
-
-
-def with_group(pid: int, signum: int) -> None:
-    try:
-        os.killpg(pid, signum)
-    except ProcessLookupError:
-        pass
 
 
 class Setup:
@@ -154,38 +92,14 @@ def _supervised(base: Path, tmp: pytest.TempPathFactory) -> Iterator[Setup]:
         gateway.stop()
 
 
-def start_nodes(
-    base: Path, tmp: pytest.TempPathFactory, store_url: str, token: str, count: int = 2
-) -> dict[str, EngineNode]:
-    """`count` engine nodes on the store at `store_url`, by address (`127.0.0.1:PORT`), starting."""
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
-    nodes: dict[str, EngineNode] = {}
-    for i in range(count):
-        home = tmp.mktemp(f"node-{i}")
-        env = (
-            base_env
-            | {f"LORAFLEET_{k.upper()}": v for k, v in ENGINE.items()}
-            | {
-                "LORAFLEET_ENGINE_API_KEY": token,
-                "LORAFLEET_STORE_URL": store_url,
-                "LORAFLEET_HOME": str(home),
-                "LORAFLEET_STORE_CACHE_DIR": str(home / "cache"),
-            }
-        )
-        port = free_port()
-        nodes[f"127.0.0.1:{port}"] = EngineNode(base, home, port, env)
-    return nodes
-
-
 @contextlib.contextmanager
-def _nodes(base: Path, tmp: pytest.TempPathFactory, s3_url: str) -> Iterator[Setup]:
-    store_url, token = f"{s3_url}/fleet-nodes", secrets.token_urlsafe(12)
-    engines = start_nodes(base, tmp, store_url, token)
+def _nodes(base: Path, tmp: pytest.TempPathFactory, nodes: Nodes) -> Iterator[Setup]:
+    engines = nodes.nodes
     gateway = LocalServer.start(
         base,
         tmp.mktemp("fleet-gateway"),
-        store_url=store_url,
-        engine_api_key=token,
+        store_url=nodes.store_url,
+        engine_api_key=nodes.token,
         fleet_scrape_s="0.5",
         engines=",".join(f"http://{name}" for name in engines),
         **ENGINE,
@@ -200,8 +114,6 @@ def _nodes(base: Path, tmp: pytest.TempPathFactory, s3_url: str) -> Iterator[Set
         )
     finally:
         gateway.stop()
-        for node in engines.values():
-            node.stop()
 
 
 def _all_up(gateway: LocalServer) -> bool:
@@ -226,7 +138,7 @@ def setup(
     started = (
         _supervised(tiny_model, tmp_path_factory)
         if request.param == "supervised"
-        else _nodes(tiny_model, tmp_path_factory, request.getfixturevalue("s3_url"))
+        else _nodes(tiny_model, tmp_path_factory, request.getfixturevalue("engine_nodes"))
     )
     with started as fleet:
         ring = HashRing(list(fleet.replicas()))

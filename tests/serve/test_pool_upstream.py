@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import subprocess
 import sys
 import threading
@@ -30,9 +29,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from lorafleet.serve.dev.local_server import LocalServer
 from lorafleet.serve.gateway_client import inline_images
 from tests.conftest import NEAR_BASE_STD
+from tests.engine_nodes import EngineNode, Nodes
 from tests.helpers import assert_openai_error, image_messages, poll_until, upload_folder
 from tests.pool_standin import PoolStandIn
-from tests.serve.test_fleet_engines import EngineNode, start_nodes
 
 pytestmark = pytest.mark.engine
 
@@ -53,17 +52,15 @@ class Pool:
 
 @pytest.fixture(scope="module")
 def pool(
-    tiny_model: Path, make_adapter, tmp_path_factory: pytest.TempPathFactory, s3_url: str
+    tiny_model: Path, make_adapter, tmp_path_factory: pytest.TempPathFactory, engine_nodes: Nodes
 ) -> Iterator[Pool]:
-    store_url, token = f"{s3_url}/pool-nodes", secrets.token_urlsafe(12)
-    started = start_nodes(tiny_model, tmp_path_factory, store_url, token)
-    nodes = {f"http://{address}": node for address, node in started.items()}
+    nodes = {f"http://{address}": node for address, node in engine_nodes.nodes.items()}
     standin = PoolStandIn(nodes)
     gateway = LocalServer.start(
         tiny_model,
         tmp_path_factory.mktemp("pool-gateway"),
-        store_url=store_url,
-        engine_api_key=token,
+        store_url=engine_nodes.store_url,
+        engine_api_key=engine_nodes.token,
         pool_url=standin.url,
         pool_objective="lorafleet-standard",
         pool_replay_objective="lorafleet-replay",
@@ -80,7 +77,7 @@ def pool(
             timeout=120,
         )
         tenants, keys, digests = {}, {}, {}
-        for tenant, seeds in (("acme", (40, 41)), ("globex", (42,))):
+        for tenant, seeds in (("acme", (90, 91)), ("globex", (92,))):  # (not the fleet test's)
             key = admin.post("/admin/tenants", json={"name": tenant}).json()["api_key"]
             keys[tenant] = key
             http = httpx.Client(
@@ -96,8 +93,6 @@ def pool(
     finally:
         gateway.stop()
         standin.close()
-        for node in nodes.values():
-            node.stop()
 
 
 def _healthy(url: str) -> bool:
@@ -184,6 +179,7 @@ def test_every_tenants_deployment_answers_from_either_node_with_its_flow_headers
         ("GET", "/health"),
     }
     engines = pool.admin.get("/admin/engines").json()
+    assert engines["policy"] == "pool" and engines["placed"] >= 14
     assert [(r["name"], r["kind"], r["up"]) for r in engines["replicas"]] == [
         ("pool", "pool", True)
     ]
