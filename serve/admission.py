@@ -4,6 +4,11 @@ engine, so a tenant that floods the gateway queues behind itself, not in front o
 
 vLLM schedules what it is sent first come, first served; without this a tenant with a deep backlog
 would fill the engine's queue and every other tenant's request would wait behind all of it.
+
+Batch lines (OpenAI's Batch API) are background requests: one takes a free slot only when no live
+request waits for it, and while live requests run in the engine, background ones hold at most
+`background_share` of the slots (all of them while none runs). They wait as long as it takes: a
+batch uses what live traffic leaves.
 """
 
 from __future__ import annotations
@@ -22,19 +27,58 @@ class FairQueue:
     """Engine slots shared between tenants, max-min fair; `slots` is read at each decision (the
     engine's size can change when it restarts)."""
 
-    def __init__(self, slots: Callable[[], int], timeout_s: float) -> None:
+    def __init__(
+        self, slots: Callable[[], int], timeout_s: float, background_share: float = 1.0
+    ) -> None:
         self.slots = slots
         self.timeout_s = timeout_s
-        self.running: collections.Counter[str] = collections.Counter()
+        self.background_share = background_share
+        self.running: collections.Counter[str] = collections.Counter()  # live requests
+        self.background: collections.Counter[str] = collections.Counter()
         self._waiting: dict[str, collections.deque[asyncio.Future[None]]] = {}
+        self._waiting_background: dict[str, collections.deque[asyncio.Future[None]]] = {}
 
     @property
     def in_engine(self) -> int:
-        return sum(self.running.values())
+        return sum(self.running.values()) + sum(self.background.values())
 
     @property
     def waiting(self) -> int:
         return sum(len(q) for q in self._waiting.values())
+
+    @property
+    def waiting_background(self) -> int:
+        return sum(len(q) for q in self._waiting_background.values())
+
+    async def acquire_background(self, tenant: str) -> None:
+        """Return when a background request of the tenant (a batch line) may go to the engine:
+        after every live request waiting, within the background's share; no timeout."""
+        turn = asyncio.get_running_loop().create_future()
+        self._waiting_background.setdefault(tenant, collections.deque()).append(turn)
+        self._dispatch()
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self.release_background(tenant)
+            else:
+                self._forget(tenant, turn, self._waiting_background)
+            raise
+
+    def release_background(self, tenant: str) -> None:
+        self.background[tenant] -= 1
+        if self.background[tenant] <= 0:
+            del self.background[tenant]
+        self._dispatch()
+
+    def _background_room(self) -> bool:
+        """Whether a background request may take a slot now."""
+        slots = self.slots()
+        if self._waiting or self.in_engine >= slots:
+            return False
+        if not self.running:  # no live request in the engine: every slot
+            return True
+        return sum(self.background.values()) < max(1, int(slots * self.background_share))
 
     async def acquire(self, tenant: str) -> None:
         """Return when the tenant's request may go to the engine; EngineBusy (503) after
@@ -69,22 +113,37 @@ class FairQueue:
 
     def _dispatch(self) -> None:
         while self._waiting and self.in_engine < self.slots():
-            # the fewest in the engine first; ties: the tenant waiting longest (dicts keep insertion
-            # order)
-            tenant = min(self._waiting, key=lambda t: self.running[t])
-            queue = self._waiting[tenant]
-            turn = queue.popleft()
-            if not queue:
-                del self._waiting[tenant]
-            if not turn.done():
-                self.running[tenant] += 1
-                turn.set_result(None)
+            self._hand_over(self._waiting, self.running)
+        while self._waiting_background and self._background_room():
+            self._hand_over(self._waiting_background, self.background)
 
-    def _forget(self, tenant: str, turn: asyncio.Future[None]) -> None:
-        queue = self._waiting.get(tenant)
+    @staticmethod
+    def _hand_over(
+        waiting: dict[str, collections.deque[asyncio.Future[None]]],
+        running: collections.Counter[str],
+    ) -> None:
+        """One slot to the tenant with the fewest of its kind in the engine; ties: the tenant
+        waiting longest (dicts keep insertion order)."""
+        tenant = min(waiting, key=lambda t: running[t])
+        queue = waiting[tenant]
+        turn = queue.popleft()
+        if not queue:
+            del waiting[tenant]
+        if not turn.done():
+            running[tenant] += 1
+            turn.set_result(None)
+
+    def _forget(
+        self,
+        tenant: str,
+        turn: asyncio.Future[None],
+        waiting: dict[str, collections.deque[asyncio.Future[None]]] | None = None,
+    ) -> None:
+        waiting = self._waiting if waiting is None else waiting
+        queue = waiting.get(tenant)
         if queue is not None:
             with contextlib.suppress(ValueError):
                 queue.remove(turn)
             if not queue:
-                del self._waiting[tenant]
+                del waiting[tenant]
         self._dispatch()

@@ -157,7 +157,9 @@ def build_gateway(settings: Settings) -> Gateway:
     )
     drift = DriftMonitor(sessions, fleet, validation_store, metrics, settings, quantization.label)
     fair_queue = FairQueue(
-        lambda: settings.engine_slots or fleet.slots(), settings.fair_queue_timeout_s
+        lambda: settings.engine_slots or fleet.slots(),
+        settings.fair_queue_timeout_s,
+        settings.batch_share,
     )
     metrics.fair_queue_waiting.set_function(lambda: fair_queue.waiting)
     capture_store = open_capture_store(settings)
