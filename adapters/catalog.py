@@ -394,6 +394,7 @@ class RequestRecord(Base):
     confidence_mean: Mapped[float | None]  # mean token log-probability of the answer (choice 0)
     confidence_min: Mapped[float | None]  # its least likely token's log-probability
     captured: Mapped[bool] = mapped_column(default=False)
+    batch_id: Mapped[str | None] = mapped_column(String(40))  # a batch's line (revision 0007)
 
 
 class Feedback(Base):

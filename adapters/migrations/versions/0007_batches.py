@@ -1,5 +1,7 @@
-"""OpenAI's Files and Batch APIs: a tenant's files (`files`), its batches (`batches`) and the
-finished lines of running batches (`batch_lines`). Tables only, each added where it is missing."""
+"""OpenAI's Files and Batch APIs: a tenant's files (`files`), its batches (`batches`), the
+finished lines of running batches (`batch_lines`), and which request-log rows are a batch's lines
+(`requests.batch_id`, nullable: every earlier row was a live request). Each added where it is
+missing."""
 
 from __future__ import annotations
 
@@ -30,8 +32,15 @@ def upgrade() -> None:
         )
         op.create_index("ix_files_tenant", "files", ["tenant_id", "created_at"])
     if not inspector.has_table("batches"):
-        stamps = ("in_progress_at", "finalizing_at", "completed_at", "failed_at")
-        stamps += ("expired_at", "cancelling_at", "cancelled_at")
+        stamps = (
+            "in_progress_at",
+            "finalizing_at",
+            "completed_at",
+            "failed_at",
+            "expired_at",
+            "cancelling_at",
+            "cancelled_at",
+        )
         op.create_table(
             "batches",
             sa.Column("id", sa.String(length=40), nullable=False),
@@ -57,6 +66,8 @@ def upgrade() -> None:
         )
         op.create_index("ix_batches_tenant", "batches", ["tenant_id", "created_at"])
         op.create_index("ix_batches_status", "batches", ["status"])
+    if "batch_id" not in {c["name"] for c in inspector.get_columns("requests")}:
+        op.add_column("requests", sa.Column("batch_id", sa.String(length=40), nullable=True))
     if not inspector.has_table("batch_lines"):
         op.create_table(
             "batch_lines",
@@ -73,6 +84,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("requests") as batch:
+        batch.drop_column("batch_id")
     op.drop_table("batch_lines")
     op.drop_index("ix_batches_status", table_name="batches")
     op.drop_index("ix_batches_tenant", table_name="batches")
