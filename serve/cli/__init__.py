@@ -21,6 +21,7 @@ import typer
 from lorafleet import __version__
 from lorafleet.serve.cli import (
     adapters,
+    batch,
     db,
     drift,
     feedback,
@@ -81,3 +82,4 @@ app.add_typer(feedback.feedback, name="feedback")
 app.command("requests")(feedback.requests)
 app.command("traffic")(feedback.traffic)
 app.add_typer(feedback.capture, name="capture")
+app.add_typer(batch.batch, name="batch")
