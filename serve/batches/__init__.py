@@ -2,7 +2,7 @@
 
 - `lines`    a batch input file's request lines: read and checked at upload, each error naming its
              line
-- `catalog`  files and batches in the catalog: create, find (a tenant's own only), cancel, claim
+- `records`  files and batches in the catalog: create, find (a tenant's own only), cancel, claim
              under a lease, record finished lines, finish
 - `results`  a finished batch's output and error files, in OpenAI's line shapes
 

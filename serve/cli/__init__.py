@@ -8,6 +8,7 @@ function, and prints.
 - `db`        db current, upgrade, backup (the catalog database itself)
 - `gc`        gc
 - `feedback`  feedback, requests, traffic, capture (the feedback loop)
+- `batch`     batch submit, status, results, cancel (OpenAI's Batch API)
 - `common`    the options every command shares (`--url`, keys) and the one error handler
 - `__main__`  `python -m lorafleet.serve.cli`
 """
