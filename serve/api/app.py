@@ -82,7 +82,7 @@ def _metrics_listener(gateway: Gateway):
 def create_app(settings: Settings) -> FastAPI:
     """The gateway for these settings; the engine starts with the app and stops with it."""
     gateway = build_gateway(settings)
-    batch_runner = BatchRunner(gateway, gateway.controller.owner)
+    batch_runner = BatchRunner(gateway)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -50,9 +50,9 @@ class _LeaseLost(Exception):
 class BatchRunner:
     """This gateway's share of the fleet's batches."""
 
-    def __init__(self, gateway: Gateway, owner: str) -> None:
+    def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self.owner = f"batches:{owner}"
+        self.owner = ""  # this gateway's id, as its rollout leases name it (from `run`)
         self.running: dict[str, asyncio.Task] = {}
         self._stopping: dict[str, str] = {}  # batch id -> how it ends early: cancelled | expired
         self._wake = asyncio.Event()
@@ -64,6 +64,7 @@ class BatchRunner:
             self._loop.call_soon_threadsafe(self._wake.set)
 
     async def run(self) -> None:
+        self.owner = f"batches:{self.gateway.controller.owner}"
         self._loop = asyncio.get_running_loop()
         while True:
             try:
