@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 
 from lorafleet.adapters.catalog import Batch, BatchLine, StoredFile, Tenant, TenantPolicy
 from lorafleet.errors import ServiceUnavailable
-from lorafleet.serve.api.chat import serve_line
+from lorafleet.serve.api.chat import Answered, serve_line
 from lorafleet.serve.batches import records
 from lorafleet.serve.batches.lines import RequestLine, read_lines
 from lorafleet.serve.batches.results import result_files
@@ -204,6 +204,15 @@ class BatchRunner:
                 if batch_id in self._stopping:
                     return
                 await asyncio.sleep(self.gateway.settings.retry_after_s)
+            except Exception:  # a fault of ours: this line fails (500), the batch goes on
+                log.exception("batch %s: line %d failed", batch_id, request.line)
+                error = {
+                    "message": "internal error",
+                    "type": "server_error",
+                    "code": "internal_error",
+                }
+                answered = Answered(500, {"error": error}, "")
+                break
         row = BatchLine(
             batch_id=batch_id,
             line=request.line,
