@@ -207,3 +207,29 @@ def test_the_output_and_error_files_have_openais_line_shape():
     assert refused["response"]["status_code"] == 400 and refused["error"] is None
     assert never["custom_id"] == "never" and never["response"] is None
     assert never["error"]["code"] == "batch_cancelled"
+
+
+def test_the_cli_makes_batch_lines_of_chat_requests_and_of_training_examples():
+    from lorafleet.errors import LorafleetError
+    from lorafleet.serve.cli.batch import batch_lines
+
+    chat = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    example = json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": "What is it?"},
+                {"role": "assistant", "content": "a red circle"},
+            ]
+        }
+    )
+    made = batch_lines("\n".join([chat, "", example, _line("own")]), "reader")
+    lines = read_lines(made, 10_000, 0, {"reader"})
+    assert [(r.custom_id, r.body["model"]) for r in lines] == [
+        ("line-1", "reader"),
+        ("line-3", "reader"),
+        ("own", "reader"),
+    ]
+    assert lines[0].body["max_tokens"] == 4
+    assert lines[1].body["messages"] == [{"role": "user", "content": "What is it?"}]
+    with pytest.raises(LorafleetError, match="line 1: no model: pass --deployment"):
+        batch_lines(chat, None)
