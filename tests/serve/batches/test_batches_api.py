@@ -289,3 +289,55 @@ def test_a_gateway_killed_mid_batch_is_started_again_and_runs_no_finished_line_t
         gateway.stop()
         if digest is not None:
             server.unload(digest)
+
+
+def test_a_batch_is_the_unit_of_an_ab_tests_assignment_unless_a_line_names_a_user(
+    new_tenant, make_adapter
+):
+    tenant = new_tenant()
+    _deployed(tenant, make_adapter)
+    with tenant.http() as http:
+        upload_folder(http, "ext", make_adapter(5, 8, std=NEAR_BASE_STD))
+        started = http.post(
+            "/v1/deployments/reader/ab",
+            json={
+                "variants": [{"adapter": "ext@1", "weight": 50}, {"adapter": "ext@2", "weight": 50}]
+            },
+        )
+        assert started.status_code == 201, started.text
+        digests = {v["ref"]: v["digest"] for v in started.json()["variants"]}
+    client = tenant.openai()
+
+    def adapters_of(lines: list[dict]) -> set[str]:
+        data = ("\n".join(json.dumps(line) for line in lines) + "\n").encode()
+        uploaded = client.files.create(file=("ab.jsonl", data), purpose="batch")
+        batch = client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        done = _finished(client, batch.id)
+        assert done.status == "completed" and done.request_counts.completed == len(lines)
+        ids = [
+            json.loads(line)["response"]["request_id"]
+            for line in client.files.content(done.output_file_id).text.splitlines()
+        ]
+        with tenant.http() as http:
+
+            def served() -> dict[str, str] | None:
+                rows = http.get("/v1/requests", params={"limit": 500}).json()["data"]
+                found = {r["id"]: r["adapter"] for r in rows if r["id"] in ids}
+                return found if len(found) == len(ids) else None
+
+            logged = poll_until(served, 30, "every line in the request log")
+        return set(logged.values())
+
+    body = {"model": "reader", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    plain = [
+        {"custom_id": f"p{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+        for i in range(24)
+    ]
+    assert len(adapters_of(plain)) == 1  # the whole batch on one variant
+    users = [
+        {**line, "custom_id": f"u{i}", "body": {**body, "user": f"user-{i}"}}
+        for i, line in enumerate(plain)
+    ]
+    assert adapters_of(users) == set(digests.values())  # each user on their own
