@@ -170,6 +170,11 @@ async def delete_file(
 ) -> FileDeleted:
     """Delete the file (409 while an unfinished batch reads it)."""
     unused = await run_in_threadpool(records.delete_file, session, tenant.id, file_id)
-    if unused is not None:
-        await run_in_threadpool(gateway.file_store.delete, unused)
+    if unused is not None:  # unless a file uploaded meanwhile holds the same bytes
+        await run_in_threadpool(gateway.file_store.delete, unused, lambda: _held(gateway, unused))
     return FileDeleted(id=file_id)
+
+
+def _held(gateway: Gateway, digest: str) -> bool:
+    with gateway.sessions() as session:
+        return records.digest_held(session, digest)

@@ -32,6 +32,7 @@ __all__ = [
     "get_file",
     "list_files",
     "delete_file",
+    "digest_held",
     "create_batch",
     "get_batch",
     "list_batches",
@@ -134,8 +135,15 @@ def delete_file(session: Session, tenant_id: int, file_id: str) -> str | None:
     digest = found.digest
     session.delete(found)
     session.commit()
-    shared = session.scalar(select(StoredFile.id).where(StoredFile.digest == digest).limit(1))
-    return None if shared is not None else digest
+    return None if digest_held(session, digest) else digest
+
+
+def digest_held(session: Session, digest: str) -> bool:
+    """Whether some file's bytes are these."""
+    return (
+        session.scalar(select(StoredFile.id).where(StoredFile.digest == digest).limit(1))
+        is not None
+    )
 
 
 def create_batch(
