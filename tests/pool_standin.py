@@ -154,6 +154,6 @@ class PoolStandIn:
             upstream.release()
         if not response.prepared:
             await response.prepare(request)
+        record(endpoint, upstream.status)  # before the answer ends: the client sees it recorded
         await response.write_eof()
-        record(endpoint, upstream.status)
         return response
