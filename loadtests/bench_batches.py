@@ -8,7 +8,7 @@ batch submitted, the live load started once it runs, the batch followed to its e
 and line is the same question about a picture with `ignore_eos`, so each costs the same tokens.
 
     .venv/bin/python loadtests/bench_batches.py [--base DIR] [--rounds 3] [--clients 4]
-        [--requests 96] [--lines 192] [--share 0.5]
+        [--requests 96] [--lines 192] [--share 0.05]
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--lines", type=int, default=192)
-    parser.add_argument("--share", type=float, default=0.5, help="LORAFLEET_BATCH_SHARE")
+    parser.add_argument("--share", type=float, default=0.05, help="LORAFLEET_BATCH_SHARE")
     args = parser.parse_args()
 
     from lorafleet.train.random_adapter import make_random_adapter

@@ -6,9 +6,11 @@ vLLM schedules what it is sent first come, first served; without this a tenant w
 would fill the engine's queue and every other tenant's request would wait behind all of it.
 
 Batch lines (OpenAI's Batch API) are background requests: one takes a free slot only when no live
-request waits for it, and while live requests run in the engine, background ones hold at most
-`background_share` of the slots (all of them while none runs). They wait as long as it takes: a
-batch uses what live traffic leaves.
+request waits for it, and background ones hold at most `background_share` of the slots while live
+traffic goes on; every slot only once no live request has come for `LIVE_IDLE_S` (live requests
+arrive in gaps of their clients' think time: a batch filling the engine in such a gap would make
+the next live request wait for a slot). They wait as long as it takes: a batch uses what live
+traffic leaves.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import time
 from collections.abc import Callable
 
 from lorafleet.errors import EngineBusy
 
-__all__ = ["FairQueue", "EngineBusy"]
+__all__ = ["FairQueue", "EngineBusy", "LIVE_IDLE_S"]
+
+LIVE_IDLE_S = 2.0  # no live request for this long: background requests may take every slot
 
 
 class FairQueue:
@@ -37,6 +42,7 @@ class FairQueue:
         self.background: collections.Counter[str] = collections.Counter()
         self._waiting: dict[str, collections.deque[asyncio.Future[None]]] = {}
         self._waiting_background: dict[str, collections.deque[asyncio.Future[None]]] = {}
+        self._live_at = -LIVE_IDLE_S  # when a live request last came or went (monotonic)
 
     @property
     def in_engine(self) -> int:
@@ -76,13 +82,14 @@ class FairQueue:
         slots = self.slots()
         if self._waiting or self.in_engine >= slots:
             return False
-        if not self.running:  # no live request in the engine: every slot
-            return True
+        if not self.running and time.monotonic() - self._live_at >= LIVE_IDLE_S:
+            return True  # no live traffic: every slot
         return sum(self.background.values()) < max(1, int(slots * self.background_share))
 
     async def acquire(self, tenant: str) -> None:
         """Return when the tenant's request may go to the engine; EngineBusy (503) after
         `timeout_s` of waiting."""
+        self._live_at = time.monotonic()
         if not self._waiting and self.in_engine < self.slots():
             self.running[tenant] += 1
             return
@@ -109,6 +116,7 @@ class FairQueue:
         self.running[tenant] -= 1
         if self.running[tenant] <= 0:
             del self.running[tenant]
+        self._live_at = time.monotonic()
         self._dispatch()
 
     def _dispatch(self) -> None:

@@ -134,12 +134,13 @@ class Settings(BaseSettings):
         "lines at most `max_request_bytes`.",
     )
     batch_share: float = Field(
-        default=0.5,
+        default=0.05,
         gt=0,
         le=1,
-        description="The share of the engine slots batch lines may hold while live requests "
-        "run; batch lines take a slot only when no live request waits for one, so live "
-        "traffic comes first (all slots while no live request runs).",
+        description="The share of the engine slots batch lines may hold while live traffic "
+        "goes on (at least one); they take a slot only when no live request waits for one, and "
+        "every slot once no live request has come for 2 s. Higher: batches finish sooner, live "
+        "requests slow down more (loadtests/bench_batches.py).",
     )
     batch_concurrency: int = Field(
         default=16,
