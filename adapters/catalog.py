@@ -47,6 +47,9 @@ __all__ = [
     "RequestRecord",
     "Feedback",
     "Capture",
+    "StoredFile",
+    "Batch",
+    "BatchLine",
     "open_catalog",
     "connect_catalog",
     "is_transient",
@@ -391,6 +394,7 @@ class RequestRecord(Base):
     confidence_mean: Mapped[float | None]  # mean token log-probability of the answer (choice 0)
     confidence_min: Mapped[float | None]  # its least likely token's log-probability
     captured: Mapped[bool] = mapped_column(default=False)
+    batch_id: Mapped[str | None] = mapped_column(String(40))  # a batch's line (revision 0007)
 
 
 class Feedback(Base):
@@ -446,6 +450,74 @@ class Capture(Base):
     images: Mapped[list[str]] = mapped_column(JSON, default=list)
     confidence_mean: Mapped[float | None]
     size_bytes: Mapped[int] = mapped_column(default=0)  # messages and answer, images not included
+
+
+class StoredFile(Base):
+    """A tenant's file (OpenAI's Files API): the request lines of a batch it uploaded, or the
+    output or error lines a batch wrote. Its bytes are in the file store under `digest`."""
+
+    __tablename__ = "files"
+    __table_args__ = (Index("ix_files_tenant", "tenant_id", "created_at"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # "file-<hex>"
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    purpose: Mapped[str] = mapped_column(String(16))  # "batch" | "batch_output"
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int]
+    lines: Mapped[int]
+    digest: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float]
+
+
+class Batch(Base):
+    """One batch of a tenant (OpenAI's Batch API): its input file's lines run through the chat
+    path at a lower priority than live requests, by the gateway that holds its lease; each
+    finished line is a `BatchLine` until the batch writes its output and error files."""
+
+    __tablename__ = "batches"
+    __table_args__ = (
+        Index("ix_batches_tenant", "tenant_id", "created_at"),
+        Index("ix_batches_status", "status"),
+    )
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # "batch_<hex>"
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    input_file_id: Mapped[str] = mapped_column(String(40))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    completion_window: Mapped[str] = mapped_column(String(8))
+    # validating | in_progress | finalizing | completed | failed | expired | cancelling | cancelled
+    status: Mapped[str] = mapped_column(String(16))
+    batch_metadata: Mapped[dict | None] = mapped_column("metadata", JSON)
+    errors: Mapped[list | None] = mapped_column(JSON)  # why it failed validation
+    total: Mapped[int] = mapped_column(default=0)
+    completed: Mapped[int] = mapped_column(default=0)
+    failed: Mapped[int] = mapped_column(default=0)
+    output_file_id: Mapped[str | None] = mapped_column(String(40))
+    error_file_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[float]
+    expires_at: Mapped[float]
+    in_progress_at: Mapped[float | None]
+    finalizing_at: Mapped[float | None]
+    completed_at: Mapped[float | None]
+    failed_at: Mapped[float | None]
+    expired_at: Mapped[float | None]
+    cancelling_at: Mapped[float | None]
+    cancelled_at: Mapped[float | None]
+    # the gateway running it, until `lease_until` (another takes it over after that)
+    owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[float] = mapped_column(default=0.0)
+
+
+class BatchLine(Base):
+    """One finished line of a running batch: what the chat path answered (a response body, or an
+    error's), kept until the batch's output and error files are written."""
+
+    __tablename__ = "batch_lines"
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id"), primary_key=True)
+    line: Mapped[int] = mapped_column(primary_key=True)  # 0-based, in the input file
+    custom_id: Mapped[str] = mapped_column(String(512))
+    request_id: Mapped[str] = mapped_column(String(64))
+    status: Mapped[int]  # the HTTP status the chat path answered
+    body: Mapped[dict] = mapped_column(JSON)
+    at: Mapped[float]
 
 
 POOL_SIZE = 40

@@ -182,6 +182,12 @@ API_GROUPS = (
     ),
     ("Adapters", "Adapter versions (tenant key).", r"^/v1/adapters"),
     (
+        "Files and batches",
+        "OpenAI's Files and Batch APIs: a file of chat requests run on what live traffic leaves "
+        "of the engine (tenant key).",
+        r"^/v1/(files|batches)",
+    ),
+    (
         "Validation sets and answer formats",
         "What rollouts, A/B tests and drift checks measure against (tenant key).",
         r"^/v1/deployments/[^/]+/(validation|answer-format)",

@@ -10,6 +10,8 @@
                         statistics, gate, controller
 - `drift/`              drift statistics, the monitor, the feedback timeline, the HTML report
 - `feedback/`           the feedback loop: request log, feedback, confidence, capture, export
+- `batches/`            OpenAI's Files and Batch APIs: input lines, files and batches in the
+                        catalog, output and error files
 - `console/`            the web console (server-rendered pages over the gateway's own API)
 - `cli/`                the `lorafleet` command, one module per command group
 - `dev/`                the demo and a local test server (development only)

@@ -37,7 +37,14 @@ from lorafleet.serve.rollouts.reconciler import RolloutController, new_gateway_i
 from lorafleet.serve.route_cache import RouteCache
 from lorafleet.serve.settings import Settings
 
-__all__ = ["Gateway", "build_gateway", "open_stores", "open_capture_store", "scratch_dir"]
+__all__ = [
+    "Gateway",
+    "build_gateway",
+    "open_stores",
+    "open_capture_store",
+    "open_file_store",
+    "scratch_dir",
+]
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,7 @@ class Gateway:
     request_log: RequestLog  # the request log's rows on their way to the catalog
     capturer: Capturer  # captured requests for retraining (deployments that opted in)
     capture_store: BlobStorage  # their images, content-addressed
+    file_store: BlobStorage  # tenants' files (batch inputs and outputs), content-addressed
 
     @property
     def max_upload_bytes(self) -> int:
@@ -108,6 +116,12 @@ def open_capture_store(settings: Settings) -> BlobStorage:
     """Where captured requests' images are kept: `<home>/captures` beside a file:// store,
     `<prefix>/captures/` in an S3 one."""
     return open_blob_store(settings.store_url, "captures", settings.home / "captures", "")
+
+
+def open_file_store(settings: Settings) -> BlobStorage:
+    """Where tenants' files are kept (OpenAI's Files API): `<home>/files` beside a file:// store,
+    `<prefix>/files/` in an S3 one."""
+    return open_blob_store(settings.store_url, "files", settings.home / "files", ".jsonl")
 
 
 def scratch_dir(settings: Settings) -> Path:
@@ -157,7 +171,9 @@ def build_gateway(settings: Settings) -> Gateway:
     )
     drift = DriftMonitor(sessions, fleet, validation_store, metrics, settings, quantization.label)
     fair_queue = FairQueue(
-        lambda: settings.engine_slots or fleet.slots(), settings.fair_queue_timeout_s
+        lambda: settings.engine_slots or fleet.slots(),
+        settings.fair_queue_timeout_s,
+        settings.batch_share,
     )
     metrics.fair_queue_waiting.set_function(lambda: fair_queue.waiting)
     capture_store = open_capture_store(settings)
@@ -182,6 +198,7 @@ def build_gateway(settings: Settings) -> Gateway:
         request_log=RequestLog(sessions, metrics, settings.request_log_flush_s),
         capturer=Capturer(sessions, capture_store, metrics, settings.capture_max_request_bytes),
         capture_store=capture_store,
+        file_store=open_file_store(settings),
     )
 
 

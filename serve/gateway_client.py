@@ -339,3 +339,35 @@ class LorafleetClient:
         except httpx.TransportError as exc:
             raise ServerUnreachable(f"cannot reach {self.http.base_url}: {exc}") from exc
         return lines, response.headers
+
+    # OpenAI's Files and Batch APIs
+
+    def upload_file(self, data: bytes, filename: str, purpose: str = "batch") -> dict:
+        files = {"file": (filename, data, "application/jsonl")}
+        return self._call("POST", "/v1/files", data={"purpose": purpose}, files=files)
+
+    def file_content(self, file_id: str) -> bytes:
+        try:
+            response = self.http.get(f"/v1/files/{file_id}/content")
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"cannot reach {self.http.base_url}: {exc}") from exc
+        _raise_for_error(response)
+        return response.content
+
+    def create_batch(self, input_file_id: str, metadata: dict[str, str] | None = None) -> dict:
+        body = {
+            "input_file_id": input_file_id,
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+            "metadata": metadata,
+        }
+        return self._call("POST", "/v1/batches", json=body)
+
+    def batch(self, batch_id: str) -> dict:
+        return self._call("GET", f"/v1/batches/{batch_id}")
+
+    def batches(self, limit: int = 20) -> dict:
+        return self._call("GET", "/v1/batches", params={"limit": limit})
+
+    def cancel_batch(self, batch_id: str) -> dict:
+        return self._call("POST", f"/v1/batches/{batch_id}/cancel")

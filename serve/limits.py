@@ -45,6 +45,9 @@ class Limits:
     image_pixels: int  # per image, width x height
     adapters: int  # adapter versions stored
     adapter_bytes: int  # their total size
+    files: int  # files stored (batch inputs and outputs)
+    batches: int  # batches not yet finished
+    batch_lines: int  # request lines in one batch
 
     @classmethod
     def defaults(cls, settings: Settings) -> Limits:
@@ -57,6 +60,9 @@ class Limits:
             image_pixels=settings.max_image_pixels,
             adapters=settings.tenant_max_adapters,
             adapter_bytes=settings.tenant_max_adapter_bytes,
+            files=settings.tenant_max_files,
+            batches=settings.tenant_max_batches,
+            batch_lines=settings.tenant_max_batch_lines,
         )
 
     def overridden(self, overrides: dict[str, Any] | None) -> Limits:

@@ -83,6 +83,7 @@ class RouteCache:
         self.used: dict[int, float] = {}
         self._entries: dict[tuple[str, str], tuple[float, TenantEntry, DeploymentEntry]] = {}
         self._tenants: dict[str, tuple[float, TenantEntry]] = {}
+        self._deployments: dict[tuple[str, str], tuple[float, DeploymentEntry]] = {}
         self._generation = 0  # bumped by every invalidation: a read that raced one is not kept
         self._lock = threading.Lock()
         self._in_flight: dict[tuple[str, str], asyncio.Future] = {}
@@ -174,25 +175,7 @@ class RouteCache:
         generation, read_at = self._generation, time.monotonic()
         with self.sessions() as session:
             tenant_entry = self._tenant_entry(session, key)
-            deployment = get_deployment(session, session.get_one(Tenant, tenant_entry.id), model)
-            rollout = serving_rollout(session, deployment)
-            entry = (
-                tenant_entry,
-                DeploymentEntry(
-                    deployment.id,
-                    deployment.name,
-                    deployment.stable.digest,
-                    deployment.answer_format,
-                    deployment.validation_set_id,
-                    None
-                    if rollout is None
-                    else RolloutEntry(
-                        rollout.id, rollout.salt, rollout.step_index, tuple(routing_table(rollout))
-                    ),
-                    deployment.capture,
-                    deployment.objective,
-                ),
-            )
+            entry = (tenant_entry, _deployment_entry(session, tenant_entry.id, model))
         with self._lock:
             if generation == self._generation:
                 if len(self._entries) >= _MAX_ENTRIES:
@@ -200,15 +183,57 @@ class RouteCache:
                 self._entries[(hash_key(key), model)] = (read_at, *entry)
         return entry
 
+    async def deployment_of(self, tenant_id: int, model: str) -> DeploymentEntry:
+        """The tenant's deployment named `model`, as the chat path sees it, for work that runs
+        without an API key (a batch's lines); NotFound for any other name. Read from the catalog
+        in a worker thread, kept as the key's snapshots are."""
+        cache_key = (f"tenant:{tenant_id}", model)
+        hit = self._deployments.get(cache_key)
+        if hit is not None and time.monotonic() - hit[0] <= self.ttl_s:
+            return hit[1]
+        generation, read_at = self._generation, time.monotonic()
+
+        def read() -> DeploymentEntry:
+            with self.sessions() as session:
+                return _deployment_entry(session, tenant_id, model)
+
+        entry = await run_in_threadpool(read)
+        with self._lock:
+            if generation == self._generation:
+                if len(self._deployments) >= _MAX_ENTRIES:
+                    self._deployments.clear()
+                self._deployments[cache_key] = (read_at, entry)
+        return entry
+
     def invalidate(self) -> None:
         with self._lock:
             self._generation += 1
             self._entries.clear()
             self._tenants.clear()
+            self._deployments.clear()
 
     def _after_commit(self, session: Session) -> None:
         if session.info.pop("lorafleet_changed", False) and not session.info.get(ROUTE_NEUTRAL):
             self.invalidate()
+
+
+def _deployment_entry(session: Session, tenant_id: int, model: str) -> DeploymentEntry:
+    deployment = get_deployment(session, session.get_one(Tenant, tenant_id), model)
+    rollout = serving_rollout(session, deployment)
+    return DeploymentEntry(
+        deployment.id,
+        deployment.name,
+        deployment.stable.digest,
+        deployment.answer_format,
+        deployment.validation_set_id,
+        None
+        if rollout is None
+        else RolloutEntry(
+            rollout.id, rollout.salt, rollout.step_index, tuple(routing_table(rollout))
+        ),
+        deployment.capture,
+        deployment.objective,
+    )
 
 
 def _mark_changed(session: Session, _flush_context: object) -> None:

@@ -128,6 +128,38 @@ class Settings(BaseSettings):
         description="Any other request body (chat: JSON with data-URL images); chunked bodies "
         "are counted as they arrive.",
     )
+    max_file_bytes: int = Field(
+        default=200 * 1024 * 1024,
+        description="An uploaded file (`POST /v1/files`: a batch's request lines); each of its "
+        "lines at most `max_request_bytes`.",
+    )
+    batch_share: float = Field(
+        default=0.05,
+        gt=0,
+        le=1,
+        description="The share of the engine slots batch lines may hold while live traffic "
+        "goes on (at least one); they take a slot only when no live request waits for one, and "
+        "every slot once no live request has come for 2 s. Higher: batches finish sooner, live "
+        "requests slow down more (loadtests/bench_batches.py).",
+    )
+    batch_concurrency: int = Field(
+        default=16,
+        ge=1,
+        description="Lines of one batch in the chat path at once on this gateway (the fair "
+        "queue decides when each reaches the engine).",
+    )
+    batch_tick_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often a gateway looks for batches to run, renews its leases and writes "
+        "progress (seconds).",
+    )
+    batch_lease_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A batch whose gateway stopped renewing its lease this long is taken over "
+        "by another (seconds); finished lines are never run again.",
+    )
     metrics_port: int = Field(
         default=0,
         description="Also serve `/metrics`, without a key, on a listener of its own at "
@@ -170,6 +202,20 @@ class Settings(BaseSettings):
     tenant_max_adapter_bytes: int = Field(
         default=20 * 1024**3,
         description="Default per-tenant bytes of the adapter versions stored (0: unlimited).",
+    )
+    tenant_max_files: int = Field(
+        default=500,
+        description="Default per-tenant files stored (uploaded batch inputs and batch outputs; "
+        "0: unlimited).",
+    )
+    tenant_max_batches: int = Field(
+        default=10,
+        description="Default per-tenant batches not yet finished (validating, in progress, "
+        "finalizing, cancelling; 0: unlimited).",
+    )
+    tenant_max_batch_lines: int = Field(
+        default=50_000,
+        description="Default per-tenant request lines in one batch's input file (0: unlimited).",
     )
     limits_url: str = Field(
         default="memory://",

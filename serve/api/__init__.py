@@ -15,6 +15,9 @@
 - `rollouts`       validation sets, answer formats, canaries and A/B tests
 - `drift`          replays, drift looks and sampling
 - `feedback`       feedback on answers and the request log; `captures` captured requests
+- `files`          OpenAI's Files API: a batch's request lines, checked at upload; its results
+- `batches`        OpenAI's Batch API; `batch_runner` runs the fleet's batches through the chat
+                   path, under leases, at a lower priority than live requests
 - `admin`          tenants, keys, limits, audit and the engines (admin key)
 - `openapi`        the OpenAPI document as the routes really take it (`openapi_chat`: the chat
                    and the Responses bodies)

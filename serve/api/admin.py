@@ -89,6 +89,9 @@ class TenantLimitsPut(BaseModel):
     image_pixels: NonNegative | None = None
     adapters: NonNegative | None = None
     adapter_bytes: NonNegative | None = None
+    files: NonNegative | None = None
+    batches: NonNegative | None = None
+    batch_lines: NonNegative | None = None
 
 
 class TenantLimitsPublic(BaseModel):

@@ -19,14 +19,17 @@ from lorafleet.adapters.tenants import touch_keys
 from lorafleet.serve.api import (
     adapters,
     admin,
+    batches,
     captures,
     chat,
     drift,
     feedback,
+    files,
     models,
     responses,
     rollouts,
 )
+from lorafleet.serve.api.batch_runner import BatchRunner
 from lorafleet.serve.api.errors import install_error_handlers
 from lorafleet.serve.api.guard import Authenticate, BodyLimit, JsonBodies
 from lorafleet.serve.api.openapi import gateway_openapi
@@ -79,6 +82,7 @@ def _metrics_listener(gateway: Gateway):
 def create_app(settings: Settings) -> FastAPI:
     """The gateway for these settings; the engine starts with the app and stops with it."""
     gateway = build_gateway(settings)
+    batch_runner = BatchRunner(gateway)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -89,6 +93,7 @@ def create_app(settings: Settings) -> FastAPI:
             asyncio.create_task(gateway.gc.run(), name="garbage-collector"),
             asyncio.create_task(_record_key_use(gateway), name="key-use"),
             asyncio.create_task(gateway.request_log.run(), name="request-log"),
+            asyncio.create_task(batch_runner.run(), name="batch-runner"),
         ]
         metrics_server = _metrics_listener(gateway)
         try:
@@ -97,6 +102,7 @@ def create_app(settings: Settings) -> FastAPI:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await batch_runner.stop()
             await gateway.controller.stop()
             await gateway.request_log.stop()
             await run_in_threadpool(gateway.drift.save_samples)
@@ -110,6 +116,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="lorafleet", version=__version__, lifespan=lifespan)
     app.state.gateway = gateway
+    app.state.batches = batch_runner
     app.openapi = lambda: gateway_openapi(app)  # type: ignore[method-assign]  # what the routes really take
     # the inner one: after authentication
     app.add_middleware(JsonBodies)  # innermost: routes see JSON bodies as JSON
@@ -117,10 +124,23 @@ def create_app(settings: Settings) -> FastAPI:
         BodyLimit,
         max_upload_bytes=gateway.max_upload_bytes,
         max_request_bytes=settings.max_request_bytes,
+        max_file_bytes=settings.max_file_bytes,
     )
     app.add_middleware(Authenticate, gateway=gateway)
     install_error_handlers(app)
-    for routes in (chat, responses, models, adapters, rollouts, drift, feedback, captures, admin):
+    for routes in (
+        chat,
+        responses,
+        models,
+        adapters,
+        rollouts,
+        drift,
+        feedback,
+        captures,
+        files,
+        batches,
+        admin,
+    ):
         app.include_router(routes.router)
     install_console(app)
 

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from lorafleet.errors import InvalidRequest, RateLimited
+from lorafleet.errors import InvalidRequest, LorafleetError, RateLimited, ServiceUnavailable
 from lorafleet.serve.answer_format import enforce_format
 from lorafleet.serve.api.chat_record import ChatRecord
 from lorafleet.serve.api.forward import forward_with_failover
@@ -41,6 +43,8 @@ __all__ = [
     "router",
     "chat_completions",
     "serve_chat",
+    "serve_line",
+    "Answered",
     "read_chat_body",
     "parse_json_body",
     "require_model",
@@ -72,6 +76,52 @@ async def serve_chat(
         usage = record.forwarding(route, body, gateway.settings.record_confidence)
         forwarded = await forward_with_failover(gateway.fleet, body, route, usage)
         return record.respond(forwarded)
+
+
+@dataclass(frozen=True)
+class Answered:
+    """What the chat path answered a batch's line: the status, the body (a chat completion, or
+    OpenAI's error object), and the request's id."""
+
+    status: int
+    body: dict[str, Any]
+    request_id: str
+
+
+async def serve_line(
+    gateway: Gateway, tenant: TenantEntry, body: dict[str, Any], batch_id: str
+) -> Answered:
+    """A batch's line through the chat path's steps, as a background request of the fair queue:
+    no stream, no rate limit (the batch's own limits apply), the batch as the unit of a rollout's
+    assignment unless the line names a `user`. An error is answered, as a live request's would
+    be; an engine that is down raises ServiceUnavailable (the line waits for it)."""
+    limits = tenant.limits or Limits.defaults(gateway.settings)
+    admitted = Admitted(tenant.name, dataclasses.replace(limits, rpm=0, tpm=0), {})
+    record = ChatRecord(gateway, tenant, admitted, batch_id)
+    try:
+        async with record:
+            require_model(body)
+            if not isinstance(body.get("messages"), list):
+                raise InvalidRequest("'messages' must be a list")
+            body = {**body, "stream": False}
+            images = ImageLimits(limits.images_per_request, limits.image_bytes, limits.image_pixels)
+            await admit_images(body, images, gateway.remote_images)
+            deployment = await gateway.route_cache.deployment_of(tenant.id, body["model"])
+            session = {"x-lorafleet-session": batch_id}
+            route = assign(tenant, deployment, body, session, record.request_id)
+            body = enforce_format(body, route.answer_format)
+            await gateway.fair_queue.acquire_background(tenant.name)
+            usage = record.forwarding(route, body, gateway.settings.record_confidence)
+            forwarded = await forward_with_failover(gateway.fleet, body, route, usage)
+            response = record.respond(forwarded)
+    except ServiceUnavailable:
+        raise
+    except LorafleetError as exc:
+        error = {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
+        return Answered(exc.status, {"error": error}, record.request_id)
+    assert response.background is not None  # the record's settling: no server sends it here
+    await response.background()
+    return Answered(response.status_code, json.loads(bytes(response.body)), record.request_id)
 
 
 async def admit(gateway: Gateway, tenant: TenantEntry) -> Admitted:

@@ -48,10 +48,18 @@ log = logging.getLogger("lorafleet.gateway")
 class ChatRecord:
     """One chat request's bookkeeping, from admission to its request-log row."""
 
-    def __init__(self, gateway: Gateway, tenant: TenantEntry, admitted: Admitted) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        tenant: TenantEntry,
+        admitted: Admitted,
+        batch_id: str | None = None,
+    ) -> None:
+        """`batch_id`: a batch's line, which holds a background slot of the fair queue."""
         self.gateway = gateway
         self.tenant = tenant
         self.admitted = admitted
+        self.batch_id = batch_id
         self.request_id = new_request_id()
         self.started = time.perf_counter()
         self.usage = Usage()  # until `forwarding`: a request that reached no deployment
@@ -103,7 +111,9 @@ class ChatRecord:
         gateway, usage = self.gateway, self.usage
         if self.replica is not None and self.route is not None:
             gateway.fleet.release(self.replica, self.route.digest)
-        if self.route is not None:
+        if self.route is not None and self.batch_id is not None:
+            gateway.fair_queue.release_background(self.tenant.name)
+        elif self.route is not None:
             gateway.fair_queue.release(self.tenant.name)
         await gateway.limiter.release(self.admitted, usage.prompt_tokens + usage.completion_tokens)
         latency_s = time.perf_counter() - self.started
@@ -207,6 +217,7 @@ class ChatRecord:
             confidence_mean=confidence.mean if confidence else None,
             confidence_min=confidence.least if confidence else None,
             captured=captured,
+            batch_id=self.batch_id,
         )
 
 

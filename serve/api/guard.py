@@ -33,6 +33,7 @@ __all__ = [
     "bearer_from_headers",
     "admin_actor",
     "UPLOAD_PATHS",
+    "FILE_PATHS",
 ]
 
 # The routes that answer with the model: a tenant's own key only (its limits, its request log).
@@ -40,6 +41,8 @@ CHAT_PATHS = ("/v1/chat/", "/v1/responses")
 # The routes whose bodies are uploads (adapter archives, validation sets): bounded by
 # max_upload_bytes.
 UPLOAD_PATHS = re.compile(r"^/v1/(adapters|deployments/[^/]+/validation)/?$")
+# a tenant's file (a batch's requests): bounded by max_file_bytes
+FILE_PATHS = re.compile(r"^/v1/files/?$")
 _PRINTABLE_ASCII = re.compile(rb"^[\x21-\x7e]+$")
 
 
@@ -141,16 +144,28 @@ class BodyLimit:
     """413 for a body over its route's limit: from Content-Length before reading, or while a
     chunked body arrives."""
 
-    def __init__(self, app: ASGIApp, max_upload_bytes: int, max_request_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_upload_bytes: int,
+        max_request_bytes: int,
+        max_file_bytes: int | None = None,
+    ) -> None:
         self.app = app
         self.max_upload_bytes = max_upload_bytes + 1024 * 1024  # + multipart framing
         self.max_request_bytes = max_request_bytes
+        self.max_file_bytes = (max_file_bytes or max_request_bytes) + 1024 * 1024
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        path = scope["path"]
         limit = (
-            self.max_upload_bytes if UPLOAD_PATHS.match(scope["path"]) else self.max_request_bytes
+            self.max_upload_bytes
+            if UPLOAD_PATHS.match(path)
+            else self.max_file_bytes
+            if FILE_PATHS.match(path)
+            else self.max_request_bytes
         )
         length = dict(scope["headers"]).get(b"content-length", b"0")
         if not length.isdigit():

@@ -8,6 +8,7 @@ function, and prints.
 - `db`        db current, upgrade, backup (the catalog database itself)
 - `gc`        gc
 - `feedback`  feedback, requests, traffic, capture (the feedback loop)
+- `batch`     batch submit, status, results, cancel (OpenAI's Batch API)
 - `common`    the options every command shares (`--url`, keys) and the one error handler
 - `__main__`  `python -m lorafleet.serve.cli`
 """
@@ -21,6 +22,7 @@ import typer
 from lorafleet import __version__
 from lorafleet.serve.cli import (
     adapters,
+    batch,
     db,
     drift,
     feedback,
@@ -81,3 +83,4 @@ app.add_typer(feedback.feedback, name="feedback")
 app.command("requests")(feedback.requests)
 app.command("traffic")(feedback.traffic)
 app.add_typer(feedback.capture, name="capture")
+app.add_typer(batch.batch, name="batch")

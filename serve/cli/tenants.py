@@ -102,6 +102,15 @@ def tenants_limits(
     adapter_bytes: Annotated[
         Optional[str], typer.Option(help=f"Bytes of adapters stored. {_LIMIT_HELP}")
     ] = None,
+    files: Annotated[
+        Optional[str], typer.Option(help=f"Files stored (batch inputs, outputs). {_LIMIT_HELP}")
+    ] = None,
+    batches: Annotated[
+        Optional[str], typer.Option(help=f"Batches not yet finished. {_LIMIT_HELP}")
+    ] = None,
+    batch_lines: Annotated[
+        Optional[str], typer.Option(help=f"Request lines in one batch. {_LIMIT_HELP}")
+    ] = None,
     url: Url = DEFAULT_URL,
     admin_key: AdminKey = None,
 ) -> None:
@@ -115,6 +124,9 @@ def tenants_limits(
         "image_pixels": image_pixels,
         "adapters": adapters,
         "adapter_bytes": adapter_bytes,
+        "files": files,
+        "batches": batches,
+        "batch_lines": batch_lines,
     }
     changes = {k: _limit(v) for k, v in given.items() if v is not None}
     client = LorafleetClient(url, admin_key)

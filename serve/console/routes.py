@@ -335,6 +335,21 @@ async def deployment_page(request: Request, tenant: str, name: str) -> HTMLRespo
     )
 
 
+# batches
+
+
+@router.get("/batches")
+async def batches_page(request: Request) -> HTMLResponse:
+    user = _user(request)
+    async with _api(request, user) as api:
+        rows = [
+            {"tenant": tenant, "batch": b}
+            for tenant in await _tenants(api)
+            for b in (await api.get("/v1/batches", tenant))["data"]
+        ]
+    return _page(request, "batches.html", user=user, rows=rows)
+
+
 # rollouts
 
 

@@ -66,6 +66,7 @@ class LoggedRequest:
     confidence_mean: float | None = None
     confidence_min: float | None = None
     captured: bool = False
+    batch_id: str | None = None  # a batch's line (OpenAI's Batch API), not a live request
 
 
 def logged_request_id(answer_id: str) -> str:

@@ -84,6 +84,7 @@ class RequestPublic(BaseModel):
     confidence_min: float | None
     captured: bool
     feedback: float | None = None  # the feedback's score, if any
+    batch_id: str | None = None  # a batch's line, not a live request
 
 
 class RequestPage(BaseModel):

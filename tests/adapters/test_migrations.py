@@ -128,7 +128,8 @@ def test_a_0_1_0_catalog_is_refused_then_upgraded_and_every_row_still_serves(
         and "\n" not in message
     )
     assert ":lorafleet@" not in message  # the URL is named without its password
-    added_since = {"leases", "requests", "feedback", "captures"}  # by revisions 0002 and 0003
+    # by revisions 0002, 0003 and 0007
+    added_since = {"leases", "requests", "feedback", "captures", "files", "batches", "batch_lines"}
     # refused: untouched
     assert _schema(empty_catalog_url).keys() == {t for t in Base.metadata.tables} - added_since
 
@@ -438,3 +439,18 @@ def _added_columns(before: dict, after: dict) -> set[tuple[str, str]]:
         for column in after[table]["columns"]
         if column not in before[table]["columns"]
     }
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", ON_POSTGRESQL])
+def test_revision_0007_adds_the_batch_tables_and_downgrades_to_the_schema_of_0006(
+    dialect, new_database
+):
+    at_0006, down_from_0007 = new_database(dialect), new_database(dialect)
+    _upgrade_to(at_0006, "0006")
+    _upgrade_to(down_from_0007, "0007")
+    assert {"files", "batches", "batch_lines"} <= set(_schema(down_from_0007))
+    engine = create_engine(down_from_0007)
+    with engine.begin() as connection:
+        command.downgrade(alembic_config(connection), "0006")
+    engine.dispose()
+    assert _schema(down_from_0007) == _schema(at_0006)

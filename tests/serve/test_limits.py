@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 
 from lorafleet.errors import RateLimited, ServiceUnavailable
+from lorafleet.serve import admission
 from lorafleet.serve.admission import FairQueue
 from lorafleet.serve.limits import Limits, TenantLimiter, reset_text
 from lorafleet.serve.settings import Settings
@@ -22,6 +23,9 @@ UNLIMITED = Limits(
     image_pixels=0,
     adapters=0,
     adapter_bytes=0,
+    files=0,
+    batches=0,
+    batch_lines=0,
 )
 
 
@@ -151,3 +155,50 @@ async def test_a_client_that_leaves_while_waiting_takes_no_slot():
         await leaving
     queue.release("a")
     assert queue.in_engine == 0 and queue.waiting == 0
+
+
+async def test_batch_lines_take_only_what_live_requests_leave(monkeypatch):
+    queue = FairQueue(lambda: 4, timeout_s=5, background_share=0.5)
+    started: list[str] = []
+
+    async def line(name: str) -> None:
+        await queue.acquire_background("t")
+        started.append(name)
+
+    # no live request in the engine: batch lines may take every slot
+    lines = [asyncio.create_task(line(f"b{i}")) for i in range(6)]
+    await _until(lambda: len(started) == 4)
+    assert queue.in_engine == 4 and queue.waiting_background == 2
+    # a live request waits for the next free slot, ahead of the batch lines waiting longer
+    live = asyncio.create_task(queue.acquire("u"))
+    await asyncio.sleep(0)
+    queue.release_background("t")
+    await _until(live.done)
+    assert len(started) == 4 and queue.running == {"u": 1}
+    # while a live request runs, batch lines hold at most half the slots (2): of two freed
+    # slots, one goes to a waiting line, the other stays free
+    queue.release_background("t")
+    queue.release_background("t")
+    await _until(lambda: len(started) == 5)
+    assert queue.background == {"t": 2} and queue.in_engine == 3
+    assert queue.waiting_background == 1
+    queue.release("u")  # the last live request left, but live traffic may come back at once
+    await asyncio.sleep(0)
+    assert len(started) == 5
+    monkeypatch.setattr(admission, "LIVE_IDLE_S", 0.0)  # ... once it has been idle that long
+    queue.release_background("t")
+    await _until(lambda: len(started) == 6)
+    assert queue.background == {"t": 2}
+    await asyncio.gather(*lines)
+
+
+async def test_a_batch_line_cancelled_while_waiting_takes_no_slot():
+    queue = FairQueue(lambda: 1, timeout_s=5)
+    await queue.acquire("a")
+    waiting = asyncio.create_task(queue.acquire_background("t"))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    queue.release("a")
+    assert queue.in_engine == 0 and queue.waiting_background == 0

@@ -6,4 +6,5 @@
 - `0004_manifest_replay_start`  the trainer's manifest on adapter versions; when replays start
 - `0005_version_parts`          the parts of the base each adapter version changes
 - `0006_deployment_objective`   the InferenceObjective each deployment's requests name to a pool
+- `0007_batches`                OpenAI's Files and Batch APIs: files, batches, their finished lines
 """

@@ -185,12 +185,34 @@ async def test_every_page_renders_for_a_tenant_and_the_admin(
             "/v1/deployments/shapes/validation", files={"file": ("v.jsonl", validation)}
         )
         assert pushed.status_code == 200, pushed.text
+        line = {
+            "custom_id": "one",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "shapes", "messages": [{"role": "user", "content": "hi"}]},
+        }
+        uploaded = await api.post(
+            "/v1/files",
+            data={"purpose": "batch"},
+            files={"file": ("b.jsonl", json.dumps(line).encode())},
+        )
+        assert uploaded.status_code == 200, uploaded.text
+        batch = await api.post(
+            "/v1/batches",
+            json={
+                "input_file_id": uploaded.json()["id"],
+                "endpoint": "/v1/chat/completions",
+                "completion_window": "24h",
+            },
+        )
+        assert batch.status_code == 200, batch.text
     tenant = await browser_session(key)
     base = f"/console/t/{acme}"
     for path in (
         "/console/deployments",
         "/console/rollouts",
         "/console/adapters",
+        "/console/batches",
         f"{base}/deployments/shapes",
         f"{base}/deployments/shapes/rollout",
         f"{base}/deployments/shapes/rollout/live",
@@ -210,6 +232,8 @@ async def test_every_page_renders_for_a_tenant_and_the_admin(
     assert "m@1 — 80" in deployments and "m@2 — 20" in deployments
     assert "6 items, exact_match" in deployments and "built-in method" not in deployments
     assert "6 items, metric exact_match" in (await tenant.get(f"{base}/deployments/shapes")).text
+    batches = (await tenant.get("/console/batches")).text
+    assert batch.json()["id"] in batches and '<progress max="1"' in batches
     adapter = (await tenant.get(f"{base}/adapters/m")).text
     assert "m@2" in adapter and "m@1" in adapter and "q_proj" in adapter
     for path in ("/console/engines", "/console/tenants"):
@@ -221,6 +245,7 @@ async def test_every_page_renders_for_a_tenant_and_the_admin(
         "/console/deployments",
         "/console/rollouts",
         "/console/adapters",
+        "/console/batches",
         "/console/tenants",
         "/console/engines",
         f"{base}/deployments/shapes/rollout",
