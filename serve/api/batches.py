@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from lorafleet.adapters.catalog import Batch
 from lorafleet.serve.api.dependencies import CurrentTenant, GatewayDep, SessionDep
-from lorafleet.serve.api.files import tenant_limits
+from lorafleet.serve.api.files import list_page, tenant_limits
 from lorafleet.serve.batches import records
 from lorafleet.serve.batches.lines import ENDPOINT
 
@@ -151,13 +151,7 @@ def get_batches(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> BatchList:
     found = records.list_batches(session, tenant.id, after, limit + 1)
-    page = [batch_object(b) for b in found[:limit]]
-    return BatchList(
-        data=page,
-        first_id=page[0].id if page else None,
-        last_id=page[-1].id if page else None,
-        has_more=len(found) > limit,
-    )
+    return BatchList(**list_page([batch_object(b) for b in found], limit))
 
 
 @router.get("/batches/{batch_id}")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Annotated, Literal
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
@@ -25,7 +26,15 @@ from lorafleet.serve.batches.lines import read_lines
 from lorafleet.serve.gateway import Gateway
 from lorafleet.serve.limits import Limits
 
-__all__ = ["router", "FileObject", "FileList", "FileDeleted", "file_object", "tenant_limits"]
+__all__ = [
+    "router",
+    "FileObject",
+    "FileList",
+    "FileDeleted",
+    "file_object",
+    "list_page",
+    "tenant_limits",
+]
 
 router = APIRouter(prefix="/v1")
 
@@ -66,6 +75,18 @@ def file_object(stored: StoredFile) -> FileObject:
         filename=stored.filename,
         purpose=stored.purpose,
     )
+
+
+def list_page(found: Sequence[Any], limit: int) -> dict[str, Any]:
+    """OpenAI's list page of the first `limit` of `found` (read one more, to say whether more
+    follow: pass `after` = `last_id` for them)."""
+    page = list(found[:limit])
+    return {
+        "data": page,
+        "first_id": page[0].id if page else None,
+        "last_id": page[-1].id if page else None,
+        "has_more": len(found) > limit,
+    }
 
 
 def tenant_limits(request: Request, gateway: Gateway) -> Limits:
@@ -141,13 +162,7 @@ def get_files(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
 ) -> FileList:
     found = records.list_files(session, tenant.id, purpose, after, limit + 1)
-    page = [file_object(f) for f in found[:limit]]
-    return FileList(
-        data=page,
-        first_id=page[0].id if page else None,
-        last_id=page[-1].id if page else None,
-        has_more=len(found) > limit,
-    )
+    return FileList(**list_page([file_object(f) for f in found], limit))
 
 
 @router.get("/files/{file_id}")
