@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -109,13 +110,24 @@ def list_files(
     query = select(StoredFile).where(StoredFile.tenant_id == tenant_id)
     if purpose:
         query = query.where(StoredFile.purpose == purpose)
-    if after:
-        mark = get_file(session, tenant_id, after)
+    mark = get_file(session, tenant_id, after) if after else None
+    return _newest_first(session, StoredFile, query, mark, limit)
+
+
+def _newest_first(
+    session: Session,
+    table: type[StoredFile] | type[Batch],
+    query: Any,
+    mark: StoredFile | Batch | None,
+    limit: int,
+) -> list[Any]:
+    """A page of `query`'s rows, newest first, from after the row `mark` (OpenAI's `after`)."""
+    if mark is not None:
         query = query.where(
-            (StoredFile.created_at < mark.created_at)
-            | ((StoredFile.created_at == mark.created_at) & (StoredFile.id < mark.id))
+            (table.created_at < mark.created_at)
+            | ((table.created_at == mark.created_at) & (table.id < mark.id))
         )
-    order = (StoredFile.created_at.desc(), StoredFile.id.desc())
+    order = (table.created_at.desc(), table.id.desc())
     return list(session.scalars(query.order_by(*order).limit(limit)))
 
 
@@ -208,14 +220,8 @@ def get_batch(session: Session, tenant_id: int, batch_id: str) -> Batch:
 
 def list_batches(session: Session, tenant_id: int, after: str | None, limit: int) -> list[Batch]:
     query = select(Batch).where(Batch.tenant_id == tenant_id)
-    if after:
-        mark = get_batch(session, tenant_id, after)
-        query = query.where(
-            (Batch.created_at < mark.created_at)
-            | ((Batch.created_at == mark.created_at) & (Batch.id < mark.id))
-        )
-    order = (Batch.created_at.desc(), Batch.id.desc())
-    return list(session.scalars(query.order_by(*order).limit(limit)))
+    mark = get_batch(session, tenant_id, after) if after else None
+    return _newest_first(session, Batch, query, mark, limit)
 
 
 def cancel_batch(session: Session, tenant_id: int, batch_id: str, now: float) -> Batch:
