@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
+    Date,
     Float,
     ForeignKey,
     Index,
@@ -50,6 +52,8 @@ __all__ = [
     "StoredFile",
     "Batch",
     "BatchLine",
+    "UsageDay",
+    "Budget",
     "open_catalog",
     "connect_catalog",
     "is_transient",
@@ -333,6 +337,8 @@ class TenantPolicy(Base):
     __tablename__ = "tenant_policies"
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
     limits: Mapped[dict] = mapped_column(JSON, default=dict)  # only the limits set for this tenant
+    # only the prices set for this tenant (revision 0008; SQL NULL: none)
+    prices: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), default=dict)
     disabled_at: Mapped[float | None]
     disabled_reason: Mapped[str] = mapped_column(Text, default="")
     updated_at: Mapped[float]
@@ -395,6 +401,11 @@ class RequestRecord(Base):
     confidence_min: Mapped[float | None]  # its least likely token's log-probability
     captured: Mapped[bool] = mapped_column(default=False)
     batch_id: Mapped[str | None] = mapped_column(String(40))  # a batch's line (revision 0007)
+    # revision 0008: the request's images, and the engine's own prefill and decode times where it
+    # reported them
+    images: Mapped[int] = mapped_column(default=0, server_default="0")
+    prefill_s: Mapped[float | None]
+    decode_s: Mapped[float | None]
 
 
 class Feedback(Base):
@@ -518,6 +529,45 @@ class BatchLine(Base):
     status: Mapped[int]  # the HTTP status the chat path answered
     body: Mapped[dict] = mapped_column(JSON)
     at: Mapped[float]
+
+
+class UsageDay(Base):
+    """What a tenant's requests used in one UTC day, per deployment, adapter version, kind (live
+    or a batch's line) and outcome: the usage report's rows. Every gateway adds to them (one
+    upsert per row and flush); the request log is pruned, these are kept."""
+
+    __tablename__ = "usage_days"
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    # by name, as in the request log ("": the request reached no deployment)
+    deployment: Mapped[str] = mapped_column(String(64), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    batch: Mapped[bool] = mapped_column(primary_key=True)
+    failed: Mapped[bool] = mapped_column(primary_key=True)  # any answer but a 200
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    images: Mapped[int] = mapped_column(BigInteger, default=0)
+    prefill_s: Mapped[float] = mapped_column(default=0.0)
+    decode_s: Mapped[float] = mapped_column(default=0.0)
+    # billionths of the currency unit, at the prices in effect when each request ended
+    cost_nanos: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Budget(Base):
+    """A tenant's budget for one period ("day" or "month", UTC), set by the admin: tokens, money
+    or both (the first reached stops the tenant), an alert threshold, and the periods whose alert
+    and exhaustion were recorded (each once per fleet)."""
+
+    __tablename__ = "budgets"
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    period: Mapped[str] = mapped_column(String(8), primary_key=True)
+    tokens: Mapped[int | None] = mapped_column(BigInteger)  # prompt + completion
+    cost: Mapped[float | None]  # in the currency of the prices
+    alert_at: Mapped[float | None]  # a fraction of the budget
+    alerted_for: Mapped[date | None] = mapped_column(Date)  # the first day of that period
+    exceeded_for: Mapped[date | None] = mapped_column(Date)
+    updated_at: Mapped[float]
 
 
 POOL_SIZE = 40

@@ -16,6 +16,7 @@ import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from datetime import UTC, date, datetime
 from functools import partial
 from pathlib import Path
 from typing import cast
@@ -45,6 +46,7 @@ from lorafleet.adapters.catalog import (
     RequestRecord,
     Rollout,
     RolloutSample,
+    UsageDay,
     ValidationRun,
     ValidationSet,
 )
@@ -88,6 +90,7 @@ class Retention:
     validation_runs_days: float = 0.0
     requests_days: float = 0.0  # the request log
     feedback_days: float = 0.0
+    usage_days: float = 0.0  # the usage report's days
     temp_age_s: float = DAY_S
 
     def __post_init__(self) -> None:
@@ -405,7 +408,25 @@ def _apply_retention(
         rules.append((RequestRecord, RequestRecord.at < now - retention.requests_days * DAY_S))
     if retention.feedback_days:
         rules.append((Feedback, Feedback.at < now - retention.feedback_days * DAY_S))
-    return {table.__tablename__: _purge(sessions, table, where, dry_run) for table, where in rules}
+    removed = {
+        table.__tablename__: _purge(sessions, table, where, dry_run) for table, where in rules
+    }
+    if retention.usage_days:
+        cutoff_day = datetime.fromtimestamp(now - retention.usage_days * DAY_S, UTC).date()
+        removed[UsageDay.__tablename__] = _purge_usage(sessions, cutoff_day, dry_run)
+    return removed
+
+
+def _purge_usage(sessions: sessionmaker, before: date, dry_run: bool) -> int:
+    """The usage report's days before `before` (one row per tenant, deployment, adapter, kind
+    and outcome a day: one statement)."""
+    older = UsageDay.day < before
+    with sessions() as session:
+        if dry_run:
+            return session.scalar(select(func.count()).select_from(UsageDay).where(older)) or 0
+        result = session.execute(delete(UsageDay).where(older))
+        session.commit()
+    return cast(CursorResult, result).rowcount
 
 
 def _finished_rollouts(cutoff: float):

@@ -19,6 +19,9 @@ from lorafleet.adapters.catalog import (
     AdapterVersion,
     ApiKey,
     AuditEvent,
+    Batch,
+    BatchLine,
+    Budget,
     Capture,
     Decision,
     Deployment,
@@ -28,8 +31,10 @@ from lorafleet.adapters.catalog import (
     RequestRecord,
     Rollout,
     RolloutSample,
+    StoredFile,
     Tenant,
     TenantPolicy,
+    UsageDay,
     ValidationRun,
     ValidationSet,
 )
@@ -50,6 +55,7 @@ __all__ = [
     "rotate_key",
     "touch_keys",
     "set_limits",
+    "set_prices",
     "set_disabled",
     "delete_tenant",
     "DeletedTenant",
@@ -243,6 +249,20 @@ def set_limits(session: Session, tenant: Tenant, changes: dict[str, int | None])
     return policy
 
 
+def set_prices(session: Session, tenant: Tenant, changes: dict[str, float | None]) -> TenantPolicy:
+    """Set (a number) or reset to the default (None) some of the tenant's prices."""
+    policy = tenant_policy(session, tenant)
+    prices = dict(policy.prices or {})
+    for name, value in changes.items():
+        if value is None:
+            prices.pop(name, None)
+        else:
+            prices[name] = value
+    policy.prices, policy.updated_at = prices, time.time()
+    session.commit()
+    return policy
+
+
 def set_disabled(
     session: Session, tenant: Tenant, disabled: bool, reason: str = ""
 ) -> TenantPolicy:
@@ -275,6 +295,7 @@ class DeletedTenant:
     adapter_digests: frozenset[str]
     validation_digests: frozenset[str]
     counts: dict[str, int]
+    file_digests: frozenset[str] = frozenset()  # its files' bytes (batch inputs and outputs)
 
 
 def delete_tenant(session: Session, tenant: Tenant, force: bool = False) -> DeletedTenant:
@@ -301,7 +322,11 @@ def delete_tenant(session: Session, tenant: Tenant, force: bool = False) -> Dele
     validation_digests = frozenset(
         session.scalars(select(ValidationSet.digest).where(ValidationSet.tenant_id == tenant.id))
     )
+    file_digests = frozenset(
+        session.scalars(select(StoredFile.digest).where(StoredFile.tenant_id == tenant.id))
+    )
     rollouts = select(Rollout.id).where(Rollout.deployment_id.in_(deployments))
+    batches = select(Batch.id).where(Batch.tenant_id == tenant.id)
     steps = [  # children first: the foreign keys hold at every statement
         ("rollout_samples", delete(RolloutSample).where(RolloutSample.rollout_id.in_(rollouts))),
         ("decisions", delete(Decision).where(Decision.deployment_id.in_(deployments))),
@@ -322,6 +347,11 @@ def delete_tenant(session: Session, tenant: Tenant, force: bool = False) -> Dele
         ("feedback", delete(Feedback).where(Feedback.tenant_id == tenant.id)),
         # their images: gc's orphans
         ("captures", delete(Capture).where(Capture.tenant_id == tenant.id)),
+        ("batch_lines", delete(BatchLine).where(BatchLine.batch_id.in_(batches))),
+        ("batches", delete(Batch).where(Batch.tenant_id == tenant.id)),
+        ("files", delete(StoredFile).where(StoredFile.tenant_id == tenant.id)),
+        ("usage_days", delete(UsageDay).where(UsageDay.tenant_id == tenant.id)),
+        ("budgets", delete(Budget).where(Budget.tenant_id == tenant.id)),
     ]
     counts = {}
     try:
@@ -333,7 +363,7 @@ def delete_tenant(session: Session, tenant: Tenant, force: bool = False) -> Dele
     except BaseException:
         session.rollback()
         raise
-    return DeletedTenant(tenant.name, adapter_digests, validation_digests, counts)
+    return DeletedTenant(tenant.name, adapter_digests, validation_digests, counts, file_digests)
 
 
 def record_audit(

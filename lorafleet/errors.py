@@ -15,6 +15,7 @@ LorafleetError
  ├── NotServable               422  a trained adapter vLLM would not apply (the trainer's check)
  ├── RateLimited               429  over a rate or concurrency limit; carries Retry-After
  ├── QuotaExceeded             429  over a storage limit: waiting does not fix it
+ ├── BudgetExceeded            429  over the tenant's budget of the period; Retry-After: its reset
  ├── StoreCorrupt              500  a copy fetched from the store does not match its manifest
  │                                  or digest (discarded)
  ├── UnsupportedQuantization   500  the base's quantization cannot run on this machine (at start)
@@ -50,6 +51,7 @@ __all__ = [
     "NotServable",
     "RateLimited",
     "QuotaExceeded",
+    "BudgetExceeded",
     "StoreCorrupt",
     "UnsupportedQuantization",
     "VLLMFailed",
@@ -223,6 +225,20 @@ class QuotaExceeded(LorafleetError):
 
     status, type, code = 429, "insufficient_quota", "quota_exceeded"
     headers = {"x-should-retry": "false"}
+
+
+class BudgetExceeded(LorafleetError):
+    """429 until the budget's period ends: `Retry-After` says when (seconds). The SDK is told not
+    to retry unless that is within a minute (it would only fail again)."""
+
+    status, type, code = 429, "insufficient_quota", "budget_exceeded"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        seconds = max(1, math.ceil(retry_after_s))
+        self.headers = {"Retry-After": str(seconds)}
+        if seconds > 60:
+            self.headers["x-should-retry"] = "false"
 
 
 class UnsupportedQuantization(LorafleetError):

@@ -12,6 +12,8 @@
 - `feedback/`           the feedback loop: request log, feedback, confidence, capture, export
 - `batches/`            OpenAI's Files and Batch APIs: input lines, files and batches in the
                         catalog, output and error files
+- `usage/`              usage per tenant and day, its prices and cost, budgets across gateways,
+                        the usage report
 - `console/`            the web console (server-rendered pages over the gateway's own API)
 - `cli/`                the `lorafleet` command, one module per command group
 - `dev/`                the demo and a local test server (development only)

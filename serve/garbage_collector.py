@@ -41,6 +41,7 @@ def retention_of(settings: Settings) -> Retention:
         validation_runs_days=settings.retention_validation_runs_days,
         requests_days=settings.retention_requests_days,
         feedback_days=settings.retention_feedback_days,
+        usage_days=settings.retention_usage_days,
         temp_age_s=settings.gc_temp_age_s,
     )
 

@@ -36,6 +36,9 @@ from lorafleet.serve.metrics import Metrics
 from lorafleet.serve.rollouts.reconciler import RolloutController, new_gateway_id
 from lorafleet.serve.route_cache import RouteCache
 from lorafleet.serve.settings import Settings
+from lorafleet.serve.usage.budgets import BudgetCounters
+from lorafleet.serve.usage.ledger import UsageLedger
+from lorafleet.serve.usage.prices import Prices
 
 __all__ = [
     "Gateway",
@@ -70,6 +73,8 @@ class Gateway:
     capturer: Capturer  # captured requests for retraining (deployments that opted in)
     capture_store: BlobStorage  # their images, content-addressed
     file_store: BlobStorage  # tenants' files (batch inputs and outputs), content-addressed
+    usage: UsageLedger  # what requests used, on its way to the catalog
+    budgets: BudgetCounters  # what budgeted tenants spent this period (shared counters)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -177,6 +182,7 @@ def build_gateway(settings: Settings) -> Gateway:
     )
     metrics.fair_queue_waiting.set_function(lambda: fair_queue.waiting)
     capture_store = open_capture_store(settings)
+    limiter = TenantLimiter(settings.limits_url)
     return Gateway(
         settings=settings,
         sessions=sessions,
@@ -190,8 +196,10 @@ def build_gateway(settings: Settings) -> Gateway:
         gc=GarbageCollector(
             sessions, store, validation_store, [tmp_dir], settings, owner, metrics, capture_store
         ),
-        route_cache=RouteCache(sessions, settings.catalog_cache_s, Limits.defaults(settings)),
-        limiter=TenantLimiter(settings.limits_url),
+        route_cache=RouteCache(
+            sessions, settings.catalog_cache_s, Limits.defaults(settings), Prices.defaults(settings)
+        ),
+        limiter=limiter,
         fair_queue=fair_queue,
         remote_images=RemoteImages.from_settings(settings),
         tmp_dir=tmp_dir,
@@ -199,6 +207,8 @@ def build_gateway(settings: Settings) -> Gateway:
         capturer=Capturer(sessions, capture_store, metrics, settings.capture_max_request_bytes),
         capture_store=capture_store,
         file_store=open_file_store(settings),
+        usage=UsageLedger(sessions, metrics, settings.usage_flush_s),
+        budgets=BudgetCounters(limiter.storage, sessions, metrics, settings.currency),
     )
 
 

@@ -152,7 +152,9 @@ class TenantLimiter:
 
     def __init__(self, url: str) -> None:
         storage_url, options = _storage_url(url)
-        self._limiter = SlidingWindowCounterRateLimiter(storage_from_string(storage_url, **options))
+        # the counters' storage, shared with the budgets' (`lorafleet.serve.usage.budgets`)
+        self.storage = storage_from_string(storage_url, **options)
+        self._limiter = SlidingWindowCounterRateLimiter(self.storage)
         self._concurrency = _Concurrency(url)
 
     async def admit(self, tenant: str, limits: Limits) -> Admitted:

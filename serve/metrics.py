@@ -332,6 +332,31 @@ class Metrics:
             "Request-log rows lost: the buffer was full, or the catalog refused them",
             registry=self.registry,
         )
+        self.usage_flush_failures = Counter(
+            "lorafleet_usage_flush_failures",
+            "Usage writes the catalog refused (the usage is kept and written with the next)",
+            registry=self.registry,
+        )
+        self.budget_used = Gauge(
+            "lorafleet_budget_used_ratio",
+            "How much of a tenant's budget its current period has spent (1: all of it), as this "
+            "gateway last saw the shared counters",
+            ["tenant", "period"],
+            registry=self.registry,
+        )
+        self.budget_alert_at = Gauge(
+            "lorafleet_budget_alert_ratio",
+            "A tenant budget's alert threshold (a fraction of the budget)",
+            ["tenant", "period"],
+            registry=self.registry,
+        )
+        self.budget_events = Counter(
+            "lorafleet_budget_events",
+            "Budget alert thresholds crossed (event=alert) and budgets spent (event=exceeded), "
+            "counted once per period by the gateway that recorded it",
+            ["tenant", "period", "event"],
+            registry=self.registry,
+        )
         self.gc_deleted = Counter(
             "lorafleet_gc_deleted",
             "Garbage collected by this gateway: orphan blobs, temporary "

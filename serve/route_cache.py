@@ -15,16 +15,18 @@ import threading
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import event
+from sqlalchemy import event, select
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from lorafleet.adapters.catalog import Tenant, TenantPolicy
+from lorafleet.adapters.catalog import Budget, Tenant, TenantPolicy
 from lorafleet.adapters.registry import get_deployment, hash_key
 from lorafleet.adapters.tenants import authenticate_key, check_not_expired, get_tenant
 from lorafleet.serve.limits import Limits
 from lorafleet.serve.rollouts.routing import Variant
 from lorafleet.serve.rollouts.state import routing_table, serving_rollout
+from lorafleet.serve.usage import periods
+from lorafleet.serve.usage.prices import Prices
 
 __all__ = ["RouteCache", "TenantEntry", "DeploymentEntry", "RolloutEntry", "ROUTE_NEUTRAL"]
 
@@ -41,6 +43,8 @@ class TenantEntry:
     key_id: int = 0
     key_expires_at: float | None = None
     limits: Limits | None = None  # effective: the defaults with the tenant's own values
+    prices: Prices | None = None  # likewise
+    budgets: tuple[periods.Budget, ...] = ()
 
     def check_live(self, now: float) -> None:
         """A snapshot outlives its key's expiry only until that moment."""
@@ -74,11 +78,16 @@ class RouteCache:
     changes."""
 
     def __init__(
-        self, sessions: sessionmaker, ttl_s: float, defaults: Limits | None = None
+        self,
+        sessions: sessionmaker,
+        ttl_s: float,
+        defaults: Limits | None = None,
+        prices: Prices | None = None,
     ) -> None:
         self.sessions = sessions
         self.ttl_s = ttl_s
         self.defaults = defaults
+        self.prices = prices
         # key id -> when it last authenticated (written to the catalog in batches)
         self.used: dict[int, float] = {}
         self._entries: dict[tuple[str, str], tuple[float, TenantEntry, DeploymentEntry]] = {}
@@ -132,11 +141,14 @@ class RouteCache:
     def _tenant_named(self, name: str) -> TenantEntry:
         with self.sessions() as session:
             tenant = get_tenant(session, name)
+            policy = session.get(TenantPolicy, tenant.id)
             return TenantEntry(
                 tenant.id,
                 tenant.name,
                 tenant.sample_inputs,
-                limits=self._limits(session.get(TenantPolicy, tenant.id)),
+                limits=self._limits(policy),
+                prices=self._prices(policy),
+                budgets=_budgets(session, tenant.id),
             )
 
     def _tenant_entry(self, session: Session, key: str) -> TenantEntry:
@@ -148,12 +160,17 @@ class RouteCache:
             api_key.id,
             api_key.expires_at,
             self._limits(policy),
+            self._prices(policy),
+            _budgets(session, tenant.id),
         )
 
     def _limits(self, policy: TenantPolicy | None) -> Limits | None:
         return (
             self.defaults.overridden(policy.limits if policy else None) if self.defaults else None
         )
+
+    def _prices(self, policy: TenantPolicy | None) -> Prices | None:
+        return self.prices.overridden(policy.prices if policy else None) if self.prices else None
 
     async def fetch(self, key: str, model: str) -> tuple[TenantEntry, DeploymentEntry]:
         """On the event loop: the snapshot, read in a worker thread on a miss; concurrent misses
@@ -215,6 +232,16 @@ class RouteCache:
     def _after_commit(self, session: Session) -> None:
         if session.info.pop("lorafleet_changed", False) and not session.info.get(ROUTE_NEUTRAL):
             self.invalidate()
+
+
+def _budgets(session: Session, tenant_id: int) -> tuple[periods.Budget, ...]:
+    rows = session.scalars(
+        select(Budget).where(Budget.tenant_id == tenant_id).order_by(Budget.period)
+    )
+    return tuple(
+        periods.Budget(row.period, row.tokens, row.cost, row.alert_at)  # type: ignore[arg-type]
+        for row in rows
+    )
 
 
 def _deployment_entry(session: Session, tenant_id: int, model: str) -> DeploymentEntry:

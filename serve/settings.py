@@ -219,8 +219,36 @@ class Settings(BaseSettings):
     )
     limits_url: str = Field(
         default="memory://",
-        description="Where rate and concurrency counters live: `memory://` (this process), or "
-        "`redis://host:6379/0` shared by every gateway.",
+        description="Where rate, concurrency and budget counters live: `memory://` (this "
+        "process), or `redis://host:6379/0` shared by every gateway.",
+    )
+
+    # usage and what it costs: these prices, changed per tenant by
+    # `PUT /admin/tenants/{name}/prices`; budgets are per tenant only
+    price_prompt_per_million: float = Field(
+        default=0.0, ge=0, description="The price of a million prompt tokens."
+    )
+    price_completion_per_million: float = Field(
+        default=0.0, ge=0, description="The price of a million completion tokens."
+    )
+    price_per_image: float = Field(default=0.0, ge=0, description="The price of one image.")
+    price_per_engine_hour: float = Field(
+        default=0.0,
+        ge=0,
+        description="The price of an hour of the engine's prefill and decode time (as the "
+        "engine reports it per request).",
+    )
+    currency: str = Field(
+        default="USD",
+        min_length=1,
+        max_length=8,
+        description="The currency of the prices and budgets (a label: nothing is converted).",
+    )
+    usage_flush_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often a gateway writes the usage it counted to the catalog (seconds): a "
+        "gateway killed outright loses at most this much of its usage.",
     )
     engine_slots: int = Field(
         default=0,
@@ -316,6 +344,10 @@ class Settings(BaseSettings):
     )
     retention_requests_days: float = Field(
         default=30.0, description="Older request-log rows are deleted (days; 0: kept forever)."
+    )
+    retention_usage_days: float = Field(
+        default=0.0,
+        description="Older days of the usage report are deleted (days; 0: kept forever).",
     )
     retention_feedback_days: float = Field(
         default=0.0,

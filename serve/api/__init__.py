@@ -18,6 +18,8 @@
 - `files`          OpenAI's Files API: a batch's request lines, checked at upload; its results
 - `batches`        OpenAI's Batch API; `batch_runner` runs the fleet's batches through the chat
                    path, under leases, at a lower priority than live requests
+- `usage`          the usage report (`/v1/usage`, JSON or CSV), tenants' prices and budgets
+                   (admin key)
 - `admin`          tenants, keys, limits, audit and the engines (admin key)
 - `openapi`        the OpenAPI document as the routes really take it (`openapi_chat`: the chat
                    and the Responses bodies)

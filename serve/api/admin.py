@@ -40,6 +40,7 @@ from lorafleet.serve.api.dependencies import (
     SessionDep,
     release_connection,
 )
+from lorafleet.serve.batches.records import digest_held
 from lorafleet.serve.limits import Limits
 from lorafleet.serve.settings import ObjectiveName
 from lorafleet.serve.types import UtcDateTime
@@ -372,8 +373,9 @@ def post_enable(name: str, gateway: GatewayDep, session: SessionDep, actor: Acto
 async def delete_one_tenant(
     name: str, gateway: GatewayDep, session: SessionDep, actor: Actor, force: bool = False
 ) -> TenantDeletedPublic:
-    """Delete the tenant with its adapters, deployments, validation sets, samples and stored
-    files; refused (409) while one of its rollouts or A/B tests runs, unless `force=true`."""
+    """Delete the tenant with its adapters, deployments, validation sets, samples, files,
+    batches, usage and budgets, and the stored blobs no one else holds; refused (409) while one
+    of its rollouts or A/B tests runs, unless `force=true`."""
     started = time.time()
     tenant = await run_in_threadpool(get_tenant, session, name)
     await run_in_threadpool(gateway.drift.forget, tenant.id)  # the samples waiting in memory too
@@ -396,6 +398,10 @@ async def delete_one_tenant(
             digest,
             partial(_validation_in_use, session, digest),
             started,
+        )
+    for digest in sorted(deleted.file_digests):  # unless another tenant's file holds the bytes
+        blobs += await run_in_threadpool(
+            gateway.file_store.delete, digest, partial(digest_held, session, digest)
         )
     await run_in_threadpool(
         record_audit,

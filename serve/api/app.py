@@ -28,6 +28,7 @@ from lorafleet.serve.api import (
     models,
     responses,
     rollouts,
+    usage,
 )
 from lorafleet.serve.api.batch_runner import BatchRunner
 from lorafleet.serve.api.errors import install_error_handlers
@@ -93,6 +94,7 @@ def create_app(settings: Settings) -> FastAPI:
             asyncio.create_task(gateway.gc.run(), name="garbage-collector"),
             asyncio.create_task(_record_key_use(gateway), name="key-use"),
             asyncio.create_task(gateway.request_log.run(), name="request-log"),
+            asyncio.create_task(gateway.usage.run(), name="usage"),
             asyncio.create_task(batch_runner.run(), name="batch-runner"),
         ]
         metrics_server = _metrics_listener(gateway)
@@ -105,6 +107,7 @@ def create_app(settings: Settings) -> FastAPI:
             await batch_runner.stop()
             await gateway.controller.stop()
             await gateway.request_log.stop()
+            await gateway.usage.stop()
             await run_in_threadpool(gateway.drift.save_samples)
             await run_in_threadpool(_save_key_use, gateway)
             await gateway.limiter.aclose()
@@ -139,9 +142,11 @@ def create_app(settings: Settings) -> FastAPI:
         captures,
         files,
         batches,
+        usage,
         admin,
     ):
         app.include_router(routes.router)
+    app.include_router(usage.admin_router)
     install_console(app)
 
     @app.get("/healthz")

@@ -124,9 +124,13 @@ async def create_batch(
     tenant: CurrentTenant,
 ) -> BatchObject:
     """Run a file of chat completion requests (`POST /v1/files`, purpose `batch`) within 24
-    hours, on what live traffic leaves of the engine."""
+    hours, on what live traffic leaves of the engine. Refused (429) while the tenant's budget is
+    spent."""
     limits = tenant_limits(request, gateway)
     assert body.endpoint == ENDPOINT
+    entry = request.state.tenant
+    if entry.budgets:
+        await gateway.budgets.check(entry.id, entry.name, entry.budgets)
     batch = await run_in_threadpool(
         records.create_batch,
         session,

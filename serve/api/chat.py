@@ -68,7 +68,7 @@ async def serve_chat(
     tenant: TenantEntry = request.state.tenant
     admitted = await admit(gateway, tenant)
     async with ChatRecord(gateway, tenant, admitted) as record:
-        body = await read_body(request, admitted.limits, gateway, read)
+        body, record.images = await read_body(request, admitted.limits, gateway, read)
         deployment = await resolve(gateway, request.state.api_key, body["model"])
         route = assign(tenant, deployment, body, request.headers, record.request_id)
         body = enforce_format(body, route.answer_format)
@@ -100,12 +100,14 @@ async def serve_line(
     record = ChatRecord(gateway, tenant, admitted, batch_id)
     try:
         async with record:
+            if tenant.budgets:  # a batch's lines stop with their tenant's budget too
+                await gateway.budgets.check(tenant.id, tenant.name, tenant.budgets)
             require_model(body)
             if not isinstance(body.get("messages"), list):
                 raise InvalidRequest("'messages' must be a list")
             body = {**body, "stream": False}
             images = ImageLimits(limits.images_per_request, limits.image_bytes, limits.image_pixels)
-            await admit_images(body, images, gateway.remote_images)
+            record.images = await admit_images(body, images, gateway.remote_images)
             deployment = await gateway.route_cache.deployment_of(tenant.id, body["model"])
             session = {"x-lorafleet-session": batch_id}
             route = assign(tenant, deployment, body, session, record.request_id)
@@ -125,7 +127,10 @@ async def serve_line(
 
 
 async def admit(gateway: Gateway, tenant: TenantEntry) -> Admitted:
-    """The tenant's rate and concurrency limits, before anything of the request is read."""
+    """The tenant's budgets, then its rate and concurrency limits, before anything of the request
+    is read."""
+    if tenant.budgets:
+        await gateway.budgets.check(tenant.id, tenant.name, tenant.budgets)
     try:
         return await gateway.limiter.admit(
             tenant.name, tenant.limits or Limits.defaults(gateway.settings)
@@ -140,13 +145,12 @@ async def read_body(
     limits: Limits,
     gateway: Gateway,
     read: Callable[[Request], Awaitable[dict[str, Any]]],
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], int]:
     """The checked body, its images admitted under the tenant's limits (remote ones fetched and
-    inlined, where allowed)."""
+    inlined, where allowed), and how many images it has."""
     body = await read(request)
     images = ImageLimits(limits.images_per_request, limits.image_bytes, limits.image_pixels)
-    await admit_images(body, images, gateway.remote_images)
-    return body
+    return body, await admit_images(body, images, gateway.remote_images)
 
 
 async def resolve(gateway: Gateway, api_key: str, model: str) -> DeploymentEntry:

@@ -8,7 +8,8 @@ count, in that order: the next request must not wait for the rest), then records
 - in one worker-thread hand-off, only where one of them applies: the answer's format check, the
   drift monitor's sample of the request, the capture of the whole request for retraining;
 - the rollout's sample, when a rollout measures the request;
-- the request-log row.
+- the request-log row, and the same row's usage with its cost (the usage ledger) and, for an
+  answered request of a budgeted tenant, its spending against the budgets.
 
 A request that fails before it is forwarded (a bad body, an unknown deployment, a full queue) is
 only logged, without a deployment; one that fails on its way to the engine is recorded at once; an
@@ -39,6 +40,7 @@ from lorafleet.serve.gateway import Gateway
 from lorafleet.serve.limits import Admitted
 from lorafleet.serve.route_cache import TenantEntry
 from lorafleet.serve.types import Answer, Route
+from lorafleet.serve.usage.prices import Prices
 
 __all__ = ["ChatRecord"]
 
@@ -66,6 +68,7 @@ class ChatRecord:
         self.route: Route | None = None  # set once the request holds an engine slot
         self.messages: list = []
         self.replica: EngineReplica | None = None  # set once the engine answered
+        self.images = 0  # the request's images, once its body is read
 
     async def __aenter__(self) -> ChatRecord:
         return self
@@ -118,9 +121,35 @@ class ChatRecord:
         await gateway.limiter.release(self.admitted, usage.prompt_tokens + usage.completion_tokens)
         latency_s = time.perf_counter() - self.started
         if self.route is None:
-            gateway.request_log.add(self._log_row(time.time(), latency_s))
+            await self._account(self._log_row(time.time(), latency_s))
         else:
             await self._record(self.route, latency_s)
+
+    async def _account(self, row: LoggedRequest) -> None:
+        """The request-log row, its usage and cost, and the budgets' spending."""
+        gateway, tenant = self.gateway, self.tenant
+        gateway.request_log.add(row)
+        cost_nanos = 0
+        if row.status == 200:
+            prices = tenant.prices or Prices.defaults(gateway.settings)
+            engine_s = (row.prefill_s or 0.0) + (row.decode_s or 0.0)
+            cost_nanos = prices.cost_nanos(
+                row.prompt_tokens, row.completion_tokens, row.images, engine_s
+            )
+        gateway.usage.add(row, cost_nanos)
+        if tenant.budgets and row.status == 200:
+            try:
+                await gateway.budgets.spend(
+                    tenant.id,
+                    tenant.name,
+                    tenant.budgets,
+                    row.prompt_tokens + row.completion_tokens,
+                    cost_nanos,
+                )
+            except Exception:  # noqa: BLE001 - the answer was served; the usage is recorded
+                log.exception(
+                    "counting request %s against %s's budgets failed", row.request_id, tenant.name
+                )
 
     async def _record(self, route: Route, latency_s: float) -> None:
         gateway, usage, tenant = self.gateway, self.usage, self.tenant
@@ -151,7 +180,7 @@ class ChatRecord:
                 gateway.metrics.captures.labels(tenant.name, route.deployment).inc()
         if measured and route.assignment is not None:
             gateway.controller.samples.add(route.assignment, answer, latency_s, now)
-        gateway.request_log.add(self._log_row(now, latency_s, route, confidence, captured))
+        await self._account(self._log_row(now, latency_s, route, confidence, captured))
 
     def _count(self, route: Route, latency_s: float, confidence: Confidence | None) -> None:
         m, usage = self.gateway.metrics, self.usage
@@ -218,6 +247,9 @@ class ChatRecord:
             confidence_min=confidence.least if confidence else None,
             captured=captured,
             batch_id=self.batch_id,
+            images=self.images,
+            prefill_s=usage.prefill_s,
+            decode_s=usage.decode_s,
         )
 
 

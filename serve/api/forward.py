@@ -47,6 +47,10 @@ class Usage:
     logprobs: list[float] | None = None
     hide_logprobs: bool = False  # the gateway asked for them, the client did not
     stream: bool = False
+    # the engine's own prefill (scheduled to first token) and decode (first to last token)
+    # times, where it reported them
+    prefill_s: float | None = None
+    decode_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -85,10 +89,21 @@ def _public(raw: bytes, route: Route) -> bytes:
     return raw.replace(route.digest.encode(), route.deployment.encode())
 
 
-def _read_usage(payload: dict, usage: Usage) -> None:
+def _read_usage(payload: dict, usage: Usage) -> bool:
+    """Record the answer's token counts and the engine's times; whether the payload carried the
+    times (vLLM's `metrics`, which the client is not sent)."""
     counts = payload.get("usage") or {}
     usage.prompt_tokens = counts.get("prompt_tokens", 0) or 0
     usage.completion_tokens = counts.get("completion_tokens", 0) or 0
+    timings = payload.pop("metrics", None)
+    if not isinstance(timings, dict):
+        return timings is not None
+    prefill_ms, decode_ms = timings.get("time_to_first_token_ms"), timings.get("generation_time_ms")
+    if isinstance(prefill_ms, int | float):
+        usage.prefill_s = prefill_ms / 1000
+    if isinstance(decode_ms, int | float):
+        usage.decode_s = decode_ms / 1000
+    return True
 
 
 def _error_code(raw: bytes) -> str:
@@ -140,7 +155,7 @@ async def forward_chat(engine: EngineClient, body: dict, route: Route, usage: Us
             headers=route.headers,
         )
     payload = json.loads(content)
-    _read_usage(payload, usage)
+    changed = _read_usage(payload, usage)
     choices = payload.get("choices") or [{}]
     if usage.text is not None:
         usage.text.append((choices[0].get("message") or {}).get("content") or "")
@@ -149,9 +164,13 @@ async def forward_chat(engine: EngineClient, body: dict, route: Route, usage: Us
         if usage.hide_logprobs:  # as vLLM answers without them
             for choice in choices:
                 choice["logprobs"] = None
-            content = _dumps(payload)
-    # the engine's bytes
-    return Response(content, media_type="application/json", headers=route.headers)
+            changed = True
+    # the engine's bytes, unless something of them is the gateway's only
+    return Response(
+        _dumps(payload) if changed else content,
+        media_type="application/json",
+        headers=route.headers,
+    )
 
 
 # a pool's gateway that could not reach a pod (none ready, one gone mid-request): nothing was
@@ -179,8 +198,14 @@ def _read_line(line: bytes, usage: Usage, client_wants_usage: bool) -> bytes:
     """One SSE line: usage and text recorded; the usage-only chunk dropped unless the client
     asked for it."""
     if line.startswith(b"data: {") and b'"choices":[]' in line and b'"usage":' in line:
-        _read_usage(json.loads(line[6:]), usage)  # the usage-only chunk that closes the stream
-        return line if client_wants_usage else b""
+        # the usage-only chunk that closes the stream (with the engine's times)
+        chunk = json.loads(line[6:])
+        if not client_wants_usage:
+            _read_usage(chunk, usage)
+            return b""
+        if _read_usage(chunk, usage):
+            return b"data: " + _dumps(chunk) + line[len(line.rstrip(b"\r\n")) :]
+        return line
     if (usage.text is not None or usage.logprobs is not None) and line.startswith(b"data: {"):
         chunk = json.loads(line[6:])
         hidden = False

@@ -4,7 +4,8 @@ read, parsed or stored.
 
 - `/v1/...` needs a live tenant key (it and the tenant's snapshot are put in `request.state`), or
   the admin key with `X-Lorafleet-Tenant: NAME` to act for that tenant (the console's admin view;
-  its actor name in `request.state.actor`, no `api_key`; it does not chat); `/admin/...` the admin
+  its actor name in `request.state.actor`, no `api_key`; it does not chat), or the admin key alone
+  on the fleet's reads (`/v1/usage`: every tenant's); `/admin/...` the admin
   key (its actor name in `request.state.actor`); `/metrics` the admin or the metrics token (or its
   own listener). A malformed `Authorization` header (another scheme, empty, non-ASCII) is a 401 like
   a wrong key.
@@ -38,6 +39,8 @@ __all__ = [
 
 # The routes that answer with the model: a tenant's own key only (its limits, its request log).
 CHAT_PATHS = ("/v1/chat/", "/v1/responses")
+# The routes the admin key alone reads for the whole fleet (no tenant in `request.state`).
+FLEET_READS = ("/v1/usage",)
 # The routes whose bodies are uploads (adapter archives, validation sets): bounded by
 # max_upload_bytes.
 UPLOAD_PATHS = re.compile(r"^/v1/(adapters|deployments/[^/]+/validation)/?$")
@@ -93,7 +96,9 @@ class Authenticate:
                 key = bearer_from_headers(scope["headers"])
                 state = scope.setdefault("state", {})
                 acting_for = _header(scope["headers"], b"x-lorafleet-tenant")
-                if acting_for is None:
+                if acting_for is None and path in FLEET_READS and self._is_admin(key):
+                    state["actor"] = admin_actor(scope)
+                elif acting_for is None:
                     state["tenant"] = await self.gateway.route_cache.tenant(key)
                     state["api_key"] = key
                 else:
@@ -119,6 +124,10 @@ class Authenticate:
             )
             return await response(scope, receive, send)
         await self.app(scope, receive, send)
+
+    def _is_admin(self, token: str) -> bool:
+        expected = self.gateway.settings.admin_key
+        return expected is not None and _matches(token, expected.get_secret_value())
 
     def _admin(self, token: str, refusal: str = "invalid admin key") -> None:
         expected = self.gateway.settings.admin_key

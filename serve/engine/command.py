@@ -74,6 +74,7 @@ def engine_command(
         "--dtype",
         quantization.dtype or settings.dtype,
         "--disable-uvicorn-access-log",
+        *_per_request_metrics(settings),
         *quantization.engine_args,
         *_tool_calling(settings),
         *_picture_budget(settings),
@@ -87,6 +88,15 @@ def engine_command(
         cmd += ["--enforce-eager", "--gpu-memory-utilization", str(settings.cpu_memory_fraction)]
         env["VLLM_CPU_KVCACHE_SPACE"] = str(sizing.kvcache_gib)
     return cmd + list(settings.engine_extra_args), env
+
+
+def _per_request_metrics(settings: Settings) -> list[str]:
+    """Each answer carries the engine's own prefill and decode times (`metrics`), which usage
+    records as engine time and the gateway removes from the client's answer. vLLM computes them
+    from its statistics, which `--disable-log-stats` turns off (it then refuses the flag)."""
+    if "--disable-log-stats" in settings.engine_extra_args:
+        return []
+    return ["--enable-per-request-metrics"]
 
 
 # vLLM's tool-call parser for each model family whose chat template writes the calls it reads

@@ -67,6 +67,10 @@ class LoggedRequest:
     confidence_min: float | None = None
     captured: bool = False
     batch_id: str | None = None  # a batch's line (OpenAI's Batch API), not a live request
+    images: int = 0
+    # the engine's own prefill and decode times, where it reported them
+    prefill_s: float | None = None
+    decode_s: float | None = None
 
 
 def logged_request_id(answer_id: str) -> str:

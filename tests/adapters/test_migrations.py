@@ -128,8 +128,9 @@ def test_a_0_1_0_catalog_is_refused_then_upgraded_and_every_row_still_serves(
         and "\n" not in message
     )
     assert ":lorafleet@" not in message  # the URL is named without its password
-    # by revisions 0002, 0003 and 0007
+    # by revisions 0002, 0003, 0007 and 0008
     added_since = {"leases", "requests", "feedback", "captures", "files", "batches", "batch_lines"}
+    added_since |= {"usage_days", "budgets"}
     # refused: untouched
     assert _schema(empty_catalog_url).keys() == {t for t in Base.metadata.tables} - added_since
 
@@ -454,3 +455,22 @@ def test_revision_0007_adds_the_batch_tables_and_downgrades_to_the_schema_of_000
         command.downgrade(alembic_config(connection), "0006")
     engine.dispose()
     assert _schema(down_from_0007) == _schema(at_0006)
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", ON_POSTGRESQL])
+def test_revision_0008_adds_usage_and_budgets_and_downgrades_to_the_schema_of_0007(
+    dialect, new_database
+):
+    at_0007, down_from_0008 = new_database(dialect), new_database(dialect)
+    _upgrade_to(at_0007, "0007")
+    _upgrade_to(down_from_0008, "0008")
+    schema = _schema(down_from_0008)
+    assert {"usage_days", "budgets"} <= set(schema)
+    columns = {table: {c[0] for c in schema[table]["columns"]} for table in schema}
+    assert {"images", "prefill_s", "decode_s"} <= columns["requests"]
+    assert "prices" in columns["tenant_policies"]
+    engine = create_engine(down_from_0008)
+    with engine.begin() as connection:
+        command.downgrade(alembic_config(connection), "0007")
+    engine.dispose()
+    assert _schema(down_from_0008) == _schema(at_0007)

@@ -7,4 +7,6 @@
 - `0005_version_parts`          the parts of the base each adapter version changes
 - `0006_deployment_objective`   the InferenceObjective each deployment's requests name to a pool
 - `0007_batches`                OpenAI's Files and Batch APIs: files, batches, their finished lines
+- `0008_usage_budgets`          usage per tenant and day, budgets, per-tenant prices, per-request
+                                images and engine times
 """
