@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from lorafleet.errors import BudgetExceeded
 from lorafleet.serve.metrics import Metrics
 from lorafleet.serve.usage import records
-from lorafleet.serve.usage.periods import Budget, Period, period_end, period_start, reset_at
+from lorafleet.serve.usage.periods import Budget, Period, period_start, reset_at
 from lorafleet.serve.usage.prices import NANOS
 from lorafleet.serve.usage.records import Spent
 
@@ -77,7 +77,8 @@ class BudgetCounters:
         self.sessions = sessions
         self.metrics = metrics
         self.currency = currency
-        self._marked: set[tuple[int, str, date, str]] = set()  # events this process recorded
+        # events this process saw recorded, per budget as set (a new budget is alerted on anew)
+        self._marked: set[tuple[int, Budget, date, str]] = set()
 
     async def check(self, tenant_id: int, tenant: str, budgets: Sequence[Budget]) -> None:
         """Raise BudgetExceeded (429, Retry-After: the period's end) while one of the budgets is
@@ -157,7 +158,7 @@ class BudgetCounters:
 
     async def _mark(self, tenant_id: int, tenant: str, status: BudgetStatus, event: str) -> None:
         """Record the event once per period for the fleet: the catalog's mark decides."""
-        seen = (tenant_id, status.budget.period, status.start, event)
+        seen = (tenant_id, status.budget, status.start, event)
         if seen in self._marked:
             return
         details = {
@@ -179,7 +180,9 @@ class BudgetCounters:
         try:
             recorded = await run_in_threadpool(mark)
         except Exception:  # noqa: BLE001 - the request goes on; the next one tries again
-            log.exception("recording the %s of %s's %s budget failed", event, tenant, seen[1])
+            log.exception(
+                "recording the %s of %s's %s budget failed", event, tenant, status.budget.period
+            )
             return
         self._marked.add(seen)
         if recorded:
@@ -208,9 +211,3 @@ class BudgetCounters:
 
 def _expiry(period: Period, start: date, now: float) -> int:
     return max(1, int(reset_at(period, start) - now) + _KEEP_S)
-
-
-def period_bounds(period: Period, start: date) -> tuple[date, date]:
-    """The period's first and last day."""
-    end = period_end(period, start)
-    return start, date.fromordinal(end.toordinal() - 1)

@@ -1,0 +1,3 @@
+"""The console's gateway app (a real catalog, no engine) serves the usage API's fast tests too."""
+
+from tests.serve.console.conftest import console, console_app  # noqa: F401 - the fixtures
