@@ -104,6 +104,33 @@ class LorafleetClient:
     def get_limits(self, name: str) -> dict:
         return self._call("GET", f"/admin/tenants/{name}/limits")
 
+    def prices(self, name: str) -> dict:
+        return self._call("GET", f"/admin/tenants/{name}/prices")
+
+    def set_prices(self, name: str, changes: dict[str, float | None]) -> dict:
+        return self._call("PUT", f"/admin/tenants/{name}/prices", json=changes)
+
+    def budgets(self, name: str) -> dict:
+        return self._call("GET", f"/admin/tenants/{name}/budgets")
+
+    def set_budget(self, name: str, period: str, budget: dict[str, Any]) -> dict:
+        return self._call("PUT", f"/admin/tenants/{name}/budgets/{period}", json=budget)
+
+    def delete_budget(self, name: str, period: str) -> dict:
+        return self._call("DELETE", f"/admin/tenants/{name}/budgets/{period}")
+
+    def usage(self, **params: Any) -> dict:
+        """The usage report (JSON); `usage_csv` for its CSV."""
+        return self._call("GET", "/v1/usage", params=_given(params))
+
+    def usage_csv(self, **params: Any) -> str:
+        try:
+            response = self.http.get("/v1/usage", params=_given(params) | {"format": "csv"})
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"cannot reach {self.http.base_url}: {exc}") from exc
+        _raise_for_error(response)
+        return response.text
+
     def objective(self, tenant: str, deployment: str) -> dict:
         return self._call("GET", f"/admin/tenants/{tenant}/deployments/{deployment}/objective")
 

@@ -130,13 +130,17 @@ def catalog_app(sessions: sessionmaker, *routers: APIRouter) -> FastAPI:
 
 
 @contextlib.contextmanager
-def on_loopback(app: FastAPI) -> Iterator[str]:
+def on_loopback(app: FastAPI, lifespan: str = "auto") -> Iterator[str]:
     """`app` served by uvicorn on a free loopback port for the block (what the CLI talks to);
-    yields its URL."""
+    yields its URL. `lifespan="off"`: a gateway app served without starting its engine and
+    timers."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan
+    )
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     poll_until(lambda: server.started, 10, "the API on loopback", every=0.01)  # in-process

@@ -2,7 +2,8 @@
 function, and prints.
 
 - `server`    serve, engine, engines     - `adapters`  adapters, deployments, validation
-- `tenants`   tenants (keys, limits), audit
+- `tenants`   tenants (keys, limits, prices, budgets), audit
+- `usage`     usage (the usage report)
 - `rollouts`  rollout, ab                - `drift`     drift
 - `training`  train, eval, quantize, tiny-model
 - `db`        db current, upgrade, backup (the catalog database itself)
@@ -31,6 +32,7 @@ from lorafleet.serve.cli import (
     server,
     tenants,
     training,
+    usage,
 )
 from lorafleet.serve.cli.common import Commands
 
@@ -70,6 +72,7 @@ app.command("eval")(training.eval_command)
 app.command("quantize")(training.quantize_command)
 app.add_typer(tenants.tenants, name="tenants")
 app.command("audit")(tenants.audit)
+app.command("usage")(usage.usage)
 app.add_typer(adapters.adapters, name="adapters")
 app.add_typer(adapters.deployments, name="deployments")
 app.add_typer(training.tiny, name="tiny-model")

@@ -1,5 +1,5 @@
-"""Tenants and their keys, limits, disabling and deletion, and the audit trail (admin key): thin
-calls to the API."""
+"""Tenants and their keys, limits, prices, budgets, disabling and deletion, and the audit trail
+(admin key): thin calls to the API."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import typer
 from rich.table import Table
 
 from lorafleet.serve.cli.common import DEFAULT_URL, AdminKey, Url, console, group, notice, when
+from lorafleet.serve.cli.usage import budgets_table
 from lorafleet.serve.gateway_client import LorafleetClient
 
 __all__ = ["tenants", "audit"]
 
-tenants = group("Tenants, their keys and limits (admin key).")
+tenants = group("Tenants, their keys, limits, prices and budgets (admin key).")
 keys = group("A tenant's API keys (admin key).")
 tenants.add_typer(keys, name="keys")
 
@@ -132,6 +133,90 @@ def tenants_limits(
     client = LorafleetClient(url, admin_key)
     result = client.set_limits(name, changes) if changes else client.get_limits(name)
     console.print(_limits_table({"in effect": result["limits"], "default": result["defaults"]}))
+
+
+_PRICE_HELP = "'default': back to the setting's default."
+
+
+def _price(value: str) -> float | None:
+    """A price, or None: back to the default."""
+    if value == "default":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r}: give a number (0: free) or 'default'") from None
+
+
+@tenants.command("prices")
+def tenants_prices(
+    name: str,
+    prompt: Annotated[
+        Optional[str], typer.Option(help=f"Per million prompt tokens. {_PRICE_HELP}")
+    ] = None,
+    completion: Annotated[
+        Optional[str], typer.Option(help=f"Per million completion tokens. {_PRICE_HELP}")
+    ] = None,
+    image: Annotated[Optional[str], typer.Option(help=f"Per image. {_PRICE_HELP}")] = None,
+    engine_hour: Annotated[
+        Optional[str], typer.Option(help=f"Per hour of engine time. {_PRICE_HELP}")
+    ] = None,
+    url: Url = DEFAULT_URL,
+    admin_key: AdminKey = None,
+) -> None:
+    """Show the tenant's prices, or set those given (from now on: recorded usage keeps its
+    cost)."""
+    given = {
+        "prompt_per_million": prompt,
+        "completion_per_million": completion,
+        "per_image": image,
+        "per_engine_hour": engine_hour,
+    }
+    changes = {k: _price(v) for k, v in given.items() if v is not None}
+    client = LorafleetClient(url, admin_key)
+    result = client.set_prices(name, changes) if changes else client.prices(name)
+    currency = result["prices"].pop("currency")
+    result["defaults"].pop("currency")
+    table = Table("price", f"in effect ({currency})", "default")
+    for price, value in result["prices"].items():
+        table.add_row(price, f"{value:g}", f"{result['defaults'][price]:g}")
+    console.print(table)
+
+
+@tenants.command("budget")
+def tenants_budget(
+    name: str,
+    period: Annotated[
+        Optional[str], typer.Argument(help="day or month (UTC). Omitted: show the budgets.")
+    ] = None,
+    tokens: Annotated[
+        Optional[int], typer.Option(help="Prompt + completion tokens per period.")
+    ] = None,
+    cost: Annotated[
+        Optional[float], typer.Option(help="Money per period, in the prices' currency.")
+    ] = None,
+    alert_at: Annotated[
+        Optional[float],
+        typer.Option(help="Record an alert (audit event, metric) at this fraction, e.g. 0.8."),
+    ] = None,
+    remove: Annotated[bool, typer.Option("--remove", help="Remove the period's budget.")] = False,
+    url: Url = DEFAULT_URL,
+    admin_key: AdminKey = None,
+) -> None:
+    """Show the tenant's budgets with what each period spent, or set (replace) or remove one.
+    Over a budget, the tenant's chat and batch requests get 429 until the period ends."""
+    client = LorafleetClient(url, admin_key)
+    if period is None:
+        result = client.budgets(name)
+    elif remove:
+        result = client.delete_budget(name, period)
+    else:
+        budget = {"tokens": tokens, "cost": cost, "alert_at": alert_at}
+        result = client.set_budget(name, period, {k: v for k, v in budget.items() if v is not None})
+    if not result["budgets"]:
+        console.print(f"{name} has no budget")
+        return
+    console.print(budgets_table(result["budgets"], result["currency"]))
 
 
 @tenants.command("objective")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,15 @@ from sqlalchemy import create_engine, func, select, text
 from lorafleet.adapters.catalog import (
     AdapterVersion,
     ApiKey,
+    Batch,
+    BatchLine,
+    Budget,
     Decision,
     Deployment,
     Rollout,
+    StoredFile,
     Tenant,
+    UsageDay,
     ValidationSet,
     open_catalog,
 )
@@ -168,6 +174,66 @@ def test_deleting_a_tenant_removes_what_it_owns_and_nothing_of_others(sessions):
             )
         )
         deployment.rollout_id = rollout.id
+        # a file, a batch with a finished line, a day's usage and a budget
+        now = time.time()
+        session.add(
+            StoredFile(
+                id="file-1",
+                tenant_id=acme.id,
+                purpose="batch",
+                filename="r.jsonl",
+                bytes=1,
+                lines=1,
+                digest="f" * 64,
+                created_at=now,
+            )
+        )
+        session.add(
+            Batch(
+                id="batch-1",
+                tenant_id=acme.id,
+                input_file_id="file-1",
+                endpoint="/v1/chat/completions",
+                completion_window="24h",
+                status="in_progress",
+                total=1,
+                completed=1,
+                failed=0,
+                created_at=now,
+                expires_at=now + 86400,
+                lease_until=0.0,
+            )
+        )
+        session.flush()
+        session.add(
+            BatchLine(
+                batch_id="batch-1",
+                line=0,
+                custom_id="a",
+                request_id="r",
+                status=200,
+                body={},
+                at=now,
+            )
+        )
+        session.add(
+            UsageDay(
+                tenant_id=acme.id,
+                day=date(2026, 12, 1),
+                deployment="prod",
+                digest="a" * 64,
+                batch=False,
+                failed=False,
+                requests=1,
+                prompt_tokens=1,
+                completion_tokens=1,
+                images=0,
+                prefill_s=0.0,
+                decode_s=0.0,
+                cost_nanos=0,
+            )
+        )
+        session.add(Budget(tenant_id=acme.id, period="day", tokens=5, updated_at=now))
         session.commit()
 
         with pytest.raises(Conflict, match="rollout") as refused:
@@ -181,6 +247,9 @@ def test_deleting_a_tenant_removes_what_it_owns_and_nothing_of_others(sessions):
             "c" * 64
         }
         assert deleted.counts["adapter_versions"] == 2 and deleted.counts["decisions"] == 1
+        assert deleted.file_digests == {"f" * 64}
+        for table in ("files", "batches", "batch_lines", "usage_days", "budgets"):
+            assert deleted.counts[table] == 1, table
         with pytest.raises(NotFound):
             get_tenant(session, "acme")
         assert {v.digest for v in session.scalars(select(AdapterVersion))} == {"a" * 64}  # globex's
