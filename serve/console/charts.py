@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from datetime import date, timedelta
 from html import escape
 
 from markupsafe import Markup
@@ -22,6 +23,8 @@ __all__ = [
     "time_lines",
     "weights_bar",
     "rollout_charts",
+    "day_bars",
+    "usage_charts",
 ]
 
 _PALETTE = ("#1f6fb2", "#d9661f", "#2e8b57", "#8e44ad", "#b8860b", "#c0392b", "#16a085", "#555555")
@@ -196,6 +199,92 @@ def time_lines(
             f"{escape(name)}</text>"
         )
     return _svg(title, width, height, parts)
+
+
+def day_bars(
+    title: str,
+    days: Sequence[str],
+    series: dict[str, Sequence[float]],
+    fmt: Callable[[float], str] = _number,
+    empty: str = "nothing used in this range",
+    width: int = 560,
+    height: int = 190,
+) -> Markup:
+    """One stacked bar per day (`days`, in order), a segment per series (its value that day);
+    `empty` where every value is 0."""
+    totals = [sum(values[i] for values in series.values()) for i in range(len(days))]
+    if not days or not any(totals):
+        return Markup(f'<p class="empty">{escape(title)}: {escape(empty)}.</p>')
+    high = max(totals)
+    left, right, top, bottom = 60, 10, 22, 38
+    plot_w, plot_h = width - left - right, height - top - bottom
+    slot = plot_w / len(days)
+    bar_w = max(2.0, min(28.0, slot * 0.7))
+    parts = [
+        f'<text x="0" y="14" font-size="13" fill="{_TEXT}" font-weight="600">{escape(title)}</text>'
+    ]
+    for v in (0.0, high / 2, high):
+        y = top + (1 - v / high) * plot_h
+        parts.append(
+            f'<line x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}" stroke="{_GRID}"/>'
+            f'<text x="{left - 4}" y="{y + 4:.1f}" font-size="10" fill="{_AXIS}" '
+            f'text-anchor="end">{escape(fmt(v))}</text>'
+        )
+    for i, day in enumerate(days):
+        x, base = left + i * slot + (slot - bar_w) / 2, top + plot_h
+        for j, (name, values) in enumerate(series.items()):
+            h = values[i] / high * plot_h
+            if h <= 0:
+                continue
+            base -= h
+            parts.append(
+                f'<rect x="{x:.1f}" y="{base:.1f}" width="{bar_w:.1f}" height="{h:.1f}" '
+                f'fill="{colour(j)}"><title>{escape(day)} {escape(name)}: '
+                f"{escape(fmt(values[i]))}</title></rect>"
+            )
+    for i in sorted({0, len(days) - 1}):
+        anchor = "start" if i == 0 and len(days) > 1 else "end" if i else "middle"
+        x = left + i * slot + (0 if anchor == "start" else slot if anchor == "end" else slot / 2)
+        parts.append(
+            f'<text x="{x:.1f}" y="{height - 22}" font-size="10" fill="{_AXIS}" '
+            f'text-anchor="{anchor}">{escape(days[i])}</text>'
+        )
+    for j, name in enumerate(series):
+        parts.append(
+            f'<rect x="{left + j * 130}" y="{height - 10}" width="10" height="10" '
+            f'fill="{colour(j)}"/>'
+            f'<text x="{left + j * 130 + 14}" y="{height - 1}" font-size="11" fill="{_TEXT}">'
+            f"{escape(name)}</text>"
+        )
+    return _svg(title, width, height, parts)
+
+
+def usage_charts(report: dict) -> list[Markup]:
+    """Tokens and cost per day from a usage report grouped by day (live and batch rows of a day
+    added up): every day of its range, those without usage at 0."""
+    first, last = date.fromisoformat(report["start"]), date.fromisoformat(report["end"])
+    days = [(first + timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
+    rows, currency = report["rows"], report["currency"]
+    by_day: dict[str, dict[str, float]] = {day: {} for day in days}
+    for row in rows:
+        sums = by_day[row["day"]]
+        for name in ("prompt_tokens", "completion_tokens", "cost"):
+            sums[name] = sums.get(name, 0.0) + row[name]
+    tokens = {
+        "prompt tokens": [by_day[d].get("prompt_tokens", 0.0) for d in days],
+        "completion tokens": [by_day[d].get("completion_tokens", 0.0) for d in days],
+    }
+    cost = {f"cost ({currency})": [by_day[d].get("cost", 0.0) for d in days]}
+    return [
+        day_bars("tokens per day", days, tokens, lambda v: f"{v:,.0f}"),
+        day_bars(
+            f"cost per day ({currency})",
+            days,
+            cost,
+            lambda v: f"{v:.4g}",
+            "no cost in this range (its prices are 0)",
+        ),
+    ]
 
 
 def _svg(title: str, width: int, height: int, parts: list[str]) -> Markup:

@@ -350,6 +350,32 @@ async def batches_page(request: Request) -> HTMLResponse:
     return _page(request, "batches.html", user=user, rows=rows)
 
 
+# usage
+
+
+@router.get("/usage")
+async def usage_page(
+    request: Request, start: str | None = None, end: str | None = None
+) -> HTMLResponse:
+    """What was used and what it cost, per day (a chart) and per deployment and adapter (the
+    admin: per tenant), with the budgets: the usage report's own numbers."""
+    user = _user(request)
+    span = {"start": start or None, "end": end or None}
+    async with _api(request, user) as api:
+        daily = await api.get("/v1/usage", group_by="day", **span)
+        if user.admin:
+            table = await api.get("/v1/usage", group_by="tenant", **span)
+            budgets = [
+                {"tenant": tenant, **b}
+                for tenant in sorted({row["tenant"] for row in table["rows"]})
+                for b in (await api.get(f"/admin/tenants/{quote(tenant)}/budgets"))["budgets"]
+            ]
+        else:
+            table = await api.get("/v1/usage", group_by="deployment,adapter", **span)
+            budgets = [{"tenant": user.name, **b} for b in table["budgets"]]
+    return _page(request, "usage.html", user=user, daily=daily, table=table, budgets=budgets)
+
+
 # rollouts
 
 

@@ -7,6 +7,7 @@ Screenshots of each page go to $LORAFLEET_SCREENSHOTS (default: build/screenshot
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from lorafleet.serve.drift.report import NOT_ENOUGH
 from lorafleet.serve.gateway_client import inline_images
 from tests.conftest import NEAR_BASE_STD
-from tests.helpers import upload_folder
+from tests.helpers import poll_until, upload_folder
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = Path(os.environ.get("LORAFLEET_SCREENSHOTS", "build/screenshots"))
@@ -234,4 +235,52 @@ def test_a_tenant_aborts_its_canary_others_do_not_see_it_the_admin_sees_all(
         response = admin.page.goto(server.url + path)
         assert response is not None and response.status == 200, path
         admin.shot(path.rsplit("/", 1)[-1] + "-admin")
+    admin.close()
+
+
+def test_the_usage_page_charts_a_tenants_days_with_the_apis_numbers(
+    server, new_tenant, make_adapter, browser
+):
+    tenant = new_tenant()
+    with server.admin() as admin:
+        admin.put(
+            f"/admin/tenants/{tenant.name}/prices", json={"prompt_per_million": 500.0}
+        ).raise_for_status()
+    with tenant.http() as http:
+        _two_versions(http, make_adapter)
+        _traffic(http, n=6)
+
+        def flushed() -> dict | None:
+            report = http.get("/v1/usage", params={"group_by": "day"}).json()
+            return report if report["total"]["requests"] == 6 else None
+
+        report = poll_until(flushed, 30, "the traffic in the usage report")
+    with server.admin() as admin:
+        admin.put(
+            f"/admin/tenants/{tenant.name}/budgets/month",
+            json={"tokens": 1_000_000, "alert_at": 0.8},
+        ).raise_for_status()
+    visit = Visit(browser, server.url)
+    visit.sign_in(tenant.api_key)
+    visit.page.get_by_role("link", name="Usage").click()
+    visit.page.wait_for_url("**/console/usage")
+    assert visit.page.get_by_role("img", name="tokens per day").is_visible()
+    assert visit.page.get_by_role("img", name="cost per day (USD)").is_visible()
+    total = report["total"]
+    summary = visit.page.locator("main p").first.inner_text()
+    assert f"{total['prompt_tokens']:,} prompt" in summary
+    assert f"{total['completion_tokens']:,} completion" in summary
+    budgets = visit.page.get_by_role("table", name=re.compile("^Budgets")).inner_text()
+    assert "1,000,000 tokens" in budgets and "80.0 %" in budgets
+    rows = visit.page.get_by_role("table", name=re.compile("^Per deployment")).inner_text()
+    assert "shapes" in rows and "m@1" in rows
+    visit.shot("usage")
+    visit.close()
+    admin = Visit(browser, server.url)
+    admin.sign_in(server.admin_key)
+    admin.page.goto(server.url + "/console/usage")
+    assert (
+        tenant.name in admin.page.get_by_role("table", name=re.compile("^Per tenant")).inner_text()
+    )
+    admin.shot("usage-admin")
     admin.close()
