@@ -238,13 +238,8 @@ def touch_keys(session: Session, used: dict[int, float]) -> None:
 def set_limits(session: Session, tenant: Tenant, changes: dict[str, int | None]) -> TenantPolicy:
     """Set (a number) or reset to the default (None) some of the tenant's limits."""
     policy = tenant_policy(session, tenant)
-    limits = dict(policy.limits or {})
-    for name, value in changes.items():
-        if value is None:
-            limits.pop(name, None)
-        else:
-            limits[name] = value
-    policy.limits, policy.updated_at = limits, time.time()
+    policy.limits = _overridden(policy.limits, changes)
+    policy.updated_at = time.time()
     session.commit()
     return policy
 
@@ -252,15 +247,21 @@ def set_limits(session: Session, tenant: Tenant, changes: dict[str, int | None])
 def set_prices(session: Session, tenant: Tenant, changes: dict[str, float | None]) -> TenantPolicy:
     """Set (a number) or reset to the default (None) some of the tenant's prices."""
     policy = tenant_policy(session, tenant)
-    prices = dict(policy.prices or {})
-    for name, value in changes.items():
-        if value is None:
-            prices.pop(name, None)
-        else:
-            prices[name] = value
-    policy.prices, policy.updated_at = prices, time.time()
+    policy.prices = _overridden(policy.prices, changes)
+    policy.updated_at = time.time()
     session.commit()
     return policy
+
+
+def _overridden(overrides: dict | None, changes: dict) -> dict:
+    """The tenant's own values with `changes` (None: back to the default, so dropped)."""
+    result = dict(overrides or {})
+    for name, value in changes.items():
+        if value is None:
+            result.pop(name, None)
+        else:
+            result[name] = value
+    return result
 
 
 def set_disabled(

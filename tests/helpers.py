@@ -20,10 +20,11 @@ from sqlalchemy.orm import sessionmaker
 from lorafleet.chat_jsonl import image_data_url as data_url
 from lorafleet.serve.api.errors import install_error_handlers
 from lorafleet.serve.api.guard import Authenticate
-from lorafleet.serve.feedback.request_log import RequestLog
+from lorafleet.serve.feedback.request_log import LoggedRequest, RequestLog, new_request_id
 from lorafleet.serve.gateway_client import pack_adapter
 from lorafleet.serve.metrics import Metrics
 from lorafleet.serve.route_cache import RouteCache
+from lorafleet.serve.usage.prices import NANOS
 
 
 def image_data_url(
@@ -149,3 +150,34 @@ def on_loopback(app: FastAPI, lifespan: str = "auto") -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def logged_request(tenant_id: int, **fields: object) -> LoggedRequest:
+    """A request-log row: an answered request of deployment `reader` just now (`fields`
+    override)."""
+    row: dict = dict(
+        request_id=new_request_id(),
+        tenant_id=tenant_id,
+        key_id=None,
+        at=time.time(),
+        status=200,
+        error_code=None,
+        prompt_tokens=10,
+        completion_tokens=5,
+        latency_s=0.1,
+        stream=False,
+        deployment="reader",
+        digest="d" * 64,
+    )
+    return LoggedRequest(**(row | fields))
+
+
+def record_usage(gateway, tenant: str, cost: float = 0.0, **fields: object) -> None:
+    """One request of `tenant` (`fields`: the row's) with its `cost`, in the gateway's usage and
+    written to its catalog."""
+    from lorafleet.adapters.tenants import get_tenant
+
+    with gateway.sessions() as session:
+        tenant_id = get_tenant(session, tenant).id
+    gateway.usage.add(logged_request(tenant_id, **fields), round(cost * NANOS))
+    gateway.usage.flush()

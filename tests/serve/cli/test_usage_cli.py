@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -15,9 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lorafleet.serve.cli import app
-from lorafleet.serve.feedback.request_log import LoggedRequest, new_request_id
-from lorafleet.serve.usage.prices import NANOS
-from tests.helpers import on_loopback
+from tests.helpers import on_loopback, record_usage
 from tests.serve.console.conftest import ADMIN_KEY, console_app  # noqa: F401 - the fixture
 
 runner = CliRunner()
@@ -29,32 +26,16 @@ def gateway(console_app) -> Iterator[tuple[str, str]]:  # noqa: F811 - the fixtu
     with on_loopback(console_app, lifespan="off") as url:
         admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
         key = admin.post("/admin/tenants", json={"name": "acme"}).json()["api_key"]
-        gateway = console_app.state.gateway
-        with gateway.sessions() as session:
-            from lorafleet.adapters.tenants import get_tenant
-
-            acme = get_tenant(session, "acme").id
-        gateway.usage.add(
-            LoggedRequest(
-                request_id=new_request_id(),
-                tenant_id=acme,
-                key_id=None,
-                at=time.time(),
-                status=200,
-                error_code=None,
-                prompt_tokens=1200,
-                completion_tokens=300,
-                latency_s=0.1,
-                stream=False,
-                deployment="reader",
-                digest="a" * 64,
-                images=2,
-                prefill_s=1.0,
-                decode_s=2.0,
-            ),
-            round(0.25 * NANOS),
+        record_usage(
+            console_app.state.gateway,
+            "acme",
+            0.25,
+            prompt_tokens=1200,
+            completion_tokens=300,
+            images=2,
+            prefill_s=1.0,
+            decode_s=2.0,
         )
-        gateway.usage.flush()
         yield url, key
 
 

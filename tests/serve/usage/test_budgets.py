@@ -13,7 +13,6 @@ from limits.aio.storage import MemoryStorage
 from lorafleet.adapters.catalog import AuditEvent, Tenant, open_catalog
 from lorafleet.adapters.catalog import Budget as BudgetRow
 from lorafleet.errors import BudgetExceeded
-from lorafleet.serve.feedback.request_log import LoggedRequest, new_request_id
 from lorafleet.serve.metrics import Metrics
 from lorafleet.serve.usage import records
 from lorafleet.serve.usage.budgets import BudgetCounters, used_ratio
@@ -21,6 +20,7 @@ from lorafleet.serve.usage.ledger import UsageLedger
 from lorafleet.serve.usage.periods import Budget, period_start, reset_at
 from lorafleet.serve.usage.prices import NANOS
 from lorafleet.serve.usage.records import Spent
+from tests.helpers import logged_request
 
 
 @pytest.fixture
@@ -94,23 +94,7 @@ async def test_fresh_counters_start_from_what_the_catalog_holds_for_the_period(c
     """A restarted gateway (memory://) or a Redis without its data: the month is not forgotten."""
     sessions, acme = catalog
     ledger = UsageLedger(sessions, Metrics(), flush_s=1.0)
-    ledger.add(
-        LoggedRequest(
-            request_id=new_request_id(),
-            tenant_id=acme,
-            key_id=None,
-            at=time.time(),
-            status=200,
-            error_code=None,
-            prompt_tokens=30,
-            completion_tokens=20,
-            latency_s=0.1,
-            stream=False,
-            deployment="reader",
-            digest="d" * 64,
-        ),
-        cost_nanos=3 * NANOS,
-    )
+    ledger.add(logged_request(acme, prompt_tokens=30, completion_tokens=20), 3 * NANOS)
     ledger.flush()
     budget = Budget("month", tokens=None, cost=5.0, alert_at=None)
     counters = BudgetCounters(MemoryStorage(), sessions, Metrics(), "EUR")

@@ -4,51 +4,19 @@ spent budget answered with 429 before the request goes anywhere."""
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 
 import pytest
 
-from lorafleet.serve.feedback.request_log import LoggedRequest, new_request_id
-from lorafleet.serve.usage.prices import NANOS
-from tests.helpers import assert_openai_error
-
-
-def _tenant_id(console_app, name: str) -> int:
-    from lorafleet.adapters.tenants import get_tenant
-
-    with console_app.state.gateway.sessions() as session:
-        return get_tenant(session, name).id
-
-
-def _used(console_app, tenant_id: int, tokens: tuple[int, int], cost: float) -> None:
-    gateway = console_app.state.gateway
-    gateway.usage.add(
-        LoggedRequest(
-            request_id=new_request_id(),
-            tenant_id=tenant_id,
-            key_id=None,
-            at=time.time(),
-            status=200,
-            error_code=None,
-            prompt_tokens=tokens[0],
-            completion_tokens=tokens[1],
-            latency_s=0.1,
-            stream=False,
-            deployment="reader",
-            digest="e" * 64,
-            images=1,
-        ),
-        round(cost * NANOS),
-    )
-    gateway.usage.flush()
+from tests.helpers import assert_openai_error, record_usage
 
 
 async def test_a_tenant_reads_its_own_usage_and_the_admin_everyones(console, console_app):
     names = [console.name("u"), console.name("v")]
     keys = [await console.tenant(name) for name in names]
-    _used(console_app, _tenant_id(console_app, names[0]), (100, 20), 0.5)
-    _used(console_app, _tenant_id(console_app, names[1]), (7, 3), 0.25)
+    gateway = console_app.state.gateway
+    record_usage(gateway, names[0], 0.5, prompt_tokens=100, completion_tokens=20, images=1)
+    record_usage(gateway, names[1], 0.25, prompt_tokens=7, completion_tokens=3, images=1)
     async with console.api(keys[0]) as api:
         mine = (await api.get("/v1/usage")).json()
         by_day = await api.get("/v1/usage", params={"group_by": "day", "format": "csv"})
@@ -133,7 +101,7 @@ async def test_the_admin_sets_prices_and_budgets_and_a_spent_budget_refuses_chat
         assert_openai_error(
             await api.put(f"/admin/tenants/{name}/budgets/day", json={"tokens": 5}), 401
         )
-    _used(console_app, _tenant_id(console_app, name), (60, 40), 0.0)
+    record_usage(console_app.state.gateway, name, prompt_tokens=60, completion_tokens=40)
     budgets = await admin.put(
         f"/admin/tenants/{name}/budgets/day", json={"tokens": 100, "alert_at": 0.8}
     )

@@ -4,37 +4,10 @@ day and its budgets; the admin every tenant's; the numbers are the API's."""
 from __future__ import annotations
 
 import re
-import time
 from datetime import UTC, datetime
 
-from lorafleet.adapters.tenants import get_tenant
-from lorafleet.serve.feedback.request_log import LoggedRequest, new_request_id
-from lorafleet.serve.usage.prices import NANOS
+from tests.helpers import record_usage
 from tests.serve.console.conftest import ADMIN_KEY
-
-
-def _used(console_app, name: str, prompt: int, cost: float) -> None:
-    gateway = console_app.state.gateway
-    with gateway.sessions() as session:
-        tenant_id = get_tenant(session, name).id
-    gateway.usage.add(
-        LoggedRequest(
-            request_id=new_request_id(),
-            tenant_id=tenant_id,
-            key_id=None,
-            at=time.time(),
-            status=200,
-            error_code=None,
-            prompt_tokens=prompt,
-            completion_tokens=5,
-            latency_s=0.1,
-            stream=False,
-            deployment="reader",
-            digest="c" * 64,
-        ),
-        round(cost * NANOS),
-    )
-    gateway.usage.flush()
 
 
 async def test_the_usage_page_shows_the_apis_numbers_per_day_and_the_budgets(
@@ -43,8 +16,8 @@ async def test_the_usage_page_shows_the_apis_numbers_per_day_and_the_budgets(
     mine, theirs = console.name("mine"), console.name("theirs")
     key = await console.tenant(mine)
     await console.tenant(theirs)
-    _used(console_app, mine, 4321, 0.125)
-    _used(console_app, theirs, 999_777, 2.5)
+    record_usage(console_app.state.gateway, mine, 0.125, prompt_tokens=4321)
+    record_usage(console_app.state.gateway, theirs, 2.5, prompt_tokens=999_777)
     budget = await console.admin.put(
         f"/admin/tenants/{mine}/budgets/month", json={"tokens": 10_000, "alert_at": 0.9}
     )
