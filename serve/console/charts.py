@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import date, timedelta
 from html import escape
 
@@ -204,7 +204,7 @@ def time_lines(
 def day_bars(
     title: str,
     days: Sequence[str],
-    series: dict[str, Sequence[float]],
+    series: Mapping[str, Sequence[float]],
     fmt: Callable[[float], str] = _number,
     empty: str = "nothing used in this range",
     width: int = 560,
