@@ -231,7 +231,7 @@ def day_bars(
             f'text-anchor="end">{escape(fmt(v))}</text>'
         )
     for i, day in enumerate(days):
-        x, base = left + i * slot + (slot - bar_w) / 2, top + plot_h
+        x, base = left + i * slot + (slot - bar_w) / 2, float(top + plot_h)
         for j, (name, values) in enumerate(series.items()):
             h = values[i] / high * plot_h
             if h <= 0:
