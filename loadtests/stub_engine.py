@@ -3,8 +3,9 @@ product).
 
 Answers vLLM's routes the gateway uses (`/health`, `/version`, `/v1/load_lora_adapter`,
 `/v1/unload_lora_adapter`, `/v1/chat/completions`, streamed or not, with the tokens' logprobs when
-asked) at once with a canned answer of `--tokens` tokens, over plain asyncio streams so that it
-costs as little CPU as possible; HTTP/1.1 keep-alive, Content-Length bodies only.
+asked and vLLM's per-request `metrics`) at once with a canned answer of `--tokens` tokens, over
+plain asyncio streams so that it costs as little CPU as possible; HTTP/1.1 keep-alive,
+Content-Length bodies only.
 
     .venv/bin/python loadtests/stub_engine.py --port 8100
 """
@@ -22,6 +23,16 @@ _TOKEN = {
     "logprob": -0.0123,
     "bytes": [119, 111, 114, 100, 32],
     "top_logprobs": [],
+}
+
+
+# vLLM's per-request times (`--enable-per-request-metrics`): the gateway's engine time
+METRICS = {
+    "time_to_first_token_ms": 12.5,
+    "generation_time_ms": 37.5,
+    "queue_time_ms": 0.5,
+    "mean_itl_ms": 2.5,
+    "tokens_per_second": 320.0,
 }
 
 
@@ -49,6 +60,7 @@ def _chat(model: str, tokens: int, logprobs: bool, request_id: str) -> bytes:
                 "completion_tokens": tokens,
                 "total_tokens": 40 + tokens,
             },
+            "metrics": METRICS,
         }
     ).encode()
 
@@ -81,6 +93,7 @@ def _stream(model: str, tokens: int, logprobs: bool, request_id: str) -> bytes:
                 "completion_tokens": tokens,
                 "total_tokens": 40 + tokens,
             },
+            "metrics": METRICS,
         }
     )
     return (

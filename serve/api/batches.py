@@ -129,8 +129,7 @@ async def create_batch(
     limits = tenant_limits(request, gateway)
     assert body.endpoint == ENDPOINT
     entry = request.state.tenant
-    if entry.budgets:
-        await gateway.budgets.check(entry.id, entry.name, entry.budgets)
+    await gateway.budgets.check(entry.id, entry.name, entry.budgets)
     batch = await run_in_threadpool(
         records.create_batch,
         session,

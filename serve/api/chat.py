@@ -100,8 +100,8 @@ async def serve_line(
     record = ChatRecord(gateway, tenant, admitted, batch_id)
     try:
         async with record:
-            if tenant.budgets:  # a batch's lines stop with their tenant's budget too
-                await gateway.budgets.check(tenant.id, tenant.name, tenant.budgets)
+            # a batch's lines stop with their tenant's budget too
+            await gateway.budgets.check(tenant.id, tenant.name, tenant.budgets)
             require_model(body)
             if not isinstance(body.get("messages"), list):
                 raise InvalidRequest("'messages' must be a list")
@@ -129,8 +129,7 @@ async def serve_line(
 async def admit(gateway: Gateway, tenant: TenantEntry) -> Admitted:
     """The tenant's budgets, then its rate and concurrency limits, before anything of the request
     is read."""
-    if tenant.budgets:
-        await gateway.budgets.check(tenant.id, tenant.name, tenant.budgets)
+    await gateway.budgets.check(tenant.id, tenant.name, tenant.budgets)
     try:
         return await gateway.limiter.admit(
             tenant.name, tenant.limits or Limits.defaults(gateway.settings)

@@ -213,8 +213,10 @@ def tenants_budget(
     else:
         budget = {"tokens": tokens, "cost": cost, "alert_at": alert_at}
         result = client.set_budget(name, period, {k: v for k, v in budget.items() if v is not None})
+    if remove and period is not None:
+        console.print(f"{name}'s {period} budget removed")
     if not result["budgets"]:
-        console.print(f"{name} has no budget")
+        console.print(f"{name} has no budget{' left' if remove else ''}")
         return
     console.print(budgets_table(result["budgets"], result["currency"]))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from lorafleet.errors import InvalidRequest
 from lorafleet.serve.cli.common import DEFAULT_URL, AdminKey, ApiKey, Url, console, notice, when
@@ -31,8 +31,11 @@ def usage(
         ),
     ] = None,
     tenant: Annotated[
-        Optional[str], typer.Option(help="With the admin key: this tenant only (default: all).")
+        Optional[str], typer.Option(help="This tenant's report (the admin key).")
     ] = None,
+    every_tenant: Annotated[
+        bool, typer.Option("--every-tenant", help="Every tenant's report (the admin key).")
+    ] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="CSV, the header first.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="The API's JSON.")] = False,
     output: Annotated[
@@ -44,13 +47,16 @@ def usage(
 ) -> None:
     """What requests used and cost: answered requests' tokens, images and engine time, failed
     requests apart, live and batch apart; with the budgets in effect. Your own with your API key;
-    every tenant's (or --tenant's) with the admin key."""
-    if tenant is not None or not api_key:
-        if not admin_key:
-            raise InvalidRequest("give your API key (--api-key), or the admin key (--admin-key)")
-        key = admin_key
-    else:
-        key = api_key
+    with the admin key, every tenant's (--every-tenant, or --group-by tenant) or one
+    (--tenant NAME), also when an API key is set."""
+    groups = {g.strip() for g in (group_by or "").split(",")}
+    admin = tenant is not None or every_tenant or "tenant" in groups or not api_key
+    if admin and not admin_key:
+        raise InvalidRequest(
+            "give your API key (--api-key) for your usage, or the admin key (--admin-key) for a "
+            "tenant's or every tenant's"
+        )
+    key = admin_key if admin else api_key
     client = LorafleetClient(url, key)
     params = {"start": start, "end": end, "group_by": group_by, "tenant": tenant}
     if as_csv:
@@ -80,16 +86,16 @@ def _usage_table(report: dict, title: str) -> Table:
     groups = [g for g in GROUPS if g in report["group_by"]]
     currency = report["currency"]
     table = Table(
-        *groups,
+        *(Column(g, overflow="fold") for g in groups),
         "kind",
-        "requests",
-        "failed",
-        "prompt tokens",
-        "completion tokens",
-        "images",
-        "engine s",
-        f"cost ({currency})",
-        title=title,
+        Column("requests", justify="right"),
+        Column("failed", justify="right"),
+        Column("prompt", justify="right"),
+        Column("completion", justify="right"),
+        Column("images", justify="right"),
+        Column("engine s", justify="right"),
+        Column(f"cost {currency}", justify="right"),
+        title=f"{title}; tokens: prompt, completion",
     )
     for row in report["rows"]:
         table.add_row(*(_group(row, g) for g in groups), row["kind"], *_sums(row))
@@ -123,12 +129,12 @@ def budgets_table(budgets: list[dict], currency: str) -> Table:
         limits = [f"{b['tokens']:,} tokens"] if b["tokens"] is not None else []
         limits += [f"{b['cost']:g} {currency}"] if b["cost"] is not None else []
         table.add_row(
-            f"{b['period']} from {b['start']}",
+            f"{b['period']} {b['start']}",
             " or ".join(limits),
             f"{b['spent_tokens']:,} tokens, {b['spent_cost']:.4f} {currency}",
             f"{100 * b['used']:.1f}%",
             f"{100 * b['alert_at']:.0f}%" if b["alert_at"] is not None else "-",
             when(b["resets_at"]),
-            "[red]spent: requests get 429[/red]" if b["exceeded"] else "open",
+            "[red]spent (429)[/red]" if b["exceeded"] else "open",
         )
     return table

@@ -215,7 +215,7 @@ def day_bars(
     totals = [sum(values[i] for values in series.values()) for i in range(len(days))]
     if not days or not any(totals):
         return Markup(f'<p class="empty">{escape(title)}: {escape(empty)}.</p>')
-    high = max(totals)
+    high = _round_up(max(totals))
     left, right, top, bottom = 60, 10, 22, 38
     plot_w, plot_h = width - left - right, height - top - bottom
     slot = plot_w / len(days)
@@ -257,6 +257,12 @@ def day_bars(
             f"{escape(name)}</text>"
         )
     return _svg(title, width, height, parts)
+
+
+def _round_up(value: float) -> float:
+    """The axis' top: the next of 1, 2, 2.5, 5 times a power of ten (its half a round tick too)."""
+    power = 10 ** math.floor(math.log10(value))
+    return next(step * power for step in (1, 2, 2.5, 5, 10) if step * power >= value * (1 - 1e-9))
 
 
 def usage_charts(report: dict) -> list[Markup]:

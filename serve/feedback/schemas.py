@@ -85,6 +85,10 @@ class RequestPublic(BaseModel):
     captured: bool
     feedback: float | None = None  # the feedback's score, if any
     batch_id: str | None = None  # a batch's line, not a live request
+    images: int = 0
+    # the engine's own prefill and decode times, where it reported them (seconds)
+    prefill_s: float | None = None
+    decode_s: float | None = None
 
 
 class RequestPage(BaseModel):

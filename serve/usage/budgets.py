@@ -79,10 +79,17 @@ class BudgetCounters:
         self.currency = currency
         # events this process saw recorded, per budget as set (a new budget is alerted on anew)
         self._marked: set[tuple[int, Budget, date, str]] = set()
+        # each budget as this gateway last saw it: its gauges read these when scraped
+        self._seen: dict[tuple[str, Period], BudgetStatus] = {}
+        self._tenants_seen: set[str] = set()
 
     async def check(self, tenant_id: int, tenant: str, budgets: Sequence[Budget]) -> None:
         """Raise BudgetExceeded (429, Retry-After: the period's end) while one of the budgets is
-        spent."""
+        spent. Cheap for a tenant without budgets (nothing is counted)."""
+        if not budgets:
+            if tenant in self._tenants_seen:  # its budgets were removed
+                self._forget(tenant, budgets)
+            return
         for status in await self.status(tenant_id, tenant, budgets):
             if status.exceeded:
                 self.metrics.rate_limited.labels(tenant, "budget_exceeded").inc()
@@ -98,6 +105,7 @@ class BudgetCounters:
     ) -> None:
         """Count an answered request's tokens and cost against each budget's period."""
         now = time.time()
+        self._forget(tenant, budgets)
         for budget in budgets:
             start = period_start(budget.period, now)
             key = await self._seeded(tenant_id, budget.period, start, now)
@@ -113,6 +121,7 @@ class BudgetCounters:
     ) -> list[BudgetStatus]:
         """Each budget in its current period."""
         now, statuses = time.time(), []
+        self._forget(tenant, budgets)
         for budget in budgets:
             start = period_start(budget.period, now)
             key = await self._seeded(tenant_id, budget.period, start, now)
@@ -147,14 +156,41 @@ class BudgetCounters:
         status = BudgetStatus(
             budget, start, reset_at(budget.period, start), spent, used_ratio(budget, spent)
         )
-        self.metrics.budget_used.labels(tenant, budget.period).set(status.used)
+        self._show(tenant, status)
         if budget.alert_at is not None:
-            self.metrics.budget_alert_at.labels(tenant, budget.period).set(budget.alert_at)
             if status.used >= budget.alert_at:
                 await self._mark(tenant_id, tenant, status, "alert")
         if status.exceeded:
             await self._mark(tenant_id, tenant, status, "exceeded")
         return status
+
+    def _show(self, tenant: str, status: BudgetStatus) -> None:
+        """The budget's gauges: how much of it is spent, read when scraped (0 once its period has
+        ended: the next period's spending shows at the tenant's next request), and its alert
+        threshold."""
+        key = (tenant, status.budget.period)
+        if key not in self._seen:
+            self.metrics.budget_used.labels(*key).set_function(lambda: self._used_now(key))
+        self._seen[key] = status
+        self._tenants_seen.add(tenant)
+        if status.budget.alert_at is not None:
+            self.metrics.budget_alert_at.labels(*key).set(status.budget.alert_at)
+        else:
+            _remove(self.metrics.budget_alert_at, key)
+
+    def _used_now(self, key: tuple[str, Period]) -> float:
+        status = self._seen.get(key)
+        return status.used if status is not None and time.time() < status.resets_at else 0.0
+
+    def _forget(self, tenant: str, budgets: Sequence[Budget]) -> None:
+        """Drop the gauges of the tenant's budgets that are no longer set."""
+        periods = {budget.period for budget in budgets}
+        for key in [k for k in self._seen if k[0] == tenant and k[1] not in periods]:
+            del self._seen[key]
+            _remove(self.metrics.budget_used, key)
+            _remove(self.metrics.budget_alert_at, key)
+        if not periods:
+            self._tenants_seen.discard(tenant)
 
     async def _mark(self, tenant_id: int, tenant: str, status: BudgetStatus, event: str) -> None:
         """Record the event once per period for the fleet: the catalog's mark decides."""
@@ -207,6 +243,13 @@ class BudgetCounters:
             f"tenant {tenant!r} spent its {budget.period} budget ({', '.join(limits)}); it "
             f"resets at {resets}"
         )
+
+
+def _remove(gauge, labels: tuple[str, ...]) -> None:  # noqa: ANN001 - a labelled Gauge
+    try:
+        gauge.remove(*labels)
+    except KeyError:  # never shown
+        pass
 
 
 def _expiry(period: Period, start: date, now: float) -> int:

@@ -252,3 +252,33 @@ def test_json_bodies_are_json_whatever_their_content_type_says(relay):
         assert again.status_code == 200 and again.json()["score"] == 0
         upload = http.post("/v1/adapters", content=b"{}", headers=form)  # an upload keeps its type
         assert upload.status_code in (400, 415), upload.text
+
+
+def test_the_engines_times_are_recorded_as_usage_and_never_reach_the_client(relay):
+    """vLLM's per-request `metrics` (prefill and decode times) become the request's engine time;
+    the client's answer, streamed or not, is OpenAI's shape without them."""
+    with relay.http() as http:
+        # a deployment of this test's own: its usage row holds only these two requests
+        http.put("/v1/deployments/timed", json={"adapter": "extractor"}).raise_for_status()
+        body = {"model": "timed", "messages": [{"role": "user", "content": "hi"}]}
+        plain = http.post("/v1/chat/completions", json=body)
+        assert plain.status_code == 200 and "metrics" not in plain.json()
+        assert plain.json()["usage"]["completion_tokens"] == TOKENS
+        streamed_body = body | {"stream": True, "stream_options": {"include_usage": True}}
+        with http.stream("POST", "/v1/chat/completions", json=streamed_body) as streamed:
+            chunks = [
+                json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: {")
+            ]
+        assert chunks[-1]["usage"]["completion_tokens"] == TOKENS
+        assert all("metrics" not in chunk for chunk in chunks)
+        logged = _logged(relay, plain.json()["id"])
+        assert (logged["images"], logged["prefill_s"], logged["decode_s"]) == (0, 0.0125, 0.0375)
+
+        def counted() -> dict | None:
+            rows = http.get("/v1/usage", params={"group_by": "deployment"}).json()["rows"]
+            row = next((r for r in rows if r["deployment"] == "timed"), None)
+            return row if row is not None and row["requests"] == 2 else None
+
+        row = poll_until(counted, 10, "the two requests in the usage report")
+    assert row["engine_seconds"] == pytest.approx(2 * 0.05)
+    assert row["completion_tokens"] == 2 * TOKENS and row["prompt_tokens"] == 2 * 40

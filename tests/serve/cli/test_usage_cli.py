@@ -60,6 +60,11 @@ def test_usage_prints_the_apis_numbers_as_a_table_json_csv_or_a_file(gateway, tm
     # the admin: every tenant, or one
     everyone = _run("usage", "--url", url, "--admin-key", ADMIN_KEY, "--group-by", "tenant")
     assert "every tenant" in everyone and "acme" in everyone
+    # with both keys: the tenant's own, unless the admin's report is asked for
+    both = ["--url", url, "--api-key", key, "--admin-key", ADMIN_KEY]
+    assert "acme:" in _run("usage", *both)
+    assert "every tenant" in _run("usage", *both, "--every-tenant")
+    assert "every tenant" in _run("usage", *both, "--group-by", "tenant,day")
     one = json.loads(
         _run("usage", "--url", url, "--admin-key", ADMIN_KEY, "--tenant", "acme", "--json")
     )
@@ -95,4 +100,5 @@ def test_the_admin_sets_prices_and_budgets_from_the_cli(gateway):
     nothing = runner.invoke(app, ["tenants", "budget", "acme", "day", *admin])
     assert nothing.exit_code == 1 and "'tokens', 'cost' or both" in nothing.output
     removed = _run("tenants", "budget", "acme", "day", "--remove", *admin)
-    assert "day from" not in removed and "month from" in removed
+    assert "acme's day budget removed" in removed
+    assert "day 20" not in removed and "month 20" in removed

@@ -76,8 +76,9 @@ async def test_a_budget_admits_until_spent_then_refuses_until_the_period_ends(ca
     assert abs(int(error.headers["Retry-After"]) - seconds) <= 2
     assert "100 of 100 tokens" in error.message and "resets at" in error.message
     assert (error.status, error.code, error.type) == (429, "budget_exceeded", "insufficient_quota")
-    assert metrics.budget_used.labels("acme", "day")._value.get() == 1.0
-    assert metrics.budget_alert_at.labels("acme", "day")._value.get() == 0.5
+    labels = {"tenant": "acme", "period": "day"}
+    assert metrics.registry.get_sample_value("lorafleet_budget_used_ratio", labels) == 1.0
+    assert metrics.registry.get_sample_value("lorafleet_budget_alert_ratio", labels) == 0.5
     assert metrics.budget_events.labels("acme", "day", "alert")._value.get() == 1
     assert metrics.rate_limited.labels("acme", "budget_exceeded")._value.get() == 2
     # a new budget is alerted on anew
@@ -117,3 +118,31 @@ async def test_a_tenant_without_budgets_is_never_counted(catalog):
     await counters.spend(acme, "acme", [], 10**9, 10**12)
     assert await counters.status(acme, "acme", []) == []
     assert not storage.storage
+
+
+async def test_a_removed_budget_and_an_ended_period_leave_no_gauge_up(catalog, monkeypatch):
+    sessions, acme = catalog
+    budget = Budget("day", tokens=10, cost=None, alert_at=0.5)
+    _set(sessions, acme, budget)
+    metrics = Metrics()
+    counters = BudgetCounters(MemoryStorage(), sessions, metrics, "USD")
+    await counters.spend(acme, "acme", [budget], 20, 0)
+    labels = {"tenant": "acme", "period": "day"}
+
+    def gauge(name: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    assert gauge("lorafleet_budget_used_ratio") == 2.0
+    # the day is over: nothing spent in the new one yet
+    ends = reset_at("day", period_start("day", time.time()))
+    monkeypatch.setattr(time, "time", lambda: ends + 1)
+    assert gauge("lorafleet_budget_used_ratio") == 0.0
+    monkeypatch.undo()
+    # the budget removed: the next request of the tenant drops its gauges
+    await counters.check(acme, "acme", [])
+    assert gauge("lorafleet_budget_used_ratio") is None
+    assert gauge("lorafleet_budget_alert_ratio") is None
+    # set again without a threshold: no alert gauge
+    await counters.check(acme, "acme", [Budget("day", tokens=100, cost=None, alert_at=None)])
+    assert gauge("lorafleet_budget_used_ratio") == 0.2
+    assert gauge("lorafleet_budget_alert_ratio") is None
