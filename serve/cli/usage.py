@@ -124,17 +124,23 @@ def _sums(row: dict) -> list[str]:
 
 
 def budgets_table(budgets: list[dict], currency: str) -> Table:
+    """Each budget in its current period: what it allows and what was spent of it."""
     table = Table("period", "budget", "spent", "used", "alert at", "resets (UTC)", "state")
     for b in budgets:
-        limits = [f"{b['tokens']:,} tokens"] if b["tokens"] is not None else []
-        limits += [f"{b['cost']:g} {currency}"] if b["cost"] is not None else []
+        limits, spent = [], []
+        if b["tokens"] is not None:
+            limits.append(f"{b['tokens']:,} tokens")
+            spent.append(f"{b['spent_tokens']:,} tokens")
+        if b["cost"] is not None:
+            limits.append(f"{b['cost']:g} {currency}")
+            spent.append(f"{b['spent_cost']:.4f} {currency}")
         table.add_row(
             f"{b['period']} {b['start']}",
             " or ".join(limits),
-            f"{b['spent_tokens']:,} tokens, {b['spent_cost']:.4f} {currency}",
+            ", ".join(spent),
             f"{100 * b['used']:.1f}%",
             f"{100 * b['alert_at']:.0f}%" if b["alert_at"] is not None else "-",
-            when(b["resets_at"]),
+            when(b["resets_at"], "%Y-%m-%d %H:%M"),
             "[red]spent (429)[/red]" if b["exceeded"] else "open",
         )
     return table
