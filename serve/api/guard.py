@@ -130,10 +130,9 @@ class Authenticate:
         return expected is not None and _matches(token, expected.get_secret_value())
 
     def _admin(self, token: str, refusal: str = "invalid admin key") -> None:
-        expected = self.gateway.settings.admin_key
-        if expected is None:
+        if self.gateway.settings.admin_key is None:
             raise Unauthorized("the admin API is disabled: LORAFLEET_ADMIN_KEY is not set")
-        if not _matches(token, expected.get_secret_value()):
+        if not self._is_admin(token):
             raise Unauthorized(refusal)
 
     def _metrics(self, token: str) -> None:
