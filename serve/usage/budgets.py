@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 
 from sqlalchemy.orm import sessionmaker
 from starlette.concurrency import run_in_threadpool
@@ -35,6 +35,7 @@ __all__ = ["Budget", "BudgetStatus", "BudgetCounters", "used_ratio"]
 log = logging.getLogger("lorafleet.usage")
 
 _KEEP_S = 86400  # a period's counters outlive it by a day (a request that ends just after)
+_MAX_MARKED = 10_000  # recorded events remembered past this are pruned to the last month's
 
 
 @dataclass(frozen=True)
@@ -79,15 +80,14 @@ class BudgetCounters:
         self.currency = currency
         # events this process saw recorded, per budget as set (a new budget is alerted on anew)
         self._marked: set[tuple[int, Budget, date, str]] = set()
-        # each budget as this gateway last saw it: its gauges read these when scraped
-        self._seen: dict[tuple[str, Period], BudgetStatus] = {}
-        self._tenants_seen: set[str] = set()
+        # each tenant's budgets as this gateway last saw them: their gauges read these when scraped
+        self._seen: dict[str, dict[Period, BudgetStatus]] = {}
 
     async def check(self, tenant_id: int, tenant: str, budgets: Sequence[Budget]) -> None:
         """Raise BudgetExceeded (429, Retry-After: the period's end) while one of the budgets is
         spent. Cheap for a tenant without budgets (nothing is counted)."""
         if not budgets:
-            if tenant in self._tenants_seen:  # its budgets were removed
+            if tenant in self._seen:  # its budgets were removed
                 self._forget(tenant, budgets)
             return
         for status in await self.status(tenant_id, tenant, budgets):
@@ -169,28 +169,30 @@ class BudgetCounters:
         ended: the next period's spending shows at the tenant's next request), and its alert
         threshold."""
         key = (tenant, status.budget.period)
-        if key not in self._seen:
-            self.metrics.budget_used.labels(*key).set_function(lambda: self._used_now(key))
-        self._seen[key] = status
-        self._tenants_seen.add(tenant)
+        seen = self._seen.setdefault(tenant, {})
+        if status.budget.period not in seen:
+            self.metrics.budget_used.labels(*key).set_function(lambda: self._used_now(*key))
+        seen[status.budget.period] = status
         if status.budget.alert_at is not None:
             self.metrics.budget_alert_at.labels(*key).set(status.budget.alert_at)
         else:
             _remove(self.metrics.budget_alert_at, key)
 
-    def _used_now(self, key: tuple[str, Period]) -> float:
-        status = self._seen.get(key)
+    def _used_now(self, tenant: str, period: Period) -> float:
+        status = self._seen.get(tenant, {}).get(period)
         return status.used if status is not None and time.time() < status.resets_at else 0.0
 
     def _forget(self, tenant: str, budgets: Sequence[Budget]) -> None:
         """Drop the gauges of the tenant's budgets that are no longer set."""
-        periods = {budget.period for budget in budgets}
-        for key in [k for k in self._seen if k[0] == tenant and k[1] not in periods]:
-            del self._seen[key]
-            _remove(self.metrics.budget_used, key)
-            _remove(self.metrics.budget_alert_at, key)
-        if not periods:
-            self._tenants_seen.discard(tenant)
+        seen = self._seen.get(tenant)
+        if seen is None:
+            return
+        for period in set(seen) - {budget.period for budget in budgets}:
+            del seen[period]
+            _remove(self.metrics.budget_used, (tenant, period))
+            _remove(self.metrics.budget_alert_at, (tenant, period))
+        if not seen:
+            del self._seen[tenant]
 
     async def _mark(self, tenant_id: int, tenant: str, status: BudgetStatus, event: str) -> None:
         """Record the event once per period for the fleet: the catalog's mark decides."""
@@ -221,6 +223,9 @@ class BudgetCounters:
             )
             return
         self._marked.add(seen)
+        if len(self._marked) > _MAX_MARKED:  # keep the periods that may still be current
+            recent = status.start - timedelta(days=32)
+            self._marked = {m for m in self._marked if m[2] >= recent}
         if recorded:
             self.metrics.budget_events.labels(tenant, status.budget.period, event).inc()
             log.warning(
