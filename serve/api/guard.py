@@ -35,6 +35,7 @@ __all__ = [
     "admin_actor",
     "UPLOAD_PATHS",
     "FILE_PATHS",
+    "FLEET_READS",
 ]
 
 # The routes that answer with the model: a tenant's own key only (its limits, its request log).

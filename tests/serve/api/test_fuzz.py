@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from lorafleet.serve.api.guard import FLEET_READS
 from lorafleet.serve.api.openapi import EXAMPLE_ADAPTER, EXAMPLE_DEPLOYMENT, EXAMPLE_REFS
 from lorafleet.serve.gateway_client import inline_images
 from tests.conftest import NEAR_BASE_STD
@@ -292,9 +293,17 @@ def test_admin_key_fuzzing_finds_no_server_error_and_opens_no_tenant_route(serve
         print(f"\nadmin-key fuzzing, answers per operation:\n{outcome.table()}")
     assert not outcome.failures, "\n\n".join(outcome.failures)
     tenant_routes = _routes(outcome, "/v1/")
+    # the fleet's reads (every tenant's usage) are the admin key's own; no other tenant route
+    fleet_reads = {
+        label: tenant_routes.pop(label)
+        for label in list(tenant_routes)
+        if label.split(" ", 1)[1] in FLEET_READS
+    }
     assert tenant_routes and all(_refused(counts) for counts in tenant_routes.values()), (
         tenant_routes
     )
+    assert set(fleet_reads) == {f"GET {path}" for path in FLEET_READS}
+    assert all(_reached(counts) for counts in fleet_reads.values()), fleet_reads
     admin_routes = _routes(outcome, "/admin")
     assert admin_routes and all(_reached(counts) for counts in admin_routes.values()), json.dumps(
         admin_routes

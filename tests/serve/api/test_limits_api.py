@@ -110,7 +110,8 @@ def test_the_openai_sdk_waits_out_a_concurrency_429_by_itself(server, deployed):
                 json={
                     "model": "prod",
                     "messages": image_messages(),
-                    "max_tokens": 300,
+                    # long enough to be refused beside it, short enough for the SDK's retries
+                    "max_tokens": 120,
                     "stream": True,
                     "ignore_eos": True,
                 },
