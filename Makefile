@@ -62,7 +62,7 @@ test: setup services
 
 # The benchmarks' regression guard (a few minutes): each checks its own thresholds and exits 1 on a miss.
 bench-quick: setup
-	$(BIN)/python loadtests/bench_gateway_overhead.py --quick --check-cpu-ms 1.5
+	$(BIN)/python loadtests/bench_gateway_overhead.py --quick --check-cpu-ms 2.5
 	$(BIN)/python loadtests/bench_gateway.py --quick --check
 	$(BIN)/python loadtests/bench_adapters.py --quick --check
 	$(BIN)/python loadtests/bench_many_adapters.py --quick --check
