@@ -16,8 +16,6 @@ from lorafleet.serve.gateway_client import LorafleetClient
 
 __all__ = ["usage", "budgets_table"]
 
-GROUPS = ("tenant", "day", "deployment", "adapter")  # the report's order
-
 
 def usage(
     start: Annotated[
@@ -83,7 +81,7 @@ def _write(text: str, output: Path | None) -> None:
 
 
 def _usage_table(report: dict, title: str) -> Table:
-    groups = [g for g in GROUPS if g in report["group_by"]]
+    groups = report["group_by"]  # in the report's order
     currency = report["currency"]
     table = Table(
         *(Column(g, overflow="fold") for g in groups),
