@@ -131,7 +131,7 @@ def test_the_openai_sdk_waits_out_a_concurrency_429_by_itself(server, deployed):
     assert refused.headers["Retry-After"] == "1"
     import openai
 
-    # Retry-After is 1 s, so the retries outlast the stream however slow the machine runs it
+    # Retry-After is 1 s: 120 retries wait out a stream of up to two minutes
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=deployed.api_key, max_retries=120)
     answer = client.chat.completions.with_raw_response.create(
         model="prod", max_tokens=2, messages=image_messages()
